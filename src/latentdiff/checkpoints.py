@@ -1,0 +1,118 @@
+"""Weights on disk: safetensors only, strict key-by-key loading, clear errors.
+
+Pickle formats (.ckpt, .bin, .pt, .pth) can run arbitrary code when loaded, so they are refused without being
+opened; the error says how to convert them. A truncated or corrupted safetensors file is reported with its path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A weights file or folder that cannot be used as it is; the message names the file and the fix."""
+
+
+def require_path(path: str | os.PathLike, what: str = "path") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path} (latentdiff loads only local paths; check the spelling)")
+    return path
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing to open a pickle file ({path.suffix}); unpickling can run arbitrary code. "
+            "Convert it once, in an environment you trust, to safetensors, e.g.\n"
+            "  python -c \"import torch, safetensors.torch as s; sd = torch.load('IN', weights_only=True); "
+            "sd = sd.get('state_dict', sd); s.save_file({k: v.contiguous() for k, v in sd.items() "
+            "if isinstance(v, torch.Tensor)}, 'OUT.safetensors')\""
+        )
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a .safetensors file into a dict of tensors (memory-mapped where the device is the CPU)."""
+    path = require_path(path, "weights file")
+    _refuse_pickle(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a .safetensors file")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({size} bytes): {err}. "
+            "The file is probably truncated or corrupted (an interrupted download or copy): obtain it again."
+        ) from None
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None):
+    """Write tensors to `path` atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError listing every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def listed(title, items):
+            more = f" ... (+{len(items) - 10} more)" if len(items) > 10 else ""
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:10]) + more if items else ""
+
+        raise CheckpointError(
+            f"{source} does not match {type(model).__name__}'s architecture (check that its config.json belongs "
+            "to these weights):"
+            + listed("missing keys", missing)
+            + listed("unexpected keys", unexpected)
+            + listed("mis-shaped", shapes)
+        )
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, dtype=None) -> nn.Module:
+    """Strictly load `state_dict` into `model`, which may live on the meta device (then the checkpoint's tensors
+    are assigned, not copied, so a large model is never held twice)."""
+    check_state_dict(model, state_dict, source)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)
+    return model
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = require_path(path, "config file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

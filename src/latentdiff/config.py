@@ -1,0 +1,122 @@
+"""Dataclass configs that read and write diffusers' config.json, and the from_pretrained/save_pretrained of models.
+
+A config class lists the diffusers keys it implements as dataclass fields. Keys diffusers knows but we do not
+implement are listed with the one value we accept (their diffusers default, or the value SD uses); any other value
+is an error naming the key, so an unsupported architecture is never silently loaded as a different one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .checkpoints import load_into, load_safetensors, read_json, require_path, save_safetensors, write_json
+
+DIFFUSERS_VERSION = "0.30.0"  # written into config.json; diffusers only uses it to warn about much newer files
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class ConfigMixin:
+    """Mixed into frozen dataclasses. Subclasses set `diffusers_class` and `fixed` (unimplemented key -> accepted
+    value or tuple of accepted values wrapped in `AnyOf`)."""
+
+    diffusers_class: ClassVar[str] = ""
+    fixed: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key.startswith("_"):
+                continue
+            value = _normalise(value)
+            if key in names:
+                kwargs[key] = value
+            elif key in cls.fixed:
+                accepted = cls.fixed[key]
+                choices = accepted.values if isinstance(accepted, AnyOf) else (_normalise(accepted),)
+                if value not in choices:
+                    shown = " or ".join(repr(c) for c in choices)
+                    raise ValueError(
+                        f"{cls.__name__}: config key {key!r} = {value!r} is not supported by latentdiff "
+                        f"(supported: {shown}); this architecture is outside the Stable Diffusion 1.x/2.x subset"
+                    )
+            else:
+                raise ValueError(
+                    f"{cls.__name__}: unknown config key {key!r} = {value!r}; expected keys: {sorted(names)}"
+                )
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Checks across fields; raise ValueError naming the key."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"_class_name": self.diffusers_class, "_diffusers_version": DIFFUSERS_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyOf:
+    values: tuple
+
+
+class ModelMixin(nn.Module):
+    """from_pretrained / save_pretrained in the diffusers layout: config.json + diffusion_pytorch_model.safetensors."""
+
+    config_class: ClassVar[type] = None
+    weights_name: ClassVar[str] = "diffusion_pytorch_model.safetensors"
+
+    @classmethod
+    def from_config(cls, config):
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        folder = require_path(Path(folder) / subfolder if subfolder else folder, f"{cls.__name__} folder")
+        config = cls.config_class.from_dict(read_json(folder / "config.json"))
+        weights = folder / cls.weights_name
+        if not weights.exists():
+            pickled = [p.name for p in folder.glob("*.bin")]
+            hint = f" (found {pickled}: pickle weights are refused; convert them to safetensors)" if pickled else ""
+            raise FileNotFoundError(f"weights not found: {weights}{hint}")
+        state_dict = load_safetensors(weights, device=device)
+        with torch.device("meta"):
+            model = cls(config)
+        return load_into(model, state_dict, str(weights), dtype=torch_dtype).eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        write_json(self.config.to_dict(), folder / "config.json")
+        save_safetensors(self.state_dict(), folder / self.weights_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,124 @@
+"""Attention blocks: multi-head (self or cross) attention, the GEGLU transformer block and the spatial transformer
+of the U-Net, and the single-head spatial self-attention of the VAE. One attention path:
+torch.nn.functional.scaled_dot_product_attention. Module names match diffusers' state-dict keys."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention (Vaswani et al. 2017) over [B, N, C] tokens; keys and values come from
+    `context` when given (cross-attention to the text), else from `x` (self-attention)."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 bias: bool = False, upcast: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast  # compute q.k^T and softmax in fp32 (SD 2.x's upcast_attention, for fp16 stability)
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """A GELU-gated linear unit (Shazeer 2020): one projection to twice the width, split into value and gate."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """The spatial transformer of latent diffusion: GroupNorm, project in, transformer blocks over the H*W tokens,
+    project out, residual. SD 1.x projects with 1x1 convs, SD 2.x with linear layers (`linear_projection`)."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
+                 groups: int = 32, linear_projection: bool = False, upcast: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if self.linear_projection:
+            x = self.proj_in(x.flatten(2).transpose(1, 2))
+        else:
+            x = self.proj_in(x).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear_projection:
+            x = self.proj_out(x).transpose(1, 2).unflatten(2, (h, w))
+        else:
+            x = self.proj_out(x.transpose(1, 2).unflatten(2, (h, w)))
+        return x + residual
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE's single-head self-attention over the pixels of a [B, C, H, W] map, with its own GroupNorm and a
+    residual connection (diffusers keeps the same key names: group_norm, to_q, to_k, to_v, to_out.0)."""
+
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-6):
+        super().__init__(channels, heads=1, dim_head=channels, bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
+        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
