@@ -1,0 +1,237 @@
+"""The conditional U-Net of latent diffusion (Rombach et al. 2022, sec. 3.3; the U-Net of Ronneberger et al. 2015
+as DDPM (Ho et al. 2020) uses it): it predicts the noise in a latent x_t at timestep t, given the text embeddings
+as context for cross-attention.
+
+Reads diffusers' UNet2DConditionModel config.json for the Stable Diffusion 1.x / 2.x architectures and uses its
+state-dict keys, so SD weights load without conversion. Options outside that subset are refused by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import AnyOf, ConfigMixin, ModelMixin
+from .attention import Transformer2DModel
+from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
+from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
+
+# diffusers' block type names -> whether the stage has cross-attention
+DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+UP_BLOCK_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+
+SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(ConfigMixin):
+    """The fields are diffusers' config keys with diffusers' defaults (so a config.json that omits a key means
+    what it means to diffusers); `sd15()` and `sd2()` are the Stable Diffusion presets.
+
+    Beware diffusers' historical naming: `attention_head_dim` is the number of attention *heads* of each stage
+    (each head has channels // heads dimensions); diffusers refuses `num_attention_heads`, and so do we.
+    """
+
+    diffusers_class = "UNet2DConditionModel"
+    # diffusers options outside SD 1.x/2.x: only their default is accepted
+    fixed = {
+        "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
+        "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
+        "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_attention_heads": None,
+        "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+        "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+        "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+        "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+        "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "projection_class_embeddings_input_dim": None, "attention_type": "default",
+        "class_embeddings_concat": False, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+        # only read by the UNetMidBlock2DSimpleCrossAttn mid block, so any value means the same to ours
+        "mid_block_only_cross_attention": AnyOf((None, False, True)),
+    }
+
+    sample_size: int | tuple[int, int] | None = None  # latent size the model was trained at (informative only)
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = SD_DOWN
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = SD_UP
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2  # per stage; up stages have one more
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280  # width of the text embeddings
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8  # number of heads per stage (see above)
+    use_linear_projection: bool = False  # SD 2.x: the transformers project in/out with Linear, not 1x1 conv
+    upcast_attention: bool = False  # SD 2.1: attention scores in fp32 when running in half precision
+
+    @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """Stable Diffusion 1.x (859,520,964 parameters; CLIP ViT-L/14 text embeddings of width 768)."""
+        return cls(sample_size=64, cross_attention_dim=768)
+
+    @classmethod
+    def sd2(cls) -> "UNetConfig":
+        """Stable Diffusion 2.1 (768 px, OpenCLIP ViT-H/14 text embeddings of width 1024, 64-channel heads)."""
+        return cls(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                   use_linear_projection=True, upcast_attention=True)
+
+    def per_block(self, key: str) -> tuple[int, ...]:
+        """An int-or-per-stage option as one value per stage (down order)."""
+        value = getattr(self, key)
+        return (value,) * len(self.block_out_channels) if isinstance(value, int) else tuple(value)
+
+    def validate(self) -> None:
+        stages = len(self.block_out_channels)
+
+        def fail(key: str, why: str):
+            raise ValueError(f"UNetConfig: {key} = {getattr(self, key)!r}: {why}")
+
+        if stages < 1 or not all(_positive_int(c) for c in self.block_out_channels):
+            fail("block_out_channels", "expected a non-empty list of positive channel counts")
+        for key, known in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            types = getattr(self, key)
+            if len(types) != stages:
+                fail(key, f"expected one entry per block_out_channels entry ({stages})")
+            if any(t not in known for t in types):
+                fail(key, f"latentdiff supports only {sorted(known)}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            fail("mid_block_type", f"latentdiff supports only {MID_BLOCK_TYPES[0]!r}")
+        for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            value = getattr(self, key)
+            if not (_positive_int(value) or (isinstance(value, tuple) and len(value) == stages
+                                             and all(_positive_int(v) for v in value))):
+                fail(key, f"expected a positive int or a list of {stages} positive ints (one per stage)")
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups"):
+            if not _positive_int(getattr(self, key)):
+                fail(key, "expected a positive int")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            fail("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
+        if any(h > c for h, c in zip(self.per_block("attention_head_dim"), self.block_out_channels)):
+            fail("attention_head_dim", "a stage cannot have more heads than channels (it is the number of heads)")
+        if not (self.sample_size is None or _positive_int(self.sample_size)
+                or (isinstance(self.sample_size, tuple) and len(self.sample_size) == 2)):
+            fail("sample_size", "expected null, an int or [height, width]")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class UNetOutput(NamedTuple):
+    sample: torch.Tensor
+
+
+class UNet2DConditionModel(ModelMixin):
+    """eps_theta(x_t, t, context): conv_in; down stages (ResNet blocks and text cross-attention, stride-2 convs);
+    middle; up stages fed with every down layer's output as a skip connection; GroupNorm, SiLU, conv_out."""
+
+    config_class = UNetConfig
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        heads, depth = config.per_block("attention_head_dim"), config.per_block("transformer_layers_per_block")
+        layers = config.per_block("layers_per_block")
+        temb = channels[0] * 4
+        norm = dict(groups=config.norm_num_groups, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+
+        def transformer(stage: int) -> TransformerFactory:
+            return lambda ch: Transformer2DModel(
+                ch, heads[stage], ch // heads[stage], config.cross_attention_dim, depth[stage],
+                config.norm_num_groups, config.use_linear_projection, config.upcast_attention,
+            )
+
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+
+        # down: stage i works at 1/2^i of the input resolution; record the channels of every skip it leaves
+        self.down_blocks = nn.ModuleList()
+        skip_channels, prev = [channels[0]], channels[0]
+        for i, (kind, ch) in enumerate(zip(config.down_block_types, channels)):
+            downsample = i < len(channels) - 1
+            attn = transformer(i) if DOWN_BLOCK_TYPES[kind] else None
+            self.down_blocks.append(DownBlock(prev, ch, temb, layers[i], attn, downsample, **norm))
+            skip_channels += [ch] * (layers[i] + downsample)
+            prev = ch
+
+        self.mid_block = MidBlock(channels[-1], temb, transformer(len(channels) - 1), **norm)
+
+        # up: mirror image; each stage takes one skip more than its down twin made (the one from the stage below)
+        self.up_blocks = nn.ModuleList()
+        for j, kind in enumerate(config.up_block_types):
+            i = len(channels) - 1 - j
+            n = layers[i] + 1
+            skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
+            attn = transformer(i) if UP_BLOCK_TYPES[kind] else None
+            self.up_blocks.append(UpBlock(prev, channels[i], skips[::-1], temb, attn, i > 0, **norm))
+            prev = channels[i]
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
+                encoder_hidden_states: torch.Tensor, return_dict: bool = False) -> torch.Tensor | UNetOutput:
+        """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
+        Returns the prediction [B, out_channels, H, W] (a `UNetOutput` with `.sample` if return_dict)."""
+        self._check_inputs(sample, encoder_hidden_states)
+        ctx = encoder_hidden_states
+        t = timesteps_for_batch(timestep, sample.shape[0], sample.device)
+        t_features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                        self.config.freq_shift)
+        emb = self.time_embedding(t_features.to(sample.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = self._run(block, x, emb, ctx)
+            skips += block_skips
+        x = self._run(self.mid_block, x, emb, ctx)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next stage up
+            x = self._run(block, x, emb, ctx, block_skips, size)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return UNetOutput(x) if return_dict else x
+
+    def _run(self, block: nn.Module, *args):
+        """Call a stage; when training with gradient checkpointing on, keep only its inputs and recompute its
+        activations during the backward pass (Chen et al. 2016), trading ~30% more compute for memory."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _check_inputs(self, sample: torch.Tensor, ctx: torch.Tensor) -> None:
+        cfg = self.config
+        if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be latents of shape [B, {cfg.in_channels}, H, W]; got "
+                             f"{tuple(sample.shape)}")
+        if ctx.dim() != 3 or ctx.shape[0] != sample.shape[0] or ctx.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must have shape [B={sample.shape[0]}, tokens, {cfg.cross_attention_dim}]; "
+                f"got {tuple(ctx.shape)}. Give one context per sample (repeat it for several images per prompt) "
+                "from a text encoder whose width matches the config's cross_attention_dim"
+            )
+        dtype = self.conv_in.weight.dtype
+        if not torch.is_autocast_enabled(sample.device.type) and (sample.dtype, ctx.dtype) != (dtype, dtype):
+            raise ValueError(
+                f"inputs are {sample.dtype} (sample) and {ctx.dtype} (encoder_hidden_states) but the U-Net's "
+                f"weights are {dtype}: cast them with .to({dtype}) or run under torch.autocast"
+            )

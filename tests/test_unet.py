@@ -1,0 +1,337 @@
+"""The U-Net against diffusers' UNet2DConditionModel (the oracle): same weights, same outputs; folder interop both
+ways; strict loading; the config subset; precision, memory layout and gradient checkpointing."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import TINY_UNET, perturb
+
+from latentdiff.checkpoints import CheckpointError, load_into
+from latentdiff.models.embeddings import timestep_embedding
+from latentdiff.models.unet import SD_DOWN, SD_UP, UNet2DConditionModel, UNetConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
+             down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
+
+# (config overrides on top of SMALL, latent height, width)
+ORACLE_CASES = {
+    "sd-like": (dict(), 16, 16),
+    "pipeline-tiny": (dict(TINY_UNET), 8, 8),
+    # plain stage first; linear projection; 2 transformer layers; 3 heads of 21 dims (inner 63 != 64 channels)
+    "down-first": (dict(down_block_types=(DOWN, CA_DOWN, CA_DOWN), up_block_types=(CA_UP, CA_UP, UP),
+                        layers_per_block=1, attention_head_dim=(1, 4, 3), transformer_layers_per_block=2,
+                        use_linear_projection=True, upcast_attention=True), 40, 24),
+    # SD's four stages, per-stage layers / depth / heads, other sinusoid variant, a size 8 does not divide
+    "four-stages-odd": (dict(block_out_channels=(16, 32, 32, 32), down_block_types=SD_DOWN, up_block_types=SD_UP,
+                             layers_per_block=(1, 2, 1, 1), transformer_layers_per_block=(1, 2, 1, 1),
+                             attention_head_dim=(2, 4, 4, 8), flip_sin_to_cos=False, freq_shift=1), 13, 11),
+    "mixed": (dict(down_block_types=(CA_DOWN, DOWN, CA_DOWN), up_block_types=(CA_UP, UP, CA_UP)), 12, 20),
+}
+
+
+def diffusers_kwargs(config: UNetConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+
+
+def make_pair(config: UNetConfig, seed: int = 0, quick_init: bool = False):
+    """diffusers' model with random weights (its own init, then perturbed everywhere), and ours holding the same
+    tensors. `quick_init` skips diffusers' init for one cheap pass of scaled Gaussians (full-size models)."""
+    torch.manual_seed(seed)
+    if quick_init:
+        with torch.device("meta"):
+            ref = diffusers.UNet2DConditionModel(**diffusers_kwargs(config))
+        ref = gaussian_weights(ref.to_empty(device="cpu"), seed).eval()
+    else:
+        ref = perturb(diffusers.UNet2DConditionModel(**diffusers_kwargs(config)), seed + 1, scale=0.02).eval()
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(config)
+    return ref, load_into(ours, ref.state_dict(), "diffusers model").eval()
+
+
+@torch.no_grad()
+def gaussian_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights ~ N(0, 1/fan_in) (unit-scale activations), biases ~ N(0, 0.02^2), norm scales ~ N(1, 0.02^2)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+        else:
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
+    return model
+
+
+def inputs(config: UNetConfig, height: int = 16, width: int = 16, batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, config.in_channels, height, width, generator=g)
+    ctx = torch.randn(batch, 7, config.cross_attention_dim, generator=g)
+    t = torch.tensor([981, 7, 500, 250][:batch])
+    return sample, t, ctx
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and stays fast when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small():
+    config = UNetConfig(**SMALL)
+    ref, ours = make_pair(config)
+    return config, ref, ours
+
+
+# ---------------------------------------------------------------- oracle parity
+
+
+@pytest.mark.parametrize("case", sorted(ORACLE_CASES))
+@torch.no_grad()
+def test_matches_diffusers(case):
+    overrides, height, width = ORACLE_CASES[case]
+    config = UNetConfig(**{**SMALL, **overrides})
+    ref, ours = make_pair(config)
+    sample, t, ctx = inputs(config, height, width)
+    expected = ref(sample, t, ctx).sample
+    got = ours(sample, t, ctx)
+    assert got.shape == (2, config.out_channels, height, width)
+    assert expected.std() > 0.1  # a non-trivial output
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 37, 999])
+    for dim, flip, shift in ((320, True, 0), (33, False, 1), (8, True, 1)):
+        expected = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        got = timestep_embedding(t, dim, flip, shift)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- folders and strict loading
+
+
+@torch.no_grad()
+def test_diffusers_folder_loads_into_ours(small, tmp_path):
+    config, ref, _ = small
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert ours.config == config and not ours.training
+    sample, t, ctx = inputs(config)
+    assert (ours(sample, t, ctx) - ref(sample, t, ctx).sample).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_our_folder_loads_into_diffusers(small, tmp_path):
+    config, ref, ours = small
+    ours.save_pretrained(tmp_path)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    for key, value in diffusers_kwargs(config).items():
+        assert theirs.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    sample, t, ctx = inputs(config)
+    assert (theirs(sample, t, ctx).sample - ours(sample, t, ctx)).abs().max() <= 1e-4
+
+
+def _corrupt(folder, edit):
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("problem, key", [
+    ("missing", "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"),
+    ("unexpected", "down_blocks.2.attentions.0.proj_in.weight"),
+    ("mis-shaped", "conv_in.weight"),
+])
+def test_strict_loading_names_the_key(small, tmp_path, problem, key):
+    _, _, ours = small
+    ours.save_pretrained(tmp_path)
+    edits = {
+        "missing": lambda sd: sd.pop(key),
+        "unexpected": lambda sd: sd.__setitem__(key, torch.zeros(1)),
+        "mis-shaped": lambda sd: sd.__setitem__(key, torch.zeros(32, 4, 1, 1)),
+    }
+    _corrupt(tmp_path, edits[problem])
+    with pytest.raises(CheckpointError, match=problem) as err:
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    assert key in str(err.value)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_covers_every_diffusers_option():
+    params = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
+    ours = {f.name for f in dataclasses.fields(UNetConfig)} | set(UNetConfig.fixed)
+    assert ours == set(params) - {"self"}
+    # a config.json that omits a key means diffusers' default, to us too
+    for f in dataclasses.fields(UNetConfig):
+        default = params[f.name].default
+        assert f.default == (tuple(default) if isinstance(default, list) else default), f.name
+    for key, accepted in UNetConfig.fixed.items():
+        values = accepted.values if hasattr(accepted, "values") else (accepted,)
+        assert params[key].default in values, key
+
+
+def test_presets_match_the_published_configs():
+    common = dict(act_fn="silu", block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
+                  down_block_types=list(SD_DOWN), up_block_types=list(SD_UP), downsample_padding=1,
+                  flip_sin_to_cos=True, freq_shift=0, in_channels=4, out_channels=4, layers_per_block=2,
+                  mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, _diffusers_version="0.6.0")
+    sd15 = dict(common, _class_name="UNet2DConditionModel", attention_head_dim=8, cross_attention_dim=768,
+                sample_size=64)
+    sd21 = dict(common, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, dual_cross_attention=False,
+                num_class_embeds=None, only_cross_attention=False, sample_size=96, upcast_attention=True,
+                use_linear_projection=True)
+    assert UNetConfig.from_dict(sd15) == UNetConfig.sd15()
+    assert UNetConfig.from_dict(sd21) == UNetConfig.sd2()
+    assert UNetConfig.from_dict(UNetConfig.sd2().to_dict()) == UNetConfig.sd2()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("class_embed_type", "timestep"),
+    ("num_attention_heads", 8),
+    ("addition_embed_type", "text_time"),
+    ("conv_in_kernel", 7),
+    ("mid_block_type", "UNetMidBlock2D"),
+    ("down_block_types", [CA_DOWN, CA_DOWN, "SimpleCrossAttnDownBlock2D", DOWN]),
+    ("up_block_types", [UP, CA_UP]),
+    ("attention_head_dim", [5, 10]),
+    ("transformer_layers_per_block", [[1, 2], [1, 2], [1, 2], [1, 2]]),
+    ("layers_per_block", 0),
+    ("norm_num_groups", 24),
+    ("bogus_key", 1),
+])
+def test_unsupported_config_names_the_key(key, value):
+    data = dict(UNetConfig.sd15().to_dict(), **{key: value})
+    with pytest.raises(ValueError, match=key):
+        UNetConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd2"])
+def test_full_size_parameter_count(preset):
+    config = getattr(UNetConfig, preset)()
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(config)
+        ref = diffusers.UNet2DConditionModel(**diffusers_kwargs(config))
+    assert ours.num_parameters() == sum(p.numel() for p in ref.parameters())
+    if preset == "sd15":
+        assert ours.num_parameters() == 859_520_964
+    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
+
+
+# ---------------------------------------------------------------- inputs, precision, layout, training
+
+
+@torch.no_grad()
+def test_timestep_forms_and_per_sample_timesteps(small):
+    config, _, ours = small
+    sample, _, ctx = inputs(config)
+    out = ours(sample, torch.tensor([500, 500]), ctx)
+    for t in (500, 500.0, torch.tensor(500), torch.tensor([500.0])):
+        torch.testing.assert_close(ours(sample, t, ctx), out, rtol=0, atol=1e-6)
+    # each sample denoised at its own t, as if alone in the batch
+    mixed = ours(sample, torch.tensor([10, 900]), ctx)
+    for i, t in enumerate((10, 900)):
+        torch.testing.assert_close(mixed[i:i + 1], ours(sample[i:i + 1], t, ctx[i:i + 1]), rtol=0, atol=1e-5)
+    assert (mixed[1] - out[1]).abs().max() > 1e-2
+    assert ours(sample, 500, ctx, return_dict=True).sample.shape == sample.shape
+
+
+@torch.no_grad()
+def test_bad_inputs_say_what_to_fix(small):
+    config, _, ours = small
+    sample, t, ctx = inputs(config)
+    with pytest.raises(ValueError, match="one per sample"):
+        ours(sample, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(TypeError, match="timestep"):
+        ours(sample, "500", ctx)
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
+        ours(sample[:, :3], t, ctx)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        ours(sample, t, ctx[..., :16])
+    with pytest.raises(ValueError, match="repeat"):
+        ours(sample, t, ctx[:1])
+    with pytest.raises(ValueError, match=r"\.to\(torch.float32\)"):
+        ours(sample.bfloat16(), t, ctx)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_agrees_with_fp32(small, dtype):
+    config, _, ours = small
+    half = UNet2DConditionModel(config).to(dtype)
+    half.load_state_dict(ours.state_dict())
+    sample, t, ctx = inputs(config)
+    expected = ours(sample, t, ctx)
+    got = half(sample.to(dtype), t, ctx.to(dtype))
+    assert got.dtype == dtype
+    relative = (got.float() - expected).norm() / expected.norm()
+    assert relative < (3e-2 if dtype == torch.bfloat16 else 5e-3)
+    # the timestep features are computed in fp32: t = 999 and 1000, equal in bf16, still differ
+    assert (half(sample.to(dtype), 999, ctx.to(dtype)) - half(sample.to(dtype), 1000, ctx.to(dtype))).abs().max() > 0
+
+
+@torch.no_grad()
+def test_channels_last_gives_the_same_result(small):
+    config, _, ours = small
+    sample, t, ctx = inputs(config)
+    expected = ours(sample, t, ctx)
+    cl = sample.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(cl, t, ctx), expected, rtol=0, atol=1e-5)
+    model_cl = UNet2DConditionModel(config).to(memory_format=torch.channels_last)
+    model_cl.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(model_cl(cl, t, ctx), expected, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(small):
+    config, _, ours = small
+    sample, t, ctx = inputs(config)
+    model = UNet2DConditionModel(config).train()
+    model.load_state_dict(ours.state_dict())
+    calls = []
+    model.down_blocks[0].resnets[0].register_forward_hook(lambda *_: calls.append(1))
+
+    def gradients(checkpointing: bool):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        model(sample, t, ctx).square().mean().backward()
+        return len(calls), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_calls, plain = gradients(False)
+    model.enable_gradient_checkpointing()
+    ckpt_calls, ckpt = gradients(True)
+    assert (plain_calls, ckpt_calls) == (1, 2)  # the stage really ran again during backward
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # no recomputation outside training
+        calls.clear()
+        model.eval()(sample, t, ctx)
+        assert len(calls) == 1
+
+
+@torch.no_grad()
+def test_full_sd15_matches_diffusers():
+    """The real architecture (3.4 GB of fp32 weights, shared by both models) at a small latent size."""
+    config = UNetConfig.sd15()
+    ref, ours = make_pair(config, quick_init=True)
+    sample, t, ctx = inputs(config, 16, 16, batch=1)
+    ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(3))
+    expected = ref(sample, t, ctx).sample
+    assert expected.std() > 0.1
+    assert (ours(sample, t, ctx) - expected).abs().max() <= 1e-4
