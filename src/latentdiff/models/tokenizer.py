@@ -1,0 +1,324 @@
+"""CLIP's byte-level BPE tokenizer: a prompt becomes 77 ids (start, BPE tokens, end, padding).
+
+CLIP (Radford et al. 2021, sec. 2.4) encodes text with lower-cased byte-pair encoding (Sennrich et al. 2016)
+over UTF-8 bytes (the GPT-2 scheme, Radford et al. 2019, sec. 2.2), so every string has an encoding and no id is
+ever "unknown". The 48,894 merges come from the vocabulary file that open_clip_torch ships; the file is found
+by path, because importing open_clip costs seconds.
+
+Two text cleanings are offered, because the two reference tokenizers disagree on a few inputs:
+- "transformers" (default): what transformers' CLIPTokenizer does, hence what diffusers' StableDiffusionPipeline
+  feeds the text encoder: NFC, whitespace runs -> one space, lower case. A folder written by `save_pretrained`
+  reproduces exactly this when transformers loads it.
+- "open_clip": what open_clip.tokenize (OpenAI's CLIP code) does: ftfy.fix_text (mojibake, curly quotes,
+  full-width letters, ligatures), HTML entities unescaped (twice), whitespace collapsed, lower case.
+They differ only where cleaning changes the text ("&amp;", "it’s", "ＡＢＣ", "ﬁ", "cafÃ©", a word-final
+capital sigma) and on the literal control strings each recognises inside a prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import html
+import importlib.util
+import json
+import os
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import regex
+import torch
+
+from ..checkpoints import read_json, require_path, write_json
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+WORD_END = "</w>"  # BPE marks the last symbol of each word, so "cat" alone and "cat" in "cats" differ
+MAX_LENGTH = 77  # CLIP's context: start + 75 tokens + end
+CACHE_SIZE = 1 << 16  # words whose BPE is remembered; prompts repeat words, so each is merged once
+NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes, 256 word-final bytes, merges, two specials
+
+# CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of anything else; whitespace is dropped.
+_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+@functools.lru_cache(maxsize=None)
+def byte_to_char() -> dict[int, str]:
+    """The GPT-2 map from the 256 bytes to printable characters: printable Latin-1 bytes map to themselves, the
+    others (controls, space) to code points 256 and up, so that a BPE symbol is always a visible string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+@functools.lru_cache(maxsize=None)
+def char_to_byte() -> dict[str, int]:
+    """The inverse of byte_to_char, for decoding."""
+    return {c: b for b, c in byte_to_char().items()}
+
+
+def default_bpe_path() -> Path:
+    """open_clip's `bpe_simple_vocab_16e6.txt.gz`, located without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the CLIP BPE vocabulary comes with open_clip_torch, which is not installed: pip install open_clip_torch"
+        )
+    return require_path(Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz", "BPE vocabulary")
+
+
+@functools.lru_cache(maxsize=4)
+def clip_vocabulary(bpe_path: str | None = None) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of CLIP, built as OpenAI's code does: bytes, word-final bytes, one entry per merge, and the
+    start and end tokens (ids 49406 and 49407)."""
+    with gzip.open(Path(bpe_path) if bpe_path else default_bpe_path()) as file:
+        lines = file.read().decode("utf-8").split("\n")
+    merges = tuple(tuple(line.split()) for line in lines[1 : NUM_MERGES + 1])  # line 0 is a header
+    symbols = list(byte_to_char().values())
+    symbols += [s + WORD_END for s in symbols] + ["".join(m) for m in merges] + [START, END]
+    return {s: i for i, s in enumerate(symbols)}, merges
+
+
+def clean_transformers(text: str) -> str:
+    """transformers' CLIPTokenizer normaliser: NFC, whitespace runs to one space, lower case per character."""
+    text = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text))
+    # str.lower() turns a word-final capital sigma into "ς"; transformers lowers character by character ("σ").
+    return text.replace("Σ", "σ").lower()
+
+
+def clean_open_clip(text: str) -> str:
+    """open_clip's `_clean_lower`: ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
+    import ftfy  # only this cleaning needs it
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Cleaning:
+    """How one reference tokenizer turns a prompt into words.
+
+    `raw_specials` are cut out of the prompt before cleaning (transformers matches its special tokens that way);
+    `word_specials` are words that map straight to an id after cleaning (open_clip's own spelling of the two)."""
+
+    clean: Callable[[str], str]
+    words: regex.Pattern
+    raw_specials: tuple[str, ...] = ()
+    word_specials: tuple[tuple[str, str], ...] = ()  # (word, special token)
+
+
+CLEANINGS = {
+    # transformers' pattern also lists "<|endoftext|>", but its byte-level step re-splits that word GPT-2 style
+    # ("<|", "endoftext", "|>"), exactly as _WORDS alone splits it; only the exact, raw spelling is special.
+    "transformers": Cleaning(clean_transformers, regex.compile(_WORDS), raw_specials=(START, END)),
+    "open_clip": Cleaning(
+        clean_open_clip,
+        regex.compile(r"<start_of_text>|<end_of_text>|" + _WORDS, regex.IGNORECASE),
+        word_specials=(("<start_of_text>", START), ("<end_of_text>", END)),
+    ),
+}
+
+
+class CLIPTokenizer:
+    """Prompts -> LongTensor[B, 77]: start id, BPE ids (at most 75), end id, then padding.
+
+    SD 1.x pads with the end token; SD 2.x pads with "!" (id 0): pass `pad_token="!"`."""
+
+    def __init__(
+        self,
+        vocab: dict[str, int] | None = None,
+        merges: Sequence[tuple[str, str]] | None = None,
+        pad_token: str = END,
+        model_max_length: int = MAX_LENGTH,
+        normalization: str = "transformers",
+    ):
+        if (vocab is None) != (merges is None):
+            raise ValueError("give both vocab and merges, or neither (then CLIP's own vocabulary is used)")
+        if vocab is None:
+            vocab, merges = clip_vocabulary()
+        if normalization not in CLEANINGS:
+            raise ValueError(f"normalization={normalization!r} is unknown; use one of {sorted(CLEANINGS)}")
+        for token in (START, END, pad_token):
+            if token not in vocab:
+                raise ValueError(f"token {token!r} is not in the vocabulary (a CLIP vocabulary has it)")
+        if not isinstance(model_max_length, int) or not 3 <= model_max_length <= 4096:
+            raise ValueError(f"model_max_length={model_max_length!r}: expected an int in [3, 4096] (CLIP uses 77)")
+        self.encoder = dict(vocab)
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.merges = tuple(tuple(m) for m in merges)
+        self.ranks = {m: r for r, m in enumerate(self.merges)}
+        self.pad_token, self.model_max_length, self.normalization = pad_token, model_max_length, normalization
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = vocab[START], vocab[END], vocab[pad_token]
+        self.cleaning = CLEANINGS[normalization]
+        self._word_specials = {word: self.encoder[token] for word, token in self.cleaning.word_specials}
+        specials = "|".join(map(regex.escape, self.cleaning.raw_specials))
+        self._raw_split = regex.compile(f"({specials})") if specials else None
+        self._cache: dict[str, tuple[str, ...]] = {}  # a plain dict, so that the tokenizer pickles (DataLoader)
+
+    # ---- BPE ------------------------------------------------------------------------------------------------
+    def bpe(self, word: str) -> tuple[str, ...]:
+        """The BPE symbols of one word (its bytes as characters), remembered for the next time."""
+        symbols = self._cache.get(word)
+        if symbols is None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            symbols = self._cache[word] = self._merge(word)
+        return symbols
+
+    def _merge(self, word: str) -> tuple[str, ...]:
+        """Merge adjacent symbols of one word, always the pair learned earliest, until no learned pair is left
+        (Sennrich et al. 2016, sec. 3.2: a new word is split by applying the learned merges in their order)."""
+        symbols = [*word[:-1], word[-1] + WORD_END]
+        while len(symbols) > 1:
+            pairs = list(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return tuple(symbols)
+
+    # ---- text -> ids ----------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """The content ids of one prompt (no start/end token, no truncation)."""
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a str, got {type(text).__name__}: {text!r}")
+        to_char = byte_to_char()
+        ids = []
+        pieces = self._raw_split.split(text) if self._raw_split else [text]
+        for piece in pieces:
+            if piece in self.cleaning.raw_specials:
+                ids.append(self.encoder[piece])
+                continue
+            for word in self.cleaning.words.findall(self.cleaning.clean(piece)):
+                if word in self._word_specials:
+                    ids.append(self._word_specials[word])
+                    continue
+                ids.extend(self.encoder[s] for s in self.bpe("".join(to_char[b] for b in word.encode("utf-8"))))
+        return ids
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.LongTensor:
+        """LongTensor[B, model_max_length]. Over-long prompts keep their first 75 tokens (and the end token); a
+        warning shows what was dropped, since a silently shortened prompt is a confusing image."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+        room = self.model_max_length - 2
+        rows, dropped = [], []
+        for prompt in prompts:
+            ids = self.encode(prompt)
+            if len(ids) > room:
+                dropped.append(self.decode(ids[room:]))
+                ids = ids[:room]
+            rows.append([self.bos_token_id, *ids, self.eos_token_id] + [self.pad_token_id] * (room - len(ids)))
+        if dropped:
+            warnings.warn(
+                f"The following part of your input was truncated because CLIP can only handle sequences up to "
+                f"{self.model_max_length} tokens: {dropped}",
+                stacklevel=2,
+            )
+        return torch.tensor(rows, dtype=torch.long)
+
+    # ---- ids -> text ----------------------------------------------------------------------------------------
+    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of a 1-D id sequence. With skip_special_tokens, the start token is dropped and the text stops at
+        the first end token (what follows it is padding, whichever token pads)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if ids and isinstance(ids[0], list):
+            raise ValueError("decode takes one sequence of ids; decode the rows of a batch one by one")
+        if skip_special_tokens:
+            ids = ids[1:] if ids[:1] == [self.bos_token_id] else ids
+            ids = ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+        unknown = [i for i in ids if i not in self.decoder]
+        if unknown:
+            raise ValueError(f"ids {unknown[:5]} are outside the vocabulary (size {len(self.decoder)})")
+        to_byte = char_to_byte()
+        data = bytes(to_byte[c] for c in "".join(self.decoder[i] for i in ids))
+        return data.decode("utf-8", errors="replace").replace(WORD_END, " ").strip()
+
+    # ---- folders --------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json: the folder layout
+        that transformers' CLIPTokenizer.from_pretrained and diffusers' pipelines load."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        specials = {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": self.pad_token}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, **specials}
+        write_json(config, folder / "tokenizer_config.json")
+        write_json(specials, folder / "special_tokens_map.json")
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, subfolder: str | None = None, normalization: str = "transformers"
+    ) -> "CLIPTokenizer":
+        """Read a tokenizer folder: vocab.json + merges.txt (transformers 4, the hub's SD folders, ours) or
+        tokenizer.json (what transformers 5 writes); tokenizer_config.json and special_tokens_map.json give the
+        padding token and the length."""
+        folder = require_path(Path(folder) / subfolder if subfolder else folder, "tokenizer folder")
+        vocab, merges, added = _read_bpe(folder)
+        config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+        specials_map = folder / "special_tokens_map.json"
+        config = {**config, **(read_json(specials_map) if specials_map.exists() else {})}
+        for key, expected in (("bos_token", START), ("eos_token", END)):
+            if _content(config.get(key, expected)) != expected:
+                raise ValueError(f"{folder}: {key}={config[key]!r}, but a CLIP tokenizer uses {expected!r}")
+        pad_token = _content(config.get("pad_token", END))
+        added += [_content(t) for t in config.get("added_tokens_decoder", {}).values()]
+        if (folder / "added_tokens.json").exists():
+            added += list(read_json(folder / "added_tokens.json"))
+        extra = sorted(set(added) - {START, END, pad_token})
+        if extra:
+            raise ValueError(
+                f"{folder}: added tokens {extra} (textual inversion or similar) are not supported; use a folder "
+                "with the plain CLIP vocabulary"
+            )
+        length = config.get("model_max_length", MAX_LENGTH)
+        if not isinstance(length, int) or length > 4096:  # unset, transformers writes a huge sentinel
+            raise ValueError(f"{folder}: model_max_length={length!r} in tokenizer_config.json; CLIP uses 77, set it")
+        return cls(vocab, merges, pad_token=pad_token, model_max_length=length, normalization=normalization)
+
+    def __repr__(self) -> str:
+        return (
+            f"CLIPTokenizer(vocab={len(self.encoder)}, model_max_length={self.model_max_length}, "
+            f"pad_token={self.pad_token!r}, normalization={self.normalization!r})"
+        )
+
+
+def _content(token) -> str:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
+    """(vocab, merges, added token strings) from vocab.json + merges.txt, or else from tokenizer.json."""
+    vocab_file, merges_file, joint_file = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+    if vocab_file.exists() and merges_file.exists():
+        vocab = read_json(vocab_file)
+        lines = merges_file.read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        bad = [" ".join(m) for m in merges if len(m) != 2]
+        if bad:
+            raise ValueError(f"{merges_file}: lines {bad[:3]} are not 'a b' merge pairs")
+        return vocab, merges, []
+    if joint_file.exists():
+        data = read_json(joint_file)
+        model = data.get("model", {})
+        if model.get("type") != "BPE":
+            raise ValueError(f"{joint_file}: model type {model.get('type')!r}; a CLIP tokenizer is BPE")
+        # tokenizers writes merges as "a b" strings (older) or [a, b] pairs (newer).
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges, [t["content"] for t in data.get("added_tokens", [])]
+    raise FileNotFoundError(
+        f"{folder}: no tokenizer files; expected vocab.json and merges.txt (or tokenizer.json) in {folder}"
+    )

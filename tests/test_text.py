@@ -1,0 +1,381 @@
+"""The text side: our CLIP tokenizer against transformers and open_clip, and the CLIP text encoder's I/O + clip-skip.
+
+Oracles: transformers' CLIPTokenizer loaded from the folder our tokenizer writes, open_clip.tokenize, and
+transformers' CLIPTextModel with random weights (no hub, no network).
+"""
+import json
+import pickle
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from latentdiff.checkpoints import CheckpointError, save_safetensors
+from latentdiff.models.text import (
+    CLIPTokenizer,
+    build_text_encoder,
+    build_text_encoder_from_folder,
+    encode_prompt_ids,
+    load_text_encoder,
+    save_text_encoder,
+    text_config_sd15,
+    text_config_tiny,
+)
+from latentdiff.models.tokenizer import clean_open_clip
+
+SPECIAL_STRINGS = ("<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<end_of_text>")
+
+
+def read_corpus() -> list[str]:
+    """tests/prompts_corpus.txt: '#' lines are comments, lines starting with '"' are JSON strings."""
+    lines = (Path(__file__).parent / "prompts_corpus.txt").read_text(encoding="utf-8").split("\n")
+    return [json.loads(line) if line.startswith('"') else line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return read_corpus()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CLIPTokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tok, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_tok(hf_folder):
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    return HFCLIPTokenizer.from_pretrained(hf_folder)
+
+
+@pytest.fixture(scope="module")
+def open_clip_tokenizer():
+    from open_clip import tokenizer
+
+    return tokenizer
+
+
+def hf_ids(hf_tok, prompts):
+    return hf_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def quiet(tokenizer, prompts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tokenizer(prompts)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------
+
+
+def test_corpus_covers_what_the_brief_asks(corpus, tok):
+    assert len(corpus) >= 200 and "" in corpus
+    assert sum(len(tok.encode(p)) > 75 for p in corpus) >= 5  # over-long prompts are truncated
+    for needle in ("&amp;", "東京", "🐱", "é", "\t", "\u3000", "ΣΑΣ", "’"):
+        assert any(needle in p for p in corpus), needle
+
+
+def test_known_ids_and_layout(tok):
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.model_max_length) == (49406, 49407, 49407, 77)
+    assert len(tok.encoder) == 49408
+    assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]  # ids of the published CLIP vocabulary
+    ids = tok(["a photo of a cat", ""])
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and (ids[0, 7:] == 49407).all()
+    assert ids[1, 0] == 49406 and (ids[1, 1:] == 49407).all()
+    assert torch.equal(tok("a photo of a cat")[0], ids[0])
+
+
+def test_matches_transformers_on_corpus(corpus, tok, hf_tok):
+    """Every prompt, padded and truncated as diffusers asks transformers to, gives the same 77 ids."""
+    ours, ref = quiet(tok, corpus), hf_ids(hf_tok, corpus)
+    mismatched = [p for p, a, b in zip(corpus, ours, ref) if not torch.equal(a, b)]
+    assert not mismatched, mismatched
+    for prompt in corpus:  # untruncated content ids too
+        assert tok.encode(prompt) == hf_tok(prompt, add_special_tokens=False).input_ids, prompt
+
+
+def test_matches_open_clip_on_corpus(corpus, open_clip_tokenizer):
+    """normalization="open_clip" with "!" (id 0) padding reproduces open_clip.tokenize exactly, truncation
+    included (open_clip pads with zeros and keeps the end token when it cuts)."""
+    ours = quiet(CLIPTokenizer(normalization="open_clip", pad_token="!"), corpus)
+    ref = open_clip_tokenizer.tokenize(corpus)
+    mismatched = [p for p, a, b in zip(corpus, ours, ref) if not torch.equal(a, b)]
+    assert not mismatched, mismatched
+
+
+def test_transformers_and_open_clip_differ_only_by_cleaning(corpus, tok, open_clip_tokenizer):
+    """Where the two references disagree, and why; we follow transformers by default.
+
+    open_clip (OpenAI's CLIP code) cleans text with ftfy.fix_text (mojibake, curly quotes, full-width forms,
+    ligatures), unescapes HTML twice, and splits whitespace with str.split (which also counts \\x1c-\\x1f, \\x0b,
+    \\x0c, \\x85 as spaces); str.lower() turns a word-final "Σ" into "ς". transformers' CLIPTokenizer (the only one
+    transformers 5 has) only applies NFC, \\s+ -> " " and a per-character lower case. Each also treats a different
+    literal as a control token inside a prompt: transformers "<|endoftext|>", open_clip "<end_of_text>".
+    We follow transformers by default because diffusers' StableDiffusionPipeline tokenizes with it, so the same
+    prompt gives the same ids and the same image in both, and because the folder we save reproduces it when
+    transformers loads it; normalization="open_clip" is there for the OpenAI behaviour (test above).
+    """
+    reference = open_clip_tokenizer._tokenizer
+    differ = [p for p in corpus if tok.encode(p) != reference.encode(p)]
+    expected = {"fish &amp; chips", "it’s a dog’s life", "ﬁsh ﬂower ﬀ ligatures", "ΟΔΟΣ ΣΑΣ and ΣΟΦΟΣ ΛΟΓΟΣ"}
+    assert expected <= set(differ)
+    for prompt in differ:
+        if any(s in prompt for s in SPECIAL_STRINGS):
+            continue
+        # the cleaning alone explains the difference: clean as open_clip does, then tokenize as transformers does
+        assert tok.encode(clean_open_clip(prompt)) == reference.encode(prompt), prompt
+    assert len(differ) < len(corpus) // 4  # ordinary prompts agree
+
+
+def test_overlong_prompt_warns_with_the_dropped_text(tok):
+    words = " ".join(["cat"] * 75)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 75 tokens fit exactly: no warning
+        ids = tok(words)
+    assert ids[0, 75] == tok.encoder["cat</w>"] and ids[0, 76] == tok.eos_token_id
+    with pytest.warns(UserWarning, match=r"truncated.*77 tokens.*\['zebra giraffe'\]"):
+        ids = tok([words + " zebra giraffe", "a dog"])
+    assert ids[0, 76] == tok.eos_token_id and ids[0, 75] == tok.encoder["cat</w>"]
+    assert ids[1, :4].tolist() == [49406, 320, 1929, 49407]
+
+
+def test_sd2_padding_with_exclamation_mark(tmp_path, corpus):
+    sd2 = CLIPTokenizer(pad_token="!")
+    ids = sd2("a cat")[0]
+    assert sd2.pad_token_id == 0 and ids[:4].tolist() == [49406, 320, 2368, 49407] and (ids[4:] == 0).all()
+    assert sd2.decode(ids) == "a cat"  # decoding stops at the end token, whatever pads
+    sd2.save_pretrained(tmp_path)
+    assert CLIPTokenizer.from_pretrained(tmp_path).pad_token_id == 0
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    hf = HFCLIPTokenizer.from_pretrained(tmp_path)
+    assert hf.pad_token_id == 0
+    assert torch.equal(quiet(sd2, corpus[:60]), hf_ids(hf, corpus[:60]))
+
+
+def test_saved_folder_layout(hf_folder, hf_tok):
+    assert {p.name for p in hf_folder.iterdir()} == {
+        "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"
+    }  # fmt: skip
+    config = json.loads((hf_folder / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 77 and config["tokenizer_class"] == "CLIPTokenizer"
+    assert (hf_tok.model_max_length, hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        77, 49406, 49407, 49407
+    )  # fmt: skip
+
+
+def test_reads_transformers5_folder_with_tokenizer_json(tmp_path, corpus, tok, hf_tok):
+    hf_tok.save_pretrained(tmp_path)  # transformers 5 writes tokenizer.json (+ tokenizer_config.json) only
+    assert (tmp_path / "tokenizer.json").exists()
+    (tmp_path / "vocab.json").unlink(missing_ok=True)
+    back = CLIPTokenizer.from_pretrained(tmp_path)
+    assert back.encoder == tok.encoder and back.merges == tok.merges
+    assert torch.equal(quiet(back, corpus), quiet(tok, corpus))
+
+
+def test_reads_hub_style_config(tmp_path, tok):
+    """The SD 2 hub folders spell special tokens as AddedToken dicts and pad with "!"."""
+    tok.save_pretrained(tmp_path)
+    added = {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True}
+    config = {
+        "bos_token": {**added, "content": "<|startoftext|>"}, "eos_token": added, "unk_token": added,
+        "pad_token": "<|endoftext|>", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+    }  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!", "eos_token": added}))
+    back = CLIPTokenizer.from_pretrained(tmp_path)
+    assert (back.pad_token_id, back.eos_token_id, back.model_max_length) == (0, 49407, 77)
+
+
+def test_errors_name_the_problem(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CLIPTokenizer.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"49408": {"content": "<cat-toy>", "special": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="<cat-toy>.*not supported"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="normalization='ftfy' is unknown"):
+        CLIPTokenizer(normalization="ftfy")
+    with pytest.raises(ValueError, match="'<pad>' is not in the vocabulary"):
+        CLIPTokenizer(pad_token="<pad>")
+    with pytest.raises(TypeError, match="must be a str, got int"):
+        tok(["a cat", 3])
+    with pytest.raises(TypeError, match="non-empty list"):
+        tok([])
+
+
+def test_decode_cache_and_pickle(tok):
+    text = "a photo of a cat, café 東京 🐱"
+    assert tok.decode(tok(text)[0]) == "a photo of a cat , café 東京 🐱"  # CLIP's decoding spaces punctuation
+    assert tok.decode(tok(text)[0], skip_special_tokens=False).startswith("<|startoftext|>a photo")
+    fresh = CLIPTokenizer()
+    fresh.encode("zebra zebra")
+    assert list(fresh._cache) == ["zebra"]  # merged once, then remembered
+    clone = pickle.loads(pickle.dumps(fresh))  # DataLoader workers receive the tokenizer pickled
+    assert torch.equal(clone(text), tok(text))
+
+
+# ---- text encoder ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_text_encoder(text_config_tiny(num_hidden_layers=3), seed=0)
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return tok(["a photo of a cat", "a small red circle on a white background", ""])
+
+
+def test_sd15_preset_has_123060480_parameters():
+    from transformers import CLIPTextModel
+
+    config = text_config_sd15()
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    assert sum(p.numel() for p in model.parameters()) == 123_060_480
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.hidden_act) == (
+        768, 12, 12, "quick_gelu"
+    )  # fmt: skip
+
+
+def test_loads_what_transformers_saves(tmp_path, tiny, ids):
+    tiny.save_pretrained(tmp_path)  # transformers 5: keys without the "text_model." prefix, no position_ids
+    ours = load_text_encoder(tmp_path)
+    torch.testing.assert_close(ours(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+
+
+def test_loads_prefixed_state_dict_with_position_ids(tmp_path, tiny, ids):
+    """SD checkpoints and transformers-4 folders: "text_model." keys, sometimes with the position_ids buffer."""
+    tiny.save_pretrained(tmp_path)
+    weights = {"text_model." + k: v for k, v in tiny.state_dict().items()}
+    weights["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    save_safetensors(weights, tmp_path / "model.safetensors")
+    ours = load_text_encoder(tmp_path)
+    torch.testing.assert_close(ours(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+
+
+def test_transformers_loads_what_we_save(tmp_path, tiny, ids):
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    save_text_encoder(tiny, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    model, info = CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(model(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_text_encoder(tmp_path)(ids).last_hidden_state, tiny(ids).last_hidden_state)
+
+
+def test_build_from_folder_config_and_separate_weights(tmp_path, tiny, ids):
+    """layout.load_single_file: the architecture from a pipeline folder, the weights from a converted checkpoint."""
+    save_text_encoder(tiny, tmp_path)
+    weights = {"text_model." + k: v.clone() for k, v in tiny.state_dict().items()}
+    model = build_text_encoder_from_folder(tmp_path, weights, source="ckpt (cond_stage_model)")
+    torch.testing.assert_close(model(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+    with pytest.raises(CheckpointError, match=r"(?s)ckpt \(cond_stage_model\).*missing keys \(52\)"):
+        build_text_encoder_from_folder(tmp_path, {}, source="ckpt (cond_stage_model)")
+
+
+def test_torch_dtype(tmp_path, tiny):
+    save_text_encoder(tiny, tmp_path)
+    half = load_text_encoder(tmp_path, torch_dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    assert torch.equal(half.embeddings.position_ids, torch.arange(77).unsqueeze(0))
+
+
+def test_strict_loading_errors(tmp_path, tiny):
+    save_text_encoder(tiny, tmp_path)
+    good = {"text_model." + k: v for k, v in tiny.state_dict().items()}
+    weights = tmp_path / "model.safetensors"
+    save_safetensors({k: v for k, v in good.items() if "final_layer_norm.bias" not in k}, weights)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): final_layer_norm.bias"):
+        load_text_encoder(tmp_path)
+    save_safetensors({**good, "text_model.text_projection.weight": torch.zeros(32, 32)}, weights)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): text_projection.weight"):
+        load_text_encoder(tmp_path)
+    mixed = {k.removeprefix("text_model.") if "layers.0." in k else k: v for k, v in good.items()}
+    save_safetensors(mixed, weights)
+    with pytest.raises(CheckpointError, match="mix"):
+        load_text_encoder(tmp_path)
+    weights.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never opened")
+    with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin.*refused"):
+        load_text_encoder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        load_text_encoder(tmp_path / "elsewhere")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ValueError, match="model_type 'clip'"):
+        load_text_encoder(tmp_path)
+
+
+class TransformersFourLayout:
+    """diffusers 0.42's clip-skip branch reads `text_encoder.text_model.final_layer_norm`, transformers 4's layout;
+    transformers 5's CLIPTextModel has no `.text_model` (AttributeError). This shim restores the attribute so that
+    diffusers' own encode_prompt can serve as the oracle."""
+
+    def __init__(self, model):
+        self.model, self.text_model, self.config, self.dtype = model, model, model.config, model.dtype
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def test_encode_matches_diffusers_encode_prompt(hf_tok, tok, tiny):
+    """diffusers' StableDiffusionPipeline.encode_prompt, run with transformers' tokenizer loaded from our folder,
+    gives the context our tokenizer + encode_prompt_ids give: prompts, negative prompts and clip_skip."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = SimpleNamespace(tokenizer=hf_tok, text_encoder=TransformersFourLayout(tiny))  # what encode_prompt uses
+    prompts = ["a photo of a cat, &amp; “quoted”", " ".join(["cat"] * 80) + " zebra"]
+    negatives = ["blurry", ""]
+    with torch.no_grad():
+        for skip in (None, 1, 2):
+            cond, uncond = StableDiffusionPipeline.encode_prompt(
+                pipe, prompts, "cpu", 1, True, negative_prompt=negatives, clip_skip=skip
+            )
+            ours = encode_prompt_ids(tiny, quiet(tok, prompts), clip_skip=skip)
+            torch.testing.assert_close(ours, cond, rtol=0, atol=0)
+            # diffusers applies clip_skip to the prompt only; the negative prompt always uses the last layer
+            torch.testing.assert_close(encode_prompt_ids(tiny, tok(negatives)), uncond, rtol=0, atol=0)
+        ids = quiet(tok, prompts)
+        assert torch.equal(encode_prompt_ids(tiny, ids, clip_skip=0), encode_prompt_ids(tiny, ids))
+
+
+def test_clip_skip_is_dropping_the_last_layers(tiny, ids):
+    """Independent of diffusers' indexing: skipping k layers equals an encoder built without its last k layers."""
+    from transformers import CLIPTextModel
+
+    shallow = CLIPTextModel(text_config_tiny(num_hidden_layers=2)).eval()
+    shallow.load_state_dict({k: v for k, v in tiny.state_dict().items() if "layers.2." not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encode_prompt_ids(tiny, ids, clip_skip=1), shallow(ids).last_hidden_state, rtol=1e-5, atol=1e-6
+        )
+    assert encode_prompt_ids(tiny, ids).shape == (3, 77, 32)
+
+
+def test_encode_prompt_ids_errors(tiny, ids):
+    with pytest.raises(ValueError, match=r"clip_skip=3: expected None or an int in \[0, 2\]"):
+        encode_prompt_ids(tiny, ids, clip_skip=3)
+    with pytest.raises(ValueError, match="LongTensor"):
+        encode_prompt_ids(tiny, ids.float())
+    with pytest.raises(ValueError, match="length 78 but the text encoder has 77 positions"):
+        encode_prompt_ids(tiny, torch.zeros(1, 78, dtype=torch.long))
