@@ -1,0 +1,56 @@
+"""Wrappers around the network, so that samplers only ever see `denoiser(x, t, alpha, sigma) -> (x0, eps)`.
+
+k-diffusion's idea (Karras et al. 2022, sec. 5): a sampler needs a denoiser, not a U-Net. `Denoiser` turns an
+eps- or v-predicting model into x0 and eps estimates; `ClassifierFreeGuidance` wraps the model itself, so
+guidance is invisible to every sampler. Guiding the raw output is the same as guiding eps or x0, because for a
+fixed (x, t) both are affine in the output.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .schedules import PREDICTION_TYPES, predict_x0_eps
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guide(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6 written for eps)."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+class ClassifierFreeGuidance:
+    """`model(x, t, context)` as a `model(x, t)` that applies guidance with one batched call over [uncond, cond].
+
+    With scale <= 1 (or no unconditional context) only the conditional pass runs, as in diffusers' pipelines."""
+
+    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 7.5):
+        if uncond is not None and uncond.shape != cond.shape:
+            raise ValueError(f"unconditional context has shape {tuple(uncond.shape)} but the conditional one has "
+                             f"{tuple(cond.shape)}; encode both with the same batch size and sequence length")
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None and self.scale > 1.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return self.model(x, t, self.cond)
+        out_uncond, out_cond = self.model(torch.cat([x, x]), t, torch.cat([self.uncond, self.cond])).chunk(2)
+        return guide(out_uncond, out_cond, self.scale)
+
+
+class Denoiser:
+    """An eps- or v-predicting `model(x, t)` as D(x, t, alpha, sigma) -> (x0, eps) for x = alpha x0 + sigma eps."""
+
+    def __init__(self, model: Model, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        self.model, self.prediction_type = model, prediction_type
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, alpha, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_x0_eps(self.model(x, t), x, alpha, sigma, self.prediction_type)

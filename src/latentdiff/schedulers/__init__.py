@@ -1,0 +1,49 @@
+"""Samplers: each a pure function over a tensor of timesteps (or sigmas), plus a diffusers-compatible class.
+
+    from latentdiff.schedulers import DDIMScheduler
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)     # any diffusers scheduler_config.json dict
+    sched.set_timesteps(25)
+    for t in sched.timesteps:
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Scheduler, SchedulerOutput
+from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig,
+                     SchedulerConfig)
+from .ddim import DDIMScheduler, ddim_step, sample_ddim
+from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
+from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
+from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, euler_ancestral_step, euler_step,
+                    sample_euler, sample_euler_ancestral)
+
+# Short names (the CLI's --scheduler) -> classes.
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+}
+
+
+def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
+    """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++"), built from another scheduler's
+    config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction type."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(config, **overrides)
+
+
+__all__ = [
+    "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
+__all__ += [
+    "SCHEDULERS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
+    "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "DPMSolverConfig",
+    "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step",
+    "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m",
+]

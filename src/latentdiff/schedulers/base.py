@@ -1,0 +1,176 @@
+"""What every scheduler class shares: config I/O in diffusers' format, the training noise schedule, the timestep
+grid and finding where a timestep sits in it.
+
+The classes are thin adapters: the math lives in pure functions (schedules.py and each sampler's module). A step
+is located from its timestep, not from a hidden counter, so `step` may start anywhere in the grid (img2img) and
+a loop may be rerun. The only memory is where the last step ended, used to tell repeated timesteps apart (a
+rounded Karras grid can repeat one) and, for DPM-Solver, its previous x0 estimate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..schedules import alphas_cumprod, make_betas, q_sample, v_target
+from .config import SchedulerConfig
+from .grids import check_num_inference_steps
+
+CONFIG_NAME = "scheduler_config.json"
+DIFFUSERS_FORMAT_VERSION = "0.30.0"  # the diffusers release whose scheduler_config.json format we write
+
+
+@dataclass
+class SchedulerOutput:
+    """`prev_sample` is the next loop input; `pred_original_sample` the current x0 estimate (for previews)."""
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.prev_sample, self.pred_original_sample
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        return self.to_tuple()[index]
+
+
+def _scalar_timestep(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1:
+            raise ValueError(f"expected one timestep, got a tensor of shape {tuple(timestep.shape)}; pass one "
+                             "element of scheduler.timesteps")
+        return float(timestep.reshape(()).item())
+    return float(timestep)
+
+
+class Scheduler:
+    """Base of the diffusers-compatible scheduler classes; subclasses define `config_class` and `_make_grid`."""
+    config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
+    config_name: ClassVar[str] = CONFIG_NAME
+    order: ClassVar[int] = 1
+    init_noise_sigma: float = 1.0
+
+    def __init__(self, **config: Any):
+        unknown = sorted(set(config) - set(self.config_class().keys()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no option(s) {unknown}; its options are "
+                             f"{self.config_class().keys()} (use from_config to load another scheduler's config)")
+        self.config = self.config_class(**config)
+        c = self.config
+        self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = alphas_cumprod(self.betas)
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)
+        self._grid: np.ndarray | None = None  # float64 copy of the timesteps for lookups; None: not set yet
+        self._begin_index: int | None = None
+        self._next_index: int | None = None
+
+    # ---- config I/O -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Any = None, **overrides: Any) -> Scheduler:
+        """Build from a diffusers config dict (any scheduler's) or another scheduler's `config`; `overrides` win."""
+        if isinstance(config, (str, os.PathLike)):
+            raise TypeError(f"from_config takes a config mapping, not the path {str(config)!r}; use "
+                            f"{cls.__name__}.from_pretrained(folder)")
+        if config is not None and not hasattr(config, "keys"):
+            config = getattr(config, "config", config)  # a scheduler object, ours or diffusers'
+        return cls(**dict(cls.config_class.from_mapping(config, **overrides)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **overrides: Any) -> Scheduler:
+        """Load `path/[subfolder/]scheduler_config.json` (path may also be the json file itself)."""
+        path = Path(path) / (subfolder or "")
+        file = path if path.is_file() else path / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {file}; give a scheduler folder (for a pipeline folder "
+                                    "pass subfolder='scheduler')")
+        with open(file, encoding="utf-8") as f:
+            return cls.from_config(json.load(f), **overrides)
+
+    def save_config(self, folder: str | os.PathLike) -> Path:
+        """Write scheduler_config.json with diffusers' class name, so diffusers loads it too."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                **self.config.to_dict()}
+        file = folder / CONFIG_NAME
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return file
+
+    def __repr__(self) -> str:
+        changed = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+                   if getattr(self.config, f.name) != f.default}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ---- the timestep grid ------------------------------------------------------------------------------------
+    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+        """Set the per-step tables of this sampler and return its timesteps."""
+        raise NotImplementedError
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        n = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+        self.timesteps = self._make_grid(n, device)
+        self.num_inference_steps = n
+        self._grid = self.timesteps.detach().cpu().double().numpy()
+        self._begin_index = None
+        self._next_index = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start sampling at `timesteps[begin_index]` (img2img); call after set_timesteps. len(timesteps) is allowed:
+        nothing is left to run (img2img at strength 0)."""
+        if self._grid is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before set_begin_index")
+        if not 0 <= begin_index <= len(self._grid):
+            raise ValueError(f"begin_index={begin_index} is out of range for {len(self._grid)} timesteps")
+        self._begin_index = int(begin_index)
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the step that comes next, once a step has been taken."""
+        return self._next_index
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of `timestep` in the grid: the step after the last one taken if it matches (so repeated
+        timesteps are walked in order), otherwise its first occurrence at or after the begin index."""
+        if self._grid is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
+        t = _scalar_timestep(timestep)
+        i = self._next_index
+        if i is not None and i < len(self._grid) and abs(self._grid[i] - t) <= 1e-4:
+            return i
+        start = self._begin_index or 0
+        hits = np.flatnonzero(np.abs(self._grid[start:] - t) <= 1e-4)
+        if hits.size == 0:
+            where = f" at or after begin_index={start}" if start else ""
+            raise ValueError(f"timestep {t:g} is not in this scheduler's timesteps{where}; pass elements of "
+                             "scheduler.timesteps (after set_timesteps)")
+        return start + int(hits[0])
+
+    def _finish_step(self, index: int) -> None:
+        self._next_index = index + 1
+
+    # ---- training-time helpers and protocol defaults ----------------------------------------------------------
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) at integer training timesteps, one per sample."""
+        return q_sample(original_samples, noise, timesteps, self.alphas_cumprod)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target at integer training timesteps."""
+        return v_target(sample, noise, timesteps, self.alphas_cumprod)

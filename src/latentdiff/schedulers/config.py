@@ -1,0 +1,243 @@
+"""Scheduler configs that read and write diffusers' `scheduler_config.json`.
+
+One frozen dataclass per scheduler whose fields are exactly the keys diffusers' class of the same name takes,
+with the same defaults, so a config round-trips through diffusers unchanged. A config is also a read-only
+mapping (`dict(config)`, `config["beta_schedule"]`), like diffusers' FrozenDict.
+
+Every key we hold is validated: a value we do not implement is a ValueError naming the key and the values we do.
+Keys of *other* diffusers schedulers (a DDIM config handed to Euler) are ignored while they are harmless, and
+refused when ignoring them would silently change the noise levels the model is sampled at.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..schedules import BETA_SCHEDULES, PREDICTION_TYPES
+from .grids import TIMESTEP_SPACINGS
+
+# Options of other diffusers schedulers that only tune that scheduler's own algorithm (PNDM's skip_prk_steps,
+# DPM-Solver's solver_order, DDIM's set_alpha_to_one, ...): meaningless to the others, ignored at any value.
+ALGORITHM_LOCAL_KEYS = frozenset({
+    "algorithm_type", "clip_sample", "clip_sample_range", "disable_corrector", "dynamic_thresholding_ratio",
+    "euler_at_final", "final_sigmas_type", "flow_shift", "interpolation_type", "lambda_min_clipped",
+    "lower_order_final", "noise_sampler_seed", "original_inference_steps", "predict_x0", "rho", "sample_max_value",
+    "set_alpha_to_one", "sigma_data", "sigma_max", "sigma_min", "sigma_schedule", "skip_prk_steps", "solver_order",
+    "solver_p", "solver_type", "time_shift_type", "timestep_scaling", "variance_type",
+})
+# Options that change which noise levels are visited (or what the model output means). Ignored only when off.
+SCHEDULE_KEYS_OFF = {
+    "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+    "use_flow_sigmas": False, "use_dynamic_shifting": False, "thresholding": False, "rescale_betas_zero_snr": False,
+    "timestep_type": "discrete", "shift_terminal": None,
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that keeps True apart from 1 (and False apart from 0)."""
+    return type(a) is type(b) and a == b
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(Mapping):
+    """Keys shared by every diffusers noise scheduler (the training noise schedule and the timestep grid)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+
+    scheduler_name: ClassVar[str] = "Scheduler"
+    # The values this implementation supports, for the keys that take a choice.
+    supported: ClassVar[dict[str, tuple]] = {
+        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
+        "timestep_spacing": TIMESTEP_SPACINGS, "rescale_betas_zero_snr": (False,),
+    }
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, self._checked(field, getattr(self, field.name)))
+        for key, allowed in self.supported.items():
+            value = getattr(self, key)
+            if not any(_same(value, a) for a in allowed):
+                raise ValueError(f"{self.scheduler_name}: {key}={value!r} is not supported; supported values: "
+                                 f"{', '.join(map(repr, allowed))}")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset={self.steps_offset} must be >= 0")
+        uses_range = self.trained_betas is None and self.beta_schedule in ("linear", "scaled_linear")
+        if uses_range and not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError(f"beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy "
+                             "0 < beta_start <= beta_end < 1")
+
+    def _checked(self, field: dataclasses.Field, value: Any) -> Any:
+        """Check a value against the field's annotation; ints pass as floats, lists as tuples."""
+        kind = str(field.type)
+        if value is None and "None" in kind:
+            return None
+        if kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        else:  # trained_betas: a sequence of numbers
+            try:
+                value = tuple(float(v) for v in value)
+                ok = True
+            except (TypeError, ValueError):
+                ok = False
+        if not ok:
+            raise ValueError(f"{self.scheduler_name}: {field.name}={value!r} has the wrong type; expected {kind}")
+        return value
+
+    # ---- read-only mapping, like diffusers' FrozenDict --------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(f.name for f in dataclasses.fields(self))
+
+    def __len__(self) -> int:
+        return len(dataclasses.fields(self))
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}
+
+    def replace(self, **changes) -> SchedulerConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any] | None = None, **overrides) -> SchedulerConfig:
+        """Our keys from a diffusers config of any scheduler (see the module docstring for the rules)."""
+        items = {**dict(config or {}), **overrides}
+        defaulted = set(items.get("_use_default_values") or ())  # keys diffusers filled in, not the file
+        own = {f.name for f in dataclasses.fields(cls)}
+        kept, unknown = {}, []
+        for key, value in items.items():
+            if key.startswith("_") or (key in defaulted and key not in overrides):
+                continue
+            if key in own:
+                kept[key] = value
+            elif key in SCHEDULE_KEYS_OFF:
+                off = SCHEDULE_KEYS_OFF[key]
+                if not (_same(value, off) or (value is None and off is False)):
+                    raise ValueError(f"{cls.scheduler_name} does not support {key}={value!r} (an option of another "
+                                     f"scheduler); set {key}={off!r} or choose a scheduler that supports it")
+            elif key not in ALGORITHM_LOCAL_KEYS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{cls.scheduler_name}: ignoring config keys no diffusers scheduler we know uses: "
+                          f"{sorted(unknown)}", stacklevel=3)
+        return cls(**kept)
+
+
+@dataclass(frozen=True)
+class DDPMConfig(SchedulerConfig):
+    """variance_type None is what diffusers' DDPM does when handed a DPM-Solver config: "fixed_small"."""
+    variance_type: str | None = "fixed_small"
+    clip_sample: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+
+    scheduler_name: ClassVar[str] = "DDPMScheduler"
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "variance_type": ("fixed_small", None), "thresholding": (False,),
+    }
+
+
+@dataclass(frozen=True)
+class DDIMConfig(SchedulerConfig):
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+
+    scheduler_name: ClassVar[str] = "DDIMScheduler"
+    supported: ClassVar[dict[str, tuple]] = {**SchedulerConfig.supported, "thresholding": (False,)}
+
+
+@dataclass(frozen=True)
+class EulerConfig(SchedulerConfig):
+    timestep_spacing: str = "linspace"
+    interpolation_type: str = "linear"
+    use_karras_sigmas: bool | None = False
+    use_exponential_sigmas: bool | None = False
+    use_beta_sigmas: bool | None = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    timestep_type: str = "discrete"
+    final_sigmas_type: str = "zero"
+
+    scheduler_name: ClassVar[str] = "EulerDiscreteScheduler"
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "interpolation_type": ("linear",), "use_karras_sigmas": (False, True, None),
+        "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+
+
+@dataclass(frozen=True)
+class EulerAncestralConfig(SchedulerConfig):
+    timestep_spacing: str = "linspace"
+
+    scheduler_name: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+
+
+@dataclass(frozen=True)
+class DPMSolverConfig(SchedulerConfig):
+    """DPM-Solver++(2M) only. lower_order_final and euler_at_final are accepted at either value: with the final
+    noise level 0 (final_sigmas_type "zero") the last step is first order anyway. A variance_type that is not
+    learned (what a DDPM config carries) has no effect, as in diffusers."""
+    solver_order: int = 2
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    use_karras_sigmas: bool | None = False
+    use_exponential_sigmas: bool | None = False
+    use_beta_sigmas: bool | None = False
+    use_lu_lambdas: bool | None = False
+    use_flow_sigmas: bool | None = False
+    flow_shift: float = 1.0
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -math.inf
+    variance_type: str | None = None
+    timestep_spacing: str = "linspace"
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "solver_order": (2,), "thresholding": (False,),
+        "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",), "use_karras_sigmas": (False, True, None),
+        "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
+        "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+        "use_dynamic_shifting": (False,),
+    }

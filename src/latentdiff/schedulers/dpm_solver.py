@@ -1,0 +1,99 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2 with the midpoint form of diffusers): a second
+order multistep solver of the diffusion ODE in log-SNR time that reuses the previous step's x0 estimate."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..guidance import Denoiser
+from ..schedules import predict_x0_eps, ve_sigmas, vp_coefficients
+from .base import Scheduler, SchedulerOutput
+from .config import DPMSolverConfig
+from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+
+
+def _log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha_t / sigma_t) of VE noise level sigma (+inf at sigma = 0)."""
+    alpha, sigma_vp = vp_coefficients(sigma)
+    return torch.log(alpha) - torch.log(sigma_vp)
+
+
+def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | None, sigma_prev, sigma,
+                  sigma_next) -> torch.Tensor:
+    """From VP sample x at VE level `sigma` to `sigma_next`, with h = lambda_next - lambda:
+    x_next = (sigma_t,next / sigma_t) x - alpha_next (e^-h - 1) D, where D = x0 (first order: DDIM written in
+    data prediction, DPM-Solver++ sec. 4) or, given the previous estimate x0_prev at `sigma_prev`, D = x0 + (x0 - x0_prev) / (2 r) with
+    r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0."""
+    alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
+    _, sigma_vp = vp_coefficients(sigma)
+    h = _log_snr(sigma_next) - _log_snr(sigma)
+    d = x0
+    if x0_prev is not None:
+        r = (_log_snr(sigma) - _log_snr(sigma_prev)) / h
+        d = x0 + (0.5 / r) * (x0 - x0_prev)
+    return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor,
+                    sigmas: torch.Tensor) -> torch.Tensor:
+    """Run DPM-Solver++(2M) from the VP sample x at sigmas[0] through sigmas (ending in 0). The first step has no
+    history and the last one lands on sigma = 0, so both are first order."""
+    x0_prev = None
+    for i, t in enumerate(timesteps):
+        alpha, sigma_vp = vp_coefficients(sigmas[i])
+        x0, _ = denoiser(x, t, alpha, sigma_vp)
+        history = x0_prev if 0 < i < len(timesteps) - 1 else None
+        x = dpmpp_2m_step(x, x0, history, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1])
+        x0_prev = x0
+    return x
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """diffusers' DPMSolverMultistepScheduler protocol (algorithm_type "dpmsolver++", solver_order 2, midpoint)
+    over `dpmpp_2m_step`. The only state is the previous step's (index, x0), reset by set_timesteps; a step that
+    does not follow it (a fresh start, img2img) is first order, as in diffusers."""
+    config_class = DPMSolverConfig
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.sigmas = ve_sigmas(self.alphas_cumprod)
+        self._previous: tuple[int, torch.Tensor] | None = None
+
+    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+        c, n = self.config, num_inference_steps
+        table = ve_sigmas(self.alphas_cumprod).numpy()
+        if c.timestep_spacing == "trailing":
+            steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
+        else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for this solver
+            steps = spaced_timesteps(n + 1, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)[:-1]
+        if c.use_karras_sigmas:
+            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
+            steps = sigma_to_t(sigmas, np.log(table))
+            steps = steps if c.beta_schedule == "squaredcos_cap_v2" else steps.round()  # diffusers' choice
+        else:
+            sigmas = interp_sigmas(steps, table)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        self._previous = None
+        return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        i = self.index_for_timestep(timestep)
+        sigma = self.sigmas[i]
+        alpha, sigma_vp = vp_coefficients(sigma)
+        x = sample.float()
+        x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0]
+        follows = self._previous is not None and self._previous[0] == i - 1
+        history = self._previous[1] if follows and i < len(self._grid) - 1 else None
+        prev = dpmpp_2m_step(x, x0, history, self.sigmas[i - 1] if i else None, sigma, self.sigmas[i + 1])
+        self._previous = (i, x0)
+        self._finish_step(i)
+        out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
+        return out if return_dict else out.to_tuple()
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha x0 + sigma eps at the noise level the grid assigns to each (grid) timestep."""
+        sigma = self.sigmas[[self.index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1)]]
+        alpha, sigma_vp = vp_coefficients(sigma.to(original_samples).reshape(-1, *([1] * (original_samples.ndim - 1))))
+        return alpha * original_samples + sigma_vp * noise

@@ -1,0 +1,69 @@
+"""Where a sampler evaluates the model: the inference timesteps and the matching noise levels.
+
+Computed with numpy in the same dtypes diffusers uses (float64 arithmetic over float32 tables), so that timesteps
+and sigmas come out identical for the same config.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps={num_inference_steps} is out of range; it must be between 1 and "
+                         f"num_train_timesteps={num_train_timesteps}")
+    return int(num_inference_steps)
+
+
+def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
+                     round_linspace: bool = True) -> np.ndarray:
+    """`num_steps` training timesteps, descending, spread over 0..T-1 as in Lin et al. 2023, table 2.
+
+    leading:  0, k, 2k, ... (k = T // n) plus `steps_offset`: never reaches the noisiest step T-1.
+    trailing: T-1, T-1-T/n, ... rounded: starts at the noisiest step.
+    linspace: n evenly spaced points from 0 to T-1 (kept fractional when `round_linspace` is False, as Euler does).
+    """
+    if spacing == "linspace":
+        steps = np.linspace(0, num_train_timesteps - 1, num_steps)
+        steps = steps.round() if round_linspace else steps
+    elif spacing == "leading":
+        steps = (np.arange(0, num_steps) * (num_train_timesteps // num_steps)).round() + steps_offset
+    elif spacing == "trailing":
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}")
+    steps = steps if spacing == "trailing" else steps[::-1].copy()
+    if steps.max() > num_train_timesteps - 1:
+        raise ValueError(f"num_inference_steps={num_steps} with steps_offset={steps_offset} gives timestep "
+                         f"{int(steps.max())}, past the last training step {num_train_timesteps - 1}; use fewer "
+                         "steps or a smaller steps_offset")
+    return steps
+
+
+def interp_sigmas(timesteps: np.ndarray, sigma_table: np.ndarray) -> np.ndarray:
+    """Noise levels at (possibly fractional) timesteps, linear in sigma between training steps."""
+    return np.interp(timesteps, np.arange(0, len(sigma_table)), sigma_table)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, rho = 7.
+    Spends more steps at low noise, where the ODE curves most."""
+    ramp = np.linspace(0, 1, num_steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each noise level: linear interpolation in log sigma between the two
+    neighbouring training steps (the inverse of the table, clipped to its ends)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigma_table[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigma_table.shape[0] - 2)
+    high = low + 1
+    w = (log_sigma_table[low] - log_sigma) / (log_sigma_table[low] - log_sigma_table[high])
+    w = np.clip(w, 0, 1)
+    return ((1 - w) * low + w * high).reshape(np.shape(sigmas))

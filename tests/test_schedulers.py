@@ -1,0 +1,289 @@
+"""The scheduler classes against diffusers' classes of the same name (timesteps, sigmas, whole seeded trajectories,
+img2img starts, add_noise) and their config handling: round trips through diffusers, cross-loading, clear errors."""
+import itertools
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+from latentdiff import schedulers as S
+from latentdiff.guidance import Denoiser
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+
+NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+         "DPMSolverMultistepScheduler"]
+RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
+STEPS = (10, 25, 50)
+
+
+def variants(name):
+    """Options swept on top of schedule x prediction x spacing x steps, per scheduler."""
+    if name == "DDPMScheduler":
+        return [dict(clip_sample=False), dict(clip_sample=True, steps_offset=1)]
+    if name == "DDIMScheduler":
+        return [dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, eta=0.0),
+                dict(clip_sample=False, eta=0.8), dict(clip_sample=True, eta=0.0)]
+    if name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
+    return [{}]
+
+
+def fake_model(x, t):
+    """A fixed smooth nonlinear function of (x, t), standing in for a U-Net."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return torch.tanh(0.7 * x + torch.sin(t / 137.0)) * 0.8 + 0.1 * x
+
+
+def pair(name, **config):
+    """Ours and diffusers' scheduler from the same explicit, full config (all of our keys)."""
+    import diffusers
+
+    ours = getattr(S, name)(**config)
+    return ours, getattr(diffusers, name)(**dict(ours.config))
+
+
+def run(sched, x, generator, timesteps=None, **step_kwargs):
+    for t in sched.timesteps if timesteps is None else timesteps:
+        out = fake_model(sched.scale_model_input(x, t), t)
+        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def assert_close(ours, ref, what):
+    err = (ours - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    assert err <= 1e-5, f"{what}: relative max difference {err:.2e}"
+
+
+@pytest.mark.parametrize("name, beta_schedule, prediction_type, spacing", list(
+    itertools.product(NAMES, RANGES, ["epsilon", "v_prediction"], ["leading", "trailing", "linspace"])))
+def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spacing):
+    start, end = RANGES[beta_schedule]
+    for extra, n in itertools.product(variants(name), STEPS):
+        extra = dict(extra)
+        step_kwargs = {"eta": extra.pop("eta")} if "eta" in extra else {}
+        ours, ref = pair(name, beta_schedule=beta_schedule, beta_start=start, beta_end=end,
+                         prediction_type=prediction_type, timestep_spacing=spacing, **extra)
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(0)  # diffusers' own lookup trips over the repeated timesteps of rounded grids
+        what = f"{name} {extra} {step_kwargs} n={n}"
+        assert ours.timesteps.dtype == ref.timesteps.dtype and torch.equal(ours.timesteps, ref.timesteps), what
+        if hasattr(ours, "sigmas"):
+            assert torch.equal(ours.sigmas, ref.sigmas), what
+        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), what
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n)) * float(ref.init_noise_sigma)
+        a = run(ours, x, torch.Generator().manual_seed(1), **step_kwargs)
+        b = run(ref, x, torch.Generator().manual_seed(1), **step_kwargs)
+        assert_close(a, b, what)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_img2img_start_and_add_noise_match_diffusers(name):
+    """Start part-way: add_noise at timesteps[k], then step over timesteps[k:] (with and without set_begin_index)."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    if name in ("DDPMScheduler", "DDIMScheduler"):
+        config["clip_sample"] = False
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for begin in (True, False):
+        ours, ref = pair(name, **config)
+        ours.set_timesteps(20)
+        ref.set_timesteps(20)
+        k = 7
+        if hasattr(ref, "set_begin_index"):  # diffusers' DDPM and DDIM have none
+            ref.set_begin_index(k)
+        if begin:
+            ours.set_begin_index(k)
+        t0 = ours.timesteps[k:k + 1].repeat(2)
+        xa, xb = ours.add_noise(x0, noise, t0), ref.add_noise(x0, noise, t0)
+        assert_close(xa, xb, f"{name} add_noise")
+        a = run(ours, xa, torch.Generator().manual_seed(2), ours.timesteps[k:])
+        b = run(ref, xb, torch.Generator().manual_seed(2), ref.timesteps[k:])
+        assert_close(a, b, f"{name} img2img begin_index={begin}")
+
+
+def test_begin_index_bounds():
+    sched = S.EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.set_begin_index(0)
+    sched.set_timesteps(10)
+    sched.set_begin_index(10)  # img2img at strength 0: nothing left to run
+    with pytest.raises(ValueError, match="begin_index=11"):
+        sched.set_begin_index(11)
+    sched.set_begin_index(4)
+    with pytest.raises(ValueError, match="begin_index=4"):  # a timestep before the start is not in the grid
+        sched.step(torch.zeros(1, 1), sched.timesteps[2], torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_add_noise_at_training_timesteps_matches_diffusers(name):
+    ours, ref = pair(name, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    t = torch.randint(0, 1000, (5,), generator=g)
+    assert torch.equal(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+    assert torch.equal(ours.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_are_stateless_and_reruns_agree(name):
+    """A second loop without set_timesteps gives the same result; a step at a foreign timestep is refused."""
+    sched = getattr(S, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched.set_timesteps(12)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    first = run(sched, x, torch.Generator().manual_seed(3))
+    again = run(sched, x, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="timestep"):
+        sched.step(x, 0.5, x)
+
+
+@pytest.mark.parametrize("name, sampler", [
+    ("DDPMScheduler", S.sample_ddpm), ("DDIMScheduler", S.sample_ddim), ("EulerDiscreteScheduler", S.sample_euler),
+    ("EulerAncestralDiscreteScheduler", S.sample_euler_ancestral), ("DPMSolverMultistepScheduler", S.sample_dpmpp_2m),
+])
+def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
+    sched = getattr(S, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             prediction_type="v_prediction", **({"clip_sample": False} if "DD" in name else {}))
+    sched.set_timesteps(15)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    denoiser = Denoiser(fake_model, "v_prediction")
+    if name in ("DDPMScheduler", "DDIMScheduler"):
+        kwargs = dict(alphas_cumprod=sched.alphas_cumprod, generator=torch.Generator().manual_seed(1))
+    elif name == "EulerDiscreteScheduler" or name == "DPMSolverMultistepScheduler":
+        kwargs = dict(sigmas=sched.sigmas)
+    else:
+        kwargs = dict(sigmas=sched.sigmas, generator=torch.Generator().manual_seed(1))
+    got = sampler(denoiser, x, sched.timesteps, **kwargs)
+    assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), name)
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+CONFIGS = {
+    "DDPMScheduler": dict(clip_sample=False, prediction_type="v_prediction", timestep_spacing="trailing"),
+    "DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    "EulerDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction"),
+    "EulerAncestralDiscreteScheduler": dict(timestep_spacing="leading", steps_offset=1),
+    "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, lower_order_final=False),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trips_through_diffusers(name, tmp_path):
+    import diffusers
+
+    ours = getattr(S, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **CONFIGS[name])
+    ours.save_config(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == name
+    ref = getattr(diffusers, name).from_pretrained(tmp_path / "a")
+    assert {k: ref.config[k] for k in ours.config} == ours.config.to_dict()
+    ref.save_config(tmp_path / "b")
+    back = getattr(S, name).from_pretrained(tmp_path / "b")
+    assert back.config == ours.config and dict(back.config) == dict(ours.config)
+    assert back.config.beta_schedule == "scaled_linear" and back.config["beta_end"] == 0.012
+
+
+def test_trained_betas(tmp_path):
+    import diffusers
+
+    betas = torch.linspace(1e-4, 0.03, 100).tolist()
+    ours, ref = pair("DDIMScheduler", num_train_timesteps=100, trained_betas=betas, clip_sample=False)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    ours.save_config(tmp_path)
+    assert torch.equal(diffusers.DDIMScheduler.from_pretrained(tmp_path).betas, ours.betas)
+    assert S.DDIMScheduler.from_pretrained(tmp_path).config == ours.config
+    with pytest.raises(ValueError, match="trained_betas"):
+        S.DDIMScheduler(num_train_timesteps=99, trained_betas=betas)
+
+
+def test_from_config_across_schedulers_keeps_the_training_schedule():
+    import diffusers
+
+    euler = S.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                     prediction_type="v_prediction")
+    ddim = S.DDIMScheduler.from_config(euler.config)
+    assert (ddim.config.beta_schedule, ddim.config.prediction_type) == ("scaled_linear", "v_prediction")
+    assert ddim.config.timestep_spacing == "linspace"  # shared keys carry over, as in diffusers
+    for name in NAMES:  # every class takes every other class's config, ours and diffusers'
+        for source in NAMES:
+            src = getattr(S, source).from_config(ddim.config)
+            getattr(S, name).from_config(src.config)
+            getattr(S, name).from_config(getattr(diffusers, source)(**dict(src.config)).config)
+    pndm = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+            "clip_sample": False}  # Stable Diffusion 1.5's scheduler_config.json
+    dpm = S.scheduler_from_name("dpm++", pndm, use_karras_sigmas=True)
+    assert isinstance(dpm, S.DPMSolverMultistepScheduler) and dpm.config.use_karras_sigmas
+    assert dpm.config.steps_offset == 1 and dpm.config.beta_end == 0.012
+    assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
+        "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+
+
+BAD = [
+    ("DDIMScheduler", {"beta_schedule": "sigmoid"}, "beta_schedule"),
+    ("DDIMScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
+    ("DDIMScheduler", {"thresholding": True}, "thresholding"),
+    ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
+    ("DDPMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+    ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
+    ("DDIMScheduler", {"num_train_timesteps": "1000"}, "num_train_timesteps"),
+    ("DDIMScheduler", {"clip_sample": 1}, "clip_sample"),
+    ("DDIMScheduler", {"beta_start": 0.5, "beta_end": 0.1}, "beta_start"),
+    ("DDIMScheduler", {"steps_offset": -1}, "steps_offset"),
+    ("DDIMScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),  # another scheduler's, not harmless
+    ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
+    ("EulerDiscreteScheduler", {"thresholding": True}, "thresholding"),
+]
+
+
+@pytest.mark.parametrize("name, config, key", BAD)
+def test_bad_config_values_name_the_key(name, config, key):
+    with pytest.raises(ValueError, match=key):
+        getattr(S, name).from_config(config)
+
+
+def test_harmless_and_unknown_keys():
+    sched = S.EulerDiscreteScheduler.from_config({"skip_prk_steps": True, "solver_order": 3, "clip_sample": True,
+                                                  "set_alpha_to_one": False, "use_lu_lambdas": False,
+                                                  "_use_default_values": ["timestep_spacing"],
+                                                  "timestep_spacing": "leading"})
+    assert sched.config.timestep_spacing == "linspace"  # a key diffusers only defaulted is not carried over
+    with pytest.warns(UserWarning, match="beta_shedule"):
+        S.DDIMScheduler.from_config({"beta_shedule": "linear"})
+    with pytest.raises(ValueError, match="no option"):
+        S.DDIMScheduler(use_karras_sigmas=False)  # the constructor takes only its own keys
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        S.scheduler_from_name("heun")
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        S.DDIMScheduler.from_pretrained("/nonexistent/folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        S.DDIMScheduler.from_config(S.DPMSolverMultistepScheduler().config)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_num_inference_steps(name):
+    sched = getattr(S, name)(steps_offset=1, timestep_spacing="leading")
+    for n in (0, -3, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            sched.set_timesteps(n)
+    if name != "DPMSolverMultistepScheduler":  # which spaces n + 1 points, so 1000 steps stay below T
+        with pytest.raises(ValueError, match="steps_offset"):
+            sched.set_timesteps(1000)  # leading spacing + offset would step past the last training step
+    if name != "DDPMScheduler":  # DDPM, like diffusers', walks every training step before set_timesteps
+        fresh = getattr(S, name)()
+        with pytest.raises(ValueError, match="set_timesteps"):
+            fresh.step(torch.zeros(1, 4, 2, 2), 999, torch.zeros(1, 4, 2, 2))
