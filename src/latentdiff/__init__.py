@@ -1,0 +1,29 @@
+"""latentdiff: latent text-to-image diffusion (Stable Diffusion 1.x style) in compact PyTorch.
+
+The public names are imported lazily, so `import latentdiff` (and the CLI) start fast.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LatentDiffusionPipeline": "latentdiff.pipeline",
+    "LatentDiffusionImg2ImgPipeline": "latentdiff.pipeline",
+    "PipelineOutput": "latentdiff.pipeline",
+    "UNet2DConditionModel": "latentdiff.models.unet",
+    "UNetConfig": "latentdiff.models.unet",
+    "AutoencoderKL": "latentdiff.models.vae",
+    "VAEConfig": "latentdiff.models.vae",
+    "CLIPTokenizer": "latentdiff.models.text",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'latentdiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__ + ["__version__"]

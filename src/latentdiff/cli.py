@@ -1,0 +1,194 @@
+"""`latentdiff generate | convert | info`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+PNG_KEY = "latentdiff"  # the PNG text chunk holding the settings that reproduce an image
+
+
+def weights_hash(folder: Path) -> str:
+    """sha256 over every safetensors file of a pipeline folder (or of a single file), in a fixed order."""
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*.safetensors"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder) if folder.is_dir() else path.name).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def load_pipeline(model: str | None, dtype: str, device: str):
+    import torch
+
+    from .layout import EMBEDDED
+    from .pipeline import LatentDiffusionPipeline
+
+    path = Path(model) if model else EMBEDDED
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if path.is_file():
+        pipe = LatentDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+    return pipe.to(device), path
+
+
+def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
+    return {
+        "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
+        "scheduler": args.scheduler, "guidance": args.guidance, "height": args.height, "width": args.width,
+        "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
+    }
+
+
+def read_png_settings(path: str) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+    if text is None:
+        raise ValueError(f"{path} carries no latentdiff settings (it was not written by `latentdiff generate`)")
+    return json.loads(text)
+
+
+def generate_one(pipe, settings: dict, out_path: Path) -> None:
+    import torch
+    from PIL import PngImagePlugin
+
+    from .schedulers import scheduler_from_name
+
+    pipe.scheduler = scheduler_from_name(settings["scheduler"], pipe.scheduler.config)
+    image = pipe(
+        settings["prompt"], negative_prompt=settings["negative_prompt"], height=settings["height"],
+        width=settings["width"], num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+        eta=settings["eta"], generator=torch.Generator().manual_seed(settings["seed"]), progress=False,
+    ).images[0]
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps(settings))
+    info.add_text("parameters", f"{settings['prompt']} | seed {settings['seed']}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_path, pnginfo=info)
+
+
+def cmd_generate(args) -> None:
+    from tqdm.auto import tqdm
+
+    if args.from_png:
+        settings = read_png_settings(args.from_png)
+        pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device)
+        digest = weights_hash(path)
+        if digest != settings["model_hash"]:
+            print(f"warning: {path} has weights hash {digest}, the image was made with {settings['model_hash']}: "
+                  "the result will differ", file=sys.stderr)
+        out = Path(args.out) / (Path(args.from_png).stem + "-repro.png")
+        generate_one(pipe, settings, out)
+        print(out)
+        return
+    if args.prompts_file:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
+    pipe, path = load_pipeline(args.model, args.dtype, args.device)
+    digest = weights_hash(path)
+    jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
+    jobs = [(p, s, Path(args.out) / f"{slug(p)}-s{s}.png") for p, s in jobs]
+    todo = [job for job in jobs if not job[2].exists()]
+    if len(todo) < len(jobs):
+        print(f"skipping {len(jobs) - len(todo)} images that already exist", file=sys.stderr)
+    for prompt, seed, out in tqdm(todo, disable=len(todo) < 2, desc="images"):
+        generate_one(pipe, _settings_from_args(args, prompt, seed, path, digest), out)
+        print(out)
+
+
+def cmd_convert(args) -> None:
+    from .checkpoints import require_path
+    from .layout import save_single_file
+    from .pipeline import LatentDiffusionPipeline
+
+    src, dst = require_path(args.src, "conversion source"), Path(args.dst)
+    if src.is_file():
+        LatentDiffusionPipeline.from_single_file(src, config=args.config).save_pretrained(dst)
+    else:
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"{dst}: a single-file checkpoint must end in .safetensors")
+        save_single_file(LatentDiffusionPipeline.from_pretrained(src).components, dst)
+    print(dst)
+
+
+def cmd_info(args) -> None:
+    pipe, path = load_pipeline(args.path, "fp32", "cpu")
+    print(f"pipeline: {path}")
+    for name, component in pipe.components.items():
+        if hasattr(component, "parameters"):
+            params = list(component.parameters())
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
+            print(f"  {name:13s} {type(component).__name__:24s} {sum(p.numel() for p in params):>13,d} params "
+                  f"{'/'.join(dtypes)}")
+        else:
+            print(f"  {name:13s} {type(component).__name__}")
+    print(f"  default size  {pipe.unet.config.sample_size * pipe.vae_scale_factor}px")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--model", help="pipeline folder or SD 1.x .safetensors (default: the embedded tiny-shapes)")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--scheduler", default="dpm++", choices=["ddpm", "ddim", "euler", "euler_a", "dpm++"])
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--out", default="out")
+    g.add_argument("--prompts-file", help="one prompt per line; existing images are skipped")
+    g.add_argument("--from-png", help="reproduce an image from the settings stored in its PNG")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="single-file checkpoint <-> pipeline folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--config", default=None, help="pipeline folder giving the architecture (default: SD 1.5)")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="a pipeline's components, parameter counts and dtypes")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, TypeError, OSError) as err:
+        if os.environ.get("LATENTDIFF_DEBUG"):
+            raise
+        print(f"latentdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

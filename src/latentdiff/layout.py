@@ -1,0 +1,130 @@
+"""The diffusers pipeline folder layout (model_index.json + one subfolder per component) and Stable Diffusion 1.x
+single-file checkpoints, read into and written from latentdiff components."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_safetensors, read_json, require_path, save_safetensors, write_json
+from .config import DIFFUSERS_VERSION
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"  # the repository's pipelines/ (editable install)
+SD15_CONFIG = PIPELINES / "sd-v1-5"
+EMBEDDED = PIPELINES / "tiny-shapes"
+
+# component -> (library, class) as diffusers' model_index.json names them
+MODEL_INDEX = {
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _scheduler_from_folder(folder: Path):
+    """The scheduler a folder names; one we do not implement (SD 1.5's PNDMScheduler, say) is replaced by
+    DPM-Solver++ 2M over the same noise schedule, with a warning."""
+    import warnings
+
+    from . import schedulers
+
+    config = read_json(folder / "scheduler_config.json")
+    name = config.get("_class_name", "DPMSolverMultistepScheduler")
+    classes = {cls.__name__: cls for cls in schedulers.SCHEDULERS.values()}
+    if name not in classes:
+        warnings.warn(f"{folder / 'scheduler_config.json'}: {name} is not implemented in latentdiff; using "
+                      f"DPMSolverMultistepScheduler with the same noise schedule (supported: {sorted(classes)})",
+                      stacklevel=3)
+        name = "DPMSolverMultistepScheduler"
+    return classes[name].from_config(config)
+
+
+def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> dict:
+    """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved)."""
+    from .models.text import CLIPTokenizer, load_text_encoder
+    from .models.unet import UNet2DConditionModel
+    from .models.vae import AutoencoderKL
+
+    folder = require_path(folder, "pipeline folder")
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; from_pretrained takes a pipeline folder (model_index.json, unet/, "
+                         "vae/, ...). For a single-file checkpoint use from_single_file.")
+    index = read_json(folder / "model_index.json")
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(name)]
+    if missing:
+        raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}")
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "text_encoder": load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype),
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype),
+        "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype),
+        "scheduler": _scheduler_from_folder(folder / "scheduler"),
+    }
+
+
+def save_pipeline_folder(components: dict, folder: str | os.PathLike) -> None:
+    """Write a folder that both latentdiff and diffusers' StableDiffusionPipeline.from_pretrained load."""
+    from .models.text import save_text_encoder
+
+    folder = Path(folder)
+    scheduler = components["scheduler"]
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **MODEL_INDEX,
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    components["unet"].save_pretrained(folder / "unet")
+    components["vae"].save_pretrained(folder / "vae")
+    save_text_encoder(components["text_encoder"], folder / "text_encoder")
+    components["tokenizer"].save_pretrained(folder / "tokenizer")
+    scheduler.save_config(folder / "scheduler")
+    write_json(index, folder / "model_index.json")  # last: a folder with model_index.json is complete
+
+
+def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None,
+                     torch_dtype: torch.dtype | None = None, prefer_ema: bool = False) -> dict:
+    """Components from a Stable Diffusion 1.x original checkpoint (.safetensors). The architecture (configs,
+    tokenizer, scheduler) comes from `config`, a pipeline folder, by default the committed pipelines/sd-v1-5."""
+    from .convert import check_supported, original_to_diffusers
+    from .models.text import CLIPTokenizer, build_text_encoder_from_folder
+    from .models.unet import UNet2DConditionModel, UNetConfig
+    from .models.vae import AutoencoderKL, VAEConfig
+    from .checkpoints import load_into
+
+    path = require_path(path, "checkpoint")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; from_single_file takes one .safetensors file (use from_pretrained "
+                         "for pipeline folders)")
+    config = require_path(config or SD15_CONFIG, "architecture folder (config=)")
+    state_dict = load_safetensors(path)
+    check_supported(state_dict.keys(), path)
+    unet_config = read_json(config / "unet" / "config.json")
+    vae_config = read_json(config / "vae" / "config.json")
+    parts = original_to_diffusers(state_dict, unet_config, vae_config, prefer_ema=prefer_ema)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config))
+        vae = AutoencoderKL(VAEConfig.from_dict(vae_config))
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(config / "tokenizer"),
+        "text_encoder": build_text_encoder_from_folder(config / "text_encoder", parts["text_encoder"],
+                                                       source=f"{path} (cond_stage_model)", torch_dtype=torch_dtype),
+        "unet": load_into(unet, parts["unet"], f"{path} (model.diffusion_model)", dtype=torch_dtype).eval(),
+        "vae": load_into(vae, parts["vae"], f"{path} (first_stage_model)", dtype=torch_dtype).eval(),
+        "scheduler": _scheduler_from_folder(config / "scheduler"),
+    }
+
+
+def save_single_file(components: dict, path: str | os.PathLike) -> None:
+    """The reverse: one SD 1.x original-layout .safetensors file from a pipeline's components."""
+    from .convert import diffusers_to_original
+
+    state_dict = diffusers_to_original(components["unet"].state_dict(), components["vae"].state_dict(),
+                                       components["text_encoder"].state_dict())
+    save_safetensors(state_dict, path)

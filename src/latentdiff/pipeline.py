@@ -1,0 +1,301 @@
+"""Text-to-image and image-to-image generation with classifier-free guidance (Ho & Salimans 2022) in latent space
+(Rombach et al. 2022). Data flow: prompt -> 77 token ids -> text encoder -> context; latents x_T ~ N(0, I) from
+per-image generators; for each timestep one batched U-Net call over [unconditional, conditional]; scheduler step;
+VAE decode of x_0 / scaling_factor."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import inspect
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .guidance import ClassifierFreeGuidance
+from .schedules import randn
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, NHWC numpy in [0, 1], NCHW tensor in [0, 1], or the latents
+
+
+def _as_list(prompt: str | list[str], what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def _per_image_generators(generator: Generators, n: int) -> list[torch.Generator] | None:
+    """One generator per image, so that an image depends only on its own seed, not on its batch. A single
+    generator seeded with s serves the first image; image i gets a fresh generator seeded s + i."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image, or a single one")
+        return list(generator)
+    if generator is None:
+        return None
+    seed = generator.initial_seed()
+    return [generator] + [torch.Generator(generator.device).manual_seed(seed + i) for i in range(1, n)]
+
+
+def to_images(x: torch.Tensor, output_type: str):
+    """Decoded images in [-1, 1] -> the requested output type."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return x
+    array = x.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+class LatentDiffusionPipeline:
+    """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
+
+    component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler):
+        self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler = (
+            tokenizer, text_encoder, unet, vae, scheduler)
+        self._embedding_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---- components, devices, persistence -------------------------------------------------------------------
+    @property
+    def components(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.component_names}
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(device=device, dtype=dtype)
+        self._embedding_cache.clear()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
+        from .layout import load_pipeline_folder
+
+        return cls(**load_pipeline_folder(folder, torch_dtype=torch_dtype), **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
+                         torch_dtype: torch.dtype | None = None, prefer_ema: bool = False):
+        from .layout import load_single_file
+
+        return cls(**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from .layout import save_pipeline_folder
+
+        save_pipeline_folder(self.components, folder)
+
+    # ---- text -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """[B, 77, D] context for `prompts`. Repeated prompts (the empty negative prompt above all) are cached."""
+        from .models.text import encode_prompt_ids
+
+        out = []
+        for prompt in prompts:
+            key = (prompt, clip_skip)
+            if key not in self._embedding_cache:
+                ids = self.tokenizer(prompt).to(self.text_encoder.device)
+                self._embedding_cache[key] = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
+                if len(self._embedding_cache) > 256:
+                    self._embedding_cache.pop(next(iter(self._embedding_cache)))
+            out.append(self._embedding_cache[key])
+        return torch.stack(out).to(self.dtype)
+
+    # ---- checks -----------------------------------------------------------------------------------------------
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default, width or default
+        multiple = max(8, self.vae_scale_factor)  # latents of whole pixels, as Stable Diffusion requires
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise ValueError(f"{name}={value} must be a positive multiple of {multiple} (the VAE works on "
+                                 f"{self.vae_scale_factor}x{self.vae_scale_factor} pixel blocks); try "
+                                 f"{max(multiple, round(value / multiple) * multiple)}")
+        return height, width
+
+    def _contexts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per_prompt, guided,
+                  clip_skip):
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass a prompt (or prompt_embeds)")
+            prompts = _as_list(prompt, "prompt")
+            cond = self.encode_prompt(prompts, clip_skip)
+        else:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            cond = prompt_embeds.to(self.device, self.dtype)
+        batch = cond.shape[0]
+        uncond = None
+        if guided:
+            if negative_prompt_embeds is not None:
+                uncond = negative_prompt_embeds.to(self.device, self.dtype)
+            else:
+                negatives = [""] * batch if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+                if len(negatives) == 1 and batch > 1:
+                    negatives = negatives * batch
+                if len(negatives) != batch:
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}: "
+                                     "give one negative prompt, or one per prompt")
+                uncond = self.encode_prompt(negatives, clip_skip)
+            if uncond.shape != cond.shape:
+                raise ValueError(f"negative prompt embeddings {tuple(uncond.shape)} do not match the prompt "
+                                 f"embeddings {tuple(cond.shape)}")
+            uncond = uncond.repeat_interleave(n_per_prompt, dim=0)
+        return cond.repeat_interleave(n_per_prompt, dim=0), uncond
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress):
+        scheduler = self.scheduler
+        model = ClassifierFreeGuidance(self.unet, cond, uncond, guidance_scale)
+        step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
+            eps = model(scheduler.scale_model_input(latents, t), t)
+            latents = scheduler.step(eps, t, latents, generator=generators, **step_kwargs).prev_sample
+            if callback is not None:
+                result = callback(self, i, t, {"latents": latents}) or {}
+                latents = result.get("latents", latents)
+                if result.get("stop"):
+                    break
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        if output_type == "latent":
+            return latents
+        vae = self.vae
+        z = latents / vae.config.scaling_factor
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+            # fp16 overflows in the SD VAE decoder's last blocks (black images); decode in fp32 instead.
+            vae.float()
+            try:
+                images = vae.decode(z.float())
+            finally:
+                vae.half()
+        else:
+            images = vae.decode(z.to(vae.dtype))
+        return to_images(images, output_type)
+
+    def _check_output_type(self, output_type: str) -> None:
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+        height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+        guidance_scale: float = 7.5, num_images_per_prompt: int = 1, eta: float = 0.0,
+        generator: Generators = None, latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None, progress: bool = True,
+    ):
+        self._check_output_type(output_type)
+        height, width = self._check_size(height, width)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
+        guided = guidance_scale > 1.0
+        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                      num_images_per_prompt, guided, clip_skip)
+        n = cond.shape[0]
+        generators = _per_image_generators(generator, n)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn(shape, generators, self.device, self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
+                             f"{height}x{width}")
+        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
+                               callback_on_step_end, progress)
+        images = self.decode(latents, output_type)
+        return PipelineOutput(images) if return_dict else (images,)
+
+
+class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
+    """SDEdit (Meng et al. 2022): encode an image, noise it to the timestep that `strength` selects, denoise from
+    there. strength 1 ignores the image's content; strength 0 returns it (re-encoded) unchanged."""
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generators = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None, progress: bool = True,
+    ):
+        self._check_output_type(output_type)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must lie in [0, 1]")
+        if image is None:
+            raise ValueError("img2img needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
+        pixels = self.preprocess(image)
+        self._check_size(*pixels.shape[-2:])
+        guided = guidance_scale > 1.0
+        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                      num_images_per_prompt, guided, clip_skip)
+        n = cond.shape[0]
+        if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
+            raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
+        pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+        generators = _per_image_generators(generator, n)
+
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        start = (num_inference_steps - kept) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        scheduler.set_begin_index(start)
+
+        vae = self.vae
+        posterior = vae.encode(pixels.to(self.device, vae.dtype))
+        # posterior sample with each image's own generator: z0 = mean + std * noise
+        noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
+        z0 = ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
+        if len(timesteps) == 0:
+            latents = z0
+        else:
+            noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
+            latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n))
+        latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
+                               callback_on_step_end, progress)
+        images = self.decode(latents, output_type)
+        return PipelineOutput(images) if return_dict else (images,)
+
+    def preprocess(self, image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image if image.dim() == 4 else image[None]
+        from PIL import Image
+
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not all(isinstance(im, Image.Image) for im in images):
+            raise TypeError("image must be a PIL image, a list of PIL images or a [B,3,H,W] tensor in [-1, 1]")
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

@@ -1,0 +1,68 @@
+"""The CLI end to end on a tiny pipeline: generate, --from-png reproduction, --prompts-file, convert, info, errors."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiff.cli import PNG_KEY, main
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_and_reproduce(tiny_folders, tmp_path, capsys):
+    folder = tiny_folders[1]
+    code, out, _ = run(["generate", "a small red circle", "--model", folder, "--steps", 3, "--guidance", 4,
+                        "--seed", 5, "--num-images", 2, "--out", tmp_path / "out", "--negative", "blurry"], capsys)
+    assert code == 0
+    paths = out.split()
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a-small-red-circle-s5.png", "a-small-red-circle-s6.png"]
+    settings = json.loads(Image.open(paths[0]).text[PNG_KEY])
+    assert settings["prompt"] == "a small red circle" and settings["seed"] == 5 and settings["steps"] == 3
+    assert settings["negative_prompt"] == "blurry" and settings["scheduler"] == "dpm++"
+    assert settings["model"] == str(folder) and len(settings["model_hash"]) == 16
+    code, out, _ = run(["generate", "--from-png", paths[1], "--out", tmp_path / "repro"], capsys)
+    assert code == 0
+    again = np.asarray(Image.open(out.strip()))
+    assert np.array_equal(again, np.asarray(Image.open(paths[1])))
+    assert not np.array_equal(again, np.asarray(Image.open(paths[0])))
+
+
+def test_prompts_file_skips_existing(tiny_folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue star\n")
+    args = ["generate", "--prompts-file", prompts, "--model", tiny_folders[1], "--steps", 2, "--out", tmp_path]
+    code, out, _ = run(args, capsys)
+    assert code == 0 and len(out.split()) == 2
+    code, out, err = run(args, capsys)
+    assert code == 0 and out == "" and "skipping 2 images" in err
+
+
+def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
+    folder = tiny_folders[1]
+    code, _, _ = run(["convert", folder, tmp_path / "one.safetensors"], capsys)
+    assert code == 0
+    code, _, _ = run(["convert", tmp_path / "one.safetensors", tmp_path / "back", "--config", folder], capsys)
+    assert code == 0 and (tmp_path / "back" / "model_index.json").exists()
+    code, out, _ = run(["info", tmp_path / "back"], capsys)
+    assert code == 0
+    assert "UNet2DConditionModel" in out and "AutoencoderKL" in out and "CLIPTextModel" in out
+    assert "float32" in out and "params" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--model", "/no/such/folder"], "not found: /no/such/folder"),
+    (["generate", "x", "--height", "20"], "height=20 must be a positive multiple of 8"),
+    (["convert", "/no/such.safetensors", "out"], "not found"),
+    (["generate"], "give a prompt"),
+])
+def test_errors_are_one_line(tiny_folders, args, message, capsys):
+    if "--height" in args:
+        args = args + ["--model", str(tiny_folders[1])]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
