@@ -1,0 +1,126 @@
+"""A folder of captioned images: image files plus metadata.jsonl, one `{"file_name": ..., "text": ...}` per line
+(the Hugging Face imagefolder convention, which `write_image_folder` of the shapes dataset also writes).
+
+Problems are found when the dataset is built, not hours into training: a metadata line without a caption, a file
+that is missing or does not decode is reported with its file name, and then skipped or fatal (`on_bad_sample`).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class BadSampleError(ValueError):
+    """A dataset entry that cannot be used; the message names the file."""
+
+
+def prepare_image(image: Image.Image, size: int, rng: np.random.Generator | None = None, random_crop: bool = False,
+                  random_flip: bool = False) -> torch.Tensor:
+    """Resize the shorter side to `size`, crop `size` x `size` (centred, or at an offset drawn from `rng`), flip
+    left-right with probability 1/2 if asked, and map to a float [3, size, size] tensor in [-1, 1]."""
+    if (random_crop or random_flip) and rng is None:
+        raise ValueError("random crops and flips need an rng (so that they are reproducible)")
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if random_crop:
+        left, top = int(rng.integers(new_w - size + 1)), int(rng.integers(new_h - size + 1))
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _report(message: str, on_bad_sample: str) -> None:
+    if on_bad_sample == "fail":
+        raise BadSampleError(message + " (set on_bad_sample: skip to leave such entries out)")
+    warnings.warn(message + "; skipped", stacklevel=3)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Items {"pixel_values": [3, size, size] in [-1, 1], "text": caption} from `folder`/metadata.jsonl.
+
+    `load(i)` gives the decoded PIL image and caption, for callers that draw their own crops and flips.
+    `verify=True` decodes every image once at construction, so a corrupt file is reported before training.
+    """
+
+    def __init__(self, folder: str | Path, size: int = 64, caption_column: str = "text", on_bad_sample: str = "fail",
+                 verify: bool = True):
+        if on_bad_sample not in ("fail", "skip"):
+            raise ValueError(f"on_bad_sample={on_bad_sample!r}: choose 'fail' or 'skip'")
+        self.folder, self.size, self.on_bad_sample = Path(folder), size, on_bad_sample
+        metadata = self.folder / "metadata.jsonl"
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.folder}")
+        if not metadata.is_file():
+            raise FileNotFoundError(f"{metadata} not found: an image folder needs one JSON line per image, "
+                                    '{"file_name": "0001.png", "text": "a caption"}')
+        self.entries: list[tuple[Path, str]] = []
+        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+            if line.strip():
+                entry = self._parse(line, number, metadata, caption_column)
+                if entry is not None and (not verify or self._verify(entry[0])):
+                    self.entries.append(entry)
+        if not self.entries:
+            raise ValueError(f"{metadata}: no usable images")
+
+    def _parse(self, line: str, number: int, metadata: Path, caption_column: str) -> tuple[Path, str] | None:
+        where = f"{metadata}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            _report(f"{where}: not a JSON object ({err})", self.on_bad_sample)
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            _report(f"{where}: no 'file_name'", self.on_bad_sample)
+            return None
+        name = record["file_name"]
+        caption = record.get(caption_column)
+        if not isinstance(caption, str):
+            _report(f"{where}: image {name!r} has no caption (no string {caption_column!r} key)", self.on_bad_sample)
+            return None
+        path = self.folder / name
+        if not path.is_file():
+            _report(f"{where}: image file {path} not found", self.on_bad_sample)
+            return None
+        return path, caption
+
+    def _verify(self, path: Path) -> bool:
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return True
+        except BAD_IMAGE_ERRORS as err:
+            _report(f"image {path} cannot be decoded ({type(err).__name__}: {err})", self.on_bad_sample)
+            return False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> tuple[Image.Image, str]:
+        path, caption = self.entries[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), caption
+        except BAD_IMAGE_ERRORS as err:  # a file changed or broke after verification
+            raise BadSampleError(f"image {path} cannot be decoded ({type(err).__name__}: {err})") from None
+
+    def file_name(self, index: int) -> str:
+        return self.entries[index][0].name
+
+    def __getitem__(self, index: int) -> dict:
+        image, caption = self.load(index)
+        return {"pixel_values": prepare_image(image, self.size), "text": caption}

@@ -1,0 +1,308 @@
+"""Training configs: dataclasses read from YAML, overridden from the command line with the config's own keys.
+
+`--max_train_steps 10 --resume latest` sets two keys; `--shapes.num_samples 64` sets one entry of a dict-valued key.
+Values are parsed as YAML scalars (10, 1e-4, true, null, [32, 64]), then checked against the field's type, so a typo
+in a key or a wrong type fails at once, with the list of valid keys, rather than hours into a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """What every training run needs: data, optimisation, precision, checkpoints."""
+
+    output_dir: str = ""
+    seed: int = 0
+    max_train_steps: int = 1000
+    # data
+    dataset: str = "folder"  # "folder" (images + metadata.jsonl) or "shapes" (the synthetic dataset)
+    data_dir: str | None = None
+    caption_column: str = "text"
+    shapes: dict = dataclasses.field(default_factory=dict)  # ShapesDataset options: num_samples, seed, jitter, ...
+    resolution: int = 64
+    center_crop: bool = True  # False: random crops
+    random_flip: bool = False  # off by default: flipping swaps "left" and "right" in captions
+    on_bad_sample: str = "fail"  # or "skip" (with a warning naming the file)
+    verify_images: bool = True  # decode each image once up front; if false, a broken image met later stops the run
+    dataloader_num_workers: int = 0
+    # optimisation
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # or "cosine" (to zero at max_train_steps), both after a linear warmup
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str | None = None  # None: whatever `accelerate launch` says; else "no", "fp16", "bf16"
+    cpu: bool = False  # force the CPU (gloo for several processes) even where a GPU is present
+    allow_tf32: bool = True
+    gradient_checkpointing: bool = False
+    # checkpoints and logging
+    checkpointing_steps: int = 500  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+    validation_steps: int = 0  # 0: never; else sample images (text-to-image) or reconstructions (VAE) every N steps
+    debug_nan_at_step: int | None = None  # test hook: make the loss NaN at this optimizer step
+
+    choices: typing.ClassVar[dict[str, tuple]] = {
+        "dataset": ("folder", "shapes"),
+        "on_bad_sample": ("fail", "skip"),
+        "lr_scheduler": ("constant", "cosine"),
+        "mixed_precision": (None, "no", "fp16", "bf16"),
+    }
+
+    def validate(self) -> None:
+        for key, allowed in self.choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: choose one of {list(allowed)}")
+        if not self.output_dir:
+            raise ValueError("config key 'output_dir' is required (e.g. --output_dir out/run1)")
+        positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("dataset: folder needs data_dir (a folder with images and metadata.jsonl)")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("checkpointing_steps and lr_warmup_steps must be >= 0")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be at least 1 (or null to keep every checkpoint)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TextToImageConfig(TrainConfig):
+    """train_text_to_image.py: the U-Net (and optionally the text encoder) on frozen-VAE latents."""
+
+    # the model: a pipeline to fine-tune, or an architecture to train from scratch
+    pretrained: str | None = None  # pipeline folder or SD 1.x single .safetensors file
+    pretrained_config: str | None = None  # a single file's architecture: a pipeline folder (default: SD 1.5's)
+    unet: dict | None = None  # diffusers UNet2DConditionModel config keys
+    text_encoder: dict | None = None  # transformers CLIPTextConfig keys (a new, randomly initialised encoder)
+    tokenizer: str | None = None  # tokenizer folder; default: the CLIP BPE vocabulary open_clip ships
+    vae_path: str | None = None  # a VAE folder (train_vae.py writes one)
+    vae: dict | None = None  # a VAE config with random weights: only for smoke tests (latents carry no image)
+    scheduler: dict | None = None  # diffusers DDPMScheduler config: the training noise schedule
+    prediction_type: str | None = None  # override the scheduler's: "epsilon" or "v_prediction"
+    train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None  # default: learning_rate
+    # the objective
+    caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
+    snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
+    noise_offset: float = 0.0
+    cache_latents: bool = False  # encode every image once; keeps posterior mean and std, so sampling stays random
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    # validation and export
+    validation_prompts: list = dataclasses.field(default_factory=list)
+    validation_seeds: list = dataclasses.field(default_factory=lambda: [0])
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 5.0
+    export_scheduler: str = "dpm++"  # the sampler the exported pipeline starts with: ddpm, ddim, euler, dpm++, ...
+
+    choices: typing.ClassVar[dict[str, tuple]] = {
+        **TrainConfig.choices, "prediction_type": (None, "epsilon", "v_prediction"),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        sources = [k for k in ("pretrained", "unet") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'pretrained' (a pipeline folder or .safetensors file to fine-tune) "
+                             f"and 'unet' (an architecture to train from scratch); got {sources or 'neither'}")
+        if self.unet:
+            if not self.text_encoder:
+                raise ValueError("training from scratch ('unet' given) needs 'text_encoder' (CLIPTextConfig keys)")
+            if bool(self.vae_path) == bool(self.vae):
+                raise ValueError("training from scratch needs exactly one of 'vae_path' (a trained VAE folder, from "
+                                 "train_vae.py) and 'vae' (random weights, smoke tests only)")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be a probability in [0, 1], got {self.caption_dropout}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (or null for no min-SNR weighting), got {self.snr_gamma}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise ValueError("cache_latents: true encodes each image once, so it needs deterministic images: set "
+                             "center_crop: true and random_flip: false (or cache_latents: false)")
+        from ..schedulers import SCHEDULERS
+
+        if self.export_scheduler not in SCHEDULERS:
+            raise ValueError(f"config key 'export_scheduler' = {self.export_scheduler!r}: choose one of "
+                             f"{list(SCHEDULERS)}")
+        if self.validation_steps and not self.validation_prompts:
+            raise ValueError("validation_steps is set but validation_prompts is empty: give prompts or set 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class VAETrainConfig(TrainConfig):
+    """train_vae.py: an AutoencoderKL from scratch (or fine-tuned) on L1 + L2 reconstruction and a small KL term."""
+
+    vae: dict | None = None  # diffusers AutoencoderKL config keys
+    pretrained_vae: str | None = None  # a VAE folder to fine-tune instead
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    kl_weight: float = 1e-6  # small: keeps the latents near N(0, I)-ish without blurring reconstructions
+    scale_samples: int = 256  # images whose posterior-latent std sets scaling_factor = 1 / std
+    use_ema: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if bool(self.vae) == bool(self.pretrained_vae):
+            raise ValueError("give exactly one of 'vae' (an architecture to train from scratch) and 'pretrained_vae' "
+                             "(a VAE folder to fine-tune)")
+        if self.use_ema:
+            raise ValueError("use_ema is not supported by train_vae.py; set it to false")
+        if min(self.l1_weight, self.l2_weight, self.kl_weight) < 0 or self.scale_samples <= 0:
+            raise ValueError("l1_weight, l2_weight, kl_weight must be >= 0 and scale_samples positive")
+
+
+# --- reading and overriding --------------------------------------------------------------------------------------
+def _accepts(annotation, value) -> bool:
+    """Whether `value` (as YAML produced it) fits a field annotated `annotation`."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (dict, list, str, bool):
+        return isinstance(value, annotation)
+    return True
+
+
+def _members(annotation) -> set:
+    """The types a (possibly union) annotation names."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return set(typing.get_args(annotation))
+    return {annotation}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build_config(cls, values: dict[str, Any]):
+    """`cls(**values)` with every key and type checked; the error names the key and lists the valid ones."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(types_)}")
+    kwargs = {}
+    for key, value in values.items():
+        annotation = types_[key]
+        if isinstance(value, str) and not _accepts(annotation, value) and _accepts(annotation, 0.5):
+            try:  # PyYAML reads "1e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _accepts(annotation, value):
+            shown = getattr(annotation, "__name__", None) or str(annotation)
+            raise ValueError(f"config key {key!r} = {value!r} has the wrong type: expected {shown}")
+        wants_float = float in _members(annotation) and int not in _members(annotation)
+        kwargs[key] = float(value) if wants_float and isinstance(value, int) else value
+    config = cls(**kwargs)
+    config.validate()
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--a', '1', '--b.c', 'x', '--d=2'] -> {'a': 1, 'b': {'c': 'x'}, 'd': 2}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r}: overrides take the form --key value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg} has no value (use --key value)")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        *parents, leaf = key.split(".")
+        target = out
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override --{key}: {parent!r} is not a dict-valued key")
+        target[leaf] = _parse_value(text)
+    return out
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | list[str] | None = None):
+    """Read `path` (YAML), apply `overrides` (a dict or command-line tokens) and check the result."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a training config must be a YAML mapping of keys to values")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return build_config(cls, _merge(values, overrides or {}))
+
+
+def parse_command_line(cls, argv: list[str]):
+    """`--config FILE` then `--key value` overrides, as the training scripts take them."""
+    argv = list(argv)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            del argv[i]
+            break
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a path to a YAML file")
+            path = argv[i + 1]
+            del argv[i:i + 2]
+            break
+    if argv and argv[0] in ("-h", "--help"):
+        names = ", ".join(sorted(_field_types(cls)))
+        raise SystemExit(f"usage: --config FILE.yaml [--key value ...]\nkeys of {cls.__name__}: {names}")
+    return load_config(cls, path, argv)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

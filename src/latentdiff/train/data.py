@@ -1,0 +1,213 @@
+"""Training data: which samples each process sees, in which order, with which random augmentations.
+
+Every random draw about a sample (its crop, flip, caption dropout, and the timestep, noise and posterior sample of
+its loss) comes from seeds derived from (run seed, epoch, sample index). The data order is a permutation seeded by
+(run seed, epoch). So the whole run is a function of the number of micro-batches consumed: resuming from a
+checkpoint that stores that number continues exactly, with any number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.folder import ImageFolderDataset, prepare_image
+
+# streams of per-sample randomness, kept apart so that adding a draw to one cannot shift another
+AUGMENT, DIFFUSION = 1, 2
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index, stream])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit torch seed for the loss's random draws about one sample."""
+    state = np.random.SeedSequence([seed, epoch, index, DIFFUSION]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class ShapesSource:
+    """The synthetic shapes dataset with the `load(i) -> (image, caption)` interface of ImageFolderDataset."""
+
+    def __init__(self, size: int, options: dict):
+        from ..data.shapes import ShapesDataset
+
+        options = dict(options)
+        if "num_samples" not in options:
+            raise ValueError("dataset: shapes needs shapes.num_samples (e.g. --shapes.num_samples 1000)")
+        if "size" in options:
+            raise ValueError("shapes.size is set by the training config's 'resolution'; remove shapes.size")
+        valid = set(inspect.signature(ShapesDataset).parameters) - {"size"}
+        if set(options) - valid:
+            raise ValueError(f"unknown shapes option(s) {sorted(set(options) - valid)}; valid: {sorted(valid)}")
+        self.dataset = ShapesDataset(size=size, **options)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int):
+        _, image, text = self.dataset.item(index)
+        return image, text
+
+
+def build_source(config):
+    """The dataset named by the config, as an object with __len__ and load(i) -> (PIL image, caption).
+    (`shapes` options are ignored with dataset: folder, so that a shapes config can be pointed at a folder.)"""
+    if config.dataset == "shapes":
+        return ShapesSource(config.resolution, config.shapes)
+    return ImageFolderDataset(config.data_dir, size=config.resolution, caption_column=config.caption_column,
+                              on_bad_sample=config.on_bad_sample, verify=config.verify_images)
+
+
+class TrainingView(torch.utils.data.Dataset):
+    """Indexed by (epoch, index): the sample with this epoch's crop, flip and caption dropout.
+
+    With a latent cache, items carry the VAE posterior's mean and std instead of pixels."""
+
+    def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
+                 caption_dropout: float = 0.0, cache: dict | None = None):
+        self.source, self.resolution, self.seed = source, resolution, seed
+        self.random_crop, self.random_flip, self.caption_dropout = random_crop, random_flip, caption_dropout
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rng = sample_rng(self.seed, epoch, index, AUGMENT)
+        if self.cache is not None:
+            item = {"mean": self.cache["mean"][index], "std": self.cache["std"][index]}
+            text = self.cache["text"][index]
+        else:
+            image, text = self.source.load(index)
+            item = {"pixel_values": prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)}
+        if self.caption_dropout and rng.random() < self.caption_dropout:
+            text = ""
+        return {**item, "text": text, "index": index, "seed": sample_seed(self.seed, epoch, index)}
+
+
+def collate(items: list[dict]) -> dict:
+    out = {key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "mean", "std")
+           if key in items[0]}
+    out["text"] = [item["text"] for item in items]
+    out["index"] = torch.tensor([item["index"] for item in items])
+    out["seed"] = torch.tensor([item["seed"] for item in items], dtype=torch.int64)
+    return out
+
+
+class BatchPlan:
+    """The keys (epoch, index) of each micro-batch of one process, from micro-batch `start` on, forever.
+
+    Each epoch is a permutation seeded by (seed, epoch), cut into global batches of batch_size * world_size samples
+    (an incomplete last one is dropped); process `rank` takes its slice of each, so ranks never share a sample
+    within a step."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
+        self.global_batch = batch_size * world_size
+        if num_samples < self.global_batch:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
+                             f"({batch_size} per process x {world_size} processes): lower train_batch_size")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.start = rank, start
+        self.batches_per_epoch = num_samples // self.global_batch
+
+    def epoch_of(self, micro_batch: int) -> int:
+        return micro_batch // self.batches_per_epoch
+
+    def keys(self, micro_batch: int) -> list[tuple[int, int]]:
+        epoch, k = divmod(micro_batch, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        first = k * self.global_batch + self.rank * self.batch_size
+        return [(epoch, int(i)) for i in order[first:first + self.batch_size]]
+
+    def __iter__(self):
+        micro_batch = self.start
+        while True:
+            yield self.keys(micro_batch)
+            micro_batch += 1
+
+
+def make_loader(view: TrainingView, plan: BatchPlan, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(view, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
+                                       persistent_workers=num_workers > 0)
+
+
+# --- the latent cache ----------------------------------------------------------------------------------------------
+def fingerprint(config, vae) -> str:
+    """What the cached latents depend on: the data, the resolution and the VAE's weights."""
+    digest = hashlib.sha256()
+    described = {"dataset": config.dataset, "resolution": config.resolution, "shapes": config.shapes,
+                 "caption_column": config.caption_column}
+    if config.dataset == "folder":
+        digest.update((Path(config.data_dir) / "metadata.jsonl").read_bytes())
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def build_latent_cache(source, vae, config, accelerator, batch_size: int = 16) -> dict:
+    """Encode every (centre-cropped) image once; keep the posterior's mean and std, not a sample, so that each epoch
+    still draws a fresh latent. Processes encode interleaved shares, the main one merges them into one file,
+    `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are unchanged."""
+    from ..checkpoints import load_safetensors, save_safetensors
+
+    path = Path(config.output_dir) / "latent_cache.safetensors"
+    key = fingerprint(config, vae)
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key):
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = list(range(rank, len(source), world))
+        means, stds, texts = [], [], []
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            loaded = [source.load(i) for i in chunk]
+            pixels = torch.stack([prepare_image(image, config.resolution) for image, _ in loaded])
+            posterior = vae.encode(pixels.to(vae.device, vae.dtype))
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+            texts += [text for _, text in loaded]
+        part = path.with_name(f"latent_cache.part{rank}.safetensors")
+        save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds)}, part,
+                         metadata={"text": json.dumps(texts)})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _merge_parts(path, world, len(source))
+            meta_path.write_text(json.dumps({"fingerprint": key}))
+        accelerator.wait_for_everyone()
+    tensors = load_safetensors(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        texts = json.loads(f.metadata()["text"])
+    return {"mean": tensors["mean"], "std": tensors["std"], "text": texts}
+
+
+def _merge_parts(path: Path, world: int, n: int) -> None:
+    from safetensors import safe_open
+
+    from ..checkpoints import load_safetensors, save_safetensors
+
+    mean = std = None
+    texts: list = [None] * n
+    for rank in range(world):
+        part = path.with_name(f"latent_cache.part{rank}.safetensors")
+        tensors = load_safetensors(part)
+        with safe_open(str(part), "pt") as f:
+            part_texts = json.loads(f.metadata()["text"])
+        if mean is None:
+            mean = torch.empty((n, *tensors["mean"].shape[1:]))
+            std = torch.empty_like(mean)
+        mean[rank::world], std[rank::world] = tensors["mean"], tensors["std"]
+        texts[rank::world] = part_texts
+        part.unlink()
+    save_safetensors({"mean": mean, "std": std}, path, metadata={"text": json.dumps(texts)})

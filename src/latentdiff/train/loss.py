@@ -1,0 +1,95 @@
+"""The training objectives, as functions of tensors and explicit random draws.
+
+Latent diffusion (Rombach et al. 2022, eq. 2): z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps with t ~ U{0..T-1} and
+eps ~ N(0, I); the U-Net regresses eps (Ho et al. 2020, eq. 14) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0
+(Salimans & Ho 2022). The VAE: an L1 + L2 reconstruction through a posterior sample plus a small KL term
+(Kingma & Welling 2014; the KL weight as in Rombach et al. 2022, without their perceptual and GAN losses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedules import q_sample, snr, v_target
+
+
+@dataclass
+class Draws:
+    """Everything random about one training batch: timesteps [B], the diffusion noise eps and the posterior's
+    standard-normal noise (both shaped like the latents)."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    posterior_noise: torch.Tensor
+
+
+def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0,
+         device: torch.device | str = "cpu") -> Draws:
+    """Per-sample draws, each from a CPU generator seeded by that sample's seed: a sample's noise depends on
+    its seed only, not on the batch, the process or the device it lands on."""
+    ts, noises, post = [], [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(seed)
+        ts.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        post.append(torch.randn(latent_shape, generator=g))
+        eps = torch.randn(latent_shape, generator=g)
+        if noise_offset:
+            # offset noise (Guttenberg 2023): a per-channel constant lets the model shift an image's mean brightness
+            eps = eps + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=g)
+        noises.append(eps)
+    return Draws(torch.cat(ts).to(device), torch.stack(noises).to(device), torch.stack(post).to(device))
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 13 and sec. 3.4): min(SNR, gamma) / SNR for an eps loss,
+    min(SNR, gamma) / (SNR + 1) for a v loss. They stop the many nearly noise-free steps from dominating."""
+    clipped = torch.clamp(snr_t, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    raise ValueError(f"prediction_type={prediction_type!r}: min-SNR weighting supports 'epsilon' and 'v_prediction'")
+
+
+def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean over the batch of the (optionally min-SNR weighted) per-sample MSE between the U-Net's prediction at
+    z_t and its target."""
+    z_t = q_sample(z0, noise, timesteps, alphas_cumprod)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = v_target(z0, noise, timesteps, alphas_cumprod)
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
+    prediction = unet(z_t, timesteps, context)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(snr(timesteps, alphas_cumprod.to(timesteps.device)), snr_gamma,
+                                                  prediction_type)
+    return per_sample.mean()
+
+
+class VAEObjective(nn.Module):
+    """L1 + L2 reconstruction of the images through a posterior sample, plus kl_weight * KL(q(z|x) || N(0, I)).
+
+    A module so that Accelerate can wrap it (DDP synchronises gradients of what runs through forward). The KL is
+    summed over the latent and divided by the number of pixel values, so that kl_weight has the meaning it has in
+    the LDM code, whose reconstruction term is a sum over pixels (1e-6 there)."""
+
+    def __init__(self, vae, l1_weight: float = 1.0, l2_weight: float = 1.0, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae, self.l1_weight, self.l2_weight, self.kl_weight = vae, l1_weight, l2_weight, kl_weight
+
+    def forward(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        posterior = self.vae.encode(pixels)
+        z = posterior.mean + posterior.std * posterior_noise.to(posterior.mean.dtype)
+        error = self.vae.decode(z).float() - pixels.float()
+        l1, l2 = error.abs().mean(), error.pow(2).mean()
+        kl = posterior.kl().float().mean() / pixels[0].numel()
+        loss = self.l1_weight * l1 + self.l2_weight * l2 + self.kl_weight * kl
+        return loss, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}

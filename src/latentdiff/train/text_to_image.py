@@ -1,0 +1,254 @@
+"""Text-to-image training: the U-Net (and optionally the text encoder) learns to denoise frozen-VAE latents.
+
+    image -> VAE posterior sample * scaling_factor = z0;  caption (or "" with p = caption_dropout) -> context
+    t ~ U{0..T-1}, eps ~ N(0, I);  loss = || unet(z_t, t, context) - (eps or v) ||^2, optionally min-SNR weighted
+
+The model comes from a pipeline to fine-tune (`pretrained`) or is built from the config's architectures. At the
+end a pipeline folder (`<output_dir>/pipeline`) is written with the EMA weights, loadable by latentdiff and diffusers.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import load_into
+from .data import TrainingView, build_latent_cache, build_source
+from .ema import EMA
+from .loop import FitResult, Trainer, make_accelerator, make_optimizer
+from .loss import diffusion_loss, draw
+
+# Stable Diffusion's training noise schedule (the default for models trained from scratch)
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon", clip_sample=False, steps_offset=1, timestep_spacing="leading")
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object  # a DDPMScheduler holding the training noise schedule and prediction type
+
+
+def text_encoder_config(values: dict):
+    """A CLIPTextConfig: CLIP's vocabulary and 77 positions, the sizes from `values` (CLIPTextConfig keys; an
+    unknown key is an error here, where transformers would silently keep it)."""
+    from transformers import CLIPTextConfig
+
+    from ..models.text import text_config_tiny
+
+    known = set(CLIPTextConfig().to_dict())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"text_encoder: unknown CLIPTextConfig key(s) {unknown}; valid keys include hidden_size, "
+                         "intermediate_size, num_hidden_layers, num_attention_heads, hidden_act, projection_dim")
+    return text_config_tiny(**values)
+
+
+def load_components(config) -> Components:
+    """The pipeline to fine-tune, or new models (initialised from `config.seed`) around a trained VAE."""
+    from ..models.text import CLIPTokenizer, build_text_encoder
+    from ..models.unet import UNet2DConditionModel, UNetConfig
+    from ..models.vae import AutoencoderKL, VAEConfig
+    from ..schedulers import DDPMScheduler
+
+    overrides = {"prediction_type": config.prediction_type} if config.prediction_type else {}
+    if config.pretrained:
+        from ..layout import load_pipeline_folder, load_single_file
+
+        path = Path(config.pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"pretrained: {path} not found (a pipeline folder or a .safetensors file)")
+        if path.is_dir() and config.pretrained_config:
+            raise ValueError("pretrained_config is for single-file checkpoints; a pipeline folder has its own configs")
+        parts = load_pipeline_folder(path) if path.is_dir() else load_single_file(path, config.pretrained_config)
+        scheduler = DDPMScheduler.from_config(parts["scheduler"].config, **overrides)
+        return Components(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["vae"], scheduler)
+
+    vae = (AutoencoderKL.from_pretrained(config.vae_path) if config.vae_path else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if vae is None:
+            vae = AutoencoderKL(VAEConfig.from_dict(config.vae)).eval()
+        unet_values = dict(config.unet)
+        unet_values.setdefault("sample_size", config.resolution // vae.vae_scale_factor)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(unet_values))
+        text_encoder = build_text_encoder(text_encoder_config(config.text_encoder))
+    tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer) if config.tokenizer else CLIPTokenizer()
+    scheduler = DDPMScheduler.from_config({**SD_SCHEDULE, **(config.scheduler or {})}, **overrides)
+    return Components(tokenizer, text_encoder, unet, vae, scheduler)
+
+
+def check_components(c: Components, resolution: int) -> None:
+    if c.unet.config.cross_attention_dim != c.text_encoder.config.hidden_size:
+        raise ValueError(f"unet.cross_attention_dim = {c.unet.config.cross_attention_dim} must equal the text "
+                         f"encoder's hidden_size = {c.text_encoder.config.hidden_size}")
+    if c.unet.config.in_channels != c.vae.config.latent_channels:
+        raise ValueError(f"unet.in_channels = {c.unet.config.in_channels} must equal the VAE's latent_channels = "
+                         f"{c.vae.config.latent_channels}")
+    if resolution % c.vae.vae_scale_factor:
+        raise ValueError(f"resolution = {resolution} must be a multiple of the VAE's downsampling factor "
+                         f"{c.vae.vae_scale_factor}")
+
+
+class TextToImageTask:
+    """The pieces Trainer drives (see loop.py): models, optimizer, data view, loss, EMA, validation, export."""
+
+    def __init__(self, config, accelerator, components: Components):
+        check_components(components, config.resolution)
+        self.config, self.accelerator, self.c = config, accelerator, components
+        device = accelerator.device
+        # frozen modules run in the mixed-precision dtype; trained ones keep fp32 master weights
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                  torch.float32)
+        text_encoder, unet = components.text_encoder, components.unet
+        frozen = {"vae": components.vae} | ({} if config.train_text_encoder else {"text_encoder": text_encoder})
+        # the exported pipeline gets the frozen modules' original weights, not their half-precision copies
+        self.originals = {name: dict(module.state_dict()) for name, module in frozen.items()}
+        for module in frozen.values():
+            module.requires_grad_(False).eval().to(device, self.weight_dtype)
+        self.vae = components.vae
+        text_encoder.requires_grad_(config.train_text_encoder)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        groups = [{"params": list(unet.parameters())}]
+        if config.train_text_encoder:
+            groups.append({"params": list(text_encoder.parameters()),
+                           "lr": config.text_encoder_learning_rate or config.learning_rate})
+        optimizer, lr_scheduler = make_optimizer(groups, config)
+        if config.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                unet, text_encoder, optimizer, lr_scheduler)
+            self.models = [self.unet, self.text_encoder]
+        else:
+            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+            self.text_encoder, self.models = text_encoder, [self.unet]
+        # after prepare: DDP has broadcast rank 0's weights, so every process averages the same ones
+        self.ema = EMA(self._unet(), config.ema_decay, config.ema_warmup) if config.use_ema else None
+        self.checkpoint_objects = [self.ema] if self.ema else []
+
+        source = build_source(config)
+        cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
+        self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
+                                 random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache)
+        self.alphas_cumprod = components.scheduler.alphas_cumprod.to(device)
+        self.prediction_type = components.scheduler.config.prediction_type
+        f = self.vae.vae_scale_factor
+        self.latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
+
+    def _unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        device, config = self.accelerator.device, self.config
+        draws = draw(batch["seed"], self.latent_shape, len(self.alphas_cumprod), config.noise_offset, device)
+        with torch.no_grad():
+            if "mean" in batch:  # cached posterior
+                mean, std = batch["mean"].to(device), batch["std"].to(device)
+            else:
+                posterior = self.vae.encode(batch["pixel_values"].to(device, self.weight_dtype))
+                mean, std = posterior.mean.float(), posterior.std.float()
+            z0 = (mean + std * draws.posterior_noise) * self.vae.config.scaling_factor
+        ids = self.c.tokenizer(batch["text"]).to(device)
+        with torch.set_grad_enabled(config.train_text_encoder):
+            # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
+            context = self.text_encoder(ids).last_hidden_state
+        loss = diffusion_loss(self.unet, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
+                              self.prediction_type, config.snr_gamma)
+        return loss, {}
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self._unet())
+
+    # ---- sampling with the averaged weights ------------------------------------------------------------------------
+    def sampling_unet(self, device) -> torch.nn.Module:
+        """The U-Net to sample and export with: a copy holding the EMA weights, or the trained model itself."""
+        unet = self._unet()
+        if self.ema is None:
+            return unet
+        with torch.device("meta"):
+            copy = type(unet)(unet.config)
+        state = {k: v.to(device) for k, v in self.ema.state_for(unet).items()}
+        return load_into(copy, state, "EMA weights").eval()
+
+    def pipeline(self, unet, text_encoder=None, vae=None):
+        from ..pipeline import LatentDiffusionPipeline
+        from ..schedulers import scheduler_from_name
+
+        scheduler = scheduler_from_name(self.config.export_scheduler, self.c.scheduler.config)
+        text_encoder = text_encoder or self.accelerator.unwrap_model(self.text_encoder)
+        return LatentDiffusionPipeline(tokenizer=self.c.tokenizer, text_encoder=text_encoder, unet=unet,
+                                       vae=vae or self.vae, scheduler=scheduler)
+
+    def validate(self, step: int) -> None:
+        """Images for the fixed validation prompts and seeds, as one grid PNG per validation step."""
+        config = self.config
+        if self.accelerator.is_main_process:
+            pipe = self.pipeline(self.sampling_unet(self.accelerator.device))
+            rows = []
+            for prompt in config.validation_prompts:
+                rows.append([pipe(prompt, num_inference_steps=config.validation_inference_steps,
+                                  guidance_scale=config.validation_guidance_scale, progress=False,
+                                  generator=torch.Generator().manual_seed(int(seed))).images[0]
+                             for seed in config.validation_seeds])
+            path = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
+            save_grid(rows, path)
+            log_images_to_tensorboard(Path(config.output_dir), step, path)
+        self.accelerator.wait_for_everyone()
+
+    def export(self) -> None:
+        """`<output_dir>/pipeline`: fp32 weights (EMA weights for the U-Net when EMA is on), written to a
+        temporary folder first and renamed, so a folder that exists is complete."""
+        if self.accelerator.is_main_process:
+            unet = self.sampling_unet("cpu").to("cpu", torch.float32)
+            text_encoder = self.accelerator.unwrap_model(self.text_encoder).to("cpu", torch.float32)
+            vae = self.vae.to("cpu", torch.float32)
+            for name, module in (("vae", vae), ("text_encoder", text_encoder)):
+                if name in self.originals:
+                    module.load_state_dict(self.originals[name])
+            final = Path(self.config.output_dir) / "pipeline"
+            tmp = final.with_name(".tmp-pipeline")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.pipeline(unet, text_encoder, vae).save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.accelerator.wait_for_everyone()
+
+
+def save_grid(rows: list[list], path: Path) -> None:
+    """PIL images, one list per row, pasted into one PNG."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * w, i * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def log_images_to_tensorboard(output_dir: Path, step: int, path: Path) -> None:
+    """Also show the grid in TensorBoard when it is installed (it is optional: without it, nothing happens)."""
+    try:
+        import numpy as np
+        from PIL import Image
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(str(output_dir / "tensorboard")) as writer:
+        writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
+
+
+def train_text_to_image(config) -> FitResult:
+    """Train as `config` (a TextToImageConfig) says; call under `accelerate launch` or plainly (one process)."""
+    accelerator = make_accelerator(config)
+    task = TextToImageTask(config, accelerator, load_components(config))
+    return Trainer(config, accelerator, task).fit()

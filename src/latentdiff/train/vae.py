@@ -1,0 +1,114 @@
+"""VAE training: an AutoencoderKL learns to reconstruct images through a small, nearly Gaussian latent.
+
+The loss is L1 + L2 reconstruction through a posterior sample plus a small KL term (loss.VAEObjective); there is no
+perceptual or adversarial term, so reconstructions are softer than SD's VAE, which is fine for simple data. At the
+end the latents' standard deviation over some training images sets `scaling_factor = 1 / std`, so that the
+diffusion model sees unit-variance latents (as SD's 0.18215 was chosen), and `<output_dir>/vae` is written.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data.folder import prepare_image
+from .data import TrainingView, build_source
+from .loop import FitResult, Trainer, make_accelerator, make_optimizer
+from .loss import VAEObjective, draw
+
+
+def load_vae(config):
+    from ..models.vae import AutoencoderKL, VAEConfig
+
+    if config.pretrained_vae:
+        return AutoencoderKL.from_pretrained(config.pretrained_vae)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return AutoencoderKL(VAEConfig.from_dict(config.vae))
+
+
+@torch.no_grad()
+def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, batch_size: int = 16) -> float:
+    """Standard deviation of posterior samples z = mean + std * eps over the first `num_images` images
+    (centre crops): the latents a diffusion model trained on this VAE will see."""
+    generator = torch.Generator().manual_seed(seed)
+    total = total_sq = count = 0.0
+    indices = range(min(num_images, len(source)))
+    for start in range(0, len(indices), batch_size):
+        pixels = torch.stack([prepare_image(source.load(i)[0], resolution)
+                              for i in indices[start:start + batch_size]])
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype))
+        z = posterior.sample(generator).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    mean = total / count
+    return (total_sq / count - mean**2) ** 0.5
+
+
+class VAETask:
+    """The pieces Trainer drives (see loop.py)."""
+
+    def __init__(self, config, accelerator, vae):
+        if config.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing is not supported by train_vae.py; set it to false")
+        self.config, self.accelerator = config, accelerator
+        objective = VAEObjective(vae, config.l1_weight, config.l2_weight, config.kl_weight)
+        optimizer, lr_scheduler = make_optimizer([{"params": list(vae.parameters())}], config)
+        self.objective, self.optimizer, self.lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+        self.models, self.checkpoint_objects = [self.objective], []
+        self.source = build_source(config)
+        self.view = TrainingView(self.source, config.resolution, config.seed, random_crop=not config.center_crop,
+                                 random_flip=config.random_flip)
+        f = vae.vae_scale_factor
+        self.latent_shape = (vae.config.latent_channels, config.resolution // f, config.resolution // f)
+
+    @property
+    def vae(self):
+        return self.accelerator.unwrap_model(self.objective).vae
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        device = self.accelerator.device
+        noise = draw(batch["seed"], self.latent_shape, 1, device=device).posterior_noise
+        return self.objective(batch["pixel_values"].to(device), noise)
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def validate(self, step: int) -> None:
+        """Originals (top row) over their reconstructions through the posterior mean (bottom row)."""
+        from ..pipeline import to_images
+        from .text_to_image import save_grid
+
+        if self.accelerator.is_main_process:
+            vae = self.vae.eval()
+            count = min(8, len(self.source))
+            pixels = torch.stack([prepare_image(self.source.load(i)[0], self.config.resolution)
+                                  for i in range(count)]).to(vae.device)
+            reconstruction = vae(pixels)
+            vae.train()
+            save_grid([to_images(pixels, "pil"), to_images(reconstruction, "pil")],
+                      Path(self.config.output_dir) / "validation" / f"step-{step:07d}.png")
+        self.accelerator.wait_for_everyone()
+
+    def export(self) -> None:
+        """`<output_dir>/vae` in fp32, with scaling_factor = 1 / (std of the posterior latents)."""
+        if self.accelerator.is_main_process:
+            vae = self.vae.eval().to("cpu", torch.float32)
+            std = latent_std(vae, self.source, self.config.resolution, self.config.scale_samples, self.config.seed)
+            vae.config = vae.config.replace(scaling_factor=1.0 / std)
+            final = Path(self.config.output_dir) / "vae"
+            tmp = final.with_name(".tmp-vae")
+            shutil.rmtree(tmp, ignore_errors=True)
+            vae.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            print(f"wrote {final} (latent std {std:.4f}, scaling_factor {1.0 / std:.5f})", flush=True)
+        self.accelerator.wait_for_everyone()
+
+
+def train_vae(config) -> FitResult:
+    """Train as `config` (a VAETrainConfig) says; call under `accelerate launch` or plainly (one process)."""
+    accelerator = make_accelerator(config)
+    task = VAETask(config, accelerator, load_vae(config))
+    return Trainer(config, accelerator, task).fit()

@@ -1,0 +1,41 @@
+"""Run by tests/test_training.py as `accelerate launch --config_file training/accelerate/multi_cpu.yaml
+tests/_ddp_worker.py OUTPUT_DIR`: two processes train a tiny model with DDP over gloo on the CPU; each writes
+rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step."""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from latentdiff.training import TextToImageConfig, load_config, train_text_to_image
+
+SMOKE = Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke.yaml"
+
+
+def digest(module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(output_dir: str) -> None:
+    config = load_config(TextToImageConfig, SMOKE, {
+        "output_dir": output_dir, "max_train_steps": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2,
+        "checkpointing_steps": 2, "validation_steps": 0, "train_text_encoder": True, "cpu": True,
+        "cache_latents": True,
+    })
+    result = train_text_to_image(config)
+    task = result.task
+    acc = task.accelerator
+    record = {
+        "rank": acc.process_index, "world": acc.num_processes, "distributed_type": str(acc.distributed_type),
+        "unet": digest(acc.unwrap_model(task.unet)), "text_encoder": digest(acc.unwrap_model(task.text_encoder)),
+        "ema": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(task.ema.shadow.items()))).hexdigest(),
+        "seen": result.seen, "losses": result.losses,
+    }
+    (Path(output_dir) / f"rank{acc.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

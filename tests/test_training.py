@@ -1,0 +1,466 @@
+"""Training: configs, data, the objectives, EMA, atomic checkpoints, exact resuming, the NaN stop, fine-tuning
+and export, the VAE trainer, two-process DDP over gloo, and the smoke config through `accelerate launch`.
+
+Everything runs on the CPU with tiny models (training/configs/smoke.yaml and vae_smoke.yaml)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from latentdiff.checkpoints import load_safetensors
+from latentdiff.data.folder import BadSampleError, ImageFolderDataset, prepare_image
+from latentdiff.data.shapes import write_image_folder
+from latentdiff.schedulers import DDPMScheduler
+from latentdiff.training import (EMA, BatchPlan, TextToImageConfig, TrainingDiverged, VAETrainConfig,
+                                 checkpoint_problem, diffusion_loss, draw, find_resumable, latent_std, load_components,
+                                 load_config, lr_multiplier, min_snr_weights, parse_command_line,
+                                 train_text_to_image, train_vae)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "training" / "configs" / "smoke.yaml"
+VAE_SMOKE = ROOT / "training" / "configs" / "vae_smoke.yaml"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+def smoke_config(tmp_path: Path, name: str = "run", cls=TextToImageConfig, path: Path = SMOKE, **overrides):
+    return load_config(cls, path, {"output_dir": str(tmp_path / name), "validation_steps": 0, **overrides})
+
+
+def launch_env() -> dict:
+    """Environment for `accelerate launch` subprocesses: no GPU, one thread each, nothing from the network, and a
+    private Accelerate config home (so a user's default_config.yaml cannot change what runs)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["HF_HOME"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "latentdiff-test-hf-home")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(ACCELERATE), "launch", *args], cwd=ROOT, env=launch_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared machine extra OpenMP threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """12 shapes images of 40x40 with metadata.jsonl: training crops 32x32 out of them."""
+    folder = tmp_path_factory.mktemp("images")
+    write_image_folder(folder, 12, size=40, seed=1)
+    return folder
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+def test_config_overrides_use_the_configs_own_keys():
+    config = parse_command_line(TextToImageConfig, [
+        "--config", str(SMOKE), "--output_dir", "out/x", "--max_train_steps", "7", "--learning_rate", "1e-4",
+        "--shapes.num_samples", "16", "--resume=latest", "--snr_gamma", "5", "--validation_prompts", "[a, b]"])
+    assert config.max_train_steps == 7 and config.learning_rate == 1e-4 and config.resume == "latest"
+    assert config.shapes == {"num_samples": 16, "seed": 0}  # one entry of a dict-valued key changed
+    assert config.snr_gamma == 5.0 and isinstance(config.snr_gamma, float)
+    assert config.validation_prompts == ["a", "b"]
+
+    def fails(match: str, *args: str):
+        with pytest.raises(ValueError, match=match):
+            parse_command_line(TextToImageConfig, ["--config", str(SMOKE), "--output_dir", "o", *args])
+
+    fails(r"unknown config key\(s\) \['max_steps'\].*valid keys: \[.*'max_train_steps'", "--max_steps", "3")
+    fails(r"'train_batch_size' = 'eight' has the wrong type", "--train_batch_size", "eight")
+    fails(r"'lr_scheduler' = 'linear': choose one of", "--lr_scheduler", "linear")
+    fails(r"exactly one of 'pretrained'.*and 'unet'", "--pretrained", "some/folder")
+    fails(r"cache_latents: true .* center_crop: true and random_flip: false", "--cache_latents", "true",
+          "--random_flip", "true")
+    fails(r"'export_scheduler' = 'plms': choose one of \['ddpm'", "--export_scheduler", "plms")
+    fails(r"override --output_dir has no value", "--output_dir")
+    with pytest.raises(ValueError, match="'output_dir' is required"):
+        load_config(VAETrainConfig, None, {"vae": {"block_out_channels": [32]}})
+
+
+def test_training_script_reports_config_errors_without_a_traceback(capsys):
+    from latentdiff.training import run_script, train_text_to_image
+
+    assert run_script(TextToImageConfig, train_text_to_image, ["--config", str(SMOKE), "--bogus", "1"]) == 2
+    assert "unknown config key(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    assert [lr_multiplier(s, 4, 10, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_multiplier(s, 2, 10, "cosine") for s in range(11)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[6] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+def test_image_folder_reports_bad_samples_by_file_name(tmp_path):
+    write_image_folder(tmp_path, 3, size=32)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with open(tmp_path / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "broken.png", "text": "a red circle"}) + "\n")
+        f.write(json.dumps({"file_name": "00000.png"}) + "\n")  # no caption
+        f.write(json.dumps({"file_name": "gone.png", "text": "a blue star"}) + "\n")
+    with pytest.raises(BadSampleError, match=r"broken\.png cannot be decoded.*on_bad_sample: skip"):
+        ImageFolderDataset(tmp_path, size=32)
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(tmp_path, size=32, on_bad_sample="skip")
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "broken.png" in messages and "'00000.png' has no caption" in messages and "gone.png" in messages
+    assert len(dataset) == 3
+    item = dataset[1]
+    expected = json.loads((tmp_path / "metadata.jsonl").read_text().splitlines()[1])["text"]
+    assert item["text"] == expected and item["pixel_values"].shape == (3, 32, 32)
+    assert -1.0 <= item["pixel_values"].min() < item["pixel_values"].max() <= 1.0
+
+
+def test_prepare_image_crops_and_flips_reproducibly():
+    array = np.zeros((40, 60, 3), dtype=np.uint8)
+    array[:, :30] = 255  # left half white
+    image = Image.fromarray(array)
+    centre = prepare_image(image, 20)  # resized to 20x30, centre crop keeps columns 5..24
+    assert centre.shape == (3, 20, 20) and centre[:, :, 0].mean() == 1.0 and centre[:, :, -1].mean() == -1.0
+
+    def random(seed):
+        return prepare_image(image, 20, np.random.default_rng(seed), random_crop=True, random_flip=True)
+
+    assert torch.equal(random(3), random(3))
+    outcomes = {tuple(random(seed)[0, 0, [0, -1]].tolist()) for seed in range(40)}
+    assert {(1.0, -1.0), (-1.0, 1.0)} <= outcomes  # both orientations occur
+    with pytest.raises(ValueError, match="need an rng"):
+        prepare_image(image, 20, random_crop=True)
+
+
+def test_batch_plan_shards_each_epoch_without_overlap():
+    plans = [BatchPlan(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert plans[0].batches_per_epoch == 2  # 10 samples, global batch 4: the last 2 are dropped each epoch
+    epochs = {}
+    for micro_batch in range(6):
+        keys = [plan.keys(micro_batch) for plan in plans]
+        assert not {i for _, i in keys[0]} & {i for _, i in keys[1]}  # ranks never share a sample
+        for epoch, index in keys[0] + keys[1]:
+            assert epoch == micro_batch // 2
+            epochs.setdefault(epoch, []).append(index)
+    assert all(len(set(indices)) == 8 for indices in epochs.values())  # no repeats within an epoch
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    resumed = iter(BatchPlan(10, 2, seed=3, rank=1, world_size=2, start=3))
+    assert next(resumed) == plans[1].keys(3) and next(resumed) == plans[1].keys(4)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchPlan(3, 2, seed=0, world_size=2)
+
+
+# ---- objectives and EMA -------------------------------------------------------------------------------------------
+def test_diffusion_loss_targets_and_min_snr_weights():
+    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+
+    def zero(x, t, ctx):
+        return torch.zeros_like(x)
+
+    def oracle(x, t, ctx):  # recovers eps from z_t exactly, knowing z0
+        return (x - a * z0) / s
+
+    eps_mse = noise.pow(2).mean(dim=(1, 2, 3))
+    v = a * noise - s * z0
+    v_mse = v.pow(2).mean(dim=(1, 2, 3))
+    assert diffusion_loss(zero, z0, None, t, noise, abar).item() == pytest.approx(eps_mse.mean().item(), rel=1e-6)
+    assert diffusion_loss(zero, z0, None, t, noise, abar, "v_prediction").item() == pytest.approx(
+        v_mse.mean().item(), rel=1e-5)
+    assert diffusion_loss(oracle, z0, None, t, noise, abar).item() < 1e-8
+
+    snr = abar[t] / (1 - abar[t])
+    eps_w, v_w = min_snr_weights(snr, 5.0, "epsilon"), min_snr_weights(snr, 5.0, "v_prediction")
+    assert torch.allclose(eps_w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert torch.allclose(v_w, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert eps_w[0] < 0.01 and eps_w[2] == 1.0  # t=0 (SNR ~ 1000) is down-weighted, t=999 untouched
+    weighted = diffusion_loss(zero, z0, None, t, noise, abar, snr_gamma=5.0).item()
+    assert weighted == pytest.approx((eps_w * eps_mse).mean().item(), rel=1e-5)
+
+
+def test_draws_depend_on_each_samples_seed_only():
+    one = draw(torch.tensor([11, 12]), (4, 8, 8), 1000)
+    other = draw(torch.tensor([99, 12, 11]), (4, 8, 8), 1000)
+    assert torch.equal(one.noise[0], other.noise[2]) and torch.equal(one.timesteps[1], other.timesteps[1])
+    assert torch.equal(one.posterior_noise[1], other.posterior_noise[1])
+    assert not torch.equal(one.noise[0], one.posterior_noise[0])
+    offset = draw(torch.tensor([11]), (4, 8, 8), 1000, noise_offset=0.1)
+    shift = offset.noise[0] - one.noise[0]  # a constant per channel
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0.01
+
+
+def test_ema_decay_warms_up_and_averages():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        decay = min(0.9, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(decay)
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        expected = decay * expected + (1 - decay) * value
+        assert ema.shadow["weight"][0, 0].item() == pytest.approx(expected)
+    copy = EMA(torch.nn.Linear(2, 1, bias=False), decay=0.9)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.num_updates == 4 and torch.equal(copy.shadow["weight"], ema.shadow["weight"])
+    assert ema.copy_to(torch.nn.Linear(2, 1, bias=False)).weight[0, 0].item() == pytest.approx(expected)
+
+
+# ---- training runs --------------------------------------------------------------------------------------------------
+def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
+    """The real path (shapes images -> tiny random VAE posterior -> U-Net) on 4 images with fixed captions. What is
+    measured: the diffusion loss on 64 fixed (image, t, noise) draws, before training (the same seeded
+    initialisation) and after 150 steps; it must fall at least 5x."""
+    config = smoke_config(tmp_path, max_train_steps=150, shapes={"num_samples": 4, "seed": 0}, train_batch_size=4,
+                          caption_dropout=0.0, learning_rate=2e-3, lr_scheduler="constant", lr_warmup_steps=0,
+                          use_ema=False, checkpointing_steps=0)
+    initial = load_components(config).unet.eval()
+    result = train_text_to_image(config)
+    task = result.task
+    g = torch.Generator().manual_seed(123)
+    images, texts = zip(*(task.view.source.load(i) for i in range(4)))
+    with torch.no_grad():
+        posterior = task.vae.encode(torch.stack([prepare_image(im, 32) for im in images]))
+        context = task.text_encoder(task.c.tokenizer(list(texts))).last_hidden_state
+        draws = []
+        for _ in range(16):
+            z0 = posterior.sample(g) * task.vae.config.scaling_factor
+            draws.append((z0, torch.randint(0, 1000, (4,), generator=g), torch.randn(z0.shape, generator=g)))
+
+        def eval_loss(unet):
+            return sum(diffusion_loss(unet, z0, context, t, n, task.alphas_cumprod).item() for z0, t, n in draws) / 16
+
+        before, after = eval_loss(initial), eval_loss(task._unet().eval())
+    assert before > 0.8  # an untrained U-Net predicts ~0: the loss is about E[eps^2] = 1
+    assert after < before / 5, f"evaluation loss fell only from {before:.3f} to {after:.3f}"
+
+
+def test_resume_continues_exactly_and_skips_broken_checkpoints(tmp_path, image_folder):
+    """Three runs of one config (random crops and flips, caption dropout, gradient accumulation, EMA): A runs 6
+    steps; B stops with a NaN at step 5; B is then given a truncated and a half-written checkpoint newer than its
+    own and resumed with --resume latest. The resumed steps reproduce A's losses and weights exactly."""
+    common = dict(dataset="folder", data_dir=str(image_folder), shapes={}, center_crop=False, random_flip=True,
+                  caption_dropout=0.5, train_batch_size=3, gradient_accumulation_steps=2, max_train_steps=6,
+                  checkpointing_steps=2, checkpoints_total_limit=2, use_ema=True, ema_decay=0.99)
+    run_a = train_text_to_image(smoke_config(tmp_path, "a", **common))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert [p.name for p in sorted(a.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-6"]  # limit 2
+    assert [r["step"] for r in read_log(a)] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "steps_per_s"} <= set(r) for r in read_log(a))
+
+    with pytest.raises(TrainingDiverged) as stop:
+        train_text_to_image(smoke_config(tmp_path, "b", debug_nan_at_step=5, **common))
+    message = str(stop.value)
+    assert "the loss is nan at step 5" in message and "checkpoint-4" in message
+    assert "lower learning_rate" in message and "fp32" in message
+    assert sorted(p.name for p in b.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint_problem(b / "checkpoint-4") is None and not (b / "pipeline").exists()
+    assert [r["loss"] for r in read_log(b)] == run_a.losses[:4]
+
+    shutil.copytree(a / "checkpoint-6", b / "checkpoint-6")
+    with open(b / "checkpoint-6" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)  # unreadable: cut short
+    shutil.copytree(a / "checkpoint-6", b / "checkpoint-8")
+    (b / "checkpoint-8" / "checkpoint_complete.json").unlink()  # half-written: no completion marker
+    (b / ".tmp-checkpoint-10").mkdir()  # what a save interrupted before its rename leaves
+    with pytest.warns(UserWarning) as caught:
+        assert find_resumable(b) == b / "checkpoint-4"
+    skipped = " | ".join(str(w.message) for w in caught)
+    assert "checkpoint-8: no completion marker" in skipped
+    assert "checkpoint-6: model.safetensors has 1000 bytes" in skipped
+
+    with pytest.warns(UserWarning):
+        run_c = train_text_to_image(smoke_config(tmp_path, "b", resume="latest", **common))
+    assert run_c.resumed_from == b / "checkpoint-4"
+    assert run_c.losses == run_a.losses[4:]  # exactly, step for step
+    assert [r["loss"] for r in read_log(b)] == run_a.losses
+    assert checkpoint_problem(b / "checkpoint-6") is None  # the broken one was replaced
+    assert not (b / ".tmp-checkpoint-10").exists() and (b / "checkpoint-8").exists()  # leftovers pruned, not others
+    weights_a, weights_c = (load_safetensors(d / "checkpoint-6" / "model.safetensors") for d in (a, b))
+    assert all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+    ema_a, ema_c = run_a.task.ema.shadow, run_c.task.ema.shadow
+    assert all(torch.equal(ema_a[k], ema_c[k]) for k in ema_a)
+
+
+def test_cached_latents_train_exactly_like_encoding_each_step(tmp_path):
+    plain = train_text_to_image(smoke_config(tmp_path, "plain", max_train_steps=3, checkpointing_steps=0))
+    cached = train_text_to_image(smoke_config(tmp_path, "cached", max_train_steps=3, checkpointing_steps=0,
+                                              cache_latents=True))
+    assert (tmp_path / "cached" / "latent_cache.safetensors").exists()
+    assert np.allclose(plain.losses, cached.losses, rtol=1e-5, atol=0)
+
+
+def _tiny_pipeline_folder(folder: Path) -> dict:
+    from latentdiff.models.text import CLIPTokenizer, build_text_encoder, text_config_tiny
+    from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.schedulers import DDIMScheduler
+
+    smoke = yaml.safe_load(SMOKE.read_text())
+    torch.manual_seed(0)
+    parts = dict(
+        tokenizer=CLIPTokenizer(), text_encoder=build_text_encoder(text_config_tiny(), seed=0),
+        unet=UNet2DConditionModel(UNetConfig.from_dict({**smoke["unet"], "sample_size": 8})),
+        vae=AutoencoderKL(VAEConfig.from_dict(smoke["vae"])),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    )
+    LatentDiffusionPipeline(**parts).save_pretrained(folder)
+    return parts
+
+
+def test_fine_tune_a_pipeline_folder_and_export_for_ours_and_diffusers(tmp_path, image_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    base = _tiny_pipeline_folder(tmp_path / "base")
+    config = smoke_config(tmp_path, "tuned", pretrained=str(tmp_path / "base"), unet=None, text_encoder=None,
+                          vae=None, scheduler=None, dataset="folder", data_dir=str(image_folder), shapes={},
+                          max_train_steps=3, checkpointing_steps=0, train_text_encoder=True,
+                          prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.05, ema_decay=0.9,
+                          validation_steps=3, validation_prompts=["a red circle"], validation_inference_steps=2)
+    result = train_text_to_image(config)
+    exported = tmp_path / "tuned" / "pipeline"
+    assert (tmp_path / "tuned" / "validation" / "step-0000003.png").exists()
+
+    ours = LatentDiffusionPipeline.from_pretrained(exported)
+    theirs = StableDiffusionPipeline.from_pretrained(exported, safety_checker=None)
+    assert type(ours.scheduler).__name__ == type(theirs.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert ours.scheduler.config.prediction_type == theirs.scheduler.config.prediction_type == "v_prediction"
+    task = result.task
+    ema_weights = task.ema.state_for(task._unet())
+    tuned_unet = ours.unet.state_dict()
+    assert all(torch.equal(tuned_unet[k], ema_weights[k]) for k in tuned_unet)  # exported with the EMA weights
+    assert not all(torch.equal(tuned_unet[k], task._unet().state_dict()[k]) for k in tuned_unet)
+    assert not all(torch.equal(tuned_unet[k], base["unet"].state_dict()[k]) for k in tuned_unet)
+    theirs_unet = theirs.unet.state_dict()
+    assert all(torch.equal(tuned_unet[k], theirs_unet[k]) for k in tuned_unet)
+    base_text = base["text_encoder"].state_dict()
+    assert not all(torch.equal(v, base_text[k]) for k, v in ours.text_encoder.state_dict().items())  # trained too
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    ours_image = ours("a red circle", generator=torch.Generator().manual_seed(0), progress=False, **kwargs).images
+    theirs_image = theirs("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(ours_image - theirs_image).max() < 1e-4
+
+
+def test_fine_tune_a_single_file_checkpoint(tmp_path, image_folder):
+    from latentdiff.layout import save_single_file
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    base = _tiny_pipeline_folder(tmp_path / "base")
+    save_single_file(base, tmp_path / "tiny.safetensors")
+    config = smoke_config(tmp_path, "tuned", pretrained=str(tmp_path / "tiny.safetensors"),
+                          pretrained_config=str(tmp_path / "base"), unet=None, text_encoder=None, vae=None,
+                          scheduler=None, dataset="folder", data_dir=str(image_folder), max_train_steps=1,
+                          checkpointing_steps=0, use_ema=False)
+    train_text_to_image(config)
+    tuned = LatentDiffusionPipeline.from_pretrained(tmp_path / "tuned" / "pipeline")
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base["unet"].state_dict()[k])]
+    assert len(changed) > 0.9 * len(base["unet"].state_dict())  # one AdamW step moves (nearly) every weight
+    assert all(torch.equal(v, base["vae"].state_dict()[k]) for k, v in tuned.vae.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("vae-run")
+    config = load_config(VAETrainConfig, VAE_SMOKE, {"output_dir": str(out)})
+    return out, train_vae(config)
+
+
+def test_vae_training_sets_the_scaling_factor_from_the_latents(trained_vae):
+    from latentdiff.models.vae import AutoencoderKL
+    from latentdiff.train.data import ShapesSource
+
+    out, result = trained_vae
+    log = read_log(out)
+    assert len(log) == 10 and {"l1", "l2", "kl", "loss"} <= set(log[0])
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert (out / "validation" / "step-0000010.png").exists()
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    source = ShapesSource(32, {"num_samples": 48, "seed": 0})
+    std = latent_std(vae, source, 32, 48, seed=7)  # other posterior draws than the export used
+    assert vae.config.scaling_factor * std == pytest.approx(1.0, rel=0.02)
+    assert vae.config.scaling_factor != pytest.approx(0.18215)
+
+
+def test_smoke_config_end_to_end_through_accelerate_launch(tmp_path, trained_vae):
+    """training/configs/smoke.yaml as a user runs it, on the VAE the VAE trainer just wrote."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "smoke"
+    launch(["--config_file", "training/accelerate/single_cpu.yaml", "training/train_text_to_image.py",
+            "--config", str(SMOKE), "--output_dir", str(out), "--vae", "null",
+            "--vae_path", str(trained_vae[0] / "vae")])
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert all({"loss", "lr", "steps_per_s", "samples_per_s"} <= set(r) for r in log)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert all(checkpoint_problem(p) is None for p in out.glob("checkpoint-*"))
+    assert (out / "validation" / "step-0000010.png").exists()
+    pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.vae.config.scaling_factor == pytest.approx(
+        json.loads((trained_vae[0] / "vae" / "config.json").read_text())["scaling_factor"])
+
+
+def test_two_processes_train_with_ddp_over_gloo(tmp_path):
+    """`accelerate launch` with two processes (training/accelerate/multi_cpu.yaml: torchrun, gloo on the CPU)
+    training the U-Net and the text encoder with gradient accumulation, on latents the two processes cached
+    together."""
+    out = tmp_path / "ddp"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out)])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    for key in ("unet", "text_encoder", "ema"):  # identical weights on both ranks after training
+        assert ranks[0][key] == ranks[1][key]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the mean over both processes
+    for seen0, seen1 in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        assert len(seen0) == len(seen1) == 8 and not set(seen0) & set(seen1)  # different samples each step
+    checkpoint = out / "checkpoint-2"
+    assert checkpoint_problem(checkpoint) is None
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    assert (out / "pipeline" / "model_index.json").exists()  # exported once, by the main process
+    cache = load_safetensors(out / "latent_cache.safetensors")
+    assert cache["mean"].shape == (48, 4, 8, 8) and not list(out.glob("latent_cache.part*"))
+    from latentdiff.train.data import ShapesSource
+
+    vae = load_components(smoke_config(tmp_path)).vae  # the same seeded VAE the workers built
+    source = ShapesSource(32, {"num_samples": 48, "seed": 0})
+    with torch.no_grad():
+        mean = vae.encode(torch.stack([prepare_image(source.load(i)[0], 32) for i in (0, 1, 46, 47)])).mean
+    assert torch.allclose(cache["mean"][[0, 1, 46, 47]], mean, atol=1e-5)  # the shares were merged in order
