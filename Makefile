@@ -25,8 +25,20 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+DEMO_PROMPT ?= a large blue star in the top right corner on a black background
+
 demo: setup
-	@echo "make demo needs the embedded pipeline (pipelines/tiny-shapes), which is not trained yet: see issue 'The embedded default'." && exit 1
+	@test -f pipelines/tiny-shapes/model_index.json || { echo "pipelines/tiny-shapes is missing: run make train-demo"; exit 1; }
+	@$(BIN)/latentdiff generate "$(DEMO_PROMPT)" --out out/demo | sed 's/^/image written to /'
+
+# Train the embedded pipeline from scratch (VAE, then U-Net + text encoder) and write pipelines/tiny-shapes.
+train-demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash training/train_demo.sh
+
+# Speed against diffusers, measured in one process (see benchmarks/).
+bench: setup
+	@for script in benchmarks/roofline.py benchmarks/unet.py benchmarks/vae.py benchmarks/pipeline.py; do \
+	  if [ -f $$script ]; then $(BIN)/python $$script || exit 1; fi; done
 
 clean:
 	rm -rf $(VENV)
