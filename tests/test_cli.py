@@ -66,3 +66,18 @@ def test_errors_are_one_line(tiny_folders, args, message, capsys):
     code, _, err = run(args, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_train_in_process(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "training" / "configs" / "vae_smoke.yaml"
+    code, _, err = run(["train", "vae", "--config", config, "--output_dir", tmp_path / "vae",
+                        "--max_train_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 0,
+                        "--scale_samples", 8], capsys)
+    assert code == 0, err
+    assert (tmp_path / "vae" / "vae" / "config.json").exists()
+    lines = (tmp_path / "vae" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    code, _, err = run(["train", "vae", "--config", config, "--bogus", 1], capsys)
+    assert code == 2 and "unknown config key(s) ['bogus']" in err

@@ -1,4 +1,4 @@
-"""`latentdiff generate | convert | info`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
+"""`latentdiff generate | convert | info | train`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
 from __future__ import annotations
 
 import argparse
@@ -141,6 +141,15 @@ def cmd_info(args) -> None:
     print(f"  default size  {pipe.unet.config.sample_size * pipe.vae_scale_factor}px")
 
 
+def cmd_train(args) -> int:
+    """In this process (one CPU or GPU); for several processes use `accelerate launch training/...`."""
+    from .training import TextToImageConfig, VAETrainConfig, run_script, train_text_to_image, train_vae
+
+    config_cls, train = {"text-to-image": (TextToImageConfig, train_text_to_image),
+                         "vae": (VAETrainConfig, train_vae)}[args.task]
+    return run_script(config_cls, train, ["--config", args.config, *args.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="pipeline folder giving the architecture (default: SD 1.5)")
     c.set_defaults(func=cmd_convert)
 
+    t = sub.add_parser("train", help="train in this process (accelerate launch training/... for several)")
+    t.add_argument("task", choices=["text-to-image", "vae"])
+    t.add_argument("--config", required=True, help="a YAML file under training/configs/")
+    t.epilog = "Further --key value pairs override the config's keys."
+    t.set_defaults(func=cmd_train)
+
     i = sub.add_parser("info", help="a pipeline's components, parameter counts and dtypes")
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
@@ -177,9 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError, TypeError, OSError) as err:
         if os.environ.get("LATENTDIFF_DEBUG"):
             raise
@@ -187,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
