@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigMixin, ModelMixin
+from ..schedules import randn
 from .attention import SpatialSelfAttention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -59,7 +60,7 @@ class VAEConfig(ConfigMixin):
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
-        """A two-level VAE for tests and toy pipelines (2x downsampling, ~0.4M parameters)."""
+        """A two-level VAE for tests and toy pipelines (2x downsampling, 0.66M parameters)."""
         return cls(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=64)
 
@@ -104,22 +105,11 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """mean + std * eps (the reparameterisation of Kingma & Welling 2014). A list of generators, one per
         image, makes each image's sample independent of the batch it is in."""
-        return self.mean + self.std * randn_like(self.mean, generator)
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over C, H, W (Kingma & Welling 2014, appendix B)."""
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like `x`, drawn on the generator's device (so a CPU generator gives the same
-    numbers whatever device `x` is on) and then moved to `x`'s device and dtype."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per image")
-        return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
 def _resnets(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
@@ -233,10 +223,11 @@ class AutoencoderKL(ModelMixin):
     """encode(images) -> DiagonalGaussian over latents; decode(latents) -> images in about [-1, 1]. No scaling
     by `scaling_factor` happens here: the pipeline applies it.
 
-    Memory (the savings need `torch.no_grad()`): `enable_slicing()` runs the images of a batch one at a time, with
-    bit-identical results. `enable_tiling(tile_size)` streams the convolutional layers tile by tile with exact
-    whole-image GroupNorm statistics, so the result equals the untiled one up to float rounding (see `run_tiled`).
-    Both can also be chosen per call: `encode/decode(..., tiled=True, sliced=True)`."""
+    Memory (the savings need `torch.no_grad()`): `enable_slicing()` runs the images of a batch one at a time (as
+    if each were passed alone; equal to the batched pass up to float rounding). `enable_tiling(tile_size)` streams
+    the convolutional layers tile by tile with exact whole-image GroupNorm statistics, so the result equals the
+    untiled one up to float rounding (see `run_tiled`). Either can also be chosen per call:
+    `encode/decode(..., tiled=True, sliced=True)`; None (the default) means the enabled setting."""
 
     config_class = VAEConfig
 
@@ -254,7 +245,9 @@ class AutoencoderKL(ModelMixin):
         return self.config.vae_scale_factor
 
     def enable_tiling(self, tile_size: int = DEFAULT_TILE_SIZE) -> None:
-        """Tile layers whose output is larger than `tile_size` x `tile_size` pixels (working memory ~ its square)."""
+        """Run each unit of layers (see `run_tiled`) on tiles of at most `tile_size`^2 pixels at its higher
+        resolution. Measured, SD 1.x VAE, fp32, 512x512, tile_size=128: peak memory above the weights 295 MB vs
+        1002 MB untiled for decode (2x the FLOPs), 223 MB vs 790 MB for encode (1.3x the FLOPs)."""
         if tile_size < 8:
             raise ValueError(f"tile_size = {tile_size} is too small: use at least 8 (default {DEFAULT_TILE_SIZE})")
         self.use_tiling, self.tile_size = True, tile_size
