@@ -188,3 +188,16 @@ def test_img2img(pipe):
     assert same.shape == (1, 4, 8, 8)
     with pytest.raises(ValueError, match="strength=1.5"):
         img2img(PROMPTS[0], image, strength=1.5)
+
+
+def test_same_seed_same_image_as_diffusers(folders):
+    """One image per call: the seed alone (no latents given) gives diffusers' image."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    expected = ref(PROMPTS[0], generator=torch.Generator().manual_seed(42), **kwargs).images
+    got = ours(PROMPTS[0], generator=torch.Generator().manual_seed(42), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
