@@ -1,4 +1,4 @@
-"""`latentdiff generate | convert | info | train`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
+"""`latentdiff generate | convert | info | train | eval`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,16 @@ def cmd_train(args) -> int:
     return run_script(config_cls, train, ["--config", args.config, *args.overrides])
 
 
+def cmd_eval(args) -> None:
+    """SHAPES.md's prompt-adherence protocol on a shapes pipeline: one markdown table per prompt set."""
+    from .evaluation import evaluate_pipeline, format_table
+
+    pipe, path = load_pipeline(args.model, "fp32", args.device)
+    for prompts in args.prompts:
+        rows = evaluate_pipeline(pipe, args.guidance, prompts=prompts, steps=args.steps, seed=args.seed)
+        print(f"\n{prompts} prompts, {args.steps} DPM-Solver++ steps, {path}:\n{format_table(rows)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="a YAML file under training/configs/")
     t.epilog = "Further --key value pairs override the config's keys."
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="prompt adherence of a shapes pipeline (SHAPES.md protocol)")
+    e.add_argument("--model", help="pipeline folder (default: the embedded tiny-shapes)")
+    e.add_argument("--prompts", nargs="+", default=["heldout", "trained"], choices=["heldout", "trained"])
+    e.add_argument("--guidance", nargs="+", type=float, default=[1, 3, 5, 7.5])
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="a pipeline's components, parameter counts and dtypes")
     i.add_argument("path")
