@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import AnyOf, ConfigMixin, ModelMixin
 from .attention import Transformer2DModel
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
+from .packed import pack_for_inference
 from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
 
 # diffusers' block type names -> whether the stage has cross-attention
@@ -211,6 +212,13 @@ class UNet2DConditionModel(ModelMixin):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def optimize_for_inference(self, winograd: bool = True) -> "UNet2DConditionModel":
+        """Make CPU inference fast: eval mode, channels-last activations, linear and conv weights re-laid out once
+        for oneDNN, and 3x3 convs computed with Winograd's algorithm (see packed.py, winograd.py; `winograd=False`
+        saves its extra weight memory, +47% of the U-Net's). The result runs only without gradients and cannot be
+        saved, cast or moved: do that before. Beyond eval and channels-last, a no-op off the CPU. Returns self."""
+        return pack_for_inference(self, winograd)
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True

@@ -1,0 +1,143 @@
+"""Shared by the benchmark scripts: interleaved timing (A B A B ... so that load from other processes hits every
+candidate alike), FLOP counting, peak-RSS measurement, random weights, and the printed table."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# run from a checkout without installing: make `latentdiff` importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def setup(threads: int | None) -> None:
+    """Fix the thread count (default: PyTorch's, i.e. all cores) and keep the hub offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call as torch.utils.flop_counter counts them (2 per multiply-add; convolutions, matrix products
+    and attention; elementwise work is free). Count on plain PyTorch ops: packed oneDNN ops are not counted."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark of this process (Linux; elsewhere the peak is since start)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (since the last reset_peak_rss, on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: list[float] = dataclasses.field(default_factory=list)  # seconds per call
+    cpu: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds per call (all threads)
+    peak_rss: int = 0  # bytes: highest resident memory seen during this candidate's calls
+    rss_before: int = 0  # bytes resident before its first call (weights of every model alive)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
+
+
+@torch.no_grad()
+def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     progress: bool = True) -> dict[str, Timing]:
+    """Call every candidate `warmup` times, then `repeats` rounds of one call each, in turn (A B C A B C ...)."""
+    timings = {name: Timing() for name in candidates}
+    for name, fn in candidates.items():
+        gc.collect()
+        timings[name].rss_before = rss()
+        reset_peak_rss()
+        for _ in range(warmup):
+            fn()
+        timings[name].peak_rss = peak_rss()
+    for r in range(repeats):
+        for name, fn in candidates.items():
+            gc.collect()
+            reset_peak_rss()
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            t = timings[name]
+            t.wall.append(wall)
+            t.cpu.append(cpu)
+            t.peak_rss = max(t.peak_rss, peak_rss())
+            if progress:
+                print(f"  round {r + 1}/{repeats} {name}: {wall:.3f} s (cpu {cpu:.3f} s)", file=sys.stderr, flush=True)
+    return timings
+
+
+@torch.no_grad()
+def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights that keep activations at unit scale (so no layer is trivially zero): W ~ N(0, 1/fan_in),
+    biases ~ N(0, 0.02^2), norm scales ~ N(1, 0.02^2). Fast enough for a 860M-parameter model."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+        else:
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
+    return model
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"load average {load:.1f}")

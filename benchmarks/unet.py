@@ -1,0 +1,169 @@
+"""Time our U-Net against diffusers' UNet2DConditionModel in one process: same random weights, same inputs, runs
+interleaved (A B A B ...). Default: Stable Diffusion 1.5, one guided step (batch 2), 4x64x64 latents, fp32 and bf16.
+
+    python benchmarks/unet.py [--quick] [--size 64] [--dtypes fp32,bf16] [--repeats 3] [--threads N]
+                              [--variants diffusers,ours,ours-opt] [--profile ours-opt]
+
+Variants: diffusers (the reference, as shipped), diffusers-cl (the reference in channels-last), ours (eager, as
+constructed), ours-opt (after `optimize_for_inference()`: channels-last, oneDNN-packed weights, Winograd 3x3
+convs), ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
+(torch.compile of ours in channels-last with inductor's freezing, compile time reported; slow to compile).
+Prints per variant: median seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode),
+share of the measured 3x3-conv roofline (benchmarks/roofline.py), speed relative to diffusers, peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved
+from roofline import DTYPES, conv_roofline
+
+VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-packed", "ours-compile")
+
+
+def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]:
+    """diffusers' SD 1.5 U-Net with random weights, and ours holding the very same tensors (no copy); the optimized
+    and compiled variants make their own (packed or channels-last) copies."""
+    import diffusers
+
+    from latentdiff.checkpoints import load_into
+    from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    config = UNetConfig.sd15()
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**kwargs).to(dtype)
+    ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)
+
+    def ours():
+        with torch.device("meta"):
+            model = UNet2DConditionModel(config)
+        return load_into(model, ref.state_dict(), "diffusers U-Net").eval().requires_grad_(False)
+
+    models = {"diffusers": ref}
+    for name in variants:
+        if name == "diffusers-cl":
+            models[name] = diffusers.UNet2DConditionModel(**kwargs).to(dtype).eval().requires_grad_(False)
+            models[name].load_state_dict(ref.state_dict())
+            models[name].to(memory_format=torch.channels_last)
+        elif name == "ours":
+            models[name] = ours()
+        elif name == "ours-opt":
+            models[name] = ours().optimize_for_inference()
+        elif name == "ours-packed":
+            models[name] = ours().optimize_for_inference(winograd=False)
+        elif name == "ours-compile":
+            models[name] = ours().to(memory_format=torch.channels_last)
+    return models
+
+
+def compile_model(model: torch.nn.Module, args: tuple) -> tuple[object, float]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant-fold and pre-pack weights, as packed.py does by hand
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(*args)
+    return compiled, time.perf_counter() - start
+
+
+def profile(fn, title: str, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    print(f"\nprofile of {title}")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                             max_name_column_width=40, max_shapes_column_width=60))
+
+
+def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
+    variants = [v for v in args.variants if v != "diffusers"]
+    models = build(dtype, variants)
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(args.batch, 4, args.size, args.size, generator=g).to(dtype)
+    ctx = torch.randn(args.batch, 77, 768, generator=g).to(dtype)
+    t = torch.full((args.batch,), 500)
+    inputs = (sample, t, ctx)
+
+    calls, compile_s = {}, None
+    for v, model in models.items():
+        if v.startswith("diffusers"):
+            calls[v] = (lambda m: lambda: m(*inputs).sample)(model)
+        elif v == "ours-compile":
+            compiled, compile_s = compile_model(model, inputs)
+            calls[v] = (lambda m: lambda: m(*inputs))(compiled)
+        else:
+            calls[v] = (lambda m: lambda: m(*inputs))(model)
+    calls = {v: calls[v] for v in ["diffusers", *variants]}
+
+    with torch.no_grad():
+        flops = count_flops(calls["diffusers"])
+        reference = calls["diffusers"]().float()
+        errors = {v: (fn().float() - reference).abs().max().item() for v, fn in calls.items()}
+    if args.profile:
+        for v in args.profile:
+            profile(calls[v], f"{v} ({name})")
+
+    roof_before = conv_roofline(dtype, repeats=3)
+    timings = time_interleaved(calls, args.repeats, args.warmup)
+    roof = max(roof_before, conv_roofline(dtype, repeats=3))
+
+    base = timings["diffusers"].median
+    rows = []
+    for v, timing in timings.items():
+        gflops = flops / timing.median / 1e9
+        rows.append({
+            "dtype": name, "variant": v, "s/forward": f"{timing.median:.3f}", "cpu s": f"{timing.median_cpu:.2f}",
+            "runs": " ".join(f"{w:.2f}" for w in timing.wall), "GFLOP/s": f"{gflops:.0f}",
+            "of roofline": f"{gflops / roof:.0%}", "vs diffusers": f"{base / timing.median:.2f}x",
+            "peak RSS": gib(timing.peak_rss), "max|diff|": f"{errors[v]:.1e}",
+        })
+    print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward (batch {args.batch}, 4x{args.size}x{args.size}); "
+          f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s
+                                                   else ""), flush=True)
+    print_table(rows, list(rows[0]))
+    del models, calls, timings
+    gc.collect()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="32x32 latents, 2 repeats (about a minute)")
+    parser.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px images)")
+    parser.add_argument("--batch", type=int, default=2, help="2 = one classifier-free guided step")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--variants", default="diffusers,ours,ours-opt",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile (one forward each)")
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.repeats = 32, 2
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.profile = [v for v in args.profile.split(",") if v]
+    unknown = set(args.variants + args.profile) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if "diffusers" not in args.variants:
+        args.variants.insert(0, "diffusers")
+    setup(args.threads)
+    print(machine())
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+        run_dtype(name, DTYPES[name], args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Convolution and linear layers for CPU inference whose weights are re-laid out once, for oneDNN or for Winograd.
+
+Why (SD 1.5 U-Net shapes, one thread, fp32, timings as in benchmarks/roofline.py): eager `nn.Conv2d` on the CPU
+re-lays out its weight into oneDNN's blocked format on every call -- for a 1280-channel 3x3 conv at 8x8 that costs
+as much as the convolution (50 GFLOP/s, 112 with a packed weight; 16x16: 87 -> 113) -- and `nn.Linear` runs MKL's
+sgemm, which oneDNN with a packed weight beats by 25-40% on these shapes (8192x1280 @ 1280x320: 70 -> 108 GFLOP/s).
+This is the weight pre-packing torch.compile's freezing pass does (torch/_inductor/fx_passes/mkldnn_fusion.py),
+without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithm (winograd.py). 1x1
+convs run as linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it
+was packed for (20-107 GFLOP/s), the linear is steady (~105).
+
+Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
+ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
+weights are no longer in the checkpoint's layout): cast, load and save before packing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .winograd import transform_filters, winograd_conv3x3
+
+_ops = torch.ops.mkldnn
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+WINOGRAD_MIN_CHANNELS = 32  # below this (e.g. conv_in's 4 input channels) the transforms cost more than they save
+
+
+def can_pack(layer: nn.Module) -> bool:
+    """Plain nn.Linear and zero-padded, ungrouped nn.Conv2d layers, in float32 / bfloat16 on the CPU, with a
+    PyTorch built with oneDNN."""
+    if type(layer) is nn.Conv2d:
+        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return False
+    elif type(layer) is not nn.Linear:
+        return False
+    return (torch.backends.mkldnn.is_available() and layer.weight.device.type == "cpu"
+            and layer.weight.dtype in PACKABLE_DTYPES)
+
+
+def suits_winograd(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+
+
+class _Packed(nn.Module):
+    """`weight` holds the re-laid-out weight (not a Parameter), `bias` is a frozen Parameter (so the model's dtype
+    and device still read from its parameters)."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, packed: torch.Tensor):
+        if not can_pack(layer):
+            raise ValueError(f"{type(self).__name__} needs a CPU float32/bfloat16 nn.Linear or zero-padded, ungrouped "
+                             f"nn.Conv2d; got {layer} ({layer.weight.dtype}, {layer.weight.device}): leave it as is")
+        super().__init__()
+        self.weight = packed
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{type(self).__name__} is packed for inference and cannot compute gradients: run it "
+                               "under torch.no_grad(), or use a model that was not optimized for inference")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(f"{prefix or 'model'}: the weights of a model optimized for inference are re-laid out and "
+                           "no longer match the checkpoint format: save the model before optimize_for_inference()")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError(f"{prefix or 'model'}: cannot load weights into a layer packed for inference; load them "
+                           "first, then call optimize_for_inference()")
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.weight.dtype))  # what .to()/.half()/.cuda() would make of a tensor
+        if (probe.dtype, probe.device) != (self.weight.dtype, torch.device("cpu")):
+            raise RuntimeError(f"{type(self).__name__}: weights packed for CPU {self.weight.dtype} cannot be moved to "
+                               f"{probe.device} {probe.dtype}; call .to() before optimize_for_inference()")
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(_Packed):
+    """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear, _ops._reorder_linear_weight(linear.weight.detach(), None))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class PackedConv2d(_Packed):
+    """nn.Conv2d with a oneDNN-packed weight; its output is channels-last. A 1x1 conv is a linear over the channels
+    of each pixel, and runs as one."""
+
+    def __init__(self, conv: nn.Conv2d):
+        weight = conv.weight.detach()
+        pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+        if pointwise:
+            packed = _ops._reorder_linear_weight(weight.flatten(1), None)
+        else:
+            packed = _ops._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
+                                                      list(conv.dilation), 1, None)
+        super().__init__(conv, packed)
+        self.pointwise = pointwise
+        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        if self.pointwise:  # [B, C, H, W] channels-last is [B, H, W, C] in memory: a free view
+            y = _ops._linear_pointwise(x.permute(0, 2, 3, 1), self.weight, self.bias, "none", [], "")
+            return y.permute(0, 3, 1, 2)
+        return _ops._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+                                           "none", [], "")
+
+
+class WinogradConv2d(_Packed):
+    """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(2x2, 3x3) from pre-transformed filters."""
+
+    def __init__(self, conv: nn.Conv2d):
+        if not suits_winograd(conv):
+            raise ValueError(f"WinogradConv2d needs a 3x3 conv with stride 1, padding 1, no dilation and at least "
+                             f"{WINOGRAD_MIN_CHANNELS} channels in and out; got {conv}: use PackedConv2d")
+        super().__init__(conv, transform_filters(conv.weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return winograd_conv3x3(x, self.weight, self.bias)
+
+
+def packed(layer: nn.Module, winograd: bool = True) -> nn.Module:
+    """The packed stand-in for `layer`, or `layer` itself when it cannot be packed."""
+    if not can_pack(layer):
+        return layer
+    if type(layer) is nn.Linear:
+        return PackedLinear(layer)
+    return WinogradConv2d(layer) if winograd and suits_winograd(layer) else PackedConv2d(layer)
+
+
+@torch.no_grad()
+def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
+    """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
+    float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
+    `winograd`). Layers that cannot be packed (other dtypes or devices, no oneDNN) are left as they are, so this is
+    safe anywhere; returns `model`."""
+    model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            replacement = packed(child, winograd)
+            if replacement is not child:
+                setattr(parent, name, replacement)
+    return model

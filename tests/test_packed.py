@@ -1,0 +1,144 @@
+"""Inference packing (models/packed.py, models/winograd.py, UNet2DConditionModel.optimize_for_inference) and the
+chunked feed-forward: the fast paths must compute what the plain model computes, and refuse what they cannot do
+(gradients, casting, saving or loading after packing) with an error that says what to do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch.nn.functional as F
+
+from latentdiff.models import attention, winograd
+from latentdiff.models.packed import PackedConv2d, PackedLinear, WinogradConv2d, pack_for_inference
+from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
+             down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(seed: int = 0, dtype=torch.float32, **overrides) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(UNetConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised layer may hide a wrong path
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(dtype)
+
+
+def inputs(height: int, width: int, dtype=torch.float32, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 4, height, width, generator=g).to(dtype), torch.tensor([981, 250][:batch]),
+            torch.randn(batch, 7, 24, generator=g).to(dtype))
+
+
+def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionModel:
+    twin = UNet2DConditionModel(model.config).to(model.dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin.optimize_for_inference(**kwargs)
+
+
+@pytest.mark.parametrize("overrides, height, width, use_winograd", [
+    (dict(), 16, 16, True),
+    (dict(), 13, 11, True),  # odd sizes: partial Winograd tiles; packed weights do not depend on the input size
+    (dict(), 13, 11, False),
+    (dict(use_linear_projection=True, transformer_layers_per_block=2), 8, 24, True),
+])
+@torch.no_grad()
+def test_optimized_model_matches_the_plain_one(overrides, height, width, use_winograd):
+    model = make(**overrides)
+    fast = optimized_copy(model, winograd=use_winograd)
+    kinds = {type(m) for m in fast.modules()}
+    assert torch.nn.Conv2d not in kinds and torch.nn.Linear not in kinds
+    assert (WinogradConv2d in kinds) == use_winograd
+    assert any(isinstance(m, PackedConv2d) and m.stride == [2, 2] for m in fast.modules())
+    proj_in = fast.down_blocks[1].attentions[0].proj_in  # a 1x1 conv in SD 1.x, a linear in SD 2.x
+    assert isinstance(proj_in, PackedLinear) if overrides else (isinstance(proj_in, PackedConv2d) and proj_in.pointwise)
+    sample, t, ctx = inputs(height, width)
+    expected = model(sample, t, ctx)
+    got = fast(sample, t, ctx)
+    assert got.shape == expected.shape and expected.std() > 0.1
+    assert (got - expected).abs().max() <= 1e-4
+    # channels-last in, or a single sample: same answer
+    cl = sample.contiguous(memory_format=torch.channels_last)
+    assert (fast(cl, t, ctx) - expected).abs().max() <= 1e-4
+    assert (fast(sample[1:], t[1:], ctx[1:]) - expected[1:]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("height, width", [(6, 6), (7, 5), (1, 1), (40, 3)])
+def test_winograd_conv_matches_conv2d(height, width, monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_TILES", 4)  # several slices of tile rows even at these sizes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, height, width, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(5, 8, 3, 3, generator=g, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    expected = F.conv2d(x, weight, bias, padding=1)
+    got = winograd.winograd_conv3x3(x, winograd.transform_filters(weight), bias)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    got = winograd.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), winograd.transform_filters(weight))
+    torch.testing.assert_close(got, F.conv2d(x, weight, padding=1), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="3x3"):
+        winograd.transform_filters(weight[..., :2])
+
+
+@torch.no_grad()
+def test_optimized_bfloat16_agrees_with_fp32():
+    model = make()
+    sample, t, ctx = inputs(16, 16)
+    expected = model(sample, t, ctx)
+    fast = optimized_copy(model.to(torch.bfloat16))
+    assert fast.dtype == torch.bfloat16
+    got = fast(sample.bfloat16(), t, ctx.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).norm() / expected.norm() < 3e-2
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    fast = optimized_copy(make())
+    sample, t, ctx = inputs(8, 8)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        fast(sample.requires_grad_(), t, ctx)
+    with pytest.raises(RuntimeError, match=r"before optimize_for_inference"):
+        fast.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="load them first"):
+        fast.load_state_dict(make().state_dict())
+    with pytest.raises(RuntimeError, match="save the model before"):
+        fast.save_pretrained(tmp_path)
+    # moves that change nothing are fine; gradients are off, so forgetting no_grad is fine too
+    assert fast.to("cpu", torch.float32) is fast and fast.dtype == torch.float32
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert not fast(sample.detach(), t, ctx).requires_grad
+
+
+def test_pack_leaves_what_it_cannot_pack():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                                torch.nn.Conv2d(4, 4, 3, padding="same"), torch.nn.Conv2d(32, 32, 3, padding=1))
+    pack_for_inference(model)
+    assert [type(m) for m in model] == [torch.nn.Linear, PackedConv2d, torch.nn.Conv2d, WinogradConv2d]
+    assert isinstance(pack_for_inference(torch.nn.Sequential(torch.nn.Linear(3, 5)))[0], PackedLinear)
+
+
+def test_feedforward_in_chunks_is_exact(monkeypatch):
+    torch.manual_seed(0)
+    ff = attention.FeedForward(16)
+    x = torch.randn(2, 37, 16, requires_grad=True)
+    whole = ff(x)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 10 * 128 * 4)  # 10 tokens of the 128-wide hidden layer
+    calls = []
+    ff.net[2].register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
+    chunked = ff(x)
+    assert calls == [10] * 7 + [4]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
