@@ -8,7 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from latentdiff.models import attention, winograd
+from latentdiff.models import attention, packed, winograd
 from latentdiff.models.packed import PackedConv2d, PackedLinear, WinogradConv2d, pack_for_inference
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -75,20 +75,30 @@ def test_optimized_model_matches_the_plain_one(overrides, height, width, use_win
     assert (fast(sample[1:], t[1:], ctx[1:]) - expected[1:]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("height, width", [(6, 6), (7, 5), (1, 1), (40, 3)])
-def test_winograd_conv_matches_conv2d(height, width, monkeypatch):
+@pytest.mark.parametrize("algorithm", [winograd.F2x2, winograd.F4x4])
+@pytest.mark.parametrize("height, width", [(8, 8), (7, 5), (1, 1), (40, 3)])
+def test_winograd_conv_matches_conv2d(algorithm, height, width, monkeypatch):
     monkeypatch.setattr(winograd, "MIN_TILES", 4)  # several slices of tile rows even at these sizes
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, height, width, generator=g, dtype=torch.float64)
     weight, bias = torch.randn(5, 8, 3, 3, generator=g, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    filters = winograd.transform_filters(weight, algorithm)
+    assert filters.shape == ((algorithm.m + 2) ** 2, 8, 5)
     expected = F.conv2d(x, weight, bias, padding=1)
-    got = winograd.winograd_conv3x3(x, winograd.transform_filters(weight), bias)
+    got = winograd.winograd_conv3x3(x, filters, bias)
     assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    got = winograd.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), winograd.transform_filters(weight))
+    got = winograd.winograd_conv3x3(x.contiguous(memory_format=torch.channels_last), filters)
     torch.testing.assert_close(got, F.conv2d(x, weight, padding=1), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="3x3"):
+    with pytest.raises(ValueError, match=r"needs \[K, C, 3, 3\] filters"):
         winograd.transform_filters(weight[..., :2])
+
+
+def test_winograd_algorithm_follows_size_and_dtype(monkeypatch):
+    monkeypatch.setattr(packed, "F4X4_MAX_FILTER", 64 * 64 * 9)
+    small, large = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 96, 3, padding=1)
+    assert WinogradConv2d(small).weight.shape[0] == 36 and WinogradConv2d(large).weight.shape[0] == 16
+    assert WinogradConv2d(small.bfloat16()).weight.shape[0] == 16  # F(4x4) is too inexact in bfloat16
 
 
 @torch.no_grad()

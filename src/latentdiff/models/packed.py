@@ -5,7 +5,7 @@ re-lays out its weight into oneDNN's blocked format on every call -- for a 1280-
 as much as the convolution (50 GFLOP/s, 112 with a packed weight; 16x16: 87 -> 113) -- and `nn.Linear` runs MKL's
 sgemm, which oneDNN with a packed weight beats by 25-40% on these shapes (8192x1280 @ 1280x320: 70 -> 108 GFLOP/s).
 This is the weight pre-packing torch.compile's freezing pass does (torch/_inductor/fx_passes/mkldnn_fusion.py),
-without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithm (winograd.py). 1x1
+without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithms (winograd.py). 1x1
 convs run as linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it
 was packed for (20-107 GFLOP/s), the linear is steady (~105).
 
@@ -18,11 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .winograd import transform_filters, winograd_conv3x3
+from .winograd import F2x2, F4x4, transform_filters, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 WINOGRAD_MIN_CHANNELS = 32  # below this (e.g. conv_in's 4 input channels) the transforms cost more than they save
+# F(4x4, 3x3) is faster than F(2x2, 3x3) but stores 4x the filter (2.25x as much as F(2x2)), gains little at low
+# resolution (where the wide layers live) and is float32-only. Used for filters of up to this many numbers: in SD 1.5,
+# those of the 64x64 and 32x32 levels (320 and 640 channels), where it runs 1.3-1.6x faster than F(2x2).
+F4X4_MAX_FILTER = 4_000_000
 
 
 def can_pack(layer: nn.Module) -> bool:
@@ -113,13 +117,16 @@ class PackedConv2d(_Packed):
 
 
 class WinogradConv2d(_Packed):
-    """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(2x2, 3x3) from pre-transformed filters."""
+    """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(4x4, 3x3) (small float32 filters) or
+    F(2x2, 3x3) from pre-transformed filters."""
 
     def __init__(self, conv: nn.Conv2d):
         if not suits_winograd(conv):
             raise ValueError(f"WinogradConv2d needs a 3x3 conv with stride 1, padding 1, no dilation and at least "
                              f"{WINOGRAD_MIN_CHANNELS} channels in and out; got {conv}: use PackedConv2d")
-        super().__init__(conv, transform_filters(conv.weight.detach()))
+        weight = conv.weight.detach()
+        large = weight.dtype != torch.float32 or weight.numel() > F4X4_MAX_FILTER
+        super().__init__(conv, transform_filters(weight, F2x2 if large else F4x4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
