@@ -2,6 +2,7 @@
 candidate alike), FLOP counting, peak-RSS measurement, random weights, and the printed table."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # run from a checkout without installing: make `latentdiff` importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -27,16 +28,34 @@ def setup(threads: int | None) -> None:
     torch.manual_seed(0)
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call as torch.utils.flop_counter counts them (2 per multiply-add; convolutions, matrix products
-    and attention; elementwise work is free). Count on plain PyTorch ops: packed oneDNN ops are not counted."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object], attention_only: bool = False) -> int:
+    """FLOPs of one call as torch.utils.flop_counter.FlopCounterMode counts them: 2 per multiply-add of convolutions
+    and matrix products; elementwise work is free. Count on plain PyTorch ops (packed oneDNN ops are not counted).
+    FlopCounterMode has no formula for PyTorch's CPU flash-attention kernel, so on the CPU attention is left out;
+    `attention_only=True` counts just that kernel (q k^T and p v: 4 B H N_q N_k D)."""
+    mapping = {_CPU_ATTENTION: _attention_flops} if attention_only else {}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
+    if attention_only:
+        return counter.get_flop_counts()["Global"].get(_CPU_ATTENTION, 0)
     return counter.get_total_flops()
 
 
 def reset_peak_rss() -> None:
-    """Reset the kernel's resident-set high-water mark of this process (Linux; elsewhere the peak is since start)."""
+    """Hand freed heap memory back to the OS (glibc), then reset the kernel's resident-set high-water mark of this
+    process (Linux; elsewhere the peak is since start), so that the next peak counts only memory in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -66,11 +85,17 @@ class Timing:
     wall: list[float] = dataclasses.field(default_factory=list)  # seconds per call
     cpu: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds per call (all threads)
     peak_rss: int = 0  # bytes: highest resident memory seen during this candidate's calls
-    rss_before: int = 0  # bytes resident before its first call (weights of every model alive)
+    rise: int = 0  # bytes: the most the resident memory rose during one call (activations and workspace)
 
     @property
     def median(self) -> float:
         return statistics.median(self.wall)
+
+    @property
+    def best(self) -> float:
+        """Interference from other processes only ever adds time: on a shared machine the fastest run is the
+        steadiest estimate of what the code costs, the median what a user sees."""
+        return min(self.wall)
 
     @property
     def median_cpu(self) -> float:
@@ -83,16 +108,12 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
     """Call every candidate `warmup` times, then `repeats` rounds of one call each, in turn (A B C A B C ...)."""
     timings = {name: Timing() for name in candidates}
     for name, fn in candidates.items():
-        gc.collect()
-        timings[name].rss_before = rss()
-        reset_peak_rss()
         for _ in range(warmup):
             fn()
-        timings[name].peak_rss = peak_rss()
     for r in range(repeats):
         for name, fn in candidates.items():
-            gc.collect()
             reset_peak_rss()
+            before = rss()
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -100,6 +121,7 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
             t.wall.append(wall)
             t.cpu.append(cpu)
             t.peak_rss = max(t.peak_rss, peak_rss())
+            t.rise = max(t.rise, t.peak_rss - before)
             if progress:
                 print(f"  round {r + 1}/{repeats} {name}: {wall:.3f} s (cpu {cpu:.3f} s)", file=sys.stderr, flush=True)
     return timings
@@ -116,6 +138,18 @@ def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         else:
             p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
     return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters, buffers and packed weights (oneDNN tensors held as plain attributes)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values(), getattr(module, "weight", None)]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
 
 
 def gib(n: int) -> str:

@@ -8,8 +8,11 @@ Variants: diffusers (the reference, as shipped), diffusers-cl (the reference in 
 constructed), ours-opt (after `optimize_for_inference()`: channels-last, oneDNN-packed weights, Winograd 3x3
 convs), ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
 (torch.compile of ours in channels-last with inductor's freezing, compile time reported; slow to compile).
-Prints per variant: median seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode),
-share of the measured 3x3-conv roofline (benchmarks/roofline.py), speed relative to diffusers, peak RSS.
+Prints per variant: median and best seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by
+FlopCounterMode, which has no formula for the CPU attention kernel: attention is reported apart), share of the
+3x3-conv roofline measured in the same run (benchmarks/roofline.py), speed relative to diffusers, the bytes of the
+variant's weights and the process's peak RSS. On a machine shared with other jobs, OpenMP threads that lose their
+core stall every parallel region: compare with --threads 1 (and the CPU-seconds column) there.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved
+from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved, weight_bytes
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-packed", "ours-compile")
@@ -87,6 +90,7 @@ def profile(fn, title: str, rows: int = 25) -> None:
 def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
     variants = [v for v in args.variants if v != "diffusers"]
     models = build(dtype, variants)
+    weights = {v: weight_bytes(m) for v, m in models.items()}
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(args.batch, 4, args.size, args.size, generator=g).to(dtype)
     ctx = torch.randn(args.batch, 77, 768, generator=g).to(dtype)
@@ -106,6 +110,7 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
 
     with torch.no_grad():
         flops = count_flops(calls["diffusers"])
+        attention = count_flops(calls["diffusers"], attention_only=True)
         reference = calls["diffusers"]().float()
         errors = {v: (fn().float() - reference).abs().max().item() for v, fn in calls.items()}
     if args.profile:
@@ -116,19 +121,26 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
     timings = time_interleaved(calls, args.repeats, args.warmup)
     roof = max(roof_before, conv_roofline(dtype, repeats=3))
 
-    base = timings["diffusers"].median
+    ref = timings["diffusers"]
     rows = []
     for v, timing in timings.items():
-        gflops = flops / timing.median / 1e9
+        gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
         rows.append({
-            "dtype": name, "variant": v, "s/forward": f"{timing.median:.3f}", "cpu s": f"{timing.median_cpu:.2f}",
-            "runs": " ".join(f"{w:.2f}" for w in timing.wall), "GFLOP/s": f"{gflops:.0f}",
-            "of roofline": f"{gflops / roof:.0%}", "vs diffusers": f"{base / timing.median:.2f}x",
-            "peak RSS": gib(timing.peak_rss), "max|diff|": f"{errors[v]:.1e}",
+            "dtype": name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
+            "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
+            "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
+            "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
+            "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss),
+            "+ during forward": gib(timing.rise),
+            "max|diff|": f"{errors[v]:.1e}",
         })
-    print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward (batch {args.batch}, 4x{args.size}x{args.size}); "
+    print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward as FlopCounterMode counts them (batch {args.batch}, "
+          f"4x{args.size}x{args.size}; + {attention / 1e9:.0f} GFLOP of attention it does not count on the CPU); "
           f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s
                                                    else ""), flush=True)
+    print("columns: median over the runs (in brackets: from the best run); weights: the variant's own (ours shares "
+          "diffusers' tensors here); peak RSS: of the whole process (every model alive) during the variant's runs, "
+          "and how much it rose above the resident memory before them")
     print_table(rows, list(rows[0]))
     del models, calls, timings
     gc.collect()

@@ -152,3 +152,23 @@ def test_feedforward_in_chunks_is_exact(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), x)
     torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_packed_vae_decodes_as_the_plain_one():
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    for p in vae.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    fast = AutoencoderKL(vae.config)
+    fast.load_state_dict(vae.state_dict())
+    pack_for_inference(fast)
+    assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
+    latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(2))
+    expected = vae.decode(latents)
+    assert (fast.decode(latents) - expected).abs().max() <= 1e-4
+    assert (fast.decode(latents, tiled=True) - vae.decode(latents, tiled=True)).abs().max() <= 1e-4
+    images = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(3))
+    assert (fast.encode(images).mean - vae.encode(images).mean).abs().max() <= 1e-4

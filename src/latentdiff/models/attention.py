@@ -109,17 +109,19 @@ class Transformer2DModel(nn.Module):
         b, _, h, w = x.shape
         residual = x
         x = self.norm(x)
+        # [B, C, H, W] -> [B, H*W, C] tokens, made contiguous once so that the blocks' norms, attention and residual
+        # adds read them in order: a copy for NCHW activations, free (a view) for channels-last ones
         if self.linear_projection:
-            x = self.proj_in(x.flatten(2).transpose(1, 2))
+            x = self.proj_in(x.flatten(2).transpose(1, 2).contiguous())
         else:
-            x = self.proj_in(x).flatten(2).transpose(1, 2)
+            x = self.proj_in(x).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.linear_projection:
             x = self.proj_out(x).transpose(1, 2).unflatten(2, (h, w))
         else:
             x = self.proj_out(x.transpose(1, 2).unflatten(2, (h, w)))
-        return x + residual
+        return residual + x  # (residual first: the sum keeps the input's memory layout)
 
 
 class SpatialSelfAttention(Attention):

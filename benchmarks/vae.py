@@ -1,0 +1,112 @@
+"""Time our VAE decoder against diffusers' AutoencoderKL in one process: same random weights, same latents, runs
+interleaved. Default: the Stable Diffusion 1.x VAE decoding one 4x64x64 latent to a 512x512 image, fp32 and bf16.
+
+    python benchmarks/vae.py [--quick] [--size 64] [--batch 1] [--dtypes fp32,bf16] [--repeats 3] [--threads N]
+                             [--variants diffusers,ours,ours-opt]
+
+Variants: diffusers (the reference), ours (eager), ours-opt (`pack_for_inference(vae)`: channels-last, packed
+weights, Winograd 3x3 convs), ours-packed (the same without Winograd). Columns as in benchmarks/unet.py.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved, weight_bytes
+from roofline import DTYPES, conv_roofline
+
+VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
+
+
+def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]:
+    import diffusers
+
+    from latentdiff.checkpoints import load_into
+    from latentdiff.models.packed import pack_for_inference
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+
+    config = VAEConfig.sd15()
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**kwargs).to(dtype)
+    ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)
+
+    def ours():
+        with torch.device("meta"):
+            model = AutoencoderKL(config)
+        return load_into(model, ref.state_dict(), "diffusers VAE").eval().requires_grad_(False)
+
+    models = {"diffusers": ref}
+    for name in variants:
+        if name == "ours":
+            models[name] = ours()
+        elif name in ("ours-opt", "ours-packed"):
+            models[name] = pack_for_inference(ours(), winograd=name == "ours-opt")
+    return models
+
+
+def run_dtype(name: str, dtype: torch.dtype, args) -> None:
+    variants = [v for v in args.variants if v != "diffusers"]
+    models = build(dtype, variants)
+    weights = {v: weight_bytes(m) for v, m in models.items()}
+    latents = torch.randn(args.batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    calls = {v: (lambda m: lambda: m.decode(latents).sample)(m) if v == "diffusers"
+             else (lambda m: lambda: m.decode(latents))(m) for v, m in models.items()}
+    calls = {v: calls[v] for v in ["diffusers", *variants]}
+    with torch.no_grad():
+        flops = count_flops(calls["diffusers"])
+        reference = calls["diffusers"]().float()
+        errors = {v: (fn().float() - reference).abs().max().item() for v, fn in calls.items()}
+    roof = conv_roofline(dtype, repeats=3)
+    timings = time_interleaved(calls, args.repeats, args.warmup)
+    roof = max(roof, conv_roofline(dtype, repeats=3))
+    ref = timings["diffusers"]
+    rows = []
+    for v, timing in timings.items():
+        gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
+        rows.append({
+            "dtype": name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
+            "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
+            "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
+            "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
+            "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss), "+ during forward": gib(timing.rise),
+            "max|diff|": f"{errors[v]:.1e}",
+        })
+    print(f"\n{name}: decode {args.batch}x4x{args.size}x{args.size} -> {args.size * 8}px, {flops / 1e9:.0f} GFLOP "
+          f"(FlopCounterMode, attention not counted); 3x3-conv roofline {roof:.0f} GFLOP/s", flush=True)
+    print_table(rows, list(rows[0]))
+    del models, calls, timings
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="32x32 latents (256 px), 2 repeats")
+    parser.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px images)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--variants", default="diffusers,ours,ours-opt",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.repeats = 32, 2
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {VARIANTS}")
+    if "diffusers" not in args.variants:
+        args.variants.insert(0, "diffusers")
+    setup(args.threads)
+    print(machine())
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+        run_dtype(name, DTYPES[name], args)
+
+
+if __name__ == "__main__":
+    main()
