@@ -63,6 +63,22 @@ def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
 
 
+def pickled_files(output_dir: Path) -> list[Path]:
+    return [p for p in output_dir.glob("checkpoint-*/**/*") if p.suffix in (".bin", ".pkl", ".pt", ".pth", ".ckpt")]
+
+
+def forbid_unpickling(monkeypatch) -> None:
+    """Make every way of unpickling a file fail, until monkeypatch.undo()."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"),
+                         (torch.serialization, "load")):
+        monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from more threads, and on a shared machine extra OpenMP threads thrash."""
@@ -238,6 +254,97 @@ def test_ema_decay_warms_up_and_averages():
     assert ema.copy_to(torch.nn.Linear(2, 1, bias=False)).weight[0, 0].item() == pytest.approx(expected)
 
 
+def test_checkpoint_state_is_json_and_safetensors_and_reads_back_exactly(tmp_path, monkeypatch):
+    """state_io's trees (tuples, int keys, tensors of several dtypes, non-finite floats, numpy arrays) and
+    save_checkpoint / load_checkpoint on prepared objects: what is loaded continues exactly as the saved run did,
+    without unpickling anything."""
+    import random
+
+    from latentdiff.train.checkpointing import CheckpointContents, load_checkpoint, save_checkpoint
+    from latentdiff.train.state_io import read_tree, rng_state, set_rng_state, write_tree
+    from latentdiff.train.loop import TrainState, make_accelerator, make_optimizer
+
+    tree = {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3).to(torch.bfloat16)}},
+            "groups": [{"betas": (0.9, 0.999), "params": [0, 1], "foreach": None, "@odd": float("inf")}],
+            "ids": torch.arange(4), "flags": torch.tensor([True, False]), "nan": float("nan"), "key": np.arange(3)}
+    write_tree(tree, tmp_path, "tree")
+    back = read_tree(tmp_path, "tree")
+    assert set(back) == set(tree) and back["groups"][0]["betas"] == (0.9, 0.999) and list(back["state"]) == [0]
+    assert back["groups"][0]["@odd"] == float("inf") and back["groups"][0]["params"] == [0, 1]
+    for key in ("step", "m"):
+        assert back["state"][0][key].dtype == tree["state"][0][key].dtype
+        assert torch.equal(back["state"][0][key], tree["state"][0][key])
+    assert torch.equal(back["ids"], tree["ids"]) and torch.equal(back["flags"], tree["flags"])
+    assert back["nan"] != back["nan"] and back["key"].dtype == np.int64 and back["key"].tolist() == [0, 1, 2]
+    with pytest.raises(TypeError, match=r"cannot save groups/0: a object is neither a tensor nor a JSON value"):
+        write_tree({"groups": [object()]}, tmp_path, "bad")
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(()).item()
+
+    write_tree(rng_state(), tmp_path, "rng")
+    first = draws()
+    set_rng_state(read_tree(tmp_path, "rng"))
+    assert draws() == first
+
+    accelerator = make_accelerator(smoke_config(tmp_path))
+    config = smoke_config(tmp_path, lr_warmup_steps=3, max_train_steps=10, lr_scheduler="cosine")
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        model, optimizer, scheduler = accelerator.prepare(model, *make_optimizer([{"params": model.parameters()}],
+                                                                                 config))
+        ema, state = EMA(model, 0.9), TrainState()
+        return model, optimizer, scheduler, ema, state, CheckpointContents([model], optimizer, scheduler, [state, ema])
+
+    def steps(parts, n):
+        model, optimizer, scheduler, ema, state, _ = parts
+        losses = []
+        for _ in range(n):
+            loss = model(torch.randn(4, 3)).square().mean()  # the global generator: restored with the checkpoint
+            accelerator.backward(loss)
+            optimizer.step(), scheduler.step(), optimizer.zero_grad()
+            ema.update(model)
+            state.step += 1
+            losses.append(loss.item())
+        return losses
+
+    saved = build()
+    steps(saved, 2)
+    folder = save_checkpoint(accelerator, tmp_path / "out", 2, None, saved[-1])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "accelerator.json", "checkpoint_complete.json", "model.safetensors", "object_0_trainstate.json",
+        "object_1_ema.json", "object_1_ema.safetensors", "optimizer.json", "optimizer.safetensors",
+        "random_states_0.json", "random_states_0.safetensors", "scheduler.json"]
+    expected = steps(saved, 3)
+
+    resumed = build()
+    forbid_unpickling(monkeypatch)
+    load_checkpoint(accelerator, folder, resumed[-1])
+    monkeypatch.undo()
+    assert resumed[4].step == 2 and resumed[3].num_updates == 2
+    assert steps(resumed, 3) == expected
+    assert all(torch.equal(p, q) for p, q in zip(saved[0].parameters(), resumed[0].parameters()))
+    assert all(torch.equal(saved[3].shadow[k], resumed[3].shadow[k]) for k in saved[3].shadow)
+
+    model, optimizer, scheduler, ema, state, _ = build()
+    with pytest.raises(ValueError, match=r"holds the state of \['object_0_trainstate', 'object_1_ema'\], this run "
+                                         r"keeps \['object_0_trainstate'\].*use_ema"):
+        load_checkpoint(accelerator, folder, CheckpointContents([model], optimizer, scheduler, [state]))
+    with pytest.raises(ValueError, match=r"holds the weights of 1 model\(s\) \(model.safetensors\), this run trains 2"):
+        load_checkpoint(accelerator, folder, CheckpointContents([model, model], optimizer, scheduler, [state, ema]))
+
+    text = (folder / "scheduler.json").read_text()
+    (folder / "scheduler.json").write_text("x" + text[1:])  # same size, no longer JSON
+    assert "scheduler.json is not readable JSON" in checkpoint_problem(folder)
+    marker = json.loads((folder / "checkpoint_complete.json").read_text())
+    marker.pop("format")
+    marker["files"] = {"optimizer.bin": 10}
+    (folder / "checkpoint_complete.json").write_text(json.dumps(marker))
+    assert "accelerate's pickle format (optimizer.bin)" in checkpoint_problem(folder)
+
+
 # ---- training runs --------------------------------------------------------------------------------------------------
 def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
     """The real path (shapes images -> tiny random VAE posterior -> U-Net) on 4 images with fixed captions. What is
@@ -267,10 +374,11 @@ def test_a_tiny_model_overfits_a_handful_of_images(tmp_path):
     assert after < before / 5, f"evaluation loss fell only from {before:.3f} to {after:.3f}"
 
 
-def test_resume_continues_exactly_and_skips_broken_checkpoints(tmp_path, image_folder):
+def test_resume_continues_exactly_and_skips_broken_checkpoints(tmp_path, image_folder, monkeypatch):
     """Three runs of one config (random crops and flips, caption dropout, gradient accumulation, EMA): A runs 6
     steps; B stops with a NaN at step 5; B is then given a truncated and a half-written checkpoint newer than its
-    own and resumed with --resume latest. The resumed steps reproduce A's losses and weights exactly."""
+    own and resumed with --resume latest, with pickle and torch.load made to fail. The resumed steps reproduce A's
+    losses and weights exactly."""
     common = dict(dataset="folder", data_dir=str(image_folder), shapes={}, center_crop=False, random_flip=True,
                   caption_dropout=0.5, train_batch_size=3, gradient_accumulation_steps=2, max_train_steps=6,
                   checkpointing_steps=2, checkpoints_total_limit=2, use_ema=True, ema_decay=0.99)
@@ -287,6 +395,7 @@ def test_resume_continues_exactly_and_skips_broken_checkpoints(tmp_path, image_f
     assert "lower learning_rate" in message and "fp32" in message
     assert sorted(p.name for p in b.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
     assert checkpoint_problem(b / "checkpoint-4") is None and not (b / "pipeline").exists()
+    assert not pickled_files(a) and not pickled_files(b)
     assert [r["loss"] for r in read_log(b)] == run_a.losses[:4]
 
     shutil.copytree(a / "checkpoint-6", b / "checkpoint-6")
@@ -301,8 +410,10 @@ def test_resume_continues_exactly_and_skips_broken_checkpoints(tmp_path, image_f
     assert "checkpoint-8: no completion marker" in skipped
     assert "checkpoint-6: model.safetensors has 1000 bytes" in skipped
 
+    forbid_unpickling(monkeypatch)
     with pytest.warns(UserWarning):
         run_c = train_text_to_image(smoke_config(tmp_path, "b", resume="latest", **common))
+    monkeypatch.undo()
     assert run_c.resumed_from == b / "checkpoint-4"
     assert run_c.losses == run_a.losses[4:]  # exactly, step for step
     assert [r["loss"] for r in read_log(b)] == run_a.losses
@@ -453,7 +564,8 @@ def test_two_processes_train_with_ddp_over_gloo(tmp_path):
         assert len(seen0) == len(seen1) == 8 and not set(seen0) & set(seen1)  # different samples each step
     checkpoint = out / "checkpoint-2"
     assert checkpoint_problem(checkpoint) is None
-    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    assert (checkpoint / "random_states_0.json").exists() and (checkpoint / "random_states_1.json").exists()
+    assert not pickled_files(out)
     assert (out / "pipeline" / "model_index.json").exists()  # exported once, by the main process
     cache = load_safetensors(out / "latent_cache.safetensors")
     assert cache["mean"].shape == (48, 4, 8, 8) and not list(out.glob("latent_cache.part*"))

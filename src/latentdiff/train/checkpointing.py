@@ -1,10 +1,10 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoints that are either complete or ignored, and hold nothing that must be unpickled.
 
-`accelerator.save_state` writes into `<output_dir>/.tmp-checkpoint-<step>`; once every process has finished, the
-main process writes a completion marker listing each file and its size, then renames the folder to
-`checkpoint-<step>` (a rename within one file system is atomic). A run killed mid-save therefore leaves at most a
-`.tmp-` folder, and `--resume latest` takes the newest `checkpoint-<step>` whose marker and files check out,
-warning about any it passes over.
+The state (state_io.py: safetensors and JSON, no pickle) is written into `<output_dir>/.tmp-checkpoint-<step>`;
+once every process has finished, the main process writes a completion marker listing each file and its size, then
+renames the folder to `checkpoint-<step>` (a rename within one file system is atomic). A run killed mid-save
+therefore leaves at most a `.tmp-` folder, and `--resume latest` takes the newest `checkpoint-<step>` whose marker
+and files check out, warning about any it passes over.
 """
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ import shutil
 import warnings
 from pathlib import Path
 
+from ..checkpoints import PICKLE_SUFFIXES
+from .state_io import CheckpointContents, read_state, write_state
+
 MARKER = "checkpoint_complete.json"
 NAME = re.compile(r"checkpoint-(\d+)")
+FORMAT = "latentdiff-train-state/1"  # written into the marker; earlier checkpoints (accelerate's pickles) lack it
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -28,6 +32,12 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no completion marker (it was being written when the run stopped)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable completion marker ({type(err).__name__}: {err})"
+    pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    if pickled or "format" not in marker:
+        return (f"written in accelerate's pickle format ({', '.join(pickled[:3]) or 'no format in its marker'}), "
+                "which latentdiff no longer unpickles: resume from a newer checkpoint or start a new output_dir")
+    if marker["format"] != FORMAT:
+        return f"written in the format {marker['format']!r}; this version of latentdiff reads {FORMAT!r}"
     for name, size in files.items():
         path = folder / name
         try:
@@ -46,6 +56,11 @@ def checkpoint_problem(folder: Path) -> str | None:
                     st.keys()
             except Exception as err:  # safetensors raises its own error types for bad headers
                 return f"{name} is not a readable safetensors file ({err})"
+        if name.endswith(".json"):
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                return f"{name} is not readable JSON ({err})"
     return None
 
 
@@ -89,21 +104,21 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None,
-                    extra: dict | None = None) -> Path:
-    """Save the accelerator's state as `<output_dir>/checkpoint-<step>`, atomically; keep the newest `total_limit`.
-    Every process must call this (each writes its own RNG state)."""
+                    contents: CheckpointContents, extra: dict | None = None) -> Path:
+    """Save `contents` and the accelerator's state as `<output_dir>/checkpoint-<step>`, atomically; keep the newest
+    `total_limit`. Every process must call this (each writes its own random generators' state)."""
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    write_state(accelerator, tmp, contents)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         marker = tmp / MARKER
         with open(marker, "w") as f:
-            json.dump({"step": step, "files": files, **(extra or {})}, f, indent=1)
+            json.dump({"format": FORMAT, "step": step, "files": files, **(extra or {})}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # an older, abandoned checkpoint of the same step (e.g. one skipped at resume)
@@ -115,6 +130,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, folder: str | Path, contents: CheckpointContents) -> None:
+    """Restore `contents`, the accelerator's state and this process's random generators from a checkpoint folder
+    (one that resolve_resume chose). Every process must call this; nothing is unpickled."""
+    read_state(accelerator, Path(folder), contents)
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> None:

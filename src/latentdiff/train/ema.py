@@ -52,7 +52,7 @@ class EMA:
             params[name].copy_(value)
         return model
 
-    # accelerator.register_for_checkpointing calls these
+    # the training checkpoints save and restore these (train/state_io.py)
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "decay": self.decay, "shadow": self.shadow}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpointing import list_checkpoints, resolve_resume, save_checkpoint
+from .checkpointing import CheckpointContents, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .data import BatchPlan, make_loader
 
 
@@ -91,7 +91,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.state = TrainState()
         self.log_path = self.output_dir / "log.jsonl"
-        accelerator.register_for_checkpointing(self.state, *task.checkpoint_objects)
+        self.contents = CheckpointContents(task.models, task.optimizer, task.lr_scheduler,
+                                           [self.state, *task.checkpoint_objects])
 
     def fit(self) -> FitResult:
         config, acc, task, state = self.config, self.accelerator, self.task, self.state
@@ -163,7 +164,7 @@ class Trainer:
             if acc.is_main_process and self.log_path.exists():
                 self.log_path.unlink()  # a run starting at step 0 starts a fresh log
             return None
-        acc.load_state(str(folder))
+        load_checkpoint(acc, folder, self.contents)
         if acc.is_main_process:
             print(f"resumed from {folder} at step {state.step}", flush=True)
             if self.log_path.exists():  # forget steps logged after the checkpoint: they are about to be redone
@@ -219,5 +220,5 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state.step,
-                               self.config.checkpoints_total_limit,
+                               self.config.checkpoints_total_limit, self.contents,
                                extra={"micro_batches": self.state.micro_batches})
