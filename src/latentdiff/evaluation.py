@@ -77,4 +77,27 @@ def evaluate_pipeline(pipe, guidance_scales: Sequence[float] = (1, 3, 5, 7.5),
     return rows
 
 
-__all__ = ["PROMPT_SETS", "evaluate_pipeline", "format_table", "pipeline_generator", "prompt_set"]
+@torch.no_grad()
+def evaluate_vae(vae, num_images: int = 200, size: int = 128, seed: int = 12345, batch_size: int = 25
+                 ) -> dict[str, float]:
+    """How well a shapes VAE keeps what the prompts ask for: `num_images` dataset images (seed `seed`, which no
+    training config uses) go through encode (posterior mean) and decode, and the analyzer reads each reconstruction.
+    The accuracies bound what any diffusion model on these latents can reach."""
+    from .data.analyze import analyze, score
+    from .data.shapes import ShapesDataset, to_tensor
+    from .pipeline import to_images
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    data = ShapesDataset(num_images, size=size, seed=seed)
+    parameter = next(vae.parameters())
+    results = []
+    for start in range(0, num_images, batch_size):
+        items = [data.item(i) for i in range(start, min(start + batch_size, num_images))]
+        pixels = torch.stack([to_tensor(image) for _, image, _ in items]).to(parameter.device, parameter.dtype)
+        reconstructions = vae.decode(vae.encode(pixels).mean)
+        results += [(spec, analyze(image)) for (spec, _, _), image in zip(items, to_images(reconstructions, "pil"))]
+    return score(results)
+
+
+__all__ = ["PROMPT_SETS", "evaluate_pipeline", "evaluate_vae", "format_table", "pipeline_generator", "prompt_set"]

@@ -159,6 +159,8 @@ class VAETrainConfig(TrainConfig):
     l2_weight: float = 1.0
     kl_weight: float = 1e-6  # small: keeps the latents near N(0, I)-ish without blurring reconstructions
     scale_samples: int = 256  # images whose posterior-latent std sets scaling_factor = 1 / std
+    deterministic_encoder: bool = False  # export encode() as a point mass at the mean (see train/vae.py)
+    check_reconstructions: int = 200  # shapes data: analyze this many reconstructions at export (0: skip)
     use_ema: bool = False
 
     def validate(self) -> None:

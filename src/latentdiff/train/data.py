@@ -155,7 +155,7 @@ def fingerprint(config, vae) -> str:
 
 
 @torch.no_grad()
-def build_latent_cache(source, vae, config, accelerator, batch_size: int = 16) -> dict:
+def build_latent_cache(source, vae, config, accelerator, batch_size: int = 64) -> dict:
     """Encode every (centre-cropped) image once; keep the posterior's mean and std, not a sample, so that each epoch
     still draws a fresh latent. Processes encode interleaved shares, the main one merges them into one file,
     `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are unchanged."""
@@ -166,16 +166,16 @@ def build_latent_cache(source, vae, config, accelerator, batch_size: int = 16) -
     meta_path = path.with_suffix(".json")
     if not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key):
         rank, world = accelerator.process_index, accelerator.num_processes
-        mine = list(range(rank, len(source), world))
+        mine = _Prepared(source, list(range(rank, len(source), world)), config.resolution)
         means, stds, texts = [], [], []
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            loaded = [source.load(i) for i in chunk]
-            pixels = torch.stack([prepare_image(image, config.resolution) for image, _ in loaded])
+        # images are loaded and prepared by the DataLoader's workers while the VAE encodes the previous batch
+        loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=config.dataloader_num_workers,
+                                             collate_fn=_stack_prepared)
+        for pixels, batch_texts in loader:
             posterior = vae.encode(pixels.to(vae.device, vae.dtype))
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
-            texts += [text for _, text in loaded]
+            texts += batch_texts
         part = path.with_name(f"latent_cache.part{rank}.safetensors")
         save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds)}, part,
                          metadata={"text": json.dumps(texts)})
@@ -190,6 +190,24 @@ def build_latent_cache(source, vae, config, accelerator, batch_size: int = 16) -
     with safe_open(str(path), "pt") as f:
         texts = json.loads(f.metadata()["text"])
     return {"mean": tensors["mean"], "std": tensors["std"], "text": texts}
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """The centre-cropped tensors and captions of some of a source's images, for encoding into the cache."""
+
+    def __init__(self, source, indices: list[int], resolution: int):
+        self.source, self.indices, self.resolution = source, indices, resolution
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        image, text = self.source.load(self.indices[k])
+        return prepare_image(image, self.resolution), text
+
+
+def _stack_prepared(items):
+    return torch.stack([pixels for pixels, _ in items]), [text for _, text in items]
 
 
 def _merge_parts(path: Path, world: int, n: int) -> None:

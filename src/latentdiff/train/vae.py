@@ -4,10 +4,19 @@ The loss is L1 + L2 reconstruction through a posterior sample plus a small KL te
 perceptual or adversarial term, so reconstructions are softer than SD's VAE, which is fine for simple data. At the
 end the latents' standard deviation over some training images sets `scaling_factor = 1 / std`, so that the
 diffusion model sees unit-variance latents (as SD's 0.18215 was chosen), and `<output_dir>/vae` is written.
+
+With a KL weight as small as SD's (1e-6), nothing holds the posterior variance of latent positions the decoder
+ignores: some drift to std in the thousands. A posterior *sample* is then mostly that noise, the latent std it gives
+is meaningless (scaling_factor ~0.03 instead of ~0.3) and a diffusion model trained on such samples learns noise.
+`deterministic_encoder: true` exports the encoder as a point estimate instead: the log-variance half of quant_conv
+is pinned to the posterior's clamp floor (-30, std 3e-7), so `encode(x).sample() == encode(x).mean` in latentdiff
+and diffusers alike, and scaling_factor comes from the means.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,10 +37,17 @@ def load_vae(config):
         return AutoencoderKL(VAEConfig.from_dict(config.vae))
 
 
+LOGVAR_FLOOR = -30.0  # DiagonalGaussian clamps log-variances to [-30, 20], as diffusers does
+
+
 @torch.no_grad()
-def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, batch_size: int = 16) -> float:
-    """Standard deviation of posterior samples z = mean + std * eps over the first `num_images` images
-    (centre crops): the latents a diffusion model trained on this VAE will see."""
+def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, batch_size: int = 16,
+               of: str = "samples") -> float:
+    """Standard deviation of the latents over the first `num_images` images (centre crops): of posterior samples
+    z = mean + std * eps (`of="samples"`), the latents a diffusion model trained on this VAE sees, or of the
+    posterior means (`of="means"`)."""
+    if of not in ("samples", "means"):
+        raise ValueError(f"of={of!r}: choose 'samples' or 'means'")
     generator = torch.Generator().manual_seed(seed)
     total = total_sq = count = 0.0
     indices = range(min(num_images, len(source)))
@@ -39,10 +55,22 @@ def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, bat
         pixels = torch.stack([prepare_image(source.load(i)[0], resolution)
                               for i in indices[start:start + batch_size]])
         posterior = vae.encode(pixels.to(vae.device, vae.dtype))
-        z = posterior.sample(generator).double()
+        z = (posterior.sample(generator) if of == "samples" else posterior.mean).double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
     mean = total / count
     return (total_sq / count - mean**2) ** 0.5
+
+
+@torch.no_grad()
+def make_deterministic(vae):
+    """Pin the log-variance outputs of quant_conv to LOGVAR_FLOOR: encode() then returns (numerically) a point mass
+    at the posterior mean. Works on any AutoencoderKL with a quant_conv (in latentdiff and diffusers)."""
+    if getattr(vae, "quant_conv", None) is None:
+        raise ValueError("deterministic_encoder needs a VAE with quant_conv (use_quant_conv: true)")
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[c:] = 0.0
+    vae.quant_conv.bias[c:] = LOGVAR_FLOOR
+    return vae
 
 
 class VAETask:
@@ -92,10 +120,20 @@ class VAETask:
         self.accelerator.wait_for_everyone()
 
     def export(self) -> None:
-        """`<output_dir>/vae` in fp32, with scaling_factor = 1 / (std of the posterior latents)."""
+        """`<output_dir>/vae` in fp32, with scaling_factor = 1 / (std of the posterior latents); with
+        deterministic_encoder, the encoder pinned to its mean (see the module's docstring)."""
         if self.accelerator.is_main_process:
+            config = self.config
             vae = self.vae.eval().to("cpu", torch.float32)
-            std = latent_std(vae, self.source, self.config.resolution, self.config.scale_samples, self.config.seed)
+            if config.deterministic_encoder:
+                make_deterministic(vae)
+            std = latent_std(vae, self.source, config.resolution, config.scale_samples, config.seed)
+            means_std = latent_std(vae, self.source, config.resolution, config.scale_samples, config.seed, of="means")
+            if std > 3 * means_std:
+                warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
+                              "means: the encoder's variance has run away at some latent positions, so a diffusion "
+                              "model would be trained on noise. Set deterministic_encoder: true or a larger "
+                              "kl_weight.", stacklevel=1)
             vae.config = vae.config.replace(scaling_factor=1.0 / std)
             final = Path(self.config.output_dir) / "vae"
             tmp = final.with_name(".tmp-vae")
@@ -104,6 +142,13 @@ class VAETask:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             print(f"wrote {final} (latent std {std:.4f}, scaling_factor {1.0 / std:.5f})", flush=True)
+            if config.dataset == "shapes" and config.check_reconstructions:
+                from ..evaluation import evaluate_vae
+
+                scores = evaluate_vae(vae, config.check_reconstructions, config.resolution)
+                (Path(config.output_dir) / "reconstruction.json").write_text(json.dumps(scores, indent=1) + "\n")
+                print("reconstructions read back by the analyzer: "
+                      + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
         self.accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,280 @@
+"""Time our LatentDiffusionPipeline against diffusers' StableDiffusionPipeline end to end on a GPU, in one run:
+the SD 1.5 architecture with random weights (U-Net 859M, VAE, CLIP ViT-L/14 text encoder), 512x512, 50 steps of
+DPM-Solver++(2M), guidance 7.5, fp16, decoded to images.
+
+    python benchmarks/gpu.py [--batches 1,4] [--variants diffusers,ours,diffusers-compile,ours-compile]
+                             [--repeats 2] [--steps 50] [--size 512] [--time-limit SECONDS] [--device cuda]
+                             [--tiny] [--no-vae-upcast]
+
+Both pipelines hold the very same weight tensors (ours are drawn once; diffusers' modules are built on the meta
+device and given them), the same text-encoder object, tokenizers read from the same folder and DPM-Solver++
+schedulers built from one explicit config. Variants: diffusers and ours (eager, SDPA attention), and the same with
+the U-Net alone wrapped in torch.compile (default mode, fullgraph=False, dynamic=False so that each batch size gets
+its own static graph rather than a dynamic one), compile time reported as the first call minus a timed one.
+Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
+the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
+relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of the warm-up
+call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit stops
+starting new ones once that many seconds have passed since the start.
+
+As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
+fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
+Ours also caches prompt embeddings, so repeated calls skip the text encoder; diffusers encodes on every call.
+On the CPU (--device cpu: fp32; default variants the eager two) --tiny runs tiny random configs (tests/tiny.py's
+sizes, 64x64, 2 steps), a smoke test of the script: `python benchmarks/gpu.py --device cpu --tiny`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import gib, machine, print_table, setup
+
+VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile")
+GUIDANCE = 7.5
+# DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+    lower_order_final=True, final_sigmas_type="zero", use_karras_sigmas=False, timestep_spacing="leading",
+    steps_offset=1,
+)
+# the tiny U-Net of tests/tiny.py (its cross-attention width matches latentdiff's text_config_tiny)
+TINY_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=8, down_block_types=("CrossAttnDownBlock2D",
+    "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+    attention_head_dim=(2, 4), norm_num_groups=8,
+)  # fmt: skip
+
+
+@torch.no_grad()
+def random_weights_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """common.gaussian_init_'s distribution (W ~ N(0, 1/fan_in), biases N(0, 0.02^2), norm scales N(1, 0.02^2)),
+    drawn with a generator on the parameters' device: a GPU fills 1B parameters in milliseconds, where
+    gaussian_init_'s CPU generator takes seconds and the GPU machine's time is scarce."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+        else:
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' `cls` of the same config as our `model`, holding the very same tensors (no copy)."""
+    kwargs = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = cls(**kwargs)
+    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
+    left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"diffusers' {cls.__name__} has tensors ours does not provide: {left[:5]}")
+    return ref.eval().requires_grad_(False)
+
+
+def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_upcast: bool, seed: int = 0):
+    """(ours, diffusers') pipelines over one set of random weights."""
+    import diffusers
+    import transformers
+
+    from latentdiff import LatentDiffusionPipeline
+    from latentdiff.layout import SD15_CONFIG
+    from latentdiff.models.text import CLIPTokenizer, build_text_encoder, text_config_sd15, text_config_tiny
+    from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.schedulers import DPMSolverMultistepScheduler
+
+    unet_config = UNetConfig(**TINY_UNET) if tiny else UNetConfig.sd15()
+    vae_config = (VAEConfig.tiny() if tiny else VAEConfig.sd15()).replace(force_upcast=vae_upcast)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(unet_config), AutoencoderKL(vae_config)
+    unet = random_weights_(unet.to_empty(device=device).to(dtype), seed)
+    vae = random_weights_(vae.to_empty(device=device).to(dtype), seed + 1)
+    with torch.device(device):  # transformers' own random init, drawn where the model lives (fast on a GPU)
+        text_encoder = build_text_encoder(text_config_tiny() if tiny else text_config_sd15(), seed=seed + 2)
+    text_encoder = text_encoder.to(dtype).requires_grad_(False)
+    # the committed SD 1.5 tokenizer folder (written by our tokenizer); both libraries read it
+    tokenizer_folder = SD15_CONFIG / "tokenizer"
+
+    ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer_folder), text_encoder, unet, vae,
+                                   DPMSolverMultistepScheduler(**SCHEDULER))
+    ref = diffusers.StableDiffusionPipeline(
+        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=text_encoder,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
+        unet=twin(diffusers.UNet2DConditionModel, unet), scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    ref.set_progress_bar_config(disable=True)
+    return {"ours": ours, "diffusers": ref}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(pipe, lib: str, prompt: str, latents: torch.Tensor, args) -> torch.Tensor:
+    """One full pipeline call for len(latents) images; images [B, 3, H, W] in [0, 1] on the device."""
+    extra = {"progress": False} if lib == "ours" else {}
+    out = pipe([prompt] * latents.shape[0], height=args.size, width=args.size, num_inference_steps=args.steps,
+               guidance_scale=GUIDANCE, latents=latents, output_type="pt", **extra)
+    return out.images
+
+
+def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def make_latents(pipes, batch: int, args, device, dtype) -> torch.Tensor:
+    """x_T for `batch` images, drawn on the CPU from a fixed seed, identical for both pipelines."""
+    ours = pipes["ours"]
+    side = args.size // ours.vae_scale_factor
+    g = torch.Generator().manual_seed(1000 + batch)
+    return torch.randn(batch, ours.unet.config.in_channels, side, side, generator=g).to(device, dtype)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@torch.no_grad()
+def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, args, device) -> dict:
+    """Warm up (unless `warm` holds this variant's first call already), then time args.repeats calls."""
+    lib, compiled = variant.removesuffix("-compile"), variant.endswith("-compile")
+    pipe = pipes[lib]
+    eager_unet = pipe.unet
+    if compiled:
+        pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
+    run = lambda: generate(pipe, lib, args.prompt, latents, args)  # noqa: E731
+    try:
+        first, images = warm.get((variant, batch)) or timed(run, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        calls = [timed(run, device)[0] for _ in range(args.repeats)]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    finally:
+        pipe.unet = eager_unet
+    call = statistics.median(calls)
+    return {
+        "batch": batch, "variant": variant, "s/image": call / batch, "calls": calls, "peak": peak,
+        "rise": peak - before, "compile": first - call if compiled else None, "images": images,
+    }
+
+
+def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
+    def ratio(name: str) -> str:
+        ref = next((r for r in rows if r["batch"] == m["batch"] and r["variant"] == name), None)
+        return f"{ref['s/image'] / m['s/image']:.2f}x" if ref else "-"
+
+    cuda = device.type == "cuda"
+    return {
+        "batch": m["batch"], "variant": m["variant"], "s/image": f"{m['s/image']:.3f}",
+        "calls s": " ".join(f"{c:.2f}" for c in m["calls"]),
+        "vs diffusers": ratio("diffusers"),
+        "vs diffusers-compile": ratio("diffusers-compile") if m["variant"].endswith("-compile") else "-",
+        "peak GPU mem": gib(m["peak"]) if cuda else "-", "+ during call": gib(m["rise"]) if cuda else "-",
+        "compile s": f"{m['compile']:.1f}" if m["compile"] is not None else "-",
+        "max|diff|": f"{m['diff']:.1e}" if m["diff"] is not None else "-",
+    }
+
+
+def describe(device: torch.device) -> str:
+    import diffusers
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"device: {name}; {machine()}; diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (images per call)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all on a GPU, the eager two on "
+                             "the CPU, where compiling takes minutes)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch and variant")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --tiny: 2)")
+    parser.add_argument("--size", type=int, default=None, help="image height and width (default 512; --tiny: 64)")
+    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse on the moon")
+    parser.add_argument("--device", default="cuda", help="cuda (fp16) or cpu (fp32, for a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (tests/tiny.py's sizes)")
+    parser.add_argument("--no-vae-upcast", action="store_true", help="ours decodes fp16 latents in fp16, as diffusers")
+    parser.add_argument("--time-limit", type=float, default=0.0,
+                        help="seconds since the start after which no new measurement starts (0: none)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    default = VARIANTS if device.type == "cuda" else VARIANTS[:2]
+    variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        parser.error(f"--batches {args.batches!r}: give comma-separated positive integers, e.g. 1,4")
+    if not batches or min(batches) < 1 or args.repeats < 1:
+        parser.error("--batches needs positive integers and --repeats at least 1")
+    args.steps = args.steps or (2 if args.tiny else 50)
+    args.size = args.size or (64 if args.tiny else 512)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but PyTorch sees no GPU; use --device cpu (with --tiny) for a smoke test")
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+
+    setup(None)
+    print(describe(device), flush=True)
+    pipes = build_pipelines(args.tiny, device, dtype, vae_upcast=not args.no_vae_upcast)
+    print(f"{'tiny' if args.tiny else 'SD 1.5'} architecture, random weights, {str(dtype).removeprefix('torch.')}, "
+          f"{args.size}x{args.size}, {args.steps} steps DPM-Solver++(2M), guidance {GUIDANCE}; U-Net "
+          f"{sum(p.numel() for p in pipes['ours'].unet.parameters()) / 1e6:.0f}M parameters; built in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+    # parity first: batch 1, same latents, eager; these calls are also the eager variants' warm-ups at batch 1
+    first_latents = make_latents(pipes, 1, args, device, dtype)
+    warm = {(lib, 1): timed(lambda: generate(pipes[lib], lib, args.prompt, first_latents, args), device)
+            for lib in ("diffusers", "ours")}
+    print(f"parity (batch 1, eager, same latents): max |ours - diffusers| = "
+          f"{max_diff(warm[('ours', 1)][1], warm[('diffusers', 1)][1]):.2e} over images in [0, 1]", flush=True)
+
+    rows: list[dict] = []
+    stopped = None
+    for batch in batches:
+        latents = first_latents if batch == 1 else make_latents(pipes, batch, args, device, dtype)
+        for variant in variants:
+            if args.time_limit and time.perf_counter() - start > args.time_limit:
+                stopped = f"time limit of {args.time_limit:.0f} s reached before batch {batch} {variant}"
+                break
+            m = measure(pipes, variant, batch, latents, warm, args, device)
+            images = m.pop("images")
+            if variant == "diffusers":
+                warm.setdefault(("diffusers", batch), (None, images))
+            reference = warm.get(("diffusers", batch))
+            m["diff"] = max_diff(images, reference[1]) if reference else None
+            rows.append(m)
+            line = format_row(m, rows, device)
+            print("  " + ", ".join(f"{k} {v}" for k, v in line.items()), flush=True)
+        warm = {key: value for key, value in warm.items() if key[1] != batch}  # free this batch's images
+        if stopped:
+            break
+    if stopped:
+        print(f"stopped: {stopped}", flush=True)
+    if rows:
+        print(f"\nseconds per image = call time / batch (median of {args.repeats}); speed-ups compare seconds per "
+              "image with the diffusers variant of the same batch; max|diff|: the warm-up call's images against "
+              "diffusers eager's, same latents")
+        table = [format_row(m, rows, device) for m in rows]
+        print_table(table, list(table[0]))
+    print(f"total {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

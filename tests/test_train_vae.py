@@ -1,0 +1,134 @@
+"""The VAE export (train/vae.py): the deterministic encoder, scaling_factor from the latents, and the
+analyzer's check of the reconstructions (evaluation.evaluate_vae)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentdiff.train.config import VAETrainConfig, load_config
+from latentdiff.train.vae import LOGVAR_FLOOR, latent_std, make_deterministic, train_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_vae(seed: int = 0):
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(VAEConfig.tiny()).eval()
+
+
+@torch.no_grad()
+def test_deterministic_encoder_samples_its_mean_in_ours_and_in_diffusers():
+    import diffusers
+
+    vae = make_deterministic(tiny_vae())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    posterior = vae.encode(images)
+    assert posterior.std.max() < 1e-6
+    torch.testing.assert_close(posterior.sample(torch.Generator().manual_seed(0)), posterior.mean, rtol=0, atol=1e-5)
+    # the same weights in diffusers: its posterior is a point mass too (the pinning is in the weights, not our code)
+    kwargs = {k: v for k, v in vae.config.to_dict().items() if not k.startswith("_")}
+    reference = diffusers.AutoencoderKL(**kwargs).eval()
+    reference.load_state_dict(vae.state_dict())
+    dist = reference.encode(images).latent_dist
+    assert dist.std.max() < 1e-6
+    torch.testing.assert_close(dist.mean, posterior.mean, rtol=0, atol=1e-5)
+
+
+class _Source:
+    def __init__(self, n=24, size=32, seed=3):
+        from latentdiff.data.shapes import ShapesDataset
+
+        self.data = ShapesDataset(n, size=size, seed=seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def load(self, i):
+        _, image, text = self.data.item(i)
+        return image, text
+
+
+@torch.no_grad()
+def test_latent_std_of_samples_and_of_means():
+    vae, source = tiny_vae(), _Source()
+    means = torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 8)])).mean
+                       for s in range(0, 24, 8)]).double()
+    assert latent_std(vae, source, 32, 24, of="means") == pytest.approx(means.std(unbiased=False).item(), rel=1e-6)
+    with torch.no_grad():  # a runaway posterior variance shows in the samples, not in the means
+        vae.quant_conv.bias[vae.config.latent_channels:] = 8.0
+    assert latent_std(vae, source, 32, 24) > 20 * latent_std(vae, source, 32, 24, of="means")
+    with pytest.raises(ValueError, match="'samples' or 'means'"):
+        latent_std(vae, source, 32, 24, of="median")
+
+
+def _pixels(source, i):
+    from latentdiff.data.folder import prepare_image
+
+    return prepare_image(source.load(i)[0], 32)
+
+
+def test_exported_vae_is_deterministic_and_its_reconstructions_are_scored(tmp_path):
+    config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                         {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
+                          "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 10})
+    train_vae(config)
+    from latentdiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
+    c = vae.config.latent_channels
+    assert torch.all(vae.quant_conv.bias[c:] == LOGVAR_FLOOR) and torch.all(vae.quant_conv.weight[c:] == 0)
+    source = _Source(48, seed=0)  # vae_smoke.yaml's data: shapes seed 0, 48 images
+    expected = 1.0 / latent_std(vae, source, 32, 48, of="means")
+    assert vae.config.scaling_factor == pytest.approx(expected, rel=1e-3)
+    scores = json.loads((tmp_path / "vae" / "reconstruction.json").read_text())
+    assert set(scores) == {"background", "colour", "shape", "size", "position", "all"}
+
+
+def test_runaway_posterior_variance_is_reported(tmp_path):
+    config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                         {"output_dir": str(tmp_path / "vae"), "max_train_steps": 1, "checkpointing_steps": 0,
+                          "validation_steps": 0, "check_reconstructions": 0, "learning_rate": 1e-12})
+    from latentdiff.train import vae as vae_module
+
+    original = vae_module.load_vae
+
+    def runaway(config):
+        vae = original(config)
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels:] = 12.0  # posterior std e^6 ~ 400
+        return vae
+
+    vae_module.load_vae = runaway
+    try:
+        with pytest.warns(UserWarning, match="deterministic_encoder: true or a larger kl_weight"):
+            train_vae(config)
+    finally:
+        vae_module.load_vae = original
+
+
+class _IdentityVAE(torch.nn.Module):
+    """encode -> the image itself as the 'mean', decode -> identity: a perfect autoencoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return type("Posterior", (), {"mean": x})()
+
+    def decode(self, z):
+        return z
+
+
+def test_evaluate_vae_scores_a_perfect_autoencoder_at_100_percent():
+    from latentdiff.evaluation import evaluate_vae
+
+    scores = evaluate_vae(_IdentityVAE(), num_images=40)
+    assert scores == {k: 1.0 for k in ("background", "colour", "shape", "size", "position", "all")}
+    with pytest.raises(ValueError, match="num_images"):
+        evaluate_vae(_IdentityVAE(), num_images=0)
