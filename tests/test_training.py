@@ -23,9 +23,9 @@ from latentdiff.data.folder import BadSampleError, ImageFolderDataset, prepare_i
 from latentdiff.data.shapes import write_image_folder
 from latentdiff.schedulers import DDPMScheduler
 from latentdiff.training import (EMA, BatchPlan, TextToImageConfig, TrainingDiverged, VAETrainConfig,
-                                 checkpoint_problem, diffusion_loss, draw, find_resumable, latent_std, load_components,
-                                 load_config, lr_multiplier, min_snr_weights, parse_command_line,
-                                 train_text_to_image, train_vae)
+                                 checkpoint_problem, diffusion_loss, draw, find_resumable, high_noise_weights,
+                                 latent_std, load_components, load_config, lr_multiplier, min_snr_weights,
+                                 parse_command_line, train_text_to_image, train_vae)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "training" / "configs" / "smoke.yaml"
@@ -118,6 +118,8 @@ def test_config_overrides_use_the_configs_own_keys():
           "--random_flip", "true")
     fails(r"'export_scheduler' = 'plms': choose one of \['ddpm'", "--export_scheduler", "plms")
     fails(r"override --output_dir has no value", "--output_dir")
+    fails(r"exactly one of 'text_encoder' .* and 'text_encoder_path'", "--text_encoder_path", "some/folder")
+    fails(r"high_noise_weight caps a weight that is at least 1", "--high_noise_weight", "0.5")
     with pytest.raises(ValueError, match="'output_dir' is required"):
         load_config(VAETrainConfig, None, {"vae": {"block_out_channels": [32]}})
 
@@ -127,6 +129,20 @@ def test_training_script_reports_config_errors_without_a_traceback(capsys):
 
     assert run_script(TextToImageConfig, train_text_to_image, ["--config", str(SMOKE), "--bogus", "1"]) == 2
     assert "unknown config key(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_a_new_unet_can_start_from_a_trained_text_encoder(tmp_path):
+    from latentdiff.models.text import save_text_encoder
+
+    trained = load_components(smoke_config(tmp_path, seed=5)).text_encoder
+    save_text_encoder(trained, tmp_path / "text_encoder")
+    config = smoke_config(tmp_path, text_encoder=None, text_encoder_path=str(tmp_path / "text_encoder"))
+    loaded = load_components(config).text_encoder
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
+    fresh = load_components(smoke_config(tmp_path)).text_encoder  # seed 0: different random weights
+    assert not torch.equal(fresh.state_dict()["embeddings.token_embedding.weight"],
+                           trained.state_dict()["embeddings.token_embedding.weight"])
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
@@ -221,6 +237,14 @@ def test_diffusion_loss_targets_and_min_snr_weights():
     assert eps_w[0] < 0.01 and eps_w[2] == 1.0  # t=0 (SNR ~ 1000) is down-weighted, t=999 untouched
     weighted = diffusion_loss(zero, z0, None, t, noise, abar, snr_gamma=5.0).item()
     assert weighted == pytest.approx((eps_w * eps_mse).mean().item(), rel=1e-5)
+
+    # high-noise weighting: min(1 + 1/SNR, cap) on eps losses (EDM's weighting for eps), 1 for v losses
+    high = high_noise_weights(snr, 20.0, "epsilon")
+    assert torch.allclose(high, torch.clamp(1 + 1 / snr, max=20.0))
+    assert high[0] == pytest.approx(1.0, abs=2e-3) and high[2] == 20.0 and 1.0 < high[1] < 20.0
+    assert torch.equal(high_noise_weights(snr, 20.0, "v_prediction"), torch.ones(3))
+    both = diffusion_loss(zero, z0, None, t, noise, abar, snr_gamma=5.0, high_noise_weight=20.0).item()
+    assert both == pytest.approx((eps_w * high * eps_mse).mean().item(), rel=1e-5)
 
 
 def test_draws_depend_on_each_samples_seed_only():

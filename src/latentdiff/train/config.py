@@ -93,6 +93,7 @@ class TextToImageConfig(TrainConfig):
     pretrained_config: str | None = None  # a single file's architecture: a pipeline folder (default: SD 1.5's)
     unet: dict | None = None  # diffusers UNet2DConditionModel config keys
     text_encoder: dict | None = None  # transformers CLIPTextConfig keys (a new, randomly initialised encoder)
+    text_encoder_path: str | None = None  # or a trained text-encoder folder to start from (<pipeline>/text_encoder)
     tokenizer: str | None = None  # tokenizer folder; default: the CLIP BPE vocabulary open_clip ships
     vae_path: str | None = None  # a VAE folder (train_vae.py writes one)
     vae: dict | None = None  # a VAE config with random weights: only for smoke tests (latents carry no image)
@@ -103,6 +104,7 @@ class TextToImageConfig(TrainConfig):
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
+    high_noise_weight: float | None = None  # eps loss x min(1 + 1/SNR, this): weight on layout (see train/loss.py)
     noise_offset: float = 0.0
     cache_latents: bool = False  # encode every image once; keeps posterior mean and std, so sampling stays random
     use_ema: bool = True
@@ -126,13 +128,18 @@ class TextToImageConfig(TrainConfig):
             raise ValueError("give exactly one of 'pretrained' (a pipeline folder or .safetensors file to fine-tune) "
                              f"and 'unet' (an architecture to train from scratch); got {sources or 'neither'}")
         if self.unet:
-            if not self.text_encoder:
-                raise ValueError("training from scratch ('unet' given) needs 'text_encoder' (CLIPTextConfig keys)")
+            if bool(self.text_encoder) == bool(self.text_encoder_path):
+                raise ValueError("training from scratch ('unet' given) needs exactly one of 'text_encoder' "
+                                 "(CLIPTextConfig keys, random weights) and 'text_encoder_path' (a trained "
+                                 "text-encoder folder)")
             if bool(self.vae_path) == bool(self.vae):
                 raise ValueError("training from scratch needs exactly one of 'vae_path' (a trained VAE folder, from "
                                  "train_vae.py) and 'vae' (random weights, smoke tests only)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be a probability in [0, 1], got {self.caption_dropout}")
+        if self.high_noise_weight is not None and self.high_noise_weight < 1:
+            raise ValueError(f"high_noise_weight caps a weight that is at least 1: give a value >= 1 (e.g. 20) or "
+                             f"null, got {self.high_noise_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (or null for no min-SNR weighting), got {self.snr_gamma}")
         if not 0.0 <= self.ema_decay < 1.0:

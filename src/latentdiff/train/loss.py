@@ -54,11 +54,25 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> 
     raise ValueError(f"prediction_type={prediction_type!r}: min-SNR weighting supports 'epsilon' and 'v_prediction'")
 
 
+def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str) -> torch.Tensor:
+    """min(1 + 1/SNR, cap) for an eps loss: EDM's loss weighting (Karras et al. 2022, eq. 8 with sigma_data = 1,
+    sigma^2 = 1/SNR) rewritten for an eps target and capped. An eps error at high noise becomes an x0 error 1/sqrt(SNR)
+    times larger, so a plain eps loss gives the steps that decide an image's layout (where the object goes) almost
+    no weight; this restores it, leaving steps with SNR >= 1/(cap - 1) near weight 1. For v targets (already weighted
+    by 1 + 1/SNR relative to eps) the factor is 1."""
+    if prediction_type == "v_prediction":
+        return torch.ones_like(snr_t)
+    if prediction_type != "epsilon":
+        raise ValueError(f"prediction_type={prediction_type!r}: high-noise weighting supports 'epsilon' and "
+                         "'v_prediction'")
+    return torch.clamp(1.0 + 1.0 / snr_t, max=cap)
+
+
 def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                   snr_gamma: float | None = None) -> torch.Tensor:
-    """Mean over the batch of the (optionally min-SNR weighted) per-sample MSE between the U-Net's prediction at
-    z_t and its target."""
+                   snr_gamma: float | None = None, high_noise_weight: float | None = None) -> torch.Tensor:
+    """Mean over the batch of the (optionally min-SNR and high-noise weighted) per-sample MSE between the U-Net's
+    prediction at z_t and its target."""
     z_t = q_sample(z0, noise, timesteps, alphas_cumprod)
     if prediction_type == "epsilon":
         target = noise
@@ -68,9 +82,11 @@ def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: tor
         raise ValueError(f"prediction_type={prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
     prediction = unet(z_t, timesteps, context)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    snr_t = snr(timesteps, alphas_cumprod.to(timesteps.device))
     if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(snr(timesteps, alphas_cumprod.to(timesteps.device)), snr_gamma,
-                                                  prediction_type)
+        per_sample = per_sample * min_snr_weights(snr_t, snr_gamma, prediction_type)
+    if high_noise_weight is not None:
+        per_sample = per_sample * high_noise_weights(snr_t, high_noise_weight, prediction_type)
     return per_sample.mean()
 
 

@@ -51,7 +51,7 @@ def text_encoder_config(values: dict):
 
 def load_components(config) -> Components:
     """The pipeline to fine-tune, or new models (initialised from `config.seed`) around a trained VAE."""
-    from ..models.text import CLIPTokenizer, build_text_encoder
+    from ..models.text import CLIPTokenizer, build_text_encoder, load_text_encoder
     from ..models.unet import UNet2DConditionModel, UNetConfig
     from ..models.vae import AutoencoderKL, VAEConfig
     from ..schedulers import DDPMScheduler
@@ -77,7 +77,10 @@ def load_components(config) -> Components:
         unet_values = dict(config.unet)
         unet_values.setdefault("sample_size", config.resolution // vae.vae_scale_factor)
         unet = UNet2DConditionModel(UNetConfig.from_dict(unet_values))
-        text_encoder = build_text_encoder(text_encoder_config(config.text_encoder))
+        if config.text_encoder_path:
+            text_encoder = load_text_encoder(config.text_encoder_path, torch.float32)
+        else:
+            text_encoder = build_text_encoder(text_encoder_config(config.text_encoder))
     tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer) if config.tokenizer else CLIPTokenizer()
     scheduler = DDPMScheduler.from_config({**SD_SCHEDULE, **(config.scheduler or {})}, **overrides)
     return Components(tokenizer, text_encoder, unet, vae, scheduler)
@@ -160,7 +163,7 @@ class TextToImageTask:
             # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
             context = self.text_encoder(ids).last_hidden_state
         loss = diffusion_loss(self.unet, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
-                              self.prediction_type, config.snr_gamma)
+                              self.prediction_type, config.snr_gamma, config.high_noise_weight)
         return loss, {}
 
     def after_optimizer_step(self) -> None:
