@@ -85,6 +85,20 @@ def test_stochastic_sampler_is_batch_invariant(pipe):
     torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=0)
 
 
+def test_prompt_cache_follows_the_text_encoders_weights(folders):
+    from latentdiff import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    before = pipe.encode_prompt(["a red circle"])
+    assert torch.equal(pipe.encode_prompt(["a red circle"]), before)  # cached
+    state = {k: v + 0.01 for k, v in pipe.text_encoder.state_dict().items()}
+    pipe.text_encoder.load_state_dict(state)  # new weights, same module
+    after = pipe.encode_prompt(["a red circle"])
+    assert not torch.allclose(after, before)
+    expected = pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state
+    torch.testing.assert_close(after, expected)
+
+
 def test_guidance_one_is_conditional_only(pipe):
     calls = []
     unet = pipe.unet

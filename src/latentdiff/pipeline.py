@@ -68,6 +68,7 @@ class LatentDiffusionPipeline:
         self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler = (
             tokenizer, text_encoder, unet, vae, scheduler)
         self._embedding_cache: dict[tuple, torch.Tensor] = {}
+        self._embedding_weights: tuple = ()
 
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
@@ -116,6 +117,12 @@ class LatentDiffusionPipeline:
         """[B, 77, D] context for `prompts`. Repeated prompts (the empty negative prompt above all) are cached."""
         from .models.text import encode_prompt_ids
 
+        # the cache holds for these weights only: swapping the encoder or changing its weights in place (which
+        # bumps each tensor's version counter: load_state_dict, an optimizer step) empties it
+        weights = (id(self.text_encoder), sum(p._version for p in self.text_encoder.parameters()))
+        if weights != self._embedding_weights:
+            self._embedding_cache.clear()
+            self._embedding_weights = weights
         out = []
         for prompt in prompts:
             key = (prompt, clip_skip)
