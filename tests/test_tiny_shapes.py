@@ -47,3 +47,22 @@ def test_loads_in_diffusers_with_the_same_image():
     expected = ref(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
     got = ours(prompt, generator=torch.Generator().manual_seed(3), progress=False, **kwargs).images
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+
+
+# what the shipped pipeline must keep doing on these 12 prompts at 12 steps (it scores background, shape and size
+# 12/12 and colour 11/12; position is not learned yet, see the README); the previous, untrained-looking pipeline
+# scored colour 2/12, background 6/12, shape 7/12 and fails. Floors leave room for one or two images to change on
+# another CPU's float rounding.
+ADHERENCE_FLOOR = {"background": 0.8, "colour": 0.8, "shape": 0.75, "size": 0.8}
+
+
+def test_quick_prompt_adherence():
+    """12 held-out prompts (triples never trained on), 12 DPM-Solver++ steps, guidance 5, read by the analyzer."""
+    from latentdiff.data.shapes import heldout_prompts
+    from latentdiff.evaluation import evaluate_pipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(EMBEDDED)
+    prompts = heldout_prompts()[::12][:12]
+    ((_, scores),) = evaluate_pipeline(pipe, [5.0], prompts, steps=12, batch_size=12)
+    low = {k: round(scores[k], 3) for k, floor in ADHERENCE_FLOOR.items() if scores[k] < floor}
+    assert not low, f"prompt adherence fell below {ADHERENCE_FLOOR}: {low} (all scores: {scores})"
