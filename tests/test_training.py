@@ -258,6 +258,19 @@ def test_draws_depend_on_each_samples_seed_only():
     assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0.01
 
 
+def test_timestep_bias_draws_a_portion_from_its_range():
+    seeds = torch.arange(400)
+    plain = draw(seeds, (4, 2, 2), 1000)
+    assert plain.timesteps.min() < 100 and plain.timesteps.max() > 900
+    only = draw(seeds, (4, 2, 2), 1000, timestep_bias=(600, 1000, 1.0))
+    assert only.timesteps.min() >= 600 and only.timesteps.max() < 1000
+    half = draw(seeds, (4, 2, 2), 1000, timestep_bias=(600, 1000, 0.5)).timesteps
+    assert 0.6 < (half >= 600).float().mean() < 0.9  # 0.5 + 0.5 * 0.4 = 0.7 expected
+    with pytest.raises(ValueError, match=r"timestep_bias_range must be \[begin, end\)"):
+        parse_command_line(TextToImageConfig, ["--config", str(SMOKE), "--output_dir", "o",
+                                               "--timestep_bias_range", "[900, 100]"])
+
+
 def test_ema_decay_warms_up_and_averages():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

@@ -105,6 +105,8 @@ class TextToImageConfig(TrainConfig):
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
     high_noise_weight: float | None = None  # eps loss x min(1 + 1/SNR, this): weight on layout (see train/loss.py)
+    timestep_bias_range: list | None = None  # [begin, end): draw timestep_bias_portion of the timesteps from here
+    timestep_bias_portion: float = 0.5
     noise_offset: float = 0.0
     cache_latents: bool = False  # encode every image once; keeps posterior mean and std, so sampling stays random
     use_ema: bool = True
@@ -137,6 +139,12 @@ class TextToImageConfig(TrainConfig):
                                  "train_vae.py) and 'vae' (random weights, smoke tests only)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be a probability in [0, 1], got {self.caption_dropout}")
+        if self.timestep_bias_range is not None:
+            r = self.timestep_bias_range
+            if not (len(r) == 2 and all(isinstance(x, int) for x in r) and 0 <= r[0] < r[1]):
+                raise ValueError(f"timestep_bias_range must be [begin, end) with 0 <= begin < end, got {r}")
+            if not 0.0 <= self.timestep_bias_portion <= 1.0:
+                raise ValueError(f"timestep_bias_portion must be in [0, 1], got {self.timestep_bias_portion}")
         if self.high_noise_weight is not None and self.high_noise_weight < 1:
             raise ValueError(f"high_noise_weight caps a weight that is at least 1: give a value >= 1 (e.g. 20) or "
                              f"null, got {self.high_noise_weight}")

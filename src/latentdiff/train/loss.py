@@ -27,13 +27,17 @@ class Draws:
 
 
 def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0,
-         device: torch.device | str = "cpu") -> Draws:
+         device: torch.device | str = "cpu", timestep_bias: tuple[int, int, float] | None = None) -> Draws:
     """Per-sample draws, each from a CPU generator seeded by that sample's seed: a sample's noise depends on
-    its seed only, not on the batch, the process or the device it lands on."""
+    its seed only, not on the batch, the process or the device it lands on. `timestep_bias = (begin, end, portion)`
+    draws that portion of the timesteps from [begin, end) instead of the whole range."""
     ts, noises, post = [], [], []
     for seed in seeds.tolist():
         g = torch.Generator().manual_seed(seed)
-        ts.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        if timestep_bias is not None and torch.rand((), generator=g).item() < timestep_bias[2]:
+            ts.append(torch.randint(timestep_bias[0], timestep_bias[1], (1,), generator=g))
+        else:
+            ts.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
         post.append(torch.randn(latent_shape, generator=g))
         eps = torch.randn(latent_shape, generator=g)
         if noise_offset:

@@ -141,6 +141,9 @@ class TextToImageTask:
         self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
                                  random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache)
         self.alphas_cumprod = components.scheduler.alphas_cumprod.to(device)
+        if config.timestep_bias_range and config.timestep_bias_range[1] > len(self.alphas_cumprod):
+            raise ValueError(f"timestep_bias_range {config.timestep_bias_range} ends past the {len(self.alphas_cumprod)} "
+                             "training timesteps")
         self.prediction_type = components.scheduler.config.prediction_type
         f = self.vae.vae_scale_factor
         self.latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
@@ -150,7 +153,10 @@ class TextToImageTask:
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
-        draws = draw(batch["seed"], self.latent_shape, len(self.alphas_cumprod), config.noise_offset, device)
+        bias = None
+        if config.timestep_bias_range:
+            bias = (*config.timestep_bias_range, config.timestep_bias_portion)
+        draws = draw(batch["seed"], self.latent_shape, len(self.alphas_cumprod), config.noise_offset, device, bias)
         with torch.no_grad():
             if "mean" in batch:  # cached posterior
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
