@@ -271,6 +271,22 @@ def test_timestep_bias_draws_a_portion_from_its_range():
                                                "--timestep_bias_range", "[900, 100]"])
 
 
+def test_training_view_makes_the_same_draws_and_ids_as_the_training_process():
+    from latentdiff.models.text import CLIPTokenizer
+    from latentdiff.train.data import ShapesSource, TrainingView, collate
+    from latentdiff.train.loss import DrawSpec
+
+    tokenizer = CLIPTokenizer()
+    spec = DrawSpec((4, 4, 4), 1000, noise_offset=0.05, timestep_bias=(600, 1000, 0.5))
+    view = TrainingView(ShapesSource(32, {"num_samples": 8}), 32, seed=3, caption_dropout=0.5, draw_spec=spec,
+                        tokenizer=tokenizer)
+    batch = collate([view[(1, i)] for i in range(8)])
+    expected = draw(batch["seed"], (4, 4, 4), 1000, 0.05, timestep_bias=(600, 1000, 0.5))
+    assert torch.equal(batch["timesteps"], expected.timesteps) and torch.equal(batch["noise"], expected.noise)
+    assert torch.equal(batch["posterior_noise"], expected.posterior_noise)
+    assert torch.equal(batch["input_ids"], tokenizer(batch["text"])) and "" in batch["text"]  # dropout applied
+
+
 def test_ema_decay_warms_up_and_averages():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

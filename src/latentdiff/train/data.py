@@ -70,10 +70,13 @@ class TrainingView(torch.utils.data.Dataset):
     With a latent cache, items carry the VAE posterior's mean and std instead of pixels."""
 
     def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
-                 caption_dropout: float = 0.0, cache: dict | None = None):
+                 caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None):
         self.source, self.resolution, self.seed = source, resolution, seed
         self.random_crop, self.random_flip, self.caption_dropout = random_crop, random_flip, caption_dropout
         self.cache = cache
+        # with these, the DataLoader's workers also make each sample's diffusion draws and token ids, work that
+        # otherwise holds up the training process between steps
+        self.draw_spec, self.tokenizer = draw_spec, tokenizer
 
     def __len__(self) -> int:
         return len(self.source)
@@ -89,12 +92,21 @@ class TrainingView(torch.utils.data.Dataset):
             item = {"pixel_values": prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)}
         if self.caption_dropout and rng.random() < self.caption_dropout:
             text = ""
-        return {**item, "text": text, "index": index, "seed": sample_seed(self.seed, epoch, index)}
+        seed = sample_seed(self.seed, epoch, index)
+        if self.draw_spec is not None:
+            from .loss import draw_sample
+
+            item["timesteps"], item["noise"], item["posterior_noise"] = draw_sample(seed, self.draw_spec)
+        if self.tokenizer is not None:
+            item["input_ids"] = self.tokenizer([text])[0]
+        return {**item, "text": text, "index": index, "seed": seed}
 
 
 def collate(items: list[dict]) -> dict:
-    out = {key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "mean", "std")
-           if key in items[0]}
+    out = {key: torch.stack([item[key] for item in items])
+           for key in ("pixel_values", "mean", "std", "noise", "posterior_noise", "input_ids") if key in items[0]}
+    if "timesteps" in items[0]:
+        out["timesteps"] = torch.cat([item["timesteps"] for item in items])
     out["text"] = [item["text"] for item in items]
     out["index"] = torch.tensor([item["index"] for item in items])
     out["seed"] = torch.tensor([item["seed"] for item in items], dtype=torch.int64)

@@ -26,24 +26,39 @@ class Draws:
     posterior_noise: torch.Tensor
 
 
+@dataclass(frozen=True)
+class DrawSpec:
+    """What a sample's random draws depend on besides its seed (see `draw_sample`)."""
+
+    latent_shape: tuple[int, ...]
+    num_train_timesteps: int
+    noise_offset: float = 0.0
+    timestep_bias: tuple[int, int, float] | None = None  # (begin, end, portion): see `draw`
+
+
+def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(timestep [1], noise, posterior noise) of one sample, from a CPU generator seeded by its seed alone."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.timestep_bias is not None and torch.rand((), generator=g).item() < spec.timestep_bias[2]:
+        t = torch.randint(spec.timestep_bias[0], spec.timestep_bias[1], (1,), generator=g)
+    else:
+        t = torch.randint(0, spec.num_train_timesteps, (1,), generator=g)
+    post = torch.randn(spec.latent_shape, generator=g)
+    eps = torch.randn(spec.latent_shape, generator=g)
+    if spec.noise_offset:
+        # offset noise (Guttenberg 2023): a per-channel constant lets the model shift an image's mean brightness
+        eps = eps + spec.noise_offset * torch.randn((spec.latent_shape[0], 1, 1), generator=g)
+    return t, eps, post
+
+
 def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0,
          device: torch.device | str = "cpu", timestep_bias: tuple[int, int, float] | None = None) -> Draws:
     """Per-sample draws, each from a CPU generator seeded by that sample's seed: a sample's noise depends on
     its seed only, not on the batch, the process or the device it lands on. `timestep_bias = (begin, end, portion)`
-    draws that portion of the timesteps from [begin, end) instead of the whole range."""
-    ts, noises, post = [], [], []
-    for seed in seeds.tolist():
-        g = torch.Generator().manual_seed(seed)
-        if timestep_bias is not None and torch.rand((), generator=g).item() < timestep_bias[2]:
-            ts.append(torch.randint(timestep_bias[0], timestep_bias[1], (1,), generator=g))
-        else:
-            ts.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
-        post.append(torch.randn(latent_shape, generator=g))
-        eps = torch.randn(latent_shape, generator=g)
-        if noise_offset:
-            # offset noise (Guttenberg 2023): a per-channel constant lets the model shift an image's mean brightness
-            eps = eps + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=g)
-        noises.append(eps)
+    draws that portion of the timesteps from [begin, end) instead of the whole range. (The training data loader
+    makes the same draws in its workers: TrainingView with a DrawSpec.)"""
+    spec = DrawSpec(tuple(latent_shape), num_train_timesteps, noise_offset, timestep_bias)
+    ts, noises, post = zip(*(draw_sample(seed, spec) for seed in seeds.tolist()))
     return Draws(torch.cat(ts).to(device), torch.stack(noises).to(device), torch.stack(post).to(device))
 
 

@@ -18,7 +18,7 @@ from ..checkpoints import load_into
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
 from .loop import FitResult, Trainer, make_accelerator, make_optimizer
-from .loss import diffusion_loss, draw
+from .loss import Draws, DrawSpec, diffusion_loss
 
 # Stable Diffusion's training noise schedule (the default for models trained from scratch)
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -137,26 +137,27 @@ class TextToImageTask:
         self.checkpoint_objects = [self.ema] if self.ema else []
 
         source = build_source(config)
-        cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
-        self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
-                                 random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache)
         self.alphas_cumprod = components.scheduler.alphas_cumprod.to(device)
         if config.timestep_bias_range and config.timestep_bias_range[1] > len(self.alphas_cumprod):
-            raise ValueError(f"timestep_bias_range {config.timestep_bias_range} ends past the {len(self.alphas_cumprod)} "
-                             "training timesteps")
+            raise ValueError(f"timestep_bias_range {config.timestep_bias_range} ends past the "
+                             f"{len(self.alphas_cumprod)} training timesteps")
         self.prediction_type = components.scheduler.config.prediction_type
         f = self.vae.vae_scale_factor
-        self.latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
+        latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
+        bias = (*config.timestep_bias_range, config.timestep_bias_portion) if config.timestep_bias_range else None
+        spec = DrawSpec(latent_shape, len(self.alphas_cumprod), config.noise_offset, bias)
+        cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
+        self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
+                                 random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache,
+                                 draw_spec=spec, tokenizer=components.tokenizer)
 
     def _unet(self):
         return self.accelerator.unwrap_model(self.unet)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
-        bias = None
-        if config.timestep_bias_range:
-            bias = (*config.timestep_bias_range, config.timestep_bias_portion)
-        draws = draw(batch["seed"], self.latent_shape, len(self.alphas_cumprod), config.noise_offset, device, bias)
+        # the sample's draws and token ids, made by the data loader (TrainingView with a DrawSpec and a tokenizer)
+        draws = Draws(batch["timesteps"].to(device), batch["noise"].to(device), batch["posterior_noise"].to(device))
         with torch.no_grad():
             if "mean" in batch:  # cached posterior
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
@@ -164,7 +165,7 @@ class TextToImageTask:
                 posterior = self.vae.encode(batch["pixel_values"].to(device, self.weight_dtype))
                 mean, std = posterior.mean.float(), posterior.std.float()
             z0 = (mean + std * draws.posterior_noise) * self.vae.config.scaling_factor
-        ids = self.c.tokenizer(batch["text"]).to(device)
+        ids = batch["input_ids"].to(device)
         with torch.set_grad_enabled(config.train_text_encoder):
             # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
             context = self.text_encoder(ids).last_hidden_state
