@@ -124,6 +124,15 @@ def test_config_overrides_use_the_configs_own_keys():
         load_config(VAETrainConfig, None, {"vae": {"block_out_channels": [32]}})
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    import yaml
+
+    values = yaml.safe_load(path.read_text())
+    cls = TextToImageConfig if ("unet" in values or "pretrained" in values) else VAETrainConfig
+    assert load_config(cls, path).output_dir
+
+
 def test_training_script_reports_config_errors_without_a_traceback(capsys):
     from latentdiff.training import run_script, train_text_to_image
 
