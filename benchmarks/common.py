@@ -140,6 +140,24 @@ def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def twins(reference_cls, ours_cls, config, dtype: torch.dtype, what: str):
+    """The reference model (a diffusers class, built from our config's keys) with gaussian_init_ weights in `dtype`,
+    and a function that makes one of ours holding the very same tensors (no copy)."""
+    from latentdiff.checkpoints import load_into
+
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = reference_cls(**kwargs).to(dtype)
+    ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)
+
+    def ours() -> torch.nn.Module:
+        with torch.device("meta"):
+            model = ours_cls(config)
+        return load_into(model, ref.state_dict(), what).eval().requires_grad_(False)
+
+    return ref, ours
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters, buffers and packed weights (oneDNN tensors held as plain attributes)."""
     seen, total = set(), 0

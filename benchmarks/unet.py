@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved, weight_bytes
+from common import count_flops, gib, machine, print_table, setup, time_interleaved, twins, weight_bytes
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-packed", "ours-compile")
@@ -33,24 +33,14 @@ def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]
     and compiled variants make their own (packed or channels-last) copies."""
     import diffusers
 
-    from latentdiff.checkpoints import load_into
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
-    config = UNetConfig.sd15()
-    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel(**kwargs).to(dtype)
-    ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)
-
-    def ours():
-        with torch.device("meta"):
-            model = UNet2DConditionModel(config)
-        return load_into(model, ref.state_dict(), "diffusers U-Net").eval().requires_grad_(False)
-
+    ref, ours = twins(diffusers.UNet2DConditionModel, UNet2DConditionModel, UNetConfig.sd15(), dtype,
+                      "diffusers U-Net")
     models = {"diffusers": ref}
     for name in variants:
         if name == "diffusers-cl":
-            models[name] = diffusers.UNet2DConditionModel(**kwargs).to(dtype).eval().requires_grad_(False)
+            models[name] = type(ref).from_config(ref.config).to(dtype).eval().requires_grad_(False)
             models[name].load_state_dict(ref.state_dict())
             models[name].to(memory_format=torch.channels_last)
         elif name == "ours":

@@ -14,7 +14,7 @@ import gc
 
 import torch
 
-from common import count_flops, gaussian_init_, gib, machine, print_table, setup, time_interleaved, weight_bytes
+from common import count_flops, gib, machine, print_table, setup, time_interleaved, twins, weight_bytes
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
@@ -23,21 +23,10 @@ VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
 def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]:
     import diffusers
 
-    from latentdiff.checkpoints import load_into
     from latentdiff.models.packed import pack_for_inference
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
 
-    config = VAEConfig.sd15()
-    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = diffusers.AutoencoderKL(**kwargs).to(dtype)
-    ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)
-
-    def ours():
-        with torch.device("meta"):
-            model = AutoencoderKL(config)
-        return load_into(model, ref.state_dict(), "diffusers VAE").eval().requires_grad_(False)
-
+    ref, ours = twins(diffusers.AutoencoderKL, AutoencoderKL, VAEConfig.sd15(), dtype, "diffusers VAE")
     models = {"diffusers": ref}
     for name in variants:
         if name == "ours":
