@@ -140,6 +140,24 @@ def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights: dict, errors: dict) -> list[dict]:
+    """One table row per variant of a model benchmark (unet.py, vae.py): median and best seconds, CPU seconds,
+    GFLOP/s and share of the roofline, speed against the "diffusers" variant, weights, memory and max |diff|."""
+    ref = timings["diffusers"]
+    rows = []
+    for v, timing in timings.items():
+        gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
+        rows.append({
+            "dtype": dtype_name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
+            "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
+            "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
+            "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
+            "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss), "+ during forward": gib(timing.rise),
+            "max|diff|": f"{errors[v]:.1e}",
+        })
+    return rows
+
+
 def twins(reference_cls, ours_cls, config, dtype: torch.dtype, what: str):
     """The reference model (a diffusers class, built from our config's keys) with gaussian_init_ weights in `dtype`,
     and a function that makes one of ours holding the very same tensors (no copy)."""

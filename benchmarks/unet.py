@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from common import count_flops, gib, machine, print_table, setup, time_interleaved, twins, weight_bytes
+from common import (count_flops, machine, print_table, setup, time_interleaved, timing_rows, twins,
+                    weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-packed", "ours-compile")
@@ -111,19 +112,7 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
     timings = time_interleaved(calls, args.repeats, args.warmup)
     roof = max(roof_before, conv_roofline(dtype, repeats=3))
 
-    ref = timings["diffusers"]
-    rows = []
-    for v, timing in timings.items():
-        gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
-        rows.append({
-            "dtype": name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
-            "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
-            "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
-            "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
-            "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss),
-            "+ during forward": gib(timing.rise),
-            "max|diff|": f"{errors[v]:.1e}",
-        })
+    rows = timing_rows(name, timings, flops, roof, weights, errors)
     print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward as FlopCounterMode counts them (batch {args.batch}, "
           f"4x{args.size}x{args.size}; + {attention / 1e9:.0f} GFLOP of attention it does not count on the CPU); "
           f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s

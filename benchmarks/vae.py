@@ -14,7 +14,8 @@ import gc
 
 import torch
 
-from common import count_flops, gib, machine, print_table, setup, time_interleaved, twins, weight_bytes
+from common import (count_flops, machine, print_table, setup, time_interleaved, timing_rows, twins,
+                    weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
@@ -51,18 +52,7 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> None:
     roof = conv_roofline(dtype, repeats=3)
     timings = time_interleaved(calls, args.repeats, args.warmup)
     roof = max(roof, conv_roofline(dtype, repeats=3))
-    ref = timings["diffusers"]
-    rows = []
-    for v, timing in timings.items():
-        gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
-        rows.append({
-            "dtype": name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
-            "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
-            "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
-            "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
-            "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss), "+ during forward": gib(timing.rise),
-            "max|diff|": f"{errors[v]:.1e}",
-        })
+    rows = timing_rows(name, timings, flops, roof, weights, errors)
     print(f"\n{name}: decode {args.batch}x4x{args.size}x{args.size} -> {args.size * 8}px, {flops / 1e9:.0f} GFLOP "
           f"(FlopCounterMode, attention not counted); 3x3-conv roofline {roof:.0f} GFLOP/s", flush=True)
     print_table(rows, list(rows[0]))
