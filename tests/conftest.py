@@ -10,6 +10,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared machine extra OpenMP threads thrash. Modules
+    of tiny models use it: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
     """A tiny random pipeline saved by diffusers, and the same weights loaded and saved by us:

@@ -12,19 +12,12 @@ from latentdiff.models import attention, packed, winograd
 from latentdiff.models.packed import PackedConv2d, PackedLinear, WinogradConv2d, pack_for_inference
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
+              pytest.mark.usefixtures("one_thread")]
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
              down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(seed: int = 0, dtype=torch.float32, **overrides) -> UNet2DConditionModel:

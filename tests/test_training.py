@@ -28,6 +28,7 @@ from latentdiff.training import (EMA, BatchPlan, TextToImageConfig, TrainingDive
                                  parse_command_line, train_text_to_image, train_vae)
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMOKE = ROOT / "training" / "configs" / "smoke.yaml"
 VAE_SMOKE = ROOT / "training" / "configs" / "vae_smoke.yaml"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -77,15 +78,6 @@ def forbid_unpickling(monkeypatch) -> None:
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"),
                          (torch.serialization, "load")):
         monkeypatch.setattr(module, name, refuse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared machine extra OpenMP threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

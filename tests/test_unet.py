@@ -14,6 +14,8 @@ from latentdiff.checkpoints import CheckpointError, load_into
 from latentdiff.models.embeddings import timestep_embedding
 from latentdiff.models.unet import SD_DOWN, SD_UP, UNet2DConditionModel, UNetConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 diffusers = pytest.importorskip("diffusers")
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -73,15 +75,6 @@ def inputs(config: UNetConfig, height: int = 16, width: int = 16, batch: int = 2
     ctx = torch.randn(batch, 7, config.cross_attention_dim, generator=g)
     t = torch.tensor([981, 7, 500, 250][:batch])
     return sample, t, ctx
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and stays fast when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
