@@ -123,6 +123,18 @@ def test_refusals_say_what_to_do(tmp_path):
     assert not fast(sample.detach(), t, ctx).requires_grad
 
 
+@torch.no_grad()
+def test_packed_conv_is_repacked_for_each_new_input_shape():
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    fast = PackedConv2d(conv)
+    assert fast.packed_for is None
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 8, 16, 16), (1, 8, 9, 7), (2, 8, 16, 16)]:
+        x = torch.randn(*shape, generator=g)
+        assert (fast(x) - conv(x)).abs().max() <= 1e-5
+        assert fast.packed_for == x.shape
+
+
 def test_pack_leaves_what_it_cannot_pack():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), torch.nn.Conv2d(4, 4, 3, padding=1),
                                 torch.nn.Conv2d(4, 4, 3, padding="same"), torch.nn.Conv2d(32, 32, 3, padding=1))
