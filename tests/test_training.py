@@ -112,6 +112,7 @@ def test_config_overrides_use_the_configs_own_keys():
     fails(r"override --output_dir has no value", "--output_dir")
     fails(r"exactly one of 'text_encoder' .* and 'text_encoder_path'", "--text_encoder_path", "some/folder")
     fails(r"high_noise_weight caps a weight that is at least 1", "--high_noise_weight", "0.5")
+    fails(r"token_embedding_std must be positive", "--token_embedding_std", "0")
     with pytest.raises(ValueError, match="'output_dir' is required"):
         load_config(VAETrainConfig, None, {"vae": {"block_out_channels": [32]}})
 
@@ -144,6 +145,16 @@ def test_a_new_unet_can_start_from_a_trained_text_encoder(tmp_path):
     fresh = load_components(smoke_config(tmp_path)).text_encoder  # seed 0: different random weights
     assert not torch.equal(fresh.state_dict()["embeddings.token_embedding.weight"],
                            trained.state_dict()["embeddings.token_embedding.weight"])
+
+
+def test_token_embedding_std_redraws_only_the_token_embeddings(tmp_path):
+    plain = load_components(smoke_config(tmp_path)).text_encoder.state_dict()
+    wide = load_components(smoke_config(tmp_path, token_embedding_std=1.0)).text_encoder.state_dict()
+    key = "embeddings.token_embedding.weight"
+    assert 0.95 < wide[key].std().item() < 1.05 and plain[key].std().item() < 0.05
+    assert all(torch.equal(wide[k], v) for k, v in plain.items() if k != key)  # the rest: the same seeded draw
+    with pytest.raises(ValueError, match="token_embedding_std initialises a new text encoder"):
+        smoke_config(tmp_path, text_encoder=None, text_encoder_path="te", token_embedding_std=1.0)
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule():

@@ -94,6 +94,8 @@ class TextToImageConfig(TrainConfig):
     unet: dict | None = None  # diffusers UNet2DConditionModel config keys
     text_encoder: dict | None = None  # transformers CLIPTextConfig keys (a new, randomly initialised encoder)
     text_encoder_path: str | None = None  # or a trained text-encoder folder to start from (<pipeline>/text_encoder)
+    # draw a new text encoder's token embeddings from N(0, std^2) instead of CLIP's N(0, 0.02^2): see load_components
+    token_embedding_std: float | None = None
     tokenizer: str | None = None  # tokenizer folder; default: the CLIP BPE vocabulary open_clip ships
     vae_path: str | None = None  # a VAE folder (train_vae.py writes one)
     vae: dict | None = None  # a VAE config with random weights: only for smoke tests (latents carry no image)
@@ -137,6 +139,12 @@ class TextToImageConfig(TrainConfig):
             if bool(self.vae_path) == bool(self.vae):
                 raise ValueError("training from scratch needs exactly one of 'vae_path' (a trained VAE folder, from "
                                  "train_vae.py) and 'vae' (random weights, smoke tests only)")
+        if self.token_embedding_std is not None:
+            if not self.text_encoder:
+                raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "
+                                 "(CLIPTextConfig keys), not a pretrained or text_encoder_path one")
+            if self.token_embedding_std <= 0:
+                raise ValueError(f"token_embedding_std must be positive, got {self.token_embedding_std}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be a probability in [0, 1], got {self.caption_dropout}")
         if self.timestep_bias_range is not None:
