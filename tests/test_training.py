@@ -257,6 +257,12 @@ def test_diffusion_loss_targets_and_min_snr_weights():
     assert torch.equal(high_noise_weights(snr, 20.0, "v_prediction"), torch.ones(3))
     both = diffusion_loss(zero, z0, None, t, noise, abar, snr_gamma=5.0, high_noise_weight=20.0).item()
     assert both == pytest.approx((eps_w * high * eps_mse).mean().item(), rel=1e-5)
+    # with min-SNR, eps and v losses weigh the x0 error of each timestep alike (eps error = x0 error x SNR, v error =
+    # x0 error x (SNR + 1)): min(SNR, 5) x min(1 + 1/SNR, 20)
+    x0_weight = torch.minimum(snr, torch.tensor(5.0)) * high
+    for kind, per_x0 in (("epsilon", snr), ("v_prediction", snr + 1)):
+        got = min_snr_weights(snr, 5.0, kind) * high_noise_weights(snr, 20.0, kind, after_min_snr=True) * per_x0
+        assert torch.allclose(got, x0_weight, rtol=1e-5)
 
 
 def test_draws_depend_on_each_samples_seed_only():

@@ -106,7 +106,7 @@ class TextToImageConfig(TrainConfig):
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
-    high_noise_weight: float | None = None  # eps loss x min(1 + 1/SNR, this): weight on layout (see train/loss.py)
+    high_noise_weight: float | None = None  # x min(1 + 1/SNR, this): weight on layout (see train/loss.py)
     timestep_bias_range: list | None = None  # [begin, end): draw timestep_bias_portion of the timesteps from here
     timestep_bias_portion: float = 0.5
     noise_offset: float = 0.0

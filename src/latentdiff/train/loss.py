@@ -73,17 +73,21 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> 
     raise ValueError(f"prediction_type={prediction_type!r}: min-SNR weighting supports 'epsilon' and 'v_prediction'")
 
 
-def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str) -> torch.Tensor:
+def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str, after_min_snr: bool = False
+                       ) -> torch.Tensor:
     """min(1 + 1/SNR, cap) for an eps loss: EDM's loss weighting (Karras et al. 2022, eq. 8 with sigma_data = 1,
     sigma^2 = 1/SNR) rewritten for an eps target and capped. An eps error at high noise becomes an x0 error 1/sqrt(SNR)
     times larger, so a plain eps loss gives the steps that decide an image's layout (where the object goes) almost
-    no weight; this restores it, leaving steps with SNR >= 1/(cap - 1) near weight 1. For v targets (already weighted
-    by 1 + 1/SNR relative to eps) the factor is 1."""
-    if prediction_type == "v_prediction":
-        return torch.ones_like(snr_t)
-    if prediction_type != "epsilon":
+    no weight; this restores it, leaving steps with SNR >= 1/(cap - 1) near weight 1.
+
+    A plain v loss is already the eps loss times 1 + 1/SNR, so it gets 1. Min-SNR's v weights divide that factor out
+    again (both parameterisations then weigh the x0 error by min(SNR, gamma)), so after them (`after_min_snr`) a v
+    loss gets the eps factor too, and the two weigh every timestep's x0 error alike."""
+    if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type={prediction_type!r}: high-noise weighting supports 'epsilon' and "
                          "'v_prediction'")
+    if prediction_type == "v_prediction" and not after_min_snr:
+        return torch.ones_like(snr_t)
     return torch.clamp(1.0 + 1.0 / snr_t, max=cap)
 
 
@@ -105,7 +109,8 @@ def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: tor
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(snr_t, snr_gamma, prediction_type)
     if high_noise_weight is not None:
-        per_sample = per_sample * high_noise_weights(snr_t, high_noise_weight, prediction_type)
+        per_sample = per_sample * high_noise_weights(snr_t, high_noise_weight, prediction_type,
+                                                     after_min_snr=snr_gamma is not None)
     return per_sample.mean()
 
 
