@@ -247,7 +247,11 @@ class AutoencoderKL(ModelMixin):
     def enable_tiling(self, tile_size: int = DEFAULT_TILE_SIZE) -> None:
         """Run each unit of layers (see `run_tiled`) on tiles of at most `tile_size`^2 pixels at its higher
         resolution. Measured, SD 1.x VAE, fp32, 512x512, tile_size=128: peak memory above the weights 295 MB vs
-        1002 MB untiled for decode (2x the FLOPs), 223 MB vs 790 MB for encode (1.3x the FLOPs)."""
+        1002 MB untiled for decode (2x the FLOPs), 223 MB vs 790 MB for encode (1.3x the FLOPs).
+
+        With glibc, freed tile buffers stay in the process unless the allocator is told to return them: run with
+        MALLOC_MMAP_THRESHOLD_=131072 in the environment for the lowest peak RSS (1-thread decode at 512 px:
+        288 MiB instead of 397; untiled 987-1014 MiB either way; see benchmarks/vae_tiled.py)."""
         if tile_size < 8:
             raise ValueError(f"tile_size = {tile_size} is too small: use at least 8 (default {DEFAULT_TILE_SIZE})")
         self.use_tiling, self.tile_size = True, tile_size
