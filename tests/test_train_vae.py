@@ -72,18 +72,27 @@ def _pixels(source, i):
     return prepare_image(source.load(i)[0], 32)
 
 
-def test_exported_vae_is_deterministic_and_its_reconstructions_are_scored(tmp_path):
+@pytest.mark.parametrize("export_resolution", [None, 64])
+def test_exported_vae_is_deterministic_and_its_reconstructions_are_scored(tmp_path, export_resolution, monkeypatch):
     config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                          {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
-                          "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 10})
+                          "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 10,
+                          "export_resolution": export_resolution})
+    from latentdiff import evaluation
+
+    checked = []  # the image size of the reconstruction check
+    evaluate = evaluation.evaluate_vae
+    monkeypatch.setattr(evaluation, "evaluate_vae", lambda vae, n, size: checked.append(size) or evaluate(vae, n, size))
     train_vae(config)
+    size = export_resolution or 32  # vae_smoke.yaml trains at 32 px
+    assert checked == [size]
     from latentdiff.models.vae import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
     c = vae.config.latent_channels
     assert torch.all(vae.quant_conv.bias[c:] == LOGVAR_FLOOR) and torch.all(vae.quant_conv.weight[c:] == 0)
-    source = _Source(48, seed=0)  # vae_smoke.yaml's data: shapes seed 0, 48 images
-    expected = 1.0 / latent_std(vae, source, 32, 48, of="means")
+    source = _Source(48, size=size, seed=0)  # vae_smoke.yaml's data: shapes seed 0, 48 images
+    expected = 1.0 / latent_std(vae, source, size, 48, of="means")
     assert vae.config.scaling_factor == pytest.approx(expected, rel=1e-3)
     scores = json.loads((tmp_path / "vae" / "reconstruction.json").read_text())
     assert set(scores) == {"background", "colour", "shape", "size", "position", "all"}

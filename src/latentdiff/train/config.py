@@ -184,6 +184,9 @@ class VAETrainConfig(TrainConfig):
     scale_samples: int = 256  # images whose posterior-latent std sets scaling_factor = 1 / std
     deterministic_encoder: bool = False  # export encode() as a point mass at the mean (see train/vae.py)
     check_reconstructions: int = 200  # shapes data: analyze this many reconstructions at export (0: skip)
+    # images of this size set scaling_factor and are the reconstructions checked at export (default: resolution):
+    # e.g. train on 64 px images, use at 128
+    export_resolution: int | None = None
     use_ema: bool = False
 
     def validate(self) -> None:
@@ -195,6 +198,9 @@ class VAETrainConfig(TrainConfig):
             raise ValueError("use_ema is not supported by train_vae.py; set it to false")
         if min(self.l1_weight, self.l2_weight, self.kl_weight) < 0 or self.scale_samples <= 0:
             raise ValueError("l1_weight, l2_weight, kl_weight must be >= 0 and scale_samples positive")
+        if self.export_resolution is not None and (self.export_resolution <= 0 or self.export_resolution % 8):
+            raise ValueError(f"export_resolution={self.export_resolution} must be a positive multiple of 8 (the VAE "
+                             "downsamples by 8), or null for 'resolution'")
 
 
 # --- reading and overriding --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -127,8 +128,10 @@ class VAETask:
             vae = self.vae.eval().to("cpu", torch.float32)
             if config.deterministic_encoder:
                 make_deterministic(vae)
-            std = latent_std(vae, self.source, config.resolution, config.scale_samples, config.seed)
-            means_std = latent_std(vae, self.source, config.resolution, config.scale_samples, config.seed, of="means")
+            size = config.export_resolution or config.resolution
+            source = self.source if size == config.resolution else build_source(replace(config, resolution=size))
+            std = latent_std(vae, source, size, config.scale_samples, config.seed)
+            means_std = latent_std(vae, source, size, config.scale_samples, config.seed, of="means")
             if std > 3 * means_std:
                 warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
                               "means: the encoder's variance has run away at some latent positions, so a diffusion "
@@ -145,7 +148,7 @@ class VAETask:
             if config.dataset == "shapes" and config.check_reconstructions:
                 from ..evaluation import evaluate_vae
 
-                scores = evaluate_vae(vae, config.check_reconstructions, config.resolution)
+                scores = evaluate_vae(vae, config.check_reconstructions, size)
                 (Path(config.output_dir) / "reconstruction.json").write_text(json.dumps(scores, indent=1) + "\n")
                 print("reconstructions read back by the analyzer: "
                       + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
