@@ -20,6 +20,29 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+def parse_model_benchmark_args(parser, variants: tuple[str, ...], dtypes: dict):
+    """The argument handling unet.py and vae.py share: --quick (32x32 latents, 2 repeats), --variants (and --profile,
+    where the script has it) split and checked against `variants`, diffusers run first as the reference, --dtypes
+    checked against `dtypes`; then the thread count fixed and the machine printed. Returns the parsed arguments, with
+    `dtypes` as a list of names."""
+    args = parser.parse_args()
+    if args.quick:
+        args.size, args.repeats = 32, 2
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.profile = [v for v in getattr(args, "profile", "").split(",") if v]
+    unknown = set(args.variants + args.profile) - set(variants)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(variants)}")
+    if "diffusers" not in args.variants:
+        args.variants.insert(0, "diffusers")
+    args.dtypes = args.dtypes.split(",")
+    if set(args.dtypes) - set(dtypes):
+        parser.error(f"unknown dtype(s) {sorted(set(args.dtypes) - set(dtypes))}; choose from {', '.join(dtypes)}")
+    setup(args.threads)
+    print(machine())
+    return args
+
+
 def setup(threads: int | None) -> None:
     """Fix the thread count (default: PyTorch's, i.e. all cores) and keep the hub offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

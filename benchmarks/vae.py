@@ -14,7 +14,7 @@ import gc
 
 import torch
 
-from common import (count_flops, machine, print_table, setup, time_interleaved, timing_rows, twins,
+from common import (count_flops, parse_model_benchmark_args, print_table, time_interleaved, timing_rows, twins,
                     weight_bytes)
 from roofline import DTYPES, conv_roofline
 
@@ -71,19 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeats = 32, 2
-    args.variants = [v for v in args.variants.split(",") if v]
-    if set(args.variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {VARIANTS}")
-    if "diffusers" not in args.variants:
-        args.variants.insert(0, "diffusers")
-    setup(args.threads)
-    print(machine())
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    args = parse_model_benchmark_args(parser, VARIANTS, DTYPES)
+    for name in args.dtypes:
         run_dtype(name, DTYPES[name], args)
 
 
