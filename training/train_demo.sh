@@ -3,8 +3,9 @@
 #   1. the VAE           (-> out/tiny-shapes-vae/vae)
 #   2. text-to-image     (the U-Net and CLIP text encoder, on that VAE's latents -> out/tiny-shapes/pipeline)
 #   3. copy the exported pipeline folder to pipelines/tiny-shapes
-# With a GPU it uses training/configs/tiny_shapes{_vae,}_gpu.yaml (the recipe of the shipped folder), on a CPU the
-# smaller tiny_shapes{_vae,}.yaml; VAE_CONFIG / T2I_CONFIG choose others. An interrupted run continues from its
+# On a CPU it uses training/configs/tiny_shapes{_vae,}.yaml (about 25 + 40 minutes on 2 cores: the text-to-image
+# recipe of the shipped folder, whose VAE came from tiny_shapes_vae_gpu.yaml), with a GPU the same recipes scaled up,
+# tiny_shapes{_vae,}_gpu.yaml; VAE_CONFIG / T2I_CONFIG choose others. An interrupted run continues from its
 # newest checkpoint when started again (--resume latest). Extra arguments are passed to both training scripts as
 # overrides (e.g. `bash training/train_demo.sh --seed 1`); VAE_ARGS / T2I_ARGS hold overrides for one of them
 # (e.g. VAE_ARGS="--max_train_steps 100").
