@@ -19,11 +19,11 @@ are freed, fragmented among tiles of different sizes: measured with 1 thread, ou
 (0.39x). --mmap-threshold 131072 (MALLOC_MMAP_THRESHOLD_, for every job, tiled or not) returns them at once:
 288 of 987 MiB (0.29x), 13% slower (more page faults). That is the setting for a user who tiles to save memory.
 
-Every job builds diffusers' model on the meta device, draws its weights with common.gaussian_init_(seed=0) and, for
-ours, loads that state dict (load_state_dict(assign=True): the same tensors, never held twice). Inputs are seeded
-(latents ~ N(0, 1); images ~ U(-1, 1) for --encode). Then, under torch.no_grad(): gc + malloc_trim, reset the kernel's
-high-water mark (/proc/self/clear_refs), read VmRSS (`base`: weights, imports, input), run the ONE call, read VmHWM
-(`peak`). `work` = peak - base is the call's working memory: activations, workspace and output. No warm-up call is
+Every job builds the models with common.twins (as benchmarks/vae.py does): diffusers' on the meta device, its weights
+drawn by common.gaussian_init_(seed=0), and for ours that state dict loaded (the same tensors, never held twice).
+Inputs are seeded (latents ~ N(0, 1); images ~ U(-1, 1) for --encode). Then, under torch.no_grad(): gc +
+malloc_trim, reset the kernel's high-water mark (/proc/self/clear_refs), read VmRSS (`base`: weights, imports,
+input), run the ONE call, read VmHWM (`peak`). `work` = peak - base is the call's working memory: activations, workspace and output. No warm-up call is
 made, by design: a warm-up would leave memory resident in the allocator and the thread pools, which the measured
 call could then reuse unseen, understating its needs; in a fresh process every byte the call touches shows in the
 rise. The cost is that `wall s` is a first call's time, one-off set-up (oneDNN kernels, thread pools) included;
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from common import gaussian_init_, machine, peak_rss, print_table, reset_peak_rss, rss, setup
+from common import machine, peak_rss, print_table, reset_peak_rss, rss, setup, twins
 
 VARIANTS = ("ours", "ours-tiled", "diffusers", "diffusers-tiled", "diffusers-small-tiles")
 UNTILED = {"ours-tiled": "ours", "diffusers-tiled": "diffusers", "diffusers-small-tiles": "diffusers"}
@@ -56,23 +56,16 @@ UNTILED = {"ours-tiled": "ours", "diffusers-tiled": "diffusers", "diffusers-smal
 def build(variant: str, tile: int, diffusers_tile: int) -> torch.nn.Module:
     import diffusers
 
-    from latentdiff.checkpoints import load_into
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
 
-    config = VAEConfig.sd15()
-    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = diffusers.AutoencoderKL(**kwargs)
-    ref = gaussian_init_(ref.to_empty(device="cpu"), seed=0).eval().requires_grad_(False)
+    ref, ours = twins(diffusers.AutoencoderKL, AutoencoderKL, VAEConfig.sd15(), torch.float32, "diffusers VAE")
     if variant.startswith("diffusers"):
         if variant != "diffusers":
             ref.enable_tiling()
         if variant == "diffusers-small-tiles":
             ref.tile_sample_min_size, ref.tile_latent_min_size = diffusers_tile, diffusers_tile // 8
         return ref
-    with torch.device("meta"):
-        vae = AutoencoderKL(config)
-    vae = load_into(vae, ref.state_dict(), "diffusers VAE").eval().requires_grad_(False)
+    vae = ours()
     vae.enable_tiling(tile)  # the tile size; whether to tile is chosen per call below
     return vae
 
