@@ -4,8 +4,9 @@ found the embedded pipeline's position failure (the text encoder had collapsed t
     python tools/probe_position.py [FOLDER]     # default: the embedded pipelines/tiny-shapes
 
 Same noise, t = 900 and 500: mean |eps("... top left ...") - eps("... bottom right ...")| against mean |eps("blue")
-- eps("red")|, and how far apart the text encoder puts the two position prompts. The shipped pipeline prints about
-4e-4 against 5e-2 at t = 900; a model that reads position is within a few times of its colour figure."""
+- eps("red")|, and how far apart the text encoder puts the two position prompts. The pipeline shipped before
+training/configs/tiny_shapes.yaml gained token_embedding_std & co. printed about 4e-4 against 5e-2 at t = 900 (and
+placed objects at random); the current one prints 0.071 against 0.029 (text states 11.9 vs 10.6 apart)."""
 import sys
 
 import torch
