@@ -19,18 +19,18 @@ are freed, fragmented among tiles of different sizes: measured with 1 thread, ou
 (0.39x). --mmap-threshold 131072 (MALLOC_MMAP_THRESHOLD_, for every job, tiled or not) returns them at once:
 288 of 987 MiB (0.29x), 13% slower (more page faults). That is the setting for a user who tiles to save memory.
 
-Every job builds the models with common.twins (as benchmarks/vae.py does): diffusers' on the meta device, its weights
-drawn by common.gaussian_init_(seed=0), and for ours that state dict loaded (the same tensors, never held twice).
-Inputs are seeded (latents ~ N(0, 1); images ~ U(-1, 1) for --encode). Then, under torch.no_grad(): gc +
+Every job builds the models with common.twins (as benchmarks/vae.py does): diffusers' on the meta device, its
+weights drawn by common.gaussian_init_(seed=0), and for ours that state dict loaded (the same tensors, never held
+twice). Inputs are seeded (latents ~ N(0, 1); images ~ U(-1, 1) for --encode). Then, under torch.no_grad(): gc +
 malloc_trim, reset the kernel's high-water mark (/proc/self/clear_refs), read VmRSS (`base`: weights, imports,
-input), run the ONE call, read VmHWM (`peak`). `work` = peak - base is the call's working memory: activations, workspace and output. No warm-up call is
-made, by design: a warm-up would leave memory resident in the allocator and the thread pools, which the measured
-call could then reuse unseen, understating its needs; in a fresh process every byte the call touches shows in the
-rise. The cost is that `wall s` is a first call's time, one-off set-up (oneDNN kernels, thread pools) included;
-benchmarks/vae.py times warm calls. With --repeats N each variant runs N times (interleaved, each in a new process):
-median wall time, largest working memory. `max|diff|`: max |tiled - untiled| of the same library's outputs (ours
-is exact up to float rounding: ~1e-5; diffusers' blended seams: far larger); the footer also checks that ours and
-diffusers agree untiled (same weights).
+input), run the ONE call, read VmHWM (`peak`). `work` = peak - base is the call's working memory: activations,
+workspace and output. No warm-up call is made, by design: a warm-up would leave memory resident in the allocator and
+the thread pools, which the measured call could then reuse unseen, understating its needs; in a fresh process every
+byte the call touches shows in the rise. The cost is that `wall s` is a first call's time, one-off set-up (oneDNN
+kernels, thread pools) included; benchmarks/vae.py times warm calls. With --repeats N each variant runs N times
+(interleaved, each in a new process): median wall time, largest working memory. `max|diff|`: max |tiled - untiled|
+of the same library's outputs (ours is exact up to float rounding: ~1e-5; diffusers' blended seams: far larger); the
+footer also checks that ours and diffusers agree untiled (same weights).
 """
 from __future__ import annotations
 
