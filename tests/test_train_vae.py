@@ -141,3 +141,36 @@ def test_evaluate_vae_scores_a_perfect_autoencoder_at_100_percent():
     assert scores == {k: 1.0 for k in ("background", "colour", "shape", "size", "position", "all")}
     with pytest.raises(ValueError, match="num_images"):
         evaluate_vae(_IdentityVAE(), num_images=0)
+
+
+def test_patch_size_trains_on_random_patches_of_the_whole_images(tmp_path, monkeypatch):
+    from latentdiff.data.folder import prepare_image
+    from latentdiff.train.data import ShapesSource, TrainingView
+
+    source = ShapesSource(32, {"num_samples": 4, "seed": 0})
+    view = TrainingView(source, 32, seed=0, patch_size=16)
+    offsets = set()
+    for epoch in range(6):
+        patch = view[epoch, 1]["pixel_values"]
+        assert patch.shape == (3, 16, 16) and torch.equal(patch, view[epoch, 1]["pixel_values"])  # reproducible
+        whole = prepare_image(source.load(1)[0], 32)
+        found = [(y, x) for y in range(17) for x in range(17) if torch.equal(whole[:, y:y + 16, x:x + 16], patch)]
+        assert found  # a window of the whole image, not a resized copy
+        offsets.update(found)
+    assert len(offsets) > 1  # drawn afresh each epoch
+
+    base = {"output_dir": str(tmp_path / "vae"), "max_train_steps": 1, "checkpointing_steps": 0,
+            "validation_steps": 0, "check_reconstructions": 0, "deterministic_encoder": True}
+    for bad in (12, 48):  # not a multiple of 8; larger than resolution (32)
+        with pytest.raises(ValueError, match="patch_size"):
+            load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", {**base, "patch_size": bad})
+    from latentdiff.train import vae as vae_module
+
+    shapes = []  # what the objective is given: 16 px patches, with 16 / 4 = 4 px posterior noise
+    forward = vae_module.VAEObjective.forward
+    monkeypatch.setattr(vae_module.VAEObjective, "forward",
+                        lambda self, pixels, noise: shapes.append((pixels.shape[-1], noise.shape[-1]))
+                        or forward(self, pixels, noise))
+    train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                          {**base, "patch_size": 16}))
+    assert shapes == [(16, 4)]

@@ -70,6 +70,18 @@ def test_matches_diffusers(widths, layers):
         assert (recon - expected).abs().max() <= 1e-4
 
 
+def test_without_mid_block_attention_matches_diffusers(tmp_path):
+    ref, ours = pair(config((32, 64), 1, mid_block_add_attention=False), seed=7)
+    assert not any("attentions" in k for k in ours.state_dict())
+    images = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        assert (ours(images) - ref(images).sample).abs().max() <= 1e-4
+        ours.save_pretrained(tmp_path)
+        back = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
+        assert not back.config.mid_block_add_attention
+        assert torch.equal(back(images).sample, ref(images).sample)
+
+
 def test_sd15_parameter_count_and_keys():
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig.sd15())

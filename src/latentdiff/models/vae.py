@@ -37,7 +37,6 @@ class VAEConfig(ConfigMixin):
         "latents_std": None,
         "use_quant_conv": True,
         "use_post_quant_conv": True,
-        "mid_block_add_attention": True,
     }
 
     in_channels: int = 3
@@ -51,6 +50,9 @@ class VAEConfig(ConfigMixin):
     sample_size: int | tuple[int, int] = 32
     scaling_factor: float = 0.18215
     force_upcast: bool = True
+    # False: the mid blocks are two ResNets with no self-attention, so the autoencoder is local apart from
+    # GroupNorm's statistics (a model trained on small images then behaves the same on larger ones)
+    mid_block_add_attention: bool = True
 
     @classmethod
     def sd15(cls) -> "VAEConfig":
@@ -142,15 +144,19 @@ class UpDecoderBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResNet, self-attention over all positions, ResNet: the only non-local layer of the autoencoder."""
+    """ResNet, self-attention over all positions (the only non-local layer of the autoencoder), ResNet; without
+    attention (mid_block_add_attention: false), the two ResNets."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, attention: bool = True):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)] if attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
 
 
 class Encoder(nn.Module):
@@ -162,7 +168,7 @@ class Encoder(nn.Module):
             DownEncoderBlock(widths[max(i - 1, 0)], w, c.layers_per_block, groups, downsample=i < len(widths) - 1)
             for i, w in enumerate(widths)
         )
-        self.mid_block = MidBlock(widths[-1], groups)
+        self.mid_block = MidBlock(widths[-1], groups, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
 
@@ -191,7 +197,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths, groups = c.block_out_channels[::-1], c.norm_num_groups
         self.conv_in = nn.Conv2d(c.latent_channels, widths[0], 3, padding=1)
-        self.mid_block = MidBlock(widths[0], groups)
+        self.mid_block = MidBlock(widths[0], groups, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(widths[max(i - 1, 0)], w, c.layers_per_block + 1, groups, upsample=i < len(widths) - 1)
             for i, w in enumerate(widths)

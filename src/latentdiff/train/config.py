@@ -187,6 +187,9 @@ class VAETrainConfig(TrainConfig):
     # images of this size set scaling_factor and are the reconstructions checked at export (default: resolution):
     # e.g. train on 64 px images, use at 128
     export_resolution: int | None = None
+    # train on random patch_size x patch_size patches of the `resolution` images (a fully convolutional VAE learns
+    # the same local map from patches, at a fraction of the cost per image); null: whole images
+    patch_size: int | None = None
     use_ema: bool = False
 
     def validate(self) -> None:
@@ -201,6 +204,9 @@ class VAETrainConfig(TrainConfig):
         if self.export_resolution is not None and (self.export_resolution <= 0 or self.export_resolution % 8):
             raise ValueError(f"export_resolution={self.export_resolution} must be a positive multiple of 8 (the VAE "
                              "downsamples by 8), or null for 'resolution'")
+        if self.patch_size is not None and not (0 < self.patch_size <= self.resolution and self.patch_size % 8 == 0):
+            raise ValueError(f"patch_size={self.patch_size} must be a positive multiple of 8 (the VAE downsamples by "
+                             f"8) no larger than resolution={self.resolution}, or null for whole images")
 
 
 # --- reading and overriding --------------------------------------------------------------------------------------

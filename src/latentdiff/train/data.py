@@ -70,8 +70,9 @@ class TrainingView(torch.utils.data.Dataset):
     With a latent cache, items carry the VAE posterior's mean and std instead of pixels."""
 
     def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
-                 caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None):
-        self.source, self.resolution, self.seed = source, resolution, seed
+                 caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None,
+                 patch_size: int | None = None):
+        self.source, self.resolution, self.seed, self.patch_size = source, resolution, seed, patch_size
         self.random_crop, self.random_flip, self.caption_dropout = random_crop, random_flip, caption_dropout
         self.cache = cache
         # with these, the DataLoader's workers also make each sample's diffusion draws and token ids, work that
@@ -89,7 +90,11 @@ class TrainingView(torch.utils.data.Dataset):
             text = self.cache["text"][index]
         else:
             image, text = self.source.load(index)
-            item = {"pixel_values": prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)}
+            pixels = prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)
+            if self.patch_size is not None:  # a random patch of the prepared image
+                top, left = (int(rng.integers(self.resolution - self.patch_size + 1)) for _ in range(2))
+                pixels = pixels[:, top:top + self.patch_size, left:left + self.patch_size]
+            item = {"pixel_values": pixels}
         if self.caption_dropout and rng.random() < self.caption_dropout:
             text = ""
         seed = sample_seed(self.seed, epoch, index)

@@ -87,9 +87,11 @@ class VAETask:
         self.models, self.checkpoint_objects = [self.objective], []
         self.source = build_source(config)
         self.view = TrainingView(self.source, config.resolution, config.seed, random_crop=not config.center_crop,
-                                 random_flip=config.random_flip)
-        f = vae.vae_scale_factor
-        self.latent_shape = (vae.config.latent_channels, config.resolution // f, config.resolution // f)
+                                 random_flip=config.random_flip, patch_size=config.patch_size)
+        f, size = vae.vae_scale_factor, config.patch_size or config.resolution
+        if size % f:
+            raise ValueError(f"patch_size / resolution {size} is not a multiple of the VAE's downsampling factor {f}")
+        self.latent_shape = (vae.config.latent_channels, size // f, size // f)
 
     @property
     def vae(self):
