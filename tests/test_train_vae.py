@@ -174,3 +174,38 @@ def test_patch_size_trains_on_random_patches_of_the_whole_images(tmp_path, monke
     train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                           {**base, "patch_size": 16}))
     assert shapes == [(16, 4)]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """--resume latest continues only the run that wrote the checkpoint: other settings, or other weights at an
+    input path (a VAE retrained in place), are named and refused; more steps and other bookkeeping are fine; an
+    explicitly named checkpoint is resumed with a warning."""
+    import shutil
+
+    smoke = ROOT / "training" / "configs" / "vae_smoke.yaml"
+    base = {"validation_steps": 0, "check_reconstructions": 0, "deterministic_encoder": True,
+            "checkpointing_steps": 1}
+    train_vae(load_config(VAETrainConfig, smoke, {**base, "output_dir": str(tmp_path / "source"),
+                                                 "max_train_steps": 1}))
+    start = tmp_path / "start"
+    shutil.copytree(tmp_path / "source" / "vae", start)
+    run = {**base, "output_dir": str(tmp_path / "run"), "vae": None, "pretrained_vae": str(start)}
+    train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 2}))
+
+    with pytest.raises(ValueError, match=r"different run \(learning_rate: 0.001 there, 0.0005 now\)") as refused:
+        train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 3, "resume": "latest",
+                                                     "learning_rate": 5e-4}))
+    assert "new output_dir" in str(refused.value)
+    weights = start / "diffusion_pytorch_model.safetensors"
+    kept = weights.read_bytes()
+    weights.write_bytes(kept[:-4] + bytes(b ^ 0xFF for b in kept[-4:]))  # the input changes at the same path
+    with pytest.raises(ValueError, match="pretrained_vae: the files there have changed since"):
+        train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 3, "resume": "latest"}))
+    with pytest.warns(UserWarning, match="continuing from it as asked"):
+        explicit = train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 3,
+                                                                "resume": str(tmp_path / "run" / "checkpoint-2")}))
+    assert explicit.resumed_from == tmp_path / "run" / "checkpoint-2"
+    # checkpoint-3 records the run as it went on (with the changed file), so --resume latest continues from it
+    resumed = train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 4, "resume": "latest",
+                                                           "checkpointing_steps": 2, "scale_samples": 16}))
+    assert resumed.resumed_from == tmp_path / "run" / "checkpoint-3" and len(resumed.losses) == 1

@@ -8,6 +8,8 @@ and files check out, warning about any it passes over.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -130,6 +132,45 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def run_identity(config) -> dict:
+    """What a run computes, as its checkpoints record it: the config's keys apart from its `bookkeeping` ones, with
+    each of its `input_paths` replaced by a SHA-256 of the files there (a VAE retrained in place is another input)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in config.bookkeeping}
+    for key in config.input_paths:
+        if values.get(key):
+            values[key] = "sha256:" + _digest(Path(values[key]))
+    return json.loads(json.dumps(values))  # tuples as lists, as the marker's JSON holds them
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def identity_differences(folder: Path, identity: dict) -> list[str]:
+    """How the run that wrote checkpoint `folder` differs from `identity` (empty: the same run, or a checkpoint
+    from before identities were recorded)."""
+    recorded = json.loads((Path(folder) / MARKER).read_text()).get("run")
+    if recorded is None:
+        return []
+    differences = []
+    for key in sorted(set(recorded) | set(identity)):
+        then, now = recorded.get(key), identity.get(key)
+        if then != now:
+            if isinstance(then, str) and isinstance(now, str) and then.startswith("sha256:"):
+                differences.append(f"{key}: the files there have changed since")
+            else:
+                differences.append(f"{key}: {json.dumps(then)} there, {json.dumps(now)} now")
+    return differences
 
 
 def load_checkpoint(accelerator, folder: str | Path, contents: CheckpointContents) -> None:

@@ -55,6 +55,13 @@ class TrainConfig:
     validation_steps: int = 0  # 0: never; else sample images (text-to-image) or reconstructions (VAE) every N steps
     debug_nan_at_step: int | None = None  # test hook: make the loss NaN at this optimizer step
 
+    # keys that do not change what a step computes: a run may resume from a checkpoint written with other values
+    # (e.g. a larger max_train_steps). Every other key, and the weights at the paths in `input_paths`, must match.
+    bookkeeping: typing.ClassVar[tuple[str, ...]] = (
+        "output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "validation_steps",
+        "debug_nan_at_step", "dataloader_num_workers", "on_bad_sample", "verify_images")
+    input_paths: typing.ClassVar[tuple[str, ...]] = ()
+
     choices: typing.ClassVar[dict[str, tuple]] = {
         "dataset": ("folder", "shapes"),
         "on_bad_sample": ("fail", "skip"),
@@ -124,6 +131,10 @@ class TextToImageConfig(TrainConfig):
     choices: typing.ClassVar[dict[str, tuple]] = {
         **TrainConfig.choices, "prediction_type": (None, "epsilon", "v_prediction"),
     }
+    bookkeeping = TrainConfig.bookkeeping + (
+        "validation_prompts", "validation_seeds", "validation_inference_steps", "validation_guidance_scale",
+        "export_scheduler")
+    input_paths = ("pretrained", "pretrained_config", "text_encoder_path", "tokenizer", "vae_path")
 
     def validate(self) -> None:
         super().validate()
@@ -191,6 +202,10 @@ class VAETrainConfig(TrainConfig):
     # the same local map from patches, at a fraction of the cost per image); null: whole images
     patch_size: int | None = None
     use_ema: bool = False
+
+    bookkeeping = TrainConfig.bookkeeping + ("scale_samples", "check_reconstructions", "export_resolution",
+                                             "deterministic_encoder")  # (these act at export only)
+    input_paths = ("pretrained_vae",)
 
     def validate(self) -> None:
         super().validate()

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpointing import CheckpointContents, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import (CheckpointContents, identity_differences, list_checkpoints, load_checkpoint,
+                            resolve_resume, run_identity, save_checkpoint)
 from .data import BatchPlan, make_loader
 
 
@@ -93,6 +94,7 @@ class Trainer:
         self.log_path = self.output_dir / "log.jsonl"
         self.contents = CheckpointContents(task.models, task.optimizer, task.lr_scheduler,
                                            [self.state, *task.checkpoint_objects])
+        self.identity = run_identity(config)
 
     def fit(self) -> FitResult:
         config, acc, task, state = self.config, self.accelerator, self.task, self.state
@@ -164,6 +166,15 @@ class Trainer:
             if acc.is_main_process and self.log_path.exists():
                 self.log_path.unlink()  # a run starting at step 0 starts a fresh log
             return None
+        differences = identity_differences(folder, self.identity)
+        if differences:
+            what = (f"{folder} was written by a different run ({'; '.join(differences)})")
+            if self.config.resume == "latest":
+                raise ValueError(f"resume: latest: {what}. Resuming would continue that run with this one's "
+                                 "settings and inputs. Start this run afresh in a new output_dir (or delete the "
+                                 f"checkpoint-* folders in {self.output_dir}), or go back to that run's settings.")
+            if acc.is_main_process:
+                warnings.warn(f"resume: {what}; continuing from it as asked", stacklevel=2)
         load_checkpoint(acc, folder, self.contents)
         if acc.is_main_process:
             print(f"resumed from {folder} at step {state.step}", flush=True)
@@ -221,4 +232,4 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state.step,
                                self.config.checkpoints_total_limit, self.contents,
-                               extra={"micro_batches": self.state.micro_batches})
+                               extra={"micro_batches": self.state.micro_batches, "run": self.identity})
