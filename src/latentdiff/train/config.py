@@ -55,11 +55,13 @@ class TrainConfig:
     validation_steps: int = 0  # 0: never; else sample images (text-to-image) or reconstructions (VAE) every N steps
     debug_nan_at_step: int | None = None  # test hook: make the loss NaN at this optimizer step
 
-    # keys that do not change what a step computes: a run may resume from a checkpoint written with other values
-    # (e.g. a larger max_train_steps). Every other key, and the weights at the paths in `input_paths`, must match.
+    # keys that do not change what a step computes (or only its float rounding, or where it runs): a run may resume
+    # from a checkpoint written with other values (e.g. a larger max_train_steps, or on other hardware). Every other
+    # key, and the files at the paths in `input_paths`, must match (see train/checkpointing.run_identity).
     bookkeeping: typing.ClassVar[tuple[str, ...]] = (
         "output_dir", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "validation_steps",
-        "debug_nan_at_step", "dataloader_num_workers", "on_bad_sample", "verify_images")
+        "debug_nan_at_step", "dataloader_num_workers", "on_bad_sample", "verify_images", "cpu", "allow_tf32",
+        "gradient_checkpointing")
     input_paths: typing.ClassVar[tuple[str, ...]] = ()
 
     choices: typing.ClassVar[dict[str, tuple]] = {
