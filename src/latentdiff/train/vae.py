@@ -41,7 +41,6 @@ def load_vae(config):
 LOGVAR_FLOOR = -30.0  # DiagonalGaussian clamps log-variances to [-30, 20], as diffusers does
 
 
-@torch.no_grad()
 def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, batch_size: int = 16,
                of: str = "samples") -> float:
     """Standard deviation of the latents over the first `num_images` images (centre crops): of posterior samples
@@ -49,17 +48,27 @@ def latent_std(vae, source, resolution: int, num_images: int, seed: int = 0, bat
     posterior means (`of="means"`)."""
     if of not in ("samples", "means"):
         raise ValueError(f"of={of!r}: choose 'samples' or 'means'")
+    samples, means = latent_stds(vae, source, resolution, num_images, seed, batch_size)
+    return samples if of == "samples" else means
+
+
+@torch.no_grad()
+def latent_stds(vae, source, resolution: int, num_images: int, seed: int = 0, batch_size: int = 16
+                ) -> tuple[float, float]:
+    """(std of posterior samples, std of posterior means), from one encoding of the images (see latent_std)."""
     generator = torch.Generator().manual_seed(seed)
-    total = total_sq = count = 0.0
+    sums = torch.zeros(2, 3, dtype=torch.float64)  # [samples, means] x [sum, sum of squares, count]
     indices = range(min(num_images, len(source)))
     for start in range(0, len(indices), batch_size):
         pixels = torch.stack([prepare_image(source.load(i)[0], resolution)
                               for i in indices[start:start + batch_size]])
         posterior = vae.encode(pixels.to(vae.device, vae.dtype))
-        z = (posterior.sample(generator) if of == "samples" else posterior.mean).double()
-        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
-    mean = total / count
-    return (total_sq / count - mean**2) ** 0.5
+        for row, z in enumerate((posterior.sample(generator), posterior.mean)):
+            z = z.double().cpu()
+            sums[row] += torch.tensor([z.sum().item(), z.pow(2).sum().item(), z.numel()], dtype=torch.float64)
+    mean = sums[:, 0] / sums[:, 2]
+    std = (sums[:, 1] / sums[:, 2] - mean**2).sqrt()
+    return float(std[0]), float(std[1])
 
 
 @torch.no_grad()
@@ -132,8 +141,7 @@ class VAETask:
                 make_deterministic(vae)
             size = config.export_resolution or config.resolution
             source = self.source if size == config.resolution else build_source(replace(config, resolution=size))
-            std = latent_std(vae, source, size, config.scale_samples, config.seed)
-            means_std = latent_std(vae, source, size, config.scale_samples, config.seed, of="means")
+            std, means_std = latent_stds(vae, source, size, config.scale_samples, config.seed)
             if std > 3 * means_std:
                 warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
                               "means: the encoder's variance has run away at some latent positions, so a diffusion "
