@@ -3,12 +3,14 @@
 #   1. the VAE           (-> out/tiny-shapes-vae/vae)
 #   2. text-to-image     (the U-Net and CLIP text encoder, on that VAE's latents -> out/tiny-shapes/pipeline)
 #   3. copy the exported pipeline folder to pipelines/tiny-shapes
-# On a CPU it uses training/configs/tiny_shapes{_vae,}.yaml (about 25 + 40 minutes on 2 cores: the text-to-image
-# recipe of the shipped folder, whose VAE came from tiny_shapes_vae_gpu.yaml), with a GPU the same recipes scaled up,
-# tiny_shapes{_vae,}_gpu.yaml; VAE_CONFIG / T2I_CONFIG choose others. An interrupted run continues from its
-# newest checkpoint when started again (--resume latest). Extra arguments are passed to both training scripts as
-# overrides (e.g. `bash training/train_demo.sh --seed 1`); VAE_ARGS / T2I_ARGS hold overrides for one of them
-# (e.g. VAE_ARGS="--max_train_steps 100").
+# On a CPU it uses training/configs/tiny_shapes_vae.yaml and tiny_shapes_vae_128.yaml (the VAE at 64 px, then
+# fine-tuned at 128 px), then tiny_shapes.yaml (times and results in the README: ~1 h 50 min); with a GPU
+# the same recipes scaled up, tiny_shapes_vae_gpu.yaml (at 128 px in one stage) and tiny_shapes_gpu.yaml.
+# VAE_CONFIG (one or more configs, run in order, separated by spaces) / T2I_CONFIG choose others. An interrupted
+# run continues from its newest checkpoint when started again (--resume latest); a checkpoint written with other
+# settings or inputs is refused, with what differs. Extra arguments are passed to every training script as
+# overrides (e.g. `bash training/train_demo.sh --seed 1`); VAE_ARGS / T2I_ARGS hold overrides for the VAE stages
+# or the text-to-image one (e.g. VAE_ARGS="--max_train_steps 100").
 # TRAIN_THREADS sets the torch threads on a CPU (default 2, this machine's cores; on a CPU shared with other jobs,
 # 1 is often faster, since OpenMP threads then wait on each other).
 set -euo pipefail
@@ -23,15 +25,19 @@ else
     LAUNCH=(python3 -m accelerate.commands.launch --config_file training/accelerate/single_cpu.yaml)
     suffix=
 fi
-VAE_CONFIG="${VAE_CONFIG:-training/configs/tiny_shapes_vae$suffix.yaml}"
+if [ -n "$suffix" ]; then default_vae=training/configs/tiny_shapes_vae_gpu.yaml
+else default_vae="training/configs/tiny_shapes_vae.yaml training/configs/tiny_shapes_vae_128.yaml"; fi
+read -r -a VAE_CONFIGS <<< "${VAE_CONFIG:-$default_vae}"
 T2I_CONFIG="${T2I_CONFIG:-training/configs/tiny_shapes$suffix.yaml}"
 read -r -a VAE_EXTRA <<< "${VAE_ARGS:-}"
 read -r -a T2I_EXTRA <<< "${T2I_ARGS:-}"
 DEST=pipelines/tiny-shapes
 started=$SECONDS
 
-echo "== 1/3 VAE ($VAE_CONFIG)"
-"${LAUNCH[@]}" training/train_vae.py --config "$VAE_CONFIG" --resume latest "${VAE_EXTRA[@]}" "$@"
+for config in "${VAE_CONFIGS[@]}"; do
+    echo "== 1/3 VAE ($config)"
+    "${LAUNCH[@]}" training/train_vae.py --config "$config" --resume latest "${VAE_EXTRA[@]}" "$@"
+done
 vae_done=$SECONDS
 echo "VAE: $(( vae_done - started )) s"
 
