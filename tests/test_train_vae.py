@@ -95,7 +95,11 @@ def test_exported_vae_is_deterministic_and_its_reconstructions_are_scored(tmp_pa
     expected = 1.0 / latent_std(vae, source, size, 48, of="means")
     assert vae.config.scaling_factor == pytest.approx(expected, rel=1e-3)
     scores = json.loads((tmp_path / "vae" / "reconstruction.json").read_text())
-    assert set(scores) == {"background", "colour", "shape", "size", "position", "all"}
+    assert set(scores) == {"background", "colour", "shape", "size", "position", "all", "colour_separation_min",
+                           "colour_separation_mean"}
+    from latentdiff.evaluation import colour_separation
+
+    assert scores["colour_separation_min"] == pytest.approx(colour_separation(vae, size)["min"], rel=1e-5)
 
 
 def test_runaway_posterior_variance_is_reported(tmp_path):
@@ -209,3 +213,23 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     resumed = train_vae(load_config(VAETrainConfig, smoke, {**run, "max_train_steps": 4, "resume": "latest",
                                                            "checkpointing_steps": 2, "scale_samples": 16}))
     assert resumed.resumed_from == tmp_path / "run" / "checkpoint-3" and len(resumed.losses) == 1
+
+
+def test_colour_separation_is_the_closest_colour_pair_in_scaled_latents():
+    from latentdiff.data.shapes import COLOURS
+    from latentdiff.evaluation import colour_separation
+
+    identity = _IdentityVAE()  # latents = pixels in [-1, 1]
+    # palette distances, as pixels: the closest pair of the 8 colours, over the area of the circle
+    separation = colour_separation(identity, size=32, scaling_factor=2.0)
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float64) / 127.5
+    closest = min((palette[i] - palette[j]).norm().item() for i in range(8) for j in range(i))
+    assert 0 < separation["min"] <= separation["mean"]
+    assert separation["min"] == pytest.approx(colour_separation(identity, size=32, scaling_factor=1.0)["min"] * 2)
+    assert separation["min"] > closest  # many pixels differ by at least the closest pair's distance
+
+    class Blind(_IdentityVAE):  # latents that do not depend on colour
+        def encode(self, x):
+            return type("Posterior", (), {"mean": x.mean(dim=1, keepdim=True) * 0})()
+
+    assert colour_separation(Blind(), size=32, scaling_factor=1.0) == {"min": 0.0, "mean": 0.0}

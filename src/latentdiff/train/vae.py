@@ -156,12 +156,16 @@ class VAETask:
             tmp.rename(final)
             print(f"wrote {final} (latent std {std:.4f}, scaling_factor {1.0 / std:.5f})", flush=True)
             if config.dataset == "shapes" and config.check_reconstructions:
-                from ..evaluation import evaluate_vae
+                from ..evaluation import colour_separation, evaluate_vae
 
                 scores = evaluate_vae(vae, config.check_reconstructions, size)
-                (Path(config.output_dir) / "reconstruction.json").write_text(json.dumps(scores, indent=1) + "\n")
+                separation = colour_separation(vae, size)
                 print("reconstructions read back by the analyzer: "
-                      + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
+                      + ", ".join(f"{k} {v:.1%}" for k, v in scores.items())
+                      + f"; closest two colours' latents {separation['min']:.2f} apart (mean over backgrounds and "
+                        f"sizes {separation['mean']:.2f}; see evaluation.colour_separation)", flush=True)
+                scores.update({f"colour_separation_{k}": v for k, v in separation.items()})
+                (Path(config.output_dir) / "reconstruction.json").write_text(json.dumps(scores, indent=1) + "\n")
         self.accelerator.wait_for_everyone()
 
 
