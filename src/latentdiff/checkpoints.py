@@ -5,6 +5,7 @@ opened; the error says how to convert them. A truncated or corrupted safetensors
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -102,6 +103,19 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state_dict, strict=True, assign=on_meta)
     return model
+
+
+def files_sha256(path: Path, pattern: str = "*") -> str:
+    """SHA-256 over one file, or over the files under a folder that match `pattern`, in sorted order; each file's
+    name (its path relative to the folder) goes in before its bytes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob(pattern) if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -14,14 +13,9 @@ PNG_KEY = "latentdiff"  # the PNG text chunk holding the settings that reproduce
 
 def weights_hash(folder: Path) -> str:
     """sha256 over every safetensors file of a pipeline folder (or of a single file), in a fixed order."""
-    files = [folder] if folder.is_file() else sorted(folder.rglob("*.safetensors"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(folder) if folder.is_dir() else path.name).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    from .checkpoints import files_sha256
+
+    return files_sha256(folder, "*.safetensors")[:16]
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -9,7 +9,6 @@ and files check out, warning about any it passes over.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from ..checkpoints import PICKLE_SUFFIXES
+from ..checkpoints import PICKLE_SUFFIXES, files_sha256
 from .state_io import CheckpointContents, read_state, write_state
 
 MARKER = "checkpoint_complete.json"
@@ -140,20 +139,8 @@ def run_identity(config) -> dict:
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in config.bookkeeping}
     for key in config.input_paths:
         if values.get(key):
-            values[key] = "sha256:" + _digest(Path(values[key]))
+            values[key] = "sha256:" + files_sha256(Path(values[key]))
     return json.loads(json.dumps(values))  # tuples as lists, as the marker's JSON holds them
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def identity_differences(folder: Path, identity: dict) -> list[str]:
