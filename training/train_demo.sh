@@ -20,13 +20,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     LAUNCH=(python3 -m accelerate.commands.launch --config_file training/accelerate/single_gpu.yaml)
     suffix=_gpu
+    default_vae=training/configs/tiny_shapes_vae_gpu.yaml
 else
     export OMP_NUM_THREADS="${TRAIN_THREADS:-2}" MKL_NUM_THREADS="${TRAIN_THREADS:-2}"
     LAUNCH=(python3 -m accelerate.commands.launch --config_file training/accelerate/single_cpu.yaml)
     suffix=
+    default_vae="training/configs/tiny_shapes_vae.yaml training/configs/tiny_shapes_vae_128.yaml"
 fi
-if [ -n "$suffix" ]; then default_vae=training/configs/tiny_shapes_vae_gpu.yaml
-else default_vae="training/configs/tiny_shapes_vae.yaml training/configs/tiny_shapes_vae_128.yaml"; fi
 read -r -a VAE_CONFIGS <<< "${VAE_CONFIG:-$default_vae}"
 T2I_CONFIG="${T2I_CONFIG:-training/configs/tiny_shapes$suffix.yaml}"
 read -r -a VAE_EXTRA <<< "${VAE_ARGS:-}"
