@@ -6,7 +6,9 @@
 # `make train-demo` reproduces the run.
 #   BUDGET=480 VAE_SHARE=0.3 bash training/train_demo_timed.sh
 # Writes out/timed-vae/vae and out/timed/pipeline (fresh runs: the folders must not exist yet) and installs the
-# latter as pipelines/tiny-shapes (INSTALL=0: not).
+# latter as pipelines/tiny-shapes (INSTALL=0: not). VAE_PATH=<a trained VAE folder> skips the VAE stage and gives
+# the whole budget to the text-to-image one (e.g. VAE_PATH=pipelines/tiny-shapes/vae, the shipped VAE, which is
+# what tiny_shapes_vae_gpu.yaml made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -29,29 +31,38 @@ PY
 }
 
 VAE_DIR=out/timed-vae T2I_DIR=out/timed
-for d in "$VAE_DIR" "$T2I_DIR"; do
+fresh=("$T2I_DIR"); [ -n "${VAE_PATH:-}" ] || fresh+=("$VAE_DIR")
+for d in "${fresh[@]}"; do
     [ ! -e "$d" ] || { echo "$d exists: move it away (this script makes fresh runs)" >&2; exit 1; }
 done
 rm -rf out/probe-vae out/probe-t2i
-echo "== probe: VAE"
-"${LAUNCH[@]}" training/train_vae.py --config "$VAE_CONFIG" --output_dir out/probe-vae --max_train_steps 40 \
-    --checkpointing_steps 0 --check_reconstructions 0 --scale_samples 16 "${EXTRA[@]}"
-train_left=$(( BUDGET - (SECONDS - start) - RESERVE ))
-vae_steps=$(steps_for out/probe-vae/log.jsonl "$(python3 -c "print($train_left * $VAE_SHARE - 15)")")
-echo "== VAE: $vae_steps steps"
-"${LAUNCH[@]}" training/train_vae.py --config "$VAE_CONFIG" --output_dir "$VAE_DIR" --max_train_steps "$vae_steps" \
-    "${EXTRA[@]}"
+vae_steps=0
+if [ -n "${VAE_PATH:-}" ]; then
+    [ -f "$VAE_PATH/config.json" ] || { echo "VAE_PATH=$VAE_PATH holds no VAE (no config.json)" >&2; exit 1; }
+    VAE="$VAE_PATH"
+    echo "== VAE: $VAE (given; no VAE training)"
+else
+    echo "== probe: VAE"
+    "${LAUNCH[@]}" training/train_vae.py --config "$VAE_CONFIG" --output_dir out/probe-vae --max_train_steps 40 \
+        --checkpointing_steps 0 --check_reconstructions 0 --scale_samples 16 "${EXTRA[@]}"
+    train_left=$(( BUDGET - (SECONDS - start) - RESERVE ))
+    vae_steps=$(steps_for out/probe-vae/log.jsonl "$(python3 -c "print($train_left * $VAE_SHARE - 15)")")
+    echo "== VAE: $vae_steps steps"
+    "${LAUNCH[@]}" training/train_vae.py --config "$VAE_CONFIG" --output_dir "$VAE_DIR" \
+        --max_train_steps "$vae_steps" "${EXTRA[@]}"
+    VAE="$VAE_DIR/vae"
+fi
 
 echo "== probe: text-to-image (also builds the latent cache)"
 "${LAUNCH[@]}" training/train_text_to_image.py --config "$T2I_CONFIG" --output_dir out/probe-t2i \
-    --vae_path "$VAE_DIR/vae" --max_train_steps 40 --checkpointing_steps 0 "${EXTRA[@]}"
+    --vae_path "$VAE" --max_train_steps 40 --checkpointing_steps 0 "${EXTRA[@]}"
 mkdir -p "$T2I_DIR"
 cp out/probe-t2i/latent_cache.safetensors out/probe-t2i/latent_cache.json "$T2I_DIR/"
 t2i_left=$(( BUDGET - (SECONDS - start) - RESERVE ))
 t2i_steps=$(steps_for out/probe-t2i/log.jsonl "$(( t2i_left - 15 ))")
 echo "== text-to-image: $t2i_steps steps"
 "${LAUNCH[@]}" training/train_text_to_image.py --config "$T2I_CONFIG" --output_dir "$T2I_DIR" \
-    --vae_path "$VAE_DIR/vae" --max_train_steps "$t2i_steps" "${EXTRA[@]}"
+    --vae_path "$VAE" --max_train_steps "$t2i_steps" "${EXTRA[@]}"
 
 if [ "${INSTALL:-1}" = 1 ]; then
     rm -rf pipelines/tiny-shapes.tmp
