@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
 from .schedules import randn
 
@@ -69,6 +70,7 @@ class LatentDiffusionPipeline:
             tokenizer, text_encoder, unet, vae, scheduler)
         self._embedding_cache: dict[tuple, torch.Tensor] = {}
         self._embedding_weights: tuple = ()
+        self._graphed: CUDAGraphModel | None = None
 
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
@@ -91,7 +93,29 @@ class LatentDiffusionPipeline:
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
+        if self._graphed is not None:  # captured graphs point at the old tensors
+            self._graphed = CUDAGraphModel(self.unet)
         return self
+
+    def enable_cuda_graphs(self) -> None:
+        """Run the U-Net from CUDA graphs (latentdiff.cuda_graphs): each batch size and image size is captured on
+        its first call (a few seconds), after which a denoising step is one launch instead of ~1,300 kernel launches.
+        Same images as eager. Needs the pipeline on a CUDA device; `disable_cuda_graphs()` frees the graphs."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, but it is on {self.device}; call "
+                             "pipe.to('cuda') first")
+        self._graphed = CUDAGraphModel(self.unet)
+
+    def disable_cuda_graphs(self) -> None:
+        self._graphed = None
+
+    def _unet_call(self):
+        """The U-Net as denoising calls it: replayed from CUDA graphs when they are enabled."""
+        if self._graphed is None:
+            return self.unet
+        if self._graphed.model is not self.unet:  # the U-Net was replaced since: capture anew
+            self._graphed = CUDAGraphModel(self.unet)
+        return self._graphed
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
@@ -179,7 +203,7 @@ class LatentDiffusionPipeline:
     # ---- generation -------------------------------------------------------------------------------------------
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress):
         scheduler = self.scheduler
-        model = ClassifierFreeGuidance(self.unet, cond, uncond, guidance_scale)
+        model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
             eps = model(scheduler.scale_model_input(latents, t), t)

@@ -1,0 +1,63 @@
+"""CUDA-graph replay of the U-Net (latentdiff.cuda_graphs): same images as eager, one capture per signature, clear
+errors off the GPU. The GPU tests run where CUDA is present (a lent GPU machine), the error tests everywhere."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff.cuda_graphs import CUDAGraphModel
+
+TINY_SHAPES = Path(__file__).resolve().parents[1] / "pipelines" / "tiny-shapes"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+PROMPT = "a large blue star in the top right corner on a black background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LatentDiffusionPipeline.from_pretrained(TINY_SHAPES)
+
+
+def test_cuda_graphs_refuse_a_cpu_pipeline(pipe):
+    with pytest.raises(ValueError, match=r"CUDA device.*pipe.to\('cuda'\)"):
+        pipe.enable_cuda_graphs()
+    graphed = CUDAGraphModel(pipe.unet)
+    with pytest.raises(ValueError, match="CUDA device"):
+        graphed(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 77, 64))
+
+
+@cuda
+def test_graphs_give_the_eager_images_and_capture_once_per_signature(pipe):
+    pipe.to("cuda")
+    try:
+        run = lambda n: pipe([PROMPT] * n, num_inference_steps=6, guidance_scale=5.0,  # noqa: E731
+                             generator=torch.Generator().manual_seed(3), output_type="pt", progress=False).images
+        eager = run(1), run(2)
+        pipe.enable_cuda_graphs()
+        graphed = run(1), run(2), run(1)
+        assert pipe._graphed.num_captures == 2  # batch 1 and batch 2 (with guidance: U-Net batches 2 and 4)
+        for a, b in zip(eager + eager[:1], graphed):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        pipe.disable_cuda_graphs()
+        torch.testing.assert_close(run(1), eager[0], rtol=0, atol=0)
+    finally:
+        pipe.disable_cuda_graphs()
+        pipe.to("cpu")
+
+
+@cuda
+@torch.no_grad()
+def test_graphs_follow_weights_changed_in_place(pipe):
+    pipe.to("cuda")
+    try:
+        graphed = CUDAGraphModel(pipe.unet)
+        x = torch.randn(2, 4, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        context = torch.randn(2, 77, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        t = torch.tensor(500, device="cuda")
+        torch.testing.assert_close(graphed(x, t, context), pipe.unet(x, t, context), rtol=0, atol=1e-5)
+        pipe.unet.conv_out.bias.add_(1.0)
+        torch.testing.assert_close(graphed(x, t, context), pipe.unet(x, t, context), rtol=0, atol=1e-5)
+        pipe.unet.conv_out.bias.sub_(1.0)
+        assert graphed.num_captures == 1
+    finally:
+        pipe.to("cpu")
