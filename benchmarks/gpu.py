@@ -4,18 +4,23 @@ DPM-Solver++(2M), guidance 7.5, fp16, decoded to images.
 
     python benchmarks/gpu.py [--batches 1,4] [--variants diffusers,ours,diffusers-compile,ours-compile]
                              [--repeats 2] [--steps 50] [--size 512] [--time-limit SECONDS] [--device cuda]
-                             [--tiny] [--no-vae-upcast]
+                             [--tiny] [--no-vae-upcast] [--profile STEPS] [--warmup SECONDS]
 
 Both pipelines hold the very same weight tensors (ours are drawn once; diffusers' modules are built on the meta
 device and given them), the same text-encoder object, tokenizers read from the same folder and DPM-Solver++
 schedulers built from one explicit config. Variants: diffusers and ours (eager, SDPA attention), and the same with
 the U-Net alone wrapped in torch.compile (default mode, fullgraph=False, dynamic=False so that each batch size gets
-its own static graph rather than a dynamic one), compile time reported as the first call minus a timed one.
+its own static graph rather than a dynamic one), compile time reported as the first call minus a timed one;
+`-cl` variants run the U-Net with channels_last weights and activations, and `ours-graph` replays our U-Net from
+CUDA graphs (pipe.enable_cuda_graphs(); its first call captures); these are not in the default set. --warmup runs
+diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
 the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
 relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of the warm-up
 call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit stops
-starting new ones once that many seconds have passed since the start.
+starting new ones once that many seconds have passed since the start. --profile STEPS then profiles one call of
+STEPS steps per variant at the largest batch (torch.profiler): wall and GPU-busy time, kernel launches, and the
+operators that took the most GPU time.
 
 As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
 fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
@@ -26,6 +31,7 @@ sizes, 64x64, 2 steps), a smoke test of the script: `python benchmarks/gpu.py --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -33,7 +39,7 @@ import torch
 
 from common import gib, machine, print_table, setup
 
-VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile")
+VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -145,24 +151,62 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+@contextlib.contextmanager
+def variant_unet(pipe, variant: str):
+    """The pipeline's U-Net as `variant` runs it: compiled (`-compile`), in channels_last (`-cl`) or replayed from
+    CUDA graphs (`-graph`); restored after."""
+    eager_unet = pipe.unet
+    try:
+        if variant.endswith("-cl"):
+            eager_unet.to(memory_format=torch.channels_last)
+        if variant.endswith("-compile"):
+            pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
+        if variant.endswith("-graph"):
+            pipe.enable_cuda_graphs()
+        yield
+    finally:
+        if variant.endswith("-graph"):
+            pipe.disable_cuda_graphs()
+        pipe.unet = eager_unet
+        eager_unet.to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def profile(pipes, variant: str, latents: torch.Tensor, args, device, top: int = 12) -> None:
+    """One call of --profile steps under torch.profiler: where the GPU time goes, and how busy the GPU is."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    lib = variant.split("-")[0]
+    steps = argparse.Namespace(**{**vars(args), "steps": args.profile})
+    with variant_unet(pipes[lib], variant):
+        run = lambda: generate(pipes[lib], lib, args.prompt, latents, steps)  # noqa: E731
+        timed(run, device)  # warm-up at this step count
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            wall, _ = timed(run, device)
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time_total for e in kernels) / 1e6 if kernels else 0.0
+    print(f"\nprofile {variant}, batch {len(latents)}, {args.profile} steps: wall {wall:.3f} s, GPU kernels "
+          f"{busy:.3f} s ({busy / wall:.0%} of the wall), {len(kernels)} kernel launches", flush=True)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60), flush=True)
+
+
 @torch.no_grad()
 def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, args, device) -> dict:
     """Warm up (unless `warm` holds this variant's first call already), then time args.repeats calls."""
-    lib, compiled = variant.removesuffix("-compile"), variant.endswith("-compile")
+    lib, compiled = variant.split("-")[0], variant.endswith("-compile")
     pipe = pipes[lib]
-    eager_unet = pipe.unet
-    if compiled:
-        pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
     run = lambda: generate(pipe, lib, args.prompt, latents, args)  # noqa: E731
-    try:
+    with variant_unet(pipe, variant):
         first, images = warm.get((variant, batch)) or timed(run, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         calls = [timed(run, device)[0] for _ in range(args.repeats)]
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    finally:
-        pipe.unet = eager_unet
     call = statistics.median(calls)
     return {
         "batch": batch, "variant": variant, "s/image": call / batch, "calls": calls, "peak": peak,
@@ -210,10 +254,14 @@ def main() -> None:
     parser.add_argument("--no-vae-upcast", action="store_true", help="ours decodes fp16 latents in fp16, as diffusers")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds since the start after which no new measurement starts (0: none)")
+    parser.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
+                        help="run diffusers' batch-1 call this long before timing (default 10 on a GPU, 0 on the CPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile one call of STEPS steps per variant at the largest batch (0: none)")
     args = parser.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
-    default = VARIANTS if device.type == "cuda" else VARIANTS[:2]
+    default = VARIANTS[:4] if device.type == "cuda" else VARIANTS[:2]
     variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -238,8 +286,12 @@ def main() -> None:
           f"{sum(p.numel() for p in pipes['ours'].unet.parameters()) / 1e6:.0f}M parameters; built in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
-    # parity first: batch 1, same latents, eager; these calls are also the eager variants' warm-ups at batch 1
     first_latents = make_latents(pipes, 1, args, device, dtype)
+    warmup = args.warmup if args.warmup is not None else (10.0 if device.type == "cuda" else 0.0)
+    until = time.perf_counter() + warmup
+    while time.perf_counter() < until:  # the GPU's clocks rise under load: the first variant timed would lose
+        timed(lambda: generate(pipes["diffusers"], "diffusers", args.prompt, first_latents, args), device)
+    # parity first: batch 1, same latents, eager; these calls are also the eager variants' warm-ups at batch 1
     warm = {(lib, 1): timed(lambda: generate(pipes[lib], lib, args.prompt, first_latents, args), device)
             for lib in ("diffusers", "ours")}
     print(f"parity (batch 1, eager, same latents): max |ours - diffusers| = "
@@ -273,6 +325,10 @@ def main() -> None:
               "diffusers eager's, same latents")
         table = [format_row(m, rows, device) for m in rows]
         print_table(table, list(table[0]))
+    if args.profile and not stopped:
+        latents = make_latents(pipes, max(batches), args, device, dtype)
+        for variant in variants:
+            profile(pipes, variant, latents, args, device)
     print(f"total {time.perf_counter() - start:.1f} s", flush=True)
 
 
