@@ -24,8 +24,9 @@ class CUDAGraphModel:
     graph and returns a copy of the output. The result equals the eager call's: the same kernels run on the same
     data.
 
-    The graphs hold the model's weights by address: modules moved or re-created after a capture need a new
-    CUDAGraphModel (LatentDiffusionPipeline.to() drops its own). Changing weights in place is fine."""
+    Inference only: the graphs are captured without autograd. They hold the model's weights by address: modules
+    moved or re-created after a capture need a new CUDAGraphModel (LatentDiffusionPipeline.to() drops its own).
+    Changing weights in place is fine. Each capture keeps its own memory pool (the call's activations)."""
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                  warmup_calls: int = 2):
