@@ -26,6 +26,13 @@ def test_cuda_graphs_refuse_a_cpu_pipeline(pipe):
         graphed(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 77, 64))
 
 
+def test_moving_the_pipeline_off_the_gpu_drops_its_graphs(pipe):
+    pipe._graphed = CUDAGraphModel(pipe.unet)  # as enable_cuda_graphs() leaves it on a GPU
+    pipe.to("cpu")
+    assert pipe._graphed is None
+    assert pipe._unet_call() is pipe.unet
+
+
 @cuda
 def test_graphs_give_the_eager_images_and_capture_once_per_signature(pipe):
     pipe.to("cuda")

@@ -93,14 +93,15 @@ class LatentDiffusionPipeline:
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
-        if self._graphed is not None:  # captured graphs point at the old tensors
-            self._graphed = CUDAGraphModel(self.unet)
+        if self._graphed is not None:  # captured graphs point at the old tensors; off a GPU they cannot run
+            self._graphed = CUDAGraphModel(self.unet) if self.device.type == "cuda" else None
         return self
 
     def enable_cuda_graphs(self) -> None:
         """Run the U-Net from CUDA graphs (latentdiff.cuda_graphs): each batch size and image size is captured on
-        its first call (a few seconds), after which a denoising step is one launch instead of ~1,300 kernel launches.
-        Same images as eager. Needs the pipeline on a CUDA device; `disable_cuda_graphs()` frees the graphs."""
+        its first call (two warm-up calls and a capture), after which a denoising step is one launch instead of
+        ~1,300 kernel launches. Same images as eager. Needs the pipeline on a CUDA device; moving it elsewhere with
+        `.to()` or `disable_cuda_graphs()` frees the graphs."""
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, but it is on {self.device}; call "
                              "pipe.to('cuda') first")
