@@ -168,7 +168,8 @@ def variant_unet(pipe, variant: str):
         if variant.endswith("-graph"):
             pipe.disable_cuda_graphs()
         pipe.unet = eager_unet
-        eager_unet.to(memory_format=torch.contiguous_format)
+        if variant.endswith("-cl"):
+            eager_unet.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
