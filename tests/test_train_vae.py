@@ -233,3 +233,20 @@ def test_colour_separation_is_the_closest_colour_pair_in_scaled_latents():
             return type("Posterior", (), {"mean": x.mean(dim=1, keepdim=True) * 0})()
 
     assert colour_separation(Blind(), size=32, scaling_factor=1.0) == {"min": 0.0, "mean": 0.0}
+
+
+def test_vae_trains_under_bf16_mixed_precision(tmp_path):
+    """Autocast hands the decoder bf16 latents while its weights stay fp32: the VAE's input check must let that
+    through (it refused it, so `mixed_precision: bf16`, the single_gpu.yaml default, failed at the first step)."""
+    config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                         {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
+                          "validation_steps": 0, "check_reconstructions": 0, "mixed_precision": "bf16"})
+    train_vae(config)
+    log = [json.loads(line) for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2] and all(torch.isfinite(torch.tensor(row["loss"])) for row in log)
+
+
+def test_vae_still_refuses_latents_of_another_dtype_outside_autocast():
+    vae = tiny_vae()
+    with pytest.raises(ValueError, match="bfloat16 on cpu but the VAE is torch.float32"):
+        vae.decode(torch.zeros(1, vae.config.latent_channels, 4, 4, dtype=torch.bfloat16))

@@ -311,7 +311,8 @@ class AutoencoderKL(ModelMixin):
             raise ValueError(f"{name} height and width must be multiples of {multiple} (the VAE downsamples by "
                              f"{multiple}); got {tuple(x.shape[-2:])}: crop or resize them")
         weight = self.post_quant_conv.weight
-        if x.dtype != weight.dtype or x.device != weight.device:
+        autocast = torch.is_autocast_enabled(x.device.type)  # mixed-precision training: its casts are expected
+        if x.device != weight.device or (x.dtype != weight.dtype and not autocast):
             raise ValueError(f"{name} are {x.dtype} on {x.device} but the VAE is {weight.dtype} on {weight.device}: "
                              f"call {name}.to(vae.device, vae.dtype) (or vae.to(...)) first")
 
