@@ -97,6 +97,9 @@ def test_config_overrides_use_the_configs_own_keys():
     assert config.shapes == {"num_samples": 16, "seed": 0}  # one entry of a dict-valued key changed
     assert config.snr_gamma == 5.0 and isinstance(config.snr_gamma, float)
     assert config.validation_prompts == ["a", "b"]
+    # YAML reads an unquoted `no` as False; `--mixed_precision no` still means "no" (it was a type error)
+    no = parse_command_line(TextToImageConfig, ["--config", str(SMOKE), "--output_dir", "o", "--mixed_precision", "no"])
+    assert no.mixed_precision == "no"
 
     def fails(match: str, *args: str):
         with pytest.raises(ValueError, match=match):
