@@ -241,7 +241,13 @@ def test_vae_trains_under_bf16_mixed_precision(tmp_path):
     config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                          {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
                           "validation_steps": 0, "check_reconstructions": 0, "mixed_precision": "bf16"})
-    train_vae(config)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        train_vae(config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     log = [json.loads(line) for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2] and all(torch.isfinite(torch.tensor(row["loss"])) for row in log)
 
