@@ -269,8 +269,8 @@ def build_config(cls, values: dict[str, Any]):
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) and not _accepts(annotation, value) and _accepts(annotation, "no"):
-            value = "yes" if value else "no"  # YAML 1.1 reads an unquoted no/off as False: `mixed_precision: no`
+        if value is False and "no" in cls.choices.get(key, ()):
+            value = "no"  # YAML 1.1 reads an unquoted no as False: `mixed_precision: no`
         if not _accepts(annotation, value):
             shown = getattr(annotation, "__name__", None) or str(annotation)
             raise ValueError(f"config key {key!r} = {value!r} has the wrong type: expected {shown}")
