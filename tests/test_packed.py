@@ -35,6 +35,13 @@ def inputs(height: int, width: int, dtype=torch.float32, batch: int = 2):
             torch.randn(batch, 7, 24, generator=g).to(dtype))
 
 
+@pytest.fixture
+def always_winograd(monkeypatch):
+    """Winograd layers take their Winograd path even on the small inputs of these tests (where, by
+    packed.winograd_pays, a direct conv is faster and is what they would run)."""
+    monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels: True)
+
+
 def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionModel:
     twin = UNet2DConditionModel(model.config).to(model.dtype)
     twin.load_state_dict(model.state_dict())
@@ -47,6 +54,7 @@ def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionMode
     (dict(), 13, 11, False),
     (dict(use_linear_projection=True, transformer_layers_per_block=2), 8, 24, True),
 ])
+@pytest.mark.usefixtures("always_winograd")
 @torch.no_grad()
 def test_optimized_model_matches_the_plain_one(overrides, height, width, use_winograd):
     model = make(**overrides)
@@ -92,6 +100,40 @@ def test_winograd_algorithm_follows_size_and_dtype(monkeypatch):
     small, large = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 96, 3, padding=1)
     assert WinogradConv2d(small).weight.shape[0] == 36 and WinogradConv2d(large).weight.shape[0] == 16
     assert WinogradConv2d(small.bfloat16()).weight.shape[0] == 16  # F(4x4) is too inexact in bfloat16
+
+
+@pytest.mark.usefixtures("always_winograd")
+def test_recover_filters_inverts_the_transform():
+    weight = torch.randn(5, 8, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for algorithm in (winograd.F2x2, winograd.F4x4):
+        recovered = winograd.recover_filters(winograd.transform_filters(weight, algorithm))
+        torch.testing.assert_close(recovered, weight, rtol=0, atol=1e-12)
+
+
+def test_winograd_is_used_where_it_pays():
+    # SD 1.5 at 512 px, batch 2 (one guided step): every 3x3 conv of the U-Net (latents 64..8 px) and of the VAE
+    # decoder (64..512 px) takes Winograd; the U-Net of pipelines/tiny-shapes (16x16 latents, 64-128 channels) none
+    for channels, side in [(320, 64), (640, 32), (1280, 16), (1280, 8), (512, 64), (256, 512), (128, 512)]:
+        assert packed.winograd_pays((2, channels, side, side), channels), (channels, side)
+    for channels, side in [(64, 16), (96, 8), (128, 4), (128, 16), (640, 8), (1280, 4), (32, 128), (64, 64)]:
+        assert not packed.winograd_pays((2, channels, side, side), channels), (channels, side)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(96, 96, 3, padding=1).to(dtype)
+    layer = WinogradConv2d(conv)
+    for side, direct in [(8, True), (64, False)]:  # 8x8: a packed direct conv; 64x64: Winograd
+        x = torch.randn(2, 96, side, side).to(dtype)
+        assert packed.winograd_pays(x.shape, 96) is not direct
+        expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        got = layer(x)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
+        assert isinstance(layer.direct, PackedConv2d)  # built at the first small input, kept for the next
+    assert layer.direct.bias is not None and layer.direct.bias.data_ptr() == layer.bias.data_ptr()
 
 
 @torch.no_grad()
@@ -159,6 +201,7 @@ def test_feedforward_in_chunks_is_exact(monkeypatch):
     torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
 
 
+@pytest.mark.usefixtures("always_winograd")
 @torch.no_grad()
 def test_packed_vae_decodes_as_the_plain_one():
     from latentdiff.models.vae import AutoencoderKL, VAEConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .winograd import F2x2, F4x4, transform_filters, winograd_conv3x3
+from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -44,6 +44,21 @@ def can_pack(layer: nn.Module) -> bool:
 def suits_winograd(conv: nn.Conv2d) -> bool:
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+
+
+def winograd_pays(shape: torch.Size | tuple, out_channels: int) -> bool:
+    """Whether Winograd beats the packed direct conv for an input of `shape` [N, C, H, W]. Its transforms are
+    many small passes that cost per pixel and channel, so it wins only on wide layers with enough pixels.
+    Measured (1 thread, fp32, square inputs; direct time / Winograd time, > 1: Winograd faster):
+      16x16: 64 ch 0.31, 128 ch 0.75 (batch 2, 0.15 GFLOP), 256 ch 1.25, 320 ch 1.45, 640 ch 1.89;
+      32x32: 64 ch 0.69, 96 ch 1.11, 128 ch 1.40, 320 ch 2.09;  64x64: 64 ch 0.92, 128 ch 1.36;
+      128x128: 32 ch 0.40, 128 ch 1.45;  8x8: 128-640 ch 0.56-1.00 (F(2x2)), 1280 ch 1.13;  4x4: 0.16-0.80.
+    So: at least 16x16, 96 channels and 0.3 GFLOP, or 8x8 with 1024 channels (SD 1.5 at 512 px meets it in every
+    3x3 layer but conv_in; the 16x16 latents of pipelines/tiny-shapes in none)."""
+    n, c, h, w = shape
+    side, channels = min(h, w), min(c, out_channels)
+    flops = 18 * n * h * w * c * out_channels
+    return (side >= 16 and channels >= 96 and flops >= 3e8) or (side >= 8 and channels >= 1024)
 
 
 class _Packed(nn.Module):
@@ -127,7 +142,9 @@ class PackedConv2d(_Packed):
 
 class WinogradConv2d(_Packed):
     """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(4x4, 3x3) (small float32 filters) or
-    F(2x2, 3x3) from pre-transformed filters."""
+    F(2x2, 3x3) from pre-transformed filters, for inputs on which that pays (`winograd_pays`). Smaller inputs run a
+    packed direct conv, whose filters are recovered from the transformed ones when first needed (U = G g G^T, so
+    g = G+ U G+^T with G+ the left inverse of G; exact up to the rounding of U's dtype)."""
 
     def __init__(self, conv: nn.Conv2d):
         if not suits_winograd(conv):
@@ -136,10 +153,20 @@ class WinogradConv2d(_Packed):
         weight = conv.weight.detach()
         large = weight.dtype != torch.float32 or weight.numel() > F4X4_MAX_FILTER
         super().__init__(conv, transform_filters(weight, F2x2 if large else F4x4))
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.direct: PackedConv2d | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return winograd_conv3x3(x, self.weight, self.bias)
+        if winograd_pays(x.shape, self.out_channels):
+            return winograd_conv3x3(x, self.weight, self.bias)
+        if self.direct is None:
+            conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
+                             device="meta")
+            conv.weight = nn.Parameter(recover_filters(self.weight), requires_grad=False)
+            conv.bias = self.bias
+            self.direct = PackedConv2d(conv)  # (its bias shares self.bias's storage)
+        return self.direct(x)
 
 
 def packed(layer: nn.Module, winograd: bool = True) -> nn.Module:
@@ -155,7 +182,7 @@ def packed(layer: nn.Module, winograd: bool = True) -> nn.Module:
 def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
     float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
-    `winograd`). Layers that cannot be packed (other dtypes or devices, no oneDNN) are left as they are, so this is
+    `winograd`, which run a direct conv on inputs too small for Winograd to pay). Layers that cannot be packed (other dtypes or devices, no oneDNN) are left as they are, so this is
     safe anywhere; returns `model`."""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     for parent in list(model.modules()):

@@ -53,6 +53,17 @@ def transform_filters(weight: torch.Tensor, algorithm: Winograd = F2x2) -> torch
     return u.reshape(-1, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+def recover_filters(filters: torch.Tensor) -> torch.Tensor:
+    """The inverse of transform_filters: [(m+2)^2, C, K] -> [K, C, 3, 3], g = G+ U G+^T with G+ = (G^T G)^-1 G^T
+    (G has full column rank), in float64, returned in filters' dtype."""
+    alg = ALGORITHMS[filters.shape[0]]
+    a = len(alg.BT)
+    g = torch.tensor(alg.G, dtype=torch.float64, device=filters.device)
+    left_inverse = torch.linalg.pinv(g)  # [3, m+2]
+    u = filters.double().view(a, a, *filters.shape[1:])
+    return torch.einsum("ip,pqck,jq->kcij", left_inverse, u, left_inverse).to(filters.dtype).contiguous()
+
+
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
     (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory."""
