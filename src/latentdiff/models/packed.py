@@ -182,8 +182,8 @@ def packed(layer: nn.Module, winograd: bool = True) -> nn.Module:
 def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
     float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
-    `winograd`, which run a direct conv on inputs too small for Winograd to pay). Layers that cannot be packed (other dtypes or devices, no oneDNN) are left as they are, so this is
-    safe anywhere; returns `model`."""
+    `winograd`, which run a direct conv on inputs too small for Winograd to pay). Layers that cannot be packed
+    (other dtypes or devices, no oneDNN) are left as they are, so this is safe anywhere; returns `model`."""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
