@@ -15,9 +15,11 @@ posterior mean and log-variance; diffusers: its latent_dist's), after the decode
 
 The allocator matters to what a tiled call's peak RSS shows. With glibc's defaults the mmap threshold grows to the
 largest block freed so far (up to 32 MiB), so tile-sized temporaries come from the heap and stay resident after they
-are freed, fragmented among tiles of different sizes: measured with 1 thread, ours-tiled 397 MiB of 1014 untiled
-(0.39x). --mmap-threshold 131072 (MALLOC_MMAP_THRESHOLD_, for every job, tiled or not) returns them at once:
-288 of 987 MiB (0.29x), 13% slower (more page faults). That is the setting for a user who tiles to save memory.
+are freed, fragmented among tiles of different sizes. Ours therefore calls malloc_trim after every tile (see
+latentdiff.models.vae._return_freed_memory): with 1 thread, decode 0.28x of untiled with 64 px tiles (the default;
+without the trim 0.36x), 0.34-0.38x with 128 px tiles. --mmap-threshold 131072 (MALLOC_MMAP_THRESHOLD_, for every
+job, tiled or not) makes glibc return such blocks at once instead: 288 of 987 MiB (0.29x) with 128 px tiles before
+the trim existed, 13% slower (more page faults).
 
 Every job builds the models with common.twins (as benchmarks/vae.py does): diffusers' on the meta device, its
 weights drawn by common.gaussian_init_(seed=0), and for ours that state dict loaded (the same tensors, never held
