@@ -14,6 +14,8 @@ from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
               pytest.mark.usefixtures("one_thread")]
+needs_bf16 = pytest.mark.skipif(not packed.bfloat16_supported(),
+                                reason="oneDNN has no bfloat16 on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
@@ -99,7 +101,12 @@ def test_winograd_algorithm_follows_size_and_dtype(monkeypatch):
     monkeypatch.setattr(packed, "F4X4_MAX_FILTER", 64 * 64 * 9)
     small, large = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 96, 3, padding=1)
     assert WinogradConv2d(small).weight.shape[0] == 36 and WinogradConv2d(large).weight.shape[0] == 16
-    assert WinogradConv2d(small.bfloat16()).weight.shape[0] == 16  # F(4x4) is too inexact in bfloat16
+
+
+@needs_bf16
+def test_winograd_uses_f2x2_in_bfloat16():
+    small = torch.nn.Conv2d(64, 64, 3, padding=1).bfloat16()
+    assert WinogradConv2d(small).weight.shape[0] == 16  # F(4x4) is too inexact in bfloat16
 
 
 @pytest.mark.usefixtures("always_winograd")
@@ -120,7 +127,8 @@ def test_winograd_is_used_where_it_pays():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 2e-2,
+                                                                                   marks=needs_bf16)])
 def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(96, 96, 3, padding=1).to(dtype)
@@ -138,14 +146,27 @@ def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
 
 @torch.no_grad()
 def test_optimized_bfloat16_agrees_with_fp32():
+    # where oneDNN has no bfloat16 (AVX2-only CPUs) the layers stay plain and the model still runs
     model = make()
     sample, t, ctx = inputs(16, 16)
     expected = model(sample, t, ctx)
     fast = optimized_copy(model.to(torch.bfloat16))
     assert fast.dtype == torch.bfloat16
+    kinds, supported = {type(m) for m in fast.modules()}, packed.bfloat16_supported()
+    assert (PackedLinear in kinds) == supported and (torch.nn.Linear in kinds) != supported
     got = fast(sample.bfloat16(), t, ctx.bfloat16())
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).norm() / expected.norm() < 3e-2
+
+
+def test_bfloat16_layers_stay_plain_where_onednn_has_no_bfloat16(monkeypatch):
+    monkeypatch.setattr(packed, "bfloat16_supported", lambda: False)
+    model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(32, 32, 3, padding=1),
+                                                   torch.nn.Linear(4, 4).bfloat16(),
+                                                   torch.nn.Conv2d(32, 32, 3, padding=1).bfloat16()))
+    assert [type(m) for m in model] == [PackedLinear, WinogradConv2d, torch.nn.Linear, torch.nn.Conv2d]
+    with pytest.raises(ValueError, match="bfloat16 only where oneDNN runs it"):
+        PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16())
 
 
 def test_refusals_say_what_to_do(tmp_path):

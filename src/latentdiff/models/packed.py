@@ -30,15 +30,22 @@ F4X4_MAX_FILTER = 4_000_000
 
 
 def can_pack(layer: nn.Module) -> bool:
-    """Plain nn.Linear and zero-padded, ungrouped nn.Conv2d layers, in float32 / bfloat16 on the CPU, with a
-    PyTorch built with oneDNN."""
+    """Plain nn.Linear and zero-padded, ungrouped nn.Conv2d layers on the CPU, with a PyTorch built with oneDNN, in
+    float32, or in bfloat16 where oneDNN runs bfloat16 on this CPU (it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
+    an AVX2-only CPU is refused: bfloat16 layers stay plain there)."""
     if type(layer) is nn.Conv2d:
         if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return False
     elif type(layer) is not nn.Linear:
         return False
-    return (torch.backends.mkldnn.is_available() and layer.weight.device.type == "cpu"
-            and layer.weight.dtype in PACKABLE_DTYPES)
+    dtype = layer.weight.dtype
+    return (torch.backends.mkldnn.is_available() and layer.weight.device.type == "cpu" and dtype in PACKABLE_DTYPES
+            and (dtype != torch.bfloat16 or bfloat16_supported()))
+
+
+def bfloat16_supported() -> bool:
+    """Whether oneDNN can run (and lay out weights for) bfloat16 on this CPU."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def suits_winograd(conv: nn.Conv2d) -> bool:
@@ -66,12 +73,18 @@ class _Packed(nn.Module):
     and device still read from its parameters)."""
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, packed: torch.Tensor):
-        if not can_pack(layer):
-            raise ValueError(f"{type(self).__name__} needs a CPU float32/bfloat16 nn.Linear or zero-padded, ungrouped "
-                             f"nn.Conv2d; got {layer} ({layer.weight.dtype}, {layer.weight.device}): leave it as is")
         super().__init__()
         self.weight = packed
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def _require_packable(cls, layer: nn.Module) -> None:
+        if not can_pack(layer):
+            weight = getattr(layer, "weight", None)
+            found = f" ({weight.dtype}, {weight.device})" if isinstance(weight, torch.Tensor) else ""
+            raise ValueError(f"{cls.__name__} needs a CPU float32 or bfloat16 nn.Linear or zero-padded, ungrouped "
+                             f"nn.Conv2d (bfloat16 only where oneDNN runs it on this CPU: see can_pack); got "
+                             f"{layer}{found}: leave it as is")
 
     def _check(self, x: torch.Tensor) -> None:
         if x.requires_grad and torch.is_grad_enabled():
@@ -98,6 +111,7 @@ class PackedLinear(_Packed):
     """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension."""
 
     def __init__(self, linear: nn.Linear):
+        self._require_packable(linear)
         super().__init__(linear, _ops._reorder_linear_weight(linear.weight.detach(), None))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -115,6 +129,7 @@ class PackedConv2d(_Packed):
     a shape, it ran 1.4-15x slower on small inputs (2 x 96 x 8 x 8: 6.0 ms against 0.4 ms)."""
 
     def __init__(self, conv: nn.Conv2d):
+        self._require_packable(conv)
         weight = conv.weight.detach()
         pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
         if pointwise:
@@ -147,6 +162,7 @@ class WinogradConv2d(_Packed):
     g = G+ U G+^T with G+ the left inverse of G; exact up to the rounding of U's dtype)."""
 
     def __init__(self, conv: nn.Conv2d):
+        self._require_packable(conv)
         if not suits_winograd(conv):
             raise ValueError(f"WinogradConv2d needs a 3x3 conv with stride 1, padding 1, no dilation and at least "
                              f"{WINOGRAD_MIN_CHANNELS} channels in and out; got {conv}: use PackedConv2d")
@@ -183,7 +199,8 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
     float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
     `winograd`, which run a direct conv on inputs too small for Winograd to pay). Layers that cannot be packed
-    (other dtypes or devices, no oneDNN) are left as they are, so this is safe anywhere; returns `model`."""
+    (other dtypes or devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as
+    they are, so this is safe anywhere; returns `model`."""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
