@@ -3,6 +3,8 @@
 Oracles: transformers' CLIPTokenizer loaded from the folder our tokenizer writes, open_clip.tokenize, and
 transformers' CLIPTextModel with random weights (no hub, no network).
 """
+import copy
+import dataclasses
 import json
 import pickle
 import warnings
@@ -14,14 +16,18 @@ import torch
 
 from latentdiff.checkpoints import CheckpointError, save_safetensors
 from latentdiff.models.text import (
+    CLIPTextModel,
     CLIPTokenizer,
+    _core,
     build_text_encoder,
     build_text_encoder_from_folder,
     encode_prompt_ids,
     load_text_encoder,
+    load_text_encoder_state_dict,
     save_text_encoder,
     text_config_sd15,
     text_config_tiny,
+    text_encoder_state_dict,
 )
 from latentdiff.models.tokenizer import clean_open_clip
 
@@ -233,9 +239,25 @@ def test_decode_cache_and_pickle(tok):
 # ---- text encoder ---------------------------------------------------------------------------------------------
 
 
+def hf_config(config):
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+
+    return HFCLIPTextConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+
+
 @pytest.fixture(scope="module")
-def tiny():
-    return build_text_encoder(text_config_tiny(num_hidden_layers=3), seed=0)
+def reference():
+    """The oracle: transformers' CLIPTextModel with random weights."""
+    from transformers import CLIPTextModel as HFCLIPTextModel
+
+    torch.manual_seed(0)
+    return HFCLIPTextModel(hf_config(text_config_tiny(num_hidden_layers=3))).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(reference):
+    """Ours, holding the reference's weights."""
+    return load_text_encoder_state_dict(text_config_tiny(num_hidden_layers=3), dict(reference.state_dict()))
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +265,52 @@ def ids(tok):
     return tok(["a photo of a cat", "a small red circle on a white background", ""])
 
 
-def test_sd15_preset_has_123060480_parameters():
-    from transformers import CLIPTextModel
+def test_matches_transformers(tiny, reference, ids):
+    """Outputs, hidden states, the pooled end-of-text state, a padding mask, and the pre-2023 eos_token_id=2
+    configs (the hub's SD 1.x folders) whose pooling takes the highest id."""
+    mask = (torch.arange(77) < torch.tensor([[6], [12], [2]])).long()
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            ours, theirs = tiny(ids, output_hidden_states=True, **kwargs), reference(ids, output_hidden_states=True,
+                                                                                    **kwargs)
+            torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, rtol=0, atol=1e-6)
+            assert len(ours.hidden_states) == len(theirs.hidden_states) == 4
+            for a, b in zip(ours.hidden_states, theirs.hidden_states):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            assert ours[0] is ours.last_hidden_state and ours[-1] is ours.hidden_states  # as transformers indexes
+        old = dataclasses.replace(tiny.config, eos_token_id=2, bos_token_id=0, pad_token_id=1)
+        legacy = load_text_encoder_state_dict(old, text_encoder_state_dict(tiny))
+        torch.testing.assert_close(legacy(ids).pooler_output, reference(ids).pooler_output, rtol=0, atol=1e-6)
 
+
+def test_gradients_match_transformers_with_checkpointing(tiny, reference, ids):
+    ours = load_text_encoder_state_dict(tiny.config, {k: v.clone() for k, v in text_encoder_state_dict(tiny).items()})
+    ours.train().gradient_checkpointing_enable()
+    ours(ids).last_hidden_state.square().mean().backward()
+    theirs = copy.deepcopy(reference).train()
+    theirs(ids).last_hidden_state.square().mean().backward()
+    grads = {name: p.grad for name, p in _core(theirs).named_parameters()}
+    for name, p in ours.text_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_initialisation_follows_transformers():
+    """A new encoder is drawn as transformers draws CLIP's (the training recipes were tuned on that): the same
+    mean and spread per tensor."""
+    from transformers import CLIPTextModel as HFCLIPTextModel
+
+    config = text_config_tiny(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4)
+    ours = build_text_encoder(config, seed=1)
+    torch.manual_seed(1)
+    theirs = dict(_core(HFCLIPTextModel(hf_config(config))).named_parameters())
+    for name, p in ours.text_model.named_parameters():
+        q = theirs[name]
+        assert abs(p.std().item() - q.std().item()) <= 0.05 * q.std().item() + 1e-7, name
+        assert abs(p.mean().item() - q.mean().item()) <= 0.1 * q.std().item() + 1e-7, name
+
+
+def test_sd15_preset_has_123060480_parameters():
     config = text_config_sd15()
     with torch.device("meta"):
         model = CLIPTextModel(config)
@@ -255,30 +320,31 @@ def test_sd15_preset_has_123060480_parameters():
     )  # fmt: skip
 
 
-def test_loads_what_transformers_saves(tmp_path, tiny, ids):
-    tiny.save_pretrained(tmp_path)  # transformers 5: keys without the "text_model." prefix, no position_ids
+def test_loads_what_transformers_saves(tmp_path, reference, ids):
+    reference.save_pretrained(tmp_path)  # transformers 5: keys without the "text_model." prefix, no position_ids
     ours = load_text_encoder(tmp_path)
-    torch.testing.assert_close(ours(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+    assert isinstance(ours, CLIPTextModel)
+    torch.testing.assert_close(ours(ids).last_hidden_state, reference(ids).last_hidden_state, rtol=0, atol=1e-6)
 
 
-def test_loads_prefixed_state_dict_with_position_ids(tmp_path, tiny, ids):
+def test_loads_prefixed_state_dict_with_position_ids(tmp_path, reference, ids):
     """SD checkpoints and transformers-4 folders: "text_model." keys, sometimes with the position_ids buffer."""
-    tiny.save_pretrained(tmp_path)
-    weights = {"text_model." + k: v for k, v in tiny.state_dict().items()}
+    reference.save_pretrained(tmp_path)
+    weights = {"text_model." + k: v for k, v in reference.state_dict().items()}
     weights["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     save_safetensors(weights, tmp_path / "model.safetensors")
     ours = load_text_encoder(tmp_path)
-    torch.testing.assert_close(ours(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours(ids).last_hidden_state, reference(ids).last_hidden_state, rtol=0, atol=1e-6)
 
 
 def test_transformers_loads_what_we_save(tmp_path, tiny, ids):
     from safetensors import safe_open
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel as HFCLIPTextModel
 
     save_text_encoder(tiny, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert all(k.startswith("text_model.") for k in f.keys())
-    model, info = CLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
+    model, info = HFCLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(model(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
     torch.testing.assert_close(load_text_encoder(tmp_path)(ids).last_hidden_state, tiny(ids).last_hidden_state)
@@ -287,7 +353,7 @@ def test_transformers_loads_what_we_save(tmp_path, tiny, ids):
 def test_build_from_folder_config_and_separate_weights(tmp_path, tiny, ids):
     """layout.load_single_file: the architecture from a pipeline folder, the weights from a converted checkpoint."""
     save_text_encoder(tiny, tmp_path)
-    weights = {"text_model." + k: v.clone() for k, v in tiny.state_dict().items()}
+    weights = {k: v.clone() for k, v in text_encoder_state_dict(tiny).items()}
     model = build_text_encoder_from_folder(tmp_path, weights, source="ckpt (cond_stage_model)")
     torch.testing.assert_close(model(ids).last_hidden_state, tiny(ids).last_hidden_state, rtol=0, atol=1e-6)
     with pytest.raises(CheckpointError, match=r"(?s)ckpt \(cond_stage_model\).*missing keys \(52\)"):
@@ -298,12 +364,12 @@ def test_torch_dtype(tmp_path, tiny):
     save_text_encoder(tiny, tmp_path)
     half = load_text_encoder(tmp_path, torch_dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in half.parameters())
-    assert torch.equal(half.embeddings.position_ids, torch.arange(77).unsqueeze(0))
+    assert half.dtype == torch.float16 and half.config == tiny.config
 
 
 def test_strict_loading_errors(tmp_path, tiny):
     save_text_encoder(tiny, tmp_path)
-    good = {"text_model." + k: v for k, v in tiny.state_dict().items()}
+    good = text_encoder_state_dict(tiny)
     weights = tmp_path / "model.safetensors"
     save_safetensors({k: v for k, v in good.items() if "final_layer_norm.bias" not in k}, weights)
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): final_layer_norm.bias"):
@@ -338,12 +404,14 @@ class TransformersFourLayout:
         return self.model(*args, **kwargs)
 
 
-def test_encode_matches_diffusers_encode_prompt(hf_tok, tok, tiny):
-    """diffusers' StableDiffusionPipeline.encode_prompt, run with transformers' tokenizer loaded from our folder,
-    gives the context our tokenizer + encode_prompt_ids give: prompts, negative prompts and clip_skip."""
+def test_encode_matches_diffusers_encode_prompt(hf_tok, tok, tiny, reference):
+    """diffusers' StableDiffusionPipeline.encode_prompt, run with transformers' tokenizer loaded from our folder and
+    transformers' text model, gives the context our tokenizer + text model + encode_prompt_ids give: prompts,
+    negative prompts and clip_skip. diffusers' encode_prompt also runs on our text model as it is."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = SimpleNamespace(tokenizer=hf_tok, text_encoder=TransformersFourLayout(tiny))  # what encode_prompt uses
+    pipe = SimpleNamespace(tokenizer=hf_tok, text_encoder=TransformersFourLayout(reference))
+    on_ours = SimpleNamespace(tokenizer=hf_tok, text_encoder=tiny)
     prompts = ["a photo of a cat, &amp; “quoted”", " ".join(["cat"] * 80) + " zebra"]
     negatives = ["blurry", ""]
     with torch.no_grad():
@@ -352,19 +420,19 @@ def test_encode_matches_diffusers_encode_prompt(hf_tok, tok, tiny):
                 pipe, prompts, "cpu", 1, True, negative_prompt=negatives, clip_skip=skip
             )
             ours = encode_prompt_ids(tiny, quiet(tok, prompts), clip_skip=skip)
-            torch.testing.assert_close(ours, cond, rtol=0, atol=0)
+            torch.testing.assert_close(ours, cond, rtol=0, atol=1e-6)
+            torch.testing.assert_close(StableDiffusionPipeline.encode_prompt(
+                on_ours, prompts, "cpu", 1, False, clip_skip=skip)[0], ours, rtol=0, atol=0)
             # diffusers applies clip_skip to the prompt only; the negative prompt always uses the last layer
-            torch.testing.assert_close(encode_prompt_ids(tiny, tok(negatives)), uncond, rtol=0, atol=0)
+            torch.testing.assert_close(encode_prompt_ids(tiny, tok(negatives)), uncond, rtol=0, atol=1e-6)
         ids = quiet(tok, prompts)
         assert torch.equal(encode_prompt_ids(tiny, ids, clip_skip=0), encode_prompt_ids(tiny, ids))
 
 
 def test_clip_skip_is_dropping_the_last_layers(tiny, ids):
     """Independent of diffusers' indexing: skipping k layers equals an encoder built without its last k layers."""
-    from transformers import CLIPTextModel
-
-    shallow = CLIPTextModel(text_config_tiny(num_hidden_layers=2)).eval()
-    shallow.load_state_dict({k: v for k, v in tiny.state_dict().items() if "layers.2." not in k})
+    shallow = load_text_encoder_state_dict(text_config_tiny(num_hidden_layers=2),
+                                           {k: v for k, v in tiny.state_dict().items() if "layers.2." not in k})
     with torch.no_grad():
         torch.testing.assert_close(
             encode_prompt_ids(tiny, ids, clip_skip=1), shallow(ids).last_hidden_state, rtol=1e-5, atol=1e-6

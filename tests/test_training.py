@@ -146,14 +146,14 @@ def test_a_new_unet_can_start_from_a_trained_text_encoder(tmp_path):
     assert loaded.state_dict().keys() == trained.state_dict().keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
     fresh = load_components(smoke_config(tmp_path)).text_encoder  # seed 0: different random weights
-    assert not torch.equal(fresh.state_dict()["embeddings.token_embedding.weight"],
-                           trained.state_dict()["embeddings.token_embedding.weight"])
+    assert not torch.equal(fresh.state_dict()["text_model.embeddings.token_embedding.weight"],
+                           trained.state_dict()["text_model.embeddings.token_embedding.weight"])
 
 
 def test_token_embedding_std_redraws_only_the_token_embeddings(tmp_path):
     plain = load_components(smoke_config(tmp_path)).text_encoder.state_dict()
     wide = load_components(smoke_config(tmp_path, token_embedding_std=1.0)).text_encoder.state_dict()
-    key = "embeddings.token_embedding.weight"
+    key = "text_model.embeddings.token_embedding.weight"
     assert 0.95 < wide[key].std().item() < 1.05 and plain[key].std().item() < 0.05
     assert all(torch.equal(wide[k], v) for k, v in plain.items() if k != key)  # the rest: the same seeded draw
     with pytest.raises(ValueError, match="token_embedding_std initialises a new text encoder"):

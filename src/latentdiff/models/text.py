@@ -1,32 +1,31 @@
 """The text side of Stable Diffusion: CLIP's tokenizer and text encoder (Radford et al. 2021).
 
 SD 1.x conditions its U-Net on the last hidden state of CLIP ViT-L/14's text transformer, [B, 77, 768]
-(Rombach et al. 2022, sec. 3.3). That encoder is used as trained, so we take transformers' CLIPTextModel and add
-what latentdiff needs around it: presets, strict safetensors loading for both key layouts, and clip-skip.
+(Rombach et al. 2022, sec. 3.3). The encoder is our own CLIPTextModel (clip.py), with transformers' parameter
+names and config.json; this module adds presets, strict safetensors loading for both key layouts, and clip-skip.
 
 Key layouts: transformers 4 (and SD checkpoints, and the hub's SD folders) name the weights
 "text_model.embeddings...", transformers 5 drops the "text_model." prefix. We read both, and write the prefixed
 layout, which every transformers version and diffusers' single-file tools load.
 
-transformers is imported on first use, not with this module: importing it costs seconds.
+Nothing here imports transformers (importing it costs seconds); functions that take a model also accept
+transformers' CLIPTextModel.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..checkpoints import CheckpointError, load_into, load_safetensors, read_json, require_path, save_safetensors
 from ..checkpoints import write_json
+from .clip import CLIPTextConfig, CLIPTextModel
 from .tokenizer import CLIPTokenizer
 
-if TYPE_CHECKING:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
 __all__ = [
+    "CLIPTextConfig",
+    "CLIPTextModel",
     "CLIPTokenizer",
     "text_config_sd15",
     "text_config_tiny",
@@ -42,13 +41,11 @@ __all__ = [
 
 PREFIX = "text_model."
 WEIGHTS_NAME = "model.safetensors"
-POSITION_IDS = "embeddings.position_ids"  # a buffer older files carry; it is always arange(77): we rebuild it
+POSITION_IDS = "embeddings.position_ids"  # a buffer older files carry; it is always arange(77): dropped
 
 
-def text_config_sd15() -> "CLIPTextConfig":
+def text_config_sd15() -> CLIPTextConfig:
     """CLIP ViT-L/14's text transformer, as SD 1.x uses it: 123,060,480 parameters."""
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
@@ -56,11 +53,9 @@ def text_config_sd15() -> "CLIPTextConfig":
     )  # fmt: skip
 
 
-def text_config_tiny(**overrides) -> "CLIPTextConfig":
+def text_config_tiny(**overrides) -> CLIPTextConfig:
     """A small CLIP text transformer for tests and tiny pipelines. It keeps CLIP's vocabulary and 77 positions,
     so the real tokenizer drives it; width and depth are small (override any CLIPTextConfig field)."""
-    from transformers import CLIPTextConfig
-
     fields = dict(
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
@@ -69,37 +64,33 @@ def text_config_tiny(**overrides) -> "CLIPTextConfig":
     return CLIPTextConfig(**{**fields, **overrides})
 
 
-def build_text_encoder(config: "CLIPTextConfig", seed: int | None = None) -> "CLIPTextModel":
+def build_text_encoder(config: CLIPTextConfig, seed: int | None = None) -> CLIPTextModel:
     """A randomly initialised CLIPTextModel (eval mode); `seed` makes the weights reproducible."""
-    from transformers import CLIPTextModel
-
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # seeding leaves the caller's RNG alone
         if seed is not None:
             torch.manual_seed(seed)
         return CLIPTextModel(config).eval()
 
 
-def _core(model: "CLIPTextModel") -> torch.nn.Module:
-    """The module holding embeddings / encoder / final_layer_norm: `model.text_model` in transformers 4, the
-    model itself in transformers 5."""
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embeddings / encoder / final_layer_norm: `model.text_model` in ours and transformers 4,
+    the model itself in transformers 5."""
     return getattr(model, "text_model", model)
 
 
-def text_encoder_state_dict(model: "CLIPTextModel") -> dict[str, torch.Tensor]:
-    """The weights under "text_model." keys, whatever the installed transformers calls them."""
+def text_encoder_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under "text_model." keys (ours, or transformers' CLIPTextModel of any version)."""
     core = _core(model)
     return {PREFIX + k: v for k, v in core.state_dict().items() if k != POSITION_IDS}
 
 
 def load_text_encoder_state_dict(
-    config: "CLIPTextConfig", state_dict: dict[str, torch.Tensor], source: str = "state dict",
+    config: CLIPTextConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict",
     torch_dtype: torch.dtype | None = None,
-) -> "CLIPTextModel":
+) -> CLIPTextModel:
     """A CLIPTextModel holding `state_dict`, whose keys may carry the "text_model." prefix or not (all alike).
     Strict: a missing, unexpected or mis-shaped key is a CheckpointError listing them. The model is built on the
     meta device and the tensors assigned, so a large encoder is never initialised randomly or held twice."""
-    from transformers import CLIPTextModel
-
     prefixed = [k for k in state_dict if k.startswith(PREFIX)]
     if prefixed and len(prefixed) != len(state_dict):
         plain = sorted(k for k in state_dict if not k.startswith(PREFIX))
@@ -108,39 +99,19 @@ def load_text_encoder_state_dict(
     weights.pop(POSITION_IDS, None)
     with torch.device("meta"):
         model = CLIPTextModel(config)
-    core = _core(model)  # transformers >= 4.31 (we need >= 4.40) keeps position_ids out of the state dict
-    load_into(core, weights, source, dtype=torch_dtype)
-    _rebuild_position_ids(core, config.max_position_embeddings)
+    load_into(model.text_model, weights, source, dtype=torch_dtype)
     return model.eval()
 
 
-def _rebuild_position_ids(core: torch.nn.Module, length: int) -> None:
-    """The position_ids buffer is not saved (persistent=False), so after building on `meta` it has no values."""
-    embeddings = core.embeddings
-    device = embeddings.token_embedding.weight.device
-    embeddings.register_buffer("position_ids", torch.arange(length, device=device).expand(1, -1), persistent=False)
-    left = [name for name, t in [*core.named_parameters(), *core.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"internal: tensors {left} were not loaded (a transformers change latentdiff misses)")
-
-
-def read_text_config(folder: str | os.PathLike) -> "CLIPTextConfig":
+def read_text_config(folder: str | os.PathLike) -> CLIPTextConfig:
     """The CLIPTextConfig in `folder`/config.json (a text_encoder folder of a pipeline)."""
-    from transformers import CLIPTextConfig
-
     path = require_path(folder, "text encoder folder") / "config.json"
-    data = read_json(path)
-    if data.get("model_type", "clip_text_model") != "clip_text_model":
-        raise ValueError(
-            f"{path}: model_type {data.get('model_type')!r}; the text encoder must be a CLIPTextModel "
-            "('clip_text_model')"
-        )
-    return CLIPTextConfig.from_dict(data)
+    return CLIPTextConfig.from_dict(read_json(path), str(path))
 
 
 def load_text_encoder(
     folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, subfolder: str | None = None
-) -> "CLIPTextModel":
+) -> CLIPTextModel:
     """Read a text-encoder folder: config.json + model.safetensors (either key layout). torch_dtype=None keeps
     the dtype stored in the file."""
     folder = require_path(Path(folder) / subfolder if subfolder else folder, "text encoder folder")
@@ -156,16 +127,18 @@ def load_text_encoder(
 def build_text_encoder_from_folder(
     folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], source: str = "state dict",
     torch_dtype: torch.dtype | None = None,
-) -> "CLIPTextModel":
+) -> CLIPTextModel:
     """The architecture from `folder`/config.json, the weights from `state_dict` (e.g. the text encoder part of
     an SD 1.x single-file checkpoint)."""
     return load_text_encoder_state_dict(read_text_config(folder), state_dict, source, torch_dtype)
 
 
-def save_text_encoder(model: "CLIPTextModel", folder: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors ("text_model." keys) that CLIPTextModel.from_pretrained loads."""
+def save_text_encoder(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Write config.json + model.safetensors ("text_model." keys) that transformers' CLIPTextModel.from_pretrained
+    loads (and we do). `model` is ours or transformers'."""
     folder = Path(folder)
-    config = json.loads(model.config.to_json_string(use_diff=True))
+    config = model.config.to_dict() if isinstance(model.config, CLIPTextConfig) else json.loads(
+        model.config.to_json_string(use_diff=True))
     config["architectures"] = ["CLIPTextModel"]
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(config, folder / "config.json")
@@ -173,7 +146,7 @@ def save_text_encoder(model: "CLIPTextModel", folder: str | os.PathLike) -> None
 
 
 def encode_prompt_ids(
-    text_encoder: "CLIPTextModel", ids: torch.Tensor, clip_skip: int | None = None
+    text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int | None = None
 ) -> torch.Tensor:
     """Token ids [B, L] -> context [B, L, D] for the U-Net's cross-attention.
 

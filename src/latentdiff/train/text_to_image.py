@@ -37,11 +37,9 @@ class Components:
 def text_encoder_config(values: dict):
     """A CLIPTextConfig: CLIP's vocabulary and 77 positions, the sizes from `values` (CLIPTextConfig keys; an
     unknown key is an error here, where transformers would silently keep it)."""
-    from transformers import CLIPTextConfig
+    from ..models.text import CLIPTextConfig, text_config_tiny
 
-    from ..models.text import text_config_tiny
-
-    known = set(CLIPTextConfig().to_dict())
+    known = CLIPTextConfig.keys()
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"text_encoder: unknown CLIPTextConfig key(s) {unknown}; valid keys include hidden_size, "
