@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x): the models were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # named functions: the model pickles
+
+
 @dataclasses.dataclass
 class CLIPTextConfig:
     """transformers' CLIPTextConfig keys and defaults, for the keys the text transformer uses."""
