@@ -17,9 +17,9 @@ The file is read once before the first job, so every job finds it in the page ca
 cache needs root to drop).
 
 Printed per library and torch dtype: the median seconds of the load call itself and the runs, the import seconds
-before it (after torch; ours also imports transformers' CLIPTextModel there, as importing diffusers' pipeline does)
-and their sum; `touch s`: reading every weight once after the load (weights still memory-mapped from the file, as
-when the dtype is kept, are only paged in then, so load times alone flatter them); the bytes of the loaded weights;
+before it (after torch; diffusers' pipeline imports transformers' CLIPTextModel there, ours has its own since
+2026-12-03) and their sum; `touch s`: reading every weight once after the load (weights still memory-mapped from
+the file, as when the dtype is kept, are only paged in then, so load times alone flatter them); the bytes of the loaded weights;
 resident memory after the imports (base), the process's peak (VmHWM, after the touch) and the rise between them, also
 as a multiple of the file's size; resident memory right after the load, split into anonymous memory (copies) and
 file-backed pages (the mapped checkpoint). Holding the weights once means a rise near max(file, weights), not
@@ -57,11 +57,9 @@ def build_checkpoint(config: Path, dtype: torch.dtype, path: Path) -> None:
     """Random weights for the U-Net, VAE and text encoder of `config`, written in the SD 1.x original layout (our
     conversion table, convert.py). Built on the meta device and materialised in `dtype`, so an fp16 SD 1.5 build
     never holds fp32 weights."""
-    from transformers import CLIPTextModel
-
     from latentdiff.checkpoints import read_json
     from latentdiff.layout import save_single_file
-    from latentdiff.models.text import read_text_config
+    from latentdiff.models.text import CLIPTextModel, read_text_config
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
 
@@ -98,8 +96,6 @@ def job(library: str, path: Path, config: Path, torch_dtype: str) -> dict:
     dtype = DTYPES.get(torch_dtype)
     start = time.perf_counter()
     if library == "ours":
-        from transformers import CLIPTextModel  # noqa: F401 (imported lazily by us, eagerly by diffusers' pipeline)
-
         from latentdiff import LatentDiffusionPipeline
 
         imported = time.perf_counter()
