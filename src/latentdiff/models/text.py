@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
 
 from ..checkpoints import CheckpointError, load_into, load_safetensors, read_json, require_path, save_safetensors
