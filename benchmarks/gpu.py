@@ -7,10 +7,11 @@ DPM-Solver++(2M), guidance 7.5, fp16, decoded to images.
                              [--tiny] [--no-vae-upcast] [--profile STEPS] [--warmup SECONDS]
 
 Both pipelines hold the very same weight tensors (ours are drawn once; diffusers' modules are built on the meta
-device and given them), the same text-encoder object, tokenizers read from the same folder and DPM-Solver++
-schedulers built from one explicit config. Variants: diffusers and ours (eager, SDPA attention), and the same with
-the U-Net alone wrapped in torch.compile (default mode, fullgraph=False, dynamic=False so that each batch size gets
-its own static graph rather than a dynamic one), compile time reported as the first call minus a timed one;
+device and given them; its text model is transformers' CLIPTextModel over our text model's tensors), tokenizers
+read from the same folder and DPM-Solver++ schedulers built from one explicit config. Variants: diffusers and
+ours (eager, SDPA attention), and the same with the U-Net alone wrapped in torch.compile (default mode,
+fullgraph=False, dynamic=False so that each batch size gets its own static graph rather than a dynamic one),
+compile time reported as the first call minus a timed one;
 `-cl` variants run the U-Net with channels_last weights and activations, and `ours-graph` replays our U-Net from
 CUDA graphs (pipe.enable_cuda_graphs(); its first call captures); these are not in the default set. --warmup runs
 diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
@@ -82,6 +83,24 @@ def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval().requires_grad_(False)
 
 
+def text_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' CLIPTextModel of the same config as our text `model`, holding the very same tensors (diffusers'
+    pipeline runs it, as it would in the wild)."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModel(config)
+    core = getattr(ref, "text_model", ref)  # transformers 4 nests the modules, 5 does not
+    core.load_state_dict(model.text_model.state_dict(), strict=True, assign=True)
+    embeddings = core.embeddings  # its position_ids buffer is not in the state dict
+    embeddings.position_ids = torch.arange(config.max_position_embeddings, device=model.device).expand(1, -1)
+    left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers' CLIPTextModel has tensors ours does not provide: {left[:5]}")
+    return ref.eval().requires_grad_(False)
+
+
 def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_upcast: bool, seed: int = 0):
     """(ours, diffusers') pipelines over one set of random weights."""
     import diffusers
@@ -100,7 +119,7 @@ def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_up
         unet, vae = UNet2DConditionModel(unet_config), AutoencoderKL(vae_config)
     unet = random_weights_(unet.to_empty(device=device).to(dtype), seed)
     vae = random_weights_(vae.to_empty(device=device).to(dtype), seed + 1)
-    with torch.device(device):  # transformers' own random init, drawn where the model lives (fast on a GPU)
+    with torch.device(device):  # its own random init (transformers' distributions), drawn where the model lives
         text_encoder = build_text_encoder(text_config_tiny() if tiny else text_config_sd15(), seed=seed + 2)
     text_encoder = text_encoder.to(dtype).requires_grad_(False)
     # the committed SD 1.5 tokenizer folder (written by our tokenizer); both libraries read it
@@ -109,7 +128,7 @@ def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_up
     ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer_folder), text_encoder, unet, vae,
                                    DPMSolverMultistepScheduler(**SCHEDULER))
     ref = diffusers.StableDiffusionPipeline(
-        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=text_encoder,
+        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=text_twin(text_encoder),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
         unet=twin(diffusers.UNet2DConditionModel, unet), scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
