@@ -83,24 +83,6 @@ def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval().requires_grad_(False)
 
 
-def text_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers' CLIPTextModel of the same config as our text `model`, holding the very same tensors (diffusers'
-    pipeline runs it, as it would in the wild)."""
-    import transformers
-
-    config = transformers.CLIPTextConfig(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
-    with torch.device("meta"):
-        ref = transformers.CLIPTextModel(config)
-    core = getattr(ref, "text_model", ref)  # transformers 4 nests the modules, 5 does not
-    core.load_state_dict(model.text_model.state_dict(), strict=True, assign=True)
-    embeddings = core.embeddings  # its position_ids buffer is not in the state dict
-    embeddings.position_ids = torch.arange(config.max_position_embeddings, device=model.device).expand(1, -1)
-    left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"transformers' CLIPTextModel has tensors ours does not provide: {left[:5]}")
-    return ref.eval().requires_grad_(False)
-
-
 def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_upcast: bool, seed: int = 0):
     """(ours, diffusers') pipelines over one set of random weights."""
     import diffusers
@@ -108,7 +90,8 @@ def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_up
 
     from latentdiff import LatentDiffusionPipeline
     from latentdiff.layout import SD15_CONFIG
-    from latentdiff.models.text import CLIPTokenizer, build_text_encoder, text_config_sd15, text_config_tiny
+    from latentdiff.models.text import (CLIPTokenizer, build_text_encoder, text_config_sd15, text_config_tiny,
+                                        to_transformers)
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
     from latentdiff.schedulers import DPMSolverMultistepScheduler
@@ -128,7 +111,7 @@ def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_up
     ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer_folder), text_encoder, unet, vae,
                                    DPMSolverMultistepScheduler(**SCHEDULER))
     ref = diffusers.StableDiffusionPipeline(
-        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=text_twin(text_encoder),
+        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=to_transformers(text_encoder),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
         unet=twin(diffusers.UNet2DConditionModel, unet), scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -11,7 +11,7 @@ from test_unet import diffusers_kwargs, gaussian_weights
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.layout import SD15_CONFIG
-from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15
+from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15, to_transformers
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 from latentdiff.models.vae import AutoencoderKL, VAEConfig
 from latentdiff.schedulers import DPMSolverMultistepScheduler
@@ -31,20 +31,6 @@ def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-def text_twin(model: CLIPTextModel) -> torch.nn.Module:
-    """transformers' CLIPTextModel holding our text model's tensors."""
-    import transformers
-
-    config = transformers.CLIPTextConfig(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
-    with torch.device("meta"):
-        ref = transformers.CLIPTextModel(config)
-    core = getattr(ref, "text_model", ref)  # transformers 4 nests the modules, 5 does not
-    core.load_state_dict(model.text_model.state_dict(), strict=True, assign=True)
-    core.embeddings.position_ids = torch.arange(config.max_position_embeddings).expand(1, -1)  # not in state dicts
-    assert not [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
-    return ref.eval()
-
-
 @pytest.fixture(scope="module")
 def pipelines():
     import diffusers
@@ -59,7 +45,7 @@ def pipelines():
     ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer), text_encoder, unet, vae,
                                    DPMSolverMultistepScheduler(**SCHEDULER))
     ref = diffusers.StableDiffusionPipeline(
-        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=text_twin(text_encoder),
+        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=to_transformers(text_encoder),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer),
         unet=twin(diffusers.UNet2DConditionModel, unet),
         scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,

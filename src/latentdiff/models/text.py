@@ -37,6 +37,7 @@ __all__ = [
     "load_text_encoder_state_dict",
     "save_text_encoder",
     "text_encoder_state_dict",
+    "to_transformers",
     "encode_prompt_ids",
 ]
 
@@ -144,6 +145,24 @@ def save_text_encoder(model: torch.nn.Module, folder: str | os.PathLike) -> None
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(config, folder / "config.json")
     save_safetensors(text_encoder_state_dict(model), folder / WEIGHTS_NAME)
+
+
+def to_transformers(model: CLIPTextModel) -> torch.nn.Module:
+    """transformers' CLIPTextModel of the same config holding our `model`'s very tensors (no copy): for code that
+    wants transformers' class (the reference in tests and benchmarks). Needs transformers installed."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModel(config)
+    core = _core(ref)
+    core.load_state_dict(model.text_model.state_dict(), strict=True, assign=True)
+    # its position_ids buffer is in no state dict
+    core.embeddings.position_ids = torch.arange(config.max_position_embeddings, device=model.device).expand(1, -1)
+    left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"transformers' CLIPTextModel has tensors ours does not provide: {left[:5]}")
+    return ref.eval().requires_grad_(model.text_model.final_layer_norm.weight.requires_grad)
 
 
 def encode_prompt_ids(
