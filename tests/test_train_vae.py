@@ -256,3 +256,75 @@ def test_vae_still_refuses_latents_of_another_dtype_outside_autocast():
     vae = tiny_vae()
     with pytest.raises(ValueError, match="bfloat16 on cpu but the VAE is torch.float32"):
         vae.decode(torch.zeros(1, vae.config.latent_channels, 4, 4, dtype=torch.bfloat16))
+
+
+@torch.no_grad()
+def test_a_folded_latent_map_moves_the_latents_and_keeps_the_reconstructions():
+    from latentdiff.train.vae import fold_latent_map
+
+    vae = make_deterministic(tiny_vae())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    before = vae.encode(images).mean
+    reconstruction = vae.decode(before)
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(4, 4, generator=generator, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
+    offset = torch.randn(4, generator=generator, dtype=torch.float64)
+    fold_latent_map(vae, matrix, offset)
+    after = vae.encode(images)
+    expected = torch.einsum("ij,njhw->nihw", matrix.float(), before) + offset.float()[:, None, None]
+    torch.testing.assert_close(after.mean, expected, rtol=0, atol=1e-4)
+    assert after.std.max() < 1e-6  # still a point mass
+    torch.testing.assert_close(vae.decode(after.mean), reconstruction, rtol=0, atol=1e-4)
+    assert (vae.decode(before) - reconstruction).abs().max() > 1e-2  # the old latents no longer decode alike
+
+
+def test_a_latent_map_needs_a_deterministic_encoder_and_a_square_matrix():
+    from latentdiff.train.vae import fold_latent_map
+
+    with pytest.raises(ValueError, match="deterministic_encoder: true"):
+        fold_latent_map(tiny_vae(), torch.eye(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="4x4 matrix and 4 offsets"):
+        fold_latent_map(make_deterministic(tiny_vae()), torch.eye(3), torch.zeros(3))
+
+
+@torch.no_grad()
+def test_colour_discriminant_map_centres_whitens_and_spreads_the_palette():
+    from latentdiff.data.shapes import ShapesDataset, to_tensor
+    from latentdiff.evaluation import colour_separation
+    from latentdiff.train.vae import colour_discriminant_map, fold_latent_map
+
+    vae = make_deterministic(tiny_vae())
+    data = ShapesDataset(32, size=32, seed=0)
+    pixels = torch.stack([to_tensor(data.item(i)[1]) for i in range(32)])
+    means = vae.encode(pixels).mean
+    matrix, offset = colour_discriminant_map(vae, means, size=32)
+    mapped = torch.einsum("ij,njhw->nihw", matrix.float(), means) + offset.float()[:, None, None]
+    assert mapped.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # centred channels
+    covariance = torch.cov(mapped.movedim(1, -1).reshape(-1, 4).T.double())
+    assert covariance.diag().max() <= 1 + 1e-6  # whitened, then no direction gained more than 1
+    before = colour_separation(vae, 32, scaling_factor=1 / means.std().item())["min"]
+    fold_latent_map(vae, matrix, offset)
+    after = colour_separation(vae, 32, scaling_factor=1 / mapped.std().item())["min"]
+    assert after > before
+
+
+def test_export_with_the_colour_latent_map(tmp_path):
+    overrides = {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
+                 "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 0}
+    config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                         {**overrides, "latent_map": "colours"})
+    train_vae(config)
+    from latentdiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
+    source = _Source(48, size=32, seed=0)  # vae_smoke.yaml's data
+    with torch.no_grad():
+        means = torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 16)])).mean
+                           for s in range(0, 48, 16)])
+    assert means.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # the map centred every channel
+    assert vae.config.scaling_factor == pytest.approx(1.0 / means.double().std().item(), rel=1e-3)
+    with pytest.raises(ValueError, match="needs deterministic_encoder: true"):
+        load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                    {**overrides, "latent_map": "colours", "deterministic_encoder": False})
+    with pytest.raises(ValueError, match="choose 'colours' or null"):
+        load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", {**overrides, "latent_map": "x"})

@@ -204,9 +204,12 @@ class VAETrainConfig(TrainConfig):
     # the same local map from patches, at a fraction of the cost per image); null: whole images
     patch_size: int | None = None
     use_ema: bool = False
+    # "colours": at export, re-express the latents so that the shapes palette's colours lie further apart in the
+    # scaled latents (train/vae.py: colour_discriminant_map; needs deterministic_encoder and shapes data)
+    latent_map: str | None = None
 
     bookkeeping = TrainConfig.bookkeeping + ("scale_samples", "check_reconstructions", "export_resolution",
-                                             "deterministic_encoder")  # (these act at export only)
+                                             "deterministic_encoder", "latent_map")  # (these act at export only)
     input_paths = ("pretrained_vae",)
 
     def validate(self) -> None:
@@ -221,6 +224,11 @@ class VAETrainConfig(TrainConfig):
         if self.export_resolution is not None and (self.export_resolution <= 0 or self.export_resolution % 8):
             raise ValueError(f"export_resolution={self.export_resolution} must be a positive multiple of 8 (the VAE "
                              "downsamples by 8), or null for 'resolution'")
+        if self.latent_map not in (None, "colours"):
+            raise ValueError(f"latent_map={self.latent_map!r}: choose 'colours' or null")
+        if self.latent_map and not (self.deterministic_encoder and self.dataset == "shapes"):
+            raise ValueError("latent_map: colours needs deterministic_encoder: true and dataset: shapes (it spreads "
+                             "the shapes palette apart in the latents of a point-mass encoder)")
         if self.patch_size is not None and not (0 < self.patch_size <= self.resolution and self.patch_size % 8 == 0):
             raise ValueError(f"patch_size={self.patch_size} must be a positive multiple of 8 (the VAE downsamples by "
                              f"8) no larger than resolution={self.resolution}, or null for whole images")

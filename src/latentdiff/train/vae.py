@@ -58,17 +58,22 @@ def latent_stds(vae, source, resolution: int, num_images: int, seed: int = 0, ba
     """(std of posterior samples, std of posterior means), from one encoding of the images (see latent_std)."""
     generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros(2, 3, dtype=torch.float64)  # [samples, means] x [sum, sum of squares, count]
-    indices = range(min(num_images, len(source)))
-    for start in range(0, len(indices), batch_size):
-        pixels = torch.stack([prepare_image(source.load(i)[0], resolution)
-                              for i in indices[start:start + batch_size]])
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype))
+    for posterior in _posteriors(vae, source, resolution, num_images, batch_size):
         for row, z in enumerate((posterior.sample(generator), posterior.mean)):
             z = z.double().cpu()
             sums[row] += torch.tensor([z.sum().item(), z.pow(2).sum().item(), z.numel()], dtype=torch.float64)
     mean = sums[:, 0] / sums[:, 2]
     std = (sums[:, 1] / sums[:, 2] - mean**2).sqrt()
     return float(std[0]), float(std[1])
+
+
+def _posteriors(vae, source, resolution: int, num_images: int, batch_size: int = 16):
+    """The encoder's posteriors of the first `num_images` images (centre crops), a batch at a time."""
+    indices = range(min(num_images, len(source)))
+    for start in range(0, len(indices), batch_size):
+        pixels = torch.stack([prepare_image(source.load(i)[0], resolution)
+                              for i in indices[start:start + batch_size]])
+        yield vae.encode(pixels.to(vae.device, vae.dtype))
 
 
 @torch.no_grad()
@@ -81,6 +86,68 @@ def make_deterministic(vae):
     vae.quant_conv.weight[c:] = 0.0
     vae.quant_conv.bias[c:] = LOGVAR_FLOOR
     return vae
+
+
+@torch.no_grad()
+def fold_latent_map(vae, matrix: torch.Tensor, offset: torch.Tensor):
+    """Re-express a deterministic VAE's latents as z' = matrix @ z + offset (over the channels of each latent pixel)
+    without changing what it reconstructs: the map goes into the mean half of quant_conv and its inverse into
+    post_quant_conv, so latentdiff and diffusers read it from the weights alike. Deterministic encoders only
+    (make_deterministic): the posterior of a stochastic one would lose its diagonal covariance."""
+    c = vae.config.latent_channels
+    q, p = getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)
+    if q is None or p is None:
+        raise ValueError("a latent map needs a VAE with quant_conv and post_quant_conv (use_quant_conv and "
+                         "use_post_quant_conv: true)")
+    if not (torch.all(q.weight[c:] == 0) and torch.all(q.bias[c:] == LOGVAR_FLOOR)):
+        raise ValueError("a latent map needs a deterministic encoder: set deterministic_encoder: true (or call "
+                         "make_deterministic first)")
+    matrix, offset = matrix.double().cpu(), offset.double().cpu()
+    if matrix.shape != (c, c) or offset.shape != (c,):
+        raise ValueError(f"a latent map of {c} channels needs a {c}x{c} matrix and {c} offsets, got "
+                         f"{tuple(matrix.shape)} and {tuple(offset.shape)}")
+    inverse = torch.linalg.inv(matrix)
+    encode_w, decode_w = q.weight[:c, :, 0, 0].double().cpu(), p.weight[:, :, 0, 0].double().cpu()
+    new = {"encode_w": matrix @ encode_w, "encode_b": matrix @ q.bias[:c].double().cpu() + offset,
+           "decode_w": decode_w @ inverse, "decode_b": p.bias.double().cpu() - decode_w @ inverse @ offset}
+    q.weight[:c, :, 0, 0] = new["encode_w"].to(q.weight)
+    q.bias[:c] = new["encode_b"].to(q.bias)
+    p.weight[:, :, 0, 0] = new["decode_w"].to(p.weight)
+    p.bias.copy_(new["decode_b"].to(p.bias))
+    return vae
+
+
+@torch.no_grad()
+def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 0.1
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent map (for fold_latent_map) that spreads the shapes palette's colours apart in the space a diffusion
+    model denoises. `means`: posterior means [N, C, h, w] of training images. The map centres each channel (an
+    offset shared by every latent is variance that carries nothing, yet it counts in the std that sets
+    scaling_factor), whitens the channels' covariance over all latent pixels, then weighs each whitened direction
+    by the square root of its share of the colours' spread (per-pixel differences between every two palette
+    colours, a circle in the centre on each background, each size; Fisher's discriminant, softened), at least
+    `floor`, so that no direction is lost. Returns (matrix, offset)."""
+    from ..data.shapes import BACKGROUNDS, COLOURS, SIZES, ShapeSpec, render, to_tensor
+
+    pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
+    centre, total = pixels.mean(0), torch.cov(pixels.T)
+    eigenvalues, basis = torch.linalg.eigh(total)
+    whiten = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).rsqrt()) @ basis.T
+    parameter = next(vae.parameters())
+    scatter = torch.zeros_like(total)
+    count = 0
+    for background in BACKGROUNDS:
+        for shape_size in SIZES:
+            images = [render(ShapeSpec(c, "circle", shape_size, "center", background), size) for c in COLOURS]
+            z = vae.encode(torch.stack([to_tensor(i) for i in images]).to(parameter.device, parameter.dtype)).mean
+            z = z.double().cpu().movedim(1, -1).reshape(len(COLOURS), -1, z.shape[1]) @ whiten.T
+            differences = (z[:, None] - z[None, :]).reshape(-1, z.shape[-1])
+            scatter += differences.T @ differences
+            count += len(differences)
+    shares, directions = torch.linalg.eigh(scatter / count)
+    gains = (shares.clamp(min=0) / shares.max()).sqrt().clamp(min=floor)
+    matrix = directions @ torch.diag(gains) @ directions.T @ whiten
+    return matrix, -matrix @ centre
 
 
 class VAETask:
@@ -141,6 +208,10 @@ class VAETask:
                 make_deterministic(vae)
             size = config.export_resolution or config.resolution
             source = self.source if size == config.resolution else build_source(replace(config, resolution=size))
+            if config.latent_map == "colours":
+                with torch.no_grad():
+                    means = torch.cat([p.mean for p in _posteriors(vae, source, size, config.scale_samples)])
+                fold_latent_map(vae, *colour_discriminant_map(vae, means, size))
             std, means_std = latent_stds(vae, source, size, config.scale_samples, config.seed)
             if std > 3 * means_std:
                 warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
