@@ -209,9 +209,14 @@ class VAETask:
             size = config.export_resolution or config.resolution
             source = self.source if size == config.resolution else build_source(replace(config, resolution=size))
             if config.latent_map == "colours":
+                from ..evaluation import colour_separation
+
                 with torch.no_grad():
                     means = torch.cat([p.mean for p in _posteriors(vae, source, size, config.scale_samples)])
+                before = colour_separation(vae, size, scaling_factor=1.0 / means.double().std().item())["min"]
                 fold_latent_map(vae, *colour_discriminant_map(vae, means, size))
+                print(f"latent_map: colours: the closest two colours' scaled latents were {before:.2f} apart before "
+                      "the map", flush=True)
             std, means_std = latent_stds(vae, source, size, config.scale_samples, config.seed)
             if std > 3 * means_std:
                 warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
