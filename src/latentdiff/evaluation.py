@@ -101,6 +101,20 @@ def evaluate_vae(vae, num_images: int = 200, size: int = 128, seed: int = 12345,
 
 
 @torch.no_grad()
+def palette_latents(vae, size: int = 128):
+    """The posterior means [8, C, h, w] of the palette's 8 colours as a circle at the centre, one batch for each
+    background and size in turn (what colour_separation and train.vae.colour_discriminant_map measure)."""
+    from .data.shapes import BACKGROUNDS, COLOURS, SIZES, ShapeSpec, render, to_tensor
+
+    parameter = next(vae.parameters())
+    for background in BACKGROUNDS:
+        for shape_size in SIZES:
+            images = [render(ShapeSpec(c, "circle", shape_size, "center", background), size) for c in COLOURS]
+            yield vae.encode(torch.stack([to_tensor(image) for image in images]).to(parameter.device,
+                                                                                     parameter.dtype)).mean
+
+
+@torch.no_grad()
 def colour_separation(vae, size: int = 128, scaling_factor: float | None = None) -> dict[str, float]:
     """How far apart a VAE puts the palette's colours in the latent space a diffusion model denoises: for a circle
     at the centre, on each background and at each size, the posterior means of the 8 colours (times
@@ -108,19 +122,10 @@ def colour_separation(vae, size: int = 128, scaling_factor: float | None = None)
     these ("min") and their average ("mean"). A VAE can reconstruct every colour and still put neighbouring hues so
     close that a diffusion model trained on its latents confuses them (measured on the shapes VAEs: 1.7 against 3.9
     on white, small shapes, and a pipeline's held-out colour accuracy 71% against 95%)."""
-    from .data.shapes import BACKGROUNDS, COLOURS, SIZES, ShapeSpec, render, to_tensor
-
     scale = vae.config.scaling_factor if scaling_factor is None else scaling_factor
-    parameter = next(vae.parameters())
-    closest = []
-    for background in BACKGROUNDS:
-        for shape_size in SIZES:
-            images = [render(ShapeSpec(c, "circle", shape_size, "center", background), size) for c in COLOURS]
-            pixels = torch.stack([to_tensor(image) for image in images]).to(parameter.device, parameter.dtype)
-            z = vae.encode(pixels).mean.float().flatten(1) * scale
-            closest.append(torch.pdist(z).min().item())
+    closest = [torch.pdist(z.float().flatten(1) * scale).min().item() for z in palette_latents(vae, size)]
     return {"min": min(closest), "mean": sum(closest) / len(closest)}
 
 
 __all__ = ["PROMPT_SETS", "colour_separation", "evaluate_pipeline", "evaluate_vae", "format_table",
-           "pipeline_generator", "prompt_set"]
+           "palette_latents", "pipeline_generator", "prompt_set"]

@@ -107,13 +107,12 @@ def fold_latent_map(vae, matrix: torch.Tensor, offset: torch.Tensor):
         raise ValueError(f"a latent map of {c} channels needs a {c}x{c} matrix and {c} offsets, got "
                          f"{tuple(matrix.shape)} and {tuple(offset.shape)}")
     inverse = torch.linalg.inv(matrix)
-    encode_w, decode_w = q.weight[:c, :, 0, 0].double().cpu(), p.weight[:, :, 0, 0].double().cpu()
-    new = {"encode_w": matrix @ encode_w, "encode_b": matrix @ q.bias[:c].double().cpu() + offset,
-           "decode_w": decode_w @ inverse, "decode_b": p.bias.double().cpu() - decode_w @ inverse @ offset}
-    q.weight[:c, :, 0, 0] = new["encode_w"].to(q.weight)
-    q.bias[:c] = new["encode_b"].to(q.bias)
-    p.weight[:, :, 0, 0] = new["decode_w"].to(p.weight)
-    p.bias.copy_(new["decode_b"].to(p.bias))
+    encode_w, encode_b = q.weight[:c, :, 0, 0].double().cpu(), q.bias[:c].double().cpu()
+    decode_w, decode_b = p.weight[:, :, 0, 0].double().cpu(), p.bias.double().cpu()
+    q.weight[:c, :, 0, 0] = (matrix @ encode_w).to(q.weight)
+    q.bias[:c] = (matrix @ encode_b + offset).to(q.bias)
+    p.weight[:, :, 0, 0] = (decode_w @ inverse).to(p.weight)
+    p.bias.copy_((decode_b - decode_w @ inverse @ offset).to(p.bias))
     return vae
 
 
@@ -127,23 +126,19 @@ def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 
     by the square root of its share of the colours' spread (per-pixel differences between every two palette
     colours, a circle in the centre on each background, each size; Fisher's discriminant, softened), at least
     `floor`, so that no direction is lost. Returns (matrix, offset)."""
-    from ..data.shapes import BACKGROUNDS, COLOURS, SIZES, ShapeSpec, render, to_tensor
+    from ..evaluation import palette_latents
 
     pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
     centre, total = pixels.mean(0), torch.cov(pixels.T)
     eigenvalues, basis = torch.linalg.eigh(total)
     whiten = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).rsqrt()) @ basis.T
-    parameter = next(vae.parameters())
     scatter = torch.zeros_like(total)
     count = 0
-    for background in BACKGROUNDS:
-        for shape_size in SIZES:
-            images = [render(ShapeSpec(c, "circle", shape_size, "center", background), size) for c in COLOURS]
-            z = vae.encode(torch.stack([to_tensor(i) for i in images]).to(parameter.device, parameter.dtype)).mean
-            z = z.double().cpu().movedim(1, -1).reshape(len(COLOURS), -1, z.shape[1]) @ whiten.T
-            differences = (z[:, None] - z[None, :]).reshape(-1, z.shape[-1])
-            scatter += differences.T @ differences
-            count += len(differences)
+    for z in palette_latents(vae, size):
+        z = z.double().cpu().movedim(1, -1).reshape(len(z), -1, z.shape[1]) @ whiten.T
+        differences = (z[:, None] - z[None, :]).reshape(-1, z.shape[-1])
+        scatter += differences.T @ differences
+        count += len(differences)
     shares, directions = torch.linalg.eigh(scatter / count)
     gains = (shares.clamp(min=0) / shares.max()).sqrt().clamp(min=floor)
     matrix = directions @ torch.diag(gains) @ directions.T @ whiten
