@@ -71,29 +71,14 @@ def random_weights_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
-    """diffusers' `cls` of the same config as our `model`, holding the very same tensors (no copy)."""
-    kwargs = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        ref = cls(**kwargs)
-    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
-    left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"diffusers' {cls.__name__} has tensors ours does not provide: {left[:5]}")
-    return ref.eval().requires_grad_(False)
-
-
 def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_upcast: bool, seed: int = 0):
     """(ours, diffusers') pipelines over one set of random weights."""
-    import diffusers
-    import transformers
-
     from latentdiff import LatentDiffusionPipeline
     from latentdiff.layout import SD15_CONFIG
-    from latentdiff.models.text import (CLIPTokenizer, build_text_encoder, text_config_sd15, text_config_tiny,
-                                        to_transformers)
+    from latentdiff.models.text import CLIPTokenizer, build_text_encoder, text_config_sd15, text_config_tiny
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.pipeline import to_diffusers
     from latentdiff.schedulers import DPMSolverMultistepScheduler
 
     unet_config = UNetConfig(**TINY_UNET) if tiny else UNetConfig.sd15()
@@ -105,19 +90,11 @@ def build_pipelines(tiny: bool, device: torch.device, dtype: torch.dtype, vae_up
     with torch.device(device):  # its own random init (transformers' distributions), drawn where the model lives
         text_encoder = build_text_encoder(text_config_tiny() if tiny else text_config_sd15(), seed=seed + 2)
     text_encoder = text_encoder.to(dtype).requires_grad_(False)
-    # the committed SD 1.5 tokenizer folder (written by our tokenizer); both libraries read it
-    tokenizer_folder = SD15_CONFIG / "tokenizer"
-
-    ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer_folder), text_encoder, unet, vae,
+    # the committed SD 1.5 tokenizer folder (written by our tokenizer); to_diffusers gives transformers' tokenizer
+    # the same files
+    ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"), text_encoder, unet, vae,
                                    DPMSolverMultistepScheduler(**SCHEDULER))
-    ref = diffusers.StableDiffusionPipeline(
-        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=to_transformers(text_encoder),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
-        unet=twin(diffusers.UNet2DConditionModel, unet), scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
-    return {"ours": ours, "diffusers": ref}
+    return {"ours": ours, "diffusers": to_diffusers(ours)}
 
 
 def sync(device: torch.device) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_unet import diffusers_kwargs, gaussian_weights
+from test_unet import gaussian_weights
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.layout import SD15_CONFIG
-from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15, to_transformers
+from latentdiff.pipeline import to_diffusers
+from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 from latentdiff.models.vae import AutoencoderKL, VAEConfig
 from latentdiff.schedulers import DPMSolverMultistepScheduler
@@ -23,36 +24,16 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
 PROMPTS = ["a photograph of an astronaut riding a horse on the moon", ""]
 
 
-def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
-    """diffusers' `cls` holding our model's tensors."""
-    with torch.device("meta"):
-        ref = cls(**diffusers_kwargs(model.config))
-    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
-    return ref.eval()
-
-
 @pytest.fixture(scope="module")
 def pipelines():
-    import diffusers
-    import transformers
-
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(UNetConfig.sd15()), AutoencoderKL(VAEConfig.sd15())
         text_encoder = CLIPTextModel(text_config_sd15())
     unet, vae, text_encoder = (gaussian_weights(m.to_empty(device="cpu"), seed).eval()
                                for seed, m in enumerate((unet, vae, text_encoder)))
-    tokenizer = SD15_CONFIG / "tokenizer"
-    ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(tokenizer), text_encoder, unet, vae,
+    ours = LatentDiffusionPipeline(CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"), text_encoder, unet, vae,
                                    DPMSolverMultistepScheduler(**SCHEDULER))
-    ref = diffusers.StableDiffusionPipeline(
-        vae=twin(diffusers.AutoencoderKL, vae), text_encoder=to_transformers(text_encoder),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer),
-        unet=twin(diffusers.UNet2DConditionModel, unet),
-        scheduler=diffusers.DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    ref.set_progress_bar_config(disable=True)
-    return ours, ref
+    return ours, to_diffusers(ours)
 
 
 @torch.no_grad()

@@ -215,3 +215,21 @@ def test_same_seed_same_image_as_diffusers(folders):
     expected = ref(PROMPTS[0], generator=torch.Generator().manual_seed(42), **kwargs).images
     got = ours(PROMPTS[0], generator=torch.Generator().manual_seed(42), progress=False, **kwargs).images
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_to_diffusers_shares_the_tensors_and_the_images(folders):
+    """latentdiff.pipeline.to_diffusers (the reference that the full-size test and benchmarks/gpu.py build): diffusers'
+    pipeline over our very tensors, with our scheduler's class and config, gives our images."""
+    from latentdiff.pipeline import to_diffusers
+
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    ref = to_diffusers(ours)
+    assert type(ref.scheduler).__name__ == type(ours.scheduler).__name__
+    assert ref.unet.conv_in.weight.data_ptr() == ours.unet.conv_in.weight.data_ptr()
+    assert ref.vae.decoder.conv_out.weight.data_ptr() == ours.vae.decoder.conv_out.weight.data_ptr()
+    assert ref.tokenizer.model_max_length == 77
+    kwargs = dict(num_inference_steps=5, guidance_scale=4.0, output_type="np")
+    expected = ref(PROMPTS, latents=latents_for(2), **kwargs).images
+    got = ours(PROMPTS, latents=latents_for(2), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+

@@ -331,3 +331,36 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             raise TypeError("image must be a PIL image, a list of PIL images or a [B,3,H,W] tensor in [-1, 1]")
         arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def to_diffusers(pipe: LatentDiffusionPipeline):
+    """diffusers' StableDiffusionPipeline over `pipe`'s very tensors (no copy): diffusers' U-Net and VAE classes of
+    the same configs, transformers' CLIPTextModel (models.text.to_transformers), transformers' CLIPTokenizer read
+    from the files ours writes, and diffusers' scheduler class of the same name and config. The reference that tests
+    and benchmarks compare a pipeline with; needs diffusers and transformers installed."""
+    import tempfile
+
+    import diffusers
+    import transformers
+
+    from .models.text import to_transformers
+
+    def twin(cls, model: torch.nn.Module) -> torch.nn.Module:
+        with torch.device("meta"):
+            ref = cls(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("_")})
+        ref.load_state_dict(model.state_dict(), strict=True, assign=True)
+        left = [name for name, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"diffusers' {cls.__name__} has tensors ours does not provide: {left[:5]}")
+        return ref.eval().requires_grad_(False)
+
+    with tempfile.TemporaryDirectory() as folder:
+        pipe.tokenizer.save_pretrained(folder)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    scheduler = getattr(diffusers, type(pipe.scheduler).__name__).from_config(pipe.scheduler.config.to_dict())
+    ref = diffusers.StableDiffusionPipeline(
+        vae=twin(diffusers.AutoencoderKL, pipe.vae), text_encoder=to_transformers(pipe.text_encoder),
+        tokenizer=tokenizer, unet=twin(diffusers.UNet2DConditionModel, pipe.unet), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
