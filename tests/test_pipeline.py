@@ -233,3 +233,19 @@ def test_to_diffusers_shares_the_tensors_and_the_images(folders):
     got = ours(PROMPTS, latents=latents_for(2), progress=False, **kwargs).images
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
+
+def test_guidance_rescale_matches_diffusers(folders):
+    """guidance_rescale (Lin et al. 2024) gives diffusers' images, changes them, and is refused outside [0, 1]."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    kwargs = dict(num_inference_steps=5, guidance_scale=7.5, output_type="np")
+    expected = ref(PROMPTS, latents=latents_for(2), guidance_rescale=0.7, **kwargs).images
+    got = ours(PROMPTS, latents=latents_for(2), guidance_rescale=0.7, progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    plain = ours(PROMPTS, latents=latents_for(2), progress=False, **kwargs).images
+    assert np.abs(got - plain).max() > 1e-2
+    with pytest.raises(ValueError, match=r"guidance_rescale=1.5 must lie in \[0, 1\]"):
+        ours(PROMPTS, guidance_rescale=1.5, num_inference_steps=2, progress=False)

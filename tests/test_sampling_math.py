@@ -165,3 +165,26 @@ def test_classifier_free_guidance_wraps_the_model():
     assert calls == [2, 2, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="shape"):
         ClassifierFreeGuidance(model, cond, uncond[:1])
+
+
+def test_guidance_rescale():
+    """guide(..., rescale=phi) (Lin et al. 2024, sec. 3.4): phi = 1 gives each sample the conditional output's std
+    with the guided output's direction, phi mixes linearly, 0 is plain guidance; outside [0, 1] is refused."""
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g) * 2.0
+    plain = guide(uncond, cond, 7.5)
+    assert torch.equal(guide(uncond, cond, 7.5, 0.0), plain)
+    full = guide(uncond, cond, 7.5, 1.0)
+    torch.testing.assert_close(full.flatten(1).std(1), cond.flatten(1).std(1))
+    ratio = full / plain  # one positive factor per sample
+    assert (ratio.flatten(1).std(1) < 1e-5).all() and (ratio > 0).all()
+    assert (ratio.flatten(1).mean(1) < 0.5).all()  # guidance at 7.5 had inflated the spread
+    torch.testing.assert_close(guide(uncond, cond, 7.5, 0.7), 0.7 * full + 0.3 * plain)
+    model = lambda x, t, context: x * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # noqa: E731
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    c, u = torch.full((3, 5, 8), 2.0), torch.full((3, 5, 8), 0.5)
+    torch.testing.assert_close(ClassifierFreeGuidance(model, c, u, 7.5, rescale=0.7)(x, 0),
+                               guide(model(x, 0, u), model(x, 0, c), 7.5, 0.7))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"guidance_rescale=.* must lie in \[0, 1\]"):
+            ClassifierFreeGuidance(model, c, u, 7.5, rescale=bad)

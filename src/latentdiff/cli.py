@@ -40,7 +40,8 @@ def load_pipeline(model: str | None, dtype: str, device: str):
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
     return {
         "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
-        "scheduler": args.scheduler, "guidance": args.guidance, "height": args.height, "width": args.width,
+        "scheduler": args.scheduler, "guidance": args.guidance,
+        "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
     }
 
@@ -65,7 +66,8 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     image = pipe(
         settings["prompt"], negative_prompt=settings["negative_prompt"], height=settings["height"],
         width=settings["width"], num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-        eta=settings["eta"], generator=torch.Generator().manual_seed(settings["seed"]), progress=False,
+        guidance_rescale=settings.get("guidance_rescale", 0.0), eta=settings["eta"],
+        generator=torch.Generator().manual_seed(settings["seed"]), progress=False,
     ).images[0]
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings))
@@ -150,7 +152,8 @@ def cmd_eval(args) -> None:
 
     pipe, path = load_pipeline(args.model, "fp32", args.device)
     for prompts in args.prompts:
-        rows = evaluate_pipeline(pipe, args.guidance, prompts=prompts, steps=args.steps, seed=args.seed)
+        rows = evaluate_pipeline(pipe, args.guidance, prompts=prompts, steps=args.steps, seed=args.seed,
+                                 guidance_rescale=args.guidance_rescale)
         print(f"\n{prompts} prompts, {args.steps} DPM-Solver++ steps, {path}:\n{format_table(rows)}")
 
 
@@ -163,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="pipeline folder or SD 1.x .safetensors (default: the embedded tiny-shapes)")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="0..1, rescales guided predictions to the conditional one's spread (Lin et al.: 0.7)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default="dpm++", choices=["ddpm", "ddim", "euler", "euler_a", "dpm++"])
     g.add_argument("--negative", default=None, help="negative prompt")
@@ -193,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="pipeline folder (default: the embedded tiny-shapes)")
     e.add_argument("--prompts", nargs="+", default=["heldout", "trained"], choices=["heldout", "trained"])
     e.add_argument("--guidance", nargs="+", type=float, default=[1, 3, 5, 7.5])
+    e.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="as in generate (SHAPES.md's protocol leaves it at 0)")
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")

@@ -34,14 +34,15 @@ def prompt_set(prompts: str | Sequence[tuple[str, ShapeSpec]]) -> list[tuple[str
     return prompts
 
 
-def pipeline_generator(pipe, guidance_scale: float, steps: int = 25) -> Callable[[list[str], list[int]], list]:
+def pipeline_generator(pipe, guidance_scale: float, steps: int = 25, guidance_rescale: float = 0.0
+                       ) -> Callable[[list[str], list[int]], list]:
     """`generate(prompts, seeds) -> PIL images` for the analyzer: one generator per image, so each image depends
     on its own seed only."""
 
     def generate(texts: list[str], seeds: list[int]) -> list:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         return pipe(texts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                    output_type="pil", progress=False).images
+                    output_type="pil", progress=False, guidance_rescale=guidance_rescale).images
 
     return generate
 
@@ -49,12 +50,14 @@ def pipeline_generator(pipe, guidance_scale: float, steps: int = 25) -> Callable
 def evaluate_pipeline(pipe, guidance_scales: Sequence[float] = (1, 3, 5, 7.5),
                       prompts: str | Sequence[tuple[str, ShapeSpec]] = "heldout", steps: int = 25, seed: int = 0,
                       batch_size: int = 25, sampler: str | None = "dpm++",
-                      on_row: Callable[[float, dict[str, float]], None] | None = None) -> list[Row]:
+                      on_row: Callable[[float, dict[str, float]], None] | None = None,
+                      guidance_rescale: float = 0.0) -> list[Row]:
     """One row (guidance scale, scores) per guidance scale, with the accuracies `score` returns.
 
     `sampler` ("dpm++" as SHAPES.md prescribes, or None to keep the pipeline's scheduler) is swapped in for the
     run and the pipeline's own scheduler put back afterwards. `on_row` is called as each row is done (a slow
-    evaluation can report as it goes)."""
+    evaluation can report as it goes). `guidance_rescale` (see guidance.guide) is not part of SHAPES.md's protocol,
+    which leaves it at 0."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
     if not guidance_scales:
@@ -68,7 +71,8 @@ def evaluate_pipeline(pipe, guidance_scales: Sequence[float] = (1, 3, 5, 7.5),
     rows: list[Row] = []
     try:
         for scale in guidance_scales:
-            scores = evaluate(pipeline_generator(pipe, float(scale), steps), pairs, seed=seed, batch_size=batch_size)
+            generate = pipeline_generator(pipe, float(scale), steps, guidance_rescale)
+            scores = evaluate(generate, pairs, seed=seed, batch_size=batch_size)
             rows.append((float(scale), scores))
             if on_row is not None:
                 on_row(float(scale), scores)

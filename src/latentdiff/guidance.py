@@ -16,22 +16,37 @@ from .schedules import PREDICTION_TYPES, predict_x0_eps
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guide(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance, out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6 written for eps)."""
-    return out_uncond + scale * (out_cond - out_uncond)
+def guide(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance, out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6 written for eps).
+
+    `rescale` = phi > 0: large scales inflate the output's spread and over-expose images, so the guided output is
+    also scaled, per sample, to the standard deviation of the conditional output, and that is mixed in with weight
+    phi (Lin et al. 2024, sec. 3.4; they suggest 0.7). The spread is that of the raw model output, as in diffusers'
+    pipelines (the rescaling, unlike guidance itself, is not affine, so the space it is done in matters)."""
+    out = out_uncond + scale * (out_cond - out_uncond)
+    if rescale:
+        dims = tuple(range(1, out.dim()))
+        matched = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        out = rescale * matched + (1.0 - rescale) * out
+    return out
 
 
 class ClassifierFreeGuidance:
     """`model(x, t, context)` as a `model(x, t)` that applies guidance with one batched call over [uncond, cond].
 
-    With scale <= 1 (or no unconditional context) only the conditional pass runs, as in diffusers' pipelines."""
+    With scale <= 1 (or no unconditional context) only the conditional pass runs, as in diffusers' pipelines.
+    `rescale`: see guide()."""
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 7.5):
+                 cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 7.5, rescale: float = 0.0):
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={rescale} must lie in [0, 1]: 0 turns it off, 1 matches the "
+                             "conditional output's spread fully (Lin et al. 2024 suggest 0.7)")
         if uncond is not None and uncond.shape != cond.shape:
             raise ValueError(f"unconditional context has shape {tuple(uncond.shape)} but the conditional one has "
                              f"{tuple(cond.shape)}; encode both with the same batch size and sequence length")
-        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+        self.model, self.cond, self.uncond = model, cond, uncond
+        self.scale, self.rescale = float(scale), float(rescale)
 
     @property
     def guided(self) -> bool:
@@ -41,7 +56,7 @@ class ClassifierFreeGuidance:
         if not self.guided:
             return self.model(x, t, self.cond)
         out_uncond, out_cond = self.model(torch.cat([x, x]), t, torch.cat([self.uncond, self.cond])).chunk(2)
-        return guide(out_uncond, out_cond, self.scale)
+        return guide(out_uncond, out_cond, self.scale, self.rescale)
 
 
 class Denoiser:

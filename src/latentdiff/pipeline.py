@@ -202,9 +202,10 @@ class LatentDiffusionPipeline:
         return cond.repeat_interleave(n_per_prompt, dim=0), uncond
 
     # ---- generation -------------------------------------------------------------------------------------------
-    def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress):
+    def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
+                guidance_rescale: float = 0.0):
         scheduler = self.scheduler
-        model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale)
+        model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale, guidance_rescale)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
             eps = model(scheduler.scale_model_input(latents, t), t)
@@ -245,7 +246,7 @@ class LatentDiffusionPipeline:
         generator: Generators = None, latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None, progress: bool = True,
+        callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
     ):
         self._check_output_type(output_type)
         height, width = self._check_size(height, width)
@@ -265,7 +266,7 @@ class LatentDiffusionPipeline:
                              f"{height}x{width}")
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
         latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
-                               callback_on_step_end, progress)
+                               callback_on_step_end, progress, guidance_rescale)
         images = self.decode(latents, output_type)
         return PipelineOutput(images) if return_dict else (images,)
 
