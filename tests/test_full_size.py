@@ -11,10 +11,10 @@ from test_unet import gaussian_weights
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.layout import SD15_CONFIG
-from latentdiff.pipeline import to_diffusers
 from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 from latentdiff.models.vae import AutoencoderKL, VAEConfig
+from latentdiff.pipeline import to_diffusers
 from latentdiff.schedulers import DPMSolverMultistepScheduler
 
 pytestmark = pytest.mark.slow
