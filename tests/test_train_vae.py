@@ -328,3 +328,27 @@ def test_export_with_the_colour_latent_map(tmp_path):
                     {**overrides, "latent_map": "colours", "deterministic_encoder": False})
     with pytest.raises(ValueError, match="choose 'colours' or null"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", {**overrides, "latent_map": "x"})
+
+
+def test_anchor_term_pulls_the_first_latent_channels_towards_the_block_averaged_image():
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.train.loss import VAEObjective
+
+    vae = tiny_vae()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    plain, logs = VAEObjective(vae)(images, noise)
+    assert "anchor" not in logs
+    anchored, logs = VAEObjective(vae, anchor_weight=0.5)(images, noise)
+    f = vae.vae_scale_factor
+    block_means = images.reshape(2, 3, 32 // f, f, 32 // f, f).mean(dim=(3, 5))
+    expected = (vae.encode(images).mean[:, :3] - block_means).pow(2).mean()
+    torch.testing.assert_close(logs["anchor"], expected)
+    torch.testing.assert_close(anchored, plain + 0.5 * expected)
+    assert expected > 1e-3  # a random encoder's latents are not the averaged image
+
+    with pytest.raises(ValueError, match="latent channels as image channels"):
+        VAEObjective(AutoencoderKL(VAEConfig.tiny().replace(latent_channels=2)), anchor_weight=1.0)
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
+        load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                    {"output_dir": "out/x", "anchor_weight": -1.0})

@@ -194,6 +194,9 @@ class VAETrainConfig(TrainConfig):
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-6  # small: keeps the latents near N(0, I)-ish without blurring reconstructions
+    # pull the first 3 latent channels (posterior means) towards the image averaged over each latent pixel's 8x8
+    # block (MSE, this weight): colours then lie apart in large, smooth latent directions (see loss.VAEObjective)
+    anchor_weight: float = 0.0
     scale_samples: int = 256  # images whose posterior-latent std sets scaling_factor = 1 / std
     deterministic_encoder: bool = False  # export encode() as a point mass at the mean (see train/vae.py)
     check_reconstructions: int = 200  # shapes data: analyze this many reconstructions at export (0: skip)
@@ -219,8 +222,8 @@ class VAETrainConfig(TrainConfig):
                              "(a VAE folder to fine-tune)")
         if self.use_ema:
             raise ValueError("use_ema is not supported by train_vae.py; set it to false")
-        if min(self.l1_weight, self.l2_weight, self.kl_weight) < 0 or self.scale_samples <= 0:
-            raise ValueError("l1_weight, l2_weight, kl_weight must be >= 0 and scale_samples positive")
+        if min(self.l1_weight, self.l2_weight, self.kl_weight, self.anchor_weight) < 0 or self.scale_samples <= 0:
+            raise ValueError("l1_weight, l2_weight, kl_weight, anchor_weight must be >= 0 and scale_samples positive")
         if self.export_resolution is not None and (self.export_resolution <= 0 or self.export_resolution % 8):
             raise ValueError(f"export_resolution={self.export_resolution} must be a positive multiple of 8 (the VAE "
                              "downsamples by 8), or null for 'resolution'")

@@ -121,9 +121,14 @@ class VAEObjective(nn.Module):
     summed over the latent and divided by the number of pixel values, so that kl_weight has the meaning it has in
     the LDM code, whose reconstruction term is a sum over pixels (1e-6 there)."""
 
-    def __init__(self, vae, l1_weight: float = 1.0, l2_weight: float = 1.0, kl_weight: float = 1e-6):
+    def __init__(self, vae, l1_weight: float = 1.0, l2_weight: float = 1.0, kl_weight: float = 1e-6,
+                 anchor_weight: float = 0.0):
         super().__init__()
         self.vae, self.l1_weight, self.l2_weight, self.kl_weight = vae, l1_weight, l2_weight, kl_weight
+        self.anchor_weight = anchor_weight
+        if anchor_weight and vae.config.latent_channels < vae.config.in_channels:
+            raise ValueError(f"anchor_weight needs at least as many latent channels as image channels "
+                             f"({vae.config.latent_channels} < {vae.config.in_channels}); set it to 0")
 
     def forward(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
         posterior = self.vae.encode(pixels)
@@ -132,4 +137,12 @@ class VAEObjective(nn.Module):
         l1, l2 = error.abs().mean(), error.pow(2).mean()
         kl = posterior.kl().float().mean() / pixels[0].numel()
         loss = self.l1_weight * l1 + self.l2_weight * l2 + self.kl_weight * kl
-        return loss, {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+        logs = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+        if self.anchor_weight:
+            # the first image-channels of the latent should read as the image's average over each latent pixel
+            factor = pixels.shape[-1] // posterior.mean.shape[-1]
+            pooled = F.avg_pool2d(pixels.float(), factor)
+            anchor = (posterior.mean[:, :pixels.shape[1]].float() - pooled).pow(2).mean()
+            loss = loss + self.anchor_weight * anchor
+            logs["anchor"] = anchor.detach()
+        return loss, logs

@@ -152,7 +152,7 @@ class VAETask:
         if config.gradient_checkpointing:
             raise ValueError("gradient_checkpointing is not supported by train_vae.py; set it to false")
         self.config, self.accelerator = config, accelerator
-        objective = VAEObjective(vae, config.l1_weight, config.l2_weight, config.kl_weight)
+        objective = VAEObjective(vae, config.l1_weight, config.l2_weight, config.kl_weight, config.anchor_weight)
         optimizer, lr_scheduler = make_optimizer([{"params": list(vae.parameters())}], config)
         self.objective, self.optimizer, self.lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
         self.models, self.checkpoint_objects = [self.objective], []
