@@ -166,6 +166,14 @@ def test_classifier_free_guidance_wraps_the_model():
     with pytest.raises(ValueError, match="shape"):
         ClassifierFreeGuidance(model, cond, uncond[:1])
 
+    def shared_model(x, t, context):  # takes each sample once for all its contexts, as our U-Net does
+        calls.append(x.shape[0])
+        return model(torch.cat([x] * (context.shape[0] // x.shape[0])), t, context)
+
+    calls.clear()
+    assert torch.equal(ClassifierFreeGuidance(shared_model, cond, uncond, 7.0, share_sample=True)(x, t), out)
+    assert calls == [2, 4]  # the model got x once
+
 
 def test_guidance_rescale():
     """guide(..., rescale=phi) (Lin et al. 2024, sec. 3.4): phi = 1 gives each sample the conditional output's std

@@ -245,6 +245,37 @@ def test_timestep_forms_and_per_sample_timesteps(small):
     assert ours(sample, 500, ctx, return_dict=True).sample.shape == sample.shape
 
 
+@pytest.mark.parametrize("case", ["down-first", "sd-like"])
+@torch.no_grad()
+def test_one_sample_shared_by_several_contexts(case):
+    """k contexts per sample (guidance) give diffusers' result for the sample repeated k times, and the layers before
+    the first cross-attention run on the unrepeated batch."""
+    overrides, height, width = ORACLE_CASES[case]
+    config = UNetConfig(**{**SMALL, **overrides})
+    ref, ours = make_pair(config)
+    sample, t, _ = inputs(config, height, width)
+    ctx = torch.randn(6, 7, config.cross_attention_dim, generator=torch.Generator().manual_seed(5))
+    batches = {}
+
+    def record(name):
+        def hook(module, args, output):
+            batches.setdefault(name, args[0].shape[0])
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in [("conv_in", ours.conv_in), ("first stage", ours.down_blocks[0].resnets[0]),
+                                  ("mid", ours.mid_block.resnets[0])]]
+    for k in (2, 3):
+        batches.clear()
+        expected = ref(torch.cat([sample] * k), t.repeat(k), ctx[:2 * k]).sample
+        got = ours(sample, t, ctx[:2 * k])
+        assert got.shape == expected.shape == (2 * k, config.out_channels, height, width)
+        assert (got - expected).abs().max() <= 1e-4
+        plain_first_stage = case == "down-first"
+        assert batches == {"conv_in": 2, "first stage": 2 if plain_first_stage else 2 * k, "mid": 2 * k}
+    for hook in hooks:
+        hook.remove()
+
+
 @torch.no_grad()
 def test_bad_inputs_say_what_to_fix(small):
     config, _, ours = small

@@ -35,10 +35,12 @@ class ClassifierFreeGuidance:
     """`model(x, t, context)` as a `model(x, t)` that applies guidance with one batched call over [uncond, cond].
 
     With scale <= 1 (or no unconditional context) only the conditional pass runs, as in diffusers' pipelines.
-    `rescale`: see guide()."""
+    `rescale`: see guide(). `share_sample`: the model takes x once for both contexts (our U-Net does: it then runs
+    its layers before the first cross-attention once) instead of torch.cat([x, x])."""
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 7.5, rescale: float = 0.0):
+                 cond: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 7.5, rescale: float = 0.0,
+                 share_sample: bool = False):
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance_rescale={rescale} must lie in [0, 1]: 0 turns it off, 1 matches the "
                              "conditional output's spread fully (Lin et al. 2024 suggest 0.7)")
@@ -46,7 +48,7 @@ class ClassifierFreeGuidance:
             raise ValueError(f"unconditional context has shape {tuple(uncond.shape)} but the conditional one has "
                              f"{tuple(cond.shape)}; encode both with the same batch size and sequence length")
         self.model, self.cond, self.uncond = model, cond, uncond
-        self.scale, self.rescale = float(scale), float(rescale)
+        self.scale, self.rescale, self.share_sample = float(scale), float(rescale), share_sample
 
     @property
     def guided(self) -> bool:
@@ -55,7 +57,8 @@ class ClassifierFreeGuidance:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.guided:
             return self.model(x, t, self.cond)
-        out_uncond, out_cond = self.model(torch.cat([x, x]), t, torch.cat([self.uncond, self.cond])).chunk(2)
+        x = x if self.share_sample else torch.cat([x, x])
+        out_uncond, out_cond = self.model(x, t, torch.cat([self.uncond, self.cond])).chunk(2)
         return guide(out_uncond, out_cond, self.scale, self.rescale)
 
 

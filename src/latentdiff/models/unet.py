@@ -19,7 +19,7 @@ from ..config import AnyOf, ConfigMixin, ModelMixin
 from .attention import Transformer2DModel
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .packed import pack_for_inference
-from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
+from .unet_blocks import DownBlock, MidBlock, NoAttention, TransformerFactory, UpBlock
 
 # diffusers' block type names -> whether the stage has cross-attention
 DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -127,6 +127,15 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _reads_context(block: nn.Module) -> bool:
+    return not all(isinstance(attn, NoAttention) for attn in block.attentions)
+
+
+def _repeat_batch(k: int, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]):
+    """x, emb and the skips as for torch.cat([sample] * k): k copies of the batch, one after the other."""
+    return torch.cat([x] * k), torch.cat([emb] * k), [torch.cat([s] * k) for s in skips]
+
+
 class UNetOutput(NamedTuple):
     sample: torch.Tensor
 
@@ -136,6 +145,7 @@ class UNet2DConditionModel(ModelMixin):
     middle; up stages fed with every down layer's output as a skip connection; GroupNorm, SiLU, conv_out."""
 
     config_class = UNetConfig
+    accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -184,9 +194,14 @@ class UNet2DConditionModel(ModelMixin):
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
                 encoder_hidden_states: torch.Tensor, return_dict: bool = False) -> torch.Tensor | UNetOutput:
         """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
-        Returns the prediction [B, out_channels, H, W] (a `UNetOutput` with `.sample` if return_dict)."""
+        Returns the prediction [B, out_channels, H, W] (a `UNetOutput` with `.sample` if return_dict).
+
+        encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
+        conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
+        first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample."""
         self._check_inputs(sample, encoder_hidden_states)
         ctx = encoder_hidden_states
+        shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
         t = timesteps_for_batch(timestep, sample.shape[0], sample.device)
         t_features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                         self.config.freq_shift)
@@ -195,8 +210,13 @@ class UNet2DConditionModel(ModelMixin):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
+            if shared > 1 and _reads_context(block):
+                x, emb, skips = _repeat_batch(shared, x, emb, skips)
+                shared = 1
             x, block_skips = self._run(block, x, emb, ctx)
             skips += block_skips
+        if shared > 1:
+            x, emb, skips = _repeat_batch(shared, x, emb, skips)
         x = self._run(self.mid_block, x, emb, ctx)
         for block in self.up_blocks:
             n = len(block.resnets)
@@ -232,11 +252,12 @@ class UNet2DConditionModel(ModelMixin):
         if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample must be latents of shape [B, {cfg.in_channels}, H, W]; got "
                              f"{tuple(sample.shape)}")
-        if ctx.dim() != 3 or ctx.shape[0] != sample.shape[0] or ctx.shape[2] != cfg.cross_attention_dim:
+        if ctx.dim() != 3 or ctx.shape[0] % sample.shape[0] or ctx.shape[2] != cfg.cross_attention_dim:
             raise ValueError(
                 f"encoder_hidden_states must have shape [B={sample.shape[0]}, tokens, {cfg.cross_attention_dim}]; "
-                f"got {tuple(ctx.shape)}. Give one context per sample (repeat it for several images per prompt) "
-                "from a text encoder whose width matches the config's cross_attention_dim"
+                f"got {tuple(ctx.shape)}. Give one context per sample (repeat it for several images per prompt; "
+                "k per sample shares each sample among k contexts) from a text encoder whose width matches the "
+                "config's cross_attention_dim"
             )
         dtype = self.conv_in.weight.dtype
         if not torch.is_autocast_enabled(sample.device.type) and (sample.dtype, ctx.dtype) != (dtype, dtype):
