@@ -3,11 +3,14 @@ default the embedded pipelines/tiny-shapes), end to end: same prompt, seed, sche
 guidance; calls interleaved (A B A B ...). Then show where the time goes, and optionally time the whole command.
 
     python benchmarks/pipeline.py [--model FOLDER] [--steps 25] [--guidance 5] [--batch 1] [--repeats 5]
-                                  [--threads N] [--prompt TEXT] [--variants diffusers,ours,ours-opt]
+                                  [--threads N] [--prompt TEXT] [--variants diffusers,ours,ours-opt,ours-compile]
                                   [--prompt-cache] [--profile ours] [--cli] [--cli-runs 3]
 
 Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (the U-Net after
 `optimize_for_inference()` and the VAE after `pack_for_inference`: channels-last, packed weights, Winograd convs).
+ours-compile: `pipe.compile()`, the U-Net under torch.compile (inductor: frozen weights, C++ wrapper, max-autotune);
+diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call compiles
+(reported as "first call s").
 Every variant's images are compared with diffusers' first: a variant that differs by more than --tolerance (in
 [0, 1] pixel units) is reported and the script exits with status 1.
 
@@ -45,12 +48,20 @@ import torch
 
 from common import count_flops, gib, machine, print_table, setup, time_interleaved
 
-VARIANTS = ("diffusers", "ours", "ours-opt")
+VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "diffusers-compile")
 PROMPT = "a small red circle in the center on a white background"
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 def load(variant: str, folder: Path):
+    if variant == "ours-compile":
+        pipe = load("ours", folder)
+        pipe.compile()
+        return pipe
+    if variant == "diffusers-compile":  # compiled with ours' inductor settings (generate() applies them)
+        pipe = load("diffusers", folder)
+        pipe.unet = torch.compile(pipe.unet)
+        return pipe
     if variant == "diffusers":
         import diffusers
 
@@ -72,6 +83,11 @@ def generate(variant: str, pipe, args, output_type: str = "pil", keep_cache: boo
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)]
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.batch,
                   generator=generators, output_type=output_type)
+    if variant == "diffusers-compile":
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True, max_autotune=True, cpp_wrapper=True):  # as pipe.compile() does
+            return pipe(args.prompt, **kwargs).images
     if variant == "diffusers":
         return pipe(args.prompt, **kwargs).images
     if not keep_cache:
@@ -124,11 +140,12 @@ def instrument(variant: str, pipe) -> Sections:
     sections = Sections()
     sections.wrap(pipe, "encode_prompt", "prompt: tokenizer, batching")
     sections.wrap(pipe.text_encoder, "forward", "prompt: CLIP text model")
-    sections.wrap(pipe.unet, "forward", "U-Net")
+    # the compiled U-Net ours runs (made by the warm-up call): wrapping the plain module's forward would recompile
+    sections.wrap(pipe._unet_call() if variant == "ours-compile" else pipe.unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
     sections.wrap(pipe.vae, "decode", "VAE decode")
-    if variant == "diffusers":
+    if variant.startswith("diffusers"):
         sections.wrap(pipe.image_processor, "postprocess", "post-processing (to PIL)")
     else:
         sections.wrap(pipe, "decode", "post-processing (to PIL)")  # latentdiff's decode: vae.decode + to_images
@@ -304,7 +321,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="diffusers,ours,ours-opt,ours-compile",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |pixel difference| from diffusers")
     parser.add_argument("--prompt-cache", action="store_true", help="keep our prompt-embedding cache between calls")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (one call each)")
@@ -331,7 +349,11 @@ def main() -> int:
     guided = args.guidance > 1.0
     with torch.no_grad():  # one call each: the parity check, and the warm-up
         reference = generate("diffusers", pipes["diffusers"], args, "np")
-        errors = {v: float(np.abs(generate(v, pipe, args, "np") - reference).max()) for v, pipe in pipes.items()}
+        errors, first_call = {}, {}
+        for v, pipe in pipes.items():
+            start = time.perf_counter()
+            errors[v] = float(np.abs(generate(v, pipe, args, "np") - reference).max())
+            first_call[v] = time.perf_counter() - start
         flops = count_flops(lambda: generate("diffusers", pipes["diffusers"], args))
         unet_flops = unet_call_flops(pipes["diffusers"], args.batch, guided)
     for v in (v for v in args.profile.split(",") if v):
@@ -356,11 +378,13 @@ def main() -> int:
             "vs diffusers": f"{ref.median / t.median:.2f}x ({ref.best / t.best:.2f}x)",
             "GFLOP/s": f"{flops / t.median / 1e9:.1f}", "max|pixel diff|": f"{errors[v]:.1e}",
             "peak RSS": gib(t.peak_rss), "+ during call": gib(t.rise),
+            "first call s": f"{first_call[v]:.1f}",
         })
     side = pipes["diffusers"].unet.config.sample_size * pipes["diffusers"].vae_scale_factor
     print(f"\n{args.model.name}: {args.batch} x {side}x{side} px per call, {args.steps} steps of "
           f"{type(pipes['diffusers'].scheduler).__name__}, guidance {args.guidance}; {flops / 1e9:.1f} GFLOP per "
-          f"call (FlopCounterMode, attention not counted); prompt cache {'kept' if args.prompt_cache else 'cleared'}")
+          f"call (FlopCounterMode, attention not counted); prompt cache {'kept' if args.prompt_cache else 'cleared'}; "
+          "first call: the untimed warm-up call, which for -compile variants includes compiling")
     print("columns: median over the runs (in brackets: from the best run); peak RSS: the whole process (every "
           "pipeline loaded), and how much it rose during one call")
     print_table(rows, list(rows[0]))

@@ -1,5 +1,7 @@
 """The pipeline against diffusers' StableDiffusionPipeline with identical tiny random weights, both folder
 directions, and its behaviour: seeds, guidance, callbacks, output types and every bad input."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -105,20 +107,22 @@ def test_guidance_one_is_conditional_only(pipe):
     original = unet.forward
 
     def spy(x, t, ctx, *a, **k):
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], ctx.shape[0]))
         return original(x, t, ctx, *a, **k)
 
     unet.forward = spy
     try:
         a = run(pipe, PROMPTS[0], guidance_scale=1.0, latents=latents_for(1))
-        assert calls and all(c == 1 for c in calls)
+        assert calls and all(c == (1, 1) for c in calls)
+        # equal to the conditional-only prediction: guidance s with eps_u == eps_c reduces to it, so compare with
+        # prompt_embeds as negative embeddings (eps_u = eps_c) at a high scale
+        calls.clear()
+        embeds = pipe.encode_prompt([PROMPTS[0]])
+        b = run(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=embeds, guidance_scale=9.0,
+                latents=latents_for(1))
+        assert calls and all(c == (1, 2) for c in calls)  # guided: the latents once, for both contexts
     finally:
         unet.forward = original
-    # equal to the conditional-only prediction: guidance s with eps_u == eps_c reduces to it, so compare with
-    # prompt_embeds as negative embeddings (eps_u = eps_c) at a high scale
-    embeds = pipe.encode_prompt([PROMPTS[0]])
-    b = run(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=embeds, guidance_scale=9.0,
-            latents=latents_for(1))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -249,3 +253,25 @@ def test_guidance_rescale_matches_diffusers(folders):
     assert np.abs(got - plain).max() > 1e-2
     with pytest.raises(ValueError, match=r"guidance_rescale=1.5 must lie in \[0, 1\]"):
         ours(PROMPTS, guidance_rescale=1.5, num_inference_steps=2, progress=False)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_compile_gives_the_eager_images_and_follows_the_unet(folders, tmp_path):
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    eager = run(pipe, PROMPTS[0], guidance_scale=5.0, latents=latents_for(1), num_inference_steps=2)
+    pipe.compile(max_autotune=False)  # autotuning only picks kernels; it would triple this test's compile time
+    compiled = run(pipe, PROMPTS[0], guidance_scale=5.0, latents=latents_for(1), num_inference_steps=2)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    module, fn = pipe._compiled
+    assert module is pipe.unet and fn is not pipe.unet and type(pipe.unet).__name__ == "UNet2DConditionModel"
+    pipe.save_pretrained(tmp_path / "saved")  # pipe.unet is still the plain module
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "saved").unet.state_dict().keys() == \
+        pipe.unet.state_dict().keys()
+
+    # a replaced U-Net, or one moved by pipe.to(), is compiled anew (the old graph froze the old weights)
+    pipe.unet = LatentDiffusionPipeline.from_pretrained(folders[1]).unet
+    assert pipe._unet_call()._orig_mod is pipe.unet and pipe._compiled[0] is pipe.unet
+    pipe.to(dtype=torch.float32)
+    assert pipe._compiled is None
+    pipe.disable_compile()
+    assert pipe._unet_call() is pipe.unet

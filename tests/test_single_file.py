@@ -31,8 +31,13 @@ def test_same_image_as_the_folder(single_file):
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     from_file = LatentDiffusionPipeline.from_single_file(path, config=folder)
-    torch.testing.assert_close(image(from_file), image(LatentDiffusionPipeline.from_pretrained(folder)),
-                               atol=0, rtol=0)
+    from_folder = LatentDiffusionPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder"):  # the very same weights
+        ours, theirs = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    # the same image up to rounding: a batch-1 matrix-vector product (the time embedding) rounds differently
+    # depending on where the weights lie in memory (seen: 1e-7 there, 2e-6 in the image)
+    torch.testing.assert_close(image(from_file), image(from_folder), atol=1e-5, rtol=0)
 
 
 def test_full_checkpoint_with_ema(single_file, tmp_path):
