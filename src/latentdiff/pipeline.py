@@ -124,8 +124,7 @@ class LatentDiffusionPipeline:
         frozen): call compile() again; replacing `pipe.unet` or `pipe.to()` recompiles by itself. `pipe.unet`
         stays the plain module (save_pretrained, state_dict unchanged). Turns CUDA graphs off."""
         self._graphed = None
-        self._compile_options = {"freezing": True, "max_autotune": max_autotune,
-                                 "cpp_wrapper": self.device.type == "cpu"}
+        self._compile_options = {"freezing": True, "max_autotune": max_autotune}
         self._compiled = None
 
     def disable_compile(self) -> None:
@@ -251,7 +250,7 @@ class LatentDiffusionPipeline:
             return contextlib.nullcontext()
         import torch._inductor.config
 
-        return torch._inductor.config.patch(self._compile_options)
+        return torch._inductor.config.patch({**self._compile_options, "cpp_wrapper": self.device.type == "cpu"})
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
