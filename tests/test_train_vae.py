@@ -326,7 +326,7 @@ def test_export_with_the_colour_latent_map(tmp_path):
     with pytest.raises(ValueError, match="needs deterministic_encoder: true"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                     {**overrides, "latent_map": "colours", "deterministic_encoder": False})
-    with pytest.raises(ValueError, match="choose 'colours' or null"):
+    with pytest.raises(ValueError, match="choose 'colours', 'balanced' or null"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", {**overrides, "latent_map": "x"})
 
 
@@ -352,3 +352,36 @@ def test_anchor_term_pulls_the_first_latent_channels_towards_the_block_averaged_
     with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                     {"output_dir": "out/x", "anchor_weight": -1.0})
+
+
+def test_balancing_map_evens_out_the_latent_directions(tmp_path):
+    from latentdiff.train.vae import balancing_map
+
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    scales = torch.tensor([10.0, 1.0, 0.1, 0.01], dtype=torch.float64)
+    means = torch.einsum("ij,njhw->nihw", mixing, scales[None, :, None, None]
+                         * torch.randn(64, 4, 8, 8, generator=g, dtype=torch.float64)) + 3.0
+    before = torch.linalg.eigvalsh(torch.cov(means.movedim(1, -1).reshape(-1, 4).T))
+    for power, expected in ((0.25, before.sqrt()), (0.5, torch.ones(4, dtype=torch.float64))):
+        matrix, offset = balancing_map(means, power)
+        mapped = torch.einsum("ij,njhw->nihw", matrix, means) + offset[:, None, None]
+        assert mapped.mean(dim=(0, 2, 3)).abs().max() < 1e-9  # centred
+        after = torch.linalg.eigvalsh(torch.cov(mapped.movedim(1, -1).reshape(-1, 4).T))
+        torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-9)  # each variance v becomes v^(1 - 2 power)
+
+    overrides = {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
+                 "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 0,
+                 "latent_map": "balanced"}
+    train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", overrides))
+    from latentdiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
+    source = _Source(48, size=32, seed=0)  # vae_smoke.yaml's data
+    with torch.no_grad():
+        exported = torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 16)])).mean
+                              for s in range(0, 48, 16)])
+    assert exported.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # the map centred every channel
+    with pytest.raises(ValueError, match="balanced needs deterministic_encoder"):
+        load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                    {**overrides, "deterministic_encoder": False})

@@ -208,7 +208,9 @@ class VAETrainConfig(TrainConfig):
     patch_size: int | None = None
     use_ema: bool = False
     # "colours": at export, re-express the latents so that the shapes palette's colours lie further apart in the
-    # scaled latents (train/vae.py: colour_discriminant_map; needs deterministic_encoder and shapes data)
+    # scaled latents (train/vae.py: colour_discriminant_map; needs deterministic_encoder and shapes data);
+    # "balanced": centre the latents and scale their principal directions by variance^-1/4 (balancing_map; needs
+    # deterministic_encoder)
     latent_map: str | None = None
 
     bookkeeping = TrainConfig.bookkeeping + ("scale_samples", "check_reconstructions", "export_resolution",
@@ -227,9 +229,12 @@ class VAETrainConfig(TrainConfig):
         if self.export_resolution is not None and (self.export_resolution <= 0 or self.export_resolution % 8):
             raise ValueError(f"export_resolution={self.export_resolution} must be a positive multiple of 8 (the VAE "
                              "downsamples by 8), or null for 'resolution'")
-        if self.latent_map not in (None, "colours"):
-            raise ValueError(f"latent_map={self.latent_map!r}: choose 'colours' or null")
-        if self.latent_map and not (self.deterministic_encoder and self.dataset == "shapes"):
+        if self.latent_map not in (None, "colours", "balanced"):
+            raise ValueError(f"latent_map={self.latent_map!r}: choose 'colours', 'balanced' or null")
+        if self.latent_map == "balanced" and not self.deterministic_encoder:
+            raise ValueError("latent_map: balanced needs deterministic_encoder: true (it is fitted to the posterior "
+                             "means)")
+        if self.latent_map == "colours" and not (self.deterministic_encoder and self.dataset == "shapes"):
             raise ValueError("latent_map: colours needs deterministic_encoder: true and dataset: shapes (it spreads "
                              "the shapes palette apart in the latents of a point-mass encoder)")
         if self.patch_size is not None and not (0 < self.patch_size <= self.resolution and self.patch_size % 8 == 0):

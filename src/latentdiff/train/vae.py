@@ -145,6 +145,18 @@ def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 
     return matrix, -matrix @ centre
 
 
+def balancing_map(means: torch.Tensor, power: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent map (for fold_latent_map) that centres the channels and scales each principal direction of their
+    covariance over all latent pixels by eigenvalue^-power: 0 only centres, 0.5 whitens, 0.25 evens the directions'
+    spreads out halfway on a log scale, so that information in small directions (colour, after anchor_weight) grows
+    without blowing sparse, low-variance directions up into heavy tails as whitening does. `means`: posterior means
+    [N, C, h, w] of training images. Returns (matrix, offset)."""
+    pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
+    eigenvalues, basis = torch.linalg.eigh(torch.cov(pixels.T))
+    matrix = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).pow(-power)) @ basis.T
+    return matrix, -matrix @ pixels.mean(0)
+
+
 class VAETask:
     """The pieces Trainer drives (see loop.py)."""
 
@@ -203,15 +215,18 @@ class VAETask:
                 make_deterministic(vae)
             size = config.export_resolution or config.resolution
             source = self.source if size == config.resolution else build_source(replace(config, resolution=size))
-            if config.latent_map == "colours":
-                from ..evaluation import colour_separation
-
+            if config.latent_map:
                 with torch.no_grad():
                     means = torch.cat([p.mean for p in _posteriors(vae, source, size, config.scale_samples)])
-                before = colour_separation(vae, size, scaling_factor=1.0 / means.double().std().item())["min"]
-                fold_latent_map(vae, *colour_discriminant_map(vae, means, size))
-                print(f"latent_map: colours: the closest two colours' scaled latents were {before:.2f} apart before "
-                      "the map", flush=True)
+                if config.latent_map == "balanced":
+                    fold_latent_map(vae, *balancing_map(means))
+                else:
+                    from ..evaluation import colour_separation
+
+                    before = colour_separation(vae, size, scaling_factor=1.0 / means.double().std().item())["min"]
+                    fold_latent_map(vae, *colour_discriminant_map(vae, means, size))
+                    print(f"latent_map: colours: the closest two colours' scaled latents were {before:.2f} apart "
+                          "before the map", flush=True)
             std, means_std = latent_stds(vae, source, size, config.scale_samples, config.seed)
             if std > 3 * means_std:
                 warnings.warn(f"posterior samples have std {std:.3g}, {std / means_std:.1f}x that of the posterior "
