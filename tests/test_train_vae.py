@@ -308,19 +308,24 @@ def test_colour_discriminant_map_centres_whitens_and_spreads_the_palette():
     assert after > before
 
 
+def _exported_means(folder):
+    """The exported VAE and its posterior means of vae_smoke.yaml's 48 training images."""
+    from latentdiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder)
+    source = _Source(48, size=32, seed=0)  # vae_smoke.yaml's data
+    with torch.no_grad():
+        return vae, torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 16)])).mean
+                               for s in range(0, 48, 16)])
+
+
 def test_export_with_the_colour_latent_map(tmp_path):
     overrides = {"output_dir": str(tmp_path / "vae"), "max_train_steps": 2, "checkpointing_steps": 0,
                  "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 0}
     config = load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                          {**overrides, "latent_map": "colours"})
     train_vae(config)
-    from latentdiff.models.vae import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
-    source = _Source(48, size=32, seed=0)  # vae_smoke.yaml's data
-    with torch.no_grad():
-        means = torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 16)])).mean
-                           for s in range(0, 48, 16)])
+    vae, means = _exported_means(tmp_path / "vae" / "vae")
     assert means.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # the map centred every channel
     assert vae.config.scaling_factor == pytest.approx(1.0 / means.double().std().item(), rel=1e-3)
     with pytest.raises(ValueError, match="needs deterministic_encoder: true"):
@@ -374,13 +379,7 @@ def test_balancing_map_evens_out_the_latent_directions(tmp_path):
                  "validation_steps": 0, "deterministic_encoder": True, "check_reconstructions": 0,
                  "latent_map": "balanced"}
     train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", overrides))
-    from latentdiff.models.vae import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
-    source = _Source(48, size=32, seed=0)  # vae_smoke.yaml's data
-    with torch.no_grad():
-        exported = torch.cat([vae.encode(torch.stack([_pixels(source, i) for i in range(s, s + 16)])).mean
-                              for s in range(0, 48, 16)])
+    _, exported = _exported_means(tmp_path / "vae" / "vae")
     assert exported.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # the map centred every channel
     with pytest.raises(ValueError, match="balanced needs deterministic_encoder"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
