@@ -116,6 +116,18 @@ def fold_latent_map(vae, matrix: torch.Tensor, offset: torch.Tensor):
     return vae
 
 
+def balancing_map(means: torch.Tensor, power: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent map (for fold_latent_map) that centres the channels and scales each principal direction of their
+    covariance over all latent pixels by eigenvalue^-power: 0 only centres, 0.5 whitens, 0.25 evens the directions'
+    spreads out halfway on a log scale, so that information in small directions (colour, after anchor_weight) grows
+    without blowing sparse, low-variance directions up into heavy tails as whitening does. `means`: posterior means
+    [N, C, h, w] of training images. Returns (matrix, offset)."""
+    pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
+    eigenvalues, basis = torch.linalg.eigh(torch.cov(pixels.T))
+    matrix = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).pow(-power)) @ basis.T
+    return matrix, -matrix @ pixels.mean(0)
+
+
 @torch.no_grad()
 def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 0.1
                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +140,8 @@ def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 
     `floor`, so that no direction is lost. Returns (matrix, offset)."""
     from ..evaluation import palette_latents
 
-    pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
-    centre, total = pixels.mean(0), torch.cov(pixels.T)
-    eigenvalues, basis = torch.linalg.eigh(total)
-    whiten = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).rsqrt()) @ basis.T
-    scatter = torch.zeros_like(total)
+    whiten, offset = balancing_map(means, power=0.5)  # centre and whiten
+    scatter = torch.zeros_like(whiten)
     count = 0
     for z in palette_latents(vae, size):
         z = z.double().cpu().movedim(1, -1).reshape(len(z), -1, z.shape[1]) @ whiten.T
@@ -141,20 +150,8 @@ def colour_discriminant_map(vae, means: torch.Tensor, size: int, floor: float = 
         count += len(differences)
     shares, directions = torch.linalg.eigh(scatter / count)
     gains = (shares.clamp(min=0) / shares.max()).sqrt().clamp(min=floor)
-    matrix = directions @ torch.diag(gains) @ directions.T @ whiten
-    return matrix, -matrix @ centre
-
-
-def balancing_map(means: torch.Tensor, power: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """A latent map (for fold_latent_map) that centres the channels and scales each principal direction of their
-    covariance over all latent pixels by eigenvalue^-power: 0 only centres, 0.5 whitens, 0.25 evens the directions'
-    spreads out halfway on a log scale, so that information in small directions (colour, after anchor_weight) grows
-    without blowing sparse, low-variance directions up into heavy tails as whitening does. `means`: posterior means
-    [N, C, h, w] of training images. Returns (matrix, offset)."""
-    pixels = means.double().movedim(1, -1).reshape(-1, means.shape[1])
-    eigenvalues, basis = torch.linalg.eigh(torch.cov(pixels.T))
-    matrix = basis @ torch.diag(eigenvalues.clamp(min=1e-12 * eigenvalues.max()).pow(-power)) @ basis.T
-    return matrix, -matrix @ pixels.mean(0)
+    weigh = directions @ torch.diag(gains) @ directions.T
+    return weigh @ whiten, weigh @ offset
 
 
 class VAETask:
