@@ -123,7 +123,7 @@ class LatentDiffusionPipeline:
         Same images as eager up to float rounding. Weights changed in place afterwards are not seen (they are
         frozen): call compile() again; replacing `pipe.unet` or `pipe.to()` recompiles by itself. `pipe.unet`
         stays the plain module (save_pretrained, state_dict unchanged). Turns CUDA graphs off."""
-        self._graphed = None
+        self.disable_cuda_graphs()
         self._compile_options = {"freezing": True, "max_autotune": max_autotune}
         self._compiled = None
 

@@ -19,7 +19,7 @@ from ..config import AnyOf, ConfigMixin, ModelMixin
 from .attention import Transformer2DModel
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .packed import pack_for_inference
-from .unet_blocks import DownBlock, MidBlock, NoAttention, TransformerFactory, UpBlock
+from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
 
 # diffusers' block type names -> whether the stage has cross-attention
 DOWN_BLOCK_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -127,10 +127,6 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _reads_context(block: nn.Module) -> bool:
-    return not all(isinstance(attn, NoAttention) for attn in block.attentions)
-
-
 def _repeat_batch(k: int, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]):
     """x, emb and the skips as for torch.cat([sample] * k): k copies of the batch, one after the other."""
     return torch.cat([x] * k), torch.cat([emb] * k), [torch.cat([s] * k) for s in skips]
@@ -209,8 +205,8 @@ class UNet2DConditionModel(ModelMixin):
 
         x = self.conv_in(sample)
         skips = [x]
-        for block in self.down_blocks:
-            if shared > 1 and _reads_context(block):
+        for kind, block in zip(self.config.down_block_types, self.down_blocks):
+            if shared > 1 and DOWN_BLOCK_TYPES[kind]:  # the first stage with cross-attention
                 x, emb, skips = _repeat_batch(shared, x, emb, skips)
                 shared = 1
             x, block_skips = self._run(block, x, emb, ctx)
