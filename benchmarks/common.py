@@ -2,7 +2,6 @@
 candidate alike), FLOP counting, peak-RSS measurement, random weights, and the printed table."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import os
@@ -18,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # run from a checkout without installing: make `latentdiff` importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from latentdiff.models.vae import malloc_trim  # noqa: E402
 
 
 def parse_model_benchmark_args(parser, variants: tuple[str, ...], dtypes: dict):
@@ -75,10 +75,8 @@ def reset_peak_rss() -> None:
     """Hand freed heap memory back to the OS (glibc), then reset the kernel's resident-set high-water mark of this
     process (Linux; elsewhere the peak is since start), so that the next peak counts only memory in use."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if (trim := malloc_trim()) is not None:
+        trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

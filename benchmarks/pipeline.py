@@ -84,9 +84,9 @@ def generate(variant: str, pipe, args, output_type: str = "pil", keep_cache: boo
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.batch,
                   generator=generators, output_type=output_type)
     if variant == "diffusers-compile":
-        import torch._inductor.config as inductor_config
+        from latentdiff.pipeline import inductor_settings
 
-        with inductor_config.patch(freezing=True, max_autotune=True, cpp_wrapper=True):  # as pipe.compile() does
+        with inductor_settings(pipe.device):  # as pipe.compile() has it
             return pipe(args.prompt, **kwargs).images
     if variant == "diffusers":
         return pipe(args.prompt, **kwargs).images

@@ -22,6 +22,17 @@ from .schedules import randn
 Generators = torch.Generator | list[torch.Generator] | None
 
 
+def inductor_settings(device: torch.device | str, max_autotune: bool = True, freezing: bool = True):
+    """A context in which torch.compile'd models compile as pipe.compile() has them: weights frozen (constant-
+    folded, pre-packed), max-autotune, and on a CPU the graph driven from C++. The settings are read when a graph
+    compiles, so the first calls must run inside it (torch.compile's `options` argument does not turn freezing on:
+    measured, the U-Net 1.39x its eager self with options=, 1.9-2.0x with this)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=freezing, max_autotune=max_autotune,
+                                        cpp_wrapper=torch.device(device).type == "cpu")
+
+
 @dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, NHWC numpy in [0, 1], NCHW tensor in [0, 1], or the latents
@@ -244,13 +255,10 @@ class LatentDiffusionPipeline:
         return latents
 
     def _compiling(self):
-        """compile()'s inductor settings, for the calls that may compile (the settings are read when compiling;
-        torch.compile's `options` argument does not turn freezing on)."""
+        """compile()'s inductor settings, for the calls that may compile."""
         if self._compile_options is None:
             return contextlib.nullcontext()
-        import torch._inductor.config
-
-        return torch._inductor.config.patch({**self._compile_options, "cpp_wrapper": self.device.type == "cpu"})
+        return inductor_settings(self.device, **self._compile_options)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):

@@ -407,12 +407,13 @@ def _return_freed_memory(x: torch.Tensor) -> None:
     glibc keeps tile-sized blocks (below its mmap threshold, which grows to 32 MiB) resident in its heap for reuse,
     fragmented among tiles of different sizes: the SD decode at 512 px then peaked at 0.37-0.47x the untiled
     working memory instead of 0.27-0.28x (benchmarks/vae_tiled.py)."""
-    if x.device.type == "cpu" and (trim := _malloc_trim()) is not None:
+    if x.device.type == "cpu" and (trim := malloc_trim()) is not None:
         trim(0)
 
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim (hands freed heap memory back to the OS), or None where there is none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
