@@ -381,6 +381,14 @@ def test_balancing_map_evens_out_the_latent_directions(tmp_path):
     train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", overrides))
     _, exported = _exported_means(tmp_path / "vae" / "vae")
     assert exported.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # the map centred every channel
+    whitening = {**overrides, "output_dir": str(tmp_path / "white"), "latent_map_power": 0.5}
+    train_vae(load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml", whitening))
+    _, white = _exported_means(tmp_path / "white" / "vae")
+    torch.testing.assert_close(torch.cov(white.double().movedim(1, -1).reshape(-1, 4).T),
+                               torch.eye(4, dtype=torch.float64), atol=1e-3, rtol=0)  # the power reached the export
     with pytest.raises(ValueError, match="balanced needs deterministic_encoder"):
         load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
                     {**overrides, "deterministic_encoder": False})
+    with pytest.raises(ValueError, match=r"latent_map_power=0.7 must lie in \[0, 0.5\]"):
+        load_config(VAETrainConfig, ROOT / "training" / "configs" / "vae_smoke.yaml",
+                    {**overrides, "latent_map_power": 0.7})

@@ -212,9 +212,12 @@ class VAETrainConfig(TrainConfig):
     # "balanced": centre the latents and scale their principal directions by variance^-1/4 (balancing_map; needs
     # deterministic_encoder)
     latent_map: str | None = None
+    # "balanced" scales each direction by variance^-power: 0 only centres, 0.5 whitens
+    latent_map_power: float = 0.25
 
     bookkeeping = TrainConfig.bookkeeping + ("scale_samples", "check_reconstructions", "export_resolution",
-                                             "deterministic_encoder", "latent_map")  # (these act at export only)
+                                             "deterministic_encoder", "latent_map",
+                                             "latent_map_power")  # (these act at export only)
     input_paths = ("pretrained_vae",)
 
     def validate(self) -> None:
@@ -231,6 +234,9 @@ class VAETrainConfig(TrainConfig):
                              "downsamples by 8), or null for 'resolution'")
         if self.latent_map not in (None, "colours", "balanced"):
             raise ValueError(f"latent_map={self.latent_map!r}: choose 'colours', 'balanced' or null")
+        if not 0 <= self.latent_map_power <= 0.5:
+            raise ValueError(f"latent_map_power={self.latent_map_power} must lie in [0, 0.5] (0 only centres the "
+                             "latents, 0.5 whitens them)")
         if self.latent_map == "balanced" and not self.deterministic_encoder:
             raise ValueError("latent_map: balanced needs deterministic_encoder: true (it is fitted to the posterior "
                              "means)")

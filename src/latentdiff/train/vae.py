@@ -216,7 +216,7 @@ class VAETask:
                 with torch.no_grad():
                     means = torch.cat([p.mean for p in _posteriors(vae, source, size, config.scale_samples)])
                 if config.latent_map == "balanced":
-                    fold_latent_map(vae, *balancing_map(means))
+                    fold_latent_map(vae, *balancing_map(means, config.latent_map_power))
                 else:
                     from ..evaluation import colour_separation
 
