@@ -135,7 +135,7 @@ class LatentDiffusionPipeline:
         frozen): call compile() again; replacing `pipe.unet` or `pipe.to()` recompiles by itself. `pipe.unet`
         stays the plain module (save_pretrained, state_dict unchanged). Turns CUDA graphs off."""
         self.disable_cuda_graphs()
-        self._compile_options = {"freezing": True, "max_autotune": max_autotune}
+        self._compile_options = {"max_autotune": max_autotune}
         self._compiled = None
 
     def disable_compile(self) -> None:

@@ -209,11 +209,10 @@ class VAETrainConfig(TrainConfig):
     use_ema: bool = False
     # "colours": at export, re-express the latents so that the shapes palette's colours lie further apart in the
     # scaled latents (train/vae.py: colour_discriminant_map; needs deterministic_encoder and shapes data);
-    # "balanced": centre the latents and scale their principal directions by variance^-1/4 (balancing_map; needs
-    # deterministic_encoder)
+    # "balanced": centre the latents and scale their principal directions by variance^-latent_map_power
+    # (balancing_map; needs deterministic_encoder)
     latent_map: str | None = None
-    # "balanced" scales each direction by variance^-power: 0 only centres, 0.5 whitens
-    latent_map_power: float = 0.25
+    latent_map_power: float = 0.25  # 0 only centres, 0.5 whitens, 0.25 halfway on a log scale
 
     bookkeeping = TrainConfig.bookkeeping + ("scale_samples", "check_reconstructions", "export_resolution",
                                              "deterministic_encoder", "latent_map",
