@@ -507,6 +507,26 @@ def test_cached_latents_train_exactly_like_encoding_each_step(tmp_path):
     assert np.allclose(plain.losses, cached.losses, rtol=1e-5, atol=0)
 
 
+def test_latent_scale_trains_and_exports_with_the_multiplied_scaling_factor(tmp_path):
+    """latent_scale 2 on a VAE with scaling_factor s trains exactly like latent_scale 1 on the same VAE with 2s,
+    and the exported pipeline's VAE carries 2s (so samplers in latentdiff and diffusers undo the same scale)."""
+    vae = yaml.safe_load(SMOKE.read_text())["vae"]
+    s = 0.5
+    runs = {name: train_text_to_image(smoke_config(tmp_path, name, max_train_steps=3, checkpointing_steps=0,
+                                                   cache_latents=True, vae={**vae, "scaling_factor": factor},
+                                                   latent_scale=scale))
+            for name, factor, scale in (("scaled", s, 2.0), ("doubled", 2 * s, 1.0), ("plain", s, 1.0))}
+    assert np.allclose(runs["scaled"].losses, runs["doubled"].losses, rtol=1e-5, atol=0)
+    assert not np.allclose(runs["scaled"].losses, runs["plain"].losses, rtol=1e-3, atol=0)
+    exported = {name: json.loads((tmp_path / name / "pipeline" / "vae" / "config.json").read_text())
+                for name in runs}
+    assert exported["scaled"]["scaling_factor"] == exported["doubled"]["scaling_factor"] == 2 * s
+    assert exported["plain"]["scaling_factor"] == s
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="latent_scale must be a positive number"):
+            smoke_config(tmp_path, latent_scale=bad)
+
+
 def _tiny_pipeline_folder(folder: Path) -> dict:
     from latentdiff.models.text import CLIPTokenizer, build_text_encoder, text_config_tiny
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig

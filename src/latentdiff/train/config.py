@@ -119,6 +119,10 @@ class TextToImageConfig(TrainConfig):
     timestep_bias_range: list | None = None  # [begin, end): draw timestep_bias_portion of the timesteps from here
     timestep_bias_portion: float = 0.5
     noise_offset: float = 0.0
+    # multiplies the VAE's scaling_factor (the exported pipeline's VAE config carries the product): the U-Net sees
+    # latents of about this std, so every SNR of the noise schedule grows by its square. SD's schedule was made for
+    # 64x64 latents; at 16x16 the same noise hides an image's details sooner (Chen 2023, "input scaling")
+    latent_scale: float = 1.0
     cache_latents: bool = False  # encode every image once; keeps posterior mean and std, so sampling stays random
     use_ema: bool = True
     ema_decay: float = 0.9999
@@ -169,6 +173,9 @@ class TextToImageConfig(TrainConfig):
         if self.high_noise_weight is not None and self.high_noise_weight < 1:
             raise ValueError(f"high_noise_weight caps a weight that is at least 1: give a value >= 1 (e.g. 20) or "
                              f"null, got {self.high_noise_weight}")
+        if not 0 < self.latent_scale < float("inf"):
+            raise ValueError(f"latent_scale must be a positive number (1 keeps the VAE's scaling_factor), got "
+                             f"{self.latent_scale}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (or null for no min-SNR weighting), got {self.snr_gamma}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -121,6 +121,9 @@ class TextToImageTask:
         for module in frozen.values():
             module.requires_grad_(False).eval().to(device, self.weight_dtype)
         self.vae = components.vae
+        if config.latent_scale != 1.0:  # training, validation and the exported VAE config all use the product
+            self.vae.config = self.vae.config.replace(
+                scaling_factor=self.vae.config.scaling_factor * config.latent_scale)
         text_encoder.requires_grad_(config.train_text_encoder)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
