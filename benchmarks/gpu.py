@@ -12,8 +12,10 @@ read from the same folder and DPM-Solver++ schedulers built from one explicit co
 ours (eager, SDPA attention), and the same with the U-Net alone wrapped in torch.compile (default mode,
 fullgraph=False, dynamic=False so that each batch size gets its own static graph rather than a dynamic one),
 compile time reported as the first call minus a timed one;
-`-cl` variants run the U-Net with channels_last weights and activations, and `ours-graph` replays our U-Net from
-CUDA graphs (pipe.enable_cuda_graphs(); its first call captures); these are not in the default set. --warmup runs
+`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our U-Net from
+CUDA graphs (pipe.enable_cuda_graphs(); its first call captures), and `ours-plain` runs ours with torch's GroupNorm
+and separate SiLU / bias-add passes instead of the fused Triton kernels (models/group_norm.py); these are not in the
+default set. A variant that fails prints its error and the run goes on. --warmup runs
 diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
 the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
@@ -40,7 +42,8 @@ import torch
 
 from common import gib, machine, print_table, setup
 
-VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph")
+VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
+            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -132,23 +135,30 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def variant_unet(pipe, variant: str):
-    """The pipeline's U-Net as `variant` runs it: compiled (`-compile`), in channels_last (`-cl`) or replayed from
-    CUDA graphs (`-graph`); restored after."""
+    """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`), replayed from
+    CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`); restored after."""
+    from latentdiff.models import group_norm
+
+    options = set(variant.split("-")[1:])
     eager_unet = pipe.unet
     try:
-        if variant.endswith("-cl"):
+        if "cl" in options:
             eager_unet.to(memory_format=torch.channels_last)
-        if variant.endswith("-compile"):
+            pipe.vae.to(memory_format=torch.channels_last)
+        if "compile" in options:
             pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
-        if variant.endswith("-graph"):
+        if "graph" in options:
             pipe.enable_cuda_graphs()
+        group_norm.ENABLED = "plain" not in options
         yield
     finally:
-        if variant.endswith("-graph"):
+        group_norm.ENABLED = True
+        if "graph" in options:
             pipe.disable_cuda_graphs()
         pipe.unet = eager_unet
-        if variant.endswith("-cl"):
+        if "cl" in options:
             eager_unet.to(memory_format=torch.contiguous_format)
+            pipe.vae.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -238,6 +248,7 @@ def main() -> None:
                         help="run diffusers' batch-1 call this long before timing (default 10 on a GPU, 0 on the CPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile one call of STEPS steps per variant at the largest batch (0: none)")
+    parser.add_argument("--profile-compiled", action="store_true", help="--profile the -compile variants too")
     args = parser.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -285,7 +296,11 @@ def main() -> None:
             if args.time_limit and time.perf_counter() - start > args.time_limit:
                 stopped = f"time limit of {args.time_limit:.0f} s reached before batch {batch} {variant}"
                 break
-            m = measure(pipes, variant, batch, latents, warm, args, device)
+            try:
+                m = measure(pipes, variant, batch, latents, warm, args, device)
+            except Exception as error:  # noqa: BLE001 (one broken variant should not cost the others' figures)
+                print(f"  batch {batch}, {variant}: FAILED: {type(error).__name__}: {error}", flush=True)
+                continue
             images = m.pop("images")
             if variant == "diffusers":
                 warm.setdefault(("diffusers", batch), (None, images))
@@ -308,7 +323,8 @@ def main() -> None:
     if args.profile and not stopped:
         latents = make_latents(pipes, max(batches), args, device, dtype)
         for variant in variants:
-            profile(pipes, variant, latents, args, device)
+            if "compile" not in variant or args.profile_compiled:
+                profile(pipes, variant, latents, args, device)
     print(f"total {time.perf_counter() - start:.1f} s", flush=True)
 
 

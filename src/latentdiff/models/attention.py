@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .group_norm import group_norm
+
 
 class Attention(nn.Module):
     """Scaled dot-product attention (Vaswani et al. 2017) over [B, N, C] tokens; keys and values come from
@@ -111,7 +113,7 @@ class Transformer2DModel(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         residual = x
-        x = self.norm(x)
+        x = group_norm(self.norm, x)
         # [B, C, H, W] -> [B, H*W, C] tokens, made contiguous once so that the blocks' norms, attention and residual
         # adds read them in order: a copy for NCHW activations, free (a view) for channels-last ones
         if self.linear_projection:
@@ -137,6 +139,6 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
+        tokens = group_norm(self.group_norm, x).flatten(2).transpose(1, 2)
         out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)
         return x + out

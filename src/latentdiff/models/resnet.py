@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .group_norm import group_norm
+
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the (optional) timestep embedding, twice, with a residual connection
@@ -22,10 +24,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        """temb: the timestep embedding already through SiLU (the U-Net applies it once for all its blocks)."""
+        h = self.conv1(group_norm(self.norm1, x, silu=True))
+        shift = None if self.time_emb_proj is None else self.time_emb_proj(temb)  # added to every pixel
+        h = self.conv2(self.dropout(group_norm(self.norm2, h, silu=True, shift=shift)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 

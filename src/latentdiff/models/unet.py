@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import AnyOf, ConfigMixin, ModelMixin
 from .attention import Transformer2DModel
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
+from .group_norm import group_norm
 from .packed import pack_for_inference
 from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
 
@@ -201,7 +202,8 @@ class UNet2DConditionModel(ModelMixin):
         t = timesteps_for_batch(timestep, sample.shape[0], sample.device)
         t_features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                         self.config.freq_shift)
-        emb = self.time_embedding(t_features.to(sample.dtype))
+        # every ResNet block projects SiLU(emb): applied here once rather than in each of them
+        emb = F.silu(self.time_embedding(t_features.to(sample.dtype)))
 
         x = self.conv_in(sample)
         skips = [x]
@@ -219,7 +221,7 @@ class UNet2DConditionModel(ModelMixin):
             block_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next stage up
             x = self._run(block, x, emb, ctx, block_skips, size)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
         return UNetOutput(x) if return_dict else x
 
     def _run(self, block: nn.Module, *args):

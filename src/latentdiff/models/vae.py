@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ConfigMixin, ModelMixin
 from ..schedules import randn
 from .attention import SpatialSelfAttention
+from .group_norm import group_norm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 DEFAULT_TILE_SIZE = 64  # SD 1.x at 512x512: peak working memory 0.28x the untiled decode's (see enable_tiling)
@@ -191,7 +192,7 @@ class Encoder(nn.Module):
         return [Unit(units[0].layers + units[1].layers, units[1].scale)] + units[2:]
 
     def to_moments(self, h: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
+        return self.conv_out(group_norm(self.conv_norm_out, self.mid_block(h), silu=True))
 
 
 class Decoder(nn.Module):

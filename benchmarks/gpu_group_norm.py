@@ -1,0 +1,82 @@
+"""GroupNorm + SiLU on a GPU: torch's modules against our fused Triton kernels (latentdiff.models.group_norm), on
+the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 samples) and VAE decoder, fp16.
+
+    python benchmarks/gpu_group_norm.py [--batch 8] [--dtype float16] [--iters 50]
+
+Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
+block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
+bandwidth that is (one read of x, one write of the output) in GB/s, and which of the two `group_norm` picks
+(`_kernels_pay`). torch's GroupNorm on a channels_last input
+copies it to NCHW and back (cuDNN's convolutions want channels_last for fp16, so that is the layout a
+channels_last model hands it). CUDA events, median of --iters calls after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from common import print_table
+
+UNET = [(320, 64), (960, 64), (640, 32), (1920, 32), (1280, 16), (2560, 16), (1280, 8), (2560, 8)]
+VAE = [(512, 64), (512, 128), (512, 256), (256, 256), (256, 512), (128, 512)]
+
+
+def time_us(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    from latentdiff.models import group_norm as gn
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="samples in the U-Net rows (8: batch 4 with guidance)")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}", flush=True)
+    rows = []
+    for model, shapes, batch in (("U-Net", UNET, args.batch), ("VAE", VAE, 1)):
+        for channels, side in shapes:
+            norm = torch.nn.GroupNorm(32, channels, eps=1e-5).cuda().to(dtype)
+            x = torch.randn(batch, channels, side, side, device="cuda", dtype=dtype)
+            shift = torch.randn(batch, channels, device="cuda", dtype=dtype) if model == "U-Net" else None
+            gbytes = 2 * x.numel() * x.element_size() / 1e9
+            row = {"model": model, "shape": f"{batch}x{channels}x{side}x{side}"}
+            for layout in ("NCHW", "channels_last"):
+                xl = x.contiguous(memory_format=torch.channels_last) if layout != "NCHW" else x
+
+                def plain():
+                    y = xl + shift[:, :, None, None] if shift is not None else xl
+                    return F.silu(norm(y))
+
+                fused = lambda: gn._triton_group_norm(xl, norm, True, shift)  # noqa: E731
+                err = (plain().float() - fused().float()).abs().max().item()
+                t_plain, t_fused = time_us(plain, args.iters), time_us(fused, args.iters)
+                tag = "NCHW" if layout == "NCHW" else "CL"
+                row[f"torch {tag} us"] = f"{t_plain:.0f}"
+                row[f"fused {tag} us"] = f"{t_fused:.0f} ({gbytes / t_fused * 1e6:.0f} GB/s)"
+                row[f"{tag} speed-up"] = f"{t_plain / t_fused:.2f}x"
+                row[f"{tag} max|diff|"] = f"{err:.1e}"
+                row[f"{tag} picks"] = "fused" if gn._fused_applies(norm, xl, shift) else "torch"
+            rows.append(row)
+            print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    print_table(rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The Triton kernels of group_norm.py (imported only on a CUDA device: importing Triton costs time)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, start):
+    """One [BLOCK_C, BLOCK_P] tile of group g of sample n (float32, its mask): channels g*CG.., pixels from
+    p0 + start, cut at the slice's and the image's end; masked elements read 0. With a shift, x + shift[n, c]
+    rounded to x's dtype, as the unfused add would give."""
+    cs = tl.arange(0, BLOCK_C)
+    ps = p0 + start + tl.arange(0, BLOCK_P)
+    mask = (cs[:, None] < CG) & (ps[None, :] < P) & (ps[None, :] < p0 + PER_SLICE)
+    ch = g * CG + cs
+    v = tl.load(x_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p, mask=mask, other=0.0)
+    if HAS_SHIFT:
+        v = tl.where(mask, (v + tl.load(shift_ptr + n * C + ch, mask=cs < CG, other=0.0)[:, None]).to(v.dtype), 0.0)
+    return v.to(tl.float32), mask
+
+@triton.jit
+def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, PER_SLICE, SPLIT,
+                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Mean and sum of squared deviations (M2) of one slice of one group, in two passes over the slice."""
+    ng, s = tl.program_id(0), tl.program_id(1)
+    n, g = ng // GROUPS, ng % GROUPS
+    p0 = s * PER_SLICE
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    count = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for start in range(0, PER_SLICE, BLOCK_P):
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+                        BLOCK_C, BLOCK_P, HAS_SHIFT, start)
+        total += v
+        count += mask.to(tl.float32)
+    cnt = tl.sum(tl.sum(count, axis=1), axis=0)
+    mean = tl.sum(tl.sum(total, axis=1), axis=0) / tl.maximum(cnt, 1.0)
+    dev = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for start in range(0, PER_SLICE, BLOCK_P):
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+                        BLOCK_C, BLOCK_P, HAS_SHIFT, start)
+        d = tl.where(mask, v - mean, 0.0)
+        dev += d * d
+    m2 = tl.sum(tl.sum(dev, axis=1), axis=0)
+    slot = ng * SPLIT + s
+    rows = tl.num_programs(0) * SPLIT
+    tl.store(stats_ptr + slot, mean)
+    tl.store(stats_ptr + rows + slot, m2)
+    tl.store(stats_ptr + 2 * rows + slot, cnt)
+
+@triton.jit
+def apply_kernel(x_ptr, shift_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                 SILU: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Combine the group's slice statistics, then normalise this slice: (x - mean) * rstd * w + b, SiLU."""
+    ng, s = tl.program_id(0), tl.program_id(1)
+    n, g = ng // GROUPS, ng % GROUPS
+    rows = tl.num_programs(0) * SPLIT
+    slots = tl.arange(0, BLOCK_S)
+    ok = slots < SPLIT
+    means = tl.load(stats_ptr + ng * SPLIT + slots, mask=ok, other=0.0)
+    m2s = tl.load(stats_ptr + rows + ng * SPLIT + slots, mask=ok, other=0.0)
+    cnts = tl.load(stats_ptr + 2 * rows + ng * SPLIT + slots, mask=ok, other=0.0)
+    cnt = tl.sum(cnts, axis=0)
+    mean = tl.sum(cnts * means, axis=0) / cnt
+    d = means - mean
+    var = (tl.sum(m2s, axis=0) + tl.sum(cnts * d * d, axis=0)) / cnt
+    rstd = 1.0 / tl.sqrt(var + eps)
+    cs = tl.arange(0, BLOCK_C)
+    ch = g * CG + cs
+    w = tl.load(w_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
+    scale = (w * rstd)[:, None]
+    bias = (b - mean * w * rstd)[:, None]
+    p0 = s * PER_SLICE
+    for start in range(0, PER_SLICE, BLOCK_P):
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+                        BLOCK_C, BLOCK_P, HAS_SHIFT, start)
+        y = v * scale + bias
+        if SILU:
+            y = y * tl.sigmoid(y)
+        ps = p0 + start + tl.arange(0, BLOCK_P)
+        tl.store(out_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p,
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
