@@ -39,14 +39,22 @@ def test_graphs_give_the_eager_images_and_capture_once_per_signature(pipe):
     try:
         run = lambda n: pipe([PROMPT] * n, num_inference_steps=6, guidance_scale=5.0,  # noqa: E731
                              generator=torch.Generator().manual_seed(3), output_type="pt", progress=False).images
+        plain = run(1)
+        pipe.unet.to(memory_format=torch.channels_last)  # as enable_cuda_graphs() puts it by default
         eager = run(1), run(2)
+        pipe.unet.to(memory_format=torch.contiguous_format)
         pipe.enable_cuda_graphs()
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         graphed = run(1), run(2), run(1)
         assert pipe._graphed.num_captures == 2  # batch 1 and batch 2 (with guidance: U-Net batches 2 and 4)
         for a, b in zip(eager + eager[:1], graphed):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
-        pipe.disable_cuda_graphs()
-        torch.testing.assert_close(run(1), eager[0], rtol=0, atol=0)
+        pipe.disable_cuda_graphs()  # back to the usual memory format, eager
+        assert pipe.unet.conv_in.weight.is_contiguous()
+        torch.testing.assert_close(run(1), plain, rtol=0, atol=0)
+        pipe.enable_cuda_graphs(channels_last=False)
+        assert pipe.unet.conv_in.weight.is_contiguous()
+        torch.testing.assert_close(run(1), plain, rtol=0, atol=1e-5)
     finally:
         pipe.disable_cuda_graphs()
         pipe.to("cpu")
