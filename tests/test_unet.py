@@ -277,6 +277,45 @@ def test_one_sample_shared_by_several_contexts(case):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_cached_text_keys_give_the_same_result_and_follow_changes(small):
+    """cache_text_keys: the cross-attentions project a context once while it comes back unchanged, and again when
+    it is another tensor, was changed in place, or the projection weights were; nothing is cached with autograd."""
+    from latentdiff.models.attention import cache_text_keys
+
+    config, _, ours = small
+    sample, t, ctx = inputs(config)
+    calls = []
+    to_k = [m.to_k for name, m in ours.named_modules() if name.endswith("attn2")]
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in to_k]
+    try:
+        expected, doubled = ours(sample, t, ctx), ours(sample, t, 2 * ctx)
+        per_call = len(calls) // 2
+        calls.clear()
+        with cache_text_keys(ours):
+            for _ in range(3):
+                assert torch.equal(ours(sample, t, ctx), expected)
+            assert len(calls) == per_call  # projected once for three calls
+            ctx2 = ctx.clone()
+            assert torch.equal(ours(sample, t, ctx2), expected) and len(calls) == 2 * per_call  # another tensor
+            ctx2.mul_(2)
+            assert torch.equal(ours(sample, t, ctx2), doubled) and len(calls) == 3 * per_call  # changed in place
+            calls.clear()
+            to_k[0].weight.mul_(2)  # (exactly undone below)
+            changed = ours(sample, t, ctx2)
+            assert len(calls) == 1  # the one layer whose weight changed
+            to_k[0].weight.div_(2)
+            with torch.enable_grad():
+                calls.clear()
+                ours(sample, t, ctx2)
+                assert len(calls) == per_call
+        assert not torch.equal(changed, doubled)
+        assert all(m.context_cache is None for m in ours.modules() if hasattr(m, "context_cache"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_bad_inputs_say_what_to_fix(small):
     config, _, ours = small
     sample, t, ctx = inputs(config)

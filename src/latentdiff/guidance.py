@@ -49,6 +49,8 @@ class ClassifierFreeGuidance:
                              f"{tuple(cond.shape)}; encode both with the same batch size and sequence length")
         self.model, self.cond, self.uncond = model, cond, uncond
         self.scale, self.rescale, self.share_sample = float(scale), float(rescale), share_sample
+        # one tensor for every step (no concatenation per step; a U-Net caching the text's keys sees the same one)
+        self.contexts = torch.cat([uncond, cond]) if self.guided else None
 
     @property
     def guided(self) -> bool:
@@ -58,7 +60,7 @@ class ClassifierFreeGuidance:
         if not self.guided:
             return self.model(x, t, self.cond)
         x = x if self.share_sample else torch.cat([x, x])
-        out_uncond, out_cond = self.model(x, t, torch.cat([self.uncond, self.cond])).chunk(2)
+        out_uncond, out_cond = self.model(x, t, self.contexts).chunk(2)
         return guide(out_uncond, out_cond, self.scale, self.rescale)
 
 

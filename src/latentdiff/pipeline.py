@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
+from .models.attention import cache_text_keys
 from .schedules import randn
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -260,7 +261,7 @@ class LatentDiffusionPipeline:
         share = getattr(self.unet, "accepts_shared_samples", False)  # ours, also under torch.compile
         model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale, guidance_rescale, share)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
-        with self._compiling():
+        with self._compiling(), cache_text_keys(self.unet):
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
                 eps = model(scheduler.scale_model_input(latents, t), t)
                 latents = scheduler.step(eps, t, latents, generator=generators, **step_kwargs).prev_sample
