@@ -262,6 +262,12 @@ def test_compile_gives_the_eager_images_and_follows_the_unet(folders, tmp_path):
     pipe.compile(max_autotune=False)  # autotuning only picks kernels; it would triple this test's compile time
     compiled = run(pipe, PROMPTS[0], guidance_scale=5.0, latents=latents_for(1), num_inference_steps=2)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]  # a second call reuses the graph (nothing it guards on changed)
+    torch.testing.assert_close(run(pipe, PROMPTS[0], guidance_scale=5.0, latents=latents_for(1),
+                                   num_inference_steps=2), compiled, atol=0, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
     module, fn = pipe._compiled
     assert module is pipe.unet and fn is not pipe.unet and type(pipe.unet).__name__ == "UNet2DConditionModel"
     pipe.save_pretrained(tmp_path / "saved")  # pipe.unet is still the plain module

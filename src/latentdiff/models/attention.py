@@ -43,8 +43,10 @@ class Attention(nn.Module):
     def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """to_k(context), to_v(context); inside cache_text_keys(), a cross-attention computes them once per context
         tensor (and weights) and reuses them at every later denoising step."""
+        if torch.compiler.is_compiling():  # first, so that a compiled graph never reads (or guards on) the cache
+            return self.to_k(context), self.to_v(context)
         cache = self.context_cache
-        if (not cross or cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+        if (not cross or cache is None or torch.is_grad_enabled()
                 or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
             return self.to_k(context), self.to_v(context)
         try:
