@@ -32,11 +32,11 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
 
 
 def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    return (ENABLED and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in _DTYPES
+    return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
+            and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in _DTYPES
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
                                                    or (shift is not None and shift.requires_grad)))
-            and not torch.compiler.is_compiling()
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and _kernels_pay(x, norm.num_groups) and _kernels() is not None)
 
