@@ -12,11 +12,12 @@ read from the same folder and DPM-Solver++ schedulers built from one explicit co
 ours (eager, SDPA attention), and the same with the U-Net alone wrapped in torch.compile (default mode,
 fullgraph=False, dynamic=False so that each batch size gets its own static graph rather than a dynamic one),
 compile time reported as the first call minus a timed one;
-`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our U-Net from
-CUDA graphs (pipe.enable_cuda_graphs(); its first call captures), and `ours-plain` runs ours with torch's GroupNorm
-and separate SiLU / bias-add passes instead of the fused Triton kernels (models/group_norm.py); these are not in the
-default set. A variant that fails prints its error and the run goes on. --warmup runs
-diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
+`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our
+U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain`
+runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
+(models/group_norm.py); these are not in the default set. A variant that fails prints its error and the run goes
+on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled
+before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
 the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
 relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of the warm-up
@@ -147,8 +148,8 @@ def variant_unet(pipe, variant: str):
             pipe.vae.to(memory_format=torch.channels_last)
         if "compile" in options:
             pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
-        if "graph" in options:
-            pipe.enable_cuda_graphs()
+        if "graph" in options:  # the U-Net in channels-last only in -cl-graph (enable_cuda_graphs' default)
+            pipe.enable_cuda_graphs(channels_last="cl" in options)
         group_norm.ENABLED = "plain" not in options
         yield
     finally:

@@ -1,14 +1,18 @@
 """GroupNorm + SiLU on a GPU: torch's modules against our fused Triton kernels (latentdiff.models.group_norm), on
 the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 samples) and VAE decoder, fp16.
 
-    python benchmarks/gpu_group_norm.py [--batch 8] [--dtype float16] [--iters 50]
+    python benchmarks/gpu_group_norm.py [--batch 8] [--dtype float16] [--iters 50] [--gpu-time] [--sweep]
 
 Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
 block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
 bandwidth that is (one read of x, one write of the output) in GB/s, and which of the two `group_norm` picks
 (`_kernels_pay`). torch's GroupNorm on a channels_last input
 copies it to NCHW and back (cuDNN's convolutions want channels_last for fp16, so that is the layout a
-channels_last model hands it). CUDA events, median of --iters calls after warm-up.
+channels_last model hands it). CUDA events, median of --iters calls after warm-up; the host's time to launch the
+kernels counts where the GPU would wait for it (small shapes). --gpu-time times 10 calls captured in a CUDA graph
+instead: the kernels alone. --sweep then times the kernels under other launch settings (group_norm.LaunchSettings:
+elements per load, programs per multiprocessor, warps), GPU time, and prints the best per shape beside the
+defaults', for choosing the defaults.
 """
 from __future__ import annotations
 
@@ -38,6 +42,47 @@ def time_us(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def time_graph_us(fn, iters: int, calls: int = 10) -> float:
+    """GPU time of one call: `calls` calls captured in a CUDA graph, replayed (no host launches in the timing)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_us(graph.replay, iters) / calls
+
+
+def sweep(cases, iters: int) -> None:
+    """Kernel time of every case under each combination of launch settings; the best beside the defaults'."""
+    import itertools
+
+    from latentdiff.models import group_norm as gn
+
+    default = gn.SETTINGS
+    grid = [gn.LaunchSettings(b, p, w) for b, p, w in itertools.product((1024, 2048, 4096), (4, 16), (4, 8))]
+    rows = []
+    for name, x, norm, shift in cases:
+        timings = {}
+        for settings in grid:
+            gn.SETTINGS = settings
+            try:
+                timings[settings] = time_graph_us(lambda: gn._triton_group_norm(x, norm, True, shift), iters)
+            finally:
+                gn.SETTINGS = default
+        best = min(timings, key=timings.get)
+        base = timings.get(default) or time_graph_us(lambda: gn._triton_group_norm(x, norm, True, shift), iters)
+        rows.append({"case": name, "default us": f"{base:.1f}", "best us": f"{timings[best]:.1f}",
+                     "best block/programs per SM/warps": f"{best.block}/{best.programs_per_sm}/{best.num_warps}",
+                     "gain": f"{base / timings[best]:.2f}x"})
+        print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    print_table(rows, list(rows[0]))
+
+
 @torch.no_grad()
 def main() -> None:
     from latentdiff.models import group_norm as gn
@@ -46,10 +91,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples in the U-Net rows (8: batch 4 with guidance)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--gpu-time", action="store_true", help="time the kernels alone (CUDA graph replays)")
+    parser.add_argument("--sweep", action="store_true", help="then sweep the kernels' launch settings")
     args = parser.parse_args()
+    timer = time_graph_us if args.gpu_time else time_us
     dtype = getattr(torch, args.dtype)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}", flush=True)
-    rows = []
+    rows, cases = [], []
     for model, shapes, batch in (("U-Net", UNET, args.batch), ("VAE", VAE, 1)):
         for channels, side in shapes:
             norm = torch.nn.GroupNorm(32, channels, eps=1e-5).cuda().to(dtype)
@@ -66,8 +114,10 @@ def main() -> None:
 
                 fused = lambda: gn._triton_group_norm(xl, norm, True, shift)  # noqa: E731
                 err = (plain().float() - fused().float()).abs().max().item()
-                t_plain, t_fused = time_us(plain, args.iters), time_us(fused, args.iters)
+                t_plain, t_fused = timer(plain, args.iters), timer(fused, args.iters)
                 tag = "NCHW" if layout == "NCHW" else "CL"
+                if (model == "U-Net") == (layout != "NCHW"):  # the layouts the kernels run on by default
+                    cases.append((f"{model} {row['shape']} {tag}", xl, norm, shift))
                 row[f"torch {tag} us"] = f"{t_plain:.0f}"
                 row[f"fused {tag} us"] = f"{t_fused:.0f} ({gbytes / t_fused * 1e6:.0f} GB/s)"
                 row[f"{tag} speed-up"] = f"{t_plain / t_fused:.2f}x"
@@ -76,6 +126,8 @@ def main() -> None:
             rows.append(row)
             print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print_table(rows, list(rows[0]))
+    if args.sweep:
+        sweep(cases, args.iters)
 
 
 if __name__ == "__main__":

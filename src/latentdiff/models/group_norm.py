@@ -11,6 +11,7 @@ turns the kernels off.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -55,8 +56,21 @@ def _kernels_pay(x: torch.Tensor, groups: int) -> bool:
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BLOCK = 2048  # elements a program loads at a time
 _MAX_SPLIT = 64  # slices per group at most (the apply kernel reads all of a group's partial statistics)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    """How the kernels divide the work (benchmarks/gpu_group_norm.py --sweep times the alternatives): `block`
+    elements per load, at least `programs_per_sm` programs per multiprocessor (a group is split into slices to get
+    there), `num_warps` warps per program. The defaults are the first ones measured, not tuned yet."""
+
+    block: int = 2048
+    programs_per_sm: int = 4
+    num_warps: int = 4
+
+
+SETTINGS = LaunchSettings()
 
 
 def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None):
@@ -68,9 +82,9 @@ def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: t
     s_c, s_p = (1, c) if not x.is_contiguous() else (pixels, 1)
     out = torch.empty_like(x)  # same layout as x
     block_c = _next_power_of_2(cg)
-    block_p = max(1, _BLOCK // block_c)
-    # enough programs to fill the GPU (a few per multiprocessor), no slice smaller than one block of pixels
-    want = -(-4 * _multiprocessors(x.device) // (n * groups))
+    block_p = max(1, SETTINGS.block // block_c)
+    # enough programs to fill the GPU, no slice smaller than one block of pixels
+    want = -(-SETTINGS.programs_per_sm * _multiprocessors(x.device) // (n * groups))
     split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
     per_slice = -(-pixels // split)
     stats = torch.empty(3, n * groups, split, device=x.device, dtype=torch.float32)  # mean, M2, count
@@ -79,9 +93,9 @@ def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: t
     args = dict(C=c, P=pixels, CG=cg, GROUPS=groups, s_n=x.stride(0), s_c=s_c, s_p=s_p, PER_SLICE=per_slice,
                 SPLIT=split, BLOCK_C=block_c, BLOCK_P=block_p, HAS_SHIFT=shift is not None)
     grid = (n * groups, split)
-    stats_kernel[grid](x, shift if shift is not None else x, stats, **args)
+    stats_kernel[grid](x, shift if shift is not None else x, stats, num_warps=SETTINGS.num_warps, **args)
     apply_kernel[grid](x, shift if shift is not None else x, stats, norm.weight, norm.bias, out, norm.eps,
-                       SILU=silu, BLOCK_S=_next_power_of_2(split), **args)
+                       SILU=silu, BLOCK_S=_next_power_of_2(split), num_warps=SETTINGS.num_warps, **args)
     return out
 
 

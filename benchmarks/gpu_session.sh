@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything to run on a lent GPU machine, in one call (about 6-7 minutes on an H200, most of it compiling):
+#   1. the CUDA tests (tests/test_group_norm.py, tests/test_cuda_graphs.py),
+#   2. the GroupNorm kernels against torch, kernels alone, with a sweep of their launch settings,
+#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, with a profile,
+#   4. the compiled variants at batch 4.
+# Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each step has its own time limit, so one that
+# hangs costs the others nothing. EAGER / COMPILED override the variant lists of steps 3 and 4.
+# diffusers is not installed there; on this machine, once:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# then run `bash benchmarks/gpu_session.sh` through the device tool with carry [".whl"].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-logs}"
+mkdir -p "$OUT"
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
+'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
+timeout 150 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+cd benchmarks
+timeout 150 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
+timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-cl,ours-graph,ours-cl-graph}" --batches 4,1 \
+    --repeats 3 --warmup 5 --no-vae-upcast --profile 3 2>&1 | tee "$OUT/eager.txt"
+timeout 300 python3 gpu.py --variants "${COMPILED:-diffusers-compile,ours-compile,ours-cl-compile}" --batches 4 \
+    --repeats 2 --warmup 3 --no-vae-upcast --time-limit 240 --profile 3 --profile-compiled 2>&1 \
+    | tee "$OUT/compiled.txt"
