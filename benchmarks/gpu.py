@@ -15,7 +15,8 @@ compile time reported as the first call minus a timed one;
 `-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our
 U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain`
 runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
-(models/group_norm.py); these are not in the default set. A variant that fails prints its error and the run goes
+(models/group_norm.py); `ours-pipecompile` is `pipe.compile(max_autotune=False)` (frozen weights; its first call
+compiles); these are not in the default set. A variant that fails prints its error and the run goes
 on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled
 before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
@@ -44,7 +45,7 @@ import torch
 from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
-            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile")
+            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -150,10 +151,14 @@ def variant_unet(pipe, variant: str):
             pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
         if "graph" in options:  # the U-Net in channels-last only in -cl-graph (enable_cuda_graphs' default)
             pipe.enable_cuda_graphs(channels_last="cl" in options)
+        if "pipecompile" in options:
+            pipe.compile(max_autotune=False)
         group_norm.ENABLED = "plain" not in options
         yield
     finally:
         group_norm.ENABLED = True
+        if "pipecompile" in options:
+            pipe.disable_compile()
         if "graph" in options:
             pipe.disable_cuda_graphs()
         pipe.unet = eager_unet
@@ -188,7 +193,7 @@ def profile(pipes, variant: str, latents: torch.Tensor, args, device, top: int =
 @torch.no_grad()
 def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, args, device) -> dict:
     """Warm up (unless `warm` holds this variant's first call already), then time args.repeats calls."""
-    lib, compiled = variant.split("-")[0], variant.endswith("-compile")
+    lib, compiled = variant.split("-")[0], variant.endswith("compile")
     pipe = pipes[lib]
     run = lambda: generate(pipe, lib, args.prompt, latents, args)  # noqa: E731
     with variant_unet(pipe, variant):
@@ -215,7 +220,7 @@ def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
         "batch": m["batch"], "variant": m["variant"], "s/image": f"{m['s/image']:.3f}",
         "calls s": " ".join(f"{c:.2f}" for c in m["calls"]),
         "vs diffusers": ratio("diffusers"),
-        "vs diffusers-compile": ratio("diffusers-compile") if m["variant"].endswith("-compile") else "-",
+        "vs diffusers-compile": ratio("diffusers-compile") if m["variant"].endswith("compile") else "-",
         "peak GPU mem": gib(m["peak"]) if cuda else "-", "+ during call": gib(m["rise"]) if cuda else "-",
         "compile s": f"{m['compile']:.1f}" if m["compile"] is not None else "-",
         "max|diff|": f"{m['diff']:.1e}" if m["diff"] is not None else "-",

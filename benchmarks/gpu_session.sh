@@ -28,6 +28,6 @@ cd benchmarks
 timeout 150 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
 timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-cl,ours-graph,ours-cl-graph}" --batches 4,1 \
     --repeats 3 --warmup 5 --no-vae-upcast --profile 3 2>&1 | tee "$OUT/eager.txt"
-timeout 300 python3 gpu.py --variants "${COMPILED:-diffusers-compile,ours-compile,ours-cl-compile}" --batches 4 \
-    --repeats 2 --warmup 3 --no-vae-upcast --time-limit 240 --profile 3 --profile-compiled 2>&1 \
-    | tee "$OUT/compiled.txt"
+COMPILED="${COMPILED:-diffusers-compile,ours-compile,ours-cl-compile,ours-pipecompile}"
+timeout 300 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
+    --time-limit 240 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"
