@@ -137,8 +137,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def variant_unet(pipe, variant: str):
-    """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`), replayed from
-    CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`); restored after."""
+    """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
+    `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`);
+    restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])

@@ -23,7 +23,8 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
-timeout 150 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+timeout 150 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 \
+    | tee "$OUT/tests.txt"
 cd benchmarks
 timeout 150 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
 timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-cl,ours-graph,ours-cl-graph}" --batches 4,1 \
