@@ -4,7 +4,7 @@
 #   2. text-to-image     (the U-Net and CLIP text encoder, on that VAE's latents -> out/tiny-shapes/pipeline)
 #   3. copy the exported pipeline folder to pipelines/tiny-shapes
 # On a CPU it uses training/configs/tiny_shapes_vae.yaml and tiny_shapes_vae_128.yaml (the VAE at 64 px, then
-# fine-tuned at 128 px), then tiny_shapes.yaml (times and results in the README: 1 h 46 min on the 2-core host of
+# fine-tuned at 128 px), then tiny_shapes.yaml (times and results in the README: 1 h 31 min on the 2-core host of
 # 2026-12-04); with a GPU the same recipes scaled up, tiny_shapes_vae_gpu.yaml (at 128 px in one stage) and
 # tiny_shapes_gpu.yaml.
 # VAE_CONFIG (one or more configs, run in order, separated by spaces) / T2I_CONFIG choose others. An interrupted
