@@ -43,19 +43,26 @@ class Attention(nn.Module):
     def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """to_k(context), to_v(context); inside cache_text_keys(), a cross-attention computes them once per context
         tensor (and weights) and reuses them at every later denoising step."""
-        if torch.compiler.is_compiling():  # first, so that a compiled graph never reads (or guards on) the cache
+        key = self._cache_key(context) if cross else None
+        if key is None:
             return self.to_k(context), self.to_v(context)
         cache = self.context_cache
-        if (not cross or cache is None or torch.is_grad_enabled()
-                or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
-            return self.to_k(context), self.to_v(context)
-        try:
-            key = (context._version, self.to_k.weight._version, self.to_v.weight._version)
-        except RuntimeError:  # inference tensors keep no version counter: nothing to check a cached copy against
-            return self.to_k(context), self.to_v(context)
         if not cache or cache[0] is not context or cache[1] != key:  # the context object itself is held, so its
             cache[:] = [context, key, self.to_k(context), self.to_v(context)]  # address cannot be reused meanwhile
         return cache[2], cache[3]
+
+    def _cache_key(self, context: torch.Tensor) -> tuple | None:
+        """What cached keys and values of `context` stay valid for (the in-place versions of the context and of the
+        projection weights), or None where nothing may be cached: outside cache_text_keys(), under torch.compile
+        (tested first, so that a compiled graph never reads or guards on the cache), with autograd, during CUDA-graph
+        capture, and for inference tensors (they keep no version counter)."""
+        if (torch.compiler.is_compiling() or self.context_cache is None or torch.is_grad_enabled()
+                or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        try:
+            return context._version, self.to_k.weight._version, self.to_v.weight._version
+        except RuntimeError:
+            return None
 
 
 @contextlib.contextmanager

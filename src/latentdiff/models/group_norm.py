@@ -88,13 +88,12 @@ def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: t
     split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
     per_slice = -(-pixels // split)
     stats = torch.empty(3, n * groups, split, device=x.device, dtype=torch.float32)  # mean, M2, count
-    if shift is not None:
-        shift = shift.contiguous()
+    shift_or_x = x if shift is None else shift.contiguous()  # (a pointer the kernels ignore without a shift)
     args = dict(C=c, P=pixels, CG=cg, GROUPS=groups, s_n=x.stride(0), s_c=s_c, s_p=s_p, PER_SLICE=per_slice,
                 SPLIT=split, BLOCK_C=block_c, BLOCK_P=block_p, HAS_SHIFT=shift is not None)
     grid = (n * groups, split)
-    stats_kernel[grid](x, shift if shift is not None else x, stats, num_warps=SETTINGS.num_warps, **args)
-    apply_kernel[grid](x, shift if shift is not None else x, stats, norm.weight, norm.bias, out, norm.eps,
+    stats_kernel[grid](x, shift_or_x, stats, num_warps=SETTINGS.num_warps, **args)
+    apply_kernel[grid](x, shift_or_x, stats, norm.weight, norm.bias, out, norm.eps,
                        SILU=silu, BLOCK_S=_next_power_of_2(split), num_warps=SETTINGS.num_warps, **args)
     return out
 

@@ -15,8 +15,10 @@ def _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
     ch = g * CG + cs
     v = tl.load(x_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p, mask=mask, other=0.0)
     if HAS_SHIFT:
-        v = tl.where(mask, (v + tl.load(shift_ptr + n * C + ch, mask=cs < CG, other=0.0)[:, None]).to(v.dtype), 0.0)
+        shift = tl.load(shift_ptr + n * C + ch, mask=cs < CG, other=0.0)
+        v = tl.where(mask, (v + shift[:, None]).to(v.dtype), 0.0)
     return v.to(tl.float32), mask
+
 
 @triton.jit
 def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, PER_SLICE, SPLIT,
@@ -46,6 +48,7 @@ def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, P
     tl.store(stats_ptr + slot, mean)
     tl.store(stats_ptr + rows + slot, m2)
     tl.store(stats_ptr + 2 * rows + slot, cnt)
+
 
 @triton.jit
 def apply_kernel(x_ptr, shift_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
