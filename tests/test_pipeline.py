@@ -139,6 +139,42 @@ def test_callback_reads_replaces_and_stops(pipe):
     assert torch.count_nonzero(out) == 0
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the reads of a tensor's value by the host (on a GPU each one waits for the GPU: a sync)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"])
+def test_denoising_reads_no_values_per_step(folders, scheduler):
+    """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
+    import latentdiff.schedulers as schedulers
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    pipe.scheduler = getattr(schedulers, scheduler).from_config(pipe.scheduler.config)
+    denoise, reads = pipe.denoise, {}
+
+    def counted(*args, **kwargs):
+        with HostReads() as mode:
+            out = denoise(*args, **kwargs)
+        reads[len(args[1])] = mode.count
+        return out
+
+    pipe.denoise = counted
+    for steps in (3, 8):
+        run(pipe, PROMPTS[0], num_inference_steps=steps, output_type="latent")
+    assert reads[3] == reads[8] <= 1, reads
+
+
 def test_output_types(pipe):
     from PIL import Image
 

@@ -261,10 +261,14 @@ class LatentDiffusionPipeline:
         share = getattr(self.unet, "accepts_shared_samples", False)  # ours, also under torch.compile
         model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale, guidance_rescale, share)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+        # the scheduler looks each timestep up by value: read them all to the host once here, since reading a GPU
+        # tensor's value in every step would make the host wait for the GPU each time (a sync per step, which
+        # leaves the GPU idle while the next step's launches are issued); the U-Net gets the device tensor
+        values = timesteps.tolist()
         with self._compiling(), cache_text_keys(self.unet):
-            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising")):
-                eps = model(scheduler.scale_model_input(latents, t), t)
-                latents = scheduler.step(eps, t, latents, generator=generators, **step_kwargs).prev_sample
+            for i, (t, value) in enumerate(zip(tqdm(timesteps, disable=not progress, desc="denoising"), values)):
+                eps = model(scheduler.scale_model_input(latents, value), t)
+                latents = scheduler.step(eps, value, latents, generator=generators, **step_kwargs).prev_sample
                 if callback is not None:
                     result = callback(self, i, t, {"latents": latents}) or {}
                     latents = result.get("latents", latents)
