@@ -31,25 +31,29 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
+        q = self._heads(self.to_q(x))
         k, v = self._keys_values(x if context is None else context, cross=context is not None)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (self.to_q(x), k, v))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.to_out[1](self.to_out[0](out))
+        out = self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out[1](out) if self.training else out  # (dropout: the identity in eval mode)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, heads * d] -> [B, heads, N, d] (a view)."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """to_k(context), to_v(context); inside cache_text_keys(), a cross-attention computes them once per context
-        tensor (and weights) and reuses them at every later denoising step."""
+        """to_k(context), to_v(context), split into heads; inside cache_text_keys(), a cross-attention computes them
+        once per context tensor (and weights) and reuses them at every later denoising step."""
         key = self._cache_key(context) if cross else None
         if key is None:
-            return self.to_k(context), self.to_v(context)
+            return self._heads(self.to_k(context)), self._heads(self.to_v(context))
         cache = self.context_cache
         if not cache or cache[0] is not context or cache[1] != key:  # the context object itself is held, so its
-            cache[:] = [context, key, self.to_k(context), self.to_v(context)]  # address cannot be reused meanwhile
-        return cache[2], cache[3]
+            cache[:] = [context, key, self._heads(self.to_k(context)), self._heads(self.to_v(context))]  # address
+        return cache[2], cache[3]  # cannot be reused meanwhile
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
         """What cached keys and values of `context` stay valid for (the in-place versions of the context and of the
@@ -115,8 +119,13 @@ class FeedForward(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         rows = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
         if x.device.type != "cpu" or tokens.shape[0] <= rows:
-            return self.net(x)
-        return torch.cat([self.net(chunk) for chunk in tokens.split(rows)]).view(x.shape)
+            return self._net(x)
+        return torch.cat([self._net(chunk) for chunk in tokens.split(rows)]).view(x.shape)
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        geglu, dropout, out = self.net
+        h = geglu(x)
+        return out(dropout(h) if self.training else h)  # (eval: skip the identity's call; launches are host time)
 
 
 class BasicTransformerBlock(nn.Module):

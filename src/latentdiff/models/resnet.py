@@ -27,7 +27,8 @@ class ResnetBlock2D(nn.Module):
         """temb: the timestep embedding already through SiLU (the U-Net applies it once for all its blocks)."""
         h = self.conv1(group_norm(self.norm1, x, silu=True))
         shift = None if self.time_emb_proj is None else self.time_emb_proj(temb)  # added to every pixel
-        h = self.conv2(self.dropout(group_norm(self.norm2, h, silu=True, shift=shift)))
+        h = group_norm(self.norm2, h, silu=True, shift=shift)
+        h = self.conv2(self.dropout(h) if self.training else h)  # (eval: dropout is the identity; skip its call)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
