@@ -15,17 +15,19 @@ compile time reported as the first call minus a timed one;
 `-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our
 U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain`
 runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
-(models/group_norm.py); `ours-pipecompile` is `pipe.compile(max_autotune=False)` (frozen weights; its first call
-compiles); these are not in the default set. A variant that fails prints its error and the run goes
-on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled
-before any timing.
+(models/group_norm.py), `ours-fused` runs those kernels on every norm (not only where group_norm._kernels_pay
+chooses them), `-sync` makes the host wait for the GPU before each scheduler step (what ours did until
+2026-12-04: it read each timestep's value from the GPU); `ours-pipecompile` is pipe.compile(max_autotune=False)
+(frozen weights; its first call compiles); these are not in the default set. A variant that fails prints its
+error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's
+clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
 the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
 relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of the warm-up
 call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit stops
 starting new ones once that many seconds have passed since the start. --profile STEPS then profiles one call of
-STEPS steps per variant at the largest batch (torch.profiler): wall and GPU-busy time, kernel launches, and the
-operators that took the most GPU time.
+STEPS steps per variant at the largest batch (or at --profile-batches; torch.profiler): wall and GPU-busy time,
+kernel launches, and the operators that took the most GPU time.
 
 As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
 fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 
@@ -45,7 +48,8 @@ import torch
 from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
-            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile")
+            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-fused",
+            "ours-sync", "ours-compile-sync")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -138,12 +142,12 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @contextlib.contextmanager
 def variant_unet(pipe, variant: str):
     """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
-    `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`);
-    restored after."""
+    `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`) or with
+    them on every norm (`-fused`), with a sync before each scheduler step (`-sync`); restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])
-    eager_unet = pipe.unet
+    eager_unet, kernels_pay = pipe.unet, group_norm._kernels_pay
     try:
         if "cl" in options:
             eager_unet.to(memory_format=torch.channels_last)
@@ -155,9 +159,22 @@ def variant_unet(pipe, variant: str):
         if "pipecompile" in options:
             pipe.compile(max_autotune=False)
         group_norm.ENABLED = "plain" not in options
+        if "fused" in options:
+            group_norm._kernels_pay = lambda x, groups: True
+        if "sync" in options:
+            step = pipe.scheduler.step
+
+            @functools.wraps(step)
+            def synced_step(*args, **kwargs):
+                torch.cuda.synchronize()
+                return step(*args, **kwargs)
+
+            pipe.scheduler.step = synced_step
         yield
     finally:
-        group_norm.ENABLED = True
+        if "sync" in options:
+            del pipe.scheduler.step
+        group_norm.ENABLED, group_norm._kernels_pay = True, kernels_pay
         if "pipecompile" in options:
             pipe.disable_compile()
         if "graph" in options:
@@ -194,7 +211,7 @@ def profile(pipes, variant: str, latents: torch.Tensor, args, device, top: int =
 @torch.no_grad()
 def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, args, device) -> dict:
     """Warm up (unless `warm` holds this variant's first call already), then time args.repeats calls."""
-    lib, compiled = variant.split("-")[0], variant.endswith("compile")
+    lib, compiled = variant.split("-")[0], "compile" in variant
     pipe = pipes[lib]
     run = lambda: generate(pipe, lib, args.prompt, latents, args)  # noqa: E731
     with variant_unet(pipe, variant):
@@ -221,7 +238,7 @@ def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
         "batch": m["batch"], "variant": m["variant"], "s/image": f"{m['s/image']:.3f}",
         "calls s": " ".join(f"{c:.2f}" for c in m["calls"]),
         "vs diffusers": ratio("diffusers"),
-        "vs diffusers-compile": ratio("diffusers-compile") if m["variant"].endswith("compile") else "-",
+        "vs diffusers-compile": ratio("diffusers-compile") if "compile" in m["variant"] else "-",
         "peak GPU mem": gib(m["peak"]) if cuda else "-", "+ during call": gib(m["rise"]) if cuda else "-",
         "compile s": f"{m['compile']:.1f}" if m["compile"] is not None else "-",
         "max|diff|": f"{m['diff']:.1e}" if m["diff"] is not None else "-",
@@ -256,6 +273,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile one call of STEPS steps per variant at the largest batch (0: none)")
     parser.add_argument("--profile-compiled", action="store_true", help="--profile the -compile variants too")
+    parser.add_argument("--profile-batches", default=None,
+                        help="comma-separated batch sizes to profile at (default: the largest of --batches)")
     args = parser.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -328,10 +347,11 @@ def main() -> None:
         table = [format_row(m, rows, device) for m in rows]
         print_table(table, list(table[0]))
     if args.profile and not stopped:
-        latents = make_latents(pipes, max(batches), args, device, dtype)
-        for variant in variants:
-            if "compile" not in variant or args.profile_compiled:
-                profile(pipes, variant, latents, args, device)
+        for batch in [int(b) for b in args.profile_batches.split(",")] if args.profile_batches else [max(batches)]:
+            latents = make_latents(pipes, batch, args, device, dtype)
+            for variant in variants:
+                if "compile" not in variant or args.profile_compiled:
+                    profile(pipes, variant, latents, args, device)
     print(f"total {time.perf_counter() - start:.1f} s", flush=True)
 
 

@@ -2,6 +2,7 @@
 the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 samples) and VAE decoder, fp16.
 
     python benchmarks/gpu_group_norm.py [--batch 8] [--dtype float16] [--iters 50] [--gpu-time] [--sweep]
+                                        [--one-program ELEMENTS]
 
 Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
 block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
@@ -17,6 +18,7 @@ defaults', for choosing the defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -64,7 +66,8 @@ def sweep(cases, iters: int) -> None:
     from latentdiff.models import group_norm as gn
 
     default = gn.SETTINGS
-    grid = [gn.LaunchSettings(b, p, w) for b, p, w in itertools.product((1024, 2048, 4096), (4, 16), (4, 8))]
+    grid = [dataclasses.replace(default, block=b, programs_per_sm=p, num_warps=w)
+            for b, p, w in itertools.product((1024, 2048, 4096), (4, 16), (4, 8))]
     rows = []
     for name, x, norm, shift in cases:
         timings = {}
@@ -93,10 +96,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--gpu-time", action="store_true", help="time the kernels alone (CUDA graph replays)")
     parser.add_argument("--sweep", action="store_true", help="then sweep the kernels' launch settings")
+    parser.add_argument("--one-program", type=int, default=None, metavar="ELEMENTS",
+                        help="LaunchSettings.one_program (0: every group split over two launches)")
     args = parser.parse_args()
+    if args.one_program is not None:
+        gn.SETTINGS = dataclasses.replace(gn.SETTINGS, one_program=args.one_program)
     timer = time_graph_us if args.gpu_time else time_us
     dtype = getattr(torch, args.dtype)
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}; {gn.SETTINGS}",
+          flush=True)
     rows, cases = [], []
     for model, shapes, batch in (("U-Net", UNET, args.batch), ("VAE", VAE, 1)):
         for channels, side in shapes:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything to run on a lent GPU machine, in one call (about 6-7 minutes on an H200, most of it compiling):
+# Everything to run on a lent GPU machine, in one call of at most ~9.5 minutes (the step limits below add up to
+# 560 s; a session has 15 minutes of device time, the machine's start included):
 #   1. the CUDA tests (tests/test_group_norm.py, tests/test_cuda_graphs.py),
 #   2. the GroupNorm kernels against torch, kernels alone, with a sweep of their launch settings,
-#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, with a profile,
+#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, with profiles at both,
 #   4. the compiled variants at batch 4.
 # Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each step has its own time limit, so one that
 # hangs costs the others nothing. EAGER / COMPILED override the variant lists of steps 3 and 4.
@@ -23,12 +24,13 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
-timeout 150 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 \
+timeout 90 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 \
     | tee "$OUT/tests.txt"
 cd benchmarks
-timeout 150 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
-timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-cl,ours-graph,ours-cl-graph}" --batches 4,1 \
-    --repeats 3 --warmup 5 --no-vae-upcast --profile 3 2>&1 | tee "$OUT/eager.txt"
-COMPILED="${COMPILED:-diffusers-compile,ours-compile,ours-cl-compile,ours-pipecompile}"
-timeout 300 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
-    --time-limit 240 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"
+timeout 80 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
+timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-fused,ours-sync,ours-cl,ours-cl-graph}" \
+    --batches 4,1 --repeats 3 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 2>&1 \
+    | tee "$OUT/eager.txt"
+COMPILED="${COMPILED:-diffusers-compile,ours-compile}"
+timeout 190 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
+    --time-limit 150 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"

@@ -21,12 +21,9 @@ def _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
 
 
 @triton.jit
-def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, PER_SLICE, SPLIT,
+def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """Mean and sum of squared deviations (M2) of one slice of one group, in two passes over the slice."""
-    ng, s = tl.program_id(0), tl.program_id(1)
-    n, g = ng // GROUPS, ng % GROUPS
-    p0 = s * PER_SLICE
+    """Mean, sum of squared deviations (M2) and count of one slice of one group, in two passes over the slice."""
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     count = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for start in range(0, PER_SLICE, BLOCK_P):
@@ -42,7 +39,50 @@ def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, P
                         BLOCK_C, BLOCK_P, HAS_SHIFT, start)
         d = tl.where(mask, v - mean, 0.0)
         dev += d * d
-    m2 = tl.sum(tl.sum(dev, axis=1), axis=0)
+    return mean, tl.sum(tl.sum(dev, axis=1), axis=0), cnt
+
+
+@triton.jit
+def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+    """Write one slice of one group: (x - mean) * rstd * w + b, then SiLU."""
+    cs = tl.arange(0, BLOCK_C)
+    ch = g * CG + cs
+    w = tl.load(w_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
+    scale = (w * rstd)[:, None]
+    bias = (b - mean * w * rstd)[:, None]
+    for start in range(0, PER_SLICE, BLOCK_P):
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+                        BLOCK_C, BLOCK_P, HAS_SHIFT, start)
+        y = v * scale + bias
+        if SILU:
+            y = y * tl.sigmoid(y)
+        ps = p0 + start + tl.arange(0, BLOCK_P)
+        tl.store(out_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p,
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+    """A whole group in one program (one launch for the norm): its statistics, then its output."""
+    ng = tl.program_id(0)
+    n, g = ng // GROUPS, ng % GROUPS
+    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, 0, P, P, C, CG, s_n, s_c, s_p, BLOCK_C, BLOCK_P, HAS_SHIFT)
+    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
+    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, 0, P, P, C, CG, s_n, s_c, s_p,
+               BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
+
+
+@triton.jit
+def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, PER_SLICE, SPLIT,
+                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """A group split into SPLIT slices, one program each, first pass: each slice's mean, M2 and count."""
+    ng, s = tl.program_id(0), tl.program_id(1)
+    n, g = ng // GROUPS, ng % GROUPS
+    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, s * PER_SLICE, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+                                 BLOCK_C, BLOCK_P, HAS_SHIFT)
     slot = ng * SPLIT + s
     rows = tl.num_programs(0) * SPLIT
     tl.store(stats_ptr + slot, mean)
@@ -54,7 +94,7 @@ def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, P
 def apply_kernel(x_ptr, shift_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
                  PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
                  SILU: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Combine the group's slice statistics, then normalise this slice: (x - mean) * rstd * w + b, SiLU."""
+    """Second pass: combine the group's slice statistics (Chan et al.'s pairwise formula), normalise this slice."""
     ng, s = tl.program_id(0), tl.program_id(1)
     n, g = ng // GROUPS, ng % GROUPS
     rows = tl.num_programs(0) * SPLIT
@@ -68,19 +108,5 @@ def apply_kernel(x_ptr, shift_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, 
     d = means - mean
     var = (tl.sum(m2s, axis=0) + tl.sum(cnts * d * d, axis=0)) / cnt
     rstd = 1.0 / tl.sqrt(var + eps)
-    cs = tl.arange(0, BLOCK_C)
-    ch = g * CG + cs
-    w = tl.load(w_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
-    scale = (w * rstd)[:, None]
-    bias = (b - mean * w * rstd)[:, None]
-    p0 = s * PER_SLICE
-    for start in range(0, PER_SLICE, BLOCK_P):
-        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
-                        BLOCK_C, BLOCK_P, HAS_SHIFT, start)
-        y = v * scale + bias
-        if SILU:
-            y = y * tl.sigmoid(y)
-        ps = p0 + start + tl.arange(0, BLOCK_P)
-        tl.store(out_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p,
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, s * PER_SLICE, PER_SLICE, P, C, CG,
+               s_n, s_c, s_p, BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
