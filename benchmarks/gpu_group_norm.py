@@ -2,7 +2,7 @@
 the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 samples) and VAE decoder, fp16.
 
     python benchmarks/gpu_group_norm.py [--batch 8] [--dtype float16] [--iters 50] [--gpu-time] [--sweep]
-                                        [--one-program ELEMENTS]
+                                        [--one-program ELEMENTS] [--host-time]
 
 Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
 block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
@@ -13,13 +13,15 @@ channels_last model hands it). CUDA events, median of --iters calls after warm-u
 kernels counts where the GPU would wait for it (small shapes). --gpu-time times 10 calls captured in a CUDA graph
 instead: the kernels alone. --sweep then times the kernels under other launch settings (group_norm.LaunchSettings:
 elements per load, programs per multiprocessor, warps), GPU time, and prints the best per shape beside the
-defaults', for choosing the defaults.
+defaults', for choosing the defaults. --host-time instead measures what each path costs the host per call (on a
+tiny input, where the GPU waits for the launches): the launch overhead that decides small batches (`_kernels_pay`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,51 @@ def sweep(cases, iters: int) -> None:
     print_table(rows, list(rows[0]))
 
 
+def host_time(dtype: torch.dtype, calls: int = 500) -> None:
+    """Microseconds of host time per call of each path on a [2, 320, 8, 8] input (SD 1.5's U-Net at 64x64 latents
+    and batch 1 with guidance has 2 samples; 8x8 keeps the GPU's part to a few microseconds): the time to issue
+    `calls` calls back to back, the GPU running behind."""
+    from latentdiff.models import group_norm as gn
+
+    norm = torch.nn.GroupNorm(32, 320, eps=1e-5).cuda().to(dtype)
+    x = torch.randn(2, 320, 8, 8, device="cuda", dtype=dtype)
+    shift = torch.randn(2, 320, device="cuda", dtype=dtype)
+    one_program = gn._one_program
+
+    def kernels(single: bool):
+        def call():
+            gn._one_program = lambda x, groups: single
+            try:
+                return gn._triton_group_norm(x, norm, True, shift)
+            finally:
+                gn._one_program = one_program
+        return call
+
+    paths = {
+        "torch: add, GroupNorm, SiLU (3 launches)": lambda: F.silu(norm(x + shift[:, :, None, None])),
+        "torch: GroupNorm, SiLU (2)": lambda: F.silu(norm(x)),
+        "torch: GroupNorm (1)": lambda: norm(x),
+        "ours, one program (1)": kernels(True),
+        "ours, slices (2)": kernels(False),
+        "group_norm() as the U-Net calls it": lambda: gn.group_norm(norm, x, silu=True, shift=shift),
+    }
+    rows = []
+    for name, fn in paths.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, time.perf_counter() - start)
+            torch.cuda.synchronize()
+        rows.append({"path": name, "host us per call": f"{best / calls * 1e6:.1f}"})
+        print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    print_table(rows, list(rows[0]))
+
+
 @torch.no_grad()
 def main() -> None:
     from latentdiff.models import group_norm as gn
@@ -98,7 +145,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="then sweep the kernels' launch settings")
     parser.add_argument("--one-program", type=int, default=None, metavar="ELEMENTS",
                         help="LaunchSettings.one_program (0: every group split over two launches)")
+    parser.add_argument("--host-time", action="store_true", help="only the host's time per call of each path")
     args = parser.parse_args()
+    if args.host_time:
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}", flush=True)
+        return host_time(getattr(torch, args.dtype))
     if args.one_program is not None:
         gn.SETTINGS = dataclasses.replace(gn.SETTINGS, one_program=args.one_program)
     timer = time_graph_us if args.gpu_time else time_us
