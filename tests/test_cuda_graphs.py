@@ -76,3 +76,33 @@ def test_graphs_follow_weights_changed_in_place(pipe):
         assert graphed.num_captures == 1
     finally:
         pipe.to("cpu")
+
+
+@cuda
+def test_on_the_gpu_the_denoising_loop_does_not_sync_per_step(pipe):
+    """No host-GPU synchronisation per denoising step (a sync in every step leaves the GPU idle while the host
+    issues the next step's launches): CUDA's sync debug mode reports each one, inside any library call too."""
+    import warnings
+
+    pipe.to("cuda")
+    denoise, syncs = pipe.denoise, {}
+
+    def counted(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = denoise(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[len(args[1])] = sum("synchroniz" in str(w.message) for w in caught)
+        return out
+
+    pipe.denoise = counted
+    try:
+        for steps in (3, 8):
+            pipe(PROMPT, num_inference_steps=steps, guidance_scale=5.0, output_type="latent", progress=False)
+    finally:
+        del pipe.denoise
+        pipe.to("cpu")
+    assert syncs[3] == syncs[8] <= 1, syncs
