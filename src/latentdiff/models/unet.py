@@ -129,8 +129,10 @@ def _positive_int(value) -> bool:
 
 
 def _repeat_batch(k: int, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]):
-    """x, emb and the skips as for torch.cat([sample] * k): k copies of the batch, one after the other."""
-    return torch.cat([x] * k), torch.cat([emb] * k), [torch.cat([s] * k) for s in skips]
+    """x, emb and the skips as for torch.cat([sample] * k): k copies of the batch, one after the other (a skip that
+    is x itself, conv_in's output before a first stage with attention, shares x's copy)."""
+    repeated = torch.cat([x] * k)
+    return repeated, torch.cat([emb] * k), [repeated if s is x else torch.cat([s] * k) for s in skips]
 
 
 class UNetOutput(NamedTuple):
