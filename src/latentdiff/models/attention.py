@@ -50,10 +50,11 @@ class Attention(nn.Module):
         key = self._cache_key(context) if cross else None
         if key is None:
             return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        # the cache holds the context object itself, so that its address cannot be reused by another meanwhile
         cache = self.context_cache
-        if not cache or cache[0] is not context or cache[1] != key:  # the context object itself is held, so its
-            cache[:] = [context, key, self._heads(self.to_k(context)), self._heads(self.to_v(context))]  # address
-        return cache[2], cache[3]  # cannot be reused meanwhile
+        if not cache or cache[0] is not context or cache[1] != key:
+            cache[:] = [context, key, self._heads(self.to_k(context)), self._heads(self.to_v(context))]
+        return cache[2], cache[3]
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
         """What cached keys and values of `context` stay valid for (the in-place versions of the context and of the
