@@ -17,7 +17,8 @@ U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW
 runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
 (models/group_norm.py), `ours-fused` runs those kernels on every norm (not only where group_norm._kernels_pay
 chooses them), `-sync` makes the host wait for the GPU before each scheduler step (what ours did until
-2026-12-04: it read each timestep's value from the GPU); `ours-pipecompile` is pipe.compile(max_autotune=False)
+2026-12-04: it read each timestep's value from the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both
+libraries have it); `ours-pipecompile` is pipe.compile(max_autotune=False)
 (frozen weights; its first call compiles); these are not in the default set. A variant that fails prints its
 error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's
 clocks have settled before any timing.
@@ -49,7 +50,7 @@ from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-fused",
-            "ours-sync", "ours-compile-sync")
+            "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -143,7 +144,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def variant_unet(pipe, variant: str):
     """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
     `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`) or with
-    them on every norm (`-fused`), with a sync before each scheduler step (`-sync`); restored after."""
+    them on every norm (`-fused`), with a sync before each scheduler step (`-sync`), with the self-attention
+    projections fused (`-qkv`); restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])
@@ -161,6 +163,8 @@ def variant_unet(pipe, variant: str):
         group_norm.ENABLED = "plain" not in options
         if "fused" in options:
             group_norm._kernels_pay = lambda x, groups: True
+        if "qkv" in options:
+            pipe.fuse_qkv_projections()
         if "sync" in options:
             step = pipe.scheduler.step
 
@@ -172,6 +176,8 @@ def variant_unet(pipe, variant: str):
             pipe.scheduler.step = synced_step
         yield
     finally:
+        if "qkv" in options:
+            pipe.unfuse_qkv_projections()
         if "sync" in options:
             del pipe.scheduler.step
         group_norm.ENABLED, group_norm._kernels_pay = True, kernels_pay

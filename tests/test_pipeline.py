@@ -139,6 +139,20 @@ def test_callback_reads_replaces_and_stops(pipe):
     assert torch.count_nonzero(out) == 0
 
 
+def test_fused_qkv_projections_give_the_same_images(folders):
+    from latentdiff.models.attention import Attention
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    before = run(pipe, PROMPTS[0], latents=latents_for(1))
+    pipe.fuse_qkv_projections()
+    fused = run(pipe, PROMPTS[0], latents=latents_for(1))
+    for model in (pipe.unet, pipe.vae):  # self-attentions in both were fused and used
+        assert any(m.fused for m in model.modules() if isinstance(m, Attention)), type(model).__name__
+    torch.testing.assert_close(fused, before, rtol=0, atol=1e-5)
+    pipe.unfuse_qkv_projections()
+    assert not any(m.fused for m in pipe.unet.modules() if isinstance(m, Attention))
+
+
 class HostReads(torch.overrides.TorchFunctionMode):
     """Counts the reads of a tensor's value by the host (on a GPU each one waits for the GPU: a sync)."""
 

@@ -277,7 +277,6 @@ def test_one_sample_shared_by_several_contexts(case):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_cached_text_keys_give_the_same_result_and_follow_changes(small):
     """cache_text_keys: the cross-attentions project a context once while it comes back unchanged, and again when
     it is another tensor, was changed in place, or the projection weights were; nothing is cached with autograd."""
@@ -314,6 +313,45 @@ def test_cached_text_keys_give_the_same_result_and_follow_changes(small):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@torch.no_grad()
+def test_fused_qkv_projections_give_the_same_result_and_follow_the_weights():
+    """fuse_qkv_projections: the self-attentions' q, k, v from one product over concatenated weights (made on first
+    use, remade after the weights change in place or the model is cast), the same outputs, the state dict
+    unchanged; with autograd the separate projections run (their weights get gradients)."""
+    from latentdiff.models.attention import Attention
+
+    config = UNetConfig(**SMALL)
+    _, ours = make_pair(config)
+    sample, t, ctx = inputs(config)
+    expected, keys = ours(sample, t, ctx), list(ours.state_dict())
+    ours.fuse_qkv_projections()
+    torch.testing.assert_close(ours(sample, t, ctx), expected, rtol=1e-5, atol=1e-5)
+    self_attention = [m for name, m in ours.named_modules() if name.endswith("attn1")]
+    assert self_attention and all(len(m.fused) == 3 for m in self_attention)  # built, and used
+    assert not any(m.fused for name, m in ours.named_modules() if name.endswith("attn2"))  # cross: never
+    assert list(ours.state_dict()) == keys
+    for m in self_attention:
+        m.to_v.weight.mul_(1.5)
+    changed = ours(sample, t, ctx)
+    ours.unfuse_qkv_projections()
+    assert all(m.fused is None for m in ours.modules() if isinstance(m, Attention))
+    torch.testing.assert_close(changed, ours(sample, t, ctx), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, expected, atol=1e-3)
+    ours.fuse_qkv_projections()
+    ours(sample, t, ctx)
+    ours.double()  # a cast drops the copies; the next call makes them in float64
+    assert all(m.fused == [] for m in self_attention)
+    assert ours(sample.double(), t, ctx.double()).dtype == torch.float64
+    assert all(m.fused[1].dtype == torch.float64 for m in self_attention)
+    ours.float()
+    with torch.enable_grad():
+        ours(sample, t, ctx).square().mean().backward()
+    assert all(m.to_q.weight.grad is not None for m in self_attention)
+    ours.optimize_for_inference(winograd=False)  # packed projections (re-laid out weights) run unfused
+    torch.testing.assert_close(ours(sample, t, ctx), changed, rtol=1e-4, atol=1e-4)
+    assert all(m.fused == [] for m in self_attention)  # nothing concatenated from packed weights
 
 
 def test_bad_inputs_say_what_to_fix(small):

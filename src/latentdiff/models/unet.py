@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import AnyOf, ConfigMixin, ModelMixin
-from .attention import Transformer2DModel
+from .attention import Transformer2DModel, fuse_qkv_projections
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .group_norm import group_norm
 from .packed import pack_for_inference
@@ -240,6 +240,14 @@ class UNet2DConditionModel(ModelMixin):
         +47% of the U-Net's). The result runs only without gradients and cannot be saved, cast or moved: do that
         before. Beyond eval and channels-last, a no-op off the CPU. Returns self."""
         return pack_for_inference(self, winograd)
+
+    def fuse_qkv_projections(self) -> None:
+        """Self-attention queries, keys and values from one matrix product per layer (models/attention.py's
+        fuse_qkv_projections: fewer launches on a GPU, a copy of those weights); undone by unfuse_qkv_projections()."""
+        fuse_qkv_projections(self)
+
+    def unfuse_qkv_projections(self) -> None:
+        fuse_qkv_projections(self, fuse=False)
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ConfigMixin, ModelMixin
 from ..schedules import randn
-from .attention import SpatialSelfAttention
+from .attention import SpatialSelfAttention, fuse_qkv_projections
 from .group_norm import group_norm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -274,6 +274,13 @@ class AutoencoderKL(ModelMixin):
 
     def disable_slicing(self) -> None:
         self.use_slicing = False
+
+    def fuse_qkv_projections(self) -> None:
+        """The mid-block attentions' queries, keys and values from one matrix product (see the U-Net's)."""
+        fuse_qkv_projections(self)
+
+    def unfuse_qkv_projections(self) -> None:
+        fuse_qkv_projections(self, fuse=False)
 
     def encode(self, images: torch.Tensor, tiled: bool | None = None, sliced: bool | None = None) -> DiagonalGaussian:
         self._check_input(images, self.config.in_channels, "images", self.vae_scale_factor)
