@@ -10,7 +10,7 @@ Variants: diffusers (the reference, as shipped, progress bars off), ours (as loa
 `optimize_for_inference()` and the VAE after `pack_for_inference`: channels-last, packed weights, Winograd convs).
 ours-compile: `pipe.compile()`, the U-Net under torch.compile (inductor: frozen weights, C++ wrapper, max-autotune);
 diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call compiles
-(reported as "first call s").
+(reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
 Every variant's images are compared with diffusers' first: a variant that differs by more than --tolerance (in
 [0, 1] pixel units) is reported and the script exits with status 1.
 
@@ -48,7 +48,7 @@ import torch
 
 from common import count_flops, gib, machine, print_table, setup, time_interleaved
 
-VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "diffusers-compile")
+VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "diffusers-compile", "ours-qkv")
 PROMPT = "a small red circle in the center on a white background"
 
 
@@ -73,6 +73,8 @@ def load(variant: str, folder: Path):
     from latentdiff.models.packed import pack_for_inference
 
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    if variant == "ours-qkv":
+        pipe.fuse_qkv_projections()
     if variant == "ours-opt":
         pipe.unet.optimize_for_inference()
         pack_for_inference(pipe.vae)
