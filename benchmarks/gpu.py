@@ -4,7 +4,7 @@ DPM-Solver++(2M), guidance 7.5, fp16, decoded to images.
 
     python benchmarks/gpu.py [--batches 1,4] [--variants diffusers,ours,diffusers-compile,ours-compile]
                              [--repeats 2] [--steps 50] [--size 512] [--time-limit SECONDS] [--device cuda]
-                             [--tiny] [--no-vae-upcast] [--profile STEPS] [--warmup SECONDS]
+                             [--tiny] [--no-vae-upcast] [--profile STEPS] [--warmup SECONDS] [--interleave]
 
 Both pipelines hold the very same weight tensors (ours are drawn once; diffusers' modules are built on the meta
 device and given them; its text model is transformers' CLIPTextModel over our text model's tensors), tokenizers
@@ -22,11 +22,12 @@ libraries have it); `ours-pipecompile` is pipe.compile(max_autotune=False)
 (frozen weights; its first call compiles); these are not in the default set. A variant that fails prints its
 error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's
 clocks have settled before any timing.
-Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls), peak GPU memory of
-the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them, speed
-relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of the warm-up
-call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit stops
-starting new ones once that many seconds have passed since the start. --profile STEPS then profiles one call of
+Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
+calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
+memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
+them, speed relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of
+the warm-up call's images from diffusers eager's (same latents). Rows are printed as they are measured;
+--time-limit stops starting new ones (with --interleave: new batches) once that many seconds have passed. --profile STEPS then profiles one call of
 STEPS steps per variant at the largest batch (or at --profile-batches; torch.profiler): wall and GPU-busy time,
 kernel launches, and the operators that took the most GPU time.
 
@@ -234,6 +235,42 @@ def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, 
     }
 
 
+@torch.no_grad()
+def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.Tensor, warm: dict, args,
+                        device) -> list[dict]:
+    """--interleave: a warm-up call per variant, then args.repeats rounds that time one call of every variant in
+    turn (A B C A B C ...), so that a noisy host's slow spells spread over all variants instead of landing on the
+    one that ran then. Each call enters its variant anew (a CUDA-graph or compiled variant makes one untimed call
+    first, to capture or compile again). A variant that fails is reported and left out."""
+    cuda = device.type == "cuda"
+    results = {v: {"batch": batch, "variant": v, "calls": [], "peak": 0, "rise": 0, "compile": None}
+               for v in variants}
+    for round_ in range(args.repeats + 1):  # round 0: the warm-up calls, whose images are compared
+        for variant in [v for v in variants if v in results]:
+            lib = variant.split("-")[0]
+            run = lambda: generate(pipes[lib], lib, args.prompt, latents, args)  # noqa: E731, B023
+            result = results[variant]
+            try:
+                with variant_unet(pipes[lib], variant):
+                    if round_ == 0:
+                        result["images"] = (warm.get((variant, batch)) or timed(run, device))[1]
+                        continue
+                    if "graph" in variant or "compile" in variant:
+                        timed(run, device)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device) if cuda else 0
+                    result["calls"].append(timed(run, device)[0])
+                    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+                    result["peak"], result["rise"] = max(result["peak"], peak), max(result["rise"], peak - before)
+            except Exception as error:  # noqa: BLE001 (one broken variant should not cost the others' figures)
+                print(f"  batch {batch}, {variant}: FAILED: {type(error).__name__}: {error}", flush=True)
+                del results[variant]
+    for result in results.values():
+        result["s/image"] = statistics.median(result["calls"]) / batch
+    return list(results.values())
+
+
 def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
     def ratio(name: str) -> str:
         ref = next((r for r in rows if r["batch"] == m["batch"] and r["variant"] == name), None)
@@ -279,6 +316,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile one call of STEPS steps per variant at the largest batch (0: none)")
     parser.add_argument("--profile-compiled", action="store_true", help="--profile the -compile variants too")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the variants in rounds, one call each per round (fairer on a noisy host)")
     parser.add_argument("--profile-batches", default=None,
                         help="comma-separated batch sizes to profile at (default: the largest of --batches)")
     args = parser.parse_args()
@@ -324,15 +363,27 @@ def main() -> None:
     stopped = None
     for batch in batches:
         latents = first_latents if batch == 1 else make_latents(pipes, batch, args, device, dtype)
-        for variant in variants:
+        measured = None
+        if args.interleave:
             if args.time_limit and time.perf_counter() - start > args.time_limit:
-                stopped = f"time limit of {args.time_limit:.0f} s reached before batch {batch} {variant}"
+                stopped = f"time limit of {args.time_limit:.0f} s reached before batch {batch}"
                 break
-            try:
-                m = measure(pipes, variant, batch, latents, warm, args, device)
-            except Exception as error:  # noqa: BLE001 (one broken variant should not cost the others' figures)
-                print(f"  batch {batch}, {variant}: FAILED: {type(error).__name__}: {error}", flush=True)
-                continue
+            measured = {m["variant"]: m for m in measure_interleaved(pipes, variants, batch, latents, warm, args,
+                                                                     device)}
+        for variant in variants:
+            if measured is not None:
+                m = measured.get(variant)
+                if m is None:  # (it failed)
+                    continue
+            else:
+                if args.time_limit and time.perf_counter() - start > args.time_limit:
+                    stopped = f"time limit of {args.time_limit:.0f} s reached before batch {batch} {variant}"
+                    break
+                try:
+                    m = measure(pipes, variant, batch, latents, warm, args, device)
+                except Exception as error:  # noqa: BLE001 (one broken variant should not cost the others')
+                    print(f"  batch {batch}, {variant}: FAILED: {type(error).__name__}: {error}", flush=True)
+                    continue
             images = m.pop("images")
             if variant == "diffusers":
                 warm.setdefault(("diffusers", batch), (None, images))

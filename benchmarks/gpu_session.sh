@@ -29,7 +29,8 @@ cd benchmarks
 timeout 20 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
 timeout 60 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
 timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-plain,ours-qkv,ours-cl,ours-cl-graph}" \
-    --batches 4,1 --repeats 3 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 2>&1 \
+    --batches 4,1 --repeats 3 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
+    --interleave 2>&1 \
     | tee "$OUT/eager.txt"
 COMPILED="${COMPILED:-diffusers-compile,ours-compile,ours-pipecompile}"
 timeout 190 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
