@@ -27,9 +27,9 @@ calls are taken in rounds, one per variant each, so that a noisy host's slow spe
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
 them, speed relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of
 the warm-up call's images from diffusers eager's (same latents). Rows are printed as they are measured;
---time-limit stops starting new ones (with --interleave: new batches) once that many seconds have passed. --profile STEPS then profiles one call of
-STEPS steps per variant at the largest batch (or at --profile-batches; torch.profiler): wall and GPU-busy time,
-kernel launches, and the operators that took the most GPU time.
+--time-limit stops starting new ones (with --interleave: new batches) once that many seconds have passed.
+--profile STEPS then profiles one call of STEPS steps per variant at the largest batch (or at --profile-batches;
+torch.profiler): wall and GPU-busy time, kernel launches, and the operators that took the most GPU time.
 
 As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
 fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
