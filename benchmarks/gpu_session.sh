@@ -32,7 +32,7 @@ timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-plain,ours-q
     --batches 4,1 --repeats 3 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
     --interleave 2>&1 \
     | tee "$OUT/eager.txt"
-COMPILED="${COMPILED:-diffusers-compile,ours-compile,ours-pipecompile}"
+COMPILED="${COMPILED:-diffusers-compile,ours-compile}"  # (+ours-pipecompile: ~60 s more)
 timeout 190 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
     --time-limit 150 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"
 cd ..  # last: the CUDA tests (the timings above matter more when the call runs short)
