@@ -149,14 +149,15 @@ class LatentDiffusionPipeline:
         (in the U-Net and/or the VAE), as diffusers' method of this name does: fewer kernel launches on a GPU, at
         the price of a copy of those weights (SD 1.5's U-Net: 74 MB in fp16). Same images up to float rounding;
         saved files are unchanged. `unfuse_qkv_projections()` undoes it."""
-        for model, chosen in ((self.unet, unet), (self.vae, vae)):
-            if chosen:
-                model.fuse_qkv_projections()
+        for model in self._chosen(unet, vae):
+            model.fuse_qkv_projections()
 
     def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
-        for model, chosen in ((self.unet, unet), (self.vae, vae)):
-            if chosen:
-                model.unfuse_qkv_projections()
+        for model in self._chosen(unet, vae):
+            model.unfuse_qkv_projections()
+
+    def _chosen(self, unet: bool, vae: bool) -> list[torch.nn.Module]:
+        return [model for model, chosen in ((self.unet, unet), (self.vae, vae)) if chosen]
 
     def compile(self, max_autotune: bool = True) -> None:
         """Run the U-Net through torch.compile (inductor) for inference: its weights are frozen into the graph

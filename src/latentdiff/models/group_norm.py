@@ -55,7 +55,12 @@ def _kernels_pay(x: torch.Tensor, groups: int) -> bool:
     n, c, h, w = x.shape
     if not x.is_contiguous():  # channels-last
         return True
-    return 2 * n * groups >= _multiprocessors(x.device) or c // groups * h * w >= 1 << 16
+    return _many_groups(x, groups) or c // groups * h * w >= 1 << 16
+
+
+def _many_groups(x: torch.Tensor, groups: int) -> bool:
+    """At least as many (sample, group) pairs as half the GPU's multiprocessors."""
+    return 2 * x.shape[0] * groups >= _multiprocessors(x.device)
 
 
 def _one_program(x: torch.Tensor, groups: int) -> bool:
@@ -65,8 +70,8 @@ def _one_program(x: torch.Tensor, groups: int) -> bool:
     vs 7-50 at 16x16 and 8x8; channels-last 27 vs 37 (640x32x32), 21 vs 64 (2560x16x16), but 74 vs 64 (320x64x64)
     and 191 vs 122 (960x64x64): one program reading a group's few channels of every pixel is slower there. With
     fewer groups (SD VAE decoder at batch 1, 32 groups), slices: 11 vs 18 us (512x64x64)."""
-    n, c, h, w = x.shape
-    return (2 * n * groups >= _multiprocessors(x.device) and c // groups * h * w <= SETTINGS.one_program
+    _, c, h, w = x.shape
+    return (_many_groups(x, groups) and c // groups * h * w <= SETTINGS.one_program
             and (x.is_contiguous() or h * w <= 1024))
 
 
