@@ -215,6 +215,18 @@ def profile(pipes, variant: str, latents: torch.Tensor, args, device, top: int =
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60), flush=True)
 
 
+def timed_calls(run, device: torch.device, n: int) -> tuple[list[float], int, int]:
+    """Seconds of each of n calls, the peak GPU memory during them, and how far it rose above the memory in use
+    before them (0 and 0 off a GPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    calls = [timed(run, device)[0] for _ in range(n)]
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    return calls, peak, peak - before
+
+
 @torch.no_grad()
 def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, args, device) -> dict:
     """Warm up (unless `warm` holds this variant's first call already), then time args.repeats calls."""
@@ -223,15 +235,11 @@ def measure(pipes, variant: str, batch: int, latents: torch.Tensor, warm: dict, 
     run = lambda: generate(pipe, lib, args.prompt, latents, args)  # noqa: E731
     with variant_unet(pipe, variant):
         first, images = warm.get((variant, batch)) or timed(run, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        calls = [timed(run, device)[0] for _ in range(args.repeats)]
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        calls, peak, rise = timed_calls(run, device, args.repeats)
     call = statistics.median(calls)
     return {
         "batch": batch, "variant": variant, "s/image": call / batch, "calls": calls, "peak": peak,
-        "rise": peak - before, "compile": first - call if compiled else None, "images": images,
+        "rise": rise, "compile": first - call if compiled else None, "images": images,
     }
 
 
@@ -242,7 +250,6 @@ def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.T
     turn (A B C A B C ...), so that a noisy host's slow spells spread over all variants instead of landing on the
     one that ran then. Each call enters its variant anew (a CUDA-graph or compiled variant makes one untimed call
     first, to capture or compile again). A variant that fails is reported and left out."""
-    cuda = device.type == "cuda"
     results = {v: {"batch": batch, "variant": v, "calls": [], "peak": 0, "rise": 0, "compile": None}
                for v in variants}
     for round_ in range(args.repeats + 1):  # round 0: the warm-up calls, whose images are compared
@@ -257,12 +264,9 @@ def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.T
                         continue
                     if "graph" in variant or "compile" in variant:
                         timed(run, device)
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device) if cuda else 0
-                    result["calls"].append(timed(run, device)[0])
-                    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-                    result["peak"], result["rise"] = max(result["peak"], peak), max(result["rise"], peak - before)
+                    (seconds,), peak, rise = timed_calls(run, device, 1)
+                    result["calls"].append(seconds)
+                    result["peak"], result["rise"] = max(result["peak"], peak), max(result["rise"], rise)
             except Exception as error:  # noqa: BLE001 (one broken variant should not cost the others' figures)
                 print(f"  batch {batch}, {variant}: FAILED: {type(error).__name__}: {error}", flush=True)
                 del results[variant]
