@@ -96,25 +96,73 @@ def test_off_the_gpu_the_plain_modules_run(silu):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_dispatch_rule_for_a_gpu_of_132_multiprocessors(monkeypatch):
-    """Where the kernels run and in which form, as measured on an H200 (132 multiprocessors), checked on shapes alone
-    (meta tensors): SD 1.5 at 512 px; U-Net batch 1 / 4 with guidance = 2 / 8 samples; VAE decoder batch 1."""
-    monkeypatch.setattr(gn, "_multiprocessors", lambda device: 132)
-
+def test_one_program_or_slices_by_shape():
+    """Which form the kernels take, as measured on an H200, checked on shapes alone (meta tensors): SD 1.5 at 512 px;
+    U-Net batch 1 / 4 with guidance = 2 / 8 samples; VAE decoder batch 1."""
     def case(n, c, side, channels_last=False):
         x = torch.empty(n, c, side, side, device="meta")
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    # NCHW U-Net: torch's at batch 1 (host-bound), one program per group at batch 4
-    assert not gn._kernels_pay(case(2, 320, 64), 32)
-    assert gn._kernels_pay(case(8, 320, 64), 32) and gn._one_program(case(8, 320, 64), 32)
-    assert gn._kernels_pay(case(8, 960, 64), 32) and gn._one_program(case(8, 960, 64), 32)
-    # NCHW VAE decoder: large groups, few of them: the kernels, in slices
-    for c, side in ((512, 64), (512, 256), (256, 512), (128, 512)):
-        assert gn._kernels_pay(case(1, c, side), 32) and not gn._one_program(case(1, c, side), 32), (c, side)
-    # channels-last: always the kernels; one program per group only up to 32x32 pixels
-    assert gn._kernels_pay(case(2, 320, 64, True), 32)
+    # NCHW U-Net: one program per group at both batches (its largest groups: 30 channels of 64x64)
+    for n in (2, 8):
+        for c, side in ((320, 64), (960, 64), (640, 32), (1280, 8)):
+            assert gn._one_program(case(n, c, side), 32), (n, c, side)
+    # NCHW VAE decoder: groups of over 128K elements in slices
+    assert gn._one_program(case(1, 512, 64), 32)
+    for c, side in ((512, 128), (512, 256), (256, 512), (128, 512)):
+        assert not gn._one_program(case(1, c, side), 32), (c, side)
+    # channels-last: one program per group only up to 32x32 pixels
     assert not gn._one_program(case(8, 320, 64, True), 32) and gn._one_program(case(8, 640, 32, True), 32)
+
+
+def test_launch_plans_split_groups_to_fill_the_gpu():
+    """The slices: enough programs for LaunchSettings.programs_per_sm per multiprocessor, at most _MAX_SPLIT per
+    group, none shorter than a block of pixels; the statistics' buffer and the strides of each layout."""
+    settings = gn.LaunchSettings()
+    plan = gn._plan(1, 512, 256 * 256, 32, True, 512 * 256 * 256, True, True, False, settings, 132)
+    (first, grid), (second, grid2) = plan.launches
+    assert (first, second) == (1, 2) and grid == grid2 == (32, 64, 1) and plan.stats == (3, 32, 64)  # 66 wanted
+    c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split = plan.scalars[:9]
+    assert (c, pixels, cg, groups, s_c, s_p, per_slice, split) == (512, 65536, 16, 32, 65536, 1, 1024, 64)
+    plan = gn._plan(2, 320, 64 * 64, 32, False, 320 * 64 * 64, False, True, True, settings, 132)
+    assert plan.launches == ((0, (64, 1, 1)),) and plan.stats is None
+    assert plan.scalars[5:9] == (1, 320, 4096, 1)  # channels-last strides; the whole group in one program
+
+
+def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monkeypatch):
+    """group_norm._launch with a stand-in for a Triton kernel: the first launch of a key goes through the kernel
+    (Triton's own launch), later ones through the compiled kernel it returned; another grid, another argument
+    value, dtype or 16-byte alignment is another key; DIRECT = False always takes Triton's launch."""
+    log = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("compiled", grid, args))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps):
+                log.append(("jit", grid, args))
+                return Compiled()
+            return launch
+
+    monkeypatch.setattr(gn, "_RUNNERS", {})
+    kernel, grid = Kernel(), (4, 1, 1)
+    base = torch.zeros(64)
+    aligned, shifted = base[:8], base[1:9]  # 4 bytes past the aligned address
+
+    def launch(x, grid=grid, scalars=(7, 16), dtype=None):
+        x = x if dtype is None else x.to(dtype)
+        gn._launch(kernel, grid, (x,) * 6 + (1e-6,) + scalars, num_warps=8)
+        return log[-1][0]
+
+    assert [launch(aligned), launch(aligned), launch(aligned)] == ["jit", "compiled", "compiled"]
+    assert log[-1][2][0] is aligned and log[-1][2][6:] == (1e-6, 7, 16)  # every argument, in order
+    assert [launch(shifted), launch(shifted)] == ["jit", "compiled"]
+    assert [launch(aligned, grid=(8, 1, 1)), launch(aligned, scalars=(7, 32)), launch(aligned, dtype=torch.half)] \
+        == ["jit"] * 3
+    monkeypatch.setattr(gn, "DIRECT", False)
+    assert [launch(aligned), launch(aligned)] == ["jit", "jit"]
 
 
 @cuda
@@ -137,16 +185,12 @@ def test_fused_kernels_on_the_gpu_match_torch(dtype, channels_last, one_program,
 
 
 @cuda
-def test_on_the_gpu_the_kernels_run_where_they_pay_and_without_autograd():
-    # NCHW: large groups (the SD VAE decoder's), or many (the U-Net's at batch 4 with guidance: at least half an
-    # H100's or H200's 132 multiprocessors); few small ones (batch 1 with guidance), torch's kernels
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for shape, fused in (((1, 256, 128, 128, 32), True), ((8, 320, 64, 64, 32), True),
-                         ((2, 320, 64, 64, 32), 128 >= sms), ((1, 64, 8, 8, 32), 64 >= sms)):
+def test_on_the_gpu_the_kernels_run_without_autograd():
+    for shape in ((1, 256, 128, 128, 32), (8, 320, 64, 64, 32), (2, 320, 64, 64, 32), (1, 64, 8, 8, 32)):
         norm, x, shift = random_case(shape, torch.float16, "cuda", channels_last=False)
         with torch.no_grad():
-            assert gn._fused_applies(norm, x, shift) == fused, shape
-    norm, x, shift = random_case(SHAPES[0], torch.float16, "cuda", channels_last=True)  # channels-last: always
+            assert gn._fused_applies(norm, x, shift), shape
+    norm, x, shift = random_case(SHAPES[0], torch.float16, "cuda", channels_last=True)
     x.requires_grad_(True)
     assert not gn._fused_applies(norm, x, shift)
     gn.group_norm(norm, x, silu=True, shift=shift).sum().backward()
@@ -186,3 +230,25 @@ def test_unet_and_vae_on_the_gpu_with_fused_norms_match_diffusers(channels_last)
     expected = ref_vae.decode(latents).sample.float()
     got = vae.decode(latents).float()
     assert (got - expected).norm() / expected.norm() < 5e-3
+
+
+@cuda
+@pytest.mark.parametrize("one_program", [True, False])
+@torch.no_grad()
+def test_launches_through_the_compiled_kernels_match_torch(one_program, monkeypatch):
+    """The second call of a shape launches the compiled kernels that the first one's launch returned
+    (group_norm._launch): new data, and tensors whose 16-byte alignment differs from the first call's (Triton
+    compiles a kernel per alignment), must give torch's results too."""
+    monkeypatch.setattr(gn, "_one_program", lambda x, groups: one_program)
+    monkeypatch.setattr(gn, "_RUNNERS", {})
+    shape = (2, 320, 16, 16, 32)
+    for seed in range(3):
+        norm, x, shift = random_case(shape, torch.float16, "cuda", channels_last=False, seed=seed)
+        if seed == 2:  # x and its shift 2 bytes past an aligned address
+            x, shift = (torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)[1:].view(t.shape).copy_(t)
+                        for t in (x, shift))
+            assert x.data_ptr() % 16 and shift.data_ptr() % 16
+        out = gn._triton_group_norm(x, norm, True, shift)
+        err = (out.float() - reference(x, norm, True, shift)).abs().max().item()
+        assert err < 1e-2, (seed, err)
+    assert len(gn._RUNNERS) == (2 if one_program else 4), "the compiled kernels were not kept: Triton's API differs?"

@@ -1,13 +1,16 @@
 """GroupNorm (Wu & He 2018) for the ResNet blocks, with the SiLU after it and the timestep bias before it fused in:
 `group_norm(norm, x, silu=True, shift=temb)` is `silu(norm(x + temb[:, :, None, None]))`.
 
-On a CUDA device, without autograd, where they pay (`_kernels_pay`), it runs as Triton kernels that read the
-activation in whatever layout it has (NCHW or channels-last), where PyTorch's CUDA GroupNorm copies channels-last
-activations to NCHW and back and needs separate passes for the bias add and the SiLU. Where there are enough
-groups to fill the GPU and each is small enough (`_one_program`), one program per group computes its mean, then
-the squared deviations from it, then writes the output: one launch. Otherwise each group is split into slices over
-two launches: one computes each slice's statistics, the other combines them (Chan et al. 1979's pairwise update,
-so no E[x^2] - E[x]^2 cancellation) and writes the normalised, affine, activated output.
+On a CUDA device, without autograd, it runs as Triton kernels that read the activation in whatever layout it has
+(NCHW or channels-last), where PyTorch's CUDA GroupNorm copies channels-last activations to NCHW and back and needs
+separate passes for the bias add and the SiLU. Where each group is small enough (`_one_program`), one program per
+group computes its mean, then the squared deviations from it, then writes the output: one launch. Otherwise each
+group is split into slices over two launches: one computes each slice's statistics, the other combines them (Chan
+et al. 1979's pairwise update, so no E[x^2] - E[x]^2 cancellation) and writes the normalised, affine, activated
+output. The kernels beat torch's on the GPU at every shape measured (H200, fp16, benchmarks/gpu_group_norm.py
+--gpu-time: 2.2-3.9x at SD 1.5's U-Net shapes at batch 8, 4-14x at the VAE decoder's) and on the host, where a
+small batch is bound by launches: 15 us per call (one program, `_launch`) against 31-67 us for torch's GroupNorm
+with its SiLU and bias add (--host-time).
 Elsewhere (the CPU, training, torch.compile, which fuses these itself) the plain modules run. `ENABLED = False`
 turns the kernels off.
 """
@@ -41,38 +44,20 @@ def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | No
             and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
                                                    or (shift is not None and shift.requires_grad)))
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and _kernels_pay(x, norm.num_groups) and _kernels() is not None)
-
-
-def _kernels_pay(x: torch.Tensor, groups: int) -> bool:
-    """Where the kernels beat torch's, as measured on an H200 in fp16 (benchmarks/gpu_group_norm.py --gpu-time, norm
-    + SiLU (+ bias add)): on channels-last inputs, which torch copies to NCHW and back (2.3-3.9x at SD 1.5's U-Net
-    shapes of batch 8); on NCHW ones with many groups (the U-Net at batch 4 with guidance: one program per group,
-    2.2-3.3x) or large ones, where torch's reduction, one block per group, leaves most of the GPU idle (the SD VAE
-    decoder's 128-512 channels at 128-512 px: 10-14x). Not on NCHW ones with few small groups (the U-Net at batch
-    1 with guidance): there the denoising step is bound by the host's launches, and a Triton launch costs the
-    host more than torch's (two-launch kernels on every norm at batch 1: 0.84x end to end)."""
-    n, c, h, w = x.shape
-    if not x.is_contiguous():  # channels-last
-        return True
-    return _many_groups(x, groups) or c // groups * h * w >= 1 << 16
-
-
-def _many_groups(x: torch.Tensor, groups: int) -> bool:
-    """At least as many (sample, group) pairs as half the GPU's multiprocessors."""
-    return 2 * x.shape[0] * groups >= _multiprocessors(x.device)
+            and _kernels() is not None)
 
 
 def _one_program(x: torch.Tensor, groups: int) -> bool:
-    """Whether each group gets one program (one launch; else slices over two): enough groups for half the
-    multiprocessors and each at most LaunchSettings.one_program elements; on channels-last inputs at most 32x32
-    pixels too. On an H200, batch 8 (fp16, GPU time): NCHW 35 vs 93 us (320x64x64), 135 vs 229 (960x64x64), 5-17
-    vs 7-50 at 16x16 and 8x8; channels-last 27 vs 37 (640x32x32), 21 vs 64 (2560x16x16), but 74 vs 64 (320x64x64)
-    and 191 vs 122 (960x64x64): one program reading a group's few channels of every pixel is slower there. With
-    fewer groups (SD VAE decoder at batch 1, 32 groups), slices: 11 vs 18 us (512x64x64)."""
+    """Whether each group gets one program (one launch; else slices over two): groups of at most
+    LaunchSettings.one_program elements, on channels-last inputs of at most 32x32 pixels too. On an H200, batch 8
+    (fp16, GPU time): NCHW 35 vs 93 us (320x64x64), 135 vs 229 (960x64x64), 5-17 vs 7-50 at 16x16 and 8x8;
+    channels-last 27 vs 37 (640x32x32), 21 vs 64 (2560x16x16), but 74 vs 64 (320x64x64) and 191 vs 122
+    (960x64x64): one program reading a group's few channels of every pixel is slower there. With few groups the GPU
+    is not filled (the SD VAE decoder at batch 1, 32 groups of 512x64x64: 18 vs 11 us in slices), but such a call
+    costs the host half as much (one launch): where groups are few and small (SD 1.5's U-Net at batch 1 with
+    guidance: 2 samples of 32 groups), the denoising step is bound by the host."""
     _, c, h, w = x.shape
-    return (_many_groups(x, groups) and c // groups * h * w <= SETTINGS.one_program
-            and (x.is_contiguous() or h * w <= 1024))
+    return c // groups * h * w <= SETTINGS.one_program and (x.is_contiguous() or h * w <= 1024)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,33 +83,76 @@ SETTINGS = LaunchSettings()
 
 
 def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None):
-    norm_kernel, stats_kernel, apply_kernel = _kernels()
     n, c, h, w = x.shape
-    groups = norm.num_groups
-    cg, pixels = c // groups, h * w
-    # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1
-    s_c, s_p = (1, c) if not x.is_contiguous() else (pixels, 1)
+    settings = SETTINGS
+    plan = _plan(n, c, h * w, norm.num_groups, x.is_contiguous(), x.stride(0), shift is not None, silu,
+                 _one_program(x, norm.num_groups), settings, _multiprocessors(x.device))
     out = torch.empty_like(x)  # same layout as x
-    block_c = _next_power_of_2(cg)
-    block_p = max(1, SETTINGS.block // block_c)
-    shift_or_x = x if shift is None else shift.contiguous()  # (a pointer the kernels ignore without a shift)
-    layout = dict(C=c, P=pixels, CG=cg, GROUPS=groups, s_n=x.stride(0), s_c=s_c, s_p=s_p, BLOCK_C=block_c,
-                  BLOCK_P=block_p, HAS_SHIFT=shift is not None)
-    if _one_program(x, groups):
-        norm_kernel[(n * groups,)](x, shift_or_x, norm.weight, norm.bias, out, norm.eps, SILU=silu,
-                                   num_warps=SETTINGS.num_warps, **layout)
-        return out
-    # enough programs to fill the GPU, no slice smaller than one block of pixels
-    want = -(-SETTINGS.programs_per_sm * _multiprocessors(x.device) // (n * groups))
-    split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
-    per_slice = -(-pixels // split)
-    stats = torch.empty(3, n * groups, split, device=x.device, dtype=torch.float32)  # mean, M2, count
-    args = dict(layout, PER_SLICE=per_slice, SPLIT=split)
-    grid = (n * groups, split)
-    stats_kernel[grid](x, shift_or_x, stats, num_warps=SETTINGS.num_warps, **args)
-    apply_kernel[grid](x, shift_or_x, stats, norm.weight, norm.bias, out, norm.eps,
-                       SILU=silu, BLOCK_S=_next_power_of_2(split), num_warps=SETTINGS.num_warps, **args)
+    stats = x if plan.stats is None else torch.empty(plan.stats, device=x.device, dtype=torch.float32)
+    # (x stands in for the pointers that a kernel ignores: the shift where there is none, the one program's stats)
+    args = (x, x if shift is None else shift.contiguous(), norm.weight, norm.bias, out, stats, norm.eps)
+    for kernel, grid in plan.launches:
+        _launch(_kernels()[kernel], grid, args + plan.scalars, settings.num_warps)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How one shape is launched: (kernel index in _kernels(), grid) per launch, the integer and constexpr arguments
+    after the tensors and eps, and the shape of the slice statistics (None: one program per group)."""
+    launches: tuple
+    scalars: tuple
+    stats: tuple | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_shift: bool, silu: bool,
+          one_program: bool, settings: LaunchSettings, multiprocessors: int) -> _Plan:
+    cg = c // groups
+    # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1
+    s_c, s_p = (pixels, 1) if nchw else (1, c)
+    block_c = _next_power_of_2(cg)
+    block_p = max(1, settings.block // block_c)
+    if one_program:
+        split, per_slice = 1, pixels
+    else:  # enough programs to fill the GPU, no slice smaller than one block of pixels
+        want = -(-settings.programs_per_sm * multiprocessors // (n * groups))
+        split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
+        per_slice = -(-pixels // split)
+    scalars = (c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split, block_c, block_p, _next_power_of_2(split),
+               has_shift, silu)
+    if one_program:
+        return _Plan(((0, (n * groups, 1, 1)),), scalars, None)
+    grid = (n * groups, split, 1)
+    return _Plan(((1, grid), (2, grid)), scalars, (3, n * groups, split))  # stats: mean, M2, count
+
+
+def _launch(kernel, grid: tuple, args: tuple, num_warps: int) -> None:
+    """kernel[grid](*args), through the compiled kernel that Triton's first launch returned for arguments like these
+    where there is one (DIRECT): Triton's own launch binds and checks every argument anew to find it in its cache
+    (on an H200's host 29 us per launch against 15 us direct, benchmarks/gpu_group_norm.py --host-time: a
+    GroupNorm at batch 1 is bound by the host). Triton specialises a compiled kernel on each integer's value being
+    1 or a multiple of 16 (the plan's scalars, hence the shape, are in the key) and on each tensor's dtype and
+    16-byte alignment (checked per call); each device has its own."""
+    key = (kernel, grid, num_warps, args[0].device, args[7:],
+           *((t.dtype, t.data_ptr() % 16 == 0) for t in args[:6]))
+    runner = _RUNNERS.get(key) if DIRECT else None
+    if runner is not None:
+        runner(*args)
+        return
+    compiled = kernel[grid](*args, num_warps=num_warps)
+    if DIRECT:
+        try:  # (the interpreter returns no compiled kernel; Triton versions may differ here)
+            runner = compiled[grid]
+        except Exception:  # noqa: BLE001
+            return
+        if len(_RUNNERS) >= 4096:
+            _RUNNERS.clear()
+        _RUNNERS[key] = runner
+
+
+DIRECT = True
+_RUNNERS: dict = {}
 
 
 def _next_power_of_2(n: int) -> int:

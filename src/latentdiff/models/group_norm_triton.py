@@ -1,4 +1,6 @@
-"""The Triton kernels of group_norm.py (imported only on a CUDA device: importing Triton costs time)."""
+"""The Triton kernels of group_norm.py (imported only on a CUDA device: importing Triton costs time). The three take
+the same parameters, in the same order (each ignores those it does not need), so that group_norm.py launches them
+alike."""
 import triton
 import triton.language as tl
 
@@ -64,8 +66,9 @@ def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PE
 
 
 @triton.jit
-def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
-                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+                PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A whole group in one program (one launch for the norm): its statistics, then its output."""
     ng = tl.program_id(0)
     n, g = ng // GROUPS, ng % GROUPS
@@ -76,8 +79,9 @@ def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, 
 
 
 @triton.jit
-def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, PER_SLICE, SPLIT,
-                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
+def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                 HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A group split into SPLIT slices, one program each, first pass: each slice's mean, M2 and count."""
     ng, s = tl.program_id(0), tl.program_id(1)
     n, g = ng // GROUPS, ng % GROUPS
@@ -91,9 +95,9 @@ def stats_kernel(x_ptr, shift_ptr, stats_ptr, C, P, CG, GROUPS, s_n, s_c, s_p, P
 
 
 @triton.jit
-def apply_kernel(x_ptr, shift_ptr, stats_ptr, w_ptr, b_ptr, out_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
-                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                 SILU: tl.constexpr, BLOCK_S: tl.constexpr):
+def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                 HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """Second pass: combine the group's slice statistics (Chan et al.'s pairwise formula), normalise this slice."""
     ng, s = tl.program_id(0), tl.program_id(1)
     n, g = ng // GROUPS, ng % GROUPS
