@@ -15,13 +15,13 @@ compile time reported as the first call minus a timed one;
 `-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our
 U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain`
 runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
-(models/group_norm.py), `ours-fused` runs those kernels on every norm (not only where group_norm._kernels_pay
-chooses them), `-sync` makes the host wait for the GPU before each scheduler step (what ours did until
-2026-12-04: it read each timestep's value from the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both
-libraries have it); `ours-pipecompile` is pipe.compile(max_autotune=False)
-(frozen weights; its first call compiles); these are not in the default set. A variant that fails prints its
-error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's
-clocks have settled before any timing.
+(models/group_norm.py), `ours-jit` launches those kernels through Triton's own launch path (group_norm.DIRECT =
+False: per-call argument binding) rather than through their compiled forms, `-sync` makes the host wait for the GPU
+before each scheduler step (what ours did until 2026-12-04: it read each timestep's value from the GPU), `-qkv`
+calls the pipeline's fuse_qkv_projections() (both libraries have it); `ours-pipecompile` is
+pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in the default set. A
+variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds
+first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
@@ -50,7 +50,7 @@ import torch
 from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
-            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-fused",
+            "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
             "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
@@ -145,12 +145,12 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def variant_unet(pipe, variant: str):
     """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
     `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`) or with
-    them on every norm (`-fused`), with a sync before each scheduler step (`-sync`), with the self-attention
-    projections fused (`-qkv`); restored after."""
+    them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step (`-sync`), with the
+    self-attention projections fused (`-qkv`); restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])
-    eager_unet, kernels_pay = pipe.unet, group_norm._kernels_pay
+    eager_unet = pipe.unet
     try:
         if "cl" in options:
             eager_unet.to(memory_format=torch.channels_last)
@@ -162,8 +162,7 @@ def variant_unet(pipe, variant: str):
         if "pipecompile" in options:
             pipe.compile(max_autotune=False)
         group_norm.ENABLED = "plain" not in options
-        if "fused" in options:
-            group_norm._kernels_pay = lambda x, groups: True
+        group_norm.DIRECT = "jit" not in options
         if "qkv" in options:
             pipe.fuse_qkv_projections()
         if "sync" in options:
@@ -181,7 +180,7 @@ def variant_unet(pipe, variant: str):
             pipe.unfuse_qkv_projections()
         if "sync" in options:
             del pipe.scheduler.step
-        group_norm.ENABLED, group_norm._kernels_pay = True, kernels_pay
+        group_norm.ENABLED = group_norm.DIRECT = True
         if "pipecompile" in options:
             pipe.disable_compile()
         if "graph" in options:

@@ -6,15 +6,16 @@ the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 sampl
 
 Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
 block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
-bandwidth that is (one read of x, one write of the output) in GB/s, and which of the two `group_norm` picks
-(`_kernels_pay`). torch's GroupNorm on a channels_last input
-copies it to NCHW and back (cuDNN's convolutions want channels_last for fp16, so that is the layout a
-channels_last model hands it). CUDA events, median of --iters calls after warm-up; the host's time to launch the
-kernels counts where the GPU would wait for it (small shapes). --gpu-time times 10 calls captured in a CUDA graph
-instead: the kernels alone. --sweep then times the kernels under other launch settings (group_norm.LaunchSettings:
-elements per load, programs per multiprocessor, warps), GPU time, and prints the best per shape beside the
-defaults', for choosing the defaults. --host-time instead measures what each path costs the host per call (on a
-tiny input, where the GPU waits for the launches): the launch overhead that decides small batches (`_kernels_pay`).
+bandwidth that is (one read of x, one write of the output) in GB/s, and which form the kernels take (one program per
+group or slices: `_one_program`). torch's GroupNorm on a channels_last input copies it to NCHW and back (cuDNN's
+convolutions want channels_last for fp16, so that is the layout a channels_last model hands it). CUDA events, median
+of --iters calls after warm-up; the host's time to launch the kernels counts where the GPU would wait for it (small
+shapes). --gpu-time times 10 calls captured in a CUDA graph instead: the kernels alone. --sweep then times the
+kernels under other launch settings (group_norm.LaunchSettings: elements per load, programs per multiprocessor,
+warps), GPU time, and prints the best per shape beside the defaults', for choosing the defaults. --host-time instead
+measures what each path costs the host per call (on a tiny input, where the GPU waits for the launches), with the
+kernels launched through their compiled forms (group_norm._launch) and through Triton's own launch: the launch
+overhead that decides small batches.
 """
 from __future__ import annotations
 
@@ -99,29 +100,14 @@ def host_time(dtype: torch.dtype, calls: int = 500) -> None:
     shift = torch.randn(2, 320, device="cuda", dtype=dtype)
     one_program = gn._one_program
 
-    def kernels(single: bool):
+    def kernels(single: bool, direct: bool = True):
         def call():
-            gn._one_program = lambda x, groups: single
+            gn._one_program, gn.DIRECT = (lambda x, groups: single), direct
             try:
                 return gn._triton_group_norm(x, norm, True, shift)
             finally:
-                gn._one_program = one_program
+                gn._one_program, gn.DIRECT = one_program, True
         return call
-
-    def direct():
-        """The one-program kernel launched through the compiled kernel that Triton's first launch returns, i.e.
-        without its per-call argument binding and cache lookup: what a launch cache in group_norm.py would save."""
-        n, c, h, w = x.shape
-        cg = c // 32
-        block_c = gn._next_power_of_2(cg)
-        out = torch.empty_like(x)
-        args = (x, shift, norm.weight, norm.bias, out, norm.eps, c, h * w, cg, 32, x.stride(0), h * w, 1, block_c,
-                max(1, gn.SETTINGS.block // block_c), True, True)  # norm_kernel's parameters, in order
-        compiled = gn._kernels()[0][(n * 32,)](*args, num_warps=gn.SETTINGS.num_warps)
-        runner = compiled[(n * 32, 1, 1)]
-        runner(*args)
-        torch.testing.assert_close(out, gn._triton_group_norm(x, norm, True, shift), rtol=0, atol=1e-2)
-        return lambda: runner(*args)
 
     paths = {
         "torch: add, GroupNorm, SiLU (3 launches)": lambda: F.silu(norm(x + shift[:, :, None, None])),
@@ -129,17 +115,12 @@ def host_time(dtype: torch.dtype, calls: int = 500) -> None:
         "torch: GroupNorm (1)": lambda: norm(x),
         "ours, one program (1)": kernels(True),
         "ours, slices (2)": kernels(False),
+        "ours, one program, Triton's own launch (1)": kernels(True, direct=False),
+        "ours, slices, Triton's own launches (2)": kernels(False, direct=False),
         "group_norm() as the U-Net calls it": lambda: gn.group_norm(norm, x, silu=True, shift=shift),
     }
-    paths["ours, one program, compiled kernel called directly (1)"] = None
     rows = []
     for name, fn in paths.items():
-        if fn is None:
-            try:  # (Triton's compiled-kernel interface differs between its versions)
-                fn = direct()
-            except Exception as error:  # noqa: BLE001
-                print(f"  path {name}: not available with this Triton: {type(error).__name__}: {error}")
-                continue
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
@@ -203,7 +184,7 @@ def main() -> None:
                 row[f"fused {tag} us"] = f"{t_fused:.0f} ({gbytes / t_fused * 1e6:.0f} GB/s)"
                 row[f"{tag} speed-up"] = f"{t_plain / t_fused:.2f}x"
                 row[f"{tag} max|diff|"] = f"{err:.1e}"
-                row[f"{tag} picks"] = "fused" if gn._fused_applies(norm, xl, shift) else "torch"
+                row[f"{tag} form"] = "one program" if gn._one_program(xl, 32) else "slices"
             rows.append(row)
             print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print_table(rows, list(rows[0]))

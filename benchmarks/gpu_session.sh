@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Everything to run on a lent GPU machine, in one call of at most ~9.5 minutes (the step limits below add up to
-# 560 s; a session has 15 minutes of device time, the machine's start included):
-#   1. the GroupNorm paths' host time per call, the kernels against torch (kernels alone) and a sweep of their
-#      launch settings,
-#   2. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, with profiles at both,
-#   3. the compiled variants at batch 4,
+# Everything to run on a lent GPU machine, in one call of at most ~9 minutes (the step limits below add up to
+# 530 s; a session has 15 minutes of device time, the machine's start included):
+#   1. the GroupNorm paths' host time per call, and the kernels against torch (kernels alone) at the U-Net's
+#      shapes of batch 4 and batch 1 with guidance (8 and 2 samples) and the VAE decoder's,
+#   2. where the host's time goes per denoising step at batch 1 (gpu_host.py),
+#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, with profiles at both,
 #   4. the CUDA tests (tests/test_group_norm.py, tests/test_cuda_graphs.py).
-# Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each step has its own time limit, so one that
-# hangs costs the others nothing. EAGER / COMPILED override the variant lists of steps 2 and 3.
+# COMPILED=diffusers-compile,ours-compile adds the compiled variants at batch 4 (190 s more: over the budget with
+# the rest; run it in a call of its own). Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each
+# step has its own time limit, so one that hangs costs the others nothing. EAGER / HOST override the variant lists
+# of steps 3 and 2.
 # diffusers is not installed there; on this machine, once:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -26,15 +28,19 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/de
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
 cd benchmarks
-timeout 20 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
-timeout 60 python3 gpu_group_norm.py --gpu-time --sweep 2>&1 | tee "$OUT/group_norm.txt"
-timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-plain,ours-qkv,ours-cl,ours-cl-graph}" \
+timeout 25 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
+timeout 40 python3 gpu_group_norm.py --gpu-time 2>&1 | tee "$OUT/group_norm.txt"
+timeout 40 python3 gpu_group_norm.py --gpu-time --batch 2 2>&1 | tee "$OUT/group_norm_batch2.txt"
+timeout 130 python3 gpu_host.py --variants "${HOST:-diffusers,ours,ours-jit,ours-plain,ours-cl,ours-qkv}" \
+    --rounds 4 --profile ours --top 30 2>&1 | grep -v USDT | tee "$OUT/host.txt"
+timeout 200 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-plain,ours-cl,ours-cl-graph}" \
     --batches 4,1 --repeats 3 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
     --interleave 2>&1 \
     | tee "$OUT/eager.txt"
-COMPILED="${COMPILED:-diffusers-compile,ours-compile}"  # (+ours-pipecompile: ~60 s more)
-timeout 190 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
-    --time-limit 150 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"
+if [ -n "${COMPILED:-}" ]; then
+    timeout 190 python3 gpu.py --variants "$COMPILED" --batches 4 --repeats 2 --warmup 3 --no-vae-upcast \
+        --time-limit 150 --profile 3 --profile-compiled 2>&1 | tee "$OUT/compiled.txt"
+fi
 cd ..  # last: the CUDA tests (the timings above matter more when the call runs short)
 timeout 90 python3 -m pytest -q tests/test_group_norm.py tests/test_cuda_graphs.py 2>&1 | tail -30 \
     | tee "$OUT/tests.txt"
