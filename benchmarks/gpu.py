@@ -26,10 +26,11 @@ Per batch and variant: seconds per image (a call's time / batch; median over --r
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
 them, speed relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of
-the warm-up call's images from diffusers eager's (same latents). Rows are printed as they are measured;
---time-limit stops starting new ones (with --interleave: new batches) once that many seconds have passed.
---profile STEPS then profiles one call of STEPS steps per variant at the largest batch (or at --profile-batches;
-torch.profiler): wall and GPU-busy time, kernel launches, and the operators that took the most GPU time.
+the warm-up call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit
+stops starting new ones (with --interleave: new batches) once that many seconds have passed. --memory-phases then
+splits each library's peak GPU memory into denoising and decoding. --profile STEPS then profiles one call of STEPS
+steps per variant at the largest batch (or at --profile-batches; torch.profiler): wall and GPU-busy time, kernel
+launches, and the operators that took the most GPU time.
 
 As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
 fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
@@ -113,12 +114,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(pipe, lib: str, prompt: str, latents: torch.Tensor, args) -> torch.Tensor:
-    """One full pipeline call for len(latents) images; images [B, 3, H, W] in [0, 1] on the device."""
+def generate(pipe, lib: str, prompt: str, latents: torch.Tensor, args, output_type: str = "pt") -> torch.Tensor:
+    """One full pipeline call for len(latents) images; images [B, 3, H, W] in [0, 1] on the device (or the final
+    latents, output_type "latent")."""
     extra = {"progress": False} if lib == "ours" else {}
     out = pipe([prompt] * latents.shape[0], height=args.size, width=args.size, num_inference_steps=args.steps,
-               guidance_scale=GUIDANCE, latents=latents, output_type="pt", **extra)
+               guidance_scale=GUIDANCE, latents=latents, output_type=output_type, **extra)
     return out.images
+
+
+@torch.no_grad()
+def memory_phases(pipes, batches: list[int], args, device, dtype) -> None:
+    """--memory-phases: each library's peak GPU memory during a 2-step call that stops at the latents and during
+    one that decodes them too (eager, NCHW), and how far each rose above the memory in use before: which phase
+    sets the peak."""
+    two = argparse.Namespace(**{**vars(args), "steps": 2})
+    rows = []
+    for batch in batches:
+        latents = make_latents(pipes, batch, args, device, dtype)
+        for lib in ("diffusers", "ours"):
+            row = {"batch": batch, "library": lib}
+            for phase, output_type in (("denoising", "latent"), ("with decode", "pt")):
+                run = lambda: generate(pipes[lib], lib, args.prompt, latents, two, output_type)  # noqa: E731, B023
+                run()  # (warm: cuDNN's workspaces, our caches)
+                _, peak, rise = timed_calls(run, device, 1)
+                row[f"{phase}: peak"], row[f"{phase}: rise"] = gib(peak), gib(rise)
+            rows.append(row)
+            print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    print_table(rows, list(rows[0]))
 
 
 def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -321,6 +344,8 @@ def main() -> None:
     parser.add_argument("--profile-compiled", action="store_true", help="--profile the -compile variants too")
     parser.add_argument("--interleave", action="store_true",
                         help="time the variants in rounds, one call each per round (fairer on a noisy host)")
+    parser.add_argument("--memory-phases", action="store_true",
+                        help="then each library's peak GPU memory with and without the VAE decode, per batch")
     parser.add_argument("--profile-batches", default=None,
                         help="comma-separated batch sizes to profile at (default: the largest of --batches)")
     args = parser.parse_args()
@@ -406,6 +431,8 @@ def main() -> None:
               "diffusers eager's, same latents")
         table = [format_row(m, rows, device) for m in rows]
         print_table(table, list(table[0]))
+    if args.memory_phases and not stopped:
+        memory_phases(pipes, batches, args, device, dtype)
     if args.profile and not stopped:
         for batch in [int(b) for b in args.profile_batches.split(",")] if args.profile_batches else [max(batches)]:
             latents = make_latents(pipes, batch, args, device, dtype)
