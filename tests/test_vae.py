@@ -2,11 +2,13 @@
 memory options (slicing, exact tiling) against the plain pass."""
 import dataclasses
 import inspect
+import weakref
 
 import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import latentdiff.models.vae as vae_module
 from latentdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -238,3 +240,49 @@ def test_tiling_with_one_tile_is_the_plain_pass():
     latents = torch.randn(1, 4, 6, 10)
     with torch.no_grad():
         assert torch.equal(ours.decode(latents, tiled=True), ours.decode(latents))
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that operators returned inside the block (storages counted once, freed
+    when their last such tensor dies): what a model keeps alive, apart from kernels' own scratch memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.sizes, self.now, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.now -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key not in self.refs:
+                    self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
+                    self.now += self.sizes[key]
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+@torch.no_grad()
+def test_plain_passes_keep_no_more_alive_than_diffusers():
+    """Encode and decode hold no tensor longer than diffusers' do (the untiled decode once kept each upsampler's
+    input alive through the ResNet after it: 128 MiB more at the peak for the SD VAE at batch 4, 512 px, fp16)."""
+    ref, ours = pair(config((32, 64), 2))
+    images, latents = torch.randn(2, 3, 64, 64), smooth_latents(2, 32, 32)
+    for name, theirs, mine in (("encode", lambda: ref.encode(images).latent_dist.mean,
+                                lambda: ours.encode(images).mean),
+                               ("decode", lambda: ref.decode(latents).sample, lambda: ours.decode(latents))):
+        peaks = []
+        for run in (theirs, mine):
+            mode = LiveBytes()
+            with mode:
+                run()
+            peaks.append(mode.peak)
+        assert peaks[1] <= peaks[0], (name, peaks)
