@@ -8,9 +8,9 @@ group computes its mean, then the squared deviations from it, then writes the ou
 group is split into slices over two launches: one computes each slice's statistics, the other combines them (Chan
 et al. 1979's pairwise update, so no E[x^2] - E[x]^2 cancellation) and writes the normalised, affine, activated
 output. The kernels beat torch's on the GPU at every shape measured (H200, fp16, benchmarks/gpu_group_norm.py
---gpu-time: 2.2-3.9x at SD 1.5's U-Net shapes at batch 8, 4-14x at the VAE decoder's) and on the host, where a
-small batch is bound by launches: 15 us per call (one program, `_launch`) against 31-67 us for torch's GroupNorm
-with its SiLU and bias add (--host-time).
+--gpu-time: 1.9-5x at SD 1.5's U-Net shapes at batches 2 and 8, 2.2-14x at the VAE decoder's) and on the host,
+where a small batch is bound by launches (--host-time: `group_norm()` 23.5 us per call against 40.9 us for torch's
+GroupNorm and SiLU, 56.3 us with the bias add).
 Elsewhere (the CPU, training, torch.compile, which fuses these itself) the plain modules run. `ENABLED = False`
 turns the kernels off.
 """
@@ -30,6 +30,9 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
                shift: torch.Tensor | None = None) -> torch.Tensor:
     """`norm(x + shift[:, :, None, None])`, then SiLU if `silu`; shift is [N, C] (or None)."""
     if _fused_applies(norm, x, shift):
+        if x.device.index != torch.cuda.current_device():  # Triton launches on the current device
+            with torch.cuda.device(x.device):
+                return _triton_group_norm(x, norm, silu, shift)
         return _triton_group_norm(x, norm, silu, shift)
     if shift is not None:
         x = x + shift[:, :, None, None]
@@ -129,11 +132,11 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_sh
 
 def _launch(kernel, grid: tuple, args: tuple, num_warps: int) -> None:
     """kernel[grid](*args), through the compiled kernel that Triton's first launch returned for arguments like these
-    where there is one (DIRECT): Triton's own launch binds and checks every argument anew to find it in its cache
-    (on an H200's host 29 us per launch against 15 us direct, benchmarks/gpu_group_norm.py --host-time: a
-    GroupNorm at batch 1 is bound by the host). Triton specialises a compiled kernel on each integer's value being
-    1 or a multiple of 16 (the plan's scalars, hence the shape, are in the key) and on each tensor's dtype and
-    16-byte alignment (checked per call); each device has its own."""
+    where there is one (DIRECT): Triton's own launch binds and checks every argument anew to find it in its cache (on
+    an H200's host, benchmarks/gpu_group_norm.py --host-time: 28.5 against 35.2 us per one-program norm, 46.2 against
+    74.3 us per norm in slices; a GroupNorm at batch 1 is bound by the host). Triton specialises a compiled kernel on
+    each integer's value being 1 or a multiple of 16 (the plan's scalars, hence the shape, are in the key) and on
+    each tensor's dtype and 16-byte alignment (checked per call); each device has its own."""
     key = (kernel, grid, num_warps, args[0].device, args[7:],
            *((t.dtype, t.data_ptr() % 16 == 0) for t in args[:6]))
     runner = _RUNNERS.get(key) if DIRECT else None
