@@ -12,16 +12,17 @@ read from the same folder and DPM-Solver++ schedulers built from one explicit co
 ours (eager, SDPA attention), and the same with the U-Net alone wrapped in torch.compile (default mode,
 fullgraph=False, dynamic=False so that each batch size gets its own static graph rather than a dynamic one),
 compile time reported as the first call minus a timed one;
-`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our
-U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain`
-runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
+`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our U-Net
+from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain` runs ours
+with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
 (models/group_norm.py), `ours-jit` launches those kernels through Triton's own launch path (group_norm.DIRECT =
 False: per-call argument binding) rather than through their compiled forms, `-sync` makes the host wait for the GPU
 before each scheduler step (what ours did until 2026-12-04: it read each timestep's value from the GPU), `-qkv`
-calls the pipeline's fuse_qkv_projections() (both libraries have it); `ours-pipecompile` is
-pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in the default set. A
-variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds
-first, so that the GPU's clocks have settled before any timing.
+calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off its cuDNN backend
+(flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time each in a profile
+of 2026-12-04); `ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first call compiles);
+these are not in the default set. A variant that fails prints its error and the run goes on. --warmup runs
+diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
@@ -52,7 +53,7 @@ from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
-            "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv")
+            "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -169,7 +170,8 @@ def variant_unet(pipe, variant: str):
     """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
     `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`) or with
     them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step (`-sync`), with the
-    self-attention projections fused (`-qkv`); restored after."""
+    self-attention projections fused (`-qkv`), with SDPA kept off its cuDNN backend (`-flash`: flash attention,
+    else memory-efficient, else math); restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])
@@ -197,7 +199,13 @@ def variant_unet(pipe, variant: str):
                 return step(*args, **kwargs)
 
             pipe.scheduler.step = synced_step
-        yield
+        with contextlib.ExitStack() as stack:
+            if "flash" in options:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                 SDPBackend.MATH]))
+            yield
     finally:
         if "qkv" in options:
             pipe.unfuse_qkv_projections()
