@@ -12,9 +12,8 @@ from .config import DPMSolverConfig
 from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
-def _log_snr(sigma: torch.Tensor) -> torch.Tensor:
-    """lambda = log(alpha_t / sigma_t) of VE noise level sigma (+inf at sigma = 0)."""
-    alpha, sigma_vp = vp_coefficients(sigma)
+def _log_snr(alpha: torch.Tensor, sigma_vp: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha_t / sigma_t) (+inf at sigma = 0), from vp_coefficients(sigma)."""
     return torch.log(alpha) - torch.log(sigma_vp)
 
 
@@ -25,11 +24,12 @@ def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | Non
     data prediction, DPM-Solver++ sec. 4) or, given the previous estimate x0_prev at `sigma_prev`, D = x0 + (x0 - x0_prev) / (2 r) with
     r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0."""
     alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
-    _, sigma_vp = vp_coefficients(sigma)
-    h = _log_snr(sigma_next) - _log_snr(sigma)
+    alpha, sigma_vp = vp_coefficients(sigma)
+    log_snr = _log_snr(alpha, sigma_vp)  # (each noise level's coefficients computed once: scalar ops are host time)
+    h = _log_snr(alpha_next, sigma_vp_next) - log_snr
     d = x0
     if x0_prev is not None:
-        r = (_log_snr(sigma) - _log_snr(sigma_prev)) / h
+        r = (log_snr - _log_snr(*vp_coefficients(sigma_prev))) / h
         d = x0 + (0.5 / r) * (x0 - x0_prev)
     return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
 
