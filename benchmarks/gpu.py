@@ -12,17 +12,18 @@ read from the same folder and DPM-Solver++ schedulers built from one explicit co
 ours (eager, SDPA attention), and the same with the U-Net alone wrapped in torch.compile (default mode,
 fullgraph=False, dynamic=False so that each batch size gets its own static graph rather than a dynamic one),
 compile time reported as the first call minus a timed one;
-`-cl` variants run the U-Net and the VAE with channels_last weights and activations, `-graph` ones replay our U-Net
-from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless `-cl`), and `ours-plain` runs ours
-with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused Triton kernels
-(models/group_norm.py), `ours-jit` launches those kernels through Triton's own launch path (group_norm.DIRECT =
-False: per-call argument binding) rather than through their compiled forms, `-sync` makes the host wait for the GPU
-before each scheduler step (what ours did until 2026-12-04: it read each timestep's value from the GPU), `-qkv`
-calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off its cuDNN backend
-(flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time each in a profile
-of 2026-12-04); `ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first call compiles);
-these are not in the default set. A variant that fails prints its error and the run goes on. --warmup runs
-diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any timing.
+`-cl` variants run the U-Net and the VAE with channels_last weights and activations (`ours-clvae` the VAE alone),
+`-graph` ones replay our U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless
+`-cl`), and `ours-plain` runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused
+Triton kernels (models/group_norm.py), `ours-jit` launches those kernels through Triton's own launch path
+(group_norm.DIRECT = False: per-call argument binding) rather than through their compiled forms, `-sync` makes the
+host wait for the GPU before each scheduler step (what ours did until 2026-12-04: it read each timestep's value from
+the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off its
+cuDNN backend (flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time
+each in a profile of 2026-12-04); `ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first
+call compiles); these are not in the default set. A variant that fails prints its error and the run goes on.
+--warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any
+timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
@@ -53,7 +54,8 @@ from common import gib, machine, print_table, setup
 
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
-            "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash")
+            "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash",
+            "ours-clvae")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -125,21 +127,23 @@ def generate(pipe, lib: str, prompt: str, latents: torch.Tensor, args, output_ty
 
 
 @torch.no_grad()
-def memory_phases(pipes, batches: list[int], args, device, dtype) -> None:
-    """--memory-phases: each library's peak GPU memory during a 2-step call that stops at the latents and during
-    one that decodes them too (eager, NCHW), and how far each rose above the memory in use before: which phase
-    sets the peak."""
+def memory_phases(pipes, variants: list[str], batches: list[int], args, device, dtype) -> None:
+    """--memory-phases: the peak GPU memory of each eager variant (not compiled, not from CUDA graphs) during a 2-step
+    call that stops at the latents and during one that decodes them too, and how far each rose above the memory in
+    use before: which phase sets the peak."""
     two = argparse.Namespace(**{**vars(args), "steps": 2})
     rows = []
     for batch in batches:
         latents = make_latents(pipes, batch, args, device, dtype)
-        for lib in ("diffusers", "ours"):
-            row = {"batch": batch, "library": lib}
-            for phase, output_type in (("denoising", "latent"), ("with decode", "pt")):
-                run = lambda: generate(pipes[lib], lib, args.prompt, latents, two, output_type)  # noqa: E731, B023
-                run()  # (warm: cuDNN's workspaces, our caches)
-                _, peak, rise = timed_calls(run, device, 1)
-                row[f"{phase}: peak"], row[f"{phase}: rise"] = gib(peak), gib(rise)
+        for variant in [v for v in variants if "compile" not in v and "graph" not in v]:
+            lib = variant.split("-")[0]
+            row = {"batch": batch, "variant": variant}
+            with variant_unet(pipes[lib], variant):
+                for phase, output_type in (("denoising", "latent"), ("with decode", "pt")):
+                    run = lambda: generate(pipes[lib], lib, args.prompt, latents, two, output_type)  # noqa: E731, B023
+                    run()  # (warm: cuDNN's workspaces, our caches)
+                    _, peak, rise = timed_calls(run, device, 1)
+                    row[f"{phase}: peak"], row[f"{phase}: rise"] = gib(peak), gib(rise)
             rows.append(row)
             print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print_table(rows, list(rows[0]))
@@ -167,11 +171,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def variant_unet(pipe, variant: str):
-    """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too), compiled (`-compile`,
-    `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels (`-plain`) or with
-    them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step (`-sync`), with the
-    self-attention projections fused (`-qkv`), with SDPA kept off its cuDNN backend (`-flash`: flash attention,
-    else memory-efficient, else math); restored after."""
+    """The pipeline's U-Net as `variant` runs it: in channels_last (`-cl`, the VAE too; `-clvae`: the VAE alone),
+    compiled (`-compile`, `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels
+    (`-plain`) or with them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step
+    (`-sync`), with the self-attention projections fused (`-qkv`), with SDPA kept off its cuDNN backend (`-flash`:
+    flash attention, else memory-efficient, else math); restored after."""
     from latentdiff.models import group_norm
 
     options = set(variant.split("-")[1:])
@@ -179,6 +183,7 @@ def variant_unet(pipe, variant: str):
     try:
         if "cl" in options:
             eager_unet.to(memory_format=torch.channels_last)
+        if "cl" in options or "clvae" in options:
             pipe.vae.to(memory_format=torch.channels_last)
         if "compile" in options:
             pipe.unet = torch.compile(eager_unet, fullgraph=False, dynamic=False)
@@ -219,6 +224,7 @@ def variant_unet(pipe, variant: str):
         pipe.unet = eager_unet
         if "cl" in options:
             eager_unet.to(memory_format=torch.contiguous_format)
+        if "cl" in options or "clvae" in options:
             pipe.vae.to(memory_format=torch.contiguous_format)
 
 
@@ -353,7 +359,7 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="time the variants in rounds, one call each per round (fairer on a noisy host)")
     parser.add_argument("--memory-phases", action="store_true",
-                        help="then each library's peak GPU memory with and without the VAE decode, per batch")
+                        help="then each eager variant's peak GPU memory with and without the VAE decode")
     parser.add_argument("--profile-batches", default=None,
                         help="comma-separated batch sizes to profile at (default: the largest of --batches)")
     args = parser.parse_args()
@@ -440,7 +446,7 @@ def main() -> None:
         table = [format_row(m, rows, device) for m in rows]
         print_table(table, list(table[0]))
     if args.memory_phases and not stopped:
-        memory_phases(pipes, batches, args, device, dtype)
+        memory_phases(pipes, variants, batches, args, device, dtype)
     if args.profile and not stopped:
         for batch in [int(b) for b in args.profile_batches.split(",")] if args.profile_batches else [max(batches)]:
             latents = make_latents(pipes, batch, args, device, dtype)

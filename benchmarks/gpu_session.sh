@@ -4,8 +4,8 @@
 #   1. the GroupNorm paths' host time per call, and the kernels against torch (kernels alone) at the U-Net's
 #      shapes of batch 4 and batch 1 with guidance (8 and 2 samples) and the VAE decoder's,
 #   2. where the host's time goes per denoising step at batch 1 (gpu_host.py),
-#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1, where each one's peak GPU
-#      memory is set (denoising or decoding), profiles at both batches,
+#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1 (NCHW, the VAE or both models in
+#      channels-last), where each one's peak GPU memory is set (denoising or decoding), profiles at both batches,
 #   4. the CUDA tests (tests/test_group_norm.py, tests/test_cuda_graphs.py).
 # COMPILED=diffusers-compile,ours-compile adds the compiled variants at batch 4 (190 s more: over the budget with
 # the rest; run it in a call of its own). Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each
@@ -30,11 +30,11 @@ python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, '
 'diffusers', diffusers.__version__)" | tee -a "$OUT/device.txt"
 cd benchmarks
 timeout 25 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
-timeout 40 python3 gpu_group_norm.py --gpu-time 2>&1 | tee "$OUT/group_norm.txt"
-timeout 40 python3 gpu_group_norm.py --gpu-time --batch 2 2>&1 | tee "$OUT/group_norm_batch2.txt"
+timeout 30 python3 gpu_group_norm.py --gpu-time 2>&1 | tee "$OUT/group_norm.txt"
+timeout 30 python3 gpu_group_norm.py --gpu-time --batch 2 2>&1 | tee "$OUT/group_norm_batch2.txt"
 timeout 120 python3 gpu_host.py --variants "${HOST:-diffusers,ours,ours-flash,diffusers-flash,ours-cl,ours-plain}" \
     --rounds 4 --profile ours --top 30 2>&1 | grep -v USDT | tee "$OUT/host.txt"
-timeout 220 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-cl,ours-cl-graph}" \
+timeout 240 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-clvae,ours-cl,ours-cl-graph}" \
     --batches 4,1 --repeats 5 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
     --interleave --memory-phases 2>&1 \
     | tee "$OUT/eager.txt"
