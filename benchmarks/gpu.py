@@ -26,13 +26,14 @@ call compiles); these are not in the default set. A variant that fails prints it
 timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
-memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before
-them, speed relative to diffusers eager and to diffusers compiled of the same batch, and the max |difference| of
-the warm-up call's images from diffusers eager's (same latents). Rows are printed as they are measured; --time-limit
-stops starting new ones (with --interleave: new batches) once that many seconds have passed. --memory-phases then
-splits each library's peak GPU memory into denoising and decoding. --profile STEPS then profiles one call of STEPS
-steps per variant at the largest batch (or at --profile-batches; torch.profiler): wall and GPU-busy time, kernel
-launches, and the operators that took the most GPU time.
+memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them,
+speed relative to diffusers eager (also best call against best call: a noisy host only ever adds time) and to
+diffusers compiled of the same batch, and the max |difference| of the warm-up call's images from diffusers eager's
+(same latents). Rows are printed as they are measured; --time-limit stops starting new ones (with --interleave: new
+batches) once that many seconds have passed. --memory-phases then splits each eager variant's peak GPU memory
+into denoising and decoding. --profile STEPS then profiles one call of STEPS steps per variant at the largest batch (or
+at --profile-batches; torch.profiler): wall and GPU-busy time, kernel launches, and the operators that took the most
+GPU time.
 
 As shipped, ours decodes fp16 latents with the VAE in fp32 (the VAE config's force_upcast: the SD VAE overflows in
 fp16), while diffusers' StableDiffusionPipeline decodes in fp16; --no-vae-upcast makes ours decode in fp16 too.
@@ -312,15 +313,16 @@ def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.T
 
 
 def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
-    def ratio(name: str) -> str:
+    def ratio(name: str, of=lambda r: r["s/image"]) -> str:
         ref = next((r for r in rows if r["batch"] == m["batch"] and r["variant"] == name), None)
-        return f"{ref['s/image'] / m['s/image']:.2f}x" if ref else "-"
+        return f"{of(ref) / of(m):.2f}x" if ref else "-"
 
     cuda = device.type == "cuda"
     return {
         "batch": m["batch"], "variant": m["variant"], "s/image": f"{m['s/image']:.3f}",
         "calls s": " ".join(f"{c:.2f}" for c in m["calls"]),
         "vs diffusers": ratio("diffusers"),
+        "best vs best": ratio("diffusers", lambda r: min(r["calls"])),  # (a noisy host only ever adds time)
         "vs diffusers-compile": ratio("diffusers-compile") if "compile" in m["variant"] else "-",
         "peak GPU mem": gib(m["peak"]) if cuda else "-", "+ during call": gib(m["rise"]) if cuda else "-",
         "compile s": f"{m['compile']:.1f}" if m["compile"] is not None else "-",
