@@ -14,7 +14,7 @@ shapes). --gpu-time times 10 calls captured in a CUDA graph instead: the kernels
 kernels under other launch settings (group_norm.LaunchSettings: elements per load, programs per multiprocessor,
 warps), GPU time, and prints the best per shape beside the defaults', for choosing the defaults. --host-time instead
 measures what each path costs the host per call (on a tiny input, where the GPU waits for the launches), with the
-kernels launched through their compiled forms (group_norm._launch) and through Triton's own launch: the launch
+kernels launched through their compiled forms (models/triton_launch.py) and through Triton's own launch: the launch
 overhead that decides small batches.
 """
 from __future__ import annotations
@@ -94,6 +94,7 @@ def host_time(dtype: torch.dtype, calls: int = 500) -> None:
     and batch 1 with guidance has 2 samples; 8x8 keeps the GPU's part to a few microseconds): the time to issue
     `calls` calls back to back, the GPU running behind."""
     from latentdiff.models import group_norm as gn
+    from latentdiff.models import triton_launch
 
     norm = torch.nn.GroupNorm(32, 320, eps=1e-5).cuda().to(dtype)
     x = torch.randn(2, 320, 8, 8, device="cuda", dtype=dtype)
@@ -102,11 +103,11 @@ def host_time(dtype: torch.dtype, calls: int = 500) -> None:
 
     def kernels(single: bool, direct: bool = True):
         def call():
-            gn._one_program, gn.DIRECT = (lambda x, groups: single), direct
+            gn._one_program, triton_launch.DIRECT = (lambda x, groups: single), direct
             try:
                 return gn._triton_group_norm(x, norm, True, shift)
             finally:
-                gn._one_program, gn.DIRECT = one_program, True
+                gn._one_program, triton_launch.DIRECT = one_program, True
         return call
 
     paths = {

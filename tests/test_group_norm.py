@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.models import group_norm as gn
+from latentdiff.models import triton_launch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -130,7 +131,7 @@ def test_launch_plans_split_groups_to_fill_the_gpu():
 
 
 def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monkeypatch):
-    """group_norm._launch with a stand-in for a Triton kernel: the first launch of a key goes through the kernel
+    """triton_launch.launch with a stand-in for a Triton kernel: the first launch of a key goes through the kernel
     (Triton's own launch), later ones through the compiled kernel it returned; another grid, another argument
     value, dtype or 16-byte alignment is another key; DIRECT = False always takes Triton's launch."""
     log = []
@@ -146,14 +147,14 @@ def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monke
                 return Compiled()
             return launch
 
-    monkeypatch.setattr(gn, "_RUNNERS", {})
+    monkeypatch.setattr(triton_launch, "_RUNNERS", {})
     kernel, grid = Kernel(), (4, 1, 1)
     base = torch.zeros(64)
     aligned, shifted = base[:8], base[1:9]  # 4 bytes past the aligned address
 
     def launch(x, grid=grid, scalars=(7, 16), dtype=None):
         x = x if dtype is None else x.to(dtype)
-        gn._launch(kernel, grid, (x,) * 6 + (1e-6,) + scalars, num_warps=8)
+        triton_launch.launch(kernel, grid, (x,) * 6, (1e-6,) + scalars, num_warps=8)
         return log[-1][0]
 
     assert [launch(aligned), launch(aligned), launch(aligned)] == ["jit", "compiled", "compiled"]
@@ -161,7 +162,7 @@ def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monke
     assert [launch(shifted), launch(shifted)] == ["jit", "compiled"]
     assert [launch(aligned, grid=(8, 1, 1)), launch(aligned, scalars=(7, 32)), launch(aligned, dtype=torch.half)] \
         == ["jit"] * 3
-    monkeypatch.setattr(gn, "DIRECT", False)
+    monkeypatch.setattr(triton_launch, "DIRECT", False)
     assert [launch(aligned), launch(aligned)] == ["jit", "jit"]
 
 
@@ -237,10 +238,10 @@ def test_unet_and_vae_on_the_gpu_with_fused_norms_match_diffusers(channels_last)
 @torch.no_grad()
 def test_launches_through_the_compiled_kernels_match_torch(one_program, monkeypatch):
     """The second call of a shape launches the compiled kernels that the first one's launch returned
-    (group_norm._launch): new data, and tensors whose 16-byte alignment differs from the first call's (Triton
+    (triton_launch.launch): new data, and tensors whose 16-byte alignment differs from the first call's (Triton
     compiles a kernel per alignment), must give torch's results too."""
     monkeypatch.setattr(gn, "_one_program", lambda x, groups: one_program)
-    monkeypatch.setattr(gn, "_RUNNERS", {})
+    monkeypatch.setattr(triton_launch, "_RUNNERS", {})
     shape = (2, 320, 16, 16, 32)
     for seed in range(3):
         norm, x, shift = random_case(shape, torch.float16, "cuda", channels_last=False, seed=seed)
@@ -251,4 +252,5 @@ def test_launches_through_the_compiled_kernels_match_torch(one_program, monkeypa
         out = gn._triton_group_norm(x, norm, True, shift)
         err = (out.float() - reference(x, norm, True, shift)).abs().max().item()
         assert err < 1e-2, (seed, err)
-    assert len(gn._RUNNERS) == (2 if one_program else 4), "the compiled kernels were not kept: Triton's API differs?"
+    kept = len(triton_launch._RUNNERS)
+    assert kept == (2 if one_program else 4), f"{kept} compiled kernels kept: Triton's API differs?"

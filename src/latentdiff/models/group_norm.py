@@ -10,7 +10,7 @@ et al. 1979's pairwise update, so no E[x^2] - E[x]^2 cancellation) and writes th
 output. The kernels beat torch's on the GPU at every shape measured (H200, fp16, benchmarks/gpu_group_norm.py
 --gpu-time: 1.9-5x at SD 1.5's U-Net shapes at batches 2 and 8, 2.2-14x at the VAE decoder's) and on the host,
 where a small batch is bound by launches (--host-time: `group_norm()` 23.5 us per call against 40.9 us for torch's
-GroupNorm and SiLU, 56.3 us with the bias add).
+GroupNorm and SiLU, 56.3 us with the bias add; the kernels launch through models/triton_launch.py).
 Elsewhere (the CPU, training, torch.compile, which fuses these itself) the plain modules run. `ENABLED = False`
 turns the kernels off.
 """
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .triton_launch import launch, on_device, without_autograd
+
 ENABLED = True
 
 
@@ -30,10 +32,7 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
                shift: torch.Tensor | None = None) -> torch.Tensor:
     """`norm(x + shift[:, :, None, None])`, then SiLU if `silu`; shift is [N, C] (or None)."""
     if _fused_applies(norm, x, shift):
-        if x.device.index != torch.cuda.current_device():  # Triton launches on the current device
-            with torch.cuda.device(x.device):
-                return _triton_group_norm(x, norm, silu, shift)
-        return _triton_group_norm(x, norm, silu, shift)
+        return on_device(_triton_group_norm, x, norm, silu, shift)
     if shift is not None:
         x = x + shift[:, :, None, None]
     x = norm(x)
@@ -44,8 +43,7 @@ def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | No
     return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
             and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in _DTYPES
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
-            and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
-                                                   or (shift is not None and shift.requires_grad)))
+            and without_autograd(x, norm.weight, shift)
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and _kernels() is not None)
 
@@ -93,16 +91,17 @@ def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: t
     out = torch.empty_like(x)  # same layout as x
     stats = x if plan.stats is None else torch.empty(plan.stats, device=x.device, dtype=torch.float32)
     # (x stands in for the pointers that a kernel ignores: the shift where there is none, the one program's stats)
-    args = (x, x if shift is None else shift.contiguous(), norm.weight, norm.bias, out, stats, norm.eps)
+    tensors = (x, x if shift is None else shift.contiguous(), norm.weight, norm.bias, out, stats)
     for kernel, grid in plan.launches:
-        _launch(_kernels()[kernel], grid, args + plan.scalars, settings.num_warps)
+        launch(_kernels()[kernel], grid, tensors, (norm.eps, *plan.scalars), settings.num_warps)
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """How one shape is launched: (kernel index in _kernels(), grid) per launch, the integer and constexpr arguments
-    after the tensors and eps, and the shape of the slice statistics (None: one program per group)."""
+    after the tensors and eps (group_norm_triton.py's common parameter list), and the shape of the slice statistics
+    (None: one program per group)."""
     launches: tuple
     scalars: tuple
     stats: tuple | None
@@ -128,34 +127,6 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_sh
         return _Plan(((0, (n * groups, 1, 1)),), scalars, None)
     grid = (n * groups, split, 1)
     return _Plan(((1, grid), (2, grid)), scalars, (3, n * groups, split))  # stats: mean, M2, count
-
-
-def _launch(kernel, grid: tuple, args: tuple, num_warps: int) -> None:
-    """kernel[grid](*args), through the compiled kernel that Triton's first launch returned for arguments like these
-    where there is one (DIRECT): Triton's own launch binds and checks every argument anew to find it in its cache (on
-    an H200's host, benchmarks/gpu_group_norm.py --host-time: 28.5 against 35.2 us per one-program norm, 46.2 against
-    74.3 us per norm in slices; a GroupNorm at batch 1 is bound by the host). Triton specialises a compiled kernel on
-    each integer's value being 1 or a multiple of 16 (the plan's scalars, hence the shape, are in the key) and on
-    each tensor's dtype and 16-byte alignment (checked per call); each device has its own."""
-    key = (kernel, grid, num_warps, args[0].device, args[7:],
-           *((t.dtype, t.data_ptr() % 16 == 0) for t in args[:6]))
-    runner = _RUNNERS.get(key) if DIRECT else None
-    if runner is not None:
-        runner(*args)
-        return
-    compiled = kernel[grid](*args, num_warps=num_warps)
-    if DIRECT:
-        try:  # (the interpreter returns no compiled kernel; Triton versions may differ here)
-            runner = compiled[grid]
-        except Exception:  # noqa: BLE001
-            return
-        if len(_RUNNERS) >= 4096:
-            _RUNNERS.clear()
-        _RUNNERS[key] = runner
-
-
-DIRECT = True
-_RUNNERS: dict = {}
 
 
 def _next_power_of_2(n: int) -> int:
