@@ -16,14 +16,14 @@ compile time reported as the first call minus a timed one;
 `-graph` ones replay our U-Net from CUDA graphs (pipe.enable_cuda_graphs(); its first call captures; NCHW unless
 `-cl`), and `ours-plain` runs ours with torch's GroupNorm and separate SiLU / bias-add passes instead of the fused
 Triton kernels (models/group_norm.py), `ours-jit` launches those kernels through Triton's own launch path
-(group_norm.DIRECT = False: per-call argument binding) rather than through their compiled forms, `-sync` makes the
-host wait for the GPU before each scheduler step (what ours did until 2026-12-04: it read each timestep's value from
-the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off its
-cuDNN backend (flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time
-each in a profile of 2026-12-04); `ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first
-call compiles); these are not in the default set. A variant that fails prints its error and the run goes on.
---warmup runs diffusers' batch-1 call for that many seconds first, so that the GPU's clocks have settled before any
-timing.
+(triton_launch.DIRECT = False: per-call argument binding) rather than through their compiled forms, `-sync` makes
+the host wait for the GPU before each scheduler step (what ours did until 2026-12-04: it read each timestep's value
+from the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off
+its cuDNN backend (flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time
+each in a profile of 2026-12-04), `-fused` turns on models/fused.py's kernels (residual add + LayerNorm, GEGLU);
+`ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in
+the default set. A variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call
+for that many seconds first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them,
@@ -56,7 +56,7 @@ from common import gib, machine, print_table, setup
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
             "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash",
-            "ours-clvae")
+            "ours-clvae", "ours-fused", "ours-cl-fused")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -176,8 +176,9 @@ def variant_unet(pipe, variant: str):
     compiled (`-compile`, `-pipecompile`), replayed from CUDA graphs (`-graph`), without the fused GroupNorm kernels
     (`-plain`) or with them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step
     (`-sync`), with the self-attention projections fused (`-qkv`), with SDPA kept off its cuDNN backend (`-flash`:
-    flash attention, else memory-efficient, else math); restored after."""
-    from latentdiff.models import group_norm
+    flash attention, else memory-efficient, else math), with the transformer blocks' fused add + LayerNorm and
+    GEGLU kernels (`-fused`, models/fused.py: opt-in); restored after."""
+    from latentdiff.models import fused, group_norm, triton_launch
 
     options = set(variant.split("-")[1:])
     eager_unet = pipe.unet
@@ -193,7 +194,8 @@ def variant_unet(pipe, variant: str):
         if "pipecompile" in options:
             pipe.compile(max_autotune=False)
         group_norm.ENABLED = "plain" not in options
-        group_norm.DIRECT = "jit" not in options
+        triton_launch.DIRECT = "jit" not in options
+        fused.ENABLED = "fused" in options
         if "qkv" in options:
             pipe.fuse_qkv_projections()
         if "sync" in options:
@@ -217,7 +219,8 @@ def variant_unet(pipe, variant: str):
             pipe.unfuse_qkv_projections()
         if "sync" in options:
             del pipe.scheduler.step
-        group_norm.ENABLED = group_norm.DIRECT = True
+        group_norm.ENABLED = triton_launch.DIRECT = True
+        fused.ENABLED = False
         if "pipecompile" in options:
             pipe.disable_compile()
         if "graph" in options:

@@ -4,9 +4,10 @@
 #   1. the GroupNorm paths' host time per call, and the kernels against torch (kernels alone) at the U-Net's
 #      shapes of batch 4 and batch 1 with guidance (8 and 2 samples) and the VAE decoder's,
 #   2. where the host's time goes per denoising step at batch 1 (gpu_host.py),
-#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1 (NCHW, the VAE or both models in
-#      channels-last), where each one's peak GPU memory is set (denoising or decoding), profiles at both batches,
-#   4. the CUDA tests (tests/test_group_norm.py, tests/test_cuda_graphs.py).
+#   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1 (NCHW, with the opt-in fused
+#      add + LayerNorm and GEGLU kernels, channels-last), where each one's peak GPU memory is set (denoising or
+#      decoding), profiles at both batches,
+#   4. the CUDA tests (tests/test_cuda_graphs.py, tests/test_fused.py, tests/test_group_norm.py).
 # COMPILED=diffusers-compile,ours-compile adds the compiled variants at batch 4 (190 s more: over the budget with
 # the rest; run it in a call of its own). Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each
 # step has its own time limit, so one that hangs costs the others nothing. EAGER / HOST override the variant lists
@@ -32,9 +33,9 @@ cd benchmarks
 timeout 25 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
 timeout 30 python3 gpu_group_norm.py --gpu-time 2>&1 | tee "$OUT/group_norm.txt"
 timeout 30 python3 gpu_group_norm.py --gpu-time --batch 2 2>&1 | tee "$OUT/group_norm_batch2.txt"
-timeout 120 python3 gpu_host.py --variants "${HOST:-diffusers,ours,ours-flash,diffusers-flash,ours-cl,ours-plain}" \
+timeout 120 python3 gpu_host.py --variants "${HOST:-diffusers,ours,ours-fused,ours-flash,diffusers-flash,ours-cl}" \
     --rounds 4 --profile ours --top 30 2>&1 | grep -v USDT | tee "$OUT/host.txt"
-timeout 240 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-clvae,ours-cl,ours-cl-graph}" \
+timeout 240 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-fused,ours-cl,ours-cl-graph}" \
     --batches 4,1 --repeats 5 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
     --interleave --memory-phases 2>&1 \
     | tee "$OUT/eager.txt"
@@ -45,7 +46,7 @@ fi
 cd ..  # last: the CUDA tests (the timings above matter more when the call runs short); the parametrised kernel test
 # compiles a Triton kernel per shape, dtype and flag (about 7 s per case on an H200): it goes after the others (the
 # interpreter test runs in CI)
-timeout 60 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_group_norm.py \
+timeout 60 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_fused.py tests/test_group_norm.py \
     -k "not fused_kernels_on_the_gpu and not interpreter" 2>&1 | tail -30 | tee "$OUT/tests.txt"
 timeout 60 python3 -m pytest -q tests/test_group_norm.py -k fused_kernels_on_the_gpu 2>&1 | tail -30 \
     | tee -a "$OUT/tests.txt"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import add_layer_norm, geglu
 from .group_norm import group_norm
 
 
@@ -136,8 +137,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return geglu(self.proj(x))
 
 
 # Largest hidden activation the feed-forward makes at once on the CPU. Its hidden layer is 8x as wide as its input,
@@ -183,9 +183,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x, h = add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2)  # x + attn1(...), norm2 of that
+        x, h = add_layer_norm(x, self.attn2(h, context), self.norm3)
+        return x + self.ff(h)
 
 
 class Transformer2DModel(nn.Module):
