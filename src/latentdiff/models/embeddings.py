@@ -2,6 +2,7 @@
 feature vector (a pure function, no buffers, so the model can be built on the meta device), then an MLP."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,13 +22,22 @@ def timestep_embedding(
     throughout because t * w reaches ~1000 rad, where half-precision rounding would scramble the phase; an odd
     `dim` is zero-padded by one.
     """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    freqs = torch.exp(exponent / (half - freq_shift))
-    angles = timesteps.float()[:, None] * freqs[None, :]
+    # (torch.compile traces the plain function: it warns about, and ignores, an lru_cache)
+    frequencies = _frequencies if torch.compiler.is_compiling() else _cached_frequencies
+    angles = timesteps.float()[:, None] * frequencies(dim // 2, freq_shift, max_period, timesteps.device)[None, :]
     sin, cos = torch.sin(angles), torch.cos(angles)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
-    return F.pad(emb, (0, dim % 2))
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _frequencies(half: int, freq_shift: float, max_period: float, device: torch.device) -> torch.Tensor:
+    """w_i of timestep_embedding."""
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
+    return torch.exp(exponent / (half - freq_shift))
+
+
+# made once per device and settings: the U-Net asks at every denoising step (4 kernel launches on a GPU)
+_cached_frequencies = functools.lru_cache(maxsize=64)(_frequencies)
 
 
 def timesteps_for_batch(timestep: float | int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
