@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_launch import launch, on_device, without_autograd
+from .triton_launch import DTYPES, launch, next_power_of_2, on_device, without_autograd
 
 ENABLED = False
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 8192  # LayerNorm widths one program row covers (SD 1.x/2.x: 320-1280)
 _NUM_WARPS = 4
 
@@ -44,7 +43,7 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
 def _applies(*tensors: torch.Tensor) -> bool:
     x = tensors[0]
     return (ENABLED and not torch.compiler.is_compiling()
-            and x.is_cuda and x.dtype in _DTYPES and all(t.dtype == x.dtype for t in tensors[:2])
+            and x.is_cuda and x.dtype in DTYPES and all(t.dtype == x.dtype for t in tensors[:2])
             and without_autograd(*tensors) and all(t.is_contiguous() for t in tensors)
             and _kernels() is not None)
 
@@ -55,21 +54,17 @@ def _add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm):
     rows_per = 4
     s, out = torch.empty_like(x), torch.empty_like(x)
     launch(_kernels()[0], (-(-rows // rows_per), 1, 1), (x, y, norm.weight, norm.bias, s, out),
-           (norm.eps, rows, d, rows_per, _next_power_of_2(d)), _NUM_WARPS)
+           (norm.eps, rows, d, rows_per, next_power_of_2(d)), _NUM_WARPS)
     return s, out
 
 
 def _geglu(h: torch.Tensor) -> torch.Tensor:
     dh = h.shape[-1] // 2
     rows = h.numel() // h.shape[-1]
-    block = min(1024, _next_power_of_2(dh))
+    block = min(1024, next_power_of_2(dh))
     out = h.new_empty(*h.shape[:-1], dh)
     launch(_kernels()[1], (rows, -(-dh // block), 1), (h, out), (dh, block), _NUM_WARPS)
     return out
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.cache

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_launch import launch, on_device, without_autograd
+from .triton_launch import DTYPES, launch, next_power_of_2, on_device, without_autograd
 
 ENABLED = True
 
@@ -41,7 +41,7 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
 
 def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
     return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
-            and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in _DTYPES
+            and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in DTYPES
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and without_autograd(x, norm.weight, shift)
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
@@ -61,7 +61,6 @@ def _one_program(x: torch.Tensor, groups: int) -> bool:
     return c // groups * h * w <= SETTINGS.one_program and (x.is_contiguous() or h * w <= 1024)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLIT = 64  # slices per group at most (the apply kernel reads all of a group's partial statistics)
 
 
@@ -113,7 +112,7 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_sh
     cg = c // groups
     # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1
     s_c, s_p = (pixels, 1) if nchw else (1, c)
-    block_c = _next_power_of_2(cg)
+    block_c = next_power_of_2(cg)
     block_p = max(1, settings.block // block_c)
     if one_program:
         split, per_slice = 1, pixels
@@ -121,16 +120,12 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_sh
         want = -(-settings.programs_per_sm * multiprocessors // (n * groups))
         split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
         per_slice = -(-pixels // split)
-    scalars = (c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split, block_c, block_p, _next_power_of_2(split),
+    scalars = (c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split, block_c, block_p, next_power_of_2(split),
                has_shift, silu)
     if one_program:
         return _Plan(((0, (n * groups, 1, 1)),), scalars, None)
     grid = (n * groups, split, 1)
     return _Plan(((1, grid), (2, grid)), scalars, (3, n * groups, split))  # stats: mean, M2, count
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.cache

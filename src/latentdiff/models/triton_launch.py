@@ -7,6 +7,7 @@ import torch
 
 DIRECT = True  # False: every launch through Triton's own launch path
 _RUNNERS: dict = {}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels read and write
 
 
 def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, num_warps: int) -> None:
@@ -45,3 +46,8 @@ def on_device(fn, x: torch.Tensor, *args):
 def without_autograd(*tensors: torch.Tensor | None) -> bool:
     """No gradient can flow through these tensors (the kernels have no backward)."""
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): Triton's block sizes."""
+    return 1 << max(0, n - 1).bit_length()
