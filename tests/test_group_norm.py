@@ -69,6 +69,9 @@ INTERPRETED = textwrap.dedent("""
                     assert out.dtype == dtype and out.stride() == x.stride(), (shape, out.stride(), x.stride())
                     err = (out.float() - reference(x, norm, silu, t)).abs().max().item()
                     assert err < tol, (settings, shape, channels_last, dtype, silu, shift, err)
+            norm, x, t = random_case(shape, torch.float32, "cpu", False)  # one shift row for every sample
+            err = (gn._triton_group_norm(x, norm, True, t[:1]) - reference(x, norm, True, t[:1])).abs().max().item()
+            assert err < 2e-5, (settings, shape, "broadcast shift", err)
     print("all match")
 """)
 
@@ -120,14 +123,14 @@ def test_launch_plans_split_groups_to_fill_the_gpu():
     """The slices: enough programs for LaunchSettings.programs_per_sm per multiprocessor, at most _MAX_SPLIT per
     group, none shorter than a block of pixels; the statistics' buffer and the strides of each layout."""
     settings = gn.LaunchSettings()
-    plan = gn._plan(1, 512, 256 * 256, 32, True, 512 * 256 * 256, True, True, False, settings, 132)
+    plan = gn._plan(1, 512, 256 * 256, 32, True, 512 * 256 * 256, 512, True, True, False, settings, 132)
     (first, grid), (second, grid2) = plan.launches
     assert (first, second) == (1, 2) and grid == grid2 == (32, 64, 1) and plan.stats == (3, 32, 64)  # 66 wanted
-    c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split = plan.scalars[:9]
-    assert (c, pixels, cg, groups, s_c, s_p, per_slice, split) == (512, 65536, 16, 32, 65536, 1, 1024, 64)
-    plan = gn._plan(2, 320, 64 * 64, 32, False, 320 * 64 * 64, False, True, True, settings, 132)
+    pixels, cg, groups, s_n, s_c, s_p, s_t, per_slice, split = plan.scalars[:9]
+    assert (pixels, cg, groups, s_c, s_p, s_t, per_slice, split) == (65536, 16, 32, 65536, 1, 512, 1024, 64)
+    plan = gn._plan(2, 320, 64 * 64, 32, False, 320 * 64 * 64, 0, False, True, True, settings, 132)
     assert plan.launches == ((0, (64, 1, 1)),) and plan.stats is None
-    assert plan.scalars[5:9] == (1, 320, 4096, 1)  # channels-last strides; the whole group in one program
+    assert plan.scalars[4:9] == (1, 320, 0, 4096, 1)  # channels-last strides; the whole group in one program
 
 
 def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monkeypatch):
@@ -176,9 +179,9 @@ def test_fused_kernels_on_the_gpu_match_torch(dtype, channels_last, one_program,
     monkeypatch.setattr(gn, "_one_program", lambda x, groups: one_program)
     tol = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-5}[dtype]
     for shape in SHAPES + [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (1, 256, 512, 512, 32)]:
-        for silu, with_shift in ((True, True), (True, False), (False, False)):
+        for silu, with_shift in ((True, True), (True, "row"), (True, False), (False, False)):
             norm, x, shift = random_case(shape, dtype, "cuda", channels_last)
-            shift = shift if with_shift else None
+            shift = {True: shift, "row": shift[:1], False: None}[with_shift]  # "row": one for every sample
             out = gn._triton_group_norm(x, norm, silu, shift)
             assert out.stride() == x.stride()
             err = (out.float() - reference(x, norm, silu, shift)).abs().max().item()

@@ -30,7 +30,8 @@ ENABLED = True
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
                shift: torch.Tensor | None = None) -> torch.Tensor:
-    """`norm(x + shift[:, :, None, None])`, then SiLU if `silu`; shift is [N, C] (or None)."""
+    """`norm(x + shift[:, :, None, None])`, then SiLU if `silu`; shift is [N, C], [1, C] (the same for every
+    sample) or None."""
     if _fused_applies(norm, x, shift):
         return on_device(_triton_group_norm, x, norm, silu, shift)
     if shift is not None:
@@ -44,6 +45,7 @@ def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | No
             and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in DTYPES
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and without_autograd(x, norm.weight, shift)
+            and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and _kernels() is not None)
 
@@ -85,12 +87,15 @@ SETTINGS = LaunchSettings()
 def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None):
     n, c, h, w = x.shape
     settings = SETTINGS
-    plan = _plan(n, c, h * w, norm.num_groups, x.is_contiguous(), x.stride(0), shift is not None, silu,
+    if shift is not None:  # rows of C contiguous values; a single row is every sample's (row stride 0)
+        shift = shift.contiguous()
+    s_t = 0 if shift is None or shift.shape[0] == 1 else c
+    plan = _plan(n, c, h * w, norm.num_groups, x.is_contiguous(), x.stride(0), s_t, shift is not None, silu,
                  _one_program(x, norm.num_groups), settings, _multiprocessors(x.device))
     out = torch.empty_like(x)  # same layout as x
     stats = x if plan.stats is None else torch.empty(plan.stats, device=x.device, dtype=torch.float32)
     # (x stands in for the pointers that a kernel ignores: the shift where there is none, the one program's stats)
-    tensors = (x, x if shift is None else shift.contiguous(), norm.weight, norm.bias, out, stats)
+    tensors = (x, x if shift is None else shift, norm.weight, norm.bias, out, stats)
     for kernel, grid in plan.launches:
         launch(_kernels()[kernel], grid, tensors, (norm.eps, *plan.scalars), settings.num_warps)
     return out
@@ -107,7 +112,7 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_shift: bool, silu: bool,
+def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, s_t: int, has_shift: bool, silu: bool,
           one_program: bool, settings: LaunchSettings, multiprocessors: int) -> _Plan:
     cg = c // groups
     # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1
@@ -120,7 +125,7 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, has_sh
         want = -(-settings.programs_per_sm * multiprocessors // (n * groups))
         split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
         per_slice = -(-pixels // split)
-    scalars = (c, pixels, cg, groups, s_n, s_c, s_p, per_slice, split, block_c, block_p, next_power_of_2(split),
+    scalars = (pixels, cg, groups, s_n, s_c, s_p, s_t, per_slice, split, block_c, block_p, next_power_of_2(split),
                has_shift, silu)
     if one_program:
         return _Plan(((0, (n * groups, 1, 1)),), scalars, None)

@@ -6,30 +6,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+def _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, start):
     """One [BLOCK_C, BLOCK_P] tile of group g of sample n (float32, its mask): channels g*CG.., pixels from
-    p0 + start, cut at the slice's and the image's end; masked elements read 0. With a shift, x + shift[n, c]
-    rounded to x's dtype, as the unfused add would give."""
+    p0 + start, cut at the slice's and the image's end; masked elements read 0. With a shift, x + shift[n, c] (row
+    n at n * s_t: s_t = 0 gives every sample row 0) rounded to x's dtype, as the unfused add would give."""
     cs = tl.arange(0, BLOCK_C)
     ps = p0 + start + tl.arange(0, BLOCK_P)
     mask = (cs[:, None] < CG) & (ps[None, :] < P) & (ps[None, :] < p0 + PER_SLICE)
     ch = g * CG + cs
     v = tl.load(x_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p, mask=mask, other=0.0)
     if HAS_SHIFT:
-        shift = tl.load(shift_ptr + n * C + ch, mask=cs < CG, other=0.0)
+        shift = tl.load(shift_ptr + n * s_t + ch, mask=cs < CG, other=0.0)
         v = tl.where(mask, (v + shift[:, None]).to(v.dtype), 0.0)
     return v.to(tl.float32), mask
 
 
 @triton.jit
-def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """Mean, sum of squared deviations (M2) and count of one slice of one group, in two passes over the slice."""
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     count = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for start in range(0, PER_SLICE, BLOCK_P):
-        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                         BLOCK_C, BLOCK_P, HAS_SHIFT, start)
         total += v
         count += mask.to(tl.float32)
@@ -37,7 +37,7 @@ def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
     mean = tl.sum(tl.sum(total, axis=1), axis=0) / tl.maximum(cnt, 1.0)
     dev = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for start in range(0, PER_SLICE, BLOCK_P):
-        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                         BLOCK_C, BLOCK_P, HAS_SHIFT, start)
         d = tl.where(mask, v - mean, 0.0)
         dev += d * d
@@ -45,7 +45,7 @@ def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
 
 
 @triton.jit
-def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """Write one slice of one group: (x - mean) * rstd * w + b, then SiLU."""
     cs = tl.arange(0, BLOCK_C)
@@ -55,7 +55,7 @@ def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PE
     scale = (w * rstd)[:, None]
     bias = (b - mean * w * rstd)[:, None]
     for start in range(0, PER_SLICE, BLOCK_P):
-        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+        v, mask = _load(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                         BLOCK_C, BLOCK_P, HAS_SHIFT, start)
         y = v * scale + bias
         if SILU:
@@ -66,26 +66,27 @@ def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PE
 
 
 @triton.jit
-def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                 HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A whole group in one program (one launch for the norm): its statistics, then its output."""
     ng = tl.program_id(0)
     n, g = ng // GROUPS, ng % GROUPS
-    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, 0, P, P, C, CG, s_n, s_c, s_p, BLOCK_C, BLOCK_P, HAS_SHIFT)
+    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, 0, P, P, CG, s_n, s_c, s_p, s_t,
+                                 BLOCK_C, BLOCK_P, HAS_SHIFT)
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
-    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, 0, P, P, C, CG, s_n, s_c, s_p,
+    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, 0, P, P, CG, s_n, s_c, s_p, s_t,
                BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
 
 
 @triton.jit
-def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
                  PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A group split into SPLIT slices, one program each, first pass: each slice's mean, M2 and count."""
     ng, s = tl.program_id(0), tl.program_id(1)
     n, g = ng // GROUPS, ng % GROUPS
-    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, s * PER_SLICE, PER_SLICE, P, C, CG, s_n, s_c, s_p,
+    mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, s * PER_SLICE, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
                                  BLOCK_C, BLOCK_P, HAS_SHIFT)
     slot = ng * SPLIT + s
     rows = tl.num_programs(0) * SPLIT
@@ -95,7 +96,7 @@ def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, 
 
 
 @triton.jit
-def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, CG, GROUPS, s_n, s_c, s_p,
+def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
                  PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """Second pass: combine the group's slice statistics (Chan et al.'s pairwise formula), normalise this slice."""
@@ -112,5 +113,5 @@ def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, C, P, 
     d = means - mean
     var = (tl.sum(m2s, axis=0) + tl.sum(cnts * d * d, axis=0)) / cnt
     rstd = 1.0 / tl.sqrt(var + eps)
-    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, s * PER_SLICE, PER_SLICE, P, C, CG,
-               s_n, s_c, s_p, BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
+    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, s * PER_SLICE, PER_SLICE, P, CG,
+               s_n, s_c, s_p, s_t, BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
