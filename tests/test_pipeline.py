@@ -1,5 +1,6 @@
 """The pipeline against diffusers' StableDiffusionPipeline with identical tiny random weights, both folder
 directions, and its behaviour: seeds, guidance, callbacks, output types and every bad input."""
+import contextlib
 import shutil
 
 import numpy as np
@@ -151,6 +152,29 @@ def test_fused_qkv_projections_give_the_same_images(folders):
     torch.testing.assert_close(fused, before, rtol=0, atol=1e-5)
     pipe.unfuse_qkv_projections()
     assert not any(m.fused for m in pipe.unet.modules() if isinstance(m, Attention))
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"])
+def test_denoising_projects_the_time_embedding_once_per_call(folders, scheduler, monkeypatch):
+    """The loop's U-Net calls take the ResNet blocks' time projections from one table made for all steps
+    (cache_timesteps): each block projects once per generation, whatever the number of steps, and the images are
+    those of the U-Net computing them at every step (test_same_image_as_diffusers compares them to diffusers')."""
+    import latentdiff.pipeline
+    import latentdiff.schedulers as schedulers
+    from latentdiff.models.resnet import ResnetBlock2D
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    pipe.scheduler = getattr(schedulers, scheduler).from_config(pipe.scheduler.config)
+    rows, blocks = [], [m for m in pipe.unet.modules() if isinstance(m, ResnetBlock2D)]
+    for block in blocks:
+        block.time_emb_proj.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    tabled = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=6)
+    assert rows == [6] * len(blocks)  # one projection of the 6 timesteps each
+    monkeypatch.setattr(latentdiff.pipeline, "cache_timesteps", lambda model, timesteps: contextlib.nullcontext())
+    rows.clear()
+    plain = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=6)
+    assert rows == [2] * 6 * len(blocks)  # at every step, for both contexts (its first stage has attention)
+    torch.testing.assert_close(tabled, plain, rtol=0, atol=1e-5)
 
 
 class HostReads(torch.overrides.TorchFunctionMode):

@@ -316,6 +316,50 @@ def test_cached_text_keys_give_the_same_result_and_follow_changes(small):
 
 
 @torch.no_grad()
+def test_cached_timesteps_give_the_same_result_and_follow_changes(small):
+    """cache_timesteps: calls whose timestep is an element of the timesteps (as iterating gives) take the ResNet
+    blocks' time projections from a table made for all of them at once, with the plain call's results; another
+    timestep tensor, timesteps or weights changed in place, and autograd compute them as usual."""
+    from latentdiff.models.resnet import ResnetBlock2D
+    from latentdiff.models.unet import cache_timesteps
+
+    config, _, ours = small
+    sample, _, ctx = inputs(config, batch=1)
+    ctx = torch.cat([ctx, 2 * ctx])  # guidance: one sample, two contexts
+    timesteps = torch.tensor([981, 500, 7, 500])
+    expected = [ours(sample, int(t), ctx) for t in timesteps]
+    blocks = [m for m in ours.modules() if isinstance(m, ResnetBlock2D)]
+    rows = []
+    hooks = [b.time_emb_proj.register_forward_hook(lambda m, i, o: rows.append(o.shape[0])) for b in blocks]
+    try:
+        with cache_timesteps(ours, timesteps):
+            for t, want in zip(timesteps, expected):
+                torch.testing.assert_close(ours(sample, t, ctx), want, rtol=0, atol=1e-5)
+            assert rows == [4] * len(blocks)  # each block projected the 4 timesteps once, in one batch
+            rows.clear()
+            t = timesteps[2]
+            torch.testing.assert_close(ours(sample, t.clone(), ctx), expected[2], rtol=0, atol=1e-5)
+            assert rows == [2] * len(blocks)  # not an element of the timesteps: computed as usual
+            rows.clear()
+            blocks[0].time_emb_proj.weight.mul_(2)  # a weight changed in place: the table is made anew
+            changed = ours(sample, t, ctx)
+            blocks[0].time_emb_proj.weight.div_(2)  # (exactly undone)
+            assert rows == [4] * len(blocks) and (changed - expected[2]).abs().max() > 1e-3
+            rows.clear()
+            timesteps[2] = 500  # the timesteps changed in place: t (a view) now reads 500, computed as usual
+            torch.testing.assert_close(ours(sample, t, ctx), expected[1], rtol=0, atol=1e-5)
+            assert rows == [2] * len(blocks)
+            rows.clear()
+            with torch.enable_grad():
+                ours(sample, timesteps[0], ctx)
+            assert rows == [2] * len(blocks)
+        assert ours.time_table is None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.no_grad()
 def test_fused_qkv_projections_give_the_same_result_and_follow_the_weights():
     """fuse_qkv_projections: the self-attentions' q, k, v from one product over concatenated weights (made on first
     use, remade after the weights change in place or the model is cast), the same outputs, the state dict

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
 from .models.attention import cache_text_keys
+from .models.unet import cache_timesteps
 from .schedules import randn
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -280,7 +281,7 @@ class LatentDiffusionPipeline:
         # tensor's value in every step would make the host wait for the GPU each time (a sync per step, which
         # leaves the GPU idle while the next step's launches are issued); the U-Net gets the device tensor
         values = timesteps.tolist()
-        with self._compiling(), cache_text_keys(self.unet):
+        with self._compiling(), cache_text_keys(self.unet), cache_timesteps(self.unet, timesteps):
             for i, (t, value) in enumerate(zip(tqdm(timesteps, disable=not progress, desc="denoising"), values)):
                 eps = model(scheduler.scale_model_input(latents, value), t)
                 latents = scheduler.step(eps, value, latents, generator=generators, **step_kwargs).prev_sample

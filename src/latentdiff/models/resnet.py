@@ -7,6 +7,9 @@ from torch import nn
 
 from .group_norm import group_norm
 
+# the time embedding (already through SiLU) [B, D], or each block's projection of it (a row of unet.TimeTable)
+TimeInput = torch.Tensor | dict[nn.Module, torch.Tensor]
+
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the (optional) timestep embedding, twice, with a residual connection
@@ -23,10 +26,14 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        """temb: the timestep embedding already through SiLU (the U-Net applies it once for all its blocks)."""
+    def forward(self, x: torch.Tensor, temb: TimeInput | None = None) -> torch.Tensor:
+        """temb: the timestep embedding already through SiLU (the U-Net applies it once for all its blocks), or a
+        dict holding this block's projection of it."""
         h = self.conv1(group_norm(self.norm1, x, silu=True))
-        shift = None if self.time_emb_proj is None else self.time_emb_proj(temb)  # added to every pixel
+        if self.time_emb_proj is None:
+            shift = None
+        else:  # added to every pixel
+            shift = temb[self] if isinstance(temb, dict) else self.time_emb_proj(temb)
         h = group_norm(self.norm2, h, silu=True, shift=shift)
         h = self.conv2(self.dropout(h) if self.training else h)  # (eval: dropout is the identity; skip its call)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)

@@ -7,6 +7,7 @@ state-dict keys, so SD weights load without conversion. Options outside that sub
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 
@@ -20,6 +21,7 @@ from .attention import Transformer2DModel, fuse_qkv_projections
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .group_norm import group_norm
 from .packed import pack_for_inference
+from .resnet import ResnetBlock2D, TimeInput
 from .unet_blocks import DownBlock, MidBlock, TransformerFactory, UpBlock
 
 # diffusers' block type names -> whether the stage has cross-attention
@@ -128,11 +130,74 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _repeat_batch(k: int, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]):
+def _repeat_batch(k: int, x: torch.Tensor, emb: TimeInput, skips: list[torch.Tensor]):
     """x, emb and the skips as for torch.cat([sample] * k): k copies of the batch, one after the other (a skip that
-    is x itself, conv_in's output before a first stage with attention, shares x's copy)."""
+    is x itself, conv_in's output before a first stage with attention, shares x's copy; the rows of a TimeTable
+    hold one timestep for every sample already)."""
     repeated = torch.cat([x] * k)
-    return repeated, torch.cat([emb] * k), [repeated if s is x else torch.cat([s] * k) for s in skips]
+    emb = emb if isinstance(emb, dict) else torch.cat([emb] * k)
+    return repeated, emb, [repeated if s is x else torch.cat([s] * k) for s in skips]
+
+
+class TimeTable:
+    """What a U-Net's ResNet blocks add for each timestep of a denoising run, made for all of them at once (see
+    cache_timesteps): per timestep a dict from each block to its projection of the embedding, [1, C]. Made on the
+    first call that needs it and again whenever the dtype, the device or a weight it depends on changed (in-place
+    versions and addresses are compared)."""
+
+    def __init__(self, timesteps: torch.Tensor):
+        self.timesteps = timesteps  # held: its storage identifies the calls' timesteps and cannot be reused
+        self.version = timesteps._version  # (an inference tensor raises RuntimeError: cache_timesteps skips it)
+        self.key: tuple | None = None
+        self.rows: list[dict] = []
+        self.parameters: list[torch.Tensor] = []
+
+    def index(self, t: torch.Tensor) -> int | None:
+        """Which element of the timesteps `t` is: a 0-d view into their storage, as iterating over them gives."""
+        ts = self.timesteps
+        if (t.dim() != 0 or t.dtype != ts.dtype or t._version != self.version
+                or t.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr()):
+            return None
+        i, rest = divmod(t.storage_offset() - ts.storage_offset(), ts.stride(0))
+        return i if rest == 0 and 0 <= i < ts.shape[0] else None
+
+    def row(self, unet: "UNet2DConditionModel", i: int, sample: torch.Tensor) -> dict:
+        if self._key(sample) != self.key:
+            blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+            emb = unet.embed_time(self.timesteps.to(sample.device), sample.dtype)
+            shifts = {block: block.time_emb_proj(emb) for block in blocks}
+            self.rows = [{block: shift[j:j + 1] for block, shift in shifts.items()} for j in range(len(emb))]
+            self.parameters = [*unet.time_embedding.parameters(),
+                               *(p for block in blocks for p in block.time_emb_proj.parameters())]
+            self.key = self._key(sample)
+        return self.rows[i]
+
+    def _key(self, sample: torch.Tensor) -> tuple:
+        return sample.dtype, sample.device, *((p.data_ptr(), p._version) for p in self.parameters)
+
+
+@contextlib.contextmanager
+def cache_timesteps(model: nn.Module, timesteps: torch.Tensor):
+    """Within this block, a call of our U-Net `model` (or of ours inside it) whose timestep is an element of the 1-d
+    tensor `timesteps`, as iterating over it gives, takes every ResNet block's projection of the time embedding from
+    a TimeTable computed once for all of `timesteps` (one batched pass on the first such call) instead of the
+    embedding, the MLP and 22 matrix products per call (SD 1.5). Those depend on the timestep alone, which a
+    denoising loop knows in advance: 33 kernel launches fewer per fp16 step on a GPU, where a small batch is bound
+    by the host's launches (on this CPU, 13.9 -> 13.5 ms per call of SD 1.5's structure with tiny widths). Only
+    without autograd, outside torch.compile and CUDA-graph capture, for unchanged timesteps (their in-place version
+    is checked); other calls compute the embedding as usual. Dropped on exit."""
+    unets = [m for m in model.modules() if isinstance(m, UNet2DConditionModel)]
+    try:
+        table = TimeTable(timesteps) if timesteps.dim() == 1 and timesteps.stride(0) > 0 else None
+    except RuntimeError:  # an inference tensor keeps no version counter
+        table = None
+    for unet in unets:
+        unet.time_table = table
+    try:
+        yield model
+    finally:
+        for unet in unets:
+            unet.time_table = None
 
 
 class UNetOutput(NamedTuple):
@@ -155,6 +220,7 @@ class UNet2DConditionModel(ModelMixin):
         temb = channels[0] * 4
         norm = dict(groups=config.norm_num_groups, eps=config.norm_eps)
         self.gradient_checkpointing = False
+        self.time_table: TimeTable | None = None  # see cache_timesteps()
 
         def transformer(stage: int) -> TransformerFactory:
             return lambda ch: Transformer2DModel(
@@ -201,11 +267,9 @@ class UNet2DConditionModel(ModelMixin):
         self._check_inputs(sample, encoder_hidden_states)
         ctx = encoder_hidden_states
         shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
-        t = timesteps_for_batch(timestep, sample.shape[0], sample.device)
-        t_features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                        self.config.freq_shift)
-        # every ResNet block projects SiLU(emb): applied here once rather than in each of them
-        emb = F.silu(self.time_embedding(t_features.to(sample.dtype)))
+        emb = self._tabled_time(timestep, sample)
+        if emb is None:
+            emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype)
 
         x = self.conv_in(sample)
         skips = [x]
@@ -225,6 +289,24 @@ class UNet2DConditionModel(ModelMixin):
             x = self._run(block, x, emb, ctx, block_skips, size)
         x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
         return UNetOutput(x) if return_dict else x
+
+    def embed_time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SiLU(time MLP(sinusoidal features of t [B])) -> [B, 4 * block_out_channels[0]]: every ResNet block
+        projects SiLU of the embedding, so it is applied here once rather than in each of them."""
+        features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                      self.config.freq_shift)
+        return F.silu(self.time_embedding(features.to(dtype)))
+
+    def _tabled_time(self, timestep, sample: torch.Tensor) -> dict | None:
+        """The time table's row for this call's timestep, where cache_timesteps() applies (see there)."""
+        if torch.compiler.is_compiling():  # (first: a compiled graph neither reads nor guards on the table)
+            return None
+        table = self.time_table
+        if (table is None or not isinstance(timestep, torch.Tensor) or torch.is_grad_enabled()
+                or (sample.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        i = table.index(timestep)
+        return None if i is None else table.row(self, i, sample)
 
     def _run(self, block: nn.Module, *args):
         """Call a stage; when training with gradient checkpointing on, keep only its inputs and recompute its

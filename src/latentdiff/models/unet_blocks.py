@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import Downsample2D, ResnetBlock2D, TimeInput, Upsample2D
 
 # builds the spatial transformer of a stage from its channel count (None: the stage has no attention)
 TransformerFactory = Callable[[int], nn.Module]
@@ -45,7 +45,7 @@ class DownBlock(nn.Module):
         self.attentions = _attentions(make_transformer, out_channels, layers)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor) -> tuple[torch.Tensor, list]:
         skips = []
         for resnet, attn in zip(self.resnets, self.attentions):
             x = attn(resnet(x, emb), ctx)
@@ -65,7 +65,7 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2))
         self.attentions = _attentions(make_transformer, channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor) -> torch.Tensor:
         first, second = self.resnets
         (attn,) = self.attentions
         return second(attn(first(x, emb), ctx), emb)
@@ -86,7 +86,7 @@ class UpBlock(nn.Module):
         self.attentions = _attentions(make_transformer, out_channels, len(skip_channels))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, skips: Sequence[torch.Tensor],
+    def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, skips: Sequence[torch.Tensor],
                 size: tuple[int, int] | None = None) -> torch.Tensor:
         """`skips` in the order the down path made them; `size` is the resolution of the next stage up, so that
         odd sizes (13 -> 7 on the way down) come back exactly (7 -> 13, not 14)."""
