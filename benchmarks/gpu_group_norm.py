@@ -7,7 +7,9 @@ the activation shapes of SD 1.5's U-Net (512x512, batch 4 with guidance: 8 sampl
 Per shape and memory layout (NCHW, channels_last): microseconds per call of silu(norm(x + shift)) (the ResNet
 block's second norm, the shift being its timestep bias; the U-Net rows) or silu(norm(x)) (the VAE rows), and the
 bandwidth that is (one read of x, one write of the output) in GB/s, and which form the kernels take (one program per
-group or slices: `_one_program`). torch's GroupNorm on a channels_last input copies it to NCHW and back (cuDNN's
+group or slices: `_one_program`); for the U-Net rows also the spatial transformer's norm of an NCHW activation
+turned into [N, H*W, C] tokens: torch's GroupNorm and a copy, ours and a copy, ours writing channels-last (no copy,
+`group_norm(..., channels_last=True)`). torch's GroupNorm on a channels_last input copies it to NCHW and back (cuDNN's
 convolutions want channels_last for fp16, so that is the layout a channels_last model hands it). CUDA events, median
 of --iters calls after warm-up; the host's time to launch the kernels counts where the GPU would wait for it (small
 shapes). --gpu-time times 10 calls captured in a CUDA graph instead: the kernels alone. --sweep then times the
@@ -186,6 +188,13 @@ def main() -> None:
                 row[f"{tag} speed-up"] = f"{t_plain / t_fused:.2f}x"
                 row[f"{tag} max|diff|"] = f"{err:.1e}"
                 row[f"{tag} form"] = "one program" if gn._one_program(xl, 32) else "slices"
+            if model == "U-Net":  # the spatial transformer's norm of an NCHW activation, then [N, H*W, C] tokens
+                tokens = lambda y: y.flatten(2).transpose(1, 2).contiguous()  # noqa: E731
+                t_copy = timer(lambda: tokens(gn._triton_group_norm(x, norm, False, None)), args.iters)
+                t_direct = timer(lambda: tokens(gn._triton_group_norm(x, norm, False, None, True)), args.iters)
+                row["tokens: torch + copy us"] = f"{timer(lambda: tokens(norm(x)), args.iters):.0f}"
+                row["ours NCHW + copy us"] = f"{t_copy:.0f}"
+                row["ours written as tokens us"] = f"{t_direct:.0f} ({t_copy / t_direct:.2f}x)"
             rows.append(row)
             print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print_table(rows, list(rows[0]))

@@ -72,6 +72,10 @@ INTERPRETED = textwrap.dedent("""
             norm, x, t = random_case(shape, torch.float32, "cpu", False)  # one shift row for every sample
             err = (gn._triton_group_norm(x, norm, True, t[:1]) - reference(x, norm, True, t[:1])).abs().max().item()
             assert err < 2e-5, (settings, shape, "broadcast shift", err)
+            out = gn._triton_group_norm(x, norm, False, None, channels_last=True)  # NCHW in, channels-last out
+            assert out.stride() == torch.empty_like(x, memory_format=torch.channels_last).stride(), shape
+            err = (out - reference(x, norm, False, None)).abs().max().item()
+            assert err < 2e-5, (settings, shape, "channels-last output", err)
     print("all match")
 """)
 
@@ -123,14 +127,17 @@ def test_launch_plans_split_groups_to_fill_the_gpu():
     """The slices: enough programs for LaunchSettings.programs_per_sm per multiprocessor, at most _MAX_SPLIT per
     group, none shorter than a block of pixels; the statistics' buffer and the strides of each layout."""
     settings = gn.LaunchSettings()
-    plan = gn._plan(1, 512, 256 * 256, 32, True, 512 * 256 * 256, 512, True, True, False, settings, 132)
+    plan = gn._plan(1, 512, 256 * 256, 32, True, True, 512 * 256 * 256, 512, True, True, False, settings, 132)
     (first, grid), (second, grid2) = plan.launches
     assert (first, second) == (1, 2) and grid == grid2 == (32, 64, 1) and plan.stats == (3, 32, 64)  # 66 wanted
-    pixels, cg, groups, s_n, s_c, s_p, s_t, per_slice, split = plan.scalars[:9]
-    assert (pixels, cg, groups, s_c, s_p, s_t, per_slice, split) == (65536, 16, 32, 65536, 1, 512, 1024, 64)
-    plan = gn._plan(2, 320, 64 * 64, 32, False, 320 * 64 * 64, 0, False, True, True, settings, 132)
+    pixels, cg, groups, s_n, s_c, s_p, s_t, o_c, o_p, per_slice, split = plan.scalars[:11]
+    assert (pixels, cg, groups, s_c, s_p, s_t, o_c, o_p, per_slice, split) == \
+        (65536, 16, 32, 65536, 1, 512, 65536, 1, 1024, 64)
+    plan = gn._plan(2, 320, 64 * 64, 32, False, False, 320 * 64 * 64, 0, False, True, True, settings, 132)
     assert plan.launches == ((0, (64, 1, 1)),) and plan.stats is None
-    assert plan.scalars[4:9] == (1, 320, 0, 4096, 1)  # channels-last strides; the whole group in one program
+    assert plan.scalars[4:11] == (1, 320, 0, 1, 320, 4096, 1)  # channels-last strides; a group in one program
+    plan = gn._plan(2, 320, 64 * 64, 32, True, False, 320 * 64 * 64, 0, False, True, True, settings, 132)
+    assert plan.scalars[4:9] == (4096, 1, 0, 1, 320)  # read NCHW, write channels-last
 
 
 def test_launches_reuse_the_compiled_kernel_while_the_specialisation_holds(monkeypatch):
@@ -186,6 +193,10 @@ def test_fused_kernels_on_the_gpu_match_torch(dtype, channels_last, one_program,
             assert out.stride() == x.stride()
             err = (out.float() - reference(x, norm, silu, shift)).abs().max().item()
             assert err < tol, (shape, silu, with_shift, err)
+        out = gn._triton_group_norm(x, norm, silu, shift, channels_last=True)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        err = (out.float() - reference(x, norm, silu, shift)).abs().max().item()
+        assert err < tol, (shape, "channels-last output", err)
 
 
 @cuda

@@ -207,9 +207,10 @@ class Transformer2DModel(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         residual = x
-        x = group_norm(self.norm, x)
+        x = group_norm(self.norm, x, channels_last=True)
         # [B, C, H, W] -> [B, H*W, C] tokens, made contiguous once so that the blocks' norms, attention and residual
-        # adds read them in order: a copy for NCHW activations, free (a view) for channels-last ones
+        # adds read them in order: a copy for NCHW activations, free (a view) for channels-last ones (the GroupNorm
+        # kernels write channels-last, so on a GPU it is free whatever the U-Net's layout)
         if self.linear_projection:
             x = self.proj_in(x.flatten(2).transpose(1, 2).contiguous())
         else:

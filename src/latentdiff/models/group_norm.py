@@ -28,12 +28,13 @@ from .triton_launch import DTYPES, launch, next_power_of_2, on_device, without_a
 ENABLED = True
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False,
-               shift: torch.Tensor | None = None) -> torch.Tensor:
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: torch.Tensor | None = None,
+               channels_last: bool = False) -> torch.Tensor:
     """`norm(x + shift[:, :, None, None])`, then SiLU if `silu`; shift is [N, C], [1, C] (the same for every
-    sample) or None."""
+    sample) or None. `channels_last`: the kernels write the output in channels-last memory format whatever x's
+    (at no cost to them; the pixels are then [N, H*W, C] tokens without a copy); torch's path keeps x's."""
     if _fused_applies(norm, x, shift):
-        return on_device(_triton_group_norm, x, norm, silu, shift)
+        return on_device(_triton_group_norm, x, norm, silu, shift, channels_last)
     if shift is not None:
         x = x + shift[:, :, None, None]
     x = norm(x)
@@ -84,15 +85,18 @@ class LaunchSettings:
 SETTINGS = LaunchSettings()
 
 
-def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None):
+def _triton_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None,
+                       channels_last: bool = False):
     n, c, h, w = x.shape
     settings = SETTINGS
     if shift is not None:  # rows of C contiguous values; a single row is every sample's (row stride 0)
         shift = shift.contiguous()
     s_t = 0 if shift is None or shift.shape[0] == 1 else c
-    plan = _plan(n, c, h * w, norm.num_groups, x.is_contiguous(), x.stride(0), s_t, shift is not None, silu,
+    nchw = x.is_contiguous()
+    out_nchw = nchw and not channels_last
+    plan = _plan(n, c, h * w, norm.num_groups, nchw, out_nchw, x.stride(0), s_t, shift is not None, silu,
                  _one_program(x, norm.num_groups), settings, _multiprocessors(x.device))
-    out = torch.empty_like(x)  # same layout as x
+    out = torch.empty_like(x, memory_format=torch.contiguous_format if out_nchw else torch.channels_last)
     stats = x if plan.stats is None else torch.empty(plan.stats, device=x.device, dtype=torch.float32)
     # (x stands in for the pointers that a kernel ignores: the shift where there is none, the one program's stats)
     tensors = (x, x if shift is None else shift, norm.weight, norm.bias, out, stats)
@@ -112,11 +116,12 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, s_t: int, has_shift: bool, silu: bool,
-          one_program: bool, settings: LaunchSettings, multiprocessors: int) -> _Plan:
+def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, out_nchw: bool, s_n: int, s_t: int,
+          has_shift: bool, silu: bool, one_program: bool, settings: LaunchSettings, multiprocessors: int) -> _Plan:
     cg = c // groups
-    # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1
+    # channels-last: channel stride 1, pixel stride C; NCHW: channel stride H*W, pixel stride 1 (x's, the output's)
     s_c, s_p = (pixels, 1) if nchw else (1, c)
+    o_c, o_p = (pixels, 1) if out_nchw else (1, c)
     block_c = next_power_of_2(cg)
     block_p = max(1, settings.block // block_c)
     if one_program:
@@ -125,8 +130,8 @@ def _plan(n: int, c: int, pixels: int, groups: int, nchw: bool, s_n: int, s_t: i
         want = -(-settings.programs_per_sm * multiprocessors // (n * groups))
         split = max(1, min(_MAX_SPLIT, want, -(-pixels // block_p)))
         per_slice = -(-pixels // split)
-    scalars = (pixels, cg, groups, s_n, s_c, s_p, s_t, per_slice, split, block_c, block_p, next_power_of_2(split),
-               has_shift, silu)
+    scalars = (pixels, cg, groups, s_n, s_c, s_p, s_t, o_c, o_p, per_slice, split, block_c, block_p,
+               next_power_of_2(split), has_shift, silu)
     if one_program:
         return _Plan(((0, (n * groups, 1, 1)),), scalars, None)
     grid = (n * groups, split, 1)

@@ -46,8 +46,9 @@ def _slice_stats(x_ptr, shift_ptr, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_
 
 @triton.jit
 def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PER_SLICE, P, CG, s_n, s_c, s_p, s_t,
-               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
-    """Write one slice of one group: (x - mean) * rstd * w + b, then SiLU."""
+               o_c, o_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+    """Write one slice of one group: (x - mean) * rstd * w + b, then SiLU, at the output's channel and pixel strides
+    (o_c, o_p: its layout may differ from x's; its batch stride is x's, C * P)."""
     cs = tl.arange(0, BLOCK_C)
     ch = g * CG + cs
     w = tl.load(w_ptr + ch, mask=cs < CG, other=0.0).to(tl.float32)
@@ -61,12 +62,12 @@ def _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, p0, PE
         if SILU:
             y = y * tl.sigmoid(y)
         ps = p0 + start + tl.arange(0, BLOCK_P)
-        tl.store(out_ptr + n * s_n + ch[:, None] * s_c + ps[None, :] * s_p,
+        tl.store(out_ptr + n * s_n + ch[:, None] * o_c + ps[None, :] * o_p,
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
+def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t, o_c, o_p,
                 PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                 HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A whole group in one program (one launch for the norm): its statistics, then its output."""
@@ -75,12 +76,12 @@ def norm_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, 
     mean, m2, cnt = _slice_stats(x_ptr, shift_ptr, n, g, 0, P, P, CG, s_n, s_c, s_p, s_t,
                                  BLOCK_C, BLOCK_P, HAS_SHIFT)
     rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
-    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, 0, P, P, CG, s_n, s_c, s_p, s_t,
+    _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, 0, P, P, CG, s_n, s_c, s_p, s_t, o_c, o_p,
                BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
 
 
 @triton.jit
-def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
+def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t, o_c, o_p,
                  PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """A group split into SPLIT slices, one program each, first pass: each slice's mean, M2 and count."""
@@ -96,7 +97,7 @@ def stats_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG,
 
 
 @triton.jit
-def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t,
+def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG, GROUPS, s_n, s_c, s_p, s_t, o_c, o_p,
                  PER_SLICE, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     """Second pass: combine the group's slice statistics (Chan et al.'s pairwise formula), normalise this slice."""
@@ -114,4 +115,4 @@ def apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, eps, P, CG,
     var = (tl.sum(m2s, axis=0) + tl.sum(cnts * d * d, axis=0)) / cnt
     rstd = 1.0 / tl.sqrt(var + eps)
     _normalise(x_ptr, shift_ptr, w_ptr, b_ptr, out_ptr, mean, rstd, n, g, s * PER_SLICE, PER_SLICE, P, CG,
-               s_n, s_c, s_p, s_t, BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
+               s_n, s_c, s_p, s_t, o_c, o_p, BLOCK_C, BLOCK_P, HAS_SHIFT, SILU)
