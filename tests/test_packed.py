@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.models import attention, packed, winograd
-from latentdiff.models.packed import PackedConv2d, PackedLinear, WinogradConv2d, pack_for_inference
+from latentdiff.models.packed import PackedConv2d, PackedGEGLU, PackedLinear, WinogradConv2d, pack_for_inference
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -167,6 +167,41 @@ def test_bfloat16_layers_stay_plain_where_onednn_has_no_bfloat16(monkeypatch):
     assert [type(m) for m in model] == [PackedLinear, WinogradConv2d, torch.nn.Linear, torch.nn.Conv2d]
     with pytest.raises(ValueError, match="bfloat16 only where oneDNN runs it"):
         PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), pytest.param(torch.bfloat16, 1e-2,
+                                                                                   marks=needs_bf16)])
+def test_packed_geglu_computes_the_gated_unit(dtype, tolerance, monkeypatch):
+    """PackedGEGLU (value * gelu(gate) from two packed products with fused epilogues) against the plain GEGLU in
+    float64; pack_for_inference puts it in the feed-forward, which then runs its tokens whole (no slices)."""
+    torch.manual_seed(0)
+    ff = attention.FeedForward(16).to(dtype)
+    x = torch.randn(2, 37, 16).to(dtype)
+    plain = attention.FeedForward(16).double()
+    plain.load_state_dict(ff.state_dict())
+    expected = plain(x.double())
+    monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 10 * 128 * 4)  # slices of 10 tokens for a plain GEGLU
+    pack_for_inference(ff)
+    assert type(ff.net[0]) is PackedGEGLU and type(ff.net[2]) is PackedLinear
+    calls = []
+    ff.net[2].register_forward_hook(lambda m, a, out: calls.append(out.shape[:-1]))
+    got = ff(x)
+    assert calls == [(2, 37)] and got.dtype == dtype
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        ff.net[0](x.requires_grad_(True))
+
+
+@needs_bf16
+@pytest.mark.parametrize("amx", [True, False])
+def test_winograd_is_left_to_float32_where_amx_runs_bfloat16(amx, monkeypatch):
+    """On a CPU with AMX, bfloat16 3x3 convs stay direct (packed); float32 ones, and bfloat16 ones without AMX,
+    take Winograd."""
+    monkeypatch.setattr(packed, "amx_supported", lambda: amx)
+    kinds = [type(packed.packed(torch.nn.Conv2d(32, 32, 3, padding=1).to(dtype), winograd=True))
+             for dtype in (torch.float32, torch.bfloat16)]
+    assert kinds == [WinogradConv2d, PackedConv2d if amx else WinogradConv2d]
 
 
 def test_refusals_say_what_to_do(tmp_path):

@@ -145,22 +145,26 @@ class GEGLU(nn.Module):
 # each call gets fresh pages from the kernel and page-faults through them. In slices of <= 8 MB the memory is reused
 # and stays in cache: 1.35x faster there (profile: copy_/gelu/mul on [8192, 2560] took 40% of the feed-forward),
 # same results. Not on a GPU: there the caching allocator reuses memory anyway and slices only add kernel launches
-# (at batch 4 with guidance, 440 matrix products per SD 1.5 step instead of 88: 0.82x diffusers on an H200).
+# (at batch 4 with guidance, 440 matrix products per SD 1.5 step instead of 88: 0.82x diffusers on an H200). Nor for
+# a packed GEGLU (packed.PackedGEGLU, optimize_for_inference), which writes no 2x-wide projection and runs no
+# separate GELU and product passes: whole, SD 1.5's U-Net forward took 1.58-1.61 s against 1.65 in slices (bf16, 2
+# threads, AMX host, 2026-12-04); in fp32 no difference beyond that host's noise (5.75-6.33 s either way).
 FF_CHUNK_BYTES = 8 << 20
 
 
 class FeedForward(nn.Module):
-    """GEGLU, then back to `dim`; on the CPU applied to slices of the tokens (each token is independent) to bound
-    memory."""
+    """GEGLU, then back to `dim`; on the CPU (unless packed) applied to slices of the tokens (each token is
+    independent) to bound memory."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+        self.hidden = 2 * dim * mult  # the GEGLU projection's width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        rows = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
-        if x.device.type != "cpu" or tokens.shape[0] <= rows:
+        rows = max(1, FF_CHUNK_BYTES // (self.hidden * x.element_size()))
+        if x.device.type != "cpu" or tokens.shape[0] <= rows or type(self.net[0]) is not GEGLU:
             return self._net(x)
         return torch.cat([self._net(chunk) for chunk in tokens.split(rows)]).view(x.shape)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import GEGLU
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
@@ -51,6 +52,19 @@ def bfloat16_supported() -> bool:
 def suits_winograd(conv: nn.Conv2d) -> bool:
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS)
+
+
+def direct_beats_winograd(conv: nn.Conv2d) -> bool:
+    """bfloat16 on a CPU with AMX: its tile units run oneDNN's direct bfloat16 convolutions at several TFLOP/s (3.1
+    on this project's 2-core AMX host, benchmarks/roofline.py), where Winograd's elementwise transforms cost more
+    than its fewer multiplications save (SD 1.5 U-Net forward, batch 2, bfloat16, 2 threads, 2026-12-04: 2.10 s with
+    Winograd, 1.82 s without; diffusers 2.41 s)."""
+    return conv.weight.dtype == torch.bfloat16 and amx_supported()
+
+
+def amx_supported() -> bool:
+    """Whether this CPU has AMX tile units (oneDNN uses them for bfloat16 matrix products and convolutions)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def winograd_pays(shape: torch.Size | tuple, out_channels: int) -> bool:
@@ -120,6 +134,36 @@ class PackedLinear(_Packed):
         return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+class PackedGEGLU(nn.Module):
+    """attention.GEGLU (value * gelu(gate), [value | gate] = x W^T + b) as two packed matrix products whose oneDNN
+    epilogues do the rest: the gate's applies the (exact) GELU, the value's multiplies by the gate. No [.., 2 * D]
+    projection is written and read back, and no separate GELU and product passes run: SD 1.5's feed-forward at
+    64x64 in bfloat16 (2 x 4096 tokens, 320 -> 2 x 1280, 2 threads) ~10.5 against ~16-30 ms for the packed
+    projection, GELU and product (a noisy host; benchmarks/unet.py measures the whole U-Net). The products are
+    rounded once, from float32, where the plain path rounds the projection and the GELU first."""
+
+    def __init__(self, geglu: GEGLU):
+        super().__init__()
+        proj = geglu.proj
+        value, gate = proj.weight.detach().chunk(2)
+        value_bias, gate_bias = proj.bias.detach().chunk(2)
+        self.value = PackedLinear(_linear(value, value_bias))
+        self.gate = PackedLinear(_linear(gate, gate_bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.value._check(x)
+        gate = _ops._linear_pointwise(x, self.gate.weight, self.gate.bias, "gelu", [], "none")
+        return _ops._linear_pointwise.binary(x, gate, self.value.weight, self.value.bias, "mul")
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding (contiguous copies of) these tensors, to be packed."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    layer.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    return layer
+
+
 class PackedConv2d(_Packed):
     """nn.Conv2d with a oneDNN-packed weight; its output is channels-last. A 1x1 conv is a linear over the channels
     of each pixel, and runs as one.
@@ -187,11 +231,15 @@ class WinogradConv2d(_Packed):
 
 def packed(layer: nn.Module, winograd: bool = True) -> nn.Module:
     """The packed stand-in for `layer`, or `layer` itself when it cannot be packed."""
+    if type(layer) is GEGLU and can_pack(layer.proj) and layer.proj.bias is not None:
+        return PackedGEGLU(layer)
     if not can_pack(layer):
         return layer
     if type(layer) is nn.Linear:
         return PackedLinear(layer)
-    return WinogradConv2d(layer) if winograd and suits_winograd(layer) else PackedConv2d(layer)
+    if winograd and suits_winograd(layer) and not direct_beats_winograd(layer):
+        return WinogradConv2d(layer)
+    return PackedConv2d(layer)
 
 
 @torch.no_grad()
