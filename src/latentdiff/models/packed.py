@@ -63,8 +63,10 @@ def direct_beats_winograd(conv: nn.Conv2d) -> bool:
 
 
 def amx_supported() -> bool:
-    """Whether this CPU has AMX tile units (oneDNN uses them for bfloat16 matrix products and convolutions)."""
-    return torch.cpu._is_amx_tile_supported()
+    """Whether this CPU has AMX tile units (oneDNN uses them for bfloat16 matrix products and convolutions); False
+    where this PyTorch cannot tell (the check is private API)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def winograd_pays(shape: torch.Size | tuple, out_channels: int) -> bool:
