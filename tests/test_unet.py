@@ -359,6 +359,24 @@ def test_cached_timesteps_give_the_same_result_and_follow_changes(small):
             hook.remove()
 
 
+def test_cached_timesteps_compute_as_usual_with_inference_tensor_weights(small):
+    """Weights made under torch.inference_mode keep no version counter, so no table can be checked against them:
+    the calls compute the embedding as usual (they used to raise RuntimeError)."""
+    from latentdiff.models.unet import cache_timesteps
+
+    config, _, ours = small
+    with torch.inference_mode():
+        frozen = UNet2DConditionModel(config).eval()
+        frozen.load_state_dict(ours.state_dict())
+    sample, _, ctx = inputs(config, batch=1)
+    timesteps = torch.tensor([981, 7])
+    with torch.no_grad():
+        expected = [ours(sample, int(t), ctx) for t in timesteps]
+        with cache_timesteps(frozen, timesteps):
+            for t, want in zip(timesteps, expected):
+                torch.testing.assert_close(frozen(sample, t, ctx), want, rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def test_fused_qkv_projections_give_the_same_result_and_follow_the_weights():
     """fuse_qkv_projections: the self-attentions' q, k, v from one product over concatenated weights (made on first

@@ -13,6 +13,16 @@ from .fused import add_layer_norm, geglu
 from .group_norm import group_norm
 
 
+def tensors_key(tensors) -> tuple | None:
+    """(address, in-place version) of each tensor: what a cache derived from them stays valid for (replacing a
+    tensor's data moves the address, changing it in place bumps the version); None where one is an inference tensor,
+    which keeps no version counter, so nothing derived from it can be checked and cached."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:
+        return None
+
+
 class Attention(nn.Module):
     """Scaled dot-product attention (Vaswani et al. 2017) over [B, N, C] tokens; keys and values come from
     `context` when given (cross-attention to the text), else from `x` (self-attention)."""
@@ -55,9 +65,8 @@ class Attention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         if any(type(layer) is not nn.Linear for layer in layers):  # e.g. packed for the CPU since: re-laid out
             return None
-        try:
-            key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer in layers)
-        except RuntimeError:  # inference tensors keep no version counter
+        key = tensors_key(layer.weight for layer in layers)
+        if key is None:
             return None
         if not self.fused or self.fused[0] != key:
             weight = torch.cat([layer.weight for layer in layers])
@@ -87,17 +96,14 @@ class Attention(nn.Module):
         return cache[2], cache[3]
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
-        """What cached keys and values of `context` stay valid for (the in-place versions of the context and of the
-        projection weights), or None where nothing may be cached: outside cache_text_keys(), under torch.compile
-        (tested first, so that a compiled graph never reads or guards on the cache), with autograd, during CUDA-graph
-        capture, and for inference tensors (they keep no version counter)."""
+        """What cached keys and values of `context` stay valid for (tensors_key of the context and the projection
+        weights), or None where nothing may be cached: outside cache_text_keys(), under torch.compile (tested first,
+        so that a compiled graph never reads or guards on the cache), with autograd, during CUDA-graph capture, and
+        for inference tensors."""
         if (torch.compiler.is_compiling() or self.context_cache is None or torch.is_grad_enabled()
                 or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
             return None
-        try:
-            return context._version, self.to_k.weight._version, self.to_v.weight._version
-        except RuntimeError:
-            return None
+        return tensors_key((context, self.to_k.weight, self.to_v.weight))
 
 
 @contextlib.contextmanager

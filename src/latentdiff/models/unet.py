@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import AnyOf, ConfigMixin, ModelMixin
-from .attention import Transformer2DModel, fuse_qkv_projections
+from .attention import Transformer2DModel, fuse_qkv_projections, tensors_key
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .group_norm import group_norm
 from .packed import pack_for_inference
@@ -142,8 +142,8 @@ def _repeat_batch(k: int, x: torch.Tensor, emb: TimeInput, skips: list[torch.Ten
 class TimeTable:
     """What a U-Net's ResNet blocks add for each timestep of a denoising run, made for all of them at once (see
     cache_timesteps): per timestep a dict from each block to its projection of the embedding, [1, C]. Made on the
-    first call that needs it and again whenever the dtype, the device or a weight it depends on changed (in-place
-    versions and addresses are compared)."""
+    first call that needs it and again whenever the dtype, the device or a weight it depends on changed
+    (attention.tensors_key: addresses and in-place versions)."""
 
     def __init__(self, timesteps: torch.Tensor):
         self.timesteps = timesteps  # held: its storage identifies the calls' timesteps and cannot be reused
@@ -161,8 +161,12 @@ class TimeTable:
         i, rest = divmod(t.storage_offset() - ts.storage_offset(), ts.stride(0))
         return i if rest == 0 and 0 <= i < ts.shape[0] else None
 
-    def row(self, unet: "UNet2DConditionModel", i: int, sample: torch.Tensor) -> dict:
-        if self._key(sample) != self.key:
+    def row(self, unet: "UNet2DConditionModel", i: int, sample: torch.Tensor) -> dict | None:
+        """Row i for `sample`'s dtype and device; None where the weights cannot be checked (inference tensors)."""
+        key = self._key(sample)
+        if key is None:
+            return None
+        if key != self.key:
             blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
             emb = unet.embed_time(self.timesteps.to(sample.device), sample.dtype)
             shifts = {block: block.time_emb_proj(emb) for block in blocks}
@@ -172,8 +176,9 @@ class TimeTable:
             self.key = self._key(sample)
         return self.rows[i]
 
-    def _key(self, sample: torch.Tensor) -> tuple:
-        return sample.dtype, sample.device, *((p.data_ptr(), p._version) for p in self.parameters)
+    def _key(self, sample: torch.Tensor) -> tuple | None:
+        weights = tensors_key(self.parameters)
+        return None if weights is None else (sample.dtype, sample.device, weights)
 
 
 @contextlib.contextmanager
