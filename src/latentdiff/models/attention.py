@@ -165,12 +165,14 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
-        self.hidden = 2 * dim * mult  # the GEGLU projection's width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        geglu = self.net[0]
+        if x.device.type != "cpu" or type(geglu) is not GEGLU:
+            return self._net(x)
         tokens = x.reshape(-1, x.shape[-1])
-        rows = max(1, FF_CHUNK_BYTES // (self.hidden * x.element_size()))
-        if x.device.type != "cpu" or tokens.shape[0] <= rows or type(self.net[0]) is not GEGLU:
+        rows = max(1, FF_CHUNK_BYTES // (geglu.proj.out_features * x.element_size()))
+        if tokens.shape[0] <= rows:
             return self._net(x)
         return torch.cat([self._net(chunk) for chunk in tokens.split(rows)]).view(x.shape)
 
