@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.models import attention, packed, winograd
+from latentdiff.models.fused import adds_residual
 from latentdiff.models.packed import PackedConv2d, PackedGEGLU, PackedLinear, WinogradConv2d, pack_for_inference
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -276,3 +277,58 @@ def test_packed_vae_decodes_as_the_plain_one():
     assert (fast.decode(latents, tiled=True) - vae.decode(latents, tiled=True)).abs().max() <= 1e-4
     images = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(3))
     assert (fast.encode(images).mean - vae.encode(images).mean).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 2e-2,
+                                                                                   marks=needs_bf16)])
+def test_packed_layers_add_a_residual_in_their_epilogue(dtype, tolerance, always_winograd):
+    """layer(x, residual) is residual + layer(x) for every packed kind (a linear, a 1x1 conv run as one, a direct
+    3x3 conv, a Winograd one), in the residual's shape, leaving the residual as it was; plain layers do not claim
+    it (fused.adds_residual)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    linear, pointwise, conv = torch.nn.Linear(5, 7), torch.nn.Conv2d(8, 6, 1), torch.nn.Conv2d(8, 4, 3, padding=1)
+    wide = torch.nn.Conv2d(32, 32, 3, padding=1)  # (Winograd needs 32 channels)
+    cases = [(PackedLinear(linear.to(dtype)), linear, x), (PackedConv2d(pointwise.to(dtype)), pointwise, x),
+             (PackedConv2d(conv.to(dtype)), conv, x), (WinogradConv2d(wide.to(dtype)), wide, x.repeat(1, 4, 1, 1))]
+    assert not adds_residual(linear)
+    for fast, plain, inp in cases:
+        assert adds_residual(fast)
+        expected = plain.double()(inp.double())
+        residual = torch.randn(expected.shape).to(dtype)
+        before = residual.clone()
+        got = fast(inp, residual)
+        assert got.shape == expected.shape and torch.equal(residual, before)
+        error = (got.double() - (expected + residual.double())).abs().max() / expected.abs().max()
+        assert error.item() < tolerance, type(fast).__name__
+
+
+@torch.no_grad()
+def test_optimized_model_adds_its_residuals_inside_the_layers():
+    """After optimize_for_inference, no separate residual add runs in the transformer blocks (3 each), after the
+    spatial transformers' output projections or after the residual blocks' second convs: the packed layers add
+    them. Counted as aten.add calls against the plain model's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAdds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.adds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.adds += func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+            return func(*args, **(kwargs or {}))
+
+    model = make()
+    fast = optimized_copy(model, winograd=False)
+    counts = []
+    for m in (model, fast):
+        with CountAdds() as mode:
+            m(*inputs(8, 8))
+        counts.append(mode.adds)
+    blocks = sum(isinstance(m, attention.BasicTransformerBlock) for m in model.modules())
+    transformers = sum(isinstance(m, attention.Transformer2DModel) for m in model.modules())
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in model.modules())
+    assert blocks and transformers and resnets
+    assert counts[0] - counts[1] == 3 * blocks + transformers + resnets

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import add_layer_norm, geglu
+from .fused import add_layer_norm, adds_residual, geglu
 from .group_norm import group_norm
 
 
@@ -41,7 +41,9 @@ class Attention(nn.Module):
         self.context_cache: list | None = None  # see cache_text_keys()
         self.fused: list | None = None  # see fuse_qkv_projections()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: a tensor like x for the output projection to add (only where it can: fused.adds_residual)."""
         b, n, _ = x.shape
         qkv = self._fused_qkv(x) if context is None else None
         if qkv is not None:
@@ -53,7 +55,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out = self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        if residual is not None:
+            return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)
+        out = self.to_out[0](out)
         return self.to_out[1](out) if self.training else out  # (dropout: the identity in eval mode)
 
     def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -166,8 +171,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: a tensor like x for the output layer to add (only where it can: fused.adds_residual)."""
         geglu = self.net[0]
+        if residual is not None:
+            return self.net[2](geglu(x), residual)
         if x.device.type != "cpu" or type(geglu) is not GEGLU:
             return self._net(x)
         tokens = x.reshape(-1, x.shape[-1])
@@ -195,6 +203,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if adds_residual(self.attn1.to_out[0], self.attn2.to_out[0], self.ff.net[2]):  # packed for the CPU
+            x = self.attn1(self.norm1(x), residual=x)
+            x = self.attn2(self.norm2(x), context, residual=x)
+            return self.ff(self.norm3(x), residual=x)
         x, h = add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2)  # x + attn1(...), norm2 of that
         x, h = add_layer_norm(x, self.attn2(h, context), self.norm3)
         return x + self.ff(h)
@@ -229,10 +241,16 @@ class Transformer2DModel(nn.Module):
             x = self.proj_in(x).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             x = block(x, context)
+        fold = adds_residual(self.proj_out)  # (packed for the CPU: the projection adds the residual itself)
         if self.linear_projection:
+            if fold:
+                return self.proj_out(x, residual.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, (h, w))
             x = self.proj_out(x).transpose(1, 2).unflatten(2, (h, w))
         else:
-            x = self.proj_out(x.transpose(1, 2).unflatten(2, (h, w)))
+            x = x.transpose(1, 2).unflatten(2, (h, w))
+            if fold:
+                return self.proj_out(x, residual)
+            x = self.proj_out(x)
         return residual + x  # (residual first: the sum keeps the input's memory layout)
 
 

@@ -40,6 +40,12 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
+def adds_residual(*layers: nn.Module) -> bool:
+    """Whether each layer computes `layer(x, residual)` = residual + layer(x) itself, adding as it writes its output
+    (the CPU's packed layers, packed._Packed): the blocks then hand it their residual instead of adding after it."""
+    return all(getattr(layer, "adds_residual", False) for layer in layers)
+
+
 def _applies(*tensors: torch.Tensor) -> bool:
     x = tensors[0]
     return (ENABLED and not torch.compiler.is_compiling()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import adds_residual
 from .group_norm import group_norm
 
 # the time embedding (already through SiLU) [B, D], or each block's projection of it (a row of unet.TimeTable)
@@ -35,9 +36,11 @@ class ResnetBlock2D(nn.Module):
         else:  # added to every pixel
             shift = temb[self] if isinstance(temb, dict) else self.time_emb_proj(temb)
         h = group_norm(self.norm2, h, silu=True, shift=shift)
-        h = self.conv2(self.dropout(h) if self.training else h)  # (eval: dropout is the identity; skip its call)
+        h = self.dropout(h) if self.training else h  # (eval: dropout is the identity; skip its call)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        if adds_residual(self.conv2):  # packed for the CPU: the conv adds the skip as it writes its output
+            return self.conv2(h, skip)
+        return skip + self.conv2(h)
 
 
 class Downsample2D(nn.Module):
