@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from latentdiff.models import attention, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.packed import PackedConv2d, PackedGEGLU, PackedLinear, WinogradConv2d, pack_for_inference
+from latentdiff.models.packed import (PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d,
+                                      pack_for_inference)
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -55,6 +56,7 @@ def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionMode
     (dict(), 16, 16, True),
     (dict(), 13, 11, True),  # odd sizes: partial Winograd tiles; packed weights do not depend on the input size
     (dict(), 13, 11, False),
+    (dict(), 16, 8, False),  # even sizes: the upsamplers compute on the 2x upsampling without making it
     (dict(use_linear_projection=True, transformer_layers_per_block=2), 8, 24, True),
 ])
 @pytest.mark.usefixtures("always_winograd")
@@ -332,3 +334,32 @@ def test_optimized_model_adds_its_residuals_inside_the_layers():
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in model.modules())
     assert blocks and transformers and resnets
     assert counts[0] - counts[1] == 3 * blocks + transformers + resnets
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 2e-2,
+                                                                                   marks=needs_bf16)])
+@pytest.mark.parametrize("batch, height, width", [(2, 6, 6), (1, 5, 9), (1, 1, 1)])
+def test_upsample_conv_runs_on_the_upsampling_without_making_it(dtype, tolerance, batch, height, width):
+    """PackedUpsampleConv.upsampled(x) (four 2x2 phase filters) is the 3x3 conv of the nearest 2x upsampling of x,
+    borders included, against float64; Upsample2D takes it for a 2x size and the plain conv for any other."""
+    from latentdiff.models.resnet import Upsample2D
+
+    torch.manual_seed(0)
+    up = Upsample2D(12).to(dtype)
+    plain = Upsample2D(12).double()
+    plain.load_state_dict(up.state_dict())
+    x = torch.randn(batch, 12, height, width).to(dtype)
+    expected = plain(x.double())
+    pack_for_inference(up, winograd=False)
+    assert type(up.conv) is PackedUpsampleConv
+    calls = []
+    up.conv.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))  # the plain conv's calls
+    got = up(x)
+    assert calls == [] and got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
+    odd = (2 * height - 1, 2 * width + 1)
+    got = up(x, size=odd)
+    assert calls == [torch.Size((batch, 12, *odd))]
+    error = (got.double() - plain(x.double(), size=odd)).abs().max() / expected.abs().max()
+    assert error.item() < tolerance

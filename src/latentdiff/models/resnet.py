@@ -67,6 +67,9 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        upsampled = getattr(self.conv, "upsampled", None)  # packed.PackedUpsampleConv: no upsampled copy made
+        if upsampled is not None and (size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])):
+            return upsampled(x)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
