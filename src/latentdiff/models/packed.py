@@ -5,9 +5,10 @@ re-lays out its weight into oneDNN's blocked format on every call -- for a 1280-
 as much as the convolution (50 GFLOP/s, 112 with a packed weight; 16x16: 87 -> 113) -- and `nn.Linear` runs MKL's
 sgemm, which oneDNN with a packed weight beats by 25-40% on these shapes (8192x1280 @ 1280x320: 70 -> 108 GFLOP/s).
 This is the weight pre-packing torch.compile's freezing pass does (torch/_inductor/fx_passes/mkldnn_fusion.py),
-without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithms (winograd.py). 1x1
-convs run as linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it
-was packed for (20-107 GFLOP/s), the linear is steady (~105).
+without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithms (winograd.py), and
+the convs after a 2x nearest upsampling skip making the upsampled map (PackedUpsampleConv). 1x1 convs run as
+linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it was packed
+for (20-107 GFLOP/s), the linear is steady (~105).
 
 Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
 ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
@@ -233,9 +234,12 @@ class PackedUpsampleConv(PackedConv2d):
     (a = 1) [w0 + w1, w2] over i, i + 1; columns alike. One conv with 4x the output channels (the four phases
     (a, b)), padding 1, gives every phase on an (H + 1) x (W + 1) grid; phase (a, b) is its window at offset (a, b),
     interleaved into the output. 16 multiply-adds per input pixel and channel pair instead of 36, and no upsampled
-    copy. bfloat16, 2 threads, AMX host: SD 1.5's U-Net upsamplers (batch 2) 7.8 -> 6.7 ms at 8x8, 28.5 -> 23.4 at
-    16x16, 23 -> 13.3 at 32x32; its VAE decoder's at 1 x 512 x 128 x 128: 231 -> 90 ms. The phase filters cost
-    16/9 of the filter's memory on top of it (the plain conv still serves other output sizes)."""
+    copy. 2 threads, AMX host, against interpolation and the conv packing would otherwise make: bfloat16 (direct
+    conv), SD 1.5's U-Net upsamplers (batch 2) 7.8 -> 6.7 ms at 8x8, 28.5 -> 23.4 at 16x16, 23 -> 13.3 at 32x32,
+    its VAE decoder's (batch 1) 33 -> 19 at 64x64, 231 -> 90 at 128x128, 214 -> 200 at 256x256; float32
+    (Winograd), 28 -> 31 at 8x8, 131 -> 93 at 16x16, 88 -> 89 at 32x32, 152 -> 124, 604 -> 585, 920 -> 609 for
+    the VAE's. The phase filters cost 16/9 of the filter's memory on top of it (the plain conv still serves other
+    output sizes)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__(conv)
@@ -306,10 +310,10 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
         return layer
     if type(layer) is nn.Linear:
         return PackedLinear(layer)
-    if winograd and uses_winograd(layer):
-        return WinogradConv2d(layer)
     if after_upsampling and is_3x3_same(layer):
         return PackedUpsampleConv(layer)
+    if winograd and uses_winograd(layer):
+        return WinogradConv2d(layer)
     return PackedConv2d(layer)
 
 
@@ -317,7 +321,8 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
 def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
     float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
-    `winograd`, which run a direct conv on inputs too small for Winograd to pay). Layers that cannot be packed
+    `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
+    PackedUpsampleConv, which the upsampler runs on its input). Layers that cannot be packed
     (other dtypes or devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as
     they are, so this is safe anywhere; returns `model`."""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)

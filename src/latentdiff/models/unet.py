@@ -324,8 +324,9 @@ class UNet2DConditionModel(ModelMixin):
         """Make CPU inference fast: eval mode, channels-last activations, linear and conv weights re-laid out once
         for oneDNN, and 3x3 convs computed with Winograd's algorithm on inputs where it pays (wide layers, enough
         pixels: packed.winograd_pays; see packed.py, winograd.py; `winograd=False` saves its extra weight memory,
-        +47% of the U-Net's). The result runs only without gradients and cannot be saved, cast or moved: do that
-        before. Beyond eval and channels-last, a no-op off the CPU. Returns self."""
+        +47% of the U-Net's); the upsamplers' convs run on the low-resolution map (packed.PackedUpsampleConv); the
+        residual adds happen in the output layers' epilogues. The result runs only without gradients and cannot be
+        saved, cast or moved: do that before. Beyond eval and channels-last, a no-op off the CPU. Returns self."""
         return pack_for_inference(self, winograd)
 
     def fuse_qkv_projections(self) -> None:
