@@ -101,6 +101,24 @@ def test_prompt_cache_follows_the_text_encoders_weights(folders):
     expected = pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state
     torch.testing.assert_close(after, expected)
 
+    def replace_weights(scale: float) -> None:  # fresh tensors: new addresses, version counters from 0
+        for name, p in list(pipe.text_encoder.named_parameters()):
+            module, _, attr = name.rpartition(".")
+            setattr(pipe.text_encoder.get_submodule(module), attr, torch.nn.Parameter(p * scale, requires_grad=False))
+
+    with torch.no_grad():
+        replace_weights(0.5)
+    halved = pipe.encode_prompt(["a red circle"])
+    assert not torch.allclose(halved, after)
+    torch.testing.assert_close(halved, pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state)
+    # weights made under inference_mode keep no version counter: encoded every time, nothing cached, no error
+    with torch.inference_mode():
+        replace_weights(2.0)
+    first = pipe.encode_prompt(["a red circle"])
+    assert not pipe._embedding_cache
+    with torch.inference_mode():
+        torch.testing.assert_close(first, pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state)
+
 
 def test_guidance_one_is_conditional_only(pipe):
     calls = []

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
-from .models.attention import cache_text_keys
+from .models.attention import cache_text_keys, tensors_key
 from .models.unet import cache_timesteps
 from .schedules import randn
 
@@ -211,10 +211,12 @@ class LatentDiffusionPipeline:
         """[B, 77, D] context for `prompts`. Repeated prompts (the empty negative prompt above all) are cached."""
         from .models.text import encode_prompt_ids
 
-        # the cache holds for these weights only: swapping the encoder or changing its weights in place (which
-        # bumps each tensor's version counter: load_state_dict, an optimizer step) empties it
-        weights = (id(self.text_encoder), sum(p._version for p in self.text_encoder.parameters()))
-        if weights != self._embedding_weights:
+        # the cache holds for these weights only: swapping the encoder, replacing a weight tensor (its address) or
+        # changing one in place (its version counter: load_state_dict, an optimizer step) empties it; weights made
+        # under torch.inference_mode keep no version counter, so nothing is cached for them
+        key = tensors_key(self.text_encoder.parameters())
+        weights = None if key is None else (id(self.text_encoder), key)
+        if weights is None or weights != self._embedding_weights:
             self._embedding_cache.clear()
             self._embedding_weights = weights
         out = []
@@ -222,7 +224,11 @@ class LatentDiffusionPipeline:
             key = (prompt, clip_skip)
             if key not in self._embedding_cache:
                 ids = self.tokenizer(prompt).to(self.text_encoder.device)
-                self._embedding_cache[key] = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
+                embedding = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
+                if weights is None:
+                    out.append(embedding)
+                    continue
+                self._embedding_cache[key] = embedding
                 if len(self._embedding_cache) > 256:
                     self._embedding_cache.pop(next(iter(self._embedding_cache)))
             out.append(self._embedding_cache[key])
