@@ -6,8 +6,8 @@ guidance; calls interleaved (A B A B ...). Then show where the time goes, and op
                                   [--threads N] [--prompt TEXT] [--variants diffusers,ours,ours-opt,ours-compile]
                                   [--prompt-cache] [--profile ours] [--cli] [--cli-runs 3]
 
-Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (the U-Net after
-`optimize_for_inference()` and the VAE after `pack_for_inference`: channels-last, packed weights, Winograd convs).
+Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (after
+`pipe.optimize_for_inference()`: U-Net, VAE and text encoder channels-last, packed weights, Winograd convs).
 ours-compile: `pipe.compile()`, the U-Net under torch.compile (inductor: frozen weights, C++ wrapper, max-autotune);
 diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call compiles
 (reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
@@ -70,14 +70,12 @@ def load(variant: str, folder: Path):
         pipe.set_progress_bar_config(disable=True)
         return pipe
     from latentdiff import LatentDiffusionPipeline
-    from latentdiff.models.packed import pack_for_inference
 
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     if variant == "ours-qkv":
         pipe.fuse_qkv_projections()
     if variant == "ours-opt":
-        pipe.unet.optimize_for_inference()
-        pack_for_inference(pipe.vae)
+        pipe.optimize_for_inference()
     return pipe
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentdiff import LatentDiffusionPipeline
 from latentdiff.cli import PNG_KEY, main
 
 
@@ -14,7 +15,7 @@ def run(args, capsys):
     return code, out, err
 
 
-def test_generate_and_reproduce(tiny_folders, tmp_path, capsys):
+def test_generate_and_reproduce(tiny_folders, tmp_path, capsys, monkeypatch):
     folder = tiny_folders[1]
     code, out, _ = run(["generate", "a small red circle", "--model", folder, "--steps", 3, "--guidance", 4,
                         "--seed", 5, "--num-images", 2, "--out", tmp_path / "out", "--negative", "blurry"], capsys)
@@ -30,6 +31,15 @@ def test_generate_and_reproduce(tiny_folders, tmp_path, capsys):
     again = np.asarray(Image.open(out.strip()))
     assert np.array_equal(again, np.asarray(Image.open(paths[1])))
     assert not np.array_equal(again, np.asarray(Image.open(paths[0])))
+    # --optimize (the models packed for oneDNN): the same image up to float rounding
+    packed = []
+    original = LatentDiffusionPipeline.optimize_for_inference
+    monkeypatch.setattr(LatentDiffusionPipeline, "optimize_for_inference",
+                        lambda pipe: packed.append(pipe) or original(pipe))
+    code, out, _ = run(["generate", "--from-png", paths[1], "--out", tmp_path / "fast", "--optimize"], capsys)
+    assert code == 0 and len(packed) == 1
+    fast = np.asarray(Image.open(out.strip())).astype(int)
+    assert np.abs(fast - again.astype(int)).max() <= 1
 
 
 def test_prompts_file_skips_existing(tiny_folders, tmp_path, capsys):

@@ -373,3 +373,24 @@ def test_compile_gives_the_eager_images_and_follows_the_unet(folders, tmp_path):
     assert pipe._compiled is None
     pipe.disable_compile()
     assert pipe._unet_call() is pipe.unet
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_pipeline_optimized_for_inference_makes_the_same_images(folders, tmp_path):
+    """pipe.optimize_for_inference() packs the U-Net, the VAE and the text encoder (no plain nn.Linear or
+    nn.Conv2d left) and makes the same images up to float rounding; saving it afterwards is refused with the fix."""
+    from latentdiff.models.packed import PackedConv2d, PackedUpsampleConv
+
+    plain = LatentDiffusionPipeline.from_pretrained(folders[1])
+    fast = LatentDiffusionPipeline.from_pretrained(folders[1]).optimize_for_inference()
+    for model in (fast.unet, fast.vae, fast.text_encoder):
+        kinds = {type(m) for m in model.modules()}
+        assert torch.nn.Linear not in kinds and torch.nn.Conv2d not in kinds, type(model).__name__
+    assert any(type(m) is PackedUpsampleConv for m in fast.vae.modules())
+    assert any(isinstance(m, PackedConv2d) for m in fast.unet.modules())
+    expected = run(plain, PROMPTS[0], generator=torch.Generator().manual_seed(3))
+    got = run(fast, PROMPTS[0], generator=torch.Generator().manual_seed(3))
+    assert expected.std() > 0.05
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with pytest.raises(RuntimeError, match="before optimize_for_inference"):
+        fast.save_pretrained(tmp_path / "saved")

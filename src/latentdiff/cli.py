@@ -22,7 +22,7 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def load_pipeline(model: str | None, dtype: str, device: str):
+def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False):
     import torch
 
     from .layout import EMBEDDED
@@ -34,7 +34,8 @@ def load_pipeline(model: str | None, dtype: str, device: str):
         pipe = LatentDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
-    return pipe.to(device), path
+    pipe = pipe.to(device)
+    return (pipe.optimize_for_inference() if optimize else pipe), path
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
@@ -81,7 +82,7 @@ def cmd_generate(args) -> None:
 
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device)
+        pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize)
         digest = weights_hash(path)
         if digest != settings["model_hash"]:
             print(f"warning: {path} has weights hash {digest}, the image was made with {settings['model_hash']}: "
@@ -96,7 +97,7 @@ def cmd_generate(args) -> None:
         prompts = [args.prompt]
     else:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
-    pipe, path = load_pipeline(args.model, args.dtype, args.device)
+    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize)
     digest = weights_hash(path)
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
     jobs = [(p, s, Path(args.out) / f"{slug(p)}-s{s}.png") for p, s in jobs]
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default="cpu")
+    g.add_argument("--optimize", action="store_true",
+                   help="on the CPU, pack the models for oneDNN first (pipe.optimize_for_inference(): 1.3-1.5x "
+                        "faster at SD 1.5 sizes, same images up to float rounding)")
     g.add_argument("--out", default="out")
     g.add_argument("--prompts-file", help="one prompt per line; existing images are skipped")
     g.add_argument("--from-png", help="reproduce an image from the settings stored in its PNG")

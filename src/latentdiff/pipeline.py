@@ -160,6 +160,21 @@ class LatentDiffusionPipeline:
     def _chosen(self, unet: bool, vae: bool) -> list[torch.nn.Module]:
         return [model for model, chosen in ((self.unet, unet), (self.vae, vae)) if chosen]
 
+    def optimize_for_inference(self, winograd: bool = True) -> "LatentDiffusionPipeline":
+        """Make CPU inference fast (models/packed.py): the U-Net (UNet2DConditionModel.optimize_for_inference), the
+        VAE and the text encoder in eval mode and channels-last, with their linear and conv weights re-laid out once
+        for oneDNN, Winograd 3x3 convs where they pay (`winograd=False` saves their extra memory) and the
+        upsamplers' convs run on the low-resolution maps. Same images up to float rounding. Afterwards the
+        pipeline cannot compute gradients (train), be saved, cast or moved (each refuses with the fix): load it
+        again for that. Layers not on the CPU, or in dtypes oneDNN cannot run here, stay as they are. Returns
+        self."""
+        from .models.packed import pack_for_inference
+
+        self.unet.optimize_for_inference(winograd)
+        for model in (self.vae, self.text_encoder):
+            pack_for_inference(model, winograd)
+        return self
+
     def compile(self, max_autotune: bool = True) -> None:
         """Run the U-Net through torch.compile (inductor) for inference: its weights are frozen into the graph
         (constant-folded, convolution and linear weights pre-packed), on the CPU the graph is driven by C++ rather
