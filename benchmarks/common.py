@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # run from a checkout without installing: make `latentdiff` importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from latentdiff.models.vae import malloc_trim  # noqa: E402
+from latentdiff.models.allocator import malloc_trim  # noqa: E402
 
 
 def parse_model_benchmark_args(parser, variants: tuple[str, ...], dtypes: dict):

@@ -324,7 +324,8 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
     PackedUpsampleConv, which the upsampler runs on its input). Layers that cannot be packed
     (other dtypes or devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as
-    they are, so this is safe anywhere; returns `model`."""
+    they are, so this is safe anywhere; returns `model`. (Large activations still get fresh pages from malloc on
+    every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     for parent in list(model.modules()):
         for name, child in parent.named_children():

@@ -6,10 +6,8 @@ Large images can be encoded and decoded a tile at a time with the same result up
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import sys
-from functools import cache, partial
+from functools import partial
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 
 from ..config import ConfigMixin, ModelMixin
 from ..schedules import randn
+from .allocator import malloc_trim
 from .attention import SpatialSelfAttention, fuse_qkv_projections
 from .group_norm import group_norm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -425,17 +424,6 @@ def _return_freed_memory(x: torch.Tensor) -> None:
     working memory instead of 0.27-0.28x (benchmarks/vae_tiled.py)."""
     if x.device.type == "cpu" and (trim := malloc_trim()) is not None:
         trim(0)
-
-
-@cache
-def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim (hands freed heap memory back to the OS), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; musl and others have no malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 class _Collected(Exception):
