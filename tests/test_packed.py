@@ -273,6 +273,7 @@ def test_packed_vae_decodes_as_the_plain_one():
     fast.load_state_dict(vae.state_dict())
     pack_for_inference(fast)
     assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
+    assert any(isinstance(m, PackedUpsampleConv) for m in fast.modules())  # (tiled decoding runs them too)
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(2))
     expected = vae.decode(latents)
     assert (fast.decode(latents) - expected).abs().max() <= 1e-4
