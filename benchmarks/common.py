@@ -198,12 +198,10 @@ def twins(reference_cls, ours_cls, config, dtype: torch.dtype, what: str):
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters, buffers and packed weights (oneDNN tensors held as plain attributes: `weight`,
-    and the upsampling phase filters of packed.PackedUpsampleConv, `phases`)."""
+    """Bytes of a model's parameters, buffers and packed weights (oneDNN tensors held as plain attributes)."""
     seen, total = set(), 0
     for module in model.modules():
-        tensors = [*module._parameters.values(), *module._buffers.values(), getattr(module, "weight", None),
-                   getattr(module, "phases", None)]
+        tensors = [*module._parameters.values(), *module._buffers.values(), getattr(module, "weight", None)]
         for t in tensors:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))

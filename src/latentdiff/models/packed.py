@@ -252,19 +252,17 @@ class PackedUpsampleConv(PackedConv2d):
                 torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
         phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
                   torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3) for r in rows for b in (0, 1)]
-        self.phases = torch.cat(phases).to(conv.weight.dtype)  # [4 * out, in, 2, 2], phase-major (a, b)
-        self.phase_bias = None if self.bias is None else self.bias.detach().repeat(4)
-        self.phases_for: torch.Size | None = None
+        phase_conv = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
+                               device="meta")
+        # [4 * out, in, 2, 2], phase-major (a, b)
+        phase_conv.weight = nn.Parameter(torch.cat(phases).to(conv.weight.dtype), requires_grad=False)
+        if conv.bias is not None:
+            phase_conv.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
+        self.phases = PackedConv2d(phase_conv)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        if x.shape != self.phases_for:
-            self.phases = _ops._reorder_convolution_weight(self.phases.to_dense(), [1, 1], [1, 1], [1, 1], 1,
-                                                           list(x.shape))
-            self.phases_for = x.shape
         n, _, h, w = x.shape
-        grid = _ops._convolution_pointwise(x, self.phases, self.phase_bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
-        grid = grid.permute(0, 2, 3, 1).unflatten(3, (2, 2, -1))  # channels-last: [N, H + 1, W + 1, a, b, C]
+        grid = self.phases(x).permute(0, 2, 3, 1).unflatten(3, (2, 2, -1))  # [N, H + 1, W + 1, a, b, C]
         out = grid.new_empty(n, h, 2, w, 2, grid.shape[-1])  # [N, H, a, W, b, C]: channels-last [N, C, 2H, 2W]
         for a in (0, 1):
             for b in (0, 1):
