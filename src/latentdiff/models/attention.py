@@ -242,16 +242,13 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context)
         fold = adds_residual(self.proj_out)  # (packed for the CPU: the projection adds the residual itself)
-        if self.linear_projection:
-            if fold:
-                return self.proj_out(x, residual.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, (h, w))
-            x = self.proj_out(x).transpose(1, 2).unflatten(2, (h, w))
-        else:
+        if self.linear_projection:  # on the tokens
+            x = self.proj_out(x, residual.flatten(2).transpose(1, 2)) if fold else self.proj_out(x)
             x = x.transpose(1, 2).unflatten(2, (h, w))
-            if fold:
-                return self.proj_out(x, residual)
-            x = self.proj_out(x)
-        return residual + x  # (residual first: the sum keeps the input's memory layout)
+        else:  # a 1x1 conv on the map
+            x = x.transpose(1, 2).unflatten(2, (h, w))
+            x = self.proj_out(x, residual) if fold else self.proj_out(x)
+        return x if fold else residual + x  # (residual first: the sum keeps the input's memory layout)
 
 
 class SpatialSelfAttention(Attention):
