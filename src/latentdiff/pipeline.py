@@ -229,24 +229,21 @@ class LatentDiffusionPipeline:
         # the cache holds for these weights only: swapping the encoder, replacing a weight tensor (its address) or
         # changing one in place (its version counter: load_state_dict, an optimizer step) empties it; weights made
         # under torch.inference_mode keep no version counter, so nothing is cached for them
-        key = tensors_key(self.text_encoder.parameters())
-        weights = None if key is None else (id(self.text_encoder), key)
+        versions = tensors_key(self.text_encoder.parameters())
+        weights = None if versions is None else (id(self.text_encoder), versions)
         if weights is None or weights != self._embedding_weights:
             self._embedding_cache.clear()
             self._embedding_weights = weights
+        cache = {} if weights is None else self._embedding_cache  # (uncheckable weights: this call's prompts only)
         out = []
         for prompt in prompts:
             key = (prompt, clip_skip)
-            if key not in self._embedding_cache:
+            if key not in cache:
                 ids = self.tokenizer(prompt).to(self.text_encoder.device)
-                embedding = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
-                if weights is None:
-                    out.append(embedding)
-                    continue
-                self._embedding_cache[key] = embedding
-                if len(self._embedding_cache) > 256:
-                    self._embedding_cache.pop(next(iter(self._embedding_cache)))
-            out.append(self._embedding_cache[key])
+                cache[key] = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
+                if len(cache) > 256:
+                    cache.pop(next(iter(cache)))
+            out.append(cache[key])
         return torch.stack(out).to(self.dtype)
 
     # ---- checks -----------------------------------------------------------------------------------------------
