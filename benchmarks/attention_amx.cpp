@@ -1,0 +1,277 @@
+// Experimental bfloat16 attention for Intel AMX (benchmarks/attention_amx.py builds and measures it against
+// PyTorch's scaled_dot_product_attention): no mask, no dropout, inference only. Per head, the keys and values are
+// first re-laid out as AMX B tiles (zero padded: keys to 32, the head dim to 32 for Q K^T and to 16 for P V); then
+// each block of 32 queries runs an online softmax (Milakov & Gimelshein 2018) over chunks of CHUNK keys: scores in
+// fp32 from tile products, numerators exp(scale * (s - running max)) in fp32, summed in fp32 and rounded to
+// bfloat16 for the P V tile products, the output divided by the sum at the end (PyTorch's CPU flash kernel rounds
+// the same way). Threads take heads (packing), then query blocks, from shared counters.
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <atomic>
+#include <thread>
+#include <vector>
+#include <algorithm>
+
+namespace {
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
+    _tile_loadconfig(&cfg);
+}
+
+// 2^x: 2^round(x) * 2^f, f in [-1/2, 1/2] by its Taylor polynomial of degree 5 (relative error < 3e-6)
+inline __m512 exp2_ps(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+struct Args {
+    const uint16_t *q, *k, *v;
+    uint16_t* out;
+    int64_t B, H, N, Nk, d;
+    int64_t qs[3], ks[3], vs[3], os[3];  // batch, head, token strides (elements)
+    float scale;
+};
+
+struct Shapes {
+    int64_t nk32, dk, dn;  // keys padded to 32, head dim padded to 32 (QK depth), to 16 (PV width)
+};
+
+// K of one head as B tiles of Q K^T: [nk32/16][dk/2][16][2]
+void pack_k(const Args& a, const Shapes& s, const uint16_t* k, uint16_t* kp) {
+    const uint32_t* k32;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(kp);
+    for (int64_t nb = 0; nb < s.nk32 / 16; ++nb)
+        for (int64_t r = 0; r < s.dk / 2; ++r)
+            for (int64_t j = 0; j < 16; ++j) {
+                int64_t n = nb * 16 + j;
+                uint32_t val = 0;
+                if (n < a.Nk && 2 * r < a.d) {
+                    k32 = reinterpret_cast<const uint32_t*>(k + n * a.ks[2]);
+                    val = k32[r];  // d is even
+                }
+                *dst++ = val;
+            }
+}
+
+// V of one head as B tiles of P V: [nk32/2][dn][2]
+void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
+    for (int64_t kk = 0; kk < s.nk32 / 2; ++kk)
+        for (int64_t n = 0; n < s.dn; ++n)
+            for (int64_t e = 0; e < 2; ++e) {
+                int64_t key = 2 * kk + e;
+                vp[(kk * s.dn + n) * 2 + e] = (key < a.Nk && n < a.d) ? v[key * a.vs[2] + n] : 0;
+            }
+}
+
+constexpr int64_t ROWS = 32;    // queries per block: two tile rows
+constexpr int64_t CHUNK = 1024;  // keys per online-softmax step (its scores: 128 KiB, in L2)
+constexpr int64_t SS = CHUNK + 16, PS = CHUNK + 32;  // row strides of those buffers (off 4 KiB multiples)
+
+struct Buffers {
+    std::vector<uint16_t> q, p;
+    std::vector<float> s, o, c;
+    Buffers(const Shapes& sh) : q(ROWS * sh.dk), p(ROWS * PS), s(ROWS * SS), o(ROWS * sh.dn), c(ROWS * sh.dn) {}
+};
+
+// S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys: two key blocks at a time, so
+// that four accumulator tiles are in flight (one tile product's latency is several times its throughput)
+inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int64_t k0, int64_t n, float* sbuf) {
+    for (int64_t nb = k0 / 16; nb < (k0 + n) / 16; nb += 2) {
+        float* dst = sbuf + 16 * (nb - k0 / 16);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = 0; t < s.dk / 32; ++t) {
+            _tile_loadd(4, qp + 32 * t, s.dk * 2);
+            _tile_loadd(5, qp + 16 * s.dk + 32 * t, s.dk * 2);
+            _tile_loadd(6, kp + (nb * (s.dk / 2) + 16 * t) * 32, 64);
+            _tile_loadd(7, kp + ((nb + 1) * (s.dk / 2) + 16 * t) * 32, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, dst, SS * 4);
+        _tile_stored(1, dst + 16 * SS, SS * 4);
+        _tile_stored(2, dst + 16, SS * 4);
+        _tile_stored(3, dst + 16 * SS + 16, SS * 4);
+    }
+}
+
+// one row's numerators exp(scale * (s - m)) as bf16 over n columns, the first `valid` real (the rest zero);
+// m: the running maximum, updated; returns the factor that rescales what was summed against the old maximum
+inline float numerators(const float* srow, int64_t valid, int64_t n, float c, float& m, float& l, uint16_t* prow) {
+    const int64_t full = valid / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (valid - full)) - 1);
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= full; j += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + j + 16));
+    }
+    for (; j < full; j += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
+    if (tail) m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, srow + full));
+    const float m_new = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
+    const float alpha = exp2f((m - m_new) * c);
+    m = m_new;
+    const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(-m_new * c);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    j = 0;
+    for (; j + 32 <= full; j += 32) {
+        __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc));
+        __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j + 16), vc, vmc));
+        s0 = _mm512_add_ps(s0, e0);
+        s1 = _mm512_add_ps(s1, e1);
+        _mm512_storeu_si512(prow + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    for (; j < n; j += 16) {
+        __m512 e = _mm512_setzero_ps();
+        if (j < full) {
+            e = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc));
+        } else if (j == full && tail) {
+            e = _mm512_maskz_mov_ps(tail, exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc)));
+        }
+        s0 = _mm512_add_ps(s0, e);
+        _mm256_storeu_si256((__m256i*)(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    l = l * alpha + _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    return alpha;
+}
+
+// C[32][dn] = P V for keys [k0, k0 + n) (n a multiple of 32), from packed values
+inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, int64_t k0, int64_t n, float* cbuf) {
+    for (int64_t jb = 0; jb < s.dn / 16; jb += 2) {
+        const bool two = jb + 1 < s.dn / 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = 0; t < n / 32; ++t) {
+            const uint16_t* v = vp + ((k0 / 2 + 16 * t) * s.dn + 16 * jb) * 2;
+            _tile_loadd(4, pbuf + 32 * t, PS * 2);
+            _tile_loadd(5, pbuf + 16 * PS + 32 * t, PS * 2);
+            _tile_loadd(6, v, s.dn * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            if (two) {
+                _tile_loadd(7, v + 32, s.dn * 4);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, cbuf + 16 * jb, s.dn * 4);
+        _tile_stored(1, cbuf + 16 * s.dn + 16 * jb, s.dn * 4);
+        if (two) {
+            _tile_stored(2, cbuf + 16 * (jb + 1), s.dn * 4);
+            _tile_stored(3, cbuf + 16 * s.dn + 16 * (jb + 1), s.dn * 4);
+        }
+    }
+}
+
+// one block of up to 32 query rows (`rows`) of one head
+void block(const Args& a, const Shapes& s, const uint16_t* q, const uint16_t* kp, const uint16_t* vp,
+           uint16_t* out, int64_t rows, Buffers& buf) {
+    for (int64_t i = 0; i < ROWS; ++i) {  // queries, zero padded to [32][dk]
+        uint16_t* dst = buf.q.data() + i * s.dk;
+        if (i < rows) {
+            memcpy(dst, q + i * a.qs[2], a.d * 2);
+            memset(dst + a.d, 0, (s.dk - a.d) * 2);
+        } else {
+            memset(dst, 0, s.dk * 2);
+        }
+    }
+    const float c = a.scale * 1.4426950408889634f;
+    float m[ROWS], l[ROWS], alpha[ROWS];
+    std::fill(m, m + ROWS, -INFINITY);
+    std::fill(l, l + ROWS, 0.f);
+    std::fill(buf.o.begin(), buf.o.end(), 0.f);
+    for (int64_t k0 = 0; k0 < s.nk32; k0 += CHUNK) {
+        const int64_t n = std::min(CHUNK, s.nk32 - k0), valid = std::min(n, a.Nk - k0);
+        scores(s, buf.q.data(), kp, k0, n, buf.s.data());
+        for (int64_t i = 0; i < ROWS; ++i)
+            alpha[i] = numerators(buf.s.data() + i * SS, valid, n, c, m[i], l[i], buf.p.data() + i * PS);
+        values(s, buf.p.data(), vp, k0, n, buf.c.data());
+        for (int64_t i = 0; i < ROWS; ++i) {
+            const __m512 va = _mm512_set1_ps(alpha[i]);
+            float* o = buf.o.data() + i * s.dn;
+            const float* cc = buf.c.data() + i * s.dn;
+            for (int64_t j = 0; j < s.dn; j += 16)
+                _mm512_storeu_ps(o + j, _mm512_fmadd_ps(_mm512_loadu_ps(o + j), va, _mm512_loadu_ps(cc + j)));
+        }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+        const float* orow = buf.o.data() + i * s.dn;
+        uint16_t* dst = out + i * a.os[2];
+        for (int64_t j = 0; j < a.d; j += 16) {
+            const __mmask16 mk = a.d - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.d - j)) - 1);
+            __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(orow + j), inv));
+            _mm256_mask_storeu_epi16(dst + j, mk, r);
+        }
+    }
+}
+
+}  // namespace
+
+// Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); 0: granted
+extern "C" int amx_request() {
+    return (int)syscall(SYS_arch_prctl, 0x1023, 18);
+}
+
+// out = softmax(scale * q k^T) v for q [B, H, N, d], k and v [B, H, Nk, d], out [B, H, N, d], all bfloat16 with
+// unit stride along d (even) and strides[12] = the batch, head and token strides of q, k, v, out (in elements)
+extern "C" void amx_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                              int64_t B, int64_t H, int64_t N, int64_t Nk, int64_t d, const int64_t* strides,
+                              float scale, int threads) {
+    Args a{q, k, v, out, B, H, N, Nk, d, {}, {}, {}, {}, scale};
+    for (int i = 0; i < 3; ++i) {
+        a.qs[i] = strides[i]; a.ks[i] = strides[3 + i]; a.vs[i] = strides[6 + i]; a.os[i] = strides[9 + i];
+    }
+    Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16};
+    const int64_t heads = B * H;
+    std::vector<uint16_t> kp(heads * s.nk32 * s.dk), vp(heads * s.nk32 * s.dn);
+    const int64_t qblocks = (N + 31) / 32;
+    std::atomic<int64_t> next_head{0}, next_block{0}, packed{0};
+    auto work = [&]() {
+        configure_tiles();
+        for (int64_t h; (h = next_head++) < heads;) {
+            const int64_t b = h / H, hh = h % H;
+            pack_k(a, s, k + b * a.ks[0] + hh * a.ks[1], kp.data() + h * s.nk32 * s.dk);
+            pack_v(a, s, v + b * a.vs[0] + hh * a.vs[1], vp.data() + h * s.nk32 * s.dn);
+            ++packed;
+        }
+        while (packed.load() < heads) _mm_pause();
+        Buffers buf(s);
+        for (int64_t w; (w = next_block++) < heads * qblocks;) {
+            const int64_t h = w / qblocks, qb = w % qblocks, b = h / H, hh = h % H;
+            const int64_t row0 = qb * 32, rows = std::min<int64_t>(32, N - row0);
+            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.data() + h * s.nk32 * s.dk,
+                  vp.data() + h * s.nk32 * s.dn, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2], rows, buf);
+        }
+        _tile_release();
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+}
