@@ -6,7 +6,8 @@ interleaved (A B A B ...). Default: Stable Diffusion 1.5, one guided step (batch
 
 Variants: diffusers (the reference, as shipped), diffusers-cl (the reference in channels-last), ours (eager, as
 constructed), ours-opt (after `optimize_for_inference()`: channels-last, oneDNN-packed weights, Winograd 3x3
-convs), ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
+convs, on AMX CPUs in bf16 the AMX attention kernel), ours-opt-sdpa (the same with PyTorch's attention kernel),
+ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
 (torch.compile of ours in channels-last with inductor's freezing, compile time reported; slow to compile).
 Prints per variant: median and best seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by
 FlopCounterMode, which has no formula for the CPU attention kernel: attention is reported apart), share of the
@@ -26,7 +27,7 @@ from common import (count_flops, parse_model_benchmark_args, print_table, time_i
                     weight_bytes)
 from roofline import DTYPES, conv_roofline
 
-VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-packed", "ours-compile")
+VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-opt-sdpa", "ours-packed", "ours-compile")
 
 
 def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]:
@@ -48,6 +49,10 @@ def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]
             models[name] = ours()
         elif name == "ours-opt":
             models[name] = ours().optimize_for_inference()
+        elif name == "ours-opt-sdpa":
+            models[name] = ours().optimize_for_inference()
+            for layer in models[name].modules():
+                layer.__dict__.pop("attend", None)  # back to the class's F.scaled_dot_product_attention
         elif name == "ours-packed":
             models[name] = ours().optimize_for_inference(winograd=False)
         elif name == "ours-compile":

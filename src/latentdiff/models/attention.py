@@ -27,6 +27,10 @@ class Attention(nn.Module):
     """Scaled dot-product attention (Vaswani et al. 2017) over [B, N, C] tokens; keys and values come from
     `context` when given (cross-attention to the text), else from `x` (self-attention)."""
 
+    # softmax(q k^T / sqrt(d)) v of [B, heads, N, d] tensors; optimize_for_inference() sets amx_attention.attention
+    # on a layer where the CPU has AMX (it falls back to this one for what it does not take)
+    attend = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
                  bias: bool = False, upcast: bool = False):
         super().__init__()
@@ -54,7 +58,7 @@ class Attention(nn.Module):
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.attend(q, k, v)
         out = out.transpose(1, 2).reshape(b, n, -1)
         if residual is not None:
             return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import GEGLU
+from . import amx_attention
+from .attention import GEGLU, Attention
 from .resnet import Upsample2D
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_conv3x3
 
@@ -324,9 +325,15 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
     PackedUpsampleConv, which the upsampler runs on its input). Layers that cannot be packed
     (other dtypes or devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as
-    they are, so this is safe anywhere; returns `model`. (Large activations still get fresh pages from malloc on
-    every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
+    they are, so this is safe anywhere; returns `model`. A bfloat16 model's attention layers run the AMX kernel
+    (amx_attention.py) where this CPU has AMX and it builds. (Large activations still get fresh pages from malloc
+    on every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    if any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters()) \
+            and amx_attention.available():
+        for layer in model.modules():
+            if isinstance(layer, Attention):
+                layer.attend = amx_attention.attention
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             replacement = packed(child, winograd, after_upsampling=type(parent) is Upsample2D)

@@ -1,20 +1,21 @@
-// Experimental bfloat16 attention for Intel AMX (benchmarks/attention_amx.py builds and measures it against
-// PyTorch's scaled_dot_product_attention): no mask, no dropout, inference only. Per head, the keys and values are
-// first re-laid out as AMX B tiles (zero padded: keys to 32, the head dim to 32 for Q K^T and to 16 for P V); then
-// each block of 32 queries runs an online softmax (Milakov & Gimelshein 2018) over chunks of CHUNK keys: scores in
-// fp32 from tile products, numerators exp(scale * (s - running max)) in fp32, summed in fp32 and rounded to
-// bfloat16 for the P V tile products, the output divided by the sum at the end (PyTorch's CPU flash kernel rounds
-// the same way). Threads take heads (packing), then query blocks, from shared counters.
+// Bfloat16 attention on Intel AMX tiles, for latentdiff.models.amx_attention (which compiles this file with the
+// system's g++ on first use and calls it through ctypes): out = softmax(scale * q k^T) v, no mask, no dropout, no
+// gradients. Per head the keys and values are first re-laid out as AMX "B" tiles (zero padded: keys to a multiple
+// of 32, the head dim to 32 for q k^T and to 16 for p v); then each block of 32 queries runs an online softmax
+// (Milakov & Gimelshein 2018) over chunks of CHUNK keys: scores in fp32 from tile products, numerators
+// exp(scale * (s - running max)) in fp32, summed in fp32 and rounded to bfloat16 for the p v tile products, the
+// output divided by the sum at the end (the rounding of PyTorch's CPU flash-attention kernel). OpenMP threads take
+// heads (packing), then query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is PyTorch's
+// (same soname), so its worker threads are reused rather than competing with ours.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-#include <atomic>
-#include <thread>
-#include <vector>
 #include <algorithm>
+#include <memory>
+#include <vector>
 
 namespace {
 
@@ -55,29 +56,25 @@ struct Shapes {
     int64_t nk32, dk, dn;  // keys padded to 32, head dim padded to 32 (QK depth), to 16 (PV width)
 };
 
-// K of one head as B tiles of Q K^T: [nk32/16][dk/2][16][2]
+// K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 dims]
 void pack_k(const Args& a, const Shapes& s, const uint16_t* k, uint16_t* kp) {
-    const uint32_t* k32;
     uint32_t* dst = reinterpret_cast<uint32_t*>(kp);
     for (int64_t nb = 0; nb < s.nk32 / 16; ++nb)
         for (int64_t r = 0; r < s.dk / 2; ++r)
             for (int64_t j = 0; j < 16; ++j) {
-                int64_t n = nb * 16 + j;
-                uint32_t val = 0;
-                if (n < a.Nk && 2 * r < a.d) {
-                    k32 = reinterpret_cast<const uint32_t*>(k + n * a.ks[2]);
-                    val = k32[r];  // d is even
-                }
-                *dst++ = val;
+                const int64_t n = nb * 16 + j;
+                uint32_t pair = 0;  // dims 2r and 2r + 1 of key n (d is even)
+                if (n < a.Nk && 2 * r < a.d) memcpy(&pair, k + n * a.ks[2] + 2 * r, 4);
+                *dst++ = pair;
             }
 }
 
-// V of one head as B tiles of P V: [nk32/2][dn][2]
+// V of one head as B tiles of p v: [nk32 / 2][dn][2 keys]
 void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
     for (int64_t kk = 0; kk < s.nk32 / 2; ++kk)
         for (int64_t n = 0; n < s.dn; ++n)
             for (int64_t e = 0; e < 2; ++e) {
-                int64_t key = 2 * kk + e;
+                const int64_t key = 2 * kk + e;
                 vp[(kk * s.dn + n) * 2 + e] = (key < a.Nk && n < a.d) ? v[key * a.vs[2] + n] : 0;
             }
 }
@@ -92,8 +89,9 @@ struct Buffers {
     Buffers(const Shapes& sh) : q(ROWS * sh.dk), p(ROWS * PS), s(ROWS * SS), o(ROWS * sh.dn), c(ROWS * sh.dn) {}
 };
 
-// S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys: two key blocks at a time, so
-// that four accumulator tiles are in flight (one tile product's latency is several times its throughput)
+// S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys, 32 x 32 scores per pass (four
+// accumulator tiles). Measured on a 2-core Sapphire Rapids-class host: a tile product takes ~14 cycles, a tile
+// store ~50, so with head dims of 64 or less the stores of the scores, not the products, bound this part.
 inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int64_t k0, int64_t n, float* sbuf) {
     for (int64_t nb = k0 / 16; nb < (k0 + n) / 16; nb += 2) {
         float* dst = sbuf + 16 * (nb - k0 / 16);
@@ -248,30 +246,25 @@ extern "C" void amx_attention(const uint16_t* q, const uint16_t* k, const uint16
         a.qs[i] = strides[i]; a.ks[i] = strides[3 + i]; a.vs[i] = strides[6 + i]; a.os[i] = strides[9 + i];
     }
     Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16};
-    const int64_t heads = B * H;
-    std::vector<uint16_t> kp(heads * s.nk32 * s.dk), vp(heads * s.nk32 * s.dn);
-    const int64_t qblocks = (N + 31) / 32;
-    std::atomic<int64_t> next_head{0}, next_block{0}, packed{0};
-    auto work = [&]() {
+    const int64_t heads = B * H, qblocks = (N + ROWS - 1) / ROWS;
+    const int64_t kp_size = s.nk32 * s.dk, vp_size = s.nk32 * s.dn;
+    std::unique_ptr<uint16_t[]> kp(new uint16_t[heads * kp_size]), vp(new uint16_t[heads * vp_size]);
+#pragma omp parallel num_threads(threads)
+    {
         configure_tiles();
-        for (int64_t h; (h = next_head++) < heads;) {
-            const int64_t b = h / H, hh = h % H;
-            pack_k(a, s, k + b * a.ks[0] + hh * a.ks[1], kp.data() + h * s.nk32 * s.dk);
-            pack_v(a, s, v + b * a.vs[0] + hh * a.vs[1], vp.data() + h * s.nk32 * s.dn);
-            ++packed;
+#pragma omp for schedule(dynamic)
+        for (int64_t h = 0; h < heads; ++h) {
+            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp.get() + h * kp_size);
+            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp.get() + h * vp_size);
         }
-        while (packed.load() < heads) _mm_pause();
         Buffers buf(s);
-        for (int64_t w; (w = next_block++) < heads * qblocks;) {
-            const int64_t h = w / qblocks, qb = w % qblocks, b = h / H, hh = h % H;
-            const int64_t row0 = qb * 32, rows = std::min<int64_t>(32, N - row0);
-            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.data() + h * s.nk32 * s.dk,
-                  vp.data() + h * s.nk32 * s.dn, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2], rows, buf);
+#pragma omp for schedule(dynamic)
+        for (int64_t w = 0; w < heads * qblocks; ++w) {
+            const int64_t h = w / qblocks, b = h / H, hh = h % H, row0 = w % qblocks * ROWS;
+            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.get() + h * kp_size,
+                  vp.get() + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
+                  std::min(ROWS, N - row0), buf);
         }
         _tile_release();
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-    work();
-    for (auto& t : pool) t.join();
+    }
 }

@@ -1,0 +1,128 @@
+"""Bfloat16 attention on Intel AMX tiles for the CPU (amx_attention.cpp), used by optimize_for_inference() where it
+beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spends ~40% of a bf16 forward in the
+64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by
+its softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads). The kernel is compiled with the
+system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then
+latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler
+is missing, `available()` is False (with the reason from `unavailable()`) and attention stays with PyTorch."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("amx_attention.cpp")
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
+CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
+# Below this many queries PyTorch's kernel is as fast or faster (benchmarks/attention_amx.py, 2 threads: 16x16
+# latents' 256 queries, 0.7-1.0x; 32x32's 1024, 1.0-1.2x; 64x64's 4096, 1.25x self- and 2x cross-attention).
+MIN_QUERIES = 1024
+# Above this head dim it loses (the VAE's single 512-dim head at 64x64: 32 vs 21 ms); SD 2.x's 64 wins 1.35x.
+MAX_HEAD_DIM = 160
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run on this machine, or None when it can (then `library()` builds it)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"it needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which("g++") is None:
+        return "no g++ on PATH to build it (install g++ 11 or newer)"
+    return None
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentdiff"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built once per source version and cached on disk), or None where it cannot run; a
+    failed build on a CPU that has AMX warns with the compiler's message and leaves attention to PyTorch."""
+    if unavailable():
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    path = cache_folder() / f"amx_attention-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as folder:  # then renamed: no half-written library
+                built = Path(folder) / path.name
+                subprocess.run(["g++", *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                               text=True)
+                os.replace(built, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        warnings.warn(f"latentdiff's AMX attention kernel could not be built or loaded ({detail}); attention stays "
+                      f"with PyTorch's kernel. Fix: a g++ that supports -mamx-tile (11 or newer), a writable "
+                      f"{cache_folder()}", RuntimeWarning, stacklevel=2)
+        return None
+    if lib.amx_request() != 0:  # Linux grants the AMX tile state on request only (arch_prctl)
+        warnings.warn("Linux refused this process the AMX tile state; attention stays with PyTorch's kernel",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    lib.amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+                                  + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
+    lib.amx_attention.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: bfloat16 on the CPU, unit
+    stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not being traced by
+    torch.compile."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
+            and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= MIN_QUERIES
+            and k.shape == v.shape and k.dim() == 4 and k.shape[2] > 0
+            and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
+            and all(t.stride(-1) == 1 for t in (q, k, v))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            and not torch.compiler.is_compiling())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by the AMX kernel where
+    it suits (`suits`) and runs here, else by PyTorch."""
+    lib = library() if suits(q, k, v) else None
+    return F.scaled_dot_product_attention(q, k, v) if lib is None else kernel(lib, q, k, v)
+
+
+def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel (`lib`, from library()) on bfloat16 [B, heads, N, d] queries and [B, heads, Nk, d] keys
+    and values with unit stride along an even d. The result is a [B, heads, N, d] view of a [B, N, heads, d]
+    tensor, so merging the heads afterwards copies nothing."""
+    b, heads, n, d = q.shape
+    out = torch.empty(b, n, heads, d, dtype=q.dtype).transpose(1, 2)
+    strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
+    lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
+                      strides.data_ptr(), d ** -0.5, torch.get_num_threads())
+    return out

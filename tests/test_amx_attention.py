@@ -1,0 +1,125 @@
+"""The AMX attention kernel (models/amx_attention.py, amx_attention.cpp): as exact as PyTorch's bf16 attention
+against a float64 reference on every shape it takes (ragged query and key counts, head dims 16-160, strided
+views), PyTorch's result exactly where it does not take the inputs, used by optimize_for_inference() on bf16
+models, and a build failure that warns and falls back. The kernel's own tests run only where this CPU has AMX and
+g++ is installed; the rest run everywhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentdiff.models import amx_attention, attention
+from latentdiff.models.packed import pack_for_inference
+
+from test_packed import inputs, make
+
+needs_amx = pytest.mark.skipif(not amx_attention.available(),
+                               reason=f"no AMX attention here: {amx_attention.unavailable() or 'build failed'}")
+
+
+def heads(batch: int, tokens: int, n_heads: int, d: int, seed: int) -> torch.Tensor:
+    """[B, heads, tokens, d] bf16 view of [B, tokens, heads * d], as the U-Net's attention makes them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, n_heads * d, generator=g) * 1.5
+    return x.bfloat16().unflatten(-1, (n_heads, d)).transpose(1, 2)
+
+
+@needs_amx
+@pytest.mark.parametrize("batch,n_heads,queries,keys,d", [
+    (2, 8, 1024, 77, 40),     # cross-attention to the text, 77 keys: a ragged last chunk of 32
+    (1, 2, 1030, 1030, 16),   # queries not a multiple of 32 (a partial last block), keys ragged too
+    (2, 3, 1024, 1500, 64),   # two key chunks, the second partial: the online softmax rescales
+    (1, 2, 1024, 33, 80),     # head dim not a multiple of 32 (padded depth), 16-wide tail of the width
+    (1, 1, 1056, 256, 160),   # the largest head dim it takes
+])
+def test_amx_attention_is_as_exact_as_pytorchs(batch, n_heads, queries, keys, d):
+    q, k, v = heads(batch, queries, n_heads, d, 0), heads(batch, keys, n_heads, d, 1), heads(batch, keys, n_heads, d, 2)
+    assert amx_attention.suits(q, k, v)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = amx_attention.attention(q, k, v)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape
+    error, their_error = ((o.double() - exact).abs().max().item() for o in (ours, theirs))
+    assert error <= 1.25 * their_error + 1e-4, (error, their_error)
+    # the heads merge back into [B, N, heads * d] without a copy
+    merged = ours.transpose(1, 2).reshape(batch, queries, -1)
+    assert merged.data_ptr() == ours.data_ptr() and merged.is_contiguous()
+
+
+@needs_amx
+def test_amx_attention_sees_every_key_once():
+    """Identical keys and values except one: a kernel that dropped, repeated or mis-padded keys would miss it."""
+    q = heads(1, 1024, 1, 40, 0)
+    k = torch.zeros(1, 1, 100, 40, dtype=torch.bfloat16)
+    v = torch.zeros_like(k)
+    v[..., 99, :] = 1.0  # the last key (in the ragged tail) holds the only non-zero value
+    out = amx_attention.attention(q, k, v).float()
+    torch.testing.assert_close(out, torch.full_like(out, 1 / 100), rtol=4e-3, atol=0)
+
+
+def test_what_the_kernel_does_not_take_goes_to_pytorch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(amx_attention, "library", lambda: calls.append(1))  # would fail if called with inputs
+    cases = {
+        "float32": [heads(1, 1024, 2, 16, s).float() for s in range(3)],
+        "too few queries": [heads(1, amx_attention.MIN_QUERIES - 1, 2, 16, s) for s in range(3)],
+        "odd head dim": [heads(1, 1024, 2, 15, s) for s in range(3)],
+        "head dim too large": [heads(1, 1024, 1, amx_attention.MAX_HEAD_DIM + 2, s) for s in range(3)],
+        "not unit stride": [heads(1, 1024, 2, 32, s)[..., ::2] for s in range(3)],
+        "fewer key heads": [heads(1, 1024, 2, 16, 0), heads(1, 64, 1, 16, 1), heads(1, 64, 1, 16, 2)],
+    }
+    for name, (q, k, v) in cases.items():
+        assert not amx_attention.suits(q, k, v), name
+        assert torch.equal(amx_attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)), name
+    q, k, v = (heads(1, 1024, 2, 16, s).requires_grad_() for s in range(3))
+    assert not amx_attention.suits(q, k, v)
+    with torch.no_grad():
+        assert amx_attention.suits(q, k, v)
+    assert not calls
+
+
+@needs_amx
+def test_optimized_bf16_unet_runs_its_attention_on_amx(monkeypatch):
+    model = make(dtype=torch.bfloat16)
+    args = inputs(32, 32, torch.bfloat16)  # 32x32 latents: 1024 tokens at the first level, 256 and 64 below
+    with torch.no_grad():
+        plain = model(*args).float()
+    pack_for_inference(model)
+    layers = [m for m in model.modules() if isinstance(m, attention.Attention)]
+    assert layers and all(layer.attend is amx_attention.attention for layer in layers)
+    lib, calls = amx_attention.library(), []
+
+    class Counting:
+        def amx_attention(self, *a):
+            calls.append(a[4:9])  # batch, heads, queries, keys, head dim
+            lib.amx_attention(*a)
+
+    monkeypatch.setattr(amx_attention, "library", lambda: Counting())
+    with torch.no_grad():
+        fast = model(*args).float()
+    # the self- and cross-attention of the 1024-token level's 5 transformers (2 down, 3 up; 2 heads of 16)
+    assert sorted(calls) == [(2, 2, 1024, 7, 16)] * 5 + [(2, 2, 1024, 1024, 16)] * 5
+    assert (fast - plain).abs().max() <= 0.05 * plain.abs().max()
+
+
+def test_float32_models_and_cpus_without_amx_keep_pytorchs_attention(monkeypatch):
+    model = pack_for_inference(make())
+    assert all("attend" not in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(amx_attention, "available", lambda: False)
+    model = pack_for_inference(make(dtype=torch.bfloat16))
+    assert all("attend" not in m.__dict__ for m in model.modules())
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    if amx_attention.unavailable():
+        pytest.skip(f"nothing to build here: {amx_attention.unavailable()}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(amx_attention, "FLAGS", [*amx_attention.FLAGS, "-fno-such-flag"])
+    amx_attention.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="(?s)could not be built.*no-such-flag.*Fix: a g\\+\\+"):
+            assert amx_attention.library() is None
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+    finally:
+        amx_attention.library.cache_clear()
