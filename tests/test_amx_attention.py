@@ -48,6 +48,22 @@ def test_amx_attention_is_as_exact_as_pytorchs(batch, n_heads, queries, keys, d)
 
 
 @needs_amx
+@pytest.mark.parametrize("d", [40, 64])  # the numerators summed by the value products (40) or apart (64)
+def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(d):
+    """Scores that rise chunk by chunk (1024 keys each): a little (the numerators are taken against the old
+    maximum, up to 2^8), a lot (the chunk is redone against its own maximum and the sums so far rescaled), and from
+    far below (the first chunk's numerators all but vanish)."""
+    q, k, v = heads(1, 1024, 2, d, 0), heads(1, 3000, 2, d, 1), heads(1, 3000, 2, d, 2)
+    for row, (key, gain) in enumerate([(1100, 0.4), (2500, 3.0), (2100, 6.0), (1030, 1.5)]):
+        k[:, :, key] = (gain * q[:, :, row].float() * d ** 0.5 / q[:, :, row].float().norm(dim=-1, keepdim=True)
+                        * 4).bfloat16()
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    error, their_error = ((o.double() - exact).abs().max().item()
+                          for o in (amx_attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)))
+    assert error <= 1.25 * their_error + 1e-4, (error, their_error)
+
+
+@needs_amx
 def test_amx_attention_sees_every_key_once():
     """Identical keys and values except one: a kernel that dropped, repeated or mis-padded keys would miss it."""
     q = heads(1, 1024, 1, 40, 0)

@@ -3,10 +3,11 @@
 // gradients. Per head the keys and values are first re-laid out as AMX "B" tiles (zero padded: keys to a multiple
 // of 32, the head dim to 32 for q k^T and to 16 for p v); then each block of 32 queries runs an online softmax
 // (Milakov & Gimelshein 2018) over chunks of CHUNK keys: scores in fp32 from tile products, numerators
-// exp(scale * (s - running max)) in fp32, summed in fp32 and rounded to bfloat16 for the p v tile products, the
-// output divided by the sum at the end (the rounding of PyTorch's CPU flash-attention kernel). OpenMP threads take
-// heads (packing), then query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is PyTorch's
-// (same soname), so its worker threads are reused rather than competing with ours.
+// exp(scale * (s - running max)) computed in fp32 and rounded to bfloat16 for the p v tile products, the output
+// divided at the end by the sum of those rounded numerators (so that the weights sum to 1 as used; PyTorch's CPU
+// flash kernel sums them before rounding, and its errors against float64 are the same or larger). OpenMP threads
+// take heads (packing), then query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
+// PyTorch's (same soname), so its worker threads are reused rather than competing with ours.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -15,7 +16,8 @@
 #include <sys/syscall.h>
 #include <algorithm>
 #include <memory>
-#include <vector>
+#include <new>
+#include <stdlib.h>
 
 namespace {
 
@@ -31,16 +33,14 @@ void configure_tiles() {
     _tile_loadconfig(&cfg);
 }
 
-// 2^x: 2^round(x) * 2^f, f in [-1/2, 1/2] by its Taylor polynomial of degree 5 (relative error < 3e-6)
+// 2^x = 2^round(x) * 2^f, f in [-1/2, 1/2], 2^f by a degree-4 polynomial fitted to it (relative error < 3e-6)
 inline __m512 exp2_ps(__m512 x) {
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.5605105e-3f), f, _mm512_set1_ps(5.5917040e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024981e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312197e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999917e-1f));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -54,6 +54,9 @@ struct Args {
 
 struct Shapes {
     int64_t nk32, dk, dn;  // keys padded to 32, head dim padded to 32 (QK depth), to 16 (PV width)
+    // where the padding leaves room, column d of the packed values is all ones, so that the p v products also sum
+    // the numerators (as the bf16 numbers they are multiplied as: the weights then sum to 1 exactly as rounded)
+    bool ones;
 };
 
 // K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 dims]
@@ -75,7 +78,8 @@ void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
         for (int64_t n = 0; n < s.dn; ++n)
             for (int64_t e = 0; e < 2; ++e) {
                 const int64_t key = 2 * kk + e;
-                vp[(kk * s.dn + n) * 2 + e] = (key < a.Nk && n < a.d) ? v[key * a.vs[2] + n] : 0;
+                const bool real = key < a.Nk && n < a.d, one = key < a.Nk && n == a.d && s.ones;
+                vp[(kk * s.dn + n) * 2 + e] = real ? v[key * a.vs[2] + n] : one ? 0x3F80 : 0;  // (bf16 1.0)
             }
 }
 
@@ -83,9 +87,21 @@ constexpr int64_t ROWS = 32;    // queries per block: two tile rows
 constexpr int64_t CHUNK = 1024;  // keys per online-softmax step (its scores: 128 KiB, in L2)
 constexpr int64_t SS = CHUNK + 16, PS = CHUNK + 32;  // row strides of those buffers (off 4 KiB multiples)
 
-struct Buffers {
-    std::vector<uint16_t> q, p;
-    std::vector<float> s, o, c;
+// uninitialized storage on a cache-line boundary: a tile row that straddles two lines costs two loads or stores
+// (with malloc's 16-byte alignment the values' products ran at half speed in some processes)
+template <typename T>
+struct Aligned {
+    std::unique_ptr<T[], decltype(&free)> memory;
+    explicit Aligned(int64_t n)
+        : memory(static_cast<T*>(aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)), &free) {
+        if (!memory) throw std::bad_alloc();
+    }
+    T* data() const { return memory.get(); }
+};
+
+struct Buffers {  // one thread's
+    Aligned<uint16_t> q, p;
+    Aligned<float> s, o, c;
     Buffers(const Shapes& sh) : q(ROWS * sh.dk), p(ROWS * PS), s(ROWS * SS), o(ROWS * sh.dn), c(ROWS * sh.dn) {}
 };
 
@@ -116,9 +132,17 @@ inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int6
     }
 }
 
-// one row's numerators exp(scale * (s - m)) as bf16 over n columns, the first `valid` real (the rest zero);
-// m: the running maximum, updated; returns the factor that rescales what was summed against the old maximum
-inline float numerators(const float* srow, int64_t valid, int64_t n, float c, float& m, float& l, uint16_t* prow) {
+// Numerators may exceed 1 by up to 2^HEADROOM (bf16 and fp32 hold that easily): a chunk whose scores stay within
+// that of the running maximum is exponentiated against it in one pass, without a pass to find its own maximum.
+constexpr float HEADROOM = 8.f;
+
+// 16 bf16 numbers as fp32 (exactly)
+inline __m512 widen(__m256i bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// the largest of a row's `valid` scores
+inline float row_max(const float* srow, int64_t valid) {
     const int64_t full = valid / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (valid - full)) - 1);
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
@@ -129,30 +153,65 @@ inline float numerators(const float* srow, int64_t valid, int64_t n, float c, fl
     }
     for (; j < full; j += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
     if (tail) m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, srow + full));
-    const float m_new = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
-    const float alpha = exp2f((m - m_new) * c);
-    m = m_new;
-    const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(-m_new * c);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    j = 0;
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// exp2(c * (s - m)) of a row's scores as bf16 over n columns, the first `valid` real (the rest zero); returns the
+// sum of those bf16 numbers (SUM; else 0), and in `seen` the largest score
+template <bool SUM>
+inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, float m, uint16_t* prow,
+                          float& seen) {
+    const int64_t full = valid / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (valid - full)) - 1);
+    const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(-m * c);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
     for (; j + 32 <= full; j += 32) {
-        __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc));
-        __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j + 16), vc, vmc));
-        s0 = _mm512_add_ps(s0, e0);
-        s1 = _mm512_add_ps(s1, e1);
-        _mm512_storeu_si512(prow + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    }
-    for (; j < n; j += 16) {
-        __m512 e = _mm512_setzero_ps();
-        if (j < full) {
-            e = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc));
-        } else if (j == full && tail) {
-            e = _mm512_maskz_mov_ps(tail, exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(srow + j), vc, vmc)));
+        const __m512 x0 = _mm512_loadu_ps(srow + j), x1 = _mm512_loadu_ps(srow + j + 16);
+        m0 = _mm512_max_ps(m0, x0);
+        m1 = _mm512_max_ps(m1, x1);
+        const __m512 e0 = exp2_ps(_mm512_fmadd_ps(x0, vc, vmc)), e1 = exp2_ps(_mm512_fmadd_ps(x1, vc, vmc));
+        const __m512i p = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+        _mm512_storeu_si512(prow + j, p);
+        if (SUM) {
+            s0 = _mm512_add_ps(s0, widen(_mm512_castsi512_si256(p)));
+            s1 = _mm512_add_ps(s1, widen(_mm512_extracti64x4_epi64(p, 1)));
         }
-        s0 = _mm512_add_ps(s0, e);
-        _mm256_storeu_si256((__m256i*)(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
     }
-    l = l * alpha + _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; j < n; j += 16) {  // what is left: a last full vector, the ragged tail, zeros up to n
+        __m512 e = _mm512_setzero_ps();
+        if (j < full || (j == full && tail)) {
+            const __mmask16 keep = j < full ? (__mmask16)0xffff : tail;
+            const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, srow + j);
+            m0 = _mm512_max_ps(m0, x);
+            e = _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_fmadd_ps(x, vc, vmc)));
+        }
+        const __m256i p = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256((__m256i*)(prow + j), p);
+        if (SUM) s0 = _mm512_add_ps(s0, widen(p));
+    }
+    seen = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+// one row's numerators for a chunk (exponentials), their sum added to l (SUM); m: the running maximum they are
+// taken against, raised where the chunk's scores exceed it by more than HEADROOM; returns the factor that rescales
+// what was summed before against the new maximum (1 where it stayed)
+template <bool SUM>
+inline float numerators(const float* srow, int64_t valid, int64_t n, float c, float& m, float& l, uint16_t* prow) {
+    float seen;
+    if (m != -INFINITY) {
+        const float sum = exponentials<SUM>(srow, valid, n, c, m, prow, seen);
+        if ((seen - m) * c <= HEADROOM) {
+            l += sum;
+            return 1.f;
+        }
+    } else {
+        seen = row_max(srow, valid);
+    }
+    const float m_new = std::max(m, seen), alpha = exp2f((m - m_new) * c);
+    m = m_new;
+    l = l * alpha + exponentials<SUM>(srow, valid, n, c, m_new, prow, seen);
     return alpha;
 }
 
@@ -202,12 +261,16 @@ void block(const Args& a, const Shapes& s, const uint16_t* q, const uint16_t* kp
     float m[ROWS], l[ROWS], alpha[ROWS];
     std::fill(m, m + ROWS, -INFINITY);
     std::fill(l, l + ROWS, 0.f);
-    std::fill(buf.o.begin(), buf.o.end(), 0.f);
+    std::fill(buf.o.data(), buf.o.data() + ROWS * s.dn, 0.f);
     for (int64_t k0 = 0; k0 < s.nk32; k0 += CHUNK) {
         const int64_t n = std::min(CHUNK, s.nk32 - k0), valid = std::min(n, a.Nk - k0);
         scores(s, buf.q.data(), kp, k0, n, buf.s.data());
-        for (int64_t i = 0; i < ROWS; ++i)
-            alpha[i] = numerators(buf.s.data() + i * SS, valid, n, c, m[i], l[i], buf.p.data() + i * PS);
+        for (int64_t i = 0; i < ROWS; ++i) {
+            float* srow = buf.s.data() + i * SS;
+            uint16_t* prow = buf.p.data() + i * PS;
+            alpha[i] = s.ones ? numerators<false>(srow, valid, n, c, m[i], l[i], prow)
+                              : numerators<true>(srow, valid, n, c, m[i], l[i], prow);
+        }
         values(s, buf.p.data(), vp, k0, n, buf.c.data());
         for (int64_t i = 0; i < ROWS; ++i) {
             const __m512 va = _mm512_set1_ps(alpha[i]);
@@ -218,8 +281,8 @@ void block(const Args& a, const Shapes& s, const uint16_t* q, const uint16_t* kp
         }
     }
     for (int64_t i = 0; i < rows; ++i) {
-        const __m512 inv = _mm512_set1_ps(1.f / l[i]);
         const float* orow = buf.o.data() + i * s.dn;
+        const __m512 inv = _mm512_set1_ps(1.f / (s.ones ? orow[a.d] : l[i]));
         uint16_t* dst = out + i * a.os[2];
         for (int64_t j = 0; j < a.d; j += 16) {
             const __mmask16 mk = a.d - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.d - j)) - 1);
@@ -245,24 +308,24 @@ extern "C" void amx_attention(const uint16_t* q, const uint16_t* k, const uint16
     for (int i = 0; i < 3; ++i) {
         a.qs[i] = strides[i]; a.ks[i] = strides[3 + i]; a.vs[i] = strides[6 + i]; a.os[i] = strides[9 + i];
     }
-    Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16};
+    Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16, d % 16 != 0};
     const int64_t heads = B * H, qblocks = (N + ROWS - 1) / ROWS;
     const int64_t kp_size = s.nk32 * s.dk, vp_size = s.nk32 * s.dn;
-    std::unique_ptr<uint16_t[]> kp(new uint16_t[heads * kp_size]), vp(new uint16_t[heads * vp_size]);
+    Aligned<uint16_t> kp(heads * kp_size), vp(heads * vp_size);
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
 #pragma omp for schedule(dynamic)
         for (int64_t h = 0; h < heads; ++h) {
-            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp.get() + h * kp_size);
-            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp.get() + h * vp_size);
+            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp.data() + h * kp_size);
+            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp.data() + h * vp_size);
         }
         Buffers buf(s);
 #pragma omp for schedule(dynamic)
         for (int64_t w = 0; w < heads * qblocks; ++w) {
             const int64_t h = w / qblocks, b = h / H, hh = h % H, row0 = w % qblocks * ROWS;
-            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.get() + h * kp_size,
-                  vp.get() + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
+            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.data() + h * kp_size,
+                  vp.data() + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
                   std::min(ROWS, N - row0), buf);
         }
         _tile_release();
