@@ -57,14 +57,15 @@ if __name__ == "__main__":
     sys.exit(main())
 
 # Measured 2026-12-04 (session 20) on the 2-core Intel Xeon with AMX, 2 threads, torch 2.14.1, this script:
-# SD 1.5's 64x64 self-attention SDPA 127.8 ms, AMX 90.6 (1.41x; timed alone, not interleaved: 102-104 vs 82-83),
-# its cross-attention 17.4 vs 8.7; 32x32 self 13.7 vs 12.2, cross 4.7 vs 3.2; 16x16 (256 queries) 3.1 vs 3.5 and
-# 2.2 vs 2.0 (left to SDPA: amx_attention.MIN_QUERIES); SD 2.x's 64-dim heads 77.7 vs 58.5; the VAE's 512-dim head
-# 29.4 vs 41.6 (left to SDPA: MAX_HEAD_DIM). Errors against float64 equal to SDPA's but for the last digit.
-# Where one thread's time goes in the 64x64 self-attention (rdtsc around the phases): q k^T 50-63 ms, softmax
-# 64-85 ms, p v 29-38 ms, packing 6 ms. A microbenchmark of the tiles on this host: a tile product ~14 cycles
-# (alone or in a dependent chain), a 1 KiB tile store ~50: q k^T, with head dims up to 64 two products per 16x16
-# score tile, is bound by storing the scores. Ways on: a depth-8 tail tile instead of padding 40 to 64 (fewer key
-# bytes to load), a cheaper exp2 and one pass less in the softmax, packing keys and values once per call with
-# vector code. A first version with its own std::threads slowed the PyTorch ops around it (their OpenMP workers
-# spin after each parallel region and lost their core): the kernel now runs on PyTorch's OpenMP runtime.
+# SD 1.5's 64x64 self-attention SDPA 110.6 ms, AMX 63.6 (1.74x), its cross-attention 11.6 vs 6.3; 32x32 self 12.3
+# vs 9.8, cross 3.9 vs 2.9; 16x16 (256 queries) 3.3 vs 3.1 and 2.0 vs 1.9 (left to SDPA: amx_attention.MIN_QUERIES;
+# timed alone SDPA takes ~0.9 ms there); SD 2.x's 64-dim heads 70.8 vs 50.3; the VAE's 512-dim head 28.4 vs 39.5
+# (left to SDPA: MAX_HEAD_DIM). Errors against float64 the same as SDPA's.
+# Where the time goes in the 64x64 self-attention, per thread at 2 threads (rdtsc around the phases): q k^T 19 ms,
+# softmax 23, p v 15, packing 3.5. A microbenchmark of the tiles on this host: a tile product ~14 cycles (alone or in
+# a dependent chain), a 1 KiB tile store ~50, so q k^T is bound by storing the fp32 scores. What mattered: buffers
+# on 64-byte boundaries (83 -> 67 ms: with malloc's 16-byte alignment every tile row straddled two cache lines),
+# no max pass for chunks within 2^8 of the running maximum (67 -> 63), PyTorch's OpenMP runtime instead of our own
+# threads (those slowed the PyTorch ops around the kernel: its workers spin after each parallel region). Chunks of
+# 512-4096 keys: within noise of 1024. Ways on: a depth-8 tail tile instead of padding head dim 40 to 64, packing
+# keys and values with vector code into a reused buffer.
