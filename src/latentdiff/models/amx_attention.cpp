@@ -16,6 +16,9 @@
 #include <sys/syscall.h>
 #include <algorithm>
 #include <memory>
+#include <mutex>
+#include <vector>
+#include <omp.h>
 #include <new>
 #include <stdlib.h>
 
@@ -59,28 +62,47 @@ struct Shapes {
     bool ones;
 };
 
-// K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 dims]
+// K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 dims], one gather of 16 keys' dim pairs at a
+// time (keys past Nk and dims past d: zeros)
 void pack_k(const Args& a, const Shapes& s, const uint16_t* k, uint16_t* kp) {
-    uint32_t* dst = reinterpret_cast<uint32_t*>(kp);
-    for (int64_t nb = 0; nb < s.nk32 / 16; ++nb)
-        for (int64_t r = 0; r < s.dk / 2; ++r)
-            for (int64_t j = 0; j < 16; ++j) {
-                const int64_t n = nb * 16 + j;
-                uint32_t pair = 0;  // dims 2r and 2r + 1 of key n (d is even)
-                if (n < a.Nk && 2 * r < a.d) memcpy(&pair, k + n * a.ks[2] + 2 * r, 4);
-                *dst++ = pair;
-            }
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(a.ks[2] * 2)));  // byte offsets of 16 keys
+    for (int64_t nb = 0; nb < s.nk32 / 16; ++nb) {
+        const int64_t left = a.Nk - nb * 16;
+        const __mmask16 real = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        const uint16_t* base = k + nb * 16 * a.ks[2];
+        for (int64_t r = 0; r < s.dk / 2; ++r) {
+            const __m512i pairs = 2 * r < a.d ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows,
+                                                                             base + 2 * r, 1)
+                                              : _mm512_setzero_si512();
+            _mm512_store_si512(kp + (nb * (s.dk / 2) + r) * 32, pairs);
+        }
+    }
 }
 
-// V of one head as B tiles of p v: [nk32 / 2][dn][2 keys]
+// V of one head as B tiles of p v: [nk32 / 2][dn][2 keys] (keys past Nk and dims past d: zeros; dim d: ones where
+// s.ones), 16 dims of two keys interleaved at a time
 void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
-    for (int64_t kk = 0; kk < s.nk32 / 2; ++kk)
-        for (int64_t n = 0; n < s.dn; ++n)
-            for (int64_t e = 0; e < 2; ++e) {
+    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_load_si512(order);
+    const __m256i one = _mm256_set1_epi16(0x3F80);  // bf16 1.0
+    for (int64_t kk = 0; kk < s.nk32 / 2; ++kk) {
+        for (int64_t n0 = 0; n0 < s.dn; n0 += 16) {
+            const int64_t left = a.d - n0;
+            const __mmask16 dims = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            const __mmask16 ones = s.ones && left >= 0 && left < 16 ? (__mmask16)(1u << left) : 0;
+            __m256i two[2];
+            for (int e = 0; e < 2; ++e) {
                 const int64_t key = 2 * kk + e;
-                const bool real = key < a.Nk && n < a.d, one = key < a.Nk && n == a.d && s.ones;
-                vp[(kk * s.dn + n) * 2 + e] = real ? v[key * a.vs[2] + n] : one ? 0x3F80 : 0;  // (bf16 1.0)
+                two[e] = key < a.Nk ? _mm256_mask_mov_epi16(_mm256_maskz_loadu_epi16(dims, v + key * a.vs[2] + n0),
+                                                             ones, one)
+                                    : _mm256_setzero_si256();
             }
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(two[0]), two[1], 1);
+            _mm512_storeu_si512(vp + (kk * s.dn + n0) * 2, _mm512_permutexvar_epi16(interleave, both));
+        }
+    }
 }
 
 constexpr int64_t ROWS = 32;    // queries per block: two tile rows
@@ -300,8 +322,9 @@ extern "C" int amx_request() {
 }
 
 // out = softmax(scale * q k^T) v for q [B, H, N, d], k and v [B, H, Nk, d], out [B, H, N, d], all bfloat16 with
-// unit stride along d (even) and strides[12] = the batch, head and token strides of q, k, v, out (in elements)
-extern "C" void amx_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+// unit stride along d (even) and strides[12] = the batch, head and token strides of q, k, v, out (in elements).
+// Returns 0, or 1 where its buffers could not be allocated (then out is untouched).
+extern "C" int amx_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                               int64_t B, int64_t H, int64_t N, int64_t Nk, int64_t d, const int64_t* strides,
                               float scale, int threads) {
     Args a{q, k, v, out, B, H, N, Nk, d, {}, {}, {}, {}, scale};
@@ -311,23 +334,48 @@ extern "C" void amx_attention(const uint16_t* q, const uint16_t* k, const uint16
     Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16, d % 16 != 0};
     const int64_t heads = B * H, qblocks = (N + ROWS - 1) / ROWS;
     const int64_t kp_size = s.nk32 * s.dk, vp_size = s.nk32 * s.dn;
-    Aligned<uint16_t> kp(heads * kp_size), vp(heads * vp_size);
+    // the packed keys and values go to a buffer kept from call to call (a fresh one of this size, 14 MB for SD
+    // 1.5's largest attention, page-faults on every call); a call that finds it in use by another thread's call
+    // makes its own
+    static std::mutex kept_lock;
+    static std::unique_ptr<Aligned<uint16_t>> kept;
+    static int64_t kept_size = 0;
+    std::unique_lock<std::mutex> hold(kept_lock, std::try_to_lock);
+    std::unique_ptr<Aligned<uint16_t>> own;
+    std::vector<Buffers> buffers;  // one per thread
+    const int64_t size = heads * (kp_size + vp_size);
+    try {
+        if (hold.owns_lock() && kept_size < size) {
+            kept.reset();
+            kept_size = 0;
+            kept.reset(new Aligned<uint16_t>(size));
+            kept_size = size;
+        } else if (!hold.owns_lock()) {
+            own.reset(new Aligned<uint16_t>(size));
+        }
+        for (int t = 0; t < threads; ++t) buffers.emplace_back(s);
+    } catch (const std::bad_alloc&) {
+        return 1;
+    }
+    uint16_t* const kp = (own ? own : kept)->data();
+    uint16_t* const vp = kp + heads * kp_size;
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
 #pragma omp for schedule(dynamic)
         for (int64_t h = 0; h < heads; ++h) {
-            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp.data() + h * kp_size);
-            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp.data() + h * vp_size);
+            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp + h * kp_size);
+            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp + h * vp_size);
         }
-        Buffers buf(s);
+        Buffers& buf = buffers[omp_get_thread_num()];
 #pragma omp for schedule(dynamic)
         for (int64_t w = 0; w < heads * qblocks; ++w) {
             const int64_t h = w / qblocks, b = h / H, hh = h % H, row0 = w % qblocks * ROWS;
-            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp.data() + h * kp_size,
-                  vp.data() + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
+            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp + h * kp_size,
+                  vp + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
                   std::min(ROWS, N - row0), buf);
         }
         _tile_release();
     }
+    return 0;
 }

@@ -88,7 +88,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                                   + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
-    lib.amx_attention.restype = None
+    lib.amx_attention.restype = ctypes.c_int
     return lib
 
 
@@ -123,6 +123,8 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     b, heads, n, d = q.shape
     out = torch.empty(b, n, heads, d, dtype=q.dtype).transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
-    lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
-                      strides.data_ptr(), d ** -0.5, torch.get_num_threads())
+    if lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
+                         strides.data_ptr(), d ** -0.5, torch.get_num_threads()):
+        raise MemoryError(f"the AMX attention kernel could not allocate its buffers (keys and values of {b * heads} "
+                          f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
     return out
