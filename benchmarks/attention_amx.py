@@ -46,7 +46,8 @@ def main() -> None:
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         ours, sdpa = amx_attention.kernel(lib, q, k, v), F.scaled_dot_product_attention(q, k, v)
         timings = time_interleaved({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                                    "amx": lambda: amx_attention.kernel(lib, q, k, v)}, args.repeats, progress=False)
+                                    "amx": lambda: amx_attention.kernel(lib, q, k, v)}, args.repeats, progress=False,
+                                   memory=False)
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
         print(f"{str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
@@ -56,16 +57,18 @@ def main() -> None:
 if __name__ == "__main__":
     sys.exit(main())
 
-# Measured 2026-12-04 (session 20) on the 2-core Intel Xeon with AMX, 2 threads, torch 2.14.1, this script:
-# SD 1.5's 64x64 self-attention SDPA 110.6 ms, AMX 63.6 (1.74x), its cross-attention 11.6 vs 6.3; 32x32 self 12.3
-# vs 9.8, cross 3.9 vs 2.9; 16x16 (256 queries) 3.3 vs 3.1 and 2.0 vs 1.9 (left to SDPA: amx_attention.MIN_QUERIES;
-# timed alone SDPA takes ~0.9 ms there); SD 2.x's 64-dim heads 70.8 vs 50.3; the VAE's 512-dim head 28.4 vs 39.5
-# (left to SDPA: MAX_HEAD_DIM). Errors against float64 the same as SDPA's.
+# Measured 2026-12-04 (session 20) on the 2-core Intel Xeon with AMX, 2 threads, torch 2.14.1, this script
+# (--repeats 7): SD 1.5's 64x64 self-attention SDPA 100.8 ms, AMX 58.1 (1.74x), its cross-attention 7.5 vs 3.2;
+# 32x32 self 8.6 vs 6.3, cross 2.1 vs 1.1; 16x16 (256 queries) 0.85 vs 0.93 and 0.68 vs 0.51 (left to SDPA:
+# amx_attention.MIN_QUERIES); SD 2.x's 64-dim heads 66.8 vs 44.8; the VAE's 512-dim head 22.1 vs 30.8 (left to
+# SDPA: MAX_HEAD_DIM). Errors against float64 the same as SDPA's. (With the peak-RSS measurement between calls,
+# which hands freed memory back to the OS, both kernels' small calls took 2-4x longer.)
 # Where the time goes in the 64x64 self-attention, per thread at 2 threads (rdtsc around the phases): q k^T 19 ms,
 # softmax 23, p v 15, packing 3.5. A microbenchmark of the tiles on this host: a tile product ~14 cycles (alone or in
 # a dependent chain), a 1 KiB tile store ~50, so q k^T is bound by storing the fp32 scores. What mattered: buffers
 # on 64-byte boundaries (83 -> 67 ms: with malloc's 16-byte alignment every tile row straddled two cache lines),
 # no max pass for chunks within 2^8 of the running maximum (67 -> 63), PyTorch's OpenMP runtime instead of our own
 # threads (those slowed the PyTorch ops around the kernel: its workers spin after each parallel region). Chunks of
-# 512-4096 keys: within noise of 1024. Ways on: a depth-8 tail tile instead of padding head dim 40 to 64, packing
-# keys and values with vector code into a reused buffer.
+# 512-4096 keys: within noise of 1024. Keys and values packed with vector code into a buffer kept between calls:
+# 61-63 -> 59-61 ms. Tried and dropped: scores for head dims up to 64 with the queries kept in tiles and only the
+# keys' real depth loaded (40 as 32 + 8, its own tile configuration): 58 -> 56 ms, not worth a second q k^T path.

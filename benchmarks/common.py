@@ -125,15 +125,18 @@ class Timing:
 
 @torch.no_grad()
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     progress: bool = True) -> dict[str, Timing]:
-    """Call every candidate `warmup` times, then `repeats` rounds of one call each, in turn (A B C A B C ...)."""
+                     progress: bool = True, memory: bool = True) -> dict[str, Timing]:
+    """Call every candidate `warmup` times, then `repeats` rounds of one call each, in turn (A B C A B C ...).
+    `memory`: measure each call's peak RSS too (reset_peak_rss before it hands freed memory back to the OS, so the
+    call's buffers page-fault afresh: a cost that dominates calls of a few milliseconds)."""
     timings = {name: Timing() for name in candidates}
     for name, fn in candidates.items():
         for _ in range(warmup):
             fn()
     for r in range(repeats):
         for name, fn in candidates.items():
-            reset_peak_rss()
+            if memory:
+                reset_peak_rss()
             before = rss()
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
