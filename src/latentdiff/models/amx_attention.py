@@ -1,10 +1,11 @@
 """Bfloat16 attention on Intel AMX tiles for the CPU (amx_attention.cpp), used by optimize_for_inference() where it
-beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spends ~40% of a bf16 forward in the
-64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by
-its softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads). The kernel is compiled with the
-system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then
-latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler
-is missing, `available()` is False (with the reason from `unavailable()`) and attention stays with PyTorch."""
+beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64
+level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its
+softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. It is
+compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or
+~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX
+or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and attention stays with
+PyTorch."""
 from __future__ import annotations
 
 import ctypes
@@ -25,10 +26,11 @@ SOURCE = Path(__file__).with_name("amx_attention.cpp")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
-# Below this many queries PyTorch's kernel is as fast or faster (benchmarks/attention_amx.py, 2 threads: 16x16
-# latents' 256 queries, 0.7-1.0x; 32x32's 1024, 1.0-1.2x; 64x64's 4096, 1.25x self- and 2x cross-attention).
+# Below this many queries PyTorch's kernel is about as fast (benchmarks/attention_amx.py, 2 threads, SD 1.5's
+# self- and cross-attention: 16x16 latents' 256 queries 0.9x and 1.3x, 0.1 ms apart; 32x32's 1024, 1.4x and 1.9x;
+# 64x64's 4096, 1.7x and 2.4x).
 MIN_QUERIES = 1024
-# Above this head dim it loses (the VAE's single 512-dim head at 64x64: 32 vs 21 ms); SD 2.x's 64 wins 1.35x.
+# Above this head dim it loses (the VAE's single 512-dim head at 64x64: 31 vs 22 ms); SD 2.x's 64 wins 1.5x.
 MAX_HEAD_DIM = 160
 
 
