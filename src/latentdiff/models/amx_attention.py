@@ -125,8 +125,10 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     b, heads, n, d = q.shape
     out = torch.empty(b, n, heads, d, dtype=q.dtype).transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
-    if lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
-                         strides.data_ptr(), d ** -0.5, torch.get_num_threads()):
+    with torch.profiler.record_function("latentdiff::amx_attention"):  # (named in torch.profiler's tables)
+        failed = lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2],
+                                   d, strides.data_ptr(), d ** -0.5, torch.get_num_threads())
+    if failed:
         raise MemoryError(f"the AMX attention kernel could not allocate its buffers (keys and values of {b * heads} "
                           f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
     return out
