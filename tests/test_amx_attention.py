@@ -139,3 +139,29 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
     finally:
         amx_attention.library.cache_clear()
+
+
+@needs_amx
+def test_amx_attention_from_two_threads_at_once():
+    """ctypes lets go of the GIL: two calls can run together, and only one of them may use the kept buffer of
+    packed keys and values (the other makes its own)."""
+    import threading
+
+    inputs_ = [[heads(1, 2048, 4, 40, 3 * i + s) for s in range(3)] for i in range(2)]
+    alone = [amx_attention.attention(*qkv) for qkv in inputs_]
+    results = [[None] * 6, [None] * 6]
+    start = threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        for r in range(6):
+            results[i][r] = amx_attention.attention(*inputs_[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for r in range(6):
+            assert torch.equal(results[i][r], alone[i])
