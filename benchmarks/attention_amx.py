@@ -71,4 +71,6 @@ if __name__ == "__main__":
 # threads (those slowed the PyTorch ops around the kernel: its workers spin after each parallel region). Chunks of
 # 512-4096 keys: within noise of 1024. Keys and values packed with vector code into a buffer kept between calls:
 # 61-63 -> 59-61 ms. Tried and dropped: scores for head dims up to 64 with the queries kept in tiles and only the
-# keys' real depth loaded (40 as 32 + 8, its own tile configuration): 58 -> 56 ms, not worth a second q k^T path.
+# keys' real depth loaded (40 as 32 + 8, its own tile configuration): 58 -> 56 ms, not worth a second q k^T path;
+# a degree-3 exp2 (within noise); the next chunk's scores made between this chunk's rows of numerators, so that
+# tile and vector units could overlap (within noise: 59-61 vs 60-61 ms).
