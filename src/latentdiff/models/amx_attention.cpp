@@ -47,6 +47,11 @@ inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// the lanes [0, count) of a 16-lane vector (all for count >= 16, none for count <= 0)
+inline __mmask16 first_lanes(int64_t count) {
+    return count >= 16 ? (__mmask16)0xffff : count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0;
+}
+
 struct Args {
     const uint16_t *q, *k, *v;
     uint16_t* out;
@@ -68,8 +73,7 @@ void pack_k(const Args& a, const Shapes& s, const uint16_t* k, uint16_t* kp) {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)(a.ks[2] * 2)));  // byte offsets of 16 keys
     for (int64_t nb = 0; nb < s.nk32 / 16; ++nb) {
-        const int64_t left = a.Nk - nb * 16;
-        const __mmask16 real = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        const __mmask16 real = first_lanes(a.Nk - nb * 16);
         const uint16_t* base = k + nb * 16 * a.ks[2];
         for (int64_t r = 0; r < s.dk / 2; ++r) {
             const __m512i pairs = 2 * r < a.d ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows,
@@ -90,7 +94,7 @@ void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
     for (int64_t kk = 0; kk < s.nk32 / 2; ++kk) {
         for (int64_t n0 = 0; n0 < s.dn; n0 += 16) {
             const int64_t left = a.d - n0;
-            const __mmask16 dims = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            const __mmask16 dims = first_lanes(left);
             const __mmask16 ones = s.ones && left >= 0 && left < 16 ? (__mmask16)(1u << left) : 0;
             __m256i two[2];
             for (int e = 0; e < 2; ++e) {
@@ -166,7 +170,7 @@ inline __m512 widen(__m256i bf16) {
 // the largest of a row's `valid` scores
 inline float row_max(const float* srow, int64_t valid) {
     const int64_t full = valid / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (valid - full)) - 1);
+    const __mmask16 tail = first_lanes(valid - full);
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
     int64_t j = 0;
     for (; j + 32 <= full; j += 32) {
@@ -183,12 +187,11 @@ inline float row_max(const float* srow, int64_t valid) {
 template <bool SUM>
 inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, float m, uint16_t* prow,
                           float& seen) {
-    const int64_t full = valid / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (valid - full)) - 1);
+    const int64_t full = valid / 32 * 32;  // (the pairs of full vectors)
     const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(-m * c);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
     int64_t j = 0;
-    for (; j + 32 <= full; j += 32) {
+    for (; j < full; j += 32) {
         const __m512 x0 = _mm512_loadu_ps(srow + j), x1 = _mm512_loadu_ps(srow + j + 16);
         m0 = _mm512_max_ps(m0, x0);
         m1 = _mm512_max_ps(m1, x1);
@@ -201,9 +204,9 @@ inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, 
         }
     }
     for (; j < n; j += 16) {  // what is left: a last full vector, the ragged tail, zeros up to n
+        const __mmask16 keep = first_lanes(valid - j);
         __m512 e = _mm512_setzero_ps();
-        if (j < full || (j == full && tail)) {
-            const __mmask16 keep = j < full ? (__mmask16)0xffff : tail;
+        if (keep) {
             const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, srow + j);
             m0 = _mm512_max_ps(m0, x);
             e = _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_fmadd_ps(x, vc, vmc)));
@@ -307,9 +310,8 @@ void block(const Args& a, const Shapes& s, const uint16_t* q, const uint16_t* kp
         const __m512 inv = _mm512_set1_ps(1.f / (s.ones ? orow[a.d] : l[i]));
         uint16_t* dst = out + i * a.os[2];
         for (int64_t j = 0; j < a.d; j += 16) {
-            const __mmask16 mk = a.d - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.d - j)) - 1);
             __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(orow + j), inv));
-            _mm256_mask_storeu_epi16(dst + j, mk, r);
+            _mm256_mask_storeu_epi16(dst + j, first_lanes(a.d - j), r);
         }
     }
 }
