@@ -1,10 +1,10 @@
-"""Our AMX attention kernel (latentdiff/models/amx_attention.py, used by optimize_for_inference() on bf16 models
-where the CPU has AMX) against PyTorch's scaled_dot_product_attention (its CPU flash kernel) on the attention shapes
-of SD 1.5's U-Net in bfloat16, batch 2, and the VAE's. Prints, per shape: the largest error of both against a
-float64 reference, their largest difference, the median times (calls interleaved), the ratio, and whether
+"""Our AMX attention kernel (latentdiff/models/amx_attention.py, used by optimize_for_inference() on bf16 and fp32
+models where the CPU has AMX) against PyTorch's scaled_dot_product_attention (its CPU flash kernel) on the attention
+shapes of SD 1.5's U-Net, batch 2, and the VAE's, in bfloat16 and float32. Prints, per shape: the largest error of both
+against a float64 reference, their largest difference, the median times (calls interleaved), the ratio, and whether
 optimize_for_inference() would use the kernel there (amx_attention.suits).
 
-    python benchmarks/attention_amx.py [--threads 2] [--repeats 5]
+    python benchmarks/attention_amx.py [--threads 2] [--repeats 5] [--dtypes bf16,fp32]
 
 Why: SDPA's 64x64 self-attention (2 x 8 heads x 4096 tokens x 40 dims) takes ~41% of our bf16 U-Net forward on a
 2-core AMX host, and its time is little more at head dim 40 than at 8 (~102 vs ~87 ms): its softmax and overheads,
@@ -31,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="bf16,fp32")
     args = parser.parse_args()
     setup(args.threads)
     print(machine())
@@ -38,10 +39,11 @@ def main() -> None:
         print(f"skipped: {amx_attention.unavailable() or 'the kernel did not build (see the warning)'}")
         return
     lib = amx_attention.library()
-    print("shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
-    for b, h, n, nk, d in SHAPES:
+    print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
+    for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
         def tokens(count):  # [B, H, count, d] views of [B, count, H * d], as the U-Net's attention makes them
-            return torch.randn(b, count, h * d).bfloat16().unflatten(-1, (h, d)).transpose(1, 2)
+            x = torch.randn(b, count, h * d).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+            return x.unflatten(-1, (h, d)).transpose(1, 2)
         q, k, v = tokens(n), tokens(nk), tokens(nk)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         ours, sdpa = amx_attention.kernel(lib, q, k, v), F.scaled_dot_product_attention(q, k, v)
@@ -49,7 +51,7 @@ def main() -> None:
                                     "amx": lambda: amx_attention.kernel(lib, q, k, v)}, args.repeats, progress=False,
                                    memory=False)
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
-        print(f"{str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
+        print(f"{dtype:5} {str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
               f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx_attention.suits(q, k, v)}")
 
@@ -74,3 +76,18 @@ if __name__ == "__main__":
 # keys' real depth loaded (40 as 32 + 8, its own tile configuration): 58 -> 56 ms, not worth a second q k^T path;
 # a degree-3 exp2 (within noise); the next chunk's scores made between this chunk's rows of numerators, so that
 # tile and vector units could overlap (within noise: 59-61 vs 60-61 ms).
+# Float32 (2026-12-04, session 21, same host, this script --repeats 7): every number split into three bfloat16
+# parts (x = x0 + x1 + x2, exact), each product as six tile products of parts (x0 y0, x0 y1, x0 y2, x1 y0, x1 y1,
+# x2 y0; the three left out are below 2^-23 of x y). 64x64 self-attention SDPA 251.9 ms, AMX 158.4 (1.59x), errors
+# against float64 2.2e-7 vs SDPA's 2.8e-7; its cross-attention 11.3 vs 7.3; 32x32 self 24.6 vs 23.2, cross 3.8 vs
+# 2.9; SD 2.x's 64-dim heads 198 vs 142; 16x16 and the VAE's head left to SDPA as in bf16 (0.88-1.0x, 0.77x).
+# bf16 in the same run: 101.4 vs 56.5 ms. Where the fp32 time goes (rdtsc, per thread, Mcycles per call at 2.6 GHz):
+# first 192 q k^T, 141 softmax, 195 p v, 14 packing (208 ms): the tile products ran at ~46 cycles each against ~14
+# alone, because a head's packed keys and values (2 MB + 1.2 MB with three parts) no longer fit the 2 MB L2 and
+# every block of 32 queries streamed them from L3 (a microbenchmark: tile loads from a 1 MB buffer ~17-23 cycles
+# per product, from 3 MB or more ~40-70). What mattered: blocks of queries taking each 1024-key chunk in turn, 8 at
+# a time (GROUP; in bf16 within noise), and the products of parts ordered so that each numerators' part is loaded
+# once per 32 keys and reused (p v 195 -> 122 Mcycles); numerators split by truncation (exact in three parts) and
+# packed two vectors per conversion (softmax 141 -> 117); a degree-6 exp2 fit instead of a degree-7 Taylor
+# polynomial (136 -> 128). Then 131 + 128 + 124 + 15 Mcycles (~160 ms). Groups of 4-16 and chunks of 256-1024 were
+# all within 5%.

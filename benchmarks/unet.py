@@ -6,7 +6,7 @@ interleaved (A B A B ...). Default: Stable Diffusion 1.5, one guided step (batch
 
 Variants: diffusers (the reference, as shipped), diffusers-cl (the reference in channels-last), ours (eager, as
 constructed), ours-opt (after `optimize_for_inference()`: channels-last, oneDNN-packed weights, Winograd 3x3
-convs, on AMX CPUs in bf16 the AMX attention kernel), ours-opt-sdpa (the same with PyTorch's attention kernel),
+convs, on AMX CPUs the AMX attention kernel), ours-opt-sdpa (the same with PyTorch's attention kernel),
 ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
 (torch.compile of ours in channels-last with inductor's freezing, compile time reported; slow to compile).
 Prints per variant: median and best seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by

@@ -85,3 +85,26 @@ def test_sd15_unet_optimized_in_bf16_errs_no_more_than_diffusers_in_bf16(pipelin
     assert exact.abs().mean() > 0.1
     assert errors["ours"][0] <= 1.2 * errors["diffusers"][0], errors  # mean absolute error
     assert errors["ours"][1] <= 1.5 * errors["diffusers"][1], errors  # largest error
+
+
+@torch.no_grad()
+def test_sd15_unet_optimized_in_fp32_errs_no_more_with_the_amx_attention(pipelines):
+    """SD 1.5's U-Net at 512x512 in float32 after optimize_for_inference(): with our AMX attention kernel (on a CPU
+    with AMX; elsewhere both runs are PyTorch's) it is as close to diffusers' float32 U-Net as with PyTorch's
+    attention kernel, and both within float32 rounding."""
+    ours, ref = pipelines
+    g = torch.Generator().manual_seed(1)
+    sample, context = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([300, 300])
+    exact = ref.unet(sample, t, context).sample
+    fast = copy.deepcopy(ours.unet).optimize_for_inference()
+    layers = [m for m in fast.modules() if isinstance(m, Attention)]
+    if amx_attention.available():
+        assert all(m.attend is amx_attention.attention for m in layers)
+    mine = fast(sample, t, context)
+    for layer in layers:
+        layer.__dict__.pop("attend", None)  # back to F.scaled_dot_product_attention
+    pytorchs = fast(sample, t, context)
+    error, their_error = ((y - exact).abs().max().item() for y in (mine, pytorchs))
+    assert exact.abs().mean() > 0.1
+    assert error <= 1.25 * their_error and error <= 1e-4 * exact.abs().max(), (error, their_error)

@@ -1,12 +1,16 @@
-// Bfloat16 attention on Intel AMX tiles, for latentdiff.models.amx_attention (which compiles this file with the
-// system's g++ on first use and calls it through ctypes): out = softmax(scale * q k^T) v, no mask, no dropout, no
-// gradients. Per head the keys and values are first re-laid out as AMX "B" tiles (zero padded: keys to a multiple
-// of 32, the head dim to 32 for q k^T and to 16 for p v); then each block of 32 queries runs an online softmax
-// (Milakov & Gimelshein 2018) over chunks of CHUNK keys: scores in fp32 from tile products, numerators
-// exp(scale * (s - running max)) computed in fp32 and rounded to bfloat16 for the p v tile products, the output
-// divided at the end by the sum of those rounded numerators (so that the weights sum to 1 as used; PyTorch's CPU
-// flash kernel sums them before rounding, and its errors against float64 are the same or larger). OpenMP threads
-// take heads (packing), then query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
+// Attention on Intel AMX tiles, for latentdiff.models.amx_attention (which compiles this file with the system's g++ on
+// first use and calls it through ctypes): out = softmax(scale * q k^T) v, no mask, no dropout, no gradients, in
+// bfloat16 (amx_attention) or float32 (amx_attention_fp32). Per head the keys and values are first re-laid out as AMX
+// "B" tiles (zero padded: keys to a multiple of 32, the depth of q k^T to 32, the head dim of p v to 16); then each
+// block of 32 queries runs an online softmax (Milakov & Gimelshein 2018) over chunks of CHUNK keys (GROUP blocks taking
+// each chunk in turn, so that it is read from L2 rather than L3): scores in fp32 from tile products, numerators
+// exp(scale * (s - running max)) computed in fp32 and rounded to bfloat16 for the p v tile products, the output divided
+// at the end by the sum of those rounded numerators (so that the weights sum to 1 as used; PyTorch's CPU flash kernel
+// sums them before rounding, and its errors against float64 are the same or larger). In float32 every input and
+// numerator is split into three bfloat16 parts, x = x0 + x1 + x2 (exact for normal numbers), and each product x y is
+// taken as the six products of parts that reach fp32's precision (Henry, Tang & Heinecke 2019, "bf16x6"): for q k^T the
+// parts are laid side by side along the depth, for p v the six products accumulate into the same tiles. OpenMP threads
+// take heads (packing), then groups of query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
 // PyTorch's (same soname), so its worker threads are reused rather than competing with ours.
 #include <immintrin.h>
 #include <stdint.h>
@@ -36,57 +40,107 @@ void configure_tiles() {
     _tile_loadconfig(&cfg);
 }
 
-// 2^x = 2^round(x) * 2^f, f in [-1/2, 1/2], 2^f by a degree-4 polynomial fitted to it (relative error < 3e-6)
+// 2^x = 2^round(x) * 2^f, f in [-1/2, 1/2]; 2^f for bfloat16 numerators (PARTS 1) by a degree-4 polynomial fitted
+// to it (relative error < 3e-6), for float32 ones (PARTS 3) by a degree-6 one (< 2e-8)
+template <int PARTS>
 inline __m512 exp2_ps(__m512 x) {
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.5605105e-3f), f, _mm512_set1_ps(5.5917040e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024981e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312197e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999917e-1f));
+    __m512 p;
+    if (PARTS == 1) {
+        p = _mm512_fmadd_ps(_mm512_set1_ps(9.5605105e-3f), f, _mm512_set1_ps(5.5917040e-2f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024981e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312197e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999917e-1f));
+    } else {
+        static constexpr float fit[7] = {1.f, 0.69314718f, 0.24022646f, 0.055503279f, 0.0096184891f, 0.0013400263f,
+                                         1.5346633e-4f};
+        p = _mm512_set1_ps(fit[6]);
+        for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(fit[i]));
+    }
     return _mm512_scalef_ps(p, n);
 }
+
+// 16 bf16 numbers as fp32 (exactly)
+inline __m512 widen(__m256i bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+// x as `n` bfloat16 parts, each the rounding of what the ones before leave: with three, x = x0 + x1 + x2 exactly
+// for normal numbers (x has 24 significant bits, each part takes 8 or more; |x1| <= 2^-8 |x|, |x2| <= 2^-16 |x|)
+inline void split(__m512 x, __m256i* parts, int n) {
+    for (int c = 0; c < n; ++c) {
+        parts[c] = (__m256i)_mm512_cvtneps_pbh(x);
+        if (c + 1 < n) x = _mm512_sub_ps(x, widen(parts[c]));
+    }
+}
+
+// Which parts multiply which (left: queries' or numerators', right: keys' or values'): with one part, x y; with
+// three, the six products x0 y0, x0 y1, x0 y2, x1 y0, x1 y1, x2 y0 (those left out are below 2^-23 of x y), in an
+// order that keeps each left part for consecutive products
+constexpr int LEFT[6] = {0, 0, 0, 1, 1, 2}, RIGHT[6] = {0, 1, 2, 0, 1, 0};
 
 // the lanes [0, count) of a 16-lane vector (all for count >= 16, none for count <= 0)
 inline __mmask16 first_lanes(int64_t count) {
     return count >= 16 ? (__mmask16)0xffff : count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0;
 }
 
+// T: uint16_t (bfloat16 inputs and output) or float
+template <typename T>
 struct Args {
-    const uint16_t *q, *k, *v;
-    uint16_t* out;
+    const T *q, *k, *v;
+    T* out;
     int64_t B, H, N, Nk, d;
     int64_t qs[3], ks[3], vs[3], os[3];  // batch, head, token strides (elements)
     float scale;
 };
 
+template <typename T>
+constexpr int parts_of = sizeof(T) == 2 ? 1 : 3;  // bfloat16 parts per number
+
 struct Shapes {
-    int64_t nk32, dk, dn;  // keys padded to 32, head dim padded to 32 (QK depth), to 16 (PV width)
+    int64_t parts, pairs;  // bfloat16 parts per number, products of parts per product (1 and 1, or 3 and 6)
+    int64_t nk32, dk, dn;  // keys padded to 32, the q k^T depth (pairs * d) to 32, the head dim to 16 (p v width)
     // where the padding leaves room, column d of the packed values is all ones, so that the p v products also sum
     // the numerators (as the bf16 numbers they are multiplied as: the weights then sum to 1 exactly as rounded)
     bool ones;
+    int64_t kp, vp;  // elements of one head's packed keys, values (all parts: [parts][nk32 / 2][dn][2])
 };
 
-// K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 dims], one gather of 16 keys' dim pairs at a
-// time (keys past Nk and dims past d: zeros)
-void pack_k(const Args& a, const Shapes& s, const uint16_t* k, uint16_t* kp) {
+// K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 depths], the depth being the keys' parts side
+// by side in the order RIGHT (keys past Nk and depths past pairs * d: zeros); one gather of 16 keys' pairs of dims at
+// a time, its parts then stored where each product of parts takes them
+template <typename T>
+void pack_k(const Args<T>& a, const Shapes& s, const T* k, uint16_t* kp) {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)(a.ks[2] * 2)));  // byte offsets of 16 keys
+                                            _mm512_set1_epi32((int)(a.ks[2] * sizeof(T))));  // 16 keys' offsets
     for (int64_t nb = 0; nb < s.nk32 / 16; ++nb) {
         const __mmask16 real = first_lanes(a.Nk - nb * 16);
-        const uint16_t* base = k + nb * 16 * a.ks[2];
-        for (int64_t r = 0; r < s.dk / 2; ++r) {
-            const __m512i pairs = 2 * r < a.d ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows,
-                                                                             base + 2 * r, 1)
-                                              : _mm512_setzero_si512();
-            _mm512_store_si512(kp + (nb * (s.dk / 2) + r) * 32, pairs);
+        const T* base = k + nb * 16 * a.ks[2];
+        uint16_t* tile = kp + nb * (s.dk / 2) * 32;
+        for (int64_t r = s.pairs * a.d / 2; r < s.dk / 2; ++r)
+            _mm512_store_si512(tile + r * 32, _mm512_setzero_si512());
+        for (int64_t r = 0; r < a.d / 2; ++r) {
+            __m512i two[3];  // dims 2r and 2r + 1 of 16 keys, per part
+            if constexpr (sizeof(T) == 2) {
+                two[0] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, base + 2 * r, 1);
+            } else {
+                __m256i even[3], odd[3];
+                split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, base + 2 * r, 1), even, 3);
+                split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, base + 2 * r + 1, 1), odd, 3);
+                for (int c = 0; c < 3; ++c)
+                    two[c] = _mm512_or_si512(_mm512_cvtepu16_epi32(even[c]),
+                                             _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd[c]), 16));
+            }
+            for (int64_t g = 0; g < s.pairs; ++g) _mm512_store_si512(tile + (g * a.d / 2 + r) * 32, two[RIGHT[g]]);
         }
     }
 }
 
-// V of one head as B tiles of p v: [nk32 / 2][dn][2 keys] (keys past Nk and dims past d: zeros; dim d: ones where
-// s.ones), 16 dims of two keys interleaved at a time
-void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
+// V of one head as B tiles of p v: [parts][nk32 / 2][dn][2 keys] (keys past Nk and dims past d: zeros; dim d of
+// part 0: ones where s.ones), 16 dims of two keys interleaved at a time
+template <typename T>
+void pack_v(const Args<T>& a, const Shapes& s, const T* v, uint16_t* vp) {
     alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i interleave = _mm512_load_si512(order);
@@ -96,20 +150,27 @@ void pack_v(const Args& a, const Shapes& s, const uint16_t* v, uint16_t* vp) {
             const int64_t left = a.d - n0;
             const __mmask16 dims = first_lanes(left);
             const __mmask16 ones = s.ones && left >= 0 && left < 16 ? (__mmask16)(1u << left) : 0;
-            __m256i two[2];
+            __m256i two[2][3] = {};  // the two keys' parts
             for (int e = 0; e < 2; ++e) {
                 const int64_t key = 2 * kk + e;
-                two[e] = key < a.Nk ? _mm256_mask_mov_epi16(_mm256_maskz_loadu_epi16(dims, v + key * a.vs[2] + n0),
-                                                             ones, one)
-                                    : _mm256_setzero_si256();
+                if (key >= a.Nk) continue;
+                if constexpr (sizeof(T) == 2)
+                    two[e][0] = _mm256_maskz_loadu_epi16(dims, v + key * a.vs[2] + n0);
+                else
+                    split(_mm512_maskz_loadu_ps(dims, v + key * a.vs[2] + n0), two[e], 3);
+                two[e][0] = _mm256_mask_mov_epi16(two[e][0], ones, one);
             }
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(two[0]), two[1], 1);
-            _mm512_storeu_si512(vp + (kk * s.dn + n0) * 2, _mm512_permutexvar_epi16(interleave, both));
+            for (int64_t c = 0; c < s.parts; ++c) {
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(two[0][c]), two[1][c], 1);
+                _mm512_storeu_si512(vp + c * s.nk32 * s.dn + (kk * s.dn + n0) * 2,
+                                    _mm512_permutexvar_epi16(interleave, both));
+            }
         }
     }
 }
 
 constexpr int64_t ROWS = 32;    // queries per block: two tile rows
+constexpr int64_t GROUP = 8;  // blocks that take each chunk of keys in turn (while it is in L2)
 constexpr int64_t CHUNK = 1024;  // keys per online-softmax step (its scores: 128 KiB, in L2)
 constexpr int64_t SS = CHUNK + 16, PS = CHUNK + 32;  // row strides of those buffers (off 4 KiB multiples)
 
@@ -126,10 +187,36 @@ struct Aligned {
 };
 
 struct Buffers {  // one thread's
-    Aligned<uint16_t> q, p;
-    Aligned<float> s, o, c;
-    Buffers(const Shapes& sh) : q(ROWS * sh.dk), p(ROWS * PS), s(ROWS * SS), o(ROWS * sh.dn), c(ROWS * sh.dn) {}
+    Aligned<uint16_t> q, p;  // q: [GROUP][ROWS][dk], p: [parts][ROWS][PS]
+    Aligned<float> s, o, c;  // o: [GROUP][ROWS][dn]
+    Buffers(const Shapes& sh)
+        : q(GROUP * ROWS * sh.dk), p(sh.parts * ROWS * PS), s(ROWS * SS), o(GROUP * ROWS * sh.dn),
+          c(ROWS * sh.dn) {}
 };
+
+// a block's queries as the A tiles of q k^T, [32][dk]: their parts side by side in the order LEFT, zero padded
+// (rows past `rows` and depths past pairs * d)
+template <typename T>
+void load_queries(const Args<T>& a, const Shapes& s, const T* q, int64_t rows, uint16_t* qbuf) {
+    for (int64_t i = 0; i < ROWS; ++i) {
+        uint16_t* dst = qbuf + i * s.dk;
+        if (i >= rows) {
+            memset(dst, 0, s.dk * 2);
+            continue;
+        }
+        if constexpr (sizeof(T) == 2) {
+            memcpy(dst, q + i * a.qs[2], a.d * 2);
+        } else {
+            for (int64_t j = 0; j < a.d; j += 16) {
+                const __mmask16 dims = first_lanes(a.d - j);
+                __m256i parts[3];
+                split(_mm512_maskz_loadu_ps(dims, q + i * a.qs[2] + j), parts, 3);
+                for (int64_t g = 0; g < s.pairs; ++g) _mm256_mask_storeu_epi16(dst + g * a.d + j, dims, parts[LEFT[g]]);
+            }
+        }
+        memset(dst + s.pairs * a.d, 0, (s.dk - s.pairs * a.d) * 2);
+    }
+}
 
 // S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys, 32 x 32 scores per pass (four
 // accumulator tiles). Measured on a 2-core Sapphire Rapids-class host: a tile product takes ~14 cycles, a tile
@@ -162,11 +249,6 @@ inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int6
 // that of the running maximum is exponentiated against it in one pass, without a pass to find its own maximum.
 constexpr float HEADROOM = 8.f;
 
-// 16 bf16 numbers as fp32 (exactly)
-inline __m512 widen(__m256i bf16) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
-}
-
 // the largest of a row's `valid` scores
 inline float row_max(const float* srow, int64_t valid) {
     const int64_t full = valid / 16 * 16;
@@ -182,9 +264,54 @@ inline float row_max(const float* srow, int64_t valid) {
     return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
 }
 
-// exp2(c * (s - m)) of a row's scores as bf16 over n columns, the first `valid` real (the rest zero); returns the
-// sum of those bf16 numbers (SUM; else 0), and in `seen` the largest score
-template <bool SUM>
+// x as three parts that bfloat16 holds exactly, x = x0 + x1 + x2, by truncation (each the leading 8 significant bits
+// of what the ones before leave: cheaper than rounding, and |x1| < 2^-7 |x|, |x2| < 2^-15 |x|)
+inline void chop(__m512 x, __m512* parts) {
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+    parts[0] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top));
+    x = _mm512_sub_ps(x, parts[0]);
+    parts[1] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top));
+    parts[2] = _mm512_sub_ps(x, parts[1]);
+}
+
+// 32 numerators (e0, e1) stored at prow[j..] as PARTS bfloat16 parts (part c at prow + c * ROWS * PS); u0, u1: the
+// numbers as the p v products use them (with one part: rounded; with three: exactly)
+template <int PARTS>
+inline void store_numerators(__m512 e0, __m512 e1, uint16_t* prow, int64_t j, __m512& u0, __m512& u1) {
+    if (PARTS == 1) {
+        const __m512i p = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+        _mm512_storeu_si512(prow + j, p);
+        u0 = widen(_mm512_castsi512_si256(p));
+        u1 = widen(_mm512_extracti64x4_epi64(p, 1));
+    } else {
+        __m512 a[3], b[3];
+        chop(e0, a);
+        chop(e1, b);
+        for (int c = 0; c < 3; ++c)
+            _mm512_storeu_si512(prow + c * ROWS * PS + j, (__m512i)_mm512_cvtne2ps_pbh(b[c], a[c]));
+        u0 = e0;
+        u1 = e1;
+    }
+}
+
+// the same for 16 numerators
+template <int PARTS>
+inline __m512 store_numerators(__m512 e, uint16_t* prow, int64_t j) {
+    if (PARTS == 1) {
+        const __m256i p = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256((__m256i*)(prow + j), p);
+        return widen(p);
+    }
+    __m512 parts[3];
+    chop(e, parts);
+    for (int c = 0; c < 3; ++c)
+        _mm256_storeu_si256((__m256i*)(prow + c * ROWS * PS + j), (__m256i)_mm512_cvtneps_pbh(parts[c]));
+    return e;
+}
+
+// exp2(c * (s - m)) of a row's scores as PARTS bfloat16 parts over n columns, the first `valid` real (the rest
+// zero); returns the sum of those numbers as used (SUM; else 0), and in `seen` the largest score
+template <bool SUM, int PARTS>
 inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, float m, uint16_t* prow,
                           float& seen) {
     const int64_t full = valid / 32 * 32;  // (the pairs of full vectors)
@@ -195,12 +322,13 @@ inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, 
         const __m512 x0 = _mm512_loadu_ps(srow + j), x1 = _mm512_loadu_ps(srow + j + 16);
         m0 = _mm512_max_ps(m0, x0);
         m1 = _mm512_max_ps(m1, x1);
-        const __m512 e0 = exp2_ps(_mm512_fmadd_ps(x0, vc, vmc)), e1 = exp2_ps(_mm512_fmadd_ps(x1, vc, vmc));
-        const __m512i p = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
-        _mm512_storeu_si512(prow + j, p);
+        const __m512 e0 = exp2_ps<PARTS>(_mm512_fmadd_ps(x0, vc, vmc));
+        const __m512 e1 = exp2_ps<PARTS>(_mm512_fmadd_ps(x1, vc, vmc));
+        __m512 u0, u1;
+        store_numerators<PARTS>(e0, e1, prow, j, u0, u1);
         if (SUM) {
-            s0 = _mm512_add_ps(s0, widen(_mm512_castsi512_si256(p)));
-            s1 = _mm512_add_ps(s1, widen(_mm512_extracti64x4_epi64(p, 1)));
+            s0 = _mm512_add_ps(s0, u0);
+            s1 = _mm512_add_ps(s1, u1);
         }
     }
     for (; j < n; j += 16) {  // what is left: a last full vector, the ragged tail, zeros up to n
@@ -209,11 +337,10 @@ inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, 
         if (keep) {
             const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, srow + j);
             m0 = _mm512_max_ps(m0, x);
-            e = _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_fmadd_ps(x, vc, vmc)));
+            e = _mm512_maskz_mov_ps(keep, exp2_ps<PARTS>(_mm512_fmadd_ps(x, vc, vmc)));
         }
-        const __m256i p = (__m256i)_mm512_cvtneps_pbh(e);
-        _mm256_storeu_si256((__m256i*)(prow + j), p);
-        if (SUM) s0 = _mm512_add_ps(s0, widen(p));
+        const __m512 u = store_numerators<PARTS>(e, prow, j);
+        if (SUM) s0 = _mm512_add_ps(s0, u);
     }
     seen = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
@@ -222,11 +349,11 @@ inline float exponentials(const float* srow, int64_t valid, int64_t n, float c, 
 // one row's numerators for a chunk (exponentials), their sum added to l (SUM); m: the running maximum they are
 // taken against, raised where the chunk's scores exceed it by more than HEADROOM; returns the factor that rescales
 // what was summed before against the new maximum (1 where it stayed)
-template <bool SUM>
+template <bool SUM, int PARTS>
 inline float numerators(const float* srow, int64_t valid, int64_t n, float c, float& m, float& l, uint16_t* prow) {
     float seen;
     if (m != -INFINITY) {
-        const float sum = exponentials<SUM>(srow, valid, n, c, m, prow, seen);
+        const float sum = exponentials<SUM, PARTS>(srow, valid, n, c, m, prow, seen);
         if ((seen - m) * c <= HEADROOM) {
             l += sum;
             return 1.f;
@@ -236,11 +363,12 @@ inline float numerators(const float* srow, int64_t valid, int64_t n, float c, fl
     }
     const float m_new = std::max(m, seen), alpha = exp2f((m - m_new) * c);
     m = m_new;
-    l = l * alpha + exponentials<SUM>(srow, valid, n, c, m_new, prow, seen);
+    l = l * alpha + exponentials<SUM, PARTS>(srow, valid, n, c, m_new, prow, seen);
     return alpha;
 }
 
-// C[32][dn] = P V for keys [k0, k0 + n) (n a multiple of 32), from packed values
+// C[32][dn] = P V for keys [k0, k0 + n) (n a multiple of 32), from the numerators' parts and the packed values'
+// (the products of parts in the order LEFT x RIGHT, summed in the same tiles)
 inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, int64_t k0, int64_t n, float* cbuf) {
     for (int64_t jb = 0; jb < s.dn / 16; jb += 2) {
         const bool two = jb + 1 < s.dn / 16;
@@ -249,16 +377,21 @@ inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, in
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t t = 0; t < n / 32; ++t) {
-            const uint16_t* v = vp + ((k0 / 2 + 16 * t) * s.dn + 16 * jb) * 2;
-            _tile_loadd(4, pbuf + 32 * t, PS * 2);
-            _tile_loadd(5, pbuf + 16 * PS + 32 * t, PS * 2);
-            _tile_loadd(6, v, s.dn * 4);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 5, 6);
-            if (two) {
-                _tile_loadd(7, v + 32, s.dn * 4);
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_dpbf16ps(3, 5, 7);
+            for (int64_t g = 0; g < s.pairs; ++g) {
+                if (g == 0 || LEFT[g] != LEFT[g - 1]) {
+                    const uint16_t* p = pbuf + LEFT[g] * ROWS * PS + 32 * t;
+                    _tile_loadd(4, p, PS * 2);
+                    _tile_loadd(5, p + 16 * PS, PS * 2);
+                }
+                const uint16_t* v = vp + RIGHT[g] * s.nk32 * s.dn + ((k0 / 2 + 16 * t) * s.dn + 16 * jb) * 2;
+                _tile_loadd(6, v, s.dn * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, v + 32, s.dn * 4);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
             }
         }
         _tile_stored(0, cbuf + 16 * jb, s.dn * 4);
@@ -270,82 +403,76 @@ inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, in
     }
 }
 
-// one block of up to 32 query rows (`rows`) of one head
-void block(const Args& a, const Shapes& s, const uint16_t* q, const uint16_t* kp, const uint16_t* vp,
-           uint16_t* out, int64_t rows, Buffers& buf) {
-    for (int64_t i = 0; i < ROWS; ++i) {  // queries, zero padded to [32][dk]
-        uint16_t* dst = buf.q.data() + i * s.dk;
-        if (i < rows) {
-            memcpy(dst, q + i * a.qs[2], a.d * 2);
-            memset(dst + a.d, 0, (s.dk - a.d) * 2);
-        } else {
-            memset(dst, 0, s.dk * 2);
-        }
-    }
+// up to GROUP blocks of 32 query rows (`rows` in all) of one head
+template <typename T>
+void group(const Args<T>& a, const Shapes& s, const T* q, const uint16_t* kp, const uint16_t* vp, T* out,
+           int64_t rows, Buffers& buf) {
+    constexpr int PARTS = parts_of<T>;
+    const int64_t blocks = (rows + ROWS - 1) / ROWS;
+    for (int64_t b = 0; b < blocks; ++b)
+        load_queries(a, s, q + b * ROWS * a.qs[2], std::min(ROWS, rows - b * ROWS), buf.q.data() + b * ROWS * s.dk);
     const float c = a.scale * 1.4426950408889634f;
-    float m[ROWS], l[ROWS], alpha[ROWS];
-    std::fill(m, m + ROWS, -INFINITY);
-    std::fill(l, l + ROWS, 0.f);
-    std::fill(buf.o.data(), buf.o.data() + ROWS * s.dn, 0.f);
+    float m[GROUP * ROWS], l[GROUP * ROWS], alpha[ROWS];
+    std::fill(m, m + GROUP * ROWS, -INFINITY);
+    std::fill(l, l + GROUP * ROWS, 0.f);
+    std::fill(buf.o.data(), buf.o.data() + GROUP * ROWS * s.dn, 0.f);
     for (int64_t k0 = 0; k0 < s.nk32; k0 += CHUNK) {
         const int64_t n = std::min(CHUNK, s.nk32 - k0), valid = std::min(n, a.Nk - k0);
-        scores(s, buf.q.data(), kp, k0, n, buf.s.data());
-        for (int64_t i = 0; i < ROWS; ++i) {
-            float* srow = buf.s.data() + i * SS;
-            uint16_t* prow = buf.p.data() + i * PS;
-            alpha[i] = s.ones ? numerators<false>(srow, valid, n, c, m[i], l[i], prow)
-                              : numerators<true>(srow, valid, n, c, m[i], l[i], prow);
-        }
-        values(s, buf.p.data(), vp, k0, n, buf.c.data());
-        for (int64_t i = 0; i < ROWS; ++i) {
-            const __m512 va = _mm512_set1_ps(alpha[i]);
-            float* o = buf.o.data() + i * s.dn;
-            const float* cc = buf.c.data() + i * s.dn;
-            for (int64_t j = 0; j < s.dn; j += 16)
-                _mm512_storeu_ps(o + j, _mm512_fmadd_ps(_mm512_loadu_ps(o + j), va, _mm512_loadu_ps(cc + j)));
+        for (int64_t b = 0; b < blocks; ++b) {
+            scores(s, buf.q.data() + b * ROWS * s.dk, kp, k0, n, buf.s.data());
+            for (int64_t i = 0; i < ROWS; ++i) {
+                float* srow = buf.s.data() + i * SS;
+                uint16_t* prow = buf.p.data() + i * PS;
+                float &mi = m[b * ROWS + i], &li = l[b * ROWS + i];
+                alpha[i] = s.ones ? numerators<false, PARTS>(srow, valid, n, c, mi, li, prow)
+                                  : numerators<true, PARTS>(srow, valid, n, c, mi, li, prow);
+            }
+            values(s, buf.p.data(), vp, k0, n, buf.c.data());
+            for (int64_t i = 0; i < ROWS; ++i) {
+                const __m512 va = _mm512_set1_ps(alpha[i]);
+                float* o = buf.o.data() + (b * ROWS + i) * s.dn;
+                const float* cc = buf.c.data() + i * s.dn;
+                for (int64_t j = 0; j < s.dn; j += 16)
+                    _mm512_storeu_ps(o + j, _mm512_fmadd_ps(_mm512_loadu_ps(o + j), va, _mm512_loadu_ps(cc + j)));
+            }
         }
     }
     for (int64_t i = 0; i < rows; ++i) {
         const float* orow = buf.o.data() + i * s.dn;
         const __m512 inv = _mm512_set1_ps(1.f / (s.ones ? orow[a.d] : l[i]));
-        uint16_t* dst = out + i * a.os[2];
+        T* dst = out + i * a.os[2];
         for (int64_t j = 0; j < a.d; j += 16) {
-            __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(orow + j), inv));
-            _mm256_mask_storeu_epi16(dst + j, first_lanes(a.d - j), r);
+            const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(orow + j), inv);
+            if constexpr (sizeof(T) == 2)
+                _mm256_mask_storeu_epi16(dst + j, first_lanes(a.d - j), (__m256i)_mm512_cvtneps_pbh(r));
+            else
+                _mm512_mask_storeu_ps(dst + j, first_lanes(a.d - j), r);
         }
     }
 }
 
-}  // namespace
+// the packed keys and values go to a buffer kept from call to call (a fresh one of this size, for SD 1.5's largest
+// attention 14 MB in bf16 and 52 MB in fp32, page-faults on every call); a call that finds it in use by another
+// thread's call makes its own
+std::mutex kept_lock;
+std::unique_ptr<Aligned<uint16_t>> kept;
+int64_t kept_size = 0;
 
-// Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); 0: granted
-extern "C" int amx_request() {
-    return (int)syscall(SYS_arch_prctl, 0x1023, 18);
-}
-
-// out = softmax(scale * q k^T) v for q [B, H, N, d], k and v [B, H, Nk, d], out [B, H, N, d], all bfloat16 with
-// unit stride along d (even) and strides[12] = the batch, head and token strides of q, k, v, out (in elements).
-// Returns 0, or 1 where its buffers could not be allocated (then out is untouched).
-extern "C" int amx_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
-                              int64_t B, int64_t H, int64_t N, int64_t Nk, int64_t d, const int64_t* strides,
-                              float scale, int threads) {
-    Args a{q, k, v, out, B, H, N, Nk, d, {}, {}, {}, {}, scale};
+template <typename T>
+int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, int64_t N, int64_t Nk, int64_t d,
+              const int64_t* strides, float scale, int threads) {
+    Args<T> a{q, k, v, out, B, H, N, Nk, d, {}, {}, {}, {}, scale};
     for (int i = 0; i < 3; ++i) {
         a.qs[i] = strides[i]; a.ks[i] = strides[3 + i]; a.vs[i] = strides[6 + i]; a.os[i] = strides[9 + i];
     }
-    Shapes s{(Nk + 31) / 32 * 32, (d + 31) / 32 * 32, (d + 15) / 16 * 16, d % 16 != 0};
-    const int64_t heads = B * H, qblocks = (N + ROWS - 1) / ROWS;
-    const int64_t kp_size = s.nk32 * s.dk, vp_size = s.nk32 * s.dn;
-    // the packed keys and values go to a buffer kept from call to call (a fresh one of this size, 14 MB for SD
-    // 1.5's largest attention, page-faults on every call); a call that finds it in use by another thread's call
-    // makes its own
-    static std::mutex kept_lock;
-    static std::unique_ptr<Aligned<uint16_t>> kept;
-    static int64_t kept_size = 0;
+    const int64_t parts = parts_of<T>, pairs = parts == 1 ? 1 : 6, nk32 = (Nk + 31) / 32 * 32;
+    const int64_t dk = (pairs * d + 31) / 32 * 32, dn = (d + 15) / 16 * 16;
+    const Shapes s{parts, pairs, nk32, dk, dn, d % 16 != 0, nk32 * dk, parts * nk32 * dn};
+    const int64_t heads = B * H, qgroups = (N + GROUP * ROWS - 1) / (GROUP * ROWS);
     std::unique_lock<std::mutex> hold(kept_lock, std::try_to_lock);
     std::unique_ptr<Aligned<uint16_t>> own;
     std::vector<Buffers> buffers;  // one per thread
-    const int64_t size = heads * (kp_size + vp_size);
+    const int64_t size = heads * (s.kp + s.vp);
     try {
         if (hold.owns_lock() && kept_size < size) {
             kept.reset();
@@ -360,24 +487,46 @@ extern "C" int amx_attention(const uint16_t* q, const uint16_t* k, const uint16_
         return 1;
     }
     uint16_t* const kp = (own ? own : kept)->data();
-    uint16_t* const vp = kp + heads * kp_size;
+    uint16_t* const vp = kp + heads * s.kp;
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
 #pragma omp for schedule(dynamic)
         for (int64_t h = 0; h < heads; ++h) {
-            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp + h * kp_size);
-            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp + h * vp_size);
+            pack_k(a, s, k + h / H * a.ks[0] + h % H * a.ks[1], kp + h * s.kp);
+            pack_v(a, s, v + h / H * a.vs[0] + h % H * a.vs[1], vp + h * s.vp);
         }
         Buffers& buf = buffers[omp_get_thread_num()];
 #pragma omp for schedule(dynamic)
-        for (int64_t w = 0; w < heads * qblocks; ++w) {
-            const int64_t h = w / qblocks, b = h / H, hh = h % H, row0 = w % qblocks * ROWS;
-            block(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp + h * kp_size,
-                  vp + h * vp_size, out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2],
-                  std::min(ROWS, N - row0), buf);
+        for (int64_t w = 0; w < heads * qgroups; ++w) {
+            const int64_t h = w / qgroups, b = h / H, hh = h % H, row0 = w % qgroups * GROUP * ROWS;
+            group(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp + h * s.kp, vp + h * s.vp,
+                  out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2], std::min(GROUP * ROWS, N - row0), buf);
         }
         _tile_release();
     }
     return 0;
+}
+
+}  // namespace
+
+// Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); 0: granted
+extern "C" int amx_request() {
+    return (int)syscall(SYS_arch_prctl, 0x1023, 18);
+}
+
+// out = softmax(scale * q k^T) v for q [B, H, N, d], k and v [B, H, Nk, d], out [B, H, N, d], all bfloat16
+// (amx_attention) or all float32 (amx_attention_fp32), with unit stride along d (even) and strides[12] = the batch,
+// head and token strides of q, k, v, out (in elements). Returns 0, or 1 where its buffers could not be allocated
+// (then out is untouched).
+extern "C" int amx_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t B,
+                             int64_t H, int64_t N, int64_t Nk, int64_t d, const int64_t* strides, float scale,
+                             int threads) {
+    return attention(q, k, v, out, B, H, N, Nk, d, strides, scale, threads);
+}
+
+extern "C" int amx_attention_fp32(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H,
+                                  int64_t N, int64_t Nk, int64_t d, const int64_t* strides, float scale,
+                                  int threads) {
+    return attention(q, k, v, out, B, H, N, Nk, d, strides, scale, threads);
 }

@@ -1,11 +1,13 @@
-"""Bfloat16 attention on Intel AMX tiles for the CPU (amx_attention.cpp), used by optimize_for_inference() where it
-beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64
-level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its
-softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. It is
-compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or
-~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX
-or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and attention stays with
-PyTorch."""
+"""Attention on Intel AMX tiles for the CPU (amx_attention.cpp), bfloat16 and float32, used by optimize_for_inference()
+where it beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the
+64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its
+softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. In float32 it
+splits each number into three bfloat16 parts and takes six tile products of parts per product, as exact as PyTorch's
+float32 kernel (errors against float64 the same or smaller): ~162 ms there against PyTorch's ~250 (fp32 attention was
+~26% of the fp32 forward). It is compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder
+($XDG_CACHE_HOME or ~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the
+CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and attention
+stays with PyTorch."""
 from __future__ import annotations
 
 import ctypes
@@ -88,9 +90,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("Linux refused this process the AMX tile state; attention stays with PyTorch's kernel",
                       RuntimeWarning, stacklevel=2)
         return None
-    lib.amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-                                  + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
-    lib.amx_attention.restype = ctypes.c_int
+    for function in (lib.amx_attention, lib.amx_attention_fp32):
+        function.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+                             + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
+        function.restype = ctypes.c_int
     return lib
 
 
@@ -99,11 +102,11 @@ def available() -> bool:
 
 
 def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: bfloat16 on the CPU, unit
-    stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not being traced by
-    torch.compile."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
-            and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= MIN_QUERIES
+    """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: all bfloat16 or all float32
+    on the CPU, unit stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not
+    being traced by torch.compile."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype in (torch.bfloat16, torch.float32)
+            and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= MIN_QUERIES
             and k.shape == v.shape and k.dim() == 4 and k.shape[2] > 0
             and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
             and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -119,15 +122,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The compiled kernel (`lib`, from library()) on bfloat16 [B, heads, N, d] queries and [B, heads, Nk, d] keys
-    and values with unit stride along an even d. The result is a [B, heads, N, d] view of a [B, N, heads, d]
-    tensor, so merging the heads afterwards copies nothing."""
+    """The compiled kernel (`lib`, from library()) on [B, heads, N, d] queries and [B, heads, Nk, d] keys and
+    values, all bfloat16 or all float32, with unit stride along an even d. The result is a [B, heads, N, d] view
+    of a [B, N, heads, d] tensor, so merging the heads afterwards copies nothing."""
     b, heads, n, d = q.shape
     out = torch.empty(b, n, heads, d, dtype=q.dtype).transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
     with torch.profiler.record_function("latentdiff::amx_attention"):  # (named in torch.profiler's tables)
-        failed = lib.amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2],
-                                   d, strides.data_ptr(), d ** -0.5, torch.get_num_threads())
+        function = lib.amx_attention if q.dtype == torch.bfloat16 else lib.amx_attention_fp32
+        failed = function(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
+                          strides.data_ptr(), d ** -0.5, torch.get_num_threads())
     if failed:
         raise MemoryError(f"the AMX attention kernel could not allocate its buffers (keys and values of {b * heads} "
                           f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
