@@ -8,10 +8,10 @@ import torch
 
 import torch.nn.functional as F
 
-from latentdiff.models import allocator, attention, packed, winograd
+from latentdiff.models import allocator, amx_attention, attention, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.packed import (PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d,
-                                      pack_for_inference)
+from latentdiff.models.packed import (AmxGEGLU, AmxLinear, PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv,
+                                      WinogradConv2d, pack_for_inference)
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -22,6 +22,9 @@ needs_bf16 = pytest.mark.skipif(not packed.bfloat16_supported(),
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
              down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
+
+# what pack_for_inference() makes of a float32 nn.Linear: our AMX kernel on CPUs with AMX, else oneDNN's
+FLOAT32_LINEAR = AmxLinear if amx_attention.available() else PackedLinear
 
 
 def make(seed: int = 0, dtype=torch.float32, **overrides) -> UNet2DConditionModel:
@@ -69,7 +72,10 @@ def test_optimized_model_matches_the_plain_one(overrides, height, width, use_win
     assert (WinogradConv2d in kinds) == use_winograd
     assert any(isinstance(m, PackedConv2d) and m.stride == [2, 2] for m in fast.modules())
     proj_in = fast.down_blocks[1].attentions[0].proj_in  # a 1x1 conv in SD 1.x, a linear in SD 2.x
-    assert isinstance(proj_in, PackedLinear) if overrides else (isinstance(proj_in, PackedConv2d) and proj_in.pointwise)
+    if overrides:
+        assert isinstance(proj_in, FLOAT32_LINEAR)
+    else:
+        assert isinstance(proj_in, PackedConv2d) and proj_in.pointwise
     sample, t, ctx = inputs(height, width)
     expected = model(sample, t, ctx)
     got = fast(sample, t, ctx)
@@ -167,7 +173,7 @@ def test_bfloat16_layers_stay_plain_where_onednn_has_no_bfloat16(monkeypatch):
     model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(32, 32, 3, padding=1),
                                                    torch.nn.Linear(4, 4).bfloat16(),
                                                    torch.nn.Conv2d(32, 32, 3, padding=1).bfloat16()))
-    assert [type(m) for m in model] == [PackedLinear, WinogradConv2d, torch.nn.Linear, torch.nn.Conv2d]
+    assert [type(m) for m in model] == [FLOAT32_LINEAR, WinogradConv2d, torch.nn.Linear, torch.nn.Conv2d]
     with pytest.raises(ValueError, match="bfloat16 only where oneDNN runs it"):
         PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16())
 
@@ -186,7 +192,9 @@ def test_packed_geglu_computes_the_gated_unit(dtype, tolerance, monkeypatch):
     expected = plain(x.double())
     monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 10 * 128 * 4)  # slices of 10 tokens for a plain GEGLU
     pack_for_inference(ff)
-    assert type(ff.net[0]) is PackedGEGLU and type(ff.net[2]) is PackedLinear
+    on_amx = dtype == torch.float32 and amx_attention.available()  # (then AmxGEGLU and AmxLinear)
+    assert type(ff.net[0]) is (AmxGEGLU if on_amx else PackedGEGLU)
+    assert type(ff.net[2]) is (AmxLinear if on_amx else PackedLinear)
     calls = []
     ff.net[2].register_forward_hook(lambda m, a, out: calls.append(out.shape[:-1]))
     got = ff(x)
@@ -241,7 +249,7 @@ def test_pack_leaves_what_it_cannot_pack():
                                 torch.nn.Conv2d(4, 4, 3, padding="same"), torch.nn.Conv2d(32, 32, 3, padding=1))
     pack_for_inference(model)
     assert [type(m) for m in model] == [torch.nn.Linear, PackedConv2d, torch.nn.Conv2d, WinogradConv2d]
-    assert isinstance(pack_for_inference(torch.nn.Sequential(torch.nn.Linear(3, 5)))[0], PackedLinear)
+    assert isinstance(pack_for_inference(torch.nn.Sequential(torch.nn.Linear(3, 5)))[0], FLOAT32_LINEAR)
 
 
 def test_feedforward_in_chunks_is_exact(monkeypatch):

@@ -11,7 +11,8 @@
 // taken as the six products of parts that reach fp32's precision (Henry, Tang & Heinecke 2019, "bf16x6"): for q k^T the
 // parts are laid side by side along the depth, for p v the six products accumulate into the same tiles. OpenMP threads
 // take heads (packing), then groups of query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
-// PyTorch's (same soname), so its worker threads are reused rather than competing with ours.
+// PyTorch's (same soname), so its worker threads are reused rather than competing with ours. The end of the file holds
+// float32 linear layers on the same tiles and parts (amx_linear).
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -85,6 +86,14 @@ inline __mmask16 first_lanes(int64_t count) {
     return count >= 16 ? (__mmask16)0xffff : count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0;
 }
 
+// the 16 bf16 numbers of a and of b interleaved, a0 b0 a1 b1 ...: two depths' rows of a B tile
+inline __m512i interleave(__m256i a, __m256i b) {
+    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_load_si512(order),
+                                    _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
 // T: uint16_t (bfloat16 inputs and output) or float
 template <typename T>
 struct Args {
@@ -141,9 +150,6 @@ void pack_k(const Args<T>& a, const Shapes& s, const T* k, uint16_t* kp) {
 // part 0: ones where s.ones), 16 dims of two keys interleaved at a time
 template <typename T>
 void pack_v(const Args<T>& a, const Shapes& s, const T* v, uint16_t* vp) {
-    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i interleave = _mm512_load_si512(order);
     const __m256i one = _mm256_set1_epi16(0x3F80);  // bf16 1.0
     for (int64_t kk = 0; kk < s.nk32 / 2; ++kk) {
         for (int64_t n0 = 0; n0 < s.dn; n0 += 16) {
@@ -160,11 +166,8 @@ void pack_v(const Args<T>& a, const Shapes& s, const T* v, uint16_t* vp) {
                     split(_mm512_maskz_loadu_ps(dims, v + key * a.vs[2] + n0), two[e], 3);
                 two[e][0] = _mm256_mask_mov_epi16(two[e][0], ones, one);
             }
-            for (int64_t c = 0; c < s.parts; ++c) {
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(two[0][c]), two[1][c], 1);
-                _mm512_storeu_si512(vp + c * s.nk32 * s.dn + (kk * s.dn + n0) * 2,
-                                    _mm512_permutexvar_epi16(interleave, both));
-            }
+            for (int64_t c = 0; c < s.parts; ++c)
+                _mm512_storeu_si512(vp + c * s.nk32 * s.dn + (kk * s.dn + n0) * 2, interleave(two[0][c], two[1][c]));
         }
     }
 }
@@ -529,4 +532,279 @@ extern "C" int amx_attention_fp32(const float* q, const float* k, const float* v
                                   int64_t N, int64_t Nk, int64_t d, const int64_t* strides, float scale,
                                   int threads) {
     return attention(q, k, v, out, B, H, N, Nk, d, strides, scale, threads);
+}
+
+// ---- float32 linear layers on the same tiles: y = x W^T + b (+ residual), each product as the six products of
+// bfloat16 parts as above. oneDNN's float32 products reach 220-310 GFLOP/s on SD 1.5's linear layers on the 2-core
+// AMX host (FMA-bound); these ~350-440. The products of a pass over KC of the depth are summed in tiles, then added
+// to y in fp32 (the six products per product would otherwise round the running sums six times as often: errors
+// against float64 ~3x oneDNN's at depth 5120, below them this way).
+
+namespace {
+
+constexpr int64_t MAX_KC = 384;  // depth per pass over the output, at most
+// for a GEGLU (whose running sums between passes take a pass over memory of their own): 32x32's 640 in one pass
+constexpr int64_t MAX_KC_GEGLU = 1280;
+constexpr int64_t ROWS_BYTES = 640 * 1024;  // bytes of x's parts (rows x depth x 3 parts) per turn, at most: in L2
+constexpr int64_t MAX_SB = 128;  // rows of x per thread's turn, at most (their parts for a pass: 320 KiB, in L2)
+constexpr int64_t PANEL = 768 * 1024;  // bytes of packed weights (columns x depth x 3 parts) per panel: in L2
+
+inline int64_t padded(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// n split into the fewest equal steps (multiples of 32) of at most `most`
+inline int64_t even_steps(int64_t n, int64_t most) {
+    const int64_t count = (n + most - 1) / most;
+    return padded((n + count - 1) / count, 32);
+}
+
+}  // namespace
+
+namespace {
+
+// the exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun's 7.1.26 (absolute error < 1.5e-7)
+inline __m512 gelu(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.f), z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678f));
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    r = _mm512_mul_ps(r, t);
+    const __m512 e = exp2_ps<3>(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)));
+    const __m512 erf_a = _mm512_fnmadd_ps(r, e, one);  // erf(|z|)
+    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(erf_a), _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u))));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
+// where a pass's products go: y = x W^T + bias (+ residual), the running sums kept in y; or, for a GEGLU (W's rows
+// ordered value 16, gate 16, value 16, ...: each pair of column tiles a value's and its gate's), y = value *
+// gelu(gate), D = N / 2 wide, the running sums in h [M][N] (only where there are several passes)
+struct LinearOut {
+    float* y;
+    int64_t ys;
+    const float *bias, *residual;
+    int64_t rs;
+    float* h;
+    int64_t N;
+    bool geglu;
+};
+
+// adds a pass's products for columns [16 nb, 16 nb + 32) of rows [row0, row0 + rows) (c: [32][32])
+inline void flush(const LinearOut& o, const float* c, int64_t row0, int64_t rows, int64_t nb, bool first, bool last) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = row0 + i;
+        if (o.geglu) {
+            const int64_t n = nb * 16;
+            __m512 v = _mm512_load_ps(c + i * 32), g = _mm512_load_ps(c + i * 32 + 16);
+            float* sums = o.h ? o.h + row * o.N + n : nullptr;
+            if (first) {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(o.bias + n));
+                g = _mm512_add_ps(g, _mm512_loadu_ps(o.bias + n + 16));
+            } else {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(sums));
+                g = _mm512_add_ps(g, _mm512_loadu_ps(sums + 16));
+            }
+            if (last) {
+                _mm512_storeu_ps(o.y + row * o.ys + n / 2, _mm512_mul_ps(v, gelu(g)));
+            } else {
+                _mm512_storeu_ps(sums, v);
+                _mm512_storeu_ps(sums + 16, g);
+            }
+            continue;
+        }
+        float* out = o.y + row * o.ys;
+        for (int64_t j = 0; j < 32; j += 16) {
+            const int64_t n = nb * 16 + j;
+            const __mmask16 cols = first_lanes(o.N - n);
+            __m512 sum = _mm512_load_ps(c + i * 32 + j);
+            if (!first) {
+                sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, out + n));
+            } else {
+                if (o.bias) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, o.bias + n));
+                if (o.residual) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, o.residual + row * o.rs + n));
+            }
+            _mm512_mask_storeu_ps(out + n, cols, sum);
+        }
+    }
+}
+
+constexpr int64_t FEW_ROWS = 8;  // at most this many rows go to few_rows
+
+// y for a few rows (the time embedding's two), which would leave the tiles mostly empty: vector products with each
+// weight taken as the exact sum of its parts, 16 columns at a time, summed in double precision (PyTorch's products
+// for so few rows are more exact than its large ones: a float32 sum along the depth would err 2-4x more)
+void few_rows(const float* x, int64_t xs, const uint16_t* wp, const LinearOut& o, int64_t M, int64_t K, int threads) {
+    const int64_t K32 = padded(K, 32), tiles = (o.N + 15) / 16;
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = 0; nb < tiles; ++nb) {
+        const int64_t n = nb * 16;
+        const __mmask16 cols = first_lanes(o.N - n);
+        __m512d low[FEW_ROWS], top[FEW_ROWS];  // columns n..n+7, n+8..n+15 of each row
+        for (int64_t m = 0; m < M; ++m) low[m] = top[m] = _mm512_setzero_pd();
+        for (int64_t r = 0; r < (K + 1) / 2; ++r) {
+            __m512 we = _mm512_setzero_ps(), wo = we;  // depths 2r and 2r + 1 (the sums of the parts: exact)
+            for (int c = 2; c >= 0; --c) {
+                const __m512i pairs = _mm512_load_si512(wp + ((nb * 3 + c) * (K32 / 2) + r) * 32);
+                we = _mm512_add_ps(we, _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
+                wo = _mm512_add_ps(wo, _mm512_castsi512_ps(_mm512_and_si512(pairs, high)));
+            }
+            const __m512d we0 = _mm512_cvtps_pd(_mm512_castps512_ps256(we));
+            const __m512d wo0 = _mm512_cvtps_pd(_mm512_castps512_ps256(wo));
+            const __m512d we1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(we), 1)));
+            const __m512d wo1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wo), 1)));
+            for (int64_t m = 0; m < M; ++m) {
+                const __m512d xe = _mm512_set1_pd(x[m * xs + 2 * r]);
+                const __m512d xo = _mm512_set1_pd(2 * r + 1 < K ? x[m * xs + 2 * r + 1] : 0.f);
+                low[m] = _mm512_fmadd_pd(xo, wo0, _mm512_fmadd_pd(xe, we0, low[m]));
+                top[m] = _mm512_fmadd_pd(xo, wo1, _mm512_fmadd_pd(xe, we1, top[m]));
+            }
+        }
+        for (int64_t m = 0; m < M; ++m) {
+            alignas(64) double sums[16];
+            _mm512_store_pd(sums, low[m]);
+            _mm512_store_pd(sums + 8, top[m]);
+            alignas(64) float out[16];
+            for (int64_t j = 0; j < 16; ++j) {
+                double v = sums[j];
+                if (n + j < o.N) {
+                    if (o.bias) v += o.bias[n + j];
+                    if (o.residual) v += o.residual[m * o.rs + n + j];
+                }
+                out[j] = (float)v;
+            }
+            _mm512_mask_storeu_ps(o.y + m * o.ys + n, cols, _mm512_load_ps(out));
+        }
+    }
+}
+
+}  // namespace
+
+// Passes over the depth that amx_linear makes for K
+extern "C" int64_t amx_linear_passes(int64_t K, int geglu) {
+    const int64_t K32 = padded(K, 32), KC = even_steps(K32, geglu ? MAX_KC_GEGLU : MAX_KC);
+    return (K32 + KC - 1) / KC;
+}
+
+// Elements (uint16) of W [N][K] packed by amx_pack_linear: [N32 / 16][3 parts][K32 / 2][16 columns][2]
+extern "C" int64_t amx_packed_linear_size(int64_t N, int64_t K) {
+    return padded(N, 32) * 3 * padded(K, 32);
+}
+
+extern "C" void amx_pack_linear(const float* w, int64_t N, int64_t K, uint16_t* wp, int threads) {
+    const int64_t K32 = padded(K, 32), N32 = padded(N, 32);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(K * 4)));  // 16 columns' byte offsets
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = 0; nb < N32 / 16; ++nb) {
+        const __mmask16 cols = first_lanes(N - nb * 16);
+        for (int64_t r = 0; r < K32 / 2; ++r) {
+            __m256i even[3] = {}, odd[3] = {};
+            const float* column = w + nb * 16 * K + 2 * r;
+            if (2 * r < K) split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), cols, rows, column, 1), even, 3);
+            if (2 * r + 1 < K) split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), cols, rows, column + 1, 1), odd, 3);
+            for (int c = 0; c < 3; ++c)
+                _mm512_storeu_si512(wp + ((nb * 3 + c) * (K32 / 2) + r) * 32, interleave(even[c], odd[c]));
+        }
+    }
+}
+
+// y [M][N] (row stride ys) = x [M][K] (row stride xs) W^T + bias (may be null) + residual [M][N] (row stride rs; may be
+// null, may be y itself), W packed by amx_pack_linear; or, with `geglu` (see LinearOut: N a multiple of 32, a bias, no
+// residual), y [M][N / 2] = value * gelu(gate), with h [M][N] for the running sums where amx_linear_passes(K) > 1. Each
+// thread takes blocks of up to MAX_SB rows; for each pass over KC of the depth it splits those rows of x into parts (in
+// L2), then multiplies them by one panel of packed weights after another (read from L3 once per block of rows); up to
+// FEW_ROWS rows go to few_rows. Returns 0, or 1 where its buffers could not be made.
+extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const float* bias, const float* residual,
+                          int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
+                          float* h) {
+    const LinearOut o{y, ys, bias, residual, rs, h, N, geglu != 0};
+    if (M <= FEW_ROWS && !geglu) {
+        few_rows(x, xs, wp, o, M, K, threads);
+        return 0;
+    }
+    const int64_t K32 = padded(K, 32), N32 = padded(N, 32), KC = even_steps(K32, geglu ? MAX_KC_GEGLU : MAX_KC);
+    const int64_t KS = KC + 32, NC = even_steps(N32, std::max<int64_t>(32, PANEL / (KC * 6) / 32 * 32));
+    const int64_t most_rows = std::max<int64_t>(ROWS, std::min(MAX_SB, ROWS_BYTES / (KS * 6) / ROWS * ROWS));
+    const int64_t SB = std::min(most_rows, padded((M + threads - 1) / threads, 32)), sblocks = (M + SB - 1) / SB;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        // x's parts for one block of rows and one pass, [SB / 32][3 parts][32 rows][KS] (KS: a tile's 16 rows never
+        // share an L1 set), kept by each (PyTorch's, long-lived) thread from call to call
+        thread_local std::unique_ptr<Aligned<uint16_t>> kept;
+        thread_local int64_t kept_size = 0;
+        const int64_t size = SB * 3 * KS;
+        if (kept_size < size) {
+            kept.reset();
+            kept_size = 0;
+            try {
+                kept.reset(new Aligned<uint16_t>(size));
+                kept_size = size;
+            } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+#pragma omp barrier
+        if (!failed) {
+            uint16_t* const ap = kept->data();
+            configure_tiles();
+            alignas(64) float c[ROWS * 32];
+#pragma omp for schedule(static)
+            for (int64_t sb = 0; sb < sblocks; ++sb) {
+                const int64_t row0 = sb * SB, blocks = (std::min(M, row0 + SB) - row0 + ROWS - 1) / ROWS;
+                for (int64_t k0 = 0; k0 < K32; k0 += KC) {
+                    const int64_t depth = std::min(KC, K32 - k0);
+                    for (int64_t i = 0; i < blocks * ROWS; ++i) {
+                        const bool real = row0 + i < M;
+                        for (int64_t j = 0; j < depth; j += 16) {
+                            __m256i parts[3];
+                            const __mmask16 depths = real ? first_lanes(K - k0 - j) : 0;
+                            split(_mm512_maskz_loadu_ps(depths, x + (row0 + i) * xs + k0 + j), parts, 3);
+                            for (int p = 0; p < 3; ++p)
+                                _mm256_store_si256((__m256i*)(ap + ((i / ROWS * 3 + p) * ROWS + i % ROWS) * KS + j),
+                                                   parts[p]);
+                        }
+                    }
+                    for (int64_t n0 = 0; n0 < N32; n0 += NC) {
+                        for (int64_t mb = 0; mb < blocks; ++mb) {
+                            const int64_t rows = std::min(ROWS, M - row0 - mb * ROWS);
+                            for (int64_t nb = n0 / 16; nb < std::min(N32, n0 + NC) / 16; nb += 2) {
+                                _tile_zero(0);
+                                _tile_zero(1);
+                                _tile_zero(2);
+                                _tile_zero(3);
+                                for (int64_t t = 0; t < depth / 32; ++t) {
+                                    const int64_t kt = k0 / 32 + t;
+                                    for (int g = 0; g < 6; ++g) {
+                                        if (g == 0 || LEFT[g] != LEFT[g - 1]) {
+                                            const uint16_t* a = ap + (mb * 3 + LEFT[g]) * ROWS * KS + 32 * t;
+                                            _tile_loadd(4, a, KS * 2);
+                                            _tile_loadd(5, a + 16 * KS, KS * 2);
+                                        }
+                                        _tile_loadd(6, wp + ((nb * 3 + RIGHT[g]) * (K32 / 2) + 16 * kt) * 32, 64);
+                                        _tile_loadd(7, wp + (((nb + 1) * 3 + RIGHT[g]) * (K32 / 2) + 16 * kt) * 32, 64);
+                                        _tile_dpbf16ps(0, 4, 6);
+                                        _tile_dpbf16ps(1, 5, 6);
+                                        _tile_dpbf16ps(2, 4, 7);
+                                        _tile_dpbf16ps(3, 5, 7);
+                                    }
+                                }
+                                _tile_stored(0, c, 128);
+                                _tile_stored(1, c + 16 * 32, 128);
+                                _tile_stored(2, c + 16, 128);
+                                _tile_stored(3, c + 16 * 32 + 16, 128);
+                                flush(o, c, row0 + mb * ROWS, rows, nb, k0 == 0, k0 + KC >= K32);
+                            }
+                        }
+                    }
+                }
+            }
+            _tile_release();
+        }
+    }
+    return failed;
 }

@@ -7,7 +7,8 @@ float32 kernel (errors against float64 the same or smaller): ~162 ms there again
 ~26% of the fp32 forward). It is compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder
 ($XDG_CACHE_HOME or ~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the
 CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and attention
-stays with PyTorch."""
+stays with PyTorch. The same library holds float32 linear layers on the same tiles and parts (`pack_linear`, `linear`;
+packed.AmxLinear and AmxGEGLU): 1.2-1.8x oneDNN's float32 products on SD 1.5's layers, errors the same or smaller."""
 from __future__ import annotations
 
 import ctypes
@@ -94,6 +95,16 @@ def library() -> ctypes.CDLL | None:
         function.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                              + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
         function.restype = ctypes.c_int
+    lib.amx_packed_linear_size.argtypes = [ctypes.c_int64] * 2
+    lib.amx_packed_linear_size.restype = ctypes.c_int64
+    lib.amx_pack_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.amx_pack_linear.restype = None
+    lib.amx_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+                               + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                               + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+    lib.amx_linear.restype = ctypes.c_int
+    lib.amx_linear_passes.argtypes = [ctypes.c_int64, ctypes.c_int]
+    lib.amx_linear_passes.restype = ctypes.c_int64
     return lib
 
 
@@ -135,4 +146,44 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     if failed:
         raise MemoryError(f"the AMX attention kernel could not allocate its buffers (keys and values of {b * heads} "
                           f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
+    return out
+
+
+def pack_linear(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """A float32 [N, K] weight as `linear` takes it: three bfloat16 parts per number (exactly their sum), laid out
+    as AMX tiles (int16 storage, 1.5x the float32 bytes)."""
+    weight = weight.detach().float().contiguous()
+    n, k = weight.shape
+    packed = torch.empty(lib.amx_packed_linear_size(n, k), dtype=torch.int16)
+    lib.amx_pack_linear(weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads())
+    return packed
+
+
+def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_features: int,
+           bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, geglu: bool = False) -> torch.Tensor:
+    """x W^T + bias (+ residual) over the last dimension of a float32 CPU `x`, for W packed by `pack_linear`: as exact
+    as PyTorch's float32 linear (errors against float64 the same or smaller), 1.3-1.9x faster on SD 1.5's layers
+    (benchmarks/linear_amx.py). `residual`: float32, x's shape but `out_features` wide. `geglu`: W's rows ordered 16
+    values, their 16 gates, 16 values, ... (out_features a multiple of 32, a bias, no residual); the result is
+    value * gelu(gate), out_features / 2 wide."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out = torch.empty(*x.shape[:-1], out_features // 2 if geglu else out_features)
+    sums = torch.empty(m, out_features) if geglu and lib.amx_linear_passes(k, 1) > 1 else None
+    res = None
+    if residual is not None:
+        res = residual.reshape(m, out_features)
+        if res.stride(-1) != 1:
+            res = res.contiguous()
+    with torch.profiler.record_function("latentdiff::amx_linear"):
+        failed = lib.amx_linear(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
+                                None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
+                                0 if res is None else res.stride(0), out.data_ptr(), out.shape[-1], m, out_features, k,
+                                torch.get_num_threads(), geglu, None if sums is None else sums.data_ptr())
+    if failed:
+        raise MemoryError(f"the AMX linear kernel could not allocate its buffers ({m} x {k} inputs split into "
+                          "parts): free memory")
     return out

@@ -1,0 +1,81 @@
+"""Our float32 linear layers on AMX tiles (latentdiff/models/packed.py's AmxLinear and AmxGEGLU, which
+optimize_for_inference() uses on float32 models where the CPU has AMX) against oneDNN's (PackedLinear, PackedGEGLU,
+what it uses elsewhere) on the linear layers of SD 1.5's U-Net, batch 2. Prints, per layer: the largest error of
+both against a float64 reference, the median times (calls interleaved) and the ratio.
+
+    python benchmarks/linear_amx.py [--threads 2] [--repeats 7]
+
+Why: oneDNN's float32 products run at the AVX-512 FMA peak at best (about 220-310 GFLOP/s on these layers on a
+2-core AMX host); AMX tiles multiply bfloat16 several times faster, and three bfloat16 parts per number with six
+products of parts per product keep float32's precision.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import machine, setup, time_interleaved
+from latentdiff.models import amx_attention
+from latentdiff.models.attention import GEGLU
+from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear
+
+# (name, tokens (batch 2), in, out): per resolution of SD 1.5's 512x512 U-Net, the attention projections, the
+# feed-forward's output and its GEGLU (in -> 2 x 4 in), the cross-attention's keys (77 text tokens), the time embedding
+LAYERS = [("64x64 q/k/v/out", 8192, 320, 320), ("64x64 ff out", 8192, 1280, 320), ("64x64 geglu", 8192, 320, 0),
+          ("32x32 q/k/v/out", 2048, 640, 640), ("32x32 ff out", 2048, 2560, 640), ("32x32 geglu", 2048, 640, 0),
+          ("16x16 q/k/v/out", 512, 1280, 1280), ("16x16 ff out", 512, 5120, 1280), ("16x16 geglu", 512, 1280, 0),
+          ("text keys 64x64", 154, 768, 320), ("time embedding", 2, 320, 1280)]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    setup(args.threads)
+    print(machine())
+    if not amx_attention.available():
+        print(f"skipped: {amx_attention.unavailable() or 'the kernels did not build (see the warning)'}")
+        return
+    print("layer               tokens  in    out   GFLOP  err oneDNN  err AMX   oneDNN ms  AMX ms  AMX vs oneDNN")
+    for name, tokens, k, n in LAYERS:
+        x = torch.randn(tokens, k)
+        if n:  # a plain linear layer
+            layer = torch.nn.Linear(k, n).eval()
+            exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            flops = 2 * tokens * k * n
+        else:  # GEGLU: k -> 2 x 4k, then value * gelu(gate)
+            layer = GEGLU(k, 4 * k).eval()
+            reference = GEGLU(k, 4 * k).double()
+            reference.load_state_dict(layer.state_dict())
+            exact = reference(x.double())
+            flops, n = 2 * tokens * k * 8 * k, 4 * k
+        onednn, ours = (PackedLinear(layer), AmxLinear(layer)) if isinstance(layer, torch.nn.Linear) else \
+            (PackedGEGLU(layer), AmxGEGLU(layer))
+        errors = [(f(x).double() - exact).abs().max().item() for f in (onednn, ours)]
+        timings = time_interleaved({"onednn": lambda: onednn(x), "amx": lambda: ours(x)}, args.repeats,
+                                   progress=False, memory=False)
+        t_onednn, t_amx = (timings[key].median * 1e3 for key in ("onednn", "amx"))
+        print(f"{name:19} {tokens:6}  {k:4}  {n:4}  {flops / 1e9:5.2f}  {errors[0]:.2e}    {errors[1]:.2e}  "
+              f"{t_onednn:9.3f}  {t_amx:6.3f}  {t_onednn / t_amx:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+# Measured 2026-12-04 (session 21) on the 2-core Intel Xeon with AMX, 2 threads, torch 2.14.1, this script
+# (--repeats 7): oneDNN vs AMX ms (errors against float64 oneDNN / AMX): 64x64 q/k/v/out 5.70 vs 4.35 (2.2e-6 /
+# 1.2e-6), ff out 21.2 vs 18.3, GEGLU 74.6 vs 44.2 (1.69x); 32x32 q/k/v/out 5.59 vs 4.14, ff out 21.8 vs 16.9, GEGLU
+# 47.1 vs 26.1 (1.81x); 16x16 q/k/v/out 5.49 vs 3.87, ff out 22.1 vs 16.4, GEGLU 45.7 vs 33.3; the text keys 0.33 vs
+# 0.33; the time embedding's two rows 0.107 vs 0.128 (few_rows: vector products summed in double precision, since
+# PyTorch's products for so few rows are more exact than its large ones). AMX errors below oneDNN's on every layer.
+# What mattered: the products of a pass over at most 384 of the depth summed in tiles, then added to the output in
+# fp32 (one pass over all the depth: errors up to 3x oneDNN's at depth 5120, from rounding the running sums six
+# times per product); blocks of 128 rows per thread whose parts (split once per pass, 320 KiB) stay in L2 while
+# panels of packed weights (<= 768 KiB) go by: x split once for all rows into one buffer ran 8192-row layers at half
+# speed (the parts came from memory); the GEGLU's gate applied as the output is written (erf by Abramowitz & Stegun
+# 7.1.26), its 640-deep 32x32 layer in one pass (two passes kept running sums in memory: 1.01x).

@@ -1,0 +1,96 @@
+"""Float32 linear layers on AMX tiles (amx_attention.linear, packed.AmxLinear and AmxGEGLU): as exact as PyTorch's
+float32 linear against a float64 reference on ragged shapes (rows, columns and depth not multiples of the tiles,
+depths that take several passes, strided inputs), the residual and GEGLU epilogues, and what pack_for_inference()
+makes of float32 layers with and without AMX. The kernel's own tests run only where this CPU has AMX and g++."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentdiff.models import amx_attention
+from latentdiff.models.attention import GEGLU
+from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear, pack_for_inference
+
+needs_amx = pytest.mark.skipif(not amx_attention.available(),
+                               reason=f"no AMX kernels here: {amx_attention.unavailable() or 'build failed'}")
+
+
+def linear_layer(k: int, n: int, seed: int, bias: bool = True) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias).eval().requires_grad_(False)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,k,n", [
+    (70, 320, 1280),    # one pass over the depth, rows not a multiple of 32
+    (300, 1000, 96),    # three passes (depth > 384), a ragged depth
+    (33, 40, 50),       # columns not a multiple of 32 (a half-empty last tile pair)
+    (257, 2560, 640),   # SD 1.5's feed-forward output at 32x32, more rows than one thread's block
+    (2, 320, 1280),     # the time embedding's two rows
+])
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_amx_linear_is_as_exact_as_pytorchs(rows, k, n, bias):
+    layer = linear_layer(k, n, 0, bias)
+    x = torch.randn(rows, k) * 2
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    ours = AmxLinear(layer)(x)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, layer(x)))
+    assert ours.shape == (rows, n) and ours.dtype == torch.float32
+    assert error <= 1.25 * their_error + 1e-7, (error, their_error)
+
+
+@needs_amx
+@torch.no_grad()
+def test_amx_linear_takes_batched_strided_inputs_and_adds_a_residual():
+    layer = linear_layer(96, 64, 1)
+    x = torch.randn(2, 50, 200)[..., 7:103]  # rows 200 apart: a view, not copied
+    residual = torch.randn(2, 64, 50).transpose(1, 2)  # not contiguous along the rows either
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + residual.double()
+    ours = AmxLinear(layer)(x, residual)
+    theirs = layer(x) + residual
+    assert ours.shape == (2, 50, 64)
+    assert (ours.double() - exact).abs().max() <= 1.25 * (theirs.double() - exact).abs().max() + 1e-7
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens,dim", [(100, 320), (40, 640)])  # one pass, and two (running sums kept apart)
+@torch.no_grad()
+def test_amx_geglu_is_as_exact_as_pytorchs(tokens, dim):
+    torch.manual_seed(0)
+    geglu = GEGLU(dim, dim * 4).eval().requires_grad_(False)
+    exact_geglu = GEGLU(dim, dim * 4).double()
+    exact_geglu.load_state_dict(geglu.state_dict())
+    x = torch.randn(2, tokens, dim)
+    exact = exact_geglu(x.double())
+    ours = AmxGEGLU(geglu)(x)
+    assert ours.shape == (2, tokens, dim * 4)
+    error, their_error, onednns_error = ((y.double() - exact).abs().max().item()
+                                         for y in (ours, geglu(x), PackedGEGLU(geglu)(x)))
+    assert error <= 1.25 * min(their_error, onednns_error) + 1e-7, (error, their_error, onednns_error)
+
+
+@needs_amx
+@torch.no_grad()
+def test_float32_models_pack_their_linear_layers_for_amx_and_refuse_other_dtypes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), GEGLU(32, 64), torch.nn.Linear(64, 4))
+    x = torch.randn(3, 8)
+    expected = model(x)
+    pack_for_inference(model)
+    assert [type(m) for m in model] == [AmxLinear, AmxGEGLU, AmxLinear]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="float32 inputs"):
+        model[0](x.double())
+    with pytest.raises(RuntimeError, match="before optimize_for_inference"):
+        model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="torch.no_grad"), torch.enable_grad():
+        model[0](x.requires_grad_())
+
+
+def test_without_amx_float32_layers_go_to_onednn(monkeypatch):
+    monkeypatch.setattr(amx_attention, "available", lambda: False)
+    model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(8, 32), GEGLU(32, 64)))
+    assert [type(m) for m in model] == [PackedLinear, PackedGEGLU]
+    with pytest.raises(ValueError, match="use PackedLinear"):
+        AmxLinear(torch.nn.Linear(8, 32))
