@@ -80,8 +80,11 @@ def test_float32_models_pack_their_linear_layers_for_amx_and_refuse_other_dtypes
     pack_for_inference(model)
     assert [type(m) for m in model] == [AmxLinear, AmxGEGLU, AmxLinear]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(TypeError, match="float32 inputs"):
+    with pytest.raises(TypeError, match="float32 CPU inputs"):
         model[0](x.double())
+    with pytest.raises(ValueError, match="residual must be a float32 CPU tensor of shape \\(3, 32\\)"):
+        model[0](x, torch.zeros(3, 32, dtype=torch.float64))
+    assert model[0](x[:0]).shape == (0, 32) and model(x[:0]).shape == (0, 4)  # no rows
     with pytest.raises(RuntimeError, match="before optimize_for_inference"):
         model.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="torch.no_grad"), torch.enable_grad():
@@ -94,3 +97,13 @@ def test_without_amx_float32_layers_go_to_onednn(monkeypatch):
     assert [type(m) for m in model] == [PackedLinear, PackedGEGLU]
     with pytest.raises(ValueError, match="use PackedLinear"):
         AmxLinear(torch.nn.Linear(8, 32))
+
+
+@needs_amx
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@torch.no_grad()
+def test_amx_layers_without_depth_give_their_bias():
+    layer, geglu = linear_layer(0, 5, 2), GEGLU(0, 32).eval()
+    x = torch.zeros(3, 0)
+    torch.testing.assert_close(AmxLinear(layer)(x), layer(x))
+    torch.testing.assert_close(AmxGEGLU(geglu)(x), geglu(x))

@@ -721,6 +721,7 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
                           int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
                           float* h) {
     const LinearOut o{y, ys, bias, residual, rs, h, N, geglu != 0};
+    if (M <= 0 || K <= 0) return 0;  // (nothing for the tiles: linear() in Python gives the bias)
     if (M <= FEW_ROWS && !geglu) {
         few_rows(x, xs, wp, o, M, K, threads);
         return 0;

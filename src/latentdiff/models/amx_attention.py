@@ -167,11 +167,26 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_features
     values, their 16 gates, 16 values, ... (out_features a multiple of 32, a bias, no residual); the result is
     value * gelu(gate), out_features / 2 wide."""
     k = x.shape[-1]
+    width = out_features // 2 if geglu else out_features
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"the AMX linear kernel takes float32 CPU inputs; got {x.dtype} on {x.device}")
+    if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
+                                 or residual.shape != (*x.shape[:-1], width)):
+        raise ValueError(f"the residual must be a float32 CPU tensor of shape {(*x.shape[:-1], width)}; got "
+                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+    if x.numel() == 0:  # no rows, or no depth: nothing for the tiles to do
+        out = x.new_zeros(*x.shape[:-1], out_features)
+        if bias is not None:
+            out += bias
+        if geglu:
+            value, gate = out.view(*out.shape[:-1], out_features // 32, 2, 16).unbind(-2)
+            out = (value * F.gelu(gate)).flatten(-2)
+        return out if residual is None else out + residual
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
-    out = torch.empty(*x.shape[:-1], out_features // 2 if geglu else out_features)
+    out = torch.empty(*x.shape[:-1], width)
     sums = torch.empty(m, out_features) if geglu and lib.amx_linear_passes(k, 1) > 1 else None
     res = None
     if residual is not None:

@@ -195,8 +195,6 @@ class AmxLinear(_Packed):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if x.dtype != torch.float32:
-            raise TypeError(f"AmxLinear takes float32 inputs; got {x.dtype}")
         return amx_attention.linear(amx_attention.library(), x, self.weight, self.out_features, self.bias, residual)
 
     def _apply(self, fn, recurse=True):
@@ -226,8 +224,6 @@ class AmxGEGLU(AmxLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        if x.dtype != torch.float32:
-            raise TypeError(f"AmxGEGLU takes float32 inputs; got {x.dtype}")
         return amx_attention.linear(amx_attention.library(), x, self.weight, 2 * self.out_features, self.bias,
                                     geglu=True)
 
