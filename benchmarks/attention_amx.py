@@ -1,8 +1,8 @@
-"""Our AMX attention kernel (latentdiff/models/amx_attention.py, used by optimize_for_inference() on bf16 and fp32
+"""Our AMX attention kernel (latentdiff/models/amx.py, used by optimize_for_inference() on bf16 and fp32
 models where the CPU has AMX) against PyTorch's scaled_dot_product_attention (its CPU flash kernel) on the attention
 shapes of SD 1.5's U-Net, batch 2, and the VAE's, in bfloat16 and float32. Prints, per shape: the largest error of both
 against a float64 reference, their largest difference, the median times (calls interleaved), the ratio, and whether
-optimize_for_inference() would use the kernel there (amx_attention.suits).
+optimize_for_inference() would use the kernel there (amx.suits).
 
     python benchmarks/attention_amx.py [--threads 2] [--repeats 5] [--dtypes bf16,fp32]
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, setup, time_interleaved
-from latentdiff.models import amx_attention
+from latentdiff.models import amx
 
 # (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16
 # latents, SD 2.x's 64-dim heads at 64x64, the VAE's single 512-dim head at 64x64
@@ -35,10 +35,10 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
     print(machine())
-    if not amx_attention.available():
-        print(f"skipped: {amx_attention.unavailable() or 'the kernel did not build (see the warning)'}")
+    if not amx.available():
+        print(f"skipped: {amx.unavailable() or 'the kernel did not build (see the warning)'}")
         return
-    lib = amx_attention.library()
+    lib = amx.library()
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
     for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
         def tokens(count):  # [B, H, count, d] views of [B, count, H * d], as the U-Net's attention makes them
@@ -46,14 +46,14 @@ def main() -> None:
             return x.unflatten(-1, (h, d)).transpose(1, 2)
         q, k, v = tokens(n), tokens(nk), tokens(nk)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        ours, sdpa = amx_attention.kernel(lib, q, k, v), F.scaled_dot_product_attention(q, k, v)
+        ours, sdpa = amx.kernel(lib, q, k, v), F.scaled_dot_product_attention(q, k, v)
         timings = time_interleaved({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                                    "amx": lambda: amx_attention.kernel(lib, q, k, v)}, args.repeats, progress=False,
+                                    "amx": lambda: amx.kernel(lib, q, k, v)}, args.repeats, progress=False,
                                    memory=False)
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
         print(f"{dtype:5} {str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
-              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx_attention.suits(q, k, v)}")
+              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v)}")
 
 
 if __name__ == "__main__":
@@ -62,7 +62,7 @@ if __name__ == "__main__":
 # Measured 2026-12-04 (session 20) on the 2-core Intel Xeon with AMX, 2 threads, torch 2.14.1, this script
 # (--repeats 7): SD 1.5's 64x64 self-attention SDPA 100.8 ms, AMX 58.1 (1.74x), its cross-attention 7.5 vs 3.2;
 # 32x32 self 8.6 vs 6.3, cross 2.1 vs 1.1; 16x16 (256 queries) 0.85 vs 0.93 and 0.68 vs 0.51 (left to SDPA:
-# amx_attention.MIN_QUERIES); SD 2.x's 64-dim heads 66.8 vs 44.8; the VAE's 512-dim head 22.1 vs 30.8 (left to
+# amx.MIN_QUERIES); SD 2.x's 64-dim heads 66.8 vs 44.8; the VAE's 512-dim head 22.1 vs 30.8 (left to
 # SDPA: MAX_HEAD_DIM). Errors against float64 the same as SDPA's. (With the peak-RSS measurement between calls,
 # which hands freed memory back to the OS, both kernels' small calls took 2-4x longer.)
 # Where the time goes in the 64x64 self-attention, per thread at 2 threads (rdtsc around the phases): q k^T 19 ms,

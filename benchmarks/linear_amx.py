@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, setup, time_interleaved
-from latentdiff.models import amx_attention
+from latentdiff.models import amx
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear
 
@@ -38,8 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
     print(machine())
-    if not amx_attention.available():
-        print(f"skipped: {amx_attention.unavailable() or 'the kernels did not build (see the warning)'}")
+    if not amx.available():
+        print(f"skipped: {amx.unavailable() or 'the kernels did not build (see the warning)'}")
         return
     print("layer               tokens  in    out   GFLOP  err oneDNN  err AMX   oneDNN ms  AMX ms  AMX vs oneDNN")
     for name, tokens, k, n in LAYERS:

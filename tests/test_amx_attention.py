@@ -1,4 +1,4 @@
-"""The AMX attention kernel (models/amx_attention.py, amx_attention.cpp): in bfloat16 and in float32 as exact as
+"""The AMX attention kernel (models/amx.py, amx.cpp): in bfloat16 and in float32 as exact as
 PyTorch's attention in that dtype against a float64 reference on every shape it takes (ragged query and key counts, head
 dims 16-160, strided views), PyTorch's result exactly where it does not take the inputs, used by
 optimize_for_inference() on bf16 and fp32 models, and a build failure that warns and falls back. The kernel's own tests
@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import amx_attention, attention
+from latentdiff.models import amx, attention
 from latentdiff.models.packed import pack_for_inference
 
 from test_packed import inputs, make
 
-needs_amx = pytest.mark.skipif(not amx_attention.available(),
-                               reason=f"no AMX attention here: {amx_attention.unavailable() or 'build failed'}")
+needs_amx = pytest.mark.skipif(not amx.available(),
+                               reason=f"no AMX attention here: {amx.unavailable() or 'build failed'}")
 
 
 def heads(batch: int, tokens: int, n_heads: int, d: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -40,9 +40,9 @@ SLACK = {torch.bfloat16: 1e-4, torch.float32: 1e-7}
 ])
 def test_amx_attention_is_as_exact_as_pytorchs(batch, n_heads, queries, keys, d, dtype):
     q, k, v = (heads(batch, tokens, n_heads, d, seed, dtype) for tokens, seed in ((queries, 0), (keys, 1), (keys, 2)))
-    assert amx_attention.suits(q, k, v)
+    assert amx.suits(q, k, v)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    ours = amx_attention.attention(q, k, v)
+    ours = amx.attention(q, k, v)
     theirs = F.scaled_dot_product_attention(q, k, v)
     assert ours.dtype == dtype and ours.shape == theirs.shape
     error, their_error = ((o.double() - exact).abs().max().item() for o in (ours, theirs))
@@ -65,7 +65,7 @@ def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(d, dtype
                         * 4).to(dtype)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     error, their_error = ((o.double() - exact).abs().max().item()
-                          for o in (amx_attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)))
+                          for o in (amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)))
     assert error <= 1.25 * their_error + SLACK[dtype], (error, their_error)
 
 
@@ -77,7 +77,7 @@ def test_amx_attention_sees_every_key_once(dtype, rtol):
     k = torch.zeros(1, 1, 100, 40, dtype=dtype)
     v = torch.zeros_like(k)
     v[..., 99, :] = 1.0  # the last key (in the ragged tail) holds the only non-zero value
-    out = amx_attention.attention(q, k, v).float()
+    out = amx.attention(q, k, v).float()
     torch.testing.assert_close(out, torch.full_like(out, 1 / 100), rtol=rtol, atol=0)
 
 
@@ -92,7 +92,7 @@ def test_float32_inputs_are_split_into_enough_bfloat16_parts():
     k[..., 0] = torch.tensor([1 + 2 ** -20, 1 - 2 ** -14, 3.0])  # scores differ by ~1e-4 and more
     v[..., 0, :], v[..., 1, :], v[..., 2, :] = 1 + 2 ** -13, -(1 + 2 ** -17), 0.5 + 2 ** -21
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    error = (amx_attention.attention(q, k, v).double() - exact).abs().max()
+    error = (amx.attention(q, k, v).double() - exact).abs().max()
     assert error <= 1.25 * (F.scaled_dot_product_attention(q, k, v).double() - exact).abs().max() + SLACK[q.dtype]
     # (the inputs rounded to bfloat16 alone would err 1000x more: 5e-5 against 4e-8)
     rounded = F.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v)))
@@ -101,23 +101,23 @@ def test_float32_inputs_are_split_into_enough_bfloat16_parts():
 
 def test_what_the_kernel_does_not_take_goes_to_pytorch(monkeypatch):
     calls = []
-    monkeypatch.setattr(amx_attention, "library", lambda: calls.append(1))  # would fail if called with inputs
+    monkeypatch.setattr(amx, "library", lambda: calls.append(1))  # would fail if called with inputs
     cases = {
         "float16": [heads(1, 1024, 2, 16, s, torch.float16) for s in range(3)],
         "float64": [heads(1, 1024, 2, 16, s, torch.float64) for s in range(3)],
-        "too few queries": [heads(1, amx_attention.MIN_QUERIES - 1, 2, 16, s) for s in range(3)],
+        "too few queries": [heads(1, amx.MIN_QUERIES - 1, 2, 16, s) for s in range(3)],
         "odd head dim": [heads(1, 1024, 2, 15, s) for s in range(3)],
-        "head dim too large": [heads(1, 1024, 1, amx_attention.MAX_HEAD_DIM + 2, s) for s in range(3)],
+        "head dim too large": [heads(1, 1024, 1, amx.MAX_HEAD_DIM + 2, s) for s in range(3)],
         "not unit stride": [heads(1, 1024, 2, 32, s)[..., ::2] for s in range(3)],
         "fewer key heads": [heads(1, 1024, 2, 16, 0), heads(1, 64, 1, 16, 1), heads(1, 64, 1, 16, 2)],
     }
     for name, (q, k, v) in cases.items():
-        assert not amx_attention.suits(q, k, v), name
-        assert torch.equal(amx_attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)), name
+        assert not amx.suits(q, k, v), name
+        assert torch.equal(amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)), name
     q, k, v = (heads(1, 1024, 2, 16, s).requires_grad_() for s in range(3))
-    assert not amx_attention.suits(q, k, v)
+    assert not amx.suits(q, k, v)
     with torch.no_grad():
-        assert amx_attention.suits(q, k, v)
+        assert amx.suits(q, k, v)
     assert not calls
 
 
@@ -130,8 +130,8 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance)
         plain = model(*args).float()
     pack_for_inference(model)
     layers = [m for m in model.modules() if isinstance(m, attention.Attention)]
-    assert layers and all(layer.attend is amx_attention.attention for layer in layers)
-    lib, calls = amx_attention.library(), []
+    assert layers and all(layer.attend is amx.attention for layer in layers)
+    lib, calls = amx.library(), []
 
     class Counting:
         def amx_attention(self, *a):
@@ -145,7 +145,7 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance)
         def __getattr__(self, name):  # the library's other kernels (float32 linear layers), as they are
             return getattr(lib, name)
 
-    monkeypatch.setattr(amx_attention, "library", lambda: Counting())
+    monkeypatch.setattr(amx, "library", lambda: Counting())
     with torch.no_grad():
         fast = model(*args).float()
     # the self- and cross-attention of the 1024-token level's 5 transformers (2 down, 3 up; 2 heads of 16)
@@ -155,23 +155,23 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpus_without_amx_keep_pytorchs_attention(monkeypatch, dtype):
-    monkeypatch.setattr(amx_attention, "available", lambda: False)
+    monkeypatch.setattr(amx, "available", lambda: False)
     model = pack_for_inference(make(dtype=dtype))
     assert all("attend" not in m.__dict__ for m in model.modules())
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    if amx_attention.unavailable():
-        pytest.skip(f"nothing to build here: {amx_attention.unavailable()}")
+    if amx.unavailable():
+        pytest.skip(f"nothing to build here: {amx.unavailable()}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(amx_attention, "FLAGS", [*amx_attention.FLAGS, "-fno-such-flag"])
-    amx_attention.library.cache_clear()
+    monkeypatch.setattr(amx, "FLAGS", [*amx.FLAGS, "-fno-such-flag"])
+    amx.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="(?s)could not be built.*no-such-flag.*Fix: a g\\+\\+"):
-            assert amx_attention.library() is None
+            assert amx.library() is None
         assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
     finally:
-        amx_attention.library.cache_clear()
+        amx.library.cache_clear()
 
 
 @needs_amx
@@ -181,14 +181,14 @@ def test_amx_attention_from_two_threads_at_once():
     import threading
 
     inputs_ = [[heads(1, 2048, 4, 40, 3 * i + s) for s in range(3)] for i in range(2)]
-    alone = [amx_attention.attention(*qkv) for qkv in inputs_]
+    alone = [amx.attention(*qkv) for qkv in inputs_]
     results = [[None] * 6, [None] * 6]
     start = threading.Barrier(2)
 
     def run(i):
         start.wait()
         for r in range(6):
-            results[i][r] = amx_attention.attention(*inputs_[i])
+            results[i][r] = amx.attention(*inputs_[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

@@ -1,4 +1,4 @@
-"""Float32 linear layers on AMX tiles (amx_attention.linear, packed.AmxLinear and AmxGEGLU): as exact as PyTorch's
+"""Float32 linear layers on AMX tiles (amx.linear, packed.AmxLinear and AmxGEGLU): as exact as PyTorch's
 float32 linear against a float64 reference on ragged shapes (rows, columns and depth not multiples of the tiles,
 depths that take several passes, strided inputs), the residual and GEGLU epilogues, and what pack_for_inference()
 makes of float32 layers with and without AMX. The kernel's own tests run only where this CPU has AMX and g++."""
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import amx_attention
+from latentdiff.models import amx
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear, pack_for_inference
 
-needs_amx = pytest.mark.skipif(not amx_attention.available(),
-                               reason=f"no AMX kernels here: {amx_attention.unavailable() or 'build failed'}")
+needs_amx = pytest.mark.skipif(not amx.available(),
+                               reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
 
 
 def linear_layer(k: int, n: int, seed: int, bias: bool = True) -> torch.nn.Linear:
@@ -92,7 +92,7 @@ def test_float32_models_pack_their_linear_layers_for_amx_and_refuse_other_dtypes
 
 
 def test_without_amx_float32_layers_go_to_onednn(monkeypatch):
-    monkeypatch.setattr(amx_attention, "available", lambda: False)
+    monkeypatch.setattr(amx, "available", lambda: False)
     model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(8, 32), GEGLU(32, 64)))
     assert [type(m) for m in model] == [PackedLinear, PackedGEGLU]
     with pytest.raises(ValueError, match="use PackedLinear"):

@@ -13,7 +13,7 @@ from test_unet import gaussian_weights
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.layout import SD15_CONFIG
-from latentdiff.models import amx_attention
+from latentdiff.models import amx
 from latentdiff.models.attention import Attention
 from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
@@ -77,8 +77,8 @@ def test_sd15_unet_optimized_in_bf16_errs_no_more_than_diffusers_in_bf16(pipelin
     exact = ref.unet(sample, t, context).sample
     theirs = copy.deepcopy(ref.unet).to(torch.bfloat16)(sample.bfloat16(), t, context.bfloat16()).sample.float()
     fast = copy.deepcopy(ours.unet).to(torch.bfloat16).optimize_for_inference()
-    if amx_attention.available():
-        assert all(m.attend is amx_attention.attention for m in fast.modules() if isinstance(m, Attention))
+    if amx.available():
+        assert all(m.attend is amx.attention for m in fast.modules() if isinstance(m, Attention))
     mine = fast(sample.bfloat16(), t, context.bfloat16()).float()
     errors = {name: ((y - exact).abs().mean().item(), (y - exact).abs().max().item())
               for name, y in (("ours", mine), ("diffusers", theirs))}
@@ -99,8 +99,8 @@ def test_sd15_unet_optimized_in_fp32_errs_no_more_with_the_amx_attention(pipelin
     exact = ref.unet(sample, t, context).sample
     fast = copy.deepcopy(ours.unet).optimize_for_inference()
     layers = [m for m in fast.modules() if isinstance(m, Attention)]
-    if amx_attention.available():
-        assert all(m.attend is amx_attention.attention for m in layers)
+    if amx.available():
+        assert all(m.attend is amx.attention for m in layers)
     mine = fast(sample, t, context)
     for layer in layers:
         layer.__dict__.pop("attend", None)  # back to F.scaled_dot_product_attention

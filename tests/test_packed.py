@@ -8,7 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from latentdiff.models import allocator, amx_attention, attention, packed, winograd
+from latentdiff.models import allocator, amx, attention, packed, winograd
 from latentdiff.models.fused import adds_residual
 from latentdiff.models.packed import (AmxGEGLU, AmxLinear, PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv,
                                       WinogradConv2d, pack_for_inference)
@@ -24,7 +24,7 @@ SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention
              down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
 
 # what pack_for_inference() makes of a float32 nn.Linear: our AMX kernel on CPUs with AMX, else oneDNN's
-FLOAT32_LINEAR = AmxLinear if amx_attention.available() else PackedLinear
+FLOAT32_LINEAR = AmxLinear if amx.available() else PackedLinear
 
 
 def make(seed: int = 0, dtype=torch.float32, **overrides) -> UNet2DConditionModel:
@@ -192,7 +192,7 @@ def test_packed_geglu_computes_the_gated_unit(dtype, tolerance, monkeypatch):
     expected = plain(x.double())
     monkeypatch.setattr(attention, "FF_CHUNK_BYTES", 10 * 128 * 4)  # slices of 10 tokens for a plain GEGLU
     pack_for_inference(ff)
-    on_amx = dtype == torch.float32 and amx_attention.available()  # (then AmxGEGLU and AmxLinear)
+    on_amx = dtype == torch.float32 and amx.available()  # (then AmxGEGLU and AmxLinear)
     assert type(ff.net[0]) is (AmxGEGLU if on_amx else PackedGEGLU)
     assert type(ff.net[2]) is (AmxLinear if on_amx else PackedLinear)
     calls = []
@@ -205,14 +205,14 @@ def test_packed_geglu_computes_the_gated_unit(dtype, tolerance, monkeypatch):
 
 
 @needs_bf16
-@pytest.mark.parametrize("amx", [True, False])
-def test_winograd_is_left_to_float32_where_amx_runs_bfloat16(amx, monkeypatch):
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_winograd_is_left_to_float32_where_amx_runs_bfloat16(has_amx, monkeypatch):
     """On a CPU with AMX, bfloat16 3x3 convs stay direct (packed); float32 ones, and bfloat16 ones without AMX,
     take Winograd."""
-    monkeypatch.setattr(packed, "amx_supported", lambda: amx)
+    monkeypatch.setattr(packed, "amx_supported", lambda: has_amx)
     kinds = [type(packed.packed(torch.nn.Conv2d(32, 32, 3, padding=1).to(dtype), winograd=True))
              for dtype in (torch.float32, torch.bfloat16)]
-    assert kinds == [WinogradConv2d, PackedConv2d if amx else WinogradConv2d]
+    assert kinds == [WinogradConv2d, PackedConv2d if has_amx else WinogradConv2d]
 
 
 def test_refusals_say_what_to_do(tmp_path):

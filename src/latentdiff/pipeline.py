@@ -165,7 +165,7 @@ class LatentDiffusionPipeline:
         VAE and the text encoder in eval mode and channels-last, with their linear and conv weights re-laid out once
         for oneDNN, Winograd 3x3 convs where they pay (`winograd=False` saves their extra memory) and the
         upsamplers' convs run on the low-resolution maps; attention, and fp32 linear layers, on CPUs with AMX by
-        our kernels (models/amx_attention.py). Same images up to float rounding. Afterwards the
+        our kernels (models/amx.py). Same images up to float rounding. Afterwards the
         pipeline cannot compute gradients (train), be saved, cast or moved (each refuses with the fix): load it
         again for that. Layers not on the CPU, or in dtypes oneDNN cannot run here, stay as they are. Returns
         self."""

@@ -27,7 +27,7 @@ class Attention(nn.Module):
     """Scaled dot-product attention (Vaswani et al. 2017) over [B, N, C] tokens; keys and values come from
     `context` when given (cross-attention to the text), else from `x` (self-attention)."""
 
-    # softmax(q k^T / sqrt(d)) v of [B, heads, N, d] tensors; optimize_for_inference() sets amx_attention.attention
+    # softmax(q k^T / sqrt(d)) v of [B, heads, N, d] tensors; optimize_for_inference() sets amx.attention
     # on a layer where the CPU has AMX (it falls back to this one for what it does not take)
     attend = staticmethod(F.scaled_dot_product_attention)
 

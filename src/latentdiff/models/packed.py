@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import amx_attention
+from . import amx
 from .attention import GEGLU, Attention
 from .resnet import Upsample2D
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_conv3x3
@@ -181,21 +181,21 @@ class PackedGEGLU(nn.Module):
 
 
 class AmxLinear(_Packed):
-    """A float32 nn.Linear on AMX tiles (amx_attention.linear: three bfloat16 parts per number, six tile products
+    """A float32 nn.Linear on AMX tiles (amx.linear: three bfloat16 parts per number, six tile products
     per product, as exact as oneDNN's float32 product and 1.3-1.9x faster on SD 1.5's layers), for CPUs with AMX.
     `weight` holds the packed parts; `layer(x, residual)` adds the residual as it writes the output."""
 
     def __init__(self, linear: nn.Linear):
         self._require_packable(linear)
-        if linear.weight.dtype != torch.float32 or not amx_attention.available():
-            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({amx_attention.unavailable()}"
+        if linear.weight.dtype != torch.float32 or not amx.available():
+            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({amx.unavailable()}"
                              f"); got {linear} in {linear.weight.dtype}: use PackedLinear")
-        super().__init__(linear, amx_attention.pack_linear(amx_attention.library(), linear.weight))
+        super().__init__(linear, amx.pack_linear(amx.library(), linear.weight))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        return amx_attention.linear(amx_attention.library(), x, self.weight, self.out_features, self.bias, residual)
+        return amx.linear(amx.library(), x, self.weight, self.out_features, self.bias, residual)
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0))  # (the packed parts are int16: probe what .to()/.half()/.cuda() make of float32)
@@ -206,7 +206,7 @@ class AmxLinear(_Packed):
 
 
 class AmxGEGLU(AmxLinear):
-    """attention.GEGLU in float32 on AMX tiles: its projection by amx_attention.linear, which applies the gate
+    """attention.GEGLU in float32 on AMX tiles: its projection by amx.linear, which applies the gate
     (value * gelu(gate), exact GELU) as it writes the output; the projection's rows re-ordered 16 values, their 16
     gates, ... so that each pair of output tiles holds both. SD 1.5's 64x64 feed-forward (2 x 4096 tokens, 320 ->
     2 x 1280, 2 threads, AMX host): ~40 against ~70 ms for PackedGEGLU (oneDNN, float32)."""
@@ -224,14 +224,14 @@ class AmxGEGLU(AmxLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return amx_attention.linear(amx_attention.library(), x, self.weight, 2 * self.out_features, self.bias,
+        return amx.linear(amx.library(), x, self.weight, 2 * self.out_features, self.bias,
                                     geglu=True)
 
 
 def suits_amx_geglu(geglu: GEGLU) -> bool:
     proj = geglu.proj
     return (can_pack(proj) and proj.weight.dtype == torch.float32 and proj.bias is not None
-            and proj.out_features % 32 == 0 and amx_attention.available())
+            and proj.out_features % 32 == 0 and amx.available())
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -366,7 +366,7 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
     if not can_pack(layer):
         return layer
     if type(layer) is nn.Linear:
-        fp32_on_amx = layer.weight.dtype == torch.float32 and amx_attention.available()
+        fp32_on_amx = layer.weight.dtype == torch.float32 and amx.available()
         return AmxLinear(layer) if fp32_on_amx else PackedLinear(layer)
     if after_upsampling and is_3x3_same(layer):
         return PackedUpsampleConv(layer)
@@ -382,16 +382,16 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a PackedUpsampleConv,
     which the upsampler runs on its input). Layers that cannot be packed (other dtypes or devices, no oneDNN, bfloat16
     on a CPU without oneDNN bfloat16: see `can_pack`) are left as they are, so this is safe anywhere; returns `model`. A
-    float32 or bfloat16 model's attention layers run the AMX kernel (amx_attention.py) where this CPU has AMX and it
+    float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has AMX and it
     builds, and there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU. (Large activations still
     get fresh pages from malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's
     --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     if any(p.dtype in (torch.bfloat16, torch.float32) and p.device.type == "cpu" for p in model.parameters()) \
-            and amx_attention.available():
+            and amx.available():
         for layer in model.modules():
             if isinstance(layer, Attention):
-                layer.attend = amx_attention.attention
+                layer.attend = amx.attention
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             replacement = packed(child, winograd, after_upsampling=type(parent) is Upsample2D)

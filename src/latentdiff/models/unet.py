@@ -326,7 +326,7 @@ class UNet2DConditionModel(ModelMixin):
         pixels: packed.winograd_pays; see packed.py, winograd.py; `winograd=False` saves its extra weight memory,
         +47% of the U-Net's); the upsamplers' convs run on the low-resolution map (packed.PackedUpsampleConv); the
         residual adds happen in the output layers' epilogues; on CPUs with AMX, attention (fp32 and bf16) and fp32
-        linear layers run on our AMX kernels (amx_attention.py). The result runs only without gradients and cannot be
+        linear layers run on our AMX kernels (amx.py). The result runs only without gradients and cannot be
         saved, cast or moved: do that before. Beyond eval and channels-last, a no-op off the CPU. Returns self."""
         return pack_for_inference(self, winograd)
 

@@ -1,14 +1,14 @@
-"""Attention on Intel AMX tiles for the CPU (amx_attention.cpp), bfloat16 and float32, used by optimize_for_inference()
-where it beats PyTorch's scaled_dot_product_attention: SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the
-64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its
-softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. In float32 it
-splits each number into three bfloat16 parts and takes six tile products of parts per product, as exact as PyTorch's
-float32 kernel (errors against float64 the same or smaller): ~162 ms there against PyTorch's ~250 (fp32 attention was
-~26% of the fp32 forward). It is compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder
+"""Our kernels on Intel AMX tiles for the CPU (amx.cpp), used by optimize_for_inference() where they beat PyTorch's:
+attention in bfloat16 and float32 (`attention`), and float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear
+and AmxGEGLU). SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8
+heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its softmax, not its matrix products
+(~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. In float32 the kernels split each number into
+three bfloat16 parts and take six tile products of parts per product, as exact as PyTorch's float32 kernels (errors
+against float64 the same or smaller): attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's
+float32 products. The source is compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder
 ($XDG_CACHE_HOME or ~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the
-CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and attention
-stays with PyTorch. The same library holds float32 linear layers on the same tiles and parts (`pack_linear`, `linear`;
-packed.AmxLinear and AmxGEGLU): 1.2-1.8x oneDNN's float32 products on SD 1.5's layers, errors the same or smaller."""
+CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and everything
+stays with PyTorch."""
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("amx_attention.cpp")
+SOURCE = Path(__file__).with_name("amx.cpp")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL | None:
     if unavailable():
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    path = cache_folder() / f"amx_attention-{key}.so"
+    path = cache_folder() / f"amx-{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,13 +83,13 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = (getattr(error, "stderr", None) or str(error)).strip()
-        warnings.warn(f"latentdiff's AMX attention kernel could not be built or loaded ({detail}); attention stays "
-                      f"with PyTorch's kernel. Fix: a g++ that supports -mamx-tile (11 or newer), a writable "
-                      f"{cache_folder()}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"latentdiff's AMX kernels could not be built or loaded ({detail}); attention and linear "
+                      f"layers stay with PyTorch's kernels. Fix: a g++ that supports -mamx-tile (11 or newer), a "
+                      f"writable {cache_folder()}", RuntimeWarning, stacklevel=2)
         return None
     if lib.amx_request() != 0:  # Linux grants the AMX tile state on request only (arch_prctl)
-        warnings.warn("Linux refused this process the AMX tile state; attention stays with PyTorch's kernel",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn("Linux refused this process the AMX tile state; attention and linear layers stay with "
+                      "PyTorch's kernels", RuntimeWarning, stacklevel=2)
         return None
     for function in (lib.amx_attention, lib.amx_attention_fp32):
         function.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5

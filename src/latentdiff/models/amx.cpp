@@ -1,4 +1,4 @@
-// Attention on Intel AMX tiles, for latentdiff.models.amx_attention (which compiles this file with the system's g++ on
+// Attention on Intel AMX tiles, for latentdiff.models.amx (which compiles this file with the system's g++ on
 // first use and calls it through ctypes): out = softmax(scale * q k^T) v, no mask, no dropout, no gradients, in
 // bfloat16 (amx_attention) or float32 (amx_attention_fp32). Per head the keys and values are first re-laid out as AMX
 // "B" tiles (zero padded: keys to a multiple of 32, the depth of q k^T to 32, the head dim of p v to 16); then each
