@@ -107,3 +107,29 @@ def test_amx_layers_without_depth_give_their_bias():
     x = torch.zeros(3, 0)
     torch.testing.assert_close(AmxLinear(layer)(x), layer(x))
     torch.testing.assert_close(AmxGEGLU(geglu)(x), geglu(x))
+
+
+@needs_amx
+@torch.no_grad()
+def test_amx_linear_from_two_threads_at_once():
+    """ctypes lets go of the GIL: two calls can run together, each with its own OpenMP team (whose threads keep
+    their own buffers of x's parts)."""
+    import threading
+
+    layers = [AmxLinear(linear_layer(640, 96, seed)) for seed in (3, 4)]
+    inputs = [torch.randn(300, 640) for _ in layers]
+    alone = [layer(x) for layer, x in zip(layers, inputs)]
+    results = [[None] * 5, [None] * 5]
+    start = threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        for r in range(5):
+            results[i][r] = layers[i](inputs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
