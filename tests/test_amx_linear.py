@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from latentdiff.models import amx
 from latentdiff.models.attention import GEGLU
-from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear, pack_for_inference
+from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
+                                      PackedLinear, pack_for_inference)
 
 needs_amx = pytest.mark.skipif(not amx.available(),
                                reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
@@ -133,3 +134,20 @@ def test_amx_linear_from_two_threads_at_once():
     for t in threads:
         t.join()
     assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
+
+
+@needs_amx
+@torch.no_grad()
+def test_amx_pointwise_conv_is_as_exact_as_pytorchs_and_stays_channels_last():
+    torch.manual_seed(5)
+    conv = torch.nn.Conv2d(64, 48, 1).eval().requires_grad_(False)
+    x = torch.randn(2, 64, 9, 7).to(memory_format=torch.channels_last)
+    residual = torch.randn(2, 48, 9, 7).to(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double()) + residual.double()
+    ours = AmxPointwiseConv(conv)(x, residual)
+    theirs = conv(x) + residual
+    assert ours.shape == (2, 48, 9, 7) and ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours.double() - exact).abs().max() <= 1.25 * (theirs.double() - exact).abs().max() + 1e-7
+    # narrow 1x1 convs (the VAE's 4 -> 4) stay with oneDNN
+    model = pack_for_inference(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 64, 1), conv))
+    assert [type(m) for m in model] == [PackedConv2d, PackedConv2d, AmxPointwiseConv]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from latentdiff.models import allocator, amx, attention, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.packed import (AmxGEGLU, AmxLinear, PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv,
-                                      WinogradConv2d, pack_for_inference)
+from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU, PackedLinear,
+                                      PackedUpsampleConv, WinogradConv2d, pack_for_inference)
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -75,7 +75,7 @@ def test_optimized_model_matches_the_plain_one(overrides, height, width, use_win
     if overrides:
         assert isinstance(proj_in, FLOAT32_LINEAR)
     else:
-        assert isinstance(proj_in, PackedConv2d) and proj_in.pointwise
+        assert isinstance(proj_in, AmxPointwiseConv if amx.available() else PackedConv2d) and proj_in.pointwise
     sample, t, ctx = inputs(height, width)
     expected = model(sample, t, ctx)
     got = fast(sample, t, ctx)

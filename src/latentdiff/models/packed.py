@@ -26,6 +26,7 @@ from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_c
 
 _ops = torch.ops.mkldnn
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+AMX_MIN_CHANNELS = 32  # 1x1 convs narrower than this (the VAE's 4 -> 4) stay with oneDNN: nothing to gain
 WINOGRAD_MIN_CHANNELS = 32  # below this (e.g. conv_in's 4 input channels) the transforms cost more than they save
 # F(4x4, 3x3) is faster than F(2x2, 3x3) but stores 4x the filter (2.25x as much as F(2x2)), gains little at low
 # resolution (where the wide layers live) and is float32-only. Used for filters of up to this many numbers: in SD 1.5,
@@ -55,6 +56,11 @@ def bfloat16_supported() -> bool:
 def is_3x3_same(conv: nn.Conv2d) -> bool:
     """3x3, stride 1, padding 1, no dilation: the output has the input's size."""
     return conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+
+
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """1x1, stride 1, no padding: a linear layer over each pixel's channels."""
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
 def suits_winograd(conv: nn.Conv2d) -> bool:
@@ -183,7 +189,8 @@ class PackedGEGLU(nn.Module):
 class AmxLinear(_Packed):
     """A float32 nn.Linear on AMX tiles (amx.linear: three bfloat16 parts per number, six tile products
     per product, as exact as oneDNN's float32 product and 1.3-1.9x faster on SD 1.5's layers), for CPUs with AMX.
-    `weight` holds the packed parts; `layer(x, residual)` adds the residual as it writes the output."""
+    `weight` holds the packed parts (int16, as _Packed's re-laid-out weights: not the layer's dtype; the model's
+    parameters, its biases, stay float32); `layer(x, residual)` adds the residual as it writes the output."""
 
     def __init__(self, linear: nn.Linear):
         self._require_packable(linear)
@@ -202,7 +209,27 @@ class AmxLinear(_Packed):
         if (probe.dtype, probe.device) != (torch.float32, torch.device("cpu")):
             raise RuntimeError(f"AmxLinear: weights packed for CPU float32 cannot be moved to {probe.device} "
                                f"{probe.dtype}; call .to() before optimize_for_inference()")
-        return super()._apply(fn, recurse)
+        return nn.Module._apply(self, fn, recurse)  # (not _Packed's: it probes with the weight's int16)
+
+
+class AmxPointwiseConv(AmxLinear):
+    """A float32 1x1, stride-1 nn.Conv2d (a linear layer over each pixel's channels) on AMX tiles, as AmxLinear; a
+    channels-last input is read as [B, H, W, C] rows without a copy, and the output is channels-last."""
+
+    pointwise = True
+
+    def __init__(self, conv: nn.Conv2d):
+        if not is_pointwise(conv):
+            raise ValueError(f"AmxPointwiseConv needs a 1x1 conv with stride 1 and no padding; got {conv}")
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
+        linear.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)
+        if conv.bias is not None:
+            linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+        super().__init__(linear)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = None if residual is None else residual.permute(0, 2, 3, 1)
+        return super().forward(x.permute(0, 2, 3, 1), tokens).permute(0, 3, 1, 2)
 
 
 class AmxGEGLU(AmxLinear):
@@ -224,8 +251,7 @@ class AmxGEGLU(AmxLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return amx.linear(amx.library(), x, self.weight, 2 * self.out_features, self.bias,
-                                    geglu=True)
+        return amx.linear(amx.library(), x, self.weight, 2 * self.out_features, self.bias, geglu=True)
 
 
 def suits_amx_geglu(geglu: GEGLU) -> bool:
@@ -253,7 +279,7 @@ class PackedConv2d(_Packed):
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
         weight = conv.weight.detach()
-        pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+        pointwise = is_pointwise(conv)
         if pointwise:
             packed = _ops._reorder_linear_weight(weight.flatten(1), None)
         else:
@@ -372,6 +398,9 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
         return PackedUpsampleConv(layer)
     if winograd and uses_winograd(layer):
         return WinogradConv2d(layer)
+    if is_pointwise(layer) and min(layer.in_channels, layer.out_channels) >= AMX_MIN_CHANNELS \
+            and layer.weight.dtype == torch.float32 and amx.available():
+        return AmxPointwiseConv(layer)
     return PackedConv2d(layer)
 
 
