@@ -162,7 +162,7 @@ def pack_linear(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
 def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_features: int,
            bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, geglu: bool = False) -> torch.Tensor:
     """x W^T + bias (+ residual) over the last dimension of a float32 CPU `x`, for W packed by `pack_linear`: as exact
-    as PyTorch's float32 linear (errors against float64 the same or smaller), 1.3-1.9x faster on SD 1.5's layers
+    as PyTorch's float32 linear (errors against float64 the same or smaller), 1.2-1.8x faster on SD 1.5's layers
     (benchmarks/linear_amx.py). `residual`: float32, x's shape but `out_features` wide. `geglu`: W's rows ordered 16
     values, their 16 gates, 16 values, ... (out_features a multiple of 32, a bias, no residual); the result is
     value * gelu(gate), out_features / 2 wide."""

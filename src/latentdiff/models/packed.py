@@ -188,15 +188,16 @@ class PackedGEGLU(nn.Module):
 
 class AmxLinear(_Packed):
     """A float32 nn.Linear on AMX tiles (amx.linear: three bfloat16 parts per number, six tile products
-    per product, as exact as oneDNN's float32 product and 1.3-1.9x faster on SD 1.5's layers), for CPUs with AMX.
+    per product, as exact as oneDNN's float32 product and 1.2-1.8x faster on SD 1.5's layers), for CPUs with AMX.
     `weight` holds the packed parts (int16, as _Packed's re-laid-out weights: not the layer's dtype; the model's
     parameters, its biases, stay float32); `layer(x, residual)` adds the residual as it writes the output."""
 
     def __init__(self, linear: nn.Linear):
         self._require_packable(linear)
         if linear.weight.dtype != torch.float32 or not amx.available():
-            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({amx.unavailable()}"
-                             f"); got {linear} in {linear.weight.dtype}: use PackedLinear")
+            why = amx.unavailable() or "the AMX kernels did not build"
+            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({why}); got {linear} in "
+                             f"{linear.weight.dtype}: use PackedLinear")
         super().__init__(linear, amx.pack_linear(amx.library(), linear.weight))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -243,8 +244,8 @@ class AmxGEGLU(AmxLinear):
     def __init__(self, geglu: GEGLU):
         proj = geglu.proj
         if not suits_amx_geglu(geglu):
-            raise ValueError(f"AmxGEGLU needs a float32 GEGLU with a bias and a multiple of 16 output features, and a "
-                             f"CPU with AMX; got {proj}: use PackedGEGLU")
+            raise ValueError(f"AmxGEGLU needs a float32 GEGLU with a bias and a width (half the projection) that is a "
+                             f"multiple of 16, and a CPU with AMX; got {proj}: use PackedGEGLU")
         order = torch.arange(proj.out_features).view(2, -1, 16).transpose(0, 1).reshape(-1)
         super().__init__(_linear(proj.weight.detach()[order], proj.bias.detach()[order]))
         self.out_features = proj.out_features // 2
