@@ -223,7 +223,8 @@ void load_queries(const Args<T>& a, const Shapes& s, const T* q, int64_t rows, u
 
 // S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys, 32 x 32 scores per pass (four
 // accumulator tiles). Measured on a 2-core Sapphire Rapids-class host: a tile product takes ~14 cycles, a tile
-// store ~50, so with head dims of 64 or less the stores of the scores, not the products, bound this part.
+// store ~50, so in bfloat16 with head dims of 64 or less the stores of the scores, not the products, bound this
+// part; in float32 (six times the depth) the products and their tile loads (~30 cycles per product) do.
 inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int64_t k0, int64_t n, float* sbuf) {
     for (int64_t nb = k0 / 16; nb < (k0 + n) / 16; nb += 2) {
         float* dst = sbuf + 16 * (nb - k0 / 16);
