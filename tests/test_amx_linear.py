@@ -151,3 +151,14 @@ def test_amx_pointwise_conv_is_as_exact_as_pytorchs_and_stays_channels_last():
     # narrow 1x1 convs (the VAE's 4 -> 4) stay with oneDNN
     model = pack_for_inference(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 64, 1), conv))
     assert [type(m) for m in model] == [PackedConv2d, PackedConv2d, AmxPointwiseConv]
+
+
+@needs_amx
+@torch.no_grad()
+def test_amx_layers_trace_as_one_op_under_torch_compile():
+    """torch.compile cannot trace the ctypes call: amx.linear hands it a custom op (latentdiff::amx_linear) instead,
+    so that a compiled graph keeps the AMX layers whole (fullgraph: no graph break)."""
+    model = torch.nn.Sequential(AmxLinear(linear_layer(40, 64, 6)), AmxGEGLU(GEGLU(64, 64).eval()))
+    x = torch.randn(50, 40)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), model(x))

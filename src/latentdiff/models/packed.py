@@ -203,7 +203,7 @@ class AmxLinear(_Packed):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        return amx.linear(amx.library(), x, self.weight, self.out_features, self.bias, residual)
+        return amx.linear(x, self.weight, self.out_features, self.bias, residual)
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0))  # (the packed parts are int16: probe what .to()/.half()/.cuda() make of float32)
@@ -252,7 +252,7 @@ class AmxGEGLU(AmxLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return amx.linear(amx.library(), x, self.weight, 2 * self.out_features, self.bias, geglu=True)
+        return amx.linear(x, self.weight, 2 * self.out_features, self.bias, geglu=True)
 
 
 def suits_amx_geglu(geglu: GEGLU) -> bool:
