@@ -86,12 +86,29 @@ inline __mmask16 first_lanes(int64_t count) {
     return count >= 16 ? (__mmask16)0xffff : count > 0 ? (__mmask16)((1u << count) - 1) : (__mmask16)0;
 }
 
+inline int64_t padded(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// byte offsets of 16 rows `bytes` apart, for gathers
+inline __m512i row_offsets(int64_t bytes) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)bytes));
+}
+
 // the 16 bf16 numbers of a and of b interleaved, a0 b0 a1 b1 ...: two depths' rows of a B tile
 inline __m512i interleave(__m256i a, __m256i b) {
     alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     return _mm512_permutexvar_epi16(_mm512_load_si512(order),
                                     _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
+// first[0] and first[1] of 16 float32 rows (at `offsets` bytes from first; only the rows in `even`, `odd`: zeros
+// elsewhere) as three bfloat16 parts, each the two depths' row of a B tile (their pairs interleaved)
+inline void gather_pairs(const float* first, __m512i offsets, __mmask16 even, __mmask16 odd, __m512i* parts) {
+    __m256i e[3], o[3];
+    split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), even, offsets, first, 1), e, 3);
+    split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), odd, offsets, first + 1, 1), o, 3);
+    for (int c = 0; c < 3; ++c) parts[c] = interleave(e[c], o[c]);
 }
 
 // T: uint16_t (bfloat16 inputs and output) or float
@@ -121,8 +138,7 @@ struct Shapes {
 // a time, its parts then stored where each product of parts takes them
 template <typename T>
 void pack_k(const Args<T>& a, const Shapes& s, const T* k, uint16_t* kp) {
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)(a.ks[2] * sizeof(T))));  // 16 keys' offsets
+    const __m512i rows = row_offsets(a.ks[2] * sizeof(T));  // 16 keys'
     for (int64_t nb = 0; nb < s.nk32 / 16; ++nb) {
         const __mmask16 real = first_lanes(a.Nk - nb * 16);
         const T* base = k + nb * 16 * a.ks[2];
@@ -131,16 +147,10 @@ void pack_k(const Args<T>& a, const Shapes& s, const T* k, uint16_t* kp) {
             _mm512_store_si512(tile + r * 32, _mm512_setzero_si512());
         for (int64_t r = 0; r < a.d / 2; ++r) {
             __m512i two[3];  // dims 2r and 2r + 1 of 16 keys, per part
-            if constexpr (sizeof(T) == 2) {
+            if constexpr (sizeof(T) == 2)
                 two[0] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows, base + 2 * r, 1);
-            } else {
-                __m256i even[3], odd[3];
-                split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, base + 2 * r, 1), even, 3);
-                split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, base + 2 * r + 1, 1), odd, 3);
-                for (int c = 0; c < 3; ++c)
-                    two[c] = _mm512_or_si512(_mm512_cvtepu16_epi32(even[c]),
-                                             _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd[c]), 16));
-            }
+            else
+                gather_pairs(base + 2 * r, rows, real, real, two);
             for (int64_t g = 0; g < s.pairs; ++g) _mm512_store_si512(tile + (g * a.d / 2 + r) * 32, two[RIGHT[g]]);
         }
     }
@@ -469,8 +479,8 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
     for (int i = 0; i < 3; ++i) {
         a.qs[i] = strides[i]; a.ks[i] = strides[3 + i]; a.vs[i] = strides[6 + i]; a.os[i] = strides[9 + i];
     }
-    const int64_t parts = parts_of<T>, pairs = parts == 1 ? 1 : 6, nk32 = (Nk + 31) / 32 * 32;
-    const int64_t dk = (pairs * d + 31) / 32 * 32, dn = (d + 15) / 16 * 16;
+    const int64_t parts = parts_of<T>, pairs = parts == 1 ? 1 : 6, nk32 = padded(Nk, 32);
+    const int64_t dk = padded(pairs * d, 32), dn = padded(d, 16);
     const Shapes s{parts, pairs, nk32, dk, dn, d % 16 != 0, nk32 * dk, parts * nk32 * dn};
     const int64_t heads = B * H, qgroups = (N + GROUP * ROWS - 1) / (GROUP * ROWS);
     std::unique_lock<std::mutex> hold(kept_lock, std::try_to_lock);
@@ -550,17 +560,11 @@ constexpr int64_t ROWS_BYTES = 640 * 1024;  // bytes of x's parts (rows x depth 
 constexpr int64_t MAX_SB = 128;  // rows of x per thread's turn, at most (their parts for a pass: 320 KiB, in L2)
 constexpr int64_t PANEL = 768 * 1024;  // bytes of packed weights (columns x depth x 3 parts) per panel: in L2
 
-inline int64_t padded(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 // n split into the fewest equal steps (multiples of 32) of at most `most`
 inline int64_t even_steps(int64_t n, int64_t most) {
     const int64_t count = (n + most - 1) / most;
     return padded((n + count - 1) / count, 32);
 }
-
-}  // namespace
-
-namespace {
 
 // the exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun's 7.1.26 (absolute error < 1.5e-7)
 inline __m512 gelu(__m512 x) {
@@ -696,18 +700,14 @@ extern "C" int64_t amx_packed_linear_size(int64_t N, int64_t K) {
 
 extern "C" void amx_pack_linear(const float* w, int64_t N, int64_t K, uint16_t* wp, int threads) {
     const int64_t K32 = padded(K, 32), N32 = padded(N, 32);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)(K * 4)));  // 16 columns' byte offsets
+    const __m512i rows = row_offsets(K * 4);  // 16 columns'
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t nb = 0; nb < N32 / 16; ++nb) {
         const __mmask16 cols = first_lanes(N - nb * 16);
-        for (int64_t r = 0; r < K32 / 2; ++r) {
-            __m256i even[3] = {}, odd[3] = {};
-            const float* column = w + nb * 16 * K + 2 * r;
-            if (2 * r < K) split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), cols, rows, column, 1), even, 3);
-            if (2 * r + 1 < K) split(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), cols, rows, column + 1, 1), odd, 3);
-            for (int c = 0; c < 3; ++c)
-                _mm512_storeu_si512(wp + ((nb * 3 + c) * (K32 / 2) + r) * 32, interleave(even[c], odd[c]));
+        for (int64_t r = 0; r < K32 / 2; ++r) {  // (depths past K: zeros, read from nowhere)
+            __m512i pairs[3];
+            gather_pairs(w + nb * 16 * K + 2 * r, rows, 2 * r < K ? cols : 0, 2 * r + 1 < K ? cols : 0, pairs);
+            for (int c = 0; c < 3; ++c) _mm512_storeu_si512(wp + ((nb * 3 + c) * (K32 / 2) + r) * 32, pairs[c]);
         }
     }
 }
