@@ -66,8 +66,9 @@ def cache_folder() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source version and cached on disk), or None where it cannot run; a
-    failed build on a CPU that has AMX warns with the compiler's message and leaves attention to PyTorch."""
+    """The compiled kernels (built once per source version and cached on disk), or None where they cannot run; a
+    failed build on a CPU that has AMX warns with the compiler's message and leaves attention and linear layers to
+    PyTorch."""
     if unavailable():
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
@@ -149,11 +150,12 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return out
 
 
-def pack_linear(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """A float32 [N, K] weight as `linear` takes it: three bfloat16 parts per number (exactly their sum), laid out
-    as AMX tiles (int16 storage, 1.5x the float32 bytes)."""
+    as AMX tiles (int16 storage, 1.5x the float32 bytes). Where `available()`."""
     weight = weight.detach().float().contiguous()
     n, k = weight.shape
+    lib = library()
     packed = torch.empty(lib.amx_packed_linear_size(n, k), dtype=torch.int16)
     lib.amx_pack_linear(weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads())
     return packed

@@ -63,6 +63,11 @@ def is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
+def runs_on_amx(layer: nn.Module) -> bool:
+    """Whether a packable float32 layer gets our AMX kernels (amx.py) rather than oneDNN: on CPUs where they run."""
+    return layer.weight.dtype == torch.float32 and amx.available()
+
+
 def suits_winograd(conv: nn.Conv2d) -> bool:
     return is_3x3_same(conv) and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS
 
@@ -194,11 +199,11 @@ class AmxLinear(_Packed):
 
     def __init__(self, linear: nn.Linear):
         self._require_packable(linear)
-        if linear.weight.dtype != torch.float32 or not amx.available():
+        if not runs_on_amx(linear):
             why = amx.unavailable() or "the AMX kernels did not build"
             raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({why}); got {linear} in "
                              f"{linear.weight.dtype}: use PackedLinear")
-        super().__init__(linear, amx.pack_linear(amx.library(), linear.weight))
+        super().__init__(linear, amx.pack_linear(linear.weight))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,11 +227,7 @@ class AmxPointwiseConv(AmxLinear):
     def __init__(self, conv: nn.Conv2d):
         if not is_pointwise(conv):
             raise ValueError(f"AmxPointwiseConv needs a 1x1 conv with stride 1 and no padding; got {conv}")
-        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device="meta")
-        linear.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)
-        if conv.bias is not None:
-            linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
-        super().__init__(linear)
+        super().__init__(_linear(conv.weight.detach().flatten(1), None if conv.bias is None else conv.bias.detach()))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         tokens = None if residual is None else residual.permute(0, 2, 3, 1)
@@ -257,15 +258,15 @@ class AmxGEGLU(AmxLinear):
 
 def suits_amx_geglu(geglu: GEGLU) -> bool:
     proj = geglu.proj
-    return (can_pack(proj) and proj.weight.dtype == torch.float32 and proj.bias is not None
-            and proj.out_features % 32 == 0 and amx.available())
+    return can_pack(proj) and runs_on_amx(proj) and proj.bias is not None and proj.out_features % 32 == 0
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding (contiguous copies of) these tensors, to be packed."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    layer.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
     return layer
 
 
@@ -393,14 +394,12 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
     if not can_pack(layer):
         return layer
     if type(layer) is nn.Linear:
-        fp32_on_amx = layer.weight.dtype == torch.float32 and amx.available()
-        return AmxLinear(layer) if fp32_on_amx else PackedLinear(layer)
+        return AmxLinear(layer) if runs_on_amx(layer) else PackedLinear(layer)
     if after_upsampling and is_3x3_same(layer):
         return PackedUpsampleConv(layer)
     if winograd and uses_winograd(layer):
         return WinogradConv2d(layer)
-    if is_pointwise(layer) and min(layer.in_channels, layer.out_channels) >= AMX_MIN_CHANNELS \
-            and layer.weight.dtype == torch.float32 and amx.available():
+    if is_pointwise(layer) and min(layer.in_channels, layer.out_channels) >= AMX_MIN_CHANNELS and runs_on_amx(layer):
         return AmxPointwiseConv(layer)
     return PackedConv2d(layer)
 
@@ -417,8 +416,7 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     get fresh pages from malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's
     --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    if any(p.dtype in (torch.bfloat16, torch.float32) and p.device.type == "cpu" for p in model.parameters()) \
-            and amx.available():
+    if any(p.dtype in PACKABLE_DTYPES and p.device.type == "cpu" for p in model.parameters()) and amx.available():
         for layer in model.modules():
             if isinstance(layer, Attention):
                 layer.attend = amx.attention
