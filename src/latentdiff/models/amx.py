@@ -168,7 +168,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     (benchmarks/linear_amx.py). `residual`: float32, x's shape but `out_features` wide. `geglu`: W's rows ordered 16
     values, their 16 gates, 16 values, ... (out_features a multiple of 32, a bias, no residual); the result is
     value * gelu(gate), out_features / 2 wide. Under torch.compile: one opaque op, latentdiff::amx_linear."""
-    width = out_features // 2 if geglu else out_features
+    width = _width(out_features, geglu)
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError(f"the AMX linear kernel takes float32 CPU inputs; got {x.dtype} on {x.device}")
     if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
@@ -188,13 +188,24 @@ def _linear_op(x, packed, out_features, bias, residual, geglu):
 
 @_linear_op.register_fake
 def _(x, packed, out_features, bias, residual, geglu):
-    return x.new_empty(*x.shape[:-1], out_features // 2 if geglu else out_features)
+    return x.new_empty(*x.shape[:-1], _width(out_features, geglu))
+
+
+def _width(out_features: int, geglu: bool) -> int:
+    """The width of `linear`'s result: a GEGLU's half of the projection, else all of it."""
+    return out_features // 2 if geglu else out_features
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t [..., width] as [rows, width] with unit stride along the rows (a view where it can be)."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _linear(lib, x, packed, out_features, bias, residual, geglu):
     """`linear` once its arguments are checked."""
     k = x.shape[-1]
-    width = out_features // 2 if geglu else out_features
+    width = _width(out_features, geglu)
     if x.numel() == 0:  # no rows, or no depth: nothing for the tiles to do
         out = x.new_zeros(*x.shape[:-1], out_features)
         if bias is not None:
@@ -203,17 +214,11 @@ def _linear(lib, x, packed, out_features, bias, residual, geglu):
             value, gate = out.view(*out.shape[:-1], out_features // 32, 2, 16).unbind(-2)
             out = (value * F.gelu(gate)).flatten(-2)
         return out if residual is None else out + residual
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, k)
     m = rows.shape[0]
     out = torch.empty(*x.shape[:-1], width)
     sums = torch.empty(m, out_features) if geglu and lib.amx_linear_passes(k, 1) > 1 else None
-    res = None
-    if residual is not None:
-        res = residual.reshape(m, out_features)
-        if res.stride(-1) != 1:
-            res = res.contiguous()
+    res = None if residual is None else _rows(residual, width)
     with torch.profiler.record_function("latentdiff::amx_linear"):
         failed = lib.amx_linear(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
                                 None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
