@@ -86,6 +86,8 @@ def test_float32_models_pack_their_linear_layers_for_amx_and_refuse_other_dtypes
     with pytest.raises(ValueError, match="residual must be a float32 CPU tensor of shape \\(3, 32\\)"):
         model[0](x, torch.zeros(3, 32, dtype=torch.float64))
     assert model[0](x[:0]).shape == (0, 32) and model(x[:0]).shape == (0, 4)  # no rows
+    with pytest.raises(ValueError, match="no residual to a GEGLU"):  # (the kernel's GEGLU epilogue has none)
+        amx.linear(model[0](x), model[1].weight, 128, model[1].bias, torch.zeros(3, 64), geglu=True)
     with pytest.raises(RuntimeError, match="before optimize_for_inference"):
         model.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="torch.no_grad"), torch.enable_grad():

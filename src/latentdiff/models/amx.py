@@ -171,6 +171,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     width = _width(out_features, geglu)
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError(f"the AMX linear kernel takes float32 CPU inputs; got {x.dtype} on {x.device}")
+    if geglu and residual is not None:
+        raise ValueError("the AMX linear kernel adds no residual to a GEGLU's output: add it afterwards")
     if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
                                  or residual.shape != (*x.shape[:-1], width)):
         raise ValueError(f"the residual must be a float32 CPU tensor of shape {(*x.shape[:-1], width)}; got "
