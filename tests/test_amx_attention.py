@@ -15,7 +15,7 @@ from latentdiff.models.packed import pack_for_inference
 from test_packed import inputs, make
 
 needs_amx = pytest.mark.skipif(not amx.available(),
-                               reason=f"no AMX attention here: {amx.unavailable() or 'build failed'}")
+                               reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
 
 
 def heads(batch: int, tokens: int, n_heads: int, d: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -178,23 +178,28 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
 def test_amx_attention_from_two_threads_at_once():
     """ctypes lets go of the GIL: two calls can run together, and only one of them may use the kept buffer of
     packed keys and values (the other makes its own)."""
+    inputs_ = [[heads(1, 2048, 4, 40, 3 * i + s) for s in range(3)] for i in range(2)]
+    calls = [lambda qkv=qkv: amx.attention(*qkv) for qkv in inputs_]
+    alone = [call() for call in calls]
+    results = together(calls, 6)
+    assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
+
+
+def together(calls, repeats: int) -> list[list]:
+    """Each of `calls` made `repeats` times on a thread of its own, the threads started at once: their results."""
     import threading
 
-    inputs_ = [[heads(1, 2048, 4, 40, 3 * i + s) for s in range(3)] for i in range(2)]
-    alone = [amx.attention(*qkv) for qkv in inputs_]
-    results = [[None] * 6, [None] * 6]
-    start = threading.Barrier(2)
+    results = [[None] * repeats for _ in calls]
+    start = threading.Barrier(len(calls))
 
     def run(i):
         start.wait()
-        for r in range(6):
-            results[i][r] = amx.attention(*inputs_[i])
+        for r in range(repeats):
+            results[i][r] = calls[i]()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for i in range(2):
-        for r in range(6):
-            assert torch.equal(results[i][r], alone[i])
+    return results

@@ -13,8 +13,7 @@ from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
                                       PackedLinear, pack_for_inference)
 
-needs_amx = pytest.mark.skipif(not amx.available(),
-                               reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
+from test_amx_attention import needs_amx, together
 
 
 def linear_layer(k: int, n: int, seed: int, bias: bool = True) -> torch.nn.Linear:
@@ -117,24 +116,11 @@ def test_amx_layers_without_depth_give_their_bias():
 def test_amx_linear_from_two_threads_at_once():
     """ctypes lets go of the GIL: two calls can run together, each with its own OpenMP team (whose threads keep
     their own buffers of x's parts)."""
-    import threading
-
     layers = [AmxLinear(linear_layer(640, 96, seed)) for seed in (3, 4)]
     inputs = [torch.randn(300, 640) for _ in layers]
-    alone = [layer(x) for layer, x in zip(layers, inputs)]
-    results = [[None] * 5, [None] * 5]
-    start = threading.Barrier(2)
-
-    def run(i):
-        start.wait()
-        for r in range(5):
-            results[i][r] = layers[i](inputs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls = [lambda layer=layer, x=x: layer(x) for layer, x in zip(layers, inputs)]
+    alone = [call() for call in calls]
+    results = together(calls, 5)
     assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
 
 
