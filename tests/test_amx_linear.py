@@ -124,6 +124,30 @@ def test_amx_linear_from_two_threads_at_once():
     assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
 
 
+
+@needs_amx
+@pytest.mark.parametrize("rows", [20, 70])  # one block of 32 rows, three
+@torch.no_grad()
+def test_amx_linear_gives_the_same_bits_on_any_number_of_threads(rows):
+    """Where there are fewer blocks of rows than threads, the threads share out the columns too (each splitting its
+    rows into parts itself): every output still comes from the same products in the same order."""
+    layer = linear_layer(1000, 200, 6)  # three passes over the depth; 7 pairs of column tiles, the last half empty
+    geglu = GEGLU(640, 64).eval().requires_grad_(False)  # two passes, the running sums kept apart
+    x, residual, h = torch.randn(rows, 1000), torch.randn(rows, 200), torch.randn(rows, 640)
+    packed_layer, packed_geglu = AmxLinear(layer), AmxGEGLU(geglu)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 5, 8):
+            torch.set_num_threads(n)
+            results.append((packed_layer(x, residual), packed_geglu(h)))
+    finally:
+        torch.set_num_threads(threads)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + residual.double()
+    assert (results[0][0].double() - exact).abs().max() <= 1.25 * (layer(x) + residual - exact).abs().max() + 1e-7
+    torch.testing.assert_close(results[0][1], geglu(h), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for result in results[1:] for a, b in zip(result, results[0]))
+
 @needs_amx
 @torch.no_grad()
 def test_amx_pointwise_conv_is_as_exact_as_pytorchs_and_stays_channels_last():
@@ -150,3 +174,18 @@ def test_amx_layers_trace_as_one_op_under_torch_compile():
     x = torch.randn(50, 40)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), model(x))
+
+
+@needs_amx
+@torch.no_grad()
+def test_amx_kernels_are_named_in_the_profilers_tables():
+    """The kernels' calls carry a label while torch.profiler runs (and only then: a label costs host time)."""
+    from torch.profiler import profile
+
+    layer = AmxLinear(linear_layer(64, 32, 7))
+    q = torch.randn(1, 2, amx.MIN_QUERIES, 16)
+    with profile() as prof:
+        layer(torch.randn(40, 64))
+        amx.attention(q, q, q)
+    names = {event.name for event in prof.events()}
+    assert {"latentdiff::amx_linear", "latentdiff::amx_attention"} <= names

@@ -715,9 +715,9 @@ extern "C" void amx_pack_linear(const float* w, int64_t N, int64_t K, uint16_t* 
 // y [M][N] (row stride ys) = x [M][K] (row stride xs) W^T + bias (may be null) + residual [M][N] (row stride rs; may be
 // null, may be y itself), W packed by amx_pack_linear; or, with `geglu` (see LinearOut: N a multiple of 32, a bias, no
 // residual), y [M][N / 2] = value * gelu(gate), with h [M][N] for the running sums where amx_linear_passes(K) > 1. Each
-// thread takes blocks of up to MAX_SB rows; for each pass over KC of the depth it splits those rows of x into parts (in
-// L2), then multiplies them by one panel of packed weights after another (read from L3 once per block of rows); up to
-// FEW_ROWS rows go to few_rows. Returns 0, or 1 where its buffers could not be made.
+// thread takes blocks of up to MAX_SB rows (and a share of the columns where the blocks are fewer than the threads); for
+// each pass over KC of the depth it splits those rows of x into parts (in L2), then multiplies them by one panel of
+// packed weights after another (read from L3 once per block of rows); up to FEW_ROWS rows go to few_rows. Returns 0, or 1 where its buffers could not be made.
 extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const float* bias, const float* residual,
                           int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
                           float* h) {
@@ -731,6 +731,10 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
     const int64_t KS = KC + 32, NC = even_steps(N32, std::max<int64_t>(32, PANEL / (KC * 6) / 32 * 32));
     const int64_t most_rows = std::max<int64_t>(ROWS, std::min(MAX_SB, ROWS_BYTES / (KS * 6) / ROWS * ROWS));
     const int64_t SB = std::min(most_rows, padded((M + threads - 1) / threads, 32)), sblocks = (M + SB - 1) / SB;
+    // fewer blocks of rows than threads (few rows, many cores): the columns are shared out too, each thread
+    // splitting its rows of x into parts itself
+    const int64_t slices = std::min(N32 / 32, std::max<int64_t>(1, threads / sblocks));
+    const int64_t NS = padded((N32 + slices - 1) / slices, 32);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -756,7 +760,8 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
             configure_tiles();
             alignas(64) float c[ROWS * 32];
 #pragma omp for schedule(static)
-            for (int64_t sb = 0; sb < sblocks; ++sb) {
+            for (int64_t item = 0; item < sblocks * slices; ++item) {
+                const int64_t sb = item / slices, n_start = item % slices * NS, n_end = std::min(N32, n_start + NS);
                 const int64_t row0 = sb * SB, blocks = (std::min(M, row0 + SB) - row0 + ROWS - 1) / ROWS;
                 for (int64_t k0 = 0; k0 < K32; k0 += KC) {
                     const int64_t depth = std::min(KC, K32 - k0);
@@ -771,10 +776,10 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
                                                    parts[p]);
                         }
                     }
-                    for (int64_t n0 = 0; n0 < N32; n0 += NC) {
+                    for (int64_t n0 = n_start; n0 < n_end; n0 += NC) {
                         for (int64_t mb = 0; mb < blocks; ++mb) {
                             const int64_t rows = std::min(ROWS, M - row0 - mb * ROWS);
-                            for (int64_t nb = n0 / 16; nb < std::min(N32, n0 + NC) / 16; nb += 2) {
+                            for (int64_t nb = n0 / 16; nb < std::min(n_end, n0 + NC) / 16; nb += 2) {
                                 _tile_zero(0);
                                 _tile_zero(1);
                                 _tile_zero(2);
