@@ -576,7 +576,10 @@ inline __m512 gelu(__m512 x) {
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
     r = _mm512_mul_ps(r, t);
-    const __m512 e = exp2_ps<3>(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)));
+    // exp(-z^2) with its exponent held >= -126: below, e would be subnormal (|x| > 13.2), which costs a microcode
+    // assist per operation (GEGLUs with large gates ran 2-2.2x slower), while 1 - r e rounds to 1 either way
+    const __m512 e = exp2_ps<3>(_mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)),
+                                              _mm512_set1_ps(-126.f)));
     const __m512 erf_a = _mm512_fnmadd_ps(r, e, one);  // erf(|z|)
     const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(
         _mm512_castps_si512(erf_a), _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u))));
