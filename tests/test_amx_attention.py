@@ -70,6 +70,28 @@ def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(d, dtype
 
 
 @needs_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_amx_attention_of_peaked_scores_is_exact_and_leaves_subnormals_to_pytorch(dtype):
+    """Scores hundreds apart (a sharply peaked softmax): most exponentials fall below float32's normal range, which
+    the kernel flushes to zero (a microcode assist each otherwise: 8-16x slower); after it, PyTorch's own threads
+    keep subnormal numbers again."""
+    q, k, v = (heads(2, 1024, 2, 40, seed, dtype) * 8 for seed in range(3))  # scores spread over hundreds
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    error, their_error = ((o.double() - exact).abs().max().item()
+                          for o in (amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)))
+    assert error <= 1.25 * their_error + SLACK[dtype], (error, their_error)
+    assert keeps_subnormals()
+
+
+def keeps_subnormals() -> bool:
+    """Whether PyTorch's threads compute with subnormal numbers (as by default) rather than flush them to zero:
+    2^-140 (512 x 2^-149) times 2 on every thread (a product this large is split among them), the bits compared as
+    integers (a mode that flushes subnormals compares them equal to zero too)."""
+    tiny = torch.full((1 << 20,), 512, dtype=torch.int32).view(torch.float32)
+    return torch.equal((tiny * 2).view(torch.int32), torch.full_like(tiny, 1024, dtype=torch.int32))
+
+
+@needs_amx
 @pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 4e-3), (torch.float32, 1e-6)])
 def test_amx_attention_sees_every_key_once(dtype, rtol):
     """Identical keys and values except one: a kernel that dropped, repeated or mis-padded keys would miss it."""

@@ -13,7 +13,7 @@ from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
                                       PackedLinear, pack_for_inference)
 
-from test_amx_attention import needs_amx, together
+from test_amx_attention import keeps_subnormals, needs_amx, together
 
 
 def linear_layer(k: int, n: int, seed: int, bias: bool = True) -> torch.nn.Linear:
@@ -74,6 +74,7 @@ def test_amx_geglu_is_as_exact_as_pytorchs(tokens, dim, scale):
     error, their_error, onednns_error = ((y.double() - exact).abs().max().item()
                                          for y in (ours, geglu(x), PackedGEGLU(geglu)(x)))
     assert error <= 1.25 * min(their_error, onednns_error) + 1e-7, (error, their_error, onednns_error)
+    assert keeps_subnormals()  # (the kernel flushes them while it runs: see test_amx_attention)
 
 
 @needs_amx
