@@ -9,8 +9,9 @@ guidance; calls interleaved (A B A B ...). Then show where the time goes, and op
 Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (after
 `pipe.optimize_for_inference()`: U-Net, VAE and text encoder channels-last, packed weights, Winograd convs).
 ours-compile: `pipe.compile()`, the U-Net under torch.compile (inductor: frozen weights, C++ wrapper, max-autotune);
-diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call compiles
-(reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
+ours-compile-opt: `pipe.compile()`, then `pipe.optimize_for_inference()` (which then packs the VAE and the text
+encoder only). diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call
+compiles (reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
 Every variant's images are compared with diffusers' first: a variant that differs by more than --tolerance (in
 [0, 1] pixel units) is reported and the script exits with status 1.
 
@@ -48,15 +49,17 @@ import torch
 
 from common import count_flops, gib, machine, print_table, setup, time_interleaved
 
-VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "diffusers-compile", "ours-qkv")
+VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "ours-compile-opt", "diffusers-compile", "ours-qkv")
 PROMPT = "a small red circle in the center on a white background"
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 def load(variant: str, folder: Path):
-    if variant == "ours-compile":
+    if variant in ("ours-compile", "ours-compile-opt"):
         pipe = load("ours", folder)
         pipe.compile()
+        if variant == "ours-compile-opt":
+            pipe.optimize_for_inference()  # (after compile(): the VAE and the text encoder)
         return pipe
     if variant == "diffusers-compile":  # compiled with ours' inductor settings (generate() applies them)
         pipe = load("diffusers", folder)
@@ -141,7 +144,7 @@ def instrument(variant: str, pipe) -> Sections:
     sections.wrap(pipe, "encode_prompt", "prompt: tokenizer, batching")
     sections.wrap(pipe.text_encoder, "forward", "prompt: CLIP text model")
     # the compiled U-Net ours runs (made by the warm-up call): wrapping the plain module's forward would recompile
-    sections.wrap(pipe._unet_call() if variant == "ours-compile" else pipe.unet, "forward", "U-Net")
+    sections.wrap(pipe._unet_call() if variant.startswith("ours-compile") else pipe.unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
     sections.wrap(pipe.vae, "decode", "VAE decode")

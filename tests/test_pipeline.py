@@ -376,6 +376,26 @@ def test_compile_gives_the_eager_images_and_follows_the_unet(folders, tmp_path):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_compile_and_optimize_for_inference_share_the_models_out(folders):
+    """After compile(), optimize_for_inference() packs the VAE and the text encoder and leaves the U-Net to
+    torch.compile; a U-Net optimized for inference (which torch.compile cannot trace) is refused by compile(), and
+    when it replaces the compiled one, before anything is traced."""
+    from latentdiff.models.packed import is_packed
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    pipe.compile()
+    pipe.optimize_for_inference()
+    assert not is_packed(pipe.unet) and is_packed(pipe.vae) and is_packed(pipe.text_encoder)
+    optimized = LatentDiffusionPipeline.from_pretrained(folders[1]).optimize_for_inference()
+    with pytest.raises(ValueError, match=r"call compile\(\) before optimize_for_inference\(\)"):
+        optimized.compile()
+    assert optimized._compile_options is None  # (refused: nothing changed)
+    pipe.unet = optimized.unet
+    with pytest.raises(ValueError, match="torch.compile cannot trace"):
+        pipe._unet_call()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_pipeline_optimized_for_inference_makes_the_same_images(folders, tmp_path):
     """pipe.optimize_for_inference() packs the U-Net, the VAE and the text encoder (no plain nn.Linear or
     nn.Conv2d left) and makes the same images up to float rounding; saving it afterwards is refused with the fix."""

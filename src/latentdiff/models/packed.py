@@ -63,6 +63,11 @@ def is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether pack_for_inference() re-laid out any of `model`'s layers."""
+    return any(isinstance(m, _Packed) for m in model.modules())
+
+
 def runs_on_amx(layer: nn.Module) -> bool:
     """Whether a packable float32 layer gets our AMX kernels (amx.py) rather than oneDNN: on CPUs where they run."""
     return layer.weight.dtype == torch.float32 and amx.available()
