@@ -28,6 +28,10 @@ LAYERS = [("64x64 q/k/v/out", 8192, 320, 320), ("64x64 ff out", 8192, 1280, 320)
           ("32x32 q/k/v/out", 2048, 640, 640), ("32x32 ff out", 2048, 2560, 640), ("32x32 geglu", 2048, 640, 0),
           ("16x16 q/k/v/out", 512, 1280, 1280), ("16x16 ff out", 512, 5120, 1280), ("16x16 geglu", 512, 1280, 0),
           ("text keys 64x64", 154, 768, 320), ("time embedding", 2, 320, 1280)]
+# (points, tiles, in, out): Winograd's products in SD 1.5's U-Net, batch 2 (F(4x4): 36 points, F(2x2): 16; the tiles
+# of one slice of tile rows, winograd.CHUNK_BYTES), from 64x64 (320 channels) to 8x8 (1280)
+POINTS = [(36, 256, 320, 320), (36, 128, 640, 640), (16, 128, 1280, 1280), (16, 128, 2560, 1280),
+          (16, 32, 1280, 1280), (16, 256, 1920, 640)]
 
 
 @torch.no_grad()
@@ -62,6 +66,18 @@ def main() -> None:
         t_onednn, t_amx = (timings[key].median * 1e3 for key in ("onednn", "amx"))
         print(f"{name:19} {tokens:6}  {k:4}  {n:4}  {flops / 1e9:5.2f}  {errors[0]:.2e}    {errors[1]:.2e}  "
               f"{t_onednn:9.3f}  {t_amx:6.3f}  {t_onednn / t_amx:.2f}x")
+    print("\nWinograd's products (one per transform point), torch.bmm against amx.points")
+    print("points x (tiles, in) x out        err bmm   err AMX   bmm ms  AMX ms  AMX vs bmm")
+    for points, tiles, k, n in POINTS:
+        x, w = torch.randn(points, tiles, k), torch.randn(points, k, n) / k ** 0.5
+        packed = amx.pack_points(w.transpose(1, 2))
+        exact = torch.bmm(x.double(), w.double())
+        errors = [(y.double() - exact).abs().max().item() for y in (torch.bmm(x, w), amx.points(x, packed, n))]
+        timings = time_interleaved({"bmm": lambda: torch.bmm(x, w), "amx": lambda: amx.points(x, packed, n)},
+                                   args.repeats, progress=False, memory=False)
+        t_bmm, t_amx = (timings[key].median * 1e3 for key in ("bmm", "amx"))
+        print(f"{str((points, tiles, k, n)):31}  {errors[0]:.2e}  {errors[1]:.2e}  {t_bmm:6.2f}  {t_amx:6.2f}  "
+              f"{t_bmm / t_amx:.2f}x")
 
 
 if __name__ == "__main__":
@@ -85,3 +101,11 @@ if __name__ == "__main__":
 # FTZ and DAZ, restored after; same bits); the layers' usual init gives small gates and never showed it. Dropped: flushing a block's tile sums a share per depth step of the next block (to
 # overlap the vector epilogue with the tile products): 0.99-1.05x. Fewer blocks of 32 rows than threads (32 rows on 2
 # threads): the threads share out the columns too, 32 x 640 -> 640 149 -> 61 us.
+# Winograd's products on the same kernel (amx.points: P weights, the threads taking whole points first, so each
+# point's filters are read from memory by one thread; before, torch.bmm; 2026-12-05, session 22, --repeats 5): 36 x
+# 256 x 320 -> 320 4.46 vs 2.92 ms, 36 x 128 x 640 -> 640 10.3 vs 8.4, 16 x 128 x 1280 -> 1280 25.0 vs 14.8, 16 x 128
+# x 2560 -> 1280 57.6 vs 32.6, 16 x 32 x 1280 -> 1280 7.1 vs 5.6, 16 x 256 x 1920 -> 640 29.6 vs 19.8; errors against
+# float64 about half of bmm's. Whole models (an in-process A/B of two optimized copies, 4 interleaved calls each,
+# float32, 2 threads): SD 1.5's U-Net forward (batch 2, 64x64) 3.415 -> 2.910 s (1.17x), the VAE decode (512 px)
+# 5.797 -> 5.416 s (1.07x). The price: the transformed filters held as parts, 1.5x their float32 bytes (the U-Net's
+# weights after optimize_for_inference 5.73 -> 7.50 GiB; the VAE's 1.16 -> 1.71 GiB).

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import amx
+from latentdiff.models import amx, winograd
+from latentdiff.models import packed as packed_module
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
-                                      PackedLinear, pack_for_inference)
+                                      PackedLinear, WinogradConv2d, pack_for_inference)
 
 from test_amx_attention import keeps_subnormals, needs_amx, together
 
@@ -195,3 +196,51 @@ def test_amx_kernels_are_named_in_the_profilers_tables():
         amx.attention(q, q, q)
     names = {event.name for event in prof.events()}
     assert {"latentdiff::amx_linear", "latentdiff::amx_attention"} <= names
+
+
+@needs_amx
+@pytest.mark.parametrize("points,rows,k,n", [
+    (16, 128, 320, 96),  # more points than threads: each thread takes whole points
+    (1, 70, 1000, 50),   # fewer: rows and columns shared out; three passes over the depth, ragged columns
+    (36, 5, 40, 33),     # few rows per point
+])
+@torch.no_grad()
+def test_amx_points_are_batched_products_as_exact_as_pytorchs(points, rows, k, n):
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(points, rows, k, generator=g), torch.randn(points, n, k, generator=g) / k ** 0.5
+    packed = amx.pack_points(w)
+    assert torch.equal(amx.unpack_points(packed, n, k), w)  # the parts sum to the weights exactly
+    exact = torch.bmm(x.double(), w.double().transpose(1, 2))
+    ours = amx.points(x, packed, n)
+    assert ours.shape == (points, rows, n)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, torch.bmm(x, w.transpose(1, 2))))
+    assert error <= 1.25 * their_error + 1e-7, (error, their_error)
+    with pytest.raises(TypeError, match=r"float32 CPU inputs \[P, M, K\]"):
+        amx.points(x.double(), packed, n)
+
+
+@needs_amx
+@pytest.mark.parametrize("channels,side", [(64, 40), (96, 16)])  # F(4x4), and F(2x2) for a larger filter
+@torch.no_grad()
+def test_amx_winograd_conv_is_as_exact_as_pytorchs(channels, side, monkeypatch):
+    """A float32 WinogradConv2d keeps its transformed filters as AMX parts and takes its products from amx.points;
+    its direct conv (for inputs where Winograd does not pay) comes from the same filters, unpacked."""
+    monkeypatch.setattr(packed_module, "F4X4_MAX_FILTER", 64 * 64 * 9)
+    torch.manual_seed(9)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+    layer = WinogradConv2d(conv)
+    assert layer.on_amx and layer.weight.dtype == torch.int16
+    algorithm = winograd.F4x4 if channels == 64 else winograd.F2x2
+    assert torch.equal(layer.filters(), winograd.transform_filters(conv.weight.detach(), algorithm))
+    x = torch.randn(2, channels, side, side)
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    plain = winograd.winograd_conv3x3(x, layer.filters(), conv.bias.detach())  # the same algorithm by torch.bmm
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels: True)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (layer(x), plain))
+    assert error <= 1.25 * their_error + 1e-7, (error, their_error)
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels: False)
+    direct = layer(x)  # (filters recovered from the transformed ones: exact up to their float32 rounding)
+    assert isinstance(layer.direct, PackedConv2d)
+    assert ((direct.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+    with pytest.raises(RuntimeError, match="before optimize_for_inference"):
+        layer.double()

@@ -725,28 +725,21 @@ extern "C" void amx_pack_linear(const float* w, int64_t N, int64_t K, uint16_t* 
     }
 }
 
-// y [M][N] (row stride ys) = x [M][K] (row stride xs) W^T + bias (may be null) + residual [M][N] (row stride rs; may be
-// null, may be y itself), W packed by amx_pack_linear; or, with `geglu` (see LinearOut: N a multiple of 32, a bias, no
-// residual), y [M][N / 2] = value * gelu(gate), with h [M][N] for the running sums where amx_linear_passes(K) > 1. Each
-// thread takes blocks of up to MAX_SB rows (and a share of the columns where the blocks are fewer than the threads); for
-// each pass over KC of the depth it splits those rows of x into parts (in L2), then multiplies them by one panel of
-// packed weights after another (read from L3 once per block of rows); up to FEW_ROWS rows go to few_rows. Returns 0, or 1 where its buffers could not be made.
-extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const float* bias, const float* residual,
-                          int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
-                          float* h) {
-    const LinearOut o{y, ys, bias, residual, rs, h, N, geglu != 0};
-    if (M <= 0 || K <= 0) return 0;  // (nothing for the tiles: linear() in Python gives the bias)
-    if (M <= FEW_ROWS && !geglu) {
-        few_rows(x, xs, wp, o, M, K, threads);
-        return 0;
-    }
+// y [P][M][N] = x [P][M][K] W[p]^T + bias (+ residual), or a GEGLU of it, for P points at once (points yp, xp and wps
+// elements apart in y, x and the packed weights); see amx_linear
+static int linear(const float* x0, int64_t xs, int64_t xp, const uint16_t* wp0, int64_t wps, const LinearOut& out,
+           int64_t yp, int64_t P, int64_t M, int64_t N, int64_t K, int threads) {
+    const bool geglu = out.geglu;
     const int64_t K32 = padded(K, 32), N32 = padded(N, 32), KC = even_steps(K32, geglu ? MAX_KC_GEGLU : MAX_KC);
     const int64_t KS = KC + 32, NC = even_steps(N32, std::max<int64_t>(32, PANEL / (KC * 6) / 32 * 32));
     const int64_t most_rows = std::max<int64_t>(ROWS, std::min(MAX_SB, ROWS_BYTES / (KS * 6) / ROWS * ROWS));
-    const int64_t SB = std::min(most_rows, padded((M + threads - 1) / threads, 32)), sblocks = (M + SB - 1) / SB;
+    // rows split among the threads left over by the points (each point's weights are then read by as few threads as
+    // can share the work: where the points are enough, by one)
+    const int64_t per_point = std::max<int64_t>(1, threads / P);
+    const int64_t SB = std::min(most_rows, padded((M + per_point - 1) / per_point, 32)), sblocks = (M + SB - 1) / SB;
     // fewer blocks of rows than threads (few rows, many cores): the columns are shared out too, each thread
     // splitting its rows of x into parts itself
-    const int64_t slices = std::min(N32 / 32, std::max<int64_t>(1, threads / sblocks));
+    const int64_t slices = std::min(N32 / 32, std::max<int64_t>(1, threads / (P * sblocks)));
     const int64_t NS = padded((N32 + slices - 1) / slices, 32);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -774,8 +767,13 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
             configure_tiles();
             alignas(64) float c[ROWS * 32];
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < sblocks * slices; ++item) {
-                const int64_t sb = item / slices, n_start = item % slices * NS, n_end = std::min(N32, n_start + NS);
+            for (int64_t item = 0; item < P * sblocks * slices; ++item) {
+                const int64_t point = item / (sblocks * slices), sb = item / slices % sblocks;
+                const int64_t n_start = item % slices * NS, n_end = std::min(N32, n_start + NS);
+                const float* const x = x0 + point * xp;
+                const uint16_t* const wp = wp0 + point * wps;
+                LinearOut o = out;
+                o.y += point * yp;
                 const int64_t row0 = sb * SB, blocks = (std::min(M, row0 + SB) - row0 + ROWS - 1) / ROWS;
                 for (int64_t k0 = 0; k0 < K32; k0 += KC) {
                     const int64_t depth = std::min(KC, K32 - k0);
@@ -828,4 +826,33 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
         }
     }
     return failed;
+}
+
+// y [M][N] (row stride ys) = x [M][K] (row stride xs) W^T + bias (may be null) + residual [M][N] (row stride rs; may be
+// null, may be y itself), W packed by amx_pack_linear; or, with `geglu` (see LinearOut: N a multiple of 32, a bias, no
+// residual), y [M][N / 2] = value * gelu(gate), with h [M][N] for the running sums where amx_linear_passes(K) > 1.
+// Each thread takes blocks of up to MAX_SB rows (and a share of the columns where the blocks are fewer than the
+// threads); for each pass over KC of the depth it splits those rows of x into parts (in L2), then multiplies them by
+// one panel of packed weights after another (read from L3 once per block of rows); up to FEW_ROWS rows go to
+// few_rows. Returns 0, or 1 where its buffers could not be made.
+extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const float* bias, const float* residual,
+                          int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
+                          float* h) {
+    const LinearOut o{y, ys, bias, residual, rs, h, N, geglu != 0};
+    if (M <= 0 || K <= 0) return 0;  // (nothing for the tiles: linear() in Python gives the bias)
+    if (M <= FEW_ROWS && !geglu) {
+        few_rows(x, xs, wp, o, M, K, threads);
+        return 0;
+    }
+    return linear(x, xs, 0, wp, 0, o, 0, 1, M, N, K, threads);
+}
+
+// y [P][M][N] = x [P][M][K] W[p]^T for P weights packed by amx_pack_linear (each `wps` elements after the last), row
+// stride ys and K, points yp and xp elements apart: Winograd's products (one per transform point). The threads take
+// points first, so that each point's weights are read from memory by one of them
+extern "C" int amx_linear_points(const float* x, int64_t xp, const uint16_t* wp, int64_t wps, float* y, int64_t yp,
+                                 int64_t ys, int64_t P, int64_t M, int64_t N, int64_t K, int threads) {
+    if (P <= 0 || M <= 0 || K <= 0) return 0;
+    const LinearOut o{y, ys, nullptr, nullptr, 0, nullptr, N, false};
+    return linear(x, K, xp, wp, wps, o, yp, P, M, N, K, threads);
 }

@@ -1,6 +1,6 @@
 """Our kernels on Intel AMX tiles for the CPU (amx.cpp), used by optimize_for_inference() where they beat PyTorch's:
-attention in bfloat16 and float32 (`attention`), and float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear
-and AmxGEGLU). SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8
+attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear
+and AmxGEGLU) and Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d). SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8
 heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its softmax, not its matrix products
 (~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. In float32 the kernels split each number into
 three bfloat16 parts and take six tile products of parts per product, as exact as PyTorch's float32 kernels (errors
@@ -107,6 +107,9 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear.restype = ctypes.c_int
     lib.amx_linear_passes.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.amx_linear_passes.restype = ctypes.c_int64
+    lib.amx_linear_points.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64]
+                                      + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
+    lib.amx_linear_points.restype = ctypes.c_int
     return lib
 
 
@@ -148,6 +151,45 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     if failed:
         raise MemoryError(f"the AMX attention kernel could not allocate its buffers (keys and values of {b * heads} "
                           f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
+    return out
+
+
+def pack_points(weights: torch.Tensor) -> torch.Tensor:
+    """P float32 [N, K] weights ([P, N, K]) packed for `points`: [P, pack_linear's size] (int16)."""
+    return torch.stack([pack_linear(weight) for weight in weights])
+
+
+def unpack_points(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The float32 weights [P, out_features, in_features] that `pack_points` packed (exactly: the parts sum to them)."""
+    n32, k32 = _padded(out_features), _padded(in_features)
+    # [P][N32 / 16][3 parts][K32 / 2][16 columns][2 depths] bfloat16 bits (see amx_pack_linear)
+    bits = packed.view(-1, n32 // 16, 3, k32 // 2, 16, 2).to(torch.int32) & 0xFFFF
+    parts = (bits << 16).view(torch.float32).double().sum(2).float()  # (exact in float64, exactly float32)
+    return parts.permute(0, 1, 3, 2, 4).reshape(-1, n32, k32)[:, :out_features, :in_features].contiguous()
+
+
+def _padded(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def points(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """torch.bmm(x, W.transpose(1, 2)) for float32 x [P, M, K] and the P weights W [P, out_features, K] packed by
+    `pack_points`, with linear's precision: one matrix product per point (Winograd's transform points), the points
+    shared out among the threads first, so that each point's weights are read from memory once. Where
+    `available()`."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3 or packed.shape[0] != x.shape[0]:
+        raise TypeError(f"amx.points takes float32 CPU inputs [P, M, K] for P packed weights; got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device} for {packed.shape[0]} weights")
+    p, m, k = x.shape
+    x = x.contiguous()
+    out = x.new_empty(p, m, out_features)
+    with _labelled("latentdiff::amx_points"):
+        failed = library().amx_linear_points(x.data_ptr(), m * k, packed.data_ptr(), packed.shape[1], out.data_ptr(),
+                                             m * out_features, out_features, p, m, out_features, k,
+                                             torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the AMX linear kernel could not allocate its buffers ({m} x {k} inputs split into "
+                          "parts): free memory")
     return out
 
 

@@ -128,6 +128,7 @@ class _Packed(nn.Module):
         super().__init__()
         self.weight = packed
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+        self.layer_dtype = layer.weight.dtype  # (the packed weight's may differ: the AMX layers' parts are int16)
 
     @classmethod
     def _require_packable(cls, layer: nn.Module) -> None:
@@ -152,9 +153,9 @@ class _Packed(nn.Module):
                            "first, then call optimize_for_inference()")
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0, dtype=self.weight.dtype))  # what .to()/.half()/.cuda() would make of a tensor
-        if (probe.dtype, probe.device) != (self.weight.dtype, torch.device("cpu")):
-            raise RuntimeError(f"{type(self).__name__}: weights packed for CPU {self.weight.dtype} cannot be moved to "
+        probe = fn(torch.empty(0, dtype=self.layer_dtype))  # what .to()/.half()/.cuda() would make of the layer's
+        if (probe.dtype, probe.device) != (self.layer_dtype, torch.device("cpu")):
+            raise RuntimeError(f"{type(self).__name__}: weights packed for CPU {self.layer_dtype} cannot be moved to "
                                f"{probe.device} {probe.dtype}; call .to() before optimize_for_inference()")
         return super()._apply(fn, recurse)
 
@@ -216,12 +217,11 @@ class AmxLinear(_Packed):
         return amx.linear(x, self.weight, self.out_features, self.bias, residual)
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0))  # (the packed parts are int16: probe what .to()/.half()/.cuda() make of float32)
-        if (probe.dtype, probe.device) != (torch.float32, torch.device("cpu")):
-            raise RuntimeError(f"AmxLinear: weights packed for CPU float32 cannot be moved to {probe.device} "
-                               f"{probe.dtype}; call .to() before optimize_for_inference()")
-        return nn.Module._apply(self, fn, recurse)  # (not _Packed's: it probes with the weight's int16)
-
+        probe = fn(torch.empty(0, dtype=self.layer_dtype))  # what .to()/.half()/.cuda() would make of the layer's
+        if (probe.dtype, probe.device) != (self.layer_dtype, torch.device("cpu")):
+            raise RuntimeError(f"{type(self).__name__}: weights packed for CPU {self.layer_dtype} cannot be moved to "
+                               f"{probe.device} {probe.dtype}; call .to() before optimize_for_inference()")
+        return super()._apply(fn, recurse)
 
 class AmxPointwiseConv(AmxLinear):
     """A float32 1x1, stride-1 nn.Conv2d (a linear layer over each pixel's channels) on AMX tiles, as AmxLinear; a
@@ -362,7 +362,11 @@ class WinogradConv2d(_Packed):
     """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(4x4, 3x3) (small float32 filters) or
     F(2x2, 3x3) from pre-transformed filters, for inputs on which that pays (`winograd_pays`). Smaller inputs run a
     packed direct conv, whose filters are recovered from the transformed ones when first needed (U = G g G^T, so
-    g = G+ U G+^T with G+ the left inverse of G; exact up to the rounding of U's dtype)."""
+    g = G+ U G+^T with G+ the left inverse of G; exact up to the rounding of U's dtype).
+
+    On CPUs with AMX a float32 layer keeps its transformed filters as AMX parts (`weight`: int16, 1.5x the float32
+    bytes) and makes the products of each transform point with amx.points: SD 1.5's products 1.1-1.9x torch.bmm's
+    (the points shared out among the threads, so each point's filters are read from memory once), errors below."""
 
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
@@ -371,22 +375,36 @@ class WinogradConv2d(_Packed):
                              f"{WINOGRAD_MIN_CHANNELS} channels in and out; got {conv}: use PackedConv2d")
         weight = conv.weight.detach()
         large = weight.dtype != torch.float32 or weight.numel() > F4X4_MAX_FILTER
-        super().__init__(conv, transform_filters(weight, F2x2 if large else F4x4))
+        filters = transform_filters(weight, F2x2 if large else F4x4)  # [points, C, K]
+        self.on_amx = runs_on_amx(conv)
+        super().__init__(conv, amx.pack_points(filters.transpose(1, 2)) if self.on_amx else filters)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.direct: PackedConv2d | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
         if winograd_pays(x.shape, self.out_channels):
-            y = winograd_conv3x3(x, self.weight, self.bias)
+            if self.on_amx:
+                y = winograd_conv3x3(x, self.weight, self.bias, self._points, self.out_channels)
+            else:
+                y = winograd_conv3x3(x, self.weight, self.bias)
             return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)
         if self.direct is None:
             conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
                              device="meta")
-            conv.weight = nn.Parameter(recover_filters(self.weight), requires_grad=False)
+            conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
             conv.bias = self.bias
             self.direct = PackedConv2d(conv)  # (its bias shares self.bias's storage)
         return self.direct(x, residual)
+
+    def filters(self) -> torch.Tensor:
+        """The transformed filters, [points, C, K] in the layer's dtype."""
+        if not self.on_amx:
+            return self.weight
+        return amx.unpack_points(self.weight, self.out_channels, self.in_channels).transpose(1, 2)
+
+    def _points(self, v: torch.Tensor) -> torch.Tensor:
+        return amx.points(v, self.weight, self.out_channels)
 
 
 def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> nn.Module:

@@ -12,6 +12,7 @@ U holds (m+2)^2/9 as many numbers as the filter, 1.8x (F(2x2)) or 4x (F(4x4)).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,20 +65,26 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ip,pqck,jq->kcij", left_inverse, u, left_inverse).to(filters.dtype).contiguous()
 
 
-def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
+                     multiply: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     out_channels: int | None = None) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
-    (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory."""
+    (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory. `multiply(v)`,
+    where given, makes the products of the transformed tiles v [(m+2)^2, tiles, C] with the filters, [(m+2)^2, tiles,
+    K] (torch.bmm(v, filters) otherwise), from filters held in a form of its own: only their first size (which tells
+    the algorithm) is read then, and K is `out_channels`."""
     alg = ALGORITHMS[filters.shape[0]]
     m, a = alg.m, len(alg.BT)
     n, c, h, w = x.shape
     th, tw = -(-h // m), -(-w // m)  # output tiles down and across
     # [N, H, W, C] padded by the conv's 1 on top/left, and on bottom/right up to whole tiles
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
-    out = x.new_empty(n, th, m, tw, m, filters.shape[-1])
+    out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
+    multiply = multiply or (lambda v: torch.bmm(v, filters))
     for t0 in range(0, th, rows):
         t1 = min(th, t0 + rows)
-        products = _tile_products(alg, padded[:, m * t0: m * t1 + 2], filters)
+        products = _tile_products(alg, padded[:, m * t0: m * t1 + 2], multiply)
         if bias is not None:
             products[1][1] += bias  # column 1 of A^T is all ones: (1, 1) reaches every output once, with sign +
         _output_transform(alg, products, out[:, t0:t1])
@@ -103,7 +110,7 @@ def _combine(coefficients, terms, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def _tile_products(alg: Winograd, rows: torch.Tensor, filters: torch.Tensor) -> list[list[torch.Tensor]]:
+def _tile_products(alg: Winograd, rows: torch.Tensor, multiply) -> list[list[torch.Tensor]]:
     """rows [N, m*t+2, m*tw+2, C] (t tile rows with their overlap) -> U * (B^T d B) summed over input channels, for
     every tile: an (m+2) x (m+2) grid of [N, t, tw, K] tensors."""
     m, a = alg.m, len(alg.BT)
@@ -116,7 +123,7 @@ def _tile_products(alg: Winograd, rows: torch.Tensor, filters: torch.Tensor) -> 
         columns = [part[:, :, j: j + m * tw: m] for j in range(a)]
         for j, coefficients in enumerate(alg.BT):
             _combine(coefficients, columns, out=v[i, j])
-    products = torch.bmm(v.view(a * a, -1, c), filters).view(a, a, n, t, tw, -1)
+    products = multiply(v.view(a * a, -1, c)).view(a, a, n, t, tw, -1)
     return [list(row) for row in products]
 
 
