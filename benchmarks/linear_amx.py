@@ -96,11 +96,12 @@ if __name__ == "__main__":
 # speed (the parts came from memory); the GEGLU's gate applied as the output is written (erf by Abramowitz & Stegun
 # 7.1.26), its 640-deep 32x32 layer in one pass (two passes kept running sums in memory: 1.01x).
 # 2026-12-05 (session 22, same host; in-process A/B of two builds of amx.cpp on the same inputs): the GEGLU epilogue's
-# exp(-z^2) went subnormal for gates beyond |x| ~ 13 (a microcode assist per operation): with N(0, 1) weights (gates
-# ~ N(0, 320)) 8192 x 320 -> 2560 took 82 vs 35 ms once the kernels flush subnormals to zero while they run (MXCSR's
-# FTZ and DAZ, restored after; same bits); the layers' usual init gives small gates and never showed it. Dropped: flushing a block's tile sums a share per depth step of the next block (to
-# overlap the vector epilogue with the tile products): 0.99-1.05x. Fewer blocks of 32 rows than threads (32 rows on 2
-# threads): the threads share out the columns too, 32 x 640 -> 640 149 -> 61 us.
+# exp(-z^2) went subnormal for gates beyond |x| ~ 13 (a microcode assist per operation): with N(0, 1) weights (gates ~
+# N(0, 320)) 8192 x 320 -> 2560 took 82 vs 35 ms once the kernels flush subnormals to zero while they run (MXCSR's FTZ
+# and DAZ, restored after; same bits); the layers' usual init gives small gates and never showed it. Dropped: flushing a
+# block's tile sums a share per depth step of the next block (to overlap the vector epilogue with the tile products):
+# 0.99-1.05x. Fewer blocks of 32 rows than threads (32 rows on 2 threads): the threads share out the columns too, 32 x
+# 640 -> 640 149 -> 61 us.
 # Winograd's products on the same kernel (amx.points: P weights, the threads taking whole points first, so each
 # point's filters are read from memory by one thread; before, torch.bmm; 2026-12-05, session 22, --repeats 5): 36 x
 # 256 x 320 -> 320 4.46 vs 2.92 ms, 36 x 128 x 640 -> 640 10.3 vs 8.4, 16 x 128 x 1280 -> 1280 25.0 vs 14.8, 16 x 128

@@ -1,14 +1,14 @@
 """Our kernels on Intel AMX tiles for the CPU (amx.cpp), used by optimize_for_inference() where they beat PyTorch's:
-attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear
-and AmxGEGLU) and Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d). SD 1.5's U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8
-heads, 4096 tokens, head dim 40), where PyTorch's CPU flash kernel is bound by its softmax, not its matrix products
-(~87 ms at head dim 8, ~102 at 40; 2 threads); this kernel takes ~58 ms. In float32 the kernels split each number into
-three bfloat16 parts and take six tile products of parts per product, as exact as PyTorch's float32 kernels (errors
-against float64 the same or smaller): attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's
-float32 products. The source is compiled with the system's g++ on first use (about 2 s) into latentdiff's cache folder
-($XDG_CACHE_HOME or ~/.cache, then latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the
-CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from `unavailable()`) and everything
-stays with PyTorch."""
+attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear and
+AmxGEGLU) and Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d). SD 1.5's U-Net at 512x512
+spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where
+PyTorch's CPU flash kernel is bound by its softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2
+threads); this kernel takes ~58 ms. In float32 the kernels split each number into three bfloat16 parts and take six tile
+products of parts per product, as exact as PyTorch's float32 kernels (errors against float64 the same or smaller):
+attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products. The source is compiled
+with the system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then
+latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler is
+missing, `available()` is False (with the reason from `unavailable()`) and everything stays with PyTorch."""
 from __future__ import annotations
 
 import contextlib

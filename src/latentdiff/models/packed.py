@@ -216,12 +216,6 @@ class AmxLinear(_Packed):
         self._check(x)
         return amx.linear(x, self.weight, self.out_features, self.bias, residual)
 
-    def _apply(self, fn, recurse=True):
-        probe = fn(torch.empty(0, dtype=self.layer_dtype))  # what .to()/.half()/.cuda() would make of the layer's
-        if (probe.dtype, probe.device) != (self.layer_dtype, torch.device("cpu")):
-            raise RuntimeError(f"{type(self).__name__}: weights packed for CPU {self.layer_dtype} cannot be moved to "
-                               f"{probe.device} {probe.dtype}; call .to() before optimize_for_inference()")
-        return super()._apply(fn, recurse)
 
 class AmxPointwiseConv(AmxLinear):
     """A float32 1x1, stride-1 nn.Conv2d (a linear layer over each pixel's channels) on AMX tiles, as AmxLinear; a
