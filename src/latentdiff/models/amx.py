@@ -155,8 +155,15 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 
 
 def pack_points(weights: torch.Tensor) -> torch.Tensor:
-    """P float32 [N, K] weights ([P, N, K]) packed for `points`: [P, pack_linear's size] (int16)."""
-    return torch.stack([pack_linear(weight) for weight in weights])
+    """P float32 [N, K] weights ([P, N, K]) packed for `points`: [P, pack_linear's size] (int16), each point's
+    written in place (no second copy of them all while packing)."""
+    p, n, k = weights.shape
+    lib = library()
+    packed = torch.empty(p, lib.amx_packed_linear_size(n, k), dtype=torch.int16)
+    for weight, out in zip(weights, packed):
+        weight = weight.detach().float().contiguous()
+        lib.amx_pack_linear(weight.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return packed
 
 
 def unpack_points(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -202,12 +209,7 @@ def _labelled(name: str):
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     """A float32 [N, K] weight as `linear` takes it: three bfloat16 parts per number (exactly their sum), laid out
     as AMX tiles (int16 storage, 1.5x the float32 bytes). Where `available()`."""
-    weight = weight.detach().float().contiguous()
-    n, k = weight.shape
-    lib = library()
-    packed = torch.empty(lib.amx_packed_linear_size(n, k), dtype=torch.int16)
-    lib.amx_pack_linear(weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads())
-    return packed
+    return pack_points(weight[None])[0]
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
