@@ -110,6 +110,12 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_points.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64]
                                       + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     lib.amx_linear_points.restype = ctypes.c_int
+    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
+                                   + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    lib.winograd_input.restype = None
+    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+                                    + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int])
+    lib.winograd_output.restype = None
     return lib
 
 
@@ -198,6 +204,29 @@ def points(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
         raise MemoryError(f"the AMX linear kernel could not allocate its buffers ({m} x {k} inputs split into "
                           "parts): free memory")
     return out
+
+
+def winograd_input(rows: torch.Tensor, m: int, bt: torch.Tensor) -> torch.Tensor:
+    """Winograd's input transform B^T d B of every tile of float32 `rows` [N, m t + a - m, m tw + a - m, C] (a
+    contiguous channels-last slice of a padded map; bt: B^T as float32 [a, a]), in one pass: [a * a, N t tw, C]."""
+    n, height, width, c = rows.shape
+    a = bt.shape[0]
+    t, tw = (height - a + m) // m, (width - a + m) // m
+    v = rows.new_empty(a * a, n * t * tw, c)
+    with _labelled("latentdiff::winograd_input"):
+        library().winograd_input(rows.data_ptr(), rows.stride(0), n, t, tw, c, m, a, bt.data_ptr(), v.data_ptr(),
+                                 torch.get_num_threads())
+    return v
+
+
+def winograd_output(products: torch.Tensor, at: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Winograd's output transform A^T M A (+ bias) of the float32 products [a * a, N t tw, K] of every tile, into
+    `out` [N, t, m, tw, m, K] (a slice along t of a contiguous tensor; at: A^T as float32 [m, a]), in one pass."""
+    n, t, m, tw, _, k = out.shape
+    with _labelled("latentdiff::winograd_output"):
+        library().winograd_output(products.data_ptr(), n, t, tw, k, m, at.shape[1], at.data_ptr(),
+                                  None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
+                                  torch.get_num_threads())
 
 
 def _labelled(name: str):

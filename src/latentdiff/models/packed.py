@@ -360,7 +360,9 @@ class WinogradConv2d(_Packed):
 
     On CPUs with AMX a float32 layer keeps its transformed filters as AMX parts (`weight`: int16, 1.5x the float32
     bytes) and makes the products of each transform point with amx.points: SD 1.5's products 1.1-1.9x torch.bmm's
-    (the points shared out among the threads, so each point's filters are read from memory once), errors below."""
+    (the points shared out among the threads, so each point's filters are read from memory once), errors below;
+    its input and output transforms run as one vector pass each (amx.winograd_input/_output) instead of one PyTorch
+    op per term: SD 1.5's U-Net forward 3.09 -> 2.82 s, the VAE decode 8.5 -> 7.0 s (fp32, 2 threads)."""
 
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
@@ -379,7 +381,7 @@ class WinogradConv2d(_Packed):
         self._check(x)
         if winograd_pays(x.shape, self.out_channels):
             if self.on_amx:
-                y = winograd_conv3x3(x, self.weight, self.bias, self._points, self.out_channels)
+                y = winograd_conv3x3(x, self.weight, self.bias, self._points, self.out_channels, fused_transforms=True)
             else:
                 y = winograd_conv3x3(x, self.weight, self.bias)
             return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)

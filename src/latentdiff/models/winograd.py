@@ -12,10 +12,13 @@ U holds (m+2)^2/9 as many numbers as the filter, 1.8x (F(2x2)) or 4x (F(4x4)).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import amx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +70,14 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
 
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
                      multiply: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     out_channels: int | None = None) -> torch.Tensor:
+                     out_channels: int | None = None, fused_transforms: bool = False) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
     (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory. `multiply(v)`,
     where given, makes the products of the transformed tiles v [(m+2)^2, tiles, C] with the filters, [(m+2)^2, tiles,
     K] (torch.bmm(v, filters) otherwise), from filters held in a form of its own: only their first size (which tells
-    the algorithm) is read then, and K is `out_channels`."""
+    the algorithm) is read then, and K is `out_channels`. `fused_transforms` (float32, where amx.available()): the
+    input and output transforms by our vector kernels, one pass over memory each (amx.winograd_input/_output), not
+    one elementwise PyTorch op per term."""
     alg = ALGORITHMS[filters.shape[0]]
     m, a = alg.m, len(alg.BT)
     n, c, h, w = x.shape
@@ -84,6 +89,11 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     multiply = multiply or (lambda v: torch.bmm(v, filters))
     for t0 in range(0, th, rows):
         t1 = min(th, t0 + rows)
+        if fused_transforms:
+            bt, at = _matrices(alg)
+            products = multiply(amx.winograd_input(padded[:, m * t0: m * t1 + 2], m, bt))
+            amx.winograd_output(products, at, bias, out[:, t0:t1])
+            continue
         products = _tile_products(alg, padded[:, m * t0: m * t1 + 2], multiply)
         if bias is not None:
             products[1][1] += bias  # column 1 of A^T is all ones: (1, 1) reaches every output once, with sign +
@@ -92,6 +102,12 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     if (m * th, m * tw) != (h, w):
         y = y[:, :h, :w].contiguous()
     return y.permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _matrices(alg: Winograd) -> tuple[torch.Tensor, torch.Tensor]:
+    """B^T and A^T as float32 tensors (for the fused transforms)."""
+    return torch.tensor(alg.BT, dtype=torch.float32), torch.tensor(alg.AT, dtype=torch.float32)
 
 
 def _combine(coefficients, terms, out: torch.Tensor | None = None) -> torch.Tensor:
