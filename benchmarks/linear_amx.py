@@ -116,3 +116,7 @@ if __name__ == "__main__":
 # 33, 1920 -> 640 at 32x32 49.5 -> 42; in-process A/B of whole models: U-Net forward 3.086 -> 2.818 s, VAE decode
 # 8.49 -> 6.96 s (a noisy hour: runs 5.0-8.4 vs 7.3-11.0). Smaller slices of tile rows (winograd.MIN_TILES 32-128
 # instead of 256): within noise.
+# Dropped (same session): the residual added by the output transform as it writes (instead of an add_ after): VAE
+# decode 4.288 vs 4.165 s, U-Net 2.503 vs 2.515 (in-process A/B, 7 and 4 calls; the tile-wise reads of the residual
+# cost what the separate streaming pass did); the products' loops swapped (columns outer) and/or depth passes of 192:
+# 0.86-0.98x.
