@@ -235,10 +235,10 @@ def test_amx_winograd_conv_is_as_exact_as_pytorchs(channels, side, monkeypatch):
     x = torch.randn(2, channels, side, side)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     plain = winograd.winograd_conv3x3(x, layer.filters(), conv.bias.detach())  # the same algorithm by torch.bmm
-    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels: True)
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, fused=False: True)
     error, their_error = ((y.double() - exact).abs().max().item() for y in (layer(x), plain))
     assert error <= 1.25 * their_error + 1e-7, (error, their_error)
-    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels: False)
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, fused=False: False)
     direct = layer(x)  # (filters recovered from the transformed ones: exact up to their float32 rounding)
     assert isinstance(layer.direct, PackedConv2d)
     assert ((direct.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5

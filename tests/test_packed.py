@@ -46,7 +46,7 @@ def inputs(height: int, width: int, dtype=torch.float32, batch: int = 2):
 def always_winograd(monkeypatch):
     """Winograd layers take their Winograd path even on the small inputs of these tests (where, by
     packed.winograd_pays, a direct conv is faster and is what they would run)."""
-    monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels: True)
+    monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels, fused=False: True)
 
 
 def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionModel:
@@ -133,6 +133,11 @@ def test_winograd_is_used_where_it_pays():
         assert packed.winograd_pays((2, channels, side, side), channels), (channels, side)
     for channels, side in [(64, 16), (96, 8), (128, 4), (128, 16), (640, 8), (1280, 4), (32, 128), (64, 64)]:
         assert not packed.winograd_pays((2, channels, side, side), channels), (channels, side)
+    # with the products and transforms on AMX (fused) it pays on smaller inputs too, still not on the smallest
+    for channels, side in [(320, 64), (1280, 8), (128, 16), (64, 32), (640, 8), (1280, 4), (256, 512)]:
+        assert packed.winograd_pays((2, channels, side, side), channels, fused=True), (channels, side)
+    for channels, side in [(64, 16), (96, 8), (128, 8), (128, 4), (640, 4), (32, 128)]:
+        assert not packed.winograd_pays((2, channels, side, side), channels, fused=True), (channels, side)
 
 
 @torch.no_grad()
@@ -144,7 +149,7 @@ def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
     layer = WinogradConv2d(conv)
     for side, direct in [(8, True), (64, False)]:  # 8x8: a packed direct conv; 64x64: Winograd
         x = torch.randn(2, 96, side, side).to(dtype)
-        assert packed.winograd_pays(x.shape, 96) is not direct
+        assert packed.winograd_pays(x.shape, 96, fused=layer.on_amx) is not direct
         expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         got = layer(x)
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)

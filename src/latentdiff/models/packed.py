@@ -97,7 +97,7 @@ def amx_supported() -> bool:
     return bool(check()) if check is not None else False
 
 
-def winograd_pays(shape: torch.Size | tuple, out_channels: int) -> bool:
+def winograd_pays(shape: torch.Size | tuple, out_channels: int, fused: bool = False) -> bool:
     """Whether Winograd beats the packed direct conv for an input of `shape` [N, C, H, W]. Its transforms are
     many small passes that cost per pixel and channel, so it wins only on wide layers with enough pixels.
     Measured (1 thread, fp32, square inputs; direct time / Winograd time, > 1: Winograd faster):
@@ -105,10 +105,17 @@ def winograd_pays(shape: torch.Size | tuple, out_channels: int) -> bool:
       32x32: 64 ch 0.69, 96 ch 1.11, 128 ch 1.40, 320 ch 2.09;  64x64: 64 ch 0.92, 128 ch 1.36;
       128x128: 32 ch 0.40, 128 ch 1.45;  8x8: 128-640 ch 0.56-1.00 (F(2x2)), 1280 ch 1.13;  4x4: 0.16-0.80.
     So: at least 16x16, 96 channels and 0.3 GFLOP, or 8x8 with 1024 channels (SD 1.5 at 512 px meets it in every
-    3x3 layer but conv_in; the 16x16 latents of pipelines/tiny-shapes in none)."""
+    3x3 layer but conv_in; the 16x16 latents of pipelines/tiny-shapes in none).
+    `fused`: with the products and the transforms on our AMX kernels (a float32 WinogradConv2d on an AMX CPU), whose
+    fixed cost is far smaller (~0.1 against ~0.8 ms a call). Measured (2 threads, batch 2 unless noted): 64 ch 32x32
+    1.18, 128 ch 16x16 1.36, 640 ch 8x8 1.14, 1280 ch 4x4 1.39, 64 ch 64x64 (batch 1) 1.03; 64 ch 16x16 0.88, 96-128
+    ch 8x8 0.71-0.74, 320 ch 8x8 0.98, 640 ch 4x4 0.52, 128 ch 4x4 0.45, 32 ch 128x128 (batch 1) 0.61. So: at least 64
+    channels and 0.12 GFLOP at 16x16 and above, 0.5 GFLOP below."""
     n, c, h, w = shape
     side, channels = min(h, w), min(c, out_channels)
     flops = 18 * n * h * w * c * out_channels
+    if fused:
+        return channels >= 64 and flops >= (1.2e8 if side >= 16 else 5e8)
     return (side >= 16 and channels >= 96 and flops >= 3e8) or (side >= 8 and channels >= 1024)
 
 
@@ -379,7 +386,7 @@ class WinogradConv2d(_Packed):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if winograd_pays(x.shape, self.out_channels):
+        if winograd_pays(x.shape, self.out_channels, fused=self.on_amx):
             if self.on_amx:
                 y = winograd_conv3x3(x, self.weight, self.bias, self._points, self.out_channels, fused_transforms=True)
             else:
