@@ -87,10 +87,10 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
     multiply = multiply or (lambda v: torch.bmm(v, filters))
+    bt, at = _matrices(alg) if fused_transforms else (None, None)
     for t0 in range(0, th, rows):
         t1 = min(th, t0 + rows)
         if fused_transforms:
-            bt, at = _matrices(alg)
             products = multiply(amx.winograd_input(padded[:, m * t0: m * t1 + 2], m, bt))
             amx.winograd_output(products, at, bias, out[:, t0:t1])
             continue
