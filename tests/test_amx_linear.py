@@ -235,37 +235,12 @@ def test_amx_winograd_conv_is_as_exact_as_pytorchs(channels, side, monkeypatch):
     x = torch.randn(2, channels, side, side)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     plain = winograd.winograd_conv3x3(x, layer.filters(), conv.bias.detach())  # the same algorithm by torch.bmm
-    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, fused=False: True)
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, path="torch": True)
     error, their_error = ((y.double() - exact).abs().max().item() for y in (layer(x), plain))
     assert error <= 1.25 * their_error + 1e-7, (error, their_error)
-    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, fused=False: False)
+    monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, path="torch": False)
     direct = layer(x)  # (filters recovered from the transformed ones: exact up to their float32 rounding)
     assert isinstance(layer.direct, PackedConv2d)
     assert ((direct.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
     with pytest.raises(RuntimeError, match="before optimize_for_inference"):
         layer.double()
-
-
-@needs_amx
-@pytest.mark.parametrize("algorithm", [winograd.F2x2, winograd.F4x4])
-@pytest.mark.parametrize("channels,out_channels,height,width,bias", [
-    (40, 24, 13, 7, True),  # ragged tiles at the bottom and right; channels not a multiple of 16
-    (32, 48, 8, 8, False),
-])
-@torch.no_grad()
-def test_fused_winograd_transforms_match_pytorchs(algorithm, channels, out_channels, height, width, bias,
-                                                  monkeypatch):
-    """The input and output transforms as one pass each (amx.winograd_input/_output) give the convolution that
-    PyTorch's elementwise ops give, as exactly, over several slices of tile rows."""
-    monkeypatch.setattr(winograd, "MIN_TILES", 4)
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(2, channels, height, width, generator=g)
-    weight, b = torch.randn(out_channels, channels, 3, 3, generator=g), torch.randn(out_channels, generator=g)
-    b = b if bias else None
-    filters = winograd.transform_filters(weight, algorithm)
-    exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
-    theirs = winograd.winograd_conv3x3(x, filters, b)
-    ours = winograd.winograd_conv3x3(x, filters, b, fused_transforms=True)
-    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=torch.channels_last)
-    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
-    assert error <= 1.25 * their_error + 1e-6, (error, their_error)

@@ -8,7 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from latentdiff.models import allocator, amx, attention, packed, winograd
+from latentdiff.models import allocator, amx, attention, native, packed, winograd
 from latentdiff.models.fused import adds_residual
 from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU, PackedLinear,
                                       PackedUpsampleConv, WinogradConv2d, pack_for_inference)
@@ -16,6 +16,8 @@ from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
               pytest.mark.usefixtures("one_thread")]
+needs_transforms = pytest.mark.skipif(
+    winograd.transforms() is None, reason=f"no compiled Winograd transforms: {native.unavailable() or 'build failed'}")
 needs_bf16 = pytest.mark.skipif(not packed.bfloat16_supported(),
                                 reason="oneDNN has no bfloat16 on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 
@@ -46,7 +48,7 @@ def inputs(height: int, width: int, dtype=torch.float32, batch: int = 2):
 def always_winograd(monkeypatch):
     """Winograd layers take their Winograd path even on the small inputs of these tests (where, by
     packed.winograd_pays, a direct conv is faster and is what they would run)."""
-    monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels, fused=False: True)
+    monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels, path="torch": True)
 
 
 def optimized_copy(model: UNet2DConditionModel, **kwargs) -> UNet2DConditionModel:
@@ -106,6 +108,45 @@ def test_winograd_conv_matches_conv2d(algorithm, height, width, monkeypatch):
         winograd.transform_filters(weight[..., :2])
 
 
+@needs_transforms
+@pytest.mark.parametrize("algorithm", [winograd.F2x2, winograd.F4x4])
+@pytest.mark.parametrize("channels,out_channels,height,width,bias", [
+    (40, 24, 13, 7, True),  # ragged tiles at the bottom and right; channels not a multiple of 16
+    (32, 48, 8, 8, False),
+])
+@torch.no_grad()
+def test_fused_winograd_transforms_match_pytorchs(algorithm, channels, out_channels, height, width, bias,
+                                                  monkeypatch):
+    """The compiled input and output transforms (winograd.cpp) give the convolution that PyTorch's elementwise ops
+    give, as exactly, over several slices of tile rows."""
+    monkeypatch.setattr(winograd, "MIN_TILES", 4)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, channels, height, width, generator=g)
+    weight, b = torch.randn(out_channels, channels, 3, 3, generator=g), torch.randn(out_channels, generator=g)
+    b = b if bias else None
+    filters = winograd.transform_filters(weight, algorithm)
+    exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    theirs = winograd.winograd_conv3x3(x, filters, b, fused_transforms=False)
+    ours = winograd.winograd_conv3x3(x, filters, b, fused_transforms=True)
+    assert torch.equal(winograd.winograd_conv3x3(x, filters, b), ours)  # their default on float32 CPU tensors
+    torch.set_num_threads(3)
+    try:
+        assert torch.equal(winograd.winograd_conv3x3(x, filters, b), ours)  # tiles shared out differently, same bits
+    finally:
+        torch.set_num_threads(1)
+    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
+    assert error <= 1.25 * their_error + 1e-6, (error, their_error)
+
+
+def test_fused_winograd_transforms_refuse_what_they_cannot_take():
+    filters = winograd.transform_filters(torch.randn(16, 16, 3, 3))
+    x = torch.randn(1, 16, 8, 8, dtype=torch.bfloat16)
+    assert winograd.winograd_conv3x3(x, filters.bfloat16()).dtype == torch.bfloat16  # PyTorch's ops then
+    with pytest.raises(ValueError, match="take float32 CPU tensors.*fused_transforms=None"):
+        winograd.winograd_conv3x3(x, filters.bfloat16(), fused_transforms=True)
+
+
 def test_winograd_algorithm_follows_size_and_dtype(monkeypatch):
     monkeypatch.setattr(packed, "F4X4_MAX_FILTER", 64 * 64 * 9)
     small, large = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(64, 96, 3, padding=1)
@@ -133,11 +174,19 @@ def test_winograd_is_used_where_it_pays():
         assert packed.winograd_pays((2, channels, side, side), channels), (channels, side)
     for channels, side in [(64, 16), (96, 8), (128, 4), (128, 16), (640, 8), (1280, 4), (32, 128), (64, 64)]:
         assert not packed.winograd_pays((2, channels, side, side), channels), (channels, side)
-    # with the products and transforms on AMX (fused) it pays on smaller inputs too, still not on the smallest
-    for channels, side in [(320, 64), (1280, 8), (128, 16), (64, 32), (640, 8), (1280, 4), (256, 512)]:
-        assert packed.winograd_pays((2, channels, side, side), channels, fused=True), (channels, side)
-    for channels, side in [(64, 16), (96, 8), (128, 8), (128, 4), (640, 4), (32, 128)]:
-        assert not packed.winograd_pays((2, channels, side, side), channels, fused=True), (channels, side)
+    # with the products and transforms on AMX it pays on smaller inputs too, still not on the smallest
+    for channels, side in [(320, 64), (1280, 8), (128, 16), (64, 32), (960, 8), (256, 512)]:
+        assert packed.winograd_pays((2, channels, side, side), channels, "amx"), (channels, side)
+    for channels, side in [(64, 16), (96, 8), (128, 8), (640, 8), (1280, 4), (640, 4), (32, 128)]:
+        assert not packed.winograd_pays((2, channels, side, side), channels, "amx"), (channels, side)
+    # with the compiled transforms and torch.bmm's products: from 8x8, 64 channels, 128 pixels and 0.12 GFLOP
+    for channels, side in [(320, 64), (1280, 8), (128, 16), (640, 8), (320, 8), (64, 32), (256, 512)]:
+        assert packed.winograd_pays((2, channels, side, side), channels, "compiled"), (channels, side)
+    for channels, side in [(64, 16), (96, 8), (64, 8), (32, 32), (640, 4), (1280, 4), (32, 128)]:
+        assert not packed.winograd_pays((2, channels, side, side), channels, "compiled"), (channels, side)
+    with pytest.raises(ValueError, match="path is 'torch', 'compiled' or 'amx'"):
+        packed.winograd_pays((2, 64, 8, 8), 64, "fused")
+    assert not packed.winograd_pays((1, 640, 8, 8), 640, "compiled")  # 64 pixels: bound by reading the filters
 
 
 @torch.no_grad()
@@ -147,9 +196,9 @@ def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(96, 96, 3, padding=1).to(dtype)
     layer = WinogradConv2d(conv)
-    for side, direct in [(8, True), (64, False)]:  # 8x8: a packed direct conv; 64x64: Winograd
+    for side, direct in [(4, True), (64, False)]:  # 4x4: a packed direct conv; 64x64: Winograd
         x = torch.randn(2, 96, side, side).to(dtype)
-        assert packed.winograd_pays(x.shape, 96, fused=layer.on_amx) is not direct
+        assert packed.winograd_pays(x.shape, 96, layer.path(x)) is not direct
         expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         got = layer(x)
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)

@@ -27,6 +27,8 @@
 #include <new>
 #include <stdlib.h>
 
+#include "subnormals.h"
+
 namespace {
 
 struct TileConfig {
@@ -186,18 +188,6 @@ constexpr int64_t ROWS = 32;    // queries per block: two tile rows
 constexpr int64_t GROUP = 8;  // blocks that take each chunk of keys in turn (while it is in L2)
 constexpr int64_t CHUNK = 1024;  // keys per online-softmax step (its scores: 128 KiB, in L2)
 constexpr int64_t SS = CHUNK + 16, PS = CHUNK + 32;  // row strides of those buffers (off 4 KiB multiples)
-
-// Subnormal results and operands flushed to zero (MXCSR's FTZ and DAZ) on this thread while it lives; the previous
-// mode is restored after, since the threads are PyTorch's. Without it every operation that makes or reads a subnormal
-// takes a microcode assist: exponentials of scores far below the row's maximum (peaked attention: 8-16x slower) and the
-// GELU of large gates (2x slower) did. The tiles treat bfloat16 subnormals as zero anyway; the sums change by < 2^-126.
-struct FlushSubnormals {
-    const unsigned int saved = _mm_getcsr();
-    FlushSubnormals() { _mm_setcsr(saved | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON); }
-    ~FlushSubnormals() { _mm_setcsr(saved); }
-    FlushSubnormals(const FlushSubnormals&) = delete;
-    FlushSubnormals& operator=(const FlushSubnormals&) = delete;
-};
 
 // uninitialized storage on a cache-line boundary: a tile row that straddles two lines costs two loads or stores
 // (with malloc's 16-byte alignment the values' products ran at half speed in some processes)
@@ -855,93 +845,4 @@ extern "C" int amx_linear_points(const float* x, int64_t xp, const uint16_t* wp,
     if (P <= 0 || M <= 0 || K <= 0) return 0;
     const LinearOut o{y, ys, nullptr, nullptr, 0, nullptr, N, false};
     return linear(x, K, xp, wp, wps, o, yp, P, M, N, K, threads);
-}
-
-// ---- Winograd's transforms (winograd.py): vector code, no tiles; one pass over the data each, where PyTorch's
-// elementwise ops made one per term
-
-namespace {
-
-// the nonzero coefficients of each row of an r x c matrix, as (column, value) lists
-struct Sparse {
-    int count[8];
-    int column[8][8];
-    float value[8][8];
-    Sparse(const float* matrix, int r, int c) {
-        for (int i = 0; i < r; ++i) {
-            count[i] = 0;
-            for (int j = 0; j < c; ++j)
-                if (matrix[i * c + j] != 0.f) {
-                    column[i][count[i]] = j;
-                    value[i][count[i]++] = matrix[i * c + j];
-                }
-        }
-    }
-    // out[i] = sum_j M[i][j] in[j] for rows i < r, on 16 lanes
-    inline void apply(const __m512* in, __m512* out, int r) const {
-        for (int i = 0; i < r; ++i) {
-            __m512 sum = _mm512_setzero_ps();
-            for (int e = 0; e < count[i]; ++e)
-                sum = _mm512_fmadd_ps(_mm512_set1_ps(value[i][e]), in[column[i][e]], sum);
-            out[i] = sum;
-        }
-    }
-};
-
-}  // namespace
-
-// V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of rows [N][m t + a - m][m tw + a - m][C] (channels-last;
-// samples `ns` elements apart), tile (ti, tj) starting at row m ti, column m tj. BT: a x a.
-extern "C" void winograd_input(const float* rows, int64_t ns, int64_t N, int64_t t, int64_t tw, int64_t C, int m,
-                               int a, const float* BT, float* V, int threads) {
-    const Sparse bt(BT, a, a);
-    const int64_t width = m * tw + a - m, tiles = N * t * tw;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-        const FlushSubnormals flushing;
-        const int64_t n = tile / (t * tw), ti = tile / tw % t, tj = tile % tw;
-        const float* d = rows + n * ns + (m * ti * width + m * tj) * C;
-        for (int64_t c = 0; c < C; c += 16) {
-            const __mmask16 lanes = first_lanes(C - c);
-            __m512 in[8][8], across[8][8], column[8], out[8];
-            for (int r = 0; r < a; ++r)
-                for (int s = 0; s < a; ++s) in[s][r] = _mm512_maskz_loadu_ps(lanes, d + (r * width + s) * C + c);
-            for (int s = 0; s < a; ++s) bt.apply(in[s], across[s], a);  // across[s][i] = (B^T d)[i][s]
-            for (int i = 0; i < a; ++i) {
-                for (int s = 0; s < a; ++s) column[s] = across[s][i];
-                bt.apply(column, out, a);  // ((B^T d) B)[i][j] = sum_s (B^T d)[i][s] B^T[j][s]
-                for (int j = 0; j < a; ++j)
-                    _mm512_mask_storeu_ps(V + ((i * a + j) * tiles + tile) * C + c, lanes, out[j]);
-            }
-        }
-    }
-}
-
-// out [N][t][m][tw][m][K] (samples `ns` elements apart) = A^T M A + bias for the products M [a * a][N][t][tw][K] of
-// every tile. AT: m x a; bias may be null.
-extern "C" void winograd_output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, int m, int a,
-                                const float* AT, const float* bias, float* out, int64_t ns, int threads) {
-    const Sparse at(AT, m, a);
-    const int64_t tiles = N * t * tw;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-        const FlushSubnormals flushing;
-        const int64_t n = tile / (t * tw), ti = tile / tw % t, tj = tile % tw;
-        float* y = out + n * ns + ((ti * m * tw + tj) * m) * K;
-        for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 lanes = first_lanes(K - k);
-            const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + k) : _mm512_setzero_ps();
-            __m512 in[8][8], down[8][8], column[8], result[8];
-            for (int r = 0; r < a; ++r)
-                for (int s = 0; s < a; ++s)
-                    in[s][r] = _mm512_maskz_loadu_ps(lanes, M + ((r * a + s) * tiles + tile) * K + k);
-            for (int s = 0; s < a; ++s) at.apply(in[s], down[s], m);  // down[s][i] = (A^T M)[i][s]
-            for (int i = 0; i < m; ++i) {
-                for (int s = 0; s < a; ++s) column[s] = down[s][i];
-                at.apply(column, result, m);
-                for (int j = 0; j < m; ++j)  // output row m ti + i, column m tj + j
-                    _mm512_mask_storeu_ps(y + (i * tw * m + j) * K + k, lanes, _mm512_add_ps(result[j], b));
-            }
-        }
-    }
 }

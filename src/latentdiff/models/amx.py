@@ -5,26 +5,22 @@ spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8 heads, 4
 PyTorch's CPU flash kernel is bound by its softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2
 threads); this kernel takes ~58 ms. In float32 the kernels split each number into three bfloat16 parts and take six tile
 products of parts per product, as exact as PyTorch's float32 kernels (errors against float64 the same or smaller):
-attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products. The source is compiled
-with the system's g++ on first use (about 2 s) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then
-latentdiff/) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler is
-missing, `available()` is False (with the reason from `unavailable()`) and everything stays with PyTorch."""
+attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products. The source is
+compiled with the system's g++ on first use (about 2 s; native.py) and loaded with ctypes; its OpenMP threads are
+PyTorch's own. Where the CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from
+`unavailable()`) and everything stays with PyTorch."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 SOURCE = Path(__file__).with_name("amx.cpp")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -38,31 +34,12 @@ MIN_QUERIES = 1024
 MAX_HEAD_DIM = 160
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def unavailable() -> str | None:
     """Why the kernel cannot run on this machine, or None when it can (then `library()` builds it)."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return f"it needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    if shutil.which("g++") is None:
-        return "no g++ on PATH to build it (install g++ 11 or newer)"
-    return None
-
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentdiff"
+    if native.unavailable():
+        return native.unavailable()
+    missing = [flag for flag in CPU_FLAGS if flag not in native.cpu_flags()]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
 @functools.cache
@@ -72,22 +49,13 @@ def library() -> ctypes.CDLL | None:
     PyTorch."""
     if unavailable():
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    path = cache_folder() / f"amx-{key}.so"
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as folder:  # then renamed: no half-written library
-                built = Path(folder) / path.name
-                subprocess.run(["g++", *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
-                               text=True)
-                os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
+        lib = native.build(SOURCE, FLAGS)
     except (OSError, subprocess.CalledProcessError) as error:
         detail = (getattr(error, "stderr", None) or str(error)).strip()
         warnings.warn(f"latentdiff's AMX kernels could not be built or loaded ({detail}); attention and linear "
                       f"layers stay with PyTorch's kernels. Fix: a g++ that supports -mamx-tile (11 or newer), a "
-                      f"writable {cache_folder()}", RuntimeWarning, stacklevel=2)
+                      f"writable {native.cache_folder()}", RuntimeWarning, stacklevel=2)
         return None
     if lib.amx_request() != 0:  # Linux grants the AMX tile state on request only (arch_prctl)
         warnings.warn("Linux refused this process the AMX tile state; attention and linear layers stay with "
@@ -110,12 +78,6 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_points.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64]
                                       + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     lib.amx_linear_points.restype = ctypes.c_int
-    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
-                                   + [ctypes.c_void_p] * 2 + [ctypes.c_int])
-    lib.winograd_input.restype = None
-    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
-                                    + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int])
-    lib.winograd_output.restype = None
     return lib
 
 
@@ -150,7 +112,7 @@ def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     b, heads, n, d = q.shape
     out = torch.empty(b, n, heads, d, dtype=q.dtype).transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
-    with _labelled("latentdiff::amx_attention"):
+    with native.labelled("latentdiff::amx_attention"):
         function = lib.amx_attention if q.dtype == torch.bfloat16 else lib.amx_attention_fp32
         failed = function(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, n, k.shape[2], d,
                           strides.data_ptr(), d ** -0.5, torch.get_num_threads())
@@ -196,7 +158,7 @@ def points(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     p, m, k = x.shape
     x = x.contiguous()
     out = x.new_empty(p, m, out_features)
-    with _labelled("latentdiff::amx_points"):
+    with native.labelled("latentdiff::amx_points"):
         failed = library().amx_linear_points(x.data_ptr(), m * k, packed.data_ptr(), packed.shape[1], out.data_ptr(),
                                              m * out_features, out_features, p, m, out_features, k,
                                              torch.get_num_threads())
@@ -204,35 +166,6 @@ def points(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
         raise MemoryError(f"the AMX linear kernel could not allocate its buffers ({m} x {k} inputs split into "
                           "parts): free memory")
     return out
-
-
-def winograd_input(rows: torch.Tensor, m: int, bt: torch.Tensor) -> torch.Tensor:
-    """Winograd's input transform B^T d B of every tile of float32 `rows` [N, m t + a - m, m tw + a - m, C] (a
-    contiguous channels-last slice of a padded map; bt: B^T as float32 [a, a]), in one pass: [a * a, N t tw, C]."""
-    n, height, width, c = rows.shape
-    a = bt.shape[0]
-    t, tw = (height - a + m) // m, (width - a + m) // m
-    v = rows.new_empty(a * a, n * t * tw, c)
-    with _labelled("latentdiff::winograd_input"):
-        library().winograd_input(rows.data_ptr(), rows.stride(0), n, t, tw, c, m, a, bt.data_ptr(), v.data_ptr(),
-                                 torch.get_num_threads())
-    return v
-
-
-def winograd_output(products: torch.Tensor, at: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Winograd's output transform A^T M A (+ bias) of the float32 products [a * a, N t tw, K] of every tile, into
-    `out` [N, t, m, tw, m, K] (a slice along t of a contiguous tensor; at: A^T as float32 [m, a]), in one pass."""
-    n, t, m, tw, _, k = out.shape
-    with _labelled("latentdiff::winograd_output"):
-        library().winograd_output(products.data_ptr(), n, t, tw, k, m, at.shape[1], at.data_ptr(),
-                                  None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
-                                  torch.get_num_threads())
-
-
-def _labelled(name: str):
-    """A kernel call's label in torch.profiler's tables, while a profiler runs: a record_function costs ~5 us of
-    host time even when none does, a third of a small layer's call (tiny-shapes' U-Net makes ~80 per call)."""
-    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -301,7 +234,7 @@ def _linear(lib, x, packed, out_features, bias, residual, geglu):
     out = torch.empty(*x.shape[:-1], width)
     sums = torch.empty(m, out_features) if geglu and lib.amx_linear_passes(k, 1) > 1 else None
     res = None if residual is None else _rows(residual, width)
-    with _labelled("latentdiff::amx_linear"):
+    with native.labelled("latentdiff::amx_linear"):
         failed = lib.amx_linear(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
                                 None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
                                 0 if res is None else res.stride(0), out.data_ptr(), out.shape[-1], m, out_features, k,

@@ -22,7 +22,7 @@ from torch import nn
 from . import amx
 from .attention import GEGLU, Attention
 from .resnet import Upsample2D
-from .winograd import F2x2, F4x4, recover_filters, transform_filters, winograd_conv3x3
+from .winograd import F2x2, F4x4, recover_filters, transform_filters, transforms, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -97,25 +97,40 @@ def amx_supported() -> bool:
     return bool(check()) if check is not None else False
 
 
-def winograd_pays(shape: torch.Size | tuple, out_channels: int, fused: bool = False) -> bool:
+def winograd_pays(shape: torch.Size | tuple, out_channels: int, path: str = "torch") -> bool:
     """Whether Winograd beats the packed direct conv for an input of `shape` [N, C, H, W]. Its transforms are
     many small passes that cost per pixel and channel, so it wins only on wide layers with enough pixels.
-    Measured (1 thread, fp32, square inputs; direct time / Winograd time, > 1: Winograd faster):
+    `path` says which kernels run it. "torch": the transforms by PyTorch's elementwise ops, the products by
+    torch.bmm. Measured (1 thread, fp32, square inputs; direct time / Winograd time, > 1: Winograd faster):
       16x16: 64 ch 0.31, 128 ch 0.75 (batch 2, 0.15 GFLOP), 256 ch 1.25, 320 ch 1.45, 640 ch 1.89;
       32x32: 64 ch 0.69, 96 ch 1.11, 128 ch 1.40, 320 ch 2.09;  64x64: 64 ch 0.92, 128 ch 1.36;
       128x128: 32 ch 0.40, 128 ch 1.45;  8x8: 128-640 ch 0.56-1.00 (F(2x2)), 1280 ch 1.13;  4x4: 0.16-0.80.
     So: at least 16x16, 96 channels and 0.3 GFLOP, or 8x8 with 1024 channels (SD 1.5 at 512 px meets it in every
     3x3 layer but conv_in; the 16x16 latents of pipelines/tiny-shapes in none).
-    `fused`: with the products and the transforms on our AMX kernels (a float32 WinogradConv2d on an AMX CPU), whose
-    fixed cost is far smaller (~0.1 against ~0.8 ms a call). Measured (2 threads, batch 2 unless noted): 64 ch 32x32
-    1.18, 128 ch 16x16 1.36, 640 ch 8x8 1.14, 1280 ch 4x4 1.39, 64 ch 64x64 (batch 1) 1.03; 64 ch 16x16 0.88, 96-128
-    ch 8x8 0.71-0.74, 320 ch 8x8 0.98, 640 ch 4x4 0.52, 128 ch 4x4 0.45, 32 ch 128x128 (batch 1) 0.61. So: at least 64
-    channels and 0.12 GFLOP at 16x16 and above, 0.5 GFLOP below."""
+    "amx": the products and the compiled transforms (winograd.cpp) on an AMX CPU (a float32 WinogradConv2d there),
+    whose fixed cost is far smaller (~0.1 against ~0.8 ms a call). "compiled": the compiled transforms, the products
+    by torch.bmm (float32 on other CPUs). benchmarks/winograd.py, the 2-core AMX host, 2 threads, 2026-12-05, batch 2
+    unless noted, direct / Winograd for compiled (amx): 128 ch 16x16 1.58 (1.51), 64 ch 32x32 1.44 (1.33), 320 ch
+    8x8 1.43 (1.04), 640 ch 8x8 1.64 (0.87-0.96), 960 ch 8x8 1.8 (1.8), 1280 ch 8x8 batch 1 1.45 (1.24-1.33); 64 ch
+    16x16 1.12 (1.25), 96 ch 8x8 1.33 (1.06), 640 ch 8x8 batch 1 0.93-0.98 (0.60), 640 ch 4x4 0.78-0.88 (0.44-0.48),
+    1280 ch 4x4 1.0-1.5 (0.80-0.99), 32 ch 128x128 batch 1 0.91 (0.79). Small inputs are bound by reading the
+    transformed filters (1.8x the direct conv's bytes with F(2x2), 4x with F(4x4); on AMX 1.5x that again, as
+    bfloat16 parts). With oneDNN and MKL held to AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and the
+    transforms built for Haswell, compiled: 64 ch 16x16 2.05, 96 ch 8x8 1.41, 320 ch 8x8 1.90, 64 ch 8x8 1.15, 32 ch
+    32x32 1.31; 32 ch 64x64 batch 1 0.64, 640 ch 4x4 0.62, 1280 ch 4x4 0.86. Yet in pipelines/tiny-shapes' U-Net
+    (batch 2, 64-channel 16x16 and 8x8 layers, 0.01-0.04 GFLOP) taking Winograd wherever it won alone made the
+    forward 5% slower with AVX-512 and 1% faster with AVX2: oneDNN's direct convs add the residual as they write.
+    So, compiled: at least 64 channels, 8x8, 128 pixels and 0.12 GFLOP; amx: at least 64 channels and 0.12 GFLOP at
+    16x16 and above, 1.5 GFLOP below."""
     n, c, h, w = shape
     side, channels = min(h, w), min(c, out_channels)
     flops = 18 * n * h * w * c * out_channels
-    if fused:
-        return channels >= 64 and flops >= (1.2e8 if side >= 16 else 5e8)
+    if path == "amx":
+        return channels >= 64 and flops >= (1.2e8 if side >= 16 else 1.5e9)
+    if path == "compiled":
+        return channels >= 64 and side >= 8 and n * h * w >= 128 and flops >= 1.2e8
+    if path != "torch":
+        raise ValueError(f"winograd_pays: path is 'torch', 'compiled' or 'amx'; got {path!r}")
     return (side >= 16 and channels >= 96 and flops >= 3e8) or (side >= 8 and channels >= 1024)
 
 
@@ -367,9 +382,10 @@ class WinogradConv2d(_Packed):
 
     On CPUs with AMX a float32 layer keeps its transformed filters as AMX parts (`weight`: int16, 1.5x the float32
     bytes) and makes the products of each transform point with amx.points: SD 1.5's products 1.1-1.9x torch.bmm's
-    (the points shared out among the threads, so each point's filters are read from memory once), errors below;
-    its input and output transforms run as one vector pass each (amx.winograd_input/_output) instead of one PyTorch
-    op per term: SD 1.5's U-Net forward 3.09 -> 2.82 s, the VAE decode 8.5 -> 7.0 s (fp32, 2 threads)."""
+    (the points shared out among the threads, so each point's filters are read from memory once), errors below.
+    On every CPU where g++ builds them, float32 layers' input and output transforms run as one vector pass each
+    (winograd.cpp) instead of one PyTorch op per term: with the AMX products, SD 1.5's U-Net forward 3.09 -> 2.82 s,
+    the VAE decode 8.5 -> 7.0 s (fp32, 2 threads)."""
 
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
@@ -386,11 +402,8 @@ class WinogradConv2d(_Packed):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if winograd_pays(x.shape, self.out_channels, fused=self.on_amx):
-            if self.on_amx:
-                y = winograd_conv3x3(x, self.weight, self.bias, self._points, self.out_channels, fused_transforms=True)
-            else:
-                y = winograd_conv3x3(x, self.weight, self.bias)
+        if winograd_pays(x.shape, self.out_channels, self.path(x)):
+            y = winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None, self.out_channels)
             return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)
         if self.direct is None:
             conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
@@ -399,6 +412,13 @@ class WinogradConv2d(_Packed):
             conv.bias = self.bias
             self.direct = PackedConv2d(conv)  # (its bias shares self.bias's storage)
         return self.direct(x, residual)
+
+    def path(self, x: torch.Tensor) -> str:
+        """Which kernels make the Winograd conv of x (see winograd_pays)."""
+        if self.on_amx:
+            return "amx"
+        compiled = x.dtype == torch.float32 and transforms() is not None
+        return "compiled" if compiled else "torch"
 
     def filters(self) -> torch.Tensor:
         """The transformed filters, [points, C, K] in the layer's dtype."""

@@ -11,14 +11,18 @@ U holds (m+2)^2/9 as many numbers as the filter, 1.8x (F(2x2)) or 4x (F(4x4)).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import subprocess
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import amx
+from . import native
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +74,14 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
 
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
                      multiply: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     out_channels: int | None = None, fused_transforms: bool = False) -> torch.Tensor:
+                     out_channels: int | None = None, fused_transforms: bool | None = None) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
     (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory. `multiply(v)`,
     where given, makes the products of the transformed tiles v [(m+2)^2, tiles, C] with the filters, [(m+2)^2, tiles,
     K] (torch.bmm(v, filters) otherwise), from filters held in a form of its own: only their first size (which tells
-    the algorithm) is read then, and K is `out_channels`. `fused_transforms` (float32, where amx.available()): the
-    input and output transforms by our vector kernels, one pass over memory each (amx.winograd_input/_output), not
-    one elementwise PyTorch op per term."""
+    the algorithm) is read then, and K is `out_channels`. `fused_transforms`: the input and output transforms by our
+    compiled kernels (winograd.cpp), one pass over memory each, not one elementwise PyTorch op per term; None (the
+    default): for float32 CPU tensors where they build (`transforms()`), True: required."""
     alg = ALGORITHMS[filters.shape[0]]
     m, a = alg.m, len(alg.BT)
     n, c, h, w = x.shape
@@ -87,12 +91,12 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
     multiply = multiply or (lambda v: torch.bmm(v, filters))
-    bt, at = _matrices(alg) if fused_transforms else (None, None)
+    lib = _fused_library(x, fused_transforms)
     for t0 in range(0, th, rows):
         t1 = min(th, t0 + rows)
-        if fused_transforms:
-            products = multiply(amx.winograd_input(padded[:, m * t0: m * t1 + 2], m, bt))
-            amx.winograd_output(products, at, bias, out[:, t0:t1])
+        if lib is not None:
+            products = multiply(_input_transform(lib, padded[:, m * t0: m * t1 + 2], m))
+            _fused_output_transform(lib, products, bias, out[:, t0:t1])
             continue
         products = _tile_products(alg, padded[:, m * t0: m * t1 + 2], multiply)
         if bias is not None:
@@ -105,9 +109,61 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
 
 
 @functools.cache
-def _matrices(alg: Winograd) -> tuple[torch.Tensor, torch.Tensor]:
-    """B^T and A^T as float32 tensors (for the fused transforms)."""
-    return torch.tensor(alg.BT, dtype=torch.float32), torch.tensor(alg.AT, dtype=torch.float32)
+def transforms() -> ctypes.CDLL | None:
+    """The compiled input and output transforms (winograd.cpp, built for this CPU on first use: native.py), or None
+    where they cannot be built (then PyTorch's elementwise ops make them; a failed build warns)."""
+    if native.unavailable():
+        return None
+    try:
+        lib = native.build(Path(__file__).with_suffix(".cpp"),
+                           ["-O3", "-march=native", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC",
+                            "-std=c++17", "-fopenmp"])
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        warnings.warn(f"latentdiff's Winograd transforms could not be built or loaded ({detail}); PyTorch's "
+                      f"elementwise ops make them instead. Fix: a working g++, a writable {native.cache_folder()}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 5
+                                   + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
+    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4
+                                    + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int])
+    return lib
+
+
+def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
+    """The compiled transforms if winograd_conv3x3 is to use them on x."""
+    if fused is False:
+        return None
+    suits = x.dtype == torch.float32 and x.device.type == "cpu"
+    lib = transforms() if suits else None
+    if fused and lib is None:
+        why = ("they take float32 CPU tensors" if not suits
+               else native.unavailable() or "they did not build (see the warning)")
+        raise ValueError(f"fused_transforms=True, but the compiled Winograd transforms cannot run here: {why}; "
+                         f"pass fused_transforms=None to fall back to PyTorch's ops")
+    return lib
+
+
+def _input_transform(lib: ctypes.CDLL, rows: torch.Tensor, m: int) -> torch.Tensor:
+    """B^T d B of every tile of float32 `rows` [N, m t + 2, m tw + 2, C] (a contiguous channels-last slice of a
+    padded map) in one pass: [(m+2)^2, N t tw, C]."""
+    n, height, width, c = rows.shape
+    t, tw = (height - 2) // m, (width - 2) // m
+    v = rows.new_empty((m + 2) ** 2, n * t * tw, c)
+    with native.labelled("latentdiff::winograd_input"):
+        lib.winograd_input(rows.data_ptr(), rows.stride(0), n, t, tw, c, m, v.data_ptr(), torch.get_num_threads())
+    return v
+
+
+def _fused_output_transform(lib: ctypes.CDLL, products: torch.Tensor, bias: torch.Tensor | None,
+                            out: torch.Tensor) -> None:
+    """A^T M A (+ bias) of the float32 products [(m+2)^2, N t tw, K] of every tile into `out` [N, t, m, tw, m, K]
+    (a slice along t of a contiguous tensor), in one pass."""
+    n, t, m, tw, _, k = out.shape
+    with native.labelled("latentdiff::winograd_output"):
+        lib.winograd_output(products.data_ptr(), n, t, tw, k, m, None if bias is None else bias.data_ptr(),
+                            out.data_ptr(), out.stride(0), torch.get_num_threads())
 
 
 def _combine(coefficients, terms, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Building our C++ kernels (amx.cpp, winograd.cpp): compiled with the system's g++ on first use (a second or two)
+into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then latentdiff/), keyed by the source, the headers
+beside it, the flags and, for -march=native builds, the CPU, and loaded with ctypes. Libraries no process has
+loaded for a month are removed when another one is built."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+UNUSED_DAYS = 30
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentdiff"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    return set(_cpuinfo("flags").split())
+
+
+def unavailable() -> str | None:
+    """Why no kernel can be built here, or None when g++ can build them."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"it needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    if shutil.which("g++") is None:
+        return "no g++ on PATH to build it (install g++ 11 or newer)"
+    return None
+
+
+def build(source: Path, flags: list[str]) -> ctypes.CDLL:
+    """`source` compiled with `flags` as a shared library (built once, then loaded from the cache). Raises OSError or
+    subprocess.CalledProcessError (its stderr: the compiler's message) where it cannot be built or loaded."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode())
+    for header in sorted(HERE.glob("*.h")):
+        key.update(header.read_bytes())
+    if "-march=native" in flags:
+        key.update((_cpuinfo("model name") + _cpuinfo("flags")).encode())
+    path = cache_folder() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as folder:  # then renamed: no half-written library
+            built = Path(folder) / path.name
+            subprocess.run(["g++", *flags, "-I", str(HERE), "-o", str(built), str(source)], check=True,
+                           capture_output=True, text=True)
+            os.replace(built, path)
+        _remove_unused(source.stem)
+    with contextlib.suppress(OSError):
+        os.utime(path)  # last loaded now (access times are not kept everywhere)
+    return ctypes.CDLL(str(path))
+
+
+def labelled(name: str):
+    """A kernel call's label in torch.profiler's tables, while a profiler runs: a record_function costs ~5 us of
+    host time even when none does, a third of a small layer's call (tiny-shapes' U-Net makes ~80 per call)."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+def _remove_unused(stem: str) -> None:
+    """Remove builds of `stem` (older sources, other CPUs sharing this home folder) that no process has loaded for
+    UNUSED_DAYS days."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for old in cache_folder().glob(f"{stem}-*.so"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
