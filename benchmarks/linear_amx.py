@@ -110,7 +110,8 @@ if __name__ == "__main__":
 # float32, 2 threads): SD 1.5's U-Net forward (batch 2, 64x64) 3.415 -> 2.910 s (1.17x), the VAE decode (512 px)
 # 5.797 -> 5.416 s (1.07x). The price: the transformed filters held as parts, 1.5x their float32 bytes (the U-Net's
 # weights after optimize_for_inference 5.73 -> 7.50 GiB; the VAE's 1.16 -> 1.71 GiB).
-# Then Winograd's input and output transforms as one AVX-512 pass each (amx.winograd_input/_output; PyTorch's
+# Then Winograd's input and output transforms as one AVX-512 pass each (then in amx.cpp; since session 23 portable
+# C++ in winograd.cpp for every CPU, as fast here, measured by benchmarks/winograd.py; PyTorch's
 # elementwise ops took one pass per term and were 40-60% of a 64x64 conv's time once the products ran on AMX): per
 # conv (fp32, batch 2) 320 -> 320 at 64x64 14.2 -> 8.8 ms, 640 -> 640 at 32x32 10.4 -> 7.9, 960 -> 320 at 64x64 55 ->
 # 33, 1920 -> 640 at 32x32 49.5 -> 42; in-process A/B of whole models: U-Net forward 3.086 -> 2.818 s, VAE decode

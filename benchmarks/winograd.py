@@ -1,0 +1,78 @@
+"""Winograd 3x3 convolutions (latentdiff/models/packed.py's WinogradConv2d, float32) by each of its paths against
+the packed direct conv it falls back to, per layer shape: the transforms by PyTorch's elementwise ops ("torch") or
+by our compiled kernels (winograd.cpp, "compiled"), the products by torch.bmm, or on AMX tiles where this CPU has
+them ("amx"). Prints median times (calls interleaved), direct / Winograd, and what packed.winograd_pays chooses.
+
+    python benchmarks/winograd.py [--threads 2] [--repeats 20] [--march haswell]
+
+`--march` builds the compiled transforms for another x86-64 level than this CPU's (-march=native); with
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 in the environment (and --march haswell) an AVX-512 host
+stands in for an AVX2 one.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import machine, setup
+from latentdiff.models import amx, native, packed, winograd
+
+# (batch, channels, side): SD 1.5 at 512 px (U-Net 64..8, VAE decoder 64..512, batch 2 / 1), smaller images' and
+# tiny-shapes' sizes, and the corners of winograd_pays' rules
+SHAPES = [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8), (1, 512, 64), (1, 256, 256), (1, 128, 512),
+          (2, 320, 32), (2, 640, 16), (2, 128, 16), (2, 64, 32), (2, 64, 16), (2, 96, 8), (2, 640, 4),
+          (2, 1280, 4), (1, 32, 128)]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--march", default=None, help="build the compiled transforms with -march=MARCH")
+    args = parser.parse_args()
+    setup(args.threads)
+    print(machine())
+    if args.march:
+        build = native.build
+        native.build = lambda source, flags: build(source, [f"-march={args.march}" if f == "-march=native" else f
+                                                            for f in flags])
+    paths = ["torch"] + (["compiled"] if winograd.transforms() is not None else [])
+    print(f"paths: {', '.join(paths)}" + ("" if amx.available() else f" (no AMX: {amx.unavailable() or 'no build'})")
+          + ("" if "compiled" in paths else f" (no compiled transforms: {native.unavailable() or 'no build'})"))
+    print("batch  ch    side  GFLOP  direct us  " + "  ".join(f"{p:>8} us  direct/{p:<8}" for p in paths)
+          + ("       amx us  direct/amx  " if amx.available() else "  ") + "pays")
+    for n, c, side in SHAPES:
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).eval()
+        x = torch.randn(n, c, side, side).contiguous(memory_format=torch.channels_last)
+        direct = packed.PackedConv2d(conv)
+        filters = winograd.transform_filters(conv.weight, winograd.F2x2 if c * c * 9 > packed.F4X4_MAX_FILTER
+                                             else winograd.F4x4)
+        calls = {"direct": lambda: direct(x)}
+        for path in paths:
+            calls[path] = lambda path=path: winograd.winograd_conv3x3(x, filters, conv.bias,
+                                                                     fused_transforms=path == "compiled")
+        if amx.available():
+            layer = packed.WinogradConv2d(conv)
+            calls["amx"] = lambda: winograd.winograd_conv3x3(x, layer.weight, layer.bias, layer._points, c)
+        times = {name: [] for name in calls}
+        for fn in calls.values():
+            fn()
+        for _ in range(args.repeats):  # interleaved rounds
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        t = {name: sorted(v)[len(v) // 2] * 1e6 for name, v in times.items()}
+        pays = ", ".join(p for p in ("torch", "compiled", "amx") if packed.winograd_pays(x.shape, c, p))
+        row = f"{n:5d}  {c:4d}  {side:4d}  {18 * n * side * side * c * c / 1e9:5.2f}  {t['direct']:9.0f}  "
+        row += "  ".join(f"{t[p]:11.0f}  {t['direct'] / t[p]:15.2f}" for p in paths)
+        if amx.available():
+            row += f"  {t['amx']:11.0f}  {t['direct'] / t['amx']:10.2f}"
+        print(f"{row}  {pays or '-'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
