@@ -128,15 +128,21 @@ def test_fused_winograd_transforms_match_pytorchs(algorithm, channels, out_chann
     exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
     theirs = winograd.winograd_conv3x3(x, filters, b, fused_transforms=False)
     ours = winograd.winograd_conv3x3(x, filters, b, fused_transforms=True)
+    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
+    assert error <= 1.25 * their_error + 1e-6, (error, their_error)
     assert torch.equal(winograd.winograd_conv3x3(x, filters, b), ours)  # their default on float32 CPU tensors
+
+    def transposed(v):  # the same products, handed back as a non-contiguous view
+        return torch.bmm(filters.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    got = winograd.winograd_conv3x3(x, filters, b, transposed, out_channels, fused_transforms=True)
+    assert (got.double() - exact).abs().max().item() <= 1.25 * their_error + 1e-6
     torch.set_num_threads(3)
     try:
         assert torch.equal(winograd.winograd_conv3x3(x, filters, b), ours)  # tiles shared out differently, same bits
     finally:
         torch.set_num_threads(1)
-    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=torch.channels_last)
-    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
-    assert error <= 1.25 * their_error + 1e-6, (error, their_error)
 
 
 def test_fused_winograd_transforms_refuse_what_they_cannot_take():

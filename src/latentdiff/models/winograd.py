@@ -161,6 +161,8 @@ def _fused_output_transform(lib: ctypes.CDLL, products: torch.Tensor, bias: torc
     """A^T M A (+ bias) of the float32 products [(m+2)^2, N t tw, K] of every tile into `out` [N, t, m, tw, m, K]
     (a slice along t of a contiguous tensor), in one pass."""
     n, t, m, tw, _, k = out.shape
+    products = products.contiguous()  # (a `multiply` of the caller's may return a view)
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
     with native.labelled("latentdiff::winograd_output"):
         lib.winograd_output(products.data_ptr(), n, t, tw, k, m, None if bias is None else bias.data_ptr(),
                             out.data_ptr(), out.stride(0), torch.get_num_threads())
