@@ -38,6 +38,14 @@ def test_a_build_is_cached_and_keyed_by_its_flags(source, monkeypatch):
         native.build(source, [*FLAGS, "-DOTHER"])
 
 
+def test_a_damaged_build_is_built_again(source):
+    built = native.library_path(source, FLAGS)
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"not a library")
+    assert native.build(source, FLAGS).answer() == 42
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_builds_unused_for_a_month_are_removed_by_the_next_build(source):
     folder = native.cache_folder()
     folder.mkdir(parents=True)

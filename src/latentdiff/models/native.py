@@ -42,23 +42,34 @@ def unavailable() -> str | None:
 def build(source: Path, flags: list[str]) -> ctypes.CDLL:
     """`source` compiled with `flags` as a shared library (built once, then loaded from the cache). Raises OSError or
     subprocess.CalledProcessError (its stderr: the compiler's message) where it cannot be built or loaded."""
+    path = library_path(source, flags)
+    if path.exists():
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # damaged since it was built (builds are renamed into place whole): build it again
+            path.unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last loaded now (access times are not kept everywhere)
+            return library
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:  # then renamed: no half-written library
+        built = Path(folder) / path.name
+        subprocess.run(["g++", *flags, "-I", str(HERE), "-o", str(built), str(source)], check=True,
+                       capture_output=True, text=True)
+        os.replace(built, path)
+    _remove_unused(source.stem)
+    return ctypes.CDLL(str(path))
+
+
+def library_path(source: Path, flags: list[str]) -> Path:
+    """Where `build` keeps `source` built with `flags`."""
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode())
     for header in sorted(HERE.glob("*.h")):
         key.update(header.read_bytes())
     if "-march=native" in flags:
         key.update((_cpuinfo("model name") + _cpuinfo("flags")).encode())
-    path = cache_folder() / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as folder:  # then renamed: no half-written library
-            built = Path(folder) / path.name
-            subprocess.run(["g++", *flags, "-I", str(HERE), "-o", str(built), str(source)], check=True,
-                           capture_output=True, text=True)
-            os.replace(built, path)
-        _remove_unused(source.stem)
-    with contextlib.suppress(OSError):
-        os.utime(path)  # last loaded now (access times are not kept everywhere)
-    return ctypes.CDLL(str(path))
+    return cache_folder() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
 def labelled(name: str):
