@@ -76,3 +76,37 @@ def test_a_failed_transforms_build_warns_and_falls_back(monkeypatch, tmp_path):
             winograd.winograd_conv3x3(x.float(), winograd.transform_filters(weight.float()), fused_transforms=True)
     finally:
         winograd.transforms.cache_clear()
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+@torch.no_grad()
+def test_the_transforms_built_for_older_cpus_compute_the_same(march, monkeypatch, tmp_path):
+    """winograd.cpp is portable C++: built for the x86-64 baseline (SSE2) or for AVX2 + FMA (x86-64-v3) instead of
+    this CPU, it computes the same convolution; with FMA (as -march=native has on any CPU since 2013) the same bits."""
+    if march == "x86-64-v3" and not {"avx2", "fma"} <= native.cpu_flags():
+        pytest.skip("this CPU cannot run an AVX2 + FMA build")
+    if winograd.transforms() is None:
+        pytest.skip("no compiled transforms here")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 13, 9, generator=g)
+    weight, bias = torch.randn(24, 40, 3, 3, generator=g), torch.randn(24, generator=g)
+    results = {}
+    for algorithm in (winograd.F2x2, winograd.F4x4):
+        filters = winograd.transform_filters(weight, algorithm)
+        results[algorithm.m] = winograd.winograd_conv3x3(x, filters, bias, fused_transforms=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build = native.build
+    monkeypatch.setattr(native, "build", lambda source, flags: build(
+        source, [f"-march={march}" if flag == "-march=native" else flag for flag in flags]))
+    winograd.transforms.cache_clear()
+    try:
+        for algorithm in (winograd.F2x2, winograd.F4x4):
+            filters = winograd.transform_filters(weight, algorithm)
+            got = winograd.winograd_conv3x3(x, filters, bias, fused_transforms=True)
+            if march == "x86-64-v3":
+                assert torch.equal(got, results[algorithm.m])
+            else:  # no FMA: products and sums rounded apart
+                torch.testing.assert_close(got, results[algorithm.m], rtol=1e-5, atol=1e-4)
+        assert len(list(tmp_path.rglob("winograd-*.so"))) == 1
+    finally:
+        winograd.transforms.cache_clear()
