@@ -132,6 +132,11 @@ def test_fused_winograd_transforms_match_pytorchs(algorithm, channels, out_chann
     error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
     assert error <= 1.25 * their_error + 1e-6, (error, their_error)
     assert torch.equal(winograd.winograd_conv3x3(x, filters, b), ours)  # their default on float32 CPU tensors
+    # channels-last, and a view of a wider map (rows further apart than a row's pixels): read in place, same bits
+    wider = torch.zeros(2, channels, height, width + 3).contiguous(memory_format=torch.channels_last)
+    wider[..., 1:width + 1] = x
+    for view in (x.contiguous(memory_format=torch.channels_last), wider[..., 1:width + 1]):
+        assert torch.equal(winograd.winograd_conv3x3(view, filters, b), ours)
 
     def transposed(v):  # the same products, handed back as a non-contiguous view
         return torch.bmm(filters.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -58,23 +58,30 @@ inline void store(Vec v, int lanes, float* p) {
     else memcpy(p, &v, lanes * sizeof(float));
 }
 
-// V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of rows [N][m t + a - m][m tw + a - m][C] (channels-last;
-// samples `ns` elements apart), tile (ti, tj) starting at row m ti, column m tj.
+// V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of the map x [N][H][W][C] (unit stride along C; samples,
+// rows and columns sn, sh and sw elements apart) padded by 1 on every side and on the bottom and right up to whole
+// tiles, tile rows t0 .. t0 + t: tile (ti, tj) starts at row m ti - 1, column m tj - 1 of x, where the padding reads
+// as zeros (no padded copy of x is made).
 template <int m>
-void input(const float* rows, int64_t ns, int64_t N, int64_t t, int64_t tw, int64_t C, float* V, int threads) {
+void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_t H, int64_t W, int64_t C, int64_t t0,
+           int64_t t, int64_t tw, float* V, int threads) {
     using F = Algorithm<m>;
     constexpr int a = F::a;
-    const int64_t width = m * tw + a - m, tiles = N * t * tw;
+    const int64_t tiles = N * t * tw;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const FlushSubnormals flushing;
-        const int64_t n = tile / (t * tw), ti = tile / tw % t, tj = tile % tw;
-        const float* d = rows + n * ns + (m * ti * width + m * tj) * C;
+        const int64_t n = tile / (t * tw), ti = t0 + tile / tw % t, tj = tile % tw;
+        const int64_t y0 = m * ti - 1, x0 = m * tj - 1;
+        bool inside[a][a];  // which of the tile's pixels lie in x
+        for (int r = 0; r < a; ++r)
+            for (int s = 0; s < a; ++s) inside[r][s] = y0 + r >= 0 && y0 + r < H && x0 + s >= 0 && x0 + s < W;
+        const float* d = x + n * sn + y0 * sh + x0 * sw;  // (may point outside x: only `inside` pixels are read)
         for (int64_t c = 0; c < C; c += LANES) {
             const int lanes = C - c < LANES ? int(C - c) : LANES;
             Vec in[a][a], across[a][a], column[a], out[a];
             for (int r = 0; r < a; ++r)
-                for (int s = 0; s < a; ++s) in[s][r] = load(d + (r * width + s) * C + c, lanes);
+                for (int s = 0; s < a; ++s) in[s][r] = inside[r][s] ? load(d + r * sh + s * sw + c, lanes) : Vec{};
             for (int s = 0; s < a; ++s) apply(F::BT, in[s], across[s]);  // across[s][i] = (B^T d)[i][s]
             for (int i = 0; i < a; ++i) {
                 for (int s = 0; s < a; ++s) column[s] = across[s][i];
@@ -118,10 +125,10 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
 }  // namespace
 
 // F(m x m, 3 x 3) for m = 2 or 4; returns nonzero for another m
-extern "C" int winograd_input(const float* rows, int64_t ns, int64_t N, int64_t t, int64_t tw, int64_t C, int m,
-                              float* V, int threads) {
-    if (m == 2) input<2>(rows, ns, N, t, tw, C, V, threads);
-    else if (m == 4) input<4>(rows, ns, N, t, tw, C, V, threads);
+extern "C" int winograd_input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_t H, int64_t W,
+                              int64_t C, int64_t t0, int64_t t, int64_t tw, int m, float* V, int threads) {
+    if (m == 2) input<2>(x, sn, sh, sw, N, H, W, C, t0, t, tw, V, threads);
+    else if (m == 4) input<4>(x, sn, sh, sw, N, H, W, C, t0, t, tw, V, threads);
     else return 1;
     return 0;
 }

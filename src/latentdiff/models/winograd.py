@@ -86,23 +86,33 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     m, a = alg.m, len(alg.BT)
     n, c, h, w = x.shape
     th, tw = -(-h // m), -(-w // m)  # output tiles down and across
-    # [N, H, W, C] padded by the conv's 1 on top/left, and on bottom/right up to whole tiles
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
     out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
     multiply = multiply or (lambda v: torch.bmm(v, filters))
     lib = _fused_library(x, fused_transforms)
+    if lib is not None:  # the compiled input transform reads x itself, its padding as zeros
+        pixels = x.permute(0, 2, 3, 1)  # [N, H, W, C]
+        pixels = pixels if pixels.stride(-1) == 1 else pixels.contiguous()
+        for t0 in range(0, th, rows):
+            t1 = min(th, t0 + rows)
+            products = multiply(_input_transform(lib, pixels, m, t0, t1, tw))
+            _fused_output_transform(lib, products, bias, out[:, t0:t1])
+        return _crop(out, h, w)
+    # [N, H, W, C] padded by the conv's 1 on top/left, and on bottom/right up to whole tiles
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
     for t0 in range(0, th, rows):
         t1 = min(th, t0 + rows)
-        if lib is not None:
-            products = multiply(_input_transform(lib, padded[:, m * t0: m * t1 + 2], m))
-            _fused_output_transform(lib, products, bias, out[:, t0:t1])
-            continue
         products = _tile_products(alg, padded[:, m * t0: m * t1 + 2], multiply)
         if bias is not None:
             products[1][1] += bias  # column 1 of A^T is all ones: (1, 1) reaches every output once, with sign +
         _output_transform(alg, products, out[:, t0:t1])
-    y = out.view(n, m * th, m * tw, -1)
+    return _crop(out, h, w)
+
+
+def _crop(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The [N, K, h, w] conv (channels-last) from the tiles' outputs out [N, th, m, tw, m, K]."""
+    n, th, m, tw, _, k = out.shape
+    y = out.view(n, m * th, m * tw, k)
     if (m * th, m * tw) != (h, w):
         y = y[:, :h, :w].contiguous()
     return y.permute(0, 3, 1, 2)
@@ -124,7 +134,7 @@ def transforms() -> ctypes.CDLL | None:
                       f"elementwise ops make them instead. Fix: a working g++, a writable {native.cache_folder()}",
                       RuntimeWarning, stacklevel=2)
         return None
-    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 5
+    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 10
                                    + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
     lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4
                                     + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int])
@@ -145,14 +155,14 @@ def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
     return lib
 
 
-def _input_transform(lib: ctypes.CDLL, rows: torch.Tensor, m: int) -> torch.Tensor:
-    """B^T d B of every tile of float32 `rows` [N, m t + 2, m tw + 2, C] (a contiguous channels-last slice of a
-    padded map) in one pass: [(m+2)^2, N t tw, C]."""
-    n, height, width, c = rows.shape
-    t, tw = (height - 2) // m, (width - 2) // m
-    v = rows.new_empty((m + 2) ** 2, n * t * tw, c)
+def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1: int, tw: int) -> torch.Tensor:
+    """B^T d B of every tile in tile rows t0 .. t1 of the float32 map `pixels` [N, H, W, C] (unit stride along C),
+    padded by 1 and up to whole tiles, in one pass: [(m+2)^2, N (t1 - t0) tw, C]."""
+    n, h, w, c = pixels.shape
+    v = pixels.new_empty((m + 2) ** 2, n * (t1 - t0) * tw, c)
     with native.labelled("latentdiff::winograd_input"):
-        lib.winograd_input(rows.data_ptr(), rows.stride(0), n, t, tw, c, m, v.data_ptr(), torch.get_num_threads())
+        lib.winograd_input(pixels.data_ptr(), *pixels.stride()[:3], n, h, w, c, t0, t1 - t0, tw, m, v.data_ptr(),
+                           torch.get_num_threads())
     return v
 
 
