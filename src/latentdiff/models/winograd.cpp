@@ -1,9 +1,10 @@
 // Winograd's input and output transforms for latentdiff.models.winograd, which compiles this file with the system's
 // g++ on first use (-O3 -march=native: the compiler vectorises the loops over channels for the host's vector unit)
 // and calls it through ctypes. Each is one pass over memory, where PyTorch's elementwise ops made one per term of
-// B^T d B and A^T M A. Portable C++ (GCC's vector extension, no intrinsics): on the 2-core AVX-512 host within ~10% of
-// hand-written AVX-512 intrinsics, faster on large maps (and an AVX2 build as fast there: memory-bound). OpenMP threads take tiles; loaded into a
-// process that runs PyTorch, the OpenMP runtime is PyTorch's.
+// B^T d B and A^T M A (and a padded copy of the map before them). Portable C++ (GCC's vector extension, no
+// intrinsics): on the 2-core AVX-512 host within ~10% of hand-written AVX-512 intrinsics, faster on large maps (and
+// an AVX2 build as fast there: memory-bound). OpenMP threads take tiles; loaded into a process that runs PyTorch,
+// the OpenMP runtime is PyTorch's.
 #include <stdint.h>
 #include <string.h>
 
