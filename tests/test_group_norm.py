@@ -93,15 +93,62 @@ def test_triton_kernels_match_torch_group_norm_in_the_interpreter():
     assert run.returncode == 0 and "all match" in run.stdout, run.stderr[-3000:]
 
 
+needs_cpu_kernel = pytest.mark.skipif(gn._cpu_kernel() is None, reason="no compiled CPU GroupNorm here (no g++?)")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@torch.no_grad()
+def test_cpu_kernel_is_as_exact_as_torch(shape, channels_last, monkeypatch):
+    """Float32 on the CPU without autograd: group_norm.cpp (one pass for the statistics, one for the output), in x's
+    layout, no further from float64 than torch's GroupNorm + SiLU, with the shift per sample, one for all, or none."""
+    calls = []
+    kernel = gn._compiled_group_norm
+    monkeypatch.setattr(gn, "_compiled_group_norm", lambda *args: calls.append(1) or kernel(*args))
+    norm, x, shift = random_case(shape, torch.float32, "cpu", channels_last)
+    for silu, t in ((True, shift), (False, None), (True, shift[:1])):
+        out = gn.group_norm(norm, x, silu=silu, shift=t)
+        assert out.stride() == x.stride() and out.dtype == torch.float32
+        v = x.double() + (0 if t is None else t.double()[:, :, None, None])
+        exact = F.group_norm(v, norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+        exact = F.silu(exact) if silu else exact
+        theirs = reference(x, norm, silu, t)
+        error, their_error = ((y.double() - exact).abs().max().item() for y in (out, theirs))
+        assert error <= 1.25 * their_error + 1e-6, (silu, t is None, error, their_error)
+    assert len(calls) == 3
+
+
+@needs_cpu_kernel
+@torch.no_grad()
+def test_cpu_kernel_silu_of_extreme_values():
+    """The SiLU's exponential is clamped to finite values: huge, tiny and zero activations come out as torch's."""
+    norm = torch.nn.GroupNorm(1, 16, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1e4, 1e3, 100, 50, 20, 1, 1e-3, 0] * 2))
+        norm.bias.copy_(torch.tensor([0, 1, -1, 0.5, -90, 88, 0, -3] * 2))
+    x = torch.randn(2, 16, 4, 4)
+    out = gn.group_norm(norm, x, silu=True)
+    expected = F.silu(norm(x))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("silu", [False, True])
-def test_off_the_gpu_the_plain_modules_run(silu):
+def test_with_autograd_or_off_float32_the_plain_modules_run(silu):
     norm, x, shift = random_case(SHAPES[0], torch.float32, "cpu", channels_last=False)
+    x.requires_grad_(True)
     expected = norm(x + shift[:, :, None, None])
     expected = F.silu(expected) if silu else expected
-    assert torch.equal(gn.group_norm(norm, x, silu=silu, shift=shift), expected)
-    x.requires_grad_(True)
-    gn.group_norm(norm, x, silu=silu, shift=shift).sum().backward()
+    out = gn.group_norm(norm, x, silu=silu, shift=shift)
+    assert torch.equal(out, expected)
+    out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        norm, x, shift = random_case(SHAPES[0], torch.bfloat16, "cpu", channels_last=False)
+        expected = norm(x + shift[:, :, None, None])
+        expected = F.silu(expected) if silu else expected
+        assert torch.equal(gn.group_norm(norm, x, silu=silu, shift=shift), expected)
 
 
 def test_one_program_or_slices_by_shape():

@@ -20,7 +20,7 @@ FLAGS = ["-O1", "-shared", "-fPIC"]
 def source(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "answer.cpp"
-    path.write_text('#include "subnormals.h"\nextern "C" int answer() { FlushSubnormals f; return 42; }\n')
+    path.write_text('#include "kernels.h"\nextern "C" int answer() { FlushSubnormals f; return 42; }\n')
     return path
 
 

@@ -27,7 +27,7 @@
 #include <new>
 #include <stdlib.h>
 
-#include "subnormals.h"
+#include "kernels.h"
 
 namespace {
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -49,13 +48,9 @@ def library() -> ctypes.CDLL | None:
     PyTorch."""
     if unavailable():
         return None
-    try:
-        lib = native.build(SOURCE, FLAGS)
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = (getattr(error, "stderr", None) or str(error)).strip()
-        warnings.warn(f"latentdiff's AMX kernels could not be built or loaded ({detail}); attention and linear "
-                      f"layers stay with PyTorch's kernels. Fix: a g++ that supports -mamx-tile (11 or newer), a "
-                      f"writable {native.cache_folder()}", RuntimeWarning, stacklevel=2)
+    lib = native.load(SOURCE, FLAGS, "AMX kernels (attention, linear layers, Winograd products)",
+                      "a g++ that supports -mamx-tile (11 or newer)")
+    if lib is None:
         return None
     if lib.amx_request() != 0:  # Linux grants the AMX tile state on request only (arch_prctl)
         warnings.warn("Linux refused this process the AMX tile state; attention and linear layers stay with "

@@ -13,12 +13,16 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).parent
 UNUSED_DAYS = 30
+# for the portable kernels (winograd.cpp, group_norm.cpp): vectorised for this CPU, contracted into FMAs
+PORTABLE_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC", "-std=c++17",
+                  "-fopenmp"]
 
 
 def cache_folder() -> Path:
@@ -60,6 +64,20 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL:
         os.replace(built, path)
     _remove_unused(source.stem)
     return ctypes.CDLL(str(path))
+
+
+def load(source: Path, flags: list[str], what: str, fix: str = "a working g++") -> ctypes.CDLL | None:
+    """`build(source, flags)`, or None where nothing can be built here or the build fails; a failed build warns with
+    the compiler's message (`what` the library holds, PyTorch's ops run instead; `fix`: what would mend it)."""
+    if unavailable():
+        return None
+    try:
+        return build(source, flags)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        warnings.warn(f"latentdiff's {what} could not be built or loaded ({detail}); PyTorch's ops run instead. "
+                      f"Fix: {fix}, a writable {cache_folder()}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def library_path(source: Path, flags: list[str]) -> Path:

@@ -8,12 +8,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "subnormals.h"
+#include "kernels.h"
 
 namespace {
-
-constexpr int LANES = 16;  // channels per step: one AVX-512 register, two AVX2 ones
-typedef float Vec __attribute__((vector_size(LANES * sizeof(float))));  // GCC's generic vectors
 
 // Lavin & Gray 2016, sec. 4.1 and 4.2 (the same matrices as winograd.py's F2x2 and F4x4): F(m x m, 3 x 3)'s B^T
 // (a x a, a = m + 2) and A^T (m x a). Known at compile time, so that the products by 0 and 1 compile away.
@@ -44,19 +41,6 @@ inline void apply(const float (&T)[R][C], const Vec* in, Vec* out) {
             else if (T[i][j] != 0) sum += T[i][j] * in[j];
         out[i] = sum;
     }
-}
-
-// LANES values from p, or the first `lanes` of them and zeros
-inline Vec load(const float* p, int lanes) {
-    Vec v = {};
-    if (lanes == LANES) memcpy(&v, p, sizeof v);  // one vector load
-    else memcpy(&v, p, lanes * sizeof(float));
-    return v;
-}
-
-inline void store(Vec v, int lanes, float* p) {
-    if (lanes == LANES) memcpy(p, &v, sizeof v);
-    else memcpy(p, &v, lanes * sizeof(float));
 }
 
 // V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of the map x [N][H][W][C] (unit stride along C; samples,

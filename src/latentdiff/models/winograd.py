@@ -14,8 +14,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -122,17 +120,8 @@ def _crop(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def transforms() -> ctypes.CDLL | None:
     """The compiled input and output transforms (winograd.cpp, built for this CPU on first use: native.py), or None
     where they cannot be built (then PyTorch's elementwise ops make them; a failed build warns)."""
-    if native.unavailable():
-        return None
-    try:
-        lib = native.build(Path(__file__).with_suffix(".cpp"),
-                           ["-O3", "-march=native", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC",
-                            "-std=c++17", "-fopenmp"])
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = (getattr(error, "stderr", None) or str(error)).strip()
-        warnings.warn(f"latentdiff's Winograd transforms could not be built or loaded ({detail}); PyTorch's "
-                      f"elementwise ops make them instead. Fix: a working g++, a writable {native.cache_folder()}",
-                      RuntimeWarning, stacklevel=2)
+    lib = native.load(Path(__file__).with_suffix(".cpp"), native.PORTABLE_FLAGS, "Winograd transforms")
+    if lib is None:
         return None
     lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 10
                                    + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])

@@ -1,5 +1,7 @@
-// Shared by latentdiff's C++ kernels (amx.cpp, winograd.cpp).
+// Shared by latentdiff's C++ kernels (amx.cpp, winograd.cpp, group_norm.cpp).
 #pragma once
+#include <string.h>
+
 #if defined(__x86_64__)
 #include <xmmintrin.h>
 #include <pmmintrin.h>
@@ -18,3 +20,20 @@ struct FlushSubnormals {
     FlushSubnormals(const FlushSubnormals&) = delete;
     FlushSubnormals& operator=(const FlushSubnormals&) = delete;
 };
+
+// The portable kernels' vectors (GCC's vector extension; the compiler maps them onto the host's vector registers:
+// one AVX-512 register, two AVX2 ones), and loads and stores of the first `lanes` of them (the rest read as zeros).
+constexpr int LANES = 16;
+typedef float Vec __attribute__((vector_size(LANES * sizeof(float))));
+
+inline Vec load(const float* p, int lanes) {
+    Vec v = {};
+    if (lanes == LANES) memcpy(&v, p, sizeof v);  // one vector load
+    else memcpy(&v, p, lanes * sizeof(float));
+    return v;
+}
+
+inline void store(Vec v, int lanes, float* p) {
+    if (lanes == LANES) memcpy(p, &v, sizeof v);
+    else memcpy(p, &v, lanes * sizeof(float));
+}
