@@ -11,7 +11,6 @@ from functools import partial
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigMixin, ModelMixin
@@ -228,8 +227,20 @@ class Decoder(nn.Module):
                 units.append(Unit(pending + [resnet], scale=(1, 2) if pending else (1, 1)))
                 pending = []
             pending = list(block.upsamplers)
-        units[-1].layers += [self.conv_norm_out, F.silu, self.conv_out]
+        units[-1].layers += [NormSiLU(self.conv_norm_out), self.conv_out]
         return units
+
+
+class NormSiLU(nn.Module):
+    """silu(norm(x)) as one group_norm() call (one compiled kernel where it applies, not three passes); the norm
+    stays the model's own module, which tiled passes find and measure."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(self.norm, x, silu=True)
 
 
 class AutoencoderKL(ModelMixin):
