@@ -110,3 +110,19 @@ def test_the_transforms_built_for_older_cpus_compute_the_same(march, monkeypatch
         assert len(list(tmp_path.rglob("winograd-*.so"))) == 1
     finally:
         winograd.transforms.cache_clear()
+
+
+def test_environment_switches_turn_the_kernels_off(monkeypatch):
+    from latentdiff.models import amx, group_norm
+
+    monkeypatch.setenv("LATENTDIFF_NO_AMX", "1")
+    assert amx.unavailable() == "LATENTDIFF_NO_AMX is set" and native.unavailable() is None
+    monkeypatch.setenv("LATENTDIFF_NO_KERNELS", "1")
+    assert native.unavailable() == amx.unavailable() == "LATENTDIFF_NO_KERNELS is set"
+    for cached in (winograd.transforms, group_norm._cpu_kernel):
+        cached.cache_clear()
+    try:
+        assert winograd.transforms() is None and group_norm._cpu_kernel() is None
+    finally:
+        for cached in (winograd.transforms, group_norm._cpu_kernel):
+            cached.cache_clear()

@@ -35,7 +35,11 @@ def cpu_flags() -> set[str]:
 
 
 def unavailable() -> str | None:
-    """Why no kernel can be built here, or None when g++ can build them."""
+    """Why no kernel can be built here, or None when g++ can build them. LATENTDIFF_NO_KERNELS=1 (read when a
+    library is first wanted) turns all of them off: PyTorch's ops everywhere, to rule them out or to measure what they
+    bring; LATENTDIFF_NO_AMX=1 only the AMX ones (amx.py)."""
+    if os.environ.get("LATENTDIFF_NO_KERNELS", "0") not in ("", "0"):
+        return "LATENTDIFF_NO_KERNELS is set"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"it needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
     if shutil.which("g++") is None:
