@@ -43,6 +43,18 @@ inline void apply(const float (&T)[R][C], const Vec* in, Vec* out) {
     }
 }
 
+// out = T X T^T for the R x A matrix T and the A x A tile X held transposed, in[s][r] = X[r][s]: first T X (one
+// column of X at a time, in[s]), then its rows by T^T
+template <int R, int A>
+inline void sandwich(const float (&T)[R][A], const Vec (&in)[A][A], Vec (&out)[R][R]) {
+    Vec left[A][R], column[A];
+    for (int s = 0; s < A; ++s) apply(T, in[s], left[s]);  // left[s][i] = (T X)[i][s]
+    for (int i = 0; i < R; ++i) {
+        for (int s = 0; s < A; ++s) column[s] = left[s][i];
+        apply(T, column, out[i]);  // (T X T^T)[i][j] = sum_s (T X)[i][s] T[j][s]
+    }
+}
+
 // V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of the map x [N][H][W][C] (unit stride along C; samples,
 // rows and columns sn, sh and sw elements apart) padded by 1 on every side and on the bottom and right up to whole
 // tiles, tile rows t0 .. t0 + t: tile (ti, tj) starts at row m ti - 1, column m tj - 1 of x, where the padding reads
@@ -64,15 +76,12 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
         const float* d = x + n * sn + y0 * sh + x0 * sw;  // (may point outside x: only `inside` pixels are read)
         for (int64_t c = 0; c < C; c += LANES) {
             const int lanes = C - c < LANES ? int(C - c) : LANES;
-            Vec in[a][a], across[a][a], column[a], out[a];
+            Vec in[a][a], out[a][a];
             for (int r = 0; r < a; ++r)
                 for (int s = 0; s < a; ++s) in[s][r] = inside[r][s] ? load(d + r * sh + s * sw + c, lanes) : Vec{};
-            for (int s = 0; s < a; ++s) apply(F::BT, in[s], across[s]);  // across[s][i] = (B^T d)[i][s]
-            for (int i = 0; i < a; ++i) {
-                for (int s = 0; s < a; ++s) column[s] = across[s][i];
-                apply(F::BT, column, out);  // ((B^T d) B)[i][j] = sum_s (B^T d)[i][s] B^T[j][s]
-                for (int j = 0; j < a; ++j) store(out[j], lanes, V + ((i * a + j) * tiles + tile) * C + c);
-            }
+            sandwich(F::BT, in, out);
+            for (int i = 0; i < a; ++i)
+                for (int j = 0; j < a; ++j) store(out[i][j], lanes, V + ((i * a + j) * tiles + tile) * C + c);
         }
     }
 }
@@ -93,16 +102,13 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
         for (int64_t k = 0; k < K; k += LANES) {
             const int lanes = K - k < LANES ? int(K - k) : LANES;
             const Vec b = bias ? load(bias + k, lanes) : Vec{};
-            Vec in[a][a], down[a][m], column[a], result[m];
+            Vec in[a][a], result[m][m];
             for (int r = 0; r < a; ++r)
                 for (int s = 0; s < a; ++s) in[s][r] = load(M + ((r * a + s) * tiles + tile) * K + k, lanes);
-            for (int s = 0; s < a; ++s) apply(F::AT, in[s], down[s]);  // down[s][i] = (A^T M)[i][s]
-            for (int i = 0; i < m; ++i) {
-                for (int s = 0; s < a; ++s) column[s] = down[s][i];
-                apply(F::AT, column, result);
+            sandwich(F::AT, in, result);
+            for (int i = 0; i < m; ++i)
                 for (int j = 0; j < m; ++j)  // output row m ti + i, column m tj + j
-                    store(result[j] + b, lanes, y + (i * tw * m + j) * K + k);
-            }
+                    store(result[i][j] + b, lanes, y + (i * tw * m + j) * K + k);
         }
     }
 }
