@@ -52,10 +52,13 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                           const float* shift, int64_t shift_ns, const float* gamma, const float* beta, float eps,
                           int silu, float* out, int threads) {
     const int64_t per_group = C / G;
-    std::vector<double> sums, squares, a(N * C), b(N * C);
+    std::vector<double> sums, squares;
+    std::vector<float> a, b;  // out = act(a x + b), per sample and channel
     try {
         sums.assign(threads * N * C, 0.0);
         squares.assign(threads * N * C, 0.0);
+        a.resize(N * C);
+        b.resize(N * C);
     } catch (...) {
         return 1;
     }
@@ -131,7 +134,6 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
             }
         }
     }
-    std::vector<float> af(a.begin(), a.end()), bf(b.begin(), b.end());
     // pass 2: out = act(a x + b)
 #pragma omp parallel num_threads(threads)
     {
@@ -142,15 +144,15 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                 const int64_t n = row / P;
                 for (int64_t c = 0; c < C; c += LANES) {
                     const int lanes = C - c < LANES ? int(C - c) : LANES;
-                    const Vec y = load(x + row * C + c, lanes) * load(af.data() + n * C + c, lanes)
-                                  + load(bf.data() + n * C + c, lanes);
+                    const Vec y = load(x + row * C + c, lanes) * load(a.data() + n * C + c, lanes)
+                                  + load(b.data() + n * C + c, lanes);
                     store(activate(y, silu), lanes, out + row * C + c);
                 }
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * C; ++row) {
-                const float scale = af[row], offset = bf[row];
+                const float scale = a[row], offset = b[row];
                 for (int64_t p = 0; p < P; p += LANES) {
                     const int lanes = P - p < LANES ? int(P - p) : LANES;
                     const Vec y = load(x + row * P + p, lanes) * scale + offset;
