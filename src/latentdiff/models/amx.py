@@ -38,8 +38,9 @@ def unavailable() -> str | None:
     """Why the kernel cannot run on this machine, or None when it can (then `library()` builds it).
     LATENTDIFF_NO_AMX=1 (read at the first use) leaves what these kernels do to PyTorch and oneDNN, as on a CPU
     without AMX; the portable kernels (native.py) stay."""
-    if native.unavailable():
-        return native.unavailable()
+    why = native.unavailable()
+    if why:
+        return why
     if os.environ.get("LATENTDIFF_NO_AMX", "0") not in ("", "0"):
         return "LATENTDIFF_NO_AMX is set"
     missing = [flag for flag in CPU_FLAGS if flag not in native.cpu_flags()]

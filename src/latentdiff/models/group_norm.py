@@ -51,24 +51,26 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: t
 
 
 def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
-            and x.is_cuda and x.dim() == 4 and norm.affine and x.dtype in DTYPES
-            and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
-            and without_autograd(x, norm.weight, shift)
-            and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and _kernels() is not None)
+    """Whether the Triton kernels take this call (a CUDA tensor of one of their dtypes)."""
+    return x.is_cuda and x.dtype in DTYPES and _kernels_take(norm, x, shift) and _kernels() is not None
 
 
 def _compiled_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    """Whether the compiled CPU kernel (group_norm.cpp) takes this call: float32, no autograd, either layout."""
-    return (ENABLED and not torch.compiler.is_compiling()
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and norm.affine
-            and norm.weight.dtype == torch.float32 and "forward" not in norm.__dict__
+    """Whether the compiled CPU kernel (group_norm.cpp) takes this call: float32 activations and weights."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and norm.weight.dtype == torch.float32
+            and _kernels_take(norm, x, shift) and _cpu_kernel() is not None)
+
+
+def _kernels_take(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
+    """What both kinds of kernel need (after the device and dtype checks of each, so that a call runs this once): an
+    affine norm of a 4-d NCHW or channels-last x, no autograd, a shift of x's dtype per sample or for all, the
+    kernels not turned off and no graph being traced."""
+    return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
+            and x.dim() == 4 and norm.affine
+            and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and without_autograd(x, norm.weight, shift)
             and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and _cpu_kernel() is not None)
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
 @functools.cache
