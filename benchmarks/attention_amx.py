@@ -15,13 +15,12 @@ not its matrix products, bound it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import machine, setup, time_interleaved
+from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx
 
 # (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16
@@ -31,16 +30,12 @@ SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--scale", type=float, default=1.0, help="queries and keys times this")
-    args = parser.parse_args()
-    setup(args.threads)
-    print(machine())
-    if not amx.available():
-        print(f"skipped: {amx.unavailable() or 'the kernel did not build (see the warning)'}")
+    def more_options(parser):
+        parser.add_argument("--dtypes", default="bf16,fp32")
+        parser.add_argument("--scale", type=float, default=1.0, help="queries and keys times this")
+
+    args = start_kernel_benchmark(__doc__, 5, amx_unavailable, more_options)
+    if args is None:
         return
     lib = amx.library()
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")

@@ -2,6 +2,7 @@
 candidate alike), FLOP counting, peak-RSS measurement, random weights, and the printed table."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import os
@@ -49,6 +50,34 @@ def setup(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+
+
+def start_kernel_benchmark(doc: str, repeats: int, unavailable: Callable[[], str | None],
+                           more_options: Callable[[argparse.ArgumentParser], None] | None = None
+                           ) -> argparse.Namespace | None:
+    """The start of a benchmark of one of our kernels: --threads and --repeats (and what `more_options` adds to the
+    parser) parsed, the threads set, the machine printed; None, after printing why, where `unavailable()` says why
+    the kernel cannot run here."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if more_options is not None:
+        more_options(parser)
+    args = parser.parse_args()
+    setup(args.threads)
+    print(machine())
+    why = unavailable()
+    if why:
+        print(f"skipped: {why}")
+        return None
+    return args
+
+
+def amx_unavailable() -> str | None:
+    """Why our AMX kernels cannot run here (for start_kernel_benchmark), or None."""
+    from latentdiff.models import amx
+
+    return None if amx.available() else amx.unavailable() or "the kernels did not build (see the warning)"
 
 
 _CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

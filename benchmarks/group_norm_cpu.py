@@ -7,14 +7,14 @@ each one's largest error against float64.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import machine, setup
+from common import start_kernel_benchmark
 from latentdiff.models import group_norm as gn
+from latentdiff.models import native
 
 # (batch, channels, height, width): U-Net 64x64 and 32x32 levels, the VAE decoder from 64x64 to 512x512
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64), (1, 512, 128, 128),
@@ -23,14 +23,9 @@ SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=9)
-    args = parser.parse_args()
-    setup(args.threads)
-    print(machine())
-    if gn._cpu_kernel() is None:
-        print("skipped: the CPU kernel did not build here (see the warning)")
+    args = start_kernel_benchmark(__doc__, 9, lambda: None if gn._cpu_kernel() else native.unavailable()
+                                  or "the CPU kernel did not build here (see the warning)")
+    if args is None:
         return
     print("shape                 layout  torch ms  ours ms  ours vs torch  err torch  err ours")
     for shape in SHAPES:

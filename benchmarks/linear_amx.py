@@ -11,13 +11,12 @@ products of parts per product keep float32's precision.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import machine, setup, time_interleaved
+from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear
@@ -36,14 +35,8 @@ POINTS = [(36, 256, 320, 320), (36, 128, 640, 640), (16, 128, 1280, 1280), (16, 
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    setup(args.threads)
-    print(machine())
-    if not amx.available():
-        print(f"skipped: {amx.unavailable() or 'the kernels did not build (see the warning)'}")
+    args = start_kernel_benchmark(__doc__, 7, amx_unavailable)
+    if args is None:
         return
     print("layer               tokens  in    out   GFLOP  err oneDNN  err AMX   oneDNN ms  AMX ms  AMX vs oneDNN")
     for name, tokens, k, n in LAYERS:
