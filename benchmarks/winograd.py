@@ -1,7 +1,8 @@
 """Winograd 3x3 convolutions (latentdiff/models/packed.py's WinogradConv2d, float32) by each of its paths against
 the packed direct conv it falls back to, per layer shape: the transforms by PyTorch's elementwise ops ("torch") or
 by our compiled kernels (winograd.cpp, "compiled"), the products by torch.bmm, or on AMX tiles where this CPU has
-them ("amx"). Prints median times (calls interleaved), direct / Winograd, and what packed.winograd_pays chooses.
+them ("amx", whose direct conv is AMX's too: packed.AmxConv2d). Prints median times (calls interleaved), direct /
+Winograd, and what packed.winograd_pays chooses.
 
     python benchmarks/winograd.py [--threads 2] [--repeats 20] [--march haswell]
 
@@ -43,7 +44,7 @@ def main() -> None:
     print(f"paths: {', '.join(paths)}" + ("" if amx.available() else f" (no AMX: {amx.unavailable() or 'no build'})")
           + ("" if "compiled" in paths else f" (no compiled transforms: {native.unavailable() or 'no build'})"))
     print("batch  ch    side  GFLOP  direct us  " + "  ".join(f"{p:>8} us  direct/{p:<8}" for p in paths)
-          + ("       amx us  direct/amx  " if amx.available() else "  ") + "pays")
+          + ("  amx direct us       amx us  amx direct/amx  " if amx.available() else "  ") + "pays")
     for n, c, side in SHAPES:
         conv = torch.nn.Conv2d(c, c, 3, padding=1).eval()
         x = torch.randn(n, c, side, side).contiguous(memory_format=torch.channels_last)
@@ -55,8 +56,9 @@ def main() -> None:
             calls[path] = lambda path=path: winograd.winograd_conv3x3(x, filters, conv.bias,
                                                                      fused_transforms=path == "compiled")
         if amx.available():
-            layer = packed.WinogradConv2d(conv)
+            layer, amx_direct = packed.WinogradConv2d(conv), packed.AmxConv2d(conv)
             calls["amx"] = lambda: winograd.winograd_conv3x3(x, layer.weight, layer.bias, layer._points, c)
+            calls["amx direct"] = lambda: amx_direct(x)
         times = {name: [] for name in calls}
         for fn in calls.values():
             fn()
@@ -70,7 +72,7 @@ def main() -> None:
         row = f"{n:5d}  {c:4d}  {side:4d}  {18 * n * side * side * c * c / 1e9:5.2f}  {t['direct']:9.0f}  "
         row += "  ".join(f"{t[p]:11.0f}  {t['direct'] / t[p]:15.2f}" for p in paths)
         if amx.available():
-            row += f"  {t['amx']:11.0f}  {t['direct'] / t['amx']:10.2f}"
+            row += f"  {t['amx direct']:13.0f}  {t['amx']:11.0f}  {t['amx direct'] / t['amx']:14.2f}"
         print(f"{row}  {pays or '-'}", flush=True)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from latentdiff.models import amx, winograd
 from latentdiff.models import packed as packed_module
 from latentdiff.models.attention import GEGLU
-from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
+from latentdiff.models.packed import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
                                       PackedLinear, WinogradConv2d, pack_for_inference)
 
 from test_amx_attention import keeps_subnormals, needs_amx, together
@@ -240,7 +240,7 @@ def test_amx_winograd_conv_is_as_exact_as_pytorchs(channels, side, monkeypatch):
     assert error <= 1.25 * their_error + 1e-7, (error, their_error)
     monkeypatch.setattr(packed_module, "winograd_pays", lambda shape, out_channels, path="torch": False)
     direct = layer(x)  # (filters recovered from the transformed ones: exact up to their float32 rounding)
-    assert isinstance(layer.direct, PackedConv2d)
+    assert isinstance(layer.direct, AmxConv2d)
     assert ((direct.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
     with pytest.raises(RuntimeError, match="before optimize_for_inference"):
         layer.double()

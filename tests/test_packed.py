@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from latentdiff.models import allocator, amx, attention, native, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.packed import (AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU, PackedLinear,
-                                      PackedUpsampleConv, WinogradConv2d, pack_for_inference)
+from latentdiff.models.packed import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, PackedConv2d,
+                                      PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d, pack_for_inference)
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -25,8 +25,11 @@ CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBl
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
              down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
 
-# what pack_for_inference() makes of a float32 nn.Linear: our AMX kernel on CPUs with AMX, else oneDNN's
+# what pack_for_inference() makes of a float32 nn.Linear, a conv (not Winograd's) and an upsampler's conv: our AMX
+# kernels on CPUs with AMX, else oneDNN's
 FLOAT32_LINEAR = AmxLinear if amx.available() else PackedLinear
+FLOAT32_CONV = AmxConv2d if amx.available() else PackedConv2d
+FLOAT32_UPSAMPLE_CONV = AmxUpsampleConv if amx.available() else PackedUpsampleConv
 
 
 def make(seed: int = 0, dtype=torch.float32, **overrides) -> UNet2DConditionModel:
@@ -72,7 +75,8 @@ def test_optimized_model_matches_the_plain_one(overrides, height, width, use_win
     kinds = {type(m) for m in fast.modules()}
     assert torch.nn.Conv2d not in kinds and torch.nn.Linear not in kinds
     assert (WinogradConv2d in kinds) == use_winograd
-    assert any(isinstance(m, PackedConv2d) and m.stride == [2, 2] for m in fast.modules())
+    assert any(isinstance(m, FLOAT32_CONV) and m.stride == [2, 2] for m in fast.modules())
+    assert all(isinstance(block.upsamplers[0].conv, FLOAT32_UPSAMPLE_CONV) for block in fast.up_blocks[:-1])
     proj_in = fast.down_blocks[1].attentions[0].proj_in  # a 1x1 conv in SD 1.x, a linear in SD 2.x
     if overrides:
         assert isinstance(proj_in, FLOAT32_LINEAR)
@@ -214,7 +218,8 @@ def test_winograd_layer_runs_small_inputs_as_a_direct_conv(dtype, tolerance):
         got = layer(x)
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
         assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
-        assert isinstance(layer.direct, PackedConv2d)  # built at the first small input, kept for the next
+        # built at the first small input, kept for the next
+        assert isinstance(layer.direct, FLOAT32_CONV if dtype == torch.float32 else PackedConv2d)
     assert layer.direct.bias is not None and layer.direct.bias.data_ptr() == layer.bias.data_ptr()
 
 
@@ -346,7 +351,7 @@ def test_packed_vae_decodes_as_the_plain_one():
     fast.load_state_dict(vae.state_dict())
     pack_for_inference(fast)
     assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
-    assert any(isinstance(m, PackedUpsampleConv) for m in fast.modules())  # (tiled decoding runs them too)
+    assert any(isinstance(m, FLOAT32_UPSAMPLE_CONV) for m in fast.modules())  # (tiled decoding runs them too)
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(2))
     expected = vae.decode(latents)
     assert (fast.decode(latents) - expected).abs().max() <= 1e-4

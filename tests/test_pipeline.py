@@ -399,15 +399,15 @@ def test_compile_and_optimize_for_inference_share_the_models_out(folders):
 def test_pipeline_optimized_for_inference_makes_the_same_images(folders, tmp_path):
     """pipe.optimize_for_inference() packs the U-Net, the VAE and the text encoder (no plain nn.Linear or
     nn.Conv2d left) and makes the same images up to float rounding; saving it afterwards is refused with the fix."""
-    from latentdiff.models.packed import PackedConv2d, PackedUpsampleConv
+    from latentdiff.models.packed import AmxConv2d, AmxUpsampleConv, PackedConv2d, PackedUpsampleConv
 
     plain = LatentDiffusionPipeline.from_pretrained(folders[1])
     fast = LatentDiffusionPipeline.from_pretrained(folders[1]).optimize_for_inference()
     for model in (fast.unet, fast.vae, fast.text_encoder):
         kinds = {type(m) for m in model.modules()}
         assert torch.nn.Linear not in kinds and torch.nn.Conv2d not in kinds, type(model).__name__
-    assert any(type(m) is PackedUpsampleConv for m in fast.vae.modules())
-    assert any(isinstance(m, PackedConv2d) for m in fast.unet.modules())
+    assert any(type(m) in (PackedUpsampleConv, AmxUpsampleConv) for m in fast.vae.modules())
+    assert any(type(m) in (PackedConv2d, AmxConv2d) for m in fast.unet.modules())
     expected = run(plain, PROMPTS[0], generator=torch.Generator().manual_seed(3))
     got = run(fast, PROMPTS[0], generator=torch.Generator().manual_seed(3))
     assert expected.std() > 0.05

@@ -12,7 +12,7 @@
 // parts are laid side by side along the depth, for p v the six products accumulate into the same tiles. OpenMP threads
 // take heads (packing), then groups of query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
 // PyTorch's (same soname), so its worker threads are reused rather than competing with ours. The end of the file holds
-// float32 linear layers on the same tiles and parts (amx_linear).
+// float32 linear layers on the same tiles and parts (amx_linear), and convolutions as such products (amx_conv).
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -586,21 +586,37 @@ inline __m512 gelu(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
 }
 
+// Where the rows of a product come from and go to. Row r is pixel (b, i, j) of a B x Ho x Wo grid of outputs; its
+// left-hand side is the patch of an H x W input map under a kh x kw filter at (i * stride + top, j * stride + left):
+// the taps in row-major order, each tap's C channels padded with zeros to C16 (a multiple of 16, so that no 16 depths
+// of a tile row span two taps), pixels outside the map zero. A linear layer's rows are the 1x1 patches of a B x 1 x 1
+// grid (C: its depth). Offsets in elements: x's pixel (b, y, x) at b * xb + y * xh + x * xw (channels unit-stride);
+// the output's and the residual's pixel (b, i, j) at b * yb + i * yh + j * yw and b * rb + i * rh + j * rw.
+struct Rows {
+    const float* x;
+    int64_t xb, xh, xw, H, W, C, C16, kh, kw, stride, top, left;
+    int64_t Ho, Wo, yb, yh, yw, rb, rh, rw;
+};
+
+inline Rows linear_rows(const float* x, int64_t xs, int64_t K, int64_t ys, int64_t rs) {
+    return Rows{x, xs, 0, 0, 1, 1, K, padded(K, 16), 1, 1, 1, 0, 0, 1, 1, ys, 0, 0, rs, 0, 0};
+}
+
 // where a pass's products go: y = x W^T + bias (+ residual), the running sums kept in y; or, for a GEGLU (W's rows
 // ordered value 16, gate 16, value 16, ...: each pair of column tiles a value's and its gate's), y = value *
 // gelu(gate), D = N / 2 wide, the running sums in h [M][N] (only where there are several passes)
 struct LinearOut {
     float* y;
-    int64_t ys;
     const float *bias, *residual;
-    int64_t rs;
     float* h;
     int64_t N;
     bool geglu;
 };
 
-// adds a pass's products for columns [16 nb, 16 nb + 32) of rows [row0, row0 + rows) (c: [32][32])
-inline void flush(const LinearOut& o, const float* c, int64_t row0, int64_t rows, int64_t nb, bool first, bool last) {
+// adds a pass's products for columns [16 nb, 16 nb + 32) of rows [row0, row0 + rows) (c: [32][32]; those rows of y
+// and of the residual at the offsets yoff, roff)
+inline void flush(const LinearOut& o, const float* c, int64_t row0, const int64_t* yoff, const int64_t* roff,
+                  int64_t rows, int64_t nb, bool first, bool last) {
     for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = row0 + i;
         if (o.geglu) {
@@ -615,14 +631,14 @@ inline void flush(const LinearOut& o, const float* c, int64_t row0, int64_t rows
                 g = _mm512_add_ps(g, _mm512_loadu_ps(sums + 16));
             }
             if (last) {
-                _mm512_storeu_ps(o.y + row * o.ys + n / 2, _mm512_mul_ps(v, gelu(g)));
+                _mm512_storeu_ps(o.y + yoff[i] + n / 2, _mm512_mul_ps(v, gelu(g)));
             } else {
                 _mm512_storeu_ps(sums, v);
                 _mm512_storeu_ps(sums + 16, g);
             }
             continue;
         }
-        float* out = o.y + row * o.ys;
+        float* out = o.y + yoff[i];
         for (int64_t j = 0; j < 32; j += 16) {
             const int64_t n = nb * 16 + j;
             const __mmask16 cols = first_lanes(o.N - n);
@@ -631,7 +647,7 @@ inline void flush(const LinearOut& o, const float* c, int64_t row0, int64_t rows
                 sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, out + n));
             } else {
                 if (o.bias) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, o.bias + n));
-                if (o.residual) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, o.residual + row * o.rs + n));
+                if (o.residual) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(cols, o.residual + roff[i] + n));
             }
             _mm512_mask_storeu_ps(out + n, cols, sum);
         }
@@ -643,7 +659,8 @@ constexpr int64_t FEW_ROWS = 8;  // at most this many rows go to few_rows
 // y for a few rows (the time embedding's two), which would leave the tiles mostly empty: vector products with each
 // weight taken as the exact sum of its parts, 16 columns at a time, summed in double precision (PyTorch's products
 // for so few rows are more exact than its large ones: a float32 sum along the depth would err 2-4x more)
-void few_rows(const float* x, int64_t xs, const uint16_t* wp, const LinearOut& o, int64_t M, int64_t K, int threads) {
+void few_rows(const float* x, int64_t xs, const uint16_t* wp, const LinearOut& o, int64_t ys, int64_t rs,
+              int64_t M, int64_t K, int threads) {
     const int64_t K32 = padded(K, 32), tiles = (o.N + 15) / 16;
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -679,11 +696,11 @@ void few_rows(const float* x, int64_t xs, const uint16_t* wp, const LinearOut& o
                 double v = sums[j];
                 if (n + j < o.N) {
                     if (o.bias) v += o.bias[n + j];
-                    if (o.residual) v += o.residual[m * o.rs + n + j];
+                    if (o.residual) v += o.residual[m * rs + n + j];
                 }
                 out[j] = (float)v;
             }
-            _mm512_mask_storeu_ps(o.y + m * o.ys + n, cols, _mm512_load_ps(out));
+            _mm512_mask_storeu_ps(o.y + m * ys + n, cols, _mm512_load_ps(out));
         }
     }
 }
@@ -715,10 +732,12 @@ extern "C" void amx_pack_linear(const float* w, int64_t N, int64_t K, uint16_t* 
     }
 }
 
-// y [P][M][N] = x [P][M][K] W[p]^T + bias (+ residual), or a GEGLU of it, for P points at once (points yp, xp and wps
-// elements apart in y, x and the packed weights); see amx_linear
-static int linear(const float* x0, int64_t xs, int64_t xp, const uint16_t* wp0, int64_t wps, const LinearOut& out,
-           int64_t yp, int64_t P, int64_t M, int64_t N, int64_t K, int threads) {
+// y [P][M][N] = x [P][M][K] W[p]^T + bias (+ residual), or a GEGLU of it, for P points at once (points xp, yp and wps
+// elements apart in x, y and the packed weights), the rows as `r` places them (PATCHES: a convolution's, whose taps
+// may fall outside the map; else a linear layer's, which need no such checks); see amx_linear
+template <bool PATCHES>
+static int linear(const Rows& r, int64_t xp, const uint16_t* wp0, int64_t wps, const LinearOut& out, int64_t yp,
+                  int64_t P, int64_t M, int64_t N, int64_t K, int threads) {
     const bool geglu = out.geglu;
     const int64_t K32 = padded(K, 32), N32 = padded(N, 32), KC = even_steps(K32, geglu ? MAX_KC_GEGLU : MAX_KC);
     const int64_t KS = KC + 32, NC = even_steps(N32, std::max<int64_t>(32, PANEL / (KC * 6) / 32 * 32));
@@ -756,26 +775,70 @@ static int linear(const float* x0, int64_t xs, int64_t xp, const uint16_t* wp0, 
             uint16_t* const ap = kept->data();
             configure_tiles();
             alignas(64) float c[ROWS * 32];
+            // per row of the block: its patch's top-left input pixel (x offset and coordinates; rows past M far
+            // outside the map) and its output and residual offsets
+            int64_t xoff[MAX_SB], top[MAX_SB], left[MAX_SB], yoff[MAX_SB], roff[MAX_SB];
+            bool whole[MAX_SB];  // the patch lies inside the map
+            // per 16 depths of a pass: the tap's offset from the patch's corner (with the channel), its row and
+            // column in the filter, and the real channels among the 16
+            int64_t toff[MAX_KC_GEGLU / 16], ty[MAX_KC_GEGLU / 16], tx[MAX_KC_GEGLU / 16];
+            __mmask16 lanes[MAX_KC_GEGLU / 16];
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < P * sblocks * slices; ++item) {
                 const int64_t point = item / (sblocks * slices), sb = item / slices % sblocks;
                 const int64_t n_start = item % slices * NS, n_end = std::min(N32, n_start + NS);
-                const float* const x = x0 + point * xp;
+                const float* const x = r.x + point * xp;
                 const uint16_t* const wp = wp0 + point * wps;
                 LinearOut o = out;
                 o.y += point * yp;
                 const int64_t row0 = sb * SB, blocks = (std::min(M, row0 + SB) - row0 + ROWS - 1) / ROWS;
+                // (b, oi, oj): row0's pixel, then the next row's
+                int64_t b = row0 / (r.Ho * r.Wo), oi = row0 / r.Wo % r.Ho, oj = row0 % r.Wo;
+                for (int64_t i = 0; i < blocks * ROWS; ++i) {
+                    const bool real = row0 + i < M;
+                    top[i] = real ? oi * r.stride + r.top : -(r.H + r.kh);
+                    left[i] = oj * r.stride + r.left;
+                    xoff[i] = real ? b * r.xb + top[i] * r.xh + left[i] * r.xw : 0;
+                    yoff[i] = b * r.yb + oi * r.yh + oj * r.yw;
+                    roff[i] = b * r.rb + oi * r.rh + oj * r.rw;
+                    whole[i] = top[i] >= 0 && top[i] + r.kh <= r.H && left[i] >= 0 && left[i] + r.kw <= r.W;
+                    if (++oj == r.Wo) {
+                        oj = 0;
+                        if (++oi == r.Ho) oi = 0, ++b;
+                    }
+                }
                 for (int64_t k0 = 0; k0 < K32; k0 += KC) {
                     const int64_t depth = std::min(KC, K32 - k0);
+                    // (k0's tap, its row and column in the filter, and channel; then the next 16 depths')
+                    int64_t tap = k0 / r.C16, ch = k0 - tap * r.C16, fy = tap / r.kw, fx = tap % r.kw;
+                    for (int64_t t = 0; t < depth / 16; ++t) {
+                        ty[t] = fy;
+                        tx[t] = fx;
+                        toff[t] = fy * r.xh + fx * r.xw + ch;
+                        lanes[t] = fy < r.kh ? first_lanes(r.C - ch) : 0;
+                        if ((ch += 16) == r.C16) {
+                            ch = 0;
+                            if (++fx == r.kw) fx = 0, ++fy;
+                        }
+                    }
                     for (int64_t i = 0; i < blocks * ROWS; ++i) {
-                        const bool real = row0 + i < M;
-                        for (int64_t j = 0; j < depth; j += 16) {
+                        uint16_t* const dst = ap + ((i / ROWS * 3) * ROWS + i % ROWS) * KS;
+                        const float* const patch = x + xoff[i];
+                        const auto put = [&](int64_t t, __mmask16 load) {
                             __m256i parts[3];
-                            const __mmask16 depths = real ? first_lanes(K - k0 - j) : 0;
-                            split(_mm512_maskz_loadu_ps(depths, x + (row0 + i) * xs + k0 + j), parts, 3);
+                            split(_mm512_maskz_loadu_ps(load, patch + toff[t]), parts, 3);
                             for (int p = 0; p < 3; ++p)
-                                _mm256_store_si256((__m256i*)(ap + ((i / ROWS * 3 + p) * ROWS + i % ROWS) * KS + j),
-                                                   parts[p]);
+                                _mm256_store_si256((__m256i*)(dst + p * ROWS * KS + 16 * t), parts[p]);
+                        };
+                        if (!PATCHES) {
+                            for (int64_t t = 0; t < depth / 16; ++t) put(t, row0 + i < M ? lanes[t] : 0);
+                        } else if (whole[i]) {
+                            for (int64_t t = 0; t < depth / 16; ++t) put(t, lanes[t]);
+                        } else {  // (taps outside the map: zeros)
+                            for (int64_t t = 0; t < depth / 16; ++t) {
+                                const int64_t y = top[i] + ty[t], xx = left[i] + tx[t];
+                                put(t, y >= 0 && y < r.H && xx >= 0 && xx < r.W ? lanes[t] : 0);
+                            }
                         }
                     }
                     for (int64_t n0 = n_start; n0 < n_end; n0 += NC) {
@@ -806,7 +869,8 @@ static int linear(const float* x0, int64_t xs, int64_t xp, const uint16_t* wp0, 
                                 _tile_stored(1, c + 16 * 32, 128);
                                 _tile_stored(2, c + 16, 128);
                                 _tile_stored(3, c + 16 * 32 + 16, 128);
-                                flush(o, c, row0 + mb * ROWS, rows, nb, k0 == 0, k0 + KC >= K32);
+                                const int64_t at = mb * ROWS;
+                                flush(o, c, row0 + at, yoff + at, roff + at, rows, nb, k0 == 0, k0 + KC >= K32);
                             }
                         }
                     }
@@ -828,13 +892,13 @@ static int linear(const float* x0, int64_t xs, int64_t xp, const uint16_t* wp0, 
 extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const float* bias, const float* residual,
                           int64_t rs, float* y, int64_t ys, int64_t M, int64_t N, int64_t K, int threads, int geglu,
                           float* h) {
-    const LinearOut o{y, ys, bias, residual, rs, h, N, geglu != 0};
+    const LinearOut o{y, bias, residual, h, N, geglu != 0};
     if (M <= 0 || K <= 0) return 0;  // (nothing for the tiles: linear() in Python gives the bias)
     if (M <= FEW_ROWS && !geglu) {
-        few_rows(x, xs, wp, o, M, K, threads);
+        few_rows(x, xs, wp, o, ys, rs, M, K, threads);
         return 0;
     }
-    return linear(x, xs, 0, wp, 0, o, 0, 1, M, N, K, threads);
+    return linear<false>(linear_rows(x, xs, K, ys, rs), 0, wp, 0, o, 0, 1, M, N, K, threads);
 }
 
 // y [P][M][N] = x [P][M][K] W[p]^T for P weights packed by amx_pack_linear (each `wps` elements after the last), row
@@ -843,6 +907,32 @@ extern "C" int amx_linear(const float* x, int64_t xs, const uint16_t* wp, const 
 extern "C" int amx_linear_points(const float* x, int64_t xp, const uint16_t* wp, int64_t wps, float* y, int64_t yp,
                                  int64_t ys, int64_t P, int64_t M, int64_t N, int64_t K, int threads) {
     if (P <= 0 || M <= 0 || K <= 0) return 0;
-    const LinearOut o{y, ys, nullptr, nullptr, 0, nullptr, N, false};
-    return linear(x, K, xp, wp, wps, o, yp, P, M, N, K, threads);
+    const LinearOut o{y, nullptr, nullptr, nullptr, N, false};
+    return linear<false>(linear_rows(x, K, K, ys, 0), xp, wp, wps, o, yp, P, M, N, K, threads);
+}
+
+// The geometry of amx_conv's convolution (every field in elements or pixels; see Rows): a B x H x W map of C
+// channels (x's pixel (b, y, x) at b * xb + y * xh + x * xw, channels unit-stride) under a kh x kw filter with the
+// given stride, output pixel (i, j) of the Ho x Wo grid taking the patch whose top-left tap is at input pixel
+// (i * stride + top, j * stride + left) (top, left <= 0: the padding); N output channels, written at b * yb + i * yh +
+// j * yw (and the residual read at b * rb + i * rh + j * rw)
+struct ConvShape {
+    int64_t B, H, W, C, xb, xh, xw, kh, kw, stride, top, left, Ho, Wo, N, yb, yh, yw, rb, rh, rw;
+};
+
+// Elements (uint16) of a kh x kw filter of C input and N output channels packed for amx_conv: a linear layer's
+// weights [N][kh * kw * C16] (C16: C padded to 16) packed by amx_pack_linear
+extern "C" int64_t amx_conv_depth(int64_t kh, int64_t kw, int64_t C) { return kh * kw * padded(C, 16); }
+
+// y = conv(x, W) + bias (may be null) + residual (may be null), float32, the products as amx_linear's (each output
+// pixel a row, its patch the row's depth), W packed by amx_pack_linear from [N][kh][kw][C16]. Returns 0, or 1 where
+// its buffers could not be made.
+extern "C" int amx_conv(const float* x, const ConvShape* s, const uint16_t* wp, const float* bias,
+                        const float* residual, float* y, int threads) {
+    const int64_t M = s->B * s->Ho * s->Wo, K = amx_conv_depth(s->kh, s->kw, s->C);
+    if (M <= 0 || s->N <= 0) return 0;
+    const Rows r{x, s->xb, s->xh, s->xw, s->H, s->W, s->C, padded(s->C, 16), s->kh, s->kw, s->stride, s->top,
+                 s->left, s->Ho, s->Wo, s->yb, s->yh, s->yw, s->rb, s->rh, s->rw};
+    const LinearOut o{y, bias, residual, nullptr, s->N, false};
+    return linear<true>(r, 0, wp, 0, o, 0, 1, M, s->N, K, threads);
 }

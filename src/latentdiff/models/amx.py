@@ -1,14 +1,15 @@
 """Our kernels on Intel AMX tiles for the CPU (amx.cpp), used by optimize_for_inference() where they beat PyTorch's:
 attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear and
-AmxGEGLU) and Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d). SD 1.5's U-Net at 512x512
-spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim 40), where
-PyTorch's CPU flash kernel is bound by its softmax, not its matrix products (~87 ms at head dim 8, ~102 at 40; 2
-threads); this kernel takes ~58 ms. In float32 the kernels split each number into three bfloat16 parts and take six tile
-products of parts per product, as exact as PyTorch's float32 kernels (errors against float64 the same or smaller):
-attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products. The source is
-compiled with the system's g++ on first use (about 2 s; native.py) and loaded with ctypes; its OpenMP threads are
-PyTorch's own. Where the CPU lacks AMX or the compiler is missing, `available()` is False (with the reason from
-`unavailable()`) and everything stays with PyTorch."""
+AmxGEGLU), Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d) and float32 direct
+convolutions (`pack_conv`, `conv`, `conv2d`, `upsample_conv2d`; packed.AmxConv2d and AmxUpsampleConv). SD 1.5's
+U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim
+40), where PyTorch's CPU flash kernel is bound by its softmax, not its matrix products (~87 ms at head dim 8, ~102 at
+40; 2 threads); this kernel takes ~58 ms. In float32 the kernels split each number into three bfloat16 parts and take
+six tile products of parts per product, as exact as PyTorch's float32 kernels (errors against float64 the same or
+smaller): attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products,
+convolutions 1.2-2.0x its direct ones. The source is compiled with the system's g++ on first use (about 2 s;
+native.py) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler is
+missing, `available()` is False (with the reason from `unavailable()`) and everything stays with PyTorch."""
 from __future__ import annotations
 
 import ctypes
@@ -79,7 +80,17 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_points.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64]
                                       + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     lib.amx_linear_points.restype = ctypes.c_int
+    lib.amx_conv_depth.argtypes = [ctypes.c_int64] * 3
+    lib.amx_conv_depth.restype = ctypes.c_int64
+    lib.amx_conv.argtypes = [ctypes.c_void_p, ctypes.POINTER(ConvShape)] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.amx_conv.restype = ctypes.c_int
     return lib
+
+
+class ConvShape(ctypes.Structure):
+    """amx.cpp's ConvShape: a convolution's geometry, in pixels and elements."""
+    _fields_ = [(name, ctypes.c_int64) for name in
+                "B H W C xb xh xw kh kw stride top left Ho Wo N yb yh yw rb rh rw".split()]
 
 
 def available() -> bool:
@@ -244,3 +255,134 @@ def _linear(lib, x, packed, out_features, bias, residual, geglu):
         raise MemoryError(f"the AMX linear kernel could not allocate its buffers ({m} x {k} inputs split into "
                           "parts): free memory")
     return out
+
+
+def pack_conv(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 conv weight [N, C, kh, kw] as `conv` takes it: pack_linear's layout of [N, kh * kw * C16], each tap's
+    channels padded with zeros to C16, a multiple of 16. Where `available()`."""
+    n, c, kh, kw = weight.shape
+    return pack_linear(F.pad(weight.detach().float().permute(0, 2, 3, 1), (0, -c % 16)).reshape(n, -1))
+
+
+def unpack_conv(packed: torch.Tensor, out_channels: int, in_channels: int,
+                kernel_size: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight [N, C, kh, kw] that `pack_conv` packed (exactly: the parts sum to it)."""
+    kh, kw = kernel_size
+    c16 = -(-in_channels // 16) * 16
+    rows = unpack_points(packed[None], out_channels, kh * kw * c16)[0]
+    return rows.view(out_channels, kh, kw, c16)[..., :in_channels].permute(0, 3, 1, 2).contiguous()
+
+
+def conv(x: torch.Tensor, packed: torch.Tensor, kernel_size: tuple[int, int], out: torch.Tensor, stride: int = 1,
+         origin: tuple[int, int] = (0, 0), bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Writes into `out` [B, Ho, Wo, N] the float32 convolution of `x` [B, H, W, C] with a kh x kw filter packed by
+    `pack_conv` (+ bias, + residual [B, Ho, Wo, N]): out[b, i, j] takes the patch of x whose top-left tap is the
+    pixel (i * stride + origin[0], j * stride + origin[1]), pixels outside x zero (origin (-p, -p): padding p).
+    Any strides, but channels unit-stride in x, out and residual (a channels-last NCHW tensor permuted to NHWC is
+    such a view, and so is every phase of one). Each output pixel is a row of amx_linear's products, its patch the
+    depth: errors against float64 as PyTorch's float32 conv or smaller. Returns `out`. Where `available()`; not
+    under torch.compile (see conv2d)."""
+    b, h, w, c = x.shape
+    _, ho, wo, n = out.shape
+    for name, t in (("x", x), ("out", out), ("residual", residual)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
+                              or (t.stride(-1) != 1 and t.shape[-1] > 1)):
+            raise TypeError(f"amx.conv takes float32 CPU [B, H, W, C] tensors with unit-stride channels; {name} is "
+                            f"{t.dtype} {tuple(t.shape)} (strides {t.stride()}) on {t.device}")
+    if out.shape[0] != b or (residual is not None and residual.shape != out.shape):
+        raise ValueError(f"amx.conv: x {tuple(x.shape)}, out {tuple(out.shape)} and residual "
+                         f"{None if residual is None else tuple(residual.shape)} disagree")
+    kh, kw = kernel_size
+    res = residual if residual is not None else out
+    shape = ConvShape(b, h, w, c, *x.stride()[:3], kh, kw, stride, *origin, ho, wo, n, *out.stride()[:3],
+                      *res.stride()[:3])
+    lib = library()
+    with native.labelled("latentdiff::amx_conv"):
+        failed = lib.amx_conv(x.data_ptr(), ctypes.byref(shape), packed.data_ptr(),
+                              None if bias is None else bias.data_ptr(),
+                              None if residual is None else residual.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the AMX convolution could not allocate its buffers ({b * ho * wo} patches of "
+                          f"{kh}x{kw}x{c}, split into parts): free memory")
+    return out
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv2d(x: torch.Tensor, packed: torch.Tensor, out_channels: int, kernel_size: tuple[int, int], stride: int = 1,
+           padding: tuple[int, int] = (0, 0), bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, W, bias, stride, padding) (+ residual) for float32 CPU x [B, C, H, W] (channels-last read
+    without a copy) and W packed by `pack_conv`; the result is channels-last. Under torch.compile one opaque op,
+    latentdiff::amx_conv2d."""
+    if torch.compiler.is_compiling():
+        return torch.ops.latentdiff.amx_conv2d(x, packed, out_channels, list(kernel_size), stride, list(padding),
+                                               bias, residual)
+    return _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residual)
+
+
+def _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residual):
+    b, _, h, w = x.shape
+    ho, wo = (_out_size(n, k, stride, p) for n, k, p in zip((h, w), kernel_size, padding))
+    out = torch.empty(b, out_channels, ho, wo, memory_format=torch.channels_last)
+    conv(_pixels(x), packed, tuple(kernel_size), out.permute(0, 2, 3, 1), stride, (-padding[0], -padding[1]), bias,
+         None if residual is None else _pixels(residual))
+    return out
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] as a [B, H, W, C] view with unit-stride channels (a copy where t is not channels-last)."""
+    pixels = t.permute(0, 2, 3, 1)
+    return pixels if pixels.stride(-1) == 1 else pixels.contiguous()
+
+
+@torch.library.custom_op("latentdiff::amx_conv2d", mutates_args=(), schema=(
+    "(Tensor x, Tensor packed, int out_channels, int[] kernel_size, int stride, int[] padding, Tensor? bias, "
+    "Tensor? residual) -> Tensor"))
+def _conv2d_op(x, packed, out_channels, kernel_size, stride, padding, bias, residual):
+    return _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residual)
+
+
+@_conv2d_op.register_fake
+def _(x, packed, out_channels, kernel_size, stride, padding, bias, residual):
+    b, _, h, w = x.shape
+    ho, wo = (_out_size(n, k, stride, p) for n, k, p in zip((h, w), kernel_size, padding))
+    return torch.empty(b, out_channels, ho, wo, device=x.device, memory_format=torch.channels_last)
+
+
+def upsample_conv2d(x: torch.Tensor, phases: torch.Tensor, out_channels: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3x3, padding-1 conv of the nearest-neighbour 2x upsampling of float32 CPU x [B, C, H, W], without making
+    the upsampled map: output pixel (2i + a, 2j + b) is phase (a, b)'s 2x2 conv of x whose top-left tap is at
+    (i + a - 1, j + b - 1); `phases` [4, ...]: the four phase filters (a, b) in row-major order, each packed by
+    `pack_conv` (see packed.upsampling_phases). Each phase writes its pixels of the [B, out_channels, 2H, 2W]
+    channels-last result in place. Under torch.compile one opaque op, latentdiff::amx_upsample_conv2d."""
+    if torch.compiler.is_compiling():
+        return torch.ops.latentdiff.amx_upsample_conv2d(x, phases, out_channels, bias)
+    return _upsample_conv2d(x, phases, out_channels, bias)
+
+
+def _upsample_conv2d(x, phases, out_channels, bias):
+    b, _, h, w = x.shape
+    out = torch.empty(b, h, 2, w, 2, out_channels)  # [B, H, a, W, b, N]: channels-last [B, N, 2H, 2W]
+    pixels = _pixels(x)
+    for i, packed in enumerate(phases):
+        a, c = divmod(i, 2)
+        conv(pixels, packed, (2, 2), out[:, :, a, :, c], 1, (a - 1, c - 1), bias)
+    return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("latentdiff::amx_upsample_conv2d", mutates_args=(), schema=(
+    "(Tensor x, Tensor phases, int out_channels, Tensor? bias) -> Tensor"))
+def _upsample_conv2d_op(x, phases, out_channels, bias):
+    return _upsample_conv2d(x, phases, out_channels, bias)
+
+
+@_upsample_conv2d_op.register_fake
+def _(x, phases, out_channels, bias):
+    b, _, h, w = x.shape
+    return torch.empty(b, out_channels, 2 * h, 2 * w, device=x.device, memory_format=torch.channels_last)

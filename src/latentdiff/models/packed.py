@@ -8,7 +8,9 @@ This is the weight pre-packing torch.compile's freezing pass does (torch/_induct
 without its minutes of compilation. 3x3 stride-1 convs go further with Winograd's algorithms (winograd.py), and
 the convs after a 2x nearest upsampling skip making the upsampled map (PackedUpsampleConv). 1x1 convs run as
 linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it was packed
-for (20-107 GFLOP/s), the linear is steady (~105).
+for (20-107 GFLOP/s), the linear is steady (~105). On CPUs with AMX, float32 layers run our kernels instead
+(amx.py): linear and 1x1 layers (AmxLinear, AmxPointwiseConv), Winograd's products, and the direct convs of at least
+32 channels in and out (AmxConv2d, AmxUpsampleConv).
 
 Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
 ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
@@ -332,6 +334,35 @@ class PackedConv2d(_Packed):
         return _ops._convolution_pointwise(x, *args, "none", [], "")
 
 
+def upsampling_phases(weight: torch.Tensor) -> torch.Tensor:
+    """The four 2x2 filters [4, N, C, 2, 2] (phases (a, b) in row-major order) that a 3x3 filter [N, C, 3, 3]
+    becomes on the nearest-neighbour 2x upsampling of its input (see PackedUpsampleConv), in weight's dtype (the
+    taps summed in float64)."""
+    w = weight.detach().double()
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+    return torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
+                        torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)
+                        for r in rows for b in (0, 1)]).to(weight.dtype)
+
+
+def filter_from_phases(phases: torch.Tensor) -> torch.Tensor:
+    """The 3x3 filter [N, C, 3, 3] whose upsampling_phases are `phases` [4, N, C, 2, 2] (in float64, then phases'
+    dtype). Phase (a, b)'s tap (i, j) sums the filter's taps in rows S(a)[i] and columns S(b)[j], with S(0) = ({0},
+    {1, 2}) and S(1) = ({0, 1}, {2}): each corner is alone in one tap, each edge tap shares one with a corner, the
+    centre one with three of those."""
+    p = phases.double()
+    w = p.new_empty(*p.shape[1:3], 3, 3)
+    w[..., 0, 0], w[..., 0, 2], w[..., 2, 0], w[..., 2, 2] = p[0, ..., 0, 0], p[1, ..., 0, 1], p[2, ..., 1, 0], \
+        p[3, ..., 1, 1]
+    w[..., 0, 1] = p[1, ..., 0, 0] - w[..., 0, 0]
+    w[..., 1, 0] = p[2, ..., 0, 0] - w[..., 0, 0]
+    w[..., 1, 2] = p[3, ..., 0, 1] - w[..., 0, 2]
+    w[..., 2, 1] = p[3, ..., 1, 0] - w[..., 2, 0]
+    w[..., 1, 1] = p[3, ..., 0, 0] - w[..., 0, 0] - w[..., 0, 1] - w[..., 1, 0]
+    return w.to(phases.dtype)
+
+
 class PackedUpsampleConv(PackedConv2d):
     """A PackedConv2d of a 3x3, stride-1, padding-1 conv that can also run on the nearest-neighbour 2x upsampling
     of its input without making it: `upsampled(x)` is self(F.interpolate(x, scale_factor=2)). Nearest upsampling
@@ -351,15 +382,10 @@ class PackedUpsampleConv(PackedConv2d):
         super().__init__(conv)
         if not is_3x3_same(conv):
             raise ValueError(f"PackedUpsampleConv needs a 3x3 conv with stride 1 and padding 1; got {conv}")
-        w = conv.weight.detach().double()
-        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-        phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
-                  torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3) for r in rows for b in (0, 1)]
         phase_conv = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
                                device="meta")
         # [4 * out, in, 2, 2], phase-major (a, b)
-        phase_conv.weight = nn.Parameter(torch.cat(phases).to(conv.weight.dtype), requires_grad=False)
+        phase_conv.weight = nn.Parameter(upsampling_phases(conv.weight).flatten(0, 1), requires_grad=False)
         if conv.bias is not None:
             phase_conv.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
         self.phases = PackedConv2d(phase_conv)
@@ -372,6 +398,75 @@ class PackedUpsampleConv(PackedConv2d):
             for b in (0, 1):
                 out[:, :, a, :, b] = grid[:, a:a + h, b:b + w, a, b]
         return out.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)
+
+
+def suits_amx_conv(conv: nn.Conv2d) -> bool:
+    """Whether AmxConv2d takes this (packable) conv: float32 on a CPU where the AMX kernels run, equal strides, no
+    dilation, at least AMX_MIN_CHANNELS channels in and out (narrower ones waste the tiles: SD 1.5's conv_in and
+    conv_out, 4 channels, ran 0.4-0.5x oneDNN's)."""
+    return (runs_on_amx(conv) and conv.stride[0] == conv.stride[1] and conv.dilation == (1, 1)
+            and min(conv.in_channels, conv.out_channels) >= AMX_MIN_CHANNELS)
+
+
+class AmxConv2d(_Packed):
+    """A float32 nn.Conv2d on AMX tiles (amx.conv2d: each output pixel a row of AmxLinear's products, its patch
+    the row's depth, gathered as the inputs are split into bfloat16 parts, so no unfolded copy), for CPUs with AMX;
+    the output is channels-last, `layer(x, residual)` adds the residual as it writes. Against oneDNN's packed float32
+    direct conv (benchmarks/conv_amx.py, 2 threads, AMX host, 2026-12-05): SD 1.5's stride-2 downsamplers 1.7-2.0x,
+    its 4x4 layers 1.9x, pipelines/tiny-shapes' 3x3 layers 1.2-1.4x; errors against float64 2-9x smaller."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self._require_packable(conv)
+        if not suits_amx_conv(conv):
+            why = amx.unavailable() or "the AMX kernels did not build"
+            raise ValueError(f"AmxConv2d needs a float32 nn.Conv2d with equal strides, no dilation and at least "
+                             f"{AMX_MIN_CHANNELS} channels in and out, on a CPU with AMX (here: "
+                             f"{'it has them' if amx.available() else why}); got {conv} in {conv.weight.dtype}: "
+                             "use PackedConv2d")
+        super().__init__(conv, amx.pack_conv(conv.weight))
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, list(conv.stride), list(conv.padding)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x)
+        return amx.conv2d(x, self.weight, self.out_channels, self.kernel_size, self.stride[0], self.padding,
+                          self.bias, residual)
+
+
+class AmxUpsampleConv(_Packed):
+    """PackedUpsampleConv on AMX tiles: `upsampled(x)` = conv(F.interpolate(x, scale_factor=2)) as four 2x2 phase
+    convs (amx.upsample_conv2d), each writing its pixels of the output in place (no (H + 1) x (W + 1) grid of all
+    four, no interleaving copy). Against PackedUpsampleConv's oneDNN phases (benchmarks/conv_amx.py, 2 threads, AMX
+    host): 1.7-2.0x on SD 1.5's U-Net upsamplers, 1.3-1.5x on its VAE decoder's, 1.5-1.6x on tiny-shapes'; in an
+    interleaved A/B of whole optimized models, SD 1.5's VAE decode 3.49 -> 3.27 s, its U-Net 2.97 -> 2.90 s,
+    tiny-shapes' U-Net 10.3 -> 9.35 ms (with AmxConv2d). `weight` holds the four phase
+    filters' parts alone (16/9 of the filter, at 1.5x the float32 bytes); called on an input of another size (an
+    odd skip connection), it runs an AmxConv2d of the filter recovered from them (exact up to float32 rounding),
+    built when first needed."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self._require_packable(conv)
+        if not (suits_amx_conv(conv) and is_3x3_same(conv)):
+            raise ValueError(f"AmxUpsampleConv needs a float32 3x3 conv with stride 1 and padding 1 that AmxConv2d "
+                             f"takes (see suits_amx_conv); got {conv} in {conv.weight.dtype}: use PackedUpsampleConv")
+        super().__init__(conv, torch.stack([amx.pack_conv(phase) for phase in upsampling_phases(conv.weight)]))
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.direct: AmxConv2d | None = None
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return amx.upsample_conv2d(x, self.weight, self.out_channels, self.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.direct is None:
+            phases = torch.stack([amx.unpack_conv(p, self.out_channels, self.in_channels, (2, 2))
+                                  for p in self.weight])
+            conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
+                             device="meta")
+            conv.weight = nn.Parameter(filter_from_phases(phases), requires_grad=False)
+            conv.bias = self.bias
+            self.direct = AmxConv2d(conv)  # (its bias shares self.bias's storage)
+        return self.direct(x, residual)
 
 
 class WinogradConv2d(_Packed):
@@ -398,7 +493,7 @@ class WinogradConv2d(_Packed):
         self.on_amx = runs_on_amx(conv)
         super().__init__(conv, amx.pack_points(filters.transpose(1, 2)) if self.on_amx else filters)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.direct: PackedConv2d | None = None
+        self.direct: PackedConv2d | AmxConv2d | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
@@ -410,7 +505,8 @@ class WinogradConv2d(_Packed):
                              device="meta")
             conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
             conv.bias = self.bias
-            self.direct = PackedConv2d(conv)  # (its bias shares self.bias's storage)
+            # (its bias shares self.bias's storage)
+            self.direct = AmxConv2d(conv) if suits_amx_conv(conv) else PackedConv2d(conv)
         return self.direct(x, residual)
 
     def path(self, x: torch.Tensor) -> str:
@@ -442,11 +538,11 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
     if type(layer) is nn.Linear:
         return AmxLinear(layer) if runs_on_amx(layer) else PackedLinear(layer)
     if after_upsampling and is_3x3_same(layer):
-        return PackedUpsampleConv(layer)
+        return AmxUpsampleConv(layer) if suits_amx_conv(layer) else PackedUpsampleConv(layer)
     if winograd and uses_winograd(layer):
         return WinogradConv2d(layer)
-    if is_pointwise(layer) and min(layer.in_channels, layer.out_channels) >= AMX_MIN_CHANNELS and runs_on_amx(layer):
-        return AmxPointwiseConv(layer)
+    if suits_amx_conv(layer):
+        return AmxPointwiseConv(layer) if is_pointwise(layer) else AmxConv2d(layer)
     return PackedConv2d(layer)
 
 
@@ -458,7 +554,8 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     which the upsampler runs on its input). Layers that cannot be packed (other dtypes or devices, no oneDNN, bfloat16
     on a CPU without oneDNN bfloat16: see `can_pack`) are left as they are, so this is safe anywhere; returns `model`. A
     float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has AMX and it
-    builds, and there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU. (Large activations still
+    builds, and there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs
+    AmxConv2d and AmxUpsampleConv where they have the channels (suits_amx_conv). (Large activations still
     get fresh pages from malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's
     --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
