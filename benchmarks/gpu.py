@@ -27,8 +27,9 @@ for that many seconds first, so that the GPU's clocks have settled before any ti
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them,
-speed relative to diffusers eager (also best call against best call: a noisy host only ever adds time) and to
-diffusers compiled of the same batch, and the max |difference| of the warm-up call's images from diffusers eager's
+speed relative to diffusers eager (also best call against best call: a noisy host only ever adds time; and with
+--interleave the median of each round's ratio, its two calls having run under the same load) and to diffusers
+compiled of the same batch, and the max |difference| of the warm-up call's images from diffusers eager's
 (same latents). Rows are printed as they are measured; --time-limit stops starting new ones (with --interleave: new
 batches) once that many seconds have passed. --memory-phases then splits each eager variant's peak GPU memory
 into denoising and decoding. --profile STEPS then profiles one call of STEPS steps per variant at the largest batch (or
@@ -290,8 +291,8 @@ def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.T
     turn (A B C A B C ...), so that a noisy host's slow spells spread over all variants instead of landing on the
     one that ran then. Each call enters its variant anew (a CUDA-graph or compiled variant makes one untimed call
     first, to capture or compile again). A variant that fails is reported and left out."""
-    results = {v: {"batch": batch, "variant": v, "calls": [], "peak": 0, "rise": 0, "compile": None}
-               for v in variants}
+    results = {v: {"batch": batch, "variant": v, "calls": [], "peak": 0, "rise": 0, "compile": None,
+                   "interleaved": True} for v in variants}
     for round_ in range(args.repeats + 1):  # round 0: the warm-up calls, whose images are compared
         for variant in [v for v in variants if v in results]:
             lib = variant.split("-")[0]
@@ -315,6 +316,15 @@ def measure_interleaved(pipes, variants: list[str], batch: int, latents: torch.T
     return list(results.values())
 
 
+def paired_ratio(m: dict, rows: list[dict]) -> str:
+    """The median over rounds of diffusers' call time / this variant's in the same round (--interleave: the two
+    calls of a round ran seconds apart, under the same load), "-" where the calls were not taken in rounds."""
+    ref = next((r for r in rows if r["batch"] == m["batch"] and r["variant"] == "diffusers"), None)
+    if ref is None or len(ref["calls"]) != len(m["calls"]) or not m.get("interleaved"):
+        return "-"
+    return f"{statistics.median(a / b for a, b in zip(ref['calls'], m['calls'])):.2f}x"
+
+
 def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
     def ratio(name: str, of=lambda r: r["s/image"]) -> str:
         ref = next((r for r in rows if r["batch"] == m["batch"] and r["variant"] == name), None)
@@ -326,6 +336,7 @@ def format_row(m: dict, rows: list[dict], device: torch.device) -> dict:
         "calls s": " ".join(f"{c:.2f}" for c in m["calls"]),
         "vs diffusers": ratio("diffusers"),
         "best vs best": ratio("diffusers", lambda r: min(r["calls"])),  # (a noisy host only ever adds time)
+        "paired vs diffusers": paired_ratio(m, rows),
         "vs diffusers-compile": ratio("diffusers-compile") if "compile" in m["variant"] else "-",
         "peak GPU mem": gib(m["peak"]) if cuda else "-", "+ during call": gib(m["rise"]) if cuda else "-",
         "compile s": f"{m['compile']:.1f}" if m["compile"] is not None else "-",
