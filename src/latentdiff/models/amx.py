@@ -82,7 +82,7 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_points.restype = ctypes.c_int
     lib.amx_conv_depth.argtypes = [ctypes.c_int64] * 3
     lib.amx_conv_depth.restype = ctypes.c_int64
-    lib.amx_conv.argtypes = [ctypes.c_void_p, ctypes.POINTER(ConvShape)] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.amx_conv.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     lib.amx_conv.restype = ctypes.c_int
     return lib
 
@@ -283,30 +283,38 @@ def conv(x: torch.Tensor, packed: torch.Tensor, kernel_size: tuple[int, int], ou
     such a view, and so is every phase of one). Each output pixel is a row of amx_linear's products, its patch the
     depth: errors against float64 as PyTorch's float32 conv or smaller. Returns `out`. Where `available()`; not
     under torch.compile (see conv2d)."""
-    b, h, w, c = x.shape
-    _, ho, wo, n = out.shape
     for name, t in (("x", x), ("out", out), ("residual", residual)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
                               or (t.stride(-1) != 1 and t.shape[-1] > 1)):
             raise TypeError(f"amx.conv takes float32 CPU [B, H, W, C] tensors with unit-stride channels; {name} is "
                             f"{t.dtype} {tuple(t.shape)} (strides {t.stride()}) on {t.device}")
-    if out.shape[0] != b or (residual is not None and residual.shape != out.shape):
+    if out.shape[0] != x.shape[0] or (residual is not None and residual.shape != out.shape):
         raise ValueError(f"amx.conv: x {tuple(x.shape)}, out {tuple(out.shape)} and residual "
                          f"{None if residual is None else tuple(residual.shape)} disagree")
-    kh, kw = kernel_size
-    res = residual if residual is not None else out
-    shape = ConvShape(b, h, w, c, *x.stride()[:3], kh, kw, stride, *origin, ho, wo, n, *out.stride()[:3],
-                      *res.stride()[:3])
-    lib = library()
+    return _conv(x, packed, tuple(kernel_size), out, stride, tuple(origin), bias, residual)
+
+
+def _conv(x, packed, kernel_size, out, stride, origin, bias, residual):
+    """`conv` once its arguments are checked (a small conv's call is mostly host time: this is the lean part)."""
+    shape = _conv_shape(x.shape, x.stride(), kernel_size, stride, origin, out.shape, out.stride(),
+                        None if residual is None else residual.stride())
     with native.labelled("latentdiff::amx_conv"):
-        failed = lib.amx_conv(x.data_ptr(), ctypes.byref(shape), packed.data_ptr(),
-                              None if bias is None else bias.data_ptr(),
-                              None if residual is None else residual.data_ptr(), out.data_ptr(),
-                              torch.get_num_threads())
+        failed = library().amx_conv(x.data_ptr(), shape, packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                                    None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                    torch.get_num_threads())
     if failed:
-        raise MemoryError(f"the AMX convolution could not allocate its buffers ({b * ho * wo} patches of "
-                          f"{kh}x{kw}x{c}, split into parts): free memory")
+        raise MemoryError(f"the AMX convolution could not allocate its buffers ({out.shape[:3].numel()} patches of "
+                          f"{kernel_size[0]}x{kernel_size[1]}x{x.shape[-1]}, split into parts): free memory")
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_shape(x_shape, x_strides, kernel_size, stride, origin, out_shape, out_strides, residual_strides):
+    """The ConvShape of these sizes and strides, made once per combination (a denoising run repeats a few)."""
+    b, h, w, c = x_shape
+    _, ho, wo, n = out_shape
+    return ctypes.byref(ConvShape(b, h, w, c, *x_strides[:3], *kernel_size, stride, *origin, ho, wo, n,
+                                  *out_strides[:3], *(residual_strides or out_strides)[:3]))
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -326,12 +334,20 @@ def conv2d(x: torch.Tensor, packed: torch.Tensor, out_channels: int, kernel_size
 
 
 def _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residual):
+    _require_float32(x, residual)
     b, _, h, w = x.shape
-    ho, wo = (_out_size(n, k, stride, p) for n, k, p in zip((h, w), kernel_size, padding))
+    ho, wo = _out_size(h, kernel_size[0], stride, padding[0]), _out_size(w, kernel_size[1], stride, padding[1])
     out = torch.empty(b, out_channels, ho, wo, memory_format=torch.channels_last)
-    conv(_pixels(x), packed, tuple(kernel_size), out.permute(0, 2, 3, 1), stride, (-padding[0], -padding[1]), bias,
-         None if residual is None else _pixels(residual))
+    _conv(_pixels(x), packed, tuple(kernel_size), out.permute(0, 2, 3, 1), stride, (-padding[0], -padding[1]), bias,
+          None if residual is None else _pixels(residual))
     return out
+
+
+def _require_float32(x: torch.Tensor, residual: torch.Tensor | None) -> None:
+    for t in (x, residual):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4):
+            raise TypeError(f"the AMX convolutions take float32 CPU [B, C, H, W] tensors; got {t.dtype} "
+                            f"{tuple(t.shape)} on {t.device}: cast and move before optimize_for_inference()")
 
 
 def _pixels(t: torch.Tensor) -> torch.Tensor:
@@ -367,12 +383,13 @@ def upsample_conv2d(x: torch.Tensor, phases: torch.Tensor, out_channels: int,
 
 
 def _upsample_conv2d(x, phases, out_channels, bias):
+    _require_float32(x, None)
     b, _, h, w = x.shape
     out = torch.empty(b, h, 2, w, 2, out_channels)  # [B, H, a, W, b, N]: channels-last [B, N, 2H, 2W]
     pixels = _pixels(x)
     for i, packed in enumerate(phases):
         a, c = divmod(i, 2)
-        conv(pixels, packed, (2, 2), out[:, :, a, :, c], 1, (a - 1, c - 1), bias)
+        _conv(pixels, packed, (2, 2), out[:, :, a, :, c], 1, (a - 1, c - 1), bias, None)
     return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
 
 
