@@ -1,8 +1,8 @@
-"""Our float32 convolutions on AMX tiles (latentdiff/models/packed.py's AmxConv2d and AmxUpsampleConv, which
+"""Our float32 convolutions on AMX tiles (latentdiff/models/amx_layers.py's AmxConv2d and AmxUpsampleConv, which
 optimize_for_inference() uses on float32 models where the CPU has AMX) against oneDNN's packed direct convs
 (PackedConv2d, PackedUpsampleConv: what it uses elsewhere) on the convs that Winograd leaves to a direct conv: the
 stride-2 downsamplers, small maps, the upsamplers' phase convs, the narrow conv_in and conv_out (which stay with
-oneDNN: see packed.suits_amx_conv). Prints, per layer: the largest error of both against a float64 reference, the
+oneDNN: see amx_layers.suits_amx_conv). Prints, per layer: the largest error of both against a float64 reference, the
 median times (calls interleaved) and the ratio.
 
     python benchmarks/conv_amx.py [--threads 2] [--repeats 7]
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx
-from latentdiff.models.packed import AmxConv2d, AmxUpsampleConv, PackedConv2d, PackedUpsampleConv
+from latentdiff.models.amx_layers import AmxConv2d, AmxUpsampleConv
+from latentdiff.models.packed import PackedConv2d, PackedUpsampleConv
 
 # (name, batch, in, out, side, kernel, stride): SD 1.5 at 512 px (U-Net batch 2, VAE batch 1) and
 # pipelines/tiny-shapes' U-Net (batch 2, 16x16 latents)

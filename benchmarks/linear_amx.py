@@ -1,4 +1,4 @@
-"""Our float32 linear layers on AMX tiles (latentdiff/models/packed.py's AmxLinear and AmxGEGLU, which
+"""Our float32 linear layers on AMX tiles (latentdiff/models/amx_layers.py's AmxLinear and AmxGEGLU, which
 optimize_for_inference() uses on float32 models where the CPU has AMX) against oneDNN's (PackedLinear, PackedGEGLU,
 what it uses elsewhere) on the linear layers of SD 1.5's U-Net, batch 2. Prints, per layer: the largest error of
 both against a float64 reference, the median times (calls interleaved) and the ratio.
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx
 from latentdiff.models.attention import GEGLU
-from latentdiff.models.packed import AmxGEGLU, AmxLinear, PackedGEGLU, PackedLinear
+from latentdiff.models.amx_layers import AmxGEGLU, AmxLinear
+from latentdiff.models.packed import PackedGEGLU, PackedLinear
 
 # (name, tokens (batch 2), in, out): per resolution of SD 1.5's 512x512 U-Net, the attention projections, the
 # feed-forward's output and its GEGLU (in -> 2 x 4 in), the cross-attention's keys (77 text tokens), the time embedding

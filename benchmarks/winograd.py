@@ -1,7 +1,7 @@
 """Winograd 3x3 convolutions (latentdiff/models/packed.py's WinogradConv2d, float32) by each of its paths against
 the packed direct conv it falls back to, per layer shape: the transforms by PyTorch's elementwise ops ("torch") or
 by our compiled kernels (winograd.cpp, "compiled"), the products by torch.bmm, or on AMX tiles where this CPU has
-them ("amx", whose direct conv is AMX's too: packed.AmxConv2d). Prints median times (calls interleaved), direct /
+them ("amx", whose direct conv is AMX's too: amx_layers.AmxConv2d). Prints median times (calls interleaved), direct /
 Winograd, and what packed.winograd_pays chooses.
 
     python benchmarks/winograd.py [--threads 2] [--repeats 20] [--march haswell]
@@ -18,7 +18,7 @@ import time
 import torch
 
 from common import machine, setup
-from latentdiff.models import amx, native, packed, winograd
+from latentdiff.models import amx, amx_layers, native, packed, winograd
 
 # (batch, channels, side): SD 1.5 at 512 px (U-Net 64..8, VAE decoder 64..512, batch 2 / 1), smaller images' and
 # tiny-shapes' sizes, and the corners of winograd_pays' rules
@@ -56,7 +56,7 @@ def main() -> None:
             calls[path] = lambda path=path: winograd.winograd_conv3x3(x, filters, conv.bias,
                                                                      fused_transforms=path == "compiled")
         if amx.available():
-            layer, amx_direct = packed.WinogradConv2d(conv), packed.AmxConv2d(conv)
+            layer, amx_direct = packed.WinogradConv2d(conv), amx_layers.AmxConv2d(conv)
             calls["amx"] = lambda: winograd.winograd_conv3x3(x, layer.weight, layer.bias, layer._points, c)
             calls["amx direct"] = lambda: amx_direct(x)
         times = {name: [] for name in calls}

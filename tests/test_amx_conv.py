@@ -1,4 +1,4 @@
-"""Float32 convolutions on AMX tiles (amx.conv, packed.AmxConv2d and AmxUpsampleConv): each output pixel a row of
+"""Float32 convolutions on AMX tiles (amx.conv, amx_layers.AmxConv2d and AmxUpsampleConv): each output pixel a row of
 amx_linear's products, its patch gathered as the row's depth. As exact as PyTorch's float32 conv against a float64
 reference over strides, paddings, ragged channel counts (not multiples of 16) and inputs in any layout; the
 upsampler's four phase convs against the conv of the upsampled map; what pack_for_inference() picks; the same bits
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.models import amx
-from latentdiff.models.packed import (AmxConv2d, AmxPointwiseConv, AmxUpsampleConv, PackedConv2d, PackedUpsampleConv,
-                                      filter_from_phases, pack_for_inference, upsampling_phases)
+from latentdiff.models.amx_layers import AmxConv2d, AmxPointwiseConv, AmxUpsampleConv
+from latentdiff.models.packed import (PackedConv2d, PackedUpsampleConv, filter_from_phases, pack_for_inference,
+                                      upsampling_phases)
 from latentdiff.models.resnet import Upsample2D
 
 from test_amx_attention import needs_amx

@@ -1,4 +1,4 @@
-"""Float32 linear layers on AMX tiles (amx.linear, packed.AmxLinear and AmxGEGLU): as exact as PyTorch's
+"""Float32 linear layers on AMX tiles (amx.linear, amx_layers.AmxLinear and AmxGEGLU): as exact as PyTorch's
 float32 linear against a float64 reference on ragged shapes (rows, columns and depth not multiples of the tiles,
 depths that take several passes, strided inputs), the residual and GEGLU epilogues, and what pack_for_inference()
 makes of float32 layers with and without AMX. The kernel's own tests run only where this CPU has AMX and g++."""
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from latentdiff.models import amx, winograd
 from latentdiff.models import packed as packed_module
 from latentdiff.models.attention import GEGLU
-from latentdiff.models.packed import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, PackedConv2d, PackedGEGLU,
-                                      PackedLinear, WinogradConv2d, pack_for_inference)
+from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv
+from latentdiff.models.packed import PackedConv2d, PackedGEGLU, PackedLinear, WinogradConv2d, pack_for_inference
 
 from test_amx_attention import keeps_subnormals, needs_amx, together
 

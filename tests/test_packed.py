@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from latentdiff.models import allocator, amx, attention, native, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.packed import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, PackedConv2d,
-                                      PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d, pack_for_inference)
+from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv
+from latentdiff.models.packed import (PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d,
+                                      pack_for_inference)
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),

@@ -399,7 +399,8 @@ def test_compile_and_optimize_for_inference_share_the_models_out(folders):
 def test_pipeline_optimized_for_inference_makes_the_same_images(folders, tmp_path):
     """pipe.optimize_for_inference() packs the U-Net, the VAE and the text encoder (no plain nn.Linear or
     nn.Conv2d left) and makes the same images up to float rounding; saving it afterwards is refused with the fix."""
-    from latentdiff.models.packed import AmxConv2d, AmxUpsampleConv, PackedConv2d, PackedUpsampleConv
+    from latentdiff.models.amx_layers import AmxConv2d, AmxUpsampleConv
+    from latentdiff.models.packed import PackedConv2d, PackedUpsampleConv
 
     plain = LatentDiffusionPipeline.from_pretrained(folders[1])
     fast = LatentDiffusionPipeline.from_pretrained(folders[1]).optimize_for_inference()

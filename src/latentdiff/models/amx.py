@@ -1,7 +1,7 @@
 """Our kernels on Intel AMX tiles for the CPU (amx.cpp), used by optimize_for_inference() where they beat PyTorch's:
-attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; packed.AmxLinear and
-AmxGEGLU), Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d) and float32 direct
-convolutions (`pack_conv`, `conv`, `conv2d`, `upsample_conv2d`; packed.AmxConv2d and AmxUpsampleConv). SD 1.5's
+attention in bfloat16 and float32 (`attention`), float32 linear layers (`pack_linear`, `linear`; amx_layers.AmxLinear
+and AmxGEGLU), Winograd's per-point products (`pack_points`, `points`; packed.WinogradConv2d) and float32 direct
+convolutions (`pack_conv`, `conv`, `conv2d`, `upsample_conv2d`; amx_layers.AmxConv2d and AmxUpsampleConv). SD 1.5's
 U-Net at 512x512 spent ~40% of a bf16 forward in the 64x64 level's self-attention (2 x 8 heads, 4096 tokens, head dim
 40), where PyTorch's CPU flash kernel is bound by its softmax, not its matrix products (~87 ms at head dim 8, ~102 at
 40; 2 threads); this kernel takes ~58 ms. In float32 the kernels split each number into three bfloat16 parts and take

@@ -9,8 +9,8 @@ without its minutes of compilation. 3x3 stride-1 convs go further with Winograd'
 the convs after a 2x nearest upsampling skip making the upsampled map (PackedUpsampleConv). 1x1 convs run as
 linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it was packed
 for (20-107 GFLOP/s), the linear is steady (~105). On CPUs with AMX, float32 layers run our kernels instead
-(amx.py): linear and 1x1 layers (AmxLinear, AmxPointwiseConv), Winograd's products, and the direct convs of at least
-32 channels in and out (AmxConv2d, AmxUpsampleConv).
+(amx.py; the layers in amx_layers.py): linear and 1x1 layers, GEGLUs, Winograd's products, and the direct convs of
+at least 32 channels in and out.
 
 Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
 ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
@@ -221,69 +221,6 @@ class PackedGEGLU(nn.Module):
         return _ops._linear_pointwise.binary(x, gate, self.value.weight, self.value.bias, "mul")
 
 
-class AmxLinear(_Packed):
-    """A float32 nn.Linear on AMX tiles (amx.linear: three bfloat16 parts per number, six tile products
-    per product, as exact as oneDNN's float32 product and 1.2-1.8x faster on SD 1.5's layers), for CPUs with AMX.
-    `weight` holds the packed parts (int16, as _Packed's re-laid-out weights: not the layer's dtype; the model's
-    parameters, its biases, stay float32); `layer(x, residual)` adds the residual as it writes the output."""
-
-    def __init__(self, linear: nn.Linear):
-        self._require_packable(linear)
-        if not runs_on_amx(linear):
-            why = amx.unavailable() or "the AMX kernels did not build"
-            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({why}); got {linear} in "
-                             f"{linear.weight.dtype}: use PackedLinear")
-        super().__init__(linear, amx.pack_linear(linear.weight))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x)
-        return amx.linear(x, self.weight, self.out_features, self.bias, residual)
-
-
-class AmxPointwiseConv(AmxLinear):
-    """A float32 1x1, stride-1 nn.Conv2d (a linear layer over each pixel's channels) on AMX tiles, as AmxLinear; a
-    channels-last input is read as [B, H, W, C] rows without a copy, and the output is channels-last."""
-
-    pointwise = True
-
-    def __init__(self, conv: nn.Conv2d):
-        if not is_pointwise(conv):
-            raise ValueError(f"AmxPointwiseConv needs a 1x1 conv with stride 1 and no padding; got {conv}")
-        super().__init__(_linear(conv.weight.detach().flatten(1), None if conv.bias is None else conv.bias.detach()))
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = None if residual is None else residual.permute(0, 2, 3, 1)
-        return super().forward(x.permute(0, 2, 3, 1), tokens).permute(0, 3, 1, 2)
-
-
-class AmxGEGLU(AmxLinear):
-    """attention.GEGLU in float32 on AMX tiles: its projection by amx.linear, which applies the gate
-    (value * gelu(gate), exact GELU) as it writes the output; the projection's rows re-ordered 16 values, their 16
-    gates, ... so that each pair of output tiles holds both. SD 1.5's 64x64 feed-forward (2 x 4096 tokens, 320 ->
-    2 x 1280, 2 threads, AMX host): ~40 against ~70 ms for PackedGEGLU (oneDNN, float32)."""
-
-    adds_residual = False
-
-    def __init__(self, geglu: GEGLU):
-        proj = geglu.proj
-        if not suits_amx_geglu(geglu):
-            raise ValueError(f"AmxGEGLU needs a float32 GEGLU with a bias and a width (half the projection) that is a "
-                             f"multiple of 16, and a CPU with AMX; got {proj}: use PackedGEGLU")
-        order = torch.arange(proj.out_features).view(2, -1, 16).transpose(0, 1).reshape(-1)
-        super().__init__(_linear(proj.weight.detach()[order], proj.bias.detach()[order]))
-        self.out_features = proj.out_features // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return amx.linear(x, self.weight, 2 * self.out_features, self.bias, geglu=True)
-
-
-def suits_amx_geglu(geglu: GEGLU) -> bool:
-    proj = geglu.proj
-    return can_pack(proj) and runs_on_amx(proj) and proj.bias is not None and proj.out_features % 32 == 0
-
-
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding (contiguous copies of) these tensors, to be packed."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -400,75 +337,6 @@ class PackedUpsampleConv(PackedConv2d):
         return out.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)
 
 
-def suits_amx_conv(conv: nn.Conv2d) -> bool:
-    """Whether AmxConv2d takes this (packable) conv: float32 on a CPU where the AMX kernels run, equal strides, no
-    dilation, at least AMX_MIN_CHANNELS channels in and out (narrower ones waste the tiles: SD 1.5's conv_in and
-    conv_out, 4 channels, ran 0.4-0.5x oneDNN's)."""
-    return (runs_on_amx(conv) and conv.stride[0] == conv.stride[1] and conv.dilation == (1, 1)
-            and min(conv.in_channels, conv.out_channels) >= AMX_MIN_CHANNELS)
-
-
-class AmxConv2d(_Packed):
-    """A float32 nn.Conv2d on AMX tiles (amx.conv2d: each output pixel a row of AmxLinear's products, its patch
-    the row's depth, gathered as the inputs are split into bfloat16 parts, so no unfolded copy), for CPUs with AMX;
-    the output is channels-last, `layer(x, residual)` adds the residual as it writes. Against oneDNN's packed float32
-    direct conv (benchmarks/conv_amx.py, 2 threads, AMX host, 2026-12-05): SD 1.5's stride-2 downsamplers 1.7-2.0x,
-    its 4x4 layers 1.9x, pipelines/tiny-shapes' 3x3 layers 1.2-1.4x; errors against float64 2-9x smaller."""
-
-    def __init__(self, conv: nn.Conv2d):
-        self._require_packable(conv)
-        if not suits_amx_conv(conv):
-            why = amx.unavailable() or "the AMX kernels did not build"
-            raise ValueError(f"AmxConv2d needs a float32 nn.Conv2d with equal strides, no dilation and at least "
-                             f"{AMX_MIN_CHANNELS} channels in and out, on a CPU with AMX (here: "
-                             f"{'it has them' if amx.available() else why}); got {conv} in {conv.weight.dtype}: "
-                             "use PackedConv2d")
-        super().__init__(conv, amx.pack_conv(conv.weight))
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, list(conv.stride), list(conv.padding)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x)
-        return amx.conv2d(x, self.weight, self.out_channels, self.kernel_size, self.stride[0], self.padding,
-                          self.bias, residual)
-
-
-class AmxUpsampleConv(_Packed):
-    """PackedUpsampleConv on AMX tiles: `upsampled(x)` = conv(F.interpolate(x, scale_factor=2)) as four 2x2 phase
-    convs (amx.upsample_conv2d), each writing its pixels of the output in place (no (H + 1) x (W + 1) grid of all
-    four, no interleaving copy). Against PackedUpsampleConv's oneDNN phases (benchmarks/conv_amx.py, 2 threads, AMX
-    host): 1.7-2.0x on SD 1.5's U-Net upsamplers, 1.3-1.5x on its VAE decoder's, 1.5-1.6x on tiny-shapes'; in an
-    interleaved A/B of whole optimized models, SD 1.5's VAE decode 3.49 -> 3.27 s, its U-Net 2.97 -> 2.90 s,
-    tiny-shapes' U-Net 10.3 -> 9.35 ms (with AmxConv2d). `weight` holds the four phase
-    filters' parts alone (16/9 of the filter, at 1.5x the float32 bytes); called on an input of another size (an
-    odd skip connection), it runs an AmxConv2d of the filter recovered from them (exact up to float32 rounding),
-    built when first needed."""
-
-    def __init__(self, conv: nn.Conv2d):
-        self._require_packable(conv)
-        if not (suits_amx_conv(conv) and is_3x3_same(conv)):
-            raise ValueError(f"AmxUpsampleConv needs a float32 3x3 conv with stride 1 and padding 1 that AmxConv2d "
-                             f"takes (see suits_amx_conv); got {conv} in {conv.weight.dtype}: use PackedUpsampleConv")
-        super().__init__(conv, torch.stack([amx.pack_conv(phase) for phase in upsampling_phases(conv.weight)]))
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.direct: AmxConv2d | None = None
-
-    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return amx.upsample_conv2d(x, self.weight, self.out_channels, self.bias)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.direct is None:
-            phases = torch.stack([amx.unpack_conv(p, self.out_channels, self.in_channels, (2, 2))
-                                  for p in self.weight])
-            conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
-                             device="meta")
-            conv.weight = nn.Parameter(filter_from_phases(phases), requires_grad=False)
-            conv.bias = self.bias
-            self.direct = AmxConv2d(conv)  # (its bias shares self.bias's storage)
-        return self.direct(x, residual)
-
-
 class WinogradConv2d(_Packed):
     """A 3x3, stride-1, padding-1 nn.Conv2d computed with Winograd's F(4x4, 3x3) (small float32 filters) or
     F(2x2, 3x3) from pre-transformed filters, for inputs on which that pays (`winograd_pays`). Smaller inputs run a
@@ -493,7 +361,7 @@ class WinogradConv2d(_Packed):
         self.on_amx = runs_on_amx(conv)
         super().__init__(conv, amx.pack_points(filters.transpose(1, 2)) if self.on_amx else filters)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.direct: PackedConv2d | AmxConv2d | None = None
+        self.direct: nn.Module | None = None  # a PackedConv2d, or on AMX CPUs an AmxConv2d
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
@@ -501,6 +369,8 @@ class WinogradConv2d(_Packed):
             y = winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None, self.out_channels)
             return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)
         if self.direct is None:
+            from .amx_layers import AmxConv2d, suits_amx_conv  # (they build on this module's classes)
+
             conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
                              device="meta")
             conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
@@ -529,6 +399,9 @@ class WinogradConv2d(_Packed):
 def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> nn.Module:
     """The packed stand-in for `layer` (`after_upsampling`: the conv of an Upsample2D), or `layer` itself when it
     cannot be packed."""
+    from .amx_layers import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, suits_amx_conv,
+                             suits_amx_geglu)  # (they build on this module's classes)
+
     if type(layer) is GEGLU and suits_amx_geglu(layer):
         return AmxGEGLU(layer)
     if type(layer) is GEGLU and can_pack(layer.proj) and layer.proj.bias is not None:
