@@ -12,7 +12,8 @@ from latentdiff.models import allocator, amx, attention, native, packed, winogra
 from latentdiff.models.fused import adds_residual
 from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv
 from latentdiff.models.packed import (PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d,
-                                      pack_for_inference)
+                                      WinogradUpsampleConv, pack_for_inference)
+from latentdiff.models.resnet import Upsample2D
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
 pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"),
@@ -339,11 +340,56 @@ def test_feedforward_in_chunks_is_exact(monkeypatch):
     torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("algorithm", [winograd.F2x2, winograd.F4x4])
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_transforms), False])
+@pytest.mark.parametrize("height, width", [(8, 8), (5, 3)])
+def test_winograd_conv_of_the_upsampled_map(algorithm, fused, height, width, monkeypatch):
+    """upsample=True: the conv of x's nearest 2x upsampling, which the compiled input transform reads from x (PyTorch's
+    path makes the upsampled map first), over several slices of tile rows."""
+    monkeypatch.setattr(winograd, "MIN_TILES", 4)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 24, height, width, generator=g)
+    weight, bias = torch.randn(16, 24, 3, 3, generator=g) / 15, torch.randn(16, generator=g)
+    filters = winograd.transform_filters(weight, algorithm)
+    exact = F.conv2d(F.interpolate(x.double(), scale_factor=2.0), weight.double(), bias.double(), padding=1)
+    got = winograd.winograd_conv3x3(x, filters, bias, fused_transforms=fused, upsample=True)
+    assert got.shape == exact.shape and got.is_contiguous(memory_format=torch.channels_last)
+    plain = winograd.winograd_conv3x3(F.interpolate(x, scale_factor=2.0), filters, bias, fused_transforms=False)
+    assert (got.double() - exact).abs().max() <= 1.25 * (plain.double() - exact).abs().max() + 1e-6
+
+
+@needs_transforms
+@torch.no_grad()
+def test_winograd_upsample_conv_runs_winograd_or_the_phases(monkeypatch):
+    """WinogradUpsampleConv.upsampled: Winograd on the upsampled map where it pays, else the phases of the recovered
+    filters (built at the first such call); what pack_for_inference() gives an upsampler with the channels for it."""
+    monkeypatch.setattr(packed, "WINOGRAD_UPSAMPLE_MIN_CHANNELS", 32)
+    torch.manual_seed(12)
+    conv = torch.nn.Conv2d(32, 40, 3, padding=1).eval()
+    layer = WinogradUpsampleConv(conv)
+    x = torch.randn(2, 32, 6, 5)
+    exact = F.conv2d(F.interpolate(x.double(), scale_factor=2.0), conv.weight.double(), conv.bias.double(), padding=1)
+    for pays in (True, False):
+        monkeypatch.setattr(packed, "winograd_pays", lambda shape, out_channels, path="torch", pays=pays: pays)
+        got = layer.upsampled(x)
+        assert got.shape == exact.shape and (got.double() - exact).abs().max() <= 1e-4
+        assert (layer.phases is None) == pays
+    assert isinstance(layer.phases, FLOAT32_UPSAMPLE_CONV)
+    model = pack_for_inference(torch.nn.Sequential(Upsample2D(32), Upsample2D(16)))  # (16 channels: too few)
+    assert type(model[0].conv) is WinogradUpsampleConv and type(model[1].conv) is PackedUpsampleConv
+    monkeypatch.setattr(packed, "WINOGRAD_UPSAMPLE_MIN_CHANNELS", 64)
+    with pytest.raises(ValueError, match="use PackedUpsampleConv"):
+        WinogradUpsampleConv(conv)
+
+
+@pytest.mark.parametrize("winograd_upsampling", [False, pytest.param(True, marks=needs_transforms)])
 @pytest.mark.usefixtures("always_winograd")
 @torch.no_grad()
-def test_packed_vae_decodes_as_the_plain_one():
+def test_packed_vae_decodes_as_the_plain_one(winograd_upsampling, monkeypatch):
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
 
+    if winograd_upsampling:  # (the tiny VAE's upsampler has 64 channels)
+        monkeypatch.setattr(packed, "WINOGRAD_UPSAMPLE_MIN_CHANNELS", 64)
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.tiny()).eval()
     for p in vae.parameters():
@@ -352,7 +398,8 @@ def test_packed_vae_decodes_as_the_plain_one():
     fast.load_state_dict(vae.state_dict())
     pack_for_inference(fast)
     assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
-    assert any(isinstance(m, FLOAT32_UPSAMPLE_CONV) for m in fast.modules())  # (tiled decoding runs them too)
+    upsampling = WinogradUpsampleConv if winograd_upsampling else FLOAT32_UPSAMPLE_CONV
+    assert any(type(m) is upsampling for m in fast.modules())  # (tiled decoding runs them too)
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(2))
     expected = vae.decode(latents)
     assert (fast.decode(latents) - expected).abs().max() <= 1e-4
@@ -423,8 +470,6 @@ def test_optimized_model_adds_its_residuals_inside_the_layers():
 def test_upsample_conv_runs_on_the_upsampling_without_making_it(dtype, tolerance, batch, height, width):
     """PackedUpsampleConv.upsampled(x) (four 2x2 phase filters) is the 3x3 conv of the nearest 2x upsampling of x,
     borders included, against float64; Upsample2D takes it for a 2x size and the plain conv for any other."""
-    from latentdiff.models.resnet import Upsample2D
-
     torch.manual_seed(0)
     up = Upsample2D(12).to(dtype)
     plain = Upsample2D(12).double()

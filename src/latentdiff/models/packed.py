@@ -34,6 +34,8 @@ WINOGRAD_MIN_CHANNELS = 32  # below this (e.g. conv_in's 4 input channels) the t
 # resolution (where the wide layers live) and is float32-only. Used for filters of up to this many numbers: in SD 1.5,
 # those of the 64x64 and 32x32 levels (320 and 640 channels), where it runs 1.3-1.7x faster than F(2x2).
 F4X4_MAX_FILTER = 4_000_000
+# An upsampler's conv runs F(4x4) on the upsampled map (WinogradUpsampleConv) from this many channels in and out
+WINOGRAD_UPSAMPLE_MIN_CHANNELS = 256
 
 
 def can_pack(layer: nn.Module) -> bool:
@@ -371,13 +373,16 @@ class WinogradConv2d(_Packed):
         if self.direct is None:
             from .amx_layers import AmxConv2d, suits_amx_conv  # (they build on this module's classes)
 
-            conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
-                             device="meta")
-            conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
-            conv.bias = self.bias
-            # (its bias shares self.bias's storage)
+            conv = self._recovered_conv()
             self.direct = AmxConv2d(conv) if suits_amx_conv(conv) else PackedConv2d(conv)
         return self.direct(x, residual)
+
+    def _recovered_conv(self) -> nn.Conv2d:
+        """The conv whose filters these are (recovered from the transformed ones), sharing self.bias's storage."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None, device="meta")
+        conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
+        conv.bias = self.bias
+        return conv
 
     def path(self, x: torch.Tensor) -> str:
         """Which kernels make the Winograd conv of x (see winograd_pays)."""
@@ -396,6 +401,50 @@ class WinogradConv2d(_Packed):
         return amx.points(v, self.weight, self.out_channels)
 
 
+class WinogradUpsampleConv(WinogradConv2d):
+    """The conv of an upsampler (Upsample2D) as a WinogradConv2d whose `upsampled(x)` (= self(F.interpolate(x,
+    scale_factor=2))) runs F(4x4, 3x3) on the 2x nearest upsampling of x, which the compiled input transform reads
+    from x without making it: 2.25 multiplies per output against the four upsampling phases' 4 (PackedUpsampleConv,
+    AmxUpsampleConv). Where Winograd does not pay on the upsampled size (`winograd_pays`), the phases of the filters
+    recovered from the transformed ones run, built when first needed. For float32 layers of at least
+    WINOGRAD_UPSAMPLE_MIN_CHANNELS channels in and out whose filters F(4x4) takes (`suits_winograd_upsampling`).
+    `benchmarks/winograd.py --upsamplers` (2 threads, AMX host): against AMX's phases, SD's VAE decoder 1.14-1.43x,
+    SD 1.5's U-Net 640 ch 32 -> 64 1.13x, 256-320 ch at 16 -> 32 1.3x; narrower layers lose (128 ch 0.88x, 64 ch
+    0.90x), and so do F(2x2)'s (1280 ch 0.67-1.07x); with the AMX kernels off, against oneDNN's phases, 1.37-1.59x on
+    those SD layers. Whole VAE decode (interleaved A/B): 3.13 -> 3.00 s, without the AMX kernels 3.47 -> 3.21 s."""
+
+    def __init__(self, conv: nn.Conv2d):
+        if not suits_winograd_upsampling(conv):
+            raise ValueError(f"WinogradUpsampleConv needs a float32 3x3 conv with stride 1 and padding 1, at least "
+                             f"{WINOGRAD_UPSAMPLE_MIN_CHANNELS} channels in and out, filters of at most "
+                             f"{F4X4_MAX_FILTER} numbers and the compiled Winograd transforms; got {conv} in "
+                             f"{conv.weight.dtype}: use PackedUpsampleConv")
+        super().__init__(conv)
+        self.phases: nn.Module | None = None  # a PackedUpsampleConv, or on AMX CPUs an AmxUpsampleConv
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        n, c, h, w = x.shape
+        path = self.path(x)
+        if path != "torch" and winograd_pays((n, c, 2 * h, 2 * w), self.out_channels, path):
+            return winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None,
+                                    self.out_channels, upsample=True)
+        if self.phases is None:
+            from .amx_layers import AmxUpsampleConv, suits_amx_conv  # (they build on this module's classes)
+
+            conv = self._recovered_conv()
+            self.phases = AmxUpsampleConv(conv) if suits_amx_conv(conv) else PackedUpsampleConv(conv)
+        return self.phases.upsampled(x)
+
+
+def suits_winograd_upsampling(conv: nn.Conv2d) -> bool:
+    """Whether WinogradUpsampleConv takes this conv of an upsampler (see it)."""
+    return (can_pack(conv) and suits_winograd(conv) and conv.weight.dtype == torch.float32
+            and conv.weight.numel() <= F4X4_MAX_FILTER
+            and min(conv.in_channels, conv.out_channels) >= WINOGRAD_UPSAMPLE_MIN_CHANNELS
+            and transforms() is not None)
+
+
 def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> nn.Module:
     """The packed stand-in for `layer` (`after_upsampling`: the conv of an Upsample2D), or `layer` itself when it
     cannot be packed."""
@@ -411,6 +460,8 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
     if type(layer) is nn.Linear:
         return AmxLinear(layer) if runs_on_amx(layer) else PackedLinear(layer)
     if after_upsampling and is_3x3_same(layer):
+        if winograd and suits_winograd_upsampling(layer):
+            return WinogradUpsampleConv(layer)
         return AmxUpsampleConv(layer) if suits_amx_conv(layer) else PackedUpsampleConv(layer)
     if winograd and uses_winograd(layer):
         return WinogradConv2d(layer)

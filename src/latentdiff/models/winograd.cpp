@@ -58,10 +58,11 @@ inline void sandwich(const float (&T)[R][A], const Vec (&in)[A][A], Vec (&out)[R
 // V [a * a][N][t][tw][C] = B^T d B for every (a x a) tile d of the map x [N][H][W][C] (unit stride along C; samples,
 // rows and columns sn, sh and sw elements apart) padded by 1 on every side and on the bottom and right up to whole
 // tiles, tile rows t0 .. t0 + t: tile (ti, tj) starts at row m ti - 1, column m tj - 1 of x, where the padding reads
-// as zeros (no padded copy of x is made).
+// as zeros (no padded copy of x is made). With `up` = 1 the map is x upsampled 2x by nearest neighbour (pixel (y, x)
+// of the 2H x 2W map is x's (y / 2, x / 2)), read as such without being made.
 template <int m>
-void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_t H, int64_t W, int64_t C, int64_t t0,
-           int64_t t, int64_t tw, float* V, int threads) {
+void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_t H, int64_t W, int64_t C, int up,
+           int64_t t0, int64_t t, int64_t tw, float* V, int threads) {
     using F = Algorithm<m>;
     constexpr int a = F::a;
     const int64_t tiles = N * t * tw;
@@ -70,15 +71,18 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
         const FlushSubnormals flushing;
         const int64_t n = tile / (t * tw), ti = t0 + tile / tw % t, tj = tile % tw;
         const int64_t y0 = m * ti - 1, x0 = m * tj - 1;
-        bool inside[a][a];  // which of the tile's pixels lie in x
+        const float* pixel[a][a];  // the tile's pixels in x (null: in the padding)
         for (int r = 0; r < a; ++r)
-            for (int s = 0; s < a; ++s) inside[r][s] = y0 + r >= 0 && y0 + r < H && x0 + s >= 0 && x0 + s < W;
-        const float* d = x + n * sn + y0 * sh + x0 * sw;  // (may point outside x: only `inside` pixels are read)
+            for (int s = 0; s < a; ++s) {
+                const int64_t y = y0 + r, xx = x0 + s;
+                pixel[r][s] = y >= 0 && y < H << up && xx >= 0 && xx < W << up
+                                  ? x + n * sn + (y >> up) * sh + (xx >> up) * sw : nullptr;
+            }
         for (int64_t c = 0; c < C; c += LANES) {
             const int lanes = C - c < LANES ? int(C - c) : LANES;
             Vec in[a][a], out[a][a];
             for (int r = 0; r < a; ++r)
-                for (int s = 0; s < a; ++s) in[s][r] = inside[r][s] ? load(d + r * sh + s * sw + c, lanes) : Vec{};
+                for (int s = 0; s < a; ++s) in[s][r] = pixel[r][s] ? load(pixel[r][s] + c, lanes) : Vec{};
             sandwich(F::BT, in, out);
             for (int i = 0; i < a; ++i)
                 for (int j = 0; j < a; ++j) store(out[i][j], lanes, V + ((i * a + j) * tiles + tile) * C + c);
@@ -115,11 +119,13 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
 
 }  // namespace
 
-// F(m x m, 3 x 3) for m = 2 or 4; returns nonzero for another m
+// F(m x m, 3 x 3) for m = 2 or 4, of x (up = 0) or of its nearest 2x upsampling (up = 1); returns nonzero for another
+// m or up
 extern "C" int winograd_input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_t H, int64_t W,
-                              int64_t C, int64_t t0, int64_t t, int64_t tw, int m, float* V, int threads) {
-    if (m == 2) input<2>(x, sn, sh, sw, N, H, W, C, t0, t, tw, V, threads);
-    else if (m == 4) input<4>(x, sn, sh, sw, N, H, W, C, t0, t, tw, V, threads);
+                              int64_t C, int up, int64_t t0, int64_t t, int64_t tw, int m, float* V, int threads) {
+    if (up != 0 && up != 1) return 1;
+    if (m == 2) input<2>(x, sn, sh, sw, N, H, W, C, up, t0, t, tw, V, threads);
+    else if (m == 4) input<4>(x, sn, sh, sw, N, H, W, C, up, t0, t, tw, V, threads);
     else return 1;
     return 0;
 }

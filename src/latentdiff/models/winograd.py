@@ -72,28 +72,34 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
 
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
                      multiply: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     out_channels: int | None = None, fused_transforms: bool | None = None) -> torch.Tensor:
+                     out_channels: int | None = None, fused_transforms: bool | None = None,
+                     upsample: bool = False) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
     (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory. `multiply(v)`,
     where given, makes the products of the transformed tiles v [(m+2)^2, tiles, C] with the filters, [(m+2)^2, tiles,
     K] (torch.bmm(v, filters) otherwise), from filters held in a form of its own: only their first size (which tells
     the algorithm) is read then, and K is `out_channels`. `fused_transforms`: the input and output transforms by our
     compiled kernels (winograd.cpp), one pass over memory each, not one elementwise PyTorch op per term; None (the
-    default): for float32 CPU tensors where they build (`transforms()`), True: required."""
+    default): for float32 CPU tensors where they build (`transforms()`), True: required. `upsample`: the conv of x's
+    nearest 2x upsampling, [N, K, 2H, 2W], which the compiled input transform reads from x without making it
+    (PyTorch's path makes it)."""
     alg = ALGORITHMS[filters.shape[0]]
     m, a = alg.m, len(alg.BT)
+    lib = _fused_library(x, fused_transforms)
+    if upsample and lib is None:
+        x, upsample = F.interpolate(x, scale_factor=2.0, mode="nearest"), False
     n, c, h, w = x.shape
+    h, w = (2 * h, 2 * w) if upsample else (h, w)
     th, tw = -(-h // m), -(-w // m)  # output tiles down and across
     out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
     multiply = multiply or (lambda v: torch.bmm(v, filters))
-    lib = _fused_library(x, fused_transforms)
     if lib is not None:  # the compiled input transform reads x itself, its padding as zeros
         pixels = x.permute(0, 2, 3, 1)  # [N, H, W, C]
         pixels = pixels if pixels.stride(-1) == 1 else pixels.contiguous()
         for t0 in range(0, th, rows):
             t1 = min(th, t0 + rows)
-            products = multiply(_input_transform(lib, pixels, m, t0, t1, tw))
+            products = multiply(_input_transform(lib, pixels, m, t0, t1, tw, upsample))
             _fused_output_transform(lib, products, bias, out[:, t0:t1])
         return _crop(out, h, w)
     # [N, H, W, C] padded by the conv's 1 on top/left, and on bottom/right up to whole tiles
@@ -123,7 +129,7 @@ def transforms() -> ctypes.CDLL | None:
     lib = native.load(Path(__file__).with_suffix(".cpp"), native.PORTABLE_FLAGS, "Winograd transforms")
     if lib is None:
         return None
-    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 10
+    lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 7 + [ctypes.c_int] + [ctypes.c_int64] * 3
                                    + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
     lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4
                                     + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int])
@@ -144,14 +150,16 @@ def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
     return lib
 
 
-def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1: int, tw: int) -> torch.Tensor:
-    """B^T d B of every tile in tile rows t0 .. t1 of the float32 map `pixels` [N, H, W, C] (unit stride along C),
-    padded by 1 and up to whole tiles, in one pass: [(m+2)^2, N (t1 - t0) tw, C]."""
+def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1: int, tw: int,
+                     upsample: bool = False) -> torch.Tensor:
+    """B^T d B of every tile in tile rows t0 .. t1 of the float32 map `pixels` [N, H, W, C] (unit stride along C;
+    `upsample`: of its nearest 2x upsampling, without making it), padded by 1 and up to whole tiles, in one pass:
+    [(m+2)^2, N (t1 - t0) tw, C]."""
     n, h, w, c = pixels.shape
     v = pixels.new_empty((m + 2) ** 2, n * (t1 - t0) * tw, c)
     with native.labelled("latentdiff::winograd_input"):
-        lib.winograd_input(pixels.data_ptr(), *pixels.stride()[:3], n, h, w, c, t0, t1 - t0, tw, m, v.data_ptr(),
-                           torch.get_num_threads())
+        lib.winograd_input(pixels.data_ptr(), *pixels.stride()[:3], n, h, w, c, int(upsample), t0, t1 - t0, tw, m,
+                           v.data_ptr(), torch.get_num_threads())
     return v
 
 
