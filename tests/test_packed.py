@@ -359,6 +359,29 @@ def test_winograd_conv_of_the_upsampled_map(algorithm, fused, height, width, mon
 
 
 @needs_transforms
+@pytest.mark.parametrize("algorithm", [winograd.F2x2, winograd.F4x4])
+@pytest.mark.parametrize("upsample", [False, True])
+@torch.no_grad()
+def test_fused_output_transform_adds_the_residual_as_it_writes(algorithm, upsample, monkeypatch):
+    """residual=: the compiled output transform adds it (NCHW or channels-last) to exactly the outputs it covers, over
+    several slices of tile rows and ragged tiles, the same bits as adding it afterwards; the residual is left be."""
+    monkeypatch.setattr(winograd, "MIN_TILES", 4)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 24, 7, 5, generator=g)
+    filters = winograd.transform_filters(torch.randn(12, 24, 3, 3, generator=g) / 15, algorithm)
+    bias = torch.randn(12, generator=g)
+    plain = winograd.winograd_conv3x3(x, filters, bias, upsample=upsample)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        residual = torch.randn(plain.shape, generator=g).contiguous(memory_format=layout)
+        kept = residual.clone()
+        got = winograd.winograd_conv3x3(x, filters, bias, upsample=upsample, residual=residual)
+        assert torch.equal(got, plain + residual) and torch.equal(residual, kept)
+    broadcast = torch.randn(1, 12, 1, 1, generator=g)  # (not the result's shape: added afterwards, as PyTorch would)
+    assert torch.equal(winograd.winograd_conv3x3(x, filters, bias, upsample=upsample, residual=broadcast),
+                       plain + broadcast)
+
+
+@needs_transforms
 @torch.no_grad()
 def test_winograd_upsample_conv_runs_winograd_or_the_phases(monkeypatch):
     """WinogradUpsampleConv.upsampled: Winograd on the upsampled map where it pays, else the phases of the recovered

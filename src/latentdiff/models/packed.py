@@ -368,8 +368,8 @@ class WinogradConv2d(_Packed):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
         if winograd_pays(x.shape, self.out_channels, self.path(x)):
-            y = winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None, self.out_channels)
-            return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)
+            return winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None,
+                                    self.out_channels, residual=residual)
         if self.direct is None:
             from .amx_layers import AmxConv2d, suits_amx_conv  # (they build on this module's classes)
 

@@ -90,10 +90,13 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
     }
 }
 
-// out [N][t][m][tw][m][K] (samples `ns` elements apart) = A^T M A + bias for the products M [a * a][N][t][tw][K] of
-// every tile; bias may be null.
+// out [N][t][m][tw][m][K] (samples `ns` elements apart) = A^T M A + bias (+ residual) for the products M [a * a][N][t]
+// [tw][K] of every tile; bias may be null. `residual` (may be null) is an [N][H][W][K] map (samples, rows and columns
+// rn, rh and rw elements apart; K unit-stride) whose row y0 + r is added to the tiles' output row r (out's rows past
+// H and columns past W, the tiles' overhang, get none).
 template <int m>
 void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const float* bias, float* out, int64_t ns,
+            const float* residual, int64_t rn, int64_t rh, int64_t rw, int64_t H, int64_t W, int64_t y0,
             int threads) {
     using F = Algorithm<m>;
     constexpr int a = F::a;
@@ -111,8 +114,13 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
                 for (int s = 0; s < a; ++s) in[s][r] = load(M + ((r * a + s) * tiles + tile) * K + k, lanes);
             sandwich(F::AT, in, result);
             for (int i = 0; i < m; ++i)
-                for (int j = 0; j < m; ++j)  // output row m ti + i, column m tj + j
-                    store(result[i][j] + b, lanes, y + (i * tw * m + j) * K + k);
+                for (int j = 0; j < m; ++j) {  // output row m ti + i, column m tj + j
+                    Vec v = result[i][j] + b;
+                    const int64_t row = y0 + m * ti + i, column = m * tj + j;
+                    if (residual && row < H && column < W)
+                        v += load(residual + n * rn + row * rh + column * rw + k, lanes);
+                    store(v, lanes, y + (i * tw * m + j) * K + k);
+                }
         }
     }
 }
@@ -131,9 +139,10 @@ extern "C" int winograd_input(const float* x, int64_t sn, int64_t sh, int64_t sw
 }
 
 extern "C" int winograd_output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, int m, const float* bias,
-                               float* out, int64_t ns, int threads) {
-    if (m == 2) output<2>(M, N, t, tw, K, bias, out, ns, threads);
-    else if (m == 4) output<4>(M, N, t, tw, K, bias, out, ns, threads);
+                               float* out, int64_t ns, const float* residual, int64_t rn, int64_t rh, int64_t rw,
+                               int64_t H, int64_t W, int64_t y0, int threads) {
+    if (m == 2) output<2>(M, N, t, tw, K, bias, out, ns, residual, rn, rh, rw, H, W, y0, threads);
+    else if (m == 4) output<4>(M, N, t, tw, K, bias, out, ns, residual, rn, rh, rw, H, W, y0, threads);
     else return 1;
     return 0;
 }

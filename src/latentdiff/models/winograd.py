@@ -73,7 +73,7 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None = None,
                      multiply: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      out_channels: int | None = None, fused_transforms: bool | None = None,
-                     upsample: bool = False) -> torch.Tensor:
+                     upsample: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Same as F.conv2d(x, weight, bias, padding=1) when filters = transform_filters(weight, algorithm). x: [N, C, H, W]
     (any H, W; channels-last is read without a copy); returns [N, K, H, W] in channels-last memory. `multiply(v)`,
     where given, makes the products of the transformed tiles v [(m+2)^2, tiles, C] with the filters, [(m+2)^2, tiles,
@@ -82,7 +82,8 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     compiled kernels (winograd.cpp), one pass over memory each, not one elementwise PyTorch op per term; None (the
     default): for float32 CPU tensors where they build (`transforms()`), True: required. `upsample`: the conv of x's
     nearest 2x upsampling, [N, K, 2H, 2W], which the compiled input transform reads from x without making it
-    (PyTorch's path makes it)."""
+    (PyTorch's path makes it). `residual` (the result's shape, float32): added to the result, by the compiled output
+    transform as it writes (no pass of its own), else afterwards."""
     alg = ALGORITHMS[filters.shape[0]]
     m, a = alg.m, len(alg.BT)
     lib = _fused_library(x, fused_transforms)
@@ -95,13 +96,16 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
     multiply = multiply or (lambda v: torch.bmm(v, filters))
     if lib is not None:  # the compiled input transform reads x itself, its padding as zeros
-        pixels = x.permute(0, 2, 3, 1)  # [N, H, W, C]
-        pixels = pixels if pixels.stride(-1) == 1 else pixels.contiguous()
+        pixels = _unit_channels(x.permute(0, 2, 3, 1))  # [N, H, W, C]
+        fuse = (residual is not None and residual.dtype == torch.float32
+                and residual.shape == (n, out.shape[-1], h, w))  # (else added afterwards, as PyTorch would)
+        extra = _unit_channels(residual.permute(0, 2, 3, 1)) if fuse else None
         for t0 in range(0, th, rows):
             t1 = min(th, t0 + rows)
             products = multiply(_input_transform(lib, pixels, m, t0, t1, tw, upsample))
-            _fused_output_transform(lib, products, bias, out[:, t0:t1])
-        return _crop(out, h, w)
+            _fused_output_transform(lib, products, bias, out[:, t0:t1], extra, t0)
+        y = _crop(out, h, w)
+        return y if residual is None or fuse else y.add_(residual)
     # [N, H, W, C] padded by the conv's 1 on top/left, and on bottom/right up to whole tiles
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
     for t0 in range(0, th, rows):
@@ -110,7 +114,13 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         if bias is not None:
             products[1][1] += bias  # column 1 of A^T is all ones: (1, 1) reaches every output once, with sign +
         _output_transform(alg, products, out[:, t0:t1])
-    return _crop(out, h, w)
+    y = _crop(out, h, w)
+    return y if residual is None else y.add_(residual)  # (y is new: adding into it leaves residual be)
+
+
+def _unit_channels(pixels: torch.Tensor) -> torch.Tensor:
+    """[N, H, W, C] with unit stride along C (a copy where it has not)."""
+    return pixels if pixels.stride(-1) == 1 else pixels.contiguous()
 
 
 def _crop(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -131,8 +141,8 @@ def transforms() -> ctypes.CDLL | None:
         return None
     lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 7 + [ctypes.c_int] + [ctypes.c_int64] * 3
                                    + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
-    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4
-                                    + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int])
+    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+                                    + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     return lib
 
 
@@ -164,15 +174,19 @@ def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1
 
 
 def _fused_output_transform(lib: ctypes.CDLL, products: torch.Tensor, bias: torch.Tensor | None,
-                            out: torch.Tensor) -> None:
+                            out: torch.Tensor, residual: torch.Tensor | None = None, t0: int = 0) -> None:
     """A^T M A (+ bias) of the float32 products [(m+2)^2, N t tw, K] of every tile into `out` [N, t, m, tw, m, K]
-    (a slice along t of a contiguous tensor), in one pass."""
+    (a slice along t of a contiguous tensor, from tile row t0), in one pass, adding `residual` [N, H, W, K] (unit
+    stride along K) to the outputs it covers."""
     n, t, m, tw, _, k = out.shape
     products = products.contiguous()  # (a `multiply` of the caller's may return a view)
     bias = None if bias is None else bias.to(torch.float32).contiguous()
+    rn, rh, rw = (0, 0, 0) if residual is None else residual.stride()[:3]
+    h, w = (0, 0) if residual is None else residual.shape[1:3]
     with native.labelled("latentdiff::winograd_output"):
         lib.winograd_output(products.data_ptr(), n, t, tw, k, m, None if bias is None else bias.data_ptr(),
-                            out.data_ptr(), out.stride(0), torch.get_num_threads())
+                            out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
+                            rn, rh, rw, h, w, m * t0, torch.get_num_threads())
 
 
 def _combine(coefficients, terms, out: torch.Tensor | None = None) -> torch.Tensor:
