@@ -75,6 +75,8 @@ def test_amx_conv_reads_any_layout_and_writes_into_views():
         amx.conv(pixels[:1], conv.weight, (3, 3), out[:, :, 0], 1, (-1, -1))
     with pytest.raises(TypeError, match="cast and move before optimize_for_inference"):
         conv(x.bfloat16())
+    with pytest.raises(ValueError, match="add it afterwards"):
+        conv(x, torch.zeros(2, 32, 1, 1))
 
 
 @pytest.mark.parametrize("side", [(8, 8), (5, 3)])

@@ -338,6 +338,9 @@ def _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residua
     b, _, h, w = x.shape
     ho, wo = _out_size(h, kernel_size[0], stride, padding[0]), _out_size(w, kernel_size[1], stride, padding[1])
     out = torch.empty(b, out_channels, ho, wo, memory_format=torch.channels_last)
+    if residual is not None and residual.shape != out.shape:
+        raise ValueError(f"the AMX convolution adds a residual of its output's shape {tuple(out.shape)}; got "
+                         f"{tuple(residual.shape)}: add it afterwards")
     _conv(_pixels(x), packed, tuple(kernel_size), out.permute(0, 2, 3, 1), stride, (-padding[0], -padding[1]), bias,
           None if residual is None else _pixels(residual))
     return out

@@ -95,11 +95,10 @@ class AmxConv2d(_Packed):
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
         if not suits_amx_conv(conv):
-            why = amx.unavailable() or "the AMX kernels did not build"
+            here = "" if amx.available() else f" (not here: {amx.unavailable() or 'the AMX kernels did not build'})"
             raise ValueError(f"AmxConv2d needs a float32 nn.Conv2d with equal strides, no dilation and at least "
-                             f"{AMX_MIN_CHANNELS} channels in and out, on a CPU with AMX (here: "
-                             f"{'it has them' if amx.available() else why}); got {conv} in {conv.weight.dtype}: "
-                             "use PackedConv2d")
+                             f"{AMX_MIN_CHANNELS} channels in and out, on a CPU with AMX{here}; got {conv} in "
+                             f"{conv.weight.dtype}: use PackedConv2d")
         super().__init__(conv, amx.pack_conv(conv.weight))
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, list(conv.stride), list(conv.padding)
@@ -114,12 +113,12 @@ class AmxUpsampleConv(_Packed):
     """PackedUpsampleConv on AMX tiles: `upsampled(x)` = conv(F.interpolate(x, scale_factor=2)) as four 2x2 phase
     convs (amx.upsample_conv2d), each writing its pixels of the output in place (no (H + 1) x (W + 1) grid of all
     four, no interleaving copy). Against PackedUpsampleConv's oneDNN phases (benchmarks/conv_amx.py, 2 threads, AMX
-    host): 1.7-2.0x on SD 1.5's U-Net upsamplers, 1.3-1.5x on its VAE decoder's, 1.5-1.6x on tiny-shapes'; in an
-    interleaved A/B of whole optimized models, SD 1.5's VAE decode 3.49 -> 3.27 s, its U-Net 2.97 -> 2.90 s,
-    tiny-shapes' U-Net 10.3 -> 9.35 ms (with AmxConv2d). `weight` holds the four phase
-    filters' parts alone (16/9 of the filter, at 1.5x the float32 bytes); called on an input of another size (an
-    odd skip connection), it runs an AmxConv2d of the filter recovered from them (exact up to float32 rounding),
-    built when first needed."""
+    host): 1.7-2.0x on SD 1.5's U-Net upsamplers, 1.3-1.5x on its VAE decoder's, 1.5-1.6x on tiny-shapes'. In
+    interleaved A/Bs of whole optimized models (with AmxConv2d): SD 1.5's VAE decode 3.49 -> 3.27 s, its U-Net 2.97
+    -> 2.90 s, tiny-shapes' U-Net 10.3 -> 9.35 ms; the VAE's upsamplers and SD 1.5's 640-channel one have since gone
+    to packed.WinogradUpsampleConv (faster again there). `weight` holds the four phase filters' parts alone (16/9 of
+    the filter, at 1.5x the float32 bytes); called on an input of another size (an odd skip connection), it runs an
+    AmxConv2d of the filter recovered from them (exact up to float32 rounding), built when first needed."""
 
     def __init__(self, conv: nn.Conv2d):
         self._require_packable(conv)
