@@ -920,8 +920,8 @@ struct ConvShape {
     int64_t B, H, W, C, xb, xh, xw, kh, kw, stride, top, left, Ho, Wo, N, yb, yh, yw, rb, rh, rw;
 };
 
-// Elements (uint16) of a kh x kw filter of C input and N output channels packed for amx_conv: a linear layer's
-// weights [N][kh * kw * C16] (C16: C padded to 16) packed by amx_pack_linear
+// The depth of amx_conv's products for a kh x kw filter of C input channels: kh * kw taps of C16 (C padded to 16);
+// its weights [N][C][kh][kw] are packed by amx_pack_linear as [N][kh][kw][C16] (N x that depth)
 extern "C" int64_t amx_conv_depth(int64_t kh, int64_t kw, int64_t C) { return kh * kw * padded(C, 16); }
 
 // y = conv(x, W) + bias (may be null) + residual (may be null), float32, the products as amx_linear's (each output
