@@ -108,3 +108,24 @@ def test_sd15_unet_optimized_in_fp32_errs_no_more_with_the_amx_attention(pipelin
     error, their_error = ((y - exact).abs().max().item() for y in (mine, pytorchs))
     assert exact.abs().mean() > 0.1
     assert error <= 1.25 * their_error and error <= 1e-4 * exact.abs().max(), (error, their_error)
+
+
+@torch.no_grad()
+def test_sd15_vae_decode_optimized_in_fp32_matches_diffusers(pipelines):
+    """SD's VAE decoding 64x64 latents (512x512) in float32 after pack_for_inference(): Winograd 3x3 convs, the
+    upsamplers' convs by Winograd on the upsampled map (on CPUs where the compiled transforms build) and the compiled
+    GroupNorm, within float32 rounding of diffusers' decoder."""
+    from latentdiff.models.packed import WinogradUpsampleConv, pack_for_inference
+    from latentdiff.models.winograd import transforms
+
+    ours, ref = pipelines
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    exact = ref.vae.decode(latents).sample
+    fast = pack_for_inference(copy.deepcopy(ours.vae))
+    if transforms() is not None:
+        assert sum(type(m) is WinogradUpsampleConv for m in fast.modules()) == 3
+    got = fast.decode(latents)
+    got = getattr(got, "sample", got)
+    assert got.shape == exact.shape == (1, 3, 512, 512) and exact.std() > 0.05
+    error = (got - exact).abs().max()
+    assert error <= 1e-4 * exact.abs().max(), (error, exact.abs().max())  # observed 1.8e-5 of 4.0
