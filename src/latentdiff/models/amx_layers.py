@@ -10,8 +10,8 @@ from torch import nn
 
 from . import amx
 from .attention import GEGLU
-from .packed import (AMX_MIN_CHANNELS, _linear, _Packed, can_pack, filter_from_phases, is_3x3_same, is_pointwise,
-                     runs_on_amx, upsampling_phases)
+from .packed import (AMX_MIN_CHANNELS, _conv3x3, _linear, _Packed, can_pack, filter_from_phases, is_3x3_same,
+                     is_pointwise, runs_on_amx, upsampling_phases)
 
 
 class AmxLinear(_Packed):
@@ -137,9 +137,5 @@ class AmxUpsampleConv(_Packed):
         if self.direct is None:
             phases = torch.stack([amx.unpack_conv(p, self.out_channels, self.in_channels, (2, 2))
                                   for p in self.weight])
-            conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None,
-                             device="meta")
-            conv.weight = nn.Parameter(filter_from_phases(phases), requires_grad=False)
-            conv.bias = self.bias
-            self.direct = AmxConv2d(conv)  # (its bias shares self.bias's storage)
+            self.direct = AmxConv2d(_conv3x3(filter_from_phases(phases), self.bias))  # (sharing self.bias)
         return self.direct(x, residual)

@@ -223,6 +223,15 @@ class PackedGEGLU(nn.Module):
         return _ops._linear_pointwise.binary(x, gate, self.value.weight, self.value.bias, "mul")
 
 
+def _conv3x3(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Conv2d:
+    """A 3x3, padding-1 nn.Conv2d of `weight` (a packed layer's filters, recovered) and the packed layer's own `bias`
+    (the same Parameter: its storage shared), to be packed."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, bias=bias is not None, device="meta")
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    conv.bias = bias
+    return conv
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding (contiguous copies of) these tensors, to be packed."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -379,10 +388,7 @@ class WinogradConv2d(_Packed):
 
     def _recovered_conv(self) -> nn.Conv2d:
         """The conv whose filters these are (recovered from the transformed ones), sharing self.bias's storage."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1, bias=self.bias is not None, device="meta")
-        conv.weight = nn.Parameter(recover_filters(self.filters()), requires_grad=False)
-        conv.bias = self.bias
-        return conv
+        return _conv3x3(recover_filters(self.filters()), self.bias)
 
     def path(self, x: torch.Tensor) -> str:
         """Which kernels make the Winograd conv of x (see winograd_pays)."""
