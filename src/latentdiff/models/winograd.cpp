@@ -106,6 +106,12 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
         const FlushSubnormals flushing;
         const int64_t n = tile / (t * tw), ti = tile / tw % t, tj = tile % tw;
         float* y = out + n * ns + ((ti * m * tw + tj) * m) * K;
+        const float* extra[m][m];  // the residual's pixel for each output (null: none, or in the tiles' overhang)
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < m; ++j) {
+                const int64_t row = y0 + m * ti + i, column = m * tj + j;
+                extra[i][j] = residual && row < H && column < W ? residual + n * rn + row * rh + column * rw : nullptr;
+            }
         for (int64_t k = 0; k < K; k += LANES) {
             const int lanes = K - k < LANES ? int(K - k) : LANES;
             const Vec b = bias ? load(bias + k, lanes) : Vec{};
@@ -115,11 +121,8 @@ void output(const float* M, int64_t N, int64_t t, int64_t tw, int64_t K, const f
             sandwich(F::AT, in, result);
             for (int i = 0; i < m; ++i)
                 for (int j = 0; j < m; ++j) {  // output row m ti + i, column m tj + j
-                    Vec v = result[i][j] + b;
-                    const int64_t row = y0 + m * ti + i, column = m * tj + j;
-                    if (residual && row < H && column < W)
-                        v += load(residual + n * rn + row * rh + column * rw + k, lanes);
-                    store(v, lanes, y + (i * tw * m + j) * K + k);
+                    const Vec v = result[i][j] + b;
+                    store(extra[i][j] ? v + load(extra[i][j] + k, lanes) : v, lanes, y + (i * tw * m + j) * K + k);
                 }
         }
     }
