@@ -134,21 +134,113 @@ def test_cpu_kernel_silu_of_extreme_values():
     assert torch.isfinite(out).all()
 
 
+def gradients(fn, tensors, grad):
+    """d(sum(fn(*tensors) * grad)) / d tensors, from copies of them."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out, [t.grad for t in leaves]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_kernels_train_as_exactly_as_torch(shape, channels_last, threads):
+    """Float32 on the CPU with autograd: group_norm.cpp's forward and backward (_CompiledGroupNorm) give the output and
+    the gradients of x, the shift (per sample, one for all, none), gamma and beta no further from float64 than torch's
+    shift add + GroupNorm + SiLU in float32, in x's layout, on any number of threads."""
+    norm, x, shift = random_case(shape, torch.float32, "cpu", channels_last)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grad = grad.contiguous(memory_format=torch.channels_last) if not channels_last else grad  # the other layout
+
+    def ours(x, shift, weight, bias):
+        plain = torch.nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps)
+        del plain.weight, plain.bias
+        plain.weight, plain.bias = weight, bias  # (the leaves whose gradients are compared)
+        out = gn.group_norm(plain, x, silu=silu, shift=shift)
+        assert type(out.grad_fn).__name__ == "_CompiledGroupNormBackward"
+        return out
+
+    def theirs(x, shift, weight, bias):
+        v = x if shift is None else x + shift[:, :, None, None]
+        y = F.group_norm(v, norm.num_groups, weight, bias, norm.eps)
+        return F.silu(y) if silu else y
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for silu, t in ((True, shift), (False, None), (True, shift[:1]), (False, shift)):
+            tensors = [x, t, norm.weight, norm.bias]
+            present = [i for i, v in enumerate(tensors) if v is not None]
+
+            def call(fn, *given):
+                args = list(tensors)
+                for i, v in zip(present, given):
+                    args[i] = v
+                return fn(*args)
+
+            out, got = gradients(lambda *a: call(ours, *a), [tensors[i] for i in present], grad)
+            assert out.stride() == x.stride() and got[0].stride() == x.stride()
+            exact, expected = gradients(lambda *a: call(theirs, *a), [tensors[i].double() for i in present], grad)
+            _, torch_got = gradients(lambda *a: call(theirs, *a), [tensors[i] for i in present], grad)
+            for name, a, b, e in zip(("out", "x", "shift", "gamma", "beta"), [out] + got, [exact] + torch_got,
+                                     [exact] + expected):
+                error, their_error = ((y.double() - e).abs().max().item() for y in (a, b))
+                assert a.shape == e.shape, (name, a.shape, e.shape)
+                assert error <= 1.25 * their_error + 1e-6 * e.abs().max().item(), (name, silu, error, their_error)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_cpu_kernel
+def test_cpu_training_keeps_x_not_the_normalised_map():
+    """What autograd keeps for the backward: x and the groups' statistics (torch's ops keep x + shift and the norm's
+    output, twice the activations)."""
+    norm, x, shift = random_case(SHAPES[0], torch.float32, "cpu", channels_last=False)
+    x.requires_grad_(True)
+    kept = []
+
+    def keep(t):
+        kept.append(t.numel() if t.numel() >= x.numel() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = gn.group_norm(norm, x, silu=True, shift=shift)
+    assert sum(kept) == x.numel()
+    kept.clear()
+    gn.ENABLED = False
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            gn.group_norm(norm, x, silu=True, shift=shift)
+    finally:
+        gn.ENABLED = True
+    assert sum(kept) >= 2 * x.numel()
+    out.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
 @pytest.mark.parametrize("silu", [False, True])
-def test_with_autograd_or_off_float32_the_plain_modules_run(silu):
+def test_turned_off_or_bfloat16_the_plain_modules_run(silu):
     norm, x, shift = random_case(SHAPES[0], torch.float32, "cpu", channels_last=False)
     x.requires_grad_(True)
     expected = norm(x + shift[:, :, None, None])
     expected = F.silu(expected) if silu else expected
-    out = gn.group_norm(norm, x, silu=silu, shift=shift)
+    gn.ENABLED = False
+    try:
+        out = gn.group_norm(norm, x, silu=silu, shift=shift)
+    finally:
+        gn.ENABLED = True
     assert torch.equal(out, expected)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    with torch.no_grad():
+    for grad in (True, False):
         norm, x, shift = random_case(SHAPES[0], torch.bfloat16, "cpu", channels_last=False)
-        expected = norm(x + shift[:, :, None, None])
-        expected = F.silu(expected) if silu else expected
-        assert torch.equal(gn.group_norm(norm, x, silu=silu, shift=shift), expected)
+        with torch.set_grad_enabled(grad):
+            x.requires_grad_(grad)
+            expected = norm(x + shift[:, :, None, None])
+            expected = F.silu(expected) if silu else expected
+            assert torch.equal(gn.group_norm(norm, x, silu=silu, shift=shift), expected)
 
 
 def test_one_program_or_slices_by_shape():

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 #include <omp.h>
@@ -46,11 +47,12 @@ inline Vec activate(Vec y, bool silu) { return silu ? y / (1.f + exp_lanes(-y)) 
 
 // out = act(gamma_c (v - mean_g) / sqrt(var_g + eps) + beta_c), v = x + shift_c (shift per sample, `shift_ns` floats
 // apart: 0 for one shift for every sample; shift may be null), for x [N][C][P] (channels_last = 0) or [N][P][C]
-// (1), contiguous, C a multiple of G; act: SiLU if `silu`, else none. out may be x. Returns nonzero where it cannot
+// (1), contiguous, C a multiple of G; act: SiLU if `silu`, else none. out may be x. `stats` (may be null): each
+// group's mean and 1 / sqrt(var + eps), [N][G][2], for group_norm_backward. Returns nonzero where it cannot
 // allocate its statistics.
 extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int channels_last, int64_t G,
                           const float* shift, int64_t shift_ns, const float* gamma, const float* beta, float eps,
-                          int silu, float* out, int threads) {
+                          int silu, float* out, double* stats, int threads) {
     const int64_t per_group = C / G;
     std::vector<double> sums, squares;
     std::vector<float> a, b;  // out = act(a x + b), per sample and channel
@@ -126,6 +128,10 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
             const double count = double(per_group) * P, mean = sum / count;
             const double variance = square / count - mean * mean;
             const double rstd = 1.0 / sqrt((variance > 0 ? variance : 0) + eps);
+            if (stats) {
+                stats[2 * (n * G + g)] = mean;
+                stats[2 * (n * G + g) + 1] = rstd;
+            }
             for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
                 const double h = shift ? shift[n * shift_ns + c] : 0.0;
                 const double scale = gamma[c] * rstd;
@@ -157,6 +163,199 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                     const int lanes = P - p < LANES ? int(P - p) : LANES;
                     const Vec y = load(x + row * P + p, lanes) * scale + offset;
                     store(activate(y, silu), lanes, out + row * P + p);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+namespace {
+
+// z = gamma x^ + beta and dL/dz from dL/dout = g, where out = act(z): g sigma(z) (1 + z (1 - sigma(z))) for the
+// SiLU, g itself without it.
+inline Vec activation_grad(Vec g, Vec xhat, Vec gamma, Vec beta, bool silu) {
+    if (!silu) return g;
+    const Vec z = gamma * xhat + beta;
+    const Vec sigma = 1.f / (1.f + exp_lanes(-z));
+    return g * sigma * (1.f + z * (1.f - sigma));
+}
+
+constexpr int64_t FLUSH = 64;  // pixels summed in float before their sums go into the double totals
+
+// The sum of v's lanes by halving the vector (a short row's sums: a few adds, not a chain of LANES).
+inline float sum_lanes(Vec v) {
+    typedef float Quarter __attribute__((vector_size(LANES / 4 * sizeof(float))));
+    HalfVec low, high;
+    memcpy(&low, &v, sizeof low);
+    memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+    const HalfVec half = low + high;
+    Quarter a, b;
+    memcpy(&a, &half, sizeof a);
+    memcpy(&b, reinterpret_cast<const char*>(&half) + sizeof a, sizeof b);
+    const Quarter quarter = a + b;
+    float total = 0.f;
+    for (int l = 0; l < LANES / 4; ++l) total += quarter[l];
+    return total;
+}
+
+}  // namespace
+
+// The gradients of group_norm's out = act(gamma_c x^ + beta_c), x^ = (x + shift_c - mean_g) rstd_g, from dL/dout = g
+// (x's layout) and the forward's `stats`: dL/dx into gx (may be g), dL/dgamma and dL/dbeta into grad_gamma and
+// grad_beta [C], and where grad_shift is not null dL/dshift into it (shift's shape: [N][C], or [C] where shift_ns is
+// 0). Two passes: the first reads x and g, writes dL/dz into gx and sums per sample and channel what the groups'
+// dL/dx needs; the second reads x and dL/dz and writes
+// dL/dx = rstd (gamma_c dL/dz - mean_group(gamma dL/dz) - x^ mean_group(gamma dL/dz x^)).
+// Returns nonzero where it cannot allocate its sums.
+extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, int64_t C, int64_t P, int channels_last,
+                                   int64_t G, const float* shift, int64_t shift_ns, const float* gamma,
+                                   const float* beta, const double* stats, int silu, float* gx, float* grad_gamma,
+                                   float* grad_beta, float* grad_shift, int threads) {
+    const int64_t per_group = C / G, NC = N * C;
+    // channels-last: each thread sums every channel of its pixels, in float over up to FLUSH pixels (`blocks`), then
+    // into its own double sums; NCHW: a channel's pixels are one thread's
+    const int parts = channels_last ? threads : 1;
+    std::vector<float> coefficients, blocks;
+    std::vector<double> sums;  // [parts][N][C][3]: dL/dz x^, dL/dz, x
+    try {
+        coefficients.resize(5 * NC);
+        blocks.resize(channels_last ? threads * 3 * C : 0);
+        sums.assign(parts * NC * 3, 0.0);
+    } catch (...) {
+        return 1;
+    }
+    // per sample and channel: x^ = r x + v, dL/dx = p dL/dz + q x^ + o
+    float *r = coefficients.data(), *v = r + NC, *p = v + NC, *q = p + NC, *o = q + NC;
+#pragma omp parallel num_threads(threads)
+    {
+        const FlushSubnormals flushing;
+        // (nested loops: no integer division per channel, which cost more than a small map's pixels)
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            for (int64_t grp = 0; grp < G; ++grp) {
+                const double mean = stats[2 * (n * G + grp)], rstd = stats[2 * (n * G + grp) + 1];
+                for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+                    r[n * C + c] = rstd;
+                    v[n * C + c] = ((shift ? shift[n * shift_ns + c] : 0.0) - mean) * rstd;
+                }
+            }
+        }
+        // pass 1: the sums
+        if (channels_last) {
+            double* mine = sums.data() + omp_get_thread_num() * NC * 3;
+            float* block = blocks.data() + omp_get_thread_num() * 3 * C;
+            const int64_t per_sample = (P + FLUSH - 1) / FLUSH;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < N * per_sample; ++i) {  // up to FLUSH pixels of one sample
+                const int64_t n = i / per_sample, first = n * P + i % per_sample * FLUSH;
+                const int64_t last = std::min(first + FLUSH, (n + 1) * P);
+                std::fill(block, block + 3 * C, 0.f);
+                for (int64_t row = first; row < last; ++row) {
+                    for (int64_t c = 0; c < C; c += LANES) {
+                        const int lanes = C - c < LANES ? int(C - c) : LANES;
+                        const Vec value = load(x + row * C + c, lanes);
+                        const Vec xhat = value * load(r + n * C + c, lanes) + load(v + n * C + c, lanes);
+                        const Vec gz = activation_grad(load(g + row * C + c, lanes), xhat, load(gamma + c, lanes),
+                                                       load(beta + c, lanes), silu);
+                        store(gz, lanes, gx + row * C + c);
+                        store(load(block + c, lanes) + gz * xhat, lanes, block + c);
+                        store(load(block + C + c, lanes) + gz, lanes, block + C + c);
+                        store(load(block + 2 * C + c, lanes) + value, lanes, block + 2 * C + c);
+                    }
+                }
+                for (int64_t c = 0; c < C; ++c) {
+                    for (int k = 0; k < 3; ++k) mine[(n * C + c) * 3 + k] += block[k * C + c];
+                }
+            }
+            // the threads' sums into the first's
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < NC * 3; ++i) {
+                for (int t = 1; t < parts; ++t) sums[i] += sums[t * NC * 3 + i];
+            }
+        } else {
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+              for (int64_t c = 0; c < C; ++c) {  // a channel
+                const int64_t row = n * C + c;
+                const Vec rr = Vec{} + r[row], vv = Vec{} + v[row], gg = Vec{} + gamma[c], bb = Vec{} + beta[c];
+                for (int64_t start = 0; start < P; start += FLUSH * LANES) {
+                    Vec a = {}, b = {}, total = {};
+                    const int64_t end = std::min(P, start + FLUSH * LANES);
+                    for (int64_t i = start; i < end; i += LANES) {
+                        const int lanes = end - i < LANES ? int(end - i) : LANES;
+                        const Vec value = load(x + row * P + i, lanes);
+                        const Vec xhat = value * rr + vv;  // (past the end, g reads as 0, so dL/dz is 0)
+                        const Vec gz = activation_grad(load(g + row * P + i, lanes), xhat, gg, bb, silu);
+                        store(gz, lanes, gx + row * P + i);
+                        a += gz * xhat;
+                        b += gz;
+                        total += value;
+                    }
+                    sums[row * 3] += sum_lanes(a);
+                    sums[row * 3 + 1] += sum_lanes(b);
+                    sums[row * 3 + 2] += sum_lanes(total);
+                }
+              }
+            }
+        }
+        // each group's means of gamma dL/dz and of gamma dL/dz x^, its channels' p, q, o and dL/dshift (in place of
+        // the sum of x: the sum over pixels of dL/dx, p sum dL/dz + q sum x^ + o P, where sum x^ = r sum x + P v)
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            for (int64_t grp = 0; grp < G; ++grp) {
+                const int64_t first = grp * per_group, last = first + per_group;  // its channels
+                double m1 = 0, m2 = 0;
+                for (int64_t c = first; c < last; ++c) {
+                    m2 += gamma[c] * sums[(n * C + c) * 3];
+                    m1 += gamma[c] * sums[(n * C + c) * 3 + 1];
+                }
+                const double rstd = stats[2 * (n * G + grp) + 1], scale = -rstd / (double(per_group) * P);
+                for (int64_t c = first; c < last; ++c) {
+                    const int64_t nc = n * C + c;
+                    p[nc] = rstd * gamma[c];
+                    q[nc] = scale * m2;
+                    o[nc] = scale * m1;
+                    double* sum = sums.data() + nc * 3;
+                    const double sum_xhat = double(r[nc]) * sum[2] + double(P) * v[nc];
+                    sum[2] = double(p[nc]) * sum[1] + double(q[nc]) * sum_xhat + double(o[nc]) * P;
+                    if (grad_shift && shift_ns) grad_shift[nc] = float(sum[2]);
+                }
+            }
+        }
+        // dL/dgamma, dL/dbeta (and dL/dshift of a shift that every sample shares): sums over the samples
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; ++c) {
+            double total[3] = {0, 0, 0};
+            for (int64_t n = 0; n < N; ++n) {
+                for (int k = 0; k < 3; ++k) total[k] += sums[(n * C + c) * 3 + k];
+            }
+            grad_gamma[c] = float(total[0]);
+            grad_beta[c] = float(total[1]);
+            if (grad_shift && !shift_ns) grad_shift[c] = float(total[2]);
+        }
+        // pass 2: dL/dx from dL/dz, which pass 1 left in gx
+        if (channels_last) {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < N * P; ++row) {
+                const int64_t nc = row / P * C;
+                for (int64_t c = 0; c < C; c += LANES) {
+                    const int lanes = C - c < LANES ? int(C - c) : LANES;
+                    const Vec xhat = load(x + row * C + c, lanes) * load(r + nc + c, lanes) + load(v + nc + c, lanes);
+                    const Vec gz = load(gx + row * C + c, lanes);
+                    store(load(p + nc + c, lanes) * gz + load(q + nc + c, lanes) * xhat + load(o + nc + c, lanes),
+                          lanes, gx + row * C + c);
+                }
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < NC; ++row) {
+                const Vec rr = Vec{} + r[row], vv = Vec{} + v[row];
+                for (int64_t i = 0; i < P; i += LANES) {
+                    const int lanes = P - i < LANES ? int(P - i) : LANES;
+                    const Vec xhat = load(x + row * P + i, lanes) * rr + vv;
+                    const Vec gz = load(gx + row * P + i, lanes);
+                    store(p[row] * gz + q[row] * xhat + o[row], lanes, gx + row * P + i);
                 }
             }
         }

@@ -15,8 +15,11 @@ On the CPU, float32 without autograd, a compiled kernel (group_norm.cpp, built b
 two passes over memory instead of PyTorch's five to seven: one for every channel's sum and sum of squares (in
 double), one writing the normalised, affine, activated output, in x's layout. 2-2.5x torch's GroupNorm + SiLU on
 the SD VAE decoder's large maps (2 threads), and closer to float64 (torch's channels-last CPU GroupNorm erred by
-1.6e-4 on a 128 x 512 x 512 map, this kernel by 1.6e-6). Elsewhere (training, torch.compile, which fuses these
-itself, other dtypes) the plain modules run. `ENABLED = False` turns the kernels off.
+1.6e-4 on a 128 x 512 x 512 map, this kernel by 1.6e-6). With autograd (float32 training on the CPU) the same
+forward saves x and the groups' statistics, and a compiled backward gives every gradient in two passes over x and
+dL/dout (_CompiledGroupNorm): torch's ops keep x + shift and the norm's output and run the SiLU's backward, the
+norm's and the shift's sum apart. Elsewhere (training on a GPU, torch.compile, which fuses these itself, other
+dtypes) the plain modules run. `ENABLED = False` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: t
     if _fused_applies(norm, x, shift):
         return on_device(_triton_group_norm, x, norm, silu, shift, channels_last)
     if _compiled_applies(norm, x, shift):
-        return _compiled_group_norm(x, norm, silu, shift)
+        if without_autograd(x, norm.weight, norm.bias, shift):
+            return _compiled_group_norm(x, norm, silu, shift)
+        return _CompiledGroupNorm.apply(x, shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     if shift is not None:
         x = x + shift[:, :, None, None]
     x = norm(x)
@@ -51,24 +56,26 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: t
 
 
 def _fused_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    """Whether the Triton kernels take this call (a CUDA tensor of one of their dtypes)."""
-    return x.is_cuda and x.dtype in DTYPES and _kernels_take(norm, x, shift) and _kernels() is not None
+    """Whether the Triton kernels take this call (a CUDA tensor of one of their dtypes, no autograd)."""
+    return (x.is_cuda and x.dtype in DTYPES and _kernels_take(norm, x, shift)
+            and without_autograd(x, norm.weight, norm.bias, shift) and _kernels() is not None)
 
 
 def _compiled_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    """Whether the compiled CPU kernel (group_norm.cpp) takes this call: float32 activations and weights."""
+    """Whether the compiled CPU kernels (group_norm.cpp) take this call: float32 activations and weights (with
+    autograd too: _CompiledGroupNorm)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and norm.weight.dtype == torch.float32
-            and _kernels_take(norm, x, shift) and _cpu_kernel() is not None)
+            and (shift is None or shift.device.type == "cpu") and _kernels_take(norm, x, shift)
+            and _cpu_kernel() is not None)
 
 
 def _kernels_take(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
     """What both kinds of kernel need (after the device and dtype checks of each, so that a call runs this once): an
-    affine norm of a 4-d NCHW or channels-last x, no autograd, a shift of x's dtype per sample or for all, the
-    kernels not turned off and no graph being traced."""
+    affine norm of a 4-d NCHW or channels-last x, a shift of x's dtype per sample or for all, the kernels not turned
+    off and no graph being traced."""
     return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
             and x.dim() == 4 and norm.affine
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
-            and without_autograd(x, norm.weight, shift)
             and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
@@ -80,26 +87,79 @@ def _cpu_kernel() -> ctypes.CDLL | None:
     if lib is not None:
         lib.group_norm.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
                                    + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2
-                                   + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
+                                   + [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int])
         lib.group_norm.restype = ctypes.c_int
+        lib.group_norm_backward.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                                            + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                            + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+        lib.group_norm_backward.restype = ctypes.c_int
     return lib
 
 
-def _compiled_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None) -> torch.Tensor:
+def _compiled_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None,
+                         stats: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU kernel's two passes over x (statistics, then the normalised, affine, activated output), in x's
-    layout."""
+    layout; `stats` (float64 [N, G, 2]), where given, receives each group's mean and 1 / sqrt(var + eps)."""
     n, c, h, w = x.shape
-    channels_last = not x.is_contiguous()
     out = torch.empty_like(x)
     shift = None if shift is None else shift.contiguous()
     with native.labelled("latentdiff::group_norm"):
         failed = _cpu_kernel().group_norm(
-            x.data_ptr(), n, c, h * w, channels_last, norm.num_groups,
+            x.data_ptr(), n, c, h * w, not x.is_contiguous(), norm.num_groups,
             None if shift is None else shift.data_ptr(), 0 if shift is None or shift.shape[0] == 1 else c,
-            norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps, silu, out.data_ptr(), torch.get_num_threads())
+            norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps, silu, out.data_ptr(),
+            None if stats is None else stats.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError(f"the GroupNorm kernel could not allocate its statistics ({n} x {c} channels): free memory")
     return out
+
+
+class _CompiledGroupNorm(torch.autograd.Function):
+    """group_norm() on the CPU kernels with autograd (training in float32): the forward saves x and each group's
+    statistics, not the normalised map (torch's GroupNorm and SiLU keep x + shift and the norm's output), and the
+    backward (group_norm_backward) makes dL/dx, dL/dshift, dL/dgamma and dL/dbeta in two passes over x and
+    dL/dout instead of torch's SiLU backward, GroupNorm backward and bias sum."""
+
+    @staticmethod
+    def forward(ctx, x, shift, weight, bias, groups, eps, silu):
+        norm = _NormView(groups, eps, weight, bias)
+        stats = torch.empty(x.shape[0], groups, 2, dtype=torch.float64)
+        out = _compiled_group_norm(x, norm, silu, shift, stats)
+        ctx.save_for_backward(x, shift, weight, bias, stats)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, shift, weight, bias, stats = ctx.saved_tensors
+        n, c, h, w = x.shape
+        channels_last = not x.is_contiguous()
+        grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if shift is not None:
+            shift = shift.detach().contiguous()
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
+        grad_shift = None if shift is None or not ctx.needs_input_grad[1] else torch.empty_like(shift)
+        with native.labelled("latentdiff::group_norm_backward"):
+            failed = _cpu_kernel().group_norm_backward(
+                x.data_ptr(), grad.data_ptr(), n, c, h * w, channels_last, stats.shape[1],
+                None if shift is None else shift.data_ptr(), 0 if shift is None or shift.shape[0] == 1 else c,
+                weight.data_ptr(), bias.data_ptr(), stats.data_ptr(), ctx.silu, grad_x.data_ptr(),
+                grad_weight.data_ptr(), grad_bias.data_ptr(), None if grad_shift is None else grad_shift.data_ptr(),
+                torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"the GroupNorm backward could not allocate its sums ({n} x {c} channels): free memory")
+        return grad_x, grad_shift, grad_weight, grad_bias, None, None, None
+
+
+@dataclasses.dataclass
+class _NormView:
+    """What _compiled_group_norm reads of an nn.GroupNorm."""
+    num_groups: int
+    eps: float
+    weight: torch.Tensor
+    bias: torch.Tensor
 
 
 def _one_program(x: torch.Tensor, groups: int) -> bool:
