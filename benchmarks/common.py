@@ -152,6 +152,20 @@ class Timing:
         return statistics.median(self.cpu)
 
 
+def median_times(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, the calls interleaved over `repeats` rounds (after one untimed call each): the
+    kernel benchmarks' light timer (time_interleaved also tracks memory and prints progress)."""
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 @torch.no_grad()
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                      progress: bool = True, memory: bool = True) -> dict[str, Timing]:

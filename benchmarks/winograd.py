@@ -15,11 +15,10 @@ stands in for an AVX2 one.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import machine, setup
+from common import machine, median_times, setup
 from latentdiff.models import amx, amx_layers, native, packed, winograd
 
 # (batch, channels, side): SD 1.5 at 512 px (U-Net 64..8, VAE decoder 64..512, batch 2 / 1), smaller images' and
@@ -66,7 +65,7 @@ def main() -> None:
             layer, amx_direct = packed.WinogradConv2d(conv), amx_layers.AmxConv2d(conv)
             calls["amx"] = lambda: winograd.winograd_conv3x3(x, layer.weight, layer.bias, layer._points, c)
             calls["amx direct"] = lambda: amx_direct(x)
-        t = time_calls(calls, args.repeats)
+        t = {k: v * 1e6 for k, v in median_times(calls, args.repeats).items()}
         pays = ", ".join(p for p in ("torch", "compiled", "amx") if packed.winograd_pays(x.shape, c, p))
         row = f"{n:5d}  {c:4d}  {side:4d}  {18 * n * side * side * c * c / 1e9:5.2f}  {t['direct']:9.0f}  "
         row += "  ".join(f"{t[p]:11.0f}  {t['direct'] / t[p]:15.2f}" for p in paths)
@@ -89,24 +88,11 @@ def upsamplers(repeats: int) -> None:
                  "winograd": lambda: winograd.winograd_conv3x3(x, layer.weight, layer.bias,
                                                                layer._points if layer.on_amx else None, c,
                                                                upsample=True)}
-        t = time_calls(calls, repeats)
+        t = {k: v * 1e6 for k, v in median_times(calls, repeats).items()}
         takes = packed.suits_winograd_upsampling(conv) and packed.winograd_pays((n, c, 2 * side, 2 * side), c,
                                                                                 layer.path(x))
         print(f"{'':17}{n:5d}  {c:4d}  {side:7d}  {t['phases']:9.0f}  {t['winograd']:11.0f}  "
               f"{t['phases'] / t['winograd']:15.2f}  {'yes' if takes else 'no'}", flush=True)
-
-
-def time_calls(calls: dict, repeats: int) -> dict:
-    """Median microseconds of each call, the calls interleaved over `repeats` rounds (after one untimed call)."""
-    times = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(v)[len(v) // 2] * 1e6 for name, v in times.items()}
 
 
 if __name__ == "__main__":
