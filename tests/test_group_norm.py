@@ -220,6 +220,23 @@ def test_cpu_training_keeps_x_not_the_normalised_map():
     assert x.grad is not None and norm.weight.grad is not None
 
 
+def test_under_torch_func_transforms_the_plain_modules_run():
+    """vmap and torch.func.grad wrap their tensors, which no kernel can read: the plain modules run there."""
+    norm, x, shift = random_case(SHAPES[0], torch.float32, "cpu", channels_last=False)
+
+    def plain(x):
+        return F.silu(norm(x + shift[:, :, None, None]))
+
+    def ours(x):
+        return gn.group_norm(norm, x, silu=True, shift=shift)
+
+    torch.testing.assert_close(torch.func.grad(lambda x: ours(x).square().sum())(x),
+                               torch.func.grad(lambda x: plain(x).square().sum())(x), rtol=0, atol=0)
+    with torch.no_grad():  # each sample alone, as a batch of one
+        torch.testing.assert_close(torch.func.vmap(lambda t: gn.group_norm(norm, t[None], silu=True)[0])(x),
+                                   F.silu(norm(x)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_turned_off_or_bfloat16_the_plain_modules_run(silu):
     norm, x, shift = random_case(SHAPES[0], torch.float32, "cpu", channels_last=False)

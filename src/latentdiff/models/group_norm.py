@@ -72,8 +72,9 @@ def _compiled_applies(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor |
 def _kernels_take(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None) -> bool:
     """What both kinds of kernel need (after the device and dtype checks of each, so that a call runs this once): an
     affine norm of a 4-d NCHW or channels-last x, a shift of x's dtype per sample or for all, the kernels not turned
-    off and no graph being traced."""
+    off, no graph being traced and no torch.func transform (vmap, grad, ...) running."""
     return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
+            and torch._C._functorch.peek_interpreter_stack() is None  # (nor a torch.func transform's wrapped tensors)
             and x.dim() == 4 and norm.affine
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
