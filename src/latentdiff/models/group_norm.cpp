@@ -54,33 +54,36 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                           const float* shift, int64_t shift_ns, const float* gamma, const float* beta, float eps,
                           int silu, float* out, double* stats, int threads) {
     const int64_t per_group = C / G;
+    // channels-last: each thread sums every channel of its pixels (its own sums); NCHW: a channel is one thread's
+    const int parts = channels_last ? threads : 1;
     std::vector<double> sums, squares;
     std::vector<float> a, b;  // out = act(a x + b), per sample and channel
     try {
-        sums.assign(threads * N * C, 0.0);
-        squares.assign(threads * N * C, 0.0);
+        sums.assign(parts * N * C, 0.0);
+        squares.assign(parts * N * C, 0.0);
         a.resize(N * C);
         b.resize(N * C);
     } catch (...) {
         return 1;
     }
-    // pass 1: every channel's sum and sum of squares, per thread
 #pragma omp parallel num_threads(threads)
     {
         const FlushSubnormals flushing;
-        double* s = sums.data() + omp_get_thread_num() * N * C;
-        double* q = squares.data() + omp_get_thread_num() * N * C;
+        // pass 1: every channel's sum and sum of squares
         if (channels_last) {
-#pragma omp for schedule(static)
-            for (int64_t row = 0; row < N * P; ++row) {  // a pixel: C channels side by side
-                const int64_t n = row / P;
-                const float* v = x + row * C;
-                double* sn = s + n * C;
-                double* qn = q + n * C;
-                for (int64_t c = 0; c < C; ++c) {
-                    const double value = v[c];
-                    sn[c] += value;
-                    qn[c] += value * value;
+            double* s = sums.data() + omp_get_thread_num() * N * C;
+            double* q = squares.data() + omp_get_thread_num() * N * C;
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t pixel = 0; pixel < P; ++pixel) {  // C channels side by side
+                    const float* v = x + (n * P + pixel) * C;
+                    double* sn = s + n * C;
+                    double* qn = q + n * C;
+                    for (int64_t c = 0; c < C; ++c) {
+                        const double value = v[c];
+                        sn[c] += value;
+                        qn[c] += value * value;
+                    }
                 }
             }
         } else {
@@ -105,54 +108,53 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                     total += v[p];
                     total_square += double(v[p]) * v[p];
                 }
-                s[row] += total;
-                q[row] += total_square;
+                sums[row] = total;
+                squares[row] = total_square;
             }
         }
-    }
-    // the groups' statistics, and each channel's a and b
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < G; ++g) {
-            double sum = 0, square = 0;
-            for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-                double cs = 0, cq = 0;
-                for (int t = 0; t < threads; ++t) {
-                    cs += sums[(t * N + n) * C + c];
-                    cq += squares[(t * N + n) * C + c];
+        // the groups' statistics, and each channel's a and b
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            for (int64_t g = 0; g < G; ++g) {
+                double sum = 0, square = 0;
+                for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+                    double cs = 0, cq = 0;
+                    for (int t = 0; t < parts; ++t) {
+                        cs += sums[(t * N + n) * C + c];
+                        cq += squares[(t * N + n) * C + c];
+                    }
+                    // with the shift h: sum (x + h) = cs + P h, sum (x + h)^2 = cq + 2 h cs + P h^2
+                    const double h = shift ? shift[n * shift_ns + c] : 0.0;
+                    sum += cs + P * h;
+                    square += cq + 2 * h * cs + P * h * h;
                 }
-                // with the shift h: sum (x + h) = cs + P h, sum (x + h)^2 = cq + 2 h cs + P h^2
-                const double h = shift ? shift[n * shift_ns + c] : 0.0;
-                sum += cs + P * h;
-                square += cq + 2 * h * cs + P * h * h;
-            }
-            const double count = double(per_group) * P, mean = sum / count;
-            const double variance = square / count - mean * mean;
-            const double rstd = 1.0 / sqrt((variance > 0 ? variance : 0) + eps);
-            if (stats) {
-                stats[2 * (n * G + g)] = mean;
-                stats[2 * (n * G + g) + 1] = rstd;
-            }
-            for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-                const double h = shift ? shift[n * shift_ns + c] : 0.0;
-                const double scale = gamma[c] * rstd;
-                a[n * C + c] = scale;
-                b[n * C + c] = beta[c] + (h - mean) * scale;
+                const double count = double(per_group) * P, mean = sum / count;
+                const double variance = square / count - mean * mean;
+                const double rstd = 1.0 / sqrt((variance > 0 ? variance : 0) + eps);
+                if (stats) {
+                    stats[2 * (n * G + g)] = mean;
+                    stats[2 * (n * G + g) + 1] = rstd;
+                }
+                for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+                    const double h = shift ? shift[n * shift_ns + c] : 0.0;
+                    const double scale = gamma[c] * rstd;
+                    a[n * C + c] = scale;
+                    b[n * C + c] = beta[c] + (h - mean) * scale;
+                }
             }
         }
-    }
-    // pass 2: out = act(a x + b)
-#pragma omp parallel num_threads(threads)
-    {
-        const FlushSubnormals flushing;
+        // pass 2: out = act(a x + b)
         if (channels_last) {
-#pragma omp for schedule(static)
-            for (int64_t row = 0; row < N * P; ++row) {
-                const int64_t n = row / P;
-                for (int64_t c = 0; c < C; c += LANES) {
-                    const int lanes = C - c < LANES ? int(C - c) : LANES;
-                    const Vec y = load(x + row * C + c, lanes) * load(a.data() + n * C + c, lanes)
-                                  + load(b.data() + n * C + c, lanes);
-                    store(activate(y, silu), lanes, out + row * C + c);
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t pixel = 0; pixel < P; ++pixel) {
+                    const int64_t row = n * P + pixel;
+                    for (int64_t c = 0; c < C; c += LANES) {
+                        const int lanes = C - c < LANES ? int(C - c) : LANES;
+                        const Vec y = load(x + row * C + c, lanes) * load(a.data() + n * C + c, lanes)
+                                      + load(b.data() + n * C + c, lanes);
+                        store(activate(y, silu), lanes, out + row * C + c);
+                    }
                 }
             }
         } else {
