@@ -36,6 +36,9 @@ from . import native
 from .triton_launch import DTYPES, launch, next_power_of_2, on_device, without_autograd
 
 ENABLED = True
+# whether a torch.func transform (vmap, grad, ...) is running (a private function of PyTorch's: where a version lacks
+# it, none is taken to run)
+_transforming = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: torch.Tensor | None = None,
@@ -74,7 +77,7 @@ def _kernels_take(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | Non
     affine norm of a 4-d NCHW or channels-last x, a shift of x's dtype per sample or for all, the kernels not turned
     off, no graph being traced and no torch.func transform (vmap, grad, ...) running."""
     return (ENABLED and not torch.compiler.is_compiling()  # (first: a compiled graph traces none of the rest)
-            and torch._C._functorch.peek_interpreter_stack() is None  # (nor a torch.func transform's wrapped tensors)
+            and _transforming() is None  # (nor a torch.func transform's wrapped tensors)
             and x.dim() == 4 and norm.affine
             and "forward" not in norm.__dict__  # a norm whose forward was replaced (tiled VAE passes) runs it
             and (shift is None or (shift.dtype == x.dtype and shift.shape in ((1, x.shape[1]), x.shape[:2])))
