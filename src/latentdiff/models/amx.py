@@ -101,7 +101,7 @@ def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: all bfloat16 or all float32
     on the CPU, unit stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not
     being traced by torch.compile."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype in (torch.bfloat16, torch.float32)
+    return (q.is_cpu and q.dtype == k.dtype == v.dtype in (torch.bfloat16, torch.float32)
             and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= MIN_QUERIES
             and k.shape == v.shape and k.dim() == 4 and k.shape[2] > 0
             and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
@@ -164,7 +164,7 @@ def points(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     `pack_points`, with linear's precision: one matrix product per point (Winograd's transform points), the points
     shared out among the threads first, so that each point's weights are read from memory once. Where
     `available()`."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 3 or packed.shape[0] != x.shape[0]:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3 or packed.shape[0] != x.shape[0]:
         raise TypeError(f"amx.points takes float32 CPU inputs [P, M, K] for P packed weights; got {x.dtype} "
                         f"{tuple(x.shape)} on {x.device} for {packed.shape[0]} weights")
     p, m, k = x.shape
@@ -194,11 +194,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     values, their 16 gates, 16 values, ... (out_features a multiple of 32, a bias, no residual); the result is
     value * gelu(gate), out_features / 2 wide. Under torch.compile: one opaque op, latentdiff::amx_linear."""
     width = _width(out_features, geglu)
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or not x.is_cpu:
         raise TypeError(f"the AMX linear kernel takes float32 CPU inputs; got {x.dtype} on {x.device}")
     if geglu and residual is not None:
         raise ValueError("the AMX linear kernel adds no residual to a GEGLU's output: add it afterwards")
-    if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"
+    if residual is not None and (residual.dtype != torch.float32 or not residual.is_cpu
                                  or residual.shape != (*x.shape[:-1], width)):
         raise ValueError(f"the residual must be a float32 CPU tensor of shape {(*x.shape[:-1], width)}; got "
                          f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
@@ -284,7 +284,7 @@ def conv(x: torch.Tensor, packed: torch.Tensor, kernel_size: tuple[int, int], ou
     depth: errors against float64 as PyTorch's float32 conv or smaller. Returns `out`. Where `available()`; not
     under torch.compile (see conv2d)."""
     for name, t in (("x", x), ("out", out), ("residual", residual)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or t.dim() != 4
                               or (t.stride(-1) != 1 and t.shape[-1] > 1)):
             raise TypeError(f"amx.conv takes float32 CPU [B, H, W, C] tensors with unit-stride channels; {name} is "
                             f"{t.dtype} {tuple(t.shape)} (strides {t.stride()}) on {t.device}")
@@ -348,7 +348,7 @@ def _conv2d(x, packed, out_channels, kernel_size, stride, padding, bias, residua
 
 def _require_float32(x: torch.Tensor, residual: torch.Tensor | None) -> None:
     for t in (x, residual):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or t.dim() != 4):
             raise TypeError(f"the AMX convolutions take float32 CPU [B, C, H, W] tensors; got {t.dtype} "
                             f"{tuple(t.shape)} on {t.device}: cast and move before optimize_for_inference()")
 

@@ -180,7 +180,7 @@ class FeedForward(nn.Module):
         geglu = self.net[0]
         if residual is not None:
             return self.net[2](geglu(x), residual)
-        if x.device.type != "cpu" or type(geglu) is not GEGLU:
+        if not x.is_cpu or type(geglu) is not GEGLU:
             return self._net(x)
         tokens = x.reshape(-1, x.shape[-1])
         rows = max(1, FF_CHUNK_BYTES // (geglu.proj.out_features * x.element_size()))

@@ -150,7 +150,7 @@ def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
     """The compiled transforms if winograd_conv3x3 is to use them on x."""
     if fused is False:
         return None
-    suits = x.dtype == torch.float32 and x.device.type == "cpu"
+    suits = x.dtype == torch.float32 and x.is_cpu
     lib = transforms() if suits else None
     if fused and lib is None:
         why = ("they take float32 CPU tensors" if not suits
