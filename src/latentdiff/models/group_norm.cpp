@@ -45,6 +45,21 @@ inline Vec activate(Vec y, bool silu) { return silu ? y / (1.f + exp_lanes(-y)) 
 
 }  // namespace
 
+// Channels-last sums over pixels: a pixel holds every channel, so each sample's pixels are cut into spans, each span
+// sums into its own row of C partial sums, and a sample's rows are then added in span order. The rows grow with the
+// spans (about two per thread), not with threads x samples (60 MB a call for 64 threads at batch 32 and 1280
+// channels), and the result does not depend on which thread ran which span.
+struct Spans {
+    int64_t per_sample, length;  // spans per sample, pixels per span (the last one may be shorter, or empty)
+    Spans(int64_t N, int64_t P, int threads)
+        : per_sample(std::max<int64_t>(1, std::min<int64_t>((2 * threads + N - 1) / N, (P + 15) / 16))),
+          length((P + per_sample - 1) / per_sample) {}
+    int64_t first(int64_t span, int64_t P) const { return span / per_sample * P + span % per_sample * length; }
+    int64_t last(int64_t span, int64_t P) const {
+        return std::min(first(span, P) + length, (span / per_sample + 1) * P);
+    }
+};
+
 // out = act(gamma_c (v - mean_g) / sqrt(var_g + eps) + beta_c), v = x + shift_c (shift per sample, `shift_ns` floats
 // apart: 0 for one shift for every sample; shift may be null), for x [N][C][P] (channels_last = 0) or [N][P][C]
 // (1), contiguous, C a multiple of G; act: SiLU if `silu`, else none. out may be x. `stats` (may be null): each
@@ -54,13 +69,13 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                           const float* shift, int64_t shift_ns, const float* gamma, const float* beta, float eps,
                           int silu, float* out, double* stats, int threads) {
     const int64_t per_group = C / G;
-    // channels-last: each thread sums every channel of its pixels (its own sums); NCHW: a channel is one thread's
-    const int parts = channels_last ? threads : 1;
-    std::vector<double> sums, squares;
+    const Spans spans(N, P, threads);
+    std::vector<double> sums, squares, partial;  // partial: channels-last, per span [C][2]: sum, sum of squares
     std::vector<float> a, b;  // out = act(a x + b), per sample and channel
     try {
-        sums.assign(parts * N * C, 0.0);
-        squares.assign(parts * N * C, 0.0);
+        sums.resize(N * C);
+        squares.resize(N * C);
+        partial.assign(channels_last ? N * spans.per_sample * C * 2 : 0, 0.0);
         a.resize(N * C);
         b.resize(N * C);
     } catch (...) {
@@ -71,19 +86,28 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
         const FlushSubnormals flushing;
         // pass 1: every channel's sum and sum of squares
         if (channels_last) {
-            double* s = sums.data() + omp_get_thread_num() * N * C;
-            double* q = squares.data() + omp_get_thread_num() * N * C;
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t n = 0; n < N; ++n) {
-                for (int64_t pixel = 0; pixel < P; ++pixel) {  // C channels side by side
-                    const float* v = x + (n * P + pixel) * C;
-                    double* sn = s + n * C;
-                    double* qn = q + n * C;
+#pragma omp for schedule(static)
+            for (int64_t span = 0; span < N * spans.per_sample; ++span) {
+                double* sq = partial.data() + span * C * 2;
+                for (int64_t row = spans.first(span, P); row < spans.last(span, P); ++row) {
+                    const float* v = x + row * C;  // C channels side by side
                     for (int64_t c = 0; c < C; ++c) {
                         const double value = v[c];
-                        sn[c] += value;
-                        qn[c] += value * value;
+                        sq[2 * c] += value;
+                        sq[2 * c + 1] += value * value;
                     }
+                }
+            }
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t c = 0; c < C; ++c) {
+                    double sum = 0, square = 0;
+                    for (int64_t j = 0; j < spans.per_sample; ++j) {
+                        sum += partial[((n * spans.per_sample + j) * C + c) * 2];
+                        square += partial[((n * spans.per_sample + j) * C + c) * 2 + 1];
+                    }
+                    sums[n * C + c] = sum;
+                    squares[n * C + c] = square;
                 }
             }
         } else {
@@ -118,11 +142,7 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
             for (int64_t g = 0; g < G; ++g) {
                 double sum = 0, square = 0;
                 for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-                    double cs = 0, cq = 0;
-                    for (int t = 0; t < parts; ++t) {
-                        cs += sums[(t * N + n) * C + c];
-                        cq += squares[(t * N + n) * C + c];
-                    }
+                    const double cs = sums[n * C + c], cq = squares[n * C + c];
                     // with the shift h: sum (x + h) = cs + P h, sum (x + h)^2 = cq + 2 h cs + P h^2
                     const double h = shift ? shift[n * shift_ns + c] : 0.0;
                     sum += cs + P * h;
@@ -215,15 +235,16 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                                    const float* beta, const double* stats, int silu, float* gx, float* grad_gamma,
                                    float* grad_beta, float* grad_shift, int threads) {
     const int64_t per_group = C / G, NC = N * C;
-    // channels-last: each thread sums every channel of its pixels, in float over up to FLUSH pixels (`blocks`), then
-    // into its own double sums; NCHW: a channel's pixels are one thread's
-    const int parts = channels_last ? threads : 1;
+    // channels-last: each span of pixels sums in float over up to FLUSH pixels (a thread's `blocks`), then into its
+    // own double sums; NCHW: a channel's pixels are one thread's
+    const Spans spans(N, P, threads);
     std::vector<float> coefficients, blocks;
-    std::vector<double> sums;  // [parts][N][C][3]: dL/dz x^, dL/dz, x
+    std::vector<double> sums, partial;  // [N][C][3]: dL/dz x^, dL/dz, x; channels-last per span [C][3]
     try {
         coefficients.resize(5 * NC);
         blocks.resize(channels_last ? threads * 3 * C : 0);
-        sums.assign(parts * NC * 3, 0.0);
+        sums.assign(NC * 3, 0.0);
+        partial.assign(channels_last ? N * spans.per_sample * C * 3 : 0, 0.0);
     } catch (...) {
         return 1;
     }
@@ -245,35 +266,41 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
         }
         // pass 1: the sums
         if (channels_last) {
-            double* mine = sums.data() + omp_get_thread_num() * NC * 3;
             float* block = blocks.data() + omp_get_thread_num() * 3 * C;
-            const int64_t per_sample = (P + FLUSH - 1) / FLUSH;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < N * per_sample; ++i) {  // up to FLUSH pixels of one sample
-                const int64_t n = i / per_sample, first = n * P + i % per_sample * FLUSH;
-                const int64_t last = std::min(first + FLUSH, (n + 1) * P);
-                std::fill(block, block + 3 * C, 0.f);
-                for (int64_t row = first; row < last; ++row) {
-                    for (int64_t c = 0; c < C; c += LANES) {
-                        const int lanes = C - c < LANES ? int(C - c) : LANES;
-                        const Vec value = load(x + row * C + c, lanes);
-                        const Vec xhat = value * load(r + n * C + c, lanes) + load(v + n * C + c, lanes);
-                        const Vec gz = activation_grad(load(g + row * C + c, lanes), xhat, load(gamma + c, lanes),
-                                                       load(beta + c, lanes), silu);
-                        store(gz, lanes, gx + row * C + c);
-                        store(load(block + c, lanes) + gz * xhat, lanes, block + c);
-                        store(load(block + C + c, lanes) + gz, lanes, block + C + c);
-                        store(load(block + 2 * C + c, lanes) + value, lanes, block + 2 * C + c);
+            for (int64_t span = 0; span < N * spans.per_sample; ++span) {
+                const int64_t n = span / spans.per_sample, end = spans.last(span, P);
+                double* mine = partial.data() + span * C * 3;
+                for (int64_t first = spans.first(span, P); first < end; first += FLUSH) {
+                    std::fill(block, block + 3 * C, 0.f);
+                    for (int64_t row = first; row < std::min(first + FLUSH, end); ++row) {
+                        for (int64_t c = 0; c < C; c += LANES) {
+                            const int lanes = C - c < LANES ? int(C - c) : LANES;
+                            const Vec value = load(x + row * C + c, lanes);
+                            const Vec xhat = value * load(r + n * C + c, lanes) + load(v + n * C + c, lanes);
+                            const Vec gz = activation_grad(load(g + row * C + c, lanes), xhat,
+                                                           load(gamma + c, lanes), load(beta + c, lanes), silu);
+                            store(gz, lanes, gx + row * C + c);
+                            store(load(block + c, lanes) + gz * xhat, lanes, block + c);
+                            store(load(block + C + c, lanes) + gz, lanes, block + C + c);
+                            store(load(block + 2 * C + c, lanes) + value, lanes, block + 2 * C + c);
+                        }
+                    }
+                    for (int64_t c = 0; c < C; ++c) {
+                        for (int k = 0; k < 3; ++k) mine[c * 3 + k] += block[k * C + c];
                     }
                 }
-                for (int64_t c = 0; c < C; ++c) {
-                    for (int k = 0; k < 3; ++k) mine[(n * C + c) * 3 + k] += block[k * C + c];
-                }
             }
-            // the threads' sums into the first's
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < NC * 3; ++i) {
-                for (int t = 1; t < parts; ++t) sums[i] += sums[t * NC * 3 + i];
+            // each sample's spans, in order
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t n = 0; n < N; ++n) {
+                for (int64_t j = 0; j < 3 * C; ++j) {
+                    double total = 0;
+                    for (int64_t span = n * spans.per_sample; span < (n + 1) * spans.per_sample; ++span) {
+                        total += partial[span * C * 3 + j];
+                    }
+                    sums[n * C * 3 + j] = total;
+                }
             }
         } else {
 #pragma omp for collapse(2) schedule(static)
