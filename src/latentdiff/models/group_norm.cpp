@@ -43,8 +43,6 @@ inline Vec exp_lanes(Vec x) {
 
 inline Vec activate(Vec y, bool silu) { return silu ? y / (1.f + exp_lanes(-y)) : y; }
 
-}  // namespace
-
 // Channels-last sums over pixels: a pixel holds every channel, so each sample's pixels are cut into spans, each span
 // sums into its own row of C partial sums, and a sample's rows are then added in span order. The rows grow with the
 // spans (about two per thread), not with threads x samples (60 MB a call for 64 threads at batch 32 and 1280
@@ -59,6 +57,8 @@ struct Spans {
         return std::min(first(span, P) + length, (span / per_sample + 1) * P);
     }
 };
+
+}  // namespace
 
 // out = act(gamma_c (v - mean_g) / sqrt(var_g + eps) + beta_c), v = x + shift_c (shift per sample, `shift_ns` floats
 // apart: 0 for one shift for every sample; shift may be null), for x [N][C][P] (channels_last = 0) or [N][P][C]
