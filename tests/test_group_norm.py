@@ -56,7 +56,7 @@ INTERPRETED = textwrap.dedent("""
             sys.exit(0)
         raise
     default = gn.SETTINGS
-    for settings in (default, dataclasses.replace(default, one_program=0)):  # one program a group; split in slices
+    for settings in {settings}:
         gn.SETTINGS = settings
         for shape in SHAPES:
             for channels_last in (False, True):
@@ -85,12 +85,19 @@ def test_triton_kernels_match_torch_group_norm_in_the_interpreter():
     Triton is imported, hence a subprocess): NCHW and channels-last, fp32 and fp16, with and without the shift and
     the SiLU."""
     pytest.importorskip("triton")
-    code = INTERPRETED.format(tests=os.path.dirname(__file__))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 0 and "SKIP:" in run.stdout:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0 and "all match" in run.stdout, run.stderr[-3000:]
+    # one process per launch setting, side by side: the interpreter runs each program in Python on one core (about a
+    # minute in all on this 2-core machine), and the rest of the suite waits for it
+    runs = [subprocess.Popen([sys.executable, "-c", INTERPRETED.format(tests=os.path.dirname(__file__),
+                                                                        settings=settings)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for settings in ("(default,)",  # one program a group
+                             "(dataclasses.replace(default, one_program=0),)")]  # split in slices
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (stdout, stderr) in zip(runs, outputs):
+        if run.returncode == 0 and "SKIP:" in stdout:
+            pytest.skip(stdout.strip())
+        assert run.returncode == 0 and "all match" in stdout, stderr[-3000:]
 
 
 needs_cpu_kernel = pytest.mark.skipif(gn._cpu_kernel() is None, reason="no compiled CPU GroupNorm here (no g++?)")
