@@ -380,14 +380,12 @@ class WinogradConv2d(_Packed):
             return winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None,
                                     self.out_channels, residual=residual)
         if self.direct is None:
-            from .amx_layers import AmxConv2d, suits_amx_conv  # (they build on this module's classes)
-
-            conv = self._recovered_conv()
-            self.direct = AmxConv2d(conv) if suits_amx_conv(conv) else PackedConv2d(conv)
+            self.direct = packed(self._recovered_conv(), winograd=False)
         return self.direct(x, residual)
 
     def _recovered_conv(self) -> nn.Conv2d:
-        """The conv whose filters these are (recovered from the transformed ones), sharing self.bias's storage."""
+        """The conv whose filters these are (recovered from the transformed ones), sharing self.bias's storage, for
+        the direct layer (`packed(..., winograd=False)`) that runs where Winograd does not pay."""
         return _conv3x3(recover_filters(self.filters()), self.bias)
 
     def path(self, x: torch.Tensor) -> str:
@@ -436,10 +434,7 @@ class WinogradUpsampleConv(WinogradConv2d):
             return winograd_conv3x3(x, self.weight, self.bias, self._points if self.on_amx else None,
                                     self.out_channels, upsample=True)
         if self.phases is None:
-            from .amx_layers import AmxUpsampleConv, suits_amx_conv  # (they build on this module's classes)
-
-            conv = self._recovered_conv()
-            self.phases = AmxUpsampleConv(conv) if suits_amx_conv(conv) else PackedUpsampleConv(conv)
+            self.phases = packed(self._recovered_conv(), winograd=False, after_upsampling=True)
         return self.phases.upsampled(x)
 
 
