@@ -922,14 +922,14 @@ struct ConvShape {
 
 // The depth of amx_conv's products for a kh x kw filter of C input channels: kh * kw taps of C16 (C padded to 16);
 // its weights [N][C][kh][kw] are packed by amx_pack_linear as [N][kh][kw][C16] (N x that depth)
-extern "C" int64_t amx_conv_depth(int64_t kh, int64_t kw, int64_t C) { return kh * kw * padded(C, 16); }
+inline int64_t conv_depth(int64_t kh, int64_t kw, int64_t C) { return kh * kw * padded(C, 16); }
 
 // y = conv(x, W) + bias (may be null) + residual (may be null), float32, the products as amx_linear's (each output
 // pixel a row, its patch the row's depth), W packed by amx_pack_linear from [N][kh][kw][C16]. Returns 0, or 1 where
 // its buffers could not be made.
 extern "C" int amx_conv(const float* x, const ConvShape* s, const uint16_t* wp, const float* bias,
                         const float* residual, float* y, int threads) {
-    const int64_t M = s->B * s->Ho * s->Wo, K = amx_conv_depth(s->kh, s->kw, s->C);
+    const int64_t M = s->B * s->Ho * s->Wo, K = conv_depth(s->kh, s->kw, s->C);
     if (M <= 0 || s->N <= 0) return 0;
     const Rows r{x, s->xb, s->xh, s->xw, s->H, s->W, s->C, padded(s->C, 16), s->kh, s->kw, s->stride, s->top,
                  s->left, s->Ho, s->Wo, s->yb, s->yh, s->yw, s->rb, s->rh, s->rw};

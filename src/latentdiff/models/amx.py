@@ -80,8 +80,6 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_points.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64]
                                       + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     lib.amx_linear_points.restype = ctypes.c_int
-    lib.amx_conv_depth.argtypes = [ctypes.c_int64] * 3
-    lib.amx_conv_depth.restype = ctypes.c_int64
     lib.amx_conv.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     lib.amx_conv.restype = ctypes.c_int
     return lib
