@@ -50,7 +50,7 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, shift: t
         return on_device(_triton_group_norm, x, norm, silu, shift, channels_last)
     if _compiled_applies(norm, x, shift):
         if _no_autograd(norm, x, shift):
-            return _compiled_group_norm(x, norm, silu, shift)
+            return _compiled_group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, shift)
         return _CompiledGroupNorm.apply(x, shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     if shift is not None:
         x = x + shift[:, :, None, None]
@@ -105,8 +105,8 @@ def _cpu_kernel() -> ctypes.CDLL | None:
     return lib
 
 
-def _compiled_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift: torch.Tensor | None,
-                         stats: torch.Tensor | None = None) -> torch.Tensor:
+def _compiled_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                         silu: bool, shift: torch.Tensor | None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU kernel's two passes over x (statistics, then the normalised, affine, activated output), in x's
     layout; `stats` (float64 [N, G, 2]), where given, receives each group's mean and 1 / sqrt(var + eps)."""
     n, c, h, w = x.shape
@@ -114,9 +114,9 @@ def _compiled_group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool, shift:
     shift = None if shift is None else shift.contiguous()
     with native.labelled("latentdiff::group_norm"):
         failed = _cpu_kernel().group_norm(
-            x.data_ptr(), n, c, h * w, not x.is_contiguous(), norm.num_groups,
+            x.data_ptr(), n, c, h * w, not x.is_contiguous(), groups,
             None if shift is None else shift.data_ptr(), 0 if shift is None or shift.shape[0] == 1 else c,
-            norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps, silu, out.data_ptr(),
+            weight.data_ptr(), bias.data_ptr(), eps, silu, out.data_ptr(),
             None if stats is None else stats.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError(f"the GroupNorm kernel could not allocate its statistics ({n} x {c} channels): free memory")
@@ -131,9 +131,9 @@ class _CompiledGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, weight, bias, groups, eps, silu):
-        norm = _NormView(groups, eps, weight, bias)
+        shift = None if shift is None else shift.contiguous()  # (as the kernels read it, forward and backward)
         stats = torch.empty(x.shape[0], groups, 2, dtype=torch.float64)
-        out = _compiled_group_norm(x, norm, silu, shift, stats)
+        out = _compiled_group_norm(x, weight, bias, groups, eps, silu, shift, stats)
         ctx.save_for_backward(x, shift, weight, bias, stats)
         ctx.silu = silu
         return out
@@ -145,8 +145,6 @@ class _CompiledGroupNorm(torch.autograd.Function):
         n, c, h, w = x.shape
         channels_last = not x.is_contiguous()
         grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if shift is not None:
-            shift = shift.detach().contiguous()
         grad_x = torch.empty_like(x)
         grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
         grad_shift = None if shift is None or not ctx.needs_input_grad[1] else torch.empty_like(shift)
@@ -160,15 +158,6 @@ class _CompiledGroupNorm(torch.autograd.Function):
         if failed:
             raise MemoryError(f"the GroupNorm backward could not allocate its sums ({n} x {c} channels): free memory")
         return grad_x, grad_shift, grad_weight, grad_bias, None, None, None
-
-
-@dataclasses.dataclass
-class _NormView:
-    """What _compiled_group_norm reads of an nn.GroupNorm."""
-    num_groups: int
-    eps: float
-    weight: torch.Tensor
-    bias: torch.Tensor
 
 
 def _one_program(x: torch.Tensor, groups: int) -> bool:
