@@ -21,9 +21,10 @@ the host wait for the GPU before each scheduler step (what ours did until 2026-1
 from the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off
 its cuDNN backend (flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time
 each in a profile of 2026-12-04), `-fused` turns on models/fused.py's kernels (residual add + LayerNorm, GEGLU);
-`ours-pipecompile` is pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in
-the default set. A variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call
-for that many seconds first, so that the GPU's clocks have settled before any timing.
+`ours-fused-qkv-flash` takes those three host-time savings at once; `ours-pipecompile` is
+pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in the default set. A
+variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds
+first, so that the GPU's clocks have settled before any timing.
 Per batch and variant: seconds per image (a call's time / batch; median over --repeats calls; with --interleave the
 calls are taken in rounds, one per variant each, so that a noisy host's slow spells hit every variant), peak GPU
 memory of the timed calls (torch.cuda.max_memory_allocated) and how far it rose above the memory in use before them,
@@ -57,7 +58,7 @@ from common import gib, machine, print_table, setup
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
             "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash",
-            "ours-clvae", "ours-fused", "ours-cl-fused")
+            "ours-clvae", "ours-fused", "ours-cl-fused", "ours-fused-qkv-flash")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(

@@ -34,7 +34,8 @@ cd benchmarks
 timeout 25 python3 gpu_group_norm.py --host-time 2>&1 | tee "$OUT/group_norm_host.txt"
 timeout 40 python3 gpu_group_norm.py --gpu-time 2>&1 | tee "$OUT/group_norm.txt"
 timeout 40 python3 gpu_group_norm.py --gpu-time --batch 2 2>&1 | tee "$OUT/group_norm_batch2.txt"
-timeout 120 python3 gpu_host.py --variants "${HOST:-diffusers,ours,ours-fused,ours-flash,diffusers-flash,ours-cl}" \
+HOST_VARIANTS="diffusers,ours,ours-fused,ours-flash,diffusers-flash,ours-cl,ours-fused-qkv-flash"
+timeout 120 python3 gpu_host.py --variants "${HOST:-$HOST_VARIANTS}" \
     --rounds 4 --profile ours --top 30 2>&1 | grep -v USDT | tee "$OUT/host.txt"
 timeout 240 python3 gpu.py --variants "${EAGER:-diffusers,ours,ours-fused,ours-cl,ours-cl-graph}" \
     --batches 4,1 --repeats 5 --warmup 5 --no-vae-upcast --profile 3 --profile-batches 4,1 --time-limit 160 \
