@@ -29,7 +29,7 @@ DEMO_PROMPT ?= a large blue star in the top right corner on a black background
 
 demo: setup
 	@test -f pipelines/tiny-shapes/model_index.json || { echo "pipelines/tiny-shapes is missing: run make train-demo"; exit 1; }
-	@$(BIN)/latentdiff generate "$(DEMO_PROMPT)" --out out/demo | sed 's/^/image written to /'
+	@$(BIN)/latentdiff generate "$(DEMO_PROMPT)" --out out/demo --force | sed 's/^/image written to /'
 
 # Train the embedded pipeline from scratch (VAE, then U-Net + text encoder) and write pipelines/tiny-shapes.
 train-demo: setup

@@ -42,14 +42,27 @@ def test_generate_and_reproduce(tiny_folders, tmp_path, capsys, monkeypatch):
     assert np.abs(fast - again.astype(int)).max() <= 1
 
 
-def test_prompts_file_skips_existing(tiny_folders, tmp_path, capsys):
+def test_prompts_file_skips_only_images_of_the_same_settings(tiny_folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue star\n")
     args = ["generate", "--prompts-file", prompts, "--model", tiny_folders[1], "--steps", 2, "--out", tmp_path]
     code, out, _ = run(args, capsys)
-    assert code == 0 and len(out.split()) == 2
+    first = out.split()
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in first] == ["a-red-circle-s0.png", "a-blue-star-s0.png"]
+    before = {p: open(p, "rb").read() for p in first}
     code, out, err = run(args, capsys)
+    assert code == 0 and out == "" and "skipping 2 images already made with the same settings" in err
+    # other settings under the same names: new numbered files, the earlier images untouched
+    code, out, err = run([*args, "--steps", 3], capsys)
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in out.split()] == ["a-red-circle-s0-2.png", "a-blue-star-s0-2.png"]
+    assert json.loads(Image.open(out.split()[0]).text[PNG_KEY])["steps"] == 3 and "skipping" not in err
+    assert {p: open(p, "rb").read() for p in first} == before
+    code, out, err = run([*args, "--steps", 3], capsys)  # those are found again, past the first name
     assert code == 0 and out == "" and "skipping 2 images" in err
+    # --force makes them again, in place
+    code, out, err = run([*args, "--force"], capsys)
+    assert code == 0 and out.split() == first and "skipping" not in err
+    assert {p: open(p, "rb").read() for p in first} == before  # (the same settings give the same image)
 
 
 def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -104,14 +105,41 @@ def cmd_generate(args) -> None:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize)
     digest = weights_hash(path)
-    jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
-    jobs = [(p, s, Path(args.out) / f"{slug(p)}-s{s}.png") for p, s in jobs]
-    todo = [job for job in jobs if not job[2].exists()]
-    if len(todo) < len(jobs):
-        print(f"skipping {len(jobs) - len(todo)} images that already exist", file=sys.stderr)
-    for prompt, seed, out in tqdm(todo, disable=len(todo) < 2, desc="images"):
-        generate_one(pipe, _settings_from_args(args, prompt, seed, path, digest), out)
+    todo, kept = [], []
+    for prompt in prompts:
+        for seed in range(args.seed, args.seed + args.num_images):
+            settings = _settings_from_args(args, prompt, seed, path, digest)
+            out, made = _output_path(Path(args.out), settings)
+            (kept if made and not args.force else todo).append((settings, out))
+    if kept:
+        names = ", ".join(str(out) for _, out in kept[:3]) + (", ..." if len(kept) > 3 else "")
+        print(f"skipping {len(kept)} images already made with the same settings ({names}): --force makes them again",
+              file=sys.stderr)
+    for settings, out in tqdm(todo, disable=len(todo) < 2, desc="images"):
+        generate_one(pipe, settings, out)
         print(out)
+
+
+def _output_path(folder: Path, settings: dict) -> tuple[Path, bool]:
+    """Where the image of `settings` goes, and whether it is there already: PROMPT-sSEED.png, or, where that name
+    holds an image made with other settings (steps, guidance, model, ...), PROMPT-sSEED-2.png, -3, ...: an earlier
+    image is never overwritten by a different one."""
+    stem = f"{slug(settings['prompt'])}-s{settings['seed']}"
+    wanted = json.loads(json.dumps(settings))  # as a PNG stores it
+    for n in itertools.count(1):
+        path = folder / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
+        if not path.exists():
+            return path, False
+        if _stored_settings(path) == wanted:
+            return path, True
+
+
+def _stored_settings(path: Path) -> dict | None:
+    """The settings in an image that `latentdiff generate` wrote, else None."""
+    try:
+        return read_png_settings(str(path))
+    except (OSError, ValueError):  # not an image, not ours, or damaged
+        return None
 
 
 def cmd_convert(args) -> None:
@@ -189,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "1.6x in bf16 on AMX CPUs, same images up to float rounding) and let malloc keep large freed "
                         "buffers for reuse")
     g.add_argument("--out", default="out")
-    g.add_argument("--prompts-file", help="one prompt per line; existing images are skipped")
+    g.add_argument("--prompts-file", help="one prompt per line")
+    g.add_argument("--force", action="store_true",
+                   help="make images again where --out holds them with the same settings already (skipped "
+                        "otherwise; an image of other settings is never overwritten: the new one is numbered "
+                        "-2, -3, ...)")
     g.add_argument("--from-png", help="reproduce an image from the settings stored in its PNG")
     g.set_defaults(func=cmd_generate)
 
