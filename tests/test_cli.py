@@ -31,6 +31,13 @@ def test_generate_and_reproduce(tiny_folders, tmp_path, capsys, monkeypatch):
     again = np.asarray(Image.open(out.strip()))
     assert np.array_equal(again, np.asarray(Image.open(paths[1])))
     assert not np.array_equal(again, np.asarray(Image.open(paths[0])))
+    # again, where that name now holds another image: it is kept, the reproduction numbered
+    taken = out.strip()
+    Image.open(paths[0]).save(taken, pnginfo=None)
+    code, out, _ = run(["generate", "--from-png", paths[1], "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and out.strip().endswith("a-small-red-circle-s6-repro-2.png")
+    assert np.array_equal(np.asarray(Image.open(out.strip())), again)
+    assert np.array_equal(np.asarray(Image.open(taken)), np.asarray(Image.open(paths[0])))
     # --optimize (the models packed for oneDNN): the same image up to float rounding
     packed = []
     original = LatentDiffusionPipeline.optimize_for_inference

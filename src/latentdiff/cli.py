@@ -93,7 +93,7 @@ def cmd_generate(args) -> None:
         if digest != settings["model_hash"]:
             print(f"warning: {path} has weights hash {digest}, the image was made with {settings['model_hash']}: "
                   "the result will differ", file=sys.stderr)
-        out = Path(args.out) / (Path(args.from_png).stem + "-repro.png")
+        out, _ = _output_path(Path(args.out), Path(args.from_png).stem + "-repro", settings)  # (made again anyway)
         generate_one(pipe, settings, out)
         print(out)
         return
@@ -109,7 +109,7 @@ def cmd_generate(args) -> None:
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.num_images):
             settings = _settings_from_args(args, prompt, seed, path, digest)
-            out, made = _output_path(Path(args.out), settings)
+            out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings)
             (kept if made and not args.force else todo).append((settings, out))
     if kept:
         names = ", ".join(str(out) for _, out in kept[:3]) + (", ..." if len(kept) > 3 else "")
@@ -120,11 +120,10 @@ def cmd_generate(args) -> None:
         print(out)
 
 
-def _output_path(folder: Path, settings: dict) -> tuple[Path, bool]:
-    """Where the image of `settings` goes, and whether it is there already: PROMPT-sSEED.png, or, where that name
-    holds an image made with other settings (steps, guidance, model, ...), PROMPT-sSEED-2.png, -3, ...: an earlier
-    image is never overwritten by a different one."""
-    stem = f"{slug(settings['prompt'])}-s{settings['seed']}"
+def _output_path(folder: Path, stem: str, settings: dict) -> tuple[Path, bool]:
+    """Where the image of `settings` goes, and whether it is there already: STEM.png, or, where that name holds an
+    image made with other settings (steps, guidance, model, ...), STEM-2.png, -3, ...: an earlier image is never
+    overwritten by a different one."""
     wanted = json.loads(json.dumps(settings))  # as a PNG stores it
     for n in itertools.count(1):
         path = folder / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
