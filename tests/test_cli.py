@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentdiff import LatentDiffusionPipeline
@@ -89,10 +90,15 @@ def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     (["generate", "x", "--height", "20"], "height=20 must be a positive multiple of 8"),
     (["convert", "/no/such.safetensors", "out"], "not found"),
     (["generate"], "give a prompt"),
+    (["generate", "x", "--num-images", "0"], "--num-images must be at least 1; got 0"),
+    (["generate", "x", "--device", "gpu0"], "--device 'gpu0' is not a device name: use cpu, cuda or cuda:N"),
+    (["generate", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is usable here"),
+    (["eval", "--device", "cuda:1"], "--device cuda:1: no CUDA GPU is usable here"),
 ])
-def test_errors_are_one_line(tiny_folders, args, message, capsys):
+def test_errors_are_one_line(tiny_folders, args, message, capsys, monkeypatch):
     if "--height" in args:
         args = args + ["--model", str(tiny_folders[1])]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (as on a machine without a GPU)
     code, _, err = run(args, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -29,6 +29,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     from .layout import EMBEDDED
     from .pipeline import LatentDiffusionPipeline
 
+    device = _usable_device(device)
     path = Path(model) if model else EMBEDDED
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if path.is_file():
@@ -42,6 +43,24 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
         pipe.optimize_for_inference()
         keep_freed_buffers()
     return pipe, path
+
+
+def _usable_device(name: str):
+    """--device as a torch.device, checked before anything is loaded onto it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}): use --device "
+                             "cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
@@ -103,6 +122,8 @@ def cmd_generate(args) -> None:
         prompts = [args.prompt]
     else:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize)
     digest = weights_hash(path)
     todo, kept = [], []
