@@ -263,6 +263,12 @@ def test_bad_inputs(pipe, tmp_path):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(TypeError, match="prompt must be a string"):
         run(pipe, 3)
+    with pytest.raises(ValueError, match="guidance_scale=nan must be a finite number"):
+        run(pipe, PROMPTS[0], guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="latents contain NaN or infinite values"):
+        run(pipe, PROMPTS[0], latents=torch.full((1, 4, 8, 8), float("inf")))
+    with pytest.raises(TypeError, match="callback_on_step_end must be a function"):
+        run(pipe, PROMPTS[0], callback_on_step_end="print")
 
 
 def test_torch_dtype_on_load_and_bf16(folders):
@@ -298,6 +304,12 @@ def test_img2img(pipe):
     assert same.shape == (1, 4, 8, 8)
     with pytest.raises(ValueError, match="strength=1.5"):
         img2img(PROMPTS[0], image, strength=1.5)
+    with pytest.raises(ValueError, match=r"image tensor values span \[0, 255\]; expected \[-1, 1\]"):
+        img2img(PROMPTS[0], torch.linspace(0, 255, 768).view(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\] or \[3, H, W\] \(RGB\); got shape \(1, 4, 16, 16\)"):
+        img2img(PROMPTS[0], torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="image tensor contains NaN"):
+        img2img(PROMPTS[0], image.clone().fill_(float("nan")))
 
 
 def test_same_seed_same_image_as_diffusers(folders):

@@ -5,6 +5,7 @@ VAE decode of x_0 / scaling_factor."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -350,9 +351,20 @@ class LatentDiffusionPipeline:
             images = vae.decode(z.to(vae.dtype))
         return to_images(images, output_type)
 
-    def _check_output_type(self, output_type: str) -> None:
+    @staticmethod
+    def _check_call(output_type: str, guidance_scale: float, callback: Callable | None) -> None:
+        """The arguments of a call that nothing else checks before the denoising loop starts."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
+        try:
+            finite = math.isfinite(float(guidance_scale))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be a function callback(pipe, step, timestep, tensors) or "
+                            f"None; got {type(callback).__name__}")
 
     @torch.no_grad()
     def __call__(
@@ -364,7 +376,7 @@ class LatentDiffusionPipeline:
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
     ):
-        self._check_output_type(output_type)
+        self._check_call(output_type, guidance_scale, callback_on_step_end)
         height, width = self._check_size(height, width)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
@@ -380,6 +392,9 @@ class LatentDiffusionPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
                              f"{height}x{width}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
+                             "None to draw it from the generator)")
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
         latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
                                callback_on_step_end, progress, guidance_rescale)
@@ -400,7 +415,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True,
     ):
-        self._check_output_type(output_type)
+        self._check_call(output_type, guidance_scale, callback_on_step_end)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in [0, 1]")
         if image is None:
@@ -440,7 +455,17 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
 
     def preprocess(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
-            return image if image.dim() == 4 else image[None]
+            pixels = image if image.dim() == 4 else image[None]
+            if pixels.dim() != 4 or pixels.shape[1] != 3:
+                raise ValueError(f"an image tensor must be [B, 3, H, W] or [3, H, W] (RGB); got shape "
+                                 f"{tuple(image.shape)}")
+            low, high = pixels.aminmax()
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                raise ValueError("the image tensor contains NaN or infinite values")
+            if low < -1.001 or high > 1.001:
+                raise ValueError(f"image tensor values span [{low.item():.4g}, {high.item():.4g}]; expected [-1, 1] "
+                                 "(from 8-bit pixels: x / 127.5 - 1)")
+            return pixels
         from PIL import Image
 
         images = image if isinstance(image, (list, tuple)) else [image]
