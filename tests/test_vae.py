@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import latentdiff.models.vae as vae_module
+from latentdiff.models.unet import UNetConfig
 from latentdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 
@@ -129,6 +130,12 @@ def test_config_round_trips_and_rejects_what_it_does_not_implement():
         VAEConfig.from_dict({**cfg.to_dict(), "up_block_types": ["AttnUpDecoderBlock2D"] * 4})
     with pytest.raises(ValueError, match="norm_num_groups"):
         VAEConfig.from_dict({**cfg.to_dict(), "block_out_channels": [128, 256, 500, 512]})
+    # another model's config (a U-Net folder given for the VAE, or the other way round): named as such
+    with pytest.raises(ValueError, match=r"VAEConfig: this config is for UNet2DConditionModel \(its _class_name\), "
+                                         r"not for AutoencoderKL: give the AutoencoderKL folder"):
+        VAEConfig.from_dict(UNetConfig.sd15().to_dict())
+    with pytest.raises(ValueError, match="UNetConfig: this config is for AutoencoderKL"):
+        UNetConfig.from_dict(cfg.to_dict())
 
 
 def test_folders_load_both_ways(tmp_path):

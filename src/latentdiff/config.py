@@ -32,6 +32,11 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        declared = data.get("_class_name")
+        if cls.diffusers_class and isinstance(declared, str) and declared != cls.diffusers_class:
+            raise ValueError(f"{cls.__name__}: this config is for {declared} (its _class_name), not for "
+                             f"{cls.diffusers_class}: give the {cls.diffusers_class} folder (e.g. the pipeline's "
+                             f"unet/ or vae/), or load it with the class for {declared}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in data.items():
