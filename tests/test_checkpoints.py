@@ -1,4 +1,7 @@
 """Weights I/O: safetensors only, strict loading, and errors that name the file and the fix."""
+import os
+import stat
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +15,12 @@ def test_round_trip(tmp_path):
     back = load_safetensors(tmp_path / "w.safetensors")
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    old = os.umask(0o027)
+    try:  # with the permissions any new file gets (safetensors alone makes them private)
+        save_safetensors(sd, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == 0o640
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])

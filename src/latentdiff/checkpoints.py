@@ -66,7 +66,14 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # (safetensors makes its files private, 0600; ours are as any new file)
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # (reading it means setting it)
+    os.umask(mask)
+    return mask
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
