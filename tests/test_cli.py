@@ -79,6 +79,15 @@ def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     assert code == 0
     code, _, _ = run(["convert", tmp_path / "one.safetensors", tmp_path / "back", "--config", folder], capsys)
     assert code == 0 and (tmp_path / "back" / "model_index.json").exists()
+    # an existing destination is not written over without --force
+    before = (tmp_path / "one.safetensors").read_bytes()
+    code, _, err = run(["convert", tmp_path / "back", tmp_path / "one.safetensors"], capsys)
+    assert code == 2 and "one.safetensors exists: give a new destination, or --force" in err
+    code, _, err = run(["convert", tmp_path / "one.safetensors", tmp_path / "back", "--config", folder], capsys)
+    assert code == 2 and "back exists and is not empty" in err
+    assert (tmp_path / "one.safetensors").read_bytes() == before
+    code, _, _ = run(["convert", tmp_path / "back", tmp_path / "one.safetensors", "--force"], capsys)
+    assert code == 0 and (tmp_path / "one.safetensors").read_bytes() == before  # (the same weights again)
     code, out, _ = run(["info", tmp_path / "back"], capsys)
     assert code == 0
     assert "UNet2DConditionModel" in out and "AutoencoderKL" in out and "CLIPTextModel" in out

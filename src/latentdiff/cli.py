@@ -168,6 +168,9 @@ def cmd_convert(args) -> None:
     from .pipeline import LatentDiffusionPipeline
 
     src, dst = require_path(args.src, "conversion source"), Path(args.dst)
+    if (dst.is_file() or (dst.is_dir() and any(dst.iterdir()))) and not args.force:
+        raise ValueError(f"{dst} exists{'' if dst.is_file() else ' and is not empty'}: give a new destination, or "
+                         "--force to write over it")
     if src.is_file():
         LatentDiffusionPipeline.from_single_file(src, config=args.config).save_pretrained(dst)
     else:
@@ -249,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--config", default=None, help="pipeline folder giving the architecture (default: SD 1.5)")
+    c.add_argument("--force", action="store_true", help="write over an existing file or non-empty folder")
     c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train in this process (accelerate launch training/... for several)")
