@@ -55,6 +55,37 @@ def test_saved_folder_layout(folders):
                        "vae/diffusion_pytorch_model.safetensors"]
 
 
+def test_variant_and_sharded_folders_load(folders, tmp_path):
+    """Folders diffusers writes with save_pretrained(variant="fp16") (diffusion_pytorch_model.fp16.safetensors, ...)
+    or in shards (max_shard_size: an .index.json and its pieces, for every model) load, to the same tensors."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[0], safety_checker=None)
+    ref.save_pretrained(tmp_path / "variant", variant="fp16")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert (tmp_path / "sharded" / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert (tmp_path / "sharded" / "text_encoder" / "model.safetensors.index.json").exists()
+    plain = LatentDiffusionPipeline.from_pretrained(folders[0])
+    for got in (LatentDiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16"),
+                LatentDiffusionPipeline.from_pretrained(tmp_path / "sharded")):
+        for name in ("unet", "vae", "text_encoder"):
+            expected = getattr(plain, name).state_dict()
+            loaded = getattr(got, name).state_dict()
+            assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors \(found \['model.fp16.safetensors'\]: pass "
+                                                r"variant='fp16'\)"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "variant")
+    with pytest.raises(FileNotFoundError, match=r"pass variant=None"):
+        LatentDiffusionPipeline.from_pretrained(folders[0], variant="fp16")
+    shards = sorted((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard listed in diffusion_pytorch_model.safetensors.index.json not "
+                                                f"found: .*{shards[-1].name}"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "sharded")
+
+
 @pytest.fixture(scope="module")
 def pipe(folders):
     return LatentDiffusionPipeline.from_pretrained(folders[1])

@@ -57,6 +57,56 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         ) from None
 
 
+def with_variant(name: str, variant: str | None) -> str:
+    """A weights file's name for a variant as diffusers and transformers write it: the variant before the last
+    extension (diffusion_pytorch_model.fp16.safetensors, model.safetensors.index.fp16.json)."""
+    if variant is None:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def load_folder_weights(folder: Path, name: str, variant: str | None = None,
+                        device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a model folder in the diffusers / transformers layout: the file `name` (with `variant`:
+    NAME.VARIANT.safetensors), or, for a model saved in pieces, the shards that NAME.index.json maps its tensors to.
+    Returns them and the file they came from (for error messages)."""
+    single = folder / with_variant(name, variant)
+    if single.exists():
+        return load_safetensors(single, device), str(single)
+    index = folder / with_variant(f"{name}.index.json", variant)
+    if not index.exists():
+        raise FileNotFoundError(f"weights not found: {single}{_other_weights(folder, name, variant)}")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file) in it; save the model again")
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        state_dict.update(load_safetensors(require_path(folder / shard, f"shard listed in {index.name}"), device))
+    lacking = sorted(set(weight_map) - set(state_dict))
+    if lacking:
+        raise CheckpointError(f"{index} maps {len(lacking)} tensors to shards that lack them ({lacking[:5]}): the "
+                              "shards are from another save; copy the folder again")
+    return state_dict, str(index)
+
+
+def _other_weights(folder: Path, name: str, variant: str | None) -> str:
+    """What a folder lacking `name` (for `variant`) holds instead, and what to do about it."""
+    stem, extension = name.rsplit(".", 1)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    variants = sorted({n[len(stem) + 1: -len(extension) - 1] for n in files
+                       if n.startswith(f"{stem}.") and n.endswith(f".{extension}") and n.count(".") == 2})
+    if variant is not None and (name in files or f"{name}.index.json" in files):
+        variants.insert(0, None)
+    if variants:
+        found = [n for n in files if n.startswith(stem)]
+        return f" (found {found}: pass variant={variants[0]!r})"
+    pickled = [n for n in files if Path(n).suffix.lower() in PICKLE_SUFFIXES]
+    if pickled:
+        return f" (found {pickled}: pickle weights are refused; convert them to safetensors)"
+    return f" (the folder holds {files})" if files else " (the folder is empty)"
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None):
     """Write tensors to `path` atomically (a temporary file renamed into place)."""
     from safetensors.torch import save_file

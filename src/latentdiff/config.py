@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .checkpoints import load_into, load_safetensors, read_json, require_path, save_safetensors, write_json
+from .checkpoints import load_folder_weights, load_into, read_json, require_path, save_safetensors, write_json
 
 DIFFUSERS_VERSION = "0.30.0"  # written into config.json; diffusers only uses it to warn about much newer files
 
@@ -96,19 +96,16 @@ class ModelMixin(nn.Module):
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", variant: str | None = None,
     ):
+        """config.json and the weights of `folder` (or its `subfolder`): diffusion_pytorch_model.safetensors, its
+        `variant` (diffusion_pytorch_model.fp16.safetensors, say), or the shards its .index.json lists."""
         folder = require_path(Path(folder) / subfolder if subfolder else folder, f"{cls.__name__} folder")
         config = cls.config_class.from_dict(read_json(folder / "config.json"))
-        weights = folder / cls.weights_name
-        if not weights.exists():
-            pickled = [p.name for p in folder.glob("*.bin")]
-            hint = f" (found {pickled}: pickle weights are refused; convert them to safetensors)" if pickled else ""
-            raise FileNotFoundError(f"weights not found: {weights}{hint}")
-        state_dict = load_safetensors(weights, device=device)
+        state_dict, source = load_folder_weights(folder, cls.weights_name, variant, device)
         with torch.device("meta"):
             model = cls(config)
-        return load_into(model, state_dict, str(weights), dtype=torch_dtype).eval()
+        return load_into(model, state_dict, source, dtype=torch_dtype).eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)

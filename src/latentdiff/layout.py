@@ -41,8 +41,11 @@ def _scheduler_from_folder(folder: Path):
     return classes[name].from_config(config)
 
 
-def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> dict:
-    """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved)."""
+def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                         variant: str | None = None) -> dict:
+    """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved). `variant`: the
+    weights files of that name (diffusion_pytorch_model.fp16.safetensors, ...), as diffusers' argument; a model
+    saved in shards (an .index.json and its files) loads too."""
     from .models.text import CLIPTokenizer, load_text_encoder
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
@@ -57,9 +60,9 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
         raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}")
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        "text_encoder": load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype),
-        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype),
-        "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype),
+        "text_encoder": load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype, variant=variant),
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, variant=variant),
+        "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, variant=variant),
         "scheduler": _scheduler_from_folder(folder / "scheduler"),
     }
 

@@ -221,10 +221,11 @@ class LatentDiffusionPipeline:
         return self._graphed
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, **kwargs):
         from .layout import load_pipeline_folder
 
-        return cls(**load_pipeline_folder(folder, torch_dtype=torch_dtype), **kwargs)
+        return cls(**load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant), **kwargs)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,

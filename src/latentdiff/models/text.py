@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import CheckpointError, load_into, load_safetensors, read_json, require_path, save_safetensors
+from ..checkpoints import CheckpointError, load_folder_weights, load_into, read_json, require_path, save_safetensors
 from ..checkpoints import write_json
 from .clip import CLIPTextConfig, CLIPTextModel
 from .tokenizer import CLIPTokenizer
@@ -112,18 +112,16 @@ def read_text_config(folder: str | os.PathLike) -> CLIPTextConfig:
 
 
 def load_text_encoder(
-    folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, subfolder: str | None = None
+    folder: str | os.PathLike, torch_dtype: torch.dtype | None = None, subfolder: str | None = None,
+    variant: str | None = None,
 ) -> CLIPTextModel:
-    """Read a text-encoder folder: config.json + model.safetensors (either key layout). torch_dtype=None keeps
-    the dtype stored in the file."""
+    """Read a text-encoder folder: config.json + model.safetensors (either key layout), its `variant`
+    (model.fp16.safetensors) or the shards model.safetensors.index.json lists. torch_dtype=None keeps the dtype
+    stored in the file."""
     folder = require_path(Path(folder) / subfolder if subfolder else folder, "text encoder folder")
     config = read_text_config(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.exists():
-        pickled = [p.name for p in folder.glob("*.bin")]
-        hint = f" (found {pickled}: pickle weights are refused; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"text encoder weights not found: {weights}{hint}")
-    return load_text_encoder_state_dict(config, load_safetensors(weights), str(weights), torch_dtype)
+    state_dict, source = load_folder_weights(folder, WEIGHTS_NAME, variant)
+    return load_text_encoder_state_dict(config, state_dict, source, torch_dtype)
 
 
 def build_text_encoder_from_folder(
