@@ -73,6 +73,21 @@ def test_prompts_file_skips_only_images_of_the_same_settings(tiny_folders, tmp_p
     assert {p: open(p, "rb").read() for p in first} == before  # (the same settings give the same image)
 
 
+def test_variant_weights(tiny_folders, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_folders[1], tmp_path / "variant")
+    for weights in folder.rglob("*.safetensors"):
+        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    code, _, err = run(["generate", "x", "--model", folder, "--steps", 2, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "pass variant='fp16'" in err
+    code, out, _ = run(["generate", "x", "--model", folder, "--variant", "fp16", "--steps", 2, "--out",
+                        tmp_path / "out"], capsys)
+    assert code == 0 and json.loads(Image.open(out.strip()).text[PNG_KEY])["variant"] == "fp16"
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.array_equal(np.asarray(Image.open(again.strip())), np.asarray(Image.open(out.strip())))
+
+
 def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     folder = tiny_folders[1]
     code, _, _ = run(["convert", folder, tmp_path / "one.safetensors"], capsys)

@@ -23,7 +23,7 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False):
+def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False, variant: str | None = None):
     import torch
 
     from .layout import EMBEDDED
@@ -35,7 +35,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     if path.is_file():
         pipe = LatentDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+        pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
     if optimize:  # this process is ours: malloc may keep large freed buffers too (models/allocator.py)
         from .models.allocator import keep_freed_buffers
@@ -69,6 +69,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "scheduler": args.scheduler, "guidance": args.guidance,
         "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
+        **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
     }
 
 
@@ -107,7 +108,8 @@ def cmd_generate(args) -> None:
 
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize)
+        pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
+                                   settings.get("variant"))
         digest = weights_hash(path)
         if digest != settings["model_hash"]:
             print(f"warning: {path} has weights hash {digest}, the image was made with {settings['model_hash']}: "
@@ -124,7 +126,7 @@ def cmd_generate(args) -> None:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
-    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize)
+    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant)
     digest = weights_hash(path)
     todo, kept = [], []
     for prompt in prompts:
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--variant", default=None,
+                   help="the model folder's weights of that variant (diffusion_pytorch_model.VARIANT.safetensors)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--optimize", action="store_true",
                    help="on the CPU, pack the models for oneDNN (and our AMX kernels) first "
