@@ -302,6 +302,20 @@ def test_bad_inputs(pipe, tmp_path):
         run(pipe, PROMPTS[0], callback_on_step_end="print")
 
 
+def test_progress_bar_config(pipe, capsys):
+    pipe(PROMPTS[0], num_inference_steps=2, output_type="latent")
+    assert "denoising" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)  # as diffusers' pipelines take it
+    try:
+        pipe(PROMPTS[0], num_inference_steps=2, output_type="latent")
+        assert "denoising" not in capsys.readouterr().err
+        pipe.set_progress_bar_config(desc="steps")
+        pipe(PROMPTS[0], num_inference_steps=2, output_type="latent")
+        assert "steps" in capsys.readouterr().err
+    finally:
+        pipe.set_progress_bar_config()
+
+
 def test_torch_dtype_on_load_and_bf16(folders):
     pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16

@@ -98,6 +98,7 @@ class LatentDiffusionPipeline:
         self._graph_channels_last: torch.nn.Module | None = None
         self._compile_options: dict | None = None  # set by compile()
         self._compiled: tuple[torch.nn.Module, Callable] | None = None  # (the U-Net it was made from, compiled)
+        self._progress_bar: dict[str, Any] = {}  # set_progress_bar_config()
 
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
@@ -115,6 +116,11 @@ class LatentDiffusionPipeline:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm's options for the denoising progress bar of later calls (diffusers' method: `disable=True` silences
+        it, as a call's `progress=False` does)."""
+        self._progress_bar = dict(kwargs)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         for module in (self.text_encoder, self.unet, self.vae):
@@ -319,7 +325,9 @@ class LatentDiffusionPipeline:
         # leaves the GPU idle while the next step's launches are issued); the U-Net gets the device tensor
         values = timesteps.tolist()
         with self._compiling(), cache_text_keys(self.unet), cache_timesteps(self.unet, timesteps):
-            for i, (t, value) in enumerate(zip(tqdm(timesteps, disable=not progress, desc="denoising"), values)):
+            bar = {"desc": "denoising", **self._progress_bar}
+            bar["disable"] = bar.get("disable", False) or not progress
+            for i, (t, value) in enumerate(zip(tqdm(timesteps, **bar), values)):
                 eps = model(scheduler.scale_model_input(latents, value), t)
                 latents = scheduler.step(eps, value, latents, generator=generators, **step_kwargs).prev_sample
                 if callback is not None:
