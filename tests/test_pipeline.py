@@ -319,6 +319,9 @@ def test_progress_bar_config(pipe, capsys):
 def test_torch_dtype_on_load_and_bf16(folders):
     pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    cast = LatentDiffusionPipeline.from_pretrained(folders[1]).to(torch.bfloat16)  # pipe.to(dtype), as diffusers
+    assert cast.unet.dtype == cast.vae.dtype == cast.text_encoder.dtype == torch.bfloat16
+    assert cast.to("cpu", torch.float32).dtype == torch.float32 and cast.device.type == "cpu"
     img = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=3)
     ref = run(LatentDiffusionPipeline.from_pretrained(folders[1]), PROMPTS[0], latents=latents_for(1),
               num_inference_steps=3)

@@ -123,6 +123,11 @@ class LatentDiffusionPipeline:
         self._progress_bar = dict(kwargs)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
+        """Move and/or cast the models: to(device), to(dtype), to(device, dtype), as diffusers' pipelines take it."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to({device}, {dtype}): give a device and a dtype, or one of them")
+            device, dtype = None, device
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
