@@ -184,9 +184,13 @@ def test_callback_reads_replaces_and_stops(pipe):
         if step == 1:
             return {"latents": torch.zeros_like(state["latents"]), "stop": True}
 
-    out = run(pipe, PROMPTS[0], callback_on_step_end=callback, output_type="latent", latents=latents_for(1))
+    out = run(pipe, PROMPTS[0], callback_on_step_end=callback, output_type="latent", latents=latents_for(1),
+              callback_on_step_end_tensor_inputs=["latents"])  # (diffusers' argument: only latents are given)
     assert [s for s, _ in seen] == [0, 1]
     assert torch.count_nonzero(out) == 0
+    with pytest.raises(ValueError, match=r"tensor_inputs=\['latents', 'prompt_embeds'\]: the callback is given"):
+        run(pipe, PROMPTS[0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents",
+                                                                                              "prompt_embeds"])
 
 
 def test_fused_qkv_projections_give_the_same_images(folders):

@@ -366,7 +366,8 @@ class LatentDiffusionPipeline:
         return to_images(images, output_type)
 
     @staticmethod
-    def _check_call(output_type: str, guidance_scale: float, callback: Callable | None) -> None:
+    def _check_call(output_type: str, guidance_scale: float, callback: Callable | None,
+                    tensor_inputs: list[str] | None) -> None:
         """The arguments of a call that nothing else checks before the denoising loop starts."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
@@ -379,6 +380,9 @@ class LatentDiffusionPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback_on_step_end must be a function callback(pipe, step, timestep, tensors) or "
                             f"None; got {type(callback).__name__}")
+        if tensor_inputs is not None and set(tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs={list(tensor_inputs)}: the callback is given (and "
+                             "may replace) only 'latents'")
 
     @torch.no_grad()
     def __call__(
@@ -389,8 +393,9 @@ class LatentDiffusionPipeline:
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        self._check_call(output_type, guidance_scale, callback_on_step_end)
+        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self._check_size(height, width)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
@@ -428,8 +433,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        self._check_call(output_type, guidance_scale, callback_on_step_end)
+        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in [0, 1]")
         if image is None:
