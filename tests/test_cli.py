@@ -73,6 +73,16 @@ def test_prompts_file_skips_only_images_of_the_same_settings(tiny_folders, tmp_p
     assert {p: open(p, "rb").read() for p in first} == before  # (the same settings give the same image)
 
 
+def test_prompts_sharing_a_file_name_do_not_overwrite_each_other(tiny_folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle!\na red circle?\na red circle!\n")  # one slug; the first prompt twice
+    code, out, _ = run(["generate", "--prompts-file", prompts, "--model", tiny_folders[1], "--steps", 2, "--out",
+                        tmp_path], capsys)
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in out.split()] == ["a-red-circle-s0.png", "a-red-circle-s0-2.png"]
+    made = [json.loads(Image.open(p).text[PNG_KEY])["prompt"] for p in out.split()]
+    assert made == ["a red circle!", "a red circle?"]
+
+
 def test_variant_weights(tiny_folders, tmp_path, capsys):
     import shutil
 

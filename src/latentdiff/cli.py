@@ -128,12 +128,14 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant)
     digest = weights_hash(path)
-    todo, kept = [], []
+    todo, kept, claimed = [], [], {}
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.num_images):
             settings = _settings_from_args(args, prompt, seed, path, digest)
-            out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings)
-            (kept if made and not args.force else todo).append((settings, out))
+            out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings, claimed)
+            if out not in claimed:  # (a prompt given twice is made once)
+                (kept if made and not args.force else todo).append((settings, out))
+            claimed[out] = json.loads(json.dumps(settings))
     if kept:
         names = ", ".join(str(out) for _, out in kept[:3]) + (", ..." if len(kept) > 3 else "")
         print(f"skipping {len(kept)} images already made with the same settings ({names}): --force makes them again",
@@ -143,13 +145,19 @@ def cmd_generate(args) -> None:
         print(out)
 
 
-def _output_path(folder: Path, stem: str, settings: dict) -> tuple[Path, bool]:
+def _output_path(folder: Path, stem: str, settings: dict, claimed: dict | None = None) -> tuple[Path, bool]:
     """Where the image of `settings` goes, and whether it is there already: STEM.png, or, where that name holds an
     image made with other settings (steps, guidance, model, ...), STEM-2.png, -3, ...: an earlier image is never
-    overwritten by a different one."""
+    overwritten by a different one. `claimed`: the paths this command gives other images (prompts that differ
+    beyond the slug's 60 characters, or only in punctuation, share a stem), with their settings."""
     wanted = json.loads(json.dumps(settings))  # as a PNG stores it
+    claimed = claimed or {}
     for n in itertools.count(1):
         path = folder / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
+        if path in claimed:
+            if claimed[path] == wanted:
+                return path, path.exists()
+            continue
         if not path.exists():
             return path, False
         if _stored_settings(path) == wanted:
