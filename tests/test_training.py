@@ -116,6 +116,7 @@ def test_config_overrides_use_the_configs_own_keys():
     fails(r"exactly one of 'text_encoder' .* and 'text_encoder_path'", "--text_encoder_path", "some/folder")
     fails(r"high_noise_weight caps a weight that is at least 1", "--high_noise_weight", "0.5")
     fails(r"token_embedding_std must be positive", "--token_embedding_std", "0")
+    fails(r"data_dir='photos' is set but dataset is 'shapes' .* set dataset: folder", "--data_dir", "photos")
     with pytest.raises(ValueError, match="'output_dir' is required"):
         load_config(VAETrainConfig, None, {"vae": {"block_out_channels": [32]}})
 

@@ -85,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset: folder needs data_dir (a folder with images and metadata.jsonl)")
+        if self.dataset == "shapes" and self.data_dir:
+            raise ValueError(f"data_dir={self.data_dir!r} is set but dataset is 'shapes' (the synthetic dataset), "
+                             "which would ignore it: set dataset: folder to train on that folder, or drop data_dir")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.checkpointing_steps < 0 or self.lr_warmup_steps < 0:
