@@ -362,6 +362,10 @@ def test_img2img(pipe):
         img2img(PROMPTS[0], torch.zeros(1, 4, 16, 16))
     with pytest.raises(ValueError, match="image tensor contains NaN"):
         img2img(PROMPTS[0], image.clone().fill_(float("nan")))
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=r"must share one size; got \[\(16, 16\), \(24, 16\)\]"):
+        img2img([PROMPTS[0]] * 2, [Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))])
 
 
 def test_same_seed_same_image_as_diffusers(folders):

@@ -491,6 +491,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         images = image if isinstance(image, (list, tuple)) else [image]
         if not all(isinstance(im, Image.Image) for im in images):
             raise TypeError("image must be a PIL image, a list of PIL images or a [B,3,H,W] tensor in [-1, 1]")
+        if len({im.size for im in images}) > 1:
+            raise ValueError(f"the images of one call must share one size; got {[im.size for im in images]} (width, "
+                             "height): resize them first")
         arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
