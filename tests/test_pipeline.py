@@ -306,6 +306,25 @@ def test_bad_inputs(pipe, tmp_path):
         run(pipe, PROMPTS[0], callback_on_step_end="print")
 
 
+def test_from_pretrained_takes_components_as_diffusers_does(folders, pipe, monkeypatch):
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.schedulers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("a U-Net given to from_pretrained was loaded from the folder too")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", not_loaded)
+    got = LatentDiffusionPipeline.from_pretrained(folders[1], unet=pipe.unet, scheduler=scheduler,
+                                                  safety_checker=None, requires_safety_checker=False)
+    assert got.unet is pipe.unet and got.scheduler is scheduler and got.vae is not pipe.vae
+    with pytest.raises(ValueError, match="latentdiff has no safety checker"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], unet=pipe.unet, safety_checker=object())
+    with pytest.raises(TypeError, match=r"unexpected arguments \['feature_extractr'\]; components that can be given"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], feature_extractr=None)
+
+
 def test_progress_bar_config(pipe, capsys):
     pipe(PROMPTS[0], num_inference_steps=2, output_type="latent")
     assert "denoising" in capsys.readouterr().err

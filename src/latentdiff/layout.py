@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -42,10 +43,10 @@ def _scheduler_from_folder(folder: Path):
 
 
 def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                         variant: str | None = None) -> dict:
-    """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved). `variant`: the
-    weights files of that name (diffusion_pytorch_model.fp16.safetensors, ...), as diffusers' argument; a model
-    saved in shards (an .index.json and its files) loads too."""
+                         variant: str | None = None, skip: Collection[str] = ()) -> dict:
+    """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved), but those named in
+    `skip` (the caller has them). `variant`: the weights files of that name (diffusion_pytorch_model.fp16.safetensors,
+    ...), as diffusers' argument; a model saved in shards (an .index.json and its files) loads too."""
     from .models.text import CLIPTokenizer, load_text_encoder
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
@@ -58,13 +59,15 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(name)]
     if missing:
         raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}")
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        "text_encoder": load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype, variant=variant),
-        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, variant=variant),
-        "vae": AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, variant=variant),
-        "scheduler": _scheduler_from_folder(folder / "scheduler"),
+    loaders = {
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "text_encoder": lambda: load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype, variant=variant),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype,
+                                                             variant=variant),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, variant=variant),
+        "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
+    return {name: load() for name, load in loaders.items() if name not in skip}
 
 
 def save_pipeline_folder(components: dict, folder: str | os.PathLike) -> None:

@@ -233,10 +233,21 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, **kwargs):
+                        variant: str | None = None, **components):
+        """The pipeline of a folder in the diffusers layout. As in diffusers, a component given by name (`unet=`,
+        `scheduler=`, ...) is used instead of the folder's, which is then not loaded; `safety_checker=None` and
+        `requires_safety_checker=False` are accepted (latentdiff has no safety checker)."""
         from .layout import load_pipeline_folder
 
-        return cls(**load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant), **kwargs)
+        if components.pop("safety_checker", None) is not None or components.pop("requires_safety_checker", False):
+            raise ValueError("latentdiff has no safety checker: pass safety_checker=None (or leave it out) and "
+                             "check the images yourself")
+        unknown = sorted(set(components) - set(cls.component_names))
+        if unknown:
+            raise TypeError(f"from_pretrained: unexpected arguments {unknown}; components that can be given: "
+                            f"{list(cls.component_names)}")
+        loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components)
+        return cls(**loaded, **components)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
