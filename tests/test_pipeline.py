@@ -67,12 +67,17 @@ def test_variant_and_sharded_folders_load(folders, tmp_path):
     assert (tmp_path / "sharded" / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
     assert (tmp_path / "sharded" / "text_encoder" / "model.safetensors.index.json").exists()
     plain = LatentDiffusionPipeline.from_pretrained(folders[0])
+    plain.save_pretrained(tmp_path / "ours", variant="fp16")  # and ours writes them, for both libraries
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "ours", variant="fp16", safety_checker=None)
     for got in (LatentDiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16"),
-                LatentDiffusionPipeline.from_pretrained(tmp_path / "sharded")):
+                LatentDiffusionPipeline.from_pretrained(tmp_path / "sharded"),
+                LatentDiffusionPipeline.from_pretrained(tmp_path / "ours", variant="fp16"), theirs):
         for name in ("unet", "vae", "text_encoder"):
-            expected = getattr(plain, name).state_dict()
-            loaded = getattr(got, name).state_dict()
+            expected, loaded = ({k.removeprefix("text_model."): v for k, v in getattr(p, name).state_dict().items()}
+                                for p in (plain, got))  # (transformers' text model keys may carry the prefix)
             assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="only as safetensors"):
+        plain.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     with pytest.raises(FileNotFoundError, match=r"model.safetensors \(found \['model.fp16.safetensors'\]: pass "
                                                 r"variant='fp16'\)"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "variant")

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .checkpoints import load_folder_weights, load_into, read_json, require_path, save_safetensors, write_json
+from .checkpoints import (load_folder_weights, load_into, read_json, require_path, save_safetensors, with_variant,
+                          write_json)
 
 DIFFUSERS_VERSION = "0.30.0"  # written into config.json; diffusers only uses it to warn about much newer files
 
@@ -107,10 +108,11 @@ class ModelMixin(nn.Module):
             model = cls(config)
         return load_into(model, state_dict, source, dtype=torch_dtype).eval()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
+        """config.json and the weights (`variant`: under diffusers' name for it, NAME.VARIANT.safetensors)."""
         folder = Path(folder)
         write_json(self.config.to_dict(), folder / "config.json")
-        save_safetensors(self.state_dict(), folder / self.weights_name)
+        save_safetensors(self.state_dict(), folder / with_variant(self.weights_name, variant))
 
     @property
     def dtype(self) -> torch.dtype:

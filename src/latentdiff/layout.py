@@ -70,8 +70,9 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
     return {name: load() for name, load in loaders.items() if name not in skip}
 
 
-def save_pipeline_folder(components: dict, folder: str | os.PathLike) -> None:
-    """Write a folder that both latentdiff and diffusers' StableDiffusionPipeline.from_pretrained load."""
+def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Write a folder that both latentdiff and diffusers' StableDiffusionPipeline.from_pretrained load (with
+    `variant`: its weights files under diffusers' names for that variant, which from_pretrained(variant=) reads)."""
     from .models.text import save_text_encoder
 
     folder = Path(folder)
@@ -86,9 +87,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike) -> None:
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
-    components["unet"].save_pretrained(folder / "unet")
-    components["vae"].save_pretrained(folder / "vae")
-    save_text_encoder(components["text_encoder"], folder / "text_encoder")
+    components["unet"].save_pretrained(folder / "unet", variant=variant)
+    components["vae"].save_pretrained(folder / "vae", variant=variant)
+    save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
     scheduler.save_config(folder / "scheduler")
     write_json(index, folder / "model_index.json")  # last: a folder with model_index.json is complete

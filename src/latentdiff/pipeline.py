@@ -256,10 +256,16 @@ class LatentDiffusionPipeline:
 
         return cls(**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema))
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None,
+                        safe_serialization: bool = True) -> None:
+        """The diffusers folder layout, which diffusers' StableDiffusionPipeline.from_pretrained loads too;
+        `variant`: the weights under diffusers' names for it (diffusion_pytorch_model.fp16.safetensors, ...)."""
         from .layout import save_pipeline_folder
 
-        save_pipeline_folder(self.components, folder)
+        if not safe_serialization:
+            raise ValueError("latentdiff writes weights only as safetensors (safe_serialization=False would be "
+                             "pickle): leave it True")
+        save_pipeline_folder(self.components, folder, variant=variant)
 
     # ---- text -------------------------------------------------------------------------------------------------
     @torch.no_grad()

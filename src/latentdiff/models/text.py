@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import CheckpointError, load_folder_weights, load_into, read_json, require_path, save_safetensors
-from ..checkpoints import write_json
+from ..checkpoints import with_variant, write_json
 from .clip import CLIPTextConfig, CLIPTextModel
 from .tokenizer import CLIPTokenizer
 
@@ -133,16 +133,16 @@ def build_text_encoder_from_folder(
     return load_text_encoder_state_dict(read_text_config(folder), state_dict, source, torch_dtype)
 
 
-def save_text_encoder(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors ("text_model." keys) that transformers' CLIPTextModel.from_pretrained
-    loads (and we do). `model` is ours or transformers'."""
+def save_text_encoder(model: torch.nn.Module, folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Write config.json + model.safetensors ("text_model." keys; `variant`: model.VARIANT.safetensors) that
+    transformers' CLIPTextModel.from_pretrained loads (and we do). `model` is ours or transformers'."""
     folder = Path(folder)
     config = model.config.to_dict() if isinstance(model.config, CLIPTextConfig) else json.loads(
         model.config.to_json_string(use_diff=True))
     config["architectures"] = ["CLIPTextModel"]
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(config, folder / "config.json")
-    save_safetensors(text_encoder_state_dict(model), folder / WEIGHTS_NAME)
+    save_safetensors(text_encoder_state_dict(model), folder / with_variant(WEIGHTS_NAME, variant))
 
 
 def to_transformers(model: CLIPTextModel) -> torch.nn.Module:
