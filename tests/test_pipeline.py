@@ -322,10 +322,13 @@ def test_from_pretrained_takes_components_as_diffusers_does(folders, pipe, monke
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", not_loaded)
     got = LatentDiffusionPipeline.from_pretrained(folders[1], unet=pipe.unet, scheduler=scheduler,
-                                                  safety_checker=None, requires_safety_checker=False)
+                                                  safety_checker=None, requires_safety_checker=False,
+                                                  feature_extractor=None)
     assert got.unet is pipe.unet and got.scheduler is scheduler and got.vae is not pipe.vae
-    with pytest.raises(ValueError, match="latentdiff has no safety checker"):
+    with pytest.raises(ValueError, match="latentdiff has no safety_checker: pass safety_checker=None"):
         LatentDiffusionPipeline.from_pretrained(folders[1], unet=pipe.unet, safety_checker=object())
+    with pytest.raises(ValueError, match="latentdiff has no safety_checker: pass requires_safety_checker=False"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], unet=pipe.unet, requires_safety_checker=True)
     with pytest.raises(TypeError, match=r"unexpected arguments \['feature_extractr'\]; components that can be given"):
         LatentDiffusionPipeline.from_pretrained(folders[1], feature_extractr=None)
 

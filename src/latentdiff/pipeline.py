@@ -235,13 +235,15 @@ class LatentDiffusionPipeline:
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, **components):
         """The pipeline of a folder in the diffusers layout. As in diffusers, a component given by name (`unet=`,
-        `scheduler=`, ...) is used instead of the folder's, which is then not loaded; `safety_checker=None` and
-        `requires_safety_checker=False` are accepted (latentdiff has no safety checker)."""
+        `scheduler=`, ...) is used instead of the folder's, which is then not loaded; `safety_checker=None`,
+        `feature_extractor=None`, `image_encoder=None` and `requires_safety_checker=False` are accepted (latentdiff
+        has none of those)."""
         from .layout import load_pipeline_folder
 
-        if components.pop("safety_checker", None) is not None or components.pop("requires_safety_checker", False):
-            raise ValueError("latentdiff has no safety checker: pass safety_checker=None (or leave it out) and "
-                             "check the images yourself")
+        for name in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"):
+            if components.pop(name, None):
+                raise ValueError(f"latentdiff has no {name.removeprefix('requires_')}: pass {name}="
+                                 f"{False if name.startswith('requires') else None} or leave it out")
         unknown = sorted(set(components) - set(cls.component_names))
         if unknown:
             raise TypeError(f"from_pretrained: unexpected arguments {unknown}; components that can be given: "
