@@ -280,9 +280,16 @@ def test_bad_num_inference_steps(name):
     for n in (0, -3, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
-    if name != "DPMSolverMultistepScheduler":  # which spaces n + 1 points, so 1000 steps stay below T
+    if name != "DPMSolverMultistepScheduler":
         with pytest.raises(ValueError, match="steps_offset"):
             sched.set_timesteps(1000)  # leading spacing + offset would step past the last training step
+    else:  # which spaces n + 1 points (as diffusers' does): 999 steps reach past T, 1000 repeat timestep 1 (NaN)
+        with pytest.raises(ValueError, match="num_inference_steps=999 with steps_offset=1 gives timestep 1000"):
+            sched.set_timesteps(999)
+        for spacing in ("leading", "linspace"):
+            with pytest.raises(ValueError, match=f"num_inference_steps=1000 is more than timestep_spacing="
+                                                 f"'{spacing}' can place apart over 1000 training steps"):
+                getattr(S, name)(steps_offset=1, timestep_spacing=spacing).set_timesteps(1000)
     if name != "DDPMScheduler":  # DDPM, like diffusers', walks every training step before set_timesteps
         fresh = getattr(S, name)()
         with pytest.raises(ValueError, match="set_timesteps"):

@@ -65,7 +65,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         if c.timestep_spacing == "trailing":
             steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
         else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for this solver
-            steps = spaced_timesteps(n + 1, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)[:-1]
+            steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
         if c.use_karras_sigmas:
             sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
             steps = sigma_to_t(sigmas, np.log(table))

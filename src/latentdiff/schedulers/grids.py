@@ -20,27 +20,35 @@ def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> 
 
 
 def spaced_timesteps(num_steps: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0,
-                     round_linspace: bool = True) -> np.ndarray:
+                     round_linspace: bool = True, drop_last: bool = False) -> np.ndarray:
     """`num_steps` training timesteps, descending, spread over 0..T-1 as in Lin et al. 2023, table 2.
 
     leading:  0, k, 2k, ... (k = T // n) plus `steps_offset`: never reaches the noisiest step T-1.
     trailing: T-1, T-1-T/n, ... rounded: starts at the noisiest step.
     linspace: n evenly spaced points from 0 to T-1 (kept fractional when `round_linspace` is False, as Euler does).
+    `drop_last`: space num_steps + 1 points and drop the last, as diffusers' DPM-Solver does for leading and
+    linspace. A grid that would leave the training range or repeat a timestep (more steps than the spacing can
+    place apart) is an error, not a sampler run that ends in NaN.
     """
+    points = num_steps + drop_last
     if spacing == "linspace":
-        steps = np.linspace(0, num_train_timesteps - 1, num_steps)
+        steps = np.linspace(0, num_train_timesteps - 1, points)
         steps = steps.round() if round_linspace else steps
     elif spacing == "leading":
-        steps = (np.arange(0, num_steps) * (num_train_timesteps // num_steps)).round() + steps_offset
+        steps = (np.arange(0, points) * (num_train_timesteps // points)).round() + steps_offset
     elif spacing == "trailing":
-        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / points)) - 1
     else:
         raise ValueError(f"timestep_spacing={spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}")
     steps = steps if spacing == "trailing" else steps[::-1].copy()
+    steps = steps[:-1] if drop_last else steps
     if steps.max() > num_train_timesteps - 1:
         raise ValueError(f"num_inference_steps={num_steps} with steps_offset={steps_offset} gives timestep "
                          f"{int(steps.max())}, past the last training step {num_train_timesteps - 1}; use fewer "
                          "steps or a smaller steps_offset")
+    if np.any(np.diff(steps) >= 0):
+        raise ValueError(f"num_inference_steps={num_steps} is more than timestep_spacing={spacing!r} can place "
+                         f"apart over {num_train_timesteps} training steps (timesteps would repeat); use fewer steps")
     return steps
 
 
