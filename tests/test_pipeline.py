@@ -333,6 +333,20 @@ def test_from_pretrained_takes_components_as_diffusers_does(folders, pipe, monke
         LatentDiffusionPipeline.from_pretrained(folders[1], feature_extractr=None)
 
 
+def test_images_holding_nan_are_reported(pipe, monkeypatch):
+    decode = pipe.vae.decode
+
+    def overflowing(z):  # as a float16 model that overflowed would give them
+        out = decode(z)
+        out[1:] = float("nan")
+        return out
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing)
+    with pytest.warns(UserWarning, match=r"images \[1\] of this call hold NaN or infinite values \(shown black\)"):
+        images = pipe(PROMPTS, num_inference_steps=2, output_type="np", progress=False).images
+    assert np.isfinite(images).all() and images[1].max() == 0 and images[0].max() > 0
+
+
 def test_progress_bar_config(pipe, capsys):
     pipe(PROMPTS[0], num_inference_steps=2, output_type="latent")
     assert "denoising" in capsys.readouterr().err

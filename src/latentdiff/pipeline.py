@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,8 +73,14 @@ def _per_image_generators(generator: Generators, n: int) -> list[torch.Generator
 
 
 def to_images(x: torch.Tensor, output_type: str):
-    """Decoded images in [-1, 1] -> the requested output type."""
-    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    """Decoded images in [-1, 1] -> the requested output type (a warning where they hold NaN or infinities)."""
+    x = x.float()
+    if not torch.isfinite(x).all():
+        bad = [i for i, image in enumerate(x) if not torch.isfinite(image).all()]
+        warnings.warn(f"images {bad} of this call hold NaN or infinite values (shown black): the model overflowed, "
+                      "typically in float16; run it in float32 or bfloat16", stacklevel=3)
+        x = x.nan_to_num(-1.0, 1.0, -1.0)
+    x = (x / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return x
     array = x.permute(0, 2, 3, 1).cpu().numpy()
