@@ -106,6 +106,9 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
 def cmd_generate(args) -> None:
     from tqdm.auto import tqdm
 
+    if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") or Path(args.out).is_file():
+        raise ValueError(f"--out is the folder images are written to (named from their prompt and seed); got "
+                         f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pipe.optimize_for_inference(): SD 1.5's U-Net 1.3x faster in fp32 (1.9x on AMX CPUs), "
                         "1.6x in bf16 on AMX CPUs, same images up to float rounding) and let malloc keep large freed "
                         "buffers for reuse")
-    g.add_argument("--out", default="out")
+    g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")
     g.add_argument("--prompts-file", help="one prompt per line")
     g.add_argument("--force", action="store_true",
                    help="make images again where --out holds them with the same settings already (skipped "
