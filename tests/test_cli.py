@@ -126,9 +126,9 @@ def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     (["generate"], "give a prompt"),
     (["generate", "x", "--num-images", "0"], "--num-images must be at least 1; got 0"),
     (["generate", "x", "--out", "image.png"], "--out is the folder images are written to"),
-    (["generate", "x", "--device", "gpu0"], "--device 'gpu0' is not a device name: use cpu, cuda or cuda:N"),
-    (["generate", "x", "--device", "cuda"], "--device cuda: no CUDA GPU is usable here"),
-    (["eval", "--device", "cuda:1"], "--device cuda:1: no CUDA GPU is usable here"),
+    (["generate", "x", "--device", "gpu0"], "device 'gpu0' is not a device name: use cpu, cuda or cuda:N"),
+    (["generate", "x", "--device", "cuda"], "device 'cuda': no CUDA GPU is usable here"),
+    (["eval", "--device", "cuda:1"], "device 'cuda:1': no CUDA GPU is usable here"),
 ])
 def test_errors_are_one_line(tiny_folders, args, message, capsys, monkeypatch):
     if "--height" in args:

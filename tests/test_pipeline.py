@@ -303,6 +303,12 @@ def test_bad_inputs(pipe, tmp_path):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(TypeError, match="prompt must be a string"):
         run(pipe, 3)
+    if not torch.cuda.is_available():  # (before anything moves)
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is usable here"):
+            pipe.to("cuda")
+        assert pipe.device.type == "cpu"
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name"):
+        pipe.to("gpu")
     with pytest.raises(ValueError, match="guidance_scale=nan must be a finite number"):
         run(pipe, PROMPTS[0], guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="latents contain NaN or infinite values"):

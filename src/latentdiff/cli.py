@@ -27,9 +27,9 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     import torch
 
     from .layout import EMBEDDED
-    from .pipeline import LatentDiffusionPipeline
+    from .pipeline import LatentDiffusionPipeline, usable_device
 
-    device = _usable_device(device)
+    device = usable_device(device)  # (checked before anything is loaded)
     path = Path(model) if model else EMBEDDED
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if path.is_file():
@@ -43,24 +43,6 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
         pipe.optimize_for_inference()
         keep_freed_buffers()
     return pipe, path
-
-
-def _usable_device(name: str):
-    """--device as a torch.device, checked before anything is loaded onto it."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}): use --device "
-                             "cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:

@@ -72,6 +72,23 @@ def _per_image_generators(generator: Generators, n: int) -> list[torch.Generator
     return [generator] + [torch.Generator(generator.device).manual_seed(seed + i) for i in range(1, n)]
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine has, or a ValueError that says what it has instead."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is usable here (torch {torch.__version__}): use "
+                             "'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
+
+
 def to_images(x: torch.Tensor, output_type: str):
     """Decoded images in [-1, 1] -> the requested output type (a warning where they hold NaN or infinities)."""
     x = x.float()
@@ -135,6 +152,7 @@ class LatentDiffusionPipeline:
             if dtype is not None:
                 raise TypeError(f"to({device}, {dtype}): give a device and a dtype, or one of them")
             device, dtype = None, device
+        device = None if device is None else usable_device(device)
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
