@@ -256,10 +256,17 @@ def test_detect_architecture_and_refusal():
     assert detect_architecture(sd1 + ["model.diffusion_model.label_emb.0.0.weight"]) == "sdxl"
     assert detect_architecture({**dict.fromkeys(sd1, (1,)), sd1[0]: (320, 9, 3, 3)}) == "sd1-inpainting"
     assert detect_architecture(["encoder.conv_in.weight"]) == "unknown"
+    for component in (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"],  # a diffusers U-Net's file
+                      ["encoder.down_blocks.0.resnets.0.conv1.weight", "decoder.conv_out.weight"],  # a VAE's
+                      ["text_model.embeddings.token_embedding.weight"], ["embeddings.token_embedding.weight"]):
+        assert detect_architecture(component) == "component", component
+    with pytest.raises(ValueError, match=r"u\.safetensors: this is a single model's weights file .* not a "
+                                         r"single-file checkpoint of a whole pipeline: load the pipeline folder"):
+        check_supported(["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "u.safetensors")
     assert check_supported(sd1, "a.safetensors") == "sd1"
-    for keys, name in ((sd1[:1] + ["cond_stage_model.model.ln_final.weight"], "Stable Diffusion 2.x"),
-                       (["conditioner.embedders.0.transformer.text_model.x"], "Stable Diffusion XL"),
-                       (["foo"], "unrecognised")):
-        with pytest.raises(ValueError, match=rf"m\.safetensors: this is a {name} checkpoint.*only Stable Diffusion "
+    for keys, name in ((sd1[:1] + ["cond_stage_model.model.ln_final.weight"], "a Stable Diffusion 2.x"),
+                       (["conditioner.embedders.0.transformer.text_model.x"], "a Stable Diffusion XL"),
+                       (["foo"], "an unrecognised")):
+        with pytest.raises(ValueError, match=rf"m\.safetensors: this is {name} checkpoint.*only Stable Diffusion "
                                              r"1\.x.*save_pretrained.*from_pretrained"):
             check_supported(keys, "m.safetensors")

@@ -350,6 +350,9 @@ _ARCHITECTURES = {  # name -> (description, evidence, diffusers pipeline class t
             "U-Net cross-attention", "StableDiffusionPipeline"),
     "sdxl": ("Stable Diffusion XL", "keys under conditioner.embedders.* or model.diffusion_model.label_emb.*",
              "StableDiffusionXLPipeline"),
+    "component": ("single model's", "keys as in a pipeline folder's component: a diffusers U-Net or VAE "
+                  "(conv_in.*, down_blocks.*, decoder.up_blocks.*) or a transformers CLIP text model (text_model.*)",
+                  ""),
     "unknown": ("unrecognised", "no model.diffusion_model.* U-Net with a cond_stage_model.transformer.* CLIP text "
                 "encoder", "matching diffusers pipeline"),
 }
@@ -373,6 +376,9 @@ def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str
     if has(UNET) and has(TEXT + "text_model."):
         conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
         return "sd1-inpainting" if conv_in is not None and conv_in[1:2] == (9,) else "sd1"
+    if (has("conv_in.") and has("down_blocks.")) or has("encoder.down_blocks.") or has("decoder.up_blocks.") \
+            or has("text_model.embeddings.") or has("embeddings.token_embedding."):
+        return "component"
     return "unknown"
 
 
@@ -382,9 +388,14 @@ def check_supported(keys: Mapping[str, torch.Tensor] | Iterable[str], path) -> s
     if arch == "sd1":
         return arch
     name, evidence, pipeline = _ARCHITECTURES[arch]
+    if arch == "component":
+        raise ValueError(f"{path}: this is a {name} weights file ({evidence}), not a single-file checkpoint of a "
+                         "whole pipeline: load the pipeline folder that holds it with "
+                         "LatentDiffusionPipeline.from_pretrained(folder), or the model with its class's "
+                         "from_pretrained(its folder)")
     raise ValueError(
-        f"{path}: this is a {name} checkpoint ({evidence}); from_single_file supports only Stable Diffusion 1.x "
-        f"single files. Convert it to a diffusers folder with diffusers ({pipeline}.from_single_file(path)"
-        ".save_pretrained(folder)) and load that folder with LatentDiffusionPipeline.from_pretrained(folder), "
-        "if latentdiff supports its architecture"
+        f"{path}: this is {'an' if name[0] in 'aeiou' else 'a'} {name} checkpoint ({evidence}); from_single_file "
+        f"supports only Stable Diffusion 1.x single files. Convert it to a diffusers folder with diffusers "
+        f"({pipeline}.from_single_file(path).save_pretrained(folder)) and load that folder with "
+        "LatentDiffusionPipeline.from_pretrained(folder), if latentdiff supports its architecture"
     )
