@@ -288,7 +288,7 @@ def test_output_types(pipe):
     assert isinstance(pipe(PROMPTS[0], progress=False, return_dict=False, **kw), tuple)
 
 
-def test_bad_inputs(pipe, tmp_path):
+def test_bad_inputs(pipe, folders, tmp_path):
     with pytest.raises(ValueError, match="height=20 must be a positive multiple of 8"):
         run(pipe, PROMPTS[0], height=20)
     with pytest.raises(ValueError, match="negative_prompt has 3 entries but prompt has 2"):
@@ -301,6 +301,10 @@ def test_bad_inputs(pipe, tmp_path):
         run(pipe, PROMPTS[0], latents=torch.zeros(1, 4, 9, 9))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+    unet_folder = folders[1] / "unet"  # a component's folder given for the pipeline's
+    with pytest.raises(FileNotFoundError, match=r"unet is not a pipeline folder \(it has no model_index.json\); it "
+                                                r"holds one UNet2DConditionModel: load it with latentdiff"):
+        LatentDiffusionPipeline.from_pretrained(unet_folder)
     with pytest.raises(TypeError, match="prompt must be a string"):
         run(pipe, 3)
     if not torch.cuda.is_available():  # (before anything moves)

@@ -55,6 +55,8 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
     if folder.is_file():
         raise ValueError(f"{folder} is a file; from_pretrained takes a pipeline folder (model_index.json, unet/, "
                          "vae/, ...). For a single-file checkpoint use from_single_file.")
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"{folder} is not a pipeline folder (it has no model_index.json){_what_it_is(folder)}")
     index = read_json(folder / "model_index.json")
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(name)]
     if missing:
@@ -68,6 +70,26 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
     return {name: load() for name, load in loaders.items() if name not in skip}
+
+
+def _what_it_is(folder: Path) -> str:
+    """For a folder that is not a pipeline folder: what it holds instead and how to load that."""
+    config = folder / "config.json"
+    if config.exists():
+        try:
+            kind = read_json(config).get("_class_name") or read_json(config).get("architectures", ["?"])[0]
+        except (ValueError, AttributeError, IndexError, TypeError):
+            kind = None
+        loader = {"UNet2DConditionModel": "latentdiff.UNet2DConditionModel.from_pretrained",
+                  "AutoencoderKL": "latentdiff.AutoencoderKL.from_pretrained",
+                  "CLIPTextModel": "latentdiff.models.text.load_text_encoder"}.get(kind)
+        if loader:
+            return (f"; it holds one {kind}: load it with {loader}({str(folder)!r}), or give the pipeline folder "
+                    "above it")
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if files:
+        return f"; it holds {files}: for a single-file checkpoint use from_single_file(path to the file)"
+    return ""
 
 
 def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: str | None = None) -> None:
