@@ -77,8 +77,9 @@ def _what_it_is(folder: Path) -> str:
     config = folder / "config.json"
     if config.exists():
         try:
-            kind = read_json(config).get("_class_name") or read_json(config).get("architectures", ["?"])[0]
-        except (ValueError, AttributeError, IndexError, TypeError):
+            data = read_json(config)
+            kind = data.get("_class_name") or (data.get("architectures") or [None])[0]
+        except (ValueError, AttributeError, TypeError):  # (not JSON, or not an object)
             kind = None
         loader = {"UNet2DConditionModel": "latentdiff.UNet2DConditionModel.from_pretrained",
                   "AutoencoderKL": "latentdiff.AutoencoderKL.from_pretrained",
