@@ -46,6 +46,8 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
+    """What reproduces an image, stored in its PNG: JSON values only (str, int, float, None), so the copy read back
+    from a PNG compares equal."""
     return {
         "prompt": prompt, "negative_prompt": args.negative, "seed": seed, "steps": args.steps,
         "scheduler": args.scheduler, "guidance": args.guidance,
@@ -120,7 +122,7 @@ def cmd_generate(args) -> None:
             out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings, claimed)
             if out not in claimed:  # (a prompt given twice is made once)
                 (kept if made and not args.force else todo).append((settings, out))
-            claimed[out] = json.loads(json.dumps(settings))
+            claimed[out] = settings
     if kept:
         names = ", ".join(str(out) for _, out in kept[:3]) + (", ..." if len(kept) > 3 else "")
         print(f"skipping {len(kept)} images already made with the same settings ({names}): --force makes them again",
@@ -135,17 +137,16 @@ def _output_path(folder: Path, stem: str, settings: dict, claimed: dict | None =
     image made with other settings (steps, guidance, model, ...), STEM-2.png, -3, ...: an earlier image is never
     overwritten by a different one. `claimed`: the paths this command gives other images (prompts that differ
     beyond the slug's 60 characters, or only in punctuation, share a stem), with their settings."""
-    wanted = json.loads(json.dumps(settings))  # as a PNG stores it
     claimed = claimed or {}
     for n in itertools.count(1):
         path = folder / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
         if path in claimed:
-            if claimed[path] == wanted:
+            if claimed[path] == settings:
                 return path, path.exists()
             continue
         if not path.exists():
             return path, False
-        if _stored_settings(path) == wanted:
+        if _stored_settings(path) == settings:
             return path, True
 
 
