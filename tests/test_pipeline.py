@@ -21,7 +21,8 @@ def latents_for(n, seed=0):
     return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                       "PNDMScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -53,6 +54,31 @@ def test_saved_folder_layout(folders):
                      (".safetensors", ".bin", ".ckpt", ".pt"))
     assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                        "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_folder_scheduler_classes(folders, tmp_path):
+    """A folder's scheduler loads as the class it names: SD 1.5's PNDMScheduler (PLMS) as ours; one we do not
+    implement as DPM-Solver++ over the same noise schedule, with a warning that names it."""
+    import json
+
+    from latentdiff import schedulers
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(folders[1], folder)
+    file = folder / "scheduler" / "scheduler_config.json"
+    sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+            "clip_sample": False}
+    file.write_text(json.dumps(sd15))
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, schedulers.PNDMScheduler) and pipe.scheduler.config.skip_prk_steps
+    file.write_text(json.dumps({**sd15, "_class_name": "LMSDiscreteScheduler"}))
+    with pytest.warns(UserWarning, match="LMSDiscreteScheduler is not implemented in latentdiff; using "
+                                         "DPMSolverMultistepScheduler with the same noise schedule"):
+        pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, schedulers.DPMSolverMultistepScheduler)
+    assert (pipe.scheduler.config.beta_end, pipe.scheduler.config.steps_offset) == (0.012, 1)
 
 
 def test_variant_and_sharded_folders_load(folders, tmp_path):
@@ -250,7 +276,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
+                                       "PNDMScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers
@@ -262,13 +289,14 @@ def test_denoising_reads_no_values_per_step(folders, scheduler):
     def counted(*args, **kwargs):
         with HostReads() as mode:
             out = denoise(*args, **kwargs)
-        reads[len(args[1])] = mode.count
+        reads[len(args[1])] = mode.count  # by the number of timesteps
         return out
 
     pipe.denoise = counted
-    for steps in (3, 8):
+    for steps in (4, 8):  # PNDM (Runge-Kutta start) needs more than 3
         run(pipe, PROMPTS[0], num_inference_steps=steps, output_type="latent")
-    assert reads[3] == reads[8] <= 1, reads
+    few, many = reads.values()
+    assert len(reads) == 2 and few == many <= 1, reads
 
 
 def test_output_types(pipe):
@@ -417,6 +445,25 @@ def test_img2img(pipe):
 
     with pytest.raises(ValueError, match=r"must share one size; got \[\(16, 16\), \(24, 16\)\]"):
         img2img([PROMPTS[0]] * 2, [Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))])
+
+
+def test_img2img_with_pndm_starts_at_the_right_noise_level(pipe):
+    """PNDM lists its second timestep twice (PLMS) or its first three steps four entries each (Runge-Kutta), so
+    img2img does not slice its grid by step count: it starts at the scheduler's start_index, whose timestep is the
+    noise level the image was noised to, and then visits each later level once."""
+    from latentdiff.schedulers import PNDMScheduler
+
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    for skip_prk_steps, steps in ((True, 10), (False, 10)):
+        scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=skip_prk_steps)
+        img2img = LatentDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": scheduler})
+        visited = []
+        out = img2img(PROMPTS[0], image, strength=0.5, num_inference_steps=steps, output_type="pt", progress=False,
+                      generator=torch.Generator().manual_seed(0),
+                      callback_on_step_end=lambda p, i, t, s: visited.append(int(t)))
+        levels = sorted(set(scheduler.timesteps.tolist()) & set(range(1, 1000, 100)), reverse=True)
+        assert visited == levels[5:], (skip_prk_steps, visited)  # leading spacing, steps_offset 1: 901, 801, ...
+        assert torch.isfinite(out.images).all()
 
 
 def test_same_seed_same_image_as_diffusers(folders):

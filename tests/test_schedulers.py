@@ -1,5 +1,6 @@
 """The scheduler classes against diffusers' classes of the same name (timesteps, sigmas, whole seeded trajectories,
 img2img starts, add_noise) and their config handling: round trips through diffusers, cross-loading, clear errors."""
+import inspect
 import itertools
 import json
 import logging
@@ -15,7 +16,7 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-         "DPMSolverMultistepScheduler"]
+         "DPMSolverMultistepScheduler", "PNDMScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -29,6 +30,8 @@ def variants(name):
                 dict(clip_sample=False, eta=0.8), dict(clip_sample=True, eta=0.0)]
     if name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
+    if name == "PNDMScheduler":  # PLMS as Stable Diffusion 1.x ships it; the Runge-Kutta start
+        return [dict(skip_prk_steps=True, steps_offset=1), dict(skip_prk_steps=False, set_alpha_to_one=True)]
     return [{}]
 
 
@@ -47,9 +50,11 @@ def pair(name, **config):
 
 
 def run(sched, x, generator, timesteps=None, **step_kwargs):
+    if "generator" in inspect.signature(sched.step).parameters:  # diffusers' deterministic PNDM takes none
+        step_kwargs["generator"] = generator
     for t in sched.timesteps if timesteps is None else timesteps:
         out = fake_model(sched.scale_model_input(x, t), t)
-        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -82,7 +87,7 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         assert_close(a, b, what)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "PNDMScheduler"])  # PNDM: test_pndm_img2img_start
 def test_img2img_start_and_add_noise_match_diffusers(name):
     """Start part-way: add_noise at timesteps[k], then step over timesteps[k:] (with and without set_begin_index)."""
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -163,6 +168,72 @@ def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
     assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), name)
 
 
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_pure_sampler_equals_the_scheduler_loop(skip_prk_steps):
+    """sample_pndm steps between the distinct timesteps (midpoints at t - stride // 2); the class walks diffusers'
+    grid, whose Runge-Kutta midpoints are the next timestep + stride // 2: the same points for an even stride."""
+    sched = S.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                            skip_prk_steps=skip_prk_steps)
+    for n in (10, 15):  # strides 100 and 66
+        sched.set_timesteps(n)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+        levels = torch.arange(n - 1, -1, -1) * (1000 // n) + 1  # "leading" spacing, steps_offset 1
+        got = S.sample_pndm(Denoiser(fake_model), x, levels, sched.alphas_cumprod, sched.final_alpha_cumprod,
+                            runge_kutta=not skip_prk_steps)
+        assert_close(got, run(sched, x, None), f"n={n}")
+
+
+def pndm_pair(skip_prk_steps, n):
+    ours, ref = pair("PNDMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                     steps_offset=1, skip_prk_steps=skip_prk_steps)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    return ours, ref
+
+
+def test_pndm_img2img_start():
+    """img2img after s of n steps starts at start_index(s), at the s-th noise level; with no history there its first
+    step is first order (diffusers' own first step), then Adams-Bashforth of growing order. diffusers' img2img slices
+    PNDM's grid by step count instead (so its sample's noise level and timestep part by a step); its scheduler,
+    driven with the same start (its counter moved past the predictor/corrector pair after one step), is the
+    reference. The Runge-Kutta grid: a start inside it runs whole Runge-Kutta steps, one past it equals PLMS's."""
+    n, g = 20, torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    plms, _ = pndm_pair(True, n)
+    prk, _ = pndm_pair(False, n)
+    levels = plms.timesteps[torch.arange(len(plms.timesteps)) != 1]  # the distinct timesteps
+    assert [plms.start_index(s) for s in (0, 1, 7, n)] == [0, 2, 8, n + 1]
+    assert [prk.start_index(s) for s in (0, 1, 3, 7, n)] == [0, 4, 12, 16, n + 9]
+    for s in (1, 7):
+        ours, ref = pndm_pair(True, n)
+        k = ours.start_index(s)
+        assert ours.timesteps[k] == levels[s] and torch.equal(ours.timesteps[k:], levels[s:])
+        ours.set_begin_index(k)
+        x = ours.add_noise(x0, noise, ours.timesteps[k:k + 1].repeat(2))
+        a = run(ours, x, None, ours.timesteps[k:])
+        b = x
+        for j, t in enumerate(ours.timesteps[k:]):
+            ref.counter = 2 if j else 0
+            b = ref.step(fake_model(b, t), t, b).prev_sample
+        assert_close(a, b, f"PLMS img2img from step {s}")
+        if s == 7:  # past the Runge-Kutta steps both grids hold the same timesteps from there
+            other, _ = pndm_pair(False, n)
+            other.set_begin_index(other.start_index(s))
+            assert torch.equal(other.timesteps[other.start_index(s):], ours.timesteps[k:])
+            assert torch.equal(run(other, x, None, other.timesteps[other.start_index(s):]), a)
+    ours, ref = pndm_pair(False, n)  # one whole Runge-Kutta step from the second noise level
+    ours.set_begin_index(4)
+    ref.counter = 4
+    a = b = x0
+    for t in ours.timesteps[4:8]:
+        a = ours.step(fake_model(a, t), t, a).prev_sample
+        b = ref.step(fake_model(b, t), t, b).prev_sample
+    assert_close(a, b, "a Runge-Kutta step begun at the second noise level")
+    with pytest.raises(ValueError, match="inside a Runge-Kutta step"):
+        ours.set_begin_index(5)
+        ours.step(x0, ours.timesteps[5], x0)
+
+
 # ---- configs ----------------------------------------------------------------------------------------------------
 CONFIGS = {
     "DDPMScheduler": dict(clip_sample=False, prediction_type="v_prediction", timestep_spacing="trailing"),
@@ -170,6 +241,7 @@ CONFIGS = {
     "EulerDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction"),
     "EulerAncestralDiscreteScheduler": dict(timestep_spacing="leading", steps_offset=1),
     "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, lower_order_final=False),
+    "PNDMScheduler": dict(skip_prk_steps=True, steps_offset=1),
 }
 
 
@@ -222,9 +294,13 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     dpm = S.scheduler_from_name("dpm++", pndm, use_karras_sigmas=True)
     assert isinstance(dpm, S.DPMSolverMultistepScheduler) and dpm.config.use_karras_sigmas
     assert dpm.config.steps_offset == 1 and dpm.config.beta_end == 0.012
+    plms = S.scheduler_from_name("pndm", pndm)
+    assert plms.config.skip_prk_steps and not plms.config.set_alpha_to_one and plms.config.steps_offset == 1
+    assert S.DDIMScheduler.from_config(plms.config).config.set_alpha_to_one is False  # a shared key carries over
     assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-        "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+        "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+        "pndm": "PNDMScheduler"}
 
 
 BAD = [
@@ -246,6 +322,9 @@ BAD = [
     ("DDIMScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),  # another scheduler's, not harmless
     ("EulerAncestralDiscreteScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
     ("EulerDiscreteScheduler", {"thresholding": True}, "thresholding"),
+    ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("PNDMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' PNDM has no such key
+    ("PNDMScheduler", {"skip_prk_steps": "yes"}, "skip_prk_steps"),
 ]
 
 
@@ -290,6 +369,13 @@ def test_bad_num_inference_steps(name):
             with pytest.raises(ValueError, match=f"num_inference_steps=1000 is more than timestep_spacing="
                                                  f"'{spacing}' can place apart over 1000 training steps"):
                 getattr(S, name)(steps_offset=1, timestep_spacing=spacing).set_timesteps(1000)
+    if name == "PNDMScheduler":  # its Runge-Kutta start takes three steps (diffusers' fails with a numpy error)
+        for n in (1, 2, 3):
+            with pytest.raises(ValueError, match=f"skip_prk_steps=False needs num_inference_steps > 3.*got {n}"):
+                sched.set_timesteps(n)
+        plms = getattr(S, name)(skip_prk_steps=True)
+        plms.set_timesteps(1)
+        assert plms.timesteps.tolist() == [0]  # leading spacing, as diffusers'
     if name != "DDPMScheduler":  # DDPM, like diffusers', walks every training step before set_timesteps
         fresh = getattr(S, name)()
         with pytest.raises(ValueError, match="set_timesteps"):

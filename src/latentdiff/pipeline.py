@@ -498,7 +498,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         kept = min(int(num_inference_steps * strength), num_inference_steps)
-        start = (num_inference_steps - kept) * scheduler.order
+        start = scheduler.start_index(num_inference_steps - kept)
         timesteps = scheduler.timesteps[start:]
         scheduler.set_begin_index(start)
 

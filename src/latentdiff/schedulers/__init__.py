@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Scheduler, SchedulerOutput
-from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig,
+from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, PNDMConfig,
                      SchedulerConfig)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
 from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, euler_ancestral_step, euler_step,
                     sample_euler, sample_euler_ancestral)
+from .pndm import PNDMScheduler, multistep_eps, pndm_transfer, sample_pndm
 
 # Short names (the CLI's --scheduler) -> classes.
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -26,12 +27,14 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
 }
 
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
-    """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++"), built from another scheduler's
-    config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction type."""
+    """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++", "pndm"), built from another
+    scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction
+    type."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(config, **overrides)
@@ -39,11 +42,11 @@ def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Sche
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
+    "DPMSolverMultistepScheduler", "PNDMScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
-    "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "DPMSolverConfig",
-    "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step",
-    "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m",
+    "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "DPMSolverConfig", "PNDMConfig",
+    "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
+    "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_pndm",
 ]

@@ -133,6 +133,13 @@ class Scheduler:
             raise ValueError(f"begin_index={begin_index} is out of range for {len(self._grid)} timesteps")
         self._begin_index = int(begin_index)
 
+    def start_index(self, steps_done: int) -> int:
+        """The grid index of the step that follows `steps_done` of the num_inference_steps: where img2img starts
+        (set_begin_index). Each step takes `order` grid entries here; PNDM's grid is laid out otherwise."""
+        if self._grid is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before start_index")
+        return min(steps_done * self.order, len(self._grid))
+
     @property
     def begin_index(self) -> int | None:
         return self._begin_index

@@ -53,13 +53,11 @@ class SchedulerConfig(Mapping):
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-    rescale_betas_zero_snr: bool = False
 
     scheduler_name: ClassVar[str] = "Scheduler"
     # The values this implementation supports, for the keys that take a choice.
     supported: ClassVar[dict[str, tuple]] = {
-        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
-        "timestep_spacing": TIMESTEP_SPACINGS, "rescale_betas_zero_snr": (False,),
+        "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
     }
 
     def __post_init__(self):
@@ -151,7 +149,15 @@ class SchedulerConfig(Mapping):
 
 
 @dataclass(frozen=True)
-class DDPMConfig(SchedulerConfig):
+class _ZeroSNRKeyConfig(SchedulerConfig):
+    """The schedulers whose diffusers class takes rescale_betas_zero_snr (PNDM's does not)."""
+    rescale_betas_zero_snr: bool = False
+
+    supported: ClassVar[dict[str, tuple]] = {**SchedulerConfig.supported, "rescale_betas_zero_snr": (False,)}
+
+
+@dataclass(frozen=True)
+class DDPMConfig(_ZeroSNRKeyConfig):
     """variance_type None is what diffusers' DDPM does when handed a DPM-Solver config: "fixed_small"."""
     variance_type: str | None = "fixed_small"
     clip_sample: bool = True
@@ -162,12 +168,12 @@ class DDPMConfig(SchedulerConfig):
 
     scheduler_name: ClassVar[str] = "DDPMScheduler"
     supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "variance_type": ("fixed_small", None), "thresholding": (False,),
+        **_ZeroSNRKeyConfig.supported, "variance_type": ("fixed_small", None), "thresholding": (False,),
     }
 
 
 @dataclass(frozen=True)
-class DDIMConfig(SchedulerConfig):
+class DDIMConfig(_ZeroSNRKeyConfig):
     clip_sample: bool = True
     set_alpha_to_one: bool = True
     thresholding: bool = False
@@ -176,11 +182,11 @@ class DDIMConfig(SchedulerConfig):
     sample_max_value: float = 1.0
 
     scheduler_name: ClassVar[str] = "DDIMScheduler"
-    supported: ClassVar[dict[str, tuple]] = {**SchedulerConfig.supported, "thresholding": (False,)}
+    supported: ClassVar[dict[str, tuple]] = {**_ZeroSNRKeyConfig.supported, "thresholding": (False,)}
 
 
 @dataclass(frozen=True)
-class EulerConfig(SchedulerConfig):
+class EulerConfig(_ZeroSNRKeyConfig):
     timestep_spacing: str = "linspace"
     interpolation_type: str = "linear"
     use_karras_sigmas: bool | None = False
@@ -193,21 +199,21 @@ class EulerConfig(SchedulerConfig):
 
     scheduler_name: ClassVar[str] = "EulerDiscreteScheduler"
     supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "interpolation_type": ("linear",), "use_karras_sigmas": (False, True, None),
+        **_ZeroSNRKeyConfig.supported, "interpolation_type": ("linear",), "use_karras_sigmas": (False, True, None),
         "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "timestep_type": ("discrete",),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
 
 @dataclass(frozen=True)
-class EulerAncestralConfig(SchedulerConfig):
+class EulerAncestralConfig(_ZeroSNRKeyConfig):
     timestep_spacing: str = "linspace"
 
     scheduler_name: ClassVar[str] = "EulerAncestralDiscreteScheduler"
 
 
 @dataclass(frozen=True)
-class DPMSolverConfig(SchedulerConfig):
+class DPMSolverConfig(_ZeroSNRKeyConfig):
     """DPM-Solver++(2M) only. lower_order_final and euler_at_final are accepted at either value: with the final
     noise level 0 (final_sigmas_type "zero") the last step is first order anyway. A variance_type that is not
     learned (what a DDPM config carries) has no effect, as in diffusers."""
@@ -234,10 +240,20 @@ class DPMSolverConfig(SchedulerConfig):
 
     scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
     supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "solver_order": (2,), "thresholding": (False,),
+        **_ZeroSNRKeyConfig.supported, "solver_order": (2,), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",), "use_karras_sigmas": (False, True, None),
         "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
         "use_dynamic_shifting": (False,),
     }
+
+
+@dataclass(frozen=True)
+class PNDMConfig(SchedulerConfig):
+    """skip_prk_steps True (Stable Diffusion 1.x's setting): the linear multistep method alone, started with one
+    pseudo improved Euler step; False: three pseudo Runge-Kutta steps first (the paper's F-PNDM)."""
+    skip_prk_steps: bool = False
+    set_alpha_to_one: bool = False
+
+    scheduler_name: ClassVar[str] = "PNDMScheduler"
