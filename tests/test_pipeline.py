@@ -43,6 +43,30 @@ def test_same_image_as_diffusers(folders, scheduler, direction):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_stable_diffusion_scheduler_settings_as_diffusers(folders):
+    """Built with a scheduler whose config has steps_offset 0 and clip_sample True (DDIM's defaults), both pipelines
+    sample with steps_offset 1 and no clipping (diffusers' StableDiffusionPipeline changes them, with a warning)."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=0,
+                  clip_sample=True)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None,
+                                                            scheduler=diffusers.DDIMScheduler(**config))
+    ref.set_progress_bar_config(disable=True)
+    scheduler = schedulers.DDIMScheduler(**config)
+    with pytest.warns(UserWarning, match=r"DDIMScheduler has steps_offset=0, clip_sample=True; using steps_offset=1, "
+                                         r"clip_sample=False as diffusers' StableDiffusionPipeline does"):
+        ours = LatentDiffusionPipeline.from_pretrained(folders[1], scheduler=scheduler)
+    assert ours.scheduler is scheduler and scheduler.config.steps_offset == 1 and not scheduler.config.clip_sample
+    assert (ref.scheduler.config.steps_offset, ref.scheduler.config.clip_sample) == (1, False)
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS[0], latents=latents_for(1), **kwargs).images
+    np.testing.assert_allclose(ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images, expected,
+                               atol=1e-4, rtol=0)
+
+
 def test_saved_folder_layout(folders):
     _, ours = folders
     import json

@@ -294,6 +294,14 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     dpm = S.scheduler_from_name("dpm++", pndm, use_karras_sigmas=True)
     assert isinstance(dpm, S.DPMSolverMultistepScheduler) and dpm.config.use_karras_sigmas
     assert dpm.config.steps_offset == 1 and dpm.config.beta_end == 0.012
+    # DDPM's and DDIM's x0 clipping (their default) only where the source config asks for it
+    plain_dpm = S.DPMSolverMultistepScheduler().config
+    assert not S.scheduler_from_name("ddim", plain_dpm).config.clip_sample
+    defaulted = {"_use_default_values": ["clip_sample"], "clip_sample": True}  # diffusers filled it in
+    assert not S.scheduler_from_name("ddpm", defaulted).config.clip_sample
+    assert S.scheduler_from_name("ddim", {"clip_sample": True}).config.clip_sample
+    assert S.scheduler_from_name("ddim", plain_dpm, clip_sample=True).config.clip_sample
+    assert S.DDIMScheduler.from_config(plain_dpm).config.clip_sample  # from_config itself is diffusers'
     plms = S.scheduler_from_name("pndm", pndm)
     assert plms.config.skip_prk_steps and not plms.config.set_alpha_to_one and plms.config.steps_offset == 1
     assert S.DDIMScheduler.from_config(plms.config).config.set_alpha_to_one is False  # a shared key carries over

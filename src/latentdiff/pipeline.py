@@ -108,12 +108,32 @@ def to_images(x: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
+def _stable_diffusion_settings(scheduler) -> None:
+    """diffusers' StableDiffusionPipeline, when built, changes two settings of a scheduler's config (in place, with
+    a deprecation warning): steps_offset to 1, the offset Stable Diffusion was sampled with, and clip_sample to
+    False, since a latent's x0 estimate is not bounded by [-1, 1] as pixels are (DDPM's and DDIM's default clips
+    it, which spoils the image). Done here too, so that a folder gives diffusers' images."""
+    config = getattr(scheduler, "config", None)
+    fixes = {}
+    if getattr(config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if getattr(config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if fixes and hasattr(config, "replace"):
+        was = ", ".join(f"{key}={config[key]!r}" for key in fixes)
+        warnings.warn(f"{type(scheduler).__name__} has {was}; using {', '.join(f'{k}={v!r}' for k, v in fixes.items())}"
+                      " as diffusers' StableDiffusionPipeline does (set them in scheduler_config.json to silence this)",
+                      stacklevel=3)
+        scheduler.config = config.replace(**fixes)
+
+
 class LatentDiffusionPipeline:
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler):
+        _stable_diffusion_settings(scheduler)
         self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler = (
             tokenizer, text_encoder, unet, vae, scheduler)
         self._embedding_cache: dict[tuple, torch.Tensor] = {}

@@ -34,10 +34,17 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++", "pndm"), built from another
     scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction
-    type."""
+    type. DDPM and DDIM clip their x0 estimate only if that config says so (their own default clips, which suits
+    pixels, not latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config, **overrides)
+    cls = SCHEDULERS[name]
+    source = dict(getattr(config, "config", config) if config is not None and not hasattr(config, "keys") else
+                  config or {})
+    if "clip_sample" not in source or "clip_sample" in (source.get("_use_default_values") or ()):
+        if "clip_sample" in cls.config_class().keys():
+            overrides = {"clip_sample": False, **overrides}
+    return cls.from_config(config, **overrides)
 
 
 __all__ = [
