@@ -245,6 +245,24 @@ def test_timestep_forms_and_per_sample_timesteps(small):
     assert ours(sample, 500, ctx, return_dict=True).sample.shape == sample.shape
 
 
+@torch.no_grad()
+def test_diffusers_calling_conventions(small):
+    """diffusers' pipelines' denoising line runs unchanged and gives diffusers' values: return_dict=False is a
+    1-tuple (so [0] is the whole batch, not its first sample), return_dict=True has .sample; the conditioning
+    arguments SD 1.x leaves empty are taken empty and refused otherwise. Called bare, the tensor itself."""
+    config, ref, ours = small
+    sample, t, ctx = inputs(config)
+    kwargs = dict(encoder_hidden_states=ctx, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None)
+    expected = ref(sample, t, return_dict=False, **kwargs)[0]
+    assert expected.shape == sample.shape
+    for got in (ours(sample, t, return_dict=False, **kwargs)[0], ours(sample, t, **kwargs),
+                ours(sample, t, ctx, return_dict=True).sample, ours(sample, t, ctx, True)[0]):
+        assert got.shape == sample.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="cross_attention_kwargs is not supported"):
+        ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5})
+
+
 @pytest.mark.parametrize("case", ["down-first", "sd-like"])
 @torch.no_grad()
 def test_one_sample_shared_by_several_contexts(case):

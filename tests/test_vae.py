@@ -73,6 +73,31 @@ def test_matches_diffusers(widths, layers):
         assert (recon - expected).abs().max() <= 1e-4
 
 
+@torch.no_grad()
+def test_diffusers_calling_conventions():
+    """diffusers' idioms give the same values here: encode(x).latent_dist, return_dict=True (.latent_dist /
+    .sample) and return_dict=False (1-tuples, so [0] is the whole batch), decode's generator; called bare, the
+    posterior and the images themselves. tiled / sliced are keyword-only (diffusers' second argument is
+    return_dict)."""
+    ref, ours = pair(config())
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    for posterior in (ours.encode(images).latent_dist, ours.encode(images, return_dict=True).latent_dist,
+                      ours.encode(images, return_dict=False)[0], ours.encode(images)):
+        assert isinstance(posterior, DiagonalGaussian)
+        torch.testing.assert_close(posterior.mean, ref.encode(images, return_dict=False)[0].mean, rtol=0, atol=1e-4)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = ref.decode(z, return_dict=False, generator=torch.Generator())[0]
+    assert expected.shape == (2, 3, 16, 16)
+    for got in (ours.decode(z, return_dict=False, generator=torch.Generator())[0], ours.decode(z).clone(),
+                ours.decode(z, return_dict=True).sample):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours(images, return_dict=False)[0], ref(images, return_dict=False)[0], rtol=0,
+                               atol=1e-4)
+    with pytest.raises(TypeError):
+        ours.decode(z, False, None, False)  # tiled is keyword-only
+
+
 def test_without_mid_block_attention_matches_diffusers(tmp_path):
     ref, ours = pair(config((32, 64), 1, mid_block_add_attention=False), seed=7)
     assert not any("attentions" in k for k in ours.state_dict())

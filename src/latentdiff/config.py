@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -80,6 +80,15 @@ class ConfigMixin:
 @dataclasses.dataclass(frozen=True)
 class AnyOf:
     values: tuple
+
+
+def returned(value: Any, return_dict: bool | None, output: Callable[[Any], Any]) -> Any:
+    """What a model call returns: the bare value when return_dict is not given (how latentdiff calls its models);
+    with return_dict as diffusers' models take it, `output(value)` (True: `.sample`, `.latent_dist`) or the
+    1-tuple (value,) (False), so that diffusers' `model(..., return_dict=False)[0]` is the whole batch here too."""
+    if return_dict is None:
+        return value
+    return output(value) if return_dict else (value,)
 
 
 class ModelMixin(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import AnyOf, ConfigMixin, ModelMixin
+from ..config import AnyOf, ConfigMixin, ModelMixin, returned
 from .attention import Transformer2DModel, fuse_qkv_projections, tensors_key
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .group_norm import group_norm
@@ -262,14 +262,23 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
-                encoder_hidden_states: torch.Tensor, return_dict: bool = False) -> torch.Tensor | UNetOutput:
+                encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
+                timestep_cond: None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict | None = None) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
         """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
-        Returns the prediction [B, out_channels, H, W] (a `UNetOutput` with `.sample` if return_dict).
+        Returns the prediction [B, out_channels, H, W]; with return_dict as in diffusers, a `UNetOutput` with
+        `.sample` (True) or the 1-tuple (False). The other diffusers arguments are taken empty only (SD 1.x uses
+        none of them), so that diffusers' denoising line runs unchanged.
 
         encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample."""
         self._check_inputs(sample, encoder_hidden_states)
+        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
+                            ("added_cond_kwargs", added_cond_kwargs)):
+            if value:
+                raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
+                                 "pass None")
         ctx = encoder_hidden_states
         shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
         emb = self._tabled_time(timestep, sample)
@@ -293,7 +302,7 @@ class UNet2DConditionModel(ModelMixin):
             size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next stage up
             x = self._run(block, x, emb, ctx, block_skips, size)
         x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
-        return UNetOutput(x) if return_dict else x
+        return returned(x, return_dict, UNetOutput)
 
     def embed_time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """SiLU(time MLP(sinusoidal features of t [B])) -> [B, 4 * block_out_channels[0]]: every ResNet block

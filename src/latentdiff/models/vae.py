@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin, ModelMixin
+from ..config import ConfigMixin, ModelMixin, returned
 from ..schedules import randn
 from .allocator import malloc_trim
 from .attention import SpatialSelfAttention, fuse_qkv_projections
@@ -105,6 +105,11 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    @property
+    def latent_dist(self) -> DiagonalGaussian:
+        """The posterior itself, so that diffusers' `vae.encode(x).latent_dist.sample()` reads the same here."""
+        return self
+
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """mean + std * eps (the reparameterisation of Kingma & Welling 2014). A list of generators, one per
         image, makes each image's sample independent of the batch it is in."""
@@ -113,6 +118,14 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over C, H, W (Kingma & Welling 2014, appendix B)."""
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class EncoderOutput(NamedTuple):
+    latent_dist: DiagonalGaussian
+
+
+class DecoderOutput(NamedTuple):
+    sample: torch.Tensor
 
 
 def _resnets(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
@@ -297,23 +310,34 @@ class AutoencoderKL(ModelMixin):
     def unfuse_qkv_projections(self) -> None:
         fuse_qkv_projections(self, fuse=False)
 
-    def encode(self, images: torch.Tensor, tiled: bool | None = None, sliced: bool | None = None) -> DiagonalGaussian:
+    def encode(self, images: torch.Tensor, return_dict: bool | None = None, *, tiled: bool | None = None,
+               sliced: bool | None = None) -> DiagonalGaussian | EncoderOutput | tuple[DiagonalGaussian]:
+        """The posterior q(z | images); with return_dict as in diffusers, an output with `.latent_dist` (True) or
+        the 1-tuple (False). `tiled` / `sliced` override enable_tiling() / enable_slicing() for this call."""
         self._check_input(images, self.config.in_channels, "images", self.vae_scale_factor)
         if self.use_slicing if sliced is None else sliced:
-            return DiagonalGaussian(torch.cat([self._moments(x, tiled) for x in images.split(1)]))
-        return DiagonalGaussian(self._moments(images, tiled))
+            posterior = DiagonalGaussian(torch.cat([self._moments(x, tiled) for x in images.split(1)]))
+        else:
+            posterior = DiagonalGaussian(self._moments(images, tiled))
+        return returned(posterior, return_dict, EncoderOutput)
 
-    def decode(self, latents: torch.Tensor, tiled: bool | None = None, sliced: bool | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, return_dict: bool | None = None, generator=None, *,
+               tiled: bool | None = None, sliced: bool | None = None) -> torch.Tensor | DecoderOutput | tuple:
+        """Images in [-1, 1] from (unscaled) latents; with return_dict as in diffusers, an output with `.sample`
+        (True) or the 1-tuple (False). `generator` is accepted as diffusers' is, and unused: decoding is
+        deterministic."""
         self._check_input(latents, self.config.latent_channels, "latents", 1)
         if self.use_slicing if sliced is None else sliced:
-            return torch.cat([self._image(z, tiled) for z in latents.split(1)])
-        return self._image(latents, tiled)
+            images = torch.cat([self._image(z, tiled) for z in latents.split(1)])
+        else:
+            images = self._image(latents, tiled)
+        return returned(images, return_dict, DecoderOutput)
 
-    def forward(self, images: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, sample_posterior: bool = False, return_dict: bool | None = None,
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor | DecoderOutput:
         """Reconstruct `images` through the posterior's mode (or a sample of it)."""
         posterior = self.encode(images)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode(), return_dict)
 
     def _moments(self, images: torch.Tensor, tiled: bool | None) -> torch.Tensor:
         if not (self.use_tiling if tiled is None else tiled):
