@@ -105,6 +105,33 @@ def test_folder_scheduler_classes(folders, tmp_path):
     assert (pipe.scheduler.config.beta_end, pipe.scheduler.config.steps_offset) == (0.012, 1)
 
 
+def test_diffusers_loading_idioms(folders):
+    """diffusers' loading options that hold here anyway are taken; from_pipe shares the modules; attention slicing
+    is taken and changes nothing (the attention never holds a whole score matrix)."""
+    loaded = LatentDiffusionPipeline.from_pretrained(folders[1], use_safetensors=True, local_files_only=True,
+                                                     low_cpu_mem_usage=True, safety_checker=None)
+    with pytest.raises(ValueError, match="use_safetensors=False: latentdiff loads safetensors only"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], use_safetensors=False)
+    with pytest.raises(TypeError, match=r"from_pretrained: unexpected arguments \['revision'\]"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], revision="main")
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(loaded)
+    assert type(img2img) is LatentDiffusionImg2ImgPipeline
+    assert all(getattr(img2img, name) is getattr(loaded, name) for name in loaded.component_names)
+    from latentdiff.schedulers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(loaded.scheduler.config)
+    assert LatentDiffusionPipeline.from_pipe(img2img, scheduler=ddim).scheduler is ddim
+    with pytest.raises(TypeError, match=r"from_pipe: unexpected arguments \['text_model'\]"):
+        LatentDiffusionPipeline.from_pipe(loaded, text_model=None)
+    before = run(loaded, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+    loaded.enable_attention_slicing()
+    loaded.enable_attention_slicing(2)
+    assert torch.equal(run(loaded, PROMPTS[0], latents=latents_for(1), num_inference_steps=2), before)
+    loaded.disable_attention_slicing()
+    with pytest.raises(ValueError, match="slice_size=0"):
+        loaded.enable_attention_slicing(0)
+
+
 def test_variant_and_sharded_folders_load(folders, tmp_path):
     """Folders diffusers writes with save_pretrained(variant="fp16") (diffusion_pytorch_model.fp16.safetensors, ...)
     or in shards (max_shard_size: an .index.json and its pieces, for every model) load, to the same tensors."""

@@ -161,6 +161,17 @@ class LatentDiffusionPipeline:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Taken for diffusers' code, and nothing to do: diffusers slices attention so as not to hold a whole
+        [tokens x tokens] score matrix at once, and latentdiff's attention never holds one (PyTorch's SDPA kernels
+        on the CPU and the GPU, and ours on AMX, run an online softmax over blocks of keys). diffusers' own
+        documentation advises against slicing on top of SDPA: slower, no memory saved."""
+        if not (slice_size in (None, "auto", "max") or (type(slice_size) is int and slice_size > 0)):
+            raise ValueError(f"slice_size={slice_size!r}: use 'auto', 'max' or a positive number of heads")
+
+    def disable_attention_slicing(self) -> None:
+        """See enable_attention_slicing: nothing to undo."""
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm's options for the denoising progress bar of later calls (diffusers' method: `disable=True` silences
         it, as a call's `progress=False` does)."""
@@ -282,19 +293,38 @@ class LatentDiffusionPipeline:
         """The pipeline of a folder in the diffusers layout. As in diffusers, a component given by name (`unet=`,
         `scheduler=`, ...) is used instead of the folder's, which is then not loaded; `safety_checker=None`,
         `feature_extractor=None`, `image_encoder=None` and `requires_safety_checker=False` are accepted (latentdiff
-        has none of those)."""
+        has none of those), and so are diffusers' loading options that hold here anyway: `use_safetensors` (not
+        False: only safetensors load), `local_files_only` (a folder is always local) and `low_cpu_mem_usage`
+        (weights are loaded once, never beside a randomly initialised copy)."""
         from .layout import load_pipeline_folder
 
+        if components.pop("use_safetensors", None) is False:
+            raise ValueError("use_safetensors=False: latentdiff loads safetensors only (pickled weights can run "
+                             "code); convert .bin/.ckpt files to .safetensors first, or leave use_safetensors out")
+        components.pop("local_files_only", None)
+        components.pop("low_cpu_mem_usage", None)
+        components = cls._given(components, "from_pretrained")
+        loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components)
+        return cls(**loaded, **components)
+
+    @classmethod
+    def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
+        """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
+        `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
+        return cls(**{**pipe.components, **cls._given(components, "from_pipe")})
+
+    @classmethod
+    def _given(cls, components: dict, method: str) -> dict:
+        """The components of a from_* call, less diffusers' safety-checker arguments (accepted when empty)."""
         for name in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"):
             if components.pop(name, None):
                 raise ValueError(f"latentdiff has no {name.removeprefix('requires_')}: pass {name}="
                                  f"{False if name.startswith('requires') else None} or leave it out")
         unknown = sorted(set(components) - set(cls.component_names))
         if unknown:
-            raise TypeError(f"from_pretrained: unexpected arguments {unknown}; components that can be given: "
+            raise TypeError(f"{method}: unexpected arguments {unknown}; components that can be given: "
                             f"{list(cls.component_names)}")
-        loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components)
-        return cls(**loaded, **components)
+        return components
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
