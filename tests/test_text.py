@@ -4,6 +4,7 @@ Oracles: transformers' CLIPTokenizer loaded from the folder our tokenizer writes
 transformers' CLIPTextModel with random weights (no hub, no network).
 """
 import copy
+import itertools
 import dataclasses
 import json
 import pickle
@@ -154,6 +155,43 @@ def test_overlong_prompt_warns_with_the_dropped_text(tok):
         ids = tok([words + " zebra giraffe", "a dog"])
     assert ids[0, 76] == tok.eos_token_id and ids[0, 75] == tok.encoder["cat</w>"]
     assert ids[1, :4].tolist() == [49406, 320, 1929, 49407]
+
+
+def test_transformers_call_conventions(tok, hf_tok):
+    """Called with transformers' arguments (as diffusers' code calls its tokenizer), the same input_ids and
+    attention_mask as transformers' CLIPTokenizer, in the same containers, over its padding / truncation /
+    max_length rules; prompts that cannot stack into one tensor are an error in both."""
+    prompts = ["a small red circle", "a large blue star in the top right corner on a black background " * 6, "", "x"]
+    grid = itertools.product([None, False, True, "longest", "max_length", "do_not_pad"],
+                             [None, False, True, "longest_first"], [None, 5, 77], [None, "pt"], [True, False])
+    for inp, (padding, truncation, max_length, tensors, specials) in itertools.product(
+            [prompts[0], prompts[1], prompts], grid):
+        kwargs = {k: v for k, v in dict(padding=padding, truncation=truncation, max_length=max_length,
+                                        return_tensors=tensors, add_special_tokens=specials).items() if v is not None}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = hf_tok(inp, **kwargs)
+        except ValueError:
+            with pytest.raises(ValueError, match="do not stack into one tensor"):
+                tok(inp, **kwargs)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = tok(inp, **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            want, have = ref[key], getattr(got, key)
+            assert type(have) is type(want), (kwargs, key)
+            assert (have.tolist() if tensors else have) == (want.tolist() if tensors else want), (inp, kwargs, key)
+    ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    assert torch.equal(ids, tok(prompts[0]))  # diffusers' call: our 77 ids
+    with pytest.warns(UserWarning, match="a prompt of 80 tokens is longer than CLIP's 77"):
+        tok(prompts[1], padding=True)
+    with pytest.raises(ValueError, match="return_tensors='np'"):
+        tok(prompts[0], return_tensors="np")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'return_offsets'"):
+        tok(prompts[0], return_offsets=True)
 
 
 def test_sd2_padding_with_exclamation_mark(tmp_path, corpus):

@@ -120,6 +120,16 @@ CLEANINGS = {
 }
 
 
+class Encoding(dict):
+    """A transformers-style tokenizer result: a dict whose keys (input_ids, attention_mask) read as attributes."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this encoding has no {name!r}; it holds {list(self)}") from None
+
+
 class CLIPTokenizer:
     """Prompts -> LongTensor[B, 77]: start id, BPE ids (at most 75), end id, then padding.
 
@@ -205,12 +215,19 @@ class CLIPTokenizer:
                 ids.extend(self.encoder[s] for s in self.bpe("".join(to_char[b] for b in word.encode("utf-8"))))
         return ids
 
-    def __call__(self, prompts: str | Sequence[str]) -> torch.LongTensor:
+    def __call__(self, prompts: str | Sequence[str], padding: bool | str | None = None,
+                 truncation: bool | str | None = None, max_length: int | None = None,
+                 return_tensors: str | None = None, **options) -> torch.LongTensor | Encoding:
         """LongTensor[B, model_max_length]. Over-long prompts keep their first 75 tokens (and the end token); a
-        warning shows what was dropped, since a silently shortened prompt is a confusing image."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise TypeError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+        warning shows what was dropped, since a silently shortened prompt is a confusing image.
+
+        Given any of transformers' arguments (padding, truncation, max_length, return_tensors, add_special_tokens,
+        return_attention_mask), the call is transformers' CLIPTokenizer's instead: an `Encoding` (input_ids,
+        attention_mask) with the same values, so that diffusers' `tokenizer(prompt, padding="max_length",
+        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids` reads the same."""
+        if padding is not None or truncation is not None or max_length is not None or return_tensors or options:
+            return self._call_like_transformers(prompts, padding, truncation, max_length, return_tensors, **options)
+        prompts = self._prompt_list(prompts)
         room = self.model_max_length - 2
         rows, dropped = [], []
         for prompt in prompts:
@@ -226,6 +243,61 @@ class CLIPTokenizer:
                 stacklevel=2,
             )
         return torch.tensor(rows, dtype=torch.long)
+
+    @staticmethod
+    def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+        return list(prompts)
+
+    def _call_like_transformers(self, prompts, padding, truncation, max_length, return_tensors,
+                                add_special_tokens: bool = True, return_attention_mask: bool = True) -> Encoding:
+        """transformers' rules: padding True/"longest" pads to the longest prompt, "max_length" to max_length,
+        False/"do_not_pad" not at all; truncation True/"longest_first" (also when neither it nor padding is given
+        but max_length is) cuts to max_length keeping the end token; max_length defaults to model_max_length."""
+        paddings = {None: None, False: None, "do_not_pad": None, True: "longest", "longest": "longest",
+                    "max_length": "max_length"}
+        truncations = {None: None, False: False, "do_not_truncate": False, True: True, "longest_first": True,
+                       "only_first": True}
+        if padding not in paddings:
+            raise ValueError(f"padding={padding!r}: use True/'longest', 'max_length' or False/'do_not_pad'")
+        if truncation not in truncations:
+            raise ValueError(f"truncation={truncation!r}: use True/'longest_first' or False/'do_not_truncate'")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: latentdiff gives 'pt' (torch tensors) or None "
+                             "(lists)")
+        if max_length is not None and (type(max_length) is not int or max_length < 1 + 2 * add_special_tokens):
+            raise ValueError(f"max_length={max_length!r}: expected an int of at least {1 + 2 * add_special_tokens}")
+        pad_to, truncate = paddings[padding], truncations[truncation]
+        if truncate is None:  # transformers: a max_length without padding or truncation asked for truncates
+            truncate = max_length is not None and padding in (None, False)
+        limit = max_length or self.model_max_length
+        single = isinstance(prompts, str)
+        specials = 2 if add_special_tokens else 0
+        rows = []
+        for prompt in self._prompt_list(prompts):
+            ids = self.encode(prompt)
+            if truncate:
+                ids = ids[:limit - specials]
+            elif len(ids) + specials > self.model_max_length:
+                warnings.warn(f"a prompt of {len(ids) + specials} tokens is longer than CLIP's "
+                              f"{self.model_max_length} (pass truncation=True to cut it): {prompt!r}", stacklevel=3)
+            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
+        width = {None: 0, "longest": max(map(len, rows)), "max_length": limit}[pad_to]
+        masks = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+        rows = [r + [self.pad_token_id] * (width - len(r)) for r in rows]
+        if return_tensors and len({len(r) for r in rows}) > 1:
+            raise ValueError(f"prompts of {sorted({len(r) for r in rows})} tokens do not stack into one tensor: pass "
+                             "padding=True (or 'max_length') and truncation=True")
+        encoding = Encoding(input_ids=rows, attention_mask=masks) if return_attention_mask else Encoding(
+            input_ids=rows)
+        for key, value in encoding.items():
+            if return_tensors == "pt":
+                encoding[key] = torch.tensor(value, dtype=torch.long)
+            elif single:
+                encoding[key] = value[0]
+        return encoding
 
     # ---- ids -> text ----------------------------------------------------------------------------------------
     def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
