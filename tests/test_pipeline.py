@@ -43,6 +43,28 @@ def test_same_image_as_diffusers(folders, scheduler, direction):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_sde_sampler_same_image_as_diffusers(folders):
+    """DPM++ 2M SDE draws noise in every step from the call's generators: one per image gives diffusers' images."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        dict(ref.scheduler.config), algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)
+    ours.scheduler = schedulers.scheduler_from_name("dpm++sde", ours.scheduler.config, use_karras_sigmas=True)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    kwargs = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS, latents=latents_for(2), generator=gens(), **kwargs).images
+    got = ours(PROMPTS, latents=latents_for(2), generator=gens(), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    other = ours(PROMPTS, latents=latents_for(2), generator=[torch.Generator().manual_seed(9)] * 2, progress=False,
+                 **kwargs).images
+    assert np.abs(other - got).max() > 1e-2  # the noise drawn in the steps shows
+
+
 def test_stable_diffusion_scheduler_settings_as_diffusers(folders):
     """Built with a scheduler whose config has steps_offset 0 and clip_sample True (DDIM's defaults), both pipelines
     sample with steps_offset 1 and no clipping (diffusers' StableDiffusionPipeline changes them, with a warning)."""

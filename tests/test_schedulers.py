@@ -28,7 +28,10 @@ def variants(name):
     if name == "DDIMScheduler":
         return [dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, eta=0.0),
                 dict(clip_sample=False, eta=0.8), dict(clip_sample=True, eta=0.0)]
-    if name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+    if name == "DPMSolverMultistepScheduler":  # "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE (Karras)"
+        return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True),
+                dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)]
+    if name == "EulerDiscreteScheduler":
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "PNDMScheduler":  # PLMS as Stable Diffusion 1.x ships it; the Runge-Kutta start
         return [dict(skip_prk_steps=True, steps_offset=1), dict(skip_prk_steps=False, set_alpha_to_one=True)]
@@ -166,6 +169,29 @@ def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
         kwargs = dict(sigmas=sched.sigmas, generator=torch.Generator().manual_seed(1))
     got = sampler(denoiser, x, sched.timesteps, **kwargs)
     assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), name)
+
+
+def test_dpmpp_2m_sde_pure_sampler_and_variance_noise():
+    """The SDE form: sample_dpmpp_2m(sde=True) draws the scheduler's noise from the same generator; given the
+    noise as variance_noise, the scheduler draws none; per-image generators make each image its own."""
+    sched = S.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)
+    sched.set_timesteps(12)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    looped = run(sched, x, torch.Generator().manual_seed(1))
+    got = S.sample_dpmpp_2m(Denoiser(fake_model), x, sched.timesteps, sched.sigmas, sde=True,
+                            generator=torch.Generator().manual_seed(1))
+    assert_close(got, looped, "sample_dpmpp_2m(sde=True)")
+    assert (looped - run(sched, x, torch.Generator().manual_seed(2))).abs().max() > 1e-2  # the noise matters
+    g, y = torch.Generator().manual_seed(1), x
+    for t in sched.timesteps:
+        noise = torch.randn(x.shape, generator=g)
+        y = sched.step(fake_model(y, t), t, y, variance_noise=noise, generator=torch.Generator()).prev_sample
+    assert_close(y, looped, "variance_noise")
+    gens = lambda: [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]  # noqa: E731
+    pair_run = run(sched, x, gens())
+    alone = run(sched, x[1:], [torch.Generator().manual_seed(6)])
+    assert_close(pair_run[1:], alone, "per-image generators")
 
 
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
@@ -308,7 +334,10 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-        "pndm": "PNDMScheduler"}
+        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
+    sde = S.scheduler_from_name("dpm++sde", pndm, use_karras_sigmas=True)
+    assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.use_karras_sigmas
+    assert S.scheduler_from_name("dpm++", sde.config).config.algorithm_type == "dpmsolver++"
 
 
 BAD = [
@@ -321,7 +350,7 @@ BAD = [
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
     ("DDIMScheduler", {"num_train_timesteps": "1000"}, "num_train_timesteps"),
     ("DDIMScheduler", {"clip_sample": 1}, "clip_sample"),

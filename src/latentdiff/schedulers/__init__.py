@@ -27,18 +27,25 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "dpm++sde": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
+}
+# Names that stand for a class with these options ("DPM++ 2M SDE" is DPM-Solver++ solving the SDE).
+NAMED_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpm++": {"algorithm_type": "dpmsolver++"},
+    "dpm++sde": {"algorithm_type": "sde-dpmsolver++"},
 }
 
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
-    """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++", "pndm"), built from another
-    scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction
-    type. DDPM and DDIM clip their x0 estimate only if that config says so (their own default clips, which suits
-    pixels, not latents)."""
+    """The scheduler called `name` ("ddpm", "ddim", "euler", "euler_a", "dpm++", "dpm++sde", "pndm"), built from
+    another scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and
+    prediction type. DDPM and DDIM clip their x0 estimate only if that config says so (their own default clips,
+    which suits pixels, not latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
+    overrides = {**NAMED_OPTIONS.get(name, {}), **overrides}
     source = dict(getattr(config, "config", config) if config is not None and not hasattr(config, "keys") else
                   config or {})
     if "clip_sample" not in source or "clip_sample" in (source.get("_use_default_values") or ()):
@@ -52,7 +59,7 @@ __all__ = [
     "DPMSolverMultistepScheduler", "PNDMScheduler",
 ]
 __all__ += [
-    "SCHEDULERS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
+    "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "DPMSolverConfig", "PNDMConfig",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_pndm",

@@ -214,9 +214,9 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 
 @dataclass(frozen=True)
 class DPMSolverConfig(_ZeroSNRKeyConfig):
-    """DPM-Solver++(2M) only. lower_order_final and euler_at_final are accepted at either value: with the final
-    noise level 0 (final_sigmas_type "zero") the last step is first order anyway. A variance_type that is not
-    learned (what a DDPM config carries) has no effect, as in diffusers."""
+    """DPM-Solver++(2M), as an ODE or an SDE solver (algorithm_type). lower_order_final and euler_at_final are
+    accepted at either value: with the final noise level 0 (final_sigmas_type "zero") the last step is first order
+    anyway. A variance_type that is not learned (what a DDPM config carries) has no effect, as in diffusers."""
     solver_order: int = 2
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
@@ -241,7 +241,8 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
     scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "solver_order": (2,), "thresholding": (False,),
-        "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint",), "use_karras_sigmas": (False, True, None),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
+        "use_karras_sigmas": (False, True, None),
         "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),

@@ -1,12 +1,14 @@
 """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2 with the midpoint form of diffusers): a second
-order multistep solver of the diffusion ODE in log-SNR time that reuses the previous step's x0 estimate."""
+order multistep solver of the diffusion ODE in log-SNR time that reuses the previous step's x0 estimate; and its
+SDE form (algorithm_type "sde-dpmsolver++", "DPM++ 2M SDE"), which solves the reverse SDE instead and adds fresh
+noise at every step."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from ..guidance import Denoiser
-from ..schedules import predict_x0_eps, ve_sigmas, vp_coefficients
+from ..schedules import predict_x0_eps, randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import DPMSolverConfig
 from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
@@ -18,11 +20,13 @@ def _log_snr(alpha: torch.Tensor, sigma_vp: torch.Tensor) -> torch.Tensor:
 
 
 def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | None, sigma_prev, sigma,
-                  sigma_next) -> torch.Tensor:
+                  sigma_next, noise: torch.Tensor | None = None) -> torch.Tensor:
     """From VP sample x at VE level `sigma` to `sigma_next`, with h = lambda_next - lambda:
     x_next = (sigma_t,next / sigma_t) x - alpha_next (e^-h - 1) D, where D = x0 (first order: DDIM written in
     data prediction, DPM-Solver++ sec. 4) or, given the previous estimate x0_prev at `sigma_prev`, D = x0 + (x0 - x0_prev) / (2 r) with
-    r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0."""
+    r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0.
+    Given `noise` (standard normal, like x), the SDE form (Lu et al. 2022, sec. 5 / appendix): x_next =
+    (sigma_t,next / sigma_t) e^-h x + alpha_next (1 - e^-2h) D + sigma_t,next sqrt(1 - e^-2h) noise."""
     alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
     alpha, sigma_vp = vp_coefficients(sigma)
     log_snr = _log_snr(alpha, sigma_vp)  # (each noise level's coefficients computed once: scalar ops are host time)
@@ -31,27 +35,34 @@ def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | Non
     if x0_prev is not None:
         r = (log_snr - _log_snr(*vp_coefficients(sigma_prev))) / h
         d = x0 + (0.5 / r) * (x0 - x0_prev)
-    return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
+    if noise is None:
+        return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
+    decay = torch.exp(-2.0 * h)
+    return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1 - decay)) * d
+            + (sigma_vp_next * torch.sqrt(1.0 - decay)) * noise)
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor,
-                    sigmas: torch.Tensor) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
+                    sde: bool = False, generator=None) -> torch.Tensor:
     """Run DPM-Solver++(2M) from the VP sample x at sigmas[0] through sigmas (ending in 0). The first step has no
-    history and the last one lands on sigma = 0, so both are first order."""
+    history and the last one lands on sigma = 0, so both are first order. `sde`: the SDE form, its noise drawn
+    from `generator` (one per image, or one for all) at every step."""
     x0_prev = None
     for i, t in enumerate(timesteps):
         alpha, sigma_vp = vp_coefficients(sigmas[i])
         x0, _ = denoiser(x, t, alpha, sigma_vp)
         history = x0_prev if 0 < i < len(timesteps) - 1 else None
-        x = dpmpp_2m_step(x, x0, history, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1])
+        noise = randn(x.shape, generator, x.device, torch.float32) if sde else None
+        x = dpmpp_2m_step(x, x0, history, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1], noise)
         x0_prev = x0
     return x
 
 
 class DPMSolverMultistepScheduler(Scheduler):
-    """diffusers' DPMSolverMultistepScheduler protocol (algorithm_type "dpmsolver++", solver_order 2, midpoint)
-    over `dpmpp_2m_step`. The only state is the previous step's (index, x0), reset by set_timesteps; a step that
-    does not follow it (a fresh start, img2img) is first order, as in diffusers."""
+    """diffusers' DPMSolverMultistepScheduler protocol (algorithm_type "dpmsolver++" or "sde-dpmsolver++",
+    solver_order 2, midpoint) over `dpmpp_2m_step`. The only state is the previous step's (index, x0), reset by
+    set_timesteps; a step that does not follow it (a fresh start, img2img) is first order, as in diffusers. The SDE
+    form draws its noise from `generator` in every step (or takes `variance_noise`), as diffusers' does."""
     config_class = DPMSolverConfig
 
     def __init__(self, **config):
@@ -77,15 +88,19 @@ class DPMSolverMultistepScheduler(Scheduler):
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         i = self.index_for_timestep(timestep)
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
+                     randn(model_output.shape, generator, model_output.device, torch.float32))
         sigma = self.sigmas[i]
         alpha, sigma_vp = vp_coefficients(sigma)
         x = sample.float()
         x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0]
         follows = self._previous is not None and self._previous[0] == i - 1
         history = self._previous[1] if follows and i < len(self._grid) - 1 else None
-        prev = dpmpp_2m_step(x, x0, history, self.sigmas[i - 1] if i else None, sigma, self.sigmas[i + 1])
+        prev = dpmpp_2m_step(x, x0, history, self.sigmas[i - 1] if i else None, sigma, self.sigmas[i + 1], noise)
         self._previous = (i, x0)
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
