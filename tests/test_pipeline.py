@@ -22,7 +22,7 @@ def latents_for(n, seed=0):
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                       "PNDMScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -350,7 +350,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
-                                       "PNDMScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers

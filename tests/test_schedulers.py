@@ -16,7 +16,7 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-         "DPMSolverMultistepScheduler", "PNDMScheduler"]
+         "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -33,6 +33,8 @@ def variants(name):
                 dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)]
     if name == "EulerDiscreteScheduler":
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
+    if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
+        return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
     if name == "PNDMScheduler":  # PLMS as Stable Diffusion 1.x ships it; the Runge-Kutta start
         return [dict(skip_prk_steps=True, steps_offset=1), dict(skip_prk_steps=False, set_alpha_to_one=True)]
     return [{}]
@@ -154,6 +156,7 @@ def test_steps_are_stateless_and_reruns_agree(name):
 @pytest.mark.parametrize("name, sampler", [
     ("DDPMScheduler", S.sample_ddpm), ("DDIMScheduler", S.sample_ddim), ("EulerDiscreteScheduler", S.sample_euler),
     ("EulerAncestralDiscreteScheduler", S.sample_euler_ancestral), ("DPMSolverMultistepScheduler", S.sample_dpmpp_2m),
+    ("UniPCMultistepScheduler", S.sample_unipc),
 ])
 def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
     sched = getattr(S, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -163,12 +166,37 @@ def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
     denoiser = Denoiser(fake_model, "v_prediction")
     if name in ("DDPMScheduler", "DDIMScheduler"):
         kwargs = dict(alphas_cumprod=sched.alphas_cumprod, generator=torch.Generator().manual_seed(1))
-    elif name == "EulerDiscreteScheduler" or name == "DPMSolverMultistepScheduler":
+    elif name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         kwargs = dict(sigmas=sched.sigmas)
     else:
         kwargs = dict(sigmas=sched.sigmas, generator=torch.Generator().manual_seed(1))
     got = sampler(denoiser, x, sched.timesteps, **kwargs)
     assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), name)
+
+
+@pytest.mark.parametrize("config", [dict(solver_type="bh1"), dict(lower_order_final=False),
+                                    dict(solver_order=3, lower_order_final=False, solver_type="bh1")])
+def test_unipc_onto_sigma_zero(config):
+    """The step onto sigma = 0 returns the x0 estimate. There diffusers' UniPC gives NaN with bh1 (B(h) = h = -inf
+    times a zero correction) and fails with lower_order_final=False (higher orders divide by h = inf); every step
+    before matches it."""
+    ours, ref = pair("UniPCMultistepScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                     **config)
+    for n in (5, 12):
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        a = b = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+        for t in ours.timesteps[:-1]:
+            a = ours.step(fake_model(a, t), t, a).prev_sample
+            b = ref.step(fake_model(b, t), t, b).prev_sample
+        assert_close(a, b, f"{config} n={n}")
+        t = ours.timesteps[-1]
+        last = ours.step(fake_model(a, t), t, a)
+        assert torch.equal(last.prev_sample, last.pred_original_sample)
+        try:  # if this fails, diffusers' last step works: compare it
+            assert not torch.isfinite(ref.step(fake_model(b, t), t, b).prev_sample).all()
+        except torch.linalg.LinAlgError:  # order 3 there: a singular system (every ratio is 0)
+            pass
 
 
 def test_dpmpp_2m_sde_pure_sampler_and_variance_noise():
@@ -268,6 +296,7 @@ CONFIGS = {
     "EulerAncestralDiscreteScheduler": dict(timestep_spacing="leading", steps_offset=1),
     "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, lower_order_final=False),
     "PNDMScheduler": dict(skip_prk_steps=True, steps_offset=1),
+    "UniPCMultistepScheduler": dict(solver_order=3, disable_corrector=[2], use_karras_sigmas=True),
 }
 
 
@@ -334,7 +363,11 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
+        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
+    # another solver's solver_type becomes this one's, as diffusers' classes do it
+    assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
+    unipc = S.UniPCMultistepScheduler().config
+    assert S.DPMSolverMultistepScheduler.from_config(unipc).config.solver_type == "midpoint"
     sde = S.scheduler_from_name("dpm++sde", pndm, use_karras_sigmas=True)
     assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.use_karras_sigmas
     assert S.scheduler_from_name("dpm++", sde.config).config.algorithm_type == "dpmsolver++"
@@ -362,6 +395,10 @@ BAD = [
     ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
     ("PNDMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' PNDM has no such key
     ("PNDMScheduler", {"skip_prk_steps": "yes"}, "skip_prk_steps"),
+    ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
+    ("UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
+    ("UniPCMultistepScheduler", {"disable_corrector": [1.5]}, "disable_corrector"),
+    ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
 ]
 
 
@@ -396,7 +433,7 @@ def test_bad_num_inference_steps(name):
     for n in (0, -3, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
-    if name != "DPMSolverMultistepScheduler":
+    if name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         with pytest.raises(ValueError, match="steps_offset"):
             sched.set_timesteps(1000)  # leading spacing + offset would step past the last training step
     else:  # which spaces n + 1 points (as diffusers' does): 999 steps reach past T, 1000 repeat timestep 1 (NaN)

@@ -59,10 +59,15 @@ class SchedulerConfig(Mapping):
     supported: ClassVar[dict[str, tuple]] = {
         "beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "timestep_spacing": TIMESTEP_SPACINGS,
     }
+    # Values diffusers' class of this name replaces by its own when built (another solver's solver_type, say).
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {}
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, self._checked(field, getattr(self, field.name)))
+        for key, replace in self.aliases.items():
+            if getattr(self, key) in replace:
+                object.__setattr__(self, key, replace[getattr(self, key)])
         for key, allowed in self.supported.items():
             value = getattr(self, key)
             if not any(_same(value, a) for a in allowed):
@@ -91,6 +96,9 @@ class SchedulerConfig(Mapping):
             value = float(value) if ok else value
         elif kind.startswith("str"):
             ok = isinstance(value, str)
+        elif kind.startswith("tuple[int"):  # step indices (UniPC's disable_corrector)
+            ok = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+            value = tuple(value) if ok else value
         else:  # trained_betas: a sequence of numbers
             try:
                 value = tuple(float(v) for v in value)
@@ -239,6 +247,7 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
     time_shift_type: str = "exponential"
 
     scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint")}
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "solver_order": (2,), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
@@ -258,3 +267,38 @@ class PNDMConfig(SchedulerConfig):
     set_alpha_to_one: bool = False
 
     scheduler_name: ClassVar[str] = "PNDMScheduler"
+
+
+@dataclass(frozen=True)
+class UniPCConfig(_ZeroSNRKeyConfig):
+    """UniPC in data prediction (predict_x0), with either B(h) (solver_type), up to order 3."""
+    solver_order: int = 2
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    predict_x0: bool = True
+    solver_type: str = "bh2"
+    lower_order_final: bool = True
+    disable_corrector: tuple[int, ...] = ()
+    solver_p: None = None
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
+    timestep_spacing: str = "linspace"
+    final_sigmas_type: str = "zero"
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    shift_terminal: float | None = None
+
+    scheduler_name: ClassVar[str] = "UniPCMultistepScheduler"
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("midpoint", "heun", "logrho"), "bh2")}
+    supported: ClassVar[dict[str, tuple]] = {
+        **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "predict_x0": (True,),
+        "solver_type": ("bh1", "bh2"), "solver_p": (None,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "final_sigmas_type": ("zero",),
+        "use_dynamic_shifting": (False,), "sigma_min": (None,), "sigma_max": (None,), "shift_terminal": (None,),
+    }

@@ -58,7 +58,46 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor
     return x
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class LogSNRMultistepScheduler(Scheduler):
+    """What the log-SNR multistep solvers (DPM-Solver++, UniPC) share as diffusers sets them up: timesteps spaced
+    over n + 1 points with the last dropped ("leading", "linspace"; "trailing" as is) or placed at Karras noise
+    levels, a VE noise level per step and 0 after the last, and add_noise at those levels."""
+    round_karras_timesteps_always = False  # DPM-Solver keeps the cosine schedule's fractional Karras timesteps
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.sigmas = ve_sigmas(self.alphas_cumprod)
+
+    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+        c, n = self.config, num_inference_steps
+        table = ve_sigmas(self.alphas_cumprod).numpy()
+        if c.timestep_spacing == "trailing":
+            steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
+        else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for these solvers
+            steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
+        if c.use_karras_sigmas:
+            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
+            steps = sigma_to_t(sigmas, np.log(table))
+            if self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2":  # diffusers' choices
+                steps = steps.round()
+        else:
+            sigmas = interp_sigmas(steps, table)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        self._reset()
+        return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
+
+    def _reset(self) -> None:
+        """Forget the steps taken (a new grid)."""
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha x0 + sigma eps at the noise level the grid assigns to each (grid) timestep."""
+        sigma = self.sigmas[[self.index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1)]]
+        alpha, sigma_vp = vp_coefficients(sigma.to(original_samples).reshape(-1, *([1] * (original_samples.ndim - 1))))
+        return alpha * original_samples + sigma_vp * noise
+
+
+class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
     """diffusers' DPMSolverMultistepScheduler protocol (algorithm_type "dpmsolver++" or "sde-dpmsolver++",
     solver_order 2, midpoint) over `dpmpp_2m_step`. The only state is the previous step's (index, x0), reset by
     set_timesteps; a step that does not follow it (a fresh start, img2img) is first order, as in diffusers. The SDE
@@ -67,25 +106,10 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.sigmas = ve_sigmas(self.alphas_cumprod)
         self._previous: tuple[int, torch.Tensor] | None = None
 
-    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
-        c, n = self.config, num_inference_steps
-        table = ve_sigmas(self.alphas_cumprod).numpy()
-        if c.timestep_spacing == "trailing":
-            steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
-        else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for this solver
-            steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
-        if c.use_karras_sigmas:
-            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
-            steps = sigma_to_t(sigmas, np.log(table))
-            steps = steps if c.beta_schedule == "squaredcos_cap_v2" else steps.round()  # diffusers' choice
-        else:
-            sigmas = interp_sigmas(steps, table)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+    def _reset(self) -> None:
         self._previous = None
-        return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
@@ -105,10 +129,3 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.Tensor) -> torch.Tensor:
-        """alpha x0 + sigma eps at the noise level the grid assigns to each (grid) timestep."""
-        sigma = self.sigmas[[self.index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1)]]
-        alpha, sigma_vp = vp_coefficients(sigma.to(original_samples).reshape(-1, *([1] * (original_samples.ndim - 1))))
-        return alpha * original_samples + sigma_vp * noise
