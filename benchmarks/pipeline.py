@@ -141,7 +141,9 @@ class Sections:
 
 def instrument(variant: str, pipe) -> Sections:
     sections = Sections()
-    sections.wrap(pipe, "encode_prompt", "prompt: tokenizer, batching")
+    # diffusers' encode_prompt; ours embeds through embed_prompts (its own encode_prompt is diffusers' API over it)
+    sections.wrap(pipe, "encode_prompt" if variant.startswith("diffusers") else "embed_prompts",
+                  "prompt: tokenizer, batching")
     sections.wrap(pipe.text_encoder, "forward", "prompt: CLIP text model")
     # the compiled U-Net ours runs (made by the warm-up call): wrapping the plain module's forward would recompile
     sections.wrap(pipe._unet_call() if variant.startswith("ours-compile") else pipe.unet, "forward", "U-Net")

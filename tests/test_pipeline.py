@@ -154,6 +154,30 @@ def test_diffusers_loading_idioms(folders):
         loaded.enable_attention_slicing(0)
 
 
+def test_encode_prompt_as_diffusers(folders):
+    """encode_prompt takes diffusers' arguments and returns what diffusers' does; its embeddings passed back as
+    prompt_embeds= and negative_prompt_embeds= give the same images as the prompts."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    args = (PROMPTS, "cpu", 2, True, ["", "blurry"])
+    with torch.no_grad():
+        expected = ref.encode_prompt(*args)
+    got = ours.encode_prompt(*args)
+    assert got[0].shape == (4, 77, 32)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    cond, uncond = ours.encode_prompt(PROMPTS[0], do_classifier_free_guidance=False)
+    assert cond.shape == (1, 77, 32) and uncond is None
+    kwargs = dict(latents=latents_for(2), num_inference_steps=3)
+    embeds, negative = ours.encode_prompt(PROMPTS, num_images_per_prompt=1, negative_prompt=["", "blurry"])
+    torch.testing.assert_close(run(ours, None, prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs),
+                               run(ours, PROMPTS, negative_prompt=["", "blurry"], **kwargs), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="lora_scale"):
+        ours.encode_prompt(PROMPTS, lora_scale=0.5)
+
+
 def test_variant_and_sharded_folders_load(folders, tmp_path):
     """Folders diffusers writes with save_pretrained(variant="fp16") (diffusion_pytorch_model.fp16.safetensors, ...)
     or in shards (max_shard_size: an .index.json and its pieces, for every model) load, to the same tensors."""
@@ -227,11 +251,11 @@ def test_prompt_cache_follows_the_text_encoders_weights(folders):
     from latentdiff import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
-    before = pipe.encode_prompt(["a red circle"])
-    assert torch.equal(pipe.encode_prompt(["a red circle"]), before)  # cached
+    before = pipe.embed_prompts(["a red circle"])
+    assert torch.equal(pipe.embed_prompts(["a red circle"]), before)  # cached
     state = {k: v + 0.01 for k, v in pipe.text_encoder.state_dict().items()}
     pipe.text_encoder.load_state_dict(state)  # new weights, same module
-    after = pipe.encode_prompt(["a red circle"])
+    after = pipe.embed_prompts(["a red circle"])
     assert not torch.allclose(after, before)
     expected = pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state
     torch.testing.assert_close(after, expected)
@@ -243,13 +267,13 @@ def test_prompt_cache_follows_the_text_encoders_weights(folders):
 
     with torch.no_grad():
         replace_weights(0.5)
-    halved = pipe.encode_prompt(["a red circle"])
+    halved = pipe.embed_prompts(["a red circle"])
     assert not torch.allclose(halved, after)
     torch.testing.assert_close(halved, pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state)
     # weights made under inference_mode keep no version counter: encoded every time, nothing cached, no error
     with torch.inference_mode():
         replace_weights(2.0)
-    first = pipe.encode_prompt(["a red circle"])
+    first = pipe.embed_prompts(["a red circle"])
     assert not pipe._embedding_cache
     with torch.inference_mode():
         torch.testing.assert_close(first, pipe.text_encoder(pipe.tokenizer(["a red circle"])).last_hidden_state)
@@ -271,7 +295,7 @@ def test_guidance_one_is_conditional_only(pipe):
         # equal to the conditional-only prediction: guidance s with eps_u == eps_c reduces to it, so compare with
         # prompt_embeds as negative embeddings (eps_u = eps_c) at a high scale
         calls.clear()
-        embeds = pipe.encode_prompt([PROMPTS[0]])
+        embeds = pipe.embed_prompts([PROMPTS[0]])
         b = run(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=embeds, guidance_scale=9.0,
                 latents=latents_for(1))
         assert calls and all(c == (1, 2) for c in calls)  # guided: the latents once, for both contexts

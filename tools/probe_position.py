@@ -22,7 +22,7 @@ PROMPTS = ["a large blue circle in the top left corner on a white background",
 @torch.no_grad()
 def main(folder) -> None:
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
-    context = pipe.encode_prompt(PROMPTS)
+    context = pipe.embed_prompts(PROMPTS)
     position, colour = ((context[0] - context[i]).norm(dim=-1).max() for i in (1, 2))
     print(f"text states, largest per-token distance: top left vs bottom right {position:.2f}, blue vs red "
           f"{colour:.2f}")

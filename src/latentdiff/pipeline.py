@@ -346,7 +346,24 @@ class LatentDiffusionPipeline:
 
     # ---- text -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+    def encode_prompt(self, prompt: str | list[str] | None, device=None, num_images_per_prompt: int = 1,
+                      do_classifier_free_guidance: bool = True, negative_prompt: str | list[str] | None = None,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      lora_scale: float | None = None, clip_skip: int | None = None):
+        """diffusers' method: (prompt_embeds, negative_prompt_embeds) for `prompt` and `negative_prompt` (the empty
+        prompt by default; None without guidance), each repeated num_images_per_prompt times, on `device` (default:
+        the pipeline's), to pass to a later call as prompt_embeds= and negative_prompt_embeds=."""
+        if lora_scale is not None:
+            raise ValueError("lora_scale: latentdiff has no LoRA layers; pass None")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
+        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                      num_images_per_prompt, do_classifier_free_guidance, clip_skip)
+        device = self.device if device is None else device
+        return cond.to(device), None if uncond is None else uncond.to(device)
+
+    @torch.no_grad()
+    def embed_prompts(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """[B, 77, D] context for `prompts`. Repeated prompts (the empty negative prompt above all) are cached."""
         from .models.text import encode_prompt_ids
 
@@ -388,7 +405,7 @@ class LatentDiffusionPipeline:
             if prompt is None:
                 raise ValueError("pass a prompt (or prompt_embeds)")
             prompts = _as_list(prompt, "prompt")
-            cond = self.encode_prompt(prompts, clip_skip)
+            cond = self.embed_prompts(prompts, clip_skip)
         else:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -405,7 +422,7 @@ class LatentDiffusionPipeline:
                 if len(negatives) != batch:
                     raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}: "
                                      "give one negative prompt, or one per prompt")
-                uncond = self.encode_prompt(negatives, clip_skip)
+                uncond = self.embed_prompts(negatives, clip_skip)
             if uncond.shape != cond.shape:
                 raise ValueError(f"negative prompt embeddings {tuple(uncond.shape)} do not match the prompt "
                                  f"embeddings {tuple(cond.shape)}")
