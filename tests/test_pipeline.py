@@ -65,6 +65,34 @@ def test_sde_sampler_same_image_as_diffusers(folders):
     assert np.abs(other - got).max() > 1e-2  # the noise drawn in the steps shows
 
 
+@pytest.mark.parametrize("scheduler, grid", [
+    ("DPMSolverMultistepScheduler", dict(timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24])),
+    ("EulerDiscreteScheduler", dict(sigmas=[14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152,
+                                            0.029, 0.0]))])
+def test_custom_timesteps_and_sigmas_as_diffusers(folders, scheduler, grid):
+    """pipe(..., timesteps=...) / (..., sigmas=...): the given grid instead of num_inference_steps, diffusers' image."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    ref.scheduler = getattr(diffusers, scheduler).from_config(dict(ref.scheduler.config))
+    ours.scheduler = getattr(schedulers, scheduler).from_config(dict(ours.scheduler.config))
+    steps = []
+    kwargs = dict(guidance_scale=5.0, output_type="np", **grid)
+    expected = ref(PROMPTS[0], latents=latents_for(1), **kwargs).images
+    got = ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs,
+               callback_on_step_end=lambda p, i, t, s: steps.append(float(t))).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert len(steps) == len(grid.get("timesteps", grid.get("sigmas", [])[1:])) == 10 + ("sigmas" in grid)
+    assert steps == ours.scheduler.timesteps.tolist()
+    ours.scheduler = schedulers.DDIMScheduler.from_config(ours.scheduler.config)
+    with pytest.raises(ValueError, match="DDIMScheduler takes no custom"):
+        ours(PROMPTS[0], progress=False, **grid)
+
+
 def test_stable_diffusion_scheduler_settings_as_diffusers(folders):
     """Built with a scheduler whose config has steps_offset 0 and clip_sample True (DDIM's defaults), both pipelines
     sample with steps_offset 1 and no clipping (diffusers' StableDiffusionPipeline changes them, with a warning)."""

@@ -199,6 +199,50 @@ def test_unipc_onto_sigma_zero(config):
             pass
 
 
+AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # "Align Your Steps" for SD 1.5 (10 steps)
+AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029, 0.0]  # 11 steps
+
+
+@pytest.mark.parametrize("name, grid", [("EulerDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
+                                        ("EulerDiscreteScheduler", dict(sigmas=AYS_SIGMAS)),
+                                        ("DPMSolverMultistepScheduler", dict(timesteps=AYS_TIMESTEPS))])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_custom_grids_match_diffusers(name, grid, prediction_type):
+    """set_timesteps(timesteps=...) / (sigmas=...) where diffusers' class takes them: the same grid and noise
+    levels, the same trajectory."""
+    ours, ref = pair(name, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                     prediction_type=prediction_type)
+    ours.set_timesteps(**grid)
+    ref.set_timesteps(**grid)
+    ref.set_begin_index(0)
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    assert ours.num_inference_steps == ref.num_inference_steps == len(ours.timesteps) == 10 + ("sigmas" in grid)
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * float(ref.init_noise_sigma)
+    assert_close(run(ours, x, None), run(ref, x, None), f"{name} {list(grid)}")
+
+
+def test_custom_grid_errors():
+    euler = S.EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps .*DPMSolverMultistepScheduler, "
+                                         "EulerDiscreteScheduler do"):
+        S.DDIMScheduler().set_timesteps(timesteps=AYS_TIMESTEPS)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
+        S.DPMSolverMultistepScheduler().set_timesteps(sigmas=AYS_SIGMAS)
+    with pytest.raises(ValueError, match="exactly one of num_inference_steps, timesteps or sigmas"):
+        euler.set_timesteps(10, timesteps=AYS_TIMESTEPS)
+    with pytest.raises(ValueError, match="exactly one"):
+        euler.set_timesteps()
+    with pytest.raises(ValueError, match="timesteps must decrease strictly"):
+        euler.set_timesteps(timesteps=AYS_TIMESTEPS[::-1])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        euler.set_timesteps(timesteps=[1200, 500, 3])
+    with pytest.raises(ValueError, match="sigmas must be a list of at least 2 finite numbers"):
+        euler.set_timesteps(sigmas=[3.0])
+    with pytest.raises(ValueError, match="custom timesteps with use_karras_sigmas=True"):
+        S.DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=AYS_TIMESTEPS)
+
+
 def test_dpmpp_2m_sde_pure_sampler_and_variance_noise():
     """The SDE form: sample_dpmpp_2m(sde=True) draws the scheduler's noise from the same generator; given the
     noise as variance_noise, the scheduler draws none; per-image generators make each image its own."""

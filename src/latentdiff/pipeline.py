@@ -504,8 +504,11 @@ class LatentDiffusionPipeline:
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ):
+        """`timesteps` / `sigmas`: the grid in full instead of num_inference_steps, for the schedulers that take one
+        (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self._check_size(height, width)
         if num_images_per_prompt < 1:
@@ -515,7 +518,10 @@ class LatentDiffusionPipeline:
                                       num_images_per_prompt, guided, clip_skip)
         n = cond.shape[0]
         generators = _per_image_generators(generator, n)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if timesteps is None and sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        else:
+            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas)
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn(shape, generators, self.device, self.dtype)

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,12 +49,18 @@ def _scalar_timestep(timestep) -> float:
     return float(timestep)
 
 
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
 class Scheduler:
     """Base of the diffusers-compatible scheduler classes; subclasses define `config_class` and `_make_grid`."""
     config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
     config_name: ClassVar[str] = CONFIG_NAME
     order: ClassVar[int] = 1
     init_noise_sigma: float = 1.0
+    # which of set_timesteps' `timesteps=` and `sigmas=` (a grid given in full) the class takes, as diffusers' does
+    custom_grids: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **config: Any):
         unknown = sorted(set(config) - set(self.config_class().keys()))
@@ -112,17 +119,49 @@ class Scheduler:
         return self.config.num_train_timesteps
 
     # ---- the timestep grid ------------------------------------------------------------------------------------
-    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
-        """Set the per-step tables of this sampler and return its timesteps."""
+    def _make_grid(self, num_inference_steps: int, device, **custom: np.ndarray) -> torch.Tensor:
+        """Set the per-step tables of this sampler and return its timesteps; `custom`: timesteps= or sigmas= as
+        given to set_timesteps (checked), for a class whose custom_grids names it."""
         raise NotImplementedError
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        n = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
-        self.timesteps = self._make_grid(n, device)
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None) -> None:
+        """The grid of `num_inference_steps` steps the config spaces; or, where the class takes it (custom_grids,
+        as in diffusers), the timesteps themselves (descending) or the noise levels (descending, the last one
+        where sampling ends, usually 0)."""
+        custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+        if (num_inference_steps is not None) + len(custom) != 1:
+            raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas to set_timesteps")
+        if custom:
+            (name, values), = custom.items()
+            if name not in self.custom_grids:
+                takers = sorted(cls.__name__ for cls in _subclasses(Scheduler) if name in cls.custom_grids)
+                raise ValueError(f"{type(self).__name__} takes no custom {name} (as diffusers' does not); "
+                                 f"{', '.join(takers)} do")
+            values = self._checked_grid(name, values)
+            n = len(values) - (name == "sigmas")
+            self.timesteps = self._make_grid(n, device, **{name: values})
+        else:
+            n = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
+            self.timesteps = self._make_grid(n, device)
         self.num_inference_steps = n
         self._grid = self.timesteps.detach().cpu().double().numpy()
         self._begin_index = None
         self._next_index = None
+
+    def _checked_grid(self, name: str, values) -> np.ndarray:
+        values = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
+        least = 2 if name == "sigmas" else 1
+        if values.ndim != 1 or len(values) < least or not np.isfinite(values).all():
+            raise ValueError(f"{name} must be a list of at least {least} finite numbers; got {values.tolist()}")
+        if np.any(np.diff(values) >= 0):
+            raise ValueError(f"{name} must decrease strictly (sampling goes from noise to data); got {values.tolist()}")
+        top = self.config.num_train_timesteps - 1
+        if name == "timesteps" and not 0 <= values[-1] <= values[0] <= top:
+            raise ValueError(f"timesteps must lie in [0, {top}] (the training steps); got {values.tolist()}")
+        if name == "sigmas" and values[-1] < 0:
+            raise ValueError(f"sigmas must not be negative; got {values.tolist()}")
+        return values
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start sampling at `timesteps[begin_index]` (img2img); call after set_timesteps. len(timesteps) is allowed:

@@ -68,14 +68,19 @@ class LogSNRMultistepScheduler(Scheduler):
         super().__init__(**config)
         self.sigmas = ve_sigmas(self.alphas_cumprod)
 
-    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+    def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         c, n = self.config, num_inference_steps
         table = ve_sigmas(self.alphas_cumprod).numpy()
-        if c.timestep_spacing == "trailing":
+        if timesteps is not None:
+            if c.use_karras_sigmas:
+                raise ValueError("custom timesteps with use_karras_sigmas=True: Karras sigmas place the timesteps "
+                                 "themselves; turn use_karras_sigmas off")
+            steps = timesteps.astype(np.int64)  # (as diffusers: whole training steps)
+        elif c.timestep_spacing == "trailing":
             steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
         else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for these solvers
             steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
-        if c.use_karras_sigmas:
+        if c.use_karras_sigmas and timesteps is None:
             sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
             steps = sigma_to_t(sigmas, np.log(table))
             if self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2":  # diffusers' choices
@@ -103,6 +108,7 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
     set_timesteps; a step that does not follow it (a fresh start, img2img) is first order, as in diffusers. The SDE
     form draws its noise from `generator` in every step (or takes `variance_noise`), as diffusers' does."""
     config_class = DPMSolverConfig
+    custom_grids = frozenset({"timesteps"})
 
     def __init__(self, **config):
         super().__init__(**config)

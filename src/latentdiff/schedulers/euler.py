@@ -60,11 +60,22 @@ class _SigmaScheduler(Scheduler):
         self.timesteps = self.timesteps.float()
         self.sigmas = torch.cat([ve_sigmas(self.alphas_cumprod).flip(0), torch.zeros(1)])
 
-    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+    def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None,
+                   sigmas: np.ndarray | None = None) -> torch.Tensor:
         c = self.config
-        steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
-                                 round_linspace=False).astype(np.float32)
         table = ve_sigmas(self.alphas_cumprod).numpy()
+        if sigmas is not None:  # the noise levels as given (their last one ends sampling), timesteps to match
+            self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
+            return torch.from_numpy(sigma_to_t(sigmas[:-1].astype(np.float32), np.log(table)).astype(np.float32)
+                                    ).to(device)
+        if timesteps is not None and c.get("use_karras_sigmas"):
+            raise ValueError("custom timesteps with use_karras_sigmas=True: Karras sigmas place the timesteps "
+                             "themselves; pass sigmas=, or turn use_karras_sigmas off")
+        if timesteps is not None:
+            steps = timesteps.astype(np.float32)
+        else:
+            steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
+                                     round_linspace=False).astype(np.float32)
         sigmas = interp_sigmas(steps, table)
         if c.get("use_karras_sigmas"):  # Euler only; Euler-ancestral has no such key
             sigmas = karras_sigmas(c.sigma_min if c.sigma_min is not None else sigmas[-1].item(),
@@ -102,6 +113,7 @@ class _SigmaScheduler(Scheduler):
 class EulerDiscreteScheduler(_SigmaScheduler):
     """diffusers' EulerDiscreteScheduler protocol over `euler_step`: optional Karras sigmas, no churn."""
     config_class = EulerConfig
+    custom_grids = frozenset({"timesteps", "sigmas"})
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
