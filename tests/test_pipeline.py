@@ -22,7 +22,7 @@ def latents_for(n, seed=0):
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                       "PNDMScheduler", "UniPCMultistepScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -402,7 +402,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
-                                       "PNDMScheduler", "UniPCMultistepScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers
@@ -570,6 +570,24 @@ def test_img2img(pipe):
 
     with pytest.raises(ValueError, match=r"must share one size; got \[\(16, 16\), \(24, 16\)\]"):
         img2img([PROMPTS[0]] * 2, [Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))])
+
+
+def test_img2img_with_heun_as_diffusers(folders):
+    """Heun lists each timestep but the first twice: img2img starts at entry 2 x (steps skipped), as diffusers'."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
+    ref.scheduler = diffusers.HeunDiscreteScheduler.from_config(dict(ref.scheduler.config))
+    ours.scheduler = schedulers.HeunDiscreteScheduler.from_config(dict(ours.scheduler.config))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    kwargs = dict(strength=0.6, num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS[0], image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
 def test_img2img_with_pndm_starts_at_the_right_noise_level(pipe):

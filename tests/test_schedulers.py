@@ -16,7 +16,7 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-         "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"]
+         "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -31,7 +31,7 @@ def variants(name):
     if name == "DPMSolverMultistepScheduler":  # "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE (Karras)"
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True),
                 dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)]
-    if name == "EulerDiscreteScheduler":
+    if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
@@ -104,7 +104,8 @@ def test_img2img_start_and_add_noise_match_diffusers(name):
         ours, ref = pair(name, **config)
         ours.set_timesteps(20)
         ref.set_timesteps(20)
-        k = 7
+        k = ours.start_index(7)  # 7 of 20 steps done (Heun's grid has two entries a step)
+        assert k == 7 * ours.order
         if hasattr(ref, "set_begin_index"):  # diffusers' DDPM and DDIM have none
             ref.set_begin_index(k)
         if begin:
@@ -204,6 +205,7 @@ AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.
 
 
 @pytest.mark.parametrize("name, grid", [("EulerDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
+                                        ("HeunDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
                                         ("EulerDiscreteScheduler", dict(sigmas=AYS_SIGMAS)),
                                         ("DPMSolverMultistepScheduler", dict(timesteps=AYS_TIMESTEPS))])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -216,7 +218,8 @@ def test_custom_grids_match_diffusers(name, grid, prediction_type):
     ref.set_timesteps(**grid)
     ref.set_begin_index(0)
     assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
-    assert ours.num_inference_steps == ref.num_inference_steps == len(ours.timesteps) == 10 + ("sigmas" in grid)
+    assert ours.num_inference_steps == ref.num_inference_steps == 10 + ("sigmas" in grid)
+    assert len(ours.timesteps) == ours.num_inference_steps * ours.order - (ours.order - 1)
     assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * float(ref.init_noise_sigma)
     assert_close(run(ours, x, None), run(ref, x, None), f"{name} {list(grid)}")
@@ -225,7 +228,7 @@ def test_custom_grids_match_diffusers(name, grid, prediction_type):
 def test_custom_grid_errors():
     euler = S.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps .*DPMSolverMultistepScheduler, "
-                                         "EulerDiscreteScheduler do"):
+                                         "EulerDiscreteScheduler, HeunDiscreteScheduler do"):
         S.DDIMScheduler().set_timesteps(timesteps=AYS_TIMESTEPS)
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
         S.DPMSolverMultistepScheduler().set_timesteps(sigmas=AYS_SIGMAS)
@@ -264,6 +267,21 @@ def test_dpmpp_2m_sde_pure_sampler_and_variance_noise():
     pair_run = run(sched, x, gens())
     alone = run(sched, x[1:], [torch.Generator().manual_seed(6)])
     assert_close(pair_run[1:], alone, "per-image generators")
+
+
+def test_heun_pure_sampler_equals_the_scheduler_loop():
+    """sample_heun walks the distinct timesteps, two model calls a step; the class lists them as diffusers does."""
+    sched = S.HeunDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                    use_karras_sigmas=True)
+    sched.set_timesteps(9)
+    assert len(sched.timesteps) == 17 and torch.equal(sched.timesteps[1::2], sched.timesteps[2::2])
+    levels = torch.cat([sched.timesteps[:1], sched.timesteps[1::2]])
+    sigmas = torch.cat([sched.sigmas[:1], sched.sigmas[1::2]])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    got = S.sample_heun(Denoiser(fake_model, "v_prediction"), x, levels, sigmas)
+    assert_close(got, run(sched, x, None), "sample_heun")
+    sched.set_begin_index(3)  # a timestep listed twice, looked up afresh: its Euler step (entry 4), not entry 3
+    assert sched.index_for_timestep(sched.timesteps[3]) == 4
 
 
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
@@ -341,6 +359,7 @@ CONFIGS = {
     "DPMSolverMultistepScheduler": dict(use_karras_sigmas=True, lower_order_final=False),
     "PNDMScheduler": dict(skip_prk_steps=True, steps_offset=1),
     "UniPCMultistepScheduler": dict(solver_order=3, disable_corrector=[2], use_karras_sigmas=True),
+    "HeunDiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
 }
 
 
@@ -407,7 +426,8 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
+        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
+        "heun": "HeunDiscreteScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -440,6 +460,8 @@ BAD = [
     ("PNDMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' PNDM has no such key
     ("PNDMScheduler", {"skip_prk_steps": "yes"}, "skip_prk_steps"),
     ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
+    ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, "beta_schedule"),
     ("UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("UniPCMultistepScheduler", {"disable_corrector": [1.5]}, "disable_corrector"),
     ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
@@ -463,7 +485,7 @@ def test_harmless_and_unknown_keys():
     with pytest.raises(ValueError, match="no option"):
         S.DDIMScheduler(use_karras_sigmas=False)  # the constructor takes only its own keys
     with pytest.raises(ValueError, match="unknown scheduler"):
-        S.scheduler_from_name("heun")
+        S.scheduler_from_name("lms")
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         S.DDIMScheduler.from_pretrained("/nonexistent/folder")
     with warnings.catch_warnings():

@@ -203,7 +203,11 @@ class Scheduler:
             where = f" at or after begin_index={start}" if start else ""
             raise ValueError(f"timestep {t:g} is not in this scheduler's timesteps{where}; pass elements of "
                              "scheduler.timesteps (after set_timesteps)")
-        return start + int(hits[0])
+        return start + self._first_step_among(hits)
+
+    def _first_step_among(self, hits: np.ndarray) -> int:
+        """Which of a timestep's grid entries (offsets, ascending) a fresh lookup takes: the first."""
+        return int(hits[0])
 
     def _finish_step(self, index: int) -> None:
         self._next_index = index + 1

@@ -302,3 +302,21 @@ class UniPCConfig(_ZeroSNRKeyConfig):
         "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "final_sigmas_type": ("zero",),
         "use_dynamic_shifting": (False,), "sigma_min": (None,), "sigma_max": (None,), "shift_terminal": (None,),
     }
+
+
+@dataclass(frozen=True)
+class HeunConfig(SchedulerConfig):
+    """diffusers' HeunDiscreteScheduler's keys and defaults (its beta range defaults to Stable Diffusion's)."""
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    timestep_spacing: str = "linspace"
+
+    scheduler_name: ClassVar[str] = "HeunDiscreteScheduler"
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    }

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from ..guidance import Denoiser
-from ..schedules import predict_x0_eps, randn, ve_sigmas, vp_coefficients
+from ..schedules import randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
-from .config import EulerAncestralConfig, EulerConfig
+from .config import EulerAncestralConfig, EulerConfig, HeunConfig
 from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
@@ -77,9 +77,10 @@ class _SigmaScheduler(Scheduler):
             steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                      round_linspace=False).astype(np.float32)
         sigmas = interp_sigmas(steps, table)
-        if c.get("use_karras_sigmas"):  # Euler only; Euler-ancestral has no such key
-            sigmas = karras_sigmas(c.sigma_min if c.sigma_min is not None else sigmas[-1].item(),
-                                   c.sigma_max if c.sigma_max is not None else sigmas[0].item(), num_inference_steps)
+        if c.get("use_karras_sigmas"):  # Euler and Heun; Euler-ancestral has no such key
+            low, high = c.get("sigma_min"), c.get("sigma_max")  # (Euler's keys; Heun has none)
+            sigmas = karras_sigmas(low if low is not None else sigmas[-1].item(),
+                                   high if high is not None else sigmas[0].item(), num_inference_steps)
             steps = sigma_to_t(sigmas, np.log(table))
         last = table[0] if c.get("final_sigmas_type") == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
@@ -106,8 +107,13 @@ class _SigmaScheduler(Scheduler):
         return original_samples + noise * sigma
 
     def _x0(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        alpha, sigma_vp = vp_coefficients(sigma)
-        return predict_x0_eps(model_output.float(), x * alpha, alpha, sigma_vp, self.config.prediction_type)[0]
+        """D(x; sigma) in sample space (Karras et al. 2022, tab. 1: x0 = c_skip x + c_out F): for eps, x - sigma F;
+        for v, x / (sigma^2 + 1) - sigma F / sqrt(sigma^2 + 1). Not through the VP sample x / sqrt(sigma^2 + 1):
+        at large sigma (Karras grids over linear or cosine betas) that rounds x away."""
+        out = model_output.float()
+        if self.config.prediction_type == "epsilon":
+            return x - sigma * out
+        return x / (sigma**2 + 1) - (sigma / (sigma**2 + 1) ** 0.5) * out
 
 
 class EulerDiscreteScheduler(_SigmaScheduler):
@@ -141,4 +147,76 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         prev = euler_ancestral_step(x, x0, sigma, sigma_next, noise).to(model_output.dtype)
         self._finish_step(i)
         out = SchedulerOutput(prev, x0.to(model_output.dtype))
+        return out if return_dict else out.to_tuple()
+
+
+def heun_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next, x0_next: torch.Tensor | None = None,
+              x_next: torch.Tensor | None = None) -> torch.Tensor:
+    """Karras et al. 2022, Algorithm 1: the Euler step from sigma to sigma_next, corrected, given the estimate
+    x0_next made at its result x_next, with the mean of the slopes at both ends (Heun's method)."""
+    slope = (x - x0) / sigma
+    if x0_next is not None:
+        slope = (slope + (x_next - x0_next) / sigma_next) / 2
+    return x + slope * (sigma_next - sigma)
+
+
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Run Heun from x at noise level sigmas[0] through sigmas, which end in 0: two model calls a step, one for the
+    last (an Euler step onto sigma = 0, where the slope is not defined)."""
+    for i, t in enumerate(timesteps):
+        x0 = _denoise(denoiser, x, t, sigmas[i])
+        x_next = heun_step(x, x0, sigmas[i], sigmas[i + 1])
+        if i + 1 < len(timesteps):
+            x_next = heun_step(x, x0, sigmas[i], sigmas[i + 1], _denoise(denoiser, x_next, timesteps[i + 1],
+                                                                        sigmas[i + 1]), x_next)
+        x = x_next
+    return x
+
+
+class HeunDiscreteScheduler(_SigmaScheduler):
+    """diffusers' HeunDiscreteScheduler protocol over `heun_step`: each timestep but the first is listed twice, for
+    the Euler step that ends there and for its correction (the second model call), as are their noise levels;
+    grid entries 2k are Euler steps, 2k + 1 their corrections. The state is the Euler step's start (sample, x0
+    estimate)."""
+    config_class = HeunConfig
+    order = 2
+    custom_grids = frozenset({"timesteps"})
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._euler: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (grid index, sample, x0 estimate)
+
+    def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
+        steps = super()._make_grid(num_inference_steps, device, timesteps=timesteps)
+        sigmas = self.sigmas
+        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+        self._euler = None
+        return torch.cat([steps[:1], steps[1:].repeat_interleave(2)])
+
+    def _first_step_among(self, hits: np.ndarray) -> int:
+        """A timestep listed twice starts a step at its second entry (the first ends the step before), as diffusers'
+        lookup has it: a loop over timesteps[2k:] (img2img) begins with an Euler step."""
+        start = self._begin_index or 0
+        even = [int(h) for h in hits if (start + int(h)) % 2 == 0]
+        return even[0] if even else int(hits[0])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        i = self.index_for_timestep(timestep)
+        x = sample.float()
+        x0 = self._x0(model_output, x, self.sigmas[i])
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if i % 2 == 0:  # an Euler step from sigmas[i]
+            self._euler = (i, x, x0)
+            prev = heun_step(x, x0, self.sigmas[i], self.sigmas[i + 1])
+        else:  # its correction, with the estimate made where it ended
+            if self._euler is None or self._euler[0] != i - 1:  # (lookups start steps at even entries)
+                raise RuntimeError(f"HeunDiscreteScheduler: grid entry {i} corrects the Euler step of entry {i - 1}, "
+                                   "which was not taken")
+            _, start, start_x0 = self._euler
+            prev = heun_step(start, start_x0, self.sigmas[i - 1], self.sigmas[i], x0, x)
+            self._euler = None
+        self._finish_step(i)
+        out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
