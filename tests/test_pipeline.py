@@ -93,6 +93,43 @@ def test_custom_timesteps_and_sigmas_as_diffusers(folders, scheduler, grid):
         ours(PROMPTS[0], progress=False, **grid)
 
 
+def test_diffusers_callbacks_interrupt_and_dynamic_guidance(folders):
+    """diffusers' documented callbacks: `pipe._interrupt = True` stops the loop (then decodes); setting
+    `pipe._guidance_scale = 0` ends guidance from the next step (diffusers' example also halves prompt_embeds, which
+    ours needs not); pipe.num_timesteps / guidance_scale / do_classifier_free_guidance read the running call."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    seen = []
+
+    def interrupt(pipe, i, t, kwargs):
+        seen.append((pipe.num_timesteps, pipe.guidance_scale, pipe.do_classifier_free_guidance))
+        pipe._interrupt = i == 1
+        return kwargs
+
+    def dynamic_cfg(pipe, i, t, kwargs):
+        if i == int(pipe.num_timesteps * 0.4):
+            if "prompt_embeds" in kwargs:  # diffusers' example: the conditional half only from here
+                kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return kwargs
+
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    for callback, ref_inputs in ((interrupt, ["latents"]), (dynamic_cfg, ["prompt_embeds"])):
+        expected = ref(PROMPTS[0], latents=latents_for(1), callback_on_step_end=callback,
+                       callback_on_step_end_tensor_inputs=ref_inputs, **kwargs).images
+        got = ours(PROMPTS[0], latents=latents_for(1), callback_on_step_end=callback, progress=False,
+                   **kwargs).images
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert seen == [(5, 5.0, True)] * 4  # two steps each library, then stopped
+    plain = ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images
+    assert np.abs(plain - got).max() > 1e-3  # the guidance change shows
+    with pytest.raises(ValueError, match="set pipe._guidance_scale = 0"):
+        ours(PROMPTS[0], callback_on_step_end=dynamic_cfg, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
 def test_stable_diffusion_scheduler_settings_as_diffusers(folders):
     """Built with a scheduler whose config has steps_offset 0 and clip_sample True (DDIM's defaults), both pipelines
     sample with steps_offset 1 and no clipping (diffusers' StableDiffusionPipeline changes them, with a warning)."""

@@ -143,6 +143,7 @@ class LatentDiffusionPipeline:
         self._compile_options: dict | None = None  # set by compile()
         self._compiled: tuple[torch.nn.Module, Callable] | None = None  # (the U-Net it was made from, compiled)
         self._progress_bar: dict[str, Any] = {}  # set_progress_bar_config()
+        self._num_timesteps, self._guidance_scale, self._interrupt = 0, 7.5, False  # the running call (callbacks)
 
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
@@ -440,6 +441,9 @@ class LatentDiffusionPipeline:
         # tensor's value in every step would make the host wait for the GPU each time (a sync per step, which
         # leaves the GPU idle while the next step's launches are issued); the U-Net gets the device tensor
         values = timesteps.tolist()
+        # what diffusers' callbacks read and set: pipe.num_timesteps, pipe._guidance_scale (a new value takes effect
+        # from the next step; <= 1 drops the unconditional pass), pipe._interrupt = True (stop, then decode)
+        self._num_timesteps, self._guidance_scale, self._interrupt = len(timesteps), float(guidance_scale), False
         with self._compiling(), cache_text_keys(self.unet), cache_timesteps(self.unet, timesteps):
             bar = {"desc": "denoising", **self._progress_bar}
             bar["disable"] = bar.get("disable", False) or not progress
@@ -449,9 +453,36 @@ class LatentDiffusionPipeline:
                 if callback is not None:
                     result = callback(self, i, t, {"latents": latents}) or {}
                     latents = result.get("latents", latents)
-                    if result.get("stop"):
+                    model.scale = self._checked_guidance(self._guidance_scale)
+                    if result.get("stop") or self._interrupt:
                         break
         return latents
+
+    @staticmethod
+    def _checked_guidance(scale) -> float:
+        try:
+            if math.isfinite(float(scale)):
+                return float(scale)
+        except (TypeError, ValueError):
+            pass
+        raise ValueError(f"guidance_scale={scale!r} must be a finite number")
+
+    # diffusers' read-only views of the running call, for callbacks
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     def _compiling(self):
         """compile()'s inductor settings, for the calls that may compile."""
@@ -482,18 +513,14 @@ class LatentDiffusionPipeline:
         """The arguments of a call that nothing else checks before the denoising loop starts."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
-        try:
-            finite = math.isfinite(float(guidance_scale))
-        except (TypeError, ValueError):
-            finite = False
-        if not finite:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number")
+        LatentDiffusionPipeline._checked_guidance(guidance_scale)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback_on_step_end must be a function callback(pipe, step, timestep, tensors) or "
                             f"None; got {type(callback).__name__}")
         if tensor_inputs is not None and set(tensor_inputs) - {"latents"}:
             raise ValueError(f"callback_on_step_end_tensor_inputs={list(tensor_inputs)}: the callback is given (and "
-                             "may replace) only 'latents'")
+                             "may replace) only 'latents' (to end guidance part-way, set pipe._guidance_scale = 0 "
+                             "in it: the unconditional pass then stops, no prompt_embeds to split)")
 
     @torch.no_grad()
     def __call__(
