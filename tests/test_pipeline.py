@@ -243,6 +243,28 @@ def test_encode_prompt_as_diffusers(folders):
         ours.encode_prompt(PROMPTS, lora_scale=0.5)
 
 
+def test_torch_dtype_forms(folders):
+    """torch_dtype as diffusers takes it: a dtype, a dict by component with "default", "auto" (the files' own); a
+    dtype's name; anything else is an error naming the forms."""
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype={"unet": torch.bfloat16,
+                                                                            "default": torch.float16})
+    assert (pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.bfloat16, torch.float16,
+                                                                           torch.float16)
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype={"vae": "bfloat16"})
+    assert (pipe.unet.dtype, pipe.vae.dtype) == (torch.float32, torch.bfloat16)
+    assert LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype="auto").unet.dtype == torch.float32
+    assert LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype="float16").unet.dtype == torch.float16
+    img = run(LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype={"unet": torch.bfloat16}),
+              PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+    assert torch.isfinite(img).all()
+    with pytest.raises(ValueError, match="torch_dtype='half16': give a floating dtype"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype="half16")
+    with pytest.raises(ValueError, match=r"torch_dtype\['unet'\]=torch.int8"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype={"unet": torch.int8})
+    with pytest.raises(ValueError, match=r"torch_dtype names \['transformer'\]"):
+        LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype={"transformer": torch.float16})
+
+
 def test_variant_and_sharded_folders_load(folders, tmp_path):
     """Folders diffusers writes with save_pretrained(variant="fp16") (diffusion_pytorch_model.fp16.safetensors, ...)
     or in shards (max_shard_size: an .index.json and its pieces, for every model) load, to the same tensors."""
@@ -487,6 +509,9 @@ def test_bad_inputs(pipe, folders, tmp_path):
         run(pipe, PROMPTS[0], generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="output_type='jpg'"):
         run(pipe, PROMPTS[0], output_type="jpg")
+    with pytest.raises(ValueError, match="cross_attention_kwargs=.*no LoRA layers"):
+        run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5})
+    assert run(pipe, PROMPTS[0], cross_attention_kwargs=None, num_inference_steps=1) is not None
     with pytest.raises(ValueError, match="latents have shape"):
         run(pipe, PROMPTS[0], latents=torch.zeros(1, 4, 9, 9))
     with pytest.raises(FileNotFoundError, match="nowhere"):

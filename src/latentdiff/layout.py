@@ -42,11 +42,36 @@ def _scheduler_from_folder(folder: Path):
     return classes[name].from_config(config)
 
 
-def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
+    """The dtype each model of a pipeline loads in, from from_pretrained's torch_dtype as diffusers takes it: one
+    dtype for all; a dict by component name with "default" for the rest; None or "auto" for the files' own dtypes.
+    A dtype's name ("float16") reads as that dtype (diffusers ignores strings, loading float32)."""
+    def one(value, where: str) -> torch.dtype | None:
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            value = getattr(torch, value)
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise ValueError(f"torch_dtype{where}={value!r}: give a floating dtype (torch.float16, torch.bfloat16, "
+                             "torch.float32, or its name), 'auto' (the files' own), or None")
+        return value
+
+    names = ("text_encoder", "unet", "vae")
+    if isinstance(torch_dtype, dict):
+        unknown = sorted(set(torch_dtype) - {*names, "default"})
+        if unknown:
+            raise ValueError(f"torch_dtype names {unknown}; its keys are components {list(names)} or 'default'")
+        return {name: one(torch_dtype.get(name, torch_dtype.get("default")), f"[{name!r}]") for name in names}
+    return dict.fromkeys(names, one(torch_dtype, ""))
+
+
+def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | str | dict | None = None,
                          variant: str | None = None, skip: Collection[str] = ()) -> dict:
     """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved), but those named in
     `skip` (the caller has them). `variant`: the weights files of that name (diffusion_pytorch_model.fp16.safetensors,
-    ...), as diffusers' argument; a model saved in shards (an .index.json and its files) loads too."""
+    ...), as diffusers' argument; a model saved in shards (an .index.json and its files) loads too. `torch_dtype`:
+    see component_dtypes."""
+    dtypes = component_dtypes(torch_dtype)
     from .models.text import CLIPTokenizer, load_text_encoder
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
@@ -63,10 +88,11 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | N
         raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}")
     loaders = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        "text_encoder": lambda: load_text_encoder(folder / "text_encoder", torch_dtype=torch_dtype, variant=variant),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype,
+        "text_encoder": lambda: load_text_encoder(folder / "text_encoder", torch_dtype=dtypes["text_encoder"],
+                                                  variant=variant),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtypes["unet"],
                                                              variant=variant),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, variant=variant),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
     return {name: load() for name, load in loaders.items() if name not in skip}
@@ -119,15 +145,17 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
 
 
 def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | None = None, prefer_ema: bool = False) -> dict:
+                     torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False) -> dict:
     """Components from a Stable Diffusion 1.x original checkpoint (.safetensors). The architecture (configs,
-    tokenizer, scheduler) comes from `config`, a pipeline folder, by default the committed pipelines/sd-v1-5."""
+    tokenizer, scheduler) comes from `config`, a pipeline folder, by default the committed pipelines/sd-v1-5.
+    `torch_dtype`: see component_dtypes."""
     from .convert import check_supported, original_to_diffusers
     from .models.text import CLIPTokenizer, build_text_encoder_from_folder
     from .models.unet import UNet2DConditionModel, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig
     from .checkpoints import load_into
 
+    dtypes = component_dtypes(torch_dtype)
     path = require_path(path, "checkpoint")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; from_single_file takes one .safetensors file (use from_pretrained "
@@ -144,9 +172,10 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(config / "tokenizer"),
         "text_encoder": build_text_encoder_from_folder(config / "text_encoder", parts["text_encoder"],
-                                                       source=f"{path} (cond_stage_model)", torch_dtype=torch_dtype),
-        "unet": load_into(unet, parts["unet"], f"{path} (model.diffusion_model)", dtype=torch_dtype).eval(),
-        "vae": load_into(vae, parts["vae"], f"{path} (first_stage_model)", dtype=torch_dtype).eval(),
+                                                       source=f"{path} (cond_stage_model)",
+                                                       torch_dtype=dtypes["text_encoder"]),
+        "unet": load_into(unet, parts["unet"], f"{path} (model.diffusion_model)", dtype=dtypes["unet"]).eval(),
+        "vae": load_into(vae, parts["vae"], f"{path} (first_stage_model)", dtype=dtypes["vae"]).eval(),
         "scheduler": _scheduler_from_folder(config / "scheduler"),
     }
 

@@ -289,14 +289,16 @@ class LatentDiffusionPipeline:
         return self._graphed
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | dict | None = None,
                         variant: str | None = None, **components):
         """The pipeline of a folder in the diffusers layout. As in diffusers, a component given by name (`unet=`,
         `scheduler=`, ...) is used instead of the folder's, which is then not loaded; `safety_checker=None`,
         `feature_extractor=None`, `image_encoder=None` and `requires_safety_checker=False` are accepted (latentdiff
         has none of those), and so are diffusers' loading options that hold here anyway: `use_safetensors` (not
         False: only safetensors load), `local_files_only` (a folder is always local) and `low_cpu_mem_usage`
-        (weights are loaded once, never beside a randomly initialised copy)."""
+        (weights are loaded once, never beside a randomly initialised copy). torch_dtype: one dtype for every
+        model, a dict by component ({"unet": torch.float16, "default": torch.float32}), or "auto"/None (the files'
+        own dtypes), as diffusers takes it."""
         from .layout import load_pipeline_folder
 
         if components.pop("use_safetensors", None) is False:
@@ -329,7 +331,7 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
-                         torch_dtype: torch.dtype | None = None, prefer_ema: bool = False):
+                         torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False):
         from .layout import load_single_file
 
         return cls(**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema))
@@ -509,8 +511,11 @@ class LatentDiffusionPipeline:
 
     @staticmethod
     def _check_call(output_type: str, guidance_scale: float, callback: Callable | None,
-                    tensor_inputs: list[str] | None) -> None:
+                    tensor_inputs: list[str] | None, cross_attention_kwargs: dict | None = None) -> None:
         """The arguments of a call that nothing else checks before the denoising loop starts."""
+        if cross_attention_kwargs:
+            raise ValueError(f"cross_attention_kwargs={cross_attention_kwargs!r}: latentdiff has no LoRA layers or "
+                             "attention processors to pass them to; leave it None")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
         LatentDiffusionPipeline._checked_guidance(guidance_scale)
@@ -532,11 +537,12 @@ class LatentDiffusionPipeline:
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
         callback_on_step_end_tensor_inputs: list[str] | None = None, timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
+        sigmas: list[float] | None = None, cross_attention_kwargs: dict | None = None,
     ):
         """`timesteps` / `sigmas`: the grid in full instead of num_inference_steps, for the schedulers that take one
         (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
-        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                         cross_attention_kwargs)
         height, width = self._check_size(height, width)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
@@ -577,9 +583,10 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
     ):
-        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                         cross_attention_kwargs)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in [0, 1]")
         if image is None:
