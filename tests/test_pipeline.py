@@ -483,6 +483,25 @@ def test_denoising_reads_no_values_per_step(folders, scheduler):
     assert len(reads) == 2 and few == many <= 1, reads
 
 
+def test_image_processor_as_diffusers(pipe):
+    """diffusers' custom-loop ending (output_type="latent", the VAE, image_processor.postprocess) gives the
+    pipeline's own images, and diffusers' VaeImageProcessor's."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    latents = run(pipe, PROMPTS[0], latents=latents_for(1), output_type="latent")
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    for output_type in ("pt", "np"):
+        got = pipe.image_processor.postprocess(decoded, output_type=output_type)
+        expected = VaeImageProcessor().postprocess(decoded, output_type=output_type)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(run(pipe, PROMPTS[0], latents=latents_for(1),
+                                                                   output_type=output_type)), atol=1e-6, rtol=0)
+    pil = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])
+    assert np.array_equal(np.asarray(pil[0]), np.asarray(VaeImageProcessor().postprocess(decoded)[0]))
+    assert pipe.image_processor.postprocess(latents, output_type="latent") is latents
+
+
 def test_output_types(pipe):
     from PIL import Image
 

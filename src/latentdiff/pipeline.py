@@ -91,7 +91,7 @@ def usable_device(device: str | torch.device) -> torch.device:
 
 def to_images(x: torch.Tensor, output_type: str):
     """Decoded images in [-1, 1] -> the requested output type (a warning where they hold NaN or infinities)."""
-    x = x.float()
+    x = x.detach().float()
     if not torch.isfinite(x).all():
         bad = [i for i, image in enumerate(x) if not torch.isfinite(image).all()]
         warnings.warn(f"images {bad} of this call hold NaN or infinite values (shown black): the model overflowed, "
@@ -106,6 +106,20 @@ def to_images(x: torch.Tensor, output_type: str):
     from PIL import Image
 
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+class ImageProcessor:
+    """`pipe.image_processor`, for diffusers' custom loops: postprocess(images in [-1, 1], output_type) gives
+    what a pipeline call returns for that output_type ("pil", "np", "pt"; "latent" as is)."""
+
+    def postprocess(self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
+        if output_type == "latent":
+            return image
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
+        if do_denormalize is not None and not all(do_denormalize):
+            raise ValueError("do_denormalize with False entries: images here are always in [-1, 1]; leave it None")
+        return to_images(image, output_type)
 
 
 def _stable_diffusion_settings(scheduler) -> None:
@@ -144,6 +158,7 @@ class LatentDiffusionPipeline:
         self._compiled: tuple[torch.nn.Module, Callable] | None = None  # (the U-Net it was made from, compiled)
         self._progress_bar: dict[str, Any] = {}  # set_progress_bar_config()
         self._num_timesteps, self._guidance_scale, self._interrupt = 0, 7.5, False  # the running call (callbacks)
+        self.image_processor = ImageProcessor()
 
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
