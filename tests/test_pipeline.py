@@ -671,6 +671,28 @@ def test_img2img_with_heun_as_diffusers(folders):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_img2img_with_custom_timesteps_as_diffusers(folders):
+    """img2img over a grid given in full: strength selects from it, as diffusers' img2img does."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(dict(ref.scheduler.config))
+    ours.scheduler = schedulers.DPMSolverMultistepScheduler.from_config(dict(ours.scheduler.config))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    kwargs = dict(strength=0.5, timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24], guidance_scale=5.0,
+                  output_type="np")
+    expected = ref(PROMPTS[0], image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    steps = []
+    got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False, **kwargs,
+               callback_on_step_end=lambda p, i, t, s: steps.append(int(t))).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert steps == [455, 343, 233, 124, 24]
+
+
 def test_img2img_with_pndm_starts_at_the_right_noise_level(pipe):
     """PNDM lists its second timestep twice (PLMS) or its first three steps four entries each (Runge-Kutta), so
     img2img does not slice its grid by step count: it starts at the scheduler's start_index, whose timestep is the

@@ -448,6 +448,15 @@ class LatentDiffusionPipeline:
         return cond.repeat_interleave(n_per_prompt, dim=0), uncond
 
     # ---- generation -------------------------------------------------------------------------------------------
+    def _set_grid(self, num_inference_steps: int, timesteps: list | None, sigmas: list | None) -> int:
+        """The scheduler's grid for a call: num_inference_steps spaced by its config, or the timesteps / sigmas
+        given in full; returns the number of steps."""
+        if timesteps is None and sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        else:
+            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas)
+        return self.scheduler.num_inference_steps
+
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
                 guidance_rescale: float = 0.0):
         scheduler = self.scheduler
@@ -566,10 +575,7 @@ class LatentDiffusionPipeline:
                                       num_images_per_prompt, guided, clip_skip)
         n = cond.shape[0]
         generators = _per_image_generators(generator, n)
-        if timesteps is None and sigmas is None:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        else:
-            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas)
+        self._set_grid(num_inference_steps, timesteps, sigmas)
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn(shape, generators, self.device, self.dtype)
@@ -599,7 +605,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True,
         callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
     ):
+        """`timesteps` / `sigmas`: as in the text-to-image call; `strength` then selects from that grid."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         if not 0.0 <= strength <= 1.0:
@@ -618,9 +626,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         generators = _per_image_generators(generator, n)
 
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        kept = min(int(num_inference_steps * strength), num_inference_steps)
-        start = scheduler.start_index(num_inference_steps - kept)
+        steps = self._set_grid(num_inference_steps, timesteps, sigmas)
+        kept = min(int(steps * strength), steps)
+        start = scheduler.start_index(steps - kept)
         timesteps = scheduler.timesteps[start:]
         scheduler.set_begin_index(start)
 
