@@ -653,8 +653,8 @@ def test_img2img(pipe):
         img2img([PROMPTS[0]] * 2, [Image.new("RGB", (16, 16)), Image.new("RGB", (24, 16))])
 
 
-def test_img2img_with_heun_as_diffusers(folders):
-    """Heun lists each timestep but the first twice: img2img starts at entry 2 x (steps skipped), as diffusers'."""
+def img2img_against_diffusers(folders, scheduler: str, steps: list | None = None, **kwargs):
+    """Our img2img pipeline's image and diffusers' (same folder, scheduler class, image, seed and arguments)."""
     import diffusers
 
     from latentdiff import schedulers
@@ -662,33 +662,28 @@ def test_img2img_with_heun_as_diffusers(folders):
     ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders[1], safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
-    ref.scheduler = diffusers.HeunDiscreteScheduler.from_config(dict(ref.scheduler.config))
-    ours.scheduler = schedulers.HeunDiscreteScheduler.from_config(dict(ours.scheduler.config))
+    ref.scheduler = getattr(diffusers, scheduler).from_config(dict(ref.scheduler.config))
+    ours.scheduler = getattr(schedulers, scheduler).from_config(dict(ours.scheduler.config))
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    kwargs = dict(strength=0.6, num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    kwargs = dict(guidance_scale=5.0, output_type="np", **kwargs)
     expected = ref(PROMPTS[0], image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
-    got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False, **kwargs).images
+    callback = None if steps is None else lambda p, i, t, s: steps.append(int(t))
+    got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False,
+               callback_on_step_end=callback, **kwargs).images
+    return got, expected
+
+
+def test_img2img_with_heun_as_diffusers(folders):
+    """Heun lists each timestep but the first twice: img2img starts at entry 2 x (steps skipped), as diffusers'."""
+    got, expected = img2img_against_diffusers(folders, "HeunDiscreteScheduler", strength=0.6, num_inference_steps=5)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
 def test_img2img_with_custom_timesteps_as_diffusers(folders):
     """img2img over a grid given in full: strength selects from it, as diffusers' img2img does."""
-    import diffusers
-
-    from latentdiff import schedulers
-
-    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders[1], safety_checker=None)
-    ref.set_progress_bar_config(disable=True)
-    ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
-    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(dict(ref.scheduler.config))
-    ours.scheduler = schedulers.DPMSolverMultistepScheduler.from_config(dict(ours.scheduler.config))
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    kwargs = dict(strength=0.5, timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24], guidance_scale=5.0,
-                  output_type="np")
-    expected = ref(PROMPTS[0], image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
     steps = []
-    got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False, **kwargs,
-               callback_on_step_end=lambda p, i, t, s: steps.append(int(t))).images
+    got, expected = img2img_against_diffusers(folders, "DPMSolverMultistepScheduler", steps, strength=0.5,
+                                              timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24])
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     assert steps == [455, 343, 233, 124, 24]
 
