@@ -348,6 +348,10 @@ def test_pndm_img2img_start():
     with pytest.raises(ValueError, match="inside a Runge-Kutta step"):
         ours.set_begin_index(5)
         ours.step(x0, ours.timesteps[5], x0)
+    # a fresh loop over a timestep listed twice begins with the entry that starts a step
+    for sched, k, first in ((plms, 1, 2), (prk, 3, 4), (prk, 7, 8)):
+        sched.set_timesteps(n)
+        assert sched.index_for_timestep(sched.timesteps[k]) == first
 
 
 # ---- configs ----------------------------------------------------------------------------------------------------

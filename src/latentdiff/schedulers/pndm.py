@@ -5,6 +5,7 @@ only (skip_prk_steps), started with one pseudo improved Euler step.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..guidance import Denoiser
@@ -130,6 +131,18 @@ class PNDMScheduler(Scheduler):
     def _abar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
+    def _first_step_among(self, hits: np.ndarray) -> int:
+        """A fresh lookup of a timestep the grid lists more than once takes the entry that starts a step: not the
+        predictor's correction (PLMS' entry 1), not a Runge-Kutta midpoint or end."""
+        start = self._begin_index or 0
+        starts = [int(h) for h in hits if self._starts_step(start + int(h))]
+        return starts[0] if starts else int(hits[0])
+
+    def _starts_step(self, i: int) -> bool:
+        if self.config.skip_prk_steps:
+            return i != 1
+        return i >= self._rk_entries or i % 4 == 0
+
     def _move(self, x: torch.Tensor, output: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
         """pndm_transfer from t to t_prev of x, with the noise estimate that the (combined) network output gives
         at (x, t). Like diffusers, a v-predicting model's outputs are combined as they come and turned into a noise
@@ -158,8 +171,8 @@ class PNDMScheduler(Scheduler):
                 self._group = (x, out)
             prev = self._move(x, multistep_eps(self._history), t, t - stride)
         self._finish_step(i)
-        out = SchedulerOutput(prev.to(sample.dtype))
-        return out if return_dict else out.to_tuple()
+        result = SchedulerOutput(prev.to(sample.dtype))
+        return result if return_dict else result.to_tuple()
 
     def _runge_kutta(self, i: int, t: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Entry i of the Runge-Kutta steps: at a group's start its output is kept (as the multistep history's)
