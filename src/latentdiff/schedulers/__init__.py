@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Scheduler, SchedulerOutput
+from .base import Scheduler, SchedulerOutput, config_of
 from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, HeunConfig,
-                     PNDMConfig, SchedulerConfig, UniPCConfig)
+                     PNDMConfig, SchedulerConfig, UniPCConfig, given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
@@ -49,11 +49,8 @@ def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Sche
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
     overrides = {**NAMED_OPTIONS.get(name, {}), **overrides}
-    source = dict(getattr(config, "config", config) if config is not None and not hasattr(config, "keys") else
-                  config or {})
-    if "clip_sample" not in source or "clip_sample" in (source.get("_use_default_values") or ()):
-        if "clip_sample" in cls.config_class().keys():
-            overrides = {"clip_sample": False, **overrides}
+    if "clip_sample" not in given_keys(config_of(config)) and "clip_sample" in cls.config_class().keys():
+        overrides = {"clip_sample": False, **overrides}
     return cls.from_config(config, **overrides)
 
 

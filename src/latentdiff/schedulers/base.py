@@ -49,6 +49,13 @@ def _scalar_timestep(timestep) -> float:
     return float(timestep)
 
 
+def config_of(config: Any) -> Any:
+    """A config mapping as given, or the `config` of a scheduler object (ours or diffusers')."""
+    if config is not None and not hasattr(config, "keys"):
+        config = getattr(config, "config", config)
+    return config
+
+
 def _subclasses(cls: type) -> list[type]:
     return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
@@ -77,6 +84,7 @@ class Scheduler:
         self._grid: np.ndarray | None = None  # float64 copy of the timesteps for lookups; None: not set yet
         self._begin_index: int | None = None
         self._next_index: int | None = None
+        self._reset()
 
     # ---- config I/O -------------------------------------------------------------------------------------------
     @classmethod
@@ -85,9 +93,7 @@ class Scheduler:
         if isinstance(config, (str, os.PathLike)):
             raise TypeError(f"from_config takes a config mapping, not the path {str(config)!r}; use "
                             f"{cls.__name__}.from_pretrained(folder)")
-        if config is not None and not hasattr(config, "keys"):
-            config = getattr(config, "config", config)  # a scheduler object, ours or diffusers'
-        return cls(**dict(cls.config_class.from_mapping(config, **overrides)))
+        return cls(**dict(cls.config_class.from_mapping(config_of(config), **overrides)))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **overrides: Any) -> Scheduler:
@@ -145,6 +151,7 @@ class Scheduler:
             n = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
             self.timesteps = self._make_grid(n, device)
         self.num_inference_steps = n
+        self._reset()
         self._grid = self.timesteps.detach().cpu().double().numpy()
         self._begin_index = None
         self._next_index = None
@@ -190,7 +197,8 @@ class Scheduler:
 
     def index_for_timestep(self, timestep) -> int:
         """Position of `timestep` in the grid: the step after the last one taken if it matches (so repeated
-        timesteps are walked in order), otherwise its first occurrence at or after the begin index."""
+        timesteps are walked in order), otherwise its first occurrence at or after the begin index that starts a
+        step (see _starts_step)."""
         if self._grid is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
         t = _scalar_timestep(timestep)
@@ -203,11 +211,17 @@ class Scheduler:
             where = f" at or after begin_index={start}" if start else ""
             raise ValueError(f"timestep {t:g} is not in this scheduler's timesteps{where}; pass elements of "
                              "scheduler.timesteps (after set_timesteps)")
-        return start + self._first_step_among(hits)
+        starts = [h for h in hits if self._starts_step(start + int(h))]
+        return start + int((starts or hits)[0])
 
-    def _first_step_among(self, hits: np.ndarray) -> int:
-        """Which of a timestep's grid entries (offsets, ascending) a fresh lookup takes: the first."""
-        return int(hits[0])
+    def _starts_step(self, index: int) -> bool:
+        """Whether grid entry `index` begins a step rather than continuing the one the entry before began: every
+        entry does but in grids that list a timestep more than once for one step (Heun's, PNDM's)."""
+        return True
+
+    def _reset(self) -> None:
+        """Forget the steps taken (a new grid, or a step that does not follow the last): a multistep sampler's
+        history. Called when the scheduler is built and by set_timesteps."""
 
     def _finish_step(self, index: int) -> None:
         self._next_index = index + 1

@@ -37,6 +37,14 @@ SCHEDULE_KEYS_OFF = {
 }
 
 
+def given_keys(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keys a diffusers config sets itself: not its metadata (_class_name, ...) nor the keys diffusers only
+    filled in with their defaults (those it lists in _use_default_values)."""
+    config = dict(config or {})
+    defaulted = set(config.get("_use_default_values") or ())
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equality that keeps True apart from 1 (and False apart from 0)."""
     return type(a) is type(b) and a == b
@@ -134,12 +142,11 @@ class SchedulerConfig(Mapping):
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any] | None = None, **overrides) -> SchedulerConfig:
         """Our keys from a diffusers config of any scheduler (see the module docstring for the rules)."""
-        items = {**dict(config or {}), **overrides}
-        defaulted = set(items.get("_use_default_values") or ())  # keys diffusers filled in, not the file
+        items = {**given_keys(config), **overrides}
         own = {f.name for f in dataclasses.fields(cls)}
         kept, unknown = {}, []
         for key, value in items.items():
-            if key.startswith("_") or (key in defaulted and key not in overrides):
+            if key.startswith("_"):
                 continue
             if key in own:
                 kept[key] = value

@@ -88,11 +88,7 @@ class LogSNRMultistepScheduler(Scheduler):
         else:
             sigmas = interp_sigmas(steps, table)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        self._reset()
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
-
-    def _reset(self) -> None:
-        """Forget the steps taken (a new grid)."""
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
@@ -110,12 +106,8 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
     config_class = DPMSolverConfig
     custom_grids = frozenset({"timesteps"})
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self._previous: tuple[int, torch.Tensor] | None = None
-
     def _reset(self) -> None:
-        self._previous = None
+        self._previous: tuple[int, torch.Tensor] | None = None  # the last step's (grid index, x0 estimate)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):

@@ -182,23 +182,19 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     order = 2
     custom_grids = frozenset({"timesteps"})
 
-    def __init__(self, **config):
-        super().__init__(**config)
+    def _reset(self) -> None:
         self._euler: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (grid index, sample, x0 estimate)
 
     def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         steps = super()._make_grid(num_inference_steps, device, timesteps=timesteps)
         sigmas = self.sigmas
         self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
-        self._euler = None
         return torch.cat([steps[:1], steps[1:].repeat_interleave(2)])
 
-    def _first_step_among(self, hits: np.ndarray) -> int:
-        """A timestep listed twice starts a step at its second entry (the first ends the step before), as diffusers'
-        lookup has it: a loop over timesteps[2k:] (img2img) begins with an Euler step."""
-        start = self._begin_index or 0
-        even = [int(h) for h in hits if (start + int(h)) % 2 == 0]
-        return even[0] if even else int(hits[0])
+    def _starts_step(self, index: int) -> bool:
+        """Even entries: a timestep listed twice starts a step at its second entry (the first ends the step before),
+        as diffusers' lookup has it, so a loop over timesteps[2k:] (img2img) begins with an Euler step."""
+        return index % 2 == 0
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
@@ -207,7 +203,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         x0 = self._x0(model_output, x, self.sigmas[i])
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        if i % 2 == 0:  # an Euler step from sigmas[i]
+        if self._starts_step(i):  # an Euler step from sigmas[i]
             self._euler = (i, x, x0)
             prev = heun_step(x, x0, self.sigmas[i], self.sigmas[i + 1])
         else:  # its correction, with the estimate made where it ended

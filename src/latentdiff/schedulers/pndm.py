@@ -5,7 +5,6 @@ only (skip_prk_steps), started with one pseudo improved Euler step.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..guidance import Denoiser
@@ -94,6 +93,8 @@ class PNDMScheduler(Scheduler):
     def __init__(self, **config):
         super().__init__(**config)
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def _reset(self) -> None:
         self._history: list[torch.Tensor] = []  # the network's outputs at the last noise levels, newest last
         self._group: tuple[torch.Tensor, torch.Tensor] | None = None  # (start sample, its outputs weighted so far)
 
@@ -116,7 +117,6 @@ class PNDMScheduler(Scheduler):
             grid = [t for g in range(RK_STEPS) for t in (levels[g], levels[g + 1] + mid, levels[g + 1] + mid,
                                                           levels[g + 1])]
             grid += list(levels[RK_STEPS:])
-        self._history, self._group = [], None
         return torch.tensor([int(t) for t in grid], dtype=torch.int64, device=device)
 
     def start_index(self, steps_done: int) -> int:
@@ -131,17 +131,11 @@ class PNDMScheduler(Scheduler):
     def _abar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
-    def _first_step_among(self, hits: np.ndarray) -> int:
-        """A fresh lookup of a timestep the grid lists more than once takes the entry that starts a step: not the
-        predictor's correction (PLMS' entry 1), not a Runge-Kutta midpoint or end."""
-        start = self._begin_index or 0
-        starts = [int(h) for h in hits if self._starts_step(start + int(h))]
-        return starts[0] if starts else int(hits[0])
-
-    def _starts_step(self, i: int) -> bool:
+    def _starts_step(self, index: int) -> bool:
+        """All entries but the predictor's correction (PLMS' entry 1) and the Runge-Kutta midpoints and ends."""
         if self.config.skip_prk_steps:
-            return i != 1
-        return i >= self._rk_entries or i % 4 == 0
+            return index != 1
+        return index >= self._rk_entries or index % 4 == 0
 
     def _move(self, x: torch.Tensor, output: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
         """pndm_transfer from t to t_prev of x, with the noise estimate that the (combined) network output gives
@@ -158,7 +152,7 @@ class PNDMScheduler(Scheduler):
         x, out = sample.float(), model_output.float()
         follows = self._next_index == i  # the previous step was entry i - 1
         if not follows:
-            self._history, self._group = [], None
+            self._reset()
         if i < self._rk_entries:
             prev = self._runge_kutta(i, t, x, out)
         elif self.config.skip_prk_steps and i == 1 and follows:  # correct the predictor with the slopes' mean

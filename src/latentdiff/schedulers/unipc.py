@@ -91,10 +91,6 @@ class UniPCMultistepScheduler(LogSNRMultistepScheduler):
     config_class = UniPCConfig
     round_karras_timesteps_always = True
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self._reset()
-
     def _reset(self) -> None:
         self._last: int | None = None  # grid index of the last step
         self._estimates: list[torch.Tensor] = []  # x0 estimates of the last steps, oldest first
