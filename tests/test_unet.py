@@ -261,6 +261,8 @@ def test_diffusers_calling_conventions(small):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="cross_attention_kwargs is not supported"):
         ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match="timestep_cond is not supported"):  # a tensor: not read as a truth value
+        ours(sample, t, ctx, timestep_cond=torch.zeros(2, 256))
 
 
 @pytest.mark.parametrize("case", ["down-first", "sd-like"])

@@ -274,11 +274,11 @@ class UNet2DConditionModel(ModelMixin):
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample."""
         self._check_inputs(sample, encoder_hidden_states)
-        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
-                            ("added_cond_kwargs", added_cond_kwargs)):
-            if value:
-                raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
-                                 "pass None")
+        if timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs:
+            name = ("timestep_cond" if timestep_cond is not None else
+                    "cross_attention_kwargs" if cross_attention_kwargs else "added_cond_kwargs")
+            raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
+                             "pass None")
         ctx = encoder_hidden_states
         shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
         emb = self._tabled_time(timestep, sample)
