@@ -152,3 +152,19 @@ def test_train_in_process(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     code, _, err = run(["train", "vae", "--config", config, "--bogus", 1], capsys)
     assert code == 2 and "unknown config key(s) ['bogus']" in err
+
+
+def test_scheduler_choices_are_the_library_names():
+    """--scheduler lists its names by hand (the parser does not import torch): each is a SCHEDULERS name, and each
+    SCHEDULERS name is offered."""
+    from latentdiff.cli import build_parser
+    from latentdiff.schedulers import SCHEDULERS
+
+    parser = build_parser()
+    for name in SCHEDULERS:
+        assert parser.parse_args(["generate", "x", "--scheduler", name]).scheduler == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "x", "--scheduler", "lms"])
+    offered = next(a.choices for a in parser._subparsers._group_actions[0].choices["generate"]._actions
+                   if a.dest == "scheduler")
+    assert sorted(offered) == sorted(SCHEDULERS)
