@@ -98,6 +98,39 @@ def test_variant_weights(tiny_folders, tmp_path, capsys):
     assert code == 0 and np.array_equal(np.asarray(Image.open(again.strip())), np.asarray(Image.open(out.strip())))
 
 
+def test_lora(tiny_folders, tmp_path, capsys):
+    """--lora PATH:SCALE gives the Python API's image with that adapter at that scale (--optimize packs after
+    merging it), is stored in the PNG with the file's hash, and --from-png makes the image again."""
+    from latentdiff.checkpoints import save_safetensors
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for path, layer in pipe.unet.named_modules():
+        if path.endswith(("attn2.to_k", "attn2.to_v")):
+            state[f"unet.{path}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
+            state[f"unet.{path}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g)
+    save_safetensors(state, tmp_path / "style.safetensors")
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out"]
+    code, out, _ = run(args + ["--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--optimize"], capsys)
+    assert code == 0
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    lora = json.loads(Image.open(out.strip()).text[PNG_KEY])["loras"]
+    assert lora[0][:2] == [str(tmp_path / "style.safetensors"), 0.5] and len(lora[0][2]) == 16
+    pipe.load_lora_weights(tmp_path / "style.safetensors")
+    pipe.set_adapters("default_0", 0.5)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)  # the CLI's default
+    expected = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, progress=False,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, plain, _ = run(args + ["--out", tmp_path / "plain"], capsys)
+    assert np.abs(np.asarray(Image.open(plain.strip())).astype(int) - made).max() > 10  # the LoRA does something
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+
+
 def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     folder = tiny_folders[1]
     code, _, _ = run(["convert", folder, tmp_path / "one.safetensors"], capsys)

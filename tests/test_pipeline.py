@@ -239,8 +239,7 @@ def test_encode_prompt_as_diffusers(folders):
     embeds, negative = ours.encode_prompt(PROMPTS, num_images_per_prompt=1, negative_prompt=["", "blurry"])
     torch.testing.assert_close(run(ours, None, prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs),
                                run(ours, PROMPTS, negative_prompt=["", "blurry"], **kwargs), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="lora_scale"):
-        ours.encode_prompt(PROMPTS, lora_scale=0.5)
+    torch.testing.assert_close(ours.encode_prompt(PROMPTS, lora_scale=0.5)[0], embeds, rtol=0, atol=0)  # no LoRA
 
 
 def test_torch_dtype_forms(folders):
@@ -528,9 +527,10 @@ def test_bad_inputs(pipe, folders, tmp_path):
         run(pipe, PROMPTS[0], generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="output_type='jpg'"):
         run(pipe, PROMPTS[0], output_type="jpg")
-    with pytest.raises(ValueError, match="cross_attention_kwargs=.*no LoRA layers"):
-        run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match="cross_attention_kwargs=.*only {'scale': number}"):
+        run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5, "attention_mask": None})
     assert run(pipe, PROMPTS[0], cross_attention_kwargs=None, num_inference_steps=1) is not None
+    assert run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5}, num_inference_steps=1) is not None  # no LoRA
     with pytest.raises(ValueError, match="latents have shape"):
         run(pipe, PROMPTS[0], latents=torch.zeros(1, 4, 9, 9))
     with pytest.raises(FileNotFoundError, match="nowhere"):

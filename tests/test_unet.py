@@ -259,8 +259,10 @@ def test_diffusers_calling_conventions(small):
                 ours(sample, t, ctx, return_dict=True).sample, ours(sample, t, ctx, True)[0]):
         assert got.shape == sample.shape
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="cross_attention_kwargs is not supported"):
-        ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match=r"only \{'scale': number\}"):
+        ours(sample, t, ctx, cross_attention_kwargs={"attention_mask": None})
+    torch.testing.assert_close(ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5}), expected, rtol=0,
+                               atol=1e-4)  # the LoRA scale, without adapters: nothing to scale
     with pytest.raises(ValueError, match="timestep_cond is not supported"):  # a tensor: not read as a truth value
         ours(sample, t, ctx, timestep_cond=torch.zeros(2, 256))
 

@@ -23,7 +23,20 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False, variant: str | None = None):
+def parse_lora(spec: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); the scale defaults to 1."""
+    path, colon, scale = spec.rpartition(":")
+    if colon and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False, variant: str | None = None,
+                  loras: list | None = None):
+    """`loras`: [(path, scale), ...], LoRA adapters loaded and set at those scales (before optimizing)."""
     import torch
 
     from .layout import EMBEDDED
@@ -37,6 +50,10 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
+    for i, (lora, _) in enumerate(loras or []):
+        pipe.load_lora_weights(lora, adapter_name=f"lora{i}")
+    if loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
     if optimize:  # this process is ours: malloc may keep large freed buffers too (models/allocator.py)
         from .models.allocator import keep_freed_buffers
 
@@ -45,7 +62,8 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     return pipe, path
 
 
-def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str) -> dict:
+def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str,
+                        loras: list | None = None) -> dict:
     """What reproduces an image, stored in its PNG: JSON values only (str, int, float, None), so the copy read back
     from a PNG compares equal."""
     return {
@@ -54,6 +72,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
         **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
+        **({"loras": loras} if loras else {}),  # [[path, scale, weights hash], ...]
     }
 
 
@@ -95,12 +114,14 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
+        loras = settings.get("loras", [])
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
-                                   settings.get("variant"))
-        digest = weights_hash(path)
-        if digest != settings["model_hash"]:
-            print(f"warning: {path} has weights hash {digest}, the image was made with {settings['model_hash']}: "
-                  "the result will differ", file=sys.stderr)
+                                   settings.get("variant"), [(lora, scale) for lora, scale, _ in loras])
+        for name, made_with in [(path, settings["model_hash"])] + [(Path(lora), h) for lora, _, h in loras]:
+            digest = weights_hash(name)
+            if digest != made_with:
+                print(f"warning: {name} has weights hash {digest}, the image was made with {made_with}: the "
+                      "result will differ", file=sys.stderr)
         out, _ = _output_path(Path(args.out), Path(args.from_png).stem + "-repro", settings)  # (made again anyway)
         generate_one(pipe, settings, out)
         print(out)
@@ -113,12 +134,14 @@ def cmd_generate(args) -> None:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
-    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant)
+    loras = [parse_lora(spec) for spec in args.lora]
+    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, loras)
     digest = weights_hash(path)
+    loras = [[str(Path(lora).resolve()), scale, weights_hash(Path(lora))] for lora, scale in loras]
     todo, kept, claimed = [], [], {}
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.num_images):
-            settings = _settings_from_args(args, prompt, seed, path, digest)
+            settings = _settings_from_args(args, prompt, seed, path, digest, loras)
             out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings, claimed)
             if out not in claimed:  # (a prompt given twice is made once)
                 (kept if made and not args.force else todo).append((settings, out))
@@ -238,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pipe.optimize_for_inference(): SD 1.5's U-Net 1.3x faster in fp32 (1.9x on AMX CPUs), "
                         "1.6x in bf16 on AMX CPUs, same images up to float rounding) and let malloc keep large freed "
                         "buffers for reuse")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors file or folder; diffusers' or kohya-ss's format) at SCALE (default 1); "
+                        "repeat for several")
     g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")
     g.add_argument("--prompts-file", help="one prompt per line")
     g.add_argument("--force", action="store_true",

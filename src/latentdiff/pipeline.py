@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
+from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
 from .models.attention import cache_text_keys, tensors_key
 from .models.unet import cache_timesteps
 from .schedules import randn
@@ -141,7 +142,7 @@ def _stable_diffusion_settings(scheduler) -> None:
         scheduler.config = config.replace(**fixes)
 
 
-class LatentDiffusionPipeline:
+class LatentDiffusionPipeline(LoRALoaderMixin):
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -278,13 +279,22 @@ class LatentDiffusionPipeline:
         than Python, and with `max_autotune` matrix products use kernels picked by timing candidates. The first call
         with a new batch or image size compiles (tiny-shapes on a 2-core CPU: 1-2 minutes); later calls reuse it.
         Same images as eager up to float rounding. Weights changed in place afterwards are not seen (they are
-        frozen): call compile() again; replacing `pipe.unet` or `pipe.to()` recompiles by itself. `pipe.unet`
+        frozen): call compile() again (which clears torch.compile's caches: other compiled models of the process
+        compile again too); LoRA changes, replacing `pipe.unet` and `pipe.to()` recompile by themselves. `pipe.unet`
         stays the plain module (save_pretrained, state_dict unchanged). Turns CUDA graphs off. A U-Net already
         optimized for inference is refused (its re-laid-out layers do not trace): compile() first, then
         optimize_for_inference() packs the rest."""
         _require_traceable(self.unet)
         self.disable_cuda_graphs()
         self._compile_options = {"max_autotune": max_autotune}
+        self._forget_compiled()
+
+    def _forget_compiled(self) -> None:
+        """Compile the U-Net anew on the next call, for weights changed in place. A new torch.compile of the same
+        module would find the old graph in dynamo's cache (kept with the forward's code, guarded on shapes and
+        dtypes, not on values) and run its frozen weights: the caches go too (torch.compiler.reset(); any other
+        compiled model of this process compiles again on its next call)."""
+        torch.compiler.reset()
         self._compiled = None
 
     def disable_compile(self) -> None:
@@ -371,12 +381,11 @@ class LatentDiffusionPipeline:
         """diffusers' method: (prompt_embeds, negative_prompt_embeds) for `prompt` and `negative_prompt` (the empty
         prompt by default; None without guidance), each repeated num_images_per_prompt times, on `device` (default:
         the pipeline's), to pass to a later call as prompt_embeds= and negative_prompt_embeds=."""
-        if lora_scale is not None:
-            raise ValueError("lora_scale: latentdiff has no LoRA layers; pass None")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
-        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                      num_images_per_prompt, do_classifier_free_guidance, clip_skip)
+        with model_lora_scaled(self.text_encoder, lora_scale):  # the text encoder's LoRA layers, lora_scale times
+            cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, do_classifier_free_guidance, clip_skip)
         device = self.device if device is None else device
         return cond.to(device), None if uncond is None else uncond.to(device)
 
@@ -537,9 +546,7 @@ class LatentDiffusionPipeline:
     def _check_call(output_type: str, guidance_scale: float, callback: Callable | None,
                     tensor_inputs: list[str] | None, cross_attention_kwargs: dict | None = None) -> None:
         """The arguments of a call that nothing else checks before the denoising loop starts."""
-        if cross_attention_kwargs:
-            raise ValueError(f"cross_attention_kwargs={cross_attention_kwargs!r}: latentdiff has no LoRA layers or "
-                             "attention processors to pass them to; leave it None")
+        lora_call_scale(cross_attention_kwargs)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose 'pil', 'np', 'pt' or 'latent'")
         LatentDiffusionPipeline._checked_guidance(guidance_scale)
@@ -567,29 +574,30 @@ class LatentDiffusionPipeline:
         (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
-        height, width = self._check_size(height, width)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
-        guided = guidance_scale > 1.0
-        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                      num_images_per_prompt, guided, clip_skip)
-        n = cond.shape[0]
-        generators = _per_image_generators(generator, n)
-        self._set_grid(num_inference_steps, timesteps, sigmas)
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn(shape, generators, self.device, self.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
-                             f"{height}x{width}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
-                             "None to draw it from the generator)")
-        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-        latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
-                               callback_on_step_end, progress, guidance_rescale)
-        images = self.decode(latents, output_type)
-        return PipelineOutput(images) if return_dict else (images,)
+        with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
+            height, width = self._check_size(height, width)
+            if num_images_per_prompt < 1:
+                raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
+            guided = guidance_scale > 1.0
+            cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, guided, clip_skip)
+            n = cond.shape[0]
+            generators = _per_image_generators(generator, n)
+            self._set_grid(num_inference_steps, timesteps, sigmas)
+            shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            if latents is None:
+                latents = randn(shape, generators, self.device, self.dtype)
+            elif tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
+                                 f"{height}x{width}")
+            elif not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
+                                 "None to draw it from the generator)")
+            latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+            latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
+                                   callback_on_step_end, progress, guidance_rescale)
+            images = self.decode(latents, output_type)
+            return PipelineOutput(images) if return_dict else (images,)
 
 
 class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
@@ -610,42 +618,43 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         """`timesteps` / `sigmas`: as in the text-to-image call; `strength` then selects from that grid."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength} must lie in [0, 1]")
-        if image is None:
-            raise ValueError("img2img needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
-        pixels = self.preprocess(image)
-        self._check_size(*pixels.shape[-2:])
-        guided = guidance_scale > 1.0
-        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                      num_images_per_prompt, guided, clip_skip)
-        n = cond.shape[0]
-        if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
-            raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
-        pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
-        generators = _per_image_generators(generator, n)
+        with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
+            if not 0.0 <= strength <= 1.0:
+                raise ValueError(f"strength={strength} must lie in [0, 1]")
+            if image is None:
+                raise ValueError("img2img needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
+            pixels = self.preprocess(image)
+            self._check_size(*pixels.shape[-2:])
+            guided = guidance_scale > 1.0
+            cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, guided, clip_skip)
+            n = cond.shape[0]
+            if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
+                raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
+            pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+            generators = _per_image_generators(generator, n)
 
-        scheduler = self.scheduler
-        steps = self._set_grid(num_inference_steps, timesteps, sigmas)
-        kept = min(int(steps * strength), steps)
-        start = scheduler.start_index(steps - kept)
-        timesteps = scheduler.timesteps[start:]
-        scheduler.set_begin_index(start)
+            scheduler = self.scheduler
+            steps = self._set_grid(num_inference_steps, timesteps, sigmas)
+            kept = min(int(steps * strength), steps)
+            start = scheduler.start_index(steps - kept)
+            timesteps = scheduler.timesteps[start:]
+            scheduler.set_begin_index(start)
 
-        vae = self.vae
-        posterior = vae.encode(pixels.to(self.device, vae.dtype))
-        # posterior sample with each image's own generator: z0 = mean + std * noise
-        noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
-        z0 = ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
-        if len(timesteps) == 0:
-            latents = z0
-        else:
-            noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
-            latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n))
-        latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
-                               callback_on_step_end, progress)
-        images = self.decode(latents, output_type)
-        return PipelineOutput(images) if return_dict else (images,)
+            vae = self.vae
+            posterior = vae.encode(pixels.to(self.device, vae.dtype))
+            # posterior sample with each image's own generator: z0 = mean + std * noise
+            noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
+            z0 = ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
+            if len(timesteps) == 0:
+                latents = z0
+            else:
+                noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
+                latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n))
+            latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
+                                   callback_on_step_end, progress)
+            images = self.decode(latents, output_type)
+            return PipelineOutput(images) if return_dict else (images,)
 
     def preprocess(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import AnyOf, ConfigMixin, ModelMixin, returned
+from ..lora import adapters_of, lora_call_scale, model_lora_scaled
 from .attention import Transformer2DModel, fuse_qkv_projections, tensors_key
 from .embeddings import TimestepEmbedding, timestep_embedding, timesteps_for_batch
 from .group_norm import group_norm
@@ -267,18 +268,22 @@ class UNet2DConditionModel(ModelMixin):
                 added_cond_kwargs: dict | None = None) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
         """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
         Returns the prediction [B, out_channels, H, W]; with return_dict as in diffusers, a `UNetOutput` with
-        `.sample` (True) or the 1-tuple (False). The other diffusers arguments are taken empty only (SD 1.x uses
-        none of them), so that diffusers' denoising line runs unchanged.
+        `.sample` (True) or the 1-tuple (False). cross_attention_kwargs={"scale": s} runs loaded LoRA adapters
+        s times (latentdiff.lora); the other diffusers arguments are taken empty only (SD 1.x uses none of them),
+        so that diffusers' denoising line runs unchanged.
 
         encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample."""
         self._check_inputs(sample, encoder_hidden_states)
-        if timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs:
-            name = ("timestep_cond" if timestep_cond is not None else
-                    "cross_attention_kwargs" if cross_attention_kwargs else "added_cond_kwargs")
+        if timestep_cond is not None or added_cond_kwargs:
+            name = "timestep_cond" if timestep_cond is not None else "added_cond_kwargs"
             raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
                              "pass None")
+        scale = lora_call_scale(cross_attention_kwargs)  # {"scale": s}: the loaded LoRA adapters s times
+        if scale is not None and scale != 1.0 and adapters_of(self) is not None:
+            with model_lora_scaled(self, scale):
+                return self.forward(sample, timestep, encoder_hidden_states, return_dict)
         ctx = encoder_hidden_states
         shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
         emb = self._tabled_time(timestep, sample)
