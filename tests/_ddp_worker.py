@@ -1,6 +1,7 @@
 """Run by tests/test_training.py as `accelerate launch --config_file training/accelerate/multi_cpu.yaml
-tests/_ddp_worker.py OUTPUT_DIR`: two processes train a tiny model with DDP over gloo on the CPU; each writes
-rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step."""
+tests/_ddp_worker.py OUTPUT_DIR [PIPELINE]`: two processes train a tiny model with DDP over gloo on the CPU; each writes
+rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
+With PIPELINE, they fine-tune its U-Net through LoRA adapters."""
 import hashlib
 import json
 import sys
@@ -19,11 +20,14 @@ def digest(module) -> str:
     return h.hexdigest()
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, lora_of: str | None = None) -> None:
+    """lora_of: a pipeline folder to fine-tune through LoRA adapters instead (the text encoder frozen)."""
+    settings = {"train_text_encoder": True} if lora_of is None else {
+        "pretrained": lora_of, "unet": None, "text_encoder": None, "vae": None, "scheduler": None, "resolution": 64,
+        "lora_rank": 2, "shapes": {"num_samples": 16, "seed": 0}}
     config = load_config(TextToImageConfig, SMOKE, {
         "output_dir": output_dir, "max_train_steps": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2,
-        "checkpointing_steps": 2, "validation_steps": 0, "train_text_encoder": True, "cpu": True,
-        "cache_latents": True,
+        "checkpointing_steps": 2, "validation_steps": 0, "cpu": True, "cache_latents": True, **settings,
     })
     result = train_text_to_image(config)
     task = result.task
@@ -38,4 +42,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+from latentdiff import LatentDiffusionPipeline
 from latentdiff.checkpoints import load_safetensors
 from latentdiff.data.folder import BadSampleError, ImageFolderDataset, prepare_image
 from latentdiff.data.shapes import write_image_folder
@@ -671,3 +672,79 @@ def test_two_processes_train_with_ddp_over_gloo(tmp_path):
     with torch.no_grad():
         mean = vae.encode(torch.stack([prepare_image(source.load(i)[0], 32) for i in (0, 1, 46, 47)])).mean
     assert torch.allclose(cache["mean"][[0, 1, 46, 47]], mean, atol=1e-5)  # the shares were merged in order
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+def lora_config(tmp_path, pretrained, name="lora", **overrides):
+    """LoRA fine-tuning of a pretrained tiny pipeline (64 px: its U-Net's sample_size 8 times the VAE's factor)."""
+    return smoke_config(tmp_path, name, pretrained=str(pretrained), unet=None, text_encoder=None, vae=None,
+                        scheduler=None, resolution=64, shapes={"num_samples": 8, "seed": 0}, train_batch_size=4,
+                        max_train_steps=4, checkpointing_steps=0, lora_rank=4, lora_alpha=8.0,
+                        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"], **overrides)
+
+
+def test_lora_training_trains_only_the_adapters_and_exports_diffusers_lora(tmp_path, tiny_folders):
+    """The U-Net's own weights stay as loaded, the adapters (and their EMA only) train; the exported file loads in
+    diffusers and in latentdiff, giving the trained U-Net (with the averaged adapters) to float rounding."""
+    import diffusers
+
+    diffusers_folder, folder = tiny_folders
+    result = train_text_to_image(lora_config(tmp_path, folder))
+    task, out = result.task, tmp_path / "lora"
+    unet = task._unet()
+    pretrained = LatentDiffusionPipeline.from_pretrained(folder)
+    base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    assert base.keys() == pretrained.unet.state_dict().keys()
+    assert all(torch.equal(v, pretrained.unet.state_dict()[k]) for k, v in base.items())  # frozen
+    trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained) and set(task.ema.shadow) == set(
+        trained)
+    assert all(p.abs().max() > 0 for n, p in unet.named_parameters() if ".lora_B." in n)  # moved off zero
+    assert not (out / "pipeline").exists() and (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), task._averaged():
+        unet.eval()
+        expected = unet(x, 500, ctx)
+    pretrained.load_lora_weights(out / "lora")
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(diffusers_folder, safety_checker=None)
+    reference.load_lora_weights(out / "lora")
+    with torch.no_grad():
+        ours_loaded = pretrained.unet(x, 500, ctx)
+        theirs = reference.unet(x, 500, ctx).sample
+    assert (ours_loaded - expected).abs().max() < 1e-5 and (theirs - expected).abs().max() < 1e-5
+    with torch.no_grad():
+        assert (ours_loaded - LatentDiffusionPipeline.from_pretrained(folder).unet(x, 500, ctx)).abs().max() > 1e-3
+
+
+def test_lora_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="lora_rank fine-tunes a pretrained pipeline"):
+        smoke_config(tmp_path, lora_rank=4)
+    with pytest.raises(ValueError, match="lora_alpha is given without lora_rank"):
+        smoke_config(tmp_path, lora_alpha=4.0)
+    with pytest.raises(ValueError, match="LoRA training adapts the U-Net only"):
+        smoke_config(tmp_path, pretrained="x", unet=None, text_encoder=None, vae=None, lora_rank=4,
+                     train_text_encoder=True)
+    with pytest.raises(ValueError, match="positive integer"):
+        smoke_config(tmp_path, pretrained="x", unet=None, text_encoder=None, vae=None, lora_rank=0)
+
+
+def test_two_processes_train_lora_adapters_with_ddp(tmp_path, tiny_folders):
+    """LoRA under DDP (two processes over gloo): both end with the same weights and averages,
+    and the main process alone exports the LoRA file, which latentdiff loads."""
+    out = tmp_path / "ddp-lora"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1])])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for key in ("unet", "ema", "losses"):
+        assert ranks[0][key] == ranks[1][key]
+    for seen0, seen1 in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        assert not set(seen0) & set(seen1)
+    state = load_safetensors(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert state and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in state)
+    assert not (out / "pipeline").exists() and not pickled_files(out)
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[1])
+    pipe.load_lora_weights(out / "lora")
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}

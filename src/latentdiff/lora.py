@@ -189,6 +189,29 @@ def read_lora(source, weight_name: str | None = None, subfolder: str | None = No
     return state, metadata, str(path)
 
 
+def save_lora_weights(save_directory, unet_lora_layers: dict | None = None,
+                      text_encoder_lora_layers: dict | None = None, weight_name: str = WEIGHT_NAME,
+                      unet_lora_adapter_metadata: dict | None = None,
+                      text_encoder_lora_adapter_metadata: dict | None = None) -> Path:
+    """Write a LoRA as diffusers does: `<save_directory>/pytorch_lora_weights.safetensors` with each component's
+    factors (`<layer path>.lora_A.weight`, `.lora_B.weight`) under "unet." / "text_encoder.", and their peft
+    settings (r, lora_alpha, target_modules, ...) in the file's lora_adapter_metadata. Returns the file."""
+    from .checkpoints import save_safetensors
+
+    state, metadata = {}, {}
+    for prefix, layers, settings in (("unet", unet_lora_layers, unet_lora_adapter_metadata),
+                                     ("text_encoder", text_encoder_lora_layers, text_encoder_lora_adapter_metadata)):
+        state.update({f"{prefix}.{key}": value.detach().contiguous() for key, value in (layers or {}).items()})
+        metadata.update({f"{prefix}.{key}": value for key, value in (settings or {}).items()})
+    if not state:
+        raise ValueError("save_lora_weights: give unet_lora_layers and/or text_encoder_lora_layers")
+    path = Path(save_directory) / weight_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"lora_adapter_metadata": json.dumps(metadata, indent=2, sort_keys=True)} if metadata else {}
+    save_safetensors(state, path, {"format": "pt", **extra})
+    return path
+
+
 # ---- naming ---------------------------------------------------------------------------------------------------------
 def _kohya_names(component: str, model: nn.Module) -> dict[str, str]:
     """kohya's flat layer name (dots as underscores) -> module path; for the U-Net also the original LDM names
@@ -312,6 +335,8 @@ def _metadata_alpha(metadata: dict | None, component: str, path: str, rank: int)
 # ---- the pipeline's methods ---------------------------------------------------------------------------------------
 class LoRALoaderMixin:
     """diffusers' LoRA methods for a pipeline with `unet` and `text_encoder`."""
+
+    save_lora_weights = staticmethod(save_lora_weights)
 
     def _lora_models(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in COMPONENTS}

@@ -115,6 +115,11 @@ class TextToImageConfig(TrainConfig):
     prediction_type: str | None = None  # override the scheduler's: "epsilon" or "v_prediction"
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = None  # default: learning_rate
+    # LoRA (fine-tuning only): train low-rank adapters of these U-Net layers instead of its weights; the run exports
+    # <output_dir>/lora/pytorch_lora_weights.safetensors (pipe.load_lora_weights reads it, in diffusers too)
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # the adapters' scale is lora_alpha / lora_rank; default: the rank (scale 1)
+    lora_target_modules: list = dataclasses.field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -159,6 +164,23 @@ class TextToImageConfig(TrainConfig):
             if bool(self.vae_path) == bool(self.vae):
                 raise ValueError("training from scratch needs exactly one of 'vae_path' (a trained VAE folder, from "
                                  "train_vae.py) and 'vae' (random weights, smoke tests only)")
+        if self.lora_rank is not None:
+            if not self.pretrained:
+                raise ValueError("lora_rank fine-tunes a pretrained pipeline through low-rank adapters: give "
+                                 "'pretrained' (a pipeline folder or .safetensors file), or drop lora_rank to train "
+                                 "a U-Net from scratch")
+            if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise ValueError(f"lora_rank must be a positive integer (4 to 128 is usual), got {self.lora_rank}")
+            if self.lora_alpha is not None and not self.lora_alpha > 0:
+                raise ValueError(f"lora_alpha must be positive (or null: the rank), got {self.lora_alpha}")
+            if self.train_text_encoder:
+                raise ValueError("LoRA training adapts the U-Net only: set train_text_encoder: false (or drop "
+                                 "lora_rank to fine-tune both models' weights)")
+            if not self.lora_target_modules or not all(isinstance(t, str) for t in self.lora_target_modules):
+                raise ValueError(f"lora_target_modules must list layer names (e.g. [to_q, to_k, to_v, to_out.0]), "
+                                 f"got {self.lora_target_modules}")
+        elif self.lora_alpha is not None:
+            raise ValueError("lora_alpha is given without lora_rank: set lora_rank to train LoRA adapters")
         if self.token_embedding_std is not None:
             if not self.text_encoder:
                 raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "

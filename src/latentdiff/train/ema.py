@@ -6,6 +6,8 @@ initialisation for ~10^4 steps, so the decay warms up: after n updates it is min
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -18,7 +20,8 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        # the trained parameters (all of them in full training; the adapters when LoRA freezes the rest)
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
         self.num_updates = 0
 
     def current_decay(self) -> float:
@@ -51,6 +54,19 @@ class EMA:
         for name, value in self.shadow.items():
             params[name].copy_(value)
         return model
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """`model` holds the averages inside, its own parameters again after."""
+        params = dict(model.named_parameters())
+        own = {name: params[name].detach().clone() for name in self.shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in own.items():
+                    params[name].copy_(value)
 
     # the training checkpoints save and restore these (train/state_io.py)
     def state_dict(self) -> dict:

@@ -8,6 +8,7 @@ end a pipeline folder (`<output_dir>/pipeline`) is written with the EMA weights,
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_into
+from ..lora import save_lora_weights
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
+from .lora import adapter_state, add_lora_layers
 from .loop import FitResult, Trainer, make_accelerator, make_optimizer
 from .loss import Draws, DrawSpec, diffusion_loss
 
@@ -129,7 +132,10 @@ class TextToImageTask:
             unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
                 text_encoder.gradient_checkpointing_enable()
-        groups = [{"params": list(unet.parameters())}]
+        self.lora = config.lora_rank is not None
+        if self.lora:  # the U-Net frozen but for the adapters (A drawn from the run's seed: the same on every process)
+            add_lora_layers(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.seed)
+        groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
         if config.train_text_encoder:
             groups.append({"params": list(text_encoder.parameters()),
                            "lr": config.text_encoder_learning_rate or config.learning_rate})
@@ -190,12 +196,16 @@ class TextToImageTask:
     def sampling_unet(self, device) -> torch.nn.Module:
         """The U-Net to sample and export with: a copy holding the EMA weights, or the trained model itself."""
         unet = self._unet()
-        if self.ema is None:
+        if self.ema is None or self.lora:  # (LoRA: the adapters' averages are swapped in by _averaged())
             return unet
         with torch.device("meta"):
             copy = type(unet)(unet.config)
         state = {k: v.to(device) for k, v in self.ema.state_for(unet).items()}
         return load_into(copy, state, "EMA weights").eval()
+
+    def _averaged(self):
+        """With LoRA and EMA, a context in which the trained U-Net's adapters hold their averages."""
+        return self.ema.applied(self._unet()) if self.ema is not None and self.lora else contextlib.nullcontext()
 
     def pipeline(self, unet, text_encoder=None, vae=None):
         from ..pipeline import LatentDiffusionPipeline
@@ -210,13 +220,14 @@ class TextToImageTask:
         """Images for the fixed validation prompts and seeds, as one grid PNG per validation step."""
         config = self.config
         if self.accelerator.is_main_process:
-            pipe = self.pipeline(self.sampling_unet(self.accelerator.device))
-            rows = []
-            for prompt in config.validation_prompts:
-                rows.append([pipe(prompt, num_inference_steps=config.validation_inference_steps,
-                                  guidance_scale=config.validation_guidance_scale, progress=False,
-                                  generator=torch.Generator().manual_seed(int(seed))).images[0]
-                             for seed in config.validation_seeds])
+            with self._averaged():
+                pipe = self.pipeline(self.sampling_unet(self.accelerator.device))
+                rows = []
+                for prompt in config.validation_prompts:
+                    rows.append([pipe(prompt, num_inference_steps=config.validation_inference_steps,
+                                      guidance_scale=config.validation_guidance_scale, progress=False,
+                                      generator=torch.Generator().manual_seed(int(seed))).images[0]
+                                 for seed in config.validation_seeds])
             path = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
             save_grid(rows, path)
             log_images_to_tensorboard(Path(config.output_dir), step, path)
@@ -224,21 +235,35 @@ class TextToImageTask:
 
     def export(self) -> None:
         """`<output_dir>/pipeline`: fp32 weights (EMA weights for the U-Net when EMA is on), written to a
-        temporary folder first and renamed, so a folder that exists is complete."""
-        if self.accelerator.is_main_process:
+        temporary folder first and renamed, so a folder that exists is complete. With LoRA, `<output_dir>/lora`:
+        the adapters (averaged when EMA is on) as diffusers' LoRA file."""
+        if self.accelerator.is_main_process and self.lora:
+            config = self.config
+            with self._averaged():
+                state = adapter_state(self._unet())
+            settings = {"r": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank,
+                        "target_modules": list(config.lora_target_modules)}
+            write_atomically(Path(config.output_dir) / "lora", lambda folder: save_lora_weights(
+                folder, unet_lora_layers=state, unet_lora_adapter_metadata=settings))
+        elif self.accelerator.is_main_process:
             unet = self.sampling_unet("cpu").to("cpu", torch.float32)
             text_encoder = self.accelerator.unwrap_model(self.text_encoder).to("cpu", torch.float32)
             vae = self.vae.to("cpu", torch.float32)
             for name, module in (("vae", vae), ("text_encoder", text_encoder)):
                 if name in self.originals:
                     module.load_state_dict(self.originals[name])
-            final = Path(self.config.output_dir) / "pipeline"
-            tmp = final.with_name(".tmp-pipeline")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.pipeline(unet, text_encoder, vae).save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            write_atomically(Path(self.config.output_dir) / "pipeline",
+                             self.pipeline(unet, text_encoder, vae).save_pretrained)
         self.accelerator.wait_for_everyone()
+
+
+def write_atomically(final: Path, write) -> None:
+    """write(folder) into a temporary folder, then renamed to `final`: a folder that exists is complete."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def save_grid(rows: list[list], path: Path) -> None:
