@@ -129,6 +129,35 @@ def test_lora(tiny_folders, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(plain.strip())).astype(int) - made).max() > 10  # the LoRA does something
     code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
     assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args + ["--lora", f"{tmp_path / 'missing.safetensors'}:0.5"], capsys)
+    assert code == 2 and "--lora file or folder not found" in err and "missing.safetensors" in err
+
+
+def test_embedding(tiny_folders, tmp_path, capsys):
+    """--embedding PATH:TOKEN makes TOKEN a word of the prompts (and of --negative), as the Python API's
+    load_textual_inversion does; --from-png makes the image again."""
+    from latentdiff.checkpoints import save_safetensors
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    save_safetensors({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                     tmp_path / "neg.safetensors")
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--negative", "<neg>"]
+    code, out, _ = run(args + ["--embedding", f"{tmp_path / 'neg.safetensors'}:<neg>", "--out", tmp_path / "a"],
+                       capsys)
+    assert code == 0
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    assert json.loads(Image.open(out.strip()).text[PNG_KEY])["embeddings"][0][1] == "<neg>"
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.load_textual_inversion(tmp_path / "neg.safetensors", token="<neg>")
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = np.asarray(pipe("a red circle", negative_prompt="<neg>", num_inference_steps=3, guidance_scale=5.0,
+                               progress=False, generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, plain, _ = run(args + ["--out", tmp_path / "b"], capsys)  # "<neg>" read as plain text
+    assert np.abs(np.asarray(Image.open(plain.strip())).astype(int) - made).max() > 5
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
 
 
 def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):

@@ -251,7 +251,10 @@ def test_errors_name_the_problem(tmp_path, tok):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"] = {"49408": {"content": "<cat-toy>", "special": False}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="<cat-toy>.*not supported"):
+    assert CLIPTokenizer.from_pretrained(tmp_path)("<cat-toy>", padding=False).input_ids == [49406, 49408, 49407]
+    config["added_tokens_decoder"] = {"49000": {"content": "<cat-toy>", "special": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="<cat-toy>.*id 49000 is already"):  # (textual inversion: see its tests)
         CLIPTokenizer.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="normalization='ftfy' is unknown"):
         CLIPTokenizer(normalization="ftfy")

@@ -23,20 +23,38 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); the scale defaults to 1."""
-    path, colon, scale = spec.rpartition(":")
-    if colon and path:
+def parse_extra(spec: str, kind: str) -> list:
+    """--lora PATH[:SCALE] -> [path, scale] (scale 1 by default); --embedding PATH[:TOKEN] -> [path, token] (the
+    file's own token by default). Each with the file's weights hash appended, for the PNG's settings."""
+    path, colon, value = spec.rpartition(":")
+    if not (colon and path):
+        path, value = spec, None
+    if kind == "loras":
         try:
-            return path, float(scale)
+            value = 1.0 if value is None else float(value)
         except ValueError:
-            pass
-    return spec, 1.0
+            path, value = spec, 1.0
+    from .checkpoints import require_path
+
+    path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file"}[kind])
+    return [str(path.resolve()), value, weights_hash(path)]
+
+
+def apply_extras(pipe, extras: dict) -> None:
+    """Textual-inversion embeddings and LoRA adapters (at their scales) as the settings list them."""
+    for path, token, _ in extras.get("embeddings", []):
+        pipe.load_textual_inversion(path, token=token)
+    loras = extras.get("loras", [])
+    for i, (path, _, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+    if loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale, _ in loras])
 
 
 def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False, variant: str | None = None,
-                  loras: list | None = None):
-    """`loras`: [(path, scale), ...], LoRA adapters loaded and set at those scales (before optimizing)."""
+                  extras: dict | None = None):
+    """`extras`: {"loras": [[path, scale, hash], ...], "embeddings": [[path, token, hash], ...]}, applied before
+    optimizing."""
     import torch
 
     from .layout import EMBEDDED
@@ -50,10 +68,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
-    for i, (lora, _) in enumerate(loras or []):
-        pipe.load_lora_weights(lora, adapter_name=f"lora{i}")
-    if loras:
-        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    apply_extras(pipe, extras or {})
     if optimize:  # this process is ours: malloc may keep large freed buffers too (models/allocator.py)
         from .models.allocator import keep_freed_buffers
 
@@ -63,7 +78,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str,
-                        loras: list | None = None) -> dict:
+                        extras: dict | None = None) -> dict:
     """What reproduces an image, stored in its PNG: JSON values only (str, int, float, None), so the copy read back
     from a PNG compares equal."""
     return {
@@ -72,7 +87,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
         **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
-        **({"loras": loras} if loras else {}),  # [[path, scale, weights hash], ...]
+        **(extras or {}),  # loras, embeddings: only where given (as images made before them)
     }
 
 
@@ -114,10 +129,11 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        loras = settings.get("loras", [])
+        extras = {key: settings[key] for key in ("loras", "embeddings") if key in settings}
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
-                                   settings.get("variant"), [(lora, scale) for lora, scale, _ in loras])
-        for name, made_with in [(path, settings["model_hash"])] + [(Path(lora), h) for lora, _, h in loras]:
+                                   settings.get("variant"), extras)
+        files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
+        for name, made_with in [(path, settings["model_hash"])] + files:
             digest = weights_hash(name)
             if digest != made_with:
                 print(f"warning: {name} has weights hash {digest}, the image was made with {made_with}: the "
@@ -134,14 +150,14 @@ def cmd_generate(args) -> None:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
-    loras = [parse_lora(spec) for spec in args.lora]
-    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, loras)
+    extras = {key: [parse_extra(spec, key) for spec in specs]
+              for key, specs in (("embeddings", args.embedding), ("loras", args.lora)) if specs}
+    pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
-    loras = [[str(Path(lora).resolve()), scale, weights_hash(Path(lora))] for lora, scale in loras]
     todo, kept, claimed = [], [], {}
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.num_images):
-            settings = _settings_from_args(args, prompt, seed, path, digest, loras)
+            settings = _settings_from_args(args, prompt, seed, path, digest, extras)
             out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings, claimed)
             if out not in claimed:  # (a prompt given twice is made once)
                 (kept if made and not args.force else todo).append((settings, out))
@@ -264,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (.safetensors file or folder; diffusers' or kohya-ss's format) at SCALE (default 1); "
                         "repeat for several")
+    g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors; diffusers' or A1111's) as TOKEN (default: the "
+                        "file's own), for prompts and --negative to name; repeat for several")
     g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")
     g.add_argument("--prompts-file", help="one prompt per line")
     g.add_argument("--force", action="store_true",

@@ -23,6 +23,7 @@ from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
 from .models.attention import cache_text_keys, tensors_key
 from .models.unet import cache_timesteps
 from .schedules import randn
+from .textual_inversion import TextualInversionLoaderMixin
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -142,7 +143,7 @@ def _stable_diffusion_settings(scheduler) -> None:
         scheduler.config = config.replace(**fixes)
 
 
-class LatentDiffusionPipeline(LoRALoaderMixin):
+class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -407,7 +408,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin):
         for prompt in prompts:
             key = (prompt, clip_skip)
             if key not in cache:
-                ids = self.tokenizer(prompt).to(self.text_encoder.device)
+                ids = self.tokenizer(self.maybe_convert_prompt(prompt)).to(self.text_encoder.device)
                 cache[key] = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
                 if len(cache) > 256:
                     cache.pop(next(iter(cache)))

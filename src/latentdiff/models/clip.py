@@ -205,6 +205,20 @@ class CLIPTextModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embeddings.token_embedding
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        """A token table of `new_num_tokens` rows (textual inversion's added tokens): the first rows kept, new ones
+        drawn as CLIP initialises them (for the caller to set); config.vocab_size follows."""
+        old = self.get_input_embeddings()
+        table = nn.Embedding(new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        table.weight.normal_(0.0, 0.02 * self.config.initializer_factor)
+        kept = min(new_num_tokens, old.num_embeddings)
+        table.weight[:kept] = old.weight[:kept]
+        table.weight.requires_grad_(old.weight.requires_grad)
+        self.text_model.embeddings.token_embedding = table
+        self.config.vocab_size = new_num_tokens
+        return table
+
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 

@@ -142,7 +142,10 @@ class CLIPTokenizer:
         pad_token: str = END,
         model_max_length: int = MAX_LENGTH,
         normalization: str = "transformers",
+        added_tokens: dict[str, int] | None = None,
     ):
+        """added_tokens: {token: id} beyond the vocabulary (textual inversion), as transformers' add_tokens makes
+        them: matched in the cleaned (lower-cased) prompt before it is split into words, wherever they occur."""
         if (vocab is None) != (merges is None):
             raise ValueError("give both vocab and merges, or neither (then CLIP's own vocabulary is used)")
         if vocab is None:
@@ -165,6 +168,63 @@ class CLIPTokenizer:
         specials = "|".join(map(regex.escape, self.cleaning.raw_specials))
         self._raw_split = regex.compile(f"({specials})") if specials else None
         self._cache: dict[str, tuple[str, ...]] = {}  # a plain dict, so that the tokenizer pickles (DataLoader)
+        self.added_tokens_encoder: dict[str, int] = {}
+        self._added_split, self._added_ids = None, {}
+        for token, index in sorted((added_tokens or {}).items(), key=lambda item: item[1]):
+            self._add(token, index)
+
+    # ---- added tokens (textual inversion) ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.encoder)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.encoder)
+
+    def add_tokens(self, tokens: str | Sequence[str]) -> int:
+        """Add tokens with the next free ids (transformers' add_tokens); ones already known are skipped. Returns
+        how many were added."""
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        new = [t for t in dict.fromkeys(tokens) if t not in self.encoder]
+        for token in new:
+            self._add(token, max(self.decoder) + 1)
+        return len(new)
+
+    def remove_tokens(self, tokens: Iterable[str]) -> None:
+        """Drop added tokens; the ids of those added after them move down to close the gap (as diffusers'
+        unload_textual_inversion renumbers them)."""
+        gone = set(tokens)
+        unknown = sorted(gone - set(self.added_tokens_encoder))
+        if unknown:
+            raise ValueError(f"tokens {unknown} were not added to this tokenizer (added: "
+                             f"{sorted(self.added_tokens_encoder)})")
+        kept = [t for t, _ in sorted(self.added_tokens_encoder.items(), key=lambda item: item[1]) if t not in gone]
+        first = min(self.added_tokens_encoder.values())
+        for token in list(self.added_tokens_encoder):
+            del self.decoder[self.encoder.pop(token)]
+        self.added_tokens_encoder, self._added_split, self._added_ids = {}, None, {}
+        for i, token in enumerate(kept):
+            self._add(token, first + i)
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        if isinstance(tokens, str):
+            return self.encoder[tokens]
+        return [self.encoder[t] for t in tokens]
+
+    def _add(self, token: str, index: int) -> None:
+        if not isinstance(token, str) or not token.strip():
+            raise ValueError(f"an added token must be a non-empty string, got {token!r}")
+        if token in self.encoder:
+            raise ValueError(f"token {token!r} is already in the vocabulary (id {self.encoder[token]}): choose "
+                             "another token")
+        if index in self.decoder:
+            raise ValueError(f"added token {token!r}: its id {index} is already {self.decoder[index]!r}")
+        self.encoder[token], self.decoder[index] = index, token
+        self.added_tokens_encoder[token] = index
+        # matched in the cleaned prompt, so in lower case (transformers normalises added tokens' matching too);
+        # longest first, so that "<emb>_1" is not read as "<emb>" and "_1"
+        ordered = sorted({t.lower() for t in self.added_tokens_encoder}, key=len, reverse=True)
+        self._added_split = regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")")
+        self._added_ids = {t.lower(): i for t, i in self.added_tokens_encoder.items()}
 
     # ---- BPE ------------------------------------------------------------------------------------------------
     def bpe(self, word: str) -> tuple[str, ...]:
@@ -208,11 +268,16 @@ class CLIPTokenizer:
             if piece in self.cleaning.raw_specials:
                 ids.append(self.encoder[piece])
                 continue
-            for word in self.cleaning.words.findall(self.cleaning.clean(piece)):
-                if word in self._word_specials:
-                    ids.append(self._word_specials[word])
+            cleaned = self.cleaning.clean(piece)
+            for part in self._added_split.split(cleaned) if self._added_split else [cleaned]:
+                if part in self._added_ids:
+                    ids.append(self._added_ids[part])
                     continue
-                ids.extend(self.encoder[s] for s in self.bpe("".join(to_char[b] for b in word.encode("utf-8"))))
+                for word in self.cleaning.words.findall(part):
+                    if word in self._word_specials:
+                        ids.append(self._word_specials[word])
+                        continue
+                    ids.extend(self.encoder[s] for s in self.bpe("".join(to_char[b] for b in word.encode("utf-8"))))
         return ids
 
     def __call__(self, prompts: str | Sequence[str], padding: bool | str | None = None,
@@ -313,8 +378,16 @@ class CLIPTokenizer:
         if unknown:
             raise ValueError(f"ids {unknown[:5]} are outside the vocabulary (size {len(self.decoder)})")
         to_byte = char_to_byte()
-        data = bytes(to_byte[c] for c in "".join(self.decoder[i] for i in ids))
-        return data.decode("utf-8", errors="replace").replace(WORD_END, " ").strip()
+        text, run = [], []
+        for i in ids + [None]:  # runs of BPE symbols as bytes; an added token as itself, spaced
+            if i is not None and i not in self.added_tokens_encoder.values():
+                run.append(self.decoder[i])
+                continue
+            text.append(bytes(to_byte[c] for c in "".join(run)).decode("utf-8", errors="replace"))
+            run = []
+            if i is not None:
+                text.append(f" {self.decoder[i]}{WORD_END}")
+        return "".join(text).replace(WORD_END, " ").strip().replace("  ", " ")
 
     # ---- folders --------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -327,6 +400,13 @@ class CLIPTokenizer:
         (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
         specials = {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": self.pad_token}
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, **specials}
+        if self.added_tokens_encoder:  # transformers reads added_tokens_decoder; added_tokens.json as v4 wrote it
+            config["added_tokens_decoder"] = {
+                str(i): {"content": t, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False,
+                         "special": False} for t, i in self.added_tokens_encoder.items()}
+            write_json(self.added_tokens_encoder, folder / "added_tokens.json")
+        else:
+            (folder / "added_tokens.json").unlink(missing_ok=True)
         write_json(config, folder / "tokenizer_config.json")
         write_json(specials, folder / "special_tokens_map.json")
 
@@ -346,19 +426,18 @@ class CLIPTokenizer:
             if _content(config.get(key, expected)) != expected:
                 raise ValueError(f"{folder}: {key}={config[key]!r}, but a CLIP tokenizer uses {expected!r}")
         pad_token = _content(config.get("pad_token", END))
-        added += [_content(t) for t in config.get("added_tokens_decoder", {}).values()]
+        added.update({_content(t): int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
         if (folder / "added_tokens.json").exists():
-            added += list(read_json(folder / "added_tokens.json"))
-        extra = sorted(set(added) - {START, END, pad_token})
-        if extra:
-            raise ValueError(
-                f"{folder}: added tokens {extra} (textual inversion or similar) are not supported; use a folder "
-                "with the plain CLIP vocabulary"
-            )
+            added.update(read_json(folder / "added_tokens.json"))
+        added = {t: i for t, i in added.items() if vocab.get(t) != i}  # (the specials are listed there too)
         length = config.get("model_max_length", MAX_LENGTH)
         if not isinstance(length, int) or length > 4096:  # unset, transformers writes a huge sentinel
             raise ValueError(f"{folder}: model_max_length={length!r} in tokenizer_config.json; CLIP uses 77, set it")
-        return cls(vocab, merges, pad_token=pad_token, model_max_length=length, normalization=normalization)
+        try:
+            return cls(vocab, merges, pad_token=pad_token, model_max_length=length, normalization=normalization,
+                       added_tokens=added)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
 
     def __repr__(self) -> str:
         return (
@@ -372,8 +451,8 @@ def _content(token) -> str:
     return token["content"] if isinstance(token, dict) else token
 
 
-def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
-    """(vocab, merges, added token strings) from vocab.json + merges.txt, or else from tokenizer.json."""
+def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, int]]:
+    """(vocab, merges, added tokens {token: id}) from vocab.json + merges.txt, or else from tokenizer.json."""
     vocab_file, merges_file, joint_file = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
     if vocab_file.exists() and merges_file.exists():
         vocab = read_json(vocab_file)
@@ -382,7 +461,7 @@ def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], list
         bad = [" ".join(m) for m in merges if len(m) != 2]
         if bad:
             raise ValueError(f"{merges_file}: lines {bad[:3]} are not 'a b' merge pairs")
-        return vocab, merges, []
+        return vocab, merges, {}
     if joint_file.exists():
         data = read_json(joint_file)
         model = data.get("model", {})
@@ -390,7 +469,7 @@ def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], list
             raise ValueError(f"{joint_file}: model type {model.get('type')!r}; a CLIP tokenizer is BPE")
         # tokenizers writes merges as "a b" strings (older) or [a, b] pairs (newer).
         merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return model["vocab"], merges, [t["content"] for t in data.get("added_tokens", [])]
+        return model["vocab"], merges, {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
     raise FileNotFoundError(
         f"{folder}: no tokenizer files; expected vocab.json and merges.txt (or tokenizer.json) in {folder}"
     )
