@@ -264,6 +264,7 @@ def test_detect_architecture_and_refusal():
                                          r"single-file checkpoint of a whole pipeline: load the pipeline folder"):
         check_supported(["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "u.safetensors")
     assert check_supported(sd1, "a.safetensors") == "sd1"
+    assert check_supported({**dict.fromkeys(sd1, (1,)), sd1[0]: (320, 9, 3, 3)}, "i.safetensors") == "sd1-inpainting"
     for keys, name in ((sd1[:1] + ["cond_stage_model.model.ln_final.weight"], "a Stable Diffusion 2.x"),
                        (["conditioner.embedders.0.transformer.text_model.x"], "a Stable Diffusion XL"),
                        (["foo"], "an unrecognised")):

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LatentDiffusionPipeline": "latentdiff.pipeline",
     "LatentDiffusionImg2ImgPipeline": "latentdiff.pipeline",
+    "LatentDiffusionInpaintPipeline": "latentdiff.pipeline",
     "PipelineOutput": "latentdiff.pipeline",
     "UNet2DConditionModel": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",

@@ -383,9 +383,10 @@ def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str
 
 
 def check_supported(keys: Mapping[str, torch.Tensor] | Iterable[str], path) -> str:
-    """Return "sd1", or raise ValueError naming the architecture found and the way to load it instead."""
+    """Return "sd1" or "sd1-inpainting", or raise ValueError naming the architecture found and the way to load it
+    instead."""
     arch = detect_architecture(keys)
-    if arch == "sd1":
+    if arch in ("sd1", "sd1-inpainting"):
         return arch
     name, evidence, pipeline = _ARCHITECTURES[arch]
     if arch == "component":

@@ -126,8 +126,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
 
     folder = Path(folder)
     scheduler = components["scheduler"]
-    index = {
-        "_class_name": "StableDiffusionPipeline",
+    inpainting = components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels + 1
+    index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         **MODEL_INDEX,
         "scheduler": ["diffusers", type(scheduler).__name__],
@@ -162,8 +163,11 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
                          "for pipeline folders)")
     config = require_path(config or SD15_CONFIG, "architecture folder (config=)")
     state_dict = load_safetensors(path)
-    check_supported(state_dict.keys(), path)
+    arch = check_supported(state_dict, path)
     unet_config = read_json(config / "unet" / "config.json")
+    if arch == "sd1-inpainting":  # latents, mask and masked-image latents in: LatentDiffusionInpaintPipeline
+        conv_in = state_dict["model.diffusion_model.input_blocks.0.0.weight"]
+        unet_config = {**unet_config, "in_channels": conv_in.shape[1]}
     vae_config = read_json(config / "vae" / "config.json")
     parts = original_to_diffusers(state_dict, unet_config, vae_config, prefer_ema=prefer_ema)
     with torch.device("meta"):

@@ -15,6 +15,7 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cuda_graphs import CUDAGraphModel
@@ -416,6 +417,13 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         return torch.stack(out).to(self.dtype)
 
     # ---- checks -----------------------------------------------------------------------------------------------
+    def _require_plain_unet(self) -> None:
+        channels, latent = self.unet.config.in_channels, self.vae.config.latent_channels
+        if channels != latent:
+            raise ValueError(f"the U-Net takes {channels} input channels but the VAE makes {latent}-channel latents"
+                             + (": an inpainting U-Net, which runs in LatentDiffusionInpaintPipeline (image, "
+                                "mask_image)" if channels == 2 * latent + 1 else ""))
+
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default, width or default
@@ -468,7 +476,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         return self.scheduler.num_inference_steps
 
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
-                guidance_rescale: float = 0.0):
+                guidance_rescale: float = 0.0, conditioning: torch.Tensor | None = None,
+                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        """The guided sampling loop. `conditioning`: channels appended to the U-Net's input at every step (an
+        inpainting U-Net's mask and masked-image latents); `after_step(i, latents)`: replaces the latents after
+        step i (inpainting with a plain U-Net puts the known region back)."""
         scheduler = self.scheduler
         share = getattr(self.unet, "accepts_shared_samples", False)  # ours, also under torch.compile
         model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale, guidance_rescale, share)
@@ -484,8 +496,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
             bar = {"desc": "denoising", **self._progress_bar}
             bar["disable"] = bar.get("disable", False) or not progress
             for i, (t, value) in enumerate(zip(tqdm(timesteps, **bar), values)):
-                eps = model(scheduler.scale_model_input(latents, value), t)
+                x = scheduler.scale_model_input(latents, value)
+                eps = model(x if conditioning is None else torch.cat([x, conditioning], dim=1), t)
                 latents = scheduler.step(eps, value, latents, generator=generators, **step_kwargs).prev_sample
+                if after_step is not None:
+                    latents = after_step(i, latents)
                 if callback is not None:
                     result = callback(self, i, t, {"latents": latents}) or {}
                     latents = result.get("latents", latents)
@@ -575,6 +590,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
+        self._require_plain_unet()
         with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
             height, width = self._check_size(height, width)
             if num_images_per_prompt < 1:
@@ -619,43 +635,54 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         """`timesteps` / `sigmas`: as in the text-to-image call; `strength` then selects from that grid."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
+        self._require_plain_unet()
         with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
-            if not 0.0 <= strength <= 1.0:
-                raise ValueError(f"strength={strength} must lie in [0, 1]")
-            if image is None:
-                raise ValueError("img2img needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
-            pixels = self.preprocess(image)
-            self._check_size(*pixels.shape[-2:])
-            guided = guidance_scale > 1.0
-            cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          num_images_per_prompt, guided, clip_skip)
-            n = cond.shape[0]
-            if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
-                raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
-            pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
-            generators = _per_image_generators(generator, n)
-
-            scheduler = self.scheduler
-            steps = self._set_grid(num_inference_steps, timesteps, sigmas)
-            kept = min(int(steps * strength), steps)
-            start = scheduler.start_index(steps - kept)
-            timesteps = scheduler.timesteps[start:]
-            scheduler.set_begin_index(start)
-
-            vae = self.vae
-            posterior = vae.encode(pixels.to(self.device, vae.dtype))
-            # posterior sample with each image's own generator: z0 = mean + std * noise
-            noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
-            z0 = ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
+            pixels, cond, uncond, generators, timesteps = self._image_call(
+                "img2img", image, strength, generator, prompt, negative_prompt, prompt_embeds,
+                negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
+                timesteps, sigmas)
+            z0 = self._encode_sample(pixels, generators)
             if len(timesteps) == 0:
                 latents = z0
             else:
                 noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
-                latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n))
+                latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress)
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
+
+    def _image_call(self, task: str, image, strength, generator, prompt, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
+                    timesteps, sigmas):
+        """What an image-conditioned call starts from: the pixels (one per image made), the contexts, a generator
+        per image, and the timesteps that `strength` keeps of the grid (the scheduler set to start there)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must lie in [0, 1]")
+        if image is None:
+            raise ValueError(f"{task} needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
+        pixels = self.preprocess(image)
+        self._check_size(*pixels.shape[-2:])
+        cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                      num_images_per_prompt, guidance_scale > 1.0, clip_skip)
+        n = cond.shape[0]
+        if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
+            raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
+        pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+        generators = _per_image_generators(generator, n)
+        steps = self._set_grid(num_inference_steps, timesteps, sigmas)
+        kept = min(int(steps * strength), steps)
+        start = self.scheduler.start_index(steps - kept)
+        self.scheduler.set_begin_index(start)
+        return pixels, cond, uncond, generators, self.scheduler.timesteps[start:]
+
+    def _encode_sample(self, pixels: torch.Tensor, generators) -> torch.Tensor:
+        """Scaled latents of the pixels: a posterior sample drawn with each image's own generator, mean + std * noise
+        (diffusers' retrieve_latents in "sample" mode)."""
+        vae = self.vae
+        posterior = vae.encode(pixels.to(self.device, vae.dtype))
+        noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
+        return ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
 
     def preprocess(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -680,6 +707,102 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
                              "height): resize them first")
         arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
+    """Inpainting: the image is kept where `mask_image` is black (0) and drawn anew where it is white (1), as
+    diffusers' StableDiffusionInpaintPipeline does it. With an inpainting U-Net (in_channels 9, e.g. SD 1.5
+    inpainting) the mask and the latents of the image with the masked part blanked are appended to the U-Net's
+    input at every step; with a plain U-Net (4), after every step the known region is replaced by the image's
+    latents noised to the next step's level. `strength` < 1 starts from the noised image instead of pure noise."""
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, mask_image=None, strength: float = 1.0,
+        negative_prompt: str | list[str] | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generators = None,
+        latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+        clip_skip: int | None = None, callback_on_step_end: Callable | None = None, progress: bool = True,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+    ):
+        """mask_image: a PIL image (grey levels; >= 0.5 after /255 is repainted), or a tensor [B, 1, H, W] / [H, W]
+        in [0, 1], of the image's size. `latents`: the starting noise (strength 1 only)."""
+        self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                         cross_attention_kwargs)
+        channels = self.unet.config.in_channels
+        latent_channels = self.vae.config.latent_channels
+        if channels not in (latent_channels, 2 * latent_channels + 1):
+            raise ValueError(f"the U-Net takes {channels} input channels: inpainting needs a plain U-Net "
+                             f"({latent_channels}) or an inpainting one ({2 * latent_channels + 1}: latents, mask, "
+                             "masked-image latents)")
+        with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
+            pixels, cond, uncond, generators, timesteps = self._image_call(
+                "inpainting", image, strength, generator, prompt, negative_prompt, prompt_embeds,
+                negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
+                timesteps, sigmas)
+            n = pixels.shape[0]
+            mask = self.preprocess_mask(mask_image, pixels.shape[-2:])
+            if mask.shape[0] not in (1, n):
+                raise ValueError(f"got {mask.shape[0]} masks for {n} images: give one mask, or one per image")
+            mask = mask.expand(n, -1, -1, -1)
+            shape = (n, latent_channels, *(d // self.vae_scale_factor for d in pixels.shape[-2:]))
+            if latents is not None and (strength < 1.0 or tuple(latents.shape) != shape):
+                raise ValueError(f"latents (the starting noise) are taken with strength 1 only, of shape {shape}; "
+                                 f"got {tuple(latents.shape)} with strength {strength}")
+            # the draws in diffusers' order, each image from its own generator: the image's posterior sample (when
+            # used), the noise, the masked image's posterior sample
+            z0 = self._encode_sample(pixels, generators) if channels == latent_channels or strength < 1 else None
+            noise = randn(shape, generators, self.device, self.dtype) if latents is None else latents.to(
+                self.device, self.dtype)
+            masked = self._encode_sample(pixels * (mask < 0.5), generators)
+            if strength == 1.0 or len(timesteps) == 0:
+                start = noise * self.scheduler.init_noise_sigma if strength == 1.0 else z0
+            else:
+                start = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(n))
+            small = F.interpolate(mask.to(self.device), size=shape[-2:]).to(self.dtype)  # (nearest, as diffusers)
+
+            def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:  # the image where the mask keeps it
+                later = timesteps[i + 1:i + 2]
+                known = z0 if len(later) == 0 else self.scheduler.add_noise(z0, noise, later)
+                return (1 - small) * known + small * x
+
+            plain = channels == latent_channels
+            latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
+                                   callback_on_step_end, progress,
+                                   conditioning=None if plain else torch.cat([small, masked], dim=1),
+                                   after_step=keep_known if plain else None)
+            images = self.decode(latents, output_type)
+            return PipelineOutput(images) if return_dict else (images,)
+
+    @staticmethod
+    def preprocess_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
+        """[B, 1, H, W] of 0 (keep) and 1 (repaint): grey levels / 255 (PIL) or values in [0, 1] (tensors),
+        binarized at 0.5 as diffusers' mask processor does."""
+        if mask_image is None:
+            raise ValueError("inpainting needs mask_image: white (1) where the image is to be repainted, black (0) "
+                             "where it is kept")
+        if isinstance(mask_image, torch.Tensor):
+            mask = mask_image.float()
+            mask = mask[None, None] if mask.dim() == 2 else mask[None] if mask.dim() == 3 else mask
+            if mask.dim() != 4 or mask.shape[1] != 1:
+                raise ValueError(f"a mask tensor must be [H, W], [1, H, W] or [B, 1, H, W]; got "
+                                 f"{tuple(mask_image.shape)}")
+            if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+                raise ValueError("mask tensor values must lie in [0, 1] (1: repaint)")
+        else:
+            from PIL import Image
+
+            masks = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
+            if not all(isinstance(m, Image.Image) for m in masks):
+                raise TypeError("mask_image must be a PIL image, a list of them or a tensor in [0, 1]")
+            mask = torch.from_numpy(np.stack([np.asarray(m.convert("L"), dtype=np.float32) / 255.0
+                                              for m in masks]))[:, None]
+        if tuple(mask.shape[-2:]) != tuple(size):
+            raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image {size[1]}x{size[0]} "
+                             "(width x height): give a mask of the image's size")
+        return (mask >= 0.5).float()
 
 
 def to_diffusers(pipe: LatentDiffusionPipeline):
