@@ -160,6 +160,42 @@ def test_embedding(tiny_folders, tmp_path, capsys):
     assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
 
 
+def test_image_inputs(tiny_folders, tmp_path, capsys):
+    """--image (img2img) and --image --mask (inpainting) give the Python pipelines' images, are stored with their
+    files' hashes, and --from-png makes them again."""
+    from latentdiff import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 6:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = LatentDiffusionPipeline.from_pretrained(folder)
+    base.scheduler = scheduler_from_name("dpm++", base.scheduler.config)
+    for extra, cls, kwargs in (([], LatentDiffusionImg2ImgPipeline, {"strength": 0.6}),
+                               (["--mask", tmp_path / "mask.png"], LatentDiffusionInpaintPipeline,
+                                {"mask_image": Image.open(tmp_path / "mask.png"), "strength": 1.0})):
+        args = ["generate", "a red circle", "--model", folder, "--steps", 4, "--image", tmp_path / "in.png",
+                "--out", tmp_path / cls.__name__, *extra] + (["--strength", 0.6] if not extra else [])
+        code, out, _ = run(args, capsys)
+        assert code == 0
+        made = np.asarray(Image.open(out.strip())).astype(int)
+        settings = json.loads(Image.open(out.strip()).text[PNG_KEY])
+        assert settings["strength"] == kwargs["strength"] and settings["image"][0] == str(tmp_path / "in.png")
+        expected = cls.from_pipe(base)("a red circle", Image.open(tmp_path / "in.png"), num_inference_steps=4,
+                                       guidance_scale=5.0, progress=False,
+                                       generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+        assert np.abs(made - np.asarray(expected).astype(int)).max() <= 1
+        code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+        assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(["generate", "x", "--model", folder, "--mask", tmp_path / "mask.png"], capsys)
+    assert code == 2 and "give --image PATH" in err
+    code, _, err = run(["generate", "x", "--model", folder, "--image", tmp_path / "in.png", "--height", 32], capsys)
+    assert code == 2 and "the image's own size is used" in err
+
+
 def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     folder = tiny_folders[1]
     code, _, _ = run(["convert", folder, tmp_path / "one.safetensors"], capsys)

@@ -40,6 +40,27 @@ def parse_extra(spec: str, kind: str) -> list:
     return [str(path.resolve()), value, weights_hash(path)]
 
 
+def image_inputs(args) -> dict:
+    """--image (img2img), with --mask (inpainting), and --strength, as settings: [path, hash] per file."""
+    from .checkpoints import require_path
+
+    if args.image is None:
+        if args.mask is not None or args.strength is not None:
+            raise ValueError("--mask and --strength act on an input image: give --image PATH")
+        return {}
+    if args.height is not None or args.width is not None or args.guidance_rescale:
+        raise ValueError("--height, --width and --guidance-rescale are for text to image: with --image the image's "
+                         "own size is used (resize it first)")
+    inputs = {"image": require_path(args.image, "--image file")}
+    if args.mask is not None:
+        inputs["mask"] = require_path(args.mask, "--mask file")
+    settings = {key: [str(path.resolve()), weights_hash(path)] for key, path in inputs.items()}
+    strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8  # diffusers' defaults
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength {strength} must lie in [0, 1]")
+    return {**settings, "strength": strength}
+
+
 def apply_extras(pipe, extras: dict) -> None:
     """Textual-inversion embeddings and LoRA adapters (at their scales) as the settings list them."""
     for path, token, _ in extras.get("embeddings", []):
@@ -108,12 +129,22 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     from .schedulers import scheduler_from_name
 
     pipe.scheduler = scheduler_from_name(settings["scheduler"], pipe.scheduler.config)
-    image = pipe(
-        settings["prompt"], negative_prompt=settings["negative_prompt"], height=settings["height"],
-        width=settings["width"], num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-        guidance_rescale=settings.get("guidance_rescale", 0.0), eta=settings["eta"],
-        generator=torch.Generator().manual_seed(settings["seed"]), progress=False,
-    ).images[0]
+    common = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
+                  guidance_scale=settings["guidance"], eta=settings["eta"], progress=False,
+                  generator=torch.Generator().manual_seed(settings["seed"]))
+    if "image" in settings:  # img2img, or inpainting with a mask
+        from PIL import Image
+
+        from .pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+
+        inputs = {"image": Image.open(settings["image"][0]).convert("RGB"), "strength": settings["strength"]}
+        if "mask" in settings:
+            inputs["mask_image"] = Image.open(settings["mask"][0])
+        task = LatentDiffusionInpaintPipeline if "mask" in settings else LatentDiffusionImg2ImgPipeline
+        image = task.from_pipe(pipe)(settings["prompt"], **inputs, **common).images[0]
+    else:
+        image = pipe(settings["prompt"], height=settings["height"], width=settings["width"],
+                     guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings))
     info.add_text("parameters", f"{settings['prompt']} | seed {settings['seed']}")
@@ -133,6 +164,7 @@ def cmd_generate(args) -> None:
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
                                    settings.get("variant"), extras)
         files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
+        files += [(Path(settings[key][0]), settings[key][1]) for key in ("image", "mask") if key in settings]
         for name, made_with in [(path, settings["model_hash"])] + files:
             digest = weights_hash(name)
             if digest != made_with:
@@ -152,6 +184,7 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     extras = {key: [parse_extra(spec, key) for spec in specs]
               for key, specs in (("embeddings", args.embedding), ("loras", args.lora)) if specs}
+    extras.update(image_inputs(args))
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
     todo, kept, claimed = [], [], {}
@@ -283,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors; diffusers' or A1111's) as TOKEN (default: the "
                         "file's own), for prompts and --negative to name; repeat for several")
+    g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
+    g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --image: how far the image is noised before denoising (default 0.8; 1.0 with --mask)")
     g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")
     g.add_argument("--prompts-file", help="one prompt per line")
     g.add_argument("--force", action="store_true",
