@@ -217,6 +217,14 @@ def test_diffusers_loading_idioms(folders):
     loaded.disable_attention_slicing()
     with pytest.raises(ValueError, match="slice_size=0"):
         loaded.enable_attention_slicing(0)
+    loaded.enable_vae_tiling()
+    loaded.enable_vae_slicing()
+    assert loaded.vae.use_tiling and loaded.vae.use_slicing
+    torch.testing.assert_close(run(loaded, PROMPTS[0], latents=latents_for(1), num_inference_steps=2), before,
+                               rtol=0, atol=1e-5)
+    loaded.disable_vae_tiling()
+    loaded.disable_vae_slicing()
+    assert not loaded.vae.use_tiling and not loaded.vae.use_slicing
 
 
 def test_encode_prompt_as_diffusers(folders):

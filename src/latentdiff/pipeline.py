@@ -191,6 +191,20 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
     def disable_attention_slicing(self) -> None:
         """See enable_attention_slicing: nothing to undo."""
 
+    def enable_vae_tiling(self) -> None:
+        """diffusers' pipeline method: pipe.vae.enable_tiling() (decodes in tiles, whole-image statistics kept)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """diffusers' pipeline method: pipe.vae.enable_slicing() (a batch decoded one image at a time)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm's options for the denoising progress bar of later calls (diffusers' method: `disable=True` silences
         it, as a call's `progress=False` does)."""
