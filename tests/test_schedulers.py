@@ -28,9 +28,11 @@ def variants(name):
     if name == "DDIMScheduler":
         return [dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, eta=0.0),
                 dict(clip_sample=False, eta=0.8), dict(clip_sample=True, eta=0.0)]
-    if name == "DPMSolverMultistepScheduler":  # "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE (Karras)"
+    if name == "DPMSolverMultistepScheduler":  # "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE (Karras)", 3M, 1S
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True),
-                dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)]
+                dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+                dict(solver_order=3), dict(solver_order=3, lower_order_final=False),
+                dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), dict(solver_order=1)]
     if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
@@ -173,6 +175,11 @@ def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
         kwargs = dict(sigmas=sched.sigmas, generator=torch.Generator().manual_seed(1))
     got = sampler(denoiser, x, sched.timesteps, **kwargs)
     assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), name)
+    if name == "DPMSolverMultistepScheduler":  # 3M too
+        sched = S.DPMSolverMultistepScheduler.from_config(sched.config, solver_order=3)
+        sched.set_timesteps(15)
+        got = sampler(denoiser, x, sched.timesteps, order=3, **kwargs)
+        assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), "3M")
 
 
 @pytest.mark.parametrize("config", [dict(solver_type="bh1"), dict(lower_order_final=False),
@@ -430,8 +437,8 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     assert {n: type(S.scheduler_from_name(n)).__name__ for n in S.SCHEDULERS} == {
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-        "dpm++sde": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
-        "heun": "HeunDiscreteScheduler"}
+        "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
+        "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -439,6 +446,8 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     sde = S.scheduler_from_name("dpm++sde", pndm, use_karras_sigmas=True)
     assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.use_karras_sigmas
     assert S.scheduler_from_name("dpm++", sde.config).config.algorithm_type == "dpmsolver++"
+    three = S.scheduler_from_name("dpm++3m", sde.config).config
+    assert (three.solver_order, three.algorithm_type) == (3, "dpmsolver++")
 
 
 BAD = [
@@ -450,7 +459,7 @@ BAD = [
     ("DDPMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
     ("DDIMScheduler", {"num_train_timesteps": "1000"}, "num_train_timesteps"),

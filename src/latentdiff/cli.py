@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0..1, rescales guided predictions to the conditional one's spread (Lin et al.: 0.7)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default="dpm++",
-                   choices=["ddpm", "ddim", "euler", "euler_a", "heun", "dpm++", "dpm++sde", "pndm", "unipc"])
+                   choices=["ddpm", "ddim", "euler", "euler_a", "heun", "dpm++", "dpm++sde", "dpm++3m", "pndm",
+                            "unipc"])
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--height", type=int, default=None)

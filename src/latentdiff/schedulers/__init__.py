@@ -30,19 +30,22 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "heun": HeunDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "dpm++sde": DPMSolverMultistepScheduler,
+    "dpm++3m": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-# Names that stand for a class with these options ("DPM++ 2M SDE" is DPM-Solver++ solving the SDE).
+# Names that stand for a class with these options ("DPM++ 2M SDE" is DPM-Solver++ solving the SDE; "DPM++ 3M" its
+# third-order multistep form).
 NAMED_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm++": {"algorithm_type": "dpmsolver++"},
     "dpm++sde": {"algorithm_type": "sde-dpmsolver++"},
+    "dpm++3m": {"algorithm_type": "dpmsolver++", "solver_order": 3},
 }
 
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "pndm", "unipc"), built from another scheduler's config (or a diffusers config dict) so it keeps the
+    "dpm++sde", "dpm++3m", "pndm", "unipc"), built from another scheduler's config (or a diffusers config dict) so it keeps the
     model's training noise schedule and prediction type. DDPM and DDIM clip their x0 estimate only if that config
     says so (their own default clips, which suits pixels, not latents)."""
     if name not in SCHEDULERS:

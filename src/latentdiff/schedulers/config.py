@@ -229,8 +229,9 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 
 @dataclass(frozen=True)
 class DPMSolverConfig(_ZeroSNRKeyConfig):
-    """DPM-Solver++(2M), as an ODE or an SDE solver (algorithm_type). lower_order_final and euler_at_final are
-    accepted at either value: with the final noise level 0 (final_sigmas_type "zero") the last step is first order
+    """DPM-Solver++ of solver_order 1 to 3 (2M by default), as an ODE or an SDE solver (algorithm_type).
+    lower_order_final caps the second-to-last step at second order under 15 steps; euler_at_final is accepted
+    at either value: with the final noise level 0 (final_sigmas_type "zero") the last step is first order
     anyway. A variance_type that is not learned (what a DDPM config carries) has no effect, as in diffusers."""
     solver_order: int = 2
     thresholding: bool = False
@@ -256,7 +257,7 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
     scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
     aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint")}
     supported: ClassVar[dict[str, tuple]] = {
-        **_ZeroSNRKeyConfig.supported, "solver_order": (2,), "thresholding": (False,),
+        **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
         "use_karras_sigmas": (False, True, None),
         "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),

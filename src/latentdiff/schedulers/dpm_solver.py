@@ -1,7 +1,7 @@
 """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2 with the midpoint form of diffusers): a second
-order multistep solver of the diffusion ODE in log-SNR time that reuses the previous step's x0 estimate; and its
-SDE form (algorithm_type "sde-dpmsolver++", "DPM++ 2M SDE"), which solves the reverse SDE instead and adds fresh
-noise at every step."""
+order multistep solver of the diffusion ODE in log-SNR time that reuses the previous step's x0 estimate (its
+third-order form, 3M, the last two); and its SDE form (algorithm_type "sde-dpmsolver++", "DPM++ 2M SDE"), which
+solves the reverse SDE instead and adds fresh noise at every step."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,34 +27,69 @@ def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | Non
     r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0.
     Given `noise` (standard normal, like x), the SDE form (Lu et al. 2022, sec. 5 / appendix): x_next =
     (sigma_t,next / sigma_t) e^-h x + alpha_next (1 - e^-2h) D + sigma_t,next sqrt(1 - e^-2h) noise."""
+    history = [] if x0_prev is None else [(x0_prev, sigma_prev)]
+    return dpmpp_step(x, [(x0, sigma), *history], sigma_next, noise)
+
+
+def dpmpp_step(x: torch.Tensor, estimates: list, sigma_next, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DPM-Solver++ multistep update of order len(estimates) (1 to 3) from the sample x at the newest
+    estimate's noise level to `sigma_next`. `estimates`: [(x0, sigma), (x0_prev, sigma_prev), ...], newest first.
+    Order 2 is dpmpp_2m_step's; order 3 (DPM++ 3M) corrects D with the first and second divided differences of the
+    last three estimates in log-SNR time, D1 and D2, weighted by the phi functions of h (phi_2, phi_3 terms;
+    DPM-Solver++, appendix B). `noise`: the SDE form."""
+    (x0, sigma), *older = estimates
     alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
     alpha, sigma_vp = vp_coefficients(sigma)
     log_snr = _log_snr(alpha, sigma_vp)  # (each noise level's coefficients computed once: scalar ops are host time)
     h = _log_snr(alpha_next, sigma_vp_next) - log_snr
-    d = x0
-    if x0_prev is not None:
-        r = (log_snr - _log_snr(*vp_coefficients(sigma_prev))) / h
-        d = x0 + (0.5 / r) * (x0 - x0_prev)
+    lambdas = [log_snr] + [_log_snr(*vp_coefficients(s)) for _, s in older]
+    if len(older) < 2:
+        d = x0 if not older else x0 + (0.5 / ((log_snr - lambdas[1]) / h)) * (x0 - older[0][0])
+        if noise is None:
+            return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
+        decay = torch.exp(-2.0 * h)
+        return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1 - decay)) * d
+                + (sigma_vp_next * torch.sqrt(1.0 - decay)) * noise)
+    (x0_1, _), (x0_2, _) = older[:2]
+    r0, r1 = (lambdas[0] - lambdas[1]) / h, (lambdas[1] - lambdas[2]) / h
+    d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
     if noise is None:
-        return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
+        phi = torch.exp(-h) - 1.0
+        return ((sigma_vp_next / sigma_vp) * x - (alpha_next * phi) * x0 + (alpha_next * (phi / h + 1.0)) * d1
+                - (alpha_next * ((phi + h) / h ** 2 - 0.5)) * d2)
     decay = torch.exp(-2.0 * h)
-    return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1 - decay)) * d
+    return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1.0 - decay)) * x0
+            + (alpha_next * ((1.0 - decay) / (-2.0 * h) + 1.0)) * d1
+            + (alpha_next * ((1.0 - decay - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
             + (sigma_vp_next * torch.sqrt(1.0 - decay)) * noise)
 
 
+def solver_order_at(i: int, steps: int, history: int, solver_order: int, lower_order_final: bool) -> int:
+    """The order of step i of `steps` with `history` earlier estimates at hand, as diffusers picks it: as high as
+    the config and the history allow, first order onto noise level 0 (the last step), and at most second order in
+    the step before when lower_order_final and fewer than 15 steps (stability with few steps)."""
+    if i == steps - 1:
+        return 1
+    order = min(solver_order, 1 + history)
+    return min(order, 2) if i == steps - 2 and lower_order_final and steps < 15 else order
+
+
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
-                    sde: bool = False, generator=None) -> torch.Tensor:
+                    sde: bool = False, generator=None, order: int = 2, lower_order_final: bool = True) -> torch.Tensor:
     """Run DPM-Solver++(2M) from the VP sample x at sigmas[0] through sigmas (ending in 0). The first step has no
     history and the last one lands on sigma = 0, so both are first order. `sde`: the SDE form, its noise drawn
-    from `generator` (one per image, or one for all) at every step."""
-    x0_prev = None
+    from `generator` (one per image, or one for all) at every step. `order` 1 or 3: DPM-Solver++ 1S (DDIM) or 3M
+    (solver_order_at picks each step's)."""
+    estimates: list = []
     for i, t in enumerate(timesteps):
         alpha, sigma_vp = vp_coefficients(sigmas[i])
         x0, _ = denoiser(x, t, alpha, sigma_vp)
-        history = x0_prev if 0 < i < len(timesteps) - 1 else None
+        estimates = [(x0, sigmas[i]), *estimates][:3]
+        used = solver_order_at(i, len(timesteps), len(estimates) - 1, order, lower_order_final)
         noise = randn(x.shape, generator, x.device, torch.float32) if sde else None
-        x = dpmpp_2m_step(x, x0, history, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1], noise)
-        x0_prev = x0
+        x = dpmpp_step(x, estimates[:used], sigmas[i + 1], noise)
     return x
 
 
@@ -100,14 +135,15 @@ class LogSNRMultistepScheduler(Scheduler):
 
 class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
     """diffusers' DPMSolverMultistepScheduler protocol (algorithm_type "dpmsolver++" or "sde-dpmsolver++",
-    solver_order 2, midpoint) over `dpmpp_2m_step`. The only state is the previous step's (index, x0), reset by
-    set_timesteps; a step that does not follow it (a fresh start, img2img) is first order, as in diffusers. The SDE
+    solver_order 1 to 3 (2: "DPM++ 2M", 3: "DPM++ 3M"), midpoint) over `dpmpp_step`. The only state is the last
+    steps' (index, x0), reset by set_timesteps; a step that does not follow them (a fresh start, img2img) is first
+    order, as in diffusers. The SDE
     form draws its noise from `generator` in every step (or takes `variance_noise`), as diffusers' does."""
     config_class = DPMSolverConfig
     custom_grids = frozenset({"timesteps"})
 
     def _reset(self) -> None:
-        self._previous: tuple[int, torch.Tensor] | None = None  # the last step's (grid index, x0 estimate)
+        self._previous: list[tuple[int, torch.Tensor]] = []  # the last steps' (grid index, x0 estimate), newest first
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
@@ -120,10 +156,16 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
         alpha, sigma_vp = vp_coefficients(sigma)
         x = sample.float()
         x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0]
-        follows = self._previous is not None and self._previous[0] == i - 1
-        history = self._previous[1] if follows and i < len(self._grid) - 1 else None
-        prev = dpmpp_2m_step(x, x0, history, self.sigmas[i - 1] if i else None, sigma, self.sigmas[i + 1], noise)
-        self._previous = (i, x0)
+        # the estimates of the steps just before this one (a step that does not follow them starts afresh)
+        kept = [(x0, sigma)]
+        for k, (index, estimate) in enumerate(self._previous, 1):
+            if index != i - k:
+                break
+            kept.append((estimate, self.sigmas[index]))
+        order = solver_order_at(i, len(self._grid), len(kept) - 1, self.config.solver_order,
+                                self.config.lower_order_final)
+        prev = dpmpp_step(x, kept[:order], self.sigmas[i + 1], noise)
+        self._previous = [(i, x0)] + [(index, e) for index, e in self._previous[:1] if index == i - 1]
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
