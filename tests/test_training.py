@@ -677,10 +677,10 @@ def test_two_processes_train_with_ddp_over_gloo(tmp_path):
 # ---- LoRA ---------------------------------------------------------------------------------------------------------
 def lora_config(tmp_path, pretrained, name="lora", **overrides):
     """LoRA fine-tuning of a pretrained tiny pipeline (64 px: its U-Net's sample_size 8 times the VAE's factor)."""
-    return smoke_config(tmp_path, name, pretrained=str(pretrained), unet=None, text_encoder=None, vae=None,
-                        scheduler=None, resolution=64, shapes={"num_samples": 8, "seed": 0}, train_batch_size=4,
-                        max_train_steps=4, checkpointing_steps=0, lora_rank=4, lora_alpha=8.0,
-                        lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"], **overrides)
+    settings = dict(pretrained=str(pretrained), unet=None, text_encoder=None, vae=None, scheduler=None, resolution=64,
+                    shapes={"num_samples": 8, "seed": 0}, train_batch_size=4, max_train_steps=4, checkpointing_steps=0,
+                    lora_rank=4, lora_alpha=8.0, lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"])
+    return smoke_config(tmp_path, name, **{**settings, **overrides})
 
 
 def test_lora_training_trains_only_the_adapters_and_exports_diffusers_lora(tmp_path, tiny_folders):
@@ -716,6 +716,18 @@ def test_lora_training_trains_only_the_adapters_and_exports_diffusers_lora(tmp_p
     assert (ours_loaded - expected).abs().max() < 1e-5 and (theirs - expected).abs().max() < 1e-5
     with torch.no_grad():
         assert (ours_loaded - LatentDiffusionPipeline.from_pretrained(folder).unet(x, 500, ctx)).abs().max() > 1e-3
+
+
+def test_lora_training_resumes_exactly(tmp_path, tiny_folders):
+    """A LoRA run stopped after 2 steps and resumed from its checkpoint ends as one run of 4 steps (losses, adapters,
+    their averages): the checkpoint holds the wrapped U-Net, the adapters' optimizer state and EMA."""
+    common = dict(checkpointing_steps=2, lr_scheduler="constant", lr_warmup_steps=0)
+    run_a = train_text_to_image(lora_config(tmp_path, tiny_folders[1], "a", **common))
+    train_text_to_image(lora_config(tmp_path, tiny_folders[1], "b", **{**common, "max_train_steps": 2}))
+    run_b = train_text_to_image(lora_config(tmp_path, tiny_folders[1], "b", resume="latest", **common))
+    assert run_b.resumed_from == tmp_path / "b" / "checkpoint-2" and run_b.losses == run_a.losses[2:]
+    files = [load_safetensors(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in "ab"]
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
 
 
 def test_lora_config_errors(tmp_path):
