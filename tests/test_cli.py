@@ -262,7 +262,7 @@ def test_scheduler_choices_are_the_library_names():
     for name in SCHEDULERS:
         assert parser.parse_args(["generate", "x", "--scheduler", name]).scheduler == name
     with pytest.raises(SystemExit):
-        parser.parse_args(["generate", "x", "--scheduler", "lms"])
+        parser.parse_args(["generate", "x", "--scheduler", "klms"])
     offered = next(a.choices for a in parser._subparsers._group_actions[0].choices["generate"]._actions
                    if a.dest == "scheduler")
     assert sorted(offered) == sorted(SCHEDULERS)

@@ -185,7 +185,11 @@ def test_folder_scheduler_classes(folders, tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, schedulers.PNDMScheduler) and pipe.scheduler.config.skip_prk_steps
     file.write_text(json.dumps({**sd15, "_class_name": "LMSDiscreteScheduler"}))
-    with pytest.warns(UserWarning, match="LMSDiscreteScheduler is not implemented in latentdiff; using "
+    lms = LatentDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(lms.scheduler, schedulers.LMSDiscreteScheduler)
+    assert run(lms, PROMPTS[0], num_inference_steps=3).shape == (1, 3, 16, 16)  # the pipeline's loop runs it
+    file.write_text(json.dumps({**sd15, "_class_name": "KDPM2DiscreteScheduler"}))
+    with pytest.warns(UserWarning, match="KDPM2DiscreteScheduler is not implemented in latentdiff; using "
                                          "DPMSolverMultistepScheduler with the same noise schedule"):
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, schedulers.DPMSolverMultistepScheduler)

@@ -16,7 +16,8 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-         "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"]
+         "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
+         "LMSDiscreteScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -33,7 +34,7 @@ def variants(name):
                 dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
                 dict(solver_order=3), dict(solver_order=3, lower_order_final=False),
                 dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), dict(solver_order=1)]
-    if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler"):
+    if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
@@ -94,8 +95,8 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         assert_close(a, b, what)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "PNDMScheduler"])  # PNDM: test_pndm_img2img_start
-def test_img2img_start_and_add_noise_match_diffusers(name):
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("PNDMScheduler", "LMSDiscreteScheduler")])
+def test_img2img_start_and_add_noise_match_diffusers(name):  # PNDM: test_pndm_img2img_start; LMS: test_lms_img2img
     """Start part-way: add_noise at timesteps[k], then step over timesteps[k:] (with and without set_begin_index)."""
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     if name in ("DDPMScheduler", "DDIMScheduler"):
@@ -118,6 +119,23 @@ def test_img2img_start_and_add_noise_match_diffusers(name):
         a = run(ours, xa, torch.Generator().manual_seed(2), ours.timesteps[k:])
         b = run(ref, xb, torch.Generator().manual_seed(2), ref.timesteps[k:])
         assert_close(a, b, f"{name} img2img begin_index={begin}")
+
+
+def test_lms_img2img_starts_at_first_order():
+    """Started part-way, LMS has one slope: its first step is Euler's, and the order then grows as the slopes come
+    (diffusers' applies the weights of order min(step index + 1, 4) to the one slope it has there instead). From a
+    start at step 0 the two agree (test_trajectories_match_diffusers)."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    lms, euler = S.LMSDiscreteScheduler(**config), S.EulerDiscreteScheduler(**config)
+    for sched in (lms, euler):
+        sched.set_timesteps(20)
+        sched.set_begin_index(7)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    t = lms.timesteps[7]
+    assert_close(lms.step(fake_model(x, t), t, x).prev_sample, euler.step(fake_model(x, t), t, x).prev_sample, "LMS")
+    assert [round(c, 6) for c in S.lms_coefficients([0.0, 1.0])] == [-1.0]  # first order: sigma_next - sigma
+    # order 2 over nodes 2, 3 from 2 to 1: the Adams-Bashforth weights times the step (-1): -1.5 and +0.5
+    assert [round(c, 6) for c in S.lms_coefficients([1.0, 2.0, 3.0])] == [-1.5, 0.5]
 
 
 def test_begin_index_bounds():
@@ -159,7 +177,7 @@ def test_steps_are_stateless_and_reruns_agree(name):
 @pytest.mark.parametrize("name, sampler", [
     ("DDPMScheduler", S.sample_ddpm), ("DDIMScheduler", S.sample_ddim), ("EulerDiscreteScheduler", S.sample_euler),
     ("EulerAncestralDiscreteScheduler", S.sample_euler_ancestral), ("DPMSolverMultistepScheduler", S.sample_dpmpp_2m),
-    ("UniPCMultistepScheduler", S.sample_unipc),
+    ("UniPCMultistepScheduler", S.sample_unipc), ("LMSDiscreteScheduler", S.sample_lms),
 ])
 def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
     sched = getattr(S, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -169,7 +187,8 @@ def test_pure_samplers_equal_the_scheduler_loops(name, sampler):
     denoiser = Denoiser(fake_model, "v_prediction")
     if name in ("DDPMScheduler", "DDIMScheduler"):
         kwargs = dict(alphas_cumprod=sched.alphas_cumprod, generator=torch.Generator().manual_seed(1))
-    elif name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+    elif name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                  "LMSDiscreteScheduler"):
         kwargs = dict(sigmas=sched.sigmas)
     else:
         kwargs = dict(sigmas=sched.sigmas, generator=torch.Generator().manual_seed(1))
@@ -371,6 +390,7 @@ CONFIGS = {
     "PNDMScheduler": dict(skip_prk_steps=True, steps_offset=1),
     "UniPCMultistepScheduler": dict(solver_order=3, disable_corrector=[2], use_karras_sigmas=True),
     "HeunDiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
+    "LMSDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction", steps_offset=1),
 }
 
 
@@ -438,7 +458,7 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
         "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
-        "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler"}
+        "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -476,6 +496,7 @@ BAD = [
     ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, "beta_schedule"),
     ("UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
+    ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("UniPCMultistepScheduler", {"disable_corrector": [1.5]}, "disable_corrector"),
     ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
 ]
@@ -498,7 +519,7 @@ def test_harmless_and_unknown_keys():
     with pytest.raises(ValueError, match="no option"):
         S.DDIMScheduler(use_karras_sigmas=False)  # the constructor takes only its own keys
     with pytest.raises(ValueError, match="unknown scheduler"):
-        S.scheduler_from_name("lms")
+        S.scheduler_from_name("klms")
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         S.DDIMScheduler.from_pretrained("/nonexistent/folder")
     with warnings.catch_warnings():

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default="dpm++",
                    choices=["ddpm", "ddim", "euler", "euler_a", "heun", "dpm++", "dpm++sde", "dpm++3m", "pndm",
-                            "unipc"])
+                            "unipc", "lms"])
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--height", type=int, default=None)

@@ -228,6 +228,20 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
+class LMSConfig(SchedulerConfig):
+    """diffusers' LMSDiscreteScheduler's keys and defaults."""
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    timestep_spacing: str = "linspace"
+
+    scheduler_name: ClassVar[str] = "LMSDiscreteScheduler"
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    }
+
+
+@dataclass(frozen=True)
 class DPMSolverConfig(_ZeroSNRKeyConfig):
     """DPM-Solver++ of solver_order 1 to 3 (2M by default), as an ODE or an SDE solver (algorithm_type).
     lower_order_final caps the second-to-last step at second order under 15 steps; euler_at_final is accepted

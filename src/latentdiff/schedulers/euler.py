@@ -8,7 +8,7 @@ import torch
 from ..guidance import Denoiser
 from ..schedules import randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
-from .config import EulerAncestralConfig, EulerConfig, HeunConfig
+from .config import EulerAncestralConfig, EulerConfig, HeunConfig, LMSConfig
 from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
@@ -215,4 +215,72 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             self._euler = None
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
+        return out if return_dict else out.to_tuple()
+
+
+def lms_coefficients(sigmas: list[float]) -> list[float]:
+    """The weights of the linear multistep step from sigmas[0] to sigmas[1] given the slopes at sigmas[0],
+    sigmas[-1], ..., sigmas[-(order - 1)] (the list: [sigma_next, sigma_now, sigma_prev, ...]): each slope's
+    Lagrange basis polynomial over those noise levels, integrated from sigma_now to sigma_next (Karras et al. 2022's
+    "LMS" sampler, Crowson's k-diffusion). The polynomials have degree order - 1 <= 3, so a 4-point Gauss-Legendre
+    rule integrates them exactly (float64)."""
+    sigma_next, *nodes = (float(s) for s in sigmas)
+    points, weights = np.polynomial.legendre.leggauss(4)
+    half = (sigma_next - nodes[0]) / 2
+    taus = nodes[0] + half * (points + 1)
+    out = []
+    for j, node in enumerate(nodes):
+        basis = np.ones_like(taus)
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis *= (taus - other) / (node - other)
+        out.append(float(half * np.dot(weights, basis)))
+    return out
+
+
+def lms_step(x: torch.Tensor, slopes: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """x + sum_j c_j d_j: slopes d = (x - x0) / sigma, newest first, with lms_coefficients' weights."""
+    for coefficient, slope in zip(coefficients, slopes):
+        x = x + coefficient * slope
+    return x
+
+
+def sample_lms(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
+               order: int = 4) -> torch.Tensor:
+    """Run LMS of up to `order` from x at noise level sigmas[0] through sigmas (ending in 0)."""
+    slopes: list[torch.Tensor] = []
+    for i, t in enumerate(timesteps):
+        slopes = [(x - _denoise(denoiser, x, t, sigmas[i])) / sigmas[i], *slopes][:order]
+        x = lms_step(x, slopes, lms_coefficients([sigmas[i + 1]] + [sigmas[i - k] for k in range(len(slopes))]))
+    return x
+
+
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """diffusers' LMSDiscreteScheduler protocol over `lms_step`: the linear multistep method on the probability-flow
+    ODE in sigma, of the order step() is given (4 by default) once that many slopes are at hand. Its state is the
+    last steps' (index, slope). A step that does not follow them (img2img's first) starts afresh at first order,
+    where diffusers' applies the order's weights to the one slope it has."""
+    config_class = LMSConfig
+
+    def _reset(self) -> None:
+        self._slopes: list[tuple[int, torch.Tensor]] = []  # newest first
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
+             return_dict: bool = True, generator=None):
+        """`generator`: unused (deterministic), taken as every latentdiff scheduler takes it."""
+        if not isinstance(order, int) or order < 1:
+            raise ValueError(f"order={order!r}: a positive int (diffusers' default 4)")
+        i = self.index_for_timestep(timestep)
+        sigma = self.sigmas[i]
+        x0 = self._x0(model_output, sample.float(), sigma).to(sample.dtype)
+        slopes = [(sample - x0) / sigma]
+        for k, (index, slope) in enumerate(self._slopes, 1):
+            if index != i - k or len(slopes) == order:
+                break
+            slopes.append(slope)
+        self._slopes = [(i, slopes[0])] + [(i - k, s) for k, s in enumerate(slopes[1:order - 1], 1)]
+        levels = [self.sigmas[i + 1]] + [self.sigmas[i - k] for k in range(len(slopes))]
+        prev = lms_step(sample, slopes, lms_coefficients(levels))
+        self._finish_step(i)
+        out = SchedulerOutput(prev, x0)
         return out if return_dict else out.to_tuple()
