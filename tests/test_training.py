@@ -718,6 +718,26 @@ def test_lora_training_trains_only_the_adapters_and_exports_diffusers_lora(tmp_p
         assert (ours_loaded - LatentDiffusionPipeline.from_pretrained(folder).unet(x, 500, ctx)).abs().max() > 1e-3
 
 
+def test_lora_training_of_the_text_encoder_too(tmp_path, tiny_folders):
+    """With train_text_encoder, the text encoder's attention projections get adapters too (its own weights stay),
+    exported under text_encoder.; loaded back, the text encoder gives the trained one's output."""
+    folder = tiny_folders[1]
+    result = train_text_to_image(lora_config(tmp_path, folder, train_text_encoder=True, use_ema=False))
+    trained = result.task.accelerator.unwrap_model(result.task.text_encoder).eval()
+    pretrained = LatentDiffusionPipeline.from_pretrained(folder)
+    base = {k.replace(".base_layer", ""): v for k, v in trained.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(v, pretrained.text_encoder.state_dict()[k]) for k, v in base.items())
+    state = load_safetensors(tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors")
+    assert sum(k.startswith("text_encoder.") for k in state) == 2 * 4 * 2  # A and B, 4 projections, 2 layers
+    ids = pretrained.tokenizer("a red circle")
+    with torch.no_grad():
+        expected = trained(ids).last_hidden_state
+        before = pretrained.text_encoder(ids).last_hidden_state
+        pretrained.load_lora_weights(tmp_path / "lora" / "lora")
+        got = pretrained.text_encoder(ids).last_hidden_state
+    assert (got - expected).abs().max() < 1e-5 and (got - before).abs().max() > 1e-4
+
+
 def test_lora_training_resumes_exactly(tmp_path, tiny_folders):
     """A LoRA run stopped after 2 steps and resumed from its checkpoint ends as one run of 4 steps (losses, adapters,
     their averages): the checkpoint holds the wrapped U-Net, the adapters' optimizer state and EMA."""
@@ -735,9 +755,6 @@ def test_lora_config_errors(tmp_path):
         smoke_config(tmp_path, lora_rank=4)
     with pytest.raises(ValueError, match="lora_alpha is given without lora_rank"):
         smoke_config(tmp_path, lora_alpha=4.0)
-    with pytest.raises(ValueError, match="LoRA training adapts the U-Net only"):
-        smoke_config(tmp_path, pretrained="x", unet=None, text_encoder=None, vae=None, lora_rank=4,
-                     train_text_encoder=True)
     with pytest.raises(ValueError, match="positive integer"):
         smoke_config(tmp_path, pretrained="x", unet=None, text_encoder=None, vae=None, lora_rank=0)
 

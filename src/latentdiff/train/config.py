@@ -115,7 +115,8 @@ class TextToImageConfig(TrainConfig):
     prediction_type: str | None = None  # override the scheduler's: "epsilon" or "v_prediction"
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = None  # default: learning_rate
-    # LoRA (fine-tuning only): train low-rank adapters of these U-Net layers instead of its weights; the run exports
+    # LoRA (fine-tuning only): train low-rank adapters of these U-Net layers instead of its weights (with
+    # train_text_encoder, of the text encoder's attention projections too); the run exports
     # <output_dir>/lora/pytorch_lora_weights.safetensors (pipe.load_lora_weights reads it, in diffusers too)
     lora_rank: int | None = None
     lora_alpha: float | None = None  # the adapters' scale is lora_alpha / lora_rank; default: the rank (scale 1)
@@ -173,9 +174,6 @@ class TextToImageConfig(TrainConfig):
                 raise ValueError(f"lora_rank must be a positive integer (4 to 128 is usual), got {self.lora_rank}")
             if self.lora_alpha is not None and not self.lora_alpha > 0:
                 raise ValueError(f"lora_alpha must be positive (or null: the rank), got {self.lora_alpha}")
-            if self.train_text_encoder:
-                raise ValueError("LoRA training adapts the U-Net only: set train_text_encoder: false (or drop "
-                                 "lora_rank to fine-tune both models' weights)")
             if not self.lora_target_modules or not all(isinstance(t, str) for t in self.lora_target_modules):
                 raise ValueError(f"lora_target_modules must list layer names (e.g. [to_q, to_k, to_v, to_out.0]), "
                                  f"got {self.lora_target_modules}")

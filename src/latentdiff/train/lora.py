@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # the text encoder's (train_text_encoder with LoRA)
 
 
 class LoRATrainingLayer(nn.Module):

@@ -19,7 +19,7 @@ from ..checkpoints import load_into
 from ..lora import save_lora_weights
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
-from .lora import adapter_state, add_lora_layers
+from .lora import TEXT_LORA_TARGETS, adapter_state, add_lora_layers
 from .loop import FitResult, Trainer, make_accelerator, make_optimizer
 from .loss import Draws, DrawSpec, diffusion_loss
 
@@ -133,11 +133,13 @@ class TextToImageTask:
             if config.train_text_encoder:
                 text_encoder.gradient_checkpointing_enable()
         self.lora = config.lora_rank is not None
-        if self.lora:  # the U-Net frozen but for the adapters (A drawn from the run's seed: the same on every process)
+        if self.lora:  # the models frozen but for the adapters (A drawn from the run's seed: the same on every process)
             add_lora_layers(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.seed)
+            if config.train_text_encoder:  # its attention projections, as diffusers' LoRA scripts adapt them
+                add_lora_layers(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS, config.seed + 1)
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
         if config.train_text_encoder:
-            groups.append({"params": list(text_encoder.parameters()),
+            groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                            "lr": config.text_encoder_learning_rate or config.learning_rate})
         optimizer, lr_scheduler = make_optimizer(groups, config)
         if config.train_text_encoder:
@@ -241,10 +243,14 @@ class TextToImageTask:
             config = self.config
             with self._averaged():
                 state = adapter_state(self._unet())
-            settings = {"r": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank,
-                        "target_modules": list(config.lora_target_modules)}
+            text = (adapter_state(self.accelerator.unwrap_model(self.text_encoder)) if config.train_text_encoder
+                    else None)
+            settings = {"r": config.lora_rank, "lora_alpha": config.lora_alpha or config.lora_rank}
             write_atomically(Path(config.output_dir) / "lora", lambda folder: save_lora_weights(
-                folder, unet_lora_layers=state, unet_lora_adapter_metadata=settings))
+                folder, unet_lora_layers=state, text_encoder_lora_layers=text,
+                unet_lora_adapter_metadata={**settings, "target_modules": list(config.lora_target_modules)},
+                text_encoder_lora_adapter_metadata={**settings, "target_modules": list(TEXT_LORA_TARGETS)} if text
+                else None))
         elif self.accelerator.is_main_process:
             unet = self.sampling_unet("cpu").to("cpu", torch.float32)
             text_encoder = self.accelerator.unwrap_model(self.text_encoder).to("cpu", torch.float32)
