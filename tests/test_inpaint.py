@@ -92,8 +92,15 @@ def test_errors(tiny_folders, inpainting_folder):
         pipe("x", IMAGE, MASK * 255)
     with pytest.raises(ValueError, match="strength 1 only"):
         pipe("x", IMAGE, MASK, strength=0.5, latents=torch.zeros(1, 4, 8, 8))
-    with pytest.raises(ValueError, match="got 2 masks for 1 images"):
-        pipe("x", IMAGE, MASK.repeat(2, 1, 1, 1))
+    with pytest.raises(ValueError, match="got 3 masks for 2 prompts"):
+        pipe(["x", "y"], IMAGE, MASK.repeat(3, 1, 1, 1))
+    # one mask per prompt, two images each: each image repaints its prompt's region (the same as alone)
+    masks = torch.stack([MASK[0], 1 - MASK[0]])
+    both = pipe(["x", "y"], IMAGE, masks, num_images_per_prompt=2, num_inference_steps=2, output_type="latent",
+                progress=False, generator=torch.Generator().manual_seed(0)).images
+    alone = pipe("y", IMAGE, masks[1:], num_images_per_prompt=2, num_inference_steps=2, output_type="latent",
+                 progress=False, generator=[torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)]).images
+    torch.testing.assert_close(both[2:], alone, rtol=0, atol=1e-5)
     text_to_image = LatentDiffusionPipeline.from_pretrained(inpainting_folder)
     with pytest.raises(ValueError, match="inpainting U-Net.*LatentDiffusionInpaintPipeline"):
         text_to_image("x", num_inference_steps=1)

@@ -758,9 +758,10 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 timesteps, sigmas)
             n = pixels.shape[0]
             mask = self.preprocess_mask(mask_image, pixels.shape[-2:])
-            if mask.shape[0] not in (1, n):
-                raise ValueError(f"got {mask.shape[0]} masks for {n} images: give one mask, or one per image")
-            mask = mask.expand(n, -1, -1, -1)
+            if mask.shape[0] not in (1, n // num_images_per_prompt, n):
+                raise ValueError(f"got {mask.shape[0]} masks for {n // num_images_per_prompt} prompts: give one mask, "
+                                 "one per prompt or one per image")
+            mask = mask.repeat_interleave(n // mask.shape[0], dim=0)
             shape = (n, latent_channels, *(d // self.vae_scale_factor for d in pixels.shape[-2:]))
             if latents is not None and (strength < 1.0 or tuple(latents.shape) != shape):
                 raise ValueError(f"latents (the starting noise) are taken with strength 1 only, of shape {shape}; "
