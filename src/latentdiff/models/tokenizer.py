@@ -170,8 +170,7 @@ class CLIPTokenizer:
         self._cache: dict[str, tuple[str, ...]] = {}  # a plain dict, so that the tokenizer pickles (DataLoader)
         self.added_tokens_encoder: dict[str, int] = {}
         self._added_split, self._added_ids = None, {}
-        for token, index in sorted((added_tokens or {}).items(), key=lambda item: item[1]):
-            self._add(token, index)
+        self._add(sorted((added_tokens or {}).items(), key=lambda item: item[1]))
 
     # ---- added tokens (textual inversion) ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -185,8 +184,8 @@ class CLIPTokenizer:
         how many were added."""
         tokens = [tokens] if isinstance(tokens, str) else list(tokens)
         new = [t for t in dict.fromkeys(tokens) if t not in self.encoder]
-        for token in new:
-            self._add(token, max(self.decoder) + 1)
+        first = max(self.decoder) + 1
+        self._add([(token, first + i) for i, token in enumerate(new)])
         return len(new)
 
     def remove_tokens(self, tokens: Iterable[str]) -> None:
@@ -201,30 +200,33 @@ class CLIPTokenizer:
         first = min(self.added_tokens_encoder.values())
         for token in list(self.added_tokens_encoder):
             del self.decoder[self.encoder.pop(token)]
-        self.added_tokens_encoder, self._added_split, self._added_ids = {}, None, {}
-        for i, token in enumerate(kept):
-            self._add(token, first + i)
+        self.added_tokens_encoder = {}
+        self._add([(token, first + i) for i, token in enumerate(kept)])
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         if isinstance(tokens, str):
             return self.encoder[tokens]
         return [self.encoder[t] for t in tokens]
 
-    def _add(self, token: str, index: int) -> None:
-        if not isinstance(token, str) or not token.strip():
-            raise ValueError(f"an added token must be a non-empty string, got {token!r}")
-        if token in self.encoder:
-            raise ValueError(f"token {token!r} is already in the vocabulary (id {self.encoder[token]}): choose "
-                             "another token")
-        if index in self.decoder:
-            raise ValueError(f"added token {token!r}: its id {index} is already {self.decoder[index]!r}")
-        self.encoder[token], self.decoder[index] = index, token
-        self.added_tokens_encoder[token] = index
-        # matched in the cleaned prompt, so in lower case (transformers normalises added tokens' matching too);
-        # longest first, so that "<emb>_1" is not read as "<emb>" and "_1"
-        ordered = sorted({t.lower() for t in self.added_tokens_encoder}, key=len, reverse=True)
-        self._added_split = regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")")
-        self._added_ids = {t.lower(): i for t, i in self.added_tokens_encoder.items()}
+    def _add(self, pairs: Iterable[tuple[str, int]]) -> None:
+        """Register (token, id) pairs, then match the added tokens anew (also those registered before an error)."""
+        try:
+            for token, index in pairs:
+                if not isinstance(token, str) or not token.strip():
+                    raise ValueError(f"an added token must be a non-empty string, got {token!r}")
+                if token in self.encoder:
+                    raise ValueError(f"token {token!r} is already in the vocabulary (id {self.encoder[token]}): "
+                                     "choose another token")
+                if index in self.decoder:
+                    raise ValueError(f"added token {token!r}: its id {index} is already {self.decoder[index]!r}")
+                self.encoder[token], self.decoder[index] = index, token
+                self.added_tokens_encoder[token] = index
+        finally:
+            # matched in the cleaned prompt, so in lower case (transformers normalises added tokens' matching too);
+            # longest first, so that "<emb>_1" is not read as "<emb>" and "_1"
+            ordered = sorted({t.lower() for t in self.added_tokens_encoder}, key=len, reverse=True)
+            self._added_split = regex.compile("(" + "|".join(map(regex.escape, ordered)) + ")") if ordered else None
+            self._added_ids = {t.lower(): i for t, i in self.added_tokens_encoder.items()}
 
     # ---- BPE ------------------------------------------------------------------------------------------------
     def bpe(self, word: str) -> tuple[str, ...]:
@@ -380,7 +382,7 @@ class CLIPTokenizer:
         to_byte = char_to_byte()
         text, run = [], []
         for i in ids + [None]:  # runs of BPE symbols as bytes; an added token as itself, spaced
-            if i is not None and i not in self.added_tokens_encoder.values():
+            if i is not None and self.decoder[i] not in self.added_tokens_encoder:
                 run.append(self.decoder[i])
                 continue
             text.append(bytes(to_byte[c] for c in "".join(run)).decode("utf-8", errors="replace"))
