@@ -57,6 +57,21 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         ) from None
 
 
+def weights_file(path: Path, weight_name: str | None, default: str, what: str) -> Path:
+    """The .safetensors file `path` names: itself, or in a folder `weight_name`, else `default` (the name the
+    writing library uses), else the folder's only .safetensors file."""
+    if not path.is_dir():
+        return path
+    if weight_name is None:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        weight_name = default if default in found else found[0] if len(found) == 1 else None
+        if weight_name is None:
+            raise CheckpointError(f"{path}: no {default} " + (
+                f"but several .safetensors files ({found}): pass weight_name=" if found else
+                f"nor any .safetensors file (the folder holds {sorted(p.name for p in path.iterdir())})"))
+    return require_path(path / weight_name, what)
+
+
 def with_variant(name: str, variant: str | None) -> str:
     """A weights file's name for a variant as diffusers and transformers write it: the variant before the last
     extension (diffusion_pytorch_model.fp16.safetensors, model.safetensors.index.fp16.json)."""

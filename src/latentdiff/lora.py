@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, load_safetensors, require_path
+from .checkpoints import CheckpointError, load_safetensors, require_path, weights_file
 from .models.attention import tensors_key
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a LoRA folder
@@ -168,15 +168,7 @@ def read_lora(source, weight_name: str | None = None, subfolder: str | None = No
     if isinstance(source, dict):
         return dict(source), None, "the given state dict"
     path = require_path(Path(source) / subfolder if subfolder else source, "LoRA file or folder")
-    if path.is_dir():
-        if weight_name is None:
-            found = sorted(p.name for p in path.glob("*.safetensors"))
-            weight_name = WEIGHT_NAME if WEIGHT_NAME in found else found[0] if len(found) == 1 else None
-            if weight_name is None:
-                raise CheckpointError(f"{path}: no {WEIGHT_NAME} " + (
-                    f"but several .safetensors files ({found}): pass weight_name=" if found else
-                    f"nor any .safetensors file (the folder holds {sorted(p.name for p in path.iterdir())})"))
-        path = require_path(path / weight_name, "LoRA weights file")
+    path = weights_file(path, weight_name, WEIGHT_NAME, "LoRA weights file")
     state = load_safetensors(path)
     from safetensors import safe_open
 

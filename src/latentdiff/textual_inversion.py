@@ -8,9 +8,9 @@ import re
 
 import torch
 
-from .checkpoints import CheckpointError, load_safetensors, require_path
+from .checkpoints import CheckpointError, load_safetensors, require_path, weights_file
 
-WEIGHT_NAMES = ("learned_embeds.safetensors",)  # diffusers' file name in a textual-inversion folder
+WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' file name in a textual-inversion folder
 
 
 def read_embedding(source, token: str | None, weight_name: str | None = None) -> tuple[str, torch.Tensor, str]:
@@ -22,15 +22,8 @@ def read_embedding(source, token: str | None, weight_name: str | None = None) ->
     elif isinstance(source, dict):
         state, where = source, "the given state dict"
     else:
-        path = require_path(source, "textual inversion file or folder")
-        if path.is_dir():
-            found = sorted(p.name for p in path.glob("*.safetensors"))
-            name = weight_name or next((n for n in WEIGHT_NAMES if n in found), found[0] if len(found) == 1 else None)
-            if name is None:
-                raise CheckpointError(f"{path}: no learned_embeds.safetensors " + (
-                    f"but several .safetensors files ({found}): pass weight_name=" if found else
-                    "nor any .safetensors file"))
-            path = require_path(path / name, "textual inversion file")
+        path = weights_file(require_path(source, "textual inversion file or folder"), weight_name, WEIGHT_NAME,
+                            "textual inversion file")
         state, where = load_safetensors(path), str(path)
     loaded_token = None
     if isinstance(state, dict):
@@ -74,13 +67,14 @@ class TextualInversionLoaderMixin:
             raise ValueError(f"{len(sources)} embeddings but {len(tokens)} tokens: give one token per embedding")
         words, rows = [], []
         width = text_encoder.get_input_embeddings().embedding_dim
+        vocabulary = tokenizer.get_vocab()
         for source, name in zip(sources, tokens):
             name, vectors, where = read_embedding(source, name, weight_name)
             if vectors.shape[-1] != width:
                 raise ValueError(f"{where}: embeddings of width {vectors.shape[-1]} for a text encoder of width "
                                  f"{width}: the embedding was made for another model (SD 2.x: 1024, SD 1.x: 768)")
             names = [name] + [f"{name}_{i}" for i in range(1, vectors.shape[0])]
-            clashes = [n for n in names if n in tokenizer.get_vocab() or n in words]
+            clashes = [n for n in names if n in vocabulary or n in words]
             if clashes:
                 raise ValueError(f"token(s) {clashes} are already in the tokenizer's vocabulary: pass another "
                                  "token=, or unload_textual_inversion() the one loaded before")
@@ -106,8 +100,8 @@ class TextualInversionLoaderMixin:
         unknown = [n for n in names if n not in added]
         if unknown:
             raise ValueError(f"tokens {unknown} were not loaded (loaded: {sorted(added)})")
-        keep = [i for i in range(text_encoder.get_input_embeddings().num_embeddings)
-                if i not in {added[t] for t in gone}]
+        removed = {added[t] for t in gone}
+        keep = [i for i in range(text_encoder.get_input_embeddings().num_embeddings) if i not in removed]
         rows = text_encoder.get_input_embeddings().weight.detach()[keep].clone()
         tokenizer.remove_tokens(gone)
         table = text_encoder.resize_token_embeddings(len(keep))
