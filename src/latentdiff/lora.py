@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -146,17 +147,23 @@ def lora_call_scale(cross_attention_kwargs: dict | None) -> float | None:
 
 
 @contextlib.contextmanager
-def model_lora_scaled(model: nn.Module, scale: float | None):
-    """`model`'s active adapters `scale` times inside (a model called with cross_attention_kwargs={"scale": s})."""
-    adapters = adapters_of(model)
-    if scale is None or scale == 1.0 or adapters is None:
+def scaled(sync: Callable[[float], object], scale: float | None):
+    """A context in which sync(scale) holds, sync(1.0) restoring it after: adapters weakened or strengthened for
+    one call. No-op for None or 1."""
+    if scale is None or scale == 1.0:
         yield
         return
-    adapters.sync(model, scale)
+    sync(float(scale))
     try:
         yield
     finally:
-        adapters.sync(model)
+        sync(1.0)
+
+
+def model_lora_scaled(model: nn.Module, scale: float | None):
+    """`model`'s active adapters `scale` times inside (a model called with cross_attention_kwargs={"scale": s})."""
+    adapters = adapters_of(model)
+    return contextlib.nullcontext() if adapters is None else scaled(lambda s: adapters.sync(model, s), scale)
 
 
 # ---- reading files ------------------------------------------------------------------------------------------------
@@ -486,15 +493,7 @@ class LoRALoaderMixin:
                 self._lora_changed(component)
             del model._lora
 
-    @contextlib.contextmanager
     def _lora_scaled(self, scale: float | None):
-        """A context in which the active adapters count `scale` times (a call's cross_attention_kwargs={"scale": s}:
-        diffusers' way to weaken or strengthen a LoRA for one call)."""
-        if scale is None or scale == 1.0 or not self._adapted():
-            yield
-            return
-        self._sync_lora(float(scale))
-        try:
-            yield
-        finally:
-            self._sync_lora()
+        """A context in which the active adapters of both models count `scale` times (a call's
+        cross_attention_kwargs={"scale": s}: diffusers' way to weaken or strengthen a LoRA for one call)."""
+        return scaled(self._sync_lora, scale) if self._adapted() else contextlib.nullcontext()
