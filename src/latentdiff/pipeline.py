@@ -431,12 +431,20 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         return torch.stack(out).to(self.dtype)
 
     # ---- checks -----------------------------------------------------------------------------------------------
-    def _require_plain_unet(self) -> None:
+    def _inpainting_unet(self) -> bool:
+        """Whether the U-Net is an inpainting one (latents, mask and masked-image latents in: 2 x the VAE's latent
+        channels + 1) rather than a plain one (the latent channels); another count is an error."""
         channels, latent = self.unet.config.in_channels, self.vae.config.latent_channels
-        if channels != latent:
-            raise ValueError(f"the U-Net takes {channels} input channels but the VAE makes {latent}-channel latents"
-                             + (": an inpainting U-Net, which runs in LatentDiffusionInpaintPipeline (image, "
-                                "mask_image)" if channels == 2 * latent + 1 else ""))
+        if channels not in (latent, 2 * latent + 1):
+            raise ValueError(f"the U-Net takes {channels} input channels but the VAE makes {latent}-channel latents: "
+                             f"a plain U-Net takes {latent}, an inpainting one {2 * latent + 1} (latents, mask, "
+                             "masked-image latents)")
+        return channels != latent
+
+    def _require_plain_unet(self) -> None:
+        if self._inpainting_unet():
+            raise ValueError(f"the U-Net takes {self.unet.config.in_channels} input channels: an inpainting U-Net, "
+                             "which runs in LatentDiffusionInpaintPipeline (image, mask_image)")
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.unet.config.sample_size * self.vae_scale_factor
@@ -745,12 +753,8 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
         in [0, 1], of the image's size. `latents`: the starting noise (strength 1 only)."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
-        channels = self.unet.config.in_channels
+        plain = not self._inpainting_unet()
         latent_channels = self.vae.config.latent_channels
-        if channels not in (latent_channels, 2 * latent_channels + 1):
-            raise ValueError(f"the U-Net takes {channels} input channels: inpainting needs a plain U-Net "
-                             f"({latent_channels}) or an inpainting one ({2 * latent_channels + 1}: latents, mask, "
-                             "masked-image latents)")
         with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
             pixels, cond, uncond, generators, timesteps = self._image_call(
                 "inpainting", image, strength, generator, prompt, negative_prompt, prompt_embeds,
@@ -768,7 +772,7 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                                  f"got {tuple(latents.shape)} with strength {strength}")
             # the draws in diffusers' order, each image from its own generator: the image's posterior sample (when
             # used), the noise, the masked image's posterior sample
-            z0 = self._encode_sample(pixels, generators) if channels == latent_channels or strength < 1 else None
+            z0 = self._encode_sample(pixels, generators) if plain or strength < 1 else None
             noise = randn(shape, generators, self.device, self.dtype) if latents is None else latents.to(
                 self.device, self.dtype)
             masked = self._encode_sample(pixels * (mask < 0.5), generators)
@@ -783,7 +787,6 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 known = z0 if len(later) == 0 else self.scheduler.add_noise(z0, noise, later)
                 return (1 - small) * known + small * x
 
-            plain = channels == latent_channels
             latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress,
                                    conditioning=None if plain else torch.cat([small, masked], dim=1),
