@@ -228,17 +228,23 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
-class LMSConfig(SchedulerConfig):
-    """diffusers' LMSDiscreteScheduler's keys and defaults."""
+class _SigmaGridConfig(SchedulerConfig):
+    """The noise-level grid keys of diffusers' samplers in sigma without zero-SNR rescaling (Heun, LMS): Karras
+    sigmas or not (exponential and beta grids not supported), "linspace" spacing by default."""
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
     timestep_spacing: str = "linspace"
 
-    scheduler_name: ClassVar[str] = "LMSDiscreteScheduler"
     supported: ClassVar[dict[str, tuple]] = {
         **SchedulerConfig.supported, "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
     }
+
+
+@dataclass(frozen=True)
+class LMSConfig(_SigmaGridConfig):
+    """diffusers' LMSDiscreteScheduler's keys and defaults."""
+    scheduler_name: ClassVar[str] = "LMSDiscreteScheduler"
 
 
 @dataclass(frozen=True)
@@ -327,18 +333,11 @@ class UniPCConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
-class HeunConfig(SchedulerConfig):
+class HeunConfig(_SigmaGridConfig):
     """diffusers' HeunDiscreteScheduler's keys and defaults (its beta range defaults to Stable Diffusion's)."""
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
-    timestep_spacing: str = "linspace"
 
     scheduler_name: ClassVar[str] = "HeunDiscreteScheduler"
-    supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
-    }
