@@ -56,7 +56,7 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
                              "torch.float32, or its name), 'auto' (the files' own), or None")
         return value
 
-    names = ("text_encoder", "unet", "vae")
+    names = ("text_encoder", "unet", "vae", "controlnet")
     if isinstance(torch_dtype, dict):
         unknown = sorted(set(torch_dtype) - {*names, "default"})
         if unknown:
@@ -66,11 +66,11 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
 
 
 def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | str | dict | None = None,
-                         variant: str | None = None, skip: Collection[str] = ()) -> dict:
+                         variant: str | None = None, skip: Collection[str] = (), controlnet: bool = False) -> dict:
     """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved), but those named in
-    `skip` (the caller has them). `variant`: the weights files of that name (diffusion_pytorch_model.fp16.safetensors,
-    ...), as diffusers' argument; a model saved in shards (an .index.json and its files) loads too. `torch_dtype`:
-    see component_dtypes."""
+    `skip` (the caller has them); with `controlnet`, its ControlNet(s) too. `variant`: the weights files of that
+    name (diffusion_pytorch_model.fp16.safetensors, ...), as diffusers' argument; a model saved in shards (an
+    .index.json and its files) loads too. `torch_dtype`: see component_dtypes."""
     dtypes = component_dtypes(torch_dtype)
     from .models.text import CLIPTokenizer, load_text_encoder
     from .models.unet import UNet2DConditionModel
@@ -95,7 +95,29 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
         "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
+    if controlnet:
+        loaders["controlnet"] = lambda: _load_controlnets(folder, index, dtypes["controlnet"], variant)
     return {name: load() for name, load in loaders.items() if name not in skip}
+
+
+def _load_controlnets(folder: Path, index: dict, dtype: torch.dtype | None, variant: str | None):
+    """The folder's ControlNet (controlnet/) or ControlNets (controlnet/, controlnet_1/, ...: diffusers'
+    MultiControlNetModel)."""
+    from .models.controlnet import ControlNetModel
+
+    entry = index.get("controlnet")
+    if not entry or not (folder / "controlnet").is_dir():
+        raise ValueError(f"{folder} has no ControlNet (no controlnet/ folder, or none in model_index.json): pass one, "
+                         "LatentDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ControlNetModel."
+                         "from_pretrained(controlnet_folder))")
+    if entry[-1] not in ("ControlNetModel", "MultiControlNetModel"):
+        raise ValueError(f"{folder / 'model_index.json'}: controlnet is a {entry[-1]}; latentdiff loads "
+                         "ControlNetModel and MultiControlNetModel (Stable Diffusion 1.x/2.x ControlNets)")
+    nets, path = [], folder / "controlnet"
+    while path.is_dir():
+        nets.append(ControlNetModel.from_pretrained(path, torch_dtype=dtype, variant=variant))
+        path = folder / f"controlnet_{len(nets)}"
+    return nets if entry[-1] == "MultiControlNetModel" else nets[0]
 
 
 def _what_it_is(folder: Path) -> str:
@@ -127,8 +149,11 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     folder = Path(folder)
     scheduler = components["scheduler"]
     inpainting = components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels + 1
+    controlnet = components.get("controlnet")
+    pipeline = ("StableDiffusionControlNetPipeline" if controlnet is not None else
+                "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
     index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         **MODEL_INDEX,
         "scheduler": ["diffusers", type(scheduler).__name__],
@@ -142,6 +167,11 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
     scheduler.save_config(folder / "scheduler")
+    if controlnet is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ... (diffusers' layout)
+        nets = list(getattr(controlnet, "nets", [controlnet]))
+        for i, net in enumerate(nets):
+            net.save_pretrained(folder / ("controlnet" if i == 0 else f"controlnet_{i}"), variant=variant)
+        index["controlnet"] = ["diffusers", type(controlnet).__name__]
     write_json(index, folder / "model_index.json")  # last: a folder with model_index.json is complete
 
 

@@ -168,6 +168,14 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
     def components(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.component_names}
 
+    def _models(self) -> list[torch.nn.Module]:
+        """The pipeline's neural networks."""
+        return [self.text_encoder, self.unet, self.vae]
+
+    def _denoisers(self) -> list[torch.nn.Module]:
+        """The networks each denoising step runs (their text keys and time embeddings are cached over a run)."""
+        return [self.unet]
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
@@ -217,7 +225,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                 raise TypeError(f"to({device}, {dtype}): give a device and a dtype, or one of them")
             device, dtype = None, device
         device = None if device is None else usable_device(device)
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in self._models():
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
         if self._graphed is not None:  # captured graphs point at the old tensors; off a GPU they cannot run
@@ -348,14 +356,16 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         components.pop("local_files_only", None)
         components.pop("low_cpu_mem_usage", None)
         components = cls._given(components, "from_pretrained")
-        loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components)
+        loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components,
+                                      controlnet="controlnet" in cls.component_names)
         return cls(**loaded, **components)
 
     @classmethod
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
         """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
         `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
-        return cls(**{**pipe.components, **cls._given(components, "from_pipe")})
+        shared = {name: c for name, c in pipe.components.items() if name in cls.component_names}
+        return cls(**{**shared, **cls._given(components, "from_pipe")})
 
     @classmethod
     def _given(cls, components: dict, method: str) -> dict:
@@ -499,13 +509,16 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
 
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
                 guidance_rescale: float = 0.0, conditioning: torch.Tensor | None = None,
-                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         """The guided sampling loop. `conditioning`: channels appended to the U-Net's input at every step (an
         inpainting U-Net's mask and masked-image latents); `after_step(i, latents)`: replaces the latents after
-        step i (inpainting with a plain U-Net puts the known region back)."""
+        step i (inpainting with a plain U-Net puts the known region back); `unet(x, t, context)`: the U-Net call
+        of each step (one per timestep), instead of the U-Net's own (compiled or from CUDA graphs where enabled)."""
         scheduler = self.scheduler
         share = getattr(self.unet, "accepts_shared_samples", False)  # ours, also under torch.compile
-        model = ClassifierFreeGuidance(self._unet_call(), cond, uncond, guidance_scale, guidance_rescale, share)
+        unet = self._unet_call() if unet is None else unet
+        model = ClassifierFreeGuidance(unet, cond, uncond, guidance_scale, guidance_rescale, share)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
         # the scheduler looks each timestep up by value: read them all to the host once here, since reading a GPU
         # tensor's value in every step would make the host wait for the GPU each time (a sync per step, which
@@ -514,7 +527,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         # what diffusers' callbacks read and set: pipe.num_timesteps, pipe._guidance_scale (a new value takes effect
         # from the next step; <= 1 drops the unconditional pass), pipe._interrupt = True (stop, then decode)
         self._num_timesteps, self._guidance_scale, self._interrupt = len(timesteps), float(guidance_scale), False
-        with self._compiling(), cache_text_keys(self.unet), cache_timesteps(self.unet, timesteps):
+        with self._compiling(), contextlib.ExitStack() as caches:
+            for network in self._denoisers():
+                caches.enter_context(cache_text_keys(network))
+                caches.enter_context(cache_timesteps(network, timesteps))
             bar = {"desc": "denoising", **self._progress_bar}
             bar["disable"] = bar.get("disable", False) or not progress
             for i, (t, value) in enumerate(zip(tqdm(timesteps, **bar), values)):
@@ -610,6 +626,19 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
     ):
         """`timesteps` / `sigmas`: the grid in full instead of num_inference_steps, for the schedulers that take one
         (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
+        return self._text_to_image(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
+            callback_on_step_end, progress, guidance_rescale, callback_on_step_end_tensor_inputs, timesteps, sigmas,
+            cross_attention_kwargs)
+
+    def _text_to_image(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                       num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
+                       output_type, return_dict, clip_skip, callback_on_step_end, progress, guidance_rescale,
+                       callback_on_step_end_tensor_inputs, timesteps, sigmas, cross_attention_kwargs,
+                       control: Callable | None = None):
+        """The text-to-image call; `control(unet, n)`, where given, returns the U-Net call that the denoising loop
+        makes for n images (the ControlNet pipeline's), once the scheduler's grid is set."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_plain_unet()
@@ -633,8 +662,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                 raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
                                  "None to draw it from the generator)")
             latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+            unet = None if control is None else control(self._unet_call(), n)
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
-                                   callback_on_step_end, progress, guidance_rescale)
+                                   callback_on_step_end, progress, guidance_rescale, unet=unet)
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +35,76 @@ SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBl
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig(ConfigMixin):
-    """The fields are diffusers' config keys with diffusers' defaults (so a config.json that omits a key means
-    what it means to diffusers); `sd15()` and `sd2()` are the Stable Diffusion presets.
+class DownPathConfig(ConfigMixin):
+    """The config keys of what the U-Net and the ControlNet (models/controlnet.py) share: conv_in, the time
+    embedding, the down stages and the middle block; diffusers' keys with diffusers' defaults (so a config.json
+    that omits a key means what it means to diffusers).
 
     Beware diffusers' historical naming: `attention_head_dim` is the number of attention *heads* of each stage
-    (each head has channels // heads dimensions); diffusers refuses `num_attention_heads`, and so do we.
-    """
+    (each head has channels // heads dimensions)."""
+
+    in_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = SD_DOWN
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2  # per stage; the U-Net's up stages have one more
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280  # width of the text embeddings
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8  # number of heads per stage (see above)
+    use_linear_projection: bool = False  # SD 2.x: the transformers project in/out with Linear, not 1x1 conv
+    upcast_attention: bool = False  # SD 2.1: attention scores in fp32 when running in half precision
+
+    def per_block(self, key: str) -> tuple[int, ...]:
+        """An int-or-per-stage option as one value per stage (down order)."""
+        value = getattr(self, key)
+        return (value,) * len(self.block_out_channels) if isinstance(value, int) else tuple(value)
+
+    def heads(self) -> tuple[int, ...]:
+        """The number of attention heads of each stage."""
+        return self.per_block("attention_head_dim")
+
+    def fail(self, key: str, why: str):
+        raise ValueError(f"{type(self).__name__}: {key} = {getattr(self, key)!r}: {why}")
+
+    def validate(self) -> None:
+        stages = len(self.block_out_channels)
+        if stages < 1 or not all(_positive_int(c) for c in self.block_out_channels):
+            self.fail("block_out_channels", "expected a non-empty list of positive channel counts")
+        self._check_types("down_block_types", DOWN_BLOCK_TYPES)
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            self.fail("mid_block_type", f"latentdiff supports only {MID_BLOCK_TYPES[0]!r}")
+        for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            self._check_per_block(key)
+        for key in ("in_channels", "cross_attention_dim", "norm_num_groups"):
+            if not _positive_int(getattr(self, key)):
+                self.fail(key, "expected a positive int")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            self.fail("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
+        if any(h > c for h, c in zip(self.heads(), self.block_out_channels)):
+            self.fail("attention_head_dim", "a stage cannot have more heads than channels (it is the number of heads)")
+
+    def _check_types(self, key: str, known: dict) -> None:
+        types = getattr(self, key)
+        if len(types) != len(self.block_out_channels):
+            self.fail(key, f"expected one entry per block_out_channels entry ({len(self.block_out_channels)})")
+        if any(t not in known for t in types):
+            self.fail(key, f"latentdiff supports only {sorted(known)}")
+
+    def _check_per_block(self, key: str) -> None:
+        value, stages = getattr(self, key), len(self.block_out_channels)
+        if not (_positive_int(value) or (isinstance(value, tuple) and len(value) == stages
+                                         and all(_positive_int(v) for v in value))):
+            self.fail(key, f"expected a positive int or a list of {stages} positive ints (one per stage)")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(DownPathConfig):
+    """diffusers' UNet2DConditionModel config (DownPathConfig's keys and the up path's); `sd15()` and `sd2()` are
+    the Stable Diffusion presets. diffusers refuses `num_attention_heads` for this model, and so do we."""
 
     diffusers_class = "UNet2DConditionModel"
     # diffusers options outside SD 1.x/2.x: only their default is accepted
@@ -61,22 +124,8 @@ class UNetConfig(ConfigMixin):
     }
 
     sample_size: int | tuple[int, int] | None = None  # latent size the model was trained at (informative only)
-    in_channels: int = 4
     out_channels: int = 4
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0
-    down_block_types: tuple[str, ...] = SD_DOWN
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[str, ...] = SD_UP
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int | tuple[int, ...] = 2  # per stage; up stages have one more
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int = 1280  # width of the text embeddings
-    transformer_layers_per_block: int | tuple[int, ...] = 1
-    attention_head_dim: int | tuple[int, ...] = 8  # number of heads per stage (see above)
-    use_linear_projection: bool = False  # SD 2.x: the transformers project in/out with Linear, not 1x1 conv
-    upcast_attention: bool = False  # SD 2.1: attention scores in fp32 when running in half precision
 
     @classmethod
     def sd15(cls) -> "UNetConfig":
@@ -89,42 +138,14 @@ class UNetConfig(ConfigMixin):
         return cls(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                    use_linear_projection=True, upcast_attention=True)
 
-    def per_block(self, key: str) -> tuple[int, ...]:
-        """An int-or-per-stage option as one value per stage (down order)."""
-        value = getattr(self, key)
-        return (value,) * len(self.block_out_channels) if isinstance(value, int) else tuple(value)
-
     def validate(self) -> None:
-        stages = len(self.block_out_channels)
-
-        def fail(key: str, why: str):
-            raise ValueError(f"UNetConfig: {key} = {getattr(self, key)!r}: {why}")
-
-        if stages < 1 or not all(_positive_int(c) for c in self.block_out_channels):
-            fail("block_out_channels", "expected a non-empty list of positive channel counts")
-        for key, known in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            types = getattr(self, key)
-            if len(types) != stages:
-                fail(key, f"expected one entry per block_out_channels entry ({stages})")
-            if any(t not in known for t in types):
-                fail(key, f"latentdiff supports only {sorted(known)}")
-        if self.mid_block_type not in MID_BLOCK_TYPES:
-            fail("mid_block_type", f"latentdiff supports only {MID_BLOCK_TYPES[0]!r}")
-        for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
-            value = getattr(self, key)
-            if not (_positive_int(value) or (isinstance(value, tuple) and len(value) == stages
-                                             and all(_positive_int(v) for v in value))):
-                fail(key, f"expected a positive int or a list of {stages} positive ints (one per stage)")
-        for key in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups"):
-            if not _positive_int(getattr(self, key)):
-                fail(key, "expected a positive int")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            fail("norm_num_groups", f"must divide every entry of block_out_channels {self.block_out_channels}")
-        if any(h > c for h, c in zip(self.per_block("attention_head_dim"), self.block_out_channels)):
-            fail("attention_head_dim", "a stage cannot have more heads than channels (it is the number of heads)")
+        super().validate()
+        self._check_types("up_block_types", UP_BLOCK_TYPES)
+        if not _positive_int(self.out_channels):
+            self.fail("out_channels", "expected a positive int")
         if not (self.sample_size is None or _positive_int(self.sample_size)
                 or (isinstance(self.sample_size, tuple) and len(self.sample_size) == 2)):
-            fail("sample_size", "expected null, an int or [height, width]")
+            self.fail("sample_size", "expected null, an int or [height, width]")
 
 
 def _positive_int(value) -> bool:
@@ -138,6 +159,22 @@ def _repeat_batch(k: int, x: torch.Tensor, emb: TimeInput, skips: list[torch.Ten
     repeated = torch.cat([x] * k)
     emb = emb if isinstance(emb, dict) else torch.cat([emb] * k)
     return repeated, emb, [repeated if s is x else torch.cat([s] * k) for s in skips]
+
+
+def _checked_residuals(residuals: Sequence[torch.Tensor], targets: list[torch.Tensor],
+                       name: str = "down_block_additional_residuals") -> Sequence[torch.Tensor]:
+    """ControlNet residuals, checked against what they are added to: as many, of the same shapes and dtypes."""
+    if len(residuals) != len(targets):
+        raise ValueError(f"{name}: got {len(residuals)} tensors, but this U-Net has {len(targets)} skip connections: "
+                         "give the outputs of a ControlNet made for this U-Net's architecture (ControlNetModel."
+                         "from_unet)")
+    for i, (r, x) in enumerate(zip(residuals, targets)):
+        if r.shape != x.shape or r.dtype != x.dtype:
+            where = f"{name}[{i}]" if len(targets) > 1 else name
+            raise ValueError(f"{where} is {tuple(r.shape)} {r.dtype} but the U-Net's tensor there is "
+                             f"{tuple(x.shape)} {x.dtype}: the ControlNet's sample, batch and dtype must be the "
+                             "U-Net's (its batch: one per context)")
+    return residuals
 
 
 class TimeTable:
@@ -192,13 +229,12 @@ def cache_timesteps(model: nn.Module, timesteps: torch.Tensor):
     by the host's launches (on this CPU, 13.9 -> 13.5 ms per call of SD 1.5's structure with tiny widths). Only
     without autograd, outside torch.compile and CUDA-graph capture, for unchanged timesteps (their in-place version
     is checked); other calls compute the embedding as usual. Dropped on exit."""
-    unets = [m for m in model.modules() if isinstance(m, UNet2DConditionModel)]
-    try:
-        table = TimeTable(timesteps) if timesteps.dim() == 1 and timesteps.stride(0) > 0 else None
-    except RuntimeError:  # an inference tensor keeps no version counter
-        table = None
+    unets = [m for m in model.modules() if isinstance(m, DownPath)]  # (a U-Net, ControlNets: a table each)
     for unet in unets:
-        unet.time_table = table
+        try:
+            unet.time_table = TimeTable(timesteps) if timesteps.dim() == 1 and timesteps.stride(0) > 0 else None
+        except RuntimeError:  # an inference tensor keeps no version counter
+            unet.time_table = None
     try:
         yield model
     finally:
@@ -210,87 +246,54 @@ class UNetOutput(NamedTuple):
     sample: torch.Tensor
 
 
-class UNet2DConditionModel(ModelMixin):
-    """eps_theta(x_t, t, context): conv_in; down stages (ResNet blocks and text cross-attention, stride-2 convs);
-    middle; up stages fed with every down layer's output as a skip connection; GroupNorm, SiLU, conv_out."""
+class DownPath(ModelMixin):
+    """What the U-Net and the ControlNet share: conv_in, the time embedding, the down stages (ResNet blocks and text
+    cross-attention, stride-2 convs) and the middle block, with their state-dict keys (diffusers' for both)."""
 
-    config_class = UNetConfig
-    accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
-
-    def __init__(self, config: UNetConfig):
-        super().__init__()
+    def _build_down_path(self, config: DownPathConfig) -> list[int]:
+        """Make the modules; returns the channels of every skip connection the down path leaves (conv_in's output,
+        each stage's layers' outputs and its downsampled output)."""
         self.config = config
-        channels = config.block_out_channels
-        heads, depth = config.per_block("attention_head_dim"), config.per_block("transformer_layers_per_block")
-        layers = config.per_block("layers_per_block")
-        temb = channels[0] * 4
-        norm = dict(groups=config.norm_num_groups, eps=config.norm_eps)
         self.gradient_checkpointing = False
         self.time_table: TimeTable | None = None  # see cache_timesteps()
-
-        def transformer(stage: int) -> TransformerFactory:
-            return lambda ch: Transformer2DModel(
-                ch, heads[stage], ch // heads[stage], config.cross_attention_dim, depth[stage],
-                config.norm_num_groups, config.use_linear_projection, config.upcast_attention,
-            )
-
+        channels, layers = config.block_out_channels, config.per_block("layers_per_block")
+        temb = channels[0] * 4
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
 
-        # down: stage i works at 1/2^i of the input resolution; record the channels of every skip it leaves
+        # stage i works at 1/2^i of the input resolution
         self.down_blocks = nn.ModuleList()
         skip_channels, prev = [channels[0]], channels[0]
         for i, (kind, ch) in enumerate(zip(config.down_block_types, channels)):
             downsample = i < len(channels) - 1
-            attn = transformer(i) if DOWN_BLOCK_TYPES[kind] else None
-            self.down_blocks.append(DownBlock(prev, ch, temb, layers[i], attn, downsample, **norm))
+            attn = self._transformer(i) if DOWN_BLOCK_TYPES[kind] else None
+            self.down_blocks.append(DownBlock(prev, ch, temb, layers[i], attn, downsample, **self._norm()))
             skip_channels += [ch] * (layers[i] + downsample)
             prev = ch
+        self.mid_block = MidBlock(channels[-1], temb, self._transformer(len(channels) - 1), **self._norm())
+        return skip_channels
 
-        self.mid_block = MidBlock(channels[-1], temb, transformer(len(channels) - 1), **norm)
+    def _norm(self) -> dict:
+        return dict(groups=self.config.norm_num_groups, eps=self.config.norm_eps)
 
-        # up: mirror image; each stage takes one skip more than its down twin made (the one from the stage below)
-        self.up_blocks = nn.ModuleList()
-        for j, kind in enumerate(config.up_block_types):
-            i = len(channels) - 1 - j
-            n = layers[i] + 1
-            skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
-            attn = transformer(i) if UP_BLOCK_TYPES[kind] else None
-            self.up_blocks.append(UpBlock(prev, channels[i], skips[::-1], temb, attn, i > 0, **norm))
-            prev = channels[i]
+    def _transformer(self, stage: int) -> TransformerFactory:
+        config = self.config
+        heads = config.heads()[stage]
+        depth = config.per_block("transformer_layers_per_block")[stage]
+        return lambda ch: Transformer2DModel(ch, heads, ch // heads, config.cross_attention_dim, depth,
+                                             config.norm_num_groups, config.use_linear_projection,
+                                             config.upcast_attention)
 
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
-
-    def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
-                encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
-                timestep_cond: None = None, cross_attention_kwargs: dict | None = None,
-                added_cond_kwargs: dict | None = None) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
-        """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
-        Returns the prediction [B, out_channels, H, W]; with return_dict as in diffusers, a `UNetOutput` with
-        `.sample` (True) or the 1-tuple (False). cross_attention_kwargs={"scale": s} runs loaded LoRA adapters
-        s times (latentdiff.lora); the other diffusers arguments are taken empty only (SD 1.x uses none of them),
-        so that diffusers' denoising line runs unchanged.
-
-        encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
-        conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
-        first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample."""
-        self._check_inputs(sample, encoder_hidden_states)
-        if timestep_cond is not None or added_cond_kwargs:
-            name = "timestep_cond" if timestep_cond is not None else "added_cond_kwargs"
-            raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
-                             "pass None")
-        scale = lora_call_scale(cross_attention_kwargs)  # {"scale": s}: the loaded LoRA adapters s times
-        if scale is not None and scale != 1.0 and adapters_of(self) is not None:
-            with model_lora_scaled(self, scale):
-                return self.forward(sample, timestep, encoder_hidden_states, return_dict)
-        ctx = encoder_hidden_states
-        shared = ctx.shape[0] // sample.shape[0]  # contexts per sample
+    def _time(self, timestep, sample: torch.Tensor) -> TimeInput:
+        """The time embedding of this call: from the time table (cache_timesteps) or computed."""
         emb = self._tabled_time(timestep, sample)
         if emb is None:
             emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype)
+        return emb
 
-        x = self.conv_in(sample)
+    def _down_path(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, shared: int):
+        """The down stages from conv_in's output x, for `shared` contexts per sample (see UNet2DConditionModel's
+        forward): returns (x, emb, skips), all for the contexts' batch."""
         skips = [x]
         for kind, block in zip(self.config.down_block_types, self.down_blocks):
             if shared > 1 and DOWN_BLOCK_TYPES[kind]:  # the first stage with cross-attention
@@ -300,14 +303,7 @@ class UNet2DConditionModel(ModelMixin):
             skips += block_skips
         if shared > 1:
             x, emb, skips = _repeat_batch(shared, x, emb, skips)
-        x = self._run(self.mid_block, x, emb, ctx)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next stage up
-            x = self._run(block, x, emb, ctx, block_skips, size)
-        x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
-        return returned(x, return_dict, UNetOutput)
+        return x, emb, skips
 
     def embed_time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """SiLU(time MLP(sinusoidal features of t [B])) -> [B, 4 * block_out_channels[0]]: every ResNet block
@@ -334,7 +330,7 @@ class UNet2DConditionModel(ModelMixin):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def optimize_for_inference(self, winograd: bool = True) -> "UNet2DConditionModel":
+    def optimize_for_inference(self, winograd: bool = True) -> "DownPath":
         """Make CPU inference fast: eval mode, channels-last activations, linear and conv weights re-laid out once
         for oneDNN, and 3x3 convs computed with Winograd's algorithm on inputs where it pays (wide layers, enough
         pixels: packed.winograd_pays; see packed.py, winograd.py; `winograd=False` saves its extra weight memory:
@@ -377,3 +373,78 @@ class UNet2DConditionModel(ModelMixin):
                 f"inputs are {sample.dtype} (sample) and {ctx.dtype} (encoder_hidden_states) but the U-Net's "
                 f"weights are {dtype}: cast them with .to({dtype}) or run under torch.autocast"
             )
+
+
+class UNet2DConditionModel(DownPath):
+    """eps_theta(x_t, t, context): conv_in; down stages (ResNet blocks and text cross-attention, stride-2 convs);
+    middle; up stages fed with every down layer's output as a skip connection; GroupNorm, SiLU, conv_out."""
+
+    config_class = UNetConfig
+    accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        skip_channels = self._build_down_path(config)
+        channels, layers = config.block_out_channels, config.per_block("layers_per_block")
+        temb, prev = channels[0] * 4, channels[-1]
+        # up: mirror image; each stage takes one skip more than its down twin made (the one from the stage below)
+        self.up_blocks = nn.ModuleList()
+        for j, kind in enumerate(config.up_block_types):
+            i = len(channels) - 1 - j
+            n = layers[i] + 1
+            skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
+            attn = self._transformer(i) if UP_BLOCK_TYPES[kind] else None
+            self.up_blocks.append(UpBlock(prev, channels[i], skips[::-1], temb, attn, i > 0, **self._norm()))
+            prev = channels[i]
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
+                encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
+                timestep_cond: None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict | None = None,
+                down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None,
+                ) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
+        """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
+        Returns the prediction [B, out_channels, H, W]; with return_dict as in diffusers, a `UNetOutput` with
+        `.sample` (True) or the 1-tuple (False). cross_attention_kwargs={"scale": s} runs loaded LoRA adapters
+        s times (latentdiff.lora); down_block_additional_residuals (one per skip connection) and
+        mid_block_additional_residual, a ControlNet's outputs (models/controlnet.py), are added to the skip
+        connections and to the middle block's output, as in diffusers; the other diffusers arguments are taken
+        empty only (SD 1.x uses none of them), so that diffusers' denoising line runs unchanged.
+
+        encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
+        conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
+        first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample. The
+        residuals are for the k*B batch then."""
+        self._check_inputs(sample, encoder_hidden_states)
+        if timestep_cond is not None or added_cond_kwargs:
+            name = "timestep_cond" if timestep_cond is not None else "added_cond_kwargs"
+            raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
+                             "pass None")
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("pass down_block_additional_residuals and mid_block_additional_residual together (a "
+                             "ControlNet's two outputs) or neither")
+        scale = lora_call_scale(cross_attention_kwargs)  # {"scale": s}: the loaded LoRA adapters s times
+        if scale is not None and scale != 1.0 and adapters_of(self) is not None:
+            with model_lora_scaled(self, scale):
+                return self.forward(sample, timestep, encoder_hidden_states, return_dict,
+                                    down_block_additional_residuals=down_block_additional_residuals,
+                                    mid_block_additional_residual=mid_block_additional_residual)
+        ctx = encoder_hidden_states
+        emb = self._time(timestep, sample)
+        x, emb, skips = self._down_path(self.conv_in(sample), emb, ctx, ctx.shape[0] // sample.shape[0])
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, _checked_residuals(down_block_additional_residuals, skips))]
+        x = self._run(self.mid_block, x, emb, ctx)
+        if mid_block_additional_residual is not None:
+            x = x + _checked_residuals([mid_block_additional_residual], [x], "mid_block_additional_residual")[0]
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # resolution of the next stage up
+            x = self._run(block, x, emb, ctx, block_skips, size)
+        x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
+        return returned(x, return_dict, UNetOutput)

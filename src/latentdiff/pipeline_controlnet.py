@@ -1,0 +1,248 @@
+"""Text-to-image guided by ControlNets (models/controlnet.py), as diffusers' StableDiffusionControlNetPipeline:
+`LatentDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ControlNetModel.from_pretrained(cn))`, then
+`pipe(prompt, image=control_image)`. Each step runs the ControlNet(s) on the latents, the text and the control
+image, and the U-Net with their residuals added."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.controlnet import ControlNetModel, MultiControlNetModel
+from .pipeline import Generators, LatentDiffusionPipeline
+
+
+class ControlledUNet:
+    """The U-Net call of a denoising run, `unet(x, t, context)`, with the ControlNets' residuals added. Call i is
+    step i: `scales[i]` holds each ControlNet's scale there (0: not run). `images`: one control image per sample of
+    x's batch, per ControlNet. `guess_mode`: the ControlNets see the conditional contexts only (the second half of
+    a guided batch) and the unconditional rows get no residuals."""
+
+    def __init__(self, unet: Callable, controlnets: Sequence[ControlNetModel], images: Sequence[torch.Tensor],
+                 scales: Sequence[Sequence[float]], guess_mode: bool):
+        self.unet, self.controlnets, self.images, self.scales = unet, list(controlnets), list(images), scales
+        self.guess_mode, self.step = guess_mode, 0
+        self._halves: tuple[torch.Tensor, torch.Tensor] | None = None  # (contexts, their conditional half)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        scales = self.scales[min(self.step, len(self.scales) - 1)]
+        self.step += 1
+        active = [(net, image, s) for net, image, s in zip(self.controlnets, self.images, scales) if s != 0]
+        if not active:  # (adding zero residuals would change nothing)
+            return self.unet(x, t, context)
+        guided_rows = context.shape[0] // 2 if self.guess_mode and context.shape[0] > self.images[0].shape[0] else 0
+        net_x, net_context = x, context
+        if guided_rows:  # the conditional half of the contexts (and of x, unless x is shared by both halves)
+            net_context = self._conditional_half(context)
+            net_x = x if x.shape[0] == guided_rows else x[guided_rows:]
+        down = mid = None
+        for net, image, scale in active:
+            image = image if image.shape[0] == net_x.shape[0] else image.repeat(net_x.shape[0] // image.shape[0], 1,
+                                                                                   1, 1)
+            d, m = net(net_x, t, net_context, image, scale, guess_mode=self.guess_mode)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        if guided_rows:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return self.unet(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def _conditional_half(self, context: torch.Tensor) -> torch.Tensor:
+        """context[B:], the same view for the same contexts (so that the text-key caches hit every step)."""
+        if self._halves is None or self._halves[0] is not context:
+            self._halves = (context, context[context.shape[0] // 2:])
+        return self._halves[1]
+
+
+def _per_net(value, n: int, name: str) -> list:
+    """A value given once or one per ControlNet, as a list of n."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} ControlNets: give one value, or one per "
+                         "ControlNet")
+    return values
+
+
+class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
+    """Text-to-image with one ControlNet or several (a list, or a MultiControlNetModel): see the module's doc."""
+
+    component_names = (*LatentDiffusionPipeline.component_names, "controlnet")
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, controlnet):
+        super().__init__(tokenizer, text_encoder, unet, vae, scheduler)
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = controlnet[0] if len(controlnet) == 1 else MultiControlNetModel(controlnet)
+        if not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
+            raise TypeError(f"controlnet must be a ControlNetModel or a list of them (ControlNetModel."
+                            f"from_pretrained(folder)); got {type(controlnet).__name__}")
+        self.controlnet = controlnet
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [*super()._models(), self.controlnet]
+
+    def _denoisers(self) -> list[torch.nn.Module]:
+        return [*super()._denoisers(), self.controlnet]
+
+    @property
+    def _nets(self) -> list[ControlNetModel]:
+        net = self.controlnet
+        return list(net.nets) if isinstance(net, MultiControlNetModel) else [net]
+
+    def enable_cuda_graphs(self, channels_last: bool = True) -> None:
+        raise ValueError("CUDA graphs are not available with ControlNets (the graphs take no residuals): use "
+                         "pipe.compile() or run eagerly")
+
+    def optimize_for_inference(self, winograd: bool = True) -> "LatentDiffusionControlNetPipeline":
+        """As LatentDiffusionPipeline's, and the ControlNets packed the same way."""
+        super().optimize_for_inference(winograd)
+        for net in self._nets:
+            net.optimize_for_inference(winograd)
+        return self
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = 50, timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+        eta: float = 0.0, generator: Generators = None, latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
+    ):
+        """image: the control image (PIL, a [C, H, W] / [B, C, H, W] tensor or an [H, W, C] / [B, H, W, C] array,
+        values in [0, 1]; a list of them), one for all prompts or one per prompt; with several ControlNets, a list
+        with one such entry per ControlNet. It is resized to height x width where given (PIL: Lanczos, tensors:
+        nearest, as diffusers), which default to its own size rounded down to a multiple of 8 (the VAE's scale).
+        controlnet_conditioning_scale: the residuals' weight (one, or one per ControlNet). control_guidance_start /
+        _end: the fraction of the steps in which each ControlNet acts (outside it, it is not run). guess_mode:
+        the ControlNets see the prompt only, not the negative prompt, with residuals weighted by depth (diffusers'
+        guess mode; a guidance scale of 3-5 suits it); on by itself for ControlNets with global_pool_conditions."""
+        nets = self._nets
+        self._check_controlnets(nets)
+        images = self._control_images(image, len(nets), height, width)
+        height, width = images[0].shape[-2:]
+        scales = [float(s) for s in _per_net(controlnet_conditioning_scale, len(nets),
+                                             "controlnet_conditioning_scale")]
+        starts = _per_net(control_guidance_start, len(nets), "control_guidance_start")
+        ends = _per_net(control_guidance_end, len(nets), "control_guidance_end")
+        for start, end in zip(starts, ends):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"control_guidance_start={start}, control_guidance_end={end}: need 0 <= start < end "
+                                 "<= 1 (the fraction of the steps in which a ControlNet acts)")
+        guess_mode = guess_mode or nets[0].config.global_pool_conditions
+
+        def control(unet: Callable, n: int) -> ControlledUNet:
+            per_prompt = n // num_images_per_prompt
+            batch = []
+            for im, net in zip(images, nets):
+                if im.shape[0] not in (1, per_prompt):
+                    raise ValueError(f"got {im.shape[0]} control images for {per_prompt} prompts: give one control "
+                                     "image, or one per prompt")
+                batch.append(im.repeat_interleave(n // im.shape[0], dim=0).to(self.device, net.dtype))
+            steps = len(self.scheduler.timesteps)
+            # step i acts where it lies within [start, end] of the run (diffusers' rule), else scale 0
+            windows = list(zip(scales, starts, ends))
+            per_step = [[s * (0.0 if i / steps < a or (i + 1) / steps > b else 1.0) for s, a, b in windows]
+                        for i in range(steps)]
+            return ControlledUNet(unet, nets, batch, per_step, guess_mode)
+
+        return self._text_to_image(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
+            callback_on_step_end, progress, 0.0, callback_on_step_end_tensor_inputs, timesteps, sigmas,
+            cross_attention_kwargs, control=control)
+
+    def _check_controlnets(self, nets: list[ControlNetModel]) -> None:
+        unet = self.unet.config
+        for i, net in enumerate(nets):
+            config = net.config
+            keys = ("in_channels", "block_out_channels", "down_block_types", "cross_attention_dim")
+            mismatched = [key for key in keys if getattr(config, key) != getattr(unet, key)]
+            if config.per_block("layers_per_block") != unet.per_block("layers_per_block"):
+                mismatched.append("layers_per_block")
+            if mismatched:
+                name = "the ControlNet" if len(nets) == 1 else f"ControlNet {i}"
+                raise ValueError(f"{name} was made for another U-Net architecture: its {', '.join(mismatched)} "
+                                 f"differ from the U-Net's ({', '.join(repr(getattr(unet, k)) for k in mismatched)}); "
+                                 "use a ControlNet trained for this base model (SD 1.x ControlNets for SD 1.x)")
+
+    def _control_images(self, image, count: int, height: int | None, width: int | None) -> list[torch.Tensor]:
+        """One float32 [N, C, H, W] batch per ControlNet."""
+        if image is None:
+            raise ValueError("the ControlNet pipeline needs image= (the control image: edges, depth, pose, ...)")
+        if count == 1:
+            per_net = [image]
+        else:
+            if not isinstance(image, (list, tuple)):
+                raise TypeError(f"with {count} ControlNets, image must be a list with one control image (or batch "
+                                "of them) per ControlNet")
+            if any(isinstance(entry, (list, tuple)) for entry in image):  # [prompt][ControlNet], as diffusers
+                image = [list(entries) for entries in zip(*image)]
+            if len(image) != count:
+                raise ValueError(f"got {len(image)} control images for {count} ControlNets: give one per ControlNet")
+            per_net = list(image)
+        images = []
+        for entry, net in zip(per_net, self._nets):
+            batch = self.prepare_control_image(entry, height, width)
+            if batch.shape[1] != net.config.conditioning_channels:
+                raise ValueError(f"the control image has {batch.shape[1]} channels but the ControlNet takes "
+                                 f"{net.config.conditioning_channels}")
+            images.append(batch)
+            height, width = batch.shape[-2:]  # (the first image's size for the rest, as diffusers)
+        return images
+
+    def prepare_control_image(self, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """A control image (or a list of them) as a float32 [N, C, H, W] batch in [0, 1] of height x width (where
+        given; else its own size rounded down to a multiple of 8), resized as diffusers does."""
+        from PIL import Image
+
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ValueError("image is an empty list: give at least one control image")
+        first = items[0]
+        if isinstance(first, Image.Image):
+            if not all(isinstance(im, Image.Image) for im in items):
+                raise TypeError("a list of control images must all be PIL images, or all tensors / arrays")
+            size = self._target_size(first.height, first.width, height, width)
+            arrays = [np.asarray(_resized(im.convert("RGB"), size), dtype=np.float32) / 255.0 for im in items]
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if isinstance(first, np.ndarray):
+            arrays = [a if a.ndim == 4 else a[None] for a in items]
+            if not all(isinstance(a, np.ndarray) and a.ndim == 4 for a in arrays):
+                raise ValueError("control image arrays must be [H, W, C] or [B, H, W, C]")
+            stacked = np.concatenate(arrays)
+            scale = 255.0 if stacked.dtype == np.uint8 else 1.0
+            pixels = torch.from_numpy(stacked.astype(np.float32) / scale).permute(0, 3, 1, 2)
+        elif isinstance(first, torch.Tensor):
+            tensors = [t if t.dim() == 4 else t[None] for t in items]
+            if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
+                raise ValueError("control image tensors must be [C, H, W] or [B, C, H, W]")
+            pixels = torch.cat([t.float().cpu() for t in tensors])
+        else:
+            raise TypeError(f"the control image must be a PIL image, a tensor or a numpy array (or a list of them); "
+                            f"got {type(first).__name__}")
+        if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError("control image values must lie in [0, 1] (8-bit pixels / 255); got values in "
+                             f"[{pixels.min().item():.4g}, {pixels.max().item():.4g}]")
+        size = self._target_size(pixels.shape[2], pixels.shape[3], height, width)
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size)  # (nearest, as diffusers)
+        return pixels
+
+    def _target_size(self, image_height: int, image_width: int, height: int | None,
+                     width: int | None) -> tuple[int, int]:
+        multiple = max(8, self.vae_scale_factor)  # (as _check_size; diffusers rounds to the VAE's scale: 8 for SD)
+        height = height or image_height - image_height % multiple
+        width = width or image_width - image_width % multiple
+        return self._check_size(height, width)
+
+
+def _resized(image, size: tuple[int, int]):
+    from PIL import Image
+
+    height, width = size
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
