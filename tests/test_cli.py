@@ -133,6 +133,51 @@ def test_lora(tiny_folders, tmp_path, capsys):
     assert code == 2 and "--lora file or folder not found" in err and "missing.safetensors" in err
 
 
+def test_controlnet(tiny_folders, tmp_path, capsys):
+    """--controlnet PATH:SCALE with --control-image gives the Python API's image (a folder or a single file), is
+    stored in the PNG with the files' hashes, and --from-png makes the image again."""
+    from latentdiff import ControlNetModel, LatentDiffusionControlNetPipeline
+    from latentdiff.checkpoints import save_safetensors
+    from latentdiff.convert import diffusers_to_controlnet
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    net.save_pretrained(tmp_path / "cn")
+    save_safetensors(diffusers_to_controlnet(net.state_dict(), net.config), tmp_path / "cn.safetensors")
+    control = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    control.save(tmp_path / "edges.png")
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out",
+            "--control-image", tmp_path / "edges.png"]
+    code, out, _ = run(args + ["--controlnet", f"{tmp_path / 'cn'}:0.7"], capsys)
+    assert code == 0
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    settings = json.loads(Image.open(out.strip()).text[PNG_KEY])
+    assert settings["controlnets"][0][:2] == [str(tmp_path / "cn"), 0.7]
+    assert settings["control_images"][0][0] == str(tmp_path / "edges.png")
+    controlled = LatentDiffusionControlNetPipeline.from_pipe(pipe, controlnet=net)
+    controlled.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)  # the CLI's default
+    expected = np.asarray(controlled("a red circle", image=control, controlnet_conditioning_scale=0.7,
+                                     num_inference_steps=3, guidance_scale=5.0, progress=False,
+                                     generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, single, err = run(args + ["--controlnet", f"{tmp_path / 'cn.safetensors'}:0.7", "--out",
+                                    tmp_path / "single"], capsys)
+    assert code == 0, err
+    assert np.abs(np.asarray(Image.open(single.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args[:-2] + ["--controlnet", tmp_path / "cn"], capsys)
+    assert code == 2 and "--controlnet needs the image it follows" in err
+    code, _, err = run(args, capsys)
+    assert code == 2 and "give --controlnet PATH too" in err
+
+
 def test_embedding(tiny_folders, tmp_path, capsys):
     """--embedding PATH:TOKEN makes TOKEN a word of the prompts (and of --negative), as the Python API's
     load_textual_inversion does; --from-png makes the image again."""

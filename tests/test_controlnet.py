@@ -39,8 +39,8 @@ def reference(model: torch.nn.Module, cls: str) -> torch.nn.Module:
 
 
 def small_controlnet(seed: int = 0, **changes) -> ControlNetModel:
-    config = ControlNetConfig.from_unet(UNetConfig(**SMALL_UNET), conditioning_embedding_out_channels=(8, 16),
-                                        **changes)
+    config = ControlNetConfig.from_unet(UNetConfig(**SMALL_UNET),
+                                        **{"conditioning_embedding_out_channels": (8, 16), **changes})
     config.validate()
     return randomized(ControlNetModel(config), seed)
 
@@ -316,3 +316,78 @@ def test_errors(tiny_folders, controlnet_folders):
         LatentDiffusionControlNetPipeline.from_pipe(ours, controlnet=other)("x", image=CONTROL, progress=False)
     with pytest.raises(ValueError, match="CUDA graphs are not available with ControlNets"):
         ours.enable_cuda_graphs()
+
+
+# ---------------------------------------------------------------- single files
+
+
+def test_single_file_reads_as_diffusers_reads_it(tmp_path):
+    """A file in lllyasviel's layout (written from the table) loads in diffusers' from_single_file and in ours as the
+    same weights: the table is the one diffusers' converter uses (which knows only the usual four widths of the
+    control image's convs; ours reads any)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    from latentdiff.convert import diffusers_to_controlnet
+
+    ours = small_controlnet(conditioning_channels=1, transformer_layers_per_block=2,
+                            conditioning_embedding_out_channels=(16, 32, 96, 256))
+    ours.save_pretrained(tmp_path / "folder")
+    layout = diffusers_to_controlnet(ours.state_dict(), ours.config)
+    assert "input_hint_block.14.weight" in layout and "zero_convs.5.0.weight" in layout
+    expected = ours.state_dict()
+    for prefix in ("", "control_model."):
+        extra = {"model.diffusion_model.out.0.weight": torch.ones(3)} if prefix else {}
+        save_file({**{prefix + k: v.contiguous() for k, v in layout.items()}, **extra}, tmp_path / "cn.safetensors")
+        theirs = diffusers.ControlNetModel.from_single_file(
+            tmp_path / "cn.safetensors", config=str(tmp_path / "folder"), local_files_only=True).state_dict()
+        loaded = ControlNetModel.from_single_file(tmp_path / "cn.safetensors", config=tmp_path / "folder")
+        assert loaded.config == ours.config
+        for key, value in expected.items():
+            assert torch.equal(theirs[key], value) and torch.equal(loaded.state_dict()[key], value), key
+    del layout["zero_convs.5.0.bias"]
+    save_file({k: v.contiguous() for k, v in layout.items()}, tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys.*zero_convs\.5\.0\.bias"):
+        ControlNetModel.from_single_file(tmp_path / "cut.safetensors", config=tmp_path / "folder")
+    save_file({"conv_in.weight": torch.ones(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="is not a ControlNet single file"):
+        ControlNetModel.from_single_file(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("preset, hint", [("sd15", (16, 32, 96, 256)), ("sd2", (16, 32, 96, 256)),
+                                          ("sd15", (8, 16))])
+def test_single_file_config_is_read_from_the_file(preset, hint):
+    """Without config=, SD 1.x or 2.x by the text width, and the control image's channels and widths from the file
+    (shapes only: the models stay on the meta device)."""
+    from latentdiff.convert import diffusers_to_controlnet
+    from latentdiff.models.controlnet import _infer_config
+
+    config = ControlNetConfig.from_unet(getattr(UNetConfig, preset)(), conditioning_embedding_out_channels=hint,
+                                        conditioning_channels=1)
+    with torch.device("meta"):
+        layout = diffusers_to_controlnet(ControlNetModel(config).state_dict(), config)
+    assert ControlNetConfig.from_dict(_infer_config(layout, "")) == config
+
+
+def test_controlnet_beside_a_stable_diffusion_model_in_one_file(tiny_folders, controlnet_folders, tmp_path):
+    """ControlNet 1.0's files: a whole SD model and the ControlNet under control_model.; each loader takes its part
+    (the pipeline's says what it left), and a ControlNet-only file given to the pipeline's loader says where to go."""
+    from safetensors.torch import load_file, save_file
+
+    from latentdiff.convert import diffusers_to_controlnet
+    from latentdiff.layout import save_single_file
+
+    net = ControlNetModel.from_pretrained(controlnet_folders[0])
+    layout = diffusers_to_controlnet(net.state_dict(), net.config)
+    save_single_file(LatentDiffusionPipeline.from_pretrained(tiny_folders[1]).components, tmp_path / "sd.safetensors")
+    both = {**load_file(tmp_path / "sd.safetensors"), **{"control_model." + k: v for k, v in layout.items()}}
+    save_file(both, tmp_path / "both.safetensors")
+    with pytest.warns(UserWarning, match=r"also holds a ControlNet .* ControlNetModel.from_single_file"):
+        pipe = LatentDiffusionPipeline.from_single_file(tmp_path / "both.safetensors", config=tiny_folders[1])
+    assert torch.equal(pipe.unet.conv_in.weight, LatentDiffusionPipeline.from_pretrained(
+        tiny_folders[1]).unet.conv_in.weight)
+    loaded = ControlNetModel.from_single_file(tmp_path / "both.safetensors", config=controlnet_folders[0])
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+    save_file(layout, tmp_path / "cn.safetensors")
+    with pytest.raises(ValueError, match="this is a ControlNet single file .*ControlNetModel.from_single_file"):
+        LatentDiffusionPipeline.from_single_file(tmp_path / "cn.safetensors", config=tiny_folders[1])

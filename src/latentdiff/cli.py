@@ -24,19 +24,21 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def parse_extra(spec: str, kind: str) -> list:
-    """--lora PATH[:SCALE] -> [path, scale] (scale 1 by default); --embedding PATH[:TOKEN] -> [path, token] (the
-    file's own token by default). Each with the file's weights hash appended, for the PNG's settings."""
+    """--lora / --controlnet PATH[:SCALE] -> [path, scale] (scale 1 by default); --embedding PATH[:TOKEN] ->
+    [path, token] (the file's own token by default). Each with the file's weights hash appended, for the PNG's
+    settings."""
     path, colon, value = spec.rpartition(":")
     if not (colon and path):
         path, value = spec, None
-    if kind == "loras":
+    if kind in ("loras", "controlnets"):
         try:
             value = 1.0 if value is None else float(value)
         except ValueError:
             path, value = spec, 1.0
     from .checkpoints import require_path
 
-    path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file"}[kind])
+    path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file",
+                               "controlnets": "--controlnet file or folder"}[kind])
     return [str(path.resolve()), value, weights_hash(path)]
 
 
@@ -44,6 +46,19 @@ def image_inputs(args) -> dict:
     """--image (img2img), with --mask (inpainting), and --strength, as settings: [path, hash] per file."""
     from .checkpoints import require_path
 
+    if args.control_image:
+        if not args.controlnet:
+            raise ValueError("--control-image is the image a ControlNet follows: give --controlnet PATH too")
+        if args.image is not None or args.guidance_rescale:
+            raise ValueError("--control-image goes with text to image only, without --image (ControlNet img2img and "
+                             "inpainting are not supported) and without --guidance-rescale")
+        if len(args.control_image) not in (1, len(args.controlnet)):
+            raise ValueError(f"got {len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: "
+                             "give one per ControlNet")
+        return {"control_images": [[str(p.resolve()), weights_hash(p)]
+                                   for p in (require_path(f, "--control-image file") for f in args.control_image)]}
+    if args.controlnet:
+        raise ValueError("--controlnet needs the image it follows: give --control-image PATH")
     if args.image is None:
         if args.mask is not None or args.strength is not None:
             raise ValueError("--mask and --strength act on an input image: give --image PATH")
@@ -61,8 +76,9 @@ def image_inputs(args) -> dict:
     return {**settings, "strength": strength}
 
 
-def apply_extras(pipe, extras: dict) -> None:
-    """Textual-inversion embeddings and LoRA adapters (at their scales) as the settings list them."""
+def apply_extras(pipe, extras: dict):
+    """Textual-inversion embeddings, LoRA adapters (at their scales) and ControlNets as the settings list them;
+    returns the pipeline (a ControlNet pipeline over the same components where ControlNets are given)."""
     for path, token, _ in extras.get("embeddings", []):
         pipe.load_textual_inversion(path, token=token)
     loras = extras.get("loras", [])
@@ -70,12 +86,24 @@ def apply_extras(pipe, extras: dict) -> None:
         pipe.load_lora_weights(path, adapter_name=f"lora{i}")
     if loras:
         pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale, _ in loras])
+    if extras.get("controlnets"):
+        from .models.controlnet import ControlNetModel
+        from .pipeline_controlnet import LatentDiffusionControlNetPipeline
+
+        def load(path: str) -> ControlNetModel:  # (a single file: for the pipeline's U-Net's architecture)
+            if Path(path).is_file():
+                return ControlNetModel.from_single_file(path, torch_dtype=pipe.dtype, unet=pipe.unet)
+            return ControlNetModel.from_pretrained(path, torch_dtype=pipe.dtype)
+
+        nets = [load(path).to(pipe.device) for path, _, _ in extras["controlnets"]]
+        pipe = LatentDiffusionControlNetPipeline.from_pipe(pipe, controlnet=nets)
+    return pipe
 
 
 def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = False, variant: str | None = None,
                   extras: dict | None = None):
-    """`extras`: {"loras": [[path, scale, hash], ...], "embeddings": [[path, token, hash], ...]}, applied before
-    optimizing."""
+    """`extras`: {"loras": [[path, scale, hash], ...], "embeddings": [[path, token, hash], ...], "controlnets":
+    [[path, scale, hash], ...]}, applied before optimizing."""
     import torch
 
     from .layout import EMBEDDED
@@ -89,7 +117,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
-    apply_extras(pipe, extras or {})
+    pipe = apply_extras(pipe, extras or {})
     if optimize:  # this process is ours: malloc may keep large freed buffers too (models/allocator.py)
         from .models.allocator import keep_freed_buffers
 
@@ -142,6 +170,15 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
             inputs["mask_image"] = Image.open(settings["mask"][0])
         task = LatentDiffusionInpaintPipeline if "mask" in settings else LatentDiffusionImg2ImgPipeline
         image = task.from_pipe(pipe)(settings["prompt"], **inputs, **common).images[0]
+    elif "control_images" in settings:
+        from PIL import Image
+
+        scales = [scale for _, scale, _ in settings["controlnets"]]
+        images = [Image.open(path).convert("RGB") for path, _ in settings["control_images"]] * (
+            len(scales) // len(settings["control_images"]))
+        image = pipe(settings["prompt"], image=images[0] if len(scales) == 1 else images,
+                     controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0],
+                     height=settings["height"], width=settings["width"], **common).images[0]
     else:
         image = pipe(settings["prompt"], height=settings["height"], width=settings["width"],
                      guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
@@ -160,11 +197,12 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        extras = {key: settings[key] for key in ("loras", "embeddings") if key in settings}
+        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets") if key in settings}
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
                                    settings.get("variant"), extras)
         files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
         files += [(Path(settings[key][0]), settings[key][1]) for key in ("image", "mask") if key in settings]
+        files += [(Path(file), h) for file, h in settings.get("control_images", [])]
         for name, made_with in [(path, settings["model_hash"])] + files:
             digest = weights_hash(name)
             if digest != made_with:
@@ -183,7 +221,8 @@ def cmd_generate(args) -> None:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     extras = {key: [parse_extra(spec, key) for spec in specs]
-              for key, specs in (("embeddings", args.embedding), ("loras", args.lora)) if specs}
+              for key, specs in (("embeddings", args.embedding), ("loras", args.lora),
+                                 ("controlnets", args.controlnet)) if specs}
     extras.update(image_inputs(args))
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
@@ -317,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors; diffusers' or A1111's) as TOKEN (default: the "
                         "file's own), for prompts and --negative to name; repeat for several")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a ControlNet (diffusers folder, or lllyasviel's single .safetensors file) at SCALE (default "
+                        "1), following --control-image; repeat for several")
+    g.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                   help="the image a --controlnet follows (edges, depth, pose, ... at the output's size; --height "
+                        "and --width default to it, rounded down to a multiple of 8); one per --controlnet")
     g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
     g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
     g.add_argument("--strength", type=float, default=None,

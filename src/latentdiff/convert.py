@@ -18,6 +18,7 @@ import torch
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 EMA = "model_ema."
+CONTROL = "control_model."  # ControlNet 1.0's files hold a whole SD model and, under this prefix, the ControlNet
 SAME, CONV1X1 = "same", "conv1x1_to_linear"  # reshape kinds: none, or [C, C, 1, 1] (original) <-> [C, C] (diffusers)
 
 Entry = tuple[str, str, str]  # (original key, diffusers key, reshape kind), keys relative to their component
@@ -157,6 +158,52 @@ def text_table(num_layers: int) -> Iterator[Entry]:
                "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"]
         yield from _renamed(f"text_model.encoder.layers.{i}", f"text_model.encoder.layers.{i}", sub)
     yield from _renamed("text_model", "text_model", ["final_layer_norm"])
+
+
+def controlnet_table(config: Mapping) -> Iterator[Entry]:
+    """Every ControlNet tensor (github.com/lllyasviel/ControlNet's layout, keys after `control_model.`): the down
+    path and middle block named as in the U-Net (unet_table), the control image's convs as `input_hint_block.N`
+    (every other module of that sequence is a SiLU), one 1x1 zero conv per skip connection as `zero_convs.N.0`, and
+    the middle block's as `middle_block_out.0`."""
+    config = _as_dict(config)
+    kinds = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    unet = {**config, "up_block_types": [kinds.get(t, t) for t in reversed(config["down_block_types"])]}
+    own = ("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")
+    yield from (entry for entry in unet_table(unet) if entry[1].startswith(own))
+    steps = len(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1
+    convs = ["conv_in", *(f"blocks.{i}" for i in range(2 * steps)), "conv_out"]
+    yield from _renamed("input_hint_block", "controlnet_cond_embedding",
+                        {str(2 * i): name for i, name in enumerate(convs)})
+    levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    skips = 1 + levels * layers + levels - 1
+    yield from _renamed("", "", {f"zero_convs.{i}.0": f"controlnet_down_blocks.{i}" for i in range(skips)})
+    yield from _renamed("", "", {"middle_block_out.0": "controlnet_mid_block"})
+
+
+def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """A ControlNet single file (keys with or without `control_model.`) as a diffusers-keyed state dict. Strict,
+    as original_to_diffusers; in a file that also holds a Stable Diffusion model, only control_model.* is read."""
+    prefix = CONTROL if any(k.startswith(CONTROL) for k in state_dict) else ""
+    out, missing = {}, []
+    for original, diffusers, kind in controlnet_table(config):
+        if prefix + original not in state_dict:
+            missing.append(prefix + original)
+            continue
+        out[diffusers] = _to_diffusers(state_dict[prefix + original], kind, original)
+    used = {prefix + original for original, _, _ in controlnet_table(config)}
+    unexpected = [k for k in state_dict if k.startswith(prefix) and k not in used and k not in IGNORED_KEYS]
+    _mismatch("ControlNet checkpoint", missing, unexpected,
+              "check that it is a ControlNet for Stable Diffusion 1.x/2.x and that the config describes it")
+    return out
+
+
+def diffusers_to_controlnet(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """The reverse: a diffusers-keyed ControlNet state dict in the single-file layout (no prefix)."""
+    table = list(controlnet_table(config))
+    missing = [d for _, d, _ in table if d not in state_dict]
+    unexpected = sorted(set(state_dict) - {d for _, d, _ in table})
+    _mismatch("ControlNet state dict", missing, unexpected, "check that the config belongs to these weights")
+    return {original: _to_original(state_dict[d], kind, d) for original, d, kind in table}
 
 
 def checkpoint_table(unet_config: Mapping, vae_config: Mapping, text_layers: int) -> Iterator[tuple[str, ...]]:
@@ -309,8 +356,9 @@ def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], unet_config: M
             continue
         used.add(source)
         out[component][diffusers] = _to_diffusers(state_dict[source], kind, source)
-    skipped = UNET if use_ema else EMA  # the U-Net copy not chosen
-    unexpected = [k for k in state_dict if k not in used and k not in IGNORED_KEYS and not k.startswith(skipped)]
+    skipped = UNET if use_ema else EMA  # the U-Net copy not chosen; a ControlNet beside the model (ControlNet 1.0)
+    unexpected = [k for k in state_dict if k not in used and k not in IGNORED_KEYS and not k.startswith(skipped)
+                  and not k.startswith(CONTROL)]
     _mismatch("checkpoint", missing, unexpected,
               "check that it is a Stable Diffusion 1.x checkpoint and that the configs describe its architecture")
     return out
@@ -350,6 +398,7 @@ _ARCHITECTURES = {  # name -> (description, evidence, diffusers pipeline class t
             "U-Net cross-attention", "StableDiffusionPipeline"),
     "sdxl": ("Stable Diffusion XL", "keys under conditioner.embedders.* or model.diffusion_model.label_emb.*",
              "StableDiffusionXLPipeline"),
+    "controlnet": ("ControlNet", "input_hint_block.* and zero_convs.* without a Stable Diffusion model", ""),
     "component": ("single model's", "keys as in a pipeline folder's component: a diffusers U-Net or VAE "
                   "(conv_in.*, down_blocks.*, decoder.up_blocks.*) or a transformers CLIP text model (text_model.*)",
                   ""),
@@ -367,6 +416,8 @@ def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in names)
 
+    if (has("input_hint_block.") or has(CONTROL + "input_hint_block.")) and not has(UNET):
+        return "controlnet"
     if has("conditioner.embedders.") or has(UNET + "label_emb.0."):
         return "sdxl"
     if has("cond_stage_model.model."):
@@ -389,6 +440,10 @@ def check_supported(keys: Mapping[str, torch.Tensor] | Iterable[str], path) -> s
     if arch in ("sd1", "sd1-inpainting"):
         return arch
     name, evidence, pipeline = _ARCHITECTURES[arch]
+    if arch == "controlnet":
+        raise ValueError(f"{path}: this is a ControlNet single file ({evidence}): load it with "
+                         "latentdiff.ControlNetModel.from_single_file(path) and pass it to "
+                         "LatentDiffusionControlNetPipeline.from_pretrained(base_pipeline_folder, controlnet=...)")
     if arch == "component":
         raise ValueError(f"{path}: this is a {name} weights file ({evidence}), not a single-file checkpoint of a "
                          "whole pipeline: load the pipeline folder that holds it with "

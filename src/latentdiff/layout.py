@@ -180,7 +180,7 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     """Components from a Stable Diffusion 1.x original checkpoint (.safetensors). The architecture (configs,
     tokenizer, scheduler) comes from `config`, a pipeline folder, by default the committed pipelines/sd-v1-5.
     `torch_dtype`: see component_dtypes."""
-    from .convert import check_supported, original_to_diffusers
+    from .convert import CONTROL, check_supported, original_to_diffusers
     from .models.text import CLIPTokenizer, build_text_encoder_from_folder
     from .models.unet import UNet2DConditionModel, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig
@@ -194,6 +194,12 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     config = require_path(config or SD15_CONFIG, "architecture folder (config=)")
     state_dict = load_safetensors(path)
     arch = check_supported(state_dict, path)
+    if any(k.startswith(CONTROL) for k in state_dict):
+        import warnings
+
+        warnings.warn(f"{path} also holds a ControlNet (control_model.*), which the pipeline does not load: load it "
+                      "with ControlNetModel.from_single_file(path) for LatentDiffusionControlNetPipeline",
+                      stacklevel=3)
     unet_config = read_json(config / "unet" / "config.json")
     if arch == "sd1-inpainting":  # latents, mask and masked-image latents in: LatentDiffusionInpaintPipeline
         conv_in = state_dict["model.diffusion_model.input_blocks.0.0.weight"]

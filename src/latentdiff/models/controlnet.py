@@ -12,6 +12,7 @@ Reads diffusers' ControlNetModel config.json (SD 1.x / 2.x architectures) and us
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -138,6 +139,35 @@ class ControlNetModel(DownPath):
                 getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
         return model
 
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | dict | None = None,
+                         torch_dtype: torch.dtype | None = None,
+                         unet: UNet2DConditionModel | None = None) -> "ControlNetModel":
+        """A ControlNet in one .safetensors file of lllyasviel's layout (`input_hint_block.*`, `zero_convs.*`, the
+        U-Net's LDM names; with or without `control_model.`: ControlNet 1.0's files hold a whole SD model beside
+        it), as diffusers' ControlNetModel.from_single_file. `config`: a ControlNet folder (its config.json) or a
+        config dict; by default the architecture of `unet` (the U-Net it is to run with) where given, else Stable
+        Diffusion 1.x's (2.x's where the file's cross-attention reads 1024-wide text), with the control image's
+        channels and conv widths read from the file."""
+        from ..checkpoints import load_into, load_safetensors, read_json, require_path
+        from ..convert import CONTROL, controlnet_to_diffusers
+
+        state_dict = load_safetensors(path)
+        prefix = CONTROL if any(k.startswith(CONTROL) for k in state_dict) else ""
+        if prefix + "input_hint_block.0.weight" not in state_dict:
+            raise ValueError(f"{path} is not a ControlNet single file (it has no {prefix}input_hint_block.*): for a "
+                             "diffusers ControlNet folder use ControlNetModel.from_pretrained(folder), for a Stable "
+                             "Diffusion checkpoint LatentDiffusionPipeline.from_single_file")
+        if config is None:
+            config = _infer_config(state_dict, prefix, None if unet is None else unet.config)
+        elif not isinstance(config, dict):
+            config = read_json(require_path(config, "ControlNet config folder") / "config.json")
+        config = ControlNetConfig.from_dict(config)
+        weights = controlnet_to_diffusers(state_dict, config)
+        with torch.device("meta"):
+            model = cls(config)
+        return load_into(model, weights, str(path), dtype=torch_dtype).eval()
+
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, conditioning_scale: float | torch.Tensor = 1.0,
                 class_labels: None = None, timestep_cond: None = None, attention_mask: None = None,
@@ -191,6 +221,23 @@ class ControlNetModel(DownPath):
             raise ValueError(f"controlnet_cond must be the control image [B, {config.conditioning_channels}, "
                              f"{config.downscale} x the latents' height, {config.downscale} x their width] = "
                              f"{expected} for latents {tuple(sample.shape)}; got {got}")
+
+
+def _infer_config(state_dict: dict[str, torch.Tensor], prefix: str, unet: UNetConfig | None = None) -> dict:
+    """The config of a ControlNet single file: `unet`'s down path, or else SD 1.x's or 2.x's (by the text width its
+    cross-attention reads), the latent and control-image channels and the control image's conv widths."""
+    hint = prefix + "input_hint_block."
+    convs = sorted(int(k[len(hint):].split(".")[0]) for k in state_dict if k.startswith(hint) and k.endswith("weight"))
+    outs = [state_dict[f"{hint}{i}.weight"].shape[0] for i in convs]
+    widths = [outs[0], *outs[2:-1:2]]  # conv_in's, then each stride-2 conv's
+    key = prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    text_width = state_dict[key].shape[1] if key in state_dict else 768
+    if unet is None:
+        unet = UNetConfig.sd2() if text_width == 1024 else UNetConfig.sd15()
+    return ControlNetConfig.from_unet(
+        unet, in_channels=state_dict[prefix + "input_blocks.0.0.weight"].shape[1],
+        conditioning_channels=state_dict[hint + "0.weight"].shape[1],
+        conditioning_embedding_out_channels=tuple(widths)).to_dict()
 
 
 class MultiControlNetModel(nn.Module):
