@@ -1,7 +1,7 @@
 """Run by tests/test_training.py as `accelerate launch --config_file training/accelerate/multi_cpu.yaml
-tests/_ddp_worker.py OUTPUT_DIR [PIPELINE]`: two processes train a tiny model with DDP over gloo on the CPU; each writes
-rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
-With PIPELINE, they fine-tune its U-Net through LoRA adapters."""
+tests/_ddp_worker.py OUTPUT_DIR [PIPELINE [MODE]]`: two processes train a tiny model with DDP over gloo on the CPU; each
+writes rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
+With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora) or train a ControlNet for it (controlnet)."""
 import hashlib
 import json
 import sys
@@ -20,11 +20,13 @@ def digest(module) -> str:
     return h.hexdigest()
 
 
-def main(output_dir: str, lora_of: str | None = None) -> None:
-    """lora_of: a pipeline folder to fine-tune through LoRA adapters instead (the text encoder frozen)."""
-    settings = {"train_text_encoder": True} if lora_of is None else {
-        "pretrained": lora_of, "unet": None, "text_encoder": None, "vae": None, "scheduler": None, "resolution": 64,
-        "lora_rank": 2, "shapes": {"num_samples": 16, "seed": 0}}
+def main(output_dir: str, pipeline: str | None = None, mode: str = "lora") -> None:
+    """pipeline: a pipeline folder to fine-tune instead (the text encoder frozen), through LoRA adapters (mode
+    "lora") or by training a ControlNet for its U-Net ("controlnet")."""
+    tuned = {"lora": {"lora_rank": 2, "resolution": 64}, "controlnet": {"controlnet": True, "resolution": 16}}
+    settings = {"train_text_encoder": True} if pipeline is None else {
+        "pretrained": pipeline, "unet": None, "text_encoder": None, "vae": None, "scheduler": None,
+        "shapes": {"num_samples": 16, "seed": 0}, **tuned[mode]}
     config = load_config(TextToImageConfig, SMOKE, {
         "output_dir": output_dir, "max_train_steps": 3, "train_batch_size": 4, "gradient_accumulation_steps": 2,
         "checkpointing_steps": 2, "validation_steps": 0, "cpu": True, "cache_latents": True, **settings,
@@ -35,6 +37,7 @@ def main(output_dir: str, lora_of: str | None = None) -> None:
     record = {
         "rank": acc.process_index, "world": acc.num_processes, "distributed_type": str(acc.distributed_type),
         "unet": digest(acc.unwrap_model(task.unet)), "text_encoder": digest(acc.unwrap_model(task.text_encoder)),
+        "trained": digest(task._trained()),
         "ema": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(task.ema.shadow.items()))).hexdigest(),
         "seen": result.seen, "losses": result.losses,
     }

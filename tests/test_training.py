@@ -777,3 +777,123 @@ def test_two_processes_train_lora_adapters_with_ddp(tmp_path, tiny_folders):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[1])
     pipe.load_lora_weights(out / "lora")
     assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+
+
+# ---- ControlNet ---------------------------------------------------------------------------------------------------
+def controlnet_config(tmp_path, pretrained, name="controlnet", **overrides):
+    """A ControlNet for a pretrained tiny pipeline (its VAE downsamples by 2: control-image convs of widths 16, 32)."""
+    settings = dict(pretrained=str(pretrained), unet=None, text_encoder=None, vae=None, scheduler=None, resolution=16,
+                    shapes={"num_samples": 8, "seed": 0}, train_batch_size=4, max_train_steps=3, checkpointing_steps=0,
+                    controlnet=True)
+    return smoke_config(tmp_path, name, **{**settings, **overrides})
+
+
+def test_controlnet_training_steers_the_frozen_unet_and_exports_a_controlnet(tmp_path, tiny_folders):
+    """The U-Net stays as loaded, the ControlNet (and its EMA) trains; its loss is the one diffusers' U-Net and
+    ControlNet give on the same batch; the exported folder loads in both as the averaged ControlNet; validation rows
+    start with their control images."""
+    import diffusers
+
+    from latentdiff import ControlNetModel
+    from latentdiff.schedules import q_sample
+    from latentdiff.train.data import collate
+
+    diffusers_folder, folder = tiny_folders
+    config = controlnet_config(tmp_path, folder, validation_steps=3, validation_prompts=["a red circle"],
+                               validation_seeds=[0])
+    result = train_text_to_image(config)
+    task, out = result.task, tmp_path / "controlnet"
+    pretrained = LatentDiffusionPipeline.from_pretrained(folder)
+    assert all(torch.equal(v, pretrained.unet.state_dict()[k]) for k, v in task._unet().state_dict().items())
+    trained = task._trained()
+    assert isinstance(trained, ControlNetModel) and trained.config.conditioning_embedding_out_channels == (16, 32)
+    assert set(task.ema.shadow) == {name for name, _ in trained.named_parameters()}
+    assert trained.controlnet_mid_block.weight.abs().max() > 0  # the zero convolutions moved
+    assert Image.open(out / "validation" / "step-0000003.png").size == (32, 16)  # control image, image
+    assert not (out / "pipeline").exists()
+    averaged = task._sampling_copy("cpu").state_dict()
+    for loaded in (ControlNetModel.from_pretrained(out / "controlnet"),
+                   diffusers.ControlNetModel.from_pretrained(out / "controlnet")):
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in averaged.items())
+
+    batch = collate([task.view[(0, i)] for i in range(4)])
+    assert batch["conditioning_pixel_values"].shape == (4, 3, 16, 16)
+    with torch.no_grad():
+        loss, _ = task.loss(batch)
+        posterior = task.vae.encode(batch["pixel_values"])
+        z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * task.vae.config.scaling_factor
+        context = task.text_encoder(batch["input_ids"]).last_hidden_state
+        z_t = q_sample(z0, batch["noise"], batch["timesteps"], task.alphas_cumprod)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(diffusers_folder / "unet").eval()
+        net = diffusers.ControlNetModel(**{k: v for k, v in trained.config.to_dict().items() if k[0] != "_"})
+        net.load_state_dict(trained.state_dict())
+        down, mid = net.eval()(z_t, batch["timesteps"], context, batch["conditioning_pixel_values"],
+                               return_dict=False)
+        prediction = unet(z_t, batch["timesteps"], context, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(prediction, batch["noise"]).item(), rel=1e-5)
+
+
+def test_controlnet_training_resumes_exactly(tmp_path, tiny_folders):
+    """Stopped after 2 steps and resumed, a ControlNet run ends as one run of 4 steps (losses, exported weights)."""
+    common = dict(checkpointing_steps=2, lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=4)
+    run_a = train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "a", **common))
+    train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "b", **{**common, "max_train_steps": 2}))
+    run_b = train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "b", resume="latest", **common))
+    assert run_b.resumed_from == tmp_path / "b" / "checkpoint-2" and run_b.losses == run_a.losses[2:]
+    files = [load_safetensors(tmp_path / run / "controlnet" / "diffusion_pytorch_model.safetensors") for run in "ab"]
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+def test_control_images_follow_the_images_crops_and_flips(tmp_path):
+    """A folder whose control image of each entry is the image itself: with random crops and flips, the control
+    image (in [0, 1]) is the image (in [-1, 1]) of every sample; a missing control image is reported by name."""
+    from latentdiff.train.data import TrainingView, build_source
+
+    folder = tmp_path / "data"
+    write_image_folder(folder, 6, size=40, seed=2)
+    lines = [{**json.loads(line), "hint": json.loads(line)["file_name"]}
+             for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = controlnet_config(tmp_path, "unused", dataset="folder", data_dir=str(folder), conditioning_column="hint",
+                               resolution=32, random_flip=True, center_crop=False)
+    view = TrainingView(build_source(config), 32, 0, random_crop=True, random_flip=True, conditioning=True)
+    for epoch in range(3):
+        for index in range(6):
+            item = view[(epoch, index)]
+            assert torch.allclose(item["conditioning_pixel_values"] * 2 - 1, item["pixel_values"], atol=1e-6)
+    lines[2]["hint"] = "missing.png"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:3]))
+    with pytest.raises(BadSampleError, match=r"metadata.jsonl:3: image '00002.png' has no control image \(file "
+                                             r"not found.*conditioning_column 'hint'"):
+        build_source(config)
+
+
+def test_two_processes_train_a_controlnet_with_ddp(tmp_path, tiny_folders):
+    """ControlNet training under DDP (two processes over gloo): both end with the same ControlNet, averages and
+    losses, the U-Net untouched, and the main process alone exports the ControlNet."""
+    from latentdiff import ControlNetModel
+
+    out = tmp_path / "ddp-controlnet"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "controlnet"])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for key in ("trained", "unet", "ema", "losses"):
+        assert ranks[0][key] == ranks[1][key]
+    for seen0, seen1 in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        assert not set(seen0) & set(seen1)
+    assert not (out / "pipeline").exists() and not pickled_files(out)
+    controlnet = ControlNetModel.from_pretrained(out / "controlnet")
+    assert controlnet.controlnet_mid_block.weight.abs().max() > 0
+
+
+def test_controlnet_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="trains a ControlNet for a pretrained U-Net"):
+        smoke_config(tmp_path, controlnet=True)
+    pretrained = dict(pretrained="x", unet=None, text_encoder=None, vae=None)
+    with pytest.raises(ValueError, match="drop lora_rank and train_text_encoder"):
+        smoke_config(tmp_path, controlnet=True, lora_rank=4, **pretrained)
+    with pytest.raises(ValueError, match="validation_images has 1 control images for 2 validation_prompts"):
+        smoke_config(tmp_path, controlnet=True, validation_images=["a.png"], **pretrained)
+    with pytest.raises(ValueError, match="set controlnet: true"):
+        smoke_config(tmp_path, controlnet_path="cn", **pretrained)

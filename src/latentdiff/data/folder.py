@@ -58,7 +58,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder: str | Path, size: int = 64, caption_column: str = "text", on_bad_sample: str = "fail",
-                 verify: bool = True):
+                 verify: bool = True, conditioning_column: str | None = None):
         if on_bad_sample not in ("fail", "skip"):
             raise ValueError(f"on_bad_sample={on_bad_sample!r}: choose 'fail' or 'skip'")
         self.folder, self.size, self.on_bad_sample = Path(folder), size, on_bad_sample
@@ -69,15 +69,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{metadata} not found: an image folder needs one JSON line per image, "
                                     '{"file_name": "0001.png", "text": "a caption"}')
         self.entries: list[tuple[Path, str]] = []
+        self.conditioning: list[Path] = []  # with conditioning_column: each entry's control image (ControlNets)
+        self.conditioning_column = conditioning_column
         for number, line in enumerate(metadata.read_text().splitlines(), start=1):
             if line.strip():
                 entry = self._parse(line, number, metadata, caption_column)
-                if entry is not None and (not verify or self._verify(entry[0])):
-                    self.entries.append(entry)
+                if entry is not None and (not verify or all(self._verify(path) for path in entry[::2])):
+                    self.entries.append(entry[:2])
+                    if conditioning_column:
+                        self.conditioning.append(entry[2])
         if not self.entries:
             raise ValueError(f"{metadata}: no usable images")
 
-    def _parse(self, line: str, number: int, metadata: Path, caption_column: str) -> tuple[Path, str] | None:
+    def _parse(self, line: str, number: int, metadata: Path, caption_column: str) -> tuple | None:
+        """(image path, caption, control image path or None), or None for a bad line (reported)."""
         where = f"{metadata}:{number}"
         try:
             record = json.loads(line)
@@ -96,7 +101,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not path.is_file():
             _report(f"{where}: image file {path} not found", self.on_bad_sample)
             return None
-        return path, caption
+        if not self.conditioning_column:
+            return path, caption, None
+        control = record.get(self.conditioning_column)
+        if not isinstance(control, str) or not (self.folder / control).is_file():
+            what = "file not found" if isinstance(control, str) else f"no string {self.conditioning_column!r} key"
+            _report(f"{where}: image {name!r} has no control image ({what}: ControlNet training reads the file "
+                    f"named by conditioning_column {self.conditioning_column!r})", self.on_bad_sample)
+            return None
+        return path, caption, self.folder / control
 
     def _verify(self, path: Path) -> bool:
         try:
@@ -117,6 +130,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 return image.convert("RGB"), caption
         except BAD_IMAGE_ERRORS as err:  # a file changed or broke after verification
             raise BadSampleError(f"image {path} cannot be decoded ({type(err).__name__}: {err})") from None
+
+    def load_conditioning(self, index: int) -> Image.Image:
+        """The control image of entry `index` (with conditioning_column)."""
+        path = self.conditioning[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except BAD_IMAGE_ERRORS as err:
+            raise BadSampleError(f"control image {path} cannot be decoded ({type(err).__name__}: {err})") from None
 
     def file_name(self, index: int) -> str:
         return self.entries[index][0].name

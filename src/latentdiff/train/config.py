@@ -121,6 +121,12 @@ class TextToImageConfig(TrainConfig):
     lora_rank: int | None = None
     lora_alpha: float | None = None  # the adapters' scale is lora_alpha / lora_rank; default: the rank (scale 1)
     lora_target_modules: list = dataclasses.field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # ControlNet (fine-tuning only): train a ControlNet (Zhang et al. 2023) that steers the frozen U-Net with control
+    # images (folders: the file named by metadata.jsonl's conditioning_column; shapes: each shape's silhouette). It
+    # starts as a copy of the U-Net's down path (or from controlnet_path); the run exports <output_dir>/controlnet
+    controlnet: bool = False
+    controlnet_path: str | None = None  # a ControlNet folder to go on training
+    conditioning_column: str = "conditioning_image"
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -141,6 +147,7 @@ class TextToImageConfig(TrainConfig):
     validation_seeds: list = dataclasses.field(default_factory=lambda: [0])
     validation_inference_steps: int = 25
     validation_guidance_scale: float = 5.0
+    validation_images: list = dataclasses.field(default_factory=list)  # ControlNet: one control image per prompt
     export_scheduler: str = "dpm++"  # the sampler the exported pipeline starts with: ddpm, ddim, euler, dpm++, ...
 
     choices: typing.ClassVar[dict[str, tuple]] = {
@@ -148,8 +155,8 @@ class TextToImageConfig(TrainConfig):
     }
     bookkeeping = TrainConfig.bookkeeping + (
         "validation_prompts", "validation_seeds", "validation_inference_steps", "validation_guidance_scale",
-        "export_scheduler")
-    input_paths = ("pretrained", "pretrained_config", "text_encoder_path", "tokenizer", "vae_path")
+        "validation_images", "export_scheduler")
+    input_paths = ("pretrained", "pretrained_config", "text_encoder_path", "tokenizer", "vae_path", "controlnet_path")
 
     def validate(self) -> None:
         super().validate()
@@ -179,6 +186,19 @@ class TextToImageConfig(TrainConfig):
                                  f"got {self.lora_target_modules}")
         elif self.lora_alpha is not None:
             raise ValueError("lora_alpha is given without lora_rank: set lora_rank to train LoRA adapters")
+        if self.controlnet:
+            if not self.pretrained:
+                raise ValueError("controlnet: true trains a ControlNet for a pretrained U-Net: give 'pretrained' (a "
+                                 "pipeline folder or .safetensors file)")
+            if self.lora_rank is not None or self.train_text_encoder:
+                raise ValueError("controlnet: true trains the ControlNet alone (the U-Net and the text encoder stay "
+                                 "frozen): drop lora_rank and train_text_encoder")
+            if self.validation_images and len(self.validation_images) != len(self.validation_prompts):
+                raise ValueError(f"validation_images has {len(self.validation_images)} control images for "
+                                 f"{len(self.validation_prompts)} validation_prompts: give one per prompt (or none: "
+                                 "the first samples' control images)")
+        elif self.controlnet_path or self.validation_images:
+            raise ValueError("controlnet_path and validation_images are for ControlNet training: set controlnet: true")
         if self.token_embedding_std is not None:
             if not self.text_encoder:
                 raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "

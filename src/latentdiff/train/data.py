@@ -7,6 +7,7 @@ checkpoint that stores that number continues exactly, with any number of DataLoa
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -54,6 +55,16 @@ class ShapesSource:
         _, image, text = self.dataset.item(index)
         return image, text
 
+    def load_conditioning(self, index: int):
+        """The control image of a sample: its shape's silhouette, white on black (for ControlNet training)."""
+        from PIL import Image
+
+        from ..data.shapes import coverage
+
+        spec, size = self.dataset.spec(index), self.dataset.size
+        mask = np.rint(coverage(spec.shape, spec.box(size), size) * 255).astype(np.uint8)
+        return Image.fromarray(mask).convert("RGB")
+
 
 def build_source(config):
     """The dataset named by the config, as an object with __len__ and load(i) -> (PIL image, caption).
@@ -61,7 +72,12 @@ def build_source(config):
     if config.dataset == "shapes":
         return ShapesSource(config.resolution, config.shapes)
     return ImageFolderDataset(config.data_dir, size=config.resolution, caption_column=config.caption_column,
-                              on_bad_sample=config.on_bad_sample, verify=config.verify_images)
+                              on_bad_sample=config.on_bad_sample, verify=config.verify_images,
+                              conditioning_column=config.conditioning_column if _controlnet(config) else None)
+
+
+def _controlnet(config) -> bool:
+    return bool(getattr(config, "controlnet", False))
 
 
 class TrainingView(torch.utils.data.Dataset):
@@ -71,8 +87,9 @@ class TrainingView(torch.utils.data.Dataset):
 
     def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                  caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None,
-                 patch_size: int | None = None):
+                 patch_size: int | None = None, conditioning: bool = False):
         self.source, self.resolution, self.seed, self.patch_size = source, resolution, seed, patch_size
+        self.conditioning = conditioning  # items also carry the control image, cropped and flipped as the image
         self.random_crop, self.random_flip, self.caption_dropout = random_crop, random_flip, caption_dropout
         self.cache = cache
         # with these, the DataLoader's workers also make each sample's diffusion draws and token ids, work that
@@ -88,13 +105,19 @@ class TrainingView(torch.utils.data.Dataset):
         if self.cache is not None:
             item = {"mean": self.cache["mean"][index], "std": self.cache["std"][index]}
             text = self.cache["text"][index]
+            if self.conditioning:  # (cached latents are of the centred crop)
+                item["conditioning_pixel_values"] = self._control(index, None, None)
         else:
             image, text = self.source.load(index)
+            # the control image with the image's crop and flip: drawn from a copy of the same generator
+            control = self._control(index, image.size, copy.deepcopy(rng)) if self.conditioning else None
             pixels = prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)
             if self.patch_size is not None:  # a random patch of the prepared image
                 top, left = (int(rng.integers(self.resolution - self.patch_size + 1)) for _ in range(2))
                 pixels = pixels[:, top:top + self.patch_size, left:left + self.patch_size]
             item = {"pixel_values": pixels}
+            if control is not None:
+                item["conditioning_pixel_values"] = control
         if self.caption_dropout and rng.random() < self.caption_dropout:
             text = ""
         seed = sample_seed(self.seed, epoch, index)
@@ -107,9 +130,22 @@ class TrainingView(torch.utils.data.Dataset):
         return {**item, "text": text, "index": index, "seed": seed}
 
 
+    def _control(self, index: int, size: tuple[int, int] | None, rng: np.random.Generator | None) -> torch.Tensor:
+        """The control image in [0, 1], at the image's size (`size`) and cropped and flipped with `rng` as the image
+        is (centred and unflipped without)."""
+        from PIL import Image
+
+        control = self.source.load_conditioning(index)
+        if size is not None and control.size != size:
+            control = control.resize(size, Image.Resampling.BICUBIC)
+        random = rng is not None
+        pixels = prepare_image(control, self.resolution, rng, self.random_crop and random, self.random_flip and random)
+        return (pixels + 1.0) / 2.0
+
+
 def collate(items: list[dict]) -> dict:
-    out = {key: torch.stack([item[key] for item in items])
-           for key in ("pixel_values", "mean", "std", "noise", "posterior_noise", "input_ids") if key in items[0]}
+    keys = ("pixel_values", "mean", "std", "noise", "posterior_noise", "input_ids", "conditioning_pixel_values")
+    out = {key: torch.stack([item[key] for item in items]) for key in keys if key in items[0]}
     if "timesteps" in items[0]:
         out["timesteps"] = torch.cat([item["timesteps"] for item in items])
     out["text"] = [item["text"] for item in items]

@@ -4,7 +4,8 @@
     t ~ U{0..T-1}, eps ~ N(0, I);  loss = || unet(z_t, t, context) - (eps or v) ||^2, optionally min-SNR weighted
 
 The model comes from a pipeline to fine-tune (`pretrained`) or is built from the config's architectures. At the
-end a pipeline folder (`<output_dir>/pipeline`) is written with the EMA weights, loadable by latentdiff and diffusers.
+end a pipeline folder (`<output_dir>/pipeline`) is written with the EMA weights, loadable by latentdiff and diffusers
+(LoRA: `<output_dir>/lora`; a ControlNet trained over the frozen U-Net, `controlnet: true`: `<output_dir>/controlnet`).
 """
 from __future__ import annotations
 
@@ -119,6 +120,9 @@ class TextToImageTask:
                                                                                   torch.float32)
         text_encoder, unet = components.text_encoder, components.unet
         frozen = {"vae": components.vae} | ({} if config.train_text_encoder else {"text_encoder": text_encoder})
+        if config.controlnet:  # the ControlNet is trained; the U-Net steered by it stays as it is
+            controlnet = load_controlnet(config, unet, components.vae.vae_scale_factor)
+            frozen["unet"] = unet
         # the exported pipeline gets the frozen modules' original weights, not their half-precision copies
         self.originals = {name: dict(module.state_dict()) for name, module in frozen.items()}
         for module in frozen.values():
@@ -128,8 +132,9 @@ class TextToImageTask:
             self.vae.config = self.vae.config.replace(
                 scaling_factor=self.vae.config.scaling_factor * config.latent_scale)
         text_encoder.requires_grad_(config.train_text_encoder)
+        trained = controlnet if config.controlnet else unet
         if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            trained.enable_gradient_checkpointing()
             if config.train_text_encoder:
                 text_encoder.gradient_checkpointing_enable()
         self.lora = config.lora_rank is not None
@@ -137,7 +142,7 @@ class TextToImageTask:
             add_lora_layers(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.seed)
             if config.train_text_encoder:  # its attention projections, as diffusers' LoRA scripts adapt them
                 add_lora_layers(text_encoder, config.lora_rank, config.lora_alpha, TEXT_LORA_TARGETS, config.seed + 1)
-        groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
+        groups = [{"params": [p for p in trained.parameters() if p.requires_grad]}]
         if config.train_text_encoder:
             groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                            "lr": config.text_encoder_learning_rate or config.learning_rate})
@@ -147,10 +152,12 @@ class TextToImageTask:
                 unet, text_encoder, optimizer, lr_scheduler)
             self.models = [self.unet, self.text_encoder]
         else:
-            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-            self.text_encoder, self.models = text_encoder, [self.unet]
+            prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
+            self.text_encoder, self.models = text_encoder, [prepared]
+            self.unet = unet if config.controlnet else prepared
+        self.controlnet = self.models[0] if config.controlnet else None
         # after prepare: DDP has broadcast rank 0's weights, so every process averages the same ones
-        self.ema = EMA(self._unet(), config.ema_decay, config.ema_warmup) if config.use_ema else None
+        self.ema = EMA(self._trained(), config.ema_decay, config.ema_warmup) if config.use_ema else None
         self.checkpoint_objects = [self.ema] if self.ema else []
 
         source = build_source(config)
@@ -166,10 +173,15 @@ class TextToImageTask:
         cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
         self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
                                  random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache,
-                                 draw_spec=spec, tokenizer=components.tokenizer)
+                                 draw_spec=spec, tokenizer=components.tokenizer, conditioning=config.controlnet)
+        self.source = source
 
     def _unet(self):
         return self.accelerator.unwrap_model(self.unet)
+
+    def _trained(self) -> torch.nn.Module:
+        """The model the optimizer trains (unwrapped): the U-Net, or the ControlNet."""
+        return self.accelerator.unwrap_model(self.controlnet if self.controlnet is not None else self.unet)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
@@ -186,23 +198,32 @@ class TextToImageTask:
         with torch.set_grad_enabled(config.train_text_encoder):
             # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
             context = self.text_encoder(ids).last_hidden_state
-        loss = diffusion_loss(self.unet, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
+        model = self.unet
+        if self.controlnet is not None:
+            control = batch["conditioning_pixel_values"].to(device)
+            model = ControlledStep(self.unet, self.controlnet, control, self.weight_dtype)
+        loss = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
                               self.prediction_type, config.snr_gamma, config.high_noise_weight)
         return loss, {}
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
-            self.ema.update(self._unet())
+            self.ema.update(self._trained())
 
     # ---- sampling with the averaged weights ------------------------------------------------------------------------
     def sampling_unet(self, device) -> torch.nn.Module:
         """The U-Net to sample and export with: a copy holding the EMA weights, or the trained model itself."""
-        unet = self._unet()
+        return self._unet() if self.controlnet is not None else self._sampling_copy(device)
+
+    def _sampling_copy(self, device) -> torch.nn.Module:
+        """The trained model (U-Net or ControlNet) to sample and export with: a copy holding the EMA weights, or the
+        model itself."""
+        model = self._trained()
         if self.ema is None or self.lora:  # (LoRA: the adapters' averages are swapped in by _averaged())
-            return unet
+            return model
         with torch.device("meta"):
-            copy = type(unet)(unet.config)
-        state = {k: v.to(device) for k, v in self.ema.state_for(unet).items()}
+            copy = type(model)(model.config)
+        state = {k: v.to(device) for k, v in self.ema.state_for(model).items()}
         return load_into(copy, state, "EMA weights").eval()
 
     def _averaged(self):
@@ -219,21 +240,41 @@ class TextToImageTask:
                                        vae=vae or self.vae, scheduler=scheduler)
 
     def validate(self, step: int) -> None:
-        """Images for the fixed validation prompts and seeds, as one grid PNG per validation step."""
+        """Images for the fixed validation prompts and seeds, as one grid PNG per validation step (with a ControlNet,
+        each row starts with its control image)."""
         config = self.config
         if self.accelerator.is_main_process:
             with self._averaged():
                 pipe = self.pipeline(self.sampling_unet(self.accelerator.device))
+                controls = [None] * len(config.validation_prompts)
+                if self.controlnet is not None:
+                    from ..pipeline_controlnet import LatentDiffusionControlNetPipeline
+
+                    pipe = LatentDiffusionControlNetPipeline.from_pipe(
+                        pipe, controlnet=self._sampling_copy(self.accelerator.device))
+                    controls = self.validation_controls()
                 rows = []
-                for prompt in config.validation_prompts:
+                for prompt, control in zip(config.validation_prompts, controls):
+                    given = {} if control is None else {"image": control}
                     rows.append([pipe(prompt, num_inference_steps=config.validation_inference_steps,
                                       guidance_scale=config.validation_guidance_scale, progress=False,
-                                      generator=torch.Generator().manual_seed(int(seed))).images[0]
+                                      generator=torch.Generator().manual_seed(int(seed)), **given).images[0]
                                  for seed in config.validation_seeds])
+                    if control is not None:
+                        rows[-1].insert(0, control.resize(rows[-1][0].size))
             path = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
             save_grid(rows, path)
             log_images_to_tensorboard(Path(config.output_dir), step, path)
         self.accelerator.wait_for_everyone()
+
+    def validation_controls(self) -> list:
+        """The control images of the validation prompts: validation_images, or the first samples' control images."""
+        from PIL import Image
+
+        config = self.config
+        if config.validation_images:
+            return [Image.open(path).convert("RGB") for path in config.validation_images]
+        return [self.source.load_conditioning(i % len(self.source)) for i in range(len(config.validation_prompts))]
 
     def export(self) -> None:
         """`<output_dir>/pipeline`: fp32 weights (EMA weights for the U-Net when EMA is on), written to a
@@ -251,6 +292,9 @@ class TextToImageTask:
                 unet_lora_adapter_metadata={**settings, "target_modules": list(config.lora_target_modules)},
                 text_encoder_lora_adapter_metadata={**settings, "target_modules": list(TEXT_LORA_TARGETS)} if text
                 else None))
+        elif self.accelerator.is_main_process and self.controlnet is not None:
+            controlnet = self._sampling_copy("cpu").to("cpu", torch.float32)
+            write_atomically(Path(self.config.output_dir) / "controlnet", controlnet.save_pretrained)
         elif self.accelerator.is_main_process:
             unet = self.sampling_unet("cpu").to("cpu", torch.float32)
             text_encoder = self.accelerator.unwrap_model(self.text_encoder).to("cpu", torch.float32)
@@ -261,6 +305,43 @@ class TextToImageTask:
             write_atomically(Path(self.config.output_dir) / "pipeline",
                              self.pipeline(unet, text_encoder, vae).save_pretrained)
         self.accelerator.wait_for_everyone()
+
+
+def load_controlnet(config, unet, vae_scale: int) -> torch.nn.Module:
+    """The ControlNet to train: from controlnet_path, or a copy of the U-Net's down path (output convs at zero) whose
+    control-image convs bring images to the latents' size: SD's widths (16, 32, 96, 256) for its 8x smaller
+    latents, the first log2(f) + 1 of them for a VAE that downsamples by f."""
+    from ..models.controlnet import ControlNetModel
+
+    if config.controlnet_path:
+        controlnet = ControlNetModel.from_pretrained(config.controlnet_path)
+    else:
+        steps = vae_scale.bit_length() - 1
+        if 2 ** steps != vae_scale or steps > 3:
+            raise ValueError(f"the VAE downsamples by {vae_scale}: a new ControlNet's control-image convs are made for "
+                             "factors 1, 2, 4 or 8 (give controlnet_path for another)")
+        with torch.random.fork_rng(devices=[]):  # (its control-image convs drawn from the run's seed)
+            torch.manual_seed(config.seed)
+            controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[
+                :steps + 1])
+    if controlnet.config.downscale != vae_scale:
+        raise ValueError(f"controlnet_path {config.controlnet_path}: its control-image convs downsample by "
+                         f"{controlnet.config.downscale} but the VAE's latents are {vae_scale}x smaller than images")
+    return controlnet
+
+
+class ControlledStep:
+    """The frozen U-Net (in `dtype`) as diffusion_loss calls it, model(z_t, t, context), with the trained
+    ControlNet's residuals for the batch's control images added."""
+
+    def __init__(self, unet, controlnet, control: torch.Tensor, dtype: torch.dtype):
+        self.unet, self.controlnet, self.control, self.dtype = unet, controlnet, control, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        down, mid = self.controlnet(x, t, context, self.control)
+        dtype = self.dtype
+        return self.unet(x.to(dtype), t, context.to(dtype), down_block_additional_residuals=[d.to(dtype) for d in down],
+                         mid_block_additional_residual=mid.to(dtype))
 
 
 def write_atomically(final: Path, write) -> None:
