@@ -172,6 +172,19 @@ def test_controlnet(tiny_folders, tmp_path, capsys):
                                     tmp_path / "single"], capsys)
     assert code == 0, err
     assert np.abs(np.asarray(Image.open(single.strip())).astype(int) - made).max() <= 1
+    # with --image: ControlNet img2img, as the Python API's
+    from latentdiff import LatentDiffusionControlNetImg2ImgPipeline
+
+    start = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    start.save(tmp_path / "start.png")
+    code, out, err = run(args + ["--controlnet", tmp_path / "cn", "--image", tmp_path / "start.png", "--out",
+                                 tmp_path / "i2i"], capsys)
+    assert code == 0, err
+    img2img = LatentDiffusionControlNetImg2ImgPipeline.from_pipe(controlled)
+    expected = np.asarray(img2img("a red circle", image=start, control_image=control, controlnet_conditioning_scale=1.0,
+                                  num_inference_steps=3, guidance_scale=5.0, progress=False,
+                                  generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(np.asarray(Image.open(out.strip())).astype(int) - expected).max() <= 1
     code, _, err = run(args[:-2] + ["--controlnet", tmp_path / "cn"], capsys)
     assert code == 2 and "--controlnet needs the image it follows" in err
     code, _, err = run(args, capsys)

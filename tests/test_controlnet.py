@@ -271,6 +271,43 @@ def test_pil_control_images_resized_and_batched_as_diffusers(tiny_folders, contr
     assert torch.equal(ours.prepare_control_image(pixels), ours.prepare_control_image(small))
 
 
+INIT = Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+MASK = Image.fromarray(np.pad(np.full((8, 10), 255, np.uint8), ((4, 4), (6, 0))))
+
+
+@pytest.mark.parametrize("task, inpainting_unet", [("img2img", False), ("inpaint", False), ("inpaint", True)])
+def test_img2img_and_inpainting_match_diffusers(tiny_folders, controlnet_folders, tmp_path, task, inpainting_unet):
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline / ...InpaintPipeline (a plain U-Net, and an inpainting one
+    of 9 input channels, whose mask channels the ControlNet does not see), with their own default scales."""
+    import diffusers
+
+    from latentdiff import LatentDiffusionControlNetImg2ImgPipeline, LatentDiffusionControlNetInpaintPipeline
+    from tiny import diffusers_pipeline
+
+    folder = tiny_folders[0]
+    if inpainting_unet:
+        folder = tmp_path / "inpainting"
+        diffusers_pipeline(tiny_folders[0] / "tokenizer", pipeline_cls="StableDiffusionInpaintPipeline",
+                           in_channels=9).save_pretrained(folder, safe_serialization=True)
+    kind = {"img2img": "Img2Img", "inpaint": "Inpaint"}[task]
+    ref = getattr(diffusers, f"StableDiffusionControlNet{kind}Pipeline").from_pretrained(
+        folder, controlnet=diffusers.ControlNetModel.from_pretrained(controlnet_folders[0]), safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    cls = {"img2img": LatentDiffusionControlNetImg2ImgPipeline, "inpaint": LatentDiffusionControlNetInpaintPipeline}
+    ours = cls[task].from_pretrained(folder, controlnet=ControlNetModel.from_pretrained(controlnet_folders[0]))
+    inputs = dict(image=INIT, control_image=CONTROL, strength=0.6)
+    if task == "inpaint":
+        inputs["mask_image"] = MASK
+    got, expected = generate(ours, **inputs), generate(ref, **inputs)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    plain = generate(ours, **{**inputs, "controlnet_conditioning_scale": 0.0})
+    assert np.abs(got - plain).max() > 1e-3  # the ControlNet changed the image
+    if inpainting_unet:  # saved, the folder names the pipeline diffusers needs for it
+        ours.save_pretrained(tmp_path / "saved")
+        loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+        assert type(loaded).__name__ == "StableDiffusionControlNetInpaintPipeline"
+
+
 def test_folders_both_ways(tiny_folders, controlnet_folders, tmp_path):
     import diffusers
 
@@ -292,7 +329,7 @@ def test_folders_both_ways(tiny_folders, controlnet_folders, tmp_path):
 
 def test_errors(tiny_folders, controlnet_folders):
     ours, _ = pair(tiny_folders, controlnet_folders)
-    with pytest.raises(ValueError, match="needs image="):
+    with pytest.raises(ValueError, match="needs the control image"):
         ours("x", progress=False)
     with pytest.raises(ValueError, match=r"values must lie in \[0, 1\]"):
         ours("x", image=CONTROL * 2 - 1, progress=False)

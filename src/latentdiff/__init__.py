@@ -11,6 +11,8 @@ _EXPORTS = {
     "LatentDiffusionImg2ImgPipeline": "latentdiff.pipeline",
     "LatentDiffusionInpaintPipeline": "latentdiff.pipeline",
     "LatentDiffusionControlNetPipeline": "latentdiff.pipeline_controlnet",
+    "LatentDiffusionControlNetImg2ImgPipeline": "latentdiff.pipeline_controlnet",
+    "LatentDiffusionControlNetInpaintPipeline": "latentdiff.pipeline_controlnet",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",
     "MultiControlNetModel": "latentdiff.models.controlnet",

@@ -43,26 +43,27 @@ def parse_extra(spec: str, kind: str) -> list:
 
 
 def image_inputs(args) -> dict:
-    """--image (img2img), with --mask (inpainting), and --strength, as settings: [path, hash] per file."""
+    """--image (img2img), with --mask (inpainting), and --strength; --control-image (for --controlnet): as
+    settings, [path, hash] per file."""
     from .checkpoints import require_path
 
+    control = {}
     if args.control_image:
         if not args.controlnet:
             raise ValueError("--control-image is the image a ControlNet follows: give --controlnet PATH too")
-        if args.image is not None or args.guidance_rescale:
-            raise ValueError("--control-image goes with text to image only, without --image (ControlNet img2img and "
-                             "inpainting are not supported) and without --guidance-rescale")
+        if args.guidance_rescale:
+            raise ValueError("--guidance-rescale is not available with --controlnet")
         if len(args.control_image) not in (1, len(args.controlnet)):
             raise ValueError(f"got {len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: "
                              "give one per ControlNet")
-        return {"control_images": [[str(p.resolve()), weights_hash(p)]
-                                   for p in (require_path(f, "--control-image file") for f in args.control_image)]}
-    if args.controlnet:
+        control = {"control_images": [[str(p.resolve()), weights_hash(p)]
+                                      for p in (require_path(f, "--control-image file") for f in args.control_image)]}
+    elif args.controlnet:
         raise ValueError("--controlnet needs the image it follows: give --control-image PATH")
     if args.image is None:
         if args.mask is not None or args.strength is not None:
             raise ValueError("--mask and --strength act on an input image: give --image PATH")
-        return {}
+        return control
     if args.height is not None or args.width is not None or args.guidance_rescale:
         raise ValueError("--height, --width and --guidance-rescale are for text to image: with --image the image's "
                          "own size is used (resize it first)")
@@ -73,7 +74,7 @@ def image_inputs(args) -> dict:
     strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8  # diffusers' defaults
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must lie in [0, 1]")
-    return {**settings, "strength": strength}
+    return {**settings, "strength": strength, **control}
 
 
 def apply_extras(pipe, extras: dict):
@@ -160,25 +161,34 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     common = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
                   guidance_scale=settings["guidance"], eta=settings["eta"], progress=False,
                   generator=torch.Generator().manual_seed(settings["seed"]))
-    if "image" in settings:  # img2img, or inpainting with a mask
-        from PIL import Image
-
-        from .pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
-
-        inputs = {"image": Image.open(settings["image"][0]).convert("RGB"), "strength": settings["strength"]}
-        if "mask" in settings:
-            inputs["mask_image"] = Image.open(settings["mask"][0])
-        task = LatentDiffusionInpaintPipeline if "mask" in settings else LatentDiffusionImg2ImgPipeline
-        image = task.from_pipe(pipe)(settings["prompt"], **inputs, **common).images[0]
-    elif "control_images" in settings:
+    control, control_images = {}, None
+    if "control_images" in settings:  # ControlNets (the CLI gives every scale, so diffusers' defaults do not apply)
         from PIL import Image
 
         scales = [scale for _, scale, _ in settings["controlnets"]]
         images = [Image.open(path).convert("RGB") for path, _ in settings["control_images"]] * (
             len(scales) // len(settings["control_images"]))
-        image = pipe(settings["prompt"], image=images[0] if len(scales) == 1 else images,
-                     controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0],
-                     height=settings["height"], width=settings["width"], **common).images[0]
+        control_images = images[0] if len(scales) == 1 else images
+        control = {"controlnet_conditioning_scale": scales if len(scales) > 1 else scales[0]}
+    if "image" in settings:  # img2img, or inpainting with a mask
+        from PIL import Image
+
+        from . import pipeline as plain
+        from . import pipeline_controlnet as controlled
+
+        inputs = {"image": Image.open(settings["image"][0]).convert("RGB"), "strength": settings["strength"]}
+        if "mask" in settings:
+            inputs["mask_image"] = Image.open(settings["mask"][0])
+        kind = "Inpaint" if "mask" in settings else "Img2Img"
+        if control:
+            task = getattr(controlled, f"LatentDiffusionControlNet{kind}Pipeline")
+            inputs["control_image"] = control_images
+        else:
+            task = getattr(plain, f"LatentDiffusion{kind}Pipeline")
+        image = task.from_pipe(pipe)(settings["prompt"], **inputs, **control, **common).images[0]
+    elif control:
+        image = pipe(settings["prompt"], image=control_images, height=settings["height"], width=settings["width"],
+                     **control, **common).images[0]
     else:
         image = pipe(settings["prompt"], height=settings["height"], width=settings["width"],
                      guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
@@ -360,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ControlNet (diffusers folder, or lllyasviel's single .safetensors file) at SCALE (default "
                         "1), following --control-image; repeat for several")
     g.add_argument("--control-image", action="append", default=[], metavar="PATH",
-                   help="the image a --controlnet follows (edges, depth, pose, ... at the output's size; --height "
-                        "and --width default to it, rounded down to a multiple of 8); one per --controlnet")
+                   help="the image a --controlnet follows (edges, depth, pose, ...; --height and --width default to "
+                        "its size rounded down to a multiple of 8; with --image it is resized to that image's size); "
+                        "one per --controlnet")
     g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
     g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
     g.add_argument("--strength", type=float, default=None,

@@ -150,8 +150,8 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     scheduler = components["scheduler"]
     inpainting = components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels + 1
     controlnet = components.get("controlnet")
-    pipeline = ("StableDiffusionControlNetPipeline" if controlnet is not None else
-                "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
+    pipeline = "StableDiffusion" + ("ControlNet" if controlnet is not None else "") + (
+        "Inpaint" if inpainting else "") + "Pipeline"
     index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -637,8 +637,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                        output_type, return_dict, clip_skip, callback_on_step_end, progress, guidance_rescale,
                        callback_on_step_end_tensor_inputs, timesteps, sigmas, cross_attention_kwargs,
                        control: Callable | None = None):
-        """The text-to-image call; `control(unet, n)`, where given, returns the U-Net call that the denoising loop
-        makes for n images (the ControlNet pipeline's), once the scheduler's grid is set."""
+        """The text-to-image call; `control(unet, n, steps)`, where given, returns the U-Net call that the denoising
+        loop makes for n images over `steps` timesteps (the ControlNet pipelines'), once the scheduler's grid is
+        set."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_plain_unet()
@@ -662,7 +663,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                 raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
                                  "None to draw it from the generator)")
             latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-            unet = None if control is None else control(self._unet_call(), n)
+            unet = None if control is None else control(self._unet_call(), n, len(self.scheduler.timesteps))
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, guidance_rescale, unet=unet)
             images = self.decode(latents, output_type)
@@ -685,6 +686,16 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         timesteps: list[int] | None = None, sigmas: list[float] | None = None,
     ):
         """`timesteps` / `sigmas`: as in the text-to-image call; `strength` then selects from that grid."""
+        return self._img2img(prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
+                             num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds,
+                             output_type, return_dict, clip_skip, callback_on_step_end, progress,
+                             callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas)
+
+    def _img2img(self, prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
+                 num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds, output_type,
+                 return_dict, clip_skip, callback_on_step_end, progress, callback_on_step_end_tensor_inputs,
+                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None):
+        """The img2img call; `control(unet, n, steps)`: see _text_to_image."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_plain_unet()
@@ -699,8 +710,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             else:
                 noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
                 latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
+            unet = None if control is None else control(self._unet_call(), z0.shape[0], len(timesteps))
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
-                                   callback_on_step_end, progress)
+                                   callback_on_step_end, progress, unet=unet)
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
 
@@ -781,6 +793,16 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
     ):
         """mask_image: a PIL image (grey levels; >= 0.5 after /255 is repainted), or a tensor [B, 1, H, W] / [H, W]
         in [0, 1], of the image's size. `latents`: the starting noise (strength 1 only)."""
+        return self._inpaint(prompt, image, mask_image, strength, negative_prompt, num_inference_steps,
+                             guidance_scale, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+                             negative_prompt_embeds, output_type, return_dict, clip_skip, callback_on_step_end,
+                             progress, callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas)
+
+    def _inpaint(self, prompt, image, mask_image, strength, negative_prompt, num_inference_steps, guidance_scale,
+                 num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
+                 return_dict, clip_skip, callback_on_step_end, progress, callback_on_step_end_tensor_inputs,
+                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None):
+        """The inpainting call; `control(unet, n, steps)`: see _text_to_image."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         plain = not self._inpainting_unet()
@@ -817,10 +839,11 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 known = z0 if len(later) == 0 else self.scheduler.add_noise(z0, noise, later)
                 return (1 - small) * known + small * x
 
+            unet = None if control is None else control(self._unet_call(), n, len(timesteps))
             latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress,
                                    conditioning=None if plain else torch.cat([small, masked], dim=1),
-                                   after_step=keep_known if plain else None)
+                                   after_step=keep_known if plain else None, unet=unet)
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
 

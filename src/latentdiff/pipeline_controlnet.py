@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .models.controlnet import ControlNetModel, MultiControlNetModel
-from .pipeline import Generators, LatentDiffusionPipeline
+from .pipeline import (Generators, LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline,
+                       LatentDiffusionPipeline)
 
 
 class ControlledUNet:
@@ -41,7 +42,8 @@ class ControlledUNet:
         for net, image, scale in active:
             image = image if image.shape[0] == net_x.shape[0] else image.repeat(net_x.shape[0] // image.shape[0], 1,
                                                                                    1, 1)
-            d, m = net(net_x, t, net_context, image, scale, guess_mode=self.guess_mode)
+            latents = net_x[:, :net.config.in_channels]  # (an inpainting U-Net's mask channels are not the net's)
+            d, m = net(latents, t, net_context, image, scale, guess_mode=self.guess_mode)
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
         if guided_rows:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
@@ -64,8 +66,9 @@ def _per_net(value, n: int, name: str) -> list:
     return values
 
 
-class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
-    """Text-to-image with one ControlNet or several (a list, or a MultiControlNetModel): see the module's doc."""
+class ControlNetMixin:
+    """What the ControlNet pipelines share: the `controlnet` component (one ControlNetModel, or several: a list or a
+    MultiControlNetModel), its control images, and the U-Net call of the denoising loop with its residuals."""
 
     component_names = (*LatentDiffusionPipeline.component_names, "controlnet")
 
@@ -93,49 +96,30 @@ class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
         raise ValueError("CUDA graphs are not available with ControlNets (the graphs take no residuals): use "
                          "pipe.compile() or run eagerly")
 
-    def optimize_for_inference(self, winograd: bool = True) -> "LatentDiffusionControlNetPipeline":
+    def optimize_for_inference(self, winograd: bool = True):
         """As LatentDiffusionPipeline's, and the ControlNets packed the same way."""
         super().optimize_for_inference(winograd)
         for net in self._nets:
             net.optimize_for_inference(winograd)
         return self
 
-    @torch.no_grad()
-    def __call__(
-        self, prompt: str | list[str] | None = None, image=None, height: int | None = None, width: int | None = None,
-        num_inference_steps: int = 50, timesteps: list[int] | None = None, sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
-        eta: float = 0.0, generator: Generators = None, latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
-        clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
-    ):
-        """image: the control image (PIL, a [C, H, W] / [B, C, H, W] tensor or an [H, W, C] / [B, H, W, C] array,
-        values in [0, 1]; a list of them), one for all prompts or one per prompt; with several ControlNets, a list
-        with one such entry per ControlNet. It is resized to height x width where given (PIL: Lanczos, tensors:
-        nearest, as diffusers), which default to its own size rounded down to a multiple of 8 (the VAE's scale).
-        controlnet_conditioning_scale: the residuals' weight (one, or one per ControlNet). control_guidance_start /
-        _end: the fraction of the steps in which each ControlNet acts (outside it, it is not run). guess_mode:
-        the ControlNets see the prompt only, not the negative prompt, with residuals weighted by depth (diffusers'
-        guess mode; a guidance scale of 3-5 suits it); on by itself for ControlNets with global_pool_conditions."""
+    def _controlled(self, control_image, height: int | None, width: int | None, scale, start, end,
+                    guess_mode: bool, num_images_per_prompt: int) -> tuple[Callable, tuple[int, int]]:
+        """The checked ControlNet arguments of a call as (control(unet, n, steps) -> the U-Net call of the
+        denoising loop, (height, width) of the control images)."""
         nets = self._nets
         self._check_controlnets(nets)
-        images = self._control_images(image, len(nets), height, width)
-        height, width = images[0].shape[-2:]
-        scales = [float(s) for s in _per_net(controlnet_conditioning_scale, len(nets),
-                                             "controlnet_conditioning_scale")]
-        starts = _per_net(control_guidance_start, len(nets), "control_guidance_start")
-        ends = _per_net(control_guidance_end, len(nets), "control_guidance_end")
-        for start, end in zip(starts, ends):
-            if not 0.0 <= start < end <= 1.0:
-                raise ValueError(f"control_guidance_start={start}, control_guidance_end={end}: need 0 <= start < end "
-                                 "<= 1 (the fraction of the steps in which a ControlNet acts)")
+        images = self._control_images(control_image, len(nets), height, width)
+        scales = [float(s) for s in _per_net(scale, len(nets), "controlnet_conditioning_scale")]
+        starts = _per_net(start, len(nets), "control_guidance_start")
+        ends = _per_net(end, len(nets), "control_guidance_end")
+        for a, b in zip(starts, ends):
+            if not 0.0 <= a < b <= 1.0:
+                raise ValueError(f"control_guidance_start={a}, control_guidance_end={b}: need 0 <= start < end <= 1 "
+                                 "(the fraction of the steps in which a ControlNet acts)")
         guess_mode = guess_mode or nets[0].config.global_pool_conditions
 
-        def control(unet: Callable, n: int) -> ControlledUNet:
+        def control(unet: Callable, n: int, steps: int) -> ControlledUNet:
             per_prompt = n // num_images_per_prompt
             batch = []
             for im, net in zip(images, nets):
@@ -143,25 +127,22 @@ class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
                     raise ValueError(f"got {im.shape[0]} control images for {per_prompt} prompts: give one control "
                                      "image, or one per prompt")
                 batch.append(im.repeat_interleave(n // im.shape[0], dim=0).to(self.device, net.dtype))
-            steps = len(self.scheduler.timesteps)
             # step i acts where it lies within [start, end] of the run (diffusers' rule), else scale 0
             windows = list(zip(scales, starts, ends))
             per_step = [[s * (0.0 if i / steps < a or (i + 1) / steps > b else 1.0) for s, a, b in windows]
                         for i in range(steps)]
             return ControlledUNet(unet, nets, batch, per_step, guess_mode)
 
-        return self._text_to_image(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
-            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
-            callback_on_step_end, progress, 0.0, callback_on_step_end_tensor_inputs, timesteps, sigmas,
-            cross_attention_kwargs, control=control)
+        return control, tuple(images[0].shape[-2:])
 
     def _check_controlnets(self, nets: list[ControlNetModel]) -> None:
         unet = self.unet.config
         for i, net in enumerate(nets):
             config = net.config
-            keys = ("in_channels", "block_out_channels", "down_block_types", "cross_attention_dim")
+            keys = ("block_out_channels", "down_block_types", "cross_attention_dim")
             mismatched = [key for key in keys if getattr(config, key) != getattr(unet, key)]
+            if config.in_channels != self.vae.config.latent_channels:  # (the latents, without inpainting's mask)
+                mismatched.append("in_channels")
             if config.per_block("layers_per_block") != unet.per_block("layers_per_block"):
                 mismatched.append("layers_per_block")
             if mismatched:
@@ -173,7 +154,8 @@ class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
     def _control_images(self, image, count: int, height: int | None, width: int | None) -> list[torch.Tensor]:
         """One float32 [N, C, H, W] batch per ControlNet."""
         if image is None:
-            raise ValueError("the ControlNet pipeline needs image= (the control image: edges, depth, pose, ...)")
+            raise ValueError("a ControlNet pipeline needs the control image (edges, depth, pose, ...): image= in "
+                             "LatentDiffusionControlNetPipeline, control_image= in its img2img and inpainting twins")
         if count == 1:
             per_net = [image]
         else:
@@ -239,6 +221,100 @@ class LatentDiffusionControlNetPipeline(LatentDiffusionPipeline):
         height = height or image_height - image_height % multiple
         width = width or image_width - image_width % multiple
         return self._check_size(height, width)
+
+
+class LatentDiffusionControlNetPipeline(ControlNetMixin, LatentDiffusionPipeline):
+    """Text-to-image with one ControlNet or several, as diffusers' StableDiffusionControlNetPipeline."""
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = 50, timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+        eta: float = 0.0, generator: Generators = None, latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
+    ):
+        """image: the control image (PIL, a [C, H, W] / [B, C, H, W] tensor or an [H, W, C] / [B, H, W, C] array,
+        values in [0, 1]; a list of them), one for all prompts or one per prompt; with several ControlNets, a list
+        with one such entry per ControlNet. It is resized to height x width where given (PIL: Lanczos, tensors:
+        nearest, as diffusers), which default to its own size rounded down to a multiple of 8 (the VAE's scale).
+        controlnet_conditioning_scale: the residuals' weight (one, or one per ControlNet). control_guidance_start /
+        _end: the fraction of the steps in which each ControlNet acts (outside it, it is not run). guess_mode:
+        the ControlNets see the prompt only, not the negative prompt, with residuals weighted by depth (diffusers'
+        guess mode; a guidance scale of 3-5 suits it); on by itself for ControlNets with global_pool_conditions."""
+        control, (height, width) = self._controlled(
+            image, height, width, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            guess_mode, num_images_per_prompt)
+        return self._text_to_image(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
+            generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
+            callback_on_step_end, progress, 0.0, callback_on_step_end_tensor_inputs, timesteps, sigmas,
+            cross_attention_kwargs, control=control)
+
+
+class LatentDiffusionControlNetImg2ImgPipeline(ControlNetMixin, LatentDiffusionImg2ImgPipeline):
+    """Image to image with ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: `image` is the
+    start (noised as `strength` says), `control_image` what the ControlNets follow (resized to `image`'s size)."""
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, control_image=None, strength: float = 0.8,
+        num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1, eta: float = 0.0, generator: Generators = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
+        controlnet_conditioning_scale: float | list[float] = 0.8, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+    ):
+        """As LatentDiffusionImg2ImgPipeline's call, with the ControlNet arguments of
+        LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
+        0.8 here)."""
+        size = self.preprocess(image).shape[-2:] if image is not None else (None, None)
+        control, _ = self._controlled(control_image, *size, controlnet_conditioning_scale, control_guidance_start,
+                                      control_guidance_end, guess_mode, num_images_per_prompt)
+        return self._img2img(prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
+                             num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds,
+                             output_type, return_dict, clip_skip, callback_on_step_end, progress,
+                             callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
+                             control=control)
+
+
+class LatentDiffusionControlNetInpaintPipeline(ControlNetMixin, LatentDiffusionInpaintPipeline):
+    """Inpainting with ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline (a plain or an inpainting
+    U-Net; the ControlNets see the latents, not the mask channels): `control_image` is resized to `image`'s size."""
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str] | None = None, image=None, mask_image=None, control_image=None,
+        strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+        generator: Generators = None, latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None, controlnet_conditioning_scale: float | list[float] = 0.5,
+        guess_mode: bool = False, control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0, clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] | None = None,
+        progress: bool = True, timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+    ):
+        """As LatentDiffusionInpaintPipeline's call, with the ControlNet arguments of
+        LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
+        0.5 here)."""
+        size = self.preprocess(image).shape[-2:] if image is not None else (None, None)
+        control, _ = self._controlled(control_image, *size, controlnet_conditioning_scale, control_guidance_start,
+                                      control_guidance_end, guess_mode, num_images_per_prompt)
+        return self._inpaint(prompt, image, mask_image, strength, negative_prompt, num_inference_steps,
+                             guidance_scale, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+                             negative_prompt_embeds, output_type, return_dict, clip_skip, callback_on_step_end,
+                             progress, callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
+                             control=control)
 
 
 def _resized(image, size: tuple[int, int]):
