@@ -1,7 +1,8 @@
-"""Text-to-image guided by ControlNets (models/controlnet.py), as diffusers' StableDiffusionControlNetPipeline:
-`LatentDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ControlNetModel.from_pretrained(cn))`, then
-`pipe(prompt, image=control_image)`. Each step runs the ControlNet(s) on the latents, the text and the control
-image, and the U-Net with their residuals added."""
+"""Generation guided by ControlNets (models/controlnet.py), as diffusers' StableDiffusionControlNet(Img2Img,
+Inpaint)Pipeline: `LatentDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ControlNetModel.
+from_pretrained(cn))`, then `pipe(prompt, image=control_image)`. Each step runs the ControlNet(s) on the latents, the
+text and the control image, and the U-Net with their residuals added (ControlledUNet, the U-Net call that the
+shared denoising loop makes)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
