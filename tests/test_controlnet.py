@@ -428,3 +428,21 @@ def test_controlnet_beside_a_stable_diffusion_model_in_one_file(tiny_folders, co
     save_file(layout, tmp_path / "cn.safetensors")
     with pytest.raises(ValueError, match="this is a ControlNet single file .*ControlNetModel.from_single_file"):
         LatentDiffusionPipeline.from_single_file(tmp_path / "cn.safetensors", config=tiny_folders[1])
+
+
+def test_pipeline_from_a_single_file_with_a_controlnet(tiny_folders, controlnet_folders, tmp_path):
+    """As diffusers' from_single_file(path, controlnet=...): the file's models and the given ControlNet; without one,
+    the error says what to pass. A ControlNet folder given as a pipeline folder says how to load it."""
+    from latentdiff.layout import save_single_file
+
+    save_single_file(LatentDiffusionPipeline.from_pretrained(tiny_folders[1]).components, tmp_path / "sd.safetensors")
+    net = ControlNetModel.from_pretrained(controlnet_folders[0])
+    pipe = LatentDiffusionControlNetPipeline.from_single_file(tmp_path / "sd.safetensors", config=tiny_folders[1],
+                                                              controlnet=net)
+    assert pipe.controlnet is net
+    reference = LatentDiffusionControlNetPipeline.from_pretrained(tiny_folders[1], controlnet=net)
+    np.testing.assert_allclose(generate(pipe, image=CONTROL), generate(reference, image=CONTROL), atol=1e-6)
+    with pytest.raises(ValueError, match="a single file holds no controlnet: pass it"):
+        LatentDiffusionControlNetPipeline.from_single_file(tmp_path / "sd.safetensors", config=tiny_folders[1])
+    with pytest.raises(FileNotFoundError, match=r"it holds one ControlNetModel: load it with latentdiff.ControlNetModel"):
+        LatentDiffusionPipeline.from_pretrained(controlnet_folders[0])

@@ -131,7 +131,8 @@ def _what_it_is(folder: Path) -> str:
             kind = None
         loader = {"UNet2DConditionModel": "latentdiff.UNet2DConditionModel.from_pretrained",
                   "AutoencoderKL": "latentdiff.AutoencoderKL.from_pretrained",
-                  "CLIPTextModel": "latentdiff.models.text.load_text_encoder"}.get(kind)
+                  "CLIPTextModel": "latentdiff.models.text.load_text_encoder",
+                  "ControlNetModel": "latentdiff.ControlNetModel.from_pretrained"}.get(kind)
         if loader:
             return (f"; it holds one {kind}: load it with {loader}({str(folder)!r}), or give the pipeline folder "
                     "above it")

@@ -382,10 +382,20 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
-                         torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False):
+                         torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False,
+                         **components):
+        """The pipeline of a Stable Diffusion 1.x single-file checkpoint; components given by name (`controlnet=`
+        for the ControlNet pipelines, `scheduler=`, ...) are used instead of the file's, as in diffusers."""
         from .layout import load_single_file
 
-        return cls(**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema))
+        components = cls._given(components, "from_single_file")
+        parts = {**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema),
+                 **components}
+        missing = [name for name in cls.component_names if name not in parts]
+        if missing:
+            raise ValueError(f"{cls.__name__}.from_single_file: a single file holds no {', '.join(missing)}: pass it, "
+                             f"e.g. {missing[0]}=ControlNetModel.from_pretrained(folder)")
+        return cls(**parts)
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None,
                         safe_serialization: bool = True) -> None:
