@@ -444,5 +444,5 @@ def test_pipeline_from_a_single_file_with_a_controlnet(tiny_folders, controlnet_
     np.testing.assert_allclose(generate(pipe, image=CONTROL), generate(reference, image=CONTROL), atol=1e-6)
     with pytest.raises(ValueError, match="a single file holds no controlnet: pass it"):
         LatentDiffusionControlNetPipeline.from_single_file(tmp_path / "sd.safetensors", config=tiny_folders[1])
-    with pytest.raises(FileNotFoundError, match=r"it holds one ControlNetModel: load it with latentdiff.ControlNetModel"):
+    with pytest.raises(FileNotFoundError, match=r"holds one ControlNetModel: load it with latentdiff.ControlNetModel"):
         LatentDiffusionPipeline.from_pretrained(controlnet_folders[0])
