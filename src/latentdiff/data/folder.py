@@ -74,7 +74,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for number, line in enumerate(metadata.read_text().splitlines(), start=1):
             if line.strip():
                 entry = self._parse(line, number, metadata, caption_column)
-                if entry is not None and (not verify or all(self._verify(path) for path in entry[::2])):
+                files = [] if entry is None else [path for path in (entry[0], entry[2]) if path is not None]
+                if entry is not None and (not verify or all(self._verify(path) for path in files)):
                     self.entries.append(entry[:2])
                     if conditioning_column:
                         self.conditioning.append(entry[2])
