@@ -1,7 +1,8 @@
 """Run by tests/test_training.py as `accelerate launch --config_file training/accelerate/multi_cpu.yaml
 tests/_ddp_worker.py OUTPUT_DIR [PIPELINE [MODE]]`: two processes train a tiny model with DDP over gloo on the CPU; each
 writes rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
-With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora) or train a ControlNet for it (controlnet)."""
+With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora), train a ControlNet for it (controlnet) or
+learn a new word's embedding (inversion)."""
 import hashlib
 import json
 import sys
@@ -22,8 +23,10 @@ def digest(module) -> str:
 
 def main(output_dir: str, pipeline: str | None = None, mode: str = "lora") -> None:
     """pipeline: a pipeline folder to fine-tune instead (the text encoder frozen), through LoRA adapters (mode
-    "lora") or by training a ControlNet for its U-Net ("controlnet")."""
-    tuned = {"lora": {"lora_rank": 2, "resolution": 64}, "controlnet": {"controlnet": True, "resolution": 16}}
+    "lora"), by training a ControlNet for its U-Net ("controlnet") or by textual inversion ("inversion")."""
+    tuned = {"lora": {"lora_rank": 2, "resolution": 64}, "controlnet": {"controlnet": True, "resolution": 16},
+             "inversion": {"placeholder_token": "<shape>", "initializer_token": "star", "use_ema": False,
+                           "resolution": 16}}
     settings = {"train_text_encoder": True} if pipeline is None else {
         "pretrained": pipeline, "unet": None, "text_encoder": None, "vae": None, "scheduler": None,
         "shapes": {"num_samples": 16, "seed": 0}, **tuned[mode]}
@@ -38,7 +41,8 @@ def main(output_dir: str, pipeline: str | None = None, mode: str = "lora") -> No
         "rank": acc.process_index, "world": acc.num_processes, "distributed_type": str(acc.distributed_type),
         "unet": digest(acc.unwrap_model(task.unet)), "text_encoder": digest(acc.unwrap_model(task.text_encoder)),
         "trained": digest(task._trained()),
-        "ema": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(task.ema.shadow.items()))).hexdigest(),
+        "ema": task.ema and hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(task.ema.shadow.items()))
+                                           ).hexdigest(),
         "seen": result.seen, "losses": result.losses,
     }
     (Path(output_dir) / f"rank{acc.process_index}.json").write_text(json.dumps(record))

@@ -738,16 +738,22 @@ def test_lora_training_of_the_text_encoder_too(tmp_path, tiny_folders):
     assert (got - expected).abs().max() < 1e-5 and (got - before).abs().max() > 1e-4
 
 
-def test_lora_training_resumes_exactly(tmp_path, tiny_folders):
-    """A LoRA run stopped after 2 steps and resumed from its checkpoint ends as one run of 4 steps (losses, adapters,
-    their averages): the checkpoint holds the wrapped U-Net, the adapters' optimizer state and EMA."""
-    common = dict(checkpointing_steps=2, lr_scheduler="constant", lr_warmup_steps=0)
-    run_a = train_text_to_image(lora_config(tmp_path, tiny_folders[1], "a", **common))
-    train_text_to_image(lora_config(tmp_path, tiny_folders[1], "b", **{**common, "max_train_steps": 2}))
-    run_b = train_text_to_image(lora_config(tmp_path, tiny_folders[1], "b", resume="latest", **common))
+def resumes_exactly(tmp_path, make_config, exported: str) -> None:
+    """A run stopped after 2 steps and resumed from its checkpoint ends as one run of 4 steps: the same losses and
+    the same exported file. make_config(name, **overrides) -> a config writing to tmp_path / name."""
+    common = dict(checkpointing_steps=2, lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=4)
+    run_a = train_text_to_image(make_config("a", **common))
+    train_text_to_image(make_config("b", **{**common, "max_train_steps": 2}))
+    run_b = train_text_to_image(make_config("b", resume="latest", **common))
     assert run_b.resumed_from == tmp_path / "b" / "checkpoint-2" and run_b.losses == run_a.losses[2:]
-    files = [load_safetensors(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in "ab"]
+    files = [load_safetensors(tmp_path / run / exported) for run in "ab"]
     assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+def test_lora_training_resumes_exactly(tmp_path, tiny_folders):
+    """The checkpoint holds the wrapped U-Net, the adapters' optimizer state and EMA."""
+    resumes_exactly(tmp_path, lambda name, **o: lora_config(tmp_path, tiny_folders[1], name, **o),
+                    "lora/pytorch_lora_weights.safetensors")
 
 
 def test_lora_config_errors(tmp_path):
@@ -835,14 +841,8 @@ def test_controlnet_training_steers_the_frozen_unet_and_exports_a_controlnet(tmp
 
 
 def test_controlnet_training_resumes_exactly(tmp_path, tiny_folders):
-    """Stopped after 2 steps and resumed, a ControlNet run ends as one run of 4 steps (losses, exported weights)."""
-    common = dict(checkpointing_steps=2, lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=4)
-    run_a = train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "a", **common))
-    train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "b", **{**common, "max_train_steps": 2}))
-    run_b = train_text_to_image(controlnet_config(tmp_path, tiny_folders[1], "b", resume="latest", **common))
-    assert run_b.resumed_from == tmp_path / "b" / "checkpoint-2" and run_b.losses == run_a.losses[2:]
-    files = [load_safetensors(tmp_path / run / "controlnet" / "diffusion_pytorch_model.safetensors") for run in "ab"]
-    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+    resumes_exactly(tmp_path, lambda name, **o: controlnet_config(tmp_path, tiny_folders[1], name, **o),
+                    "controlnet/diffusion_pytorch_model.safetensors")
 
 
 def test_control_images_follow_the_images_crops_and_flips(tmp_path):
@@ -897,3 +897,84 @@ def test_controlnet_config_errors(tmp_path):
         smoke_config(tmp_path, controlnet=True, validation_images=["a.png"], **pretrained)
     with pytest.raises(ValueError, match="set controlnet: true"):
         smoke_config(tmp_path, controlnet_path="cn", **pretrained)
+
+
+# ---- textual inversion --------------------------------------------------------------------------------------------
+def inversion_config(tmp_path, pretrained, name="inversion", **overrides):
+    """A two-vector word <shape> for a pretrained tiny pipeline, started from "star"."""
+    settings = dict(pretrained=str(pretrained), unet=None, text_encoder=None, vae=None, scheduler=None, resolution=16,
+                    shapes={"num_samples": 8, "seed": 0}, train_batch_size=4, max_train_steps=3, checkpointing_steps=0,
+                    placeholder_token="<shape>", initializer_token="star", num_vectors=2, use_ema=False,
+                    learning_rate=5e-2)
+    return smoke_config(tmp_path, name, **{**settings, **overrides})
+
+
+def test_textual_inversion_learns_only_the_new_word_and_exports_it_for_ours_and_diffusers(tmp_path, tiny_folders):
+    """Only the new word's two rows of the token table move (from "star"'s); the U-Net, the VAE and the rest of the
+    text encoder stay as loaded; captions are the templates with the word; the exported file loaded into the
+    pretrained pipeline (ours, and diffusers') gives the trained encoder's prompt embeddings."""
+    import diffusers
+
+    diffusers_folder, folder = tiny_folders
+    result = train_text_to_image(inversion_config(tmp_path, folder, validation_steps=3,
+                                                  validation_prompts=["a red <shape>"], validation_seeds=[0]))
+    task, out = result.task, tmp_path / "inversion"
+    pretrained = LatentDiffusionPipeline.from_pretrained(folder)
+    assert all(torch.equal(v, pretrained.unet.state_dict()[k]) for k, v in task._unet().state_dict().items())
+    assert all(torch.equal(v, pretrained.vae.state_dict()[k]) for k, v in task.vae.state_dict().items())
+    encoder = task._trained()
+    table_key = "text_model.embeddings.token_embedding.weight"
+    before = pretrained.text_encoder.state_dict()
+    for key, value in encoder.state_dict().items():
+        if key != table_key:
+            assert torch.equal(value, before[key]), key
+    table, old = encoder.state_dict()[table_key], before[table_key]
+    assert table.shape[0] == old.shape[0] + 2 and torch.equal(table[:old.shape[0]], old)
+    star = pretrained.tokenizer.encode("star")[0]
+    assert all((table[i] - old[star]).abs().max() > 1e-3 for i in task.new_ids)  # moved off "star"
+    assert task.view[(0, 0)]["text"] in [t.format("<shape> <shape>_1") for t in task.config.caption_templates]
+    assert (out / "validation" / "step-0000003.png").exists() and not (out / "pipeline").exists()
+
+    learned = load_safetensors(out / "learned_embeds.safetensors")
+    assert list(learned) == ["<shape>"] and learned["<shape>"].shape == (2, 32)
+    ids = task.c.tokenizer(["a red <shape> <shape>_1"])  # (what loaders make of "<shape>": both its vectors)
+    with torch.no_grad():
+        expected = encoder.eval()(ids).last_hidden_state
+        pretrained.load_textual_inversion(out / "learned_embeds.safetensors")
+        ours = pretrained.encode_prompt("a red <shape>", do_classifier_free_guidance=False)[0]
+        reference = diffusers.StableDiffusionPipeline.from_pretrained(diffusers_folder, safety_checker=None)
+        reference.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+        theirs = reference.encode_prompt("a red <shape>", "cpu", 1, False)[0]
+    assert (ours - expected).abs().max() < 1e-5 and (theirs - expected).abs().max() < 1e-5
+
+
+def test_textual_inversion_resumes_exactly(tmp_path, tiny_folders):
+    resumes_exactly(tmp_path, lambda name, **o: inversion_config(tmp_path, tiny_folders[1], name, **o),
+                    "learned_embeds.safetensors")
+
+
+def test_two_processes_learn_a_word_with_ddp(tmp_path, tiny_folders):
+    """Textual inversion under DDP (two processes over gloo): the same token table and losses on both ranks, the
+    main process alone exports the word."""
+    out = tmp_path / "ddp-inversion"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "inversion"])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for key in ("trained", "unet", "losses"):
+        assert ranks[0][key] == ranks[1][key]
+    assert list(load_safetensors(out / "learned_embeds.safetensors")) == ["<shape>"] and not pickled_files(out)
+
+
+def test_textual_inversion_config_errors(tmp_path, tiny_folders):
+    with pytest.raises(ValueError, match="learns a word for a pretrained pipeline"):
+        smoke_config(tmp_path, placeholder_token="<x>", initializer_token="cat")
+    with pytest.raises(ValueError, match="set use_ema: false"):
+        inversion_config(tmp_path, tiny_folders[1], use_ema=True)
+    with pytest.raises(ValueError, match="needs initializer_token"):
+        inversion_config(tmp_path, tiny_folders[1], initializer_token=None)
+    with pytest.raises(ValueError, match="caption_templates must be captions with {}"):
+        inversion_config(tmp_path, tiny_folders[1], caption_templates=["a photo"])
+    with pytest.raises(ValueError, match="initializer_token 'red circle' is 2 tokens"):
+        train_text_to_image(inversion_config(tmp_path, tiny_folders[1], initializer_token="red circle"))
+    with pytest.raises(ValueError, match=r"\['star'\] already in the vocabulary"):
+        train_text_to_image(inversion_config(tmp_path, tiny_folders[1], placeholder_token="star", num_vectors=1))

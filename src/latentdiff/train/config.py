@@ -127,6 +127,15 @@ class TextToImageConfig(TrainConfig):
     controlnet: bool = False
     controlnet_path: str | None = None  # a ControlNet folder to go on training
     conditioning_column: str = "conditioning_image"
+    # Textual inversion (fine-tuning only; Gal et al. 2023): learn the embedding of a new word, placeholder_token
+    # (num_vectors vectors, started from initializer_token's), all models frozen; each caption is one of
+    # caption_templates with the word for {}. Exports <output_dir>/learned_embeds.safetensors, which
+    # pipe.load_textual_inversion reads (diffusers' too)
+    placeholder_token: str | None = None
+    initializer_token: str | None = None
+    num_vectors: int = 1
+    caption_templates: list = dataclasses.field(default_factory=lambda: [
+        "{}", "an image of {}", "a picture of {}", "a rendering of {}", "a drawing of {}", "{}, on its own"])
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -199,6 +208,25 @@ class TextToImageConfig(TrainConfig):
                                  "the first samples' control images)")
         elif self.controlnet_path or self.validation_images:
             raise ValueError("controlnet_path and validation_images are for ControlNet training: set controlnet: true")
+        if self.placeholder_token is not None:
+            if not self.pretrained:
+                raise ValueError("placeholder_token (textual inversion) learns a word for a pretrained pipeline: give "
+                                 "'pretrained' (a pipeline folder or .safetensors file)")
+            if self.lora_rank is not None or self.train_text_encoder or self.controlnet or self.use_ema:
+                raise ValueError("textual inversion trains the new word's embedding alone: drop lora_rank, "
+                                 "train_text_encoder and controlnet, and set use_ema: false")
+            if not isinstance(self.placeholder_token, str) or not self.placeholder_token.strip():
+                raise ValueError(f"placeholder_token must be a word such as '<my-cat>', got {self.placeholder_token!r}")
+            if not self.initializer_token:
+                raise ValueError("textual inversion needs initializer_token: an existing word the new one starts from "
+                                 "(e.g. 'cat')")
+            if not isinstance(self.num_vectors, int) or self.num_vectors < 1:
+                raise ValueError(f"num_vectors must be a positive integer, got {self.num_vectors}")
+            if not self.caption_templates or not all(isinstance(t, str) and "{}" in t for t in self.caption_templates):
+                raise ValueError(f"caption_templates must be captions with {{}} where the new word goes, got "
+                                 f"{self.caption_templates}")
+        elif self.initializer_token is not None:
+            raise ValueError("initializer_token is for textual inversion: give placeholder_token too")
         if self.token_embedding_std is not None:
             if not self.text_encoder:
                 raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "

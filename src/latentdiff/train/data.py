@@ -87,9 +87,12 @@ class TrainingView(torch.utils.data.Dataset):
 
     def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                  caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None,
-                 patch_size: int | None = None, conditioning: bool = False):
+                 patch_size: int | None = None, conditioning: bool = False, caption_templates: list | None = None,
+                 placeholder: str | None = None):
         self.source, self.resolution, self.seed, self.patch_size = source, resolution, seed, patch_size
         self.conditioning = conditioning  # items also carry the control image, cropped and flipped as the image
+        # textual inversion: the caption is one of the templates with the placeholder word for {}, not the source's
+        self.caption_templates, self.placeholder = caption_templates, placeholder
         self.random_crop, self.random_flip, self.caption_dropout = random_crop, random_flip, caption_dropout
         self.cache = cache
         # with these, the DataLoader's workers also make each sample's diffusion draws and token ids, work that
@@ -118,6 +121,8 @@ class TrainingView(torch.utils.data.Dataset):
             item = {"pixel_values": pixels}
             if control is not None:
                 item["conditioning_pixel_values"] = control
+        if self.caption_templates:
+            text = self.caption_templates[int(rng.integers(len(self.caption_templates)))].format(self.placeholder)
         if self.caption_dropout and rng.random() < self.caption_dropout:
             text = ""
         seed = sample_seed(self.seed, epoch, index)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_into
+from ..checkpoints import load_into, save_safetensors
 from ..lora import save_lora_weights
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
@@ -123,6 +123,10 @@ class TextToImageTask:
         if config.controlnet:  # the ControlNet is trained; the U-Net steered by it stays as it is
             controlnet = load_controlnet(config, unet, components.vae.vae_scale_factor)
             frozen["unet"] = unet
+        self.inversion = config.placeholder_token is not None
+        if self.inversion:  # only the new word's rows of the text encoder's token table train
+            frozen = {"vae": components.vae, "unet": unet}
+            self.new_words, self.new_ids, self.kept_rows = add_placeholder(config, components.tokenizer, text_encoder)
         # the exported pipeline gets the frozen modules' original weights, not their half-precision copies
         self.originals = {name: dict(module.state_dict()) for name, module in frozen.items()}
         for module in frozen.values():
@@ -132,7 +136,9 @@ class TextToImageTask:
             self.vae.config = self.vae.config.replace(
                 scaling_factor=self.vae.config.scaling_factor * config.latent_scale)
         text_encoder.requires_grad_(config.train_text_encoder)
-        trained = controlnet if config.controlnet else unet
+        trained = controlnet if config.controlnet else text_encoder if self.inversion else unet
+        if self.inversion:
+            text_encoder.get_input_embeddings().weight.requires_grad_(True)
         if config.gradient_checkpointing:
             trained.enable_gradient_checkpointing()
             if config.train_text_encoder:
@@ -153,8 +159,9 @@ class TextToImageTask:
             self.models = [self.unet, self.text_encoder]
         else:
             prepared, self.optimizer, self.lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
-            self.text_encoder, self.models = text_encoder, [prepared]
-            self.unet = unet if config.controlnet else prepared
+            self.models = [prepared]
+            self.text_encoder = prepared if self.inversion else text_encoder
+            self.unet = unet if config.controlnet or self.inversion else prepared
         self.controlnet = self.models[0] if config.controlnet else None
         # after prepare: DDP has broadcast rank 0's weights, so every process averages the same ones
         self.ema = EMA(self._trained(), config.ema_decay, config.ema_warmup) if config.use_ema else None
@@ -173,7 +180,9 @@ class TextToImageTask:
         cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
         self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
                                  random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache,
-                                 draw_spec=spec, tokenizer=components.tokenizer, conditioning=config.controlnet)
+                                 draw_spec=spec, tokenizer=components.tokenizer, conditioning=config.controlnet,
+                                 caption_templates=config.caption_templates if self.inversion else None,
+                                 placeholder=" ".join(self.new_words) if self.inversion else None)
         self.source = source
 
     def _unet(self):
@@ -181,7 +190,7 @@ class TextToImageTask:
 
     def _trained(self) -> torch.nn.Module:
         """The model the optimizer trains (unwrapped): the U-Net, or the ControlNet."""
-        return self.accelerator.unwrap_model(self.controlnet if self.controlnet is not None else self.unet)
+        return self.accelerator.unwrap_model(self.models[0])
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
@@ -195,7 +204,7 @@ class TextToImageTask:
                 mean, std = posterior.mean.float(), posterior.std.float()
             z0 = (mean + std * draws.posterior_noise) * self.vae.config.scaling_factor
         ids = batch["input_ids"].to(device)
-        with torch.set_grad_enabled(config.train_text_encoder):
+        with torch.set_grad_enabled(config.train_text_encoder or self.inversion):
             # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
             context = self.text_encoder(ids).last_hidden_state
         model = self.unet
@@ -207,13 +216,17 @@ class TextToImageTask:
         return loss, {}
 
     def after_optimizer_step(self) -> None:
+        if self.inversion:  # the other words' rows back as they were (the optimizer's weight decay moves them too)
+            with torch.no_grad():
+                table = self._trained().get_input_embeddings().weight
+                table[:len(self.kept_rows)] = self.kept_rows.to(table)
         if self.ema is not None:
             self.ema.update(self._trained())
 
     # ---- sampling with the averaged weights ------------------------------------------------------------------------
     def sampling_unet(self, device) -> torch.nn.Module:
         """The U-Net to sample and export with: a copy holding the EMA weights, or the trained model itself."""
-        return self._unet() if self.controlnet is not None else self._sampling_copy(device)
+        return self._sampling_copy(device) if self._trained() is self._unet() else self._unet()
 
     def _sampling_copy(self, device) -> torch.nn.Module:
         """The trained model (U-Net or ControlNet) to sample and export with: a copy holding the EMA weights, or the
@@ -292,6 +305,12 @@ class TextToImageTask:
                 unet_lora_adapter_metadata={**settings, "target_modules": list(config.lora_target_modules)},
                 text_encoder_lora_adapter_metadata={**settings, "target_modules": list(TEXT_LORA_TARGETS)} if text
                 else None))
+        elif self.accelerator.is_main_process and self.inversion:
+            table = self._trained().get_input_embeddings().weight
+            learned = {self.config.placeholder_token: table[self.new_ids].detach().to("cpu", torch.float32)}
+            path = Path(self.config.output_dir) / "learned_embeds.safetensors"
+            save_safetensors(learned, path.with_name(".tmp-" + path.name))
+            path.with_name(".tmp-" + path.name).replace(path)
         elif self.accelerator.is_main_process and self.controlnet is not None:
             controlnet = self._sampling_copy("cpu").to("cpu", torch.float32)
             write_atomically(Path(self.config.output_dir) / "controlnet", controlnet.save_pretrained)
@@ -305,6 +324,29 @@ class TextToImageTask:
             write_atomically(Path(self.config.output_dir) / "pipeline",
                              self.pipeline(unet, text_encoder, vae).save_pretrained)
         self.accelerator.wait_for_everyone()
+
+
+def add_placeholder(config, tokenizer, text_encoder) -> tuple[list[str], list[int], torch.Tensor]:
+    """Textual inversion's new word: placeholder_token (and placeholder_token_1, ... for num_vectors > 1, as
+    load_textual_inversion names a word of several vectors) added to the tokenizer, their rows to the token table,
+    started from initializer_token's. Returns the new words, their ids and a copy of the rows before them."""
+    word, start = config.placeholder_token, config.initializer_token
+    ids = tokenizer.encode(start)
+    if len(ids) != 1:
+        raise ValueError(f"initializer_token {start!r} is {len(ids)} tokens to the tokenizer: give a single known word "
+                         "(e.g. 'cat', 'toy', 'star')")
+    words = [word] + [f"{word}_{i}" for i in range(1, config.num_vectors)]
+    known = [w for w in words if w in tokenizer.get_vocab()]
+    if known:
+        raise ValueError(f"placeholder_token: {known} already in the vocabulary: choose a new word such as '<my-cat>'")
+    table = text_encoder.get_input_embeddings()
+    kept = table.weight.detach().clone()
+    table = text_encoder.resize_token_embeddings(table.num_embeddings + len(words))
+    tokenizer.add_tokens(words)
+    new_ids = [tokenizer.convert_tokens_to_ids(w) for w in words]
+    with torch.no_grad():
+        table.weight[new_ids] = kept[ids[0]]
+    return words, new_ids, kept
 
 
 def load_controlnet(config, unet, vae_scale: int) -> torch.nn.Module:
