@@ -4,7 +4,7 @@ guidance; calls interleaved (A B A B ...). Then show where the time goes, and op
 
     python benchmarks/pipeline.py [--model FOLDER] [--steps 25] [--guidance 5] [--batch 1] [--repeats 5]
                                   [--threads N] [--prompt TEXT] [--variants diffusers,ours,ours-opt,ours-compile]
-                                  [--prompt-cache] [--profile ours] [--cli] [--cli-runs 3]
+                                  [--prompt-cache] [--profile ours] [--cli] [--cli-runs 3] [--controlnet FOLDER]
 
 Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (after
 `pipe.optimize_for_inference()`: U-Net, VAE and text encoder channels-last, packed weights, Winograd convs).
@@ -14,6 +14,9 @@ encoder only). diffusers-compile: diffusers' U-Net under torch.compile with the 
 compiles (reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
 Every variant's images are compared with diffusers' first: a variant that differs by more than --tolerance (in
 [0, 1] pixel units) is reported and the script exits with status 1.
+
+--controlnet FOLDER: the ControlNet pipelines (diffusers' StableDiffusionControlNetPipeline, ours
+LatentDiffusionControlNetPipeline) with that ControlNet and a shapes silhouette as the control image.
 
 Our pipeline caches prompt embeddings (the empty negative prompt above all); the cache is cleared before every call,
 so that both pipelines pay for encoding the prompt as a one-image job does (--prompt-cache keeps it).
@@ -54,27 +57,37 @@ PROMPT = "a small red circle in the center on a white background"
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-def load(variant: str, folder: Path):
+def load(variant: str, folder: Path, controlnet: Path | None = None):
+    """The variant's pipeline of `folder`; with `controlnet` (a ControlNet folder), its ControlNet pipeline."""
     if variant in ("ours-compile", "ours-compile-opt"):
-        pipe = load("ours", folder)
+        pipe = load("ours", folder, controlnet)
         pipe.compile()
         if variant == "ours-compile-opt":
-            pipe.optimize_for_inference()  # (after compile(): the VAE and the text encoder)
+            pipe.optimize_for_inference()  # (after compile(): the VAE, the text encoder and the ControlNets)
         return pipe
     if variant == "diffusers-compile":  # compiled with ours' inductor settings (generate() applies them)
-        pipe = load("diffusers", folder)
+        pipe = load("diffusers", folder, controlnet)
         pipe.unet = torch.compile(pipe.unet)
         return pipe
     if variant == "diffusers":
         import diffusers
 
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                                 requires_safety_checker=False)
+        if controlnet is None:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                     requires_safety_checker=False)
+        else:
+            pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+                folder, controlnet=diffusers.ControlNetModel.from_pretrained(controlnet), safety_checker=None,
+                requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    from latentdiff import LatentDiffusionPipeline
+    from latentdiff import ControlNetModel, LatentDiffusionControlNetPipeline, LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    if controlnet is None:
+        pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    else:
+        pipe = LatentDiffusionControlNetPipeline.from_pretrained(
+            folder, controlnet=ControlNetModel.from_pretrained(controlnet))
     if variant == "ours-qkv":
         pipe.fuse_qkv_projections()
     if variant == "ours-opt":
@@ -86,6 +99,8 @@ def generate(variant: str, pipe, args, output_type: str = "pil", keep_cache: boo
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)]
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.batch,
                   generator=generators, output_type=output_type)
+    if args.controlnet:
+        kwargs["image"] = args.control_image
     if variant == "diffusers-compile":
         from latentdiff.pipeline import inductor_settings
 
@@ -149,6 +164,8 @@ def instrument(variant: str, pipe) -> Sections:
     sections.wrap(pipe._unet_call() if variant.startswith("ours-compile") else pipe.unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
+    if hasattr(pipe, "controlnet"):
+        sections.wrap(pipe.controlnet, "forward", "ControlNet")
     sections.wrap(pipe.vae, "decode", "VAE decode")
     if variant.startswith("diffusers"):
         sections.wrap(pipe.image_processor, "postprocess", "post-processing (to PIL)")
@@ -157,7 +174,7 @@ def instrument(variant: str, pipe) -> Sections:
     return sections
 
 
-ORDER = ["prompt: tokenizer, batching", "prompt: CLIP text model", "U-Net", "scheduler", "VAE decode",
+ORDER = ["prompt: tokenizer, batching", "prompt: CLIP text model", "ControlNet", "U-Net", "scheduler", "VAE decode",
          "post-processing (to PIL)"]
 
 
@@ -333,6 +350,9 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (one call each)")
     parser.add_argument("--cli", action="store_true", help="also time the whole `latentdiff generate` command")
     parser.add_argument("--cli-runs", type=int, default=3)
+    parser.add_argument("--controlnet", default=None,
+                        help="a ControlNet folder: time the ControlNet pipelines (e.g. "
+                             "pipelines/tiny-shapes-controlnet; the control image is a shapes silhouette)")
     args = parser.parse_args()
 
     from latentdiff.layout import EMBEDDED
@@ -350,7 +370,14 @@ def main() -> int:
     setup(args.threads)
     print(machine())
 
-    pipes = {v: load(v, args.model) for v in variants}
+    if args.controlnet:
+        if args.cli:
+            parser.error("--cli times text to image only: leave out --controlnet")
+        from latentdiff.train.data import ShapesSource
+
+        side = json.loads((args.model / "unet" / "config.json").read_text())["sample_size"] * 8
+        args.control_image = ShapesSource(side, {"num_samples": 1, "seed": 1234}).load_conditioning(0)
+    pipes = {v: load(v, args.model, args.controlnet) for v in variants}
     guided = args.guidance > 1.0
     with torch.no_grad():  # one call each: the parity check, and the warm-up
         reference = generate("diffusers", pipes["diffusers"], args, "np")
