@@ -834,3 +834,22 @@ def test_pipeline_optimized_for_inference_makes_the_same_images(folders, tmp_pat
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     with pytest.raises(RuntimeError, match="before optimize_for_inference"):
         fast.save_pretrained(tmp_path / "saved")
+
+
+def test_freeu_same_image_as_diffusers(folders):
+    """pipe.enable_freeu as diffusers' pipelines take it; disable_freeu gives the plain image back."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[0], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[0])
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    plain = ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images
+    ref.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    ours.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    expected = ref(PROMPTS[0], latents=latents_for(1), **kwargs).images
+    got = ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    assert np.abs(got - plain).max() > 1e-3
+    ours.disable_freeu()
+    np.testing.assert_array_equal(ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images, plain)

@@ -2,6 +2,7 @@
 ways; strict loading; the config subset; precision, memory layout and gradient checkpointing."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -520,3 +521,27 @@ def test_full_sd15_matches_diffusers():
     expected = ref(sample, t, ctx).sample
     assert expected.std() > 0.1
     assert (ours(sample, t, ctx) - expected).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_freeu_matches_diffusers():
+    """enable_freeu as diffusers' (odd and non-power-of-two sizes: float32 FFTs), optimized and with k contexts per
+    sample too; disable_freeu restores the plain output; non-positive factors are refused."""
+    config = UNetConfig(**SMALL)
+    ref, ours = make_pair(config)
+    sample, t, ctx = inputs(config, 16, 12)
+    plain = ours(sample, t, ctx)
+    ref.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    ours.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    expected = ref(sample, t, ctx).sample
+    got = ours(sample, t, ctx)
+    assert (got - expected).abs().max() < 1e-4 and (got - plain).abs().max() > 1e-2
+    shared = ours(sample[:1], t[:1], torch.cat([ctx[:1], ctx[1:]]))
+    assert (shared - ref(sample[:1].repeat(2, 1, 1, 1), t[:1], torch.cat([ctx[:1], ctx[1:]])).sample).abs().max() < 1e-4
+    if torch.backends.mkldnn.is_available():
+        optimized = copy.deepcopy(ours).optimize_for_inference()
+        assert (optimized(sample, t, ctx) - expected).abs().max() < 1e-4
+    ours.disable_freeu()
+    assert torch.equal(ours(sample, t, ctx), plain)
+    with pytest.raises(ValueError, match="b2=0 must be a positive number"):
+        ours.enable_freeu(0.9, 0.2, 1.5, 0)

@@ -213,6 +213,23 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
     def disable_vae_slicing(self) -> None:
         self.vae.disable_slicing()
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU in the U-Net (UNet2DConditionModel.enable_freeu; SD 1.x: s1=0.9, s2=0.2, b1=1.5, b2=1.6), as
+        diffusers' pipelines take it; CUDA graphs are captured and a compiled U-Net compiled anew."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+        self._unet_changed()
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+        self._unet_changed()
+
+    def _unet_changed(self) -> None:
+        """After a change to what the U-Net computes that captured graphs or a compiled graph would not see."""
+        if self._graphed is not None:
+            self._graphed = CUDAGraphModel(self.unet)
+        if self._compiled is not None:
+            self._forget_compiled()
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm's options for the denoising progress bar of later calls (diffusers' method: `disable=True` silences
         it, as a call's `progress=False` does)."""

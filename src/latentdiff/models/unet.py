@@ -400,6 +400,21 @@ class UNet2DConditionModel(DownPath):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (models/unet_blocks.free_u) in the first two up stages, as diffusers' method of this name: b1, b2
+        amplify the backbone's features of stages 1 and 2, s1, s2 scale their skip connections' low frequencies
+        (SD 1.x: s1=0.9, s2=0.2, b1=1.5, b2=1.6, the FreeU authors' values). No training, no new weights."""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"enable_freeu: {name}={value!r} must be a positive number (disable_freeu() turns "
+                                 "FreeU off)")
+        for i, block in enumerate(self.up_blocks):
+            block.freeu = ((b1, s1), (b2, s2))[i] if i < 2 else None
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.freeu = None
+
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
                 encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
                 timestep_cond: None = None, cross_attention_kwargs: dict | None = None,

@@ -85,13 +85,31 @@ class UpBlock(nn.Module):
         )
         self.attentions = _attentions(make_transformer, out_channels, len(skip_channels))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
+        self.freeu: tuple[float, float] | None = None  # (b, s) of FreeU (see free_u), set by the U-Net's enable_freeu
 
     def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, skips: Sequence[torch.Tensor],
                 size: tuple[int, int] | None = None) -> torch.Tensor:
         """`skips` in the order the down path made them; `size` is the resolution of the next stage up, so that
         odd sizes (13 -> 7 on the way down) come back exactly (7 -> 13, not 14)."""
         for resnet, attn, skip in zip(self.resnets, self.attentions, reversed(skips)):
+            if self.freeu is not None:
+                x, skip = free_u(x, skip, *self.freeu)
             x = attn(resnet(torch.cat([x, skip], dim=1), emb), ctx)
         for upsample in self.upsamplers:
             x = upsample(x, size)
         return x
+
+
+def free_u(x: torch.Tensor, skip: torch.Tensor, b: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU (Si et al. 2024): before an up layer joins the backbone's features x and a skip connection, the first
+    half of x's channels is amplified by b and the skip's lowest spatial frequencies (the 2x2 around the centre of
+    its shifted spectrum) are scaled by s, so that the backbone's denoising counts more than the skip's high-frequency
+    detail. The FFT runs in float32 (half-precision FFTs are unsupported or unstable)."""
+    half = x.shape[1] // 2
+    x = torch.cat([x[:, :half] * b, x[:, half:]], dim=1)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(skip.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = spectrum.shape[-2:]
+    scale = torch.ones(spectrum.shape[-2:], device=skip.device)
+    scale[h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1] = s
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * scale, dim=(-2, -1)), dim=(-2, -1)).real
+    return x, filtered.to(skip.dtype)
