@@ -191,6 +191,28 @@ def test_controlnet(tiny_folders, tmp_path, capsys):
     assert code == 2 and "give --controlnet PATH too" in err
 
 
+def test_freeu(tiny_folders, tmp_path, capsys):
+    """--freeu sd1 gives the Python API's image with enable_freeu(0.9, 0.2, 1.5, 1.6), is stored in the PNG and
+    reproduced from it; a malformed value is a one-line error."""
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out"]
+    code, out, _ = run(args + ["--freeu", "sd1"], capsys)
+    assert code == 0 and json.loads(Image.open(out.strip()).text[PNG_KEY])["freeu"] == [0.9, 0.2, 1.5, 1.6]
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    pipe.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    expected = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, progress=False,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args + ["--freeu", "1,2,3"], capsys)
+    assert code == 2 and "give four positive numbers" in err
+
+
 def test_embedding(tiny_folders, tmp_path, capsys):
     """--embedding PATH:TOKEN makes TOKEN a word of the prompts (and of --negative), as the Python API's
     load_textual_inversion does; --from-png makes the image again."""

@@ -42,6 +42,18 @@ def parse_extra(spec: str, kind: str) -> list:
     return [str(path.resolve()), value, weights_hash(path)]
 
 
+def freeu_factors(spec: str) -> list[float]:
+    """--freeu S1,S2,B1,B2 (or "sd1": 0.9,0.2,1.5,1.6, the FreeU authors' values for SD 1.x)."""
+    text = "0.9,0.2,1.5,1.6" if spec == "sd1" else spec
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(0 < v < float("inf") for v in values):
+        raise ValueError(f"--freeu {spec!r}: give four positive numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.5,1.6) or sd1")
+    return values
+
+
 def image_inputs(args) -> dict:
     """--image (img2img), with --mask (inpainting), and --strength; --control-image (for --controlnet): as
     settings, [path, hash] per file."""
@@ -137,6 +149,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
         **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
+        **({"freeu": freeu_factors(args.freeu)} if args.freeu else {}),
         **(extras or {}),  # loras, embeddings: only where given (as images made before them)
     }
 
@@ -158,6 +171,10 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     from .schedulers import scheduler_from_name
 
     pipe.scheduler = scheduler_from_name(settings["scheduler"], pipe.scheduler.config)
+    if "freeu" in settings:
+        pipe.enable_freeu(*settings["freeu"])
+    else:
+        pipe.disable_freeu()
     common = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
                   guidance_scale=settings["guidance"], eta=settings["eta"], progress=False,
                   generator=torch.Generator().manual_seed(settings["seed"]))
@@ -352,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--eta", type=float, default=0.0)
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--freeu", default=None, metavar="S1,S2,B1,B2",
+                   help="FreeU with these factors (pipe.enable_freeu), or 'sd1' for 0.9,0.2,1.5,1.6")
     g.add_argument("--variant", default=None,
                    help="the model folder's weights of that variant (diffusion_pytorch_model.VARIANT.safetensors)")
     g.add_argument("--device", default="cpu")
