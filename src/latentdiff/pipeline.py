@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
+from .ip_adapter import IPAdapterMixin
 from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
 from .models.attention import cache_text_keys, tensors_key
 from .models.unet import cache_timesteps
@@ -144,7 +145,7 @@ def _stable_diffusion_settings(scheduler) -> None:
         scheduler.config = config.replace(**fixes)
 
 
-class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
+class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin):
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -169,8 +170,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         return {name: getattr(self, name) for name in self.component_names}
 
     def _models(self) -> list[torch.nn.Module]:
-        """The pipeline's neural networks."""
-        return [self.text_encoder, self.unet, self.vae]
+        """The pipeline's neural networks (with an IP-Adapter's image encoder where one is loaded)."""
+        return [self.text_encoder, self.unet, self.vae, *([self.image_encoder] if self.image_encoder else [])]
 
     def _denoisers(self) -> list[torch.nn.Module]:
         """The networks each denoising step runs (their text keys and time embeddings are cached over a run)."""
@@ -574,6 +575,19 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                         break
         return latents
 
+    def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guided: bool):
+        """The U-Net call of each denoising step, for denoise(unet=): the U-Net's own (None), or with an
+        IP-Adapter's image embeddings (ip_adapter_image / _embeds) and the ControlNets' residuals (control)."""
+        embeds = self._ip_embeds(ip_image, ip_embeds, n, guided)
+        unet = self._unet_call()
+        if embeds is not None:
+            if isinstance(unet, CUDAGraphModel):
+                raise ValueError("CUDA graphs take no IP-Adapter image: disable_cuda_graphs() first")
+            unet = WithImageEmbeds(unet, embeds, n)
+        if control is not None:
+            return control(unet, n, steps)
+        return None if embeds is None else unet
+
     @staticmethod
     def _checked_guidance(scale) -> float:
         try:
@@ -649,21 +663,23 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True, guidance_rescale: float = 0.0,
         callback_on_step_end_tensor_inputs: list[str] | None = None, timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None, cross_attention_kwargs: dict | None = None,
+        sigmas: list[float] | None = None, cross_attention_kwargs: dict | None = None, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """`timesteps` / `sigmas`: the grid in full instead of num_inference_steps, for the schedulers that take one
-        (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule."""
+        (as in diffusers: Euler both, DPM-Solver++ timesteps), e.g. an "Align Your Steps" schedule.
+        `ip_adapter_image` (a PIL image) or `ip_adapter_image_embeds`: the image prompt of a loaded IP-Adapter."""
         return self._text_to_image(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
             generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
             callback_on_step_end, progress, guidance_rescale, callback_on_step_end_tensor_inputs, timesteps, sigmas,
-            cross_attention_kwargs)
+            cross_attention_kwargs, ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
 
     def _text_to_image(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                        num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
                        output_type, return_dict, clip_skip, callback_on_step_end, progress, guidance_rescale,
                        callback_on_step_end_tensor_inputs, timesteps, sigmas, cross_attention_kwargs,
-                       control: Callable | None = None):
+                       control: Callable | None = None, ip_adapter_image=None, ip_adapter_image_embeds=None):
         """The text-to-image call; `control(unet, n, steps)`, where given, returns the U-Net call that the denoising
         loop makes for n images over `steps` timesteps (the ControlNet pipelines'), once the scheduler's grid is
         set."""
@@ -690,7 +706,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin):
                 raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
                                  "None to draw it from the generator)")
             latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
-            unet = None if control is None else control(self._unet_call(), n, len(self.scheduler.timesteps))
+            unet = self._step_unet(control, n, len(self.scheduler.timesteps), ip_adapter_image,
+                                   ip_adapter_image_embeds, guided)
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, guidance_rescale, unet=unet)
             images = self.decode(latents, output_type)
@@ -710,18 +727,21 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         output_type: str = "pil", return_dict: bool = True, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, progress: bool = True,
         callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
-        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """`timesteps` / `sigmas`: as in the text-to-image call; `strength` then selects from that grid."""
         return self._img2img(prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
                              num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds,
                              output_type, return_dict, clip_skip, callback_on_step_end, progress,
-                             callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas)
+                             callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
+                             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
 
     def _img2img(self, prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
                  num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds, output_type,
                  return_dict, clip_skip, callback_on_step_end, progress, callback_on_step_end_tensor_inputs,
-                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None):
+                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None):
         """The img2img call; `control(unet, n, steps)`: see _text_to_image."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
@@ -737,7 +757,8 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             else:
                 noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
                 latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
-            unet = None if control is None else control(self._unet_call(), z0.shape[0], len(timesteps))
+            unet = self._step_unet(control, z0.shape[0], len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
+                                   guidance_scale > 1.0)
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, unet=unet)
             images = self.decode(latents, output_type)
@@ -816,19 +837,22 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
         negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
         clip_skip: int | None = None, callback_on_step_end: Callable | None = None, progress: bool = True,
         callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
-        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """mask_image: a PIL image (grey levels; >= 0.5 after /255 is repainted), or a tensor [B, 1, H, W] / [H, W]
         in [0, 1], of the image's size. `latents`: the starting noise (strength 1 only)."""
         return self._inpaint(prompt, image, mask_image, strength, negative_prompt, num_inference_steps,
                              guidance_scale, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, clip_skip, callback_on_step_end,
-                             progress, callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas)
+                             progress, callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
+                             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds)
 
     def _inpaint(self, prompt, image, mask_image, strength, negative_prompt, num_inference_steps, guidance_scale,
                  num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
                  return_dict, clip_skip, callback_on_step_end, progress, callback_on_step_end_tensor_inputs,
-                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None):
+                 cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None):
         """The inpainting call; `control(unet, n, steps)`: see _text_to_image."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
@@ -866,7 +890,8 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 known = z0 if len(later) == 0 else self.scheduler.add_noise(z0, noise, later)
                 return (1 - small) * known + small * x
 
-            unet = None if control is None else control(self._unet_call(), n, len(timesteps))
+            unet = self._step_unet(control, n, len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
+                                   guidance_scale > 1.0)
             latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress,
                                    conditioning=None if plain else torch.cat([small, masked], dim=1),
@@ -901,6 +926,19 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
             raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image {size[1]}x{size[0]} "
                              "(width x height): give a mask of the image's size")
         return (mask >= 0.5).float()
+
+
+class WithImageEmbeds:
+    """A U-Net call `unet(x, t, context, **kwargs)` given an IP-Adapter's image embeddings for its contexts: all of
+    them ([uncond; cond] with guidance), or the conditional ones where the call has only the n conditional contexts
+    (guidance turned off part-way by a callback). The same tensors every step (the U-Net's caches key on them)."""
+
+    def __init__(self, unet: Callable, embeds: torch.Tensor, n: int):
+        self.unet, self.embeds, self.conditional = unet, embeds, embeds[-n:]
+
+    def __call__(self, x: torch.Tensor, t, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        embeds = self.embeds if context.shape[0] == self.embeds.shape[0] else self.conditional
+        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": [embeds]}, **kwargs)
 
 
 def to_diffusers(pipe: LatentDiffusionPipeline):

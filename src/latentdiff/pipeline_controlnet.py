@@ -238,7 +238,8 @@ class LatentDiffusionControlNetPipeline(ControlNetMixin, LatentDiffusionPipeline
         controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
+        callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """image: the control image (PIL, a [C, H, W] / [B, C, H, W] tensor or an [H, W, C] / [B, H, W, C] array,
         values in [0, 1]; a list of them), one for all prompts or one per prompt; with several ControlNets, a list
@@ -255,7 +256,8 @@ class LatentDiffusionControlNetPipeline(ControlNetMixin, LatentDiffusionPipeline
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, eta,
             generator, latents, prompt_embeds, negative_prompt_embeds, output_type, return_dict, clip_skip,
             callback_on_step_end, progress, 0.0, callback_on_step_end_tensor_inputs, timesteps, sigmas,
-            cross_attention_kwargs, control=control)
+            cross_attention_kwargs, control=control, ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds)
 
 
 class LatentDiffusionControlNetImg2ImgPipeline(ControlNetMixin, LatentDiffusionImg2ImgPipeline):
@@ -273,7 +275,8 @@ class LatentDiffusionControlNetImg2ImgPipeline(ControlNetMixin, LatentDiffusionI
         control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None, progress: bool = True,
-        timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None, sigmas: list[float] | None = None, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """As LatentDiffusionImg2ImgPipeline's call, with the ControlNet arguments of
         LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
@@ -285,7 +288,8 @@ class LatentDiffusionControlNetImg2ImgPipeline(ControlNetMixin, LatentDiffusionI
                              num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds,
                              output_type, return_dict, clip_skip, callback_on_step_end, progress,
                              callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
-                             control=control)
+                             control=control, ip_adapter_image=ip_adapter_image,
+                             ip_adapter_image_embeds=ip_adapter_image_embeds)
 
 
 class LatentDiffusionControlNetInpaintPipeline(ControlNetMixin, LatentDiffusionInpaintPipeline):
@@ -304,6 +308,7 @@ class LatentDiffusionControlNetInpaintPipeline(ControlNetMixin, LatentDiffusionI
         control_guidance_end: float | list[float] = 1.0, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] | None = None,
         progress: bool = True, timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+        ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """As LatentDiffusionInpaintPipeline's call, with the ControlNet arguments of
         LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
@@ -315,7 +320,8 @@ class LatentDiffusionControlNetInpaintPipeline(ControlNetMixin, LatentDiffusionI
                              guidance_scale, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, clip_skip, callback_on_step_end,
                              progress, callback_on_step_end_tensor_inputs, cross_attention_kwargs, timesteps, sigmas,
-                             control=control)
+                             control=control, ip_adapter_image=ip_adapter_image,
+                             ip_adapter_image_embeds=ip_adapter_image_embeds)
 
 
 def _resized(image, size: tuple[int, int]):

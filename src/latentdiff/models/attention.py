@@ -42,28 +42,35 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        self.inner = inner
         self.context_cache: list | None = None  # see cache_text_keys()
         self.fused: list | None = None  # see fuse_qkv_projections()
+        self.ip: tuple | None = None  # an IP-Adapter's (to_k_ip, to_v_ip, state) of a cross-attention (ip_adapter.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual: a tensor like x for the output projection to add (only where it can: fused.adds_residual)."""
         b, n, _ = x.shape
         qkv = self._fused_qkv(x) if context is None else None
+        image = None
         if qkv is not None:
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
         else:
             q = self._heads(self.to_q(x))
-            k, v = self._keys_values(x if context is None else context, cross=context is not None)
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
-        else:
-            out = self.attend(q, k, v)
+            k, v, image = self._keys_values(x if context is None else context, cross=context is not None)
+        out = self._attend(q, k, v)
+        if image is not None:  # an IP-Adapter's image tokens: their attention, scaled, added to the text's
+            out = out + self.ip[2].scale * self._attend(q, *image)
         out = out.transpose(1, 2).reshape(b, n, -1)
         if residual is not None:
             return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)
         out = self.to_out[0](out)
         return self.to_out[1](out) if self.training else out  # (dropout: the identity in eval mode)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return self.attend(q, k, v)
 
     def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
         """[q | k | v] of x from one matrix product, within fuse_qkv_projections() and without autograd (outside
@@ -92,17 +99,27 @@ class Attention(nn.Module):
         """[B, N, heads * d] -> [B, heads, N, d] (a view)."""
         return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """to_k(context), to_v(context), split into heads; inside cache_text_keys(), a cross-attention computes them
-        once per context tensor (and weights) and reuses them at every later denoising step."""
+    def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple:
+        """(to_k(context), to_v(context), None), split into heads; with an IP-Adapter, the context's last tokens are
+        the image's: (keys and values of the text, of the image by the adapter's projections). Inside
+        cache_text_keys(), a cross-attention computes them once per context tensor (and weights) and reuses them at
+        every later denoising step."""
         key = self._cache_key(context) if cross else None
         if key is None:
-            return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+            return self._project(context, cross)
         # the cache holds the context object itself, so that its address cannot be reused by another meanwhile
         cache = self.context_cache
         if not cache or cache[0] is not context or cache[1] != key:
-            cache[:] = [context, key, self._heads(self.to_k(context)), self._heads(self.to_v(context))]
-        return cache[2], cache[3]
+            cache[:] = [context, key, self._project(context, cross)]
+        return cache[2]
+
+    def _project(self, context: torch.Tensor, cross: bool) -> tuple:
+        if not cross or self.ip is None:
+            return self._heads(self.to_k(context)), self._heads(self.to_v(context)), None
+        to_k_ip, to_v_ip, state = self.ip
+        text, image = context[:, :-state.tokens], context[:, -state.tokens:]
+        return (self._heads(self.to_k(text)), self._heads(self.to_v(text)),
+                (self._heads(to_k_ip(image)), self._heads(to_v_ip(image))))
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
         """What cached keys and values of `context` stay valid for (tensors_key of the context and the projection
@@ -112,7 +129,8 @@ class Attention(nn.Module):
         if (torch.compiler.is_compiling() or self.context_cache is None or torch.is_grad_enabled()
                 or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
             return None
-        return tensors_key((context, self.to_k.weight, self.to_v.weight))
+        ip = () if self.ip is None else (self.ip[0].weight, self.ip[1].weight)
+        return tensors_key((context, self.to_k.weight, self.to_v.weight, *ip))
 
 
 @contextlib.contextmanager

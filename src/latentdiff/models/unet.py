@@ -382,6 +382,8 @@ class UNet2DConditionModel(DownPath):
     config_class = UNetConfig
     accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
 
+    _ip = None  # a loaded IP-Adapter's IPAdapterState (ip_adapter.py): beside the model, not in its state dict
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         skip_channels = self._build_down_path(config)
@@ -411,6 +413,37 @@ class UNet2DConditionModel(DownPath):
         for i, block in enumerate(self.up_blocks):
             block.freeu = ((b1, s1), (b2, s2))[i] if i < 2 else None
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .half(), ...: an IP-Adapter's modules move and cast with the U-Net."""
+        out = super()._apply(fn, *args, **kwargs)
+        if self._ip is not None:
+            for module in self._ip.modules():
+                module._apply(fn, *args, **kwargs)
+            self._ip.memo = None
+        return out
+
+    def _with_image_tokens(self, context: torch.Tensor, added: dict | None) -> torch.Tensor:
+        """The context with an IP-Adapter's image tokens appended (added_cond_kwargs={"image_embeds": [embeds]}, as
+        diffusers passes them), where one is loaded (ip_adapter.py); other added conditions are refused."""
+        state = self._ip
+        added = dict(added or {})
+        embeds = added.pop("image_embeds", None)
+        if added or (embeds is not None and state is None):
+            name = sorted(added)[0] if added else "image_embeds"
+            raise ValueError(f"added_cond_kwargs {name!r} is not supported by this U-Net" + (
+                " without an IP-Adapter: load_ip_adapter(...) first" if not added else
+                " (Stable Diffusion 1.x has no use for it): pass None"))
+        if state is None:
+            return context
+        if embeds is None:
+            raise ValueError("an IP-Adapter is loaded: pass its image embeddings, added_cond_kwargs={'image_embeds': "
+                             "[embeds]} (or unload it)")
+        if isinstance(embeds, (list, tuple)):
+            if len(embeds) != 1:
+                raise ValueError(f"image_embeds: {len(embeds)} tensors for one loaded IP-Adapter")
+            embeds = embeds[0]
+        return state.context(context, embeds)
+
     def disable_freeu(self) -> None:
         for block in self.up_blocks:
             block.freeu = None
@@ -435,9 +468,9 @@ class UNet2DConditionModel(DownPath):
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample. The
         residuals are for the k*B batch then."""
         self._check_inputs(sample, encoder_hidden_states)
-        if timestep_cond is not None or added_cond_kwargs:
-            name = "timestep_cond" if timestep_cond is not None else "added_cond_kwargs"
-            raise ValueError(f"{name} is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
+        encoder_hidden_states = self._with_image_tokens(encoder_hidden_states, added_cond_kwargs)
+        if timestep_cond is not None:
+            raise ValueError("timestep_cond is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
                              "pass None")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError("pass down_block_additional_residuals and mid_block_additional_residual together (a "
@@ -446,6 +479,7 @@ class UNet2DConditionModel(DownPath):
         if scale is not None and scale != 1.0 and adapters_of(self) is not None:
             with model_lora_scaled(self, scale):
                 return self.forward(sample, timestep, encoder_hidden_states, return_dict,
+                                    added_cond_kwargs=added_cond_kwargs,
                                     down_block_additional_residuals=down_block_additional_residuals,
                                     mid_block_additional_residual=mid_block_additional_residual)
         ctx = encoder_hidden_states

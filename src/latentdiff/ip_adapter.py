@@ -1,0 +1,283 @@
+"""IP-Adapter (Ye et al. 2023): an image as a prompt. A CLIP image encoder's embedding of the image is projected to
+a few extra context tokens, and every cross-attention of the U-Net attends to them through its own key and value
+projections, its output adding `scale` times that attention to the text's ("decoupled cross-attention").
+
+As diffusers' `pipe.load_ip_adapter(...)`, `set_ip_adapter_scale`, `unload_ip_adapter` and the pipelines'
+`ip_adapter_image=` / `ip_adapter_image_embeds=`, for the original IP-Adapter of SD 1.x (`ip-adapter_sd15`: a linear
+projection to 4 tokens). The weights stay beside the U-Net, not in its state dict (saving, LoRA and the optimised
+layers see the U-Net unchanged); the image encoder is transformers' CLIPVisionModelWithProjection, read from the
+adapter's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, load_safetensors, require_path, weights_file
+from .models.attention import Attention, tensors_key
+
+
+class ImageProjection(nn.Module):
+    """An image embedding [B, D] (or [B, k, D], k images) -> `tokens` context tokens per image, [B, k * tokens, C]:
+    a linear map and a LayerNorm (diffusers' ImageProjection, keys image_embeds.*, norm.*)."""
+
+    def __init__(self, embed_dim: int, cross_attention_dim: int, tokens: int = 4):
+        super().__init__()
+        self.tokens, self.width = tokens, cross_attention_dim
+        self.image_embeds = nn.Linear(embed_dim, tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        out = self.image_embeds(embeds.to(self.image_embeds.weight.dtype))
+        return self.norm(out.reshape(embeds.shape[0], -1, self.width))
+
+
+@dataclasses.dataclass
+class IPAdapterState:
+    """What a U-Net holds of a loaded IP-Adapter (`unet._ip`): the projection, the key and value projections of each
+    cross-attention (`layers`, diffusers' order), the scale, and the last context it extended (see context)."""
+
+    projection: ImageProjection
+    layers: nn.ModuleList  # per cross-attention: ModuleList([to_k_ip, to_v_ip])
+    scale: float = 1.0
+    memo: tuple | None = None  # (context, embeds, key, extended context)
+
+    @property
+    def tokens(self) -> int:
+        return self.projection.tokens
+
+    def modules(self) -> list[nn.Module]:
+        return [self.projection, self.layers]
+
+    def context(self, context: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """[context | image tokens]: the text tokens and the projected image embedding's, per sample. The same
+        tensor again for the same context and embeddings (unchanged in place), so that the cross-attentions' cached
+        keys and values of it stay valid over a denoising run."""
+        if embeds.dim() == 3 and embeds.shape[1] == 1:
+            embeds = embeds.flatten(0, 1)
+        if embeds.dim() != 2:
+            raise ValueError(f"IP-Adapter image embeddings of shape {tuple(embeds.shape)}: expected [B, D] or "
+                             "[B, 1, D] (one image per prompt)")
+        if embeds.shape[0] != context.shape[0]:
+            raise ValueError(f"IP-Adapter image embeddings for {embeds.shape[0]} samples but the context has "
+                             f"{context.shape[0]}: give one per context (with guidance: the unconditional ones "
+                             "first)")
+        key = tensors_key((context, embeds, *self.projection.parameters()))
+        if key is not None and self.memo is not None and self.memo[0] is context and self.memo[1] is embeds \
+                and self.memo[2] == key:
+            return self.memo[3]
+        tokens = self.projection(embeds).to(context.dtype)
+        extended = torch.cat([context, tokens.reshape(context.shape[0], -1, context.shape[2])], dim=1)
+        self.memo = None if key is None else (context, embeds, key, extended)
+        return extended
+
+
+def cross_attentions(unet: nn.Module) -> list[Attention]:
+    """The U-Net's cross-attention layers in diffusers' order of attention processors (down stages, up stages, then
+    the middle block), which numbers an IP-Adapter file's layers."""
+    order = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
+    return [m for block in order for name, m in block.named_modules()
+            if isinstance(m, Attention) and name.endswith("attn2")]
+
+
+def attach(unet: nn.Module, state: IPAdapterState) -> None:
+    """Give the U-Net and each of its cross-attentions the adapter (plain attributes: not submodules)."""
+    layers = cross_attentions(unet)
+    if len(layers) != len(state.layers):
+        raise ValueError(f"the IP-Adapter has {len(state.layers)} cross-attention layers but the U-Net "
+                         f"{len(layers)}: it was made for another architecture")
+    object.__setattr__(unet, "_ip", state)
+    for layer, (to_k, to_v) in zip(layers, state.layers):
+        layer.ip = (to_k, to_v, state)
+
+
+def detach(unet: nn.Module) -> None:
+    for layer in cross_attentions(unet):
+        layer.ip = None
+    object.__setattr__(unet, "_ip", None)
+
+
+def read_ip_adapter(source, subfolder: str | None, weight_name: str | None) -> tuple[dict, dict, str]:
+    """(image_proj state, ip_adapter state, where) from a .safetensors file, a folder holding one, or a dict with
+    diffusers' two parts."""
+    if isinstance(source, dict):
+        state, where = source, "the given state dict"
+        if "image_proj" in state and "ip_adapter" in state:
+            return dict(state["image_proj"]), dict(state["ip_adapter"]), where
+    else:
+        path = require_path(Path(source) / subfolder if subfolder else Path(source), "IP-Adapter file or folder")
+        path = weights_file(path, weight_name, "ip-adapter_sd15.safetensors", "IP-Adapter weights")
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: latentdiff reads IP-Adapters from .safetensors files only (pickled .bin "
+                                  "files are never loaded); convert it first")
+        state, where = load_safetensors(path), str(path)
+    parts = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part not in parts or not rest:
+            raise ValueError(f"{where}: key {key!r} is not an IP-Adapter's (expected image_proj.* and ip_adapter.*)")
+        parts[part][rest] = value
+    return parts["image_proj"], parts["ip_adapter"], where
+
+
+def build_state(projection: dict, attention: dict, unet: nn.Module, where: str) -> IPAdapterState:
+    """The adapter's modules from its two state dicts, checked against the U-Net."""
+    if "proj.weight" not in projection:
+        kind = ("IP-Adapter Plus" if "latents" in projection else "IP-Adapter Full Face" if "proj.3.weight" in
+                projection else "IP-Adapter FaceID" if projection else "an empty image projection")
+        raise ValueError(f"{where}: {kind} is not supported; latentdiff loads the original IP-Adapter (image_proj "
+                         "proj.weight / norm.*, 4 tokens), e.g. ip-adapter_sd15.safetensors")
+    width = unet.config.cross_attention_dim
+    weight = projection["proj.weight"]
+    if weight.shape[0] != 4 * width:
+        raise ValueError(f"{where}: its image projection makes tokens of width {weight.shape[0] // 4} but the U-Net's "
+                         f"cross-attention reads {width}: the adapter is for another model")
+    proj = ImageProjection(weight.shape[1], width, 4)
+    proj.load_state_dict({k.replace("proj.", "image_embeds.", 1): v for k, v in projection.items()})
+    layers = nn.ModuleList()
+    for j, layer in enumerate(cross_attentions(unet)):
+        inner = layer.to_q.out_features if hasattr(layer.to_q, "out_features") else layer.to_out[0].in_features
+        pair = nn.ModuleList([nn.Linear(width, inner, bias=False), nn.Linear(width, inner, bias=False)])
+        for linear, name in zip(pair, ("to_k_ip", "to_v_ip")):
+            key = f"{2 * j + 1}.{name}.weight"
+            if key not in attention:
+                raise ValueError(f"{where}: no ip_adapter.{key} (the U-Net has {len(layers) + 1}+ cross-attention "
+                                 "layers): the adapter is for another architecture")
+            if attention[key].shape != linear.weight.shape:
+                raise ValueError(f"{where}: ip_adapter.{key} is {tuple(attention[key].shape)}, the U-Net's layer needs "
+                                 f"{tuple(linear.weight.shape)}: the adapter is for another architecture")
+            with torch.no_grad():
+                linear.weight.copy_(attention[key])
+        layers.append(pair)
+    expected = {f"{2 * j + 1}.{n}.weight" for j in range(len(layers)) for n in ("to_k_ip", "to_v_ip")}
+    extra = sorted(set(attention) - expected)
+    if extra:
+        raise ValueError(f"{where}: unexpected ip_adapter keys {extra[:4]}: the adapter is for another architecture")
+    return IPAdapterState(proj.eval().requires_grad_(False), layers.eval().requires_grad_(False))
+
+
+class IPAdapterMixin:
+    """The pipelines' IP-Adapter methods (diffusers' names)."""
+
+    image_encoder = None
+    feature_extractor = None
+
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder: str | None = None,
+                        weight_name: str | None = None,
+                        image_encoder_folder: str | os.PathLike | None = "image_encoder", **kwargs) -> None:
+        """Load an IP-Adapter (a .safetensors file, a folder holding one, or a {"image_proj", "ip_adapter"} state
+        dict) and, where `image_encoder_folder` names one, its CLIP image encoder: a folder name is looked up beside
+        the weights (`path/subfolder/image_encoder`, as diffusers), a path with a separator taken as it is; None
+        skips it (pass ip_adapter_image_embeds= then). One adapter at a time."""
+        if kwargs.pop("use_safetensors", None) is False:
+            raise CheckpointError("use_safetensors=False: latentdiff reads IP-Adapters from .safetensors only")
+        for name in ("local_files_only", "low_cpu_mem_usage"):  # (diffusers' options that hold here anyway)
+            kwargs.pop(name, None)
+        if kwargs:
+            raise TypeError(f"load_ip_adapter: unexpected arguments {sorted(kwargs)}")
+        if isinstance(pretrained_model_name_or_path_or_dict, list):
+            if len(pretrained_model_name_or_path_or_dict) != 1:
+                raise ValueError("latentdiff loads one IP-Adapter at a time: give one file")
+            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict[0]
+        projection, attention, where = read_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name)
+        state = build_state(projection, attention, self.unet, where)
+        encoder = None
+        if image_encoder_folder is not None and not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            folder = Path(image_encoder_folder)
+            if len(folder.parts) == 1:  # (a name: beside the weights)
+                base = Path(pretrained_model_name_or_path_or_dict)
+                base = base.parent if base.is_file() else base / subfolder if subfolder else base
+                folder = base / folder
+            encoder = load_image_encoder(require_path(folder, "IP-Adapter image encoder folder"))
+        self.unload_ip_adapter()
+        device, dtype = self.unet.device, self.unet.dtype
+        for module in state.modules():
+            module.to(device, dtype)
+        attach(self.unet, state)
+        if encoder is not None:
+            from transformers import CLIPImageProcessor
+
+            size = encoder.config.image_size
+            self.image_encoder = encoder.to(device)
+            self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
+        self._forget_compiled_unet()
+
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """How much the image counts: its attention's weight beside the text's (1: as trained; 0: off)."""
+        state = getattr(self.unet, "_ip", None)
+        if state is None:
+            raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
+        if isinstance(scale, (list, dict)):
+            raise ValueError("set_ip_adapter_scale takes one number here (per-layer scales are not supported)")
+        state.scale = float(scale)
+
+    def unload_ip_adapter(self) -> None:
+        if getattr(self.unet, "_ip", None) is not None:
+            detach(self.unet)
+            self._forget_compiled_unet()
+        self.image_encoder = self.feature_extractor = None
+
+    def _forget_compiled_unet(self) -> None:
+        unet_changed = getattr(self, "_unet_changed", None)
+        if unet_changed is not None:
+            unet_changed()
+
+    @torch.no_grad()
+    def encode_image(self, image, device=None, num_images_per_prompt: int = 1,
+                     output_hidden_states: bool | None = None):
+        """(image embeddings, zeros like them: the unconditional ones), each repeated num_images_per_prompt times,
+        as diffusers' method."""
+        if output_hidden_states:
+            raise ValueError("output_hidden_states: the IP-Adapter Plus variants are not supported")
+        if self.image_encoder is None:
+            raise ValueError("no IP-Adapter image encoder is loaded (load_ip_adapter(..., image_encoder_folder=...)), "
+                             "so ip_adapter_image cannot be encoded: pass ip_adapter_image_embeds= instead")
+        weight = next(self.image_encoder.parameters())
+        if not isinstance(image, torch.Tensor):
+            image = self.feature_extractor(image, return_tensors="pt").pixel_values
+        embeds = self.image_encoder(image.to(weight.device, weight.dtype)).image_embeds.to(device or self.device)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return embeds, torch.zeros_like(embeds)
+
+    def _ip_embeds(self, image, embeds, n: int, guided: bool) -> torch.Tensor | None:
+        """The image embeddings of a call for its n images ([uncond; cond] with guidance, as the contexts), or None
+        without an IP-Adapter; refuses an image without an adapter, and an adapter without an image."""
+        state = getattr(self.unet, "_ip", None)
+        if state is None:
+            if image is not None or embeds is not None:
+                raise ValueError("ip_adapter_image / ip_adapter_image_embeds given, but no IP-Adapter is loaded: "
+                                 "load_ip_adapter(...) first")
+            return None
+        if (image is None) == (embeds is None):
+            raise ValueError("an IP-Adapter is loaded: pass ip_adapter_image= (or ip_adapter_image_embeds=), or "
+                             "unload_ip_adapter() / set_ip_adapter_scale(0) to generate without an image")
+        if embeds is not None:
+            single = embeds[0] if isinstance(embeds, (list, tuple)) else embeds
+            if isinstance(embeds, (list, tuple)) and len(embeds) != 1:
+                raise ValueError("ip_adapter_image_embeds: one tensor (one IP-Adapter is loaded)")
+            negative, positive = single.chunk(2) if guided else (None, single)
+        else:
+            image = image[0] if isinstance(image, (list, tuple)) and len(image) == 1 else image
+            positive, negative = self.encode_image(image, self.device, 1)
+            positive, negative = positive[:, None], negative[:, None]  # (one image: [1, 1, D])
+        if positive.shape[0] not in (1, n):
+            raise ValueError(f"IP-Adapter image embeddings for {positive.shape[0]} images but the call makes {n}: "
+                             "give one, or one per image")
+        positive = positive.expand(n, *positive.shape[1:])
+        if guided:
+            positive = torch.cat([negative.expand(n, *negative.shape[1:]), positive])
+        return positive.to(self.device, self.dtype)
+
+
+def load_image_encoder(folder: Path):
+    """transformers' CLIPVisionModelWithProjection from `folder` (safetensors only), in eval mode."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder}: no .safetensors weights (latentdiff never loads pickled .bin files); "
+                              "convert the image encoder first")
+    return CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True).eval()

@@ -1,0 +1,137 @@
+"""IP-Adapter against diffusers: a random adapter for the tiny pipeline (its layers numbered in diffusers' order of
+attention processors) with a tiny CLIP image encoder; the same images from an image prompt or from its embeddings,
+the U-Net's added_cond_kwargs, scales, unloading; and the errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff import LatentDiffusionPipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ip_folder(tmp_path_factory, tiny_folders):
+    """ip.safetensors (image_proj.*, ip_adapter.{1,3,5,...}.to_k_ip/to_v_ip) and image_encoder/, as published."""
+    import diffusers
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("ip")
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8))
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_folders[0] / "unet")
+    g = torch.Generator().manual_seed(1)
+    width = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * width, 24, generator=g) * 0.2,
+             "image_proj.proj.bias": torch.randn(4 * width, generator=g) * 0.2,
+             "image_proj.norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
+             "image_proj.norm.bias": 0.1 * torch.randn(width, generator=g)}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name.rsplit(".", 1)[0]).to_q.out_features
+            for part in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(inner, width, generator=g) * 0.3
+            key_id += 2
+    save_file(state, folder / "ip.safetensors")
+    return folder
+
+
+def pair(tiny_folders, ip_folder, scale=0.7):
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_folders[0], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(ip_folder), subfolder="", weight_name="ip.safetensors")
+    ref.set_ip_adapter_scale(scale)
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    ours.load_ip_adapter(ip_folder, weight_name="ip.safetensors")
+    ours.set_ip_adapter_scale(scale)
+    return ours, ref
+
+
+def generate(pipe, n=1, **kwargs):
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "output_type": "np",
+              "generator": [torch.Generator().manual_seed(i) for i in range(n)], **kwargs}
+    if isinstance(pipe, LatentDiffusionPipeline):
+        kwargs["progress"] = False
+    return pipe("a red circle", **kwargs).images
+
+
+def test_image_prompt_matches_diffusers(tiny_folders, ip_folder):
+    ours, ref = pair(tiny_folders, ip_folder)
+    got, expected = generate(ours, ip_adapter_image=IMAGE), generate(ref, ip_adapter_image=IMAGE)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    # from the embeddings, as diffusers takes them ([uncond; cond] x 1 image x width); several images per prompt
+    positive, negative = ours.encode_image(IMAGE)
+    embeds = [torch.cat([negative, positive])[:, None]]
+    np.testing.assert_allclose(generate(ours, ip_adapter_image_embeds=embeds), got, atol=1e-6)
+    two = dict(ip_adapter_image=IMAGE, num_images_per_prompt=2)
+    np.testing.assert_allclose(generate(ours, 2, **two), generate(ref, 2, **two), atol=2e-4, rtol=0)
+    plain = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    assert np.abs(got - generate(plain)).max() > 1e-3  # the image prompt changed the image
+
+
+def test_unet_takes_image_embeds_as_diffusers(tiny_folders, ip_folder):
+    ours, ref = pair(tiny_folders, ip_folder, scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.randn(2, 1, 24)
+    with torch.no_grad():
+        got = ours.unet(x, 500, ctx, added_cond_kwargs={"image_embeds": [embeds]})
+        expected = ref.unet(x, 500, ctx, added_cond_kwargs={"image_embeds": [embeds]}).sample
+        shared = ours.unet(x[:1], 500, ctx, added_cond_kwargs={"image_embeds": [embeds]})  # 2 contexts, 1 sample
+        repeated = ref.unet(x[:1].repeat(2, 1, 1, 1), 500, ctx, added_cond_kwargs={"image_embeds": [embeds]}).sample
+    assert (got - expected).abs().max() < 1e-5 and (shared - repeated).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="an IP-Adapter is loaded: pass its image embeddings"):
+        ours.unet(x, 500, ctx)
+
+
+def test_scale_and_unload(tiny_folders, ip_folder):
+    """Scale 0 draws the plain image; a new scale applies at once (no stale cached keys); unloading restores the
+    plain pipeline and its U-Net's state dict was never touched."""
+    ours, _ = pair(tiny_folders, ip_folder)
+    plain_pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    plain = generate(plain_pipe)
+    assert set(ours.unet.state_dict()) == set(plain_pipe.unet.state_dict())
+    first = generate(ours, ip_adapter_image=IMAGE)
+    ours.set_ip_adapter_scale(0.0)
+    np.testing.assert_allclose(generate(ours, ip_adapter_image=IMAGE), plain, atol=1e-6)
+    ours.set_ip_adapter_scale(0.7)
+    np.testing.assert_allclose(generate(ours, ip_adapter_image=IMAGE), first, atol=1e-6)
+    ours.unload_ip_adapter()
+    np.testing.assert_allclose(generate(ours), plain, atol=1e-6)
+
+
+def test_errors(tiny_folders, ip_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    with pytest.raises(ValueError, match="no IP-Adapter is loaded: load_ip_adapter"):
+        generate(ours, ip_adapter_image=IMAGE)
+    ours.load_ip_adapter(ip_folder, weight_name="ip.safetensors")
+    with pytest.raises(ValueError, match="an IP-Adapter is loaded: pass ip_adapter_image="):
+        generate(ours)
+    state = load_file(ip_folder / "ip.safetensors")
+    plus = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
+    plus["image_proj.latents"] = torch.zeros(1, 16, 32)
+    save_file(plus, tmp_path / "plus.safetensors")
+    with pytest.raises(ValueError, match="IP-Adapter Plus is not supported"):
+        ours.load_ip_adapter(tmp_path / "plus.safetensors", image_encoder_folder=None)
+    wide = {**state, "image_proj.proj.weight": torch.zeros(4 * 48, 24), "image_proj.proj.bias": torch.zeros(4 * 48)}
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="tokens of width 48 but the U-Net's cross-attention reads 32"):
+        ours.load_ip_adapter(tmp_path / "wide.safetensors", image_encoder_folder=None)
+    short = {k: v for k, v in state.items() if not k.startswith("ip_adapter.5.")}
+    save_file(short, tmp_path / "short.safetensors")
+    with pytest.raises(ValueError, match=r"no ip_adapter\.5\.to_k_ip\.weight"):
+        ours.load_ip_adapter(tmp_path / "short.safetensors", image_encoder_folder=None)
+    ours.load_ip_adapter(ip_folder, weight_name="ip.safetensors", image_encoder_folder=None)
+    with pytest.raises(ValueError, match="no IP-Adapter image encoder is loaded"):
+        generate(ours, ip_adapter_image=IMAGE)
