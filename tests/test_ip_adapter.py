@@ -132,6 +132,58 @@ def test_errors(tiny_folders, ip_folder, tmp_path):
     save_file(short, tmp_path / "short.safetensors")
     with pytest.raises(ValueError, match=r"no ip_adapter\.5\.to_k_ip\.weight"):
         ours.load_ip_adapter(tmp_path / "short.safetensors", image_encoder_folder=None)
-    ours.load_ip_adapter(ip_folder, weight_name="ip.safetensors", image_encoder_folder=None)
+    fresh = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    fresh.load_ip_adapter(ip_folder, weight_name="ip.safetensors", image_encoder_folder=None)
     with pytest.raises(ValueError, match="no IP-Adapter image encoder is loaded"):
-        generate(ours, ip_adapter_image=IMAGE)
+        generate(fresh, ip_adapter_image=IMAGE)
+
+
+def test_with_img2img_controlnet_and_optimized_layers(tiny_folders, ip_folder, tmp_path):
+    """The image prompt in img2img and beside a ControlNet, as diffusers' pipelines of those tasks take it; the
+    U-Net optimized for inference (packed layers, AMX attention where the CPU has it) gives the same images."""
+    import diffusers
+
+    from latentdiff import ControlNetModel, LatentDiffusionControlNetPipeline, LatentDiffusionImg2ImgPipeline
+
+    ours, ref = pair(tiny_folders, ip_folder)
+    start = Image.fromarray(np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(ref)
+    kwargs = dict(image=start, strength=0.7, ip_adapter_image=IMAGE)
+    np.testing.assert_allclose(generate(LatentDiffusionImg2ImgPipeline.from_pipe(ours), **kwargs),
+                               generate(img2img, **kwargs), atol=2e-4, rtol=0)
+
+    plain_unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_folders[0] / "unet")
+    net = diffusers.ControlNetModel.from_unet(plain_unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    net.save_pretrained(tmp_path / "cn")
+    controlled_ref = diffusers.StableDiffusionControlNetPipeline.from_pipe(ref, controlnet=net)
+    controlled = LatentDiffusionControlNetPipeline.from_pipe(
+        ours, controlnet=ControlNetModel.from_pretrained(tmp_path / "cn"))
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(image=control, ip_adapter_image=IMAGE)
+    np.testing.assert_allclose(generate(controlled, **kwargs), generate(controlled_ref, **kwargs), atol=2e-4,
+                               rtol=0)
+    if torch.backends.mkldnn.is_available():
+        expected = generate(ours, ip_adapter_image=IMAGE)
+        ours.optimize_for_inference()
+        np.testing.assert_allclose(generate(ours, ip_adapter_image=IMAGE), expected, atol=1e-4)
+
+
+def test_image_encoder_given_to_from_pretrained(tiny_folders, ip_folder):
+    """As diffusers: an image encoder passed to from_pretrained serves an adapter loaded without one, and from_pipe
+    carries it over."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from latentdiff import LatentDiffusionImg2ImgPipeline
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(ip_folder / "image_encoder")
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[0], image_encoder=encoder)
+    pipe.load_ip_adapter(ip_folder, weight_name="ip.safetensors", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    assert pipe.image_encoder is encoder
+    assert LatentDiffusionImg2ImgPipeline.from_pipe(pipe).image_encoder is encoder
+    ours, _ = pair(tiny_folders, ip_folder)
+    np.testing.assert_allclose(generate(pipe, ip_adapter_image=IMAGE), generate(ours, ip_adapter_image=IMAGE),
+                               atol=1e-6)

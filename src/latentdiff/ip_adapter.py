@@ -193,17 +193,14 @@ class IPAdapterMixin:
                 base = base.parent if base.is_file() else base / subfolder if subfolder else base
                 folder = base / folder
             encoder = load_image_encoder(require_path(folder, "IP-Adapter image encoder folder"))
-        self.unload_ip_adapter()
+        if getattr(self.unet, "_ip", None) is not None:  # (one adapter at a time: the new one replaces it)
+            detach(self.unet)
         device, dtype = self.unet.device, self.unet.dtype
         for module in state.modules():
             module.to(device, dtype)
         attach(self.unet, state)
-        if encoder is not None:
-            from transformers import CLIPImageProcessor
-
-            size = encoder.config.image_size
-            self.image_encoder = encoder.to(device)
-            self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
+        if encoder is not None:  # (without one, an image encoder given to from_pretrained serves)
+            self.image_encoder, self.feature_extractor = encoder.to(device), None
         self._forget_compiled_unet()
 
     def set_ip_adapter_scale(self, scale: float) -> None:
@@ -237,6 +234,11 @@ class IPAdapterMixin:
             raise ValueError("no IP-Adapter image encoder is loaded (load_ip_adapter(..., image_encoder_folder=...)), "
                              "so ip_adapter_image cannot be encoded: pass ip_adapter_image_embeds= instead")
         weight = next(self.image_encoder.parameters())
+        if self.feature_extractor is None:  # (as diffusers makes one for a pipeline that has none)
+            from transformers import CLIPImageProcessor
+
+            size = self.image_encoder.config.image_size
+            self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
         if not isinstance(image, torch.Tensor):
             image = self.feature_extractor(image, return_tensors="pt").pixel_values
         embeds = self.image_encoder(image.to(weight.device, weight.dtype)).image_embeds.to(device or self.device)

@@ -373,17 +373,32 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                              "code); convert .bin/.ckpt files to .safetensors first, or leave use_safetensors out")
         components.pop("local_files_only", None)
         components.pop("low_cpu_mem_usage", None)
+        optional = cls._optional(components)
         components = cls._given(components, "from_pretrained")
         loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components,
                                       controlnet="controlnet" in cls.component_names)
-        return cls(**loaded, **components)
+        return cls(**loaded, **components)._with(optional)
 
     @classmethod
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
         """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
         `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
         shared = {name: c for name, c in pipe.components.items() if name in cls.component_names}
-        return cls(**{**shared, **cls._given(components, "from_pipe")})
+        optional = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor,
+                    **cls._optional(components)}
+        return cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
+
+    @staticmethod
+    def _optional(components: dict) -> dict:
+        """Pops an IP-Adapter's image encoder and its image processor from a from_* call's components (diffusers
+        takes them so): set on the pipeline after it is built (_with)."""
+        return {name: components.pop(name) for name in ("image_encoder", "feature_extractor")
+                if components.get(name) is not None}
+
+    def _with(self, optional: dict):
+        for name, value in optional.items():
+            setattr(self, name, value)
+        return self
 
     @classmethod
     def _given(cls, components: dict, method: str) -> dict:
@@ -406,6 +421,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         for the ControlNet pipelines, `scheduler=`, ...) are used instead of the file's, as in diffusers."""
         from .layout import load_single_file
 
+        optional = cls._optional(components)
         components = cls._given(components, "from_single_file")
         parts = {**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema),
                  **components}
@@ -413,7 +429,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         if missing:
             raise ValueError(f"{cls.__name__}.from_single_file: a single file holds no {', '.join(missing)}: pass it, "
                              f"e.g. {missing[0]}=ControlNetModel.from_pretrained(folder)")
-        return cls(**parts)
+        return cls(**parts)._with(optional)
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None,
                         safe_serialization: bool = True) -> None:
