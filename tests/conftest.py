@@ -35,3 +35,37 @@ def tiny_folders(tmp_path_factory):
     diffusers_pipeline(root / "tok").save_pretrained(root / "diffusers", safe_serialization=True)
     LatentDiffusionPipeline.from_pretrained(root / "diffusers").save_pretrained(root / "ours")
     return root / "diffusers", root / "ours"
+
+
+@pytest.fixture(scope="session")
+def ip_folder(tmp_path_factory, tiny_folders):
+    """A random IP-Adapter for tiny_folders' U-Net, laid out as published: ip.safetensors (image_proj.*,
+    ip_adapter.{1,3,5,...}.to_k_ip/to_v_ip, numbered in diffusers' order of attention processors) and a tiny CLIP
+    image encoder in image_encoder/."""
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("ip")
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8))
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_folders[0] / "unet")
+    g = torch.Generator().manual_seed(1)
+    width = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * width, 24, generator=g) * 0.2,
+             "image_proj.proj.bias": torch.randn(4 * width, generator=g) * 0.2,
+             "image_proj.norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
+             "image_proj.norm.bias": 0.1 * torch.randn(width, generator=g)}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name.rsplit(".", 1)[0]).to_q.out_features
+            for part in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(inner, width, generator=g) * 0.3
+            key_id += 2
+    save_file(state, folder / "ip.safetensors")
+    return folder

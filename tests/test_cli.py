@@ -213,6 +213,37 @@ def test_freeu(tiny_folders, tmp_path, capsys):
     assert code == 2 and "give four positive numbers" in err
 
 
+def test_ip_adapter(tiny_folders, ip_folder, tmp_path, capsys):
+    """--ip-adapter PATH:SCALE --ip-image IMG gives the Python API's image, stored in the PNG and reproduced."""
+    from latentdiff.schedulers import scheduler_from_name
+
+    (ip_folder / "ip.safetensors").rename(ip_folder / "ip-adapter_sd15.safetensors")  # (the folder's default name)
+    try:
+        prompt_image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        prompt_image.save(tmp_path / "prompt.png")
+        args = ["generate", "a red circle", "--model", tiny_folders[0], "--steps", 3, "--out", tmp_path / "out"]
+        code, out, err = run(args + ["--ip-adapter", f"{ip_folder}:0.6", "--ip-image", tmp_path / "prompt.png"],
+                             capsys)
+        assert code == 0, err
+        settings = json.loads(Image.open(out.strip()).text[PNG_KEY])
+        assert settings["ip_adapter"][0][:2] == [str(ip_folder), 0.6] and "ip_image" in settings
+        made = np.asarray(Image.open(out.strip())).astype(int)
+        pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+        pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+        pipe.load_ip_adapter(ip_folder)
+        pipe.set_ip_adapter_scale(0.6)
+        expected = np.asarray(pipe("a red circle", ip_adapter_image=prompt_image, num_inference_steps=3,
+                                   guidance_scale=5.0, progress=False,
+                                   generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+        assert np.abs(made - expected).max() <= 1
+        code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+        assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+        code, _, err = run(args + ["--ip-adapter", str(ip_folder)], capsys)
+        assert code == 2 and "--ip-adapter and --ip-image go together" in err
+    finally:
+        (ip_folder / "ip-adapter_sd15.safetensors").rename(ip_folder / "ip.safetensors")
+
+
 def test_embedding(tiny_folders, tmp_path, capsys):
     """--embedding PATH:TOKEN makes TOKEN a word of the prompts (and of --negative), as the Python API's
     load_textual_inversion does; --from-png makes the image again."""

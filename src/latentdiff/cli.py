@@ -30,7 +30,7 @@ def parse_extra(spec: str, kind: str) -> list:
     path, colon, value = spec.rpartition(":")
     if not (colon and path):
         path, value = spec, None
-    if kind in ("loras", "controlnets"):
+    if kind in ("loras", "controlnets", "ip_adapter"):
         try:
             value = 1.0 if value is None else float(value)
         except ValueError:
@@ -38,7 +38,8 @@ def parse_extra(spec: str, kind: str) -> list:
     from .checkpoints import require_path
 
     path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file",
-                               "controlnets": "--controlnet file or folder"}[kind])
+                               "controlnets": "--controlnet file or folder",
+                               "ip_adapter": "--ip-adapter file or folder"}[kind])
     return [str(path.resolve()), value, weights_hash(path)]
 
 
@@ -72,6 +73,11 @@ def image_inputs(args) -> dict:
                                       for p in (require_path(f, "--control-image file") for f in args.control_image)]}
     elif args.controlnet:
         raise ValueError("--controlnet needs the image it follows: give --control-image PATH")
+    if bool(args.ip_adapter) != bool(args.ip_image):
+        raise ValueError("--ip-adapter and --ip-image go together: the adapter and its image prompt")
+    if args.ip_image:
+        path = require_path(args.ip_image, "--ip-image file")
+        control["ip_image"] = [str(path.resolve()), weights_hash(path)]
     if args.image is None:
         if args.mask is not None or args.strength is not None:
             raise ValueError("--mask and --strength act on an input image: give --image PATH")
@@ -99,6 +105,10 @@ def apply_extras(pipe, extras: dict):
         pipe.load_lora_weights(path, adapter_name=f"lora{i}")
     if loras:
         pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale, _ in loras])
+    if extras.get("ip_adapter"):
+        path, scale, _ = extras["ip_adapter"][0]
+        pipe.load_ip_adapter(path)
+        pipe.set_ip_adapter_scale(scale)
     if extras.get("controlnets"):
         from .models.controlnet import ControlNetModel
         from .pipeline_controlnet import LatentDiffusionControlNetPipeline
@@ -178,6 +188,10 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     common = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
                   guidance_scale=settings["guidance"], eta=settings["eta"], progress=False,
                   generator=torch.Generator().manual_seed(settings["seed"]))
+    if "ip_image" in settings:  # an IP-Adapter's image prompt
+        from PIL import Image
+
+        common["ip_adapter_image"] = Image.open(settings["ip_image"][0]).convert("RGB")
     control, control_images = {}, None
     if "control_images" in settings:  # ControlNets (the CLI gives every scale, so diffusers' defaults do not apply)
         from PIL import Image
@@ -224,12 +238,13 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets") if key in settings}
+        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets", "ip_adapter") if key in settings}
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
                                    settings.get("variant"), extras)
         files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
         files += [(Path(settings[key][0]), settings[key][1]) for key in ("image", "mask") if key in settings]
         files += [(Path(file), h) for file, h in settings.get("control_images", [])]
+        files += [(Path(settings["ip_image"][0]), settings["ip_image"][1])] if "ip_image" in settings else []
         for name, made_with in [(path, settings["model_hash"])] + files:
             digest = weights_hash(name)
             if digest != made_with:
@@ -249,7 +264,8 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     extras = {key: [parse_extra(spec, key) for spec in specs]
               for key, specs in (("embeddings", args.embedding), ("loras", args.lora),
-                                 ("controlnets", args.controlnet)) if specs}
+                                 ("controlnets", args.controlnet),
+                                 ("ip_adapter", [args.ip_adapter] if args.ip_adapter else [])) if specs}
     extras.update(image_inputs(args))
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
@@ -392,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image a --controlnet follows (edges, depth, pose, ...; --height and --width default to "
                         "its size rounded down to a multiple of 8; with --image it is resized to that image's size); "
                         "one per --controlnet")
+    g.add_argument("--ip-adapter", default=None, metavar="PATH[:SCALE]",
+                   help="an IP-Adapter (.safetensors file, or a folder holding ip-adapter_sd15.safetensors; its CLIP "
+                        "image encoder in image_encoder/ beside it) at SCALE (default 1), with --ip-image")
+    g.add_argument("--ip-image", default=None, help="the image prompt of --ip-adapter")
     g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
     g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
     g.add_argument("--strength", type=float, default=None,
