@@ -164,8 +164,9 @@ def instrument(variant: str, pipe) -> Sections:
     sections.wrap(pipe._unet_call() if variant.startswith("ours-compile") else pipe.unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
-    if hasattr(pipe, "controlnet"):
-        sections.wrap(pipe.controlnet, "forward", "ControlNet")
+    if hasattr(pipe, "controlnet"):  # (compiled: the compiled ControlNet, as for the U-Net)
+        compiled = variant.startswith("ours-compile")
+        sections.wrap(pipe._net_calls(pipe._nets)[0] if compiled else pipe.controlnet, "forward", "ControlNet")
     sections.wrap(pipe.vae, "decode", "VAE decode")
     if variant.startswith("diffusers"):
         sections.wrap(pipe.image_processor, "postprocess", "post-processing (to PIL)")

@@ -446,3 +446,21 @@ def test_pipeline_from_a_single_file_with_a_controlnet(tiny_folders, controlnet_
         LatentDiffusionControlNetPipeline.from_single_file(tmp_path / "sd.safetensors", config=tiny_folders[1])
     with pytest.raises(FileNotFoundError, match=r"holds one ControlNetModel: load it with latentdiff.ControlNetModel"):
         LatentDiffusionPipeline.from_pretrained(controlnet_folders[0])
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
+                    reason="inductor needs a C++ compiler")
+def test_compile_covers_the_controlnets(tiny_folders, controlnet_folders):
+    """pipe.compile(): the ControlNet runs through torch.compile too (same images as eager); one replaced since is
+    compiled anew; optimize_for_inference() after compile() leaves the ControlNets to torch.compile."""
+    ours, _ = pair(tiny_folders, controlnet_folders)
+    kwargs = dict(image=CONTROL, num_inference_steps=2)
+    eager = generate(ours, **kwargs)
+    ours.compile(max_autotune=False)
+    ours.optimize_for_inference()
+    np.testing.assert_allclose(generate(ours, **kwargs), eager, atol=1e-4, rtol=0)
+    (net, compiled), = ours._compiled_nets.values()
+    assert net is ours.controlnet and compiled._orig_mod is net
+    ours.controlnet = ControlNetModel.from_pretrained(controlnet_folders[1])
+    other = generate(ours, **kwargs)
+    assert ours._compiled_nets[id(ours.controlnet)][0] is ours.controlnet and np.abs(other - eager).max() > 1e-4

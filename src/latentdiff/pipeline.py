@@ -41,11 +41,11 @@ def inductor_settings(device: torch.device | str, max_autotune: bool = True, fre
                                         cpp_wrapper=torch.device(device).type == "cpu")
 
 
-def _require_traceable(unet: torch.nn.Module) -> None:
+def _require_traceable(model: torch.nn.Module, what: str = "the U-Net") -> None:
     from .models.packed import is_packed
 
-    if is_packed(unet):
-        raise ValueError("the U-Net was optimized for inference (its weights re-laid out for oneDNN and our kernels), "
+    if is_packed(model):
+        raise ValueError(f"{what} was optimized for inference (its weights re-laid out for oneDNN and our kernels), "
                          "which torch.compile cannot trace: load the pipeline again and call compile() before "
                          "optimize_for_inference() (which then packs only the VAE and the text encoder)")
 

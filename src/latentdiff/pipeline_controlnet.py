@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .models.controlnet import ControlNetModel, MultiControlNetModel
 from .pipeline import (Generators, LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline,
-                       LatentDiffusionPipeline)
+                       LatentDiffusionPipeline, _require_traceable)
 
 
 class ControlledUNet:
@@ -95,14 +95,39 @@ class ControlNetMixin:
 
     def enable_cuda_graphs(self, channels_last: bool = True) -> None:
         raise ValueError("CUDA graphs are not available with ControlNets (the graphs take no residuals): use "
-                         "pipe.compile() or run eagerly")
+                         "pipe.compile() (which compiles the ControlNets too) or run eagerly")
 
     def optimize_for_inference(self, winograd: bool = True):
-        """As LatentDiffusionPipeline's, and the ControlNets packed the same way."""
+        """As LatentDiffusionPipeline's, and the ControlNets packed the same way (after compile(): left to
+        torch.compile, as the U-Net)."""
         super().optimize_for_inference(winograd)
-        for net in self._nets:
-            net.optimize_for_inference(winograd)
+        if self._compile_options is None:
+            for net in self._nets:
+                net.optimize_for_inference(winograd)
         return self
+
+    def _forget_compiled(self) -> None:
+        super()._forget_compiled()
+        self._compiled_nets = {}
+
+    def disable_compile(self) -> None:
+        super().disable_compile()
+        self._compiled_nets = {}
+
+    def _net_calls(self, nets: list[ControlNetModel]) -> list:
+        """The ControlNets as a denoising run calls them: under compile(), each through torch.compile too (compiled
+        on its first call, with the U-Net's settings), else as they are."""
+        if self._compile_options is None:
+            return nets
+        cache = self.__dict__.setdefault("_compiled_nets", {})
+        calls = []
+        for net in nets:
+            entry = cache.get(id(net))
+            if entry is None or entry[0] is not net:
+                _require_traceable(net, "a ControlNet")
+                entry = cache[id(net)] = (net, torch.compile(net))
+            calls.append(entry[1])
+        return calls
 
     def _controlled(self, control_image, height: int | None, width: int | None, scale, start, end,
                     guess_mode: bool, num_images_per_prompt: int) -> tuple[Callable, tuple[int, int]]:
@@ -132,7 +157,7 @@ class ControlNetMixin:
             windows = list(zip(scales, starts, ends))
             per_step = [[s * (0.0 if i / steps < a or (i + 1) / steps > b else 1.0) for s, a, b in windows]
                         for i in range(steps)]
-            return ControlledUNet(unet, nets, batch, per_step, guess_mode)
+            return ControlledUNet(unet, self._net_calls(nets), batch, per_step, guess_mode)
 
         return control, tuple(images[0].shape[-2:])
 
