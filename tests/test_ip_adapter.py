@@ -156,3 +156,20 @@ def test_image_encoder_given_to_from_pretrained(tiny_folders, ip_folder):
     ours, _ = pair(tiny_folders, ip_folder)
     np.testing.assert_allclose(generate(pipe, ip_adapter_image=IMAGE), generate(ours, ip_adapter_image=IMAGE),
                                atol=1e-6)
+
+
+def test_per_layer_scales_as_diffusers(tiny_folders, ip_folder):
+    """set_ip_adapter_scale's per-stage form (InstantStyle): the tiny U-Net has attention in down block 0 (2
+    transformers), up block 1 (3) and the middle (1); what the dict leaves out is 0, as in diffusers."""
+    ours, ref = pair(tiny_folders, ip_folder)
+    scale = {"down": {"block_0": [0.0, 1.0]}, "up": {"block_1": [0.5, 0.0, 1.0]}}
+    ours.set_ip_adapter_scale(scale)
+    ref.set_ip_adapter_scale(scale)
+    got = generate(ours, ip_adapter_image=IMAGE)
+    np.testing.assert_allclose(got, generate(ref, ip_adapter_image=IMAGE), atol=2e-4, rtol=0)
+    ours.set_ip_adapter_scale(0.7)
+    assert np.abs(generate(ours, ip_adapter_image=IMAGE) - got).max() > 1e-3
+    with pytest.raises(ValueError, match=r"down \['block_1'\] name no stage with attention"):
+        ours.set_ip_adapter_scale({"down": {"block_1": 1.0}})
+    with pytest.raises(ValueError, match="up block_1 has 3 transformers; got 2 scales"):
+        ours.set_ip_adapter_scale({"up": {"block_1": [1.0, 1.0]}})

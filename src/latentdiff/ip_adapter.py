@@ -43,8 +43,11 @@ class IPAdapterState:
 
     projection: ImageProjection
     layers: nn.ModuleList  # per cross-attention: ModuleList([to_k_ip, to_v_ip])
-    scale: float = 1.0
+    scales: list[float] = dataclasses.field(default_factory=list)  # per cross-attention (see layer_scales)
     memo: tuple | None = None  # (context, embeds, key, extended context)
+
+    def __post_init__(self):
+        self.scales = self.scales or [1.0] * len(self.layers)
 
     @property
     def tokens(self) -> int:
@@ -76,12 +79,61 @@ class IPAdapterState:
         return extended
 
 
-def cross_attentions(unet: nn.Module) -> list[Attention]:
+def cross_attentions(unet: nn.Module, named: bool = False) -> list:
     """The U-Net's cross-attention layers in diffusers' order of attention processors (down stages, up stages, then
-    the middle block), which numbers an IP-Adapter file's layers."""
-    order = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
-    return [m for block in order for name, m in block.named_modules()
-            if isinstance(m, Attention) and name.endswith("attn2")]
+    the middle block), which numbers an IP-Adapter file's layers; `named`: (part, stage, transformer, layer) each,
+    part "down", "up" or "mid"."""
+    order = [("down", i, block) for i, block in enumerate(unet.down_blocks)]
+    order += [("up", i, block) for i, block in enumerate(unet.up_blocks)] + [("mid", 0, unet.mid_block)]
+    found = []
+    for part, i, block in order:
+        for name, m in block.named_modules():
+            if isinstance(m, Attention) and name.endswith("attn2"):  # attentions.{j}.transformer_blocks.{k}.attn2
+                found.append((part, i, int(name.split(".")[1]), m) if named else m)
+    return found
+
+
+def layer_scales(unet: nn.Module, scale) -> list[float]:
+    """The scale of each cross-attention from set_ip_adapter_scale's argument: one number for all, or diffusers'
+    per-block form (InstantStyle), e.g. {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}: a
+    part ("down", "mid", "up") is a number or {"block_i": number or one number per transformer of that stage};
+    what it leaves out is 0."""
+    layers = cross_attentions(unet, named=True)
+    if not isinstance(scale, dict):
+        return [_number(scale, "scale")] * len(layers)
+    unknown = sorted(set(scale) - {"down", "mid", "up"})
+    if unknown:
+        raise ValueError(f"set_ip_adapter_scale: unknown parts {unknown}; use 'down', 'mid' and 'up'")
+    blocks = {"down": {i for p, i, _, _ in layers if p == "down"}, "up": {i for p, i, _, _ in layers if p == "up"}}
+    per_stage = {(p, i): 1 + max(j for q, k, j, _ in layers if (q, k) == (p, i)) for p, i, _, _ in layers}
+    for part, value in scale.items():
+        if part != "mid" and isinstance(value, dict):
+            wrong = sorted(k for k in value if k not in {f"block_{i}" for i in blocks[part]})
+            if wrong:
+                raise ValueError(f"set_ip_adapter_scale: {part} {wrong} name no stage with attention (those are "
+                                 f"{sorted(f'block_{i}' for i in blocks[part])})")
+            for key, entry in value.items():
+                count = per_stage[(part, int(key.split("_")[1]))]
+                if isinstance(entry, list) and len(entry) != count:
+                    raise ValueError(f"set_ip_adapter_scale: {part} {key} has {count} transformers; got "
+                                     f"{len(entry)} scales")
+    out = []
+    for part, i, j, _ in layers:
+        value = scale.get(part, 0.0)
+        if part == "mid":
+            value = value[0] if isinstance(value, list) and len(value) == 1 else value
+        elif isinstance(value, dict):
+            value = value.get(f"block_{i}", 0.0)
+        if isinstance(value, list):
+            value = value[j]
+        out.append(_number(value, f"{part} scale"))
+    return out
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"set_ip_adapter_scale: {what} {value!r} must be a number")
+    return float(value)
 
 
 def attach(unet: nn.Module, state: IPAdapterState) -> None:
@@ -91,8 +143,8 @@ def attach(unet: nn.Module, state: IPAdapterState) -> None:
         raise ValueError(f"the IP-Adapter has {len(state.layers)} cross-attention layers but the U-Net "
                          f"{len(layers)}: it was made for another architecture")
     object.__setattr__(unet, "_ip", state)
-    for layer, (to_k, to_v) in zip(layers, state.layers):
-        layer.ip = (to_k, to_v, state)
+    for i, (layer, (to_k, to_v)) in enumerate(zip(layers, state.layers)):
+        layer.ip = (to_k, to_v, state, i)
 
 
 def detach(unet: nn.Module) -> None:
@@ -203,14 +255,18 @@ class IPAdapterMixin:
             self.image_encoder, self.feature_extractor = encoder.to(device), None
         self._forget_compiled_unet()
 
-    def set_ip_adapter_scale(self, scale: float) -> None:
-        """How much the image counts: its attention's weight beside the text's (1: as trained; 0: off)."""
+    def set_ip_adapter_scale(self, scale: float | dict) -> None:
+        """How much the image counts: its attention's weight beside the text's (1: as trained; 0: off); one number,
+        or per stage and transformer as diffusers takes it (layer_scales; InstantStyle picks the layers that carry
+        an image's style or layout this way)."""
         state = getattr(self.unet, "_ip", None)
         if state is None:
             raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
-        if isinstance(scale, (list, dict)):
-            raise ValueError("set_ip_adapter_scale takes one number here (per-layer scales are not supported)")
-        state.scale = float(scale)
+        if isinstance(scale, list):
+            if len(scale) != 1:
+                raise ValueError("set_ip_adapter_scale: one IP-Adapter is loaded; give one scale (or a list of one)")
+            scale = scale[0]
+        state.scales = layer_scales(self.unet, scale)
 
     def unload_ip_adapter(self) -> None:
         if getattr(self.unet, "_ip", None) is not None:

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.inner = inner
         self.context_cache: list | None = None  # see cache_text_keys()
         self.fused: list | None = None  # see fuse_qkv_projections()
-        self.ip: tuple | None = None  # an IP-Adapter's (to_k_ip, to_v_ip, state) of a cross-attention (ip_adapter.py)
+        self.ip: tuple | None = None  # an IP-Adapter's (to_k_ip, to_v_ip, state, index) here (ip_adapter.py)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +60,7 @@ class Attention(nn.Module):
             k, v, image = self._keys_values(x if context is None else context, cross=context is not None)
         out = self._attend(q, k, v)
         if image is not None:  # an IP-Adapter's image tokens: their attention, scaled, added to the text's
-            out = out + self.ip[2].scale * self._attend(q, *image)
+            out = out + self.ip[2].scales[self.ip[3]] * self._attend(q, *image)
         out = out.transpose(1, 2).reshape(b, n, -1)
         if residual is not None:
             return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)
@@ -116,7 +116,7 @@ class Attention(nn.Module):
     def _project(self, context: torch.Tensor, cross: bool) -> tuple:
         if not cross or self.ip is None:
             return self._heads(self.to_k(context)), self._heads(self.to_v(context)), None
-        to_k_ip, to_v_ip, state = self.ip
+        to_k_ip, to_v_ip, state, _ = self.ip
         text, image = context[:, :-state.tokens], context[:, -state.tokens:]
         return (self._heads(self.to_k(text)), self._heads(self.to_v(text)),
                 (self._heads(to_k_ip(image)), self._heads(to_v_ip(image))))
