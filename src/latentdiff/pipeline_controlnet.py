@@ -106,6 +106,11 @@ class ControlNetMixin:
                 net.optimize_for_inference(winograd)
         return self
 
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        self._compiled_nets = {}  # (their frozen weights are the old ones, as the U-Net's)
+        return self
+
     def _forget_compiled(self) -> None:
         super()._forget_compiled()
         self._compiled_nets = {}
