@@ -88,11 +88,11 @@ def test_errors(tiny_folders, ip_folder, tmp_path):
     with pytest.raises(ValueError, match="an IP-Adapter is loaded: pass ip_adapter_image="):
         generate(ours)
     state = load_file(ip_folder / "ip.safetensors")
-    plus = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
-    plus["image_proj.latents"] = torch.zeros(1, 16, 32)
-    save_file(plus, tmp_path / "plus.safetensors")
-    with pytest.raises(ValueError, match="IP-Adapter Plus is not supported"):
-        ours.load_ip_adapter(tmp_path / "plus.safetensors", image_encoder_folder=None)
+    face = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
+    face["image_proj.proj.3.weight"] = torch.zeros(4, 4)
+    save_file(face, tmp_path / "face.safetensors")
+    with pytest.raises(ValueError, match="IP-Adapter Full Face is not supported"):
+        ours.load_ip_adapter(tmp_path / "face.safetensors", image_encoder_folder=None)
     wide = {**state, "image_proj.proj.weight": torch.zeros(4 * 48, 24), "image_proj.proj.bias": torch.zeros(4 * 48)}
     save_file(wide, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="tokens of width 48 but the U-Net's cross-attention reads 32"):
@@ -173,3 +173,43 @@ def test_per_layer_scales_as_diffusers(tiny_folders, ip_folder):
         ours.set_ip_adapter_scale({"down": {"block_1": 1.0}})
     with pytest.raises(ValueError, match="up block_1 has 3 transformers; got 2 scales"):
         ours.set_ip_adapter_scale({"up": {"block_1": [1.0, 1.0]}})
+
+
+def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
+    """IP-Adapter Plus (a resampler of depth 4 over the image encoder's penultimate hidden states, 4 queries of
+    width 128 in two 64-wide heads), written in the published layout (layers.i.0.to_kv, layers.i.1.{0,1,3}) that
+    diffusers converts on load: the same images."""
+    import shutil
+
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    hidden, queries, width, encoder_width = 128, 4, 32, 32
+    proj = {"latents": rand(1, queries, hidden), "proj_in.weight": rand(hidden, encoder_width),
+            "proj_in.bias": rand(hidden), "proj_out.weight": rand(width, hidden), "proj_out.bias": rand(width),
+            "norm_out.weight": 1 + rand(width), "norm_out.bias": rand(width)}
+    for i in range(4):
+        block = {"0.norm1.weight": 1 + rand(hidden), "0.norm1.bias": rand(hidden),
+                 "0.norm2.weight": 1 + rand(hidden), "0.norm2.bias": rand(hidden),
+                 "0.to_q.weight": rand(hidden, hidden), "0.to_kv.weight": rand(2 * hidden, hidden),
+                 "0.to_out.weight": rand(hidden, hidden), "1.0.weight": 1 + rand(hidden), "1.0.bias": rand(hidden),
+                 "1.1.weight": rand(4 * hidden, hidden), "1.3.weight": rand(hidden, 4 * hidden)}
+        proj.update({f"layers.{i}.{k}": v for k, v in block.items()})
+    attention = {k: v for k, v in load_file(ip_folder / "ip.safetensors").items() if k.startswith("ip_adapter.")}
+    save_file({**{f"image_proj.{k}": v for k, v in proj.items()}, **attention}, tmp_path / "plus.safetensors")
+    shutil.copytree(ip_folder / "image_encoder", tmp_path / "image_encoder")
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_folders[0], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name="plus.safetensors")
+    ref.set_ip_adapter_scale(0.8)
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    ours.load_ip_adapter(tmp_path, weight_name="plus.safetensors")
+    ours.set_ip_adapter_scale(0.8)
+    assert ours.unet._ip.plus and ours.unet._ip.tokens == queries
+    got = generate(ours, ip_adapter_image=IMAGE)
+    np.testing.assert_allclose(got, generate(ref, ip_adapter_image=IMAGE), atol=2e-4, rtol=0)
+    ours.set_ip_adapter_scale(0.0)
+    assert np.abs(generate(ours, ip_adapter_image=IMAGE) - got).max() > 1e-3

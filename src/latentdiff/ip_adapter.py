@@ -1,12 +1,13 @@
-"""IP-Adapter (Ye et al. 2023): an image as a prompt. A CLIP image encoder's embedding of the image is projected to
-a few extra context tokens, and every cross-attention of the U-Net attends to them through its own key and value
+"""IP-Adapter (Ye et al. 2023): an image as a prompt. A CLIP image encoder's view of the image is projected to a few
+extra context tokens, and every cross-attention of the U-Net attends to them through its own key and value
 projections, its output adding `scale` times that attention to the text's ("decoupled cross-attention").
 
 As diffusers' `pipe.load_ip_adapter(...)`, `set_ip_adapter_scale`, `unload_ip_adapter` and the pipelines'
-`ip_adapter_image=` / `ip_adapter_image_embeds=`, for the original IP-Adapter of SD 1.x (`ip-adapter_sd15`: a linear
-projection to 4 tokens). The weights stay beside the U-Net, not in its state dict (saving, LoRA and the optimised
-layers see the U-Net unchanged); the image encoder is transformers' CLIPVisionModelWithProjection, read from the
-adapter's folder.
+`ip_adapter_image=` / `ip_adapter_image_embeds=`, for the original IP-Adapter of SD 1.x (`ip-adapter_sd15`: a
+linear projection of the image embedding to 4 tokens) and IP-Adapter Plus (`ip-adapter-plus_sd15`,
+`ip-adapter-plus-face_sd15`: a resampler over the image encoder's penultimate hidden states). The weights stay
+beside the U-Net, not in its state dict (saving, LoRA and the optimised layers see the U-Net unchanged); the image
+encoder is transformers' CLIPVisionModelWithProjection, read from the adapter's folder.
 """
 from __future__ import annotations
 
@@ -36,12 +37,60 @@ class ImageProjection(nn.Module):
         return self.norm(out.reshape(embeds.shape[0], -1, self.width))
 
 
+class PerceiverAttention(nn.Module):
+    """Learned queries attending to the image features and to themselves (IP-Adapter Plus's resampler, after
+    Flamingo's perceiver): keys and values from [features | queries], 64-dimensional heads, no biases. Keys as the
+    published files name them (norm1, norm2, to_q, to_kv, to_out)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, heads * 64, bias=False)
+        self.to_kv = nn.Linear(width, 2 * heads * 64, bias=False)
+        self.to_out = nn.Linear(heads * 64, width, bias=False)
+
+    def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        features, queries = self.norm1(features), self.norm2(queries)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        k, v = self.to_kv(torch.cat([features, queries], dim=-2)).chunk(2, dim=-1)
+        out = torch.nn.functional.scaled_dot_product_attention(split(self.to_q(queries)), split(k), split(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class PlusProjection(nn.Module):
+    """IP-Adapter Plus: the image encoder's penultimate hidden states [B, N, E] -> `tokens` context tokens through
+    a resampler (Ye et al. 2023): learned queries, `depth` blocks of PerceiverAttention and a GELU feed-forward,
+    each residual, then a linear map to the text's width and a LayerNorm. Keys as the published files name them."""
+
+    def __init__(self, embed_dim: int, hidden: int, cross_attention_dim: int, tokens: int, depth: int):
+        super().__init__()
+        self.tokens = tokens
+        self.latents = nn.Parameter(torch.zeros(1, tokens, hidden))
+        self.proj_in = nn.Linear(embed_dim, hidden)
+        self.proj_out = nn.Linear(hidden, cross_attention_dim)
+        self.norm_out = nn.LayerNorm(cross_attention_dim)
+        self.layers = nn.ModuleList(nn.ModuleList([
+            PerceiverAttention(hidden, hidden // 64),
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden, bias=False), nn.GELU(),
+                          nn.Linear(4 * hidden, hidden, bias=False)),
+        ]) for _ in range(depth))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        features = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))
+        queries = self.latents.expand(hidden_states.shape[0], -1, -1)
+        for attention, feed_forward in self.layers:
+            queries = attention(features, queries) + queries
+            queries = feed_forward(queries) + queries
+        return self.norm_out(self.proj_out(queries))
+
+
 @dataclasses.dataclass
 class IPAdapterState:
     """What a U-Net holds of a loaded IP-Adapter (`unet._ip`): the projection, the key and value projections of each
     cross-attention (`layers`, diffusers' order), the scale, and the last context it extended (see context)."""
 
-    projection: ImageProjection
+    projection: ImageProjection | PlusProjection
     layers: nn.ModuleList  # per cross-attention: ModuleList([to_k_ip, to_v_ip])
     scales: list[float] = dataclasses.field(default_factory=list)  # per cross-attention (see layer_scales)
     memo: tuple | None = None  # (context, embeds, key, extended context)
@@ -53,6 +102,11 @@ class IPAdapterState:
     def tokens(self) -> int:
         return self.projection.tokens
 
+    @property
+    def plus(self) -> bool:
+        """Whether the adapter reads the image encoder's penultimate hidden states (Plus) or its embedding."""
+        return isinstance(self.projection, PlusProjection)
+
     def modules(self) -> list[nn.Module]:
         return [self.projection, self.layers]
 
@@ -60,11 +114,13 @@ class IPAdapterState:
         """[context | image tokens]: the text tokens and the projected image embedding's, per sample. The same
         tensor again for the same context and embeddings (unchanged in place), so that the cross-attentions' cached
         keys and values of it stay valid over a denoising run."""
-        if embeds.dim() == 3 and embeds.shape[1] == 1:
+        rank = 3 if self.plus else 2  # ([B, N, E] hidden states, or [B, D] embeddings)
+        if embeds.dim() == rank + 1 and embeds.shape[1] == 1:
             embeds = embeds.flatten(0, 1)
-        if embeds.dim() != 2:
-            raise ValueError(f"IP-Adapter image embeddings of shape {tuple(embeds.shape)}: expected [B, D] or "
-                             "[B, 1, D] (one image per prompt)")
+        if embeds.dim() != rank:
+            shape = "[B, N, E] or [B, 1, N, E]" if self.plus else "[B, D] or [B, 1, D]"
+            raise ValueError(f"IP-Adapter image embeddings of shape {tuple(embeds.shape)}: expected {shape} (one "
+                             "image per prompt)")
         if embeds.shape[0] != context.shape[0]:
             raise ValueError(f"IP-Adapter image embeddings for {embeds.shape[0]} samples but the context has "
                              f"{context.shape[0]}: give one per context (with guidance: the unconditional ones "
@@ -181,18 +237,29 @@ def read_ip_adapter(source, subfolder: str | None, weight_name: str | None) -> t
 
 def build_state(projection: dict, attention: dict, unet: nn.Module, where: str) -> IPAdapterState:
     """The adapter's modules from its two state dicts, checked against the U-Net."""
-    if "proj.weight" not in projection:
-        kind = ("IP-Adapter Plus" if "latents" in projection else "IP-Adapter Full Face" if "proj.3.weight" in
-                projection else "IP-Adapter FaceID" if projection else "an empty image projection")
-        raise ValueError(f"{where}: {kind} is not supported; latentdiff loads the original IP-Adapter (image_proj "
-                         "proj.weight / norm.*, 4 tokens), e.g. ip-adapter_sd15.safetensors")
     width = unet.config.cross_attention_dim
-    weight = projection["proj.weight"]
-    if weight.shape[0] != 4 * width:
-        raise ValueError(f"{where}: its image projection makes tokens of width {weight.shape[0] // 4} but the U-Net's "
-                         f"cross-attention reads {width}: the adapter is for another model")
-    proj = ImageProjection(weight.shape[1], width, 4)
-    proj.load_state_dict({k.replace("proj.", "image_embeds.", 1): v for k, v in projection.items()})
+    if "latents" in projection and "proj_in.weight" in projection:  # IP-Adapter Plus
+        made = projection["proj_out.weight"].shape[0]
+        _, tokens, hidden = projection["latents"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in projection if k.startswith("layers."))
+        proj = PlusProjection(projection["proj_in.weight"].shape[1], hidden, made, tokens, depth)
+    elif "proj.weight" in projection:
+        made = projection["proj.weight"].shape[0] // 4
+        proj = ImageProjection(projection["proj.weight"].shape[1], made, 4)
+        projection = {k.replace("proj.", "image_embeds.", 1): v for k, v in projection.items()}
+    else:
+        kind = ("IP-Adapter Full Face" if "proj.3.weight" in projection else "IP-Adapter FaceID" if projection
+                else "an empty image projection")
+        raise ValueError(f"{where}: {kind} is not supported; latentdiff loads the original IP-Adapter (image_proj "
+                         "proj.*, norm.*: e.g. ip-adapter_sd15.safetensors) and IP-Adapter Plus (image_proj latents, "
+                         "proj_in.*, layers.*: e.g. ip-adapter-plus_sd15.safetensors)")
+    if made != width:
+        raise ValueError(f"{where}: its image projection makes tokens of width {made} but the U-Net's cross-attention "
+                         f"reads {width}: the adapter is for another model")
+    try:
+        proj.load_state_dict(projection)
+    except RuntimeError as err:
+        raise ValueError(f"{where}: the image projection's weights do not fit its layout: {err}") from None
     layers = nn.ModuleList()
     for j, layer in enumerate(cross_attentions(unet)):
         inner = layer.to_q.out_features if hasattr(layer.to_q, "out_features") else layer.to_out[0].in_features
@@ -287,8 +354,6 @@ class IPAdapterMixin:
                      output_hidden_states: bool | None = None):
         """(image embeddings, zeros like them: the unconditional ones), each repeated num_images_per_prompt times,
         as diffusers' method."""
-        if output_hidden_states:
-            raise ValueError("output_hidden_states: the IP-Adapter Plus variants are not supported")
         if self.image_encoder is None:
             raise ValueError("no IP-Adapter image encoder is loaded (load_ip_adapter(..., image_encoder_folder=...)), "
                              "so ip_adapter_image cannot be encoded: pass ip_adapter_image_embeds= instead")
@@ -300,9 +365,14 @@ class IPAdapterMixin:
             self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
         if not isinstance(image, torch.Tensor):
             image = self.feature_extractor(image, return_tensors="pt").pixel_values
-        embeds = self.image_encoder(image.to(weight.device, weight.dtype)).image_embeds.to(device or self.device)
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return embeds, torch.zeros_like(embeds)
+        image = image.to(weight.device, weight.dtype)
+        if output_hidden_states:  # (IP-Adapter Plus: the penultimate layer's states; of a zero image, unconditional)
+            states = [self.image_encoder(x, output_hidden_states=True).hidden_states[-2]
+                      for x in (image, torch.zeros_like(image))]
+        else:
+            embeds = self.image_encoder(image).image_embeds
+            states = [embeds, torch.zeros_like(embeds)]
+        return tuple(s.to(device or self.device).repeat_interleave(num_images_per_prompt, dim=0) for s in states)
 
     def _ip_embeds(self, image, embeds, n: int, guided: bool) -> torch.Tensor | None:
         """The image embeddings of a call for its n images ([uncond; cond] with guidance, as the contexts), or None
@@ -323,7 +393,7 @@ class IPAdapterMixin:
             negative, positive = single.chunk(2) if guided else (None, single)
         else:
             image = image[0] if isinstance(image, (list, tuple)) and len(image) == 1 else image
-            positive, negative = self.encode_image(image, self.device, 1)
+            positive, negative = self.encode_image(image, self.device, 1, output_hidden_states=state.plus)
             positive, negative = positive[:, None], negative[:, None]  # (one image: [1, 1, D])
         if positive.shape[0] not in (1, n):
             raise ValueError(f"IP-Adapter image embeddings for {positive.shape[0]} images but the call makes {n}: "
