@@ -12,21 +12,13 @@ from PIL import Image
 from latentdiff import ControlNetModel, LatentDiffusionControlNetPipeline, LatentDiffusionPipeline, MultiControlNetModel
 from latentdiff.models.controlnet import ControlNetConfig
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+from tiny import generate, randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL_UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                   attention_head_dim=(2, 4), layers_per_block=2, norm_num_groups=8, sample_size=8)
-
-
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every weight random (the zero convolutions too, so that they matter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def reference(model: torch.nn.Module, cls: str) -> torch.nn.Module:
@@ -215,15 +207,6 @@ def pair(tiny_folders, controlnet_folders, count: int = 1, scheduler: str = "DDI
     ref.scheduler = getattr(diffusers, scheduler).from_config(dict(ref.scheduler.config))
     ours.scheduler = getattr(schedulers, scheduler).from_config(dict(ours.scheduler.config))
     return ours, ref
-
-
-def generate(pipe, prompt="a red circle", images: int = 1, **kwargs):
-    """`images` made: a generator each (as ours draws them; diffusers draws a batch from one generator)."""
-    kwargs = {"guidance_scale": 5.0, "output_type": "np", "num_inference_steps": 4,
-              "generator": [torch.Generator().manual_seed(i) for i in range(images)], **kwargs}
-    if isinstance(pipe, LatentDiffusionPipeline):
-        kwargs["progress"] = False
-    return pipe(prompt, **kwargs).images
 
 
 @pytest.mark.parametrize("kwargs", [

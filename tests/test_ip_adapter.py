@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from latentdiff import LatentDiffusionPipeline
+from tiny import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,14 +27,6 @@ def pair(tiny_folders, ip_folder, scale=0.7):
     return ours, ref
 
 
-def generate(pipe, n=1, **kwargs):
-    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "output_type": "np",
-              "generator": [torch.Generator().manual_seed(i) for i in range(n)], **kwargs}
-    if isinstance(pipe, LatentDiffusionPipeline):
-        kwargs["progress"] = False
-    return pipe("a red circle", **kwargs).images
-
-
 def test_image_prompt_matches_diffusers(tiny_folders, ip_folder):
     ours, ref = pair(tiny_folders, ip_folder)
     got, expected = generate(ours, ip_adapter_image=IMAGE), generate(ref, ip_adapter_image=IMAGE)
@@ -43,7 +36,7 @@ def test_image_prompt_matches_diffusers(tiny_folders, ip_folder):
     embeds = [torch.cat([negative, positive])[:, None]]
     np.testing.assert_allclose(generate(ours, ip_adapter_image_embeds=embeds), got, atol=1e-6)
     two = dict(ip_adapter_image=IMAGE, num_images_per_prompt=2)
-    np.testing.assert_allclose(generate(ours, 2, **two), generate(ref, 2, **two), atol=2e-4, rtol=0)
+    np.testing.assert_allclose(generate(ours, images=2, **two), generate(ref, images=2, **two), atol=2e-4, rtol=0)
     plain = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
     assert np.abs(got - generate(plain)).max() > 1e-3  # the image prompt changed the image
 

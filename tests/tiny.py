@@ -49,3 +49,24 @@ def diffusers_pipeline(tokenizer_folder, scheduler_cls: str = "DDIMScheduler", s
         unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def randomized(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Every weight drawn anew (zero-initialised output layers too, so that they matter), in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def generate(pipe, prompt: str = "a red circle", images: int = 1, **kwargs):
+    """Images (np) from ours or diffusers' pipeline alike: 4 steps, guidance 5, a generator per image (as ours
+    draws them; diffusers draws a batch from one generator)."""
+    from latentdiff import LatentDiffusionPipeline
+
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "output_type": "np",
+              "generator": [torch.Generator().manual_seed(i) for i in range(images)], **kwargs}
+    if isinstance(pipe, LatentDiffusionPipeline):
+        kwargs["progress"] = False
+    return pipe(prompt, **kwargs).images

@@ -13,6 +13,8 @@ _EXPORTS = {
     "LatentDiffusionControlNetPipeline": "latentdiff.pipeline_controlnet",
     "LatentDiffusionControlNetImg2ImgPipeline": "latentdiff.pipeline_controlnet",
     "LatentDiffusionControlNetInpaintPipeline": "latentdiff.pipeline_controlnet",
+    "LatentDiffusionAdapterPipeline": "latentdiff.pipeline_t2i_adapter",
+    "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",
     "MultiControlNetModel": "latentdiff.models.controlnet",

@@ -56,7 +56,7 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
                              "torch.float32, or its name), 'auto' (the files' own), or None")
         return value
 
-    names = ("text_encoder", "unet", "vae", "controlnet")
+    names = ("text_encoder", "unet", "vae", "controlnet", "adapter")
     if isinstance(torch_dtype, dict):
         unknown = sorted(set(torch_dtype) - {*names, "default"})
         if unknown:
@@ -66,9 +66,11 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
 
 
 def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | str | dict | None = None,
-                         variant: str | None = None, skip: Collection[str] = (), controlnet: bool = False) -> dict:
+                         variant: str | None = None, skip: Collection[str] = (),
+                         extras: Collection[str] = ()) -> dict:
     """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved), but those named in
-    `skip` (the caller has them); with `controlnet`, its ControlNet(s) too. `variant`: the weights files of that
+    `skip` (the caller has them); `extras`: "controlnet" (its ControlNet or ControlNets), "adapter" (its
+    T2I-Adapter). `variant`: the weights files of that
     name (diffusion_pytorch_model.fp16.safetensors, ...), as diffusers' argument; a model saved in shards (an
     .index.json and its files) loads too. `torch_dtype`: see component_dtypes."""
     dtypes = component_dtypes(torch_dtype)
@@ -95,9 +97,25 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
         "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
-    if controlnet:
+    if "controlnet" in extras:
         loaders["controlnet"] = lambda: _load_controlnets(folder, index, dtypes["controlnet"], variant)
+    if "adapter" in extras:
+        loaders["adapter"] = lambda: _load_adapter(folder, index, dtypes["adapter"], variant)
     return {name: load() for name, load in loaders.items() if name not in skip}
+
+
+def _load_adapter(folder: Path, index: dict, dtype: torch.dtype | None, variant: str | None):
+    """The folder's T2I-Adapter (adapter/)."""
+    from .models.t2i_adapter import T2IAdapter
+
+    entry = index.get("adapter")
+    if not entry or not (folder / "adapter").is_dir():
+        raise ValueError(f"{folder} has no T2I-Adapter (no adapter/ folder, or none in model_index.json): pass one, "
+                         "LatentDiffusionAdapterPipeline.from_pretrained(folder, adapter=T2IAdapter.from_pretrained("
+                         "adapter_folder))")
+    if entry[-1] != "T2IAdapter":
+        raise ValueError(f"{folder / 'model_index.json'}: adapter is a {entry[-1]}; latentdiff loads one T2IAdapter")
+    return T2IAdapter.from_pretrained(folder / "adapter", torch_dtype=dtype, variant=variant)
 
 
 def _load_controlnets(folder: Path, index: dict, dtype: torch.dtype | None, variant: str | None):
@@ -132,7 +150,8 @@ def _what_it_is(folder: Path) -> str:
         loader = {"UNet2DConditionModel": "latentdiff.UNet2DConditionModel.from_pretrained",
                   "AutoencoderKL": "latentdiff.AutoencoderKL.from_pretrained",
                   "CLIPTextModel": "latentdiff.models.text.load_text_encoder",
-                  "ControlNetModel": "latentdiff.ControlNetModel.from_pretrained"}.get(kind)
+                  "ControlNetModel": "latentdiff.ControlNetModel.from_pretrained",
+                  "T2IAdapter": "latentdiff.T2IAdapter.from_pretrained"}.get(kind)
         if loader:
             return (f"; it holds one {kind}: load it with {loader}({str(folder)!r}), or give the pipeline folder "
                     "above it")
@@ -153,6 +172,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     controlnet = components.get("controlnet")
     pipeline = "StableDiffusion" + ("ControlNet" if controlnet is not None else "") + (
         "Inpaint" if inpainting else "") + "Pipeline"
+    adapter = components.get("adapter")
+    if adapter is not None:  # (diffusers' T2I-Adapter pipeline)
+        pipeline = "StableDiffusionAdapterPipeline"
     index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -168,6 +190,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
     scheduler.save_config(folder / "scheduler")
+    if adapter is not None:
+        adapter.save_pretrained(folder / "adapter", variant=variant)
+        index["adapter"] = ["diffusers", "T2IAdapter"]
     if controlnet is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ... (diffusers' layout)
         nets = list(getattr(controlnet, "nets", [controlnet]))
         for i, net in enumerate(nets):

@@ -177,6 +177,17 @@ def _checked_residuals(residuals: Sequence[torch.Tensor], targets: list[torch.Te
     return residuals
 
 
+def _checked_intrablock(maps: Sequence[torch.Tensor], stages: int) -> list[torch.Tensor]:
+    """A T2I-Adapter's feature maps as a list to consume: one per down stage (one more, for the middle block, is
+    taken where its shape fits, as diffusers does)."""
+    if not isinstance(maps, (list, tuple)) or not all(isinstance(m, torch.Tensor) for m in maps):
+        raise TypeError("down_intrablock_additional_residuals must be a list of tensors (a T2I-Adapter's outputs)")
+    if not stages <= len(maps) <= stages + 1:
+        raise ValueError(f"down_intrablock_additional_residuals: {len(maps)} feature maps for a U-Net of {stages} down "
+                         f"stages: give one per stage (a T2I-Adapter made for this architecture)")
+    return list(maps)
+
+
 class TimeTable:
     """What a U-Net's ResNet blocks add for each timestep of a denoising run, made for all of them at once (see
     cache_timesteps): per timestep a dict from each block to its projection of the embedding, [1, C]. Made on the
@@ -291,15 +302,20 @@ class DownPath(ModelMixin):
             emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype)
         return emb
 
-    def _down_path(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, shared: int):
+    def _down_path(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, shared: int,
+                   intrablock: list[torch.Tensor] | None = None):
         """The down stages from conv_in's output x, for `shared` contexts per sample (see UNet2DConditionModel's
-        forward): returns (x, emb, skips), all for the contexts' batch."""
+        forward): returns (x, emb, skips), all for the contexts' batch. `intrablock`: a T2I-Adapter's feature maps,
+        one per stage from the first (DownBlock.forward); those left over go to the caller."""
         skips = [x]
         for kind, block in zip(self.config.down_block_types, self.down_blocks):
             if shared > 1 and DOWN_BLOCK_TYPES[kind]:  # the first stage with cross-attention
                 x, emb, skips = _repeat_batch(shared, x, emb, skips)
                 shared = 1
-            x, block_skips = self._run(block, x, emb, ctx)
+            if intrablock:
+                x, block_skips = self._run(block, x, emb, ctx, intrablock.pop(0))
+            else:
+                x, block_skips = self._run(block, x, emb, ctx)
             skips += block_skips
         if shared > 1:
             x, emb, skips = _repeat_batch(shared, x, emb, skips)
@@ -454,14 +470,17 @@ class UNet2DConditionModel(DownPath):
                 added_cond_kwargs: dict | None = None,
                 down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
+                down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
                 ) -> torch.Tensor | UNetOutput | tuple[torch.Tensor]:
         """sample [B, C, H, W] (any H, W), timestep a number or [B], encoder_hidden_states [B, tokens, D].
         Returns the prediction [B, out_channels, H, W]; with return_dict as in diffusers, a `UNetOutput` with
         `.sample` (True) or the 1-tuple (False). cross_attention_kwargs={"scale": s} runs loaded LoRA adapters
         s times (latentdiff.lora); down_block_additional_residuals (one per skip connection) and
         mid_block_additional_residual, a ControlNet's outputs (models/controlnet.py), are added to the skip
-        connections and to the middle block's output, as in diffusers; the other diffusers arguments are taken
-        empty only (SD 1.x uses none of them), so that diffusers' denoising line runs unchanged.
+        connections and to the middle block's output, as in diffusers; down_intrablock_additional_residuals, a
+        T2I-Adapter's feature maps (models/t2i_adapter.py), inside the down stages (unet_blocks.DownBlock);
+        added_cond_kwargs={"image_embeds": [...]} carries an IP-Adapter's image (ip_adapter.py); the other diffusers
+        arguments are taken empty only (SD 1.x uses none of them), so that diffusers' denoising line runs unchanged.
 
         encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
@@ -481,13 +500,22 @@ class UNet2DConditionModel(DownPath):
                 return self.forward(sample, timestep, encoder_hidden_states, return_dict,
                                     added_cond_kwargs=added_cond_kwargs,
                                     down_block_additional_residuals=down_block_additional_residuals,
-                                    mid_block_additional_residual=mid_block_additional_residual)
+                                    mid_block_additional_residual=mid_block_additional_residual,
+                                    down_intrablock_additional_residuals=down_intrablock_additional_residuals)
         ctx = encoder_hidden_states
+        shared = ctx.shape[0] // sample.shape[0]
+        intrablock = None
+        if down_intrablock_additional_residuals is not None:
+            intrablock = _checked_intrablock(down_intrablock_additional_residuals, len(self.down_blocks))
+            if shared > 1:  # (the adapter's maps are per context: no stage runs once per sample then)
+                sample, shared = torch.cat([sample] * shared), 1
         emb = self._time(timestep, sample)
-        x, emb, skips = self._down_path(self.conv_in(sample), emb, ctx, ctx.shape[0] // sample.shape[0])
+        x, emb, skips = self._down_path(self.conv_in(sample), emb, ctx, shared, intrablock)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, _checked_residuals(down_block_additional_residuals, skips))]
         x = self._run(self.mid_block, x, emb, ctx)
+        if intrablock and intrablock[0].shape == x.shape:  # (an adapter with a map for the middle block too)
+            x = x + intrablock.pop(0)
         if mid_block_additional_residual is not None:
             x = x + _checked_residuals([mid_block_additional_residual], [x], "mid_block_additional_residual")[0]
         for block in self.up_blocks:

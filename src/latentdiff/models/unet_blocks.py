@@ -45,15 +45,32 @@ class DownBlock(nn.Module):
         self.attentions = _attentions(make_transformer, out_channels, layers)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
 
-    def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def forward(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        """`residual`: a T2I-Adapter's feature map for this stage, added where diffusers adds it: to the last layer's
+        output in a stage with attention, else to the stage's output (the downsampled one where it downsamples),
+        skip connection included."""
+        attention = not isinstance(self.attentions[0], NoAttention)
         skips = []
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             x = attn(resnet(x, emb), ctx)
+            if residual is not None and attention and i == len(self.resnets) - 1:
+                x = _add_map(x, residual)
             skips.append(x)
         for downsample in self.downsamplers:
             x = downsample(x)
             skips.append(x)
+        if residual is not None and not attention:
+            x = skips[-1] = _add_map(x, residual)
         return x, skips
+
+
+def _add_map(x: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
+    """x + a T2I-Adapter's feature map (of x's shape, or one map for the whole batch)."""
+    if feature_map.shape[1:] != x.shape[1:] or feature_map.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"a T2I-Adapter feature map of shape {tuple(feature_map.shape)} where the U-Net's stage has "
+                         f"{tuple(x.shape)}: the adapter was made for another U-Net, or its image for another size")
+    return x + feature_map
 
 
 class MidBlock(nn.Module):
