@@ -244,6 +244,34 @@ def test_ip_adapter(tiny_folders, ip_folder, tmp_path, capsys):
         (ip_folder / "ip-adapter_sd15.safetensors").rename(ip_folder / "ip.safetensors")
 
 
+def test_t2i_adapter(tiny_folders, tmp_path, capsys):
+    """--t2i-adapter PATH:SCALE --adapter-image IMG gives the Python API's image, stored in the PNG and reproduced."""
+    from latentdiff import LatentDiffusionAdapterPipeline, T2IAdapter
+    from latentdiff.models.t2i_adapter import T2IAdapterConfig
+    from latentdiff.schedulers import scheduler_from_name
+    from tiny import randomized
+
+    adapter = randomized(T2IAdapter(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1, downscale_factor=2)), 3)
+    adapter.save_pretrained(tmp_path / "adapter")
+    sketch = Image.fromarray(np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    sketch.save(tmp_path / "sketch.png")
+    args = ["generate", "a red circle", "--model", tiny_folders[1], "--steps", 3, "--out", tmp_path / "out"]
+    code, out, err = run(args + ["--t2i-adapter", f"{tmp_path / 'adapter'}:0.8", "--adapter-image",
+                                 tmp_path / "sketch.png"], capsys)
+    assert code == 0, err
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    pipe = LatentDiffusionAdapterPipeline.from_pretrained(tiny_folders[1], adapter=adapter)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = np.asarray(pipe("a red circle", image=sketch, adapter_conditioning_scale=0.8, num_inference_steps=3,
+                               guidance_scale=5.0, progress=False,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args + ["--t2i-adapter", tmp_path / "adapter"], capsys)
+    assert code == 2 and "--t2i-adapter and --adapter-image go together" in err
+
+
 def test_embedding(tiny_folders, tmp_path, capsys):
     """--embedding PATH:TOKEN makes TOKEN a word of the prompts (and of --negative), as the Python API's
     load_textual_inversion does; --from-png makes the image again."""

@@ -30,7 +30,7 @@ def parse_extra(spec: str, kind: str) -> list:
     path, colon, value = spec.rpartition(":")
     if not (colon and path):
         path, value = spec, None
-    if kind in ("loras", "controlnets", "ip_adapter"):
+    if kind in ("loras", "controlnets", "ip_adapter", "t2i_adapter"):
         try:
             value = 1.0 if value is None else float(value)
         except ValueError:
@@ -39,7 +39,8 @@ def parse_extra(spec: str, kind: str) -> list:
 
     path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file",
                                "controlnets": "--controlnet file or folder",
-                               "ip_adapter": "--ip-adapter file or folder"}[kind])
+                               "ip_adapter": "--ip-adapter file or folder",
+                               "t2i_adapter": "--t2i-adapter folder"}[kind])
     return [str(path.resolve()), value, weights_hash(path)]
 
 
@@ -73,6 +74,14 @@ def image_inputs(args) -> dict:
                                       for p in (require_path(f, "--control-image file") for f in args.control_image)]}
     elif args.controlnet:
         raise ValueError("--controlnet needs the image it follows: give --control-image PATH")
+    if bool(args.t2i_adapter) != bool(args.adapter_image):
+        raise ValueError("--t2i-adapter and --adapter-image go together: the adapter and the image it follows")
+    if args.t2i_adapter:
+        if args.controlnet or args.image is not None or args.guidance_rescale:
+            raise ValueError("--t2i-adapter goes with text to image only, without --controlnet, --image and "
+                             "--guidance-rescale")
+        path = require_path(args.adapter_image, "--adapter-image file")
+        control["adapter_image"] = [str(path.resolve()), weights_hash(path)]
     if bool(args.ip_adapter) != bool(args.ip_image):
         raise ValueError("--ip-adapter and --ip-image go together: the adapter and its image prompt")
     if args.ip_image:
@@ -109,6 +118,12 @@ def apply_extras(pipe, extras: dict):
         path, scale, _ = extras["ip_adapter"][0]
         pipe.load_ip_adapter(path)
         pipe.set_ip_adapter_scale(scale)
+    if extras.get("t2i_adapter"):
+        from .models.t2i_adapter import T2IAdapter
+        from .pipeline_t2i_adapter import LatentDiffusionAdapterPipeline
+
+        adapter = T2IAdapter.from_pretrained(extras["t2i_adapter"][0][0], torch_dtype=pipe.dtype).to(pipe.device)
+        pipe = LatentDiffusionAdapterPipeline.from_pipe(pipe, adapter=adapter)
     if extras.get("controlnets"):
         from .models.controlnet import ControlNetModel
         from .pipeline_controlnet import LatentDiffusionControlNetPipeline
@@ -220,6 +235,12 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
     elif control:
         image = pipe(settings["prompt"], image=control_images, height=settings["height"], width=settings["width"],
                      **control, **common).images[0]
+    elif "adapter_image" in settings:  # a T2I-Adapter
+        from PIL import Image
+
+        image = pipe(settings["prompt"], image=Image.open(settings["adapter_image"][0]), height=settings["height"],
+                     width=settings["width"], adapter_conditioning_scale=settings["t2i_adapter"][0][1],
+                     **common).images[0]
     else:
         image = pipe(settings["prompt"], height=settings["height"], width=settings["width"],
                      guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
@@ -238,13 +259,15 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets", "ip_adapter") if key in settings}
+        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets", "ip_adapter", "t2i_adapter")
+                  if key in settings}
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
                                    settings.get("variant"), extras)
         files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
         files += [(Path(settings[key][0]), settings[key][1]) for key in ("image", "mask") if key in settings]
         files += [(Path(file), h) for file, h in settings.get("control_images", [])]
-        files += [(Path(settings["ip_image"][0]), settings["ip_image"][1])] if "ip_image" in settings else []
+        files += [(Path(settings[key][0]), settings[key][1]) for key in ("ip_image", "adapter_image")
+                  if key in settings]
         for name, made_with in [(path, settings["model_hash"])] + files:
             digest = weights_hash(name)
             if digest != made_with:
@@ -265,7 +288,8 @@ def cmd_generate(args) -> None:
     extras = {key: [parse_extra(spec, key) for spec in specs]
               for key, specs in (("embeddings", args.embedding), ("loras", args.lora),
                                  ("controlnets", args.controlnet),
-                                 ("ip_adapter", [args.ip_adapter] if args.ip_adapter else [])) if specs}
+                                 ("ip_adapter", [args.ip_adapter] if args.ip_adapter else []),
+                                 ("t2i_adapter", [args.t2i_adapter] if args.t2i_adapter else [])) if specs}
     extras.update(image_inputs(args))
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
@@ -408,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image a --controlnet follows (edges, depth, pose, ...; --height and --width default to "
                         "its size rounded down to a multiple of 8; with --image it is resized to that image's size); "
                         "one per --controlnet")
+    g.add_argument("--t2i-adapter", default=None, metavar="PATH[:SCALE]",
+                   help="a T2I-Adapter folder at SCALE (default 1), following --adapter-image (text to image)")
+    g.add_argument("--adapter-image", default=None, help="the image a --t2i-adapter follows (sketch, depth, ...)")
     g.add_argument("--ip-adapter", default=None, metavar="PATH[:SCALE]",
                    help="an IP-Adapter (.safetensors file, or a folder holding ip-adapter_sd15.safetensors; its CLIP "
                         "image encoder in image_encoder/ beside it) at SCALE (default 1), with --ip-image")
