@@ -206,3 +206,23 @@ def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
     np.testing.assert_allclose(got, generate(ref, ip_adapter_image=IMAGE), atol=2e-4, rtol=0)
     ours.set_ip_adapter_scale(0.0)
     assert np.abs(generate(ours, ip_adapter_image=IMAGE) - got).max() > 1e-3
+
+
+def test_with_a_call_time_lora_scale(tiny_folders, ip_folder):
+    """A LoRA scale given at call time (cross_attention_kwargs) with an IP-Adapter: the image tokens are appended
+    once, as with the same scale set by set_adapters."""
+    ours, _ = pair(tiny_folders, ip_folder)
+    g = torch.Generator().manual_seed(9)
+    state = {}
+    for path, layer in ours.unet.named_modules():
+        if path.endswith(("attn2.to_q", "attn1.to_v")):
+            state[f"unet.{path}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
+            state[f"unet.{path}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g)
+    ours.load_lora_weights(state, adapter_name="style")
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    added = {"image_embeds": [torch.randn(2, 1, 24, generator=g)]}
+    with torch.no_grad():
+        at_call = ours.unet(x, 500, ctx, added_cond_kwargs=added, cross_attention_kwargs={"scale": 0.5})
+        ours.set_adapters("style", 0.5)
+        expected = ours.unet(x, 500, ctx, added_cond_kwargs=added)
+    assert (at_call - expected).abs().max() < 1e-5

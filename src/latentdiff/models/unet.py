@@ -487,7 +487,6 @@ class UNet2DConditionModel(DownPath):
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample. The
         residuals are for the k*B batch then."""
         self._check_inputs(sample, encoder_hidden_states)
-        encoder_hidden_states = self._with_image_tokens(encoder_hidden_states, added_cond_kwargs)
         if timestep_cond is not None:
             raise ValueError("timestep_cond is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
                              "pass None")
@@ -502,7 +501,7 @@ class UNet2DConditionModel(DownPath):
                                     down_block_additional_residuals=down_block_additional_residuals,
                                     mid_block_additional_residual=mid_block_additional_residual,
                                     down_intrablock_additional_residuals=down_intrablock_additional_residuals)
-        ctx = encoder_hidden_states
+        ctx = self._with_image_tokens(encoder_hidden_states, added_cond_kwargs)  # (once: after the LoRA re-entry)
         shared = ctx.shape[0] // sample.shape[0]
         intrablock = None
         if down_intrablock_additional_residuals is not None:
