@@ -125,16 +125,15 @@ class IPAdapterState:
             raise ValueError(f"IP-Adapter image embeddings for {embeds.shape[0]} samples but the context has "
                              f"{context.shape[0]}: give one per context (with guidance: the unconditional ones "
                              "first)")
-        if torch.compiler.is_compiling():  # (a compiled graph neither reads nor guards on the memo)
-            tokens = self.projection(embeds).to(context.dtype)
-            return torch.cat([context, tokens.reshape(context.shape[0], -1, context.shape[2])], dim=1)
-        key = tensors_key((context, embeds, *self.projection.parameters()))
-        if key is not None and self.memo is not None and self.memo[0] is context and self.memo[1] is embeds \
-                and self.memo[2] == key:
-            return self.memo[3]
+        compiling = torch.compiler.is_compiling()  # (a compiled graph neither reads nor writes the memo)
+        key = None if compiling else tensors_key((context, embeds, *self.projection.parameters()))
+        memo = self.memo
+        if key is not None and memo is not None and memo[0] is context and memo[1] is embeds and memo[2] == key:
+            return memo[3]
         tokens = self.projection(embeds).to(context.dtype)
         extended = torch.cat([context, tokens.reshape(context.shape[0], -1, context.shape[2])], dim=1)
-        self.memo = None if key is None else (context, embeds, key, extended)
+        if not compiling:
+            self.memo = None if key is None else (context, embeds, key, extended)
         return extended
 
 

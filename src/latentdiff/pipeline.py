@@ -511,6 +511,15 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                  f"{max(multiple, round(value / multiple) * multiple)}")
         return height, width
 
+    def _size_for_image(self, image_height: int, image_width: int, height: int | None,
+                        width: int | None) -> tuple[int, int]:
+        """A call's (height, width) for a control image of that size: as given, else the image's rounded down to a
+        multiple of 8 (as _check_size wants; diffusers rounds to the VAE's scale, 8 for SD), checked."""
+        multiple = max(8, self.vae_scale_factor)
+        height = height or image_height - image_height % multiple
+        width = width or image_width - image_width % multiple
+        return self._check_size(height, width)
+
     def _contexts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per_prompt, guided,
                   clip_skip):
         if prompt_embeds is None:

@@ -166,6 +166,15 @@ class ControlNetMixin:
 
         return control, tuple(images[0].shape[-2:])
 
+    def _image_and_control(self, image, control_image, scale, start, end, guess_mode: bool,
+                           num_images_per_prompt: int) -> tuple:
+        """For img2img and inpainting: the image's pixels (preprocessed once, here; the call takes the tensor) and
+        the ControlNets' step call, their control images at the image's size (see _controlled)."""
+        pixels = None if image is None else self.preprocess(image)
+        size = (None, None) if pixels is None else pixels.shape[-2:]
+        control, _ = self._controlled(control_image, *size, scale, start, end, guess_mode, num_images_per_prompt)
+        return pixels, control
+
     def _check_controlnets(self, nets: list[ControlNetModel]) -> None:
         unet = self.unet.config
         for i, net in enumerate(nets):
@@ -220,7 +229,7 @@ class ControlNetMixin:
         if isinstance(first, Image.Image):
             if not all(isinstance(im, Image.Image) for im in items):
                 raise TypeError("a list of control images must all be PIL images, or all tensors / arrays")
-            size = self._target_size(first.height, first.width, height, width)
+            size = self._size_for_image(first.height, first.width, height, width)
             arrays = [np.asarray(_resized(im.convert("RGB"), size), dtype=np.float32) / 255.0 for im in items]
             return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         if isinstance(first, np.ndarray):
@@ -241,17 +250,11 @@ class ControlNetMixin:
         if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
             raise ValueError("control image values must lie in [0, 1] (8-bit pixels / 255); got values in "
                              f"[{pixels.min().item():.4g}, {pixels.max().item():.4g}]")
-        size = self._target_size(pixels.shape[2], pixels.shape[3], height, width)
+        size = self._size_for_image(pixels.shape[2], pixels.shape[3], height, width)
         if tuple(pixels.shape[-2:]) != size:
             pixels = F.interpolate(pixels, size=size)  # (nearest, as diffusers)
         return pixels
 
-    def _target_size(self, image_height: int, image_width: int, height: int | None,
-                     width: int | None) -> tuple[int, int]:
-        multiple = max(8, self.vae_scale_factor)  # (as _check_size; diffusers rounds to the VAE's scale: 8 for SD)
-        height = height or image_height - image_height % multiple
-        width = width or image_width - image_width % multiple
-        return self._check_size(height, width)
 
 
 class LatentDiffusionControlNetPipeline(ControlNetMixin, LatentDiffusionPipeline):
@@ -311,9 +314,9 @@ class LatentDiffusionControlNetImg2ImgPipeline(ControlNetMixin, LatentDiffusionI
         """As LatentDiffusionImg2ImgPipeline's call, with the ControlNet arguments of
         LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
         0.8 here)."""
-        size = self.preprocess(image).shape[-2:] if image is not None else (None, None)
-        control, _ = self._controlled(control_image, *size, controlnet_conditioning_scale, control_guidance_start,
-                                      control_guidance_end, guess_mode, num_images_per_prompt)
+        image, control = self._image_and_control(image, control_image, controlnet_conditioning_scale,
+                                                 control_guidance_start, control_guidance_end, guess_mode,
+                                                 num_images_per_prompt)
         return self._img2img(prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
                              num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds,
                              output_type, return_dict, clip_skip, callback_on_step_end, progress,
@@ -343,9 +346,9 @@ class LatentDiffusionControlNetInpaintPipeline(ControlNetMixin, LatentDiffusionI
         """As LatentDiffusionInpaintPipeline's call, with the ControlNet arguments of
         LatentDiffusionControlNetPipeline's (`control_image` there is `image`; the scale's default is diffusers'
         0.5 here)."""
-        size = self.preprocess(image).shape[-2:] if image is not None else (None, None)
-        control, _ = self._controlled(control_image, *size, controlnet_conditioning_scale, control_guidance_start,
-                                      control_guidance_end, guess_mode, num_images_per_prompt)
+        image, control = self._image_and_control(image, control_image, controlnet_conditioning_scale,
+                                                 control_guidance_start, control_guidance_end, guess_mode,
+                                                 num_images_per_prompt)
         return self._inpaint(prompt, image, mask_image, strength, negative_prompt, num_inference_steps,
                              guidance_scale, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, clip_skip, callback_on_step_end,

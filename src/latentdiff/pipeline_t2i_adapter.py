@@ -88,10 +88,7 @@ class LatentDiffusionAdapterPipeline(LatentDiffusionPipeline):
         channels = self.adapter.config.in_channels
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if all(isinstance(im, Image.Image) for im in items):
-            first = items[0]
-            height = height or first.height - first.height % 8
-            width = width or first.width - first.width % 8
-            self._check_size(height, width)
+            height, width = self._size_for_image(items[0].height, items[0].width, height, width)
             mode = {1: "L", 3: "RGB"}.get(channels)
             if mode is None:
                 raise ValueError(f"the adapter takes {channels}-channel images: pass a tensor")
