@@ -13,6 +13,24 @@ from .checkpoints import CheckpointError, load_safetensors, require_path, weight
 WEIGHT_NAME = "learned_embeds.safetensors"  # diffusers' file name in a textual-inversion folder
 
 
+def word_tokens(word: str, vectors: int) -> list[str]:
+    """The tokens of a word of n vectors: word, word_1, ..., word_{n-1} (diffusers' names)."""
+    return [word] + [f"{word}_{i}" for i in range(1, vectors)]
+
+
+def add_words(tokenizer, text_encoder, words: list[str], rows) -> list[int]:
+    """Add new tokens to the tokenizer and their rows (each a [D] tensor) to the text encoder's token table; returns
+    their ids."""
+    table = text_encoder.get_input_embeddings()
+    table = text_encoder.resize_token_embeddings(table.num_embeddings + len(words))
+    tokenizer.add_tokens(words)
+    ids = [tokenizer.convert_tokens_to_ids(word) for word in words]
+    with torch.no_grad():
+        for index, row in zip(ids, rows):
+            table.weight[index] = row.to(table.weight)
+    return ids
+
+
 def read_embedding(source, token: str | None, weight_name: str | None = None) -> tuple[str, torch.Tensor, str]:
     """(token, embeddings [n, D], a name for messages) from a .safetensors file, a folder holding one, a state dict
     (diffusers' {token: tensor}, A1111's {"emb_params": tensor} or {"string_to_param": {"*": tensor}, "name": ...})
@@ -73,19 +91,14 @@ class TextualInversionLoaderMixin:
             if vectors.shape[-1] != width:
                 raise ValueError(f"{where}: embeddings of width {vectors.shape[-1]} for a text encoder of width "
                                  f"{width}: the embedding was made for another model (SD 2.x: 1024, SD 1.x: 768)")
-            names = [name] + [f"{name}_{i}" for i in range(1, vectors.shape[0])]
+            names = word_tokens(name, vectors.shape[0])
             clashes = [n for n in names if n in vocabulary or n in words]
             if clashes:
                 raise ValueError(f"token(s) {clashes} are already in the tokenizer's vocabulary: pass another "
                                  "token=, or unload_textual_inversion() the one loaded before")
             words += names
             rows += list(vectors)
-        table = text_encoder.get_input_embeddings()
-        table = text_encoder.resize_token_embeddings(table.num_embeddings + len(words))
-        tokenizer.add_tokens(words)
-        with torch.no_grad():
-            for word, row in zip(words, rows):
-                table.weight[tokenizer.convert_tokens_to_ids(word)] = row.to(table.weight)
+        add_words(tokenizer, text_encoder, words, rows)
 
     def unload_textual_inversion(self, tokens: str | list[str] | None = None, tokenizer=None,
                                  text_encoder=None) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoints import load_into, save_safetensors
 from ..lora import save_lora_weights
+from ..textual_inversion import add_words, word_tokens
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
 from .lora import TEXT_LORA_TARGETS, adapter_state, add_lora_layers
@@ -335,17 +336,12 @@ def add_placeholder(config, tokenizer, text_encoder) -> tuple[list[str], list[in
     if len(ids) != 1:
         raise ValueError(f"initializer_token {start!r} is {len(ids)} tokens to the tokenizer: give a single known word "
                          "(e.g. 'cat', 'toy', 'star')")
-    words = [word] + [f"{word}_{i}" for i in range(1, config.num_vectors)]
+    words = word_tokens(word, config.num_vectors)
     known = [w for w in words if w in tokenizer.get_vocab()]
     if known:
         raise ValueError(f"placeholder_token: {known} already in the vocabulary: choose a new word such as '<my-cat>'")
-    table = text_encoder.get_input_embeddings()
-    kept = table.weight.detach().clone()
-    table = text_encoder.resize_token_embeddings(table.num_embeddings + len(words))
-    tokenizer.add_tokens(words)
-    new_ids = [tokenizer.convert_tokens_to_ids(w) for w in words]
-    with torch.no_grad():
-        table.weight[new_ids] = kept[ids[0]]
+    kept = text_encoder.get_input_embeddings().weight.detach().clone()
+    new_ids = add_words(tokenizer, text_encoder, words, [kept[ids[0]]] * len(words))
     return words, new_ids, kept
 
 
