@@ -56,11 +56,17 @@ def freeu_factors(spec: str) -> list[float]:
     return values
 
 
-def image_inputs(args) -> dict:
-    """--image (img2img), with --mask (inpainting), and --strength; --control-image (for --controlnet): as
-    settings, [path, hash] per file."""
+def input_file(path: str, what: str) -> list[str]:
+    """An input image of a call as the PNG's settings hold it: [resolved path, hash of its bytes]."""
     from .checkpoints import require_path
 
+    path = require_path(path, what)
+    return [str(path.resolve()), weights_hash(path)]
+
+
+def image_inputs(args) -> dict:
+    """--image (img2img), with --mask (inpainting), and --strength; --control-image (for --controlnet),
+    --adapter-image (--t2i-adapter), --ip-image (--ip-adapter): as settings, [path, hash] per file."""
     control = {}
     if args.control_image:
         if not args.controlnet:
@@ -70,8 +76,7 @@ def image_inputs(args) -> dict:
         if len(args.control_image) not in (1, len(args.controlnet)):
             raise ValueError(f"got {len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet: "
                              "give one per ControlNet")
-        control = {"control_images": [[str(p.resolve()), weights_hash(p)]
-                                      for p in (require_path(f, "--control-image file") for f in args.control_image)]}
+        control = {"control_images": [input_file(f, "--control-image file") for f in args.control_image]}
     elif args.controlnet:
         raise ValueError("--controlnet needs the image it follows: give --control-image PATH")
     if bool(args.t2i_adapter) != bool(args.adapter_image):
@@ -80,13 +85,11 @@ def image_inputs(args) -> dict:
         if args.controlnet or args.image is not None or args.guidance_rescale:
             raise ValueError("--t2i-adapter goes with text to image only, without --controlnet, --image and "
                              "--guidance-rescale")
-        path = require_path(args.adapter_image, "--adapter-image file")
-        control["adapter_image"] = [str(path.resolve()), weights_hash(path)]
+        control["adapter_image"] = input_file(args.adapter_image, "--adapter-image file")
     if bool(args.ip_adapter) != bool(args.ip_image):
         raise ValueError("--ip-adapter and --ip-image go together: the adapter and its image prompt")
     if args.ip_image:
-        path = require_path(args.ip_image, "--ip-image file")
-        control["ip_image"] = [str(path.resolve()), weights_hash(path)]
+        control["ip_image"] = input_file(args.ip_image, "--ip-image file")
     if args.image is None:
         if args.mask is not None or args.strength is not None:
             raise ValueError("--mask and --strength act on an input image: give --image PATH")
@@ -94,10 +97,9 @@ def image_inputs(args) -> dict:
     if args.height is not None or args.width is not None or args.guidance_rescale:
         raise ValueError("--height, --width and --guidance-rescale are for text to image: with --image the image's "
                          "own size is used (resize it first)")
-    inputs = {"image": require_path(args.image, "--image file")}
+    settings = {"image": input_file(args.image, "--image file")}
     if args.mask is not None:
-        inputs["mask"] = require_path(args.mask, "--mask file")
-    settings = {key: [str(path.resolve()), weights_hash(path)] for key, path in inputs.items()}
+        settings["mask"] = input_file(args.mask, "--mask file")
     strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8  # diffusers' defaults
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must lie in [0, 1]")
@@ -105,8 +107,9 @@ def image_inputs(args) -> dict:
 
 
 def apply_extras(pipe, extras: dict):
-    """Textual-inversion embeddings, LoRA adapters (at their scales) and ControlNets as the settings list them;
-    returns the pipeline (a ControlNet pipeline over the same components where ControlNets are given)."""
+    """Textual-inversion embeddings, LoRA adapters (at their scales), an IP-Adapter, a T2I-Adapter and ControlNets as
+    the settings list them; returns the pipeline (a T2I-Adapter or ControlNet pipeline over the same components where
+    one is given)."""
     for path, token, _ in extras.get("embeddings", []):
         pipe.load_textual_inversion(path, token=token)
     loras = extras.get("loras", [])
