@@ -184,13 +184,14 @@ def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapp
     """A ControlNet single file (keys with or without `control_model.`) as a diffusers-keyed state dict. Strict,
     as original_to_diffusers; in a file that also holds a Stable Diffusion model, only control_model.* is read."""
     prefix = CONTROL if any(k.startswith(CONTROL) for k in state_dict) else ""
-    out, missing = {}, []
+    out, missing, used = {}, [], set()
     for original, diffusers, kind in controlnet_table(config):
-        if prefix + original not in state_dict:
-            missing.append(prefix + original)
+        key = prefix + original
+        used.add(key)
+        if key not in state_dict:
+            missing.append(key)
             continue
-        out[diffusers] = _to_diffusers(state_dict[prefix + original], kind, original)
-    used = {prefix + original for original, _, _ in controlnet_table(config)}
+        out[diffusers] = _to_diffusers(state_dict[key], kind, original)
     unexpected = [k for k in state_dict if k.startswith(prefix) and k not in used and k not in IGNORED_KEYS]
     _mismatch("ControlNet checkpoint", missing, unexpected,
               "check that it is a ControlNet for Stable Diffusion 1.x/2.x and that the config describes it")
