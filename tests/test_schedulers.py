@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-         "LMSDiscreteScheduler"]
+         "LMSDiscreteScheduler", "LCMScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -254,7 +254,7 @@ def test_custom_grids_match_diffusers(name, grid, prediction_type):
 def test_custom_grid_errors():
     euler = S.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps .*DPMSolverMultistepScheduler, "
-                                         "EulerDiscreteScheduler, HeunDiscreteScheduler do"):
+                                         "EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler do"):
         S.DDIMScheduler().set_timesteps(timesteps=AYS_TIMESTEPS)
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
         S.DPMSolverMultistepScheduler().set_timesteps(sigmas=AYS_SIGMAS)
@@ -391,6 +391,7 @@ CONFIGS = {
     "UniPCMultistepScheduler": dict(solver_order=3, disable_corrector=[2], use_karras_sigmas=True),
     "HeunDiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
     "LMSDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction", steps_offset=1),
+    "LCMScheduler": dict(original_inference_steps=100, timestep_scaling=5.0, prediction_type="v_prediction"),
 }
 
 
@@ -458,7 +459,8 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
         "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
-        "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
+        "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
+        "lcm": "LCMScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -533,7 +535,10 @@ def test_bad_num_inference_steps(name):
     for n in (0, -3, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
-    if name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+    if name == "LCMScheduler":  # (its steps come from the distillation grid, which needs no offset)
+        with pytest.raises(ValueError, match="num_inference_steps=51 is more than original_inference_steps=50"):
+            sched.set_timesteps(51)
+    elif name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         with pytest.raises(ValueError, match="steps_offset"):
             sched.set_timesteps(1000)  # leading spacing + offset would step past the last training step
     else:  # which spaces n + 1 points (as diffusers' does): 999 steps reach past T, 1000 repeat timestep 1 (NaN)

@@ -264,7 +264,8 @@ def test_diffusers_calling_conventions(small):
         ours(sample, t, ctx, cross_attention_kwargs={"attention_mask": None})
     torch.testing.assert_close(ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5}), expected, rtol=0,
                                atol=1e-4)  # the LoRA scale, without adapters: nothing to scale
-    with pytest.raises(ValueError, match="timestep_cond is not supported"):  # a tensor: not read as a truth value
+    # a tensor (not read as a truth value), to a U-Net that takes none
+    with pytest.raises(ValueError, match="timestep_cond is given but this U-Net takes none"):
         ours(sample, t, ctx, timestep_cond=torch.zeros(2, 256))
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "LatentDiffusionControlNetImg2ImgPipeline": "latentdiff.pipeline_controlnet",
     "LatentDiffusionControlNetInpaintPipeline": "latentdiff.pipeline_controlnet",
     "LatentDiffusionAdapterPipeline": "latentdiff.pipeline_t2i_adapter",
+    "LatentConsistencyModelPipeline": "latentdiff.pipeline_lcm",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",

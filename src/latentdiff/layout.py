@@ -175,6 +175,8 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     adapter = components.get("adapter")
     if adapter is not None:  # (diffusers' T2I-Adapter pipeline)
         pipeline = "StableDiffusionAdapterPipeline"
+    elif components["unet"].config.time_cond_proj_dim is not None and pipeline == "StableDiffusionPipeline":
+        pipeline = "LatentConsistencyModelPipeline"  # (an LCM-distilled U-Net, as its published folders say)
     index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,

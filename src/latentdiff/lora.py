@@ -219,7 +219,8 @@ def _kohya_names(component: str, model: nn.Module) -> dict[str, str]:
     if component == "unet":
         from .convert import unet_table
 
-        for original, ours, _ in unet_table(model.config):
+        # (an LCM U-Net's guidance projection has no LDM name; its other layers have the usual ones)
+        for original, ours, _ in unet_table({**model.config.to_dict(), "time_cond_proj_dim": None}):
             if original.endswith(".weight"):
                 names.setdefault(original[:-7].replace(".", "_"), ours[:-7])
     return names

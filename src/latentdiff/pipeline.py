@@ -5,6 +5,7 @@ VAE decode of x_0 / scaling_factor."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -23,6 +24,7 @@ from .guidance import ClassifierFreeGuidance
 from .ip_adapter import IPAdapterMixin
 from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
 from .models.attention import cache_text_keys, tensors_key
+from .models.embeddings import guidance_embedding
 from .models.unet import cache_timesteps
 from .schedules import randn
 from .textual_inversion import TextualInversionLoaderMixin
@@ -551,13 +553,15 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         return cond.repeat_interleave(n_per_prompt, dim=0), uncond
 
     # ---- generation -------------------------------------------------------------------------------------------
-    def _set_grid(self, num_inference_steps: int, timesteps: list | None, sigmas: list | None) -> int:
+    def _set_grid(self, num_inference_steps: int, timesteps: list | None, sigmas: list | None,
+                  options: dict | None = None) -> int:
         """The scheduler's grid for a call: num_inference_steps spaced by its config, or the timesteps / sigmas
-        given in full; returns the number of steps."""
+        given in full; `options`: further arguments of its set_timesteps. Returns the number of steps."""
+        options = options or {}
         if timesteps is None and sigmas is None:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device, **options)
         else:
-            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas)
+            self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas, **options)
         return self.scheduler.num_inference_steps
 
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
@@ -600,18 +604,38 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                         break
         return latents
 
-    def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guided: bool):
-        """The U-Net call of each denoising step, for denoise(unet=): the U-Net's own (None), or with an
-        IP-Adapter's image embeddings (ip_adapter_image / _embeds) and the ControlNets' residuals (control)."""
-        embeds = self._ip_embeds(ip_image, ip_embeds, n, guided)
+    def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guidance_scale: float):
+        """The U-Net call of each denoising step, for denoise(unet=): the U-Net's own (None), or with an LCM's
+        guidance embedding, an IP-Adapter's image embeddings (ip_adapter_image / _embeds) and the ControlNets'
+        residuals (control)."""
+        embeds = self._ip_embeds(ip_image, ip_embeds, n, self._guided(guidance_scale))
         unet = self._unet_call()
+        wrapped = embeds is not None or self._guidance_embedded
+        if wrapped and isinstance(unet, CUDAGraphModel):
+            raise ValueError(f"CUDA graphs take no {'IP-Adapter image' if embeds is not None else 'guidance embedding'}"
+                             " (timestep_cond): disable_cuda_graphs() first")
+        if self._guidance_embedded:
+            unet = functools.partial(unet, timestep_cond=self._guidance_condition(guidance_scale, n))
         if embeds is not None:
-            if isinstance(unet, CUDAGraphModel):
-                raise ValueError("CUDA graphs take no IP-Adapter image: disable_cuda_graphs() first")
             unet = WithImageEmbeds(unet, embeds, n)
         if control is not None:
             return control(unet, n, steps)
-        return None if embeds is None else unet
+        return unet if wrapped else None
+
+    @property
+    def _guidance_embedded(self) -> bool:
+        """Whether the U-Net takes the guidance scale as an input (LCM-distilled: its config's time_cond_proj_dim):
+        it then runs once per step, unguided, as in diffusers' pipelines."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    def _guided(self, guidance_scale: float) -> bool:
+        """Whether a call runs the unconditional pass too (classifier-free guidance)."""
+        return guidance_scale > 1.0 and not self._guidance_embedded
+
+    def _guidance_condition(self, guidance_scale: float, n: int) -> torch.Tensor:
+        """An LCM U-Net's timestep_cond for n images: the embedding of w = guidance_scale - 1 (diffusers' w)."""
+        w = torch.tensor(float(guidance_scale) - 1).repeat(n)
+        return guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(self.device, self.dtype)
 
     @staticmethod
     def _checked_guidance(scale) -> float:
@@ -633,7 +657,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return self._guided(self._guidance_scale)
 
     @property
     def interrupt(self) -> bool:
@@ -704,10 +728,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                        num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
                        output_type, return_dict, clip_skip, callback_on_step_end, progress, guidance_rescale,
                        callback_on_step_end_tensor_inputs, timesteps, sigmas, cross_attention_kwargs,
-                       control: Callable | None = None, ip_adapter_image=None, ip_adapter_image_embeds=None):
+                       control: Callable | None = None, ip_adapter_image=None, ip_adapter_image_embeds=None,
+                       grid_options: dict | None = None):
         """The text-to-image call; `control(unet, n, steps)`, where given, returns the U-Net call that the denoising
         loop makes for n images over `steps` timesteps (the ControlNet pipelines'), once the scheduler's grid is
-        set."""
+        set; `grid_options`: further arguments of the scheduler's set_timesteps."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_plain_unet()
@@ -715,12 +740,12 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             height, width = self._check_size(height, width)
             if num_images_per_prompt < 1:
                 raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
-            guided = guidance_scale > 1.0
+            guided = self._guided(guidance_scale)
             cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           num_images_per_prompt, guided, clip_skip)
             n = cond.shape[0]
             generators = _per_image_generators(generator, n)
-            self._set_grid(num_inference_steps, timesteps, sigmas)
+            self._set_grid(num_inference_steps, timesteps, sigmas, grid_options)
             shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if latents is None:
                 latents = randn(shape, generators, self.device, self.dtype)
@@ -732,7 +757,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                  "None to draw it from the generator)")
             latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
             unet = self._step_unet(control, n, len(self.scheduler.timesteps), ip_adapter_image,
-                                   ip_adapter_image_embeds, guided)
+                                   ip_adapter_image_embeds, guidance_scale)
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, guidance_rescale, unet=unet)
             images = self.decode(latents, output_type)
@@ -783,7 +808,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
                 noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
                 latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
             unet = self._step_unet(control, z0.shape[0], len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
-                                   guidance_scale > 1.0)
+                                   guidance_scale)
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, unet=unet)
             images = self.decode(latents, output_type)
@@ -801,7 +826,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         pixels = self.preprocess(image)
         self._check_size(*pixels.shape[-2:])
         cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                      num_images_per_prompt, guidance_scale > 1.0, clip_skip)
+                                      num_images_per_prompt, self._guided(guidance_scale), clip_skip)
         n = cond.shape[0]
         if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
             raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
@@ -916,7 +941,7 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 return (1 - small) * known + small * x
 
             unet = self._step_unet(control, n, len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
-                                   guidance_scale > 1.0)
+                                   guidance_scale)
             latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress,
                                    conditioning=None if plain else torch.cat([small, masked], dim=1),

@@ -136,7 +136,8 @@ class ControlNetModel(DownPath):
         model = cls(config).to(device=unet.device, dtype=unet.dtype)
         if load_weights_from_unet:
             for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
-                getattr(model, name).load_state_dict(getattr(unet, name).state_dict())
+                state = getattr(unet, name).state_dict()  # (an LCM U-Net's cond_proj: a ControlNet has none)
+                getattr(model, name).load_state_dict({k: v for k, v in state.items() if not k.startswith("cond_proj")})
         return model
 
     @classmethod

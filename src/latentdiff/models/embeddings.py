@@ -53,13 +53,32 @@ def timesteps_for_batch(timestep: float | int | torch.Tensor, batch: int, device
     return t.reshape(-1).expand(batch)
 
 
-class TimestepEmbedding(nn.Module):
-    """The MLP that maps the sinusoidal features to the embedding every ResNet block adds (Linear, SiLU, Linear)."""
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [B, dim] (float32) of guidance weights w [B]: what an LCM-distilled U-Net takes as
+    `timestep_cond` for w = guidance_scale - 1 (Luo et al. 2023, sec. 4.2, after Meng et al. 2023), computed as
+    diffusers' get_guidance_scale_embedding does: [sin, cos] of 1000 w times frequencies 10000^(-i / (dim/2 - 1)),
+    the step between frequencies rounded to float32 first; an odd dim is zero-padded by one."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
-    def __init__(self, in_features: int, dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """The MLP that maps the sinusoidal features to the embedding every ResNet block adds (Linear, SiLU, Linear).
+    `cond_dim`: a further condition (an LCM's guidance embedding) projected without bias and added to the
+    features first."""
+
+    def __init__(self, in_features: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, in_features, bias=False)
         self.linear_1 = nn.Linear(in_features, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -116,7 +116,7 @@ class UNetConfig(DownPathConfig):
         "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
         "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-        "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "conv_in_kernel": 3, "conv_out_kernel": 3,
         "projection_class_embeddings_input_dim": None, "attention_type": "default",
         "class_embeddings_concat": False, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
         # only read by the UNetMidBlock2DSimpleCrossAttn mid block, so any value means the same to ours
@@ -126,6 +126,7 @@ class UNetConfig(DownPathConfig):
     sample_size: int | tuple[int, int] | None = None  # latent size the model was trained at (informative only)
     out_channels: int = 4
     up_block_types: tuple[str, ...] = SD_UP
+    time_cond_proj_dim: int | None = None  # LCM-distilled U-Nets: width of the guidance embedding (timestep_cond)
 
     @classmethod
     def sd15(cls) -> "UNetConfig":
@@ -143,6 +144,8 @@ class UNetConfig(DownPathConfig):
         self._check_types("up_block_types", UP_BLOCK_TYPES)
         if not _positive_int(self.out_channels):
             self.fail("out_channels", "expected a positive int")
+        if not (self.time_cond_proj_dim is None or _positive_int(self.time_cond_proj_dim)):
+            self.fail("time_cond_proj_dim", "expected null or a positive int (the guidance embedding's width)")
         if not (self.sample_size is None or _positive_int(self.sample_size)
                 or (isinstance(self.sample_size, tuple) and len(self.sample_size) == 2)):
             self.fail("sample_size", "expected null, an int or [height, width]")
@@ -261,16 +264,17 @@ class DownPath(ModelMixin):
     """What the U-Net and the ControlNet share: conv_in, the time embedding, the down stages (ResNet blocks and text
     cross-attention, stride-2 convs) and the middle block, with their state-dict keys (diffusers' for both)."""
 
-    def _build_down_path(self, config: DownPathConfig) -> list[int]:
+    def _build_down_path(self, config: DownPathConfig, time_cond_dim: int | None = None) -> list[int]:
         """Make the modules; returns the channels of every skip connection the down path leaves (conv_in's output,
-        each stage's layers' outputs and its downsampled output)."""
+        each stage's layers' outputs and its downsampled output). `time_cond_dim`: the width of a condition the
+        time embedding adds (an LCM's guidance embedding)."""
         self.config = config
         self.gradient_checkpointing = False
         self.time_table: TimeTable | None = None  # see cache_timesteps()
         channels, layers = config.block_out_channels, config.per_block("layers_per_block")
         temb = channels[0] * 4
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, time_cond_dim)
 
         # stage i works at 1/2^i of the input resolution
         self.down_blocks = nn.ModuleList()
@@ -295,11 +299,12 @@ class DownPath(ModelMixin):
                                              config.norm_num_groups, config.use_linear_projection,
                                              config.upcast_attention)
 
-    def _time(self, timestep, sample: torch.Tensor) -> TimeInput:
-        """The time embedding of this call: from the time table (cache_timesteps) or computed."""
-        emb = self._tabled_time(timestep, sample)
+    def _time(self, timestep, sample: torch.Tensor, cond: torch.Tensor | None = None) -> TimeInput:
+        """The time embedding of this call: from the time table (cache_timesteps) or computed (always with a
+        `cond`, the table being made without one)."""
+        emb = self._tabled_time(timestep, sample) if cond is None else None
         if emb is None:
-            emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype)
+            emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype, cond)
         return emb
 
     def _down_path(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, shared: int,
@@ -321,12 +326,13 @@ class DownPath(ModelMixin):
             x, emb, skips = _repeat_batch(shared, x, emb, skips)
         return x, emb, skips
 
-    def embed_time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def embed_time(self, t: torch.Tensor, dtype: torch.dtype, cond: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(time MLP(sinusoidal features of t [B])) -> [B, 4 * block_out_channels[0]]: every ResNet block
-        projects SiLU of the embedding, so it is applied here once rather than in each of them."""
+        projects SiLU of the embedding, so it is applied here once rather than in each of them. `cond` [B or 1,
+        time_cond_proj_dim]: an LCM's guidance embedding, added to the features through the MLP's cond_proj."""
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
-        return F.silu(self.time_embedding(features.to(dtype)))
+        return F.silu(self.time_embedding(features.to(dtype), None if cond is None else cond.to(dtype)))
 
     def _tabled_time(self, timestep, sample: torch.Tensor) -> dict | None:
         """The time table's row for this call's timestep, where cache_timesteps() applies (see there)."""
@@ -402,7 +408,7 @@ class UNet2DConditionModel(DownPath):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        skip_channels = self._build_down_path(config)
+        skip_channels = self._build_down_path(config, config.time_cond_proj_dim)
         channels, layers = config.block_out_channels, config.per_block("layers_per_block")
         temb, prev = channels[0] * 4, channels[-1]
         # up: mirror image; each stage takes one skip more than its down twin made (the one from the stage below)
@@ -460,13 +466,26 @@ class UNet2DConditionModel(DownPath):
             embeds = embeds[0]
         return state.context(context, embeds)
 
+    def _check_timestep_cond(self, cond: torch.Tensor | None, batch: int) -> None:
+        dim = self.config.time_cond_proj_dim
+        if cond is None:
+            return
+        if dim is None:
+            raise ValueError("timestep_cond is given but this U-Net takes none (its config's time_cond_proj_dim is "
+                             "null: not an LCM-distilled U-Net); pass None")
+        if not isinstance(cond, torch.Tensor) or cond.dim() != 2 or cond.shape[0] not in (1, batch) \
+                or cond.shape[1] != dim:
+            shape = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"timestep_cond must be a tensor [{batch} (or 1), {dim}] (a guidance embedding, "
+                             f"embeddings.guidance_embedding(w, {dim})); got {shape}")
+
     def disable_freeu(self) -> None:
         for block in self.up_blocks:
             block.freeu = None
 
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
                 encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
-                timestep_cond: None = None, cross_attention_kwargs: dict | None = None,
+                timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
                 added_cond_kwargs: dict | None = None,
                 down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
@@ -479,17 +498,17 @@ class UNet2DConditionModel(DownPath):
         mid_block_additional_residual, a ControlNet's outputs (models/controlnet.py), are added to the skip
         connections and to the middle block's output, as in diffusers; down_intrablock_additional_residuals, a
         T2I-Adapter's feature maps (models/t2i_adapter.py), inside the down stages (unet_blocks.DownBlock);
-        added_cond_kwargs={"image_embeds": [...]} carries an IP-Adapter's image (ip_adapter.py); the other diffusers
-        arguments are taken empty only (SD 1.x uses none of them), so that diffusers' denoising line runs unchanged.
+        added_cond_kwargs={"image_embeds": [...]} carries an IP-Adapter's image (ip_adapter.py); timestep_cond, an
+        LCM U-Net's guidance embedding [B or 1, time_cond_proj_dim] (embeddings.guidance_embedding), goes into the
+        time embedding; the other diffusers arguments are taken empty only (SD 1.x uses none of them), so that
+        diffusers' denoising line runs unchanged.
 
         encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
         first cross-attention (the time embedding, conv_in, attention-free first stages) run once per sample. The
         residuals are for the k*B batch then."""
         self._check_inputs(sample, encoder_hidden_states)
-        if timestep_cond is not None:
-            raise ValueError("timestep_cond is not supported by this U-Net (Stable Diffusion 1.x has no use for it); "
-                             "pass None")
+        self._check_timestep_cond(timestep_cond, sample.shape[0])
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError("pass down_block_additional_residuals and mid_block_additional_residual together (a "
                              "ControlNet's two outputs) or neither")
@@ -497,7 +516,7 @@ class UNet2DConditionModel(DownPath):
         if scale is not None and scale != 1.0 and adapters_of(self) is not None:
             with model_lora_scaled(self, scale):
                 return self.forward(sample, timestep, encoder_hidden_states, return_dict,
-                                    added_cond_kwargs=added_cond_kwargs,
+                                    timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
                                     down_block_additional_residuals=down_block_additional_residuals,
                                     mid_block_additional_residual=mid_block_additional_residual,
                                     down_intrablock_additional_residuals=down_intrablock_additional_residuals)
@@ -507,8 +526,10 @@ class UNet2DConditionModel(DownPath):
         if down_intrablock_additional_residuals is not None:
             intrablock = _checked_intrablock(down_intrablock_additional_residuals, len(self.down_blocks))
             if shared > 1:  # (the adapter's maps are per context: no stage runs once per sample then)
+                if timestep_cond is not None and timestep_cond.shape[0] > 1:
+                    timestep_cond = torch.cat([timestep_cond] * shared)
                 sample, shared = torch.cat([sample] * shared), 1
-        emb = self._time(timestep, sample)
+        emb = self._time(timestep, sample, timestep_cond)
         x, emb, skips = self._down_path(self.conv_in(sample), emb, ctx, shared, intrablock)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, _checked_residuals(down_block_additional_residuals, skips))]

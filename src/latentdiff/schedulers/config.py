@@ -333,6 +333,27 @@ class UniPCConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
+class LCMConfig(DDIMConfig):
+    """diffusers' LCMScheduler's keys and defaults: DDIM's and the distillation grid's (Stable Diffusion's noise
+    schedule by default; timestep_spacing and steps_offset are kept but unused: the grid is the distillation grid
+    of original_inference_steps steps)."""
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    clip_sample: bool = False
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
+
+    scheduler_name: ClassVar[str] = "LCMScheduler"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"LCMScheduler: original_inference_steps={self.original_inference_steps} must lie in "
+                             f"[1, num_train_timesteps={self.num_train_timesteps}]")
+
+
+@dataclass(frozen=True)
 class HeunConfig(_SigmaGridConfig):
     """diffusers' HeunDiscreteScheduler's keys and defaults (its beta range defaults to Stable Diffusion's)."""
     beta_start: float = 0.00085
