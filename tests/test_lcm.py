@@ -272,3 +272,23 @@ def test_controlnet_over_an_lcm_unet_matches_diffusers(lcm_folder):
     control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     expected = generate(ref, image=control, guidance_scale=8.5)
     np.testing.assert_allclose(generate(ours, image=control, guidance_scale=8.5), expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"strength": 0.5, "num_inference_steps": 3},
+                                    {"strength": 0.3, "original_inference_steps": 20, "num_inference_steps": 2},
+                                    {"timesteps": [999, 759, 499, 259], "strength": 0.5}])
+def test_lcm_img2img_matches_diffusers(lcm_folder, kwargs):
+    """LatentConsistencyModelImg2ImgPipeline: every step runs at any strength (the grid spans the strength); with
+    timesteps given, the strength selects from them."""
+    from PIL import Image
+
+    from latentdiff import LatentConsistencyModelImg2ImgPipeline
+
+    image = Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8))
+    ours = LatentConsistencyModelImg2ImgPipeline.from_pretrained(lcm_folder)
+    kwargs = {"image": image, "guidance_scale": 8.5, "num_inference_steps": 4, **kwargs}
+    prompts = ["a red circle", "a blue star"]
+    expected = generate(_reference(lcm_folder, "LatentConsistencyModelImg2ImgPipeline"), prompts, images=2, **kwargs)
+    got = generate(ours, prompts, images=2, **kwargs)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    assert len(ours.scheduler.timesteps) == (4 if "timesteps" in kwargs else kwargs["num_inference_steps"])

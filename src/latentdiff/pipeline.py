@@ -791,8 +791,8 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
                  num_images_per_prompt, eta, generator, prompt_embeds, negative_prompt_embeds, output_type,
                  return_dict, clip_skip, callback_on_step_end, progress, callback_on_step_end_tensor_inputs,
                  cross_attention_kwargs, timesteps, sigmas, control: Callable | None = None, ip_adapter_image=None,
-                 ip_adapter_image_embeds=None):
-        """The img2img call; `control(unet, n, steps)`: see _text_to_image."""
+                 ip_adapter_image_embeds=None, grid_options: dict | None = None):
+        """The img2img call; `control(unet, n, steps)`, `grid_options`: see _text_to_image."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_plain_unet()
@@ -800,7 +800,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             pixels, cond, uncond, generators, timesteps = self._image_call(
                 "img2img", image, strength, generator, prompt, negative_prompt, prompt_embeds,
                 negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
-                timesteps, sigmas)
+                timesteps, sigmas, grid_options)
             z0 = self._encode_sample(pixels, generators)
             if len(timesteps) == 0:
                 latents = z0
@@ -816,9 +816,10 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
 
     def _image_call(self, task: str, image, strength, generator, prompt, negative_prompt, prompt_embeds,
                     negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
-                    timesteps, sigmas):
+                    timesteps, sigmas, grid_options: dict | None = None):
         """What an image-conditioned call starts from: the pixels (one per image made), the contexts, a generator
-        per image, and the timesteps that `strength` keeps of the grid (the scheduler set to start there)."""
+        per image, and the timesteps that `strength` keeps of the grid (the scheduler set to start there); a grid
+        that the scheduler made for the strength itself (grid_options' "strength": LCM img2img's) is kept whole."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in [0, 1]")
         if image is None:
@@ -832,8 +833,8 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
         pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
         generators = _per_image_generators(generator, n)
-        steps = self._set_grid(num_inference_steps, timesteps, sigmas)
-        kept = min(int(steps * strength), steps)
+        steps = self._set_grid(num_inference_steps, timesteps, sigmas, grid_options)
+        kept = steps if "strength" in (grid_options or {}) else min(int(steps * strength), steps)
         start = self.scheduler.start_index(steps - kept)
         self.scheduler.set_begin_index(start)
         return pixels, cond, uncond, generators, self.scheduler.timesteps[start:]
