@@ -853,3 +853,24 @@ def test_freeu_same_image_as_diffusers(folders):
     assert np.abs(got - plain).max() > 1e-3
     ours.disable_freeu()
     np.testing.assert_array_equal(ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images, plain)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                       "UniPCMultistepScheduler"])
+def test_zero_terminal_snr_pipeline_same_image_as_diffusers(folders, tmp_path, scheduler):
+    """Lin et al. 2024's recipe: a v-prediction model on a zero-terminal-SNR schedule, sampled from pure noise
+    ("trailing" spacing) with guidance_rescale 0.7; the folder's scheduler config carries it both ways."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[0], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = getattr(diffusers, scheduler).from_config(
+        dict(ref.scheduler.config), rescale_betas_zero_snr=True, timestep_spacing="trailing",
+        prediction_type="v_prediction")
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    assert ours.scheduler.config.rescale_betas_zero_snr and type(ours.scheduler).__name__ == scheduler
+    kwargs = dict(num_inference_steps=5, guidance_scale=7.0, guidance_rescale=0.7, output_type="np")
+    expected = ref(PROMPTS[0], latents=latents_for(1), **kwargs).images
+    got = ours(PROMPTS[0], latents=latents_for(1), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)

@@ -76,23 +76,32 @@ def assert_close(ours, ref, what):
 def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spacing):
     start, end = RANGES[beta_schedule]
     for extra, n in itertools.product(variants(name), STEPS):
-        extra = dict(extra)
-        step_kwargs = {"eta": extra.pop("eta")} if "eta" in extra else {}
-        ours, ref = pair(name, beta_schedule=beta_schedule, beta_start=start, beta_end=end,
-                         prediction_type=prediction_type, timestep_spacing=spacing, **extra)
-        ours.set_timesteps(n)
-        ref.set_timesteps(n)
-        if hasattr(ref, "set_begin_index"):
-            ref.set_begin_index(0)  # diffusers' own lookup trips over the repeated timesteps of rounded grids
-        what = f"{name} {extra} {step_kwargs} n={n}"
-        assert ours.timesteps.dtype == ref.timesteps.dtype and torch.equal(ours.timesteps, ref.timesteps), what
-        if hasattr(ours, "sigmas"):
-            assert torch.equal(ours.sigmas, ref.sigmas), what
-        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), what
-        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n)) * float(ref.init_noise_sigma)
-        a = run(ours, x, torch.Generator().manual_seed(1), **step_kwargs)
-        b = run(ref, x, torch.Generator().manual_seed(1), **step_kwargs)
-        assert_close(a, b, what)
+        same_trajectory(name, n, extra, beta_schedule=beta_schedule, beta_start=start, beta_end=end,
+                        prediction_type=prediction_type, timestep_spacing=spacing)
+
+
+def same_trajectory(name: str, n: int, extra: dict, **config):
+    """Ours and diffusers' scheduler of `config` and `extra` (whose "eta" goes to step) sample alike over n steps:
+    the same grid, noise levels and starting scale, and a trajectory of fake_model within 1e-5. Returns ours."""
+    extra = dict(extra)
+    step_kwargs = {"eta": extra.pop("eta")} if "eta" in extra else {}
+    ours, ref = pair(name, **config, **extra)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(0)  # diffusers' own lookup trips over the repeated timesteps of rounded grids
+    what = f"{name} {extra} {step_kwargs} n={n}"
+    assert ours.timesteps.dtype == ref.timesteps.dtype and torch.equal(ours.timesteps, ref.timesteps), what
+    if hasattr(ours, "sigmas"):
+        assert torch.equal(ours.sigmas, ref.sigmas), what
+    assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), what
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod), what
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n)) * float(ref.init_noise_sigma)
+    a = run(ours, x, torch.Generator().manual_seed(1), **step_kwargs)
+    b = run(ref, x, torch.Generator().manual_seed(1), **step_kwargs)
+    assert torch.isfinite(a).all(), what
+    assert_close(a, b, what)
+    return ours
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("PNDMScheduler", "LMSDiscreteScheduler")])
@@ -478,7 +487,7 @@ BAD = [
     ("EulerDiscreteScheduler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
     ("DDIMScheduler", {"thresholding": True}, "thresholding"),
     ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
-    ("DDPMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ("HeunDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # (nor Heun, LMS)
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ("DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
@@ -559,3 +568,20 @@ def test_bad_num_inference_steps(name):
         fresh = getattr(S, name)()
         with pytest.raises(ValueError, match="set_timesteps"):
             fresh.step(torch.zeros(1, 4, 2, 2), 999, torch.zeros(1, 4, 2, 2))
+
+
+ZERO_SNR = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"]
+
+
+@pytest.mark.parametrize("name, spacing", list(itertools.product(ZERO_SNR, ["trailing", "linspace", "leading"])))
+def test_zero_terminal_snr_matches_diffusers(name, spacing):
+    """rescale_betas_zero_snr (Lin et al. 2024): the rescaled betas, the grids (from pure noise with "trailing"
+    spacing) and the v-prediction trajectories, as diffusers' classes give them (the sigma and log-SNR samplers
+    raise the last abar to 2^-24)."""
+    for extra, n in itertools.product(variants(name), (4, 25)):
+        ours = same_trajectory(name, n, extra, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                               prediction_type="v_prediction", timestep_spacing=spacing, rescale_betas_zero_snr=True)
+    floor = 2.0**-24 if hasattr(ours, "sigmas") else 0.0
+    assert ours.alphas_cumprod[-1] == floor and ours.alphas_cumprod[0] == S.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod[0]

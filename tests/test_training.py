@@ -978,3 +978,27 @@ def test_textual_inversion_config_errors(tmp_path, tiny_folders):
         train_text_to_image(inversion_config(tmp_path, tiny_folders[1], initializer_token="red circle"))
     with pytest.raises(ValueError, match=r"\['star'\] already in the vocabulary"):
         train_text_to_image(inversion_config(tmp_path, tiny_folders[1], placeholder_token="star", num_vectors=1))
+
+
+def test_zero_terminal_snr_training_with_v_prediction(tmp_path):
+    """A schedule rescaled to zero terminal SNR (Lin et al. 2024) trains with v-prediction (finite losses, the last
+    timestep included), and the exported pipeline samples that schedule from pure noise ("trailing" spacing);
+    epsilon-prediction, and a sampler that cannot take the schedule, are refused before training starts."""
+    schedule = {**yaml.safe_load(SMOKE.read_text())["scheduler"], "rescale_betas_zero_snr": True,
+                "timestep_spacing": "trailing"}
+    run = train_text_to_image(smoke_config(tmp_path, "zsnr", max_train_steps=3, checkpointing_steps=0,
+                                           scheduler=schedule, prediction_type="v_prediction", snr_gamma=5.0,
+                                           timestep_bias_range=[990, 1000], timestep_bias_portion=1.0))
+    assert len(run.losses) == 3 and np.isfinite(run.losses).all()
+    saved = json.loads((tmp_path / "zsnr" / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["rescale_betas_zero_snr"] is True and saved["prediction_type"] == "v_prediction"
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "zsnr" / "pipeline")
+    assert pipe.scheduler.alphas_cumprod[-1] == 2.0**-24 and pipe.scheduler.timesteps is not None
+    images = pipe("a red circle", num_inference_steps=3, output_type="np", progress=False).images
+    assert np.isfinite(images).all()
+    with pytest.raises(ValueError, match="zero terminal SNR .* set prediction_type: v_prediction"):
+        train_text_to_image(smoke_config(tmp_path, "eps", max_train_steps=1, scheduler=schedule,
+                                         prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="export_scheduler 'heun' cannot sample this noise schedule"):
+        train_text_to_image(smoke_config(tmp_path, "heun", max_train_steps=1, scheduler=schedule,
+                                         prediction_type="v_prediction", export_scheduler="heun"))

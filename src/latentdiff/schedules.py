@@ -64,6 +64,17 @@ def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, b
                      "or give trained_betas")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The betas rescaled so that the last step's signal is exactly zero (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps Are Flawed", Algorithm 1): sqrt(abar) is shifted so its last value is 0 and scaled
+    so its first is unchanged. The model then learns to start from pure noise, as sampling does (with v-prediction:
+    eps-prediction carries no information at zero SNR). float32 in diffusers' order of operations."""
+    root = alphas_cumprod(betas).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """abar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4), kept in float32 like diffusers."""
     return torch.cumprod(1.0 - betas, dim=0)

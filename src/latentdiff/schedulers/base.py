@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..schedules import alphas_cumprod, make_betas, q_sample, v_target
+from ..schedules import alphas_cumprod, make_betas, q_sample, rescale_zero_terminal_snr, v_target
 from .config import SchedulerConfig
 from .grids import check_num_inference_steps
 
@@ -68,6 +68,9 @@ class Scheduler:
     init_noise_sigma: float = 1.0
     # which of set_timesteps' `timesteps=` and `sigmas=` (a grid given in full) the class takes, as diffusers' does
     custom_grids: ClassVar[frozenset[str]] = frozenset()
+    # with rescale_betas_zero_snr: whether the last abar is raised from 0 to 2^-24, so that the sampler's noise level
+    # there (sqrt((1 - abar) / abar), 4096) is finite; the samplers in sigma or log-SNR need it, as in diffusers
+    finite_terminal_sigma: ClassVar[bool] = False
 
     def __init__(self, **config: Any):
         unknown = sorted(set(config) - set(self.config_class().keys()))
@@ -77,8 +80,13 @@ class Scheduler:
         self.config = self.config_class(**config)
         c = self.config
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas)
+        zero_snr = getattr(c, "rescale_betas_zero_snr", False)
+        if zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod(self.betas)
+        if zero_snr and self.finite_terminal_sigma:
+            self.alphas_cumprod[-1] = 2.0**-24  # (fp16's smallest subnormal, as diffusers' classes set it)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)
         self._grid: np.ndarray | None = None  # float64 copy of the timesteps for lookups; None: not set yet

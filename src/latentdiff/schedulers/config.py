@@ -168,7 +168,7 @@ class _ZeroSNRKeyConfig(SchedulerConfig):
     """The schedulers whose diffusers class takes rescale_betas_zero_snr (PNDM's does not)."""
     rescale_betas_zero_snr: bool = False
 
-    supported: ClassVar[dict[str, tuple]] = {**SchedulerConfig.supported, "rescale_betas_zero_snr": (False,)}
+    supported: ClassVar[dict[str, tuple]] = {**SchedulerConfig.supported, "rescale_betas_zero_snr": (False, True)}
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class LogSNRMultistepScheduler(Scheduler):
     over n + 1 points with the last dropped ("leading", "linspace"; "trailing" as is) or placed at Karras noise
     levels, a VE noise level per step and 0 after the last, and add_noise at those levels."""
     round_karras_timesteps_always = False  # DPM-Solver keeps the cosine schedule's fractional Karras timesteps
+    finite_terminal_sigma = True
 
     def __init__(self, **config):
         super().__init__(**config)

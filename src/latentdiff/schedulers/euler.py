@@ -54,6 +54,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, timesteps: torch
 class _SigmaScheduler(Scheduler):
     """Shared by the Euler samplers: a grid of timesteps (float, fractional with Karras sigmas or "linspace"
     spacing, as in diffusers) with their noise levels, and samples kept at scale sqrt(1 + sigma^2)."""
+    finite_terminal_sigma = True
 
     def __init__(self, **config):
         super().__init__(**config)

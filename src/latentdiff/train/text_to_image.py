@@ -97,7 +97,20 @@ def load_components(config) -> Components:
     return Components(tokenizer, text_encoder, unet, vae, scheduler)
 
 
-def check_components(c: Components, resolution: int) -> None:
+def check_components(c: Components, config) -> None:
+    from ..schedulers import scheduler_from_name
+
+    schedule = c.scheduler.config
+    if schedule.rescale_betas_zero_snr and schedule.prediction_type == "epsilon":
+        raise ValueError("the noise schedule has zero terminal SNR (scheduler rescale_betas_zero_snr: true) but the "
+                         "U-Net would predict epsilon, which tells nothing about the image at the last step, where "
+                         "the latents are pure noise: set prediction_type: v_prediction (Lin et al. 2024, sec. 3.2)")
+    try:  # (refused now, not when the pipeline is exported at the end)
+        scheduler_from_name(config.export_scheduler, schedule)
+    except ValueError as e:
+        raise ValueError(f"export_scheduler {config.export_scheduler!r} cannot sample this noise schedule ({e}); "
+                         "choose another sampler") from e
+    resolution = config.resolution
     if c.unet.config.cross_attention_dim != c.text_encoder.config.hidden_size:
         raise ValueError(f"unet.cross_attention_dim = {c.unet.config.cross_attention_dim} must equal the text "
                          f"encoder's hidden_size = {c.text_encoder.config.hidden_size}")
@@ -113,7 +126,7 @@ class TextToImageTask:
     """The pieces Trainer drives (see loop.py): models, optimizer, data view, loss, EMA, validation, export."""
 
     def __init__(self, config, accelerator, components: Components):
-        check_components(components, config.resolution)
+        check_components(components, config)
         self.config, self.accelerator, self.c = config, accelerator, components
         device = accelerator.device
         # frozen modules run in the mixed-precision dtype; trained ones keep fp32 master weights
