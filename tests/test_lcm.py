@@ -292,3 +292,20 @@ def test_lcm_img2img_matches_diffusers(lcm_folder, kwargs):
     got = generate(ours, prompts, images=2, **kwargs)
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
     assert len(ours.scheduler.timesteps) == (4 if "timesteps" in kwargs else kwargs["num_inference_steps"])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3])
+def test_tcd_scheduler_in_the_pipeline_matches_diffusers(tiny_folders, eta):
+    """TCD (as with a TCD-LoRA): the pipeline's eta is the scheduler's gamma; noise from each image's generator."""
+    import diffusers
+
+    from latentdiff.schedulers import TCDScheduler
+
+    ref = _reference(tiny_folders[0], "StableDiffusionPipeline")
+    ref.scheduler = diffusers.TCDScheduler.from_config(ref.scheduler.config)
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    ours.scheduler = scheduler_from_name("tcd", ours.scheduler.config)
+    assert isinstance(ours.scheduler, TCDScheduler)
+    expected = generate(ref, images=2, num_images_per_prompt=2, guidance_scale=1.0, eta=eta)
+    got = generate(ours, images=2, num_images_per_prompt=2, guidance_scale=1.0, eta=eta)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-         "LMSDiscreteScheduler", "LCMScheduler"]
+         "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -38,6 +38,8 @@ def variants(name):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
+    if name == "TCDScheduler":  # gamma: its default 0.3, deterministic, fully stochastic
+        return [dict(), dict(eta=0.0), dict(eta=1.0)]
     if name == "PNDMScheduler":  # PLMS as Stable Diffusion 1.x ships it; the Runge-Kutta start
         return [dict(skip_prk_steps=True, steps_offset=1), dict(skip_prk_steps=False, set_alpha_to_one=True)]
     return [{}]
@@ -263,7 +265,8 @@ def test_custom_grids_match_diffusers(name, grid, prediction_type):
 def test_custom_grid_errors():
     euler = S.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps .*DPMSolverMultistepScheduler, "
-                                         "EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler do"):
+                                         "EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, "
+                                         "TCDScheduler do"):
         S.DDIMScheduler().set_timesteps(timesteps=AYS_TIMESTEPS)
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
         S.DPMSolverMultistepScheduler().set_timesteps(sigmas=AYS_SIGMAS)
@@ -401,6 +404,7 @@ CONFIGS = {
     "HeunDiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
     "LMSDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction", steps_offset=1),
     "LCMScheduler": dict(original_inference_steps=100, timestep_scaling=5.0, prediction_type="v_prediction"),
+    "TCDScheduler": dict(original_inference_steps=25, clip_sample=True),
 }
 
 
@@ -469,7 +473,7 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
         "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
         "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
-        "lcm": "LCMScheduler"}
+        "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -544,7 +548,7 @@ def test_bad_num_inference_steps(name):
     for n in (0, -3, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
-    if name == "LCMScheduler":  # (its steps come from the distillation grid, which needs no offset)
+    if name in ("LCMScheduler", "TCDScheduler"):  # (their steps come from the distillation grid: no offset)
         with pytest.raises(ValueError, match="num_inference_steps=51 is more than original_inference_steps=50"):
             sched.set_timesteps(51)
     elif name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
@@ -571,7 +575,7 @@ def test_bad_num_inference_steps(name):
 
 
 ZERO_SNR = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-            "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"]
+            "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler"]
 
 
 @pytest.mark.parametrize("name, spacing", list(itertools.product(ZERO_SNR, ["trailing", "linspace", "leading"])))

@@ -12,7 +12,8 @@ from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
 from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, HeunConfig,
-                     LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, UniPCConfig, given_keys)
+                     LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
+                     given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
@@ -21,6 +22,7 @@ from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, Heu
                     sample_euler, sample_euler_ancestral, sample_heun, sample_lms)
 from .lcm import LCMScheduler, LCMSchedulerOutput, lcm_step, lcm_timesteps, sample_lcm
 from .pndm import PNDMScheduler, multistep_eps, pndm_transfer, sample_pndm
+from .tcd import TCDScheduler, TCDSchedulerOutput, sample_tcd, tcd_step
 from .unipc import UniPCMultistepScheduler, sample_unipc, unipc_update
 
 # Short names (the CLI's --scheduler) -> classes.
@@ -37,6 +39,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
 }
 # Names that stand for a class with these options ("DPM++ 2M SDE" is DPM-Solver++ solving the SDE; "DPM++ 3M" its
 # third-order multistep form).
@@ -49,9 +52,9 @@ NAMED_OPTIONS: dict[str, dict[str, Any]] = {
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "dpm++3m", "pndm", "unipc", "lms", "lcm"), built from another scheduler's config (or a diffusers
-    config dict) so it keeps the model's training noise schedule and prediction type. DDPM and DDIM clip their x0
-    estimate only if that config says so (their own default clips, which suits pixels, not latents)."""
+    "dpm++sde", "dpm++3m", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's config (or a
+    diffusers config dict) so it keeps the model's training noise schedule and prediction type. DDPM and DDIM clip
+    their x0 estimate only if that config says so (their own default clips, which suits pixels, not latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
@@ -64,14 +67,14 @@ def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Sche
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-    "LMSDiscreteScheduler", "LCMScheduler",
+    "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
-    "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput",
+    "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",
-    "lcm_step", "lcm_timesteps", "sample_lcm",
+    "lcm_step", "lcm_timesteps", "sample_lcm", "tcd_step", "sample_tcd",
 ]

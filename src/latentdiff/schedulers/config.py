@@ -354,6 +354,12 @@ class LCMConfig(DDIMConfig):
 
 
 @dataclass(frozen=True)
+class TCDConfig(LCMConfig):
+    """diffusers' TCDScheduler's keys and defaults: LCMScheduler's."""
+    scheduler_name: ClassVar[str] = "TCDScheduler"
+
+
+@dataclass(frozen=True)
 class HeunConfig(_SigmaGridConfig):
     """diffusers' HeunDiscreteScheduler's keys and defaults (its beta range defaults to Stable Diffusion's)."""
     beta_start: float = 0.00085

@@ -21,10 +21,11 @@ SIGMA_DATA = 0.5  # the data's standard deviation assumed by the parametrization
 
 
 def lcm_timesteps(num_inference_steps: int, original_steps: int, num_train_timesteps: int,
-                  strength: float = 1.0) -> np.ndarray:
+                  strength: float = 1.0, every_step: bool = False) -> np.ndarray:
     """The distillation grid k-1, 2k-1, ..., (k = T // original_steps, the skipping step of Luo et al. sec. 4.2)
     over the first `strength` of it, and num_inference_steps of its entries at evenly spaced (floored) positions
-    from the noisiest down, as diffusers' LCMScheduler picks them."""
+    from the noisiest down, as diffusers' LCMScheduler picks them. `every_step`: from all training steps instead
+    (what diffusers' TCDScheduler does when set_timesteps is given original_inference_steps)."""
     if original_steps > num_train_timesteps:
         raise ValueError(f"original_inference_steps={original_steps} cannot exceed num_train_timesteps="
                          f"{num_train_timesteps} (the distillation grid is a subset of the training steps)")
@@ -32,8 +33,11 @@ def lcm_timesteps(num_inference_steps: int, original_steps: int, num_train_times
         raise ValueError(f"num_inference_steps={num_inference_steps} is more than original_inference_steps="
                          f"{original_steps}: the steps are taken from that grid; use at most {original_steps} steps "
                          "(or a larger original_inference_steps)")
-    k = num_train_timesteps // original_steps
-    origin = np.arange(1, int(original_steps * strength) + 1) * k - 1
+    if every_step:
+        origin = np.arange(0, int(num_train_timesteps * strength))
+    else:
+        k = num_train_timesteps // original_steps
+        origin = np.arange(1, int(original_steps * strength) + 1) * k - 1
     if len(origin) < num_inference_steps:
         raise ValueError(f"strength={strength} leaves {len(origin)} of the {original_steps} distillation timesteps, "
                          f"fewer than num_inference_steps={num_inference_steps}: raise strength or use fewer steps")
@@ -79,6 +83,7 @@ class LCMScheduler(Scheduler):
     (diffusers' LCM img2img: the grid over the first `strength` of the distillation grid). No thresholding."""
     config_class = LCMConfig
     custom_grids = frozenset({"timesteps"})
+    grid_from_every_step = False  # (TCD's: see lcm_timesteps)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       original_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
@@ -91,12 +96,14 @@ class LCMScheduler(Scheduler):
         if isinstance(original, bool) or not isinstance(original, int) or original < 1:
             raise ValueError(f"original_inference_steps={original!r} must be a positive integer")
         self._original, self._strength = original, float(strength)
+        self._every_step = self.grid_from_every_step and original_inference_steps is not None
         super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
 
     def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         c = self.config
         if timesteps is None:
-            steps = lcm_timesteps(num_inference_steps, self._original, c.num_train_timesteps, self._strength)
+            steps = lcm_timesteps(num_inference_steps, self._original, c.num_train_timesteps, self._strength,
+                                  self._every_step)
         else:
             steps = timesteps.astype(np.int64)
             if not np.array_equal(steps, timesteps):
