@@ -213,6 +213,30 @@ def test_freeu(tiny_folders, tmp_path, capsys):
     assert code == 2 and "give four positive numbers" in err
 
 
+def test_pag(tiny_folders, tmp_path, capsys):
+    """--pag SCALE:LAYERS gives the PAG pipeline's image, is stored in the PNG and reproduced from it; malformed or
+    combined with an input image, a one-line error."""
+    from latentdiff import LatentDiffusionPAGPipeline
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = tiny_folders[1]
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out"]
+    code, out, _ = run(args + ["--pag", "2.5:mid,up_blocks.1"], capsys)
+    assert code == 0 and json.loads(Image.open(out.strip()).text[PNG_KEY])["pag"] == [2.5, ["mid", "up_blocks.1"]]
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    pipe = LatentDiffusionPAGPipeline.from_pretrained(folder, pag_applied_layers=["mid", "up_blocks.1"])
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, progress=False,
+                               pag_scale=2.5, generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args + ["--pag", "x:mid"], capsys)
+    assert code == 2 and "give a positive scale" in err
+    code, _, err = run(args + ["--pag", "3", "--image", out.strip()], capsys)
+    assert code == 2 and "--pag runs text to image alone" in err
+
+
 def test_ip_adapter(tiny_folders, ip_folder, tmp_path, capsys):
     """--ip-adapter PATH:SCALE --ip-image IMG gives the Python API's image, stored in the PNG and reproduced."""
     from latentdiff.schedulers import scheduler_from_name

@@ -15,6 +15,7 @@ _EXPORTS = {
     "LatentDiffusionControlNetInpaintPipeline": "latentdiff.pipeline_controlnet",
     "LatentDiffusionAdapterPipeline": "latentdiff.pipeline_t2i_adapter",
     "LatentConsistencyModelPipeline": "latentdiff.pipeline_lcm",
+    "LatentDiffusionPAGPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",

@@ -56,6 +56,20 @@ def freeu_factors(spec: str) -> list[float]:
     return values
 
 
+def pag_settings(spec: str) -> list:
+    """--pag SCALE[:LAYER,LAYER...]: [scale, layers] of perturbed-attention guidance (layers "mid" by default)."""
+    scale, _, layers = spec.partition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = -1.0
+    names = [name for name in layers.split(",") if name] if layers else ["mid"]
+    if not 0 < value < float("inf") or not names:
+        raise ValueError(f"--pag {spec!r}: give a positive scale and optionally the layers, e.g. 3 or "
+                         "3:mid,up_blocks.1 (regular expressions over the U-Net's self-attention names)")
+    return [value, names]
+
+
 def input_file(path: str, what: str) -> list[str]:
     """An input image of a call as the PNG's settings hold it: [resolved path, hash of its bytes]."""
     from .checkpoints import require_path
@@ -178,6 +192,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
         **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
         **({"freeu": freeu_factors(args.freeu)} if args.freeu else {}),
+        **({"pag": pag_settings(args.pag)} if args.pag else {}),
         **(extras or {}),  # loras, embeddings: only where given (as images made before them)
     }
 
@@ -245,7 +260,13 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
                      width=settings["width"], adapter_conditioning_scale=settings["t2i_adapter"][0][1],
                      **common).images[0]
     else:
-        image = pipe(settings["prompt"], height=settings["height"], width=settings["width"],
+        call = pipe
+        if "pag" in settings:  # perturbed-attention guidance
+            from .pipeline_pag import LatentDiffusionPAGPipeline
+
+            call = LatentDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers=settings["pag"][1])
+            common["pag_scale"] = settings["pag"][0]
+        image = call(settings["prompt"], height=settings["height"], width=settings["width"],
                      guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings))
@@ -294,6 +315,9 @@ def cmd_generate(args) -> None:
                                  ("ip_adapter", [args.ip_adapter] if args.ip_adapter else []),
                                  ("t2i_adapter", [args.t2i_adapter] if args.t2i_adapter else [])) if specs}
     extras.update(image_inputs(args))
+    if args.pag and set(extras) & {"controlnets", "t2i_adapter", "ip_adapter", "image"}:
+        raise ValueError("--pag runs text to image alone: leave out --image, --controlnet, --t2i-adapter and "
+                         "--ip-adapter with it")
     pipe, path = load_pipeline(args.model, args.dtype, args.device, args.optimize, args.variant, extras)
     digest = weights_hash(path)
     todo, kept, claimed = [], [], {}
@@ -416,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--freeu", default=None, metavar="S1,S2,B1,B2",
                    help="FreeU with these factors (pipe.enable_freeu), or 'sd1' for 0.9,0.2,1.5,1.6")
+    g.add_argument("--pag", default=None, metavar="SCALE[:LAYERS]",
+                   help="perturbed-attention guidance of this scale (3 is diffusers' default) in these self-attention "
+                        "layers (comma-separated regular expressions; 'mid' by default)")
     g.add_argument("--variant", default=None,
                    help="the model folder's weights of that variant (diffusion_pytorch_model.VARIANT.safetensors)")
     g.add_argument("--device", default="cpu")

@@ -16,14 +16,20 @@ from .schedules import PREDICTION_TYPES, predict_x0_eps
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guide(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+def guide(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float, rescale: float = 0.0,
+          out_perturbed: torch.Tensor | None = None, perturbed_scale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance, out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6 written for eps).
 
     `rescale` = phi > 0: large scales inflate the output's spread and over-expose images, so the guided output is
     also scaled, per sample, to the standard deviation of the conditional output, and that is mixed in with weight
     phi (Lin et al. 2024, sec. 3.4; they suggest 0.7). The spread is that of the raw model output, as in diffusers'
-    pipelines (the rescaling, unlike guidance itself, is not affine, so the space it is done in matters)."""
+    pipelines (the rescaling, unlike guidance itself, is not affine, so the space it is done in matters).
+
+    `out_perturbed`: the conditional output with perturbed self-attention (PerturbedAttentionGuidance), pushed away
+    from with weight perturbed_scale, before any rescaling."""
     out = out_uncond + scale * (out_cond - out_uncond)
+    if out_perturbed is not None:
+        out = out + perturbed_scale * (out_cond - out_perturbed)
     if rescale:
         dims = tuple(range(1, out.dim()))
         matched = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
@@ -62,6 +68,39 @@ class ClassifierFreeGuidance:
         x = x if self.share_sample else torch.cat([x, x])
         out_uncond, out_cond = self.model(x, t, self.contexts).chunk(2)
         return guide(out_uncond, out_cond, self.scale, self.rescale)
+
+
+class PerturbedAttentionGuidance(ClassifierFreeGuidance):
+    """Classifier-free guidance plus perturbed-attention guidance (Ahn et al. 2024, eq. 11): one more pass on the
+    conditional context in which the self-attention of `layers` (models.attention.Attention) sees an identity
+    attention map (each token attends to itself alone: a degraded prediction with the image's structure gone), and
+    the output is pushed away from it: u + s (c - u) + p (c - perturbed); without guidance (scale <= 1) c + p (c -
+    perturbed). The passes run as one batch over [uncond, cond, cond] (or [cond, cond]), as diffusers' PAG pipelines
+    run them. `pag_scale(t)`: p at timestep t."""
+
+    def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, rescale: float,
+                 share_sample: bool, layers: list, pag_scale: Callable[[torch.Tensor], float]):
+        super().__init__(model, cond, uncond, scale, rescale, share_sample)
+        self.layers, self.pag_scale = layers, pag_scale
+        self.with_uncond = torch.cat([uncond, cond, cond]) if uncond is not None else None
+        self.without = torch.cat([cond, cond])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guided = self.guided
+        contexts = self.with_uncond if guided else self.without
+        k = contexts.shape[0] // x.shape[0]
+        for layer in self.layers:
+            layer.perturbed = self.cond.shape[0]
+        try:
+            out = self.model(x if self.share_sample else torch.cat([x] * k), t, contexts)
+        finally:
+            for layer in self.layers:
+                layer.perturbed = 0
+        if guided:
+            out_uncond, out_cond, out_perturbed = out.chunk(3)
+            return guide(out_uncond, out_cond, self.scale, self.rescale, out_perturbed, self.pag_scale(t))
+        out_cond, out_perturbed = out.chunk(2)
+        return guide(out_cond, out_cond, 1.0, 0.0, out_perturbed, self.pag_scale(t))
 
 
 class Denoiser:

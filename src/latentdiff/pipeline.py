@@ -575,7 +575,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         scheduler = self.scheduler
         share = getattr(self.unet, "accepts_shared_samples", False)  # ours, also under torch.compile
         unet = self._unet_call() if unet is None else unet
-        model = ClassifierFreeGuidance(unet, cond, uncond, guidance_scale, guidance_rescale, share)
+        model = self._guidance(unet, cond, uncond, guidance_scale, guidance_rescale, share)
         step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
         # the scheduler looks each timestep up by value: read them all to the host once here, since reading a GPU
         # tensor's value in every step would make the host wait for the GPU each time (a sync per step, which
@@ -603,6 +603,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                     if result.get("stop") or self._interrupt:
                         break
         return latents
+
+    def _guidance(self, unet, cond, uncond, guidance_scale, guidance_rescale, share) -> ClassifierFreeGuidance:
+        """The guided model a denoising loop calls (the PAG pipeline's adds perturbed-attention guidance)."""
+        return ClassifierFreeGuidance(unet, cond, uncond, guidance_scale, guidance_rescale, share)
 
     def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guidance_scale: float):
         """The U-Net call of each denoising step, for denoise(unet=): the U-Net's own (None), or with an LCM's

@@ -46,10 +46,26 @@ class Attention(nn.Module):
         self.context_cache: list | None = None  # see cache_text_keys()
         self.fused: list | None = None  # see fuse_qkv_projections()
         self.ip: tuple | None = None  # an IP-Adapter's (to_k_ip, to_v_ip, state, index) here (ip_adapter.py)
+        self.perturbed = 0  # see forward()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """residual: a tensor like x for the output projection to add (only where it can: fused.adds_residual)."""
+        """residual: a tensor like x for the output projection to add (only where it can: fused.adds_residual).
+        `perturbed` = m > 0 (set by perturbed-attention guidance, guidance.PerturbedAttentionGuidance): in a
+        self-attention, the last m samples of the batch attend each token to itself alone (an identity attention
+        map), so their output is to_out(to_v(x))."""
+        m = self.perturbed if context is None else 0
+        if not m:
+            return self._forward(x, context, residual)
+        tail = self.to_v(x[-m:])
+        tail = self.to_out[0](tail) if residual is None else self.to_out[0](tail, residual[-m:])
+        if x.shape[0] == m:
+            return tail
+        head = self._forward(x[:-m], None, None if residual is None else residual[:-m])
+        return torch.cat([head, tail])
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, residual: torch.Tensor | None
+                 ) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self._fused_qkv(x) if context is None else None
         image = None

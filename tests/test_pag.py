@@ -1,0 +1,67 @@
+"""Perturbed-attention guidance against diffusers' StableDiffusionPAGPipeline (same weights, same latents)."""
+import numpy as np
+import pytest
+import torch
+
+from latentdiff import LatentDiffusionPAGPipeline, LatentDiffusionPipeline
+from tiny import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference(folder, layers):
+    import diffusers
+
+    ref = diffusers.StableDiffusionPAGPipeline.from_pretrained(folder, safety_checker=None,
+                                                               pag_applied_layers=layers)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.parametrize("layers, kwargs", [
+    ("mid", {}),
+    ("mid", {"guidance_scale": 1.0}),  # PAG alone: [cond, cond]
+    (["down_blocks.0", "up_blocks.1.attentions.2"], {"pag_scale": 2.0, "negative_prompt": ["blue", "red"]}),
+    ("mid", {"pag_adaptive_scale": 0.004, "guidance_rescale": 0.7}),
+    ("mid", {"pag_scale": 0.0}),
+])
+def test_pag_matches_diffusers(tiny_folders, layers, kwargs):
+    folder = tiny_folders[0]
+    ours = LatentDiffusionPAGPipeline.from_pretrained(folder, pag_applied_layers=layers)
+    assert ours.pag_applied_layers == ([layers] if isinstance(layers, str) else layers)
+    expected = generate(reference(folder, layers), ["a red circle", "a blue star"], images=2, **kwargs)
+    got = generate(ours, ["a red circle", "a blue star"], images=2, **kwargs)
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    plain = generate(LatentDiffusionPipeline.from_pipe(ours), ["a red circle", "a blue star"], images=2,
+                     **{k: v for k, v in kwargs.items() if not k.startswith("pag")})
+    assert (np.abs(got - plain).max() > 1e-3) == (kwargs.get("pag_scale", 3.0) > 0)
+
+
+def test_perturbed_rows_attend_to_themselves_only():
+    """Attention.perturbed = m: the last m samples get to_out(to_v(x)); the others are untouched."""
+    from latentdiff.models.attention import Attention
+
+    attn = Attention(16, 2, 8).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        plain = attn(x)
+        attn.perturbed = 1
+        got = attn(x)
+    torch.testing.assert_close(got[:2], plain[:2])
+    torch.testing.assert_close(got[2:], attn.to_out[0](attn.to_v(x[2:])))
+
+
+def test_optimized_pipeline_and_layer_errors(tiny_folders):
+    """optimize_for_inference (packed layers adding the residual) gives the same images; entries that find no
+    layer, or are not regular expressions, are refused by name."""
+    ours = LatentDiffusionPAGPipeline.from_pretrained(tiny_folders[0], pag_applied_layers=["mid", "up_blocks.1"])
+    expected = generate(ours)
+    ours.optimize_for_inference()
+    np.testing.assert_allclose(generate(ours), expected, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="'down_blocks.7' matches no self-attention"):
+        ours.set_pag_applied_layers(["mid", "down_blocks.7"])
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        ours.set_pag_applied_layers("mid(")
+    assert ours.pag_applied_layers == ["mid", "up_blocks.1"]
+    with pytest.raises(ValueError, match="pag_scale=-1 must be a number >= 0"):
+        ours("a red circle", pag_scale=-1)
