@@ -168,16 +168,16 @@ def test_per_layer_scales_as_diffusers(tiny_folders, ip_folder):
         ours.set_ip_adapter_scale({"up": {"block_1": [1.0, 1.0]}})
 
 
-def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
-    """IP-Adapter Plus (a resampler of depth 4 over the image encoder's penultimate hidden states, 4 queries of
-    width 128 in two 64-wide heads), written in the published layout (layers.i.0.to_kv, layers.i.1.{0,1,3}) that
-    diffusers converts on load: the same images."""
+def plus_adapter(ip_folder, folder, name: str = "plus.safetensors", seed: int = 7) -> int:
+    """An IP-Adapter Plus (a resampler of depth 4 over the image encoder's penultimate hidden states, 4 queries of
+    width 128 in two 64-wide heads) in the published layout (layers.i.0.to_kv, layers.i.1.{0,1,3}, which diffusers
+    converts on load), with ip_folder's attention layers, written to folder/name beside a copy of its image encoder.
+    Returns its number of queries."""
     import shutil
 
-    import diffusers
     from safetensors.torch import load_file, save_file
 
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
     hidden, queries, width, encoder_width = 128, 4, 32, 32
     proj = {"latents": rand(1, queries, hidden), "proj_in.weight": rand(hidden, encoder_width),
@@ -191,9 +191,17 @@ def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
                  "1.1.weight": rand(4 * hidden, hidden), "1.3.weight": rand(hidden, 4 * hidden)}
         proj.update({f"layers.{i}.{k}": v for k, v in block.items()})
     attention = {k: v for k, v in load_file(ip_folder / "ip.safetensors").items() if k.startswith("ip_adapter.")}
-    save_file({**{f"image_proj.{k}": v for k, v in proj.items()}, **attention}, tmp_path / "plus.safetensors")
-    shutil.copytree(ip_folder / "image_encoder", tmp_path / "image_encoder")
+    save_file({**{f"image_proj.{k}": v for k, v in proj.items()}, **attention}, folder / name)
+    if not (folder / "image_encoder").exists():
+        shutil.copytree(ip_folder / "image_encoder", folder / "image_encoder")
+    return queries
 
+
+def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
+    """IP-Adapter Plus: the same images."""
+    import diffusers
+
+    queries = plus_adapter(ip_folder, tmp_path)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_folders[0], safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name="plus.safetensors")
@@ -201,11 +209,62 @@ def test_plus_matches_diffusers(tiny_folders, ip_folder, tmp_path):
     ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
     ours.load_ip_adapter(tmp_path, weight_name="plus.safetensors")
     ours.set_ip_adapter_scale(0.8)
-    assert ours.unet._ip.plus and ours.unet._ip.tokens == queries
+    assert ours.unet._ip.adapters[0].plus and ours.unet._ip.adapters[0].tokens == queries
     got = generate(ours, ip_adapter_image=IMAGE)
     np.testing.assert_allclose(got, generate(ref, ip_adapter_image=IMAGE), atol=2e-4, rtol=0)
     ours.set_ip_adapter_scale(0.0)
     assert np.abs(generate(ours, ip_adapter_image=IMAGE) - got).max() > 1e-3
+
+
+def test_several_adapters_and_images_match_diffusers(tiny_folders, ip_folder, tmp_path):
+    """Two adapters loaded at once (the original and a Plus), an image each, a scale each (one per-stage); one
+    adapter given two images (attended to as one sequence); the embeddings path; the errors."""
+    import shutil
+
+    import diffusers
+
+    shutil.copy(ip_folder / "ip.safetensors", tmp_path / "ip.safetensors")
+    plus_adapter(ip_folder, tmp_path)
+    names = ["ip.safetensors", "plus.safetensors"]
+    other = Image.fromarray(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_folders[0], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name=names)
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    ours.load_ip_adapter(tmp_path, weight_name=names)
+    scales = [0.6, {"up": {"block_1": [0.5, 1.0, 0.0]}}]
+    ref.set_ip_adapter_scale(scales)
+    ours.set_ip_adapter_scale(scales)
+    both = dict(ip_adapter_image=[IMAGE, other])
+    got = generate(ours, **both)
+    np.testing.assert_allclose(got, generate(ref, **both), atol=2e-4, rtol=0)
+    ours.set_ip_adapter_scale([0.6, 0.0])
+    alone = generate(ours, **both)
+    assert np.abs(alone - got).max() > 1e-3
+    # the second adapter at scale 0 is skipped: as the first adapter alone
+    first = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+    first.load_ip_adapter(tmp_path, weight_name="ip.safetensors")
+    first.set_ip_adapter_scale(0.6)
+    np.testing.assert_allclose(generate(first, ip_adapter_image=IMAGE), alone, atol=1e-6, rtol=0)
+    # one adapter, two images seen together
+    ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.safetensors")
+    ref.set_ip_adapter_scale(0.7)
+    first.set_ip_adapter_scale(0.7)
+    pair_of = dict(ip_adapter_image=[[IMAGE, other]])
+    np.testing.assert_allclose(generate(first, **pair_of), generate(ref, **pair_of), atol=2e-4, rtol=0)
+    # from embeddings, one tensor per adapter
+    embeds = []
+    for state, image in zip(ours.unet._ip.adapters, (IMAGE, other)):
+        positive, negative = ours.encode_image(image, output_hidden_states=state.plus)
+        embeds.append(torch.cat([negative, positive])[:, None])
+    ours.set_ip_adapter_scale(scales)
+    np.testing.assert_allclose(generate(ours, ip_adapter_image_embeds=embeds), got, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="ip_adapter_image: 1 entries for 2 loaded IP-Adapters"):
+        ours("a red circle", ip_adapter_image=IMAGE, num_inference_steps=2)
+    with pytest.raises(ValueError, match="3 scales for 2 loaded IP-Adapters"):
+        ours.set_ip_adapter_scale([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="2 subfolder for 3 adapters"):
+        ours.load_ip_adapter(tmp_path, subfolder=["", ""], weight_name=names + names[:1])
 
 
 def test_with_a_call_time_lora_scale(tiny_folders, ip_folder):

@@ -87,19 +87,19 @@ class PlusProjection(nn.Module):
 
 @dataclasses.dataclass
 class IPAdapterState:
-    """What a U-Net holds of a loaded IP-Adapter (`unet._ip`): the projection, the key and value projections of each
-    cross-attention (`layers`, diffusers' order), the scale, and the last context it extended (see context)."""
+    """One loaded IP-Adapter: the projection, the key and value projections of each cross-attention (`layers`,
+    diffusers' order) and the scale of each (layer_scales)."""
 
     projection: ImageProjection | PlusProjection
     layers: nn.ModuleList  # per cross-attention: ModuleList([to_k_ip, to_v_ip])
     scales: list[float] = dataclasses.field(default_factory=list)  # per cross-attention (see layer_scales)
-    memo: tuple | None = None  # (context, embeds, key, extended context)
 
     def __post_init__(self):
         self.scales = self.scales or [1.0] * len(self.layers)
 
     @property
     def tokens(self) -> int:
+        """Tokens per image."""
         return self.projection.tokens
 
     @property
@@ -110,30 +110,60 @@ class IPAdapterState:
     def modules(self) -> list[nn.Module]:
         return [self.projection, self.layers]
 
-    def context(self, context: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """[context | image tokens]: the text tokens and the projected image embedding's, per sample. The same
-        tensor again for the same context and embeddings (unchanged in place), so that the cross-attentions' cached
-        keys and values of it stay valid over a denoising run."""
+    def image_tokens(self, embeds: torch.Tensor, samples: int, width: int) -> torch.Tensor:
+        """The image embeddings of `samples` contexts, [B, D] or [B, images, D] ([B, (images,) N, E] for Plus),
+        as [B, images * tokens, width]: several images of one adapter are attended to as one sequence, as in
+        diffusers."""
         rank = 3 if self.plus else 2  # ([B, N, E] hidden states, or [B, D] embeddings)
-        if embeds.dim() == rank + 1 and embeds.shape[1] == 1:
-            embeds = embeds.flatten(0, 1)
-        if embeds.dim() != rank:
-            shape = "[B, N, E] or [B, 1, N, E]" if self.plus else "[B, D] or [B, 1, D]"
-            raise ValueError(f"IP-Adapter image embeddings of shape {tuple(embeds.shape)}: expected {shape} (one "
-                             "image per prompt)")
-        if embeds.shape[0] != context.shape[0]:
+        if embeds.dim() == rank:
+            embeds = embeds[:, None]
+        if embeds.dim() != rank + 1:
+            shape = "[B, N, E] or [B, images, N, E]" if self.plus else "[B, D] or [B, images, D]"
+            raise ValueError(f"IP-Adapter image embeddings of shape {tuple(embeds.shape)}: expected {shape}")
+        if embeds.shape[0] != samples:
             raise ValueError(f"IP-Adapter image embeddings for {embeds.shape[0]} samples but the context has "
-                             f"{context.shape[0]}: give one per context (with guidance: the unconditional ones "
-                             "first)")
+                             f"{samples}: give one per context (with guidance: the unconditional ones first)")
+        return self.projection(embeds.flatten(0, 1)).reshape(samples, -1, width)
+
+
+class IPAdapters:
+    """What a U-Net holds of its loaded IP-Adapters (`unet._ip`): one IPAdapterState each, and the last context it
+    extended with their image tokens (see context)."""
+
+    def __init__(self, adapters: list[IPAdapterState]):
+        self.adapters = adapters
+        self.counts: tuple[int, ...] = ()  # tokens each adapter appended to the contexts of the current call
+        self.memo: tuple | None = None  # (context, embeds, key, extended context, counts)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def modules(self) -> list[nn.Module]:
+        return [m for adapter in self.adapters for m in adapter.modules()]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for m in self.modules() for p in m.parameters()]
+
+    def context(self, context: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+        """[context | image tokens of adapter 1 | adapter 2 | ...], per sample. The same tensor again for the same
+        context and embeddings (unchanged in place), so that the cross-attentions' cached keys and values of it
+        stay valid over a denoising run."""
+        if len(embeds) != len(self.adapters):
+            raise ValueError(f"image_embeds: {len(embeds)} tensors for {len(self.adapters)} loaded IP-Adapters: give "
+                             "one per adapter")
         compiling = torch.compiler.is_compiling()  # (a compiled graph neither reads nor writes the memo)
-        key = None if compiling else tensors_key((context, embeds, *self.projection.parameters()))
+        key = None if compiling else tensors_key((context, *embeds, *self.parameters()))
         memo = self.memo
-        if key is not None and memo is not None and memo[0] is context and memo[1] is embeds and memo[2] == key:
+        if (key is not None and memo is not None and memo[0] is context and len(memo[1]) == len(embeds)
+                and all(a is b for a, b in zip(memo[1], embeds)) and memo[2] == key):
+            self.counts = memo[4]
             return memo[3]
-        tokens = self.projection(embeds).to(context.dtype)
-        extended = torch.cat([context, tokens.reshape(context.shape[0], -1, context.shape[2])], dim=1)
+        width = context.shape[2]
+        tokens = [a.image_tokens(e, context.shape[0], width).to(context.dtype) for a, e in zip(self.adapters, embeds)]
+        self.counts = tuple(t.shape[1] for t in tokens)
+        extended = torch.cat([context, *tokens], dim=1)
         if not compiling:
-            self.memo = None if key is None else (context, embeds, key, extended)
+            self.memo = None if key is None else (context, list(embeds), key, extended, self.counts)
         return extended
 
 
@@ -194,15 +224,16 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
-def attach(unet: nn.Module, state: IPAdapterState) -> None:
-    """Give the U-Net and each of its cross-attentions the adapter (plain attributes: not submodules)."""
+def attach(unet: nn.Module, loaded: IPAdapters) -> None:
+    """Give the U-Net and each of its cross-attentions the adapters (plain attributes: not submodules)."""
     layers = cross_attentions(unet)
-    if len(layers) != len(state.layers):
-        raise ValueError(f"the IP-Adapter has {len(state.layers)} cross-attention layers but the U-Net "
-                         f"{len(layers)}: it was made for another architecture")
-    object.__setattr__(unet, "_ip", state)
-    for i, (layer, (to_k, to_v)) in enumerate(zip(layers, state.layers)):
-        layer.ip = (to_k, to_v, state, i)
+    for state in loaded.adapters:
+        if len(layers) != len(state.layers):
+            raise ValueError(f"the IP-Adapter has {len(state.layers)} cross-attention layers but the U-Net "
+                             f"{len(layers)}: it was made for another architecture")
+    object.__setattr__(unet, "_ip", loaded)
+    for i, layer in enumerate(layers):
+        layer.ip = (loaded, i)
 
 
 def detach(unet: nn.Module) -> None:
@@ -287,55 +318,68 @@ class IPAdapterMixin:
     image_encoder = None
     feature_extractor = None
 
-    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder: str | None = None,
-                        weight_name: str | None = None,
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder: str | list | None = None,
+                        weight_name: str | list | None = None,
                         image_encoder_folder: str | os.PathLike | None = "image_encoder", **kwargs) -> None:
-        """Load an IP-Adapter (a .safetensors file, a folder holding one, or a {"image_proj", "ip_adapter"} state
-        dict) and, where `image_encoder_folder` names one, its CLIP image encoder: a folder name is looked up beside
-        the weights (`path/subfolder/image_encoder`, as diffusers), a path with a separator taken as it is; None
-        skips it (pass ip_adapter_image_embeds= then). One adapter at a time."""
+        """Load one IP-Adapter, or several at once given lists (as diffusers: `weight_name=[a, b]` with one path
+        and subfolder for all, or one each): each a .safetensors file, a folder holding one, or a {"image_proj",
+        "ip_adapter"} state dict. The CLIP image encoder, where `image_encoder_folder` names one, is the first
+        adapter's: a folder name is looked up beside its weights (`path/subfolder/image_encoder`, as diffusers), a
+        path with a separator taken as it is; None skips it (pass ip_adapter_image_embeds= then). Adapters loaded
+        before are replaced, as in diffusers."""
         if kwargs.pop("use_safetensors", None) is False:
             raise CheckpointError("use_safetensors=False: latentdiff reads IP-Adapters from .safetensors only")
         for name in ("local_files_only", "low_cpu_mem_usage"):  # (diffusers' options that hold here anyway)
             kwargs.pop(name, None)
         if kwargs:
             raise TypeError(f"load_ip_adapter: unexpected arguments {sorted(kwargs)}")
-        if isinstance(pretrained_model_name_or_path_or_dict, list):
-            if len(pretrained_model_name_or_path_or_dict) != 1:
-                raise ValueError("latentdiff loads one IP-Adapter at a time: give one file")
-            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict[0]
-        projection, attention, where = read_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name)
-        state = build_state(projection, attention, self.unet, where)
+        sources, subfolders, names = (v if isinstance(v, list) else [v] for v in (
+            pretrained_model_name_or_path_or_dict, subfolder, weight_name))
+        count = max(len(sources), len(subfolders), len(names))
+        for what, values in (("pretrained_model_name_or_path_or_dict", sources), ("subfolder", subfolders),
+                             ("weight_name", names)):
+            if len(values) not in (1, count):
+                raise ValueError(f"load_ip_adapter: {len(values)} {what} for {count} adapters: give one for all, or "
+                                 "one per adapter")
+        sources, subfolders, names = (v * count if len(v) == 1 else v for v in (sources, subfolders, names))
+        states = []
+        for entry in zip(sources, subfolders, names):
+            projection, attention, where = read_ip_adapter(*entry)
+            states.append(build_state(projection, attention, self.unet, where))
         encoder = None
-        if image_encoder_folder is not None and not isinstance(pretrained_model_name_or_path_or_dict, dict):
+        if image_encoder_folder is not None and not isinstance(sources[0], dict):
             folder = Path(image_encoder_folder)
             if len(folder.parts) == 1:  # (a name: beside the weights)
-                base = Path(pretrained_model_name_or_path_or_dict)
-                base = base.parent if base.is_file() else base / subfolder if subfolder else base
+                base = Path(sources[0])
+                base = base.parent if base.is_file() else base / subfolders[0] if subfolders[0] else base
                 folder = base / folder
             encoder = load_image_encoder(require_path(folder, "IP-Adapter image encoder folder"))
-        if getattr(self.unet, "_ip", None) is not None:  # (one adapter at a time: the new one replaces it)
+        if getattr(self.unet, "_ip", None) is not None:  # (the new adapters replace those loaded before)
             detach(self.unet)
         device, dtype = self.unet.device, self.unet.dtype
-        for module in state.modules():
+        loaded = IPAdapters(states)
+        for module in loaded.modules():
             module.to(device, dtype)
-        attach(self.unet, state)
+        attach(self.unet, loaded)
         if encoder is not None:  # (without one, an image encoder given to from_pretrained serves)
             self.image_encoder, self.feature_extractor = encoder.to(device), None
         self._forget_compiled_unet()
 
-    def set_ip_adapter_scale(self, scale: float | dict) -> None:
+    def set_ip_adapter_scale(self, scale: float | dict | list) -> None:
         """How much the image counts: its attention's weight beside the text's (1: as trained; 0: off); one number,
         or per stage and transformer as diffusers takes it (layer_scales; InstantStyle picks the layers that carry
-        an image's style or layout this way)."""
-        state = getattr(self.unet, "_ip", None)
-        if state is None:
+        an image's style or layout this way); with several adapters, a list of those, one per adapter (or one for
+        all)."""
+        loaded = getattr(self.unet, "_ip", None)
+        if loaded is None:
             raise ValueError("no IP-Adapter is loaded: load_ip_adapter(...) first")
-        if isinstance(scale, list):
-            if len(scale) != 1:
-                raise ValueError("set_ip_adapter_scale: one IP-Adapter is loaded; give one scale (or a list of one)")
-            scale = scale[0]
-        state.scales = layer_scales(self.unet, scale)
+        scales = scale if isinstance(scale, list) else [scale]
+        if len(scales) not in (1, len(loaded)):
+            raise ValueError(f"set_ip_adapter_scale: {len(scales)} scales for {len(loaded)} loaded IP-Adapters: give "
+                             "one for all, or one per adapter")
+        per_layer = [layer_scales(self.unet, s) for s in scales]
+        for i, state in enumerate(loaded.adapters):
+            state.scales = per_layer[i if len(per_layer) > 1 else 0]
 
     def unload_ip_adapter(self) -> None:
         if getattr(self.unet, "_ip", None) is not None:
@@ -373,11 +417,13 @@ class IPAdapterMixin:
             states = [embeds, torch.zeros_like(embeds)]
         return tuple(s.to(device or self.device).repeat_interleave(num_images_per_prompt, dim=0) for s in states)
 
-    def _ip_embeds(self, image, embeds, n: int, guided: bool) -> torch.Tensor | None:
-        """The image embeddings of a call for its n images ([uncond; cond] with guidance, as the contexts), or None
-        without an IP-Adapter; refuses an image without an adapter, and an adapter without an image."""
-        state = getattr(self.unet, "_ip", None)
-        if state is None:
+    def _ip_embeds(self, image, embeds, n: int, guided: bool) -> list[torch.Tensor] | None:
+        """The image embeddings of a call for its n images, one tensor per loaded adapter ([uncond; cond] with
+        guidance, as the contexts), or None without an IP-Adapter; refuses an image without an adapter, and an
+        adapter without an image. `image`: diffusers' ip_adapter_image, one entry per adapter (an image, or a list
+        of images that the adapter sees together); a bare image for one adapter."""
+        loaded = getattr(self.unet, "_ip", None)
+        if loaded is None:
             if image is not None or embeds is not None:
                 raise ValueError("ip_adapter_image / ip_adapter_image_embeds given, but no IP-Adapter is loaded: "
                                  "load_ip_adapter(...) first")
@@ -385,22 +431,27 @@ class IPAdapterMixin:
         if (image is None) == (embeds is None):
             raise ValueError("an IP-Adapter is loaded: pass ip_adapter_image= (or ip_adapter_image_embeds=), or "
                              "unload_ip_adapter() / set_ip_adapter_scale(0) to generate without an image")
-        if embeds is not None:
-            single = embeds[0] if isinstance(embeds, (list, tuple)) else embeds
-            if isinstance(embeds, (list, tuple)) and len(embeds) != 1:
-                raise ValueError("ip_adapter_image_embeds: one tensor (one IP-Adapter is loaded)")
-            negative, positive = single.chunk(2) if guided else (None, single)
-        else:
-            image = image[0] if isinstance(image, (list, tuple)) and len(image) == 1 else image
-            positive, negative = self.encode_image(image, self.device, 1, output_hidden_states=state.plus)
-            positive, negative = positive[:, None], negative[:, None]  # (one image: [1, 1, D])
-        if positive.shape[0] not in (1, n):
-            raise ValueError(f"IP-Adapter image embeddings for {positive.shape[0]} images but the call makes {n}: "
-                             "give one, or one per image")
-        positive = positive.expand(n, *positive.shape[1:])
-        if guided:
-            positive = torch.cat([negative.expand(n, *negative.shape[1:]), positive])
-        return positive.to(self.device, self.dtype)
+        given = embeds if embeds is not None else image
+        entries = list(given) if isinstance(given, (list, tuple)) else [given]
+        what = "ip_adapter_image_embeds" if embeds is not None else "ip_adapter_image"
+        if len(entries) != len(loaded):
+            raise ValueError(f"{what}: {len(entries)} entries for {len(loaded)} loaded IP-Adapters: give one per "
+                             "adapter (for several images of one adapter, a list inside the list)")
+        out = []
+        for state, entry in zip(loaded.adapters, entries):
+            if embeds is not None:
+                negative, positive = entry.chunk(2) if guided else (None, entry)
+            else:
+                positive, negative = self.encode_image(entry, self.device, 1, output_hidden_states=state.plus)
+                positive, negative = positive[None], negative[None]  # ([1, images, ...], as diffusers)
+            if positive.shape[0] not in (1, n):
+                raise ValueError(f"IP-Adapter image embeddings for {positive.shape[0]} images but the call makes {n}: "
+                                 "give one, or one per image")
+            positive = positive.expand(n, *positive.shape[1:])
+            if guided:
+                positive = torch.cat([negative.expand(n, *negative.shape[1:]), positive])
+            out.append(positive.to(self.device, self.dtype))
+        return out
 
 
 def load_image_encoder(folder: Path):

@@ -984,16 +984,17 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
 
 
 class WithImageEmbeds:
-    """A U-Net call `unet(x, t, context, **kwargs)` given an IP-Adapter's image embeddings for its contexts: all of
-    them ([uncond; cond] with guidance), or the conditional ones where the call has only the n conditional contexts
-    (guidance turned off part-way by a callback). The same tensors every step (the U-Net's caches key on them)."""
+    """A U-Net call `unet(x, t, context, **kwargs)` given the IP-Adapters' image embeddings (a tensor per adapter)
+    for its contexts: all of them ([uncond; cond] with guidance), or the conditional ones where the call has only
+    the n conditional contexts (guidance turned off part-way by a callback). The same tensors every step (the
+    U-Net's caches key on them)."""
 
-    def __init__(self, unet: Callable, embeds: torch.Tensor, n: int):
-        self.unet, self.embeds, self.conditional = unet, embeds, embeds[-n:]
+    def __init__(self, unet: Callable, embeds: list[torch.Tensor], n: int):
+        self.unet, self.embeds, self.conditional = unet, embeds, [e[-n:] for e in embeds]
 
     def __call__(self, x: torch.Tensor, t, context: torch.Tensor, **kwargs) -> torch.Tensor:
-        embeds = self.embeds if context.shape[0] == self.embeds.shape[0] else self.conditional
-        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": [embeds]}, **kwargs)
+        embeds = self.embeds if context.shape[0] == self.embeds[0].shape[0] else self.conditional
+        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": embeds}, **kwargs)
 
 
 def to_diffusers(pipe: LatentDiffusionPipeline):

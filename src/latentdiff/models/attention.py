@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.inner = inner
         self.context_cache: list | None = None  # see cache_text_keys()
         self.fused: list | None = None  # see fuse_qkv_projections()
-        self.ip: tuple | None = None  # an IP-Adapter's (to_k_ip, to_v_ip, state, index) here (ip_adapter.py)
+        self.ip: tuple | None = None  # the loaded IP-Adapters and this layer's index: (IPAdapters, i) (ip_adapter.py)
         self.perturbed = 0  # see forward()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -75,8 +75,8 @@ class Attention(nn.Module):
             q = self._heads(self.to_q(x))
             k, v, image = self._keys_values(x if context is None else context, cross=context is not None)
         out = self._attend(q, k, v)
-        if image is not None:  # an IP-Adapter's image tokens: their attention, scaled, added to the text's
-            out = out + self.ip[2].scales[self.ip[3]] * self._attend(q, *image)
+        for scale, keys, values in image or ():  # IP-Adapters' image tokens: their attention, scaled, added
+            out = out + scale * self._attend(q, keys, values)
         out = out.transpose(1, 2).reshape(b, n, -1)
         if residual is not None:
             return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)
@@ -132,10 +132,14 @@ class Attention(nn.Module):
     def _project(self, context: torch.Tensor, cross: bool) -> tuple:
         if not cross or self.ip is None:
             return self._heads(self.to_k(context)), self._heads(self.to_v(context)), None
-        to_k_ip, to_v_ip, state, _ = self.ip
-        text, image = context[:, :-state.tokens], context[:, -state.tokens:]
-        return (self._heads(self.to_k(text)), self._heads(self.to_v(text)),
-                (self._heads(to_k_ip(image)), self._heads(to_v_ip(image))))
+        loaded, i = self.ip
+        text = context[:, :context.shape[1] - sum(loaded.counts)]
+        images = []  # (scale, keys, values) of each adapter whose scale here is not 0 (as diffusers skips those)
+        for state, tokens in zip(loaded.adapters, context[:, text.shape[1]:].split(loaded.counts, dim=1)):
+            to_k_ip, to_v_ip = state.layers[i]
+            if state.scales[i] != 0:
+                images.append((state.scales[i], self._heads(to_k_ip(tokens)), self._heads(to_v_ip(tokens))))
+        return self._heads(self.to_k(text)), self._heads(self.to_v(text)), images
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
         """What cached keys and values of `context` stay valid for (tensors_key of the context and the projection
@@ -145,8 +149,11 @@ class Attention(nn.Module):
         if (torch.compiler.is_compiling() or self.context_cache is None or torch.is_grad_enabled()
                 or (context.is_cuda and torch.cuda.is_current_stream_capturing())):
             return None
-        ip = () if self.ip is None else (self.ip[0].weight, self.ip[1].weight)
-        return tensors_key((context, self.to_k.weight, self.to_v.weight, *ip))
+        adapters, i = ((), 0) if self.ip is None else (self.ip[0].adapters, self.ip[1])
+        ip = [p for state in adapters for layer in state.layers[i] for p in layer.parameters()]
+        scales = tuple(state.scales[i] for state in adapters)
+        key = tensors_key((context, self.to_k.weight, self.to_v.weight, *ip))
+        return None if key is None else (key, scales)
 
 
 @contextlib.contextmanager

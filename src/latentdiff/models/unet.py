@@ -404,7 +404,7 @@ class UNet2DConditionModel(DownPath):
     config_class = UNetConfig
     accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
 
-    _ip = None  # a loaded IP-Adapter's IPAdapterState (ip_adapter.py): beside the model, not in its state dict
+    _ip = None  # the loaded IP-Adapters (ip_adapter.IPAdapters): beside the model, not in its state dict
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -460,11 +460,7 @@ class UNet2DConditionModel(DownPath):
         if embeds is None:
             raise ValueError("an IP-Adapter is loaded: pass its image embeddings, added_cond_kwargs={'image_embeds': "
                              "[embeds]} (or unload it)")
-        if isinstance(embeds, (list, tuple)):
-            if len(embeds) != 1:
-                raise ValueError(f"image_embeds: {len(embeds)} tensors for one loaded IP-Adapter")
-            embeds = embeds[0]
-        return state.context(context, embeds)
+        return state.context(context, list(embeds) if isinstance(embeds, (list, tuple)) else [embeds])
 
     def _check_timestep_cond(self, cond: torch.Tensor | None, batch: int) -> None:
         dim = self.config.time_cond_proj_dim
