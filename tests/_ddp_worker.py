@@ -1,8 +1,8 @@
 """Run by tests/test_training.py as `accelerate launch --config_file training/accelerate/multi_cpu.yaml
 tests/_ddp_worker.py OUTPUT_DIR [PIPELINE [MODE]]`: two processes train a tiny model with DDP over gloo on the CPU; each
 writes rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
-With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora), train a ControlNet for it (controlnet) or
-learn a new word's embedding (inversion)."""
+With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora), train a ControlNet for it (controlnet),
+learn a new word's embedding (inversion) or distil it into LoRA adapters for few-step sampling (lcm)."""
 import hashlib
 import json
 import sys
@@ -23,10 +23,12 @@ def digest(module) -> str:
 
 def main(output_dir: str, pipeline: str | None = None, mode: str = "lora") -> None:
     """pipeline: a pipeline folder to fine-tune instead (the text encoder frozen), through LoRA adapters (mode
-    "lora"), by training a ControlNet for its U-Net ("controlnet") or by textual inversion ("inversion")."""
+    "lora"), by training a ControlNet for its U-Net ("controlnet"), by textual inversion ("inversion") or by latent
+    consistency distillation into LoRA adapters ("lcm")."""
     tuned = {"lora": {"lora_rank": 2, "resolution": 64}, "controlnet": {"controlnet": True, "resolution": 16},
              "inversion": {"placeholder_token": "<shape>", "initializer_token": "star", "use_ema": False,
-                           "resolution": 16}}
+                           "resolution": 16},
+             "lcm": {"lora_rank": 2, "resolution": 64, "lcm_distill": True, "caption_dropout": 0.0}}
     settings = {"train_text_encoder": True} if pipeline is None else {
         "pretrained": pipeline, "unet": None, "text_encoder": None, "vae": None, "scheduler": None,
         "shapes": {"num_samples": 16, "seed": 0}, **tuned[mode]}

@@ -785,6 +785,87 @@ def test_two_processes_train_lora_adapters_with_ddp(tmp_path, tiny_folders):
     assert pipe.get_list_adapters() == {"unet": ["default_0"]}
 
 
+# ---- latent consistency distillation -------------------------------------------------------------------------------
+def test_consistency_distillation_loss_is_small_for_a_model_that_knows_the_data():
+    """A model whose eps prediction is exact for one latent z0 (so its x0 estimate is z0 everywhere, guided or not):
+    the student's consistency function at t and its target at t - k both come out at (nearly) z0, so the loss is
+    tiny next to a model that predicts nothing; the teacher is called on [uncond; cond] with the sample shared."""
+    from latentdiff.schedules import alphas_cumprod, scaled_linear_betas
+    from latentdiff.training import consistency_distillation_loss
+
+    abar = alphas_cumprod(scaled_linear_betas(1000))
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(3, 4, 8, 8, generator=g)
+    draws = draw(torch.tensor([1, 2, 3]), (4, 8, 8), 1000)
+
+    def oracle(x, t, ctx):
+        a = abar[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * z0) / (1 - a).sqrt()
+        return eps.repeat(ctx.shape[0] // x.shape[0], 1, 1, 1)
+
+    def nothing(x, t, ctx):
+        return torch.zeros(ctx.shape[0], *x.shape[1:])
+
+    ctx, uncond = torch.randn(3, 77, 32, generator=g), torch.zeros(3, 77, 32)
+    good = consistency_distillation_loss(oracle, oracle, z0, ctx, uncond, draws, abar)
+    bad = consistency_distillation_loss(nothing, oracle, z0, ctx, uncond, draws, abar)
+    assert good.item() < 0.02 * bad.item()
+    l2 = consistency_distillation_loss(nothing, oracle, z0, ctx, uncond, draws, abar, huber_c=None)
+    assert l2.item() > bad.item()  # (the pseudo-Huber distance grows like |d| where the squared error grows like d^2)
+
+
+def lcm_config(tmp_path, pretrained, name="lcm", **overrides):
+    return lora_config(tmp_path, pretrained, name, lcm_distill=True, caption_dropout=0.0, export_scheduler="lcm",
+                       lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+                       **overrides)
+
+
+def test_lcm_distillation_trains_adapters_that_load_for_few_step_sampling(tmp_path, tiny_folders):
+    """lcm_distill: the adapters train (the U-Net's own weights stay), the loss is finite, and the exported LoRA
+    file loads in a pipeline that samples with the LCMScheduler in 2 steps."""
+    from latentdiff.schedulers import LCMScheduler
+
+    folder = tiny_folders[1]
+    result = train_text_to_image(lcm_config(tmp_path, folder, validation_steps=4, validation_prompts=["a red star"],
+                                            validation_inference_steps=2, validation_guidance_scale=1.0))
+    assert len(result.losses) == 4 and np.isfinite(result.losses).all()
+    unet = result.task._unet()
+    assert all(p.abs().max() > 0 for n, p in unet.named_parameters() if ".lora_B." in n)
+    assert (tmp_path / "lcm" / "validation" / "step-0000004.png").exists()
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(tmp_path / "lcm" / "lora")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    images = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, output_type="np", progress=False).images
+    assert np.isfinite(images).all()
+
+
+def test_lcm_distillation_resumes_exactly(tmp_path, tiny_folders):
+    resumes_exactly(tmp_path, lambda name, **o: lcm_config(tmp_path, tiny_folders[1], name, **o),
+                    "lora/pytorch_lora_weights.safetensors")
+
+
+def test_lcm_distillation_config_errors(tmp_path, tiny_folders):
+    with pytest.raises(ValueError, match="lcm_distill: true distils a pretrained pipeline into LoRA adapters"):
+        smoke_config(tmp_path, lcm_distill=True)
+    with pytest.raises(ValueError, match="consistency distillation has its own"):
+        lcm_config(tmp_path, tiny_folders[1], snr_gamma=5.0)
+    with pytest.raises(ValueError, match=r"lcm_guidance_range must be \[low, high\]"):
+        lcm_config(tmp_path, tiny_folders[1], lcm_guidance_range=[8.0, 2.0])
+    with pytest.raises(ValueError, match="lcm_huber_c must be positive"):
+        lcm_config(tmp_path, tiny_folders[1], lcm_huber_c=0.0)
+
+
+def test_two_processes_distil_lcm_adapters_with_ddp(tmp_path, tiny_folders):
+    """Consistency distillation under DDP: the same adapters and losses on both processes."""
+    out = tmp_path / "ddp-lcm"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "lcm"])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["unet"] == ranks[1]["unet"]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and np.isfinite(ranks[0]["losses"]).all()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
 # ---- ControlNet ---------------------------------------------------------------------------------------------------
 def controlnet_config(tmp_path, pretrained, name="controlnet", **overrides):
     """A ControlNet for a pretrained tiny pipeline (its VAE downsamples by 2: control-image convs of widths 16, 32)."""

@@ -14,16 +14,17 @@ from .train.config import (TextToImageConfig, TrainConfig, VAETrainConfig, build
 from .train.data import BatchPlan, TrainingView, build_source, sample_seed
 from .train.ema import EMA
 from .train.loop import FitResult, Trainer, TrainingDiverged, TrainState, lr_multiplier, make_accelerator
-from .train.loss import Draws, VAEObjective, diffusion_loss, draw, high_noise_weights, min_snr_weights
+from .train.loss import (Draws, VAEObjective, consistency_distillation_loss, diffusion_loss, draw, high_noise_weights,
+                         min_snr_weights)
 from .train.text_to_image import Components, TextToImageTask, load_components, train_text_to_image
 from .train.vae import VAETask, latent_std, train_vae
 
 __all__ = [
     "BatchPlan", "Components", "Draws", "EMA", "FitResult", "TextToImageConfig", "TextToImageTask", "TrainConfig",
     "TrainState", "Trainer", "TrainingDiverged", "TrainingView", "VAEObjective", "VAETask", "VAETrainConfig",
-    "build_config", "build_source", "checkpoint_problem", "diffusion_loss", "draw", "find_resumable",
-    "high_noise_weights", "latent_std", "list_checkpoints", "load_components", "load_config", "lr_multiplier",
-    "make_accelerator", "min_snr_weights", "parse_command_line", "parse_overrides", "run_script", "sample_seed",
+    "build_config", "build_source", "checkpoint_problem", "consistency_distillation_loss", "diffusion_loss", "draw",
+    "find_resumable", "high_noise_weights", "latent_std", "list_checkpoints", "load_components", "load_config",
+    "lr_multiplier", "make_accelerator", "min_snr_weights", "parse_command_line", "parse_overrides", "run_script", "sample_seed",
     "save_checkpoint", "train_text_to_image", "train_vae",
 ]
 

@@ -136,6 +136,14 @@ class TextToImageConfig(TrainConfig):
     num_vectors: int = 1
     caption_templates: list = dataclasses.field(default_factory=lambda: [
         "{}", "an image of {}", "a picture of {}", "a rendering of {}", "a drawing of {}", "{}, on its own"])
+    # Latent consistency distillation (with LoRA; Luo et al. 2023, as LCM-LoRA): the adapters learn to make an image
+    # in 2-8 steps of the LCMScheduler (export_scheduler: lcm, guidance 1-2); the teacher is the frozen model (the
+    # adapters off), guided with a w drawn from lcm_guidance_range per sample, one DDIM step of the
+    # lcm_ddim_timesteps grid; pseudo-Huber loss of constant lcm_huber_c (null: squared error)
+    lcm_distill: bool = False
+    lcm_guidance_range: list = dataclasses.field(default_factory=lambda: [3.0, 15.0])
+    lcm_ddim_timesteps: int = 50
+    lcm_huber_c: float | None = 0.001
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -227,6 +235,8 @@ class TextToImageConfig(TrainConfig):
                                  f"{self.caption_templates}")
         elif self.initializer_token is not None:
             raise ValueError("initializer_token is for textual inversion: give placeholder_token too")
+        if self.lcm_distill:
+            self._check_lcm_distill()
         if self.token_embedding_std is not None:
             if not self.text_encoder:
                 raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "
@@ -261,6 +271,26 @@ class TextToImageConfig(TrainConfig):
                              f"{list(SCHEDULERS)}")
         if self.validation_steps and not self.validation_prompts:
             raise ValueError("validation_steps is set but validation_prompts is empty: give prompts or set 0")
+
+
+    def _check_lcm_distill(self) -> None:
+        if self.lora_rank is None or self.controlnet or self.placeholder_token or self.train_text_encoder:
+            raise ValueError("lcm_distill: true distils a pretrained pipeline into LoRA adapters of its U-Net (the "
+                             "teacher is the U-Net without them): set lora_rank (and pretrained), and drop controlnet, "
+                             "placeholder_token and train_text_encoder")
+        if self.snr_gamma is not None or self.high_noise_weight is not None or self.timestep_bias_range:
+            raise ValueError("snr_gamma, high_noise_weight and timestep_bias_range weigh the denoising loss; "
+                             "consistency distillation has its own (lcm_huber_c): drop them")
+        w = self.lcm_guidance_range
+        numbers = isinstance(w, list) and len(w) == 2 and all(isinstance(v, (int, float)) for v in w)
+        if not (numbers and 0 <= w[0] <= w[1]):
+            raise ValueError(f"lcm_guidance_range must be [low, high] with 0 <= low <= high (LCM's w: 3 to 15 is the "
+                             f"paper's), got {w}")
+        if not isinstance(self.lcm_ddim_timesteps, int) or self.lcm_ddim_timesteps < 1:
+            raise ValueError(f"lcm_ddim_timesteps must be a positive integer (50 is LCM's), got "
+                             f"{self.lcm_ddim_timesteps}")
+        if self.lcm_huber_c is not None and not self.lcm_huber_c > 0:
+            raise ValueError(f"lcm_huber_c must be positive (or null: squared error), got {self.lcm_huber_c}")
 
 
 @dataclasses.dataclass(kw_only=True)

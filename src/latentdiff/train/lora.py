@@ -4,6 +4,7 @@ the pretrained model), scale = alpha / r. The adapters are exported as diffusers
 writes it), which latentdiff's and diffusers' load_lora_weights read."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,6 +70,20 @@ def add_lora_layers(model: nn.Module, rank: int, alpha: float | None = None, tar
             layers[path] = LoRATrainingLayer(getattr(owner, name), rank, scale)
             setattr(owner, name, layers[path])
     return layers
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Within this block `model` runs as without its adapters (their scale 0): the frozen base model."""
+    layers = lora_layers(model).values()
+    scales = [layer.scale for layer in layers]
+    for layer in layers:
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRATrainingLayer]:

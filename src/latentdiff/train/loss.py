@@ -13,17 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import q_sample, snr, v_target
+from ..schedules import predict_x0_eps, q_sample, snr, v_target
 
 
 @dataclass
 class Draws:
     """Everything random about one training batch: timesteps [B], the diffusion noise eps and the posterior's
-    standard-normal noise (both shaped like the latents)."""
+    standard-normal noise (both shaped like the latents), and a uniform number in [0, 1) per sample for objectives
+    that draw one more value (consistency distillation's guidance scale)."""
 
     timesteps: torch.Tensor
     noise: torch.Tensor
     posterior_noise: torch.Tensor
+    uniform: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class DrawSpec:
     timestep_bias: tuple[int, int, float] | None = None  # (begin, end, portion): see `draw`
 
 
-def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(timestep [1], noise, posterior noise) of one sample, from a CPU generator seeded by its seed alone."""
+def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(timestep [1], noise, posterior noise, uniform [1]) of one sample, from a CPU generator seeded by its seed
+    alone (the uniform drawn last, so the others are what they were before it was added)."""
     g = torch.Generator().manual_seed(seed)
     if spec.timestep_bias is not None and torch.rand((), generator=g).item() < spec.timestep_bias[2]:
         t = torch.randint(spec.timestep_bias[0], spec.timestep_bias[1], (1,), generator=g)
@@ -48,7 +51,7 @@ def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, 
     if spec.noise_offset:
         # offset noise (Guttenberg 2023): a per-channel constant lets the model shift an image's mean brightness
         eps = eps + spec.noise_offset * torch.randn((spec.latent_shape[0], 1, 1), generator=g)
-    return t, eps, post
+    return t, eps, post, torch.rand(1, generator=g)
 
 
 def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0,
@@ -58,8 +61,9 @@ def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps
     draws that portion of the timesteps from [begin, end) instead of the whole range. (The training data loader
     makes the same draws in its workers: TrainingView with a DrawSpec.)"""
     spec = DrawSpec(tuple(latent_shape), num_train_timesteps, noise_offset, timestep_bias)
-    ts, noises, post = zip(*(draw_sample(seed, spec) for seed in seeds.tolist()))
-    return Draws(torch.cat(ts).to(device), torch.stack(noises).to(device), torch.stack(post).to(device))
+    ts, noises, post, uniform = zip(*(draw_sample(seed, spec) for seed in seeds.tolist()))
+    return Draws(torch.cat(ts).to(device), torch.stack(noises).to(device), torch.stack(post).to(device),
+                 torch.cat(uniform).to(device))
 
 
 def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -146,3 +150,55 @@ class VAEObjective(nn.Module):
             loss = loss + self.anchor_weight * anchor
             logs["anchor"] = anchor.detach()
         return loss, logs
+
+
+def consistency_distillation_loss(student, teacher, z0: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                                  draws: Draws, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                                  ddim_timesteps: int = 50, guidance_range: tuple[float, float] = (3.0, 15.0),
+                                  huber_c: float | None = 0.001, timestep_scaling: float = 10.0,
+                                  target_model=None) -> torch.Tensor:
+    """Latent consistency distillation (Luo et al. 2023, Algorithm 1; as diffusers' LCM-LoRA script): at a
+    timestep t of the DDIM grid k-1, 2k-1, ..., T-1 (k = T // ddim_timesteps; t drawn from draws.timesteps), the
+    teacher's classifier-free-guided DDIM step from z_t to t - k (guidance w in guidance_range, from
+    draws.uniform, in LCM's form cond + w (cond - uncond)) gives z_prev; the student's consistency function
+    f(z, t) = c_skip(t) z + c_out(t) x0(z, t) at z_t is pulled to its own (no gradient) f at z_prev. Pseudo-Huber
+    distance sqrt(d^2 + c^2) - c (huber_c; None: squared error), the mean over every latent value.
+
+    `student(x, t, context)` with gradients; `teacher(x, t, contexts)` the frozen model, called without gradients
+    on [uncond; cond] with x shared (our U-Net's k contexts per sample); the student's target pass runs without
+    gradients too, through `target_model` where given (the student unwrapped from DDP, say)."""
+    from ..schedulers.lcm import boundary_scalings
+
+    total = len(alphas_cumprod)
+    k = total // ddim_timesteps
+    index = (draws.timesteps * ddim_timesteps) // total  # (uniform over the grid when the timesteps are)
+    start = (index + 1) * k - 1
+    prev = (start - k).clamp(min=0)
+    abar = alphas_cumprod.to(z0.device)
+
+    def coefficients(t: torch.Tensor):
+        a = abar[t].view(-1, 1, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def consistency(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = predict_x0_eps(out.float(), x, *coefficients(t), prediction_type)[0]
+        scalings = [boundary_scalings(int(v), timestep_scaling) for v in t.tolist()]
+        c_skip, c_out = (torch.tensor(c, device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) for c in zip(*scalings))
+        return c_skip * x + c_out * x0
+
+    z_t = q_sample(z0, draws.noise, start, abar)
+    predicted = consistency(student(z_t, start, context), z_t, start)
+    with torch.no_grad():
+        out_uncond, out_cond = teacher(z_t, start, torch.cat([uncond, context])).float().chunk(2)
+        x0_u, eps_u = predict_x0_eps(out_uncond, z_t, *coefficients(start), prediction_type)
+        x0_c, eps_c = predict_x0_eps(out_cond, z_t, *coefficients(start), prediction_type)
+        low, high = guidance_range
+        w = (low + (high - low) * draws.uniform.float()).view(-1, 1, 1, 1)
+        x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        alpha_prev, sigma_prev = coefficients(prev)
+        z_prev = alpha_prev * x0 + sigma_prev * eps
+        target = consistency((target_model or student)(z_prev, prev, context), z_prev, prev)
+    difference = predicted.float() - target.float()
+    if huber_c is None:
+        return (difference**2).mean()
+    return (torch.sqrt(difference**2 + huber_c**2) - huber_c).mean()

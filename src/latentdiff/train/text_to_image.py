@@ -21,9 +21,9 @@ from ..lora import save_lora_weights
 from ..textual_inversion import add_words, word_tokens
 from .data import TrainingView, build_latent_cache, build_source
 from .ema import EMA
-from .lora import TEXT_LORA_TARGETS, adapter_state, add_lora_layers
+from .lora import TEXT_LORA_TARGETS, adapter_state, add_lora_layers, lora_disabled
 from .loop import FitResult, Trainer, make_accelerator, make_optimizer
-from .loss import Draws, DrawSpec, diffusion_loss
+from .loss import Draws, DrawSpec, consistency_distillation_loss, diffusion_loss
 
 # Stable Diffusion's training noise schedule (the default for models trained from scratch)
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -198,6 +198,7 @@ class TextToImageTask:
                                  caption_templates=config.caption_templates if self.inversion else None,
                                  placeholder=" ".join(self.new_words) if self.inversion else None)
         self.source = source
+        self.uncond: torch.Tensor | None = None  # (lcm_distill: see _consistency_loss)
 
     def _unet(self):
         return self.accelerator.unwrap_model(self.unet)
@@ -209,7 +210,8 @@ class TextToImageTask:
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
         # the sample's draws and token ids, made by the data loader (TrainingView with a DrawSpec and a tokenizer)
-        draws = Draws(batch["timesteps"].to(device), batch["noise"].to(device), batch["posterior_noise"].to(device))
+        draws = Draws(batch["timesteps"].to(device), batch["noise"].to(device), batch["posterior_noise"].to(device),
+                      batch["uniform"].to(device))
         with torch.no_grad():
             if "mean" in batch:  # cached posterior
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
@@ -221,6 +223,8 @@ class TextToImageTask:
         with torch.set_grad_enabled(config.train_text_encoder or self.inversion):
             # encode_prompt_ids without clip skip, called on the module itself so that a DDP-wrapped encoder works
             context = self.text_encoder(ids).last_hidden_state
+        if config.lcm_distill:
+            return self._consistency_loss(z0, context, draws), {}
         model = self.unet
         if self.controlnet is not None:
             control = batch["conditioning_pixel_values"].to(device)
@@ -228,6 +232,23 @@ class TextToImageTask:
         loss = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
                               self.prediction_type, config.snr_gamma, config.high_noise_weight)
         return loss, {}
+
+    def _consistency_loss(self, z0: torch.Tensor, context: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """lcm_distill: the LoRA student against the U-Net without its adapters (train/loss.py)."""
+        config, unet = self.config, self._unet()
+        if self.uncond is None:  # the empty prompt's embedding (the text encoder is frozen here)
+            ids = self.c.tokenizer([""]).to(context.device)
+            with torch.no_grad():
+                self.uncond = self.text_encoder(ids).last_hidden_state.to(context.dtype)
+
+        def teacher(x, t, contexts):
+            with lora_disabled(unet):
+                return unet(x, t, contexts)
+
+        return consistency_distillation_loss(
+            self.unet, teacher, z0, context, self.uncond.expand_as(context), draws, self.alphas_cumprod,
+            self.prediction_type, config.lcm_ddim_timesteps, tuple(config.lcm_guidance_range), config.lcm_huber_c,
+            target_model=unet)
 
     def after_optimizer_step(self) -> None:
         if self.inversion:  # the other words' rows back as they were (the optimizer's weight decay moves them too)
