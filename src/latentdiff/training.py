@@ -24,8 +24,8 @@ __all__ = [
     "TrainState", "Trainer", "TrainingDiverged", "TrainingView", "VAEObjective", "VAETask", "VAETrainConfig",
     "build_config", "build_source", "checkpoint_problem", "consistency_distillation_loss", "diffusion_loss", "draw",
     "find_resumable", "high_noise_weights", "latent_std", "list_checkpoints", "load_components", "load_config",
-    "lr_multiplier", "make_accelerator", "min_snr_weights", "parse_command_line", "parse_overrides", "run_script", "sample_seed",
-    "save_checkpoint", "train_text_to_image", "train_vae",
+    "lr_multiplier", "make_accelerator", "min_snr_weights", "parse_command_line", "parse_overrides", "run_script",
+    "sample_seed", "save_checkpoint", "train_text_to_image", "train_vae",
 ]
 
 
