@@ -816,7 +816,8 @@ def test_consistency_distillation_loss_is_small_for_a_model_that_knows_the_data(
 
 def lcm_config(tmp_path, pretrained, name="lcm", **overrides):
     return lora_config(tmp_path, pretrained, name, lcm_distill=True, caption_dropout=0.0, export_scheduler="lcm",
-                       lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+                       lora_target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1",
+                                            "conv2", "time_emb_proj"],
                        **overrides)
 
 

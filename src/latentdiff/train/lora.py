@@ -31,6 +31,16 @@ class LoRATrainingLayer(nn.Module):
         self.lora_A.to(base.weight.device)
         self.lora_B.to(base.weight.device)
 
+    def __getattr__(self, name: str):
+        """The base layer's attributes (in_features, out_features, ...: what code sizing its work by a layer reads),
+        as peft's LoRA layers give them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     @property
     def weight(self) -> torch.Tensor:  # the base's (what code keying caches on a layer's weight reads)
         return self.base_layer.weight
