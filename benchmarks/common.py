@@ -44,6 +44,18 @@ def parse_model_benchmark_args(parser, variants: tuple[str, ...], dtypes: dict):
     return args
 
 
+def parse_shapes_benchmark_args(doc: str, argv: list[str] | None, add_arguments: Callable) -> argparse.Namespace:
+    """The arguments of a benchmark on the embedded shapes pipeline: --model (pipelines/tiny-shapes by default),
+    --threads, and those `add_arguments(parser)` adds; the threads set (setup)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny-shapes"))
+    parser.add_argument("--threads", type=int, default=None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup(args.threads)
+    return args
+
+
 def setup(threads: int | None) -> None:
     """Fix the thread count (default: PyTorch's, i.e. all cores) and keep the hub offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

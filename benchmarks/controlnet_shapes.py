@@ -8,12 +8,11 @@ the image's corners). Without control the shape lands where the prompt's default
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import parse_shapes_benchmark_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,18 +30,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "pipelines" / "tiny-shapes"))
-    parser.add_argument("--controlnet", default=str(ROOT / "pipelines" / "tiny-shapes-controlnet"),
-                        help="a ControlNet folder trained for --model")
-    parser.add_argument("--n", type=int, default=48, help="silhouettes to draw")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "src"))
+    def add_arguments(parser) -> None:
+        parser.add_argument("--controlnet", default=str(ROOT / "pipelines" / "tiny-shapes-controlnet"),
+                            help="a ControlNet folder trained for --model")
+        parser.add_argument("--n", type=int, default=48, help="silhouettes to draw")
+        parser.add_argument("--steps", type=int, default=25)
+        parser.add_argument("--guidance", type=float, default=5.0)
+
+    args = parse_shapes_benchmark_args(__doc__, argv, add_arguments)
     from latentdiff import ControlNetModel, LatentDiffusionControlNetPipeline, LatentDiffusionPipeline
     from latentdiff.train.data import ShapesSource
 

@@ -12,15 +12,11 @@ noise; each few-step variant is scored by
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import parse_shapes_benchmark_args
 
 
 def laplacian_energy(images: np.ndarray) -> np.ndarray:
@@ -31,16 +27,12 @@ def laplacian_energy(images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "pipelines" / "tiny-shapes"))
-    parser.add_argument("--lora", default=None, help="an LCM-LoRA for --model (a folder or .safetensors file)")
-    parser.add_argument("--n", type=int, default=150, help="held-out prompts to draw (of 150)")
-    parser.add_argument("--steps", default="1,2,4", help="LCMScheduler step counts to score")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "src"))
+    def add_arguments(parser) -> None:
+        parser.add_argument("--lora", default=None, help="an LCM-LoRA for --model (a folder or .safetensors file)")
+        parser.add_argument("--n", type=int, default=150, help="held-out prompts to draw (of 150)")
+        parser.add_argument("--steps", default="1,2,4", help="LCMScheduler step counts to score")
+
+    args = parse_shapes_benchmark_args(__doc__, argv, add_arguments)
     from latentdiff import LatentDiffusionPipeline
     from latentdiff.data.analyze import analyze, score
     from latentdiff.data.shapes import heldout_prompts
