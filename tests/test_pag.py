@@ -65,3 +65,32 @@ def test_optimized_pipeline_and_layer_errors(tiny_folders):
     assert ours.pag_applied_layers == ["mid", "up_blocks.1"]
     with pytest.raises(ValueError, match="pag_scale=-1 must be a number >= 0"):
         ours("a red circle", pag_scale=-1)
+
+
+@pytest.mark.parametrize("task", ["Img2Img", "Inpaint"])
+def test_pag_img2img_and_inpainting_match_diffusers(tiny_folders, task):
+    """The PAG image-to-image and inpainting pipelines (the image's noised start; inpainting one image per call, as
+    diffusers' inpainting encodes one input image for all the images of a prompt with the first generator)."""
+    import diffusers
+    from PIL import Image
+
+    import latentdiff
+
+    folder = tiny_folders[0]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8))
+    count = 2 if task == "Img2Img" else 1
+    kwargs = {"image": image, "strength": 0.7, "pag_scale": 2.0, "num_images_per_prompt": count}
+    if task == "Inpaint":
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 4:12] = 255
+        kwargs["mask_image"] = Image.fromarray(mask)
+    ref = getattr(diffusers, f"StableDiffusionPAG{task}Pipeline").from_pretrained(
+        folder, safety_checker=None, pag_applied_layers=["mid", "up_blocks.1"])
+    ref.set_progress_bar_config(disable=True)
+    ours = getattr(latentdiff, f"LatentDiffusionPAG{task}Pipeline").from_pretrained(
+        folder, pag_applied_layers=["mid", "up_blocks.1"])
+    expected = generate(ref, images=count, **kwargs)
+    np.testing.assert_allclose(generate(ours, images=count, **kwargs), expected, atol=2e-4, rtol=0)
+    plain = generate(ours, images=count, **{**kwargs, "pag_scale": 0.0})
+    assert np.abs(plain - expected).max() > 1e-3

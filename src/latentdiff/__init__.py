@@ -16,6 +16,8 @@ _EXPORTS = {
     "LatentDiffusionAdapterPipeline": "latentdiff.pipeline_t2i_adapter",
     "LatentConsistencyModelPipeline": "latentdiff.pipeline_lcm",
     "LatentDiffusionPAGPipeline": "latentdiff.pipeline_pag",
+    "LatentDiffusionPAGImg2ImgPipeline": "latentdiff.pipeline_pag",
+    "LatentDiffusionPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",

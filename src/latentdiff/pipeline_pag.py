@@ -9,22 +9,23 @@ import re
 import torch
 
 from .guidance import ClassifierFreeGuidance, PerturbedAttentionGuidance
-from .pipeline import LatentDiffusionPipeline
+from .pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline, LatentDiffusionPipeline
 
 
-class LatentDiffusionPAGPipeline(LatentDiffusionPipeline):
-    """Text to image with perturbed-attention guidance: `pag_scale` (3.0 by default, as diffusers'; 0 turns it
-    off), `pag_adaptive_scale` (the scale falls by that much per timestep below 1000, to 0); the perturbed layers
-    are set by `from_pretrained(folder, pag_applied_layers=...)` or `set_pag_applied_layers` ("mid" by default)."""
+class PAGMixin:
+    """Perturbed-attention guidance for a pipeline class (put first among the bases): its call takes `pag_scale`
+    (3.0 by default, as diffusers'; 0 turns it off) and `pag_adaptive_scale` (the scale falls by that much per
+    timestep below 1000, to 0); the perturbed layers are set by `from_pretrained(folder, pag_applied_layers=...)`
+    or `set_pag_applied_layers` ("mid" by default)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pag_applied_layers = ["mid"]
         self._pag: tuple[float, float] | None = None  # the running call's (pag_scale, pag_adaptive_scale)
 
-    @staticmethod
-    def _optional(components: dict) -> dict:
-        optional = LatentDiffusionPipeline._optional(components)
+    @classmethod
+    def _optional(cls, components: dict) -> dict:
+        optional = super()._optional(components)
         if "pag_applied_layers" in components:
             optional["pag_applied_layers"] = components.pop("pag_applied_layers")
         return optional
@@ -83,7 +84,7 @@ class LatentDiffusionPAGPipeline(LatentDiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, *args, pag_scale: float = 3.0, pag_adaptive_scale: float = 0.0, **kwargs):
-        """LatentDiffusionPipeline's text-to-image call with `pag_scale` and `pag_adaptive_scale` (see the class)."""
+        """The pipeline's call with `pag_scale` and `pag_adaptive_scale` (see the class)."""
         for name, value in (("pag_scale", pag_scale), ("pag_adaptive_scale", pag_adaptive_scale)):
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
                 raise ValueError(f"{name}={value!r} must be a number >= 0 (0 turns it off)")
@@ -98,3 +99,14 @@ class LatentDiffusionPAGPipeline(LatentDiffusionPipeline):
         finally:
             self._pag = None
 
+
+class LatentDiffusionPAGPipeline(PAGMixin, LatentDiffusionPipeline):
+    """Text to image with perturbed-attention guidance (PAGMixin), as diffusers' StableDiffusionPAGPipeline."""
+
+
+class LatentDiffusionPAGImg2ImgPipeline(PAGMixin, LatentDiffusionImg2ImgPipeline):
+    """Image to image with perturbed-attention guidance, as diffusers' StableDiffusionPAGImg2ImgPipeline."""
+
+
+class LatentDiffusionPAGInpaintPipeline(PAGMixin, LatentDiffusionInpaintPipeline):
+    """Inpainting with perturbed-attention guidance, as diffusers' StableDiffusionPAGInpaintPipeline."""
