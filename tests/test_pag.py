@@ -94,3 +94,19 @@ def test_pag_img2img_and_inpainting_match_diffusers(tiny_folders, task):
     np.testing.assert_allclose(generate(ours, images=count, **kwargs), expected, atol=2e-4, rtol=0)
     plain = generate(ours, images=count, **{**kwargs, "pag_scale": 0.0})
     assert np.abs(plain - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_pag_with_an_ip_adapter_matches_diffusers(tiny_folders, ip_folder, guidance):
+    """The image embeddings follow the batch's layout: [uncond, cond, cond] with guidance, [cond, cond] without."""
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    ref = reference(tiny_folders[0], "mid")
+    ref.load_ip_adapter(str(ip_folder), subfolder="", weight_name="ip.safetensors")
+    ours = LatentDiffusionPAGPipeline.from_pretrained(tiny_folders[0])
+    ours.load_ip_adapter(ip_folder, weight_name="ip.safetensors")
+    for pipe in (ref, ours):
+        pipe.set_ip_adapter_scale(0.7)
+    kwargs = dict(ip_adapter_image=image, guidance_scale=guidance, pag_scale=2.5)
+    np.testing.assert_allclose(generate(ours, **kwargs), generate(ref, **kwargs), atol=2e-4, rtol=0)

@@ -75,19 +75,18 @@ class PerturbedAttentionGuidance(ClassifierFreeGuidance):
     conditional context in which the self-attention of `layers` (models.attention.Attention) sees an identity
     attention map (each token attends to itself alone: a degraded prediction with the image's structure gone), and
     the output is pushed away from it: u + s (c - u) + p (c - perturbed); without guidance (scale <= 1) c + p (c -
-    perturbed). The passes run as one batch over [uncond, cond, cond] (or [cond, cond]), as diffusers' PAG pipelines
-    run them. `pag_scale(t)`: p at timestep t."""
+    perturbed). The passes run as one batch over [uncond, cond, cond] (or [cond, cond] without an unconditional
+    context), as diffusers' PAG pipelines run them; the batch keeps its layout for the whole call (guidance turned
+    off part-way only drops u from the result). `pag_scale(t)`: p at timestep t."""
 
     def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, rescale: float,
                  share_sample: bool, layers: list, pag_scale: Callable[[torch.Tensor], float]):
         super().__init__(model, cond, uncond, scale, rescale, share_sample)
         self.layers, self.pag_scale = layers, pag_scale
-        self.with_uncond = torch.cat([uncond, cond, cond]) if uncond is not None else None
-        self.without = torch.cat([cond, cond])
+        self.contexts = torch.cat([cond, cond] if uncond is None else [uncond, cond, cond])
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        guided = self.guided
-        contexts = self.with_uncond if guided else self.without
+        contexts = self.contexts
         k = contexts.shape[0] // x.shape[0]
         for layer in self.layers:
             layer.perturbed = self.cond.shape[0]
@@ -96,10 +95,9 @@ class PerturbedAttentionGuidance(ClassifierFreeGuidance):
         finally:
             for layer in self.layers:
                 layer.perturbed = 0
-        if guided:
-            out_uncond, out_cond, out_perturbed = out.chunk(3)
-            return guide(out_uncond, out_cond, self.scale, self.rescale, out_perturbed, self.pag_scale(t))
-        out_cond, out_perturbed = out.chunk(2)
+        *out_uncond, out_cond, out_perturbed = out.chunk(contexts.shape[0] // self.cond.shape[0])
+        if self.guided:
+            return guide(out_uncond[0], out_cond, self.scale, self.rescale, out_perturbed, self.pag_scale(t))
         return guide(out_cond, out_cond, 1.0, 0.0, out_perturbed, self.pag_scale(t))
 
 

@@ -985,16 +985,21 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
 
 class WithImageEmbeds:
     """A U-Net call `unet(x, t, context, **kwargs)` given the IP-Adapters' image embeddings (a tensor per adapter)
-    for its contexts: all of them ([uncond; cond] with guidance), or the conditional ones where the call has only
-    the n conditional contexts (guidance turned off part-way by a callback). The same tensors every step (the
-    U-Net's caches key on them)."""
+    for the call's contexts, by their layout in blocks of n: [uncond; cond] as the embeddings were made (guidance),
+    [cond] (guidance turned off part-way by a callback), [uncond; cond; cond] and, without guidance, [cond; cond]
+    (perturbed-attention guidance's extra pass). The same tensors every step (the U-Net's caches key on them)."""
 
     def __init__(self, unet: Callable, embeds: list[torch.Tensor], n: int):
-        self.unet, self.embeds, self.conditional = unet, embeds, [e[-n:] for e in embeds]
+        conditional = [e[-n:] for e in embeds]
+        self.unet = unet
+        self.by_rows = {n: conditional, embeds[0].shape[0]: embeds}
+        if embeds[0].shape[0] == 2 * n:
+            self.by_rows[3 * n] = [torch.cat([e, c]) for e, c in zip(embeds, conditional)]
+        else:
+            self.by_rows[2 * n] = [torch.cat([c, c]) for c in conditional]
 
     def __call__(self, x: torch.Tensor, t, context: torch.Tensor, **kwargs) -> torch.Tensor:
-        embeds = self.embeds if context.shape[0] == self.embeds[0].shape[0] else self.conditional
-        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": embeds}, **kwargs)
+        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": self.by_rows[context.shape[0]]}, **kwargs)
 
 
 def to_diffusers(pipe: LatentDiffusionPipeline):

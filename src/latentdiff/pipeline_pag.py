@@ -88,8 +88,6 @@ class PAGMixin:
         for name, value in (("pag_scale", pag_scale), ("pag_adaptive_scale", pag_adaptive_scale)):
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
                 raise ValueError(f"{name}={value!r} must be a number >= 0 (0 turns it off)")
-        if pag_scale > 0 and self.unet._ip is not None:
-            raise ValueError("the PAG pipeline takes no IP-Adapter yet: unload_ip_adapter() first (or pag_scale=0)")
         if pag_scale > 0 and self._graphed is not None:
             raise ValueError("CUDA graphs replay the U-Net without perturbed attention: disable_cuda_graphs() first "
                              "(or pag_scale=0)")
