@@ -110,3 +110,26 @@ def test_pag_with_an_ip_adapter_matches_diffusers(tiny_folders, ip_folder, guida
         pipe.set_ip_adapter_scale(0.7)
     kwargs = dict(ip_adapter_image=image, guidance_scale=guidance, pag_scale=2.5)
     np.testing.assert_allclose(generate(ours, **kwargs), generate(ref, **kwargs), atol=2e-4, rtol=0)
+
+
+def test_pag_with_a_controlnet_matches_diffusers(tiny_folders, tmp_path):
+    """A ControlNet sees all three passes; the perturbation is the U-Net's alone. Guess mode is refused."""
+    import diffusers
+
+    from latentdiff import ControlNetModel, LatentDiffusionControlNetPAGPipeline
+    from tiny import randomized
+
+    net = diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel.from_pretrained(tiny_folders[0] / "unet"),
+                                              conditioning_embedding_out_channels=(8, 16))
+    randomized(net, 3).save_pretrained(tmp_path / "cn", safe_serialization=True)
+    ref = diffusers.StableDiffusionControlNetPAGPipeline.from_pretrained(
+        tiny_folders[0], safety_checker=None, controlnet=diffusers.ControlNetModel.from_pretrained(tmp_path / "cn"),
+        pag_applied_layers=["mid"])
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionControlNetPAGPipeline.from_pretrained(
+        tiny_folders[0], controlnet=ControlNetModel.from_pretrained(tmp_path / "cn"), pag_applied_layers=["mid"])
+    control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(image=control, pag_scale=2.0, controlnet_conditioning_scale=0.8)
+    np.testing.assert_allclose(generate(ours, **kwargs), generate(ref, **kwargs), atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="guess mode .* with perturbed-attention guidance is not supported"):
+        ours("a red circle", image=control, guess_mode=True, num_inference_steps=2, progress=False)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LatentDiffusionPAGPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionPAGImg2ImgPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionPAGInpaintPipeline": "latentdiff.pipeline_pag",
+    "LatentDiffusionControlNetPAGPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",

@@ -34,6 +34,9 @@ class ControlledUNet:
         active = [(net, image, s) for net, image, s in zip(self.controlnets, self.images, scales) if s != 0]
         if not active:  # (adding zero residuals would change nothing)
             return self.unet(x, t, context)
+        if self.guess_mode and context.shape[0] > 2 * self.images[0].shape[0]:
+            raise ValueError("guess mode (or a ControlNet with global_pool_conditions) with perturbed-attention "
+                             "guidance is not supported: pass pag_scale=0 or guess_mode=False")
         guided_rows = context.shape[0] // 2 if self.guess_mode and context.shape[0] > self.images[0].shape[0] else 0
         net_x, net_context = x, context
         if guided_rows:  # the conditional half of the contexts (and of x, unless x is shared by both halves)

@@ -10,6 +10,7 @@ import torch
 
 from .guidance import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from .pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline, LatentDiffusionPipeline
+from .pipeline_controlnet import LatentDiffusionControlNetPipeline
 
 
 class PAGMixin:
@@ -108,3 +109,9 @@ class LatentDiffusionPAGImg2ImgPipeline(PAGMixin, LatentDiffusionImg2ImgPipeline
 
 class LatentDiffusionPAGInpaintPipeline(PAGMixin, LatentDiffusionInpaintPipeline):
     """Inpainting with perturbed-attention guidance, as diffusers' StableDiffusionPAGInpaintPipeline."""
+
+
+class LatentDiffusionControlNetPAGPipeline(PAGMixin, LatentDiffusionControlNetPipeline):
+    """ControlNet-guided text to image with perturbed-attention guidance, as diffusers'
+    StableDiffusionControlNetPAGPipeline: the ControlNets see every pass of the batch (the perturbed one too), the
+    perturbation is the U-Net's alone. Not in guess mode."""
