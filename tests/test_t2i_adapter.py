@@ -138,7 +138,40 @@ def test_errors(tiny_folders, adapter_folder):
         generate(ours, image=torch.rand(1, 3, 16, 16), height=16, width=24)
     with pytest.raises(ValueError, match="has no T2I-Adapter"):
         LatentDiffusionAdapterPipeline.from_pretrained(tiny_folders[0])
-    with pytest.raises(TypeError, match="adapter must be one T2IAdapter"):
-        LatentDiffusionAdapterPipeline.from_pipe(ours, adapter=[ours.adapter, ours.adapter])
+    with pytest.raises(TypeError, match="adapter must be a T2IAdapter"):
+        LatentDiffusionAdapterPipeline.from_pipe(ours, adapter=ours.unet)
     with pytest.raises(ValueError, match="CUDA graphs are not available with a T2I-Adapter"):
         ours.enable_cuda_graphs()
+
+
+def test_several_adapters_match_diffusers(tiny_folders, adapter_folder, tmp_path):
+    """A list of adapters (a colour one and a grey one), one control image and one weight each: diffusers'
+    MultiAdapter; pipeline folders with adapter/ and adapter_1/ both ways; the errors."""
+    import diffusers
+
+    from latentdiff.models.t2i_adapter import MultiAdapter
+
+    grey = T2IAdapterConfig(in_channels=1, channels=(32, 64), num_res_blocks=1, downscale_factor=2)
+    randomized(T2IAdapter(grey), 6).save_pretrained(tmp_path / "grey")
+    folders = [adapter_folder, tmp_path / "grey"]
+    ref = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
+        tiny_folders[0], adapter=[diffusers.T2IAdapter.from_pretrained(f) for f in folders], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionAdapterPipeline.from_pretrained(
+        tiny_folders[0], adapter=[T2IAdapter.from_pretrained(f) for f in folders])
+    assert isinstance(ours.adapter, MultiAdapter)
+    sketch = Image.fromarray(np.random.default_rng(9).integers(0, 256, (16, 16), dtype=np.uint8))
+    kwargs = dict(image=[CONTROL, sketch], height=16, width=16, adapter_conditioning_scale=[0.7, 0.4])
+    got = generate(ours, **kwargs)
+    np.testing.assert_allclose(got, generate(ref, **kwargs), atol=2e-4, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "adapter_1" / "config.json").exists()
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ours", safety_checker=None)
+    assert type(loaded.adapter).__name__ == "MultiAdapter" and len(loaded.adapter.adapters) == 2
+    back = LatentDiffusionAdapterPipeline.from_pretrained(tmp_path / "ours")
+    np.testing.assert_allclose(generate(back, **kwargs), got, atol=1e-6)
+    with pytest.raises(ValueError, match="2 T2I-Adapters need one control image each"):
+        generate(ours, image=CONTROL, height=16, width=16)
+    with pytest.raises(ValueError, match="makes feature maps of other sizes"):
+        MultiAdapter([ours.adapter.adapters[0], T2IAdapter(T2IAdapterConfig(in_channels=3, channels=(32, 64, 64),
+                                                                           num_res_blocks=1, downscale_factor=2))])

@@ -105,16 +105,19 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
 
 
 def _load_adapter(folder: Path, index: dict, dtype: torch.dtype | None, variant: str | None):
-    """The folder's T2I-Adapter (adapter/)."""
-    from .models.t2i_adapter import T2IAdapter
+    """The folder's T2I-Adapter (adapter/), or its MultiAdapter (adapter/, adapter_1/, ...)."""
+    from .models.t2i_adapter import MultiAdapter, T2IAdapter
 
     entry = index.get("adapter")
     if not entry or not (folder / "adapter").is_dir():
         raise ValueError(f"{folder} has no T2I-Adapter (no adapter/ folder, or none in model_index.json): pass one, "
                          "LatentDiffusionAdapterPipeline.from_pretrained(folder, adapter=T2IAdapter.from_pretrained("
                          "adapter_folder))")
+    if entry[-1] == "MultiAdapter":
+        return MultiAdapter.from_pretrained(folder / "adapter", torch_dtype=dtype, variant=variant)
     if entry[-1] != "T2IAdapter":
-        raise ValueError(f"{folder / 'model_index.json'}: adapter is a {entry[-1]}; latentdiff loads one T2IAdapter")
+        raise ValueError(f"{folder / 'model_index.json'}: adapter is a {entry[-1]}; latentdiff loads T2IAdapter and "
+                         "MultiAdapter")
     return T2IAdapter.from_pretrained(folder / "adapter", torch_dtype=dtype, variant=variant)
 
 
@@ -192,9 +195,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
     scheduler.save_config(folder / "scheduler")
-    if adapter is not None:
+    if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
         adapter.save_pretrained(folder / "adapter", variant=variant)
-        index["adapter"] = ["diffusers", "T2IAdapter"]
+        index["adapter"] = ["diffusers", type(adapter).__name__]
     if controlnet is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ... (diffusers' layout)
         nets = list(getattr(controlnet, "nets", [controlnet]))
         for i, net in enumerate(nets):

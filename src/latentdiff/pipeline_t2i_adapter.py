@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .models.t2i_adapter import T2IAdapter
+from .models.t2i_adapter import MultiAdapter, T2IAdapter
 from .pipeline import Generators, LatentDiffusionPipeline
 
 
@@ -26,15 +26,18 @@ class AdaptedUNet:
 
 
 class LatentDiffusionAdapterPipeline(LatentDiffusionPipeline):
-    """Text-to-image with a T2I-Adapter, as diffusers' StableDiffusionAdapterPipeline (one adapter)."""
+    """Text-to-image with a T2I-Adapter, as diffusers' StableDiffusionAdapterPipeline; with several (a list, or a
+    MultiAdapter), one control image each and their feature maps summed with adapter_conditioning_scale's weights."""
 
     component_names = (*LatentDiffusionPipeline.component_names, "adapter")
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, adapter):
         super().__init__(tokenizer, text_encoder, unet, vae, scheduler)
-        if not isinstance(adapter, T2IAdapter):
-            raise TypeError(f"adapter must be one T2IAdapter (T2IAdapter.from_pretrained(folder)); got "
-                            f"{type(adapter).__name__}")
+        if isinstance(adapter, (list, tuple)):
+            adapter = adapter[0] if len(adapter) == 1 else MultiAdapter(list(adapter))
+        if not isinstance(adapter, (T2IAdapter, MultiAdapter)):
+            raise TypeError(f"adapter must be a T2IAdapter (T2IAdapter.from_pretrained(folder)), a list of them or a "
+                            f"MultiAdapter; got {type(adapter).__name__}")
         self.adapter = adapter
 
     def _models(self) -> list[torch.nn.Module]:
@@ -52,15 +55,20 @@ class LatentDiffusionAdapterPipeline(LatentDiffusionPipeline):
         eta: float = 0.0, generator: Generators = None, latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
-        adapter_conditioning_scale: float = 1.0, clip_skip: int | None = None,
+        adapter_conditioning_scale: float | list[float] = 1.0, clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: list[str] | None = None,
         progress: bool = True, ip_adapter_image=None, ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """image: the control image (PIL, resized to height x width with Lanczos as diffusers; or a [B, C, H, W]
         tensor in [0, 1] of that size), one for all prompts or one per prompt; height and width default to its size
-        rounded down to a multiple of 8. adapter_conditioning_scale: the feature maps' weight."""
-        pixels = self.prepare_adapter_image(image, height, width)
-        maps = [m * adapter_conditioning_scale for m in self.adapter(pixels.to(self.adapter.device))]
+        rounded down to a multiple of 8. adapter_conditioning_scale: the feature maps' weight. With several
+        adapters, a list of such images (one entry per adapter, sized as the first) and one weight each (or one
+        for all)."""
+        if isinstance(self.adapter, MultiAdapter):
+            pixels, maps = self._multi_adapter_maps(image, height, width, adapter_conditioning_scale)
+        else:
+            pixels = self.prepare_adapter_image(image, height, width)
+            maps = [m * adapter_conditioning_scale for m in self.adapter(pixels.to(self.adapter.device))]
         if not all(torch.isfinite(m).all() for m in maps):
             raise ValueError("the T2I-Adapter's feature maps hold NaN or infinite values (its weights, or the image)")
 
@@ -79,13 +87,31 @@ class LatentDiffusionAdapterPipeline(LatentDiffusionPipeline):
             cross_attention_kwargs, control=control, ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds)
 
-    def prepare_adapter_image(self, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """The control image(s) as a float32 [N, C, H, W] batch in [0, 1] (C: the adapter's input channels)."""
+    def _multi_adapter_maps(self, images, height, width, scale) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the first adapter's pixels, the summed feature maps) of several adapters."""
+        adapters = self.adapter.adapters
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(images) != len(adapters):
+            raise ValueError(f"{len(adapters)} T2I-Adapters need one control image each (a list of {len(adapters)}: "
+                             f"an image, or a list of images per prompt); got {len(images)}")
+        weights = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(adapters)
+        first = self.prepare_adapter_image(images[0], height, width, adapters[0].config.in_channels)
+        pixels = [first] + [self.prepare_adapter_image(image, *first.shape[-2:], adapter.config.in_channels)
+                            for image, adapter in zip(images[1:], adapters[1:])]
+        if len({p.shape[0] for p in pixels}) != 1:
+            raise ValueError(f"the adapters' control images come in batches of {[p.shape[0] for p in pixels]}: give "
+                             "each adapter as many images (one, or one per prompt)")
+        return first, self.adapter([p.to(self.adapter.device) for p in pixels], weights)
+
+    def prepare_adapter_image(self, image, height: int | None = None, width: int | None = None,
+                              channels: int | None = None) -> torch.Tensor:
+        """The control image(s) as a float32 [N, C, H, W] batch in [0, 1] (C: the adapter's input channels, or
+        `channels`)."""
         from PIL import Image
 
         if image is None:
             raise ValueError("the T2I-Adapter pipeline needs image= (the control image: sketch, depth, pose, ...)")
-        channels = self.adapter.config.in_channels
+        channels = channels or self.adapter.config.in_channels
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if all(isinstance(im, Image.Image) for im in items):
             height, width = self._size_for_image(items[0].height, items[0].width, height, width)

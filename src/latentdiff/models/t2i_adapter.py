@@ -139,3 +139,71 @@ class T2IAdapter(ModelMixin):
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the adapter's "
                              f"downscale_factor {self.config.downscale_factor}")
         return self.adapter(x.to(self.dtype))
+
+
+class MultiAdapter(nn.Module):
+    """Several T2I-Adapters, each with its own control image and weight; their feature maps add up, weighted
+    (diffusers' MultiAdapter: equal weights 1/n by default). A pipeline given a list of adapters makes one. Saved as
+    diffusers saves it: the first adapter in `folder`, the others in `folder_1`, `folder_2`, ..."""
+
+    def __init__(self, adapters: list[T2IAdapter]):
+        super().__init__()
+        if not adapters or not all(isinstance(a, T2IAdapter) for a in adapters):
+            raise TypeError("MultiAdapter takes a non-empty list of T2IAdapter")
+        first = adapters[0]
+        for i, adapter in enumerate(adapters[1:], 1):
+            if (adapter.total_downscale_factor, adapter.downscale_factor, adapter.num_features) != (
+                    first.total_downscale_factor, first.downscale_factor, first.num_features):
+                raise ValueError(f"adapters[{i}] makes feature maps of other sizes than adapters[0] (downscale "
+                                 f"{adapter.downscale_factor} / {adapter.total_downscale_factor}, "
+                                 f"{adapter.num_features} maps, against {first.downscale_factor} / "
+                                 f"{first.total_downscale_factor}, {first.num_features}): adapters summed together "
+                                 "must be made for the same U-Net")
+        self.adapters = nn.ModuleList(adapters)
+
+    @property
+    def config(self) -> T2IAdapterConfig:
+        return self.adapters[0].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapters[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapters[0].device
+
+    @property
+    def total_downscale_factor(self) -> int:
+        return self.adapters[0].total_downscale_factor
+
+    def forward(self, xs: list[torch.Tensor], adapter_weights: list[float] | None = None) -> list[torch.Tensor]:
+        """sum_i w_i adapter_i(xs[i]), map by map."""
+        n = len(self.adapters)
+        weights = [1.0 / n] * n if adapter_weights is None else list(adapter_weights)
+        if len(xs) != n or len(weights) != n:
+            raise ValueError(f"{n} T2I-Adapters need one control image and one weight each; got {len(xs)} images "
+                             f"and {len(weights)} weights")
+        total = None
+        for x, w, adapter in zip(xs, weights, self.adapters):
+            features = adapter(x)
+            total = [w * f for f in features] if total is None else [t + w * f for t, f in zip(total, features)]
+        return total
+
+    def save_pretrained(self, folder, variant: str | None = None) -> None:
+        for i, adapter in enumerate(self.adapters):
+            adapter.save_pretrained(f"{folder}_{i}" if i else folder, variant=variant)
+
+    @classmethod
+    def from_pretrained(cls, folder, torch_dtype: torch.dtype | None = None, variant: str | None = None
+                        ) -> "MultiAdapter":
+        """The adapters in `folder`, `folder_1`, ... (as many as exist)."""
+        from pathlib import Path
+
+        adapters, path = [], Path(folder)
+        while path.is_dir():
+            adapters.append(T2IAdapter.from_pretrained(path, torch_dtype=torch_dtype, variant=variant))
+            path = Path(f"{folder}_{len(adapters)}")
+        if not adapters:
+            raise FileNotFoundError(f"{folder}: no T2I-Adapter folder there")
+        return cls(adapters)
