@@ -285,3 +285,39 @@ def test_with_a_call_time_lora_scale(tiny_folders, ip_folder):
         ours.set_adapters("style", 0.5)
         expected = ours.unet(x, 500, ctx, added_cond_kwargs=added)
     assert (at_call - expected).abs().max() < 1e-5
+
+
+def test_masks_match_diffusers(tiny_folders, ip_folder, tmp_path):
+    """IP-Adapter masks (cross_attention_kwargs={"ip_adapter_masks": ...}, as diffusers' IPAdapterMaskProcessor
+    makes them): one adapter given two images, each confined to its half of the image; and two adapters, one of
+    them masked."""
+    import shutil
+
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    other = Image.fromarray(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    left, right = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    left[:, :8], right[:, 8:] = 255, 255
+    masks = IPAdapterMaskProcessor().preprocess([Image.fromarray(left), Image.fromarray(right)], height=16, width=16)
+    two_images = [masks.reshape(1, 2, 16, 16)]
+    ours, ref = pair(tiny_folders, ip_folder)
+    kwargs = dict(ip_adapter_image=[[IMAGE, other]], cross_attention_kwargs={"ip_adapter_masks": two_images})
+    got = generate(ours, **kwargs)
+    np.testing.assert_allclose(got, generate(ref, **kwargs), atol=2e-4, rtol=0)
+    assert np.abs(got - generate(ours, ip_adapter_image=[[IMAGE, other]])).max() > 1e-3  # (the masks count)
+    # two adapters, the second one masked
+    shutil.copy(ip_folder / "ip.safetensors", tmp_path / "ip.safetensors")
+    plus_adapter(ip_folder, tmp_path)
+    names = ["ip.safetensors", "plus.safetensors"]
+    ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name=names)
+    ours.load_ip_adapter(tmp_path, weight_name=names)
+    for pipe in (ours, ref):
+        pipe.set_ip_adapter_scale([0.6, 0.8])
+    one_mask = masks[:1].reshape(1, 1, 16, 16)
+    kwargs = dict(ip_adapter_image=[IMAGE, other], cross_attention_kwargs={"ip_adapter_masks": [None, one_mask]})
+    np.testing.assert_allclose(generate(ours, **kwargs), generate(ref, **kwargs), atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="ip_adapter_masks: 1 entries for 2 loaded IP-Adapters"):
+        generate(ours, ip_adapter_image=[IMAGE, other], cross_attention_kwargs={"ip_adapter_masks": [one_mask]})
+    with pytest.raises(ValueError, match="2 masks for an adapter given 1 images"):
+        generate(ours, ip_adapter_image=[IMAGE, other],
+                 cross_attention_kwargs={"ip_adapter_masks": [None, masks.reshape(1, 2, 16, 16)]})

@@ -539,7 +539,7 @@ def test_bad_inputs(pipe, folders, tmp_path):
         run(pipe, PROMPTS[0], generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="output_type='jpg'"):
         run(pipe, PROMPTS[0], output_type="jpg")
-    with pytest.raises(ValueError, match="cross_attention_kwargs=.*only {'scale': number}"):
+    with pytest.raises(ValueError, match="cross_attention_kwargs=.*only 'scale' .* and 'ip_adapter_masks'"):
         run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5, "attention_mask": None})
     assert run(pipe, PROMPTS[0], cross_attention_kwargs=None, num_inference_steps=1) is not None
     assert run(pipe, PROMPTS[0], cross_attention_kwargs={"scale": 0.5}, num_inference_steps=1) is not None  # no LoRA

@@ -260,7 +260,7 @@ def test_diffusers_calling_conventions(small):
                 ours(sample, t, ctx, return_dict=True).sample, ours(sample, t, ctx, True)[0]):
         assert got.shape == sample.shape
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match=r"only \{'scale': number\}"):
+    with pytest.raises(ValueError, match="only 'scale' .* and 'ip_adapter_masks'"):
         ours(sample, t, ctx, cross_attention_kwargs={"attention_mask": None})
     torch.testing.assert_close(ours(sample, t, ctx, cross_attention_kwargs={"scale": 0.5}), expected, rtol=0,
                                atol=1e-4)  # the LoRA scale, without adapters: nothing to scale

@@ -133,6 +133,7 @@ class IPAdapters:
     def __init__(self, adapters: list[IPAdapterState]):
         self.adapters = adapters
         self.counts: tuple[int, ...] = ()  # tokens each adapter appended to the contexts of the current call
+        self.masks: list[torch.Tensor | None] = []  # the current call's masks, per adapter (see set_masks)
         self.memo: tuple | None = None  # (context, embeds, key, extended context, counts)
 
     def __len__(self) -> int:
@@ -143,6 +144,24 @@ class IPAdapters:
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for m in self.modules() for p in m.parameters()]
+
+    def set_masks(self, masks) -> None:
+        """diffusers' ip_adapter_masks for the next U-Net calls: per adapter None or a tensor [1 or B, images, H, W]
+        (IPAdapterMaskProcessor's masks, reshaped to one per image of that adapter; 1 where the image applies).
+        A masked adapter attends to each of its images separately and scales each result by its mask, resized
+        to the layer's token grid (models.attention.downsample_mask); None for no masks."""
+        if masks is None:
+            self.masks = []
+            return
+        masks = list(masks) if isinstance(masks, (list, tuple)) else list(masks.unsqueeze(1))
+        if len(masks) != len(self.adapters):
+            raise ValueError(f"ip_adapter_masks: {len(masks)} entries for {len(self.adapters)} loaded IP-Adapters: "
+                             "give one per adapter (None for an adapter without masks)")
+        for i, mask in enumerate(masks):
+            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4):
+                raise ValueError(f"ip_adapter_masks[{i}] must be a tensor [1, images, height, width] (one mask per "
+                                 "image of that adapter, 1 where it applies) or None")
+        self.masks = masks
 
     def context(self, context: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
         """[context | image tokens of adapter 1 | adapter 2 | ...], per sample. The same tensor again for the same

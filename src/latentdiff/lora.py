@@ -139,11 +139,13 @@ def lora_call_scale(cross_attention_kwargs: dict | None) -> float | None:
     """The LoRA scale a call's cross_attention_kwargs give (diffusers' {"scale": s}), checked; None if none."""
     if not cross_attention_kwargs:
         return None
-    if set(cross_attention_kwargs) != {"scale"} or isinstance(cross_attention_kwargs["scale"], bool) or \
-            not isinstance(cross_attention_kwargs["scale"], (int, float)):
-        raise ValueError(f"cross_attention_kwargs={cross_attention_kwargs!r}: only {{'scale': number}} (the LoRA "
-                         "scale) is taken; latentdiff has no attention processors to pass other arguments to")
-    return float(cross_attention_kwargs["scale"])
+    unknown = set(cross_attention_kwargs) - {"scale", "ip_adapter_masks"}
+    scale = cross_attention_kwargs.get("scale")
+    if unknown or (scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)))):
+        raise ValueError(f"cross_attention_kwargs={cross_attention_kwargs!r}: only 'scale' (a number: the LoRA scale) "
+                         "and 'ip_adapter_masks' (IP-Adapter masks) are taken; latentdiff has no attention processors "
+                         "to pass other arguments to")
+    return None if scale is None else float(scale)
 
 
 @contextlib.contextmanager

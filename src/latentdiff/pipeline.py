@@ -608,11 +608,16 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         """The guided model a denoising loop calls (the PAG pipeline's adds perturbed-attention guidance)."""
         return ClassifierFreeGuidance(unet, cond, uncond, guidance_scale, guidance_rescale, share)
 
-    def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guidance_scale: float):
+    def _step_unet(self, control: Callable | None, n: int, steps: int, ip_image, ip_embeds, guidance_scale: float,
+                   cross_attention_kwargs: dict | None = None):
         """The U-Net call of each denoising step, for denoise(unet=): the U-Net's own (None), or with an LCM's
-        guidance embedding, an IP-Adapter's image embeddings (ip_adapter_image / _embeds) and the ControlNets'
-        residuals (control)."""
+        guidance embedding, the IP-Adapters' image embeddings (ip_adapter_image / _embeds, and cross_attention_kwargs'
+        ip_adapter_masks) and the ControlNets' residuals (control)."""
         embeds = self._ip_embeds(ip_image, ip_embeds, n, self._guided(guidance_scale))
+        masks = (cross_attention_kwargs or {}).get("ip_adapter_masks")
+        if masks is not None and embeds is None:
+            raise ValueError("ip_adapter_masks given, but no IP-Adapter image: load_ip_adapter(...) and pass "
+                             "ip_adapter_image")
         unet = self._unet_call()
         wrapped = embeds is not None or self._guidance_embedded
         if wrapped and isinstance(unet, CUDAGraphModel):
@@ -621,7 +626,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         if self._guidance_embedded:
             unet = functools.partial(unet, timestep_cond=self._guidance_condition(guidance_scale, n))
         if embeds is not None:
-            unet = WithImageEmbeds(unet, embeds, n)
+            unet = WithImageEmbeds(unet, embeds, n, masks)
         if control is not None:
             return control(unet, n, steps)
         return unet if wrapped else None
@@ -761,7 +766,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                  "None to draw it from the generator)")
             latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
             unet = self._step_unet(control, n, len(self.scheduler.timesteps), ip_adapter_image,
-                                   ip_adapter_image_embeds, guidance_scale)
+                                   ip_adapter_image_embeds, guidance_scale, cross_attention_kwargs)
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, guidance_rescale, unet=unet)
             images = self.decode(latents, output_type)
@@ -812,7 +817,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
                 noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
                 latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
             unet = self._step_unet(control, z0.shape[0], len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
-                                   guidance_scale)
+                                   guidance_scale, cross_attention_kwargs)
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, unet=unet)
             images = self.decode(latents, output_type)
@@ -946,7 +951,7 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
                 return (1 - small) * known + small * x
 
             unet = self._step_unet(control, n, len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
-                                   guidance_scale)
+                                   guidance_scale, cross_attention_kwargs)
             latents = self.denoise(start, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress,
                                    conditioning=None if plain else torch.cat([small, masked], dim=1),
@@ -989,9 +994,9 @@ class WithImageEmbeds:
     [cond] (guidance turned off part-way by a callback), [uncond; cond; cond] and, without guidance, [cond; cond]
     (perturbed-attention guidance's extra pass). The same tensors every step (the U-Net's caches key on them)."""
 
-    def __init__(self, unet: Callable, embeds: list[torch.Tensor], n: int):
+    def __init__(self, unet: Callable, embeds: list[torch.Tensor], n: int, masks=None):
         conditional = [e[-n:] for e in embeds]
-        self.unet = unet
+        self.unet, self.masks = unet, None if masks is None else {"ip_adapter_masks": masks}
         self.by_rows = {n: conditional, embeds[0].shape[0]: embeds}
         if embeds[0].shape[0] == 2 * n:
             self.by_rows[3 * n] = [torch.cat([e, c]) for e, c in zip(embeds, conditional)]
@@ -999,7 +1004,8 @@ class WithImageEmbeds:
             self.by_rows[2 * n] = [torch.cat([c, c]) for c in conditional]
 
     def __call__(self, x: torch.Tensor, t, context: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": self.by_rows[context.shape[0]]}, **kwargs)
+        return self.unet(x, t, context, added_cond_kwargs={"image_embeds": self.by_rows[context.shape[0]]},
+                         cross_attention_kwargs=self.masks, **kwargs)
 
 
 def to_diffusers(pipe: LatentDiffusionPipeline):

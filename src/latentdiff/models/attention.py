@@ -4,6 +4,8 @@ torch.nn.functional.scaled_dot_product_attention. Module names match diffusers' 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,25 @@ def tensors_key(tensors) -> tuple | None:
         return tuple((t.data_ptr(), t._version) for t in tensors)
     except RuntimeError:
         return None
+
+
+def downsample_mask(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """An image's mask [1 or B, H, W] at a layer of `tokens` queries: resized (bicubic) to the token grid of the
+    mask's aspect ratio, padded or cut to the token count as diffusers' IPAdapterMaskProcessor.downsample does ->
+    [batch, tokens]."""
+    height, width = mask.shape[-2:]
+    rows = int(math.sqrt(tokens / (width / height)))
+    rows += int(tokens % rows != 0)
+    resized = F.interpolate(mask[:, None].float(), size=(rows, tokens // rows), mode="bicubic")[:, 0]
+    if resized.shape[0] < batch:
+        resized = resized.repeat(batch, 1, 1)
+    flat = resized.reshape(resized.shape[0], -1)
+    if flat.shape[1] != tokens:
+        warnings.warn("the aspect ratio of the IP-Adapter mask differs from the image's: its resized grid is padded "
+                      "or cut to fit; give masks of the image's aspect ratio", UserWarning, stacklevel=2)
+        flat = F.pad(flat, (0, tokens - flat.shape[1])) if flat.shape[1] < tokens else flat[:, :tokens]
+    return flat
+
 
 
 class Attention(nn.Module):
@@ -75,8 +96,11 @@ class Attention(nn.Module):
             q = self._heads(self.to_q(x))
             k, v, image = self._keys_values(x if context is None else context, cross=context is not None)
         out = self._attend(q, k, v)
-        for scale, keys, values in image or ():  # IP-Adapters' image tokens: their attention, scaled, added
-            out = out + scale * self._attend(q, keys, values)
+        for scale, keys, values, mask in image or ():  # IP-Adapters' image tokens: their attention, scaled, added
+            extra = self._attend(q, keys, values)
+            if mask is not None:  # (a masked adapter's image: where its mask says, [B, tokens] -> [B, 1, N, 1])
+                extra = extra * downsample_mask(mask, b, n).to(extra.dtype)[:, None, :, None]
+            out = out + scale * extra
         out = out.transpose(1, 2).reshape(b, n, -1)
         if residual is not None:
             return self.to_out[0](out, residual)  # (a packed layer: inference only, so no dropout)
@@ -134,11 +158,21 @@ class Attention(nn.Module):
             return self._heads(self.to_k(context)), self._heads(self.to_v(context)), None
         loaded, i = self.ip
         text = context[:, :context.shape[1] - sum(loaded.counts)]
-        images = []  # (scale, keys, values) of each adapter whose scale here is not 0 (as diffusers skips those)
-        for state, tokens in zip(loaded.adapters, context[:, text.shape[1]:].split(loaded.counts, dim=1)):
+        masks = loaded.masks or [None] * len(loaded.adapters)
+        images = []  # (scale, keys, values, mask) of each adapter (each image of a masked one) whose scale is not 0
+        for state, tokens, mask in zip(loaded.adapters, context[:, text.shape[1]:].split(loaded.counts, dim=1), masks):
             to_k_ip, to_v_ip = state.layers[i]
-            if state.scales[i] != 0:
-                images.append((state.scales[i], self._heads(to_k_ip(tokens)), self._heads(to_v_ip(tokens))))
+            if state.scales[i] == 0:  # (as diffusers skips those)
+                continue
+            if mask is None:
+                images.append((state.scales[i], self._heads(to_k_ip(tokens)), self._heads(to_v_ip(tokens)), None))
+                continue
+            if tokens.shape[1] != mask.shape[1] * state.tokens:
+                raise ValueError(f"ip_adapter_masks: {mask.shape[1]} masks for an adapter given "
+                                 f"{tokens.shape[1] // state.tokens} images: give one mask per image")
+            for j, piece in enumerate(tokens.split(state.tokens, dim=1)):
+                images.append((state.scales[i], self._heads(to_k_ip(piece)), self._heads(to_v_ip(piece)),
+                               mask[:, j]))
         return self._heads(self.to_k(text)), self._heads(self.to_v(text)), images
 
     def _cache_key(self, context: torch.Tensor) -> tuple | None:
@@ -152,6 +186,8 @@ class Attention(nn.Module):
         adapters, i = ((), 0) if self.ip is None else (self.ip[0].adapters, self.ip[1])
         ip = [p for state in adapters for layer in state.layers[i] for p in layer.parameters()]
         scales = tuple(state.scales[i] for state in adapters)
+        if self.ip is not None and self.ip[0].masks:  # (the masks themselves: the cache holds them per image)
+            scales += tuple(map(id, self.ip[0].masks))
         key = tensors_key((context, self.to_k.weight, self.to_v.weight, *ip))
         return None if key is None else (key, scales)
 

@@ -444,12 +444,15 @@ class UNet2DConditionModel(DownPath):
             self._ip.memo = None
         return out
 
-    def _with_image_tokens(self, context: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """The context with an IP-Adapter's image tokens appended (added_cond_kwargs={"image_embeds": [embeds]}, as
-        diffusers passes them), where one is loaded (ip_adapter.py); other added conditions are refused."""
+    def _with_image_tokens(self, context: torch.Tensor, added: dict | None, masks=None) -> torch.Tensor:
+        """The context with the IP-Adapters' image tokens appended (added_cond_kwargs={"image_embeds": [embeds]}, as
+        diffusers passes them), where they are loaded (ip_adapter.py), and their `masks` (cross_attention_kwargs'
+        ip_adapter_masks) set for this call; other added conditions are refused."""
         state = self._ip
         added = dict(added or {})
         embeds = added.pop("image_embeds", None)
+        if masks is not None and state is None:
+            raise ValueError("ip_adapter_masks given, but no IP-Adapter is loaded: load_ip_adapter(...) first")
         if added or (embeds is not None and state is None):
             name = sorted(added)[0] if added else "image_embeds"
             raise ValueError(f"added_cond_kwargs {name!r} is not supported by this U-Net" + (
@@ -460,6 +463,7 @@ class UNet2DConditionModel(DownPath):
         if embeds is None:
             raise ValueError("an IP-Adapter is loaded: pass its image embeddings, added_cond_kwargs={'image_embeds': "
                              "[embeds]} (or unload it)")
+        state.set_masks(masks)
         return state.context(context, list(embeds) if isinstance(embeds, (list, tuple)) else [embeds])
 
     def _check_timestep_cond(self, cond: torch.Tensor | None, batch: int) -> None:
@@ -511,12 +515,15 @@ class UNet2DConditionModel(DownPath):
         scale = lora_call_scale(cross_attention_kwargs)  # {"scale": s}: the loaded LoRA adapters s times
         if scale is not None and scale != 1.0 and adapters_of(self) is not None:
             with model_lora_scaled(self, scale):
+                masks = {k: v for k, v in cross_attention_kwargs.items() if k != "scale"}
                 return self.forward(sample, timestep, encoder_hidden_states, return_dict,
                                     timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
+                                    cross_attention_kwargs=masks or None,
                                     down_block_additional_residuals=down_block_additional_residuals,
                                     mid_block_additional_residual=mid_block_additional_residual,
                                     down_intrablock_additional_residuals=down_intrablock_additional_residuals)
-        ctx = self._with_image_tokens(encoder_hidden_states, added_cond_kwargs)  # (once: after the LoRA re-entry)
+        ctx = self._with_image_tokens(encoder_hidden_states, added_cond_kwargs,  # (once: after the LoRA re-entry)
+                                      (cross_attention_kwargs or {}).get("ip_adapter_masks"))
         shared = ctx.shape[0] // sample.shape[0]
         intrablock = None
         if down_intrablock_additional_residuals is not None:
