@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-         "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler"]
+         "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -34,7 +34,7 @@ def variants(name):
                 dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
                 dict(solver_order=3), dict(solver_order=3, lower_order_final=False),
                 dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), dict(solver_order=1)]
-    if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler"):
+    if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
@@ -405,6 +405,7 @@ CONFIGS = {
     "LMSDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction", steps_offset=1),
     "LCMScheduler": dict(original_inference_steps=100, timestep_scaling=5.0, prediction_type="v_prediction"),
     "TCDScheduler": dict(original_inference_steps=25, clip_sample=True),
+    "KDPM2DiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
 }
 
 
@@ -473,7 +474,7 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
         "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
         "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
-        "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
+        "lcm": "LCMScheduler", "tcd": "TCDScheduler", "dpm2": "KDPM2DiscreteScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -589,3 +590,26 @@ def test_zero_terminal_snr_matches_diffusers(name, spacing):
     floor = 2.0**-24 if hasattr(ours, "sigmas") else 0.0
     assert ours.alphas_cumprod[-1] == floor and ours.alphas_cumprod[0] == S.DDIMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod[0]
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpm2_grid_midpoints_and_pure_sampler(karras):
+    """DPM2's grid (each step's start, then its midpoint) and both noise-level tables equal diffusers'; the pure
+    sampler over the same grid gives the class's trajectory."""
+    import diffusers
+
+    ours, ref = pair("KDPM2DiscreteScheduler", beta_schedule="scaled_linear", use_karras_sigmas=karras)
+    ours.set_timesteps(12)
+    ref.set_timesteps(12)
+    assert torch.equal(ours.timesteps, ref.timesteps) and len(ours.timesteps) == 2 * 12 - 1
+    torch.testing.assert_close(ours.sigmas_interpol, ref.sigmas_interpol, rtol=0, atol=0, equal_nan=True)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * ours.init_noise_sigma
+    expected = run(ours, x, None)
+    ours.set_timesteps(12)
+    steps = ours.timesteps[0::2]
+    mids = torch.cat([ours.timesteps[1::2], ours.timesteps[-1:]])
+    levels = torch.cat([ours.sigmas[0::2], ours.sigmas[-1:]])
+    mid_levels = torch.cat([ours.sigmas_interpol[1::2], ours.sigmas_interpol[-1:]])
+    got = S.sample_dpm2(Denoiser(fake_model), x, steps, levels, mids, mid_levels)
+    assert_close(got, expected, "sample_dpm2")
+    assert isinstance(ref, diffusers.KDPM2DiscreteScheduler)

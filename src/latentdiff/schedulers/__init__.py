@@ -12,7 +12,7 @@ from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
 from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, HeunConfig,
-                     LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
+                     KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
                      given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
@@ -20,6 +20,7 @@ from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp
 from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                     LMSDiscreteScheduler, euler_ancestral_step, euler_step, heun_step, lms_coefficients, lms_step,
                     sample_euler, sample_euler_ancestral, sample_heun, sample_lms)
+from .kdpm2 import KDPM2DiscreteScheduler, dpm2_step, midpoint_sigmas, sample_dpm2
 from .lcm import LCMScheduler, LCMSchedulerOutput, lcm_step, lcm_timesteps, sample_lcm
 from .pndm import PNDMScheduler, multistep_eps, pndm_transfer, sample_pndm
 from .tcd import TCDScheduler, TCDSchedulerOutput, sample_tcd, tcd_step
@@ -32,6 +33,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
+    "dpm2": KDPM2DiscreteScheduler,
     "lms": LMSDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "dpm++sde": DPMSolverMultistepScheduler,
@@ -52,7 +54,7 @@ NAMED_OPTIONS: dict[str, dict[str, Any]] = {
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "dpm++3m", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's config (or a
+    "dpm++sde", "dpm++3m", "dpm2", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's config (or a
     diffusers config dict) so it keeps the model's training noise schedule and prediction type. DDPM and DDIM clip
     their x0 estimate only if that config says so (their own default clips, which suits pixels, not latents)."""
     if name not in SCHEDULERS:
@@ -67,14 +69,15 @@ def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Sche
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-    "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+    "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
-    "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput",
+    "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput", "KDPM2Config",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",
-    "lcm_step", "lcm_timesteps", "sample_lcm", "tcd_step", "sample_tcd",
+    "lcm_step", "lcm_timesteps", "sample_lcm", "tcd_step", "sample_tcd", "dpm2_step", "midpoint_sigmas",
+    "sample_dpm2",
 ]

@@ -242,6 +242,15 @@ class _SigmaGridConfig(SchedulerConfig):
 
 
 @dataclass(frozen=True)
+class KDPM2Config(_SigmaGridConfig):
+    """diffusers' KDPM2DiscreteScheduler's keys and defaults (its beta range defaults to Stable Diffusion's)."""
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    scheduler_name: ClassVar[str] = "KDPM2DiscreteScheduler"
+
+
+@dataclass(frozen=True)
 class LMSConfig(_SigmaGridConfig):
     """diffusers' LMSDiscreteScheduler's keys and defaults."""
     scheduler_name: ClassVar[str] = "LMSDiscreteScheduler"

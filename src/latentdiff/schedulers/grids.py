@@ -65,13 +65,16 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
-def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
+def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray, float32: bool = False) -> np.ndarray:
     """The fractional training timestep of each noise level: linear interpolation in log sigma between the two
-    neighbouring training steps (the inverse of the table, clipped to its ends)."""
+    neighbouring training steps (the inverse of the table, clipped to its ends); `float32`: the last interpolation
+    in float32 (as diffusers' KDPM2 computes its midpoints' timesteps)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_sigma_table[:, np.newaxis]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigma_table.shape[0] - 2)
     high = low + 1
     w = (log_sigma_table[low] - log_sigma) / (log_sigma_table[low] - log_sigma_table[high])
     w = np.clip(w, 0, 1)
+    if float32:
+        low, high = low.astype(np.float32), high.astype(np.float32)
     return ((1 - w) * low + w * high).reshape(np.shape(sigmas))

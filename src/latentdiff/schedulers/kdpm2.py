@@ -1,0 +1,103 @@
+"""DPM-Solver-2 in sigma space ("DPM2"; Lu et al. 2022, Algorithm 1 with r = 1/2, in Karras et al. 2022's VE
+form, as k-diffusion's sample_dpm_2): each step takes the slope at its start to the geometric midpoint
+sigma_mid = sqrt(sigma sigma_next), evaluates the model there, and moves the whole step with that midpoint slope.
+Two model calls a step; the last step, onto sigma = 0 (no midpoint), is an Euler step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..guidance import Denoiser
+from ..schedules import ve_sigmas
+from .base import SchedulerOutput
+from .config import KDPM2Config
+from .euler import _denoise, _SigmaScheduler, euler_step
+from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+
+
+def midpoint_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """sqrt(sigma_{i-1} sigma_i) for each level (its first entry pairs with the last, as diffusers rolls them;
+    0 where either is 0), computed as the exp of a log-space midpoint in float32, as diffusers does."""
+    return sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()
+
+
+def dpm2_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_mid, sigma_next, x0_mid: torch.Tensor | None = None,
+              x_mid: torch.Tensor | None = None) -> torch.Tensor:
+    """Without the midpoint's estimate: the Euler half step from sigma to sigma_mid (where the model is evaluated
+    next). With it (x0_mid at x_mid): the full step from sigma to sigma_next with the midpoint's slope."""
+    if x0_mid is None:
+        return euler_step(x, x0, sigma, sigma_mid)
+    return x + (x_mid - x0_mid) / sigma_mid * (sigma_next - sigma)
+
+
+def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
+                mid_timesteps: torch.Tensor, mid_sigmas: torch.Tensor) -> torch.Tensor:
+    """Run DPM2 from x at noise level sigmas[0] through sigmas (ending in 0); mid_* : the midpoints' timesteps and
+    levels between sigmas[i] and sigmas[i + 1] (the last unused)."""
+    for i, t in enumerate(timesteps):
+        x0 = _denoise(denoiser, x, t, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = euler_step(x, x0, sigmas[i], 0.0)
+            continue
+        x_mid = dpm2_step(x, x0, sigmas[i], mid_sigmas[i], sigmas[i + 1])
+        x = dpm2_step(x, x0, sigmas[i], mid_sigmas[i], sigmas[i + 1],
+                      _denoise(denoiser, x_mid, mid_timesteps[i], mid_sigmas[i]), x_mid)
+    return x
+
+
+class KDPM2DiscreteScheduler(_SigmaScheduler):
+    """diffusers' KDPM2DiscreteScheduler protocol over `dpm2_step`: the grid lists each step's start and, after
+    it, its midpoint (timesteps t0, m1, t1, m2, t2, ...: entries 2k start steps, odd ones are midpoints), with
+    `sigmas` and `sigmas_interpol` laid out as diffusers lays them out. State: the step's start (sample)."""
+    config_class = KDPM2Config
+    order = 2
+
+    def _reset(self) -> None:
+        self._start: tuple[int, torch.Tensor] | None = None  # (grid index, sample) of the step in progress
+
+    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+        c = self.config
+        table = ve_sigmas(self.alphas_cumprod).numpy()
+        log_table = np.log(table)
+        steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
+                                 round_linspace=False).astype(np.float32)
+        levels = interp_sigmas(steps, table)
+        if c.use_karras_sigmas:
+            levels = karras_sigmas(levels[-1].item(), levels[0].item(), num_inference_steps)
+            steps = sigma_to_t(levels, log_table).round()
+        sigmas = torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32))
+        mids = midpoint_sigmas(sigmas)
+        self.sigmas = torch.cat([sigmas[:1], sigmas[1:].repeat_interleave(2), sigmas[-1:]])
+        self.sigmas_interpol = torch.cat([mids[:1], mids[1:].repeat_interleave(2), mids[-1:]])
+        steps = torch.from_numpy(steps)
+        mid_steps = torch.from_numpy(sigma_to_t(mids.numpy(), log_table, float32=True)).to(steps.dtype)
+        interleaved = torch.stack((mid_steps[1:-1], steps[1:]), dim=-1).flatten()
+        return torch.cat([steps[:1], interleaved]).to(device)
+
+    def _starts_step(self, index: int) -> bool:
+        return index % 2 == 0
+
+    def _level(self, index: int) -> torch.Tensor:
+        """The noise level the model sees at grid entry `index`: a step's start, or its midpoint."""
+        return self.sigmas[index] if index % 2 == 0 else self.sigmas_interpol[index]
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        return sample / ((self._level(self.index_for_timestep(timestep)) ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        i = self.index_for_timestep(timestep)
+        x = sample.float()
+        x0 = self._x0(model_output, x, self._level(i))
+        if i % 2 == 0:  # a step's start: the Euler half step to its midpoint
+            prev = dpm2_step(x, x0, self.sigmas[i], self.sigmas_interpol[i + 1], self.sigmas[i + 1])
+            self._start = (i, x)
+        else:
+            if self._start is None or self._start[0] != i - 1:
+                raise ValueError(f"KDPM2DiscreteScheduler: timestep {float(timestep):g} is a step's midpoint; call "
+                                 "step at its start (the grid entry before it) first")
+            prev = dpm2_step(self._start[1], None, self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i], x0, x)
+            self._start = None
+        self._finish_step(i)
+        out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
+        return out if return_dict else out.to_tuple()
