@@ -22,7 +22,8 @@ def latents_for(n, seed=0):
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
+                                       "KDPM2DiscreteScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -189,7 +190,11 @@ def test_folder_scheduler_classes(folders, tmp_path):
     assert isinstance(lms.scheduler, schedulers.LMSDiscreteScheduler)
     assert run(lms, PROMPTS[0], num_inference_steps=3).shape == (1, 3, 16, 16)  # the pipeline's loop runs it
     file.write_text(json.dumps({**sd15, "_class_name": "KDPM2DiscreteScheduler"}))
-    with pytest.warns(UserWarning, match="KDPM2DiscreteScheduler is not implemented in latentdiff; using "
+    dpm2 = LatentDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(dpm2.scheduler, schedulers.KDPM2DiscreteScheduler)
+    assert run(dpm2, PROMPTS[0], num_inference_steps=3).shape == (1, 3, 16, 16)  # (two model calls a step)
+    file.write_text(json.dumps({**sd15, "_class_name": "DEISMultistepScheduler"}))
+    with pytest.warns(UserWarning, match="DEISMultistepScheduler is not implemented in latentdiff; using "
                                          "DPMSolverMultistepScheduler with the same noise schedule"):
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, schedulers.DPMSolverMultistepScheduler)
@@ -472,7 +477,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
-                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"])
+                                       "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
+                                       "KDPM2DiscreteScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers

@@ -25,7 +25,7 @@ MODEL_INDEX = {
 
 
 def _scheduler_from_folder(folder: Path):
-    """The scheduler a folder names; one we do not implement (KDPM2DiscreteScheduler, say) is replaced by
+    """The scheduler a folder names; one we do not implement (DEISMultistepScheduler, say) is replaced by
     DPM-Solver++ 2M over the same noise schedule, with a warning."""
     import warnings
 

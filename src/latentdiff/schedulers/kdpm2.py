@@ -85,7 +85,9 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         return sample / ((self._level(self.index_for_timestep(timestep)) ** 2 + 1) ** 0.5)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One grid entry's update (`generator`: taken, unused: DPM2 draws no noise)."""
         i = self.index_for_timestep(timestep)
         x = sample.float()
         x0 = self._x0(model_output, x, self._level(i))
