@@ -44,8 +44,10 @@ def test_same_image_as_diffusers(folders, scheduler, direction):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_sde_sampler_same_image_as_diffusers(folders):
-    """DPM++ 2M SDE draws noise in every step from the call's generators: one per image gives diffusers' images."""
+@pytest.mark.parametrize("sampler", ["dpm++sde", "dpm2_a"])
+def test_sde_sampler_same_image_as_diffusers(folders, sampler):
+    """DPM++ 2M SDE and DPM2-ancestral draw noise in steps from the call's generators: one per image gives
+    diffusers' images."""
     import diffusers
 
     from latentdiff import schedulers
@@ -53,9 +55,8 @@ def test_sde_sampler_same_image_as_diffusers(folders):
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ours = LatentDiffusionPipeline.from_pretrained(folders[1])
-    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-        dict(ref.scheduler.config), algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)
-    ours.scheduler = schedulers.scheduler_from_name("dpm++sde", ours.scheduler.config, use_karras_sigmas=True)
+    ours.scheduler = schedulers.scheduler_from_name(sampler, ours.scheduler.config, use_karras_sigmas=True)
+    ref.scheduler = getattr(diffusers, type(ours.scheduler).__name__).from_config(dict(ours.scheduler.config))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
     kwargs = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
     expected = ref(PROMPTS, latents=latents_for(2), generator=gens(), **kwargs).images

@@ -12,15 +12,16 @@ from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
 from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, HeunConfig,
-                     KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
-                     given_keys)
+                     KDPM2AncestralConfig, KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig,
+                     TCDConfig, UniPCConfig, given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
 from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                     LMSDiscreteScheduler, euler_ancestral_step, euler_step, heun_step, lms_coefficients, lms_step,
                     sample_euler, sample_euler_ancestral, sample_heun, sample_lms)
-from .kdpm2 import KDPM2DiscreteScheduler, dpm2_step, midpoint_sigmas, sample_dpm2
+from .kdpm2 import (KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, dpm2_step, midpoint_sigmas,
+                    sample_dpm2)
 from .lcm import LCMScheduler, LCMSchedulerOutput, lcm_step, lcm_timesteps, sample_lcm
 from .pndm import PNDMScheduler, multistep_eps, pndm_transfer, sample_pndm
 from .tcd import TCDScheduler, TCDSchedulerOutput, sample_tcd, tcd_step
@@ -34,6 +35,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
     "dpm2": KDPM2DiscreteScheduler,
+    "dpm2_a": KDPM2AncestralDiscreteScheduler,
     "lms": LMSDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "dpm++sde": DPMSolverMultistepScheduler,
@@ -54,9 +56,10 @@ NAMED_OPTIONS: dict[str, dict[str, Any]] = {
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "dpm++3m", "dpm2", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's config (or a
-    diffusers config dict) so it keeps the model's training noise schedule and prediction type. DDPM and DDIM clip
-    their x0 estimate only if that config says so (their own default clips, which suits pixels, not latents)."""
+    "dpm++sde", "dpm++3m", "dpm2", "dpm2_a", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's
+    config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction type. DDPM
+    and DDIM clip their x0 estimate only if that config says so (their own default clips, which suits pixels, not
+    latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
@@ -70,11 +73,13 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
     "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput", "KDPM2Config",
+    "KDPM2AncestralConfig",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",

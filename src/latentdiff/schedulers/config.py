@@ -251,6 +251,12 @@ class KDPM2Config(_SigmaGridConfig):
 
 
 @dataclass(frozen=True)
+class KDPM2AncestralConfig(KDPM2Config):
+    """diffusers' KDPM2AncestralDiscreteScheduler's keys and defaults: KDPM2's."""
+    scheduler_name: ClassVar[str] = "KDPM2AncestralDiscreteScheduler"
+
+
+@dataclass(frozen=True)
 class LMSConfig(_SigmaGridConfig):
     """diffusers' LMSDiscreteScheduler's keys and defaults."""
     scheduler_name: ClassVar[str] = "LMSDiscreteScheduler"
