@@ -16,6 +16,7 @@ _EXPORTS = {
     "LatentDiffusionAdapterPipeline": "latentdiff.pipeline_t2i_adapter",
     "LatentConsistencyModelPipeline": "latentdiff.pipeline_lcm",
     "LatentDiffusionPAGPipeline": "latentdiff.pipeline_pag",
+    "LatentDiffusionInstructPix2PixPipeline": "latentdiff.pipeline_instruct_pix2pix",
     "LatentDiffusionPAGImg2ImgPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionControlNetPAGPipeline": "latentdiff.pipeline_pag",

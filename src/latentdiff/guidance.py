@@ -101,6 +101,33 @@ class PerturbedAttentionGuidance(ClassifierFreeGuidance):
         return guide(out_cond, out_cond, 1.0, 0.0, out_perturbed, self.pag_scale(t))
 
 
+class InstructPix2PixGuidance(ClassifierFreeGuidance):
+    """InstructPix2Pix's two-scale guidance (Brooks et al. 2023, eq. 3): the U-Net sees the input image's latents
+    as extra channels, and three passes, [text + image, image only, neither] (the unconditional text, zero image
+    latents), combine as u + s_image (image - u) + s_text (text - image). Guided when scale > 1 and image_scale >=
+    1 (as diffusers); else the text + image pass alone. The branches differ in their input channels, so the sample
+    is not shared."""
+
+    def __init__(self, model, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, image_scale: float,
+                 image_latents: torch.Tensor):
+        self.image_scale, self.image_latents = float(image_scale), image_latents  # (before: `guided` reads it)
+        super().__init__(model, cond, uncond, scale)
+        if uncond is not None:
+            self.contexts = torch.cat([cond, uncond, uncond])
+            self.images = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None and self.scale > 1.0 and self.image_scale >= 1.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return self.model(torch.cat([x, self.image_latents], dim=1), t, self.cond)
+        out = self.model(torch.cat([torch.cat([x] * 3), self.images], dim=1), t, self.contexts)
+        out_text, out_image, out_uncond = out.chunk(3)
+        return out_uncond + self.scale * (out_text - out_image) + self.image_scale * (out_image - out_uncond)
+
+
 class Denoiser:
     """An eps- or v-predicting `model(x, t)` as D(x, t, alpha, sigma) -> (x0, eps) for x = alpha x0 + sigma eps."""
 

@@ -175,6 +175,8 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     controlnet = components.get("controlnet")
     pipeline = "StableDiffusion" + ("ControlNet" if controlnet is not None else "") + (
         "Inpaint" if inpainting else "") + "Pipeline"
+    if components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels:
+        pipeline = "StableDiffusionInstructPix2PixPipeline"
     adapter = components.get("adapter")
     if adapter is not None:  # (diffusers' T2I-Adapter pipeline)
         pipeline = "StableDiffusionAdapterPipeline"

@@ -494,7 +494,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         if channels not in (latent, 2 * latent + 1):
             raise ValueError(f"the U-Net takes {channels} input channels but the VAE makes {latent}-channel latents: "
                              f"a plain U-Net takes {latent}, an inpainting one {2 * latent + 1} (latents, mask, "
-                             "masked-image latents)")
+                             f"masked-image latents), an InstructPix2Pix one {2 * latent} (latents, image latents: "
+                             "LatentDiffusionInstructPix2PixPipeline)")
         return channels != latent
 
     def _require_plain_unet(self) -> None:
