@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentdiff import LatentDiffusionInstructPix2PixPipeline, LatentDiffusionPipeline
@@ -65,3 +66,29 @@ def test_folders_both_ways_and_errors(ip2p_folder, tiny_folders, tmp_path):
         LatentDiffusionInstructPix2PixPipeline.from_pretrained(tiny_folders[0])("a", image=IMAGE)
     with pytest.raises(ValueError, match="needs image="):
         ours("make it blue")
+
+
+def test_command_line(ip2p_folder, tmp_path, capsys):
+    """latentdiff generate with --image on an InstructPix2Pix model edits the image (--image-guidance), as the
+    pipeline does; the PNG's settings reproduce it."""
+    from latentdiff.cli import PNG_KEY, main
+    from latentdiff.schedulers import scheduler_from_name
+
+    IMAGE.save(tmp_path / "in.png")
+    args = ["generate", "make it blue", "--model", str(ip2p_folder), "--image", str(tmp_path / "in.png"),
+            "--image-guidance", "2.0", "--steps", "3", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    path = capsys.readouterr().out.split()[0]
+    made = np.asarray(Image.open(path)).astype(int)
+    assert json.loads(Image.open(path).text[PNG_KEY])["image_guidance"] == 2.0
+    pipe = LatentDiffusionInstructPix2PixPipeline.from_pretrained(ip2p_folder)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = pipe("make it blue", image=Image.open(tmp_path / "in.png").convert("RGB"), num_inference_steps=3,
+                    guidance_scale=5.0, image_guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                    progress=False).images[0]
+    assert made.shape == (16, 24, 3) and np.abs(made - np.asarray(expected).astype(int)).max() <= 1
+    assert main(["generate", "--from-png", path, "--out", str(tmp_path / "repro")]) == 0
+    again = capsys.readouterr().out.split()[0]
+    assert np.abs(np.asarray(Image.open(again)).astype(int) - made).max() <= 1
+    assert main(["generate", "a", "--model", str(ip2p_folder), "--image-guidance", "2"]) == 2
+    assert "--image-guidance act on an input image" in capsys.readouterr().err

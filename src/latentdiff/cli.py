@@ -105,8 +105,8 @@ def image_inputs(args) -> dict:
     if args.ip_image:
         control["ip_image"] = input_file(args.ip_image, "--ip-image file")
     if args.image is None:
-        if args.mask is not None or args.strength is not None:
-            raise ValueError("--mask and --strength act on an input image: give --image PATH")
+        if args.mask is not None or args.strength is not None or args.image_guidance is not None:
+            raise ValueError("--mask, --strength and --image-guidance act on an input image: give --image PATH")
         return control
     if args.height is not None or args.width is not None or args.guidance_rescale:
         raise ValueError("--height, --width and --guidance-rescale are for text to image: with --image the image's "
@@ -117,6 +117,10 @@ def image_inputs(args) -> dict:
     strength = args.strength if args.strength is not None else 1.0 if args.mask else 0.8  # diffusers' defaults
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must lie in [0, 1]")
+    if args.image_guidance is not None:  # (only where given: as images made before it)
+        if args.mask is not None or control:
+            raise ValueError("--image-guidance (InstructPix2Pix) takes --image alone: no --mask, ControlNet or adapter")
+        settings["image_guidance"] = args.image_guidance
     return {**settings, "strength": strength, **control}
 
 
@@ -234,22 +238,31 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
             len(scales) // len(settings["control_images"]))
         control_images = images[0] if len(scales) == 1 else images
         control = {"controlnet_conditioning_scale": scales if len(scales) > 1 else scales[0]}
-    if "image" in settings:  # img2img, or inpainting with a mask
+    if "image" in settings:  # img2img, inpainting with a mask, or an InstructPix2Pix model's edit
         from PIL import Image
 
         from . import pipeline as plain
         from . import pipeline_controlnet as controlled
 
-        inputs = {"image": Image.open(settings["image"][0]).convert("RGB"), "strength": settings["strength"]}
-        if "mask" in settings:
-            inputs["mask_image"] = Image.open(settings["mask"][0])
-        kind = "Inpaint" if "mask" in settings else "Img2Img"
-        if control:
-            task = getattr(controlled, f"LatentDiffusionControlNet{kind}Pipeline")
-            inputs["control_image"] = control_images
+        photo = Image.open(settings["image"][0]).convert("RGB")
+        if pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels:  # (8 channels: InstructPix2Pix)
+            from .pipeline_instruct_pix2pix import LatentDiffusionInstructPix2PixPipeline
+
+            if "mask" in settings or control:
+                raise ValueError("an InstructPix2Pix model edits --image by the prompt: no --mask or ControlNet")
+            task, inputs = LatentDiffusionInstructPix2PixPipeline, {
+                "image_guidance_scale": settings.get("image_guidance", 1.5)}
         else:
-            task = getattr(plain, f"LatentDiffusion{kind}Pipeline")
-        image = task.from_pipe(pipe)(settings["prompt"], **inputs, **control, **common).images[0]
+            inputs = {"strength": settings["strength"]}
+            if "mask" in settings:
+                inputs["mask_image"] = Image.open(settings["mask"][0])
+            kind = "Inpaint" if "mask" in settings else "Img2Img"
+            if control:
+                task = getattr(controlled, f"LatentDiffusionControlNet{kind}Pipeline")
+                inputs["control_image"] = control_images
+            else:
+                task = getattr(plain, f"LatentDiffusion{kind}Pipeline")
+        image = task.from_pipe(pipe)(settings["prompt"], image=photo, **inputs, **control, **common).images[0]
     elif control:
         image = pipe(settings["prompt"], image=control_images, height=settings["height"], width=settings["width"],
                      **control, **common).images[0]
@@ -473,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ip-image", default=None, help="the image prompt of --ip-adapter")
     g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
     g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
+    g.add_argument("--image-guidance", type=float, default=None,
+                   help="with --image and an InstructPix2Pix model (8-channel U-Net): how closely the edit keeps to "
+                        "the image (default 1.5)")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how far the image is noised before denoising (default 0.8; 1.0 with --mask)")
     g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")
