@@ -113,7 +113,8 @@ def test_pag_with_an_ip_adapter_matches_diffusers(tiny_folders, ip_folder, guida
 
 
 def test_pag_with_a_controlnet_matches_diffusers(tiny_folders, tmp_path):
-    """A ControlNet sees all three passes; the perturbation is the U-Net's alone. Guess mode is refused."""
+    """A ControlNet sees all three passes; the perturbation is the U-Net's alone (text to image and inpainting).
+    Guess mode is refused."""
     import diffusers
 
     from latentdiff import ControlNetModel, LatentDiffusionControlNetPAGPipeline
@@ -131,5 +132,18 @@ def test_pag_with_a_controlnet_matches_diffusers(tiny_folders, tmp_path):
     control = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     kwargs = dict(image=control, pag_scale=2.0, controlnet_conditioning_scale=0.8)
     np.testing.assert_allclose(generate(ours, **kwargs), generate(ref, **kwargs), atol=2e-4, rtol=0)
+    # inpainting: diffusers' StableDiffusionControlNetPAGInpaintPipeline
+    from PIL import Image
+
+    from latentdiff import LatentDiffusionControlNetPAGInpaintPipeline
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8))
+    kwargs = dict(image=image, mask_image=Image.fromarray(mask), control_image=control, pag_scale=2.0,
+                  strength=0.8)
+    ref_inpaint = diffusers.StableDiffusionControlNetPAGInpaintPipeline.from_pipe(ref)
+    inpaint = LatentDiffusionControlNetPAGInpaintPipeline.from_pipe(ours)
+    np.testing.assert_allclose(generate(inpaint, **kwargs), generate(ref_inpaint, **kwargs), atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="guess mode .* with perturbed-attention guidance is not supported"):
         ours("a red circle", image=control, guess_mode=True, num_inference_steps=2, progress=False)

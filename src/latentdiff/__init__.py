@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LatentDiffusionPipeline": "latentdiff.pipeline",
+    "AutoPipelineForText2Image": "latentdiff.auto_pipeline",
+    "AutoPipelineForImage2Image": "latentdiff.auto_pipeline",
+    "AutoPipelineForInpainting": "latentdiff.auto_pipeline",
     "LatentDiffusionImg2ImgPipeline": "latentdiff.pipeline",
     "LatentDiffusionInpaintPipeline": "latentdiff.pipeline",
     "LatentDiffusionControlNetPipeline": "latentdiff.pipeline_controlnet",
@@ -20,6 +23,7 @@ _EXPORTS = {
     "LatentDiffusionPAGImg2ImgPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionControlNetPAGPipeline": "latentdiff.pipeline_pag",
+    "LatentDiffusionControlNetPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",

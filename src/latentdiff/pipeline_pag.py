@@ -10,7 +10,7 @@ import torch
 
 from .guidance import ClassifierFreeGuidance, PerturbedAttentionGuidance
 from .pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline, LatentDiffusionPipeline
-from .pipeline_controlnet import LatentDiffusionControlNetPipeline
+from .pipeline_controlnet import LatentDiffusionControlNetInpaintPipeline, LatentDiffusionControlNetPipeline
 
 
 class PAGMixin:
@@ -115,3 +115,8 @@ class LatentDiffusionControlNetPAGPipeline(PAGMixin, LatentDiffusionControlNetPi
     """ControlNet-guided text to image with perturbed-attention guidance, as diffusers'
     StableDiffusionControlNetPAGPipeline: the ControlNets see every pass of the batch (the perturbed one too), the
     perturbation is the U-Net's alone. Not in guess mode."""
+
+
+class LatentDiffusionControlNetPAGInpaintPipeline(PAGMixin, LatentDiffusionControlNetInpaintPipeline):
+    """ControlNet-guided inpainting with perturbed-attention guidance, as diffusers'
+    StableDiffusionControlNetPAGInpaintPipeline. Not in guess mode."""
