@@ -147,3 +147,12 @@ def test_pag_with_a_controlnet_matches_diffusers(tiny_folders, tmp_path):
     np.testing.assert_allclose(generate(inpaint, **kwargs), generate(ref_inpaint, **kwargs), atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="guess mode .* with perturbed-attention guidance is not supported"):
         ours("a red circle", image=control, guess_mode=True, num_inference_steps=2, progress=False)
+
+
+def test_from_pipe_keeps_the_perturbed_layers(tiny_folders):
+    from latentdiff import LatentDiffusionPAGImg2ImgPipeline
+
+    pag = LatentDiffusionPAGPipeline.from_pretrained(tiny_folders[0], pag_applied_layers=["mid", "up_blocks.1"])
+    assert LatentDiffusionPAGImg2ImgPipeline.from_pipe(pag).pag_applied_layers == ["mid", "up_blocks.1"]
+    assert LatentDiffusionPAGImg2ImgPipeline.from_pipe(pag, pag_applied_layers="mid").pag_applied_layers == ["mid"]
+    assert LatentDiffusionPAGPipeline.from_pipe(LatentDiffusionPipeline.from_pipe(pag)).pag_applied_layers == ["mid"]

@@ -227,6 +227,10 @@ def test_diffusers_loading_idioms(folders):
     loaded.disable_attention_slicing()
     with pytest.raises(ValueError, match="slice_size=0"):
         loaded.enable_attention_slicing(0)
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention .* already; nothing changes"):
+        loaded.enable_xformers_memory_efficient_attention()
+    loaded.disable_xformers_memory_efficient_attention()
+    assert torch.equal(run(loaded, PROMPTS[0], latents=latents_for(1), num_inference_steps=2), before)
     loaded.enable_vae_tiling()
     loaded.enable_vae_slicing()
     assert loaded.vae.use_tiling and loaded.vae.use_slicing

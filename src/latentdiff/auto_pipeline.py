@@ -99,13 +99,7 @@ class _AutoPipeline:
     def from_pipe(cls, pipe, **kwargs):
         """The task's pipeline over `pipe`'s components (no copy), of `pipe`'s family (with `controlnet=` and
         `enable_pag=True` as in from_pretrained)."""
-        family = _with_options(_family_of_pipeline(pipe), kwargs)
-        target = _class(cls.task, family)
-        if "pag" in family and "pag" not in _family_of_pipeline(pipe):
-            kwargs.setdefault("pag_applied_layers", "mid")
-        elif "pag" in family:
-            kwargs.setdefault("pag_applied_layers", pipe.pag_applied_layers)
-        return target.from_pipe(pipe, **kwargs)
+        return _class(cls.task, _with_options(_family_of_pipeline(pipe), kwargs)).from_pipe(pipe, **kwargs)
 
 
 class AutoPipelineForText2Image(_AutoPipeline):

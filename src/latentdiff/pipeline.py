@@ -202,6 +202,19 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     def disable_attention_slicing(self) -> None:
         """See enable_attention_slicing: nothing to undo."""
 
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """Taken for diffusers' code: latentdiff's attention already runs PyTorch's scaled_dot_product_attention,
+        whose flash and memory-efficient kernels (on a GPU) do what xformers' would; nothing to enable, no xformers
+        needed. Says so once, since the call suggests the caller expects a change."""
+        if attention_op is not None:
+            raise ValueError("attention_op: latentdiff takes no xformers operator (its attention is PyTorch's SDPA)")
+        warnings.warn("enable_xformers_memory_efficient_attention(): latentdiff's attention is PyTorch's "
+                      "scaled_dot_product_attention (flash / memory-efficient kernels on GPUs) already; nothing "
+                      "changes", UserWarning, stacklevel=2)
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """See enable_xformers_memory_efficient_attention: nothing to undo."""
+
     def enable_vae_tiling(self) -> None:
         """diffusers' pipeline method: pipe.vae.enable_tiling() (decodes in tiles, whole-image statistics kept)."""
         self.vae.enable_tiling()

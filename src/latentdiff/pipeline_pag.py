@@ -31,6 +31,13 @@ class PAGMixin:
             optional["pag_applied_layers"] = components.pop("pag_applied_layers")
         return optional
 
+    @classmethod
+    def from_pipe(cls, pipe, **components):
+        """As the pipelines' from_pipe; from a PAG pipeline its perturbed layers carry over (unless given)."""
+        if isinstance(pipe, PAGMixin):
+            components.setdefault("pag_applied_layers", pipe.pag_applied_layers)
+        return super().from_pipe(pipe, **components)
+
     def _with(self, optional: dict):
         if "pag_applied_layers" in optional:
             self.set_pag_applied_layers(optional.pop("pag_applied_layers"))
