@@ -578,6 +578,21 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas, **options)
         return self.scheduler.num_inference_steps
 
+    def _starting_noise(self, latents: torch.Tensor | None, channels: int, n: int, height: int, width: int,
+                        generators) -> torch.Tensor:
+        """A text-to-image call's starting latents for n images: the given ones (checked) or drawn from each image's
+        generator, at the scheduler's starting scale."""
+        shape = (n, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn(shape, generators, self.device, self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
+                             f"{height}x{width}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
+                             "None to draw it from the generator)")
+        return latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
                 guidance_rescale: float = 0.0, conditioning: torch.Tensor | None = None,
                 after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
@@ -769,16 +784,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             n = cond.shape[0]
             generators = _per_image_generators(generator, n)
             self._set_grid(num_inference_steps, timesteps, sigmas, grid_options)
-            shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            if latents is None:
-                latents = randn(shape, generators, self.device, self.dtype)
-            elif tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
-                                 f"{height}x{width}")
-            elif not torch.isfinite(latents).all():
-                raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
-                                 "None to draw it from the generator)")
-            latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+            latents = self._starting_noise(latents, self.unet.config.in_channels, n, height, width, generators)
             unet = self._step_unet(control, n, len(self.scheduler.timesteps), ip_adapter_image,
                                    ip_adapter_image_embeds, guidance_scale, cross_attention_kwargs)
             latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators, eta,
@@ -837,6 +843,14 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
 
+    @staticmethod
+    def _per_image(pixels: torch.Tensor, n: int, num_images_per_prompt: int) -> torch.Tensor:
+        """Input images (one, or one per prompt, or one per image) as one per image made (n)."""
+        if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
+            raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts: give one, or one "
+                             "per prompt")
+        return pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+
     def _image_call(self, task: str, image, strength, generator, prompt, negative_prompt, prompt_embeds,
                     negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
                     timesteps, sigmas, grid_options: dict | None = None):
@@ -852,9 +866,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                       num_images_per_prompt, self._guided(guidance_scale), clip_skip)
         n = cond.shape[0]
-        if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
-            raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts")
-        pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+        pixels = self._per_image(pixels, n, num_images_per_prompt)
         generators = _per_image_generators(generator, n)
         steps = self._set_grid(num_inference_steps, timesteps, sigmas, grid_options)
         kept = steps if "strength" in (grid_options or {}) else min(int(steps * strength), steps)

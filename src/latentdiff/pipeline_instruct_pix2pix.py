@@ -11,7 +11,6 @@ import torch
 from .guidance import ClassifierFreeGuidance, InstructPix2PixGuidance
 from .lora import lora_call_scale
 from .pipeline import Generators, LatentDiffusionImg2ImgPipeline, PipelineOutput, _per_image_generators
-from .schedules import randn
 
 
 class LatentDiffusionInstructPix2PixPipeline(LatentDiffusionImg2ImgPipeline):
@@ -55,21 +54,11 @@ class LatentDiffusionInstructPix2PixPipeline(LatentDiffusionImg2ImgPipeline):
             cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           num_images_per_prompt, guided, None)
             n = cond.shape[0]
-            if pixels.shape[0] not in (1, n // num_images_per_prompt, n):
-                raise ValueError(f"got {pixels.shape[0]} images for {n // num_images_per_prompt} prompts: give one, "
-                                 "or one per prompt")
-            pixels = pixels.repeat_interleave(n // pixels.shape[0], dim=0)
+            pixels = self._per_image(pixels, n, num_images_per_prompt)
             image_latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).mean.to(self.dtype)
             generators = _per_image_generators(generator, n)
             self._set_grid(num_inference_steps, None, None)
-            shape = (n, self.vae.config.latent_channels, height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            if latents is None:
-                latents = randn(shape, generators, self.device, self.dtype)
-            elif tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
-                                 f"{height}x{width}")
-            latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+            latents = self._starting_noise(latents, self.vae.config.latent_channels, n, height, width, generators)
             self._ip2p = (float(image_guidance_scale), image_latents)
             try:
                 latents = self.denoise(latents, self.scheduler.timesteps, cond, uncond, guidance_scale, generators,
