@@ -45,10 +45,10 @@ def lcm_timesteps(num_inference_steps: int, original_steps: int, num_train_times
     return origin[::-1][positions].astype(np.int64)
 
 
-def boundary_scalings(t, timestep_scaling: float = 10.0) -> tuple[float, float]:
-    """(c_skip, c_out) at timestep t (scaled by timestep_scaling first, which makes c_skip ~ 0 away from t = 0):
-    c_skip = s^2 / (t^2 + s^2), c_out = t / sqrt(t^2 + s^2), s = SIGMA_DATA."""
-    t = float(t) * timestep_scaling
+def boundary_scalings(t, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) at timestep t, a number or a tensor of them (float64; scaled by timestep_scaling first, which
+    makes c_skip ~ 0 away from t = 0): c_skip = s^2 / (t^2 + s^2), c_out = t / sqrt(t^2 + s^2), s = SIGMA_DATA."""
+    t = (t.double() if isinstance(t, torch.Tensor) else float(t)) * timestep_scaling
     return SIGMA_DATA**2 / (t**2 + SIGMA_DATA**2), t / (t**2 + SIGMA_DATA**2) ** 0.5
 
 

@@ -182,8 +182,7 @@ def consistency_distillation_loss(student, teacher, z0: torch.Tensor, context: t
 
     def consistency(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x0 = predict_x0_eps(out.float(), x, *coefficients(t), prediction_type)[0]
-        scalings = [boundary_scalings(int(v), timestep_scaling) for v in t.tolist()]
-        c_skip, c_out = (torch.tensor(c, device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) for c in zip(*scalings))
+        c_skip, c_out = (c.to(x.dtype).view(-1, 1, 1, 1) for c in boundary_scalings(t, timestep_scaling))
         return c_skip * x + c_out * x0
 
     z_t = q_sample(z0, draws.noise, start, abar)
