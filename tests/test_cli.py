@@ -374,6 +374,10 @@ def test_convert_both_ways_and_info(tiny_folders, tmp_path, capsys):
     assert (tmp_path / "one.safetensors").read_bytes() == before
     code, _, _ = run(["convert", tmp_path / "back", tmp_path / "one.safetensors", "--force"], capsys)
     assert code == 0 and (tmp_path / "one.safetensors").read_bytes() == before  # (the same weights again)
+    code, _, _ = run(["convert", tmp_path / "one.safetensors", tmp_path / "v", "--config", folder,
+                      "--prediction-type", "v_prediction"], capsys)
+    scheduler = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert code == 0 and scheduler["prediction_type"] == "v_prediction"
     code, out, _ = run(["info", tmp_path / "back"], capsys)
     assert code == 0
     assert "UNet2DConditionModel" in out and "AutoencoderKL" in out and "CLIPTextModel" in out

@@ -1,4 +1,4 @@
-"""SD 1.x single-file conversion: our original layout is the real one (diffusers' own converter reads it back),
+"""SD 1.x/2.x single-file conversion: our original layout is the real one (diffusers' own converter reads it back),
 our conversion is a bijection on keys in both directions, EMA selection, architecture detection, strict errors."""
 import functools
 import logging
@@ -11,6 +11,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -21,6 +22,7 @@ from latentdiff.convert import (
     diffusers_to_original,
     infer_unet_config,
     infer_vae_config,
+    openclip_table,
     original_to_diffusers,
 )
 
@@ -265,9 +267,70 @@ def test_detect_architecture_and_refusal():
         check_supported(["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "u.safetensors")
     assert check_supported(sd1, "a.safetensors") == "sd1"
     assert check_supported({**dict.fromkeys(sd1, (1,)), sd1[0]: (320, 9, 3, 3)}, "i.safetensors") == "sd1-inpainting"
-    for keys, name in ((sd1[:1] + ["cond_stage_model.model.ln_final.weight"], "a Stable Diffusion 2.x"),
+    sd2 = sd1[:1] + ["cond_stage_model.model.ln_final.weight", sd1[2]]
+    assert check_supported(sd2, "b.safetensors") == "sd2"
+    assert check_supported({**dict.fromkeys(sd2, (1,)), sd1[0]: (320, 9, 3, 3)}, "c.safetensors") == "sd2-inpainting"
+    for keys, name in ((sd2 + ["depth_model.model.pretrained.act_postprocess1.0.weight"],
+                        "a Stable Diffusion 2.x depth-to-image"),
                        (["conditioner.embedders.0.transformer.text_model.x"], "a Stable Diffusion XL"),
                        (["foo"], "an unrecognised")):
         with pytest.raises(ValueError, match=rf"m\.safetensors: this is {name} checkpoint.*only Stable Diffusion "
-                                             r"1\.x.*save_pretrained.*from_pretrained"):
+                                             r"1\.x and 2\.x.*save_pretrained.*from_pretrained"):
             check_supported(keys, "m.safetensors")
+
+
+# ---------------------------------------------------------------- SD 2.x: the OpenCLIP text encoder
+
+OPENCLIP_TEXT = dict(TINY_TEXT, hidden_act="gelu", num_hidden_layers=3)
+
+
+def openclip_text():
+    """transformers' CLIPTextModel with GELU (as OpenCLIP's), and random weights under diffusers' full names."""
+    text = CLIPTextModel(CLIPTextConfig(**OPENCLIP_TEXT))
+    g = torch.Generator().manual_seed(1)
+    return text, {k if k.startswith("text_model.") else "text_model." + k: torch.randn(v.shape, generator=g)
+                  for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+
+
+def test_openclip_layout_is_the_one_diffusers_reads():
+    """SD 2.x's text encoder under OpenCLIP's names: diffusers' converter reads our layout back to the very tensors,
+    ours reads it (the fused query/key/value projection split by views, not copies), and the way back joins it."""
+    unet_cfg, vae_cfg, unet_sd, vae_sd, _ = case("layers1")
+    text, text_sd = openclip_text()
+    original = diffusers_to_original(unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, openclip=True)
+    fused = "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"
+    assert original[fused].shape == (96, 32) and not any(k.startswith("cond_stage_model.transformer") for k in original)
+    assert detect_architecture(original) == "sd2"
+    theirs = convert_open_clip_checkpoint(text, original)
+    assert_same(theirs, text_sd, "diffusers' reading")
+    parts = original_to_diffusers(original, unet_cfg, vae_cfg, text_layers=3)
+    assert_same(parts["text_encoder"], text_sd, "ours")
+    assert_same(parts["unet"], unet_sd, "unet")
+    q = parts["text_encoder"]["text_model.encoder.layers.2.self_attn.q_proj.weight"]
+    assert q.untyped_storage().data_ptr() == original[fused].untyped_storage().data_ptr()  # a view
+    table = list(openclip_table(3))
+    assert len({o for o, _, _ in table}) == len(table) - 3 * 4  # 3 projections from each fused weight and bias
+
+
+def test_openclip_unused_block_and_head_are_skipped():
+    """SD 2.x files hold OpenCLIP's 24 blocks and its contrastive head; SD 2.x runs 23 blocks (the penultimate
+    block's output): given that depth, the last block is skipped, as diffusers skips it. Any other difference in
+    depth is an error naming the keys."""
+    unet_cfg, vae_cfg, unet_sd, vae_sd, _ = case("layers1")
+    _, text_sd = openclip_text()
+    deeper = {k.replace("layers.2.", "layers.3."): v + 1 for k, v in text_sd.items() if "layers.2." in k}
+    original = diffusers_to_original(unet_sd, vae_sd, {**text_sd, **deeper}, unet_cfg, vae_cfg, openclip=True)
+    original.update({"cond_stage_model.model.text_projection": torch.randn(32, 32),
+                     "cond_stage_model.model.logit_scale": torch.tensor(4.6)})
+    assert_same(original_to_diffusers(original, unet_cfg, vae_cfg, text_layers=3)["text_encoder"], text_sd, "23 of 24")
+    assert len(original_to_diffusers(original, unet_cfg, vae_cfg)["text_encoder"]) == 2 + 16 * 4 + 2  # all read
+    with pytest.raises(ValueError, match=r"unexpected keys \(24\): cond_stage_model\.model\.transformer\."
+                                         r"resblocks\.2\."):
+        original_to_diffusers(original, unet_cfg, vae_cfg, text_layers=2)
+    del original["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_bias"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): cond_stage_model\.model\.transformer\.resblocks"
+                                         r"\.1\.attn\.in_proj_bias"):
+        original_to_diffusers(original, unet_cfg, vae_cfg, text_layers=3)
+    original["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_bias"] = torch.randn(95)
+    with pytest.raises(ValueError, match=r"in_proj_bias: expected a fused query/key/value tensor of 3C rows"):
+        original_to_diffusers(original, unet_cfg, vae_cfg, text_layers=3)

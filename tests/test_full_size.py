@@ -159,3 +159,48 @@ def test_sd15_controlnet_pipeline_matches_diffusers(pipelines):
     expected = controlled_ref(PROMPTS[0], **kwargs).images
     assert expected.std() > 0.05  # not a flat image
     assert (got - expected).abs().max() <= 1e-3  # observed 5.2e-6
+
+
+def test_sd21_single_file_reads_as_diffusers_reads_it(tmp_path):
+    """A full-size SD 2.1 single file (random weights, fp16) as published: OpenCLIP's text tower with all 24 blocks
+    and its contrastive head. diffusers' from_single_file (with pipelines/sd-v2-1 as its config) and ours (without
+    config=, SD 2.x found in the file) read the same weights, and encode a prompt alike (23 blocks: the penultimate
+    block's output)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    from latentdiff.convert import diffusers_to_original
+    from latentdiff.layout import SD21_CONFIG
+    from latentdiff.models.text import text_config_sd2
+
+    deeper = text_config_sd2()
+    deeper.num_hidden_layers = 24
+    with torch.device("meta"):
+        unet, vae, text = UNet2DConditionModel(UNetConfig.sd2()), AutoencoderKL(VAEConfig.sd15()), CLIPTextModel(deeper)
+    parts = [gaussian_weights(m.to_empty(device="cpu"), seed).half().state_dict()
+             for seed, m in enumerate((unet, vae, text))]
+    del unet, vae, text
+    original = diffusers_to_original(*parts, openclip=True)
+    original.update({"cond_stage_model.model.text_projection": torch.randn(1024, 1024).half(),
+                     "cond_stage_model.model.logit_scale": torch.tensor(4.6052)})
+    save_file({k: v.contiguous() for k, v in original.items()}, tmp_path / "sd21.safetensors")
+    del original
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "sd21.safetensors"), config=str(SD21_CONFIG), local_files_only=True, torch_dtype=torch.float16)
+    with pytest.warns(UserWarning, match="768 px v-prediction"):
+        ours = LatentDiffusionPipeline.from_single_file(tmp_path / "sd21.safetensors", torch_dtype=torch.float16)
+    expected = dict(zip(("unet", "vae", "text_encoder"), parts))
+    expected["text_encoder"] = {k: v for k, v in expected["text_encoder"].items() if ".layers.23." not in k}
+    for name, sd in expected.items():
+        for pipe in (ours, theirs):
+            got = {k.removeprefix("text_model."): v for k, v in getattr(pipe, name).state_dict().items()}
+            want = {k.removeprefix("text_model."): v for k, v in sd.items()}
+            got.pop("embeddings.position_ids", None), want.pop("embeddings.position_ids", None)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (name, type(pipe))
+    assert ours.scheduler.config.prediction_type == theirs.scheduler.config.prediction_type == "v_prediction"
+    assert ours.unet.config.sample_size == theirs.unet.config.sample_size == 96
+    ids = ours.tokenizer(PROMPTS)
+    with torch.no_grad():
+        mine = ours.text_encoder.float()(ids).last_hidden_state
+        reference = theirs.text_encoder.float()(ids).last_hidden_state
+    assert (mine - reference).abs().max() <= 1e-5 * reference.abs().max()

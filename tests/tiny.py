@@ -33,17 +33,19 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
 
 
 def diffusers_pipeline(tokenizer_folder, scheduler_cls: str = "DDIMScheduler", seed: int = 0,
-                       pipeline_cls: str = "StableDiffusionPipeline", **unet_config):
+                       pipeline_cls: str = "StableDiffusionPipeline", text: dict | None = None,
+                       scheduler: dict | None = None, **unet_config):
     """diffusers' StableDiffusionPipeline (or `pipeline_cls`) with tiny random components and the tokenizer from
-    `tokenizer_folder`; `unet_config` overrides TINY_UNET (in_channels=9: an inpainting U-Net)."""
+    `tokenizer_folder`; `unet_config` overrides TINY_UNET (in_channels=9: an inpainting U-Net), `text` TINY_TEXT
+    and `scheduler` SCHEDULER."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = perturb(diffusers.UNet2DConditionModel(**{**TINY_UNET, **unet_config}), seed + 1)
     vae = perturb(diffusers.AutoencoderKL(**TINY_VAE), seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).eval()
-    scheduler = getattr(diffusers, scheduler_cls)(**SCHEDULER)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, **(text or {})})).eval()
+    scheduler = getattr(diffusers, scheduler_cls)(**{**SCHEDULER, **(scheduler or {})})
     return getattr(diffusers, pipeline_cls)(
         vae=vae.eval(), text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_folder),
         unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,

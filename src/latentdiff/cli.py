@@ -386,7 +386,8 @@ def cmd_convert(args) -> None:
         raise ValueError(f"{dst} exists{'' if dst.is_file() else ' and is not empty'}: give a new destination, or "
                          "--force to write over it")
     if src.is_file():
-        LatentDiffusionPipeline.from_single_file(src, config=args.config).save_pretrained(dst)
+        LatentDiffusionPipeline.from_single_file(src, config=args.config,
+                                                 prediction_type=args.prediction_type).save_pretrained(dst)
     else:
         if dst.suffix != ".safetensors":
             raise ValueError(f"{dst}: a single-file checkpoint must end in .safetensors")
@@ -434,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?")
-    g.add_argument("--model", help="pipeline folder or SD 1.x .safetensors (default: the embedded tiny-shapes)")
+    g.add_argument("--model", help="pipeline folder or SD 1.x/2.x .safetensors (default: the embedded tiny-shapes)")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--guidance-rescale", type=float, default=0.0,
@@ -503,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="single-file checkpoint <-> pipeline folder")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--config", default=None, help="pipeline folder giving the architecture (default: SD 1.5)")
+    c.add_argument("--config", default=None, help="pipeline folder giving the architecture (default: SD 1.5's, "
+                   "or SD 2.1's 768 px v-prediction one for SD 2.x files)")
+    c.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                   help="what the U-Net predicts, where the file cannot tell: SD 2.x base (512 px) models are "
+                        "epsilon, SD 2.x 768 px ones v_prediction (the default for SD 2.x files)")
     c.add_argument("--force", action="store_true", help="write over an existing file or non-empty folder")
     c.set_defaults(func=cmd_convert)
 

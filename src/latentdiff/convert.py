@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x single-file checkpoints (the CompVis/LDM layout) <-> diffusers' state-dict keys.
+"""Stable Diffusion 1.x and 2.x single-file checkpoints (the CompVis/LDM layout) <-> diffusers' state-dict keys.
 
 One table, generated from the diffusers configs, lists every tensor as (original key, diffusers key, reshape).
 The same table converts in both directions, so a key cannot be renamed one way and forgotten the other, and
@@ -7,8 +7,10 @@ strictness (nothing missing, nothing left over) is a comparison of key sets agai
 The original layout (Rombach et al. 2022, github.com/CompVis/stable-diffusion) numbers U-Net blocks in one flat
 sequence (`input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`), names the VAE decoder's levels in the reverse
 order of diffusers' (`decoder.up.0` is the last level to run), stores the VAE attention projections as 1x1
-convolutions and keeps the CLIP text model under `cond_stage_model.transformer.`. Renames are free: tensors are
-never copied, and the only reshape (1x1 conv <-> linear) is a view.
+convolutions and keeps the CLIP text model under `cond_stage_model.transformer.` (SD 1.x: transformers' names) or
+the OpenCLIP text tower under `cond_stage_model.model.` (SD 2.x: OpenCLIP's names, query/key/value in one fused
+`in_proj` tensor). Renames are free: tensors are never copied, and the reshapes (1x1 conv <-> linear, a third of
+the fused projection) are views; only writing OpenCLIP's fused projection back concatenates.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder (FrozenOpenCLIPEmbedder)
 EMA = "model_ema."
 CONTROL = "control_model."  # ControlNet 1.0's files hold a whole SD model and, under this prefix, the ControlNet
 SAME, CONV1X1 = "same", "conv1x1_to_linear"  # reshape kinds: none, or [C, C, 1, 1] (original) <-> [C, C] (diffusers)
+IN_PROJ = "in_proj."  # + "0", "1", "2": query, key or value, a third of OpenCLIP's fused [3C, C] (or [3C]) tensor
 
 Entry = tuple[str, str, str]  # (original key, diffusers key, reshape kind), keys relative to their component
 
@@ -29,7 +33,9 @@ IGNORED_KEYS = frozenset(
      "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
      "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
      "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates",
-     TEXT + "text_model.embeddings.position_ids"]
+     TEXT + "text_model.embeddings.position_ids",
+     # OpenCLIP's contrastive head, which SD 2.x never runs (diffusers' CLIPTextModel has no place for it either)
+     OPENCLIP + "text_projection", OPENCLIP + "logit_scale", OPENCLIP + "attn_mask"]
 )
 
 
@@ -160,6 +166,25 @@ def text_table(num_layers: int) -> Iterator[Entry]:
     yield from _renamed("text_model", "text_model", ["final_layer_norm"])
 
 
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def openclip_table(num_layers: int) -> Iterator[Entry]:
+    """Every CLIP text-model tensor under OpenCLIP's names (SD 2.x, keys after `cond_stage_model.model.`): the
+    position embedding is a bare parameter, each residual block `transformer.resblocks.N` holds its query, key and
+    value projections as one `attn.in_proj_weight` [3C, C] (and bias), in that order."""
+    yield "token_embedding.weight", "text_model.embeddings.token_embedding.weight", SAME
+    yield "positional_embedding", "text_model.embeddings.position_embedding.weight", SAME
+    for i in range(num_layers):
+        block, layer = f"transformer.resblocks.{i}", f"text_model.encoder.layers.{i}"
+        yield from _renamed(block, layer, _OPENCLIP_BLOCK)
+        for p in ("weight", "bias"):
+            for j, name in enumerate("qkv"):
+                yield f"{block}.attn.in_proj_{p}", f"{layer}.self_attn.{name}_proj.{p}", IN_PROJ + str(j)
+    yield from _renamed("ln_final", "text_model.final_layer_norm", [""])
+
+
 def controlnet_table(config: Mapping) -> Iterator[Entry]:
     """Every ControlNet tensor (github.com/lllyasviel/ControlNet's layout, keys after `control_model.`): the down
     path and middle block named as in the U-Net (unet_table), the control image's convs as `input_hint_block.N`
@@ -207,10 +232,14 @@ def diffusers_to_controlnet(state_dict: Mapping[str, torch.Tensor], config: Mapp
     return {original: _to_original(state_dict[d], kind, d) for original, d, kind in table}
 
 
-def checkpoint_table(unet_config: Mapping, vae_config: Mapping, text_layers: int) -> Iterator[tuple[str, ...]]:
-    """(component, full original key, diffusers key within the component, reshape kind) for a whole checkpoint."""
+def checkpoint_table(unet_config: Mapping, vae_config: Mapping, text_layers: int,
+                     openclip: bool = False) -> Iterator[tuple[str, ...]]:
+    """(component, full original key, diffusers key within the component, reshape kind) for a whole checkpoint;
+    `openclip`: the text encoder in SD 2.x's OpenCLIP layout rather than SD 1.x's transformers layout."""
+    text = ("text_encoder", OPENCLIP, openclip_table(text_layers)) if openclip else \
+        ("text_encoder", TEXT, text_table(text_layers))
     for component, prefix, table in (("unet", UNET, unet_table(unet_config)), ("vae", VAE, vae_table(vae_config)),
-                                     ("text_encoder", TEXT, text_table(text_layers))):
+                                     text):
         for original, diffusers, kind in table:
             yield component, prefix + original, diffusers, kind
 
@@ -305,6 +334,11 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- conversion
 def _to_diffusers(tensor: torch.Tensor, kind: str, key: str) -> torch.Tensor:
+    if kind.startswith(IN_PROJ):  # a third of OpenCLIP's fused query/key/value tensor: a view
+        if tensor.shape[0] % 3:
+            raise ValueError(f"{key}: expected a fused query/key/value tensor of 3C rows, got shape "
+                             f"{tuple(tensor.shape)}")
+        return tensor.chunk(3)[int(kind[len(IN_PROJ):])]
     if kind == SAME or tensor.ndim == 2:  # some re-saved SD 1.x files already store the VAE attention as linear
         return tensor
     if tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1):
@@ -313,7 +347,7 @@ def _to_diffusers(tensor: torch.Tensor, kind: str, key: str) -> torch.Tensor:
 
 
 def _to_original(tensor: torch.Tensor, kind: str, key: str) -> torch.Tensor:
-    if kind == SAME:
+    if kind == SAME or kind.startswith(IN_PROJ):  # (the fused projection is joined by the caller)
         return tensor
     if tensor.ndim == 2:
         return tensor[:, :, None, None]
@@ -334,23 +368,35 @@ def _listed(title: str, items: list[str], limit: int = 20) -> str:
 
 def _mismatch(what: str, missing: list[str], unexpected: list[str], fix: str) -> None:
     if missing or unexpected:
-        raise ValueError(f"{what}: keys differ from the SD 1.x layout ({fix}):"
-                         + _listed("missing keys", sorted(missing)) + _listed("unexpected keys", sorted(unexpected)))
+        raise ValueError(f"{what}: keys differ from the Stable Diffusion layout ({fix}):"
+                         + _listed("missing keys", sorted(set(missing)))  # (a fused tensor is missed 3 times)
+                         + _listed("unexpected keys", sorted(unexpected)))
 
 
 def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping, vae_config: Mapping,
-                          prefer_ema: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """Split an SD 1.x single-file state dict into diffusers-keyed {"unet", "vae", "text_encoder"} state dicts.
+                          prefer_ema: bool = False,
+                          text_layers: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Split an SD 1.x or 2.x single-file state dict into diffusers-keyed {"unet", "vae", "text_encoder"} state
+    dicts (the text encoder with transformers' `text_model.` prefix).
 
     With `prefer_ema`, U-Net weights come from the `model_ema.*` copy when the file has one (full training
     checkpoints); "EMA-only" files have none, their `model.diffusion_model.*` weights being the EMA already.
+    `text_layers`: the text encoder's depth in its config (default: as many layers as the file holds). SD 2.x files
+    hold OpenCLIP's whole text tower, one block more than SD 2.x runs (it conditions on the penultimate block's
+    output, with the final layer norm, as a diffusers CLIPTextModel one block shorter does): that last block is
+    left unread.
     Strict: a missing tensor or an unknown key raises ValueError listing them.
     """
-    text_layers = _count(state_dict, TEXT + "text_model.encoder.layers.")
+    openclip = any(k.startswith(OPENCLIP) for k in state_dict)
+    layers = OPENCLIP + "transformer.resblocks." if openclip else TEXT + "text_model.encoder.layers."
+    stored = _count(state_dict, layers)
+    text_layers = stored if text_layers is None else text_layers
+    unread = f"{OPENCLIP}transformer.resblocks.{stored - 1}." if openclip and stored == text_layers + 1 else None
     use_ema = prefer_ema and any(k.startswith(EMA + "diffusion_model") for k in state_dict)
     out: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
     used, missing = set(), []
-    for component, original, diffusers, kind in checkpoint_table(unet_config, vae_config, text_layers):
+    table = checkpoint_table(unet_config, vae_config, text_layers, openclip=openclip)
+    for component, original, diffusers, kind in table:
         source = _ema_key(original) if use_ema and component == "unet" else original
         if source not in state_dict:
             missing.append(source)
@@ -359,16 +405,17 @@ def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], unet_config: M
         out[component][diffusers] = _to_diffusers(state_dict[source], kind, source)
     skipped = UNET if use_ema else EMA  # the U-Net copy not chosen; a ControlNet beside the model (ControlNet 1.0)
     unexpected = [k for k in state_dict if k not in used and k not in IGNORED_KEYS and not k.startswith(skipped)
-                  and not k.startswith(CONTROL)]
-    _mismatch("checkpoint", missing, unexpected,
-              "check that it is a Stable Diffusion 1.x checkpoint and that the configs describe its architecture")
+                  and not k.startswith(CONTROL) and not (unread and k.startswith(unread))]
+    _mismatch("checkpoint", missing, unexpected, "check that it is a Stable Diffusion 1.x or 2.x checkpoint and "
+              "that the configs describe its architecture")
     return out
 
 
 def diffusers_to_original(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor],
                           text_sd: Mapping[str, torch.Tensor], unet_config: Mapping | None = None,
-                          vae_config: Mapping | None = None) -> dict[str, torch.Tensor]:
-    """Join diffusers-keyed U-Net, VAE and CLIP text-model state dicts into one SD 1.x single-file state dict.
+                          vae_config: Mapping | None = None, openclip: bool = False) -> dict[str, torch.Tensor]:
+    """Join diffusers-keyed U-Net, VAE and CLIP text-model state dicts into one single-file state dict: SD 1.x's
+    layout, or with `openclip` SD 2.x's (the text encoder under OpenCLIP's names, as many blocks as it has).
 
     The configs are read back from the state dicts when not given. Text-model keys may carry transformers'
     `text_model.` prefix (transformers 4) or not (transformers 5); its position_ids buffer is dropped.
@@ -377,16 +424,21 @@ def diffusers_to_original(unet_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[s
     text_sd.pop("text_model.embeddings.position_ids", None)
     parts = {"unet": unet_sd, "vae": vae_sd, "text_encoder": text_sd}
     table = checkpoint_table(unet_config or infer_unet_config(unet_sd), vae_config or infer_vae_config(vae_sd),
-                             _count(text_sd, "text_model.encoder.layers."))
-    out, used, missing = {}, {name: set() for name in parts}, []
+                             _count(text_sd, "text_model.encoder.layers."), openclip=openclip)
+    out, used, missing, fused = {}, {name: set() for name in parts}, [], {}
     for component, original, diffusers, kind in table:
         if diffusers not in parts[component]:
             missing.append(f"{component}: {diffusers}")
             continue
         used[component].add(diffusers)
-        out[original] = _to_original(parts[component][diffusers], kind, diffusers)
+        tensor = _to_original(parts[component][diffusers], kind, diffusers)
+        if kind.startswith(IN_PROJ):
+            fused.setdefault(original, []).append(tensor)
+        else:
+            out[original] = tensor
     unexpected = [f"{name}: {k}" for name, sd in parts.items() for k in sd if k not in used[name]]
     _mismatch("diffusers state dicts", missing, unexpected, "check that the configs belong to these weights")
+    out.update({original: torch.cat(parts) for original, parts in fused.items()})  # query, key, value in order
     return out
 
 
@@ -397,20 +449,28 @@ _ARCHITECTURES = {  # name -> (description, evidence, diffusers pipeline class t
                        "StableDiffusionInpaintPipeline"),
     "sd2": ("Stable Diffusion 2.x", "an OpenCLIP text encoder under cond_stage_model.model.* or 1024-wide "
             "U-Net cross-attention", "StableDiffusionPipeline"),
+    "sd2-inpainting": ("Stable Diffusion 2.x inpainting", "a U-Net with 9 input channels",
+                       "StableDiffusionInpaintPipeline"),
+    "sd2-depth": ("Stable Diffusion 2.x depth-to-image", "a MiDaS depth model under depth_model.* and a U-Net with "
+                  "5 input channels", "StableDiffusionDepth2ImgPipeline"),
     "sdxl": ("Stable Diffusion XL", "keys under conditioner.embedders.* or model.diffusion_model.label_emb.*",
              "StableDiffusionXLPipeline"),
     "controlnet": ("ControlNet", "input_hint_block.* and zero_convs.* without a Stable Diffusion model", ""),
     "component": ("single model's", "keys as in a pipeline folder's component: a diffusers U-Net or VAE "
                   "(conv_in.*, down_blocks.*, decoder.up_blocks.*) or a transformers CLIP text model (text_model.*)",
                   ""),
-    "unknown": ("unrecognised", "no model.diffusion_model.* U-Net with a cond_stage_model.transformer.* CLIP text "
-                "encoder", "matching diffusers pipeline"),
+    "unknown": ("unrecognised", "no model.diffusion_model.* U-Net with a cond_stage_model.transformer.* (CLIP) or "
+                "cond_stage_model.model.* (OpenCLIP) text encoder", "matching diffusers pipeline"),
 }
 
 
+SUPPORTED = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting")
+
+
 def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str:
-    """"sd1", "sd1-inpainting", "sd2", "sdxl" or "unknown", from key names (and shapes when given a mapping of
-    tensors or shapes, which tells SD 2.x's 1024-wide cross-attention from SD 1.x's 768)."""
+    """A key of _ARCHITECTURES ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting", "sdxl", ...), from key names (and
+    shapes when given a mapping of tensors or shapes: SD 2.x's 1024-wide cross-attention tells it from SD 1.x's 768
+    where the text encoder does not, and the U-Net's input channels tell inpainting models)."""
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in keys.items()} if isinstance(keys, Mapping) else {}
     names = list(keys)
 
@@ -421,13 +481,15 @@ def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str
         return "controlnet"
     if has("conditioner.embedders.") or has(UNET + "label_emb.0."):
         return "sdxl"
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if any(k.startswith(UNET) and k.endswith("attn2.to_k.weight") and shapes.get(k, ())[-1:] == (1024,) for k in names):
-        return "sd2"
+    if has("depth_model."):
+        return "sd2-depth"
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    inpainting = "-inpainting" if conv_in is not None and conv_in[1:2] == (9,) else ""
+    if has(OPENCLIP) or any(k.startswith(UNET) and k.endswith("attn2.to_k.weight")
+                            and shapes.get(k, ())[-1:] == (1024,) for k in names):
+        return "sd2" + inpainting
     if has(UNET) and has(TEXT + "text_model."):
-        conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
-        return "sd1-inpainting" if conv_in is not None and conv_in[1:2] == (9,) else "sd1"
+        return "sd1" + inpainting
     if (has("conv_in.") and has("down_blocks.")) or has("encoder.down_blocks.") or has("decoder.up_blocks.") \
             or has("text_model.embeddings.") or has("embeddings.token_embedding."):
         return "component"
@@ -435,10 +497,10 @@ def detect_architecture(keys: Mapping[str, torch.Tensor] | Iterable[str]) -> str
 
 
 def check_supported(keys: Mapping[str, torch.Tensor] | Iterable[str], path) -> str:
-    """Return "sd1" or "sd1-inpainting", or raise ValueError naming the architecture found and the way to load it
-    instead."""
+    """Return "sd1", "sd1-inpainting", "sd2" or "sd2-inpainting", or raise ValueError naming the architecture found
+    and the way to load it instead."""
     arch = detect_architecture(keys)
-    if arch in ("sd1", "sd1-inpainting"):
+    if arch in SUPPORTED:
         return arch
     name, evidence, pipeline = _ARCHITECTURES[arch]
     if arch == "controlnet":
@@ -452,7 +514,7 @@ def check_supported(keys: Mapping[str, torch.Tensor] | Iterable[str], path) -> s
                          "from_pretrained(its folder)")
     raise ValueError(
         f"{path}: this is {'an' if name[0] in 'aeiou' else 'a'} {name} checkpoint ({evidence}); from_single_file "
-        f"supports only Stable Diffusion 1.x single files. Convert it to a diffusers folder with diffusers "
-        f"({pipeline}.from_single_file(path).save_pretrained(folder)) and load that folder with "
-        "LatentDiffusionPipeline.from_pretrained(folder), if latentdiff supports its architecture"
+        "supports only Stable Diffusion 1.x and 2.x single files (text to image and inpainting). Convert it to a "
+        f"diffusers folder with diffusers ({pipeline}.from_single_file(path).save_pretrained(folder)) and load "
+        "that folder with LatentDiffusionPipeline.from_pretrained(folder), if latentdiff supports its architecture"
     )

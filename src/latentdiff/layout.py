@@ -1,5 +1,5 @@
 """The diffusers pipeline folder layout (model_index.json + one subfolder per component) and Stable Diffusion 1.x
-single-file checkpoints, read into and written from latentdiff components."""
+and 2.x single-file checkpoints, read into and written from latentdiff components."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ from .config import DIFFUSERS_VERSION
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"  # the repository's pipelines/ (editable install)
 SD15_CONFIG = PIPELINES / "sd-v1-5"
+SD21_CONFIG = PIPELINES / "sd-v2-1"  # 768 px, v-prediction
 EMBEDDED = PIPELINES / "tiny-shapes"
 
 # component -> (library, class) as diffusers' model_index.json names them
@@ -209,12 +210,20 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
 
 
 def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False) -> dict:
-    """Components from a Stable Diffusion 1.x original checkpoint (.safetensors). The architecture (configs,
-    tokenizer, scheduler) comes from `config`, a pipeline folder, by default the committed pipelines/sd-v1-5.
-    `torch_dtype`: see component_dtypes."""
+                     torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False,
+                     prediction_type: str | None = None) -> dict:
+    """Components from a Stable Diffusion 1.x or 2.x original checkpoint (.safetensors). The architecture
+    (configs, tokenizer, scheduler) comes from `config`, a pipeline folder; by default the committed
+    pipelines/sd-v1-5 for SD 1.x files and pipelines/sd-v2-1 for SD 2.x files. The file cannot tell SD 2.x's
+    768 px v-prediction models (2.0-v, 2.1 and most fine-tunes: the default, as diffusers') from its 512 px
+    epsilon-prediction base models: pass `prediction_type="epsilon"` for those (that also makes 512 px the
+    default size), or `config=` a folder of the model. Inpainting files (9 input channels) take the input width
+    from the file; SD 2.x inpainting defaults to epsilon at 512 px, as it was trained.
+    `prediction_type` overrides the scheduler's in any case; `torch_dtype`: see component_dtypes."""
+    import warnings
+
     from .convert import CONTROL, check_supported, original_to_diffusers
-    from .models.text import CLIPTokenizer, build_text_encoder_from_folder
+    from .models.text import CLIPTokenizer, build_text_encoder_from_folder, read_text_config
     from .models.unet import UNet2DConditionModel, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig
     from .checkpoints import load_into
@@ -224,39 +233,58 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     if path.is_dir():
         raise ValueError(f"{path} is a folder; from_single_file takes one .safetensors file (use from_pretrained "
                          "for pipeline folders)")
-    config = require_path(config or SD15_CONFIG, "architecture folder (config=)")
+    if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction_type={prediction_type!r}: choose 'epsilon', 'v_prediction' or 'sample'")
     state_dict = load_safetensors(path)
     arch = check_supported(state_dict, path)
     if any(k.startswith(CONTROL) for k in state_dict):
-        import warnings
-
         warnings.warn(f"{path} also holds a ControlNet (control_model.*), which the pipeline does not load: load it "
                       "with ControlNetModel.from_single_file(path) for LatentDiffusionControlNetPipeline",
                       stacklevel=3)
-    unet_config = read_json(config / "unet" / "config.json")
-    if arch == "sd1-inpainting":  # latents, mask and masked-image latents in: LatentDiffusionInpaintPipeline
+    sd2, inpainting = arch.startswith("sd2"), arch.endswith("-inpainting")
+    folder = require_path(config or (SD21_CONFIG if sd2 else SD15_CONFIG), "architecture folder (config=)")
+    unet_config = read_json(folder / "unet" / "config.json")
+    scheduler = _scheduler_from_folder(folder / "scheduler")
+    if sd2 and config is None:
+        if inpainting and prediction_type is None:
+            prediction_type = "epsilon"  # SD 2.x inpainting was fine-tuned from the 512 px epsilon base model
+        elif prediction_type is None:
+            warnings.warn(f"{path}: a Stable Diffusion 2.x checkpoint, taken as a 768 px v-prediction model (2.0-v, "
+                          "2.1 and their fine-tunes); a 2.x base model (512 px) gives noise that way: load it with "
+                          "prediction_type='epsilon' (CLI: latentdiff convert FILE FOLDER --prediction-type epsilon, "
+                          "then use FOLDER)", stacklevel=3)
+        if prediction_type == "epsilon":
+            unet_config = {**unet_config, "sample_size": 64}
+    if prediction_type is not None:
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    if inpainting:  # latents, mask and masked-image latents in: LatentDiffusionInpaintPipeline
         conv_in = state_dict["model.diffusion_model.input_blocks.0.0.weight"]
         unet_config = {**unet_config, "in_channels": conv_in.shape[1]}
-    vae_config = read_json(config / "vae" / "config.json")
-    parts = original_to_diffusers(state_dict, unet_config, vae_config, prefer_ema=prefer_ema)
+    vae_config = read_json(folder / "vae" / "config.json")
+    text_layers = read_text_config(folder / "text_encoder").num_hidden_layers
+    parts = original_to_diffusers(state_dict, unet_config, vae_config, prefer_ema=prefer_ema, text_layers=text_layers)
     with torch.device("meta"):
         unet = UNet2DConditionModel(UNetConfig.from_dict(unet_config))
         vae = AutoencoderKL(VAEConfig.from_dict(vae_config))
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(config / "tokenizer"),
-        "text_encoder": build_text_encoder_from_folder(config / "text_encoder", parts["text_encoder"],
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "text_encoder": build_text_encoder_from_folder(folder / "text_encoder", parts["text_encoder"],
                                                        source=f"{path} (cond_stage_model)",
                                                        torch_dtype=dtypes["text_encoder"]),
         "unet": load_into(unet, parts["unet"], f"{path} (model.diffusion_model)", dtype=dtypes["unet"]).eval(),
         "vae": load_into(vae, parts["vae"], f"{path} (first_stage_model)", dtype=dtypes["vae"]).eval(),
-        "scheduler": _scheduler_from_folder(config / "scheduler"),
+        "scheduler": scheduler,
     }
 
 
 def save_single_file(components: dict, path: str | os.PathLike) -> None:
-    """The reverse: one SD 1.x original-layout .safetensors file from a pipeline's components."""
+    """The reverse: one original-layout .safetensors file from a pipeline's components. A text encoder with GELU
+    activations (OpenCLIP's, as SD 2.x's) is written in SD 2.x's OpenCLIP layout, one with QuickGELU (OpenAI CLIP's,
+    as SD 1.x's) in SD 1.x's. An SD 2.x text encoder is written as deep as it runs (23 blocks of OpenCLIP's 24 for
+    SD 2.x): SD 2.x's own files hold the 24th block, which no pipeline runs; loaders skip its absence."""
     from .convert import diffusers_to_original
 
+    text_encoder = components["text_encoder"]
     state_dict = diffusers_to_original(components["unet"].state_dict(), components["vae"].state_dict(),
-                                       components["text_encoder"].state_dict())
+                                       text_encoder.state_dict(), openclip=text_encoder.config.hidden_act == "gelu")
     save_safetensors(state_dict, path)

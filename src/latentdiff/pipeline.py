@@ -431,15 +431,17 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
                          torch_dtype: torch.dtype | str | dict | None = None, prefer_ema: bool = False,
-                         **components):
-        """The pipeline of a Stable Diffusion 1.x single-file checkpoint; components given by name (`controlnet=`
-        for the ControlNet pipelines, `scheduler=`, ...) are used instead of the file's, as in diffusers."""
+                         prediction_type: str | None = None, **components):
+        """The pipeline of a Stable Diffusion 1.x or 2.x single-file checkpoint; components given by name
+        (`controlnet=` for the ControlNet pipelines, `scheduler=`, ...) are used instead of the file's, as in
+        diffusers. SD 2.x files are taken as 768 px v-prediction models unless `prediction_type="epsilon"` (the
+        512 px base models) or `config=` says otherwise: see layout.load_single_file."""
         from .layout import load_single_file
 
         optional = cls._optional(components)
         components = cls._given(components, "from_single_file")
-        parts = {**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema),
-                 **components}
+        parts = {**load_single_file(path, config=config, torch_dtype=torch_dtype, prefer_ema=prefer_ema,
+                                    prediction_type=prediction_type), **components}
         missing = [name for name in cls.component_names if name not in parts]
         if missing:
             raise ValueError(f"{cls.__name__}.from_single_file: a single file holds no {', '.join(missing)}: pass it, "

@@ -55,6 +55,16 @@ def text_config_sd15() -> CLIPTextConfig:
     )  # fmt: skip
 
 
+def text_config_sd2() -> CLIPTextConfig:
+    """OpenCLIP ViT-H/14's text transformer as SD 2.x uses it: GELU, 1024 wide, and 23 of its 24 blocks (SD 2.x
+    conditions on the penultimate block's output, after the final layer norm): 340,387,840 parameters."""
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )  # fmt: skip
+
+
 def text_config_tiny(**overrides) -> CLIPTextConfig:
     """A small CLIP text transformer for tests and tiny pipelines. It keeps CLIP's vocabulary and 77 positions,
     so the real tokenizer drives it; width and depth are small (override any CLIPTextConfig field)."""
