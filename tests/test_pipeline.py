@@ -23,7 +23,7 @@ def latents_for(n, seed=0):
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                                        "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
-                                       "KDPM2DiscreteScheduler"])
+                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -483,7 +483,7 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
                                        "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
-                                       "KDPM2DiscreteScheduler"])
+                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
          "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
-         "KDPM2AncestralDiscreteScheduler"]
+         "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -35,6 +35,10 @@ def variants(name):
                 dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
                 dict(solver_order=3), dict(solver_order=3, lower_order_final=False),
                 dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), dict(solver_order=1)]
+    if name == "DPMSolverSinglestepScheduler":  # "DPM++ 2S" (Karras), its SDE form, orders 3 and 1
+        return [dict(), dict(use_karras_sigmas=True), dict(algorithm_type="sde-dpmsolver++"),
+                dict(solver_order=3), dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+                dict(solver_order=1)]
     if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                 "KDPM2AncestralDiscreteScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
@@ -54,10 +58,12 @@ def fake_model(x, t):
 
 
 def pair(name, **config):
-    """Ours and diffusers' scheduler from the same explicit, full config (all of our keys)."""
+    """Ours and diffusers' scheduler from the same explicit, full config (all of our keys; keys the class does not
+    take, as DPM-Solver singlestep takes no timestep_spacing, are left out)."""
     import diffusers
 
-    ours = getattr(S, name)(**config)
+    cls = getattr(S, name)
+    ours = cls(**{k: v for k, v in config.items() if k not in cls.config_class.absent})
     return ours, getattr(diffusers, name)(**dict(ours.config))
 
 
@@ -79,6 +85,8 @@ def assert_close(ours, ref, what):
     itertools.product(NAMES, RANGES, ["epsilon", "v_prediction"], ["leading", "trailing", "linspace"])))
 def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spacing):
     start, end = RANGES[beta_schedule]
+    if name == "DPMSolverSinglestepScheduler" and spacing != "linspace":
+        return  # its grid is always linspace (test_dpm_singlestep_orders_and_grid)
     if (name, beta_schedule, spacing) == ("KDPM2AncestralDiscreteScheduler", "squaredcos_cap_v2", "trailing"):
         sched = S.KDPM2AncestralDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing)
         with pytest.raises(ValueError, match="its midpoint is undefined"):  # (diffusers' grid holds a NaN there)
@@ -251,7 +259,8 @@ AYS_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.
 @pytest.mark.parametrize("name, grid", [("EulerDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
                                         ("HeunDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
                                         ("EulerDiscreteScheduler", dict(sigmas=AYS_SIGMAS)),
-                                        ("DPMSolverMultistepScheduler", dict(timesteps=AYS_TIMESTEPS))])
+                                        ("DPMSolverMultistepScheduler", dict(timesteps=AYS_TIMESTEPS)),
+                                        ("DPMSolverSinglestepScheduler", dict(timesteps=AYS_TIMESTEPS))])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_custom_grids_match_diffusers(name, grid, prediction_type):
     """set_timesteps(timesteps=...) / (sigmas=...) where diffusers' class takes them: the same grid and noise
@@ -272,8 +281,8 @@ def test_custom_grids_match_diffusers(name, grid, prediction_type):
 def test_custom_grid_errors():
     euler = S.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps .*DPMSolverMultistepScheduler, "
-                                         "EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, "
-                                         "TCDScheduler do"):
+                                         "DPMSolverSinglestepScheduler, EulerDiscreteScheduler, "
+                                         "HeunDiscreteScheduler, LCMScheduler, TCDScheduler do"):
         S.DDIMScheduler().set_timesteps(timesteps=AYS_TIMESTEPS)
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
         S.DPMSolverMultistepScheduler().set_timesteps(sigmas=AYS_SIGMAS)
@@ -414,6 +423,7 @@ CONFIGS = {
     "TCDScheduler": dict(original_inference_steps=25, clip_sample=True),
     "KDPM2DiscreteScheduler": dict(use_karras_sigmas=True, timestep_spacing="trailing"),
     "KDPM2AncestralDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction"),
+    "DPMSolverSinglestepScheduler": dict(use_karras_sigmas=True, solver_order=3, algorithm_type="sde-dpmsolver++"),
 }
 
 
@@ -483,7 +493,7 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "dpm++sde": "DPMSolverMultistepScheduler", "dpm++3m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
         "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
         "lcm": "LCMScheduler", "tcd": "TCDScheduler", "dpm2": "KDPM2DiscreteScheduler",
-        "dpm2_a": "KDPM2AncestralDiscreteScheduler"}
+        "dpm2_a": "KDPM2AncestralDiscreteScheduler", "dpm++2s": "DPMSolverSinglestepScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -524,6 +534,9 @@ BAD = [
     ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("UniPCMultistepScheduler", {"disable_corrector": [1.5]}, "disable_corrector"),
     ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
+    ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
+    ("DPMSolverSinglestepScheduler", {"solver_type": "heun"}, "solver_type"),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
 ]
 
 
@@ -554,13 +567,16 @@ def test_harmless_and_unknown_keys():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_num_inference_steps(name):
-    sched = getattr(S, name)(steps_offset=1, timestep_spacing="leading")
+    sched = getattr(S, name).from_config(dict(steps_offset=1, timestep_spacing="leading"))
     for n in (0, -3, 1001, 2.5, True):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
     if name in ("LCMScheduler", "TCDScheduler"):  # (their steps come from the distillation grid: no offset)
         with pytest.raises(ValueError, match="num_inference_steps=51 is more than original_inference_steps=50"):
             sched.set_timesteps(51)
+    elif name == "DPMSolverSinglestepScheduler":  # (its linspace grid of n + 1 points takes no offset)
+        with pytest.raises(ValueError, match="num_inference_steps=1000 is more than .* can place apart"):
+            sched.set_timesteps(1000)
     elif name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         with pytest.raises(ValueError, match="steps_offset"):
             sched.set_timesteps(1000)  # leading spacing + offset would step past the last training step
@@ -622,3 +638,32 @@ def test_dpm2_grid_midpoints_and_pure_sampler(karras):
     got = S.sample_dpm2(Denoiser(fake_model), x, steps, levels, mids, mid_levels)
     assert_close(got, expected, "sample_dpm2")
     assert isinstance(ref, diffusers.KDPM2DiscreteScheduler)
+
+
+def test_dpm_singlestep_orders_and_grid():
+    """DPM++ 2S: each step's order as diffusers lists it (groups, a first-order last step), its grid whatever the
+    config's timestep_spacing (diffusers' class takes none: from_config drops it and steps_offset, as diffusers'
+    does; the constructor refuses them), the pure sampler equal to the class's loop, also in its SDE form."""
+    import diffusers
+
+    for order, n in itertools.product((1, 2, 3), range(1, 12)):
+        ref = diffusers.DPMSolverSinglestepScheduler(solver_order=order)
+        ref.set_timesteps(n)
+        assert S.singlestep_orders(n, order) == ref.order_list, (order, n)
+    leading = dict(S.DDIMScheduler(timestep_spacing="leading", steps_offset=1).config)
+    sched = S.DPMSolverSinglestepScheduler.from_config(leading)
+    assert "timestep_spacing" not in sched.config and "steps_offset" not in dict(sched.config)
+    sched.set_timesteps(10)
+    assert sched.timesteps.tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    assert S.DDIMScheduler.from_config(sched.config).config.timestep_spacing == "leading"  # (DDIM's own default)
+    with pytest.raises(ValueError, match=r"has no option\(s\) \['steps_offset'\]"):
+        S.DPMSolverSinglestepScheduler(steps_offset=1)
+    for sde in (False, True):
+        sched = S.DPMSolverSinglestepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               prediction_type="v_prediction", solver_order=3,
+                                               algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++")
+        sched.set_timesteps(14)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        got = S.sample_dpmpp_singlestep(Denoiser(fake_model, "v_prediction"), x, sched.timesteps, sched.sigmas,
+                                        order=3, sde=sde, generator=torch.Generator().manual_seed(1))
+        assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), f"sample_dpmpp_singlestep sde={sde}")

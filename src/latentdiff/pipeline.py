@@ -135,9 +135,9 @@ def _stable_diffusion_settings(scheduler) -> None:
     it, which spoils the image). Done here too, so that a folder gives diffusers' images."""
     config = getattr(scheduler, "config", None)
     fixes = {}
-    if getattr(config, "steps_offset", 1) != 1:
+    if hasattr(config, "get") and config.get("steps_offset", 1) != 1:  # (not every scheduler has the key)
         fixes["steps_offset"] = 1
-    if getattr(config, "clip_sample", False) is True:
+    if hasattr(config, "get") and config.get("clip_sample", False) is True:
         fixes["clip_sample"] = False
     if fixes and hasattr(config, "replace"):
         was = ", ".join(f"{key}={config[key]!r}" for key in fixes)

@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
-from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, EulerAncestralConfig, EulerConfig, HeunConfig,
-                     KDPM2AncestralConfig, KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig,
-                     TCDConfig, UniPCConfig, given_keys)
+from .config import (DDIMConfig, DDPMConfig, DPMSolverConfig, DPMSolverSinglestepConfig, EulerAncestralConfig,
+                     EulerConfig, HeunConfig, KDPM2AncestralConfig, KDPM2Config, LCMConfig, LMSConfig, PNDMConfig,
+                     SchedulerConfig, TCDConfig, UniPCConfig, given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
+from .dpm_singlestep import (DPMSolverSinglestepScheduler, dpmpp_singlestep_update, sample_dpmpp_singlestep,
+                             singlestep_orders)
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
 from .euler import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                     LMSDiscreteScheduler, euler_ancestral_step, euler_step, heun_step, lms_coefficients, lms_step,
@@ -40,26 +42,28 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "dpm++": DPMSolverMultistepScheduler,
     "dpm++sde": DPMSolverMultistepScheduler,
     "dpm++3m": DPMSolverMultistepScheduler,
+    "dpm++2s": DPMSolverSinglestepScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
     "tcd": TCDScheduler,
 }
 # Names that stand for a class with these options ("DPM++ 2M SDE" is DPM-Solver++ solving the SDE; "DPM++ 3M" its
-# third-order multistep form).
+# third-order multistep form; "DPM++ 2S" its second-order singlestep form).
 NAMED_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm++": {"algorithm_type": "dpmsolver++"},
     "dpm++sde": {"algorithm_type": "sde-dpmsolver++"},
     "dpm++3m": {"algorithm_type": "dpmsolver++", "solver_order": 3},
+    "dpm++2s": {"algorithm_type": "dpmsolver++", "solver_order": 2},
 }
 
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "dpm++3m", "dpm2", "dpm2_a", "pndm", "unipc", "lms", "lcm", "tcd"), built from another scheduler's
-    config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction type. DDPM
-    and DDIM clip their x0 estimate only if that config says so (their own default clips, which suits pixels, not
-    latents)."""
+    "dpm++sde", "dpm++3m", "dpm++2s", "dpm2", "dpm2_a", "pndm", "unipc", "lms", "lcm", "tcd"), built from another
+    scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and prediction
+    type. DDPM and DDIM clip their x0 estimate only if that config says so (their own default clips, which suits
+    pixels, not latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
@@ -73,16 +77,16 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
     "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput", "KDPM2Config",
-    "KDPM2AncestralConfig",
+    "KDPM2AncestralConfig", "DPMSolverSinglestepConfig",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",
     "lcm_step", "lcm_timesteps", "sample_lcm", "tcd_step", "sample_tcd", "dpm2_step", "midpoint_sigmas",
-    "sample_dpm2",
+    "sample_dpm2", "dpmpp_singlestep_update", "sample_dpmpp_singlestep", "singlestep_orders",
 ]

@@ -69,9 +69,14 @@ class SchedulerConfig(Mapping):
     }
     # Values diffusers' class of this name replaces by its own when built (another solver's solver_type, say).
     aliases: ClassVar[dict[str, dict[Any, Any]]] = {}
+    # Keys above that diffusers' class of this name does not take (DPM-Solver singlestep spaces its grid one way
+    # only): held at their defaults, neither listed, written nor read from another scheduler's config.
+    absent: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            if field.name in self.absent and getattr(self, field.name) != field.default:
+                raise ValueError(f"{self.scheduler_name} has no option {field.name} (diffusers' has none either)")
             object.__setattr__(self, field.name, self._checked(field, getattr(self, field.name)))
         for key, replace in self.aliases.items():
             if getattr(self, key) in replace:
@@ -124,13 +129,13 @@ class SchedulerConfig(Mapping):
         return getattr(self, key)
 
     def __iter__(self):
-        return iter(f.name for f in dataclasses.fields(self))
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(dataclasses.fields(self))
+        return len(self.keys())
 
     def keys(self):
-        return [f.name for f in dataclasses.fields(self)]
+        return [f.name for f in dataclasses.fields(self) if f.name not in self.absent]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists."""
@@ -143,10 +148,10 @@ class SchedulerConfig(Mapping):
     def from_mapping(cls, config: Mapping[str, Any] | None = None, **overrides) -> SchedulerConfig:
         """Our keys from a diffusers config of any scheduler (see the module docstring for the rules)."""
         items = {**given_keys(config), **overrides}
-        own = {f.name for f in dataclasses.fields(cls)}
+        own = {f.name for f in dataclasses.fields(cls)} - cls.absent
         kept, unknown = {}, []
         for key, value in items.items():
-            if key.startswith("_"):
+            if key.startswith("_") or key in cls.absent:  # (as diffusers' class ignores a key it does not take)
                 continue
             if key in own:
                 kept[key] = value
@@ -290,7 +295,8 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
     time_shift_type: str = "exponential"
 
     scheduler_name: ClassVar[str] = "DPMSolverMultistepScheduler"
-    aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint")}
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {
+        "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint"), "algorithm_type": {"deis": "dpmsolver++"}}
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
@@ -299,6 +305,41 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
         "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
         "use_dynamic_shifting": (False,),
+    }
+
+
+@dataclass(frozen=True)
+class DPMSolverSinglestepConfig(SchedulerConfig):
+    """diffusers' DPMSolverSinglestepScheduler's keys and defaults: DPM-Solver++ singlestep of solver_order 1 to 3
+    ("DPM++ 2S" at 2), as an ODE or an SDE solver. It takes no timestep_spacing nor steps_offset: its grid is
+    always "linspace". With the final noise level 0 ("zero", the only one supported), diffusers turns
+    lower_order_final on whatever the config says (the key is kept, and has no effect)."""
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = False
+    use_karras_sigmas: bool | None = False
+    use_exponential_sigmas: bool | None = False
+    use_beta_sigmas: bool | None = False
+    use_flow_sigmas: bool | None = False
+    flow_shift: float = 1.0
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -math.inf
+    variance_type: str | None = None
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    scheduler_name: ClassVar[str] = "DPMSolverSinglestepScheduler"
+    absent: ClassVar[frozenset[str]] = frozenset({"timestep_spacing", "steps_offset"})
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {
+        "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint"), "algorithm_type": {"deis": "dpmsolver++"}}
+    supported: ClassVar[dict[str, tuple]] = {
+        **{k: v for k, v in DPMSolverConfig.supported.items() if k not in ("rescale_betas_zero_snr", "use_lu_lambdas")},
+        "lambda_min_clipped": (-math.inf,),
     }
 
 

@@ -126,6 +126,18 @@ class LogSNRMultistepScheduler(Scheduler):
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 
+    def _estimate(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator=None,
+                  variance_noise: torch.Tensor | None = None):
+        """(x, x0, noise) for a step at grid index i, in float32: the sample, its x0 estimate from the model's output,
+        and the SDE form's noise (`variance_noise`, or drawn from `generator`; None for the ODE)."""
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
+                     randn(model_output.shape, generator, model_output.device, torch.float32))
+        alpha, sigma_vp = vp_coefficients(self.sigmas[i])
+        x = sample.float()
+        return x, predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0], noise
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
         """alpha x0 + sigma eps at the noise level the grid assigns to each (grid) timestep."""
@@ -149,14 +161,8 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         i = self.index_for_timestep(timestep)
-        noise = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
-            noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
-                     randn(model_output.shape, generator, model_output.device, torch.float32))
+        x, x0, noise = self._estimate(model_output, sample, i, generator, variance_noise)
         sigma = self.sigmas[i]
-        alpha, sigma_vp = vp_coefficients(sigma)
-        x = sample.float()
-        x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0]
         # the estimates of the steps just before this one (a step that does not follow them starts afresh)
         kept = [(x0, sigma)]
         for k, (index, estimate) in enumerate(self._previous, 1):
