@@ -23,7 +23,8 @@ def latents_for(n, seed=0):
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                                        "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
-                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler"])
+                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler",
+                                       "DEISMultistepScheduler"])
 @pytest.mark.parametrize("direction", ["diffusers->ours", "ours->diffusers"])
 def test_same_image_as_diffusers(folders, scheduler, direction):
     import diffusers
@@ -195,7 +196,9 @@ def test_folder_scheduler_classes(folders, tmp_path):
     assert isinstance(dpm2.scheduler, schedulers.KDPM2DiscreteScheduler)
     assert run(dpm2, PROMPTS[0], num_inference_steps=3).shape == (1, 3, 16, 16)  # (two model calls a step)
     file.write_text(json.dumps({**sd15, "_class_name": "DEISMultistepScheduler"}))
-    with pytest.warns(UserWarning, match="DEISMultistepScheduler is not implemented in latentdiff; using "
+    assert isinstance(LatentDiffusionPipeline.from_pretrained(folder).scheduler, schedulers.DEISMultistepScheduler)
+    file.write_text(json.dumps({**sd15, "_class_name": "DPMSolverSDEScheduler"}))
+    with pytest.warns(UserWarning, match="DPMSolverSDEScheduler is not implemented in latentdiff; using "
                                          "DPMSolverMultistepScheduler with the same noise schedule"):
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, schedulers.DPMSolverMultistepScheduler)
@@ -483,7 +486,8 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler",
                                        "PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler",
-                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler"])
+                                       "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler",
+                                       "DEISMultistepScheduler"])
 def test_denoising_reads_no_values_per_step(folders, scheduler):
     """The loop reads the timesteps once, not one per step: a per-step read would sync the GPU every step."""
     import latentdiff.schedulers as schedulers

@@ -344,6 +344,37 @@ class DPMSolverSinglestepConfig(SchedulerConfig):
 
 
 @dataclass(frozen=True)
+class DEISConfig(SchedulerConfig):
+    """diffusers' DEISMultistepScheduler's keys and defaults: the log-rho multistep DEIS of solver_order 1 to 3
+    (a DPM-Solver config's algorithm_type and solver_type become DEIS's own, as diffusers' class does)."""
+    solver_order: int = 2
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    algorithm_type: str = "deis"
+    solver_type: str = "logrho"
+    lower_order_final: bool = True
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
+    timestep_spacing: str = "linspace"
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    scheduler_name: ClassVar[str] = "DEISMultistepScheduler"
+    aliases: ClassVar[dict[str, dict[Any, Any]]] = {
+        "algorithm_type": dict.fromkeys(("dpmsolver", "dpmsolver++"), "deis"),
+        "solver_type": dict.fromkeys(("midpoint", "heun", "bh1", "bh2"), "logrho")}
+    supported: ClassVar[dict[str, tuple]] = {
+        **SchedulerConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "algorithm_type": ("deis",),
+        "solver_type": ("logrho",), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+        "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+    }
+
+
+@dataclass(frozen=True)
 class PNDMConfig(SchedulerConfig):
     """skip_prk_steps True (Stable Diffusion 1.x's setting): the linear multistep method alone, started with one
     pseudo improved Euler step; False: three pseudo Runge-Kutta steps first (the paper's F-PNDM)."""

@@ -138,6 +138,17 @@ class LogSNRMultistepScheduler(Scheduler):
         x = sample.float()
         return x, predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0], noise
 
+    def _history(self, i: int, estimate: torch.Tensor, levels) -> list[tuple[torch.Tensor, object]]:
+        """[(estimate, its noise level), ...] of step i and of the steps just before it, newest first (a step that
+        does not follow the last ones starts afresh), keeping this step's and the one before for the next step."""
+        kept = [(estimate, levels[i])]
+        for k, (index, earlier) in enumerate(self._previous, 1):
+            if index != i - k:
+                break
+            kept.append((earlier, levels[index]))
+        self._previous = [(i, estimate)] + [(index, e) for index, e in self._previous[:1] if index == i - 1]
+        return kept
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
         """alpha x0 + sigma eps at the noise level the grid assigns to each (grid) timestep."""
@@ -162,17 +173,10 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         i = self.index_for_timestep(timestep)
         x, x0, noise = self._estimate(model_output, sample, i, generator, variance_noise)
-        sigma = self.sigmas[i]
-        # the estimates of the steps just before this one (a step that does not follow them starts afresh)
-        kept = [(x0, sigma)]
-        for k, (index, estimate) in enumerate(self._previous, 1):
-            if index != i - k:
-                break
-            kept.append((estimate, self.sigmas[index]))
+        kept = self._history(i, x0, self.sigmas)
         order = solver_order_at(i, len(self._grid), len(kept) - 1, self.config.solver_order,
                                 self.config.lower_order_final)
         prev = dpmpp_step(x, kept[:order], self.sigmas[i + 1], noise)
-        self._previous = [(i, x0)] + [(index, e) for index, e in self._previous[:1] if index == i - 1]
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
