@@ -68,6 +68,33 @@ def test_sde_sampler_same_image_as_diffusers(folders, sampler):
     assert np.abs(other - got).max() > 1e-2  # the noise drawn in the steps shows
 
 
+@pytest.mark.filterwarnings("ignore:Should have t:UserWarning")  # torchsde, under diffusers' scheduler
+def test_dpmpp_sde_same_image_as_diffusers(folders):
+    """DPM++ SDE (Karras): with the Brownian tree's seed in the config, diffusers' image; without one, ours seeds it
+    from the call's generators (diffusers' pipeline passes them no generator: it draws from torch's global one), so
+    a seed gives the same image, each image of a batch as if alone."""
+    import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    ours.scheduler = schedulers.scheduler_from_name("dpmsolver_sde", ours.scheduler.config, use_karras_sigmas=True,
+                                                    noise_sampler_seed=3)
+    ref.scheduler = diffusers.DPMSolverSDEScheduler.from_config(dict(ours.scheduler.config))
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS, latents=latents_for(2), **kwargs).images
+    got = ours(PROMPTS, latents=latents_for(2), progress=False, **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    ours.scheduler = schedulers.DPMSolverSDEScheduler.from_config(ours.scheduler.config, noise_sampler_seed=None)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    pair = ours(PROMPTS, generator=gens(3, 4), progress=False, **kwargs).images
+    alone = ours(PROMPTS[1], generator=gens(4), progress=False, **kwargs).images
+    np.testing.assert_allclose(pair[1:], alone, atol=1e-5, rtol=0)
+    assert np.abs(ours(PROMPTS, generator=gens(3, 5), progress=False, **kwargs).images[1] - pair[1]).max() > 1e-2
+
+
 @pytest.mark.parametrize("scheduler, grid", [
     ("DPMSolverMultistepScheduler", dict(timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24])),
     ("EulerDiscreteScheduler", dict(sigmas=[14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152,
@@ -198,7 +225,9 @@ def test_folder_scheduler_classes(folders, tmp_path):
     file.write_text(json.dumps({**sd15, "_class_name": "DEISMultistepScheduler"}))
     assert isinstance(LatentDiffusionPipeline.from_pretrained(folder).scheduler, schedulers.DEISMultistepScheduler)
     file.write_text(json.dumps({**sd15, "_class_name": "DPMSolverSDEScheduler"}))
-    with pytest.warns(UserWarning, match="DPMSolverSDEScheduler is not implemented in latentdiff; using "
+    assert isinstance(LatentDiffusionPipeline.from_pretrained(folder).scheduler, schedulers.DPMSolverSDEScheduler)
+    file.write_text(json.dumps({**sd15, "_class_name": "EDMEulerScheduler"}))
+    with pytest.warns(UserWarning, match="EDMEulerScheduler is not implemented in latentdiff; using "
                                          "DPMSolverMultistepScheduler with the same noise schedule"):
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, schedulers.DPMSolverMultistepScheduler)

@@ -13,12 +13,14 @@ from latentdiff import schedulers as S
 from latentdiff.guidance import Denoiser
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # inside diffusers
+              pytest.mark.filterwarnings("ignore:Should have t:UserWarning")]  # torchsde, under diffusers' DPM++ SDE
 
 NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
          "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
-         "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler"]
+         "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+         "DPMSolverSDEScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -43,7 +45,7 @@ def variants(name):
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3), dict(solver_order=1),
                 dict(solver_order=3, use_karras_sigmas=True, lower_order_final=False)]
     if name in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                "KDPM2AncestralDiscreteScheduler"):
+                "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"):
         return [dict(use_karras_sigmas=False), dict(use_karras_sigmas=True)]
     if name == "UniPCMultistepScheduler":  # (bh1 and lower_order_final=False: test_unipc_onto_sigma_zero)
         return [dict(), dict(use_karras_sigmas=True), dict(solver_order=3, disable_corrector=[1])]
@@ -66,6 +68,8 @@ def pair(name, **config):
     import diffusers
 
     cls = getattr(S, name)
+    if name == "DPMSolverSDEScheduler":  # (diffusers' takes no generator: the Brownian tree's seed is the config's)
+        config = {"noise_sampler_seed": 7, **config}
     ours = cls(**{k: v for k, v in config.items() if k not in cls.config_class.absent})
     return ours, getattr(diffusers, name)(**dict(ours.config))
 
@@ -448,6 +452,7 @@ CONFIGS = {
     "KDPM2AncestralDiscreteScheduler": dict(use_karras_sigmas=True, prediction_type="v_prediction"),
     "DPMSolverSinglestepScheduler": dict(use_karras_sigmas=True, solver_order=3, algorithm_type="sde-dpmsolver++"),
     "DEISMultistepScheduler": dict(use_karras_sigmas=True, solver_order=3, timestep_spacing="trailing"),
+    "DPMSolverSDEScheduler": dict(use_karras_sigmas=True, noise_sampler_seed=11, timestep_spacing="trailing"),
 }
 
 
@@ -518,7 +523,7 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
         "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
         "lcm": "LCMScheduler", "tcd": "TCDScheduler", "dpm2": "KDPM2DiscreteScheduler",
         "dpm2_a": "KDPM2AncestralDiscreteScheduler", "dpm++2s": "DPMSolverSinglestepScheduler",
-        "deis": "DEISMultistepScheduler"}
+        "deis": "DEISMultistepScheduler", "dpmsolver_sde": "DPMSolverSDEScheduler"}
     # another solver's solver_type becomes this one's, as diffusers' classes do it
     assert S.UniPCMultistepScheduler.from_config(S.DPMSolverMultistepScheduler().config).config.solver_type == "bh2"
     unipc = S.UniPCMultistepScheduler().config
@@ -694,3 +699,35 @@ def test_dpm_singlestep_orders_and_grid():
         got = S.sample_dpmpp_singlestep(Denoiser(fake_model, "v_prediction"), x, sched.timesteps, sched.sigmas,
                                         order=3, sde=sde, generator=torch.Generator().manual_seed(1))
         assert_close(got, run(sched, x, torch.Generator().manual_seed(1)), f"sample_dpmpp_singlestep sde={sde}")
+
+
+def test_dpmpp_sde_noise_pure_sampler_and_generators(monkeypatch):
+    """DPM++ SDE's Brownian noise: the pure sampler with a tree of the config's seed gives the class's trajectory;
+    without a seed the tree comes from the step's generator (one per image: each image as if alone; none: torch's
+    global generator, as diffusers'); without torchsde a clear error."""
+    import sys
+
+    sched = S.DPMSolverSDEScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                    use_karras_sigmas=True, noise_sampler_seed=5)
+    sched.set_timesteps(8)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    looped = run(sched, x, None)
+    positive = sched.sigmas[sched.sigmas > 0]
+    noise = S.BrownianNoise(x, positive.min().item(), positive.max().item(), 5)
+    got = S.sample_dpmpp_sde(Denoiser(fake_model, "v_prediction"), x, sched.timesteps[0::2],
+                             torch.cat([sched.sigmas[0::2], sched.sigmas[-1:]]), sched.timesteps[1::2], noise)
+    assert_close(got, looped, "sample_dpmpp_sde")
+    unseeded = S.DPMSolverSDEScheduler.from_config(sched.config, noise_sampler_seed=None)
+    unseeded.set_timesteps(8)
+    gens = lambda: [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]  # noqa: E731
+    both = run(unseeded, x, gens())
+    assert_close(both[1:], run(unseeded, x[1:], [torch.Generator().manual_seed(6)]), "per-image trees")
+    assert (both - run(unseeded, x, [torch.Generator().manual_seed(9)] * 2)).abs().max() > 1e-2  # the noise shows
+    torch.manual_seed(3)
+    first = run(unseeded, x, None)
+    torch.manual_seed(3)
+    assert torch.equal(first, run(unseeded, x, None))
+    monkeypatch.setitem(sys.modules, "torchsde", None)
+    unseeded.set_timesteps(8)
+    with pytest.raises(ImportError, match="pip install torchsde"):
+        run(unseeded, x, None)

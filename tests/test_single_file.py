@@ -122,7 +122,8 @@ def sd2(tmp_path_factory):
 
 def same_weights(a, b, what):
     a, b = a.state_dict(), b.state_dict()
-    a, b = ({k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")} for sd in (a, b))
+    a, b = ({k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
+            for sd in (a, b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
 
 

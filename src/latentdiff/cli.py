@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--scheduler", default="dpm++",
                    choices=["ddpm", "ddim", "euler", "euler_a", "heun", "dpm++", "dpm++sde", "dpm++3m", "dpm++2s",
-                            "deis", "pndm", "unipc", "lms", "lcm", "tcd", "dpm2", "dpm2_a"],
+                            "deis", "dpmsolver_sde", "pndm", "unipc", "lms", "lcm", "tcd", "dpm2", "dpm2_a"],
                    help="sampler (lcm: latent consistency, 2-8 steps, for LCM models and LCM-LoRA: --steps 4, "
                         "--guidance 1 to 2 with an LCM-LoRA; tcd: for TCD-LoRA, its gamma is --eta, e.g. 0.3)")
     g.add_argument("--negative", default=None, help="negative prompt")

@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
-from .config import (DDIMConfig, DDPMConfig, DEISConfig, DPMSolverConfig, DPMSolverSinglestepConfig, EulerAncestralConfig,
-                     EulerConfig, HeunConfig, KDPM2AncestralConfig, KDPM2Config, LCMConfig, LMSConfig, PNDMConfig,
-                     SchedulerConfig, TCDConfig, UniPCConfig, given_keys)
+from .config import (DDIMConfig, DDPMConfig, DEISConfig, DPMSolverConfig, DPMSolverSDEConfig,
+                     DPMSolverSinglestepConfig, EulerAncestralConfig, EulerConfig, HeunConfig, KDPM2AncestralConfig,
+                     KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
+                     given_keys)
 from .ddim import DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .deis import DEISMultistepScheduler, deis_coefficients, deis_step, sample_deis
+from .dpm_sde import BrownianNoise, DPMSolverSDEScheduler, dpmpp_sde_update, sample_dpmpp_sde
 from .dpm_singlestep import (DPMSolverSinglestepScheduler, dpmpp_singlestep_update, sample_dpmpp_singlestep,
                              singlestep_orders)
 from .dpm_solver import DPMSolverMultistepScheduler, dpmpp_2m_step, sample_dpmpp_2m
@@ -45,6 +47,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "dpm++3m": DPMSolverMultistepScheduler,
     "dpm++2s": DPMSolverSinglestepScheduler,
     "deis": DEISMultistepScheduler,
+    "dpmsolver_sde": DPMSolverSDEScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
@@ -62,10 +65,10 @@ NAMED_OPTIONS: dict[str, dict[str, Any]] = {
 
 def scheduler_from_name(name: str, config: Any = None, **overrides: Any) -> Scheduler:
     """The scheduler called `name` (a key of SCHEDULERS: "ddpm", "ddim", "euler", "euler_a", "heun", "dpm++",
-    "dpm++sde", "dpm++3m", "dpm++2s", "deis", "dpm2", "dpm2_a", "pndm", "unipc", "lms", "lcm", "tcd"), built from
-    another scheduler's config (or a diffusers config dict) so it keeps the model's training noise schedule and
-    prediction type. DDPM and DDIM clip their x0 estimate only if that config says so (their own default clips,
-    which suits pixels, not latents)."""
+    "dpm++sde", "dpm++3m", "dpm++2s", "deis", "dpmsolver_sde", "dpm2", "dpm2_a", "pndm", "unipc", "lms", "lcm",
+    "tcd"), built from another scheduler's config (or a diffusers config dict) so it keeps the model's training
+    noise schedule and prediction type. DDPM and DDIM clip their x0 estimate only if that config says so (their own
+    default clips, which suits pixels, not latents)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[name]
@@ -80,16 +83,17 @@ __all__ = [
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+    "DPMSolverSDEScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
     "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput", "KDPM2Config",
-    "KDPM2AncestralConfig", "DPMSolverSinglestepConfig", "DEISConfig",
+    "KDPM2AncestralConfig", "DPMSolverSinglestepConfig", "DEISConfig", "DPMSolverSDEConfig",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",
     "lcm_step", "lcm_timesteps", "sample_lcm", "tcd_step", "sample_tcd", "dpm2_step", "midpoint_sigmas",
     "sample_dpm2", "dpmpp_singlestep_update", "sample_dpmpp_singlestep", "singlestep_orders",
-    "deis_coefficients", "deis_step", "sample_deis",
+    "deis_coefficients", "deis_step", "sample_deis", "BrownianNoise", "dpmpp_sde_update", "sample_dpmpp_sde",
 ]

@@ -375,6 +375,17 @@ class DEISConfig(SchedulerConfig):
 
 
 @dataclass(frozen=True)
+class DPMSolverSDEConfig(_SigmaGridConfig):
+    """diffusers' DPMSolverSDEScheduler's keys and defaults (Stable Diffusion's beta range); noise_sampler_seed
+    seeds its Brownian tree (None: see DPMSolverSDEScheduler)."""
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    noise_sampler_seed: int | None = None
+
+    scheduler_name: ClassVar[str] = "DPMSolverSDEScheduler"
+
+
+@dataclass(frozen=True)
 class PNDMConfig(SchedulerConfig):
     """skip_prk_steps True (Stable Diffusion 1.x's setting): the linear multistep method alone, started with one
     pseudo improved Euler step; False: three pseudo Runge-Kutta steps first (the paper's F-PNDM)."""
