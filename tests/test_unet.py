@@ -250,14 +250,15 @@ def test_timestep_forms_and_per_sample_timesteps(small):
 def test_diffusers_calling_conventions(small):
     """diffusers' pipelines' denoising line runs unchanged and gives diffusers' values: return_dict=False is a
     1-tuple (so [0] is the whole batch, not its first sample), return_dict=True has .sample; the conditioning
-    arguments SD 1.x leaves empty are taken empty and refused otherwise. Called bare, the tensor itself."""
+    arguments SD 1.x leaves empty are taken empty and refused otherwise. Called bare, the tensor itself. As in
+    diffusers, the fourth argument is class_labels (the x4 upscaler's: test_upscale.py)."""
     config, ref, ours = small
     sample, t, ctx = inputs(config)
     kwargs = dict(encoder_hidden_states=ctx, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None)
     expected = ref(sample, t, return_dict=False, **kwargs)[0]
     assert expected.shape == sample.shape
     for got in (ours(sample, t, return_dict=False, **kwargs)[0], ours(sample, t, **kwargs),
-                ours(sample, t, ctx, return_dict=True).sample, ours(sample, t, ctx, True)[0]):
+                ours(sample, t, ctx, return_dict=True).sample, ours(sample, t, ctx, None, return_dict=True)[0]):
         assert got.shape == sample.shape
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="only 'scale' .* and 'ip_adapter_masks'"):

@@ -25,6 +25,7 @@ _EXPORTS = {
     "LatentDiffusionControlNetPAGPipeline": "latentdiff.pipeline_pag",
     "LatentDiffusionControlNetPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
+    "LatentDiffusionUpscalePipeline": "latentdiff.pipeline_upscale",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",

@@ -105,8 +105,10 @@ def image_inputs(args) -> dict:
     if args.ip_image:
         control["ip_image"] = input_file(args.ip_image, "--ip-image file")
     if args.image is None:
-        if args.mask is not None or args.strength is not None or args.image_guidance is not None:
-            raise ValueError("--mask, --strength and --image-guidance act on an input image: give --image PATH")
+        if args.mask is not None or args.strength is not None or args.image_guidance is not None \
+                or args.noise_level is not None:
+            raise ValueError("--mask, --strength, --image-guidance and --noise-level act on an input image: give "
+                             "--image PATH")
         return control
     if args.height is not None or args.width is not None or args.guidance_rescale:
         raise ValueError("--height, --width and --guidance-rescale are for text to image: with --image the image's "
@@ -121,6 +123,10 @@ def image_inputs(args) -> dict:
         if args.mask is not None or control:
             raise ValueError("--image-guidance (InstructPix2Pix) takes --image alone: no --mask, ControlNet or adapter")
         settings["image_guidance"] = args.image_guidance
+    if args.noise_level is not None:  # (an x4 upscaler's; only where given: as images made before it)
+        if args.mask is not None or control:
+            raise ValueError("--noise-level (an x4 upscaler's) takes --image alone: no --mask, ControlNet or adapter")
+        settings["noise_level"] = args.noise_level
     return {**settings, "strength": strength, **control}
 
 
@@ -174,7 +180,13 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     if path.is_file():
         pipe = LatentDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
+        from .checkpoints import read_json
+
+        kind = LatentDiffusionPipeline
+        if (path / "model_index.json").is_file() and \
+                read_json(path / "model_index.json").get("_class_name") == "StableDiffusionUpscalePipeline":
+            from .pipeline_upscale import LatentDiffusionUpscalePipeline as kind
+        pipe = kind.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
     pipe = apply_extras(pipe, extras or {})
     if optimize:  # this process is ours: malloc may keep large freed buffers too (models/allocator.py)
@@ -245,7 +257,14 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
         from . import pipeline_controlnet as controlled
 
         photo = Image.open(settings["image"][0]).convert("RGB")
-        if pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels:  # (8 channels: InstructPix2Pix)
+        upscaler = hasattr(pipe, "low_res_scheduler")
+        if "noise_level" in settings and not upscaler:
+            raise ValueError("--noise-level is for an x4 upscaler model (a folder with low_res_scheduler/)")
+        if upscaler:  # (a 7-channel U-Net: the latents and the small image)
+            if "mask" in settings or control or "image_guidance" in settings:
+                raise ValueError("an x4 upscaler takes --image (the small image) and --noise-level only")
+            task, inputs = type(pipe), {"noise_level": settings.get("noise_level", 20)}
+        elif pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels:  # (8 channels: InstructPix2Pix)
             from .pipeline_instruct_pix2pix import LatentDiffusionInstructPix2PixPipeline
 
             if "mask" in settings or control:
@@ -490,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance", type=float, default=None,
                    help="with --image and an InstructPix2Pix model (8-channel U-Net): how closely the edit keeps to "
                         "the image (default 1.5)")
+    g.add_argument("--noise-level", type=int, default=None,
+                   help="with --image and an x4 upscaler model: how far the small image is noised first (default 20)")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how far the image is noised before denoising (default 0.8; 1.0 with --mask)")
     g.add_argument("--out", default="out", help="folder for the images, named PROMPT-sSEED.png")

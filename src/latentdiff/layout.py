@@ -102,7 +102,18 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
         loaders["controlnet"] = lambda: _load_controlnets(folder, index, dtypes["controlnet"], variant)
     if "adapter" in extras:
         loaders["adapter"] = lambda: _load_adapter(folder, index, dtypes["adapter"], variant)
+    if "low_res_scheduler" in extras:  # the x4 upscaler's (pipeline_upscale.py)
+        loaders["low_res_scheduler"] = lambda: _low_res_scheduler(folder, index)
+        loaders["max_noise_level"] = lambda: int(index.get("max_noise_level", 350))
     return {name: load() for name, load in loaders.items() if name not in skip}
+
+
+def _low_res_scheduler(folder: Path, index: dict):
+    """The x4 upscaler's noise-augmentation scheduler (low_res_scheduler/)."""
+    if not index.get("low_res_scheduler") or not (folder / "low_res_scheduler").is_dir():
+        raise ValueError(f"{folder} has no low_res_scheduler (the x4 upscaler's noise augmentation): not an x4 "
+                         "upscaler's folder; pass one, low_res_scheduler=DDPMScheduler.from_pretrained(...)")
+    return _scheduler_from_folder(folder / "low_res_scheduler")
 
 
 def _load_adapter(folder: Path, index: dict, dtype: torch.dtype | None, variant: str | None):
@@ -178,9 +189,11 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         "Inpaint" if inpainting else "") + "Pipeline"
     if components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels:
         pipeline = "StableDiffusionInstructPix2PixPipeline"
-    adapter = components.get("adapter")
+    adapter, low_res_scheduler = components.get("adapter"), components.get("low_res_scheduler")
     if adapter is not None:  # (diffusers' T2I-Adapter pipeline)
         pipeline = "StableDiffusionAdapterPipeline"
+    elif low_res_scheduler is not None:  # (the x4 upscaler)
+        pipeline = "StableDiffusionUpscalePipeline"
     elif components["unet"].config.time_cond_proj_dim is not None and pipeline == "StableDiffusionPipeline":
         pipeline = "LatentConsistencyModelPipeline"  # (an LCM-distilled U-Net, as its published folders say)
     index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
@@ -201,6 +214,11 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
         adapter.save_pretrained(folder / "adapter", variant=variant)
         index["adapter"] = ["diffusers", type(adapter).__name__]
+    if low_res_scheduler is not None:  # (diffusers' upscale pipeline takes neither of the last two keys)
+        low_res_scheduler.save_config(folder / "low_res_scheduler")
+        index.update(low_res_scheduler=["diffusers", type(low_res_scheduler).__name__], watermarker=[None, None],
+                     max_noise_level=int(components.get("max_noise_level", 350)))
+        del index["image_encoder"], index["requires_safety_checker"]
     if controlnet is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ... (diffusers' layout)
         nets = list(getattr(controlnet, "nets", [controlnet]))
         for i, net in enumerate(nets):

@@ -391,7 +391,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         optional = cls._optional(components)
         components = cls._given(components, "from_pretrained")
         loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components,
-                                      extras=[n for n in ("controlnet", "adapter") if n in cls.component_names])
+                                      extras=[n for n in ("controlnet", "adapter", "low_res_scheduler")
+                                              if n in cls.component_names])
         return cls(**loaded, **components)._with(optional)
 
     @classmethod

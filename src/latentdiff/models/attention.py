@@ -272,23 +272,27 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention to the text, GEGLU feed-forward."""
+    """Pre-norm transformer block: self-attention, cross-attention to the text, GEGLU feed-forward. `only_cross`:
+    the first attention attends to the text as well (diffusers' only_cross_attention: the SD 2.x x4 upscaler)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False,
+                 only_cross: bool = False):
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim_head, context_dim=context_dim if only_cross else None, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        first = context if self.only_cross else None
         if adds_residual(self.attn1.to_out[0], self.attn2.to_out[0], self.ff.net[2]):  # packed for the CPU
-            x = self.attn1(self.norm1(x), residual=x)
+            x = self.attn1(self.norm1(x), first, residual=x)
             x = self.attn2(self.norm2(x), context, residual=x)
             return self.ff(self.norm3(x), residual=x)
-        x, h = add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2)  # x + attn1(...), norm2 of that
+        x, h = add_layer_norm(x, self.attn1(self.norm1(x), first), self.norm2)  # x + attn1(...), norm2 of that
         x, h = add_layer_norm(x, self.attn2(h, context), self.norm3)
         return x + self.ff(h)
 
@@ -298,14 +302,14 @@ class Transformer2DModel(nn.Module):
     project out, residual. SD 1.x projects with 1x1 convs, SD 2.x with linear layers (`linear_projection`)."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
-                 groups: int = 32, linear_projection: bool = False, upcast: bool = False):
+                 groups: int = 32, linear_projection: bool = False, upcast: bool = False, only_cross: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast, only_cross) for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
 

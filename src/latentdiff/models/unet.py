@@ -109,11 +109,11 @@ class UNetConfig(DownPathConfig):
     diffusers_class = "UNet2DConditionModel"
     # diffusers options outside SD 1.x/2.x: only their default is accepted
     fixed = {
-        "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
+        "center_input_sample": False, "downsample_padding": 1,
         "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
         "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_attention_heads": None,
         "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-        "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+        "addition_time_embed_dim": None, "resnet_time_scale_shift": "default",
         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
         "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
         "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -127,6 +127,10 @@ class UNetConfig(DownPathConfig):
     out_channels: int = 4
     up_block_types: tuple[str, ...] = SD_UP
     time_cond_proj_dim: int | None = None  # LCM-distilled U-Nets: width of the guidance embedding (timestep_cond)
+    # the SD 2.x x4 upscaler: a learned embedding per class label (its noise level) added to the time embedding,
+    # and stages whose first attention attends to the text too (one flag, or one per stage in down order)
+    num_class_embeds: int | None = None
+    only_cross_attention: bool | tuple[bool, ...] = False
 
     @classmethod
     def sd15(cls) -> "UNetConfig":
@@ -146,6 +150,13 @@ class UNetConfig(DownPathConfig):
             self.fail("out_channels", "expected a positive int")
         if not (self.time_cond_proj_dim is None or _positive_int(self.time_cond_proj_dim)):
             self.fail("time_cond_proj_dim", "expected null or a positive int (the guidance embedding's width)")
+        if not (self.num_class_embeds is None or _positive_int(self.num_class_embeds)):
+            self.fail("num_class_embeds", "expected null or a positive int (the number of class labels)")
+        flags = self.only_cross_attention
+        if not (isinstance(flags, bool) or (isinstance(flags, tuple) and len(flags) == len(self.block_out_channels)
+                                            and all(isinstance(f, bool) for f in flags))):
+            self.fail("only_cross_attention", f"expected true, false or a list of {len(self.block_out_channels)} "
+                                              "of them (one per stage)")
         if not (self.sample_size is None or _positive_int(self.sample_size)
                 or (isinstance(self.sample_size, tuple) and len(self.sample_size) == 2)):
             self.fail("sample_size", "expected null, an int or [height, width]")
@@ -275,6 +286,8 @@ class DownPath(ModelMixin):
         temb = channels[0] * 4
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, time_cond_dim)
+        classes = getattr(config, "num_class_embeds", None)
+        self.class_embedding = nn.Embedding(classes, temb) if classes else None
 
         # stage i works at 1/2^i of the input resolution
         self.down_blocks = nn.ModuleList()
@@ -285,26 +298,32 @@ class DownPath(ModelMixin):
             self.down_blocks.append(DownBlock(prev, ch, temb, layers[i], attn, downsample, **self._norm()))
             skip_channels += [ch] * (layers[i] + downsample)
             prev = ch
-        self.mid_block = MidBlock(channels[-1], temb, self._transformer(len(channels) - 1), **self._norm())
+        self.mid_block = MidBlock(channels[-1], temb, self._transformer(len(channels) - 1, mid=True), **self._norm())
         return skip_channels
 
     def _norm(self) -> dict:
         return dict(groups=self.config.norm_num_groups, eps=self.config.norm_eps)
 
-    def _transformer(self, stage: int) -> TransformerFactory:
+    def _transformer(self, stage: int, mid: bool = False) -> TransformerFactory:
+        """The spatial transformers of `stage` (the middle block's: `mid`, never only cross-attention, as in
+        diffusers' UNetMidBlock2DCrossAttn)."""
         config = self.config
         heads = config.heads()[stage]
         depth = config.per_block("transformer_layers_per_block")[stage]
+        only_cross = False if mid else bool(config.per_block("only_cross_attention")[stage]) \
+            if hasattr(config, "only_cross_attention") else False
         return lambda ch: Transformer2DModel(ch, heads, ch // heads, config.cross_attention_dim, depth,
                                              config.norm_num_groups, config.use_linear_projection,
-                                             config.upcast_attention)
+                                             config.upcast_attention, only_cross)
 
-    def _time(self, timestep, sample: torch.Tensor, cond: torch.Tensor | None = None) -> TimeInput:
+    def _time(self, timestep, sample: torch.Tensor, cond: torch.Tensor | None = None,
+              class_labels: torch.Tensor | None = None) -> TimeInput:
         """The time embedding of this call: from the time table (cache_timesteps) or computed (always with a
-        `cond`, the table being made without one)."""
-        emb = self._tabled_time(timestep, sample) if cond is None else None
+        `cond` or class labels, the table being made without them)."""
+        emb = self._tabled_time(timestep, sample) if cond is None and class_labels is None else None
         if emb is None:
-            emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype, cond)
+            emb = self.embed_time(timesteps_for_batch(timestep, sample.shape[0], sample.device), sample.dtype, cond,
+                                  class_labels)
         return emb
 
     def _down_path(self, x: torch.Tensor, emb: TimeInput, ctx: torch.Tensor, shared: int,
@@ -326,13 +345,18 @@ class DownPath(ModelMixin):
             x, emb, skips = _repeat_batch(shared, x, emb, skips)
         return x, emb, skips
 
-    def embed_time(self, t: torch.Tensor, dtype: torch.dtype, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_time(self, t: torch.Tensor, dtype: torch.dtype, cond: torch.Tensor | None = None,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU(time MLP(sinusoidal features of t [B])) -> [B, 4 * block_out_channels[0]]: every ResNet block
         projects SiLU of the embedding, so it is applied here once rather than in each of them. `cond` [B or 1,
-        time_cond_proj_dim]: an LCM's guidance embedding, added to the features through the MLP's cond_proj."""
+        time_cond_proj_dim]: an LCM's guidance embedding, added to the features through the MLP's cond_proj;
+        `class_labels` [B] (with num_class_embeds): their learned embeddings, added to the MLP's output."""
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
-        return F.silu(self.time_embedding(features.to(dtype), None if cond is None else cond.to(dtype)))
+        emb = self.time_embedding(features.to(dtype), None if cond is None else cond.to(dtype))
+        if class_labels is not None:
+            emb = emb + self.class_embedding(class_labels).to(dtype)
+        return F.silu(emb)
 
     def _tabled_time(self, timestep, sample: torch.Tensor) -> dict | None:
         """The time table's row for this call's timestep, where cache_timesteps() applies (see there)."""
@@ -479,12 +503,36 @@ class UNet2DConditionModel(DownPath):
             raise ValueError(f"timestep_cond must be a tensor [{batch} (or 1), {dim}] (a guidance embedding, "
                              f"embeddings.guidance_embedding(w, {dim})); got {shape}")
 
+    def _class_labels(self, labels, batch: int) -> torch.Tensor | None:
+        """The class labels of a call as [batch] (one for all, one per sample, or one per sample before the samples
+        were repeated for k contexts each), checked against the config."""
+        classes = self.config.num_class_embeds
+        if labels is None:
+            if classes:
+                raise ValueError(f"this U-Net embeds class labels (num_class_embeds={classes}): pass class_labels, "
+                                 "e.g. the x4 upscaler's noise level, one integer per sample")
+            return None
+        if not classes:
+            raise ValueError("class_labels given, but this U-Net has no class embedding (its config's "
+                             "num_class_embeds is null): pass None")
+        labels = torch.as_tensor(labels, device=self.conv_in.weight.device).reshape(-1)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers (class indices); got {labels.dtype}")
+        if labels.numel() == 0 or batch % labels.numel():
+            raise ValueError(f"class_labels has {labels.numel()} entries for a batch of {batch}: give one, or one "
+                             "per sample")
+        if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"class_labels must lie in [0, {classes}) (num_class_embeds); got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return labels.repeat(batch // labels.numel())
+
     def disable_freeu(self) -> None:
         for block in self.up_blocks:
             block.freeu = None
 
     def forward(self, sample: torch.Tensor, timestep: float | int | torch.Tensor,
-                encoder_hidden_states: torch.Tensor, return_dict: bool | None = None, *,
+                encoder_hidden_states: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                return_dict: bool | None = None,
                 timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
                 added_cond_kwargs: dict | None = None,
                 down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
@@ -500,8 +548,9 @@ class UNet2DConditionModel(DownPath):
         T2I-Adapter's feature maps (models/t2i_adapter.py), inside the down stages (unet_blocks.DownBlock);
         added_cond_kwargs={"image_embeds": [...]} carries an IP-Adapter's image (ip_adapter.py); timestep_cond, an
         LCM U-Net's guidance embedding [B or 1, time_cond_proj_dim] (embeddings.guidance_embedding), goes into the
-        time embedding; the other diffusers arguments are taken empty only (SD 1.x uses none of them), so that
-        diffusers' denoising line runs unchanged.
+        time embedding, as do class_labels [B or 1] (integers below num_class_embeds: the x4 upscaler's noise
+        level), which a U-Net with num_class_embeds requires; the other diffusers arguments are taken empty only
+        (SD 1.x uses none of them), so that diffusers' denoising line runs unchanged.
 
         encoder_hidden_states may also hold k contexts per sample, [k*B, tokens, D] (guidance: unconditional and
         conditional): the result is then the one for torch.cat([sample] * k), [k*B, ...], but the layers before the
@@ -516,7 +565,7 @@ class UNet2DConditionModel(DownPath):
         if scale is not None and scale != 1.0 and adapters_of(self) is not None:
             with model_lora_scaled(self, scale):
                 masks = {k: v for k, v in cross_attention_kwargs.items() if k != "scale"}
-                return self.forward(sample, timestep, encoder_hidden_states, return_dict,
+                return self.forward(sample, timestep, encoder_hidden_states, class_labels, return_dict=return_dict,
                                     timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
                                     cross_attention_kwargs=masks or None,
                                     down_block_additional_residuals=down_block_additional_residuals,
@@ -532,7 +581,7 @@ class UNet2DConditionModel(DownPath):
                 if timestep_cond is not None and timestep_cond.shape[0] > 1:
                     timestep_cond = torch.cat([timestep_cond] * shared)
                 sample, shared = torch.cat([sample] * shared), 1
-        emb = self._time(timestep, sample, timestep_cond)
+        emb = self._time(timestep, sample, timestep_cond, self._class_labels(class_labels, sample.shape[0]))
         x, emb, skips = self._down_path(self.conv_in(sample), emb, ctx, shared, intrablock)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, _checked_residuals(down_block_additional_residuals, skips))]
