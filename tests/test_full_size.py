@@ -204,3 +204,30 @@ def test_sd21_single_file_reads_as_diffusers_reads_it(tmp_path):
         mine = ours.text_encoder.float()(ids).last_hidden_state
         reference = theirs.text_encoder.float()(ids).last_hidden_state
     assert (mine - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@torch.no_grad()
+def test_x4_upscaler_unet_matches_diffusers():
+    """The structure of stabilityai/stable-diffusion-x4-upscaler's U-Net (7 input channels, 1000 noise-level
+    classes, cross-attention-only stages; random weights) against diffusers' with the same tensors, at a 32x32
+    input with guidance's two contexts."""
+    import diffusers
+
+    config = dict(block_out_channels=(256, 512, 512, 1024), layers_per_block=2, in_channels=7, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=1024, attention_head_dim=8, num_class_embeds=1000,
+                  only_cross_attention=(True, True, True, False), use_linear_projection=True, sample_size=128)
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(UNetConfig(**config))
+        ref = diffusers.UNet2DConditionModel(**config)
+    ours = gaussian_weights(ours.to_empty(device="cpu"), 3).eval()
+    ref.load_state_dict(ours.state_dict(), assign=True)
+    ref.eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 7, 32, 32, generator=g), torch.randn(2, 77, 1024, generator=g)
+    expected = ref(torch.cat([x, x]), 500, ctx, class_labels=torch.tensor([20, 20])).sample
+    got = ours(x, 500, ctx, class_labels=torch.tensor([20]))
+    assert expected.std() > 0.1
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -91,4 +91,4 @@ def test_command_line(ip2p_folder, tmp_path, capsys):
     again = capsys.readouterr().out.split()[0]
     assert np.abs(np.asarray(Image.open(again)).astype(int) - made).max() <= 1
     assert main(["generate", "a", "--model", str(ip2p_folder), "--image-guidance", "2"]) == 2
-    assert "--image-guidance act on an input image" in capsys.readouterr().err
+    assert "--image-guidance acts on an input image: give --image PATH" in capsys.readouterr().err

@@ -105,9 +105,11 @@ def image_inputs(args) -> dict:
     if args.ip_image:
         control["ip_image"] = input_file(args.ip_image, "--ip-image file")
     if args.image is None:
-        if args.mask is not None or args.strength is not None or args.image_guidance is not None \
-                or args.noise_level is not None:
-            raise ValueError("--mask, --strength, --image-guidance and --noise-level act on an input image: give "
+        given = [flag for flag, value in (("--mask", args.mask), ("--strength", args.strength),
+                                          ("--image-guidance", args.image_guidance),
+                                          ("--noise-level", args.noise_level)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'acts' if len(given) == 1 else 'act'} on an input image: give "
                              "--image PATH")
         return control
     if args.height is not None or args.width is not None or args.guidance_rescale:
