@@ -20,7 +20,7 @@ NAMES = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAnces
          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
          "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
          "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
-         "DPMSolverSDEScheduler"]
+         "DPMSolverSDEScheduler", "DDIMInverseScheduler"]
 RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
 STEPS = (10, 25, 50)
 
@@ -29,6 +29,9 @@ def variants(name):
     """Options swept on top of schedule x prediction x spacing x steps, per scheduler."""
     if name == "DDPMScheduler":
         return [dict(clip_sample=False), dict(clip_sample=True, steps_offset=1)]
+    if name == "DDIMInverseScheduler":  # (inversion: from clean latents towards noise)
+        return [dict(clip_sample=False), dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                dict(clip_sample=True)]
     if name == "DDIMScheduler":
         return [dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, eta=0.0),
                 dict(clip_sample=False, eta=0.8), dict(clip_sample=True, eta=0.0)]
@@ -94,6 +97,10 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
     start, end = RANGES[beta_schedule]
     if name == "DPMSolverSinglestepScheduler" and spacing != "linspace":
         return  # its grid is always linspace (test_dpm_singlestep_orders_and_grid)
+    if name == "DDIMInverseScheduler" and spacing == "linspace":  # (diffusers' refuses it too, in set_timesteps)
+        with pytest.raises(ValueError, match="'leading' or 'trailing'"):
+            S.DDIMInverseScheduler(timestep_spacing=spacing).set_timesteps(10)
+        return
     if (name, beta_schedule, spacing) == ("KDPM2AncestralDiscreteScheduler", "squaredcos_cap_v2", "trailing"):
         sched = S.KDPM2AncestralDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing)
         with pytest.raises(ValueError, match="its midpoint is undefined"):  # (diffusers' grid holds a NaN there)
@@ -147,7 +154,8 @@ def assert_deis_close(ours, ref32, ref, x, n, what):
     assert err <= max(1e-5, err32), f"{what}: relative max difference {err:.2e} (diffusers' float32: {err32:.2e})"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("PNDMScheduler", "LMSDiscreteScheduler")])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("PNDMScheduler", "LMSDiscreteScheduler",
+                                                                 "DDIMInverseScheduler")])
 def test_img2img_start_and_add_noise_match_diffusers(name):  # PNDM: test_pndm_img2img_start; LMS: test_lms_img2img
     """Start part-way: add_noise at timesteps[k], then step over timesteps[k:] (with and without set_begin_index)."""
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -453,6 +461,7 @@ CONFIGS = {
     "DPMSolverSinglestepScheduler": dict(use_karras_sigmas=True, solver_order=3, algorithm_type="sde-dpmsolver++"),
     "DEISMultistepScheduler": dict(use_karras_sigmas=True, solver_order=3, timestep_spacing="trailing"),
     "DPMSolverSDEScheduler": dict(use_karras_sigmas=True, noise_sampler_seed=11, timestep_spacing="trailing"),
+    "DDIMInverseScheduler": dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"),
 }
 
 
@@ -731,3 +740,29 @@ def test_dpmpp_sde_noise_pure_sampler_and_generators(monkeypatch):
     unseeded.set_timesteps(8)
     with pytest.raises(ImportError, match="pip install torchsde"):
         run(unseeded, x, None)
+
+
+def test_ddim_inversion_round_trip():
+    """DDIM inverted then run forward over the same grid comes back to the start (the model's output changes
+    slowly with t here, as a trained U-Net's does at fine steps): what inversion is for."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1)
+    inverse, forward = S.DDIMInverseScheduler(**config), S.DDIMScheduler(**config)
+    inverse.set_timesteps(200)
+    forward.set_timesteps(200)
+    assert torch.equal(inverse.timesteps, forward.timesteps.flip(0))
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+
+    def model(x, t):  # an eps-predictor smooth in x and t
+        return 0.3 * torch.tanh(x) + 0.01 * torch.sin(torch.as_tensor(float(t)) / 300)
+
+    noised = run_with(inverse, x0, model)
+    assert (noised - x0).abs().max() > 0.5  # it went somewhere
+    back = run_with(forward, noised, model)
+    assert (back - x0).abs().max() < 0.03
+
+
+def run_with(sched, x, model):
+    for t in sched.timesteps:
+        x = sched.step(model(x, t), t, x).prev_sample
+    return x

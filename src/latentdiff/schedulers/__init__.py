@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Scheduler, SchedulerOutput, config_of
-from .config import (DDIMConfig, DDPMConfig, DEISConfig, DPMSolverConfig, DPMSolverSDEConfig,
+from .config import (DDIMConfig, DDIMInverseConfig, DDPMConfig, DEISConfig, DPMSolverConfig, DPMSolverSDEConfig,
                      DPMSolverSinglestepConfig, EulerAncestralConfig, EulerConfig, HeunConfig, KDPM2AncestralConfig,
                      KDPM2Config, LCMConfig, LMSConfig, PNDMConfig, SchedulerConfig, TCDConfig, UniPCConfig,
                      given_keys)
-from .ddim import DDIMScheduler, ddim_step, sample_ddim
+from .ddim import DDIMInverseScheduler, DDIMScheduler, ddim_step, sample_ddim
 from .ddpm import DDPMScheduler, ddpm_step, sample_ddpm
 from .deis import DEISMultistepScheduler, deis_coefficients, deis_step, sample_deis
 from .dpm_sde import BrownianNoise, DPMSolverSDEScheduler, dpmpp_sde_update, sample_dpmpp_sde
@@ -83,13 +83,13 @@ __all__ = [
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
     "LMSDiscreteScheduler", "LCMScheduler", "TCDScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
-    "DPMSolverSDEScheduler",
+    "DPMSolverSDEScheduler", "DDIMInverseScheduler",
 ]
 __all__ += [
     "SCHEDULERS", "NAMED_OPTIONS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "scheduler_from_name",
     "DDPMConfig", "DDIMConfig", "EulerConfig", "EulerAncestralConfig", "HeunConfig", "DPMSolverConfig", "PNDMConfig",
     "UniPCConfig", "LMSConfig", "LCMConfig", "LCMSchedulerOutput", "TCDConfig", "TCDSchedulerOutput", "KDPM2Config",
-    "KDPM2AncestralConfig", "DPMSolverSinglestepConfig", "DEISConfig", "DPMSolverSDEConfig",
+    "KDPM2AncestralConfig", "DPMSolverSinglestepConfig", "DEISConfig", "DPMSolverSDEConfig", "DDIMInverseConfig",
     "ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "pndm_transfer", "multistep_eps",
     "unipc_update", "heun_step", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral",
     "sample_heun", "sample_dpmpp_2m", "sample_pndm", "sample_unipc", "lms_coefficients", "lms_step", "sample_lms",

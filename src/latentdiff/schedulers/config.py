@@ -206,6 +206,16 @@ class DDIMConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
+class DDIMInverseConfig(_ZeroSNRKeyConfig):
+    """diffusers' DDIMInverseScheduler's keys and defaults (its grid: "leading" or "trailing" spacing)."""
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    clip_sample_range: float = 1.0
+
+    scheduler_name: ClassVar[str] = "DDIMInverseScheduler"
+
+
+@dataclass(frozen=True)
 class EulerConfig(_ZeroSNRKeyConfig):
     timestep_spacing: str = "linspace"
     interpolation_type: str = "linear"

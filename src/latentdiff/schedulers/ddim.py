@@ -6,7 +6,7 @@ import torch
 from ..guidance import Denoiser
 from ..schedules import predict_x0_eps, randn
 from .base import Scheduler, SchedulerOutput
-from .config import DDIMConfig
+from .config import DDIMConfig, DDIMInverseConfig
 from .grids import spaced_timesteps
 
 
@@ -17,7 +17,8 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, abar_prev
     if eta > 0 and noise is None:
         raise ValueError(f"ddim_step with eta={eta} > 0 needs `noise` (a standard normal tensor like x0)")
     abar, abar_prev = torch.as_tensor(abar), torch.as_tensor(abar_prev)
-    std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+    # (not computed at eta 0: from abar = 1, an inverted step's start, it would be 0 * inf)
+    std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5 if eta > 0 else 0.0
     x = abar_prev**0.5 * x0 + (1 - abar_prev - std**2).clamp(min=0) ** 0.5 * eps
     return x + std * noise if eta > 0 else x
 
@@ -81,4 +82,43 @@ class DDIMScheduler(Scheduler):
         prev = ddim_step(x0, eps, abar, abar_prev, eta, noise).to(sample.dtype)
         self._finish_step(i)
         out = SchedulerOutput(prev, x0.to(sample.dtype))
+        return out if return_dict else out.to_tuple()
+
+
+class DDIMInverseScheduler(Scheduler):
+    """diffusers' DDIMInverseScheduler: deterministic DDIM run backwards, from an image's latents towards noise
+    (inversion: the noise that DDIM would turn back into that image, for editing real images). The grid ascends
+    ("leading" or "trailing" spacing), and the step called with timestep t moves the sample from the noise level of
+    t - T // n (below 0: the clean image's, abar = 1 with set_alpha_to_one) up to t's, with the model's output at
+    t for the sample at the lower level, as diffusers' does."""
+    config_class = DDIMInverseConfig
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.initial_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def _make_grid(self, num_inference_steps: int, device) -> torch.Tensor:
+        c = self.config
+        if c.timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(f"DDIMInverseScheduler: timestep_spacing={c.timestep_spacing!r}; it spaces its grid "
+                             "'leading' or 'trailing' (as diffusers' does): set one of them")
+        steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
+        steps = torch.from_numpy(steps[::-1].astype("int64"))
+        stride = c.num_train_timesteps // num_inference_steps
+        current = (steps - stride).clamp(max=c.num_train_timesteps - 1)  # (diffusers' min(t - T // n, T - 1))
+        self._abar_from = torch.where(current >= 0, self.alphas_cumprod[current.clamp(min=0)],
+                                      self.initial_alpha_cumprod)
+        return steps.to(device)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One inverted DDIM step: from the level below `timestep` up to it."""
+        i = self.index_for_timestep(timestep)
+        abar, abar_to = self._abar_from[i], self.alphas_cumprod[int(self._grid[i])]
+        x = sample.float()
+        x0, eps = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, self.config.prediction_type)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        nxt = ddim_step(x0, eps, abar, abar_to).to(sample.dtype)
+        self._finish_step(i)
+        out = SchedulerOutput(nxt, x0.to(sample.dtype))
         return out if return_dict else out.to_tuple()
