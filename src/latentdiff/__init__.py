@@ -26,6 +26,7 @@ _EXPORTS = {
     "LatentDiffusionControlNetPAGInpaintPipeline": "latentdiff.pipeline_pag",
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "LatentDiffusionUpscalePipeline": "latentdiff.pipeline_upscale",
+    "LatentDiffusionDepth2ImgPipeline": "latentdiff.pipeline_depth2img",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",

@@ -189,6 +189,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         "Inpaint" if inpainting else "") + "Pipeline"
     if components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels:
         pipeline = "StableDiffusionInstructPix2PixPipeline"
+    depth = components["unet"].config.in_channels == components["vae"].config.latent_channels + 1
+    if depth:  # (SD 2's depth model: diffusers' pipeline takes the depth estimator's two entries, empty here)
+        pipeline = "StableDiffusionDepth2ImgPipeline"
     adapter, low_res_scheduler = components.get("adapter"), components.get("low_res_scheduler")
     if adapter is not None:  # (diffusers' T2I-Adapter pipeline)
         pipeline = "StableDiffusionAdapterPipeline"
@@ -214,6 +217,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
         adapter.save_pretrained(folder / "adapter", variant=variant)
         index["adapter"] = ["diffusers", type(adapter).__name__]
+    if depth:
+        index.update(depth_estimator=[None, None])
+        del index["safety_checker"], index["image_encoder"], index["requires_safety_checker"]
     if low_res_scheduler is not None:  # (diffusers' upscale pipeline takes neither of the last two keys)
         low_res_scheduler.save_config(folder / "low_res_scheduler")
         index.update(low_res_scheduler=["diffusers", type(low_res_scheduler).__name__], watermarker=[None, None],

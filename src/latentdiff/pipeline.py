@@ -511,7 +511,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             raise ValueError(f"the U-Net takes {channels} input channels but the VAE makes {latent}-channel latents: "
                              f"a plain U-Net takes {latent}, an inpainting one {2 * latent + 1} (latents, mask, "
                              f"masked-image latents), an InstructPix2Pix one {2 * latent} (latents, image latents: "
-                             "LatentDiffusionInstructPix2PixPipeline)")
+                             f"LatentDiffusionInstructPix2PixPipeline), a depth model {latent + 1} (latents, depth "
+                             f"map: LatentDiffusionDepth2ImgPipeline), the x4 upscaler {latent + 3} (latents, small "
+                             "image: LatentDiffusionUpscalePipeline)")
         return channels != latent
 
     def _require_plain_unet(self) -> None:
@@ -833,14 +835,9 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
                 "img2img", image, strength, generator, prompt, negative_prompt, prompt_embeds,
                 negative_prompt_embeds, num_images_per_prompt, guidance_scale, clip_skip, num_inference_steps,
                 timesteps, sigmas, grid_options)
-            z0 = self._encode_sample(pixels, generators)
-            if len(timesteps) == 0:
-                latents = z0
-            else:
-                noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
-                latents = self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
-            unet = self._step_unet(control, z0.shape[0], len(timesteps), ip_adapter_image, ip_adapter_image_embeds,
-                                   guidance_scale, cross_attention_kwargs)
+            latents = self._noised_latents(pixels, generators, timesteps)
+            unet = self._step_unet(control, latents.shape[0], len(timesteps), ip_adapter_image,
+                                   ip_adapter_image_embeds, guidance_scale, cross_attention_kwargs)
             latents = self.denoise(latents, timesteps, cond, uncond, guidance_scale, generators, eta,
                                    callback_on_step_end, progress, unet=unet)
             images = self.decode(latents, output_type)
@@ -876,6 +873,15 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         start = self.scheduler.start_index(steps - kept)
         self.scheduler.set_begin_index(start)
         return pixels, cond, uncond, generators, self.scheduler.timesteps[start:]
+
+    def _noised_latents(self, pixels: torch.Tensor, generators, timesteps: torch.Tensor) -> torch.Tensor:
+        """Where img2img starts: the pixels' latents noised to the first of `timesteps` with each image's generator
+        (the latents themselves where no step is left: strength 0)."""
+        z0 = self._encode_sample(pixels, generators)
+        if len(timesteps) == 0:
+            return z0
+        noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
+        return self.scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
 
     def _encode_sample(self, pixels: torch.Tensor, generators) -> torch.Tensor:
         """Scaled latents of the pixels: a posterior sample drawn with each image's own generator, mean + std * noise
