@@ -86,3 +86,40 @@ def test_images_per_prompt_and_errors(depth_model, tiny_folders):
     plain = LatentDiffusionDepth2ImgPipeline.from_pretrained(tiny_folders[1])
     with pytest.raises(ValueError, match="not a depth-to-image model"):
         plain("x", image=image, depth_map=depth(), **KWARGS)
+
+
+def test_command_line(depth_model, tiny_folders, tmp_path, capsys):
+    """`latentdiff generate --model DEPTH --image photo.png --depth-map depth.npy`: the Python API's image, which
+    --from-png reproduces; a 16-bit PNG depth map reads as its values; --depth-map is refused for another model."""
+    from PIL import Image
+    from test_cli import run
+
+    from latentdiff.cli import read_depth_map
+    from latentdiff.schedulers import scheduler_from_name
+
+    folder = depth_model[1]
+    Image.fromarray((photo()[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / "photo.png")
+    values = depth()[0]
+    np.save(tmp_path / "depth.npy", values.numpy())
+    code, out, err = run(["generate", "a red circle", "--model", folder, "--image", tmp_path / "photo.png",
+                          "--depth-map", tmp_path / "depth.npy", "--strength", 0.7, "--steps", 6, "--guidance", 6,
+                          "--seed", 4, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    made = np.asarray(Image.open(out.strip()))
+    pipe = LatentDiffusionDepth2ImgPipeline.from_pretrained(folder)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = pipe("a red circle", image=Image.open(tmp_path / "photo.png"), depth_map=values, strength=0.7,
+                    num_inference_steps=6, guidance_scale=6, generator=torch.Generator().manual_seed(4),
+                    progress=False).images[0]
+    assert np.array_equal(made, np.asarray(expected))
+    code, out, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "again"], capsys)
+    assert code == 0 and np.array_equal(np.asarray(Image.open(out.strip())), made)
+    wide = (values / values.max() * 65535).round().numpy().astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "depth16.png")
+    assert torch.equal(read_depth_map(str(tmp_path / "depth16.png")), torch.from_numpy(wide.astype(np.float32)))
+    code, _, err = run(["generate", "x", "--model", folder, "--image", tmp_path / "photo.png", "--out",
+                        tmp_path / "p"], capsys)
+    assert code == 2 and "a depth-to-image model needs --depth-map" in err
+    code, _, err = run(["generate", "x", "--model", tiny_folders[1], "--image", tmp_path / "photo.png",
+                        "--depth-map", tmp_path / "depth.npy", "--out", tmp_path / "q"], capsys)
+    assert code == 2 and "--depth-map is for a depth-to-image model" in err

@@ -107,7 +107,8 @@ def image_inputs(args) -> dict:
     if args.image is None:
         given = [flag for flag, value in (("--mask", args.mask), ("--strength", args.strength),
                                           ("--image-guidance", args.image_guidance),
-                                          ("--noise-level", args.noise_level)) if value is not None]
+                                          ("--noise-level", args.noise_level), ("--depth-map", args.depth_map))
+                 if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} {'acts' if len(given) == 1 else 'act'} on an input image: give "
                              "--image PATH")
@@ -129,7 +130,28 @@ def image_inputs(args) -> dict:
         if args.mask is not None or control:
             raise ValueError("--noise-level (an x4 upscaler's) takes --image alone: no --mask, ControlNet or adapter")
         settings["noise_level"] = args.noise_level
+    if args.depth_map is not None:  # (a depth-to-image model's)
+        if args.mask is not None or control or args.noise_level is not None or args.image_guidance is not None:
+            raise ValueError("--depth-map (a depth-to-image model's) takes --image and --strength only")
+        settings["depth_map"] = input_file(args.depth_map, "--depth-map file")
     return {**settings, "strength": strength, **control}
+
+
+def read_depth_map(path: str):
+    """A depth map file as a [H, W] float tensor: a 2-D .npy array, or a one-channel image (8- or 16-bit PNG, ...);
+    larger values nearer, as DPT-style depth models give them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if path.endswith(".npy"):
+        values = np.load(path, allow_pickle=False)
+    else:
+        with Image.open(path) as image:
+            values = np.asarray(image if image.mode in ("I", "I;16", "F") else image.convert("L"))
+    if values.ndim != 2:
+        raise ValueError(f"--depth-map {path}: expected one channel ([H, W]); got shape {values.shape}")
+    return torch.from_numpy(values.astype(np.float32))
 
 
 def apply_extras(pipe, extras: dict):
@@ -260,9 +282,18 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
 
         photo = Image.open(settings["image"][0]).convert("RGB")
         upscaler = hasattr(pipe, "low_res_scheduler")
+        depth = pipe.unet.config.in_channels == pipe.vae.config.latent_channels + 1
         if "noise_level" in settings and not upscaler:
             raise ValueError("--noise-level is for an x4 upscaler model (a folder with low_res_scheduler/)")
-        if upscaler:  # (a 7-channel U-Net: the latents and the small image)
+        if ("depth_map" in settings) != depth:
+            raise ValueError("a depth-to-image model needs --depth-map" if depth else
+                             "--depth-map is for a depth-to-image model (a U-Net of latent channels + 1)")
+        if depth:
+            from .pipeline_depth2img import LatentDiffusionDepth2ImgPipeline
+
+            task, inputs = LatentDiffusionDepth2ImgPipeline, {
+                "strength": settings["strength"], "depth_map": read_depth_map(settings["depth_map"][0])}
+        elif upscaler:  # (a 7-channel U-Net: the latents and the small image)
             if "mask" in settings or control or "image_guidance" in settings:
                 raise ValueError("an x4 upscaler takes --image (the small image) and --noise-level only")
             task, inputs = type(pipe), {"noise_level": settings.get("noise_level", 20)}
@@ -511,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance", type=float, default=None,
                    help="with --image and an InstructPix2Pix model (8-channel U-Net): how closely the edit keeps to "
                         "the image (default 1.5)")
+    g.add_argument("--depth-map", default=None,
+                   help="with --image and a depth-to-image model: the image's depth (.npy [H, W], or a one-channel "
+                        "8/16-bit image; larger nearer)")
     g.add_argument("--noise-level", type=int, default=None,
                    help="with --image and an x4 upscaler model: how far the small image is noised first (default 20)")
     g.add_argument("--strength", type=float, default=None,
