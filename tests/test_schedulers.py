@@ -732,6 +732,8 @@ def test_dpmpp_sde_noise_pure_sampler_and_generators(monkeypatch):
     both = run(unseeded, x, gens())
     assert_close(both[1:], run(unseeded, x[1:], [torch.Generator().manual_seed(6)]), "per-image trees")
     assert (both - run(unseeded, x, [torch.Generator().manual_seed(9)] * 2)).abs().max() > 1e-2  # the noise shows
+    with pytest.raises(ValueError, match="got 3 generators for a batch of 2"):
+        run(unseeded, x, [torch.Generator()] * 3)
     torch.manual_seed(3)
     first = run(unseeded, x, None)
     torch.manual_seed(3)

@@ -191,3 +191,13 @@ def test_command_line(upscaler, tiny_folders, tmp_path, capsys):
     code, _, err = run(["generate", "x", "--model", tiny_folders[1], "--image", tmp_path / "small.png",
                         "--noise-level", 30, "--out", tmp_path / "p"], capsys)
     assert code == 2 and "--noise-level is for an x4 upscaler model" in err
+
+
+def test_single_file_needs_the_low_res_scheduler(tiny_folders, tmp_path):
+    """A single file holds no noise-augmentation scheduler: the error names it and how to pass one."""
+    from latentdiff.layout import save_single_file
+
+    save_single_file(LatentDiffusionPipeline.from_pretrained(tiny_folders[1]).components, tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match=r"holds no low_res_scheduler: pass it, e\.g\. low_res_scheduler="
+                                         r"DDPMScheduler\.from_pretrained\(folder, subfolder='low_res_scheduler'\)"):
+        LatentDiffusionUpscalePipeline.from_single_file(tmp_path / "sd.safetensors", config=tiny_folders[1])

@@ -445,8 +445,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                     prediction_type=prediction_type), **components}
         missing = [name for name in cls.component_names if name not in parts]
         if missing:
+            example = {"adapter": "T2IAdapter.from_pretrained(folder)",
+                       "low_res_scheduler": "DDPMScheduler.from_pretrained(folder, subfolder='low_res_scheduler')"
+                       }.get(missing[0], "ControlNetModel.from_pretrained(folder)")
             raise ValueError(f"{cls.__name__}.from_single_file: a single file holds no {', '.join(missing)}: pass it, "
-                             f"e.g. {missing[0]}=ControlNetModel.from_pretrained(folder)")
+                             f"e.g. {missing[0]}={example}")
         return cls(**parts)._with(optional)
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None,

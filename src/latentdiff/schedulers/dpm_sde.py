@@ -146,6 +146,9 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
         seed = self.config.noise_sampler_seed
         if seed is None:
             gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+            if len(gens) > 1 and len(gens) != like.shape[0]:
+                raise ValueError(f"got {len(gens)} generators for a batch of {like.shape[0]}; give one generator per "
+                                 "sample or a single generator")
             seed = [draw(g) for g in gens] if len(gens) > 1 else draw(gens[0])
         positive = self.sigmas[self.sigmas > 0]
         return BrownianNoise(like, positive.min().item(), positive.max().item(), seed)
