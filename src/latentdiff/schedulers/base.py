@@ -223,9 +223,12 @@ class Scheduler:
         return start + int((starts or hits)[0])
 
     def _starts_step(self, index: int) -> bool:
-        """Whether grid entry `index` begins a step rather than continuing the one the entry before began: every
-        entry does but in grids that list a timestep more than once for one step (Heun's, PNDM's)."""
-        return True
+        """Whether grid entry `index` begins a step rather than continuing the one the entry before began. A grid of
+        `order` entries per step (Heun's, DPM2's, DPM++ SDE's: a step's start, then its second evaluation) starts
+        steps at multiples of the order: a timestep listed twice starts a step at its second entry (the first ends
+        the step before), as diffusers' lookup has it, so a loop over timesteps[order * k:] (img2img) begins with a
+        step's start. PNDM lays its grid out otherwise (its own)."""
+        return index % self.order == 0
 
     def _reset(self) -> None:
         """Forget the steps taken (a new grid, or a step that does not follow the last): a multistep sampler's

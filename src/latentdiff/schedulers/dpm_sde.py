@@ -127,9 +127,6 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
         interleaved = np.stack([mid_steps, steps[1:]], axis=-1).reshape(-1)
         return torch.from_numpy(np.concatenate([steps[:1], interleaved])).to(device)
 
-    def _starts_step(self, index: int) -> bool:
-        return index % 2 == 0
-
     def _level(self, index: int) -> torch.Tensor:
         """The noise level the model sees at grid entry `index`: a step's start, or its midpoint."""
         if index % 2 == 0:

@@ -192,11 +192,6 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
         return torch.cat([steps[:1], steps[1:].repeat_interleave(2)])
 
-    def _starts_step(self, index: int) -> bool:
-        """Even entries: a timestep listed twice starts a step at its second entry (the first ends the step before),
-        as diffusers' lookup has it, so a loop over timesteps[2k:] (img2img) begins with an Euler step."""
-        return index % 2 == 0
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         i = self.index_for_timestep(timestep)

@@ -85,9 +85,6 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
         interleaved = torch.stack((mid_steps[1:-1], steps[1:]), dim=-1).flatten()
         return torch.cat([steps[:1], interleaved]).to(device)
 
-    def _starts_step(self, index: int) -> bool:
-        return index % 2 == 0
-
     def _level(self, index: int) -> torch.Tensor:
         """The noise level the model sees at grid entry `index`: a step's start, or its midpoint."""
         return self.sigmas[index] if index % 2 == 0 else self._midpoint(index - 1)
