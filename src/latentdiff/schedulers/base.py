@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..schedules import alphas_cumprod, make_betas, q_sample, rescale_zero_terminal_snr, v_target
+from ..schedules import (alphas_cumprod, make_betas, predict_x0_eps, q_sample, rescale_zero_terminal_snr,
+                         v_target)
 from .config import SchedulerConfig
 from .grids import check_num_inference_steps
 
@@ -236,6 +237,14 @@ class Scheduler:
 
     def _finish_step(self, index: int) -> None:
         self._next_index = index + 1
+
+    def _clipped_estimates(self, model_output: torch.Tensor, x: torch.Tensor,
+                           abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) at level abar for the DDPM/DDIM family's configs: x0 clipped to +-clip_sample_range where
+        clip_sample says so, eps from the unclipped output (as diffusers computes them)."""
+        c = self.config
+        x0, eps = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, c.prediction_type)
+        return (x0.clamp(-c.clip_sample_range, c.clip_sample_range) if c.clip_sample else x0), eps
 
     # ---- training-time helpers and protocol defaults ----------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

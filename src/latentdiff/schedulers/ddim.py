@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..guidance import Denoiser
-from ..schedules import predict_x0_eps, randn
+from ..schedules import randn
 from .base import Scheduler, SchedulerOutput
 from .config import DDIMConfig, DDIMInverseConfig
 from .grids import spaced_timesteps
@@ -70,10 +70,7 @@ class DDIMScheduler(Scheduler):
             raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
         i = self.index_for_timestep(timestep)
         abar, abar_prev = self.alphas_cumprod[int(self._grid[i])], self._abar_prev[i]
-        x = sample.float()
-        x0, eps = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, eps = self._clipped_estimates(model_output, sample.float(), abar)
         noise = None
         if eta > 0:
             noise = variance_noise if variance_noise is not None else randn(
@@ -104,20 +101,16 @@ class DDIMInverseScheduler(Scheduler):
                              "'leading' or 'trailing' (as diffusers' does): set one of them")
         steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
         steps = torch.from_numpy(steps[::-1].astype("int64"))
-        stride = c.num_train_timesteps // num_inference_steps
-        current = (steps - stride).clamp(max=c.num_train_timesteps - 1)  # (diffusers' min(t - T // n, T - 1))
-        self._abar_from = torch.where(current >= 0, self.alphas_cumprod[current.clamp(min=0)],
-                                      self.initial_alpha_cumprod)
+        # the level each step starts from: t - T // n's (diffusers' min(t - T // n, T - 1), the cap never binding)
+        self._abar_from = previous_alphas(steps, self.alphas_cumprod, c.num_train_timesteps // num_inference_steps,
+                                          self.initial_alpha_cumprod)
         return steps.to(device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One inverted DDIM step: from the level below `timestep` up to it."""
         i = self.index_for_timestep(timestep)
         abar, abar_to = self._abar_from[i], self.alphas_cumprod[int(self._grid[i])]
-        x = sample.float()
-        x0, eps = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, eps = self._clipped_estimates(model_output, sample.float(), abar)
         nxt = ddim_step(x0, eps, abar, abar_to).to(sample.dtype)
         self._finish_step(i)
         out = SchedulerOutput(nxt, x0.to(sample.dtype))

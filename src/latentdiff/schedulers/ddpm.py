@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..guidance import Denoiser
-from ..schedules import predict_x0_eps, randn
+from ..schedules import randn
 from .base import Scheduler, SchedulerOutput
 from .config import DDPMConfig
 from .grids import spaced_timesteps
@@ -67,9 +67,7 @@ class DDPMScheduler(Scheduler):
         t = int(self._grid[i])
         abar, abar_prev = self.alphas_cumprod[t], self._abar_prev[i]
         x = sample.float()
-        x0, _ = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, _ = self._clipped_estimates(model_output, x, abar)
         noise = None
         if t > 0:
             noise = randn(model_output.shape, generator, model_output.device, model_output.dtype).float()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..guidance import Denoiser
-from ..schedules import predict_x0_eps, randn
+from ..schedules import randn
 from .base import Scheduler, SchedulerOutput
 from .config import LCMConfig
 
@@ -121,9 +121,7 @@ class LCMScheduler(Scheduler):
         t = int(self._grid[i])
         abar = self.alphas_cumprod[t]
         x = sample.float()
-        x0, _ = predict_x0_eps(model_output.float(), x, abar**0.5, (1 - abar) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, _ = self._clipped_estimates(model_output, x, abar)
         noise = abar_next = None
         if i != self.num_inference_steps - 1:  # (no fresh noise after the last step)
             abar_next = self.alphas_cumprod[int(self._grid[i + 1])]
