@@ -151,7 +151,7 @@ class SchedulerConfig(Mapping):
         own = {f.name for f in dataclasses.fields(cls)} - cls.absent
         kept, unknown = {}, []
         for key, value in items.items():
-            if key.startswith("_") or key in cls.absent:  # (as diffusers' class ignores a key it does not take)
+            if key.startswith("_"):
                 continue
             if key in own:
                 kept[key] = value
@@ -160,7 +160,7 @@ class SchedulerConfig(Mapping):
                 if not (_same(value, off) or (value is None and off is False)):
                     raise ValueError(f"{cls.scheduler_name} does not support {key}={value!r} (an option of another "
                                      f"scheduler); set {key}={off!r} or choose a scheduler that supports it")
-            elif key not in ALGORITHM_LOCAL_KEYS:
+            elif key not in ALGORITHM_LOCAL_KEYS and key not in cls.absent:  # (diffusers' class ignores those)
                 unknown.append(key)
         if unknown:
             warnings.warn(f"{cls.scheduler_name}: ignoring config keys no diffusers scheduler we know uses: "
@@ -319,38 +319,17 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
 
 
 @dataclass(frozen=True)
-class DPMSolverSinglestepConfig(SchedulerConfig):
+class DPMSolverSinglestepConfig(DPMSolverConfig):
     """diffusers' DPMSolverSinglestepScheduler's keys and defaults: DPM-Solver++ singlestep of solver_order 1 to 3
-    ("DPM++ 2S" at 2), as an ODE or an SDE solver. It takes no timestep_spacing nor steps_offset: its grid is
-    always "linspace". With the final noise level 0 ("zero", the only one supported), diffusers turns
+    ("DPM++ 2S" at 2), as an ODE or an SDE solver; the multistep class's keys but those its diffusers class does not
+    take (absent): no timestep_spacing nor steps_offset (its grid is always "linspace"), no zero-SNR rescaling, Lu
+    lambdas or euler_at_final. With the final noise level 0 ("zero", the only one supported), diffusers turns
     lower_order_final on whatever the config says (the key is kept, and has no effect)."""
-    timestep_spacing: str = "linspace"
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
     lower_order_final: bool = False
-    use_karras_sigmas: bool | None = False
-    use_exponential_sigmas: bool | None = False
-    use_beta_sigmas: bool | None = False
-    use_flow_sigmas: bool | None = False
-    flow_shift: float = 1.0
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -math.inf
-    variance_type: str | None = None
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
     scheduler_name: ClassVar[str] = "DPMSolverSinglestepScheduler"
-    absent: ClassVar[frozenset[str]] = frozenset({"timestep_spacing", "steps_offset"})
-    aliases: ClassVar[dict[str, dict[Any, Any]]] = {
-        "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint"), "algorithm_type": {"deis": "dpmsolver++"}}
-    supported: ClassVar[dict[str, tuple]] = {
-        **{k: v for k, v in DPMSolverConfig.supported.items() if k not in ("rescale_betas_zero_snr", "use_lu_lambdas")},
-        "lambda_min_clipped": (-math.inf,),
-    }
+    absent: ClassVar[frozenset[str]] = frozenset(
+        {"timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "use_lu_lambdas", "euler_at_final"})
 
 
 @dataclass(frozen=True)
