@@ -93,6 +93,11 @@ class DPMSolverSinglestepScheduler(LogSNRMultistepScheduler):
     custom_grids = frozenset({"timesteps"})
     round_karras_timesteps_always = True
 
+    def _make_grid(self, num_inference_steps: int, device, **custom) -> torch.Tensor:
+        steps = super()._make_grid(num_inference_steps, device, **custom)
+        self._orders = singlestep_orders(len(steps), self.config.solver_order)  # each grid step's order
+        return steps
+
     def _reset(self) -> None:
         self._group: tuple[int, torch.Tensor, list] | None = None  # (first grid index, its sample, [(x0, sigma)])
 
@@ -100,9 +105,8 @@ class DPMSolverSinglestepScheduler(LogSNRMultistepScheduler):
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         i = self.index_for_timestep(timestep)
         x, x0, noise = self._estimate(model_output, sample, i, generator, variance_noise)
-        order = singlestep_orders(len(self._grid), self.config.solver_order)[i]
         group = self._group
-        if order == 1 or group is None or group[0] + len(group[2]) != i:  # (not the group's next step)
+        if self._orders[i] == 1 or group is None or group[0] + len(group[2]) != i:  # (not the group's next step)
             group = self._group = (i, x, [])
         group[2].append((x0, self.sigmas[i]))
         prev = dpmpp_singlestep_update(group[1], group[2], self.sigmas[i + 1], noise)
