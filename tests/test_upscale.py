@@ -87,6 +87,16 @@ def test_unet_class_labels_and_cross_attention_only_stages(upscaler):
     contexts = torch.cat([ctx, ctx * 0.5])
     shared = ref(torch.cat([x, x]), torch.cat([t, t]), contexts, class_labels=torch.cat([labels, labels])).sample
     torch.testing.assert_close(ours(x, t, contexts, class_labels=labels), shared, atol=1e-5, rtol=0)
+    labels_once = torch.tensor([7])
+    ours(x, t, ctx, class_labels=labels_once)  # its range read once (a pipeline's steps pass the same tensor) ...
+    from test_pipeline import HostReads
+
+    with HostReads() as mode:
+        ours(x, t, ctx, class_labels=labels_once)
+    assert mode.count == 0
+    labels_once[0] = 100  # ... and again once it changed
+    with pytest.raises(ValueError, match=r"in \[0, 100\)"):
+        ours(x, t, ctx, class_labels=labels_once)
     for bad, match in ((None, "embeds class labels .*pass class_labels"), (torch.tensor([1.0, 2.0]), "integers"),
                        (torch.tensor([0, 100]), r"in \[0, 100\)"), (torch.tensor([1, 2, 3]), "3 entries")):
         with pytest.raises(ValueError, match=match):

@@ -429,6 +429,7 @@ class UNet2DConditionModel(DownPath):
     accepts_shared_samples = True  # forward() takes k contexts per sample (see there)
 
     _ip = None  # the loaded IP-Adapters (ip_adapter.IPAdapters): beside the model, not in its state dict
+    _labels_read: tuple | None = None  # (class_labels tensor, its in-place version) whose range was read last
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -515,16 +516,30 @@ class UNet2DConditionModel(DownPath):
         if not classes:
             raise ValueError("class_labels given, but this U-Net has no class embedding (its config's "
                              "num_class_embeds is null): pass None")
-        labels = torch.as_tensor(labels, device=self.conv_in.weight.device).reshape(-1)
+        given, labels = labels, torch.as_tensor(labels, device=self.conv_in.weight.device).reshape(-1)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be integers (class indices); got {labels.dtype}")
         if labels.numel() == 0 or batch % labels.numel():
             raise ValueError(f"class_labels has {labels.numel()} entries for a batch of {batch}: give one, or one "
                              "per sample")
-        if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() >= classes):
-            raise ValueError(f"class_labels must lie in [0, {classes}) (num_class_embeds); got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if not torch.compiler.is_compiling() and not self._labels_already_read(given):
+            if labels.min() < 0 or labels.max() >= classes:
+                raise ValueError(f"class_labels must lie in [0, {classes}) (num_class_embeds); got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+            try:  # (an inference tensor keeps no version: read it every call)
+                self._labels_read = (given, given._version) if isinstance(given, torch.Tensor) else None
+            except RuntimeError:
+                self._labels_read = None
         return labels.repeat(batch // labels.numel())
+
+    def _labels_already_read(self, labels) -> bool:
+        """Whether `labels` is the very tensor whose range the last call read, unchanged since: a pipeline passes
+        one per call, and reading its values in every step would make the host wait for a GPU every step."""
+        read = self._labels_read
+        try:
+            return read is not None and read[0] is labels and read[1] == labels._version
+        except RuntimeError:
+            return False
 
     def disable_freeu(self) -> None:
         for block in self.up_blocks:
