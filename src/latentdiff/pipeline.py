@@ -151,6 +151,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+    # settings kept in model_index.json beside the components, taken by __init__ (the x4 upscaler's max_noise_level)
+    config_names: tuple[str, ...] = ()
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler):
         _stable_diffusion_settings(scheduler)
@@ -169,7 +171,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     # ---- components, devices, persistence -------------------------------------------------------------------
     @property
     def components(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.component_names}
+        return {name: getattr(self, name) for name in (*self.component_names, *self.config_names)}
 
     def _models(self) -> list[torch.nn.Module]:
         """The pipeline's neural networks (with an IP-Adapter's image encoder where one is loaded)."""
@@ -399,7 +401,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
         """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
         `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
-        shared = {name: c for name, c in pipe.components.items() if name in cls.component_names}
+        shared = {name: c for name, c in pipe.components.items() if name in (*cls.component_names, *cls.config_names)}
         optional = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor,
                     **cls._optional(components)}
         return cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
@@ -423,10 +425,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             if components.pop(name, None):
                 raise ValueError(f"latentdiff has no {name.removeprefix('requires_')}: pass {name}="
                                  f"{False if name.startswith('requires') else None} or leave it out")
-        unknown = sorted(set(components) - set(cls.component_names))
+        unknown = sorted(set(components) - {*cls.component_names, *cls.config_names})
         if unknown:
             raise TypeError(f"{method}: unexpected arguments {unknown}; components that can be given: "
-                            f"{list(cls.component_names)}")
+                            f"{[*cls.component_names, *cls.config_names]}")
         return components
 
     @classmethod

@@ -17,8 +17,7 @@ import torch
 
 from .cuda_graphs import CUDAGraphModel
 from .lora import lora_call_scale
-from .pipeline import (Generators, LatentDiffusionImg2ImgPipeline, LatentDiffusionPipeline, PipelineOutput,
-                       _per_image_generators)
+from .pipeline import Generators, LatentDiffusionImg2ImgPipeline, PipelineOutput, _per_image_generators
 from .schedules import randn
 
 UPSCALER_SCALING = 0.08333  # the x4 upscaler's latent scaling factor
@@ -31,6 +30,7 @@ class LatentDiffusionUpscalePipeline(LatentDiffusionImg2ImgPipeline):  # (its im
     max_noise_level), so that either library loads the other's folders."""
 
     component_names = ("tokenizer", "text_encoder", "unet", "vae", "scheduler", "low_res_scheduler")
+    config_names = ("max_noise_level",)
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, low_res_scheduler, max_noise_level: int = 350):
         super().__init__(tokenizer, text_encoder, unet, vae, scheduler)
@@ -41,22 +41,6 @@ class LatentDiffusionUpscalePipeline(LatentDiffusionImg2ImgPipeline):  # (its im
                           f"scaled by {UPSCALER_SCALING}, which is used (set it in vae/config.json to silence this)",
                           stacklevel=2)
             vae.config = vae.config.replace(scaling_factor=UPSCALER_SCALING)
-
-    @property
-    def components(self) -> dict:
-        return {**super().components, "max_noise_level": self.max_noise_level}
-
-    @classmethod
-    def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> "LatentDiffusionUpscalePipeline":
-        if "max_noise_level" not in components and hasattr(pipe, "max_noise_level"):
-            components["max_noise_level"] = pipe.max_noise_level
-        return super().from_pipe(pipe, **components)
-
-    @classmethod
-    def _given(cls, components: dict, method: str) -> dict:
-        level = components.pop("max_noise_level", None)
-        given = super()._given(components, method)
-        return given if level is None else {**given, "max_noise_level": level}
 
     @torch.no_grad()
     def __call__(
