@@ -2,7 +2,8 @@
 tests/_ddp_worker.py OUTPUT_DIR [PIPELINE [MODE]]`: two processes train a tiny model with DDP over gloo on the CPU; each
 writes rank<i>.json with a digest of its weights after training and the sample indices it trained on, step by step.
 With PIPELINE, they fine-tune its U-Net through LoRA adapters (MODE lora), train a ControlNet for it (controlnet),
-learn a new word's embedding (inversion) or distil it into LoRA adapters for few-step sampling (lcm)."""
+learn a new word's embedding (inversion), distil it into LoRA adapters for few-step sampling (lcm) or fine-tune it
+with DreamBooth's prior preservation (dreambooth: the processes first generate the class images together)."""
 import hashlib
 import json
 import sys
@@ -24,11 +25,15 @@ def digest(module) -> str:
 def main(output_dir: str, pipeline: str | None = None, mode: str = "lora") -> None:
     """pipeline: a pipeline folder to fine-tune instead (the text encoder frozen), through LoRA adapters (mode
     "lora"), by training a ControlNet for its U-Net ("controlnet"), by textual inversion ("inversion") or by latent
-    consistency distillation into LoRA adapters ("lcm")."""
+    consistency distillation into LoRA adapters ("lcm"), or by DreamBooth with prior preservation ("dreambooth")."""
     tuned = {"lora": {"lora_rank": 2, "resolution": 64}, "controlnet": {"controlnet": True, "resolution": 16},
              "inversion": {"placeholder_token": "<shape>", "initializer_token": "star", "use_ema": False,
                            "resolution": 16},
-             "lcm": {"lora_rank": 2, "resolution": 64, "lcm_distill": True, "caption_dropout": 0.0}}
+             "lcm": {"lora_rank": 2, "resolution": 64, "lcm_distill": True, "caption_dropout": 0.0},
+             "dreambooth": {"resolution": 16, "instance_prompt": "a sks shape", "with_prior_preservation": True,
+                            "class_prompt": "a shape", "class_data_dir": str(Path(output_dir) / "class"),
+                            "num_class_images": 5, "class_generation_steps": 2, "sample_batch_size": 2,
+                            "caption_dropout": 0.0, "cache_latents": False}}
     settings = {"train_text_encoder": True} if pipeline is None else {
         "pretrained": pipeline, "unet": None, "text_encoder": None, "vae": None, "scheduler": None,
         "shapes": {"num_samples": 16, "seed": 0}, **tuned[mode]}

@@ -1084,3 +1084,171 @@ def test_zero_terminal_snr_training_with_v_prediction(tmp_path):
     with pytest.raises(ValueError, match="export_scheduler 'heun' cannot sample this noise schedule"):
         train_text_to_image(smoke_config(tmp_path, "heun", max_train_steps=1, scheduler=schedule,
                                          prediction_type="v_prediction", export_scheduler="heun"))
+
+
+# ---- DreamBooth ----------------------------------------------------------------------------------------------------
+def dreambooth_config(tmp_path, pretrained, name="dreambooth", **overrides):
+    """DreamBooth on 3 shapes images captioned "a sks shape", with prior preservation: 5 class images of "a shape"
+    (generated in 2 steps into <name>-class), prior_loss_weight 0.5."""
+    settings = dict(pretrained=str(pretrained), unet=None, text_encoder=None, vae=None, scheduler=None, resolution=16,
+                    shapes={"num_samples": 3, "seed": 0}, train_batch_size=2, max_train_steps=3, checkpointing_steps=0,
+                    instance_prompt="a sks shape", with_prior_preservation=True, class_prompt="a shape",
+                    class_data_dir=str(tmp_path / f"{name}-class"), num_class_images=5, class_generation_steps=2,
+                    sample_batch_size=2, caption_dropout=0.0, prior_loss_weight=0.5)
+    return smoke_config(tmp_path, name, **{**settings, **overrides})
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_dreambooth_generates_the_missing_class_images_with_the_pretrained_pipeline(tmp_path, tiny_folders):
+    """class_data_dir is filled up to num_class_images, at free names, the user's images kept; image n is what the
+    pretrained pipeline (export_scheduler's sampler) makes of class_prompt from class_image_seed(seed, n), in any
+    batch size; a folder that is full is left alone."""
+    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.train.dreambooth import class_image_seed, ensure_class_images
+    from latentdiff.train.loop import make_accelerator
+
+    folder = tiny_folders[1]
+    config = dreambooth_config(tmp_path, folder, sample_batch_size=2)
+    classes = Path(config.class_data_dir)
+    classes.mkdir()
+    Image.new("RGB", (16, 16), "red").save(classes / "class-00001.png")
+    Image.new("RGB", (16, 16), "blue").save(classes / "mine.JPG")
+    (classes / "notes.txt").write_text("not an image")
+    ensure_class_images(config, load_components(config), make_accelerator(config))
+    names = sorted(p.name for p in classes.iterdir())
+    assert names == ["class-00000.png", "class-00001.png", "class-00002.png", "class-00003.png", "mine.JPG",
+                     "notes.txt"]
+    assert (pixels(classes / "class-00001.png") == [255, 0, 0]).all()  # the user's red image, untouched
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = scheduler_from_name(config.export_scheduler, pipe.scheduler.config)
+    for n in (0, 3):
+        expected = pipe("a shape", num_inference_steps=2, guidance_scale=7.5, progress=False,
+                        generator=torch.Generator().manual_seed(class_image_seed(config.seed, n))).images[0]
+        assert np.abs(pixels(classes / f"class-{n:05d}.png") - np.asarray(expected, dtype=np.int16)).max() <= 1
+    stamps = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+    ensure_class_images(config, load_components(config), make_accelerator(config))
+    assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == stamps  # full: nothing generated
+
+
+def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_diffusers_models_give_it(
+        tmp_path, tiny_folders):
+    """A batch holds the instance samples (instance_prompt) then as many class samples (class_prompt), pair i of
+    instance image i mod 3 and class image i mod 5; the loss equals diffusers' U-Net, VAE and transformers' text
+    encoder on the same batch: MSE of the instance half + prior_loss_weight x MSE of the class half."""
+    import diffusers
+    import torch.nn.functional as F
+    from transformers import CLIPTextModel
+
+    from latentdiff.train.data import ShapesSource
+    from latentdiff.train.dreambooth import PriorPreservationView
+    from latentdiff.training import TextToImageTask, make_accelerator
+
+    diffusers_folder, folder = tiny_folders
+    config = dreambooth_config(tmp_path, folder)
+    task = TextToImageTask(config, make_accelerator(config), load_components(config))
+    assert len(task.view) == 5
+    batch = PriorPreservationView.collate([task.view[(0, i)] for i in (1, 4)])
+    assert batch["text"] == ["a sks shape"] * 2 + ["a shape"] * 2 and batch["prior"].tolist() == [0, 0, 1, 1]
+    assert batch["index"].tolist() == [1, 4]
+    source = ShapesSource(16, {"num_samples": 3, "seed": 0})
+    assert torch.equal(batch["pixel_values"][1], prepare_image(source.load(4 % 3)[0], 16))
+    class_files = sorted(Path(config.class_data_dir).iterdir())
+    assert torch.equal(batch["pixel_values"][3], prepare_image(Image.open(class_files[4]), 16))
+    assert not torch.equal(batch["noise"][0], batch["noise"][2])  # the class view draws its own noise
+    with torch.no_grad():
+        loss, extras = task.loss(batch)
+
+        unet = diffusers.UNet2DConditionModel.from_pretrained(diffusers_folder / "unet").eval()
+        vae = diffusers.AutoencoderKL.from_pretrained(diffusers_folder / "vae").eval()
+        text = CLIPTextModel.from_pretrained(diffusers_folder / "text_encoder").eval()
+        schedule = diffusers.DDPMScheduler.from_pretrained(diffusers_folder / "scheduler")
+        context = text(batch["input_ids"])[0]
+        posterior = vae.encode(batch["pixel_values"]).latent_dist
+        z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+        noisy = schedule.add_noise(z0, batch["noise"], batch["timesteps"])
+        prediction, prior_prediction = unet(noisy, batch["timesteps"], context).sample.chunk(2)
+        target, prior_target = batch["noise"].chunk(2)
+        instance, prior = F.mse_loss(prediction, target), F.mse_loss(prior_prediction, prior_target)
+    assert abs(extras["instance_loss"].item() - instance.item()) < 1e-5 * instance.item()
+    assert abs(extras["prior_loss"].item() - prior.item()) < 1e-5 * prior.item()
+    assert abs(loss.item() - (instance + 0.5 * prior).item()) < 1e-5 * loss.item()
+
+
+def test_dreambooth_with_lora_logs_both_losses_and_resumes_exactly(tmp_path, tiny_folders):
+    """DreamBooth-LoRA (diffusers' train_dreambooth_lora.py): the log carries instance_loss and prior_loss; a run
+    stopped and resumed ends as one run (its class images generated once, the same in both runs)."""
+    make = lambda name, **o: dreambooth_config(tmp_path, tiny_folders[1], name, lora_rank=2, **o)  # noqa: E731
+    resumes_exactly(tmp_path, make, "lora/pytorch_lora_weights.safetensors")
+    log = read_log(tmp_path / "a")
+    assert len(log) == 4 and all(r["loss"] == pytest.approx(r["instance_loss"] + 0.5 * r["prior_loss"]) for r in log)
+    for n in range(5):
+        assert np.array_equal(pixels(tmp_path / "a-class" / f"class-{n:05d}.png"),
+                              pixels(tmp_path / "b-class" / f"class-{n:05d}.png"))
+
+
+def test_dreambooth_instance_images_from_a_plain_folder(tmp_path, tiny_folders):
+    """With instance_prompt, data_dir is a plain folder of images (no metadata.jsonl; other files ignored) and
+    every caption is the prompt; full fine-tuning without prior preservation exports a pipeline. Without
+    instance_prompt, that folder is refused with the fix."""
+    data = tmp_path / "subject"
+    data.mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (24, 20), colour).save(data / f"{i}.png")
+    (data / "README.md").write_text("three photos")
+    dataset = ImageFolderDataset(data, size=16, caption="a sks shape")
+    assert [dataset.file_name(i) for i in range(3)] == ["0.png", "1.png", "2.png"]
+    assert dataset.load(1)[1] == "a sks shape"
+    result = train_text_to_image(dreambooth_config(tmp_path, tiny_folders[1], "plain", with_prior_preservation=False,
+                                                   class_prompt=None, class_data_dir=None, dataset="folder",
+                                                   data_dir=str(data), shapes={}))
+    assert result.task.view[(0, 2)]["text"] == "a sks shape" and len(result.losses) == 3
+    assert (tmp_path / "plain" / "pipeline" / "model_index.json").exists()
+    with pytest.raises(FileNotFoundError, match="set instance_prompt"):
+        ImageFolderDataset(data)
+    (data / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(BadSampleError, match="broken.png cannot be decoded"):
+        ImageFolderDataset(data, caption="a sks shape")
+
+
+def test_dreambooth_config_errors(tmp_path, tiny_folders):
+    folder = tiny_folders[1]
+    with pytest.raises(ValueError, match="needs pretrained"):
+        smoke_config(tmp_path, instance_prompt="a sks shape", with_prior_preservation=True, class_prompt="a shape",
+                     class_data_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="needs class_prompt"):
+        dreambooth_config(tmp_path, folder, class_prompt=None)
+    with pytest.raises(ValueError, match="class_prompt and class_data_dir are for DreamBooth's prior preservation"):
+        dreambooth_config(tmp_path, folder, with_prior_preservation=False)
+    with pytest.raises(ValueError, match="drop lcm_distill and cache_latents"):
+        dreambooth_config(tmp_path, folder, cache_latents=True)
+    with pytest.raises(ValueError, match="num_class_images must be a positive integer"):
+        dreambooth_config(tmp_path, folder, num_class_images=0)
+    with pytest.raises(ValueError, match="prior_loss_weight must be a number >= 0"):
+        dreambooth_config(tmp_path, folder, prior_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="drop placeholder_token"):
+        dreambooth_config(tmp_path, folder, placeholder_token="<x>", initializer_token="star", use_ema=False)
+    with pytest.raises(ValueError, match="instance_prompt must be a caption"):
+        dreambooth_config(tmp_path, folder, instance_prompt=" ")
+
+
+def test_two_processes_train_dreambooth_with_ddp(tmp_path, tiny_folders):
+    """DreamBooth with prior preservation under DDP (two processes over gloo): the processes share the class images'
+    generation (the same images one process makes), then train to the same weights and losses."""
+    from latentdiff.train.dreambooth import ensure_class_images
+    from latentdiff.train.loop import make_accelerator
+
+    out = tmp_path / "ddp-dreambooth"
+    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "dreambooth"])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for key in ("unet", "ema", "losses"):
+        assert ranks[0][key] == ranks[1][key]
+    config = dreambooth_config(tmp_path, tiny_folders[1], "single", class_data_dir=str(tmp_path / "single-class"))
+    ensure_class_images(config, load_components(config), make_accelerator(config))
+    generated = sorted(p.name for p in (out / "class").iterdir())
+    assert generated == [f"class-{n:05d}.png" for n in range(5)]
+    for name in generated:
+        assert np.abs(pixels(out / "class" / name) - pixels(tmp_path / "single-class" / name)).max() <= 1

@@ -44,6 +44,14 @@ def prepare_image(image: Image.Image, size: int, rng: np.random.Generator | None
     return torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (by suffix, any case), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _report(message: str, on_bad_sample: str) -> None:
     if on_bad_sample == "fail":
         raise BadSampleError(message + " (set on_bad_sample: skip to leave such entries out)")
@@ -55,22 +63,33 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     `load(i)` gives the decoded PIL image and caption, for callers that draw their own crops and flips.
     `verify=True` decodes every image once at construction, so a corrupt file is reported before training.
+    With `caption` (DreamBooth's instance or class prompt), every image file of the folder, by name, has that
+    caption and no metadata.jsonl is read.
     """
 
     def __init__(self, folder: str | Path, size: int = 64, caption_column: str = "text", on_bad_sample: str = "fail",
-                 verify: bool = True, conditioning_column: str | None = None):
+                 verify: bool = True, conditioning_column: str | None = None, caption: str | None = None):
         if on_bad_sample not in ("fail", "skip"):
             raise ValueError(f"on_bad_sample={on_bad_sample!r}: choose 'fail' or 'skip'")
         self.folder, self.size, self.on_bad_sample = Path(folder), size, on_bad_sample
         metadata = self.folder / "metadata.jsonl"
         if not self.folder.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.folder}")
-        if not metadata.is_file():
-            raise FileNotFoundError(f"{metadata} not found: an image folder needs one JSON line per image, "
-                                    '{"file_name": "0001.png", "text": "a caption"}')
         self.entries: list[tuple[Path, str]] = []
         self.conditioning: list[Path] = []  # with conditioning_column: each entry's control image (ControlNets)
         self.conditioning_column = conditioning_column
+        if caption is not None:
+            if conditioning_column:
+                raise ValueError("a folder read with one caption for all its images has no control images")
+            files = image_files(self.folder)
+            self.entries = [(path, caption) for path in files if not verify or self._verify(path)]
+            if not self.entries:
+                raise ValueError(f"{self.folder}: no usable images (image files: {', '.join(IMAGE_SUFFIXES)})")
+            return
+        if not metadata.is_file():
+            raise FileNotFoundError(f"{metadata} not found: an image folder needs one JSON line per image, "
+                                    '{"file_name": "0001.png", "text": "a caption"} (or, for DreamBooth, set '
+                                    "instance_prompt: one caption for every image in the folder)")
         for number, line in enumerate(metadata.read_text().splitlines(), start=1):
             if line.strip():
                 entry = self._parse(line, number, metadata, caption_column)

@@ -144,6 +144,20 @@ class TextToImageConfig(TrainConfig):
     lcm_guidance_range: list = dataclasses.field(default_factory=lambda: [3.0, 15.0])
     lcm_ddim_timesteps: int = 50
     lcm_huber_c: float | None = 0.001
+    # DreamBooth (Ruiz et al. 2023): every training image has the caption instance_prompt (data_dir may then be a
+    # plain folder of images). with_prior_preservation (fine-tuning only) pairs each sample with an image of its
+    # class (class_data_dir, captioned class_prompt; the pretrained pipeline first generates the missing ones up to
+    # num_class_images there, class_generation_steps steps at class_guidance_scale, sample_batch_size at a time);
+    # their loss, times prior_loss_weight, is added, so that the model keeps what it knew of the class
+    instance_prompt: str | None = None
+    with_prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_generation_steps: int = 50
+    class_guidance_scale: float = 7.5
+    sample_batch_size: int = 4
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -172,7 +186,7 @@ class TextToImageConfig(TrainConfig):
     }
     bookkeeping = TrainConfig.bookkeeping + (
         "validation_prompts", "validation_seeds", "validation_inference_steps", "validation_guidance_scale",
-        "validation_images", "export_scheduler")
+        "validation_images", "export_scheduler", "sample_batch_size")
     input_paths = ("pretrained", "pretrained_config", "text_encoder_path", "tokenizer", "vae_path", "controlnet_path")
 
     def validate(self) -> None:
@@ -237,6 +251,7 @@ class TextToImageConfig(TrainConfig):
             raise ValueError("initializer_token is for textual inversion: give placeholder_token too")
         if self.lcm_distill:
             self._check_lcm_distill()
+        self._check_dreambooth()
         if self.token_embedding_std is not None:
             if not self.text_encoder:
                 raise ValueError("token_embedding_std initialises a new text encoder: it needs 'text_encoder' "
@@ -272,6 +287,38 @@ class TextToImageConfig(TrainConfig):
         if self.validation_steps and not self.validation_prompts:
             raise ValueError("validation_steps is set but validation_prompts is empty: give prompts or set 0")
 
+
+    def _check_dreambooth(self) -> None:
+        if self.instance_prompt is not None:
+            if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
+                raise ValueError(f"instance_prompt must be a caption such as 'a photo of sks dog', got "
+                                 f"{self.instance_prompt!r}")
+            if self.placeholder_token is not None or self.controlnet:
+                raise ValueError("instance_prompt (DreamBooth) captions every image itself: drop placeholder_token "
+                                 "(textual inversion captions with caption_templates) and controlnet (which reads "
+                                 "control images from metadata.jsonl)")
+        if not self.with_prior_preservation:
+            given = [k for k in ("class_prompt", "class_data_dir") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} are for DreamBooth's prior preservation: set "
+                                 "with_prior_preservation: true (or drop them)")
+            return
+        needed = ("pretrained", "instance_prompt", "class_prompt", "class_data_dir")
+        missing = [k for k in needed if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"with_prior_preservation: true needs {', '.join(missing)} (a pretrained pipeline, the "
+                             "caption of the training images, e.g. 'a photo of sks dog', the caption of their class, "
+                             "e.g. 'a photo of a dog', and a folder for the class images)")
+        if self.lcm_distill or self.cache_latents:
+            raise ValueError("with_prior_preservation works with full, LoRA and text-encoder fine-tuning: drop "
+                             "lcm_distill and cache_latents")
+        for key in ("num_class_images", "class_generation_steps", "sample_batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not 0 <= self.prior_loss_weight < float("inf"):
+            raise ValueError(f"prior_loss_weight must be a number >= 0 (1 is DreamBooth's), got "
+                             f"{self.prior_loss_weight}")
 
     def _check_lcm_distill(self) -> None:
         if self.lora_rank is None or self.controlnet or self.placeholder_token or self.train_text_encoder:

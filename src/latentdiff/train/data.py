@@ -16,26 +16,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.folder import ImageFolderDataset, prepare_image
+from ..data.folder import ImageFolderDataset, image_files, prepare_image
 
-# streams of per-sample randomness, kept apart so that adding a draw to one cannot shift another
+# streams of per-sample randomness, kept apart so that adding a draw to one cannot shift another (a second view of
+# the same run, DreamBooth's class images, draws from its own pair: CLASS_STREAMS)
 AUGMENT, DIFFUSION = 1, 2
+CLASS_STREAMS = (3, 4)
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, stream])
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, stream: int = DIFFUSION) -> int:
     """A 63-bit torch seed for the loss's random draws about one sample."""
-    state = np.random.SeedSequence([seed, epoch, index, DIFFUSION]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, epoch, index, stream]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
 class ShapesSource:
     """The synthetic shapes dataset with the `load(i) -> (image, caption)` interface of ImageFolderDataset."""
 
-    def __init__(self, size: int, options: dict):
+    def __init__(self, size: int, options: dict, caption: str | None = None):
         from ..data.shapes import ShapesDataset
 
         options = dict(options)
@@ -47,13 +49,14 @@ class ShapesSource:
         if set(options) - valid:
             raise ValueError(f"unknown shapes option(s) {sorted(set(options) - valid)}; valid: {sorted(valid)}")
         self.dataset = ShapesDataset(size=size, **options)
+        self.caption = caption  # (DreamBooth's instance_prompt: this caption instead of each image's own)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def load(self, index: int):
         _, image, text = self.dataset.item(index)
-        return image, text
+        return image, text if self.caption is None else self.caption
 
     def load_conditioning(self, index: int):
         """The control image of a sample: its shape's silhouette, white on black (for ControlNet training)."""
@@ -67,13 +70,16 @@ class ShapesSource:
 
 
 def build_source(config):
-    """The dataset named by the config, as an object with __len__ and load(i) -> (PIL image, caption).
-    (`shapes` options are ignored with dataset: folder, so that a shapes config can be pointed at a folder.)"""
+    """The dataset named by the config, as an object with __len__ and load(i) -> (PIL image, caption), every
+    caption `instance_prompt` where that is set (DreamBooth). (`shapes` options are ignored with dataset: folder, so
+    that a shapes config can be pointed at a folder.)"""
+    caption = getattr(config, "instance_prompt", None)
     if config.dataset == "shapes":
-        return ShapesSource(config.resolution, config.shapes)
+        return ShapesSource(config.resolution, config.shapes, caption)
     return ImageFolderDataset(config.data_dir, size=config.resolution, caption_column=config.caption_column,
                               on_bad_sample=config.on_bad_sample, verify=config.verify_images,
-                              conditioning_column=config.conditioning_column if _controlnet(config) else None)
+                              conditioning_column=config.conditioning_column if _controlnet(config) else None,
+                              caption=caption)
 
 
 def _controlnet(config) -> bool:
@@ -83,13 +89,17 @@ def _controlnet(config) -> bool:
 class TrainingView(torch.utils.data.Dataset):
     """Indexed by (epoch, index): the sample with this epoch's crop, flip and caption dropout.
 
-    With a latent cache, items carry the VAE posterior's mean and std instead of pixels."""
+    With a latent cache, items carry the VAE posterior's mean and std instead of pixels. With `length` longer than
+    the source, index i shows source sample i % len(source), with draws of its own (those of index i); `streams`
+    (augmentations, diffusion draws) keep two views of one run apart."""
 
     def __init__(self, source, resolution: int, seed: int, random_crop: bool = False, random_flip: bool = False,
                  caption_dropout: float = 0.0, cache: dict | None = None, draw_spec=None, tokenizer=None,
                  patch_size: int | None = None, conditioning: bool = False, caption_templates: list | None = None,
-                 placeholder: str | None = None):
+                 placeholder: str | None = None, length: int | None = None,
+                 streams: tuple[int, int] = (AUGMENT, DIFFUSION)):
         self.source, self.resolution, self.seed, self.patch_size = source, resolution, seed, patch_size
+        self.length, self.streams = length or len(source), streams
         self.conditioning = conditioning  # items also carry the control image, cropped and flipped as the image
         # textual inversion: the caption is one of the templates with the placeholder word for {}, not the source's
         self.caption_templates, self.placeholder = caption_templates, placeholder
@@ -100,20 +110,21 @@ class TrainingView(torch.utils.data.Dataset):
         self.draw_spec, self.tokenizer = draw_spec, tokenizer
 
     def __len__(self) -> int:
-        return len(self.source)
+        return self.length
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        rng = sample_rng(self.seed, epoch, index, AUGMENT)
+        rng = sample_rng(self.seed, epoch, index, self.streams[0])
+        sample = index % len(self.source)
         if self.cache is not None:
-            item = {"mean": self.cache["mean"][index], "std": self.cache["std"][index]}
-            text = self.cache["text"][index]
+            item = {"mean": self.cache["mean"][sample], "std": self.cache["std"][sample]}
+            text = self.cache["text"][sample]
             if self.conditioning:  # (cached latents are of the centred crop)
-                item["conditioning_pixel_values"] = self._control(index, None, None)
+                item["conditioning_pixel_values"] = self._control(sample, None, None)
         else:
-            image, text = self.source.load(index)
+            image, text = self.source.load(sample)
             # the control image with the image's crop and flip: drawn from a copy of the same generator
-            control = self._control(index, image.size, copy.deepcopy(rng)) if self.conditioning else None
+            control = self._control(sample, image.size, copy.deepcopy(rng)) if self.conditioning else None
             pixels = prepare_image(image, self.resolution, rng, self.random_crop, self.random_flip)
             if self.patch_size is not None:  # a random patch of the prepared image
                 top, left = (int(rng.integers(self.resolution - self.patch_size + 1)) for _ in range(2))
@@ -125,7 +136,7 @@ class TrainingView(torch.utils.data.Dataset):
             text = self.caption_templates[int(rng.integers(len(self.caption_templates)))].format(self.placeholder)
         if self.caption_dropout and rng.random() < self.caption_dropout:
             text = ""
-        seed = sample_seed(self.seed, epoch, index)
+        seed = sample_seed(self.seed, epoch, index, self.streams[1])
         if self.draw_spec is not None:
             from .loss import draw_sample
 
@@ -195,18 +206,24 @@ class BatchPlan:
 
 
 def make_loader(view: TrainingView, plan: BatchPlan, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(view, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
-                                       persistent_workers=num_workers > 0)
+    """Batches of `view` in the order of `plan`, put together by the view's own `collate` where it has one."""
+    return torch.utils.data.DataLoader(view, batch_sampler=plan, num_workers=num_workers,
+                                       collate_fn=getattr(view, "collate", collate), persistent_workers=num_workers > 0)
 
 
 # --- the latent cache ----------------------------------------------------------------------------------------------
 def fingerprint(config, vae) -> str:
     """What the cached latents depend on: the data, the resolution and the VAE's weights."""
     digest = hashlib.sha256()
+    caption = getattr(config, "instance_prompt", None)
     described = {"dataset": config.dataset, "resolution": config.resolution, "shapes": config.shapes,
-                 "caption_column": config.caption_column}
-    if config.dataset == "folder":
+                 "caption_column": config.caption_column} | ({} if caption is None else {"instance_prompt": caption})
+    if config.dataset == "folder" and caption is None:
         digest.update((Path(config.data_dir) / "metadata.jsonl").read_bytes())
+    elif config.dataset == "folder":  # (a plain folder of images: their names and bytes)
+        for path in image_files(Path(config.data_dir)):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
     digest.update(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())

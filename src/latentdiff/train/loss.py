@@ -97,9 +97,12 @@ def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str, af
 
 def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                   snr_gamma: float | None = None, high_noise_weight: float | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, high_noise_weight: float | None = None, reduction: str = "mean"
+                   ) -> torch.Tensor:
     """Mean over the batch of the (optionally min-SNR and high-noise weighted) per-sample MSE between the U-Net's
-    prediction at z_t and its target."""
+    prediction at z_t and its target; reduction="none": the per-sample values."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     z_t = q_sample(z0, noise, timesteps, alphas_cumprod)
     if prediction_type == "epsilon":
         target = noise
@@ -115,7 +118,7 @@ def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: tor
     if high_noise_weight is not None:
         per_sample = per_sample * high_noise_weights(snr_t, high_noise_weight, prediction_type,
                                                      after_min_snr=snr_gamma is not None)
-    return per_sample.mean()
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
 class VAEObjective(nn.Module):

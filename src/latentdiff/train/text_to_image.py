@@ -6,6 +6,7 @@
 The model comes from a pipeline to fine-tune (`pretrained`) or is built from the config's architectures. At the
 end a pipeline folder (`<output_dir>/pipeline`) is written with the EMA weights, loadable by latentdiff and diffusers
 (LoRA: `<output_dir>/lora`; a ControlNet trained over the frozen U-Net, `controlnet: true`: `<output_dir>/controlnet`).
+DreamBooth's prior preservation adds a class sample to each instance sample (dreambooth.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from ..checkpoints import load_into, save_safetensors
 from ..lora import save_lora_weights
 from ..textual_inversion import add_words, word_tokens
-from .data import TrainingView, build_latent_cache, build_source
+from .data import CLASS_STREAMS, TrainingView, build_latent_cache, build_source
+from .dreambooth import PriorPreservationView, class_source, ensure_class_images
 from .ema import EMA
 from .lora import TEXT_LORA_TARGETS, adapter_state, add_lora_layers, lora_disabled
 from .loop import FitResult, Trainer, make_accelerator, make_optimizer
@@ -128,6 +130,8 @@ class TextToImageTask:
     def __init__(self, config, accelerator, components: Components):
         check_components(components, config)
         self.config, self.accelerator, self.c = config, accelerator, components
+        if config.with_prior_preservation:  # (by the pretrained models, before anything changes them)
+            ensure_class_images(config, components, accelerator)
         device = accelerator.device
         # frozen modules run in the mixed-precision dtype; trained ones keep fp32 master weights
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
@@ -192,11 +196,17 @@ class TextToImageTask:
         bias = (*config.timestep_bias_range, config.timestep_bias_portion) if config.timestep_bias_range else None
         spec = DrawSpec(latent_shape, len(self.alphas_cumprod), config.noise_offset, bias)
         cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
-        self.view = TrainingView(source, config.resolution, config.seed, random_crop=not config.center_crop,
-                                 random_flip=config.random_flip, caption_dropout=config.caption_dropout, cache=cache,
-                                 draw_spec=spec, tokenizer=components.tokenizer, conditioning=config.controlnet,
+        view = dict(resolution=config.resolution, seed=config.seed, random_crop=not config.center_crop,
+                    random_flip=config.random_flip, caption_dropout=config.caption_dropout, draw_spec=spec,
+                    tokenizer=components.tokenizer)
+        classes = class_source(config) if config.with_prior_preservation else None
+        length = max(len(source), len(classes)) if classes is not None else None
+        self.view = TrainingView(source, cache=cache, conditioning=config.controlnet, length=length,
                                  caption_templates=config.caption_templates if self.inversion else None,
-                                 placeholder=" ".join(self.new_words) if self.inversion else None)
+                                 placeholder=" ".join(self.new_words) if self.inversion else None, **view)
+        if classes is not None:  # DreamBooth: each instance sample paired with a class sample (dreambooth.py)
+            self.view = PriorPreservationView(self.view, TrainingView(classes, length=length, streams=CLASS_STREAMS,
+                                                                      **view))
         self.source = source
         self.uncond: torch.Tensor | None = None  # (lcm_distill: see _consistency_loss)
 
@@ -229,9 +239,14 @@ class TextToImageTask:
         if self.controlnet is not None:
             control = batch["conditioning_pixel_values"].to(device)
             model = ControlledStep(self.unet, self.controlnet, control, self.weight_dtype)
-        loss = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
-                              self.prediction_type, config.snr_gamma, config.high_noise_weight)
-        return loss, {}
+        losses = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
+                                self.prediction_type, config.snr_gamma, config.high_noise_weight, reduction="none")
+        if "prior" not in batch:
+            return losses.mean(), {}
+        prior = batch["prior"].to(device)  # DreamBooth: the instance samples' mean + weight x the class samples'
+        instance_loss, prior_loss = losses[~prior].mean(), losses[prior].mean()
+        return instance_loss + config.prior_loss_weight * prior_loss, {
+            "instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
 
     def _consistency_loss(self, z0: torch.Tensor, context: torch.Tensor, draws: Draws) -> torch.Tensor:
         """lcm_distill: the LoRA student against the U-Net without its adapters (train/loss.py)."""
