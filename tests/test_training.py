@@ -1132,6 +1132,17 @@ def test_dreambooth_generates_the_missing_class_images_with_the_pretrained_pipel
     ensure_class_images(config, load_components(config), make_accelerator(config))
     assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == stamps  # full: nothing generated
 
+    # in bf16 (prior_generation_precision): copies of the models generate; the models to train stay as loaded
+    config = dreambooth_config(tmp_path, folder, class_data_dir=str(tmp_path / "bf16"), num_class_images=4,
+                               prior_generation_precision="bf16")
+    components = load_components(config)
+    before = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    ensure_class_images(config, components, make_accelerator(config))
+    assert all(torch.equal(v, before[k]) for k, v in components.unet.state_dict().items())
+    for n in (0, 3):
+        difference = np.abs(pixels(tmp_path / "bf16" / f"class-{n:05d}.png") - pixels(classes / f"class-{n:05d}.png"))
+        assert 0 < difference.mean() < 8, difference.mean()
+
 
 def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_diffusers_models_give_it(
         tmp_path, tiny_folders):
@@ -1232,6 +1243,8 @@ def test_dreambooth_config_errors(tmp_path, tiny_folders):
         dreambooth_config(tmp_path, folder, placeholder_token="<x>", initializer_token="star", use_ema=False)
     with pytest.raises(ValueError, match="instance_prompt must be a caption"):
         dreambooth_config(tmp_path, folder, instance_prompt=" ")
+    with pytest.raises(ValueError, match="prior_generation_precision.*choose one of"):
+        dreambooth_config(tmp_path, folder, prior_generation_precision="fp8")
 
 
 def test_two_processes_train_dreambooth_with_ddp(tmp_path, tiny_folders):

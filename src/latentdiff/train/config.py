@@ -158,6 +158,7 @@ class TextToImageConfig(TrainConfig):
     class_generation_steps: int = 50
     class_guidance_scale: float = 7.5
     sample_batch_size: int = 4
+    prior_generation_precision: str | None = None  # "fp32", "fp16", "bf16"; null: fp16 on a GPU, else fp32
     # the objective
     caption_dropout: float = 0.1  # the empty caption trains the unconditional branch used by guidance
     snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
@@ -183,6 +184,7 @@ class TextToImageConfig(TrainConfig):
 
     choices: typing.ClassVar[dict[str, tuple]] = {
         **TrainConfig.choices, "prediction_type": (None, "epsilon", "v_prediction"),
+        "prior_generation_precision": (None, "no", "fp32", "fp16", "bf16"),
     }
     bookkeeping = TrainConfig.bookkeeping + (
         "validation_prompts", "validation_seeds", "validation_inference_steps", "validation_guidance_scale",

@@ -11,6 +11,7 @@ random draws of its own.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -40,12 +41,21 @@ def missing_class_images(config) -> list[int]:
     return numbers
 
 
+def generation_dtype(config, device: torch.device) -> torch.dtype:
+    """prior_generation_precision as a dtype; by default fp16 on a GPU (as diffusers), fp32 elsewhere."""
+    choice = config.prior_generation_precision
+    if choice is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
 @torch.no_grad()
 def ensure_class_images(config, components, accelerator) -> None:
     """Fill class_data_dir up to num_class_images with images of class_prompt from the pretrained pipeline (before
     any training): class_generation_steps steps of the export_scheduler's sampler at class_guidance_scale, each
     image from a generator seeded by (seed, its number), so that a folder made again, in any batches or on any
-    number of processes, holds the same images. Processes share the work; each file appears whole (renamed)."""
+    number of processes, holds the same images. Processes share the work; each file appears whole (renamed).
+    In a precision other than fp32 (prior_generation_precision) the pipeline runs on copies of the models."""
     from ..pipeline import LatentDiffusionPipeline
     from ..schedulers import scheduler_from_name
 
@@ -58,9 +68,13 @@ def ensure_class_images(config, components, accelerator) -> None:
     if accelerator.is_main_process:
         print(f"generating {len(numbers)} class images of {config.class_prompt!r} in {folder}", flush=True)
     c = components
-    pipe = LatentDiffusionPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, unet=c.unet, vae=c.vae,
-                                   scheduler=scheduler_from_name(config.export_scheduler, c.scheduler.config))
-    pipe.to(accelerator.device)
+    dtype = generation_dtype(config, accelerator.device)
+    models = {"text_encoder": c.text_encoder, "unet": c.unet, "vae": c.vae}
+    if dtype != torch.float32:  # (the models to train keep their fp32 weights)
+        models = {name: copy.deepcopy(model) for name, model in models.items()}
+    pipe = LatentDiffusionPipeline(tokenizer=c.tokenizer, scheduler=scheduler_from_name(config.export_scheduler,
+                                                                                        c.scheduler.config), **models)
+    pipe.to(accelerator.device, dtype)
     mine = numbers[accelerator.process_index::accelerator.num_processes]
     for start in range(0, len(mine), config.sample_batch_size):
         chunk = mine[start:start + config.sample_batch_size]
