@@ -21,7 +21,9 @@ the host wait for the GPU before each scheduler step (what ours did until 2026-1
 from the GPU), `-qkv` calls the pipeline's fuse_qkv_projections() (both libraries have it), `-flash` keeps SDPA off
 its cuDNN backend (flash attention first: PyTorch 2.11 picks cuDNN's on an H200, whose calls took 90 us of host time
 each in a profile of 2026-12-04), `-fused` turns on models/fused.py's kernels (residual add + LayerNorm, GEGLU);
-`ours-fused-qkv-flash` takes those three host-time savings at once; `ours-pipecompile` is
+`ours-fused-qkv-flash` takes those three host-time savings at once; `-offload` keeps the models in CPU memory and
+moves each stage to the GPU while it runs (pipe.enable_model_cpu_offload(), both libraries; peak GPU memory against
+the time of moving the weights at every call); `ours-pipecompile` is
 pipe.compile(max_autotune=False) (frozen weights; its first call compiles); these are not in the default set. A
 variant that fails prints its error and the run goes on. --warmup runs diffusers' batch-1 call for that many seconds
 first, so that the GPU's clocks have settled before any timing.
@@ -58,7 +60,7 @@ from common import gib, machine, print_table, setup
 VARIANTS = ("diffusers", "ours", "diffusers-compile", "ours-compile", "diffusers-cl", "ours-cl", "ours-graph",
             "ours-plain", "ours-cl-graph", "ours-cl-compile", "diffusers-cl-compile", "ours-pipecompile", "ours-jit",
             "ours-sync", "ours-compile-sync", "ours-qkv", "diffusers-qkv", "ours-flash", "diffusers-flash",
-            "ours-clvae", "ours-fused", "ours-cl-fused", "ours-fused-qkv-flash")
+            "ours-clvae", "ours-fused", "ours-cl-fused", "ours-fused-qkv-flash", "ours-offload", "diffusers-offload")
 GUIDANCE = 7.5
 # DPM-Solver++(2M) over SD 1.5's noise schedule, given to both libraries' classes as the same explicit keywords
 SCHEDULER = dict(
@@ -179,7 +181,7 @@ def variant_unet(pipe, variant: str):
     (`-plain`) or with them launched by Triton's own launch path (`-jit`), with a sync before each scheduler step
     (`-sync`), with the self-attention projections fused (`-qkv`), with SDPA kept off its cuDNN backend (`-flash`:
     flash attention, else memory-efficient, else math), with the transformer blocks' fused add + LayerNorm and
-    GEGLU kernels (`-fused`, models/fused.py: opt-in); restored after."""
+    GEGLU kernels (`-fused`, models/fused.py: opt-in), with model CPU offload (`-offload`); restored after."""
     from latentdiff.models import fused, group_norm, triton_launch
 
     options = set(variant.split("-")[1:])
@@ -200,6 +202,10 @@ def variant_unet(pipe, variant: str):
         fused.ENABLED = "fused" in options
         if "qkv" in options:
             pipe.fuse_qkv_projections()
+        if "offload" in options:
+            device = pipe.device
+            pipe.to("cpu")
+            pipe.enable_model_cpu_offload(device=device)
         if "sync" in options:
             step = pipe.scheduler.step
 
@@ -217,6 +223,9 @@ def variant_unet(pipe, variant: str):
                                                  SDPBackend.MATH]))
             yield
     finally:
+        if "offload" in options:
+            pipe.remove_all_hooks()
+            pipe.to(device)
         if "qkv" in options:
             pipe.unfuse_qkv_projections()
         if "sync" in options:

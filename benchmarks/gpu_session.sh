@@ -8,7 +8,8 @@
 #   3. the SD 1.5 pipeline against diffusers, eager variants at batches 4 and 1 (NCHW, with the opt-in fused
 #      add + LayerNorm and GEGLU kernels, channels-last), where each one's peak GPU memory is set (denoising or
 #      decoding), profiles at both batches,
-#   4. the CUDA tests (tests/test_cuda_graphs.py, tests/test_fused.py, tests/test_group_norm.py).
+#   4. the CUDA tests (tests/test_cuda_graphs.py, tests/test_fused.py, tests/test_group_norm.py,
+#      tests/test_offload.py).
 # COMPILED=diffusers-compile,ours-compile adds the compiled variants at batch 4 (190 s more: over the budget with
 # the rest; run it in a call of its own). Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each
 # step has its own time limit, so one that hangs costs the others nothing. EAGER / HOST override the variant lists
@@ -49,6 +50,7 @@ cd ..  # last: the CUDA tests (the timings above matter more when the call runs 
 # compiles a Triton kernel per shape, dtype and flag (about 7 s per case on an H200): it goes after the others (the
 # interpreter test runs in CI)
 timeout 60 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_fused.py tests/test_group_norm.py \
+    tests/test_offload.py \
     -k "not fused_kernels_on_the_gpu and not interpreter" 2>&1 | tail -30 | tee "$OUT/tests.txt"
 timeout 45 python3 -m pytest -q tests/test_group_norm.py -k fused_kernels_on_the_gpu 2>&1 | tail -30 \
     | tee -a "$OUT/tests.txt"

@@ -26,6 +26,7 @@ from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
 from .models.attention import cache_text_keys, tensors_key
 from .models.embeddings import guidance_embedding
 from .models.unet import cache_timesteps
+from .offload import ModelOffload
 from .schedules import randn
 from .textual_inversion import TextualInversionLoaderMixin
 
@@ -165,6 +166,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         self._compile_options: dict | None = None  # set by compile()
         self._compiled: tuple[torch.nn.Module, Callable] | None = None  # (the U-Net it was made from, compiled)
         self._progress_bar: dict[str, Any] = {}  # set_progress_bar_config()
+        self._offload: ModelOffload | None = None  # enable_model_cpu_offload()
         self._num_timesteps, self._guidance_scale, self._interrupt = 0, 7.5, False  # the running call (callbacks)
         self.image_processor = ImageProcessor()
 
@@ -183,7 +185,49 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the denoising runs: the U-Net's device (the accelerator, with model CPU offload)."""
+        return self._offload.device if self._offload is not None else self.unet.device
+
+    @property
+    def _execution_device(self) -> torch.device:  # (diffusers' name)
+        return self.device
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
+        """Keep the models in CPU memory and move each stage to `device` (cuda:`gpu_id`) only while it runs: the
+        text encoder, then the U-Net with its ControlNets or adapters, then the VAE (latentdiff.offload), as
+        diffusers' method of this name does. The accelerator then holds one stage's weights at a time (SD 1.5 in
+        fp16: the U-Net's 1.7 GB instead of 2.1 GB for all); each call moves every stage there and back once. Set
+        the components first (a model put into the pipeline afterwards is not offloaded); `remove_all_hooks()`
+        ends it. Not with compile() or CUDA graphs."""
+        if self._compile_options is not None or self._graphed is not None:
+            raise ValueError("model CPU offload moves the models at every call, which compile() and CUDA graphs "
+                             "cannot follow: call disable_compile() / disable_cuda_graphs() first")
+        device = torch.device(device)
+        if gpu_id is not None:
+            device = torch.device(device.type, gpu_id)
+        device = usable_device(device)
+        self.remove_all_hooks()
+        self._embedding_cache.clear()
+        self._offload = ModelOffload(self._offload_stages(), device)
+
+    def _offload_stages(self) -> list[list[torch.nn.Module]]:
+        """The models of each stage of a call, in order (see enable_model_cpu_offload)."""
+        first = [m for m in (self.text_encoder, self.image_encoder) if m is not None]
+        return [first, [m for m in self._models() if all(m is not x for x in (*first, self.vae))], [self.vae]]
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
+        """Not in latentdiff: diffusers' sequential offload moves each layer's weights to the GPU for each of its
+        calls (the least GPU memory, many times slower); latentdiff offloads whole models, one stage of a call at a
+        time (enable_model_cpu_offload)."""
+        raise NotImplementedError("latentdiff has no sequential (per-layer) CPU offload: use "
+                                  "pipe.enable_model_cpu_offload(), which keeps one stage's models on the GPU at a "
+                                  "time (SD 1.5 in fp16: the U-Net's 1.7 GB), or enable_vae_tiling() for large images")
+
+    def remove_all_hooks(self) -> None:
+        """End model CPU offload (diffusers' name): the models stay in CPU memory; `.to()` moves them again."""
+        if self._offload is not None:
+            self._offload.remove()
+            self._offload = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,6 +304,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                 raise TypeError(f"to({device}, {dtype}): give a device and a dtype, or one of them")
             device, dtype = None, device
         device = None if device is None else usable_device(device)
+        if device is not None and self._offload is not None:
+            raise ValueError(f"to({str(device)!r}): model CPU offload is on, and it moves each model to "
+                             f"{self._offload.device} when it runs: call pipe.remove_all_hooks() first")
         for module in self._models():
             module.to(device=device, dtype=dtype)
         self._embedding_cache.clear()
@@ -282,6 +329,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         fused GroupNorm kernels read directly (models/group_norm.py): 13% less GPU time per step for SD 1.5 at batch
         4 on an H200. Eagerly it does not pay at small batches (more host time per call), but replayed from graphs
         the host time is gone. `disable_cuda_graphs()` returns the weights to the usual format."""
+        if self._offload is not None:
+            raise ValueError("CUDA graphs need the U-Net to stay on the GPU: call pipe.remove_all_hooks() (model "
+                             "CPU offload) and pipe.to('cuda') first")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the pipeline on a CUDA device, but it is on {self.device}; call "
                              "pipe.to('cuda') first")
@@ -344,6 +394,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         optimized for inference is refused (its re-laid-out layers do not trace): compile() first, then
         optimize_for_inference() packs the rest."""
         _require_traceable(self.unet)
+        if self._offload is not None:
+            raise ValueError("compile() freezes the U-Net's weights where they are, and model CPU offload moves them "
+                             "at every call: call pipe.remove_all_hooks() first")
         self.disable_cuda_graphs()
         self._compile_options = {"max_autotune": max_autotune}
         self._forget_compiled()
@@ -401,6 +454,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
         """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
         `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
+        if pipe._offload is not None:
+            raise ValueError("from_pipe: the pipeline has model CPU offload on, whose hooks belong to it: call "
+                             "pipe.remove_all_hooks() first, then enable_model_cpu_offload() on the new pipeline")
         shared = {name: c for name, c in pipe.components.items() if name in (*cls.component_names, *cls.config_names)}
         optional = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor,
                     **cls._optional(components)}
@@ -719,6 +775,15 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """The latents as images of `output_type` (the last stage of a call: with model CPU offload, every model
+        is back in CPU memory afterwards)."""
+        try:
+            return self._decode(latents, output_type)
+        finally:
+            if self._offload is not None:
+                self._offload.unload()
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
         vae = self.vae
