@@ -1245,6 +1245,9 @@ def test_dreambooth_config_errors(tmp_path, tiny_folders):
         dreambooth_config(tmp_path, folder, instance_prompt=" ")
     with pytest.raises(ValueError, match="prior_generation_precision.*choose one of"):
         dreambooth_config(tmp_path, folder, prior_generation_precision="fp8")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="class_data_dir .*file.png is a file: give a folder"):
+        train_text_to_image(dreambooth_config(tmp_path, folder, class_data_dir=str(tmp_path / "file.png")))
 
 
 def test_two_processes_train_dreambooth_with_ddp(tmp_path, tiny_folders):

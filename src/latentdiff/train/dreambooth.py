@@ -32,6 +32,8 @@ def missing_class_images(config) -> list[int]:
     """The numbers of the class images to generate: as many as class_data_dir lacks of num_class_images, the
     lowest numbers whose file names are free."""
     folder = Path(config.class_data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"class_data_dir {folder} is a file: give a folder (new or holding class images)")
     lacking = config.num_class_images - (len(image_files(folder)) if folder.is_dir() else 0)
     numbers, number = [], 0
     while len(numbers) < lacking:
