@@ -237,12 +237,12 @@ def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights
     return rows
 
 
-def twins(reference_cls, ours_cls, config, dtype: torch.dtype, what: str):
-    """The reference model (a diffusers class, built from our config's keys) with gaussian_init_ weights in `dtype`,
-    and a function that makes one of ours holding the very same tensors (no copy)."""
+def twins(reference_cls, ours_cls, config, dtype: torch.dtype, what: str, drop: tuple[str, ...] = ()):
+    """The reference model (a diffusers class, built from our config's keys less `drop`) with gaussian_init_ weights
+    in `dtype`, and a function that makes one of ours holding the very same tensors (no copy)."""
     from latentdiff.checkpoints import load_into
 
-    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in drop}
     with torch.device("meta"):
         ref = reference_cls(**kwargs).to(dtype)
     ref = gaussian_init_(ref.to_empty(device="cpu")).eval().requires_grad_(False)

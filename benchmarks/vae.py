@@ -6,6 +6,7 @@ interleaved. Default: the Stable Diffusion 1.x VAE decoding one 4x64x64 latent t
 
 Variants: diffusers (the reference), ours (eager), ours-opt (`pack_for_inference(vae)`: channels-last, packed
 weights, Winograd 3x3 convs), ours-packed (the same without Winograd). Columns as in benchmarks/unet.py.
+`--model tiny` times TAESD instead (AutoencoderTiny, ours against diffusers', its default SD 1.x config).
 """
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ from roofline import DTYPES, conv_roofline
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
 
 
-def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]:
+def build(dtype: torch.dtype, variants: list[str], model: str = "kl") -> dict[str, torch.nn.Module]:
     import diffusers
 
     from latentdiff.models.packed import pack_for_inference
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.models.vae_tiny import AutoencoderTiny, TinyVAEConfig
 
-    ref, ours = twins(diffusers.AutoencoderKL, AutoencoderKL, VAEConfig.sd15(), dtype, "diffusers VAE")
+    if model == "tiny":  # (diffusers' class takes neither block_out_channels nor our other written-only keys)
+        ref, ours = twins(diffusers.AutoencoderTiny, AutoencoderTiny, TinyVAEConfig(), dtype, "diffusers TAESD",
+                          drop=("block_out_channels",))
+    else:
+        ref, ours = twins(diffusers.AutoencoderKL, AutoencoderKL, VAEConfig.sd15(), dtype, "diffusers VAE")
     models = {"diffusers": ref}
     for name in variants:
         if name == "ours":
@@ -39,7 +45,7 @@ def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]
 
 def run_dtype(name: str, dtype: torch.dtype, args) -> None:
     variants = [v for v in args.variants if v != "diffusers"]
-    models = build(dtype, variants)
+    models = build(dtype, variants, args.model)
     weights = {v: weight_bytes(m) for v, m in models.items()}
     latents = torch.randn(args.batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(dtype)
     calls = {v: (lambda m: lambda: m.decode(latents).sample)(m) if v == "diffusers"
@@ -65,6 +71,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32x32 latents (256 px), 2 repeats")
     parser.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px images)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--model", choices=("kl", "tiny"), default="kl", help="the SD VAE, or TAESD")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--variants", default="diffusers,ours,ours-opt",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")

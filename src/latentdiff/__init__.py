@@ -35,6 +35,7 @@ _EXPORTS = {
     "UNetConfig": "latentdiff.models.unet",
     "AutoencoderKL": "latentdiff.models.vae",
     "VAEConfig": "latentdiff.models.vae",
+    "AutoencoderTiny": "latentdiff.models.vae_tiny",
     "CLIPTokenizer": "latentdiff.models.text",
 }
 __all__ = sorted(_EXPORTS)

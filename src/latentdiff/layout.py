@@ -25,6 +25,15 @@ MODEL_INDEX = {
 }
 
 
+def load_vae(folder: Path, **kwargs):
+    """The autoencoder of a vae/ folder: AutoencoderKL, or AutoencoderTiny (TAESD) where its config says so."""
+    from .models.vae import AutoencoderKL
+    from .models.vae_tiny import AutoencoderTiny
+
+    declared = read_json(require_path(folder, "VAE folder") / "config.json").get("_class_name")
+    return (AutoencoderTiny if declared == "AutoencoderTiny" else AutoencoderKL).from_pretrained(folder, **kwargs)
+
+
 def _scheduler_from_folder(folder: Path):
     """The scheduler a folder names; one we do not implement (DEISMultistepScheduler, say) is replaced by
     DPM-Solver++ 2M over the same noise schedule, with a warning."""
@@ -77,7 +86,6 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
     dtypes = component_dtypes(torch_dtype)
     from .models.text import CLIPTokenizer, load_text_encoder
     from .models.unet import UNet2DConditionModel
-    from .models.vae import AutoencoderKL
 
     folder = require_path(folder, "pipeline folder")
     if folder.is_file():
@@ -95,7 +103,7 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
                                                   variant=variant),
         "unet": lambda: UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtypes["unet"],
                                                              variant=variant),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
+        "vae": lambda: load_vae(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
     if "controlnet" in extras:
@@ -164,6 +172,7 @@ def _what_it_is(folder: Path) -> str:
             kind = None
         loader = {"UNet2DConditionModel": "latentdiff.UNet2DConditionModel.from_pretrained",
                   "AutoencoderKL": "latentdiff.AutoencoderKL.from_pretrained",
+                  "AutoencoderTiny": "latentdiff.AutoencoderTiny.from_pretrained",
                   "CLIPTextModel": "latentdiff.models.text.load_text_encoder",
                   "ControlNetModel": "latentdiff.ControlNetModel.from_pretrained",
                   "T2IAdapter": "latentdiff.T2IAdapter.from_pretrained"}.get(kind)
@@ -203,6 +212,7 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         **MODEL_INDEX,
+        "vae": ["diffusers", components["vae"].config.diffusers_class],  # (AutoencoderKL or TAESD's AutoencoderTiny)
         "scheduler": ["diffusers", type(scheduler).__name__],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
@@ -308,6 +318,10 @@ def save_single_file(components: dict, path: str | os.PathLike) -> None:
     SD 2.x): SD 2.x's own files hold the 24th block, which no pipeline runs; loaders skip its absence."""
     from .convert import diffusers_to_original
 
+    if components["vae"].config.diffusers_class != "AutoencoderKL":
+        raise ValueError(f"a single-file checkpoint holds the SD VAE (AutoencoderKL), not this pipeline's "
+                         f"{components['vae'].config.diffusers_class}: put an AutoencoderKL in pipe.vae first, or "
+                         "save a pipeline folder (save_pretrained)")
     text_encoder = components["text_encoder"]
     state_dict = diffusers_to_original(components["unet"].state_dict(), components["vae"].state_dict(),
                                        text_encoder.state_dict(), openclip=text_encoder.config.hidden_act == "gelu")

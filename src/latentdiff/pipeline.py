@@ -958,6 +958,8 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         (diffusers' retrieve_latents in "sample" mode)."""
         vae = self.vae
         posterior = vae.encode(pixels.to(self.device, vae.dtype))
+        if not hasattr(posterior, "std"):  # (AutoencoderTiny: one latent per image, nothing to draw, as diffusers)
+            return (posterior.mean * vae.config.scaling_factor).to(self.dtype)
         noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
         return ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
 
