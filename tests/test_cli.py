@@ -433,3 +433,37 @@ def test_scheduler_choices_are_the_library_names():
     offered = next(a.choices for a in parser._subparsers._group_actions[0].choices["generate"]._actions
                    if a.dest == "scheduler")
     assert sorted(offered) == sorted(SCHEDULERS)
+
+
+def test_vae(tiny_folders, tmp_path, capsys):
+    """--vae FOLDER (here TAESD's AutoencoderTiny) decodes with that VAE: the Python API's image with pipe.vae
+    replaced; stored in the PNG with its hash, and --from-png makes the image again."""
+    import diffusers
+
+    from latentdiff import AutoencoderTiny
+    from latentdiff.schedulers import scheduler_from_name
+    from tiny import randomized
+
+    folder = tiny_folders[1]
+    torch.manual_seed(0)
+    randomized(diffusers.AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                         num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)), 0, scale=0.06
+               ).save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out"]
+    code, out, _ = run(args + ["--vae", tmp_path / "taesd"], capsys)
+    assert code == 0
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    stored = json.loads(Image.open(out.strip()).text[PNG_KEY])["vae"][0]
+    assert stored[0] == str(tmp_path / "taesd") and len(stored[2]) == 16
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.vae = AutoencoderTiny.from_pretrained(tmp_path / "taesd")
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, progress=False,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, plain, _ = run(args + ["--out", tmp_path / "plain"], capsys)
+    assert np.abs(np.asarray(Image.open(plain.strip())).astype(int) - made).max() > 10
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, _, err = run(args + ["--vae", tmp_path / "nowhere"], capsys)
+    assert code == 2 and "--vae folder not found" in err

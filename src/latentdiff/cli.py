@@ -37,7 +37,10 @@ def parse_extra(spec: str, kind: str) -> list:
             path, value = spec, 1.0
     from .checkpoints import require_path
 
+    if kind == "vae":  # (a folder; no scale or token)
+        path, value = spec, None
     path = require_path(path, {"loras": "--lora file or folder", "embeddings": "--embedding file",
+                               "vae": "--vae folder",
                                "controlnets": "--controlnet file or folder",
                                "ip_adapter": "--ip-adapter file or folder",
                                "t2i_adapter": "--t2i-adapter folder"}[kind])
@@ -157,7 +160,11 @@ def read_depth_map(path: str):
 def apply_extras(pipe, extras: dict):
     """Textual-inversion embeddings, LoRA adapters (at their scales), an IP-Adapter, a T2I-Adapter and ControlNets as
     the settings list them; returns the pipeline (a T2I-Adapter or ControlNet pipeline over the same components where
-    one is given)."""
+    one is given); a VAE folder (--vae) first, in place of the model's."""
+    if extras.get("vae"):
+        from .layout import load_vae
+
+        pipe.vae = load_vae(Path(extras["vae"][0][0]), torch_dtype=pipe.dtype).to(pipe.device)
     for path, token, _ in extras.get("embeddings", []):
         pipe.load_textual_inversion(path, token=token)
     loras = extras.get("loras", [])
@@ -348,8 +355,8 @@ def cmd_generate(args) -> None:
                          f"{args.out!r}, a file: give a folder")
     if args.from_png:
         settings = read_png_settings(args.from_png)
-        extras = {key: settings[key] for key in ("loras", "embeddings", "controlnets", "ip_adapter", "t2i_adapter")
-                  if key in settings}
+        extras = {key: settings[key] for key in ("vae", "loras", "embeddings", "controlnets", "ip_adapter",
+                                                 "t2i_adapter") if key in settings}
         pipe, path = load_pipeline(args.model or settings["model"], settings["dtype"], args.device, args.optimize,
                                    settings.get("variant"), extras)
         files = [(Path(file), h) for entries in extras.values() for file, _, h in entries]
@@ -375,7 +382,8 @@ def cmd_generate(args) -> None:
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
     extras = {key: [parse_extra(spec, key) for spec in specs]
-              for key, specs in (("embeddings", args.embedding), ("loras", args.lora),
+              for key, specs in (("vae", [args.vae] if args.vae else []), ("embeddings", args.embedding),
+                                 ("loras", args.lora),
                                  ("controlnets", args.controlnet),
                                  ("ip_adapter", [args.ip_adapter] if args.ip_adapter else []),
                                  ("t2i_adapter", [args.t2i_adapter] if args.t2i_adapter else [])) if specs}
@@ -517,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pipe.optimize_for_inference(): SD 1.5's U-Net 1.3x faster in fp32 (1.9x on AMX CPUs), "
                         "1.6x in bf16 on AMX CPUs, same images up to float rounding) and let malloc keep large freed "
                         "buffers for reuse")
+    g.add_argument("--vae", default=None, metavar="PATH",
+                   help="a VAE folder to use instead of the model's: an AutoencoderKL (a fine-tuned SD VAE, say) or "
+                        "TAESD's AutoencoderTiny (fast decoding)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (.safetensors file or folder; diffusers' or kohya-ss's format) at SCALE (default 1); "
                         "repeat for several")
