@@ -1209,6 +1209,7 @@ def test_dreambooth_instance_images_from_a_plain_folder(tmp_path, tiny_folders):
     for i, colour in enumerate(("red", "green", "blue")):
         Image.new("RGB", (24, 20), colour).save(data / f"{i}.png")
     (data / "README.md").write_text("three photos")
+    (data / "._0.png").write_bytes(b"macOS metadata")  # (hidden: left out)
     dataset = ImageFolderDataset(data, size=16, caption="a sks shape")
     assert [dataset.file_name(i) for i in range(3)] == ["0.png", "1.png", "2.png"]
     assert dataset.load(1)[1] == "a sks shape"

@@ -85,8 +85,9 @@ def ensure_class_images(config, components, accelerator) -> None:
                       generator=[torch.Generator().manual_seed(class_image_seed(config.seed, n)) for n in chunk]).images
         for number, image in zip(chunk, images):
             path = folder / CLASS_IMAGE_NAME.format(number)
-            image.save(path.with_name(".tmp-" + path.name), format="PNG")
-            path.with_name(".tmp-" + path.name).replace(path)
+            partial = path.with_name(path.name + ".part")  # (not an image file by its suffix, should it remain)
+            image.save(partial, format="PNG")
+            partial.replace(path)
     accelerator.wait_for_everyone()
 
 
