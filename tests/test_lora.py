@@ -118,6 +118,44 @@ def test_rank_stabilized_metadata(folders, tmp_path):
     close(unet_out(pipe), unet_out(ref))
 
 
+def test_dora_file_matches_diffusers(folders, tmp_path):
+    """A DoRA adapter (peft's use_dora: lora_magnitude_vector per layer, linear and conv layers) written by diffusers'
+    save_lora_weights, at weight 1 and through set_adapters at 0.6 (which DoRA's norm sees), as diffusers runs it;
+    unloading restores the weights."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    folder, _ = folders
+    torch.manual_seed(3)
+    ref = reference(folder)
+    config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=UNET_TARGETS + ["conv1"],
+                        init_lora_weights=False)
+    ref.unet.add_adapter(config)
+    with torch.no_grad():  # magnitudes away from the weights' own norms, so that they matter
+        for name, param in ref.unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.rand(param.shape))
+    state = get_peft_model_state_dict(ref.unet)
+    assert any("lora_magnitude_vector" in k for k in state)
+    ref.save_lora_weights(tmp_path, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict())
+    pipe = ours(folder)
+    plain = unet_out(pipe)
+    pipe.load_lora_weights(tmp_path)
+    close(unet_out(pipe), unet_out(ref))
+    assert (unet_out(pipe) - plain).abs().max() > 1e-2
+    other = reference(folder)  # diffusers reading the file
+    other.load_lora_weights(tmp_path, adapter_name="d")
+    close(unet_out(pipe), unet_out(other))
+    other.set_adapters("d", 0.6)
+    pipe.set_adapters("default_0", 0.6)
+    close(unet_out(pipe), unet_out(other))
+    pipe.unload_lora_weights()
+    assert torch.equal(unet_out(pipe), plain)
+    with pytest.raises(LoRAError, match="4 values for its 32 output channels"):
+        pipe.load_lora_weights({**{k: v for k, v in state.items() if "magnitude" not in k},
+                                **{f"unet.{k}": v[:4] for k, v in state.items() if "magnitude" in k}})
+
+
 def test_pipeline_images_and_call_scale_match_diffusers(folders, tmp_path):
     folder, _ = folders
     path, _, ref = saved_by_diffusers(folder, tmp_path)
@@ -409,8 +447,8 @@ def test_errors(folders, tmp_path):
         pipe.load_lora_weights({k: v for k, v in good.items() if "lora_A" in k})
     with pytest.raises(LoRAError, match="names no layer"):
         pipe.load_lora_weights({"unet.transformer_blocks.0.attn.to_q.lora_A.weight": w})
-    with pytest.raises(LoRAError, match="DoRA"):
-        pipe.load_lora_weights({**good, f"unet.{unet_layer}.lora_magnitude_vector": w[:, 0]})
+    with pytest.raises(LoRAError, match="kohya-ss / LyCORIS form"):
+        pipe.load_lora_weights({f"lora_unet_{unet_layer.replace('.', '_')}.dora_scale": w})
     with pytest.raises(LoRAError, match="LyCORIS"):
         pipe.load_lora_weights({f"lora_unet_{unet_layer.replace('.', '_')}.hada_w1_a": w})
     assert pipe.get_list_adapters() == {}  # nothing half-loaded

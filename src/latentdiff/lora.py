@@ -1,6 +1,7 @@
 """LoRA adapters (Hu et al. 2021) for the U-Net and the text encoder, read from the files people share: diffusers'
 (peft's lora_A / lora_B, and the older lora.down / lora.up and attention-processor names) and kohya-ss / A1111's
-(lora_unet_..., lora_te_..., with .alpha), conv layers (LoCon) included.
+(lora_unet_..., lora_te_..., with .alpha), conv layers (LoCon) included; DoRA (Liu et al. 2024) in peft's form
+(lora_magnitude_vector).
 
 An adapter of layer W is the pair (down [r, in, ...], up [out, r, ...]) and a scale alpha / r; with adapters
 a, b, ... at coefficients c_a, c_b, ... the layer computes with W0 + sum_a c_a scale_a (up_a @ down_a). Rather
@@ -31,7 +32,7 @@ _ROLES = (  # key ending -> role, most specific first
     (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".down.weight", "down"), (".up.weight", "up"),
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude"),
 )
 # diffusers' attention-processor spellings of the layers they adapt (its format before peft)
 _PROCESSOR = {"unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
@@ -45,10 +46,13 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRALayer:
-    """One adapted layer: W += coefficient * scale * (up @ down), reshaped to W's shape."""
+    """One adapted layer: W += coefficient * scale * (up @ down), reshaped to W's shape. A DoRA layer (Liu et al.
+    2024) also has a `magnitude` per output channel: with D = coefficient * scale * (up @ down) it gives the weight
+    m / ||W + D|| (W + D), each output channel's row normalised (see _set_weight)."""
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # [out, r] or [out, r, 1, 1] (or [out, r, kh, kw] over a 1x1 down)
     scale: float  # alpha / r
+    magnitude: torch.Tensor | None = None  # [out] (DoRA)
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """scale * (up @ down) in float32 on the weight's device, shaped like it."""
@@ -110,12 +114,20 @@ class ModelAdapters:
 
 
 def _set_weight(layer: nn.Module, original: torch.Tensor, terms: list[tuple[float, LoRALayer]]) -> None:
+    """W0 plus each adapter's term: c D for LoRA; for DoRA (k - 1) W0 + k c D with k = m / ||W0 + c D|| per output
+    channel, what peft's DoRA layers add to the base layer's output, each adapter on its own."""
     weight = layer.weight
     value = original
     if terms:
-        value = value.float()
+        value = base = value.float()
         for coefficient, lora in terms:
-            value = value.add(lora.delta(weight), alpha=coefficient)
+            if lora.magnitude is None:
+                value = value.add(lora.delta(weight), alpha=coefficient)
+                continue
+            delta = lora.delta(weight).mul_(coefficient)
+            norm = (base + delta).flatten(1).norm(dim=1)
+            k = (lora.magnitude.to(norm.device, torch.float32) / norm).reshape(-1, *[1] * (base.dim() - 1))
+            value = value + (k - 1) * base + k * delta
     with torch.inference_mode() if weight.is_inference() else torch.no_grad():
         weight.copy_(value)
 
@@ -236,9 +248,10 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _refuse_unsupported(keys: list[str], source: str) -> None:
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
-        raise LoRAError(f"{source} is a DoRA adapter (dora_scale / lora_magnitude_vector keys), which latentdiff does "
-                        "not apply; use a plain LoRA")
+    if any("dora_scale" in k for k in keys):
+        raise LoRAError(f"{source} is a DoRA adapter in kohya-ss / LyCORIS form (dora_scale keys), which latentdiff "
+                        "does not apply (it applies diffusers' / peft's DoRA files, lora_magnitude_vector keys); use "
+                        "a plain LoRA")
     if any(k.startswith("lora_te2_") or k.startswith("text_encoder_2.") for k in keys):
         raise LoRAError(f"{source} adapts a second text encoder (lora_te2_ / text_encoder_2 keys): it is an SDXL "
                         "LoRA; latentdiff runs Stable Diffusion 1.x / 2.x")
@@ -308,7 +321,12 @@ def parse_lora(state: dict[str, torch.Tensor], metadata: dict | None, models: di
         alpha = float(found["alpha"]) if "alpha" in found else _metadata_alpha(metadata, component, path, rank)
         rank_stabilized = bool((metadata or {}).get(f"{component}.use_rslora"))  # rsLoRA: alpha / sqrt(r)
         scale = alpha / (math.sqrt(rank) if rank_stabilized else rank)
-        out.setdefault(component, {})[path] = LoRALayer(down.detach(), up.detach(), scale)
+        magnitude = found.get("magnitude")
+        if magnitude is not None and magnitude.numel() != weight.shape[0]:
+            raise LoRAError(f"{source}: {component}.{path} gets a DoRA magnitude of {magnitude.numel()} values for "
+                            f"its {weight.shape[0]} output channels: the file is not for this model")
+        out.setdefault(component, {})[path] = LoRALayer(
+            down.detach(), up.detach(), scale, None if magnitude is None else magnitude.detach().flatten())
     return out
 
 
