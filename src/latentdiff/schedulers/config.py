@@ -333,33 +333,25 @@ class DPMSolverSinglestepConfig(DPMSolverConfig):
 
 
 @dataclass(frozen=True)
-class DEISConfig(SchedulerConfig):
-    """diffusers' DEISMultistepScheduler's keys and defaults: the log-rho multistep DEIS of solver_order 1 to 3
-    (a DPM-Solver config's algorithm_type and solver_type become DEIS's own, as diffusers' class does)."""
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class DEISConfig(DPMSolverConfig):
+    """diffusers' DEISMultistepScheduler's keys and defaults: the log-rho multistep DEIS of solver_order 1 to 3; the
+    DPM-Solver multistep keys but those its diffusers class does not take (absent: no zero-SNR rescaling, final
+    noise level choice, Lu lambdas, euler_at_final, lambda clipping or variance_type). A DPM-Solver config's
+    algorithm_type and solver_type become DEIS's own, as diffusers' class does."""
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
-    lower_order_final: bool = True
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    use_flow_sigmas: bool = False
-    flow_shift: float = 1.0
-    timestep_spacing: str = "linspace"
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
     scheduler_name: ClassVar[str] = "DEISMultistepScheduler"
+    absent: ClassVar[frozenset[str]] = frozenset(
+        {"rescale_betas_zero_snr", "final_sigmas_type", "use_lu_lambdas", "euler_at_final", "lambda_min_clipped",
+         "variance_type"})
     aliases: ClassVar[dict[str, dict[Any, Any]]] = {
         "algorithm_type": dict.fromkeys(("dpmsolver", "dpmsolver++"), "deis"),
         "solver_type": dict.fromkeys(("midpoint", "heun", "bh1", "bh2"), "logrho")}
     supported: ClassVar[dict[str, tuple]] = {
         **SchedulerConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "algorithm_type": ("deis",),
-        "solver_type": ("logrho",), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
-        "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+        "solver_type": ("logrho",), "use_karras_sigmas": (False, True), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
     }
 
 
