@@ -955,13 +955,10 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
 
     def _encode_sample(self, pixels: torch.Tensor, generators) -> torch.Tensor:
         """Scaled latents of the pixels: a posterior sample drawn with each image's own generator, mean + std * noise
-        (diffusers' retrieve_latents in "sample" mode)."""
+        (diffusers' retrieve_latents in "sample" mode; AutoencoderTiny's point mass draws nothing, as diffusers')."""
         vae = self.vae
         posterior = vae.encode(pixels.to(self.device, vae.dtype))
-        if not hasattr(posterior, "std"):  # (AutoencoderTiny: one latent per image, nothing to draw, as diffusers)
-            return (posterior.mean * vae.config.scaling_factor).to(self.dtype)
-        noise = randn(tuple(posterior.mean.shape), generators, self.device, posterior.mean.dtype)
-        return ((posterior.mean + posterior.std * noise) * vae.config.scaling_factor).to(self.dtype)
+        return (posterior.sample(generators) * vae.config.scaling_factor).to(self.dtype)
 
     def preprocess(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):

@@ -56,8 +56,8 @@ class LatentDiffusionDepth2ImgPipeline(LatentDiffusionImg2ImgPipeline):
             if bool((high <= low).any()):
                 raise ValueError("a depth map is flat (one value everywhere): it cannot be scaled to [-1, 1]")
             depth = 2.0 * (depth - low) / (high - low) - 1.0
-            latents = self.denoise(self._noised_latents(pixels, generators, timesteps), timesteps, cond, uncond, guidance_scale, generators, eta,
-                                   callback_on_step_end, progress, conditioning=depth)
+            latents = self.denoise(self._noised_latents(pixels, generators, timesteps), timesteps, cond, uncond,
+                                   guidance_scale, generators, eta, callback_on_step_end, progress, conditioning=depth)
             images = self.decode(latents, output_type)
             return PipelineOutput(images) if return_dict else (images,)
 
