@@ -43,8 +43,6 @@ class ModelOffload:
         self.stage_of: dict[int, int] = {}
         for index, stage in enumerate(self.stages):
             for model in stage:
-                if id(model) in self.stage_of:
-                    continue  # (a model in two roles: the first stage holds it)
                 self.stage_of[id(model)] = index
                 model.to("cpu")
                 for name in ENTRY_POINTS:
