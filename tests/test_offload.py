@@ -18,7 +18,7 @@ KWARGS = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np", progr
 
 def record_moves(monkeypatch, pipe) -> list[tuple[str, str]]:
     """A list that collects (component name, device) for every `.to(device)` of one of the pipeline's models."""
-    names = {id(getattr(pipe, n)): n for n in ("text_encoder", "unet", "vae", "controlnet") if hasattr(pipe, n)}
+    names = {id(getattr(pipe, n)): n for n in ("text_encoder", "image_encoder", "unet", "vae", "controlnet") if hasattr(pipe, n)}
     moves = []
     original = torch.nn.Module.to
 

@@ -27,6 +27,7 @@ _EXPORTS = {
     "LatentConsistencyModelImg2ImgPipeline": "latentdiff.pipeline_lcm",
     "LatentDiffusionUpscalePipeline": "latentdiff.pipeline_upscale",
     "LatentDiffusionDepth2ImgPipeline": "latentdiff.pipeline_depth2img",
+    "LatentDiffusionImageVariationPipeline": "latentdiff.pipeline_image_variation",
     "T2IAdapter": "latentdiff.models.t2i_adapter",
     "PipelineOutput": "latentdiff.pipeline",
     "ControlNetModel": "latentdiff.models.controlnet",

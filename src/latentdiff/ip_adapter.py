@@ -473,11 +473,12 @@ class IPAdapterMixin:
         return out
 
 
-def load_image_encoder(folder: Path):
-    """transformers' CLIPVisionModelWithProjection from `folder` (safetensors only), in eval mode."""
+def load_image_encoder(folder: Path, variant: str | None = None):
+    """transformers' CLIPVisionModelWithProjection from `folder` (safetensors only; `variant`: model.VARIANT.
+    safetensors), in eval mode."""
     from transformers import CLIPVisionModelWithProjection
 
     if not any(folder.glob("*.safetensors")):
         raise CheckpointError(f"{folder}: no .safetensors weights (latentdiff never loads pickled .bin files); "
                               "convert the image encoder first")
-    return CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True).eval()
+    return CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True, variant=variant).eval()

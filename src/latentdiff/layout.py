@@ -66,7 +66,7 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
                              "torch.float32, or its name), 'auto' (the files' own), or None")
         return value
 
-    names = ("text_encoder", "unet", "vae", "controlnet", "adapter")
+    names = ("text_encoder", "unet", "vae", "controlnet", "adapter", "image_encoder")
     if isinstance(torch_dtype, dict):
         unknown = sorted(set(torch_dtype) - {*names, "default"})
         if unknown:
@@ -77,10 +77,11 @@ def component_dtypes(torch_dtype) -> dict[str, torch.dtype | None]:
 
 def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | str | dict | None = None,
                          variant: str | None = None, skip: Collection[str] = (),
-                         extras: Collection[str] = ()) -> dict:
+                         extras: Collection[str] = (), text: bool = True) -> dict:
     """Components of a pipeline folder in the diffusers layout (ours or one diffusers saved), but those named in
     `skip` (the caller has them); `extras`: "controlnet" (its ControlNet or ControlNets), "adapter" (its
-    T2I-Adapter). `variant`: the weights files of that
+    T2I-Adapter), "image_encoder" and "feature_extractor" (an image variation pipeline's); `text=False`: no
+    tokenizer and text encoder (the image variation pipeline has none). `variant`: the weights files of that
     name (diffusion_pytorch_model.fp16.safetensors, ...), as diffusers' argument; a model saved in shards (an
     .index.json and its files) loads too. `torch_dtype`: see component_dtypes."""
     dtypes = component_dtypes(torch_dtype)
@@ -94,9 +95,17 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a pipeline folder (it has no model_index.json){_what_it_is(folder)}")
     index = read_json(folder / "model_index.json")
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(name)]
+    needed = ("unet", "vae", "scheduler", *(("text_encoder", "tokenizer") if text else ()),
+              *(name for name in ("image_encoder", "feature_extractor") if name in extras))
+    missing = [name for name in needed if name not in skip and not any(index.get(name) or ())]  # ([null, null])
     if missing:
-        raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}")
+        kind = index.get("_class_name")
+        hint = {"StableDiffusionImageVariationPipeline": ": it is an image variation pipeline (no text encoder); "
+                "load it with LatentDiffusionImageVariationPipeline.from_pretrained"}.get(kind, "")
+        if not hint and not text:
+            hint = (f": it is a {kind}, not an image variation pipeline (which conditions on a CLIP image encoder, "
+                    "image_encoder/)")
+        raise ValueError(f"{folder / 'model_index.json'} lacks the components {missing}{hint}")
     loaders = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         "text_encoder": lambda: load_text_encoder(folder / "text_encoder", torch_dtype=dtypes["text_encoder"],
@@ -106,6 +115,13 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
         "vae": lambda: load_vae(folder / "vae", torch_dtype=dtypes["vae"], variant=variant),
         "scheduler": lambda: _scheduler_from_folder(folder / "scheduler"),
     }
+    if not text:
+        del loaders["tokenizer"], loaders["text_encoder"]
+    if "image_encoder" in extras:
+        loaders["image_encoder"] = lambda: _load_image_encoder(folder / "image_encoder", dtypes["image_encoder"],
+                                                               variant)
+    if "feature_extractor" in extras:
+        loaders["feature_extractor"] = lambda: _load_feature_extractor(folder / "feature_extractor")
     if "controlnet" in extras:
         loaders["controlnet"] = lambda: _load_controlnets(folder, index, dtypes["controlnet"], variant)
     if "adapter" in extras:
@@ -114,6 +130,23 @@ def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | s
         loaders["low_res_scheduler"] = lambda: _low_res_scheduler(folder, index)
         loaders["max_noise_level"] = lambda: int(index.get("max_noise_level", 350))
     return {name: load() for name, load in loaders.items() if name not in skip}
+
+
+def _load_image_encoder(folder: Path, dtype: torch.dtype | None, variant: str | None):
+    """transformers' CLIPVisionModelWithProjection of an image_encoder/ folder (safetensors only), in `dtype`."""
+    from .ip_adapter import load_image_encoder
+
+    encoder = load_image_encoder(require_path(folder, "image encoder folder"), variant)
+    return encoder if dtype is None else encoder.to(dtype)
+
+
+def _load_feature_extractor(folder: Path):
+    """transformers' CLIPImageProcessor of a feature_extractor/ folder (the image encoder's preprocessing)."""
+    from transformers import CLIPImageProcessor
+
+    if not (require_path(folder, "feature extractor folder") / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no preprocessor_config.json (the image encoder's CLIPImageProcessor)")
+    return CLIPImageProcessor.from_pretrained(folder)
 
 
 def _low_res_scheduler(folder: Path, index: dict):
@@ -221,9 +254,18 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
     }
     components["unet"].save_pretrained(folder / "unet", variant=variant)
     components["vae"].save_pretrained(folder / "vae", variant=variant)
+    scheduler.save_config(folder / "scheduler")
+    if components.get("text_encoder") is None:  # (the image variation pipeline: an image encoder instead)
+        components["image_encoder"].save_pretrained(folder / "image_encoder", variant=variant)
+        components["feature_extractor"].save_pretrained(folder / "feature_extractor")
+        del index["text_encoder"], index["tokenizer"]
+        index.update(_class_name="StableDiffusionImageVariationPipeline",
+                     image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                     feature_extractor=["transformers", "CLIPImageProcessor"])
+        write_json(index, folder / "model_index.json")
+        return
     save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
     components["tokenizer"].save_pretrained(folder / "tokenizer")
-    scheduler.save_config(folder / "scheduler")
     if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
         adapter.save_pretrained(folder / "adapter", variant=variant)
         index["adapter"] = ["diffusers", type(adapter).__name__]

@@ -177,7 +177,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
     def _models(self) -> list[torch.nn.Module]:
         """The pipeline's neural networks (with an IP-Adapter's image encoder where one is loaded)."""
-        return [self.text_encoder, self.unet, self.vae, *([self.image_encoder] if self.image_encoder else [])]
+        return [m for m in (self.text_encoder, self.unet, self.vae, self.image_encoder) if m is not None]
 
     def _denoisers(self) -> list[torch.nn.Module]:
         """The networks each denoising step runs (their text keys and time embeddings are cached over a run)."""
@@ -379,7 +379,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         if self._compile_options is None:
             self.unet.optimize_for_inference(winograd)
         for model in (self.vae, self.text_encoder):
-            pack_for_inference(model, winograd)
+            if model is not None:  # (the image variation pipeline has no text encoder)
+                pack_for_inference(model, winograd)
         return self
 
     def compile(self, max_autotune: bool = True) -> None:
@@ -445,9 +446,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         components.pop("low_cpu_mem_usage", None)
         optional = cls._optional(components)
         components = cls._given(components, "from_pretrained")
+        extras = ("controlnet", "adapter", "low_res_scheduler", "image_encoder", "feature_extractor")
         loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components,
-                                      extras=[n for n in ("controlnet", "adapter", "low_res_scheduler")
-                                              if n in cls.component_names])
+                                      extras=[n for n in extras if n in cls.component_names],
+                                      text="text_encoder" in cls.component_names)
         return cls(**loaded, **components)._with(optional)
 
     @classmethod
@@ -458,16 +460,18 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             raise ValueError("from_pipe: the pipeline has model CPU offload on, whose hooks belong to it: call "
                              "pipe.remove_all_hooks() first, then enable_model_cpu_offload() on the new pipeline")
         shared = {name: c for name, c in pipe.components.items() if name in (*cls.component_names, *cls.config_names)}
-        optional = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor,
-                    **cls._optional(components)}
+        optional = {name: getattr(pipe, name) for name in ("image_encoder", "feature_extractor")
+                    if name not in cls.component_names}
+        optional.update(cls._optional(components))
         return cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
 
-    @staticmethod
-    def _optional(components: dict) -> dict:
+    @classmethod
+    def _optional(cls, components: dict) -> dict:
         """Pops an IP-Adapter's image encoder and its image processor from a from_* call's components (diffusers
-        takes them so): set on the pipeline after it is built (_with)."""
+        takes them so): set on the pipeline after it is built (_with). (The image variation pipeline's are
+        components of its own.)"""
         return {name: components.pop(name) for name in ("image_encoder", "feature_extractor")
-                if components.get(name) is not None}
+                if components.get(name) is not None and name not in cls.component_names}
 
     def _with(self, optional: dict):
         for name, value in optional.items():
@@ -478,7 +482,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     def _given(cls, components: dict, method: str) -> dict:
         """The components of a from_* call, less diffusers' safety-checker arguments (accepted when empty)."""
         for name in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker"):
-            if components.pop(name, None):
+            if name not in cls.component_names and components.pop(name, None):
                 raise ValueError(f"latentdiff has no {name.removeprefix('requires_')}: pass {name}="
                                  f"{False if name.startswith('requires') else None} or leave it out")
         unknown = sorted(set(components) - {*cls.component_names, *cls.config_names})
