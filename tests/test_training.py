@@ -1188,6 +1188,55 @@ def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_di
     assert abs(loss.item() - (instance + 0.5 * prior).item()) < 1e-5 * loss.item()
 
 
+def test_input_perturbation_noises_the_input_with_its_own_draw_and_keeps_the_target(tmp_path, tiny_folders):
+    """diffusers' --input_perturbation: the U-Net sees z_t made from eps + gamma * xi, its target is eps (diffusers'
+    U-Net, VAE and text encoder on the same batch give the same loss); xi is the sample's own draw, made after the
+    others, which stay as they were."""
+    import diffusers
+    import torch.nn.functional as F
+    from transformers import CLIPTextModel
+
+    from latentdiff.train.data import collate
+    from latentdiff.training import TextToImageTask, make_accelerator
+
+    diffusers_folder, folder = tiny_folders
+    plain = draw(torch.tensor([5, 6]), (4, 2, 2), 1000, noise_offset=0.1)
+    perturbed = draw(torch.tensor([5, 6]), (4, 2, 2), 1000, noise_offset=0.1, input_perturbation=0.1)
+    for key in ("timesteps", "noise", "posterior_noise", "uniform"):
+        assert torch.equal(getattr(plain, key), getattr(perturbed, key))
+    assert plain.input_noise is None
+    xi = (perturbed.input_noise - perturbed.noise) / 0.1
+    assert 0.7 < xi.std() < 1.3 and (perturbed.input_noise - perturbed.noise).abs().max() > 0.01
+
+    config = dreambooth_config(tmp_path, folder, with_prior_preservation=False, class_prompt=None,
+                               class_data_dir=None, input_perturbation=0.1)
+    task = TextToImageTask(config, make_accelerator(config), load_components(config))
+    batch = collate([task.view[(0, i)] for i in range(2)])
+    expected = draw(batch["seed"], (4, 8, 8), 1000, input_perturbation=0.1)
+    assert torch.equal(batch["input_noise"], expected.input_noise) and torch.equal(batch["noise"], expected.noise)
+    with torch.no_grad():
+        loss, _ = task.loss(batch)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(diffusers_folder / "unet").eval()
+        vae = diffusers.AutoencoderKL.from_pretrained(diffusers_folder / "vae").eval()
+        text = CLIPTextModel.from_pretrained(diffusers_folder / "text_encoder").eval()
+        schedule = diffusers.DDPMScheduler.from_pretrained(diffusers_folder / "scheduler")
+        posterior = vae.encode(batch["pixel_values"]).latent_dist
+        z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+        noisy = schedule.add_noise(z0, batch["input_noise"], batch["timesteps"])
+        expected = F.mse_loss(unet(noisy, batch["timesteps"], text(batch["input_ids"])[0]).sample, batch["noise"])
+        unperturbed = F.mse_loss(unet(schedule.add_noise(z0, batch["noise"], batch["timesteps"]), batch["timesteps"],
+                                      text(batch["input_ids"])[0]).sample, batch["noise"])
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+    assert abs(loss.item() - unperturbed.item()) > 1e-4 * expected.item()  # (the perturbation mattered)
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match="input_perturbation must be a number >= 0"):
+            smoke_config(tmp_path, input_perturbation=bad)
+    with pytest.raises(ValueError, match="noise_offset must be a number >= 0"):
+        smoke_config(tmp_path, noise_offset=-1.0)
+    with pytest.raises(ValueError, match="input_perturbation perturbs"):
+        lcm_config(tmp_path, folder, input_perturbation=0.1)
+
+
 def test_dreambooth_with_lora_logs_both_losses_and_resumes_exactly(tmp_path, tiny_folders):
     """DreamBooth-LoRA (diffusers' train_dreambooth_lora.py): the log carries instance_loss and prior_loss; a run
     stopped and resumed ends as one run (its class images generated once, the same in both runs)."""

@@ -140,8 +140,7 @@ class TrainingView(torch.utils.data.Dataset):
         if self.draw_spec is not None:
             from .loss import draw_sample
 
-            item["timesteps"], item["noise"], item["posterior_noise"], item["uniform"] = draw_sample(
-                seed, self.draw_spec)
+            item.update(draw_sample(seed, self.draw_spec))
         if self.tokenizer is not None:
             item["input_ids"] = self.tokenizer([text])[0]
         return {**item, "text": text, "index": index, "seed": seed}
@@ -161,7 +160,8 @@ class TrainingView(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    keys = ("pixel_values", "mean", "std", "noise", "posterior_noise", "input_ids", "conditioning_pixel_values")
+    keys = ("pixel_values", "mean", "std", "noise", "posterior_noise", "input_noise", "input_ids",
+            "conditioning_pixel_values")
     out = {key: torch.stack([item[key] for item in items]) for key in keys if key in items[0]}
     for key in ("timesteps", "uniform"):
         if key in items[0]:

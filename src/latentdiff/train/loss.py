@@ -20,12 +20,14 @@ from ..schedules import predict_x0_eps, q_sample, snr, v_target
 class Draws:
     """Everything random about one training batch: timesteps [B], the diffusion noise eps and the posterior's
     standard-normal noise (both shaped like the latents), and a uniform number in [0, 1) per sample for objectives
-    that draw one more value (consistency distillation's guidance scale)."""
+    that draw one more value (consistency distillation's guidance scale); with input perturbation, the noise that
+    makes z_t (the target stays `noise`)."""
 
     timesteps: torch.Tensor
     noise: torch.Tensor
     posterior_noise: torch.Tensor
     uniform: torch.Tensor | None = None
+    input_noise: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,13 @@ class DrawSpec:
     num_train_timesteps: int
     noise_offset: float = 0.0
     timestep_bias: tuple[int, int, float] | None = None  # (begin, end, portion): see `draw`
+    input_perturbation: float = 0.0
 
 
-def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(timestep [1], noise, posterior noise, uniform [1]) of one sample, from a CPU generator seeded by its seed
-    alone (the uniform drawn last, so the others are what they were before it was added)."""
+def draw_sample(seed: int, spec: DrawSpec) -> dict[str, torch.Tensor]:
+    """The draws of one sample, by Draws' names (timesteps [1], noise, posterior_noise, uniform [1], and
+    input_noise with input perturbation), from a CPU generator seeded by its seed alone. Each later addition is
+    drawn after the earlier ones (the uniform, then the perturbation), so those stay what they were."""
     g = torch.Generator().manual_seed(seed)
     if spec.timestep_bias is not None and torch.rand((), generator=g).item() < spec.timestep_bias[2]:
         t = torch.randint(spec.timestep_bias[0], spec.timestep_bias[1], (1,), generator=g)
@@ -51,19 +55,26 @@ def draw_sample(seed: int, spec: DrawSpec) -> tuple[torch.Tensor, torch.Tensor, 
     if spec.noise_offset:
         # offset noise (Guttenberg 2023): a per-channel constant lets the model shift an image's mean brightness
         eps = eps + spec.noise_offset * torch.randn((spec.latent_shape[0], 1, 1), generator=g)
-    return t, eps, post, torch.rand(1, generator=g)
+    out = {"timesteps": t, "noise": eps, "posterior_noise": post, "uniform": torch.rand(1, generator=g)}
+    if spec.input_perturbation:
+        # input perturbation (Ning et al. 2023): z_t is made from eps + gamma * xi while the target stays eps, so
+        # that training sees inputs off the forward process, as sampling does once its predictions err
+        out["input_noise"] = eps + spec.input_perturbation * torch.randn(spec.latent_shape, generator=g)
+    return out
 
 
 def draw(seeds: torch.Tensor, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0,
-         device: torch.device | str = "cpu", timestep_bias: tuple[int, int, float] | None = None) -> Draws:
+         device: torch.device | str = "cpu", timestep_bias: tuple[int, int, float] | None = None,
+         input_perturbation: float = 0.0) -> Draws:
     """Per-sample draws, each from a CPU generator seeded by that sample's seed: a sample's noise depends on
     its seed only, not on the batch, the process or the device it lands on. `timestep_bias = (begin, end, portion)`
     draws that portion of the timesteps from [begin, end) instead of the whole range. (The training data loader
     makes the same draws in its workers: TrainingView with a DrawSpec.)"""
-    spec = DrawSpec(tuple(latent_shape), num_train_timesteps, noise_offset, timestep_bias)
-    ts, noises, post, uniform = zip(*(draw_sample(seed, spec) for seed in seeds.tolist()))
-    return Draws(torch.cat(ts).to(device), torch.stack(noises).to(device), torch.stack(post).to(device),
-                 torch.cat(uniform).to(device))
+    spec = DrawSpec(tuple(latent_shape), num_train_timesteps, noise_offset, timestep_bias, input_perturbation)
+    samples = [draw_sample(seed, spec) for seed in seeds.tolist()]
+    joined = {key: (torch.cat if key in ("timesteps", "uniform") else torch.stack)([s[key] for s in samples])
+              for key in samples[0]}
+    return Draws(**{key: value.to(device) for key, value in joined.items()})
 
 
 def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -97,13 +108,14 @@ def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str, af
 
 def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                   snr_gamma: float | None = None, high_noise_weight: float | None = None, reduction: str = "mean"
-                   ) -> torch.Tensor:
+                   snr_gamma: float | None = None, high_noise_weight: float | None = None, reduction: str = "mean",
+                   input_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of the (optionally min-SNR and high-noise weighted) per-sample MSE between the U-Net's
-    prediction at z_t and its target; reduction="none": the per-sample values."""
+    prediction at z_t and its target; reduction="none": the per-sample values. `input_noise`: the noise z_t is
+    made from, where it is not `noise` (input perturbation; the target is made from `noise`)."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
-    z_t = q_sample(z0, noise, timesteps, alphas_cumprod)
+    z_t = q_sample(z0, noise if input_noise is None else input_noise, timesteps, alphas_cumprod)
     if prediction_type == "epsilon":
         target = noise
     elif prediction_type == "v_prediction":

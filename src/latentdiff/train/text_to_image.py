@@ -194,7 +194,7 @@ class TextToImageTask:
         f = self.vae.vae_scale_factor
         latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
         bias = (*config.timestep_bias_range, config.timestep_bias_portion) if config.timestep_bias_range else None
-        spec = DrawSpec(latent_shape, len(self.alphas_cumprod), config.noise_offset, bias)
+        spec = DrawSpec(latent_shape, len(self.alphas_cumprod), config.noise_offset, bias, config.input_perturbation)
         cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
         view = dict(resolution=config.resolution, seed=config.seed, random_crop=not config.center_crop,
                     random_flip=config.random_flip, caption_dropout=config.caption_dropout, draw_spec=spec,
@@ -220,8 +220,8 @@ class TextToImageTask:
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device, config = self.accelerator.device, self.config
         # the sample's draws and token ids, made by the data loader (TrainingView with a DrawSpec and a tokenizer)
-        draws = Draws(batch["timesteps"].to(device), batch["noise"].to(device), batch["posterior_noise"].to(device),
-                      batch["uniform"].to(device))
+        draws = Draws(**{key: batch[key].to(device) for key in ("timesteps", "noise", "posterior_noise", "uniform",
+                                                                 "input_noise") if key in batch})
         with torch.no_grad():
             if "mean" in batch:  # cached posterior
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
@@ -240,7 +240,8 @@ class TextToImageTask:
             control = batch["conditioning_pixel_values"].to(device)
             model = ControlledStep(self.unet, self.controlnet, control, self.weight_dtype)
         losses = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
-                                self.prediction_type, config.snr_gamma, config.high_noise_weight, reduction="none")
+                                self.prediction_type, config.snr_gamma, config.high_noise_weight, reduction="none",
+                                input_noise=draws.input_noise)
         if "prior" not in batch:
             return losses.mean(), {}
         prior = batch["prior"].to(device)  # DreamBooth: the instance samples' mean + weight x the class samples'
