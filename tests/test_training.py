@@ -1144,14 +1144,23 @@ def test_dreambooth_generates_the_missing_class_images_with_the_pretrained_pipel
         assert 0 < difference.mean() < 8, difference.mean()
 
 
+def reference_models(folder: Path):
+    """diffusers' U-Net, VAE and DDPM schedule and transformers' text encoder of a pipeline folder, in eval mode."""
+    import diffusers
+    from transformers import CLIPTextModel
+
+    return (diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+            diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval(),
+            CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+            diffusers.DDPMScheduler.from_pretrained(folder / "scheduler"))
+
+
 def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_diffusers_models_give_it(
         tmp_path, tiny_folders):
     """A batch holds the instance samples (instance_prompt) then as many class samples (class_prompt), pair i of
     instance image i mod 3 and class image i mod 5; the loss equals diffusers' U-Net, VAE and transformers' text
     encoder on the same batch: MSE of the instance half + prior_loss_weight x MSE of the class half."""
-    import diffusers
     import torch.nn.functional as F
-    from transformers import CLIPTextModel
 
     from latentdiff.train.data import ShapesSource
     from latentdiff.train.dreambooth import PriorPreservationView
@@ -1172,10 +1181,7 @@ def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_di
     with torch.no_grad():
         loss, extras = task.loss(batch)
 
-        unet = diffusers.UNet2DConditionModel.from_pretrained(diffusers_folder / "unet").eval()
-        vae = diffusers.AutoencoderKL.from_pretrained(diffusers_folder / "vae").eval()
-        text = CLIPTextModel.from_pretrained(diffusers_folder / "text_encoder").eval()
-        schedule = diffusers.DDPMScheduler.from_pretrained(diffusers_folder / "scheduler")
+        unet, vae, text, schedule = reference_models(diffusers_folder)
         context = text(batch["input_ids"])[0]
         posterior = vae.encode(batch["pixel_values"]).latent_dist
         z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
@@ -1192,9 +1198,7 @@ def test_input_perturbation_noises_the_input_with_its_own_draw_and_keeps_the_tar
     """diffusers' --input_perturbation: the U-Net sees z_t made from eps + gamma * xi, its target is eps (diffusers'
     U-Net, VAE and text encoder on the same batch give the same loss); xi is the sample's own draw, made after the
     others, which stay as they were."""
-    import diffusers
     import torch.nn.functional as F
-    from transformers import CLIPTextModel
 
     from latentdiff.train.data import collate
     from latentdiff.training import TextToImageTask, make_accelerator
@@ -1216,10 +1220,7 @@ def test_input_perturbation_noises_the_input_with_its_own_draw_and_keeps_the_tar
     assert torch.equal(batch["input_noise"], expected.input_noise) and torch.equal(batch["noise"], expected.noise)
     with torch.no_grad():
         loss, _ = task.loss(batch)
-        unet = diffusers.UNet2DConditionModel.from_pretrained(diffusers_folder / "unet").eval()
-        vae = diffusers.AutoencoderKL.from_pretrained(diffusers_folder / "vae").eval()
-        text = CLIPTextModel.from_pretrained(diffusers_folder / "text_encoder").eval()
-        schedule = diffusers.DDPMScheduler.from_pretrained(diffusers_folder / "scheduler")
+        unet, vae, text, schedule = reference_models(diffusers_folder)
         posterior = vae.encode(batch["pixel_values"]).latent_dist
         z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
         noisy = schedule.add_noise(z0, batch["input_noise"], batch["timesteps"])
@@ -1229,12 +1230,47 @@ def test_input_perturbation_noises_the_input_with_its_own_draw_and_keeps_the_tar
     assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
     assert abs(loss.item() - unperturbed.item()) > 1e-4 * expected.item()  # (the perturbation mattered)
     for bad in (-0.1, float("inf")):
-        with pytest.raises(ValueError, match="input_perturbation must be a number >= 0"):
+        with pytest.raises(ValueError, match="input_perturbation must be a finite number >= 0"):
             smoke_config(tmp_path, input_perturbation=bad)
-    with pytest.raises(ValueError, match="noise_offset must be a number >= 0"):
+    with pytest.raises(ValueError, match="noise_offset must be a finite number >= 0"):
         smoke_config(tmp_path, noise_offset=-1.0)
-    with pytest.raises(ValueError, match="input_perturbation perturbs"):
+    with pytest.raises(ValueError, match="input_perturbation and dream_training change"):
         lcm_config(tmp_path, folder, input_perturbation=0.1)
+
+
+def test_dream_training_moves_input_and_target_by_the_models_own_error_as_diffusers(tmp_path, tiny_folders):
+    """dream_training: the loss equals diffusers' U-Net trained on the (input, target) that diffusers'
+    compute_dream_and_update_latents makes from it, for two detail_preservation values; v prediction is refused."""
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_dream_and_update_latents
+
+    from latentdiff.train.data import collate
+    from latentdiff.training import TextToImageTask, make_accelerator
+
+    diffusers_folder, folder = tiny_folders
+    unet, vae, text, schedule = reference_models(diffusers_folder)
+    losses = []
+    for p in (1.0, 0.5):
+        config = dreambooth_config(tmp_path, folder, with_prior_preservation=False, class_prompt=None,
+                                   class_data_dir=None, dream_training=True, dream_detail_preservation=p)
+        task = TextToImageTask(config, make_accelerator(config), load_components(config))
+        batch = collate([task.view[(0, i)] for i in range(2)])
+        with torch.no_grad():
+            loss, _ = task.loss(batch)
+            context = text(batch["input_ids"])[0]
+            posterior = vae.encode(batch["pixel_values"]).latent_dist
+            z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+            noisy = schedule.add_noise(z0, batch["noise"], batch["timesteps"])
+            noisy, target = compute_dream_and_update_latents(unet, schedule, batch["timesteps"], batch["noise"], noisy,
+                                                             batch["noise"], context, p)
+            expected = F.mse_loss(unet(noisy, batch["timesteps"], context).sample, target)
+        assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]  # (p matters)
+    with pytest.raises(ValueError, match="dream_training: DREAM is defined for eps prediction"):
+        config = dreambooth_config(tmp_path, folder, with_prior_preservation=False, class_prompt=None,
+                                   class_data_dir=None, dream_training=True, prediction_type="v_prediction")
+        TextToImageTask(config, make_accelerator(config), load_components(config))
 
 
 def test_dreambooth_with_lora_logs_both_losses_and_resumes_exactly(tmp_path, tiny_folders):

@@ -169,6 +169,10 @@ class TextToImageConfig(TrainConfig):
     # input perturbation (Ning et al. 2023; diffusers' --input_perturbation, 0.1 there): z_t is made from
     # eps + value * xi with a fresh xi ~ N(0, I) while the target stays eps (train/loss.py)
     input_perturbation: float = 0.0
+    # DREAM (Zhou et al. 2023; diffusers' --dream_training, --dream_detail_preservation): one more U-Net pass per
+    # step, without gradients, moves the input and the target by the model's own error (train/loss.py); eps only
+    dream_training: bool = False
+    dream_detail_preservation: float = 1.0
     # multiplies the VAE's scaling_factor (the exported pipeline's VAE config carries the product): the U-Net sees
     # latents of about this std, so every SNR of the noise schedule grows by its square. SD's schedule was made for
     # 64x64 latents; at 16x16 the same noise hides an image's details sooner (Chen 2023, "input scaling")
@@ -277,11 +281,10 @@ class TextToImageConfig(TrainConfig):
         if not 0 < self.latent_scale < float("inf"):
             raise ValueError(f"latent_scale must be a positive number (1 keeps the VAE's scaling_factor), got "
                              f"{self.latent_scale}")
-        for key in ("noise_offset", "input_perturbation"):
+        for key in ("noise_offset", "input_perturbation", "dream_detail_preservation"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):  # (the type is checked with every key's)
-                raise ValueError(f"{key} must be a number >= 0 (0: off; diffusers' scripts suggest 0.1), got "
-                                 f"{value!r}")
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive (or null for no min-SNR weighting), got {self.snr_gamma}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -338,9 +341,9 @@ class TextToImageConfig(TrainConfig):
         if self.snr_gamma is not None or self.high_noise_weight is not None or self.timestep_bias_range:
             raise ValueError("snr_gamma, high_noise_weight and timestep_bias_range weigh the denoising loss; "
                              "consistency distillation has its own (lcm_huber_c): drop them")
-        if self.input_perturbation:
-            raise ValueError("input_perturbation perturbs the denoising loss's input; consistency distillation "
-                             "takes the teacher's step from z_t as it is: drop it")
+        if self.input_perturbation or self.dream_training:
+            raise ValueError("input_perturbation and dream_training change the denoising loss's input; consistency "
+                             "distillation takes the teacher's step from z_t as it is: drop them")
         w = self.lcm_guidance_range
         numbers = isinstance(w, list) and len(w) == 2 and all(isinstance(v, (int, float)) for v in w)
         if not (numbers and 0 <= w[0] <= w[1]):

@@ -109,10 +109,11 @@ def high_noise_weights(snr_t: torch.Tensor, cap: float, prediction_type: str, af
 def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                    snr_gamma: float | None = None, high_noise_weight: float | None = None, reduction: str = "mean",
-                   input_noise: torch.Tensor | None = None) -> torch.Tensor:
+                   input_noise: torch.Tensor | None = None, dream: float | None = None) -> torch.Tensor:
     """Mean over the batch of the (optionally min-SNR and high-noise weighted) per-sample MSE between the U-Net's
     prediction at z_t and its target; reduction="none": the per-sample values. `input_noise`: the noise z_t is
-    made from, where it is not `noise` (input perturbation; the target is made from `noise`)."""
+    made from, where it is not `noise` (input perturbation; the target is made from `noise`). `dream`: DREAM's
+    detail preservation p (see dream_rectified)."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
     z_t = q_sample(z0, noise if input_noise is None else input_noise, timesteps, alphas_cumprod)
@@ -122,6 +123,9 @@ def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: tor
         target = v_target(z0, noise, timesteps, alphas_cumprod)
     else:
         raise ValueError(f"prediction_type={prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
+    if dream is not None:
+        z_t, target = dream_rectified(unet, z_t, target, timesteps, context, noise, alphas_cumprod, dream,
+                                      prediction_type)
     prediction = unet(z_t, timesteps, context)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     snr_t = snr(timesteps, alphas_cumprod.to(timesteps.device))
@@ -131,6 +135,23 @@ def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, timesteps: tor
         per_sample = per_sample * high_noise_weights(snr_t, high_noise_weight, prediction_type,
                                                      after_min_snr=snr_gamma is not None)
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def dream_rectified(unet, z_t: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, context, noise,
+                    alphas_cumprod: torch.Tensor, detail_preservation: float = 1.0, prediction_type: str = "epsilon"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DREAM (Zhou et al. 2023, "Diffusion Rectification and Estimation-Adaptive Models"), as diffusers' scripts
+    apply it: the model's own eps estimate at z_t (one pass without gradients) gives its error d = eps - eps_hat,
+    scaled by lambda = sqrt(1 - abar_t) ** p; the input moves to z_t + sqrt(1 - abar_t) lambda d and the target to
+    eps + lambda d, so that training sees the inputs its own errors would make at sampling time. Returns the
+    (input, target) pair; eps prediction only (diffusers has no v form either)."""
+    if prediction_type != "epsilon":
+        raise ValueError(f"DREAM is defined for eps prediction; this model predicts {prediction_type!r}: turn "
+                         "dream_training off")
+    sigma = (1.0 - alphas_cumprod.to(timesteps.device)[timesteps]).sqrt().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        error = (noise - unet(z_t, timesteps, context)) * sigma ** detail_preservation
+    return z_t + sigma * error, target + error
 
 
 class VAEObjective(nn.Module):

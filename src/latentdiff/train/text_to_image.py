@@ -191,6 +191,9 @@ class TextToImageTask:
             raise ValueError(f"timestep_bias_range {config.timestep_bias_range} ends past the "
                              f"{len(self.alphas_cumprod)} training timesteps")
         self.prediction_type = components.scheduler.config.prediction_type
+        if config.dream_training and self.prediction_type != "epsilon":
+            raise ValueError(f"dream_training: DREAM is defined for eps prediction, and this model predicts "
+                             f"{self.prediction_type!r} (as diffusers, latentdiff has no v form of it): drop it")
         f = self.vae.vae_scale_factor
         latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
         bias = (*config.timestep_bias_range, config.timestep_bias_portion) if config.timestep_bias_range else None
@@ -241,7 +244,8 @@ class TextToImageTask:
             model = ControlledStep(self.unet, self.controlnet, control, self.weight_dtype)
         losses = diffusion_loss(model, z0, context, draws.timesteps, draws.noise, self.alphas_cumprod,
                                 self.prediction_type, config.snr_gamma, config.high_noise_weight, reduction="none",
-                                input_noise=draws.input_noise)
+                                input_noise=draws.input_noise,
+                                dream=config.dream_detail_preservation if config.dream_training else None)
         if "prior" not in batch:
             return losses.mean(), {}
         prior = batch["prior"].to(device)  # DreamBooth: the instance samples' mean + weight x the class samples'
