@@ -108,7 +108,7 @@ def test_config_overrides_use_the_configs_own_keys():
 
     fails(r"unknown config key\(s\) \['max_steps'\].*valid keys: \[.*'max_train_steps'", "--max_steps", "3")
     fails(r"'train_batch_size' = 'eight' has the wrong type", "--train_batch_size", "eight")
-    fails(r"'lr_scheduler' = 'linear': choose one of", "--lr_scheduler", "linear")
+    fails(r"'lr_scheduler' = 'step': choose one of", "--lr_scheduler", "step")
     fails(r"exactly one of 'pretrained'.*and 'unet'", "--pretrained", "some/folder")
     fails(r"cache_latents: true .* center_crop: true and random_flip: false", "--cache_latents", "true",
           "--random_flip", "true")
@@ -167,6 +167,51 @@ def test_learning_rate_warms_up_then_follows_the_schedule():
     cosine = [lr_multiplier(s, 2, 10, "cosine") for s in range(11)]
     assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[6] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+
+
+@pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_learning_rate_schedules_follow_diffusers_get_scheduler(kind):
+    """After the warmup, diffusers' factor for every step (3 cycles, power 2); during it, diffusers' factor one step
+    later (ours starts at 1/warmup, diffusers' at 0)."""
+    from diffusers.optimization import get_scheduler
+
+    warmup, total, lr = 5, 40, 1e-3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    reference = get_scheduler(kind, optimizer, num_warmup_steps=warmup if kind != "constant" else 0,
+                              num_training_steps=total, num_cycles=3, power=2.0).lr_lambdas[0]
+    ours = [lr_multiplier(s, warmup, total, kind, num_cycles=3, power=2.0, base_lr=lr) for s in range(total + 1)]
+    if kind == "constant":  # (diffusers' constant has no warmup; ours warms up first, as constant_with_warmup)
+        assert ours[:warmup] == [(s + 1) / warmup for s in range(warmup)] and set(ours[warmup:]) == {1.0}
+        return
+    for step in range(total + 1):
+        expected = reference(step + 1 if step < warmup else step)
+        assert ours[step] == pytest.approx(expected, abs=1e-12), step
+    assert len({round(f, 6) for f in ours[warmup:]}) > (1 if kind == "constant_with_warmup" else 30) - 1
+
+
+def test_a_checkpoint_from_before_a_key_existed_differs_only_where_the_key_is_not_at_its_default(tmp_path):
+    from latentdiff.train.checkpointing import MARKER, identity_defaults, identity_differences, run_identity
+
+    config = smoke_config(tmp_path)
+    identity, defaults = run_identity(config), identity_defaults(config)
+    older = {k: v for k, v in identity.items() if k not in ("lr_num_cycles", "input_perturbation")}
+    (tmp_path / MARKER).write_text(json.dumps({"run": older}))
+    assert identity_differences(tmp_path, identity, defaults) == []
+    changed = run_identity(smoke_config(tmp_path, input_perturbation=0.1))
+    added = "not recorded there (a key added since)"
+    assert identity_differences(tmp_path, changed, defaults) == [f"input_perturbation: {added}, 0.1 now"]
+    assert identity_differences(tmp_path, identity) == [f"input_perturbation: {added}, 0.0 now",
+                                                        f"lr_num_cycles: {added}, 1 now"]
+
+
+def test_learning_rate_schedule_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="choose one of"):
+        smoke_config(tmp_path, lr_scheduler="cosine_annealing")
+    with pytest.raises(ValueError, match="lr_num_cycles must be at least 1"):
+        smoke_config(tmp_path, lr_num_cycles=0)
+    with pytest.raises(ValueError, match="polynomial decays to 1e-07"):
+        smoke_config(tmp_path, lr_scheduler="polynomial", learning_rate=1e-8)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------

@@ -143,17 +143,31 @@ def run_identity(config) -> dict:
     return json.loads(json.dumps(values))  # tuples as lists, as the marker's JSON holds them
 
 
-def identity_differences(folder: Path, identity: dict) -> list[str]:
+def identity_defaults(config) -> dict:
+    """The default value of each config key, as run_identity writes values (see identity_differences)."""
+    values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(config)
+              if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return json.loads(json.dumps(values))
+
+
+def identity_differences(folder: Path, identity: dict, defaults: dict | None = None) -> list[str]:
     """How the run that wrote checkpoint `folder` differs from `identity` (empty: the same run, or a checkpoint
-    from before identities were recorded)."""
+    from before identities were recorded). A key the checkpoint does not record was added to latentdiff after it
+    was written, so that run had the key's behaviour before it existed: its default (in `defaults`); only another
+    value is a difference."""
     recorded = json.loads((Path(folder) / MARKER).read_text()).get("run")
     if recorded is None:
         return []
     differences = []
     for key in sorted(set(recorded) | set(identity)):
         then, now = recorded.get(key), identity.get(key)
+        if key not in recorded and defaults is not None and key in defaults and now == defaults[key]:
+            continue
         if then != now:
-            if isinstance(then, str) and isinstance(now, str) and then.startswith("sha256:"):
+            if key not in recorded:
+                differences.append(f"{key}: not recorded there (a key added since), {json.dumps(now)} now")
+            elif isinstance(then, str) and isinstance(now, str) and then.startswith("sha256:"):
                 differences.append(f"{key}: the files there have changed since")
             else:
                 differences.append(f"{key}: {json.dumps(then)} there, {json.dumps(now)} now")

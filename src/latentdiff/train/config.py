@@ -14,6 +14,8 @@ from typing import Any, Union
 
 import yaml
 
+POLYNOMIAL_END_LR = 1e-7  # where lr_scheduler "polynomial" ends (diffusers' get_scheduler default; its scripts keep it)
+
 
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
@@ -37,8 +39,12 @@ class TrainConfig:
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"  # or "cosine" (to zero at max_train_steps), both after a linear warmup
+    # after a linear warmup: "constant" (= "constant_with_warmup"), "linear", "cosine", "cosine_with_restarts"
+    # (lr_num_cycles of them) or "polynomial" (lr_power), as diffusers' get_scheduler (train/loop.lr_multiplier)
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -67,7 +73,8 @@ class TrainConfig:
     choices: typing.ClassVar[dict[str, tuple]] = {
         "dataset": ("folder", "shapes"),
         "on_bad_sample": ("fail", "skip"),
-        "lr_scheduler": ("constant", "cosine"),
+        "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                         "polynomial"),
         "mixed_precision": (None, "no", "fp16", "bf16"),
     }
 
@@ -94,6 +101,12 @@ class TrainConfig:
             raise ValueError("checkpointing_steps and lr_warmup_steps must be >= 0")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("checkpoints_total_limit must be at least 1 (or null to keep every checkpoint)")
+        if self.lr_num_cycles < 1 or not 0 < self.lr_power < float("inf"):
+            raise ValueError(f"lr_num_cycles must be at least 1 and lr_power positive, got {self.lr_num_cycles} and "
+                             f"{self.lr_power}")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_END_LR:
+            raise ValueError(f"lr_scheduler: polynomial decays to {POLYNOMIAL_END_LR}: learning_rate must be larger, "
+                             f"got {self.learning_rate}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpointing import (CheckpointContents, identity_differences, list_checkpoints, load_checkpoint,
-                            resolve_resume, run_identity, save_checkpoint)
+from .checkpointing import (CheckpointContents, identity_defaults, identity_differences, list_checkpoints,
+                            load_checkpoint, resolve_resume, run_identity, save_checkpoint)
+from .config import POLYNOMIAL_END_LR
 from .data import BatchPlan, make_loader
 
 
@@ -43,15 +44,29 @@ def make_accelerator(config):
     return accelerator
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
-    """Linear warmup over `warmup_steps`, then constant or a half cosine to 0 at `total_steps` (Loshchilov & Hutter
-    2017, without restarts). `step` counts the optimizer steps already taken."""
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, num_cycles: int = 1,
+                  power: float = 1.0, base_lr: float = 1e-4) -> float:
+    """The learning rate's factor after `step` optimizer steps: linear warmup over `warmup_steps`, then diffusers'
+    schedules of the same names: "constant" (= "constant_with_warmup"), "linear" (to 0 at `total_steps`),
+    "cosine" (a half cosine to 0; Loshchilov & Hutter 2017), "cosine_with_restarts" (`num_cycles` half cosines,
+    each restarting at 1), "polynomial" (from 1 to POLYNOMIAL_END_LR / base_lr as (1 - progress) ** `power`).
+    The warmup's first step already takes 1/warmup_steps of the rate (diffusers' takes 0: a step that changes
+    nothing), so during warmup this is diffusers' factor one step later; after it, the same."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if kind == "constant":
+    if kind in ("constant", "constant_with_warmup"):
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if kind == "cosine_with_restarts":
+        return 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+    if kind == "polynomial":
+        end = POLYNOMIAL_END_LR / base_lr
+        return end + (1.0 - end) * (1.0 - min(1.0, progress)) ** power
+    raise ValueError(f"lr_scheduler={kind!r} is not a schedule latentdiff knows")
 
 
 def make_optimizer(param_groups: list[dict], config):
@@ -59,7 +74,8 @@ def make_optimizer(param_groups: list[dict], config):
     optimizer = torch.optim.AdamW(param_groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     schedule = partial(lr_multiplier, warmup_steps=config.lr_warmup_steps, total_steps=config.max_train_steps,
-                       kind=config.lr_scheduler)
+                       kind=config.lr_scheduler, num_cycles=config.lr_num_cycles, power=config.lr_power,
+                       base_lr=config.learning_rate)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -166,7 +182,7 @@ class Trainer:
             if acc.is_main_process and self.log_path.exists():
                 self.log_path.unlink()  # a run starting at step 0 starts a fresh log
             return None
-        differences = identity_differences(folder, self.identity)
+        differences = identity_differences(folder, self.identity, identity_defaults(self.config))
         if differences:
             what = (f"{folder} was written by a different run ({'; '.join(differences)})")
             if self.config.resume == "latest":
