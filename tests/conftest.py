@@ -69,3 +69,27 @@ def ip_folder(tmp_path_factory, tiny_folders):
             key_id += 2
     save_file(state, folder / "ip.safetensors")
     return folder
+
+
+@pytest.fixture(scope="session")
+def variation_folder(tmp_path_factory):
+    """A tiny random image variation pipeline saved by diffusers: the tiny U-Net and VAE, and a tiny CLIP image
+    encoder whose projection is the U-Net's context width."""
+    import diffusers
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from tiny import SCHEDULER, TINY_UNET, TINY_VAE, perturb
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=TINY_UNET["cross_attention_dim"], num_hidden_layers=2,
+        num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    pipe = diffusers.StableDiffusionImageVariationPipeline(
+        vae=perturb(diffusers.AutoencoderKL(**TINY_VAE), 2).eval(), image_encoder=encoder,
+        unet=perturb(diffusers.UNet2DConditionModel(**TINY_UNET), 1).eval(),
+        scheduler=diffusers.DDIMScheduler(**SCHEDULER), safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size=32, crop_size=32), requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("variation")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -268,6 +268,41 @@ def test_ip_adapter(tiny_folders, ip_folder, tmp_path, capsys):
         (ip_folder / "ip-adapter_sd15.safetensors").rename(ip_folder / "ip.safetensors")
 
 
+def test_image_variation(variation_folder, tmp_path, capsys):
+    """With an image variation model, --image alone: variations named after the image, the Python API's images,
+    stored in the PNG and reproduced; a prompt, or an option for other models, is refused by name."""
+    from latentdiff import LatentDiffusionImageVariationPipeline
+    from latentdiff.schedulers import scheduler_from_name
+
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    args = ["generate", "--model", variation_folder, "--image", tmp_path / "photo.png", "--steps", 3,
+            "--out", tmp_path / "out"]
+    code, out, err = run(args + ["--num-images", 2, "--seed", 4], capsys)
+    assert code == 0, err
+    paths = out.split()
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["photo-variation-s4.png", "photo-variation-s5.png"]
+    stored = Image.open(paths[1])
+    settings = json.loads(stored.text[PNG_KEY])
+    assert settings["image"][0] == str((tmp_path / "photo.png").resolve()) and settings["prompt"] == ""
+    assert stored.text["parameters"] == "variation of photo.png | seed 5"
+    pipe = LatentDiffusionImageVariationPipeline.from_pretrained(variation_folder)
+    pipe.scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    expected = pipe(photo, num_inference_steps=3, guidance_scale=5.0, progress=False,
+                    generator=torch.Generator().manual_seed(5)).images[0]
+    made = np.asarray(stored).astype(int)
+    assert np.abs(made - np.asarray(expected).astype(int)).max() <= 1
+    assert np.abs(made - np.asarray(Image.open(paths[0])).astype(int)).max() > 8  # (the seed matters)
+    code, again, _ = run(["generate", "--from-png", paths[1], "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.array_equal(np.asarray(Image.open(again.strip())).astype(int), made)
+    for extra, message in ((["a red circle"], "leave out a prompt"), (["--strength", 0.5], "leave out --strength"),
+                           (["--negative", "x", "--lora", "f"], "leave out --negative, --lora")):
+        code, _, err = run(args[:1] + extra + args[1:], capsys)
+        assert code == 2 and message in err, err
+    code, _, err = run(args[:3] + args[5:], capsys)
+    assert code == 2 and "give --image PATH" in err
+
+
 def test_t2i_adapter(tiny_folders, tmp_path, capsys):
     """--t2i-adapter PATH:SCALE --adapter-image IMG gives the Python API's image, stored in the PNG and reproduced."""
     from latentdiff import LatentDiffusionAdapterPipeline, T2IAdapter

@@ -15,27 +15,6 @@ rng = np.random.default_rng(5)
 IMAGES = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(2)]
 
 
-@pytest.fixture(scope="module")
-def variation_folder(tmp_path_factory):
-    import diffusers
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from tiny import SCHEDULER, TINY_UNET, TINY_VAE, perturb
-
-    torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, projection_dim=TINY_UNET["cross_attention_dim"], num_hidden_layers=2,
-        num_attention_heads=4, image_size=32, patch_size=8)).eval()
-    pipe = diffusers.StableDiffusionImageVariationPipeline(
-        vae=perturb(diffusers.AutoencoderKL(**TINY_VAE), 2).eval(), image_encoder=encoder,
-        unet=perturb(diffusers.UNet2DConditionModel(**TINY_UNET), 1).eval(),
-        scheduler=diffusers.DDIMScheduler(**SCHEDULER), safety_checker=None,
-        feature_extractor=CLIPImageProcessor(size=32, crop_size=32), requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("variation")
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def run(pipe, image, images: int, **kwargs):
     kwargs = {"num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "np",
               "generator": [torch.Generator().manual_seed(i) for i in range(images)], **kwargs}

@@ -81,9 +81,36 @@ def input_file(path: str, what: str) -> list[str]:
     return [str(path.resolve()), weights_hash(path)]
 
 
-def image_inputs(args) -> dict:
+def declared_class(model: str | None) -> str | None:
+    """The pipeline class a --model folder's model_index.json names (None for a file, or no index)."""
+    from .checkpoints import read_json
+
+    index = Path(model) / "model_index.json" if model else None
+    return read_json(index).get("_class_name") if index is not None and index.is_file() else None
+
+
+def is_image_variation(pipe) -> bool:
+    return type(pipe).__name__ == "LatentDiffusionImageVariationPipeline"
+
+
+def image_inputs(args, variation: bool = False) -> dict:
     """--image (img2img), with --mask (inpainting), and --strength; --control-image (for --controlnet),
-    --adapter-image (--t2i-adapter), --ip-image (--ip-adapter): as settings, [path, hash] per file."""
+    --adapter-image (--t2i-adapter), --ip-image (--ip-adapter): as settings, [path, hash] per file. `variation`:
+    the model is an image variation one, which takes --image alone (and the output's --height / --width)."""
+    if variation:
+        given = [flag for flag, value in (
+            ("a prompt", args.prompt or args.prompts_file), ("--negative", args.negative), ("--mask", args.mask),
+            ("--strength", args.strength), ("--image-guidance", args.image_guidance),
+            ("--noise-level", args.noise_level), ("--depth-map", args.depth_map), ("--controlnet", args.controlnet),
+            ("--t2i-adapter", args.t2i_adapter), ("--ip-adapter", args.ip_adapter), ("--lora", args.lora),
+            ("--embedding", args.embedding), ("--pag", args.pag), ("--guidance-rescale", args.guidance_rescale))
+            if value]
+        if given:
+            raise ValueError(f"an image variation model makes variations of --image alone: leave out "
+                             f"{', '.join(given)}")
+        if args.image is None:
+            raise ValueError("an image variation model makes variations of an image: give --image PATH")
+        return {"image": input_file(args.image, "--image file")}
     control = {}
     if args.control_image:
         if not args.controlnet:
@@ -214,9 +241,11 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
         from .checkpoints import read_json
 
         kind = LatentDiffusionPipeline
-        if (path / "model_index.json").is_file() and \
-                read_json(path / "model_index.json").get("_class_name") == "StableDiffusionUpscalePipeline":
+        declared = (path / "model_index.json").is_file() and read_json(path / "model_index.json").get("_class_name")
+        if declared == "StableDiffusionUpscalePipeline":
             from .pipeline_upscale import LatentDiffusionUpscalePipeline as kind
+        elif declared == "StableDiffusionImageVariationPipeline":
+            from .pipeline_image_variation import LatentDiffusionImageVariationPipeline as kind
         pipe = kind.from_pretrained(path, torch_dtype=torch_dtype, variant=variant)
     pipe = pipe.to(device)
     pipe = apply_extras(pipe, extras or {})
@@ -281,7 +310,13 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
             len(scales) // len(settings["control_images"]))
         control_images = images[0] if len(scales) == 1 else images
         control = {"controlnet_conditioning_scale": scales if len(scales) > 1 else scales[0]}
-    if "image" in settings:  # img2img, inpainting with a mask, or an InstructPix2Pix model's edit
+    if is_image_variation(pipe):
+        from PIL import Image
+
+        photo = Image.open(settings["image"][0]).convert("RGB")
+        common.pop("negative_prompt")
+        image = pipe(photo, height=settings["height"], width=settings["width"], **common).images[0]
+    elif "image" in settings:  # img2img, inpainting with a mask, or an InstructPix2Pix model's edit
         from PIL import Image
 
         from . import pipeline as plain
@@ -342,7 +377,8 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
                      guidance_rescale=settings.get("guidance_rescale", 0.0), **common).images[0]
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings))
-    info.add_text("parameters", f"{settings['prompt']} | seed {settings['seed']}")
+    what = settings["prompt"] if not is_image_variation(pipe) else f"variation of {Path(settings['image'][0]).name}"
+    info.add_text("parameters", f"{what} | seed {settings['seed']}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_path, pnginfo=info)
 
@@ -373,7 +409,11 @@ def cmd_generate(args) -> None:
         generate_one(pipe, settings, out)
         print(out)
         return
-    if args.prompts_file:
+    variation = declared_class(args.model) == "StableDiffusionImageVariationPipeline"
+    inputs = image_inputs(args, True) if variation else None  # (checked before any other input is read)
+    if variation:
+        prompts = [""]  # (image_inputs refused a prompt)
+    elif args.prompts_file:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     elif args.prompt:
         prompts = [args.prompt]
@@ -387,7 +427,7 @@ def cmd_generate(args) -> None:
                                  ("controlnets", args.controlnet),
                                  ("ip_adapter", [args.ip_adapter] if args.ip_adapter else []),
                                  ("t2i_adapter", [args.t2i_adapter] if args.t2i_adapter else [])) if specs}
-    extras.update(image_inputs(args))
+    extras.update(inputs or image_inputs(args))
     if args.pag and set(extras) & {"controlnets", "t2i_adapter", "ip_adapter", "image"}:
         raise ValueError("--pag runs text to image alone: leave out --image, --controlnet, --t2i-adapter and "
                          "--ip-adapter with it")
@@ -397,7 +437,8 @@ def cmd_generate(args) -> None:
     for prompt in prompts:
         for seed in range(args.seed, args.seed + args.num_images):
             settings = _settings_from_args(args, prompt, seed, path, digest, extras)
-            out, made = _output_path(Path(args.out), f"{slug(prompt)}-s{seed}", settings, claimed)
+            stem = f"{slug(Path(args.image).stem)}-variation" if variation else slug(prompt)
+            out, made = _output_path(Path(args.out), f"{stem}-s{seed}", settings, claimed)
             if out not in claimed:  # (a prompt given twice is made once)
                 (kept if made and not args.force else todo).append((settings, out))
             claimed[out] = settings
@@ -548,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an IP-Adapter (.safetensors file, or a folder holding ip-adapter_sd15.safetensors; its CLIP "
                         "image encoder in image_encoder/ beside it) at SCALE (default 1), with --ip-image")
     g.add_argument("--ip-image", default=None, help="the image prompt of --ip-adapter")
-    g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask)")
+    g.add_argument("--image", default=None, help="an input image: img2img (or inpainting, with --mask); with an "
+                   "image variation model, the image it varies (no prompt)")
     g.add_argument("--mask", default=None, help="with --image: repaint where this mask is white, keep where black")
     g.add_argument("--image-guidance", type=float, default=None,
                    help="with --image and an InstructPix2Pix model (8-channel U-Net): how closely the edit keeps to "
