@@ -609,6 +609,19 @@ def test_bad_inputs(pipe, folders, tmp_path):
         run(pipe, PROMPTS[0], latents=torch.full((1, 4, 8, 8), float("inf")))
     with pytest.raises(TypeError, match="callback_on_step_end must be a function"):
         run(pipe, PROMPTS[0], callback_on_step_end="print")
+    with pytest.raises(TypeError, match="callback_on_step_end returned 'int': return the dict it was given"):
+        run(pipe, PROMPTS[0], callback_on_step_end=lambda p, i, t, tensors: 5)
+    with pytest.raises(ValueError, match="guidance_scale='7' must be a finite number"):
+        run(pipe, PROMPTS[0], guidance_scale="7")
+    assert run(pipe, PROMPTS[0], guidance_scale=np.float32(3.0), num_inference_steps=1) is not None
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or a list of them .* got int: e.g. "
+                                        r"generator=torch.Generator\(\).manual_seed\(42\)"):
+        run(pipe, PROMPTS[0], generator=42)
+    with pytest.raises(TypeError, match="height='64' must be a whole number of pixels"):
+        run(pipe, PROMPTS[0], height="64")
+    assert run(pipe, PROMPTS[0], height=np.int64(64), num_inference_steps=1) is not None
+    with pytest.raises(ValueError, match=r"prompt_embeds of shape \(1, 77, 5\): the U-Net attends to \[batch, "):
+        run(pipe, None, prompt_embeds=torch.zeros(1, 77, 5))
 
 
 def test_from_pretrained_takes_components_as_diffusers_does(folders, pipe, monkeypatch):
@@ -697,8 +710,14 @@ def test_img2img(pipe):
     assert same.shape == (1, 4, 8, 8)
     with pytest.raises(ValueError, match="strength=1.5"):
         img2img(PROMPTS[0], image, strength=1.5)
-    with pytest.raises(ValueError, match=r"image tensor values span \[0, 255\]; expected \[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"image tensor values span \[0, 255\]; expected \[0, 1\] \(8-bit pixels "):
         img2img(PROMPTS[0], torch.linspace(0, 255, 768).view(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"an image array must be \[B, H, W, 3\] or \[H, W, 3\]"):
+        img2img(PROMPTS[0], np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(TypeError, match="an image array must hold floats in \\[0, 1\\] or uint8 pixels; got int64"):
+        img2img(PROMPTS[0], np.zeros((16, 16, 3), np.int64))
+    with pytest.raises(ValueError, match="strength='0.5' must lie in"):
+        img2img(PROMPTS[0], image, strength="0.5")
     with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\] or \[3, H, W\] \(RGB\); got shape \(1, 4, 16, 16\)"):
         img2img(PROMPTS[0], torch.zeros(1, 4, 16, 16))
     with pytest.raises(ValueError, match="image tensor contains NaN"):
@@ -720,13 +739,31 @@ def img2img_against_diffusers(folders, scheduler: str, steps: list | None = None
     ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
     ref.scheduler = getattr(diffusers, scheduler).from_config(dict(ref.scheduler.config))
     ours.scheduler = getattr(schedulers, scheduler).from_config(dict(ours.scheduler.config))
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    image = kwargs.pop("image", torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
     kwargs = dict(guidance_scale=5.0, output_type="np", **kwargs)
     expected = ref(PROMPTS[0], image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
     callback = None if steps is None else lambda p, i, t, s: steps.append(int(t))
     got = ours(PROMPTS[0], image, generator=torch.Generator().manual_seed(0), progress=False,
                callback_on_step_end=callback, **kwargs).images
     return got, expected
+
+
+def test_image_inputs_read_as_diffusers_reads_them(folders):
+    """Tensors in [0, 1] (diffusers' form; with a negative value, [-1, 1]), numpy arrays (float in [0, 1] or uint8,
+    channels last), lists of them and PIL images: the same images as diffusers' img2img from the same input."""
+    from PIL import Image
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    got, expected = img2img_against_diffusers(folders, "DDIMScheduler", image=image, strength=0.7)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    ours = LatentDiffusionImg2ImgPipeline.from_pretrained(folders[1])
+    pixels = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    same = (image * 2 - 1, image[0].permute(1, 2, 0).numpy(), [image[0]], [image[0].permute(1, 2, 0).numpy()])
+    for variant in same:
+        np.testing.assert_allclose(ours.preprocess(variant), image * 2 - 1, atol=1e-6, rtol=0)
+    for variant in (pixels, Image.fromarray(pixels)):
+        eight_bit = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
+        np.testing.assert_allclose(ours.preprocess(variant), eight_bit, atol=1e-6, rtol=0)
 
 
 def test_img2img_with_heun_as_diffusers(folders):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ def _as_list(prompt: str | list[str], what: str) -> list[str]:
 def _per_image_generators(generator: Generators, n: int) -> list[torch.Generator] | None:
     """One generator per image, so that an image depends only on its own seed, not on its batch. A single
     generator seeded with s serves the first image; image i gets a fresh generator seeded s + i."""
+    given = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in given):
+        wrong = next(type(g).__name__ for g in given if not isinstance(g, torch.Generator))
+        raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), got {wrong}: e.g. "
+                        "generator=torch.Generator().manual_seed(42)")
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image, or a single one")
@@ -591,11 +597,14 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         height, width = height or default, width or default
         multiple = max(8, self.vae_scale_factor)  # latents of whole pixels, as Stable Diffusion requires
         for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} must be a whole number of pixels (an int, a multiple of "
+                                f"{multiple})")
             if value <= 0 or value % multiple:
                 raise ValueError(f"{name}={value} must be a positive multiple of {multiple} (the VAE works on "
                                  f"{self.vae_scale_factor}x{self.vae_scale_factor} pixel blocks); try "
                                  f"{max(multiple, round(value / multiple) * multiple)}")
-        return height, width
+        return int(height), int(width)
 
     def _size_for_image(self, image_height: int, image_width: int, height: int | None,
                         width: int | None) -> tuple[int, int]:
@@ -616,6 +625,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         else:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
+            width = self.unet.config.cross_attention_dim
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != width:
+                raise ValueError(f"prompt_embeds of shape {tuple(prompt_embeds.shape)}: the U-Net attends to "
+                                 f"[batch, tokens, {width}] (the text encoder's hidden states, as encode_prompt "
+                                 "gives them)")
             cond = prompt_embeds.to(self.device, self.dtype)
         batch = cond.shape[0]
         uncond = None
@@ -696,7 +710,11 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                 if after_step is not None:
                     latents = after_step(i, latents)
                 if callback is not None:
-                    result = callback(self, i, t, {"latents": latents}) or {}
+                    result = callback(self, i, t, {"latents": latents})
+                    if result is not None and not isinstance(result, dict):
+                        raise TypeError(f"callback_on_step_end returned {type(result).__name__!r}: return the "
+                                        "dict it was given (its 'latents' may be replaced), or None")
+                    result = result or {}
                     latents = result.get("latents", latents)
                     model.scale = self._checked_guidance(self._guidance_scale)
                     if result.get("stop") or self._interrupt:
@@ -747,11 +765,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
     @staticmethod
     def _checked_guidance(scale) -> float:
-        try:
-            if math.isfinite(float(scale)):
-                return float(scale)
-        except (TypeError, ValueError):
-            pass
+        if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale):
+            return float(scale)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1 and bool(torch.isfinite(scale)):
+            return float(scale)
         raise ValueError(f"guidance_scale={scale!r} must be a finite number")
 
     # diffusers' read-only views of the running call, for callbacks
@@ -931,10 +948,11 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         """What an image-conditioned call starts from: the pixels (one per image made), the contexts, a generator
         per image, and the timesteps that `strength` keeps of the grid (the scheduler set to start there); a grid
         that the scheduler made for the strength itself (grid_options' "strength": LCM img2img's) is kept whole."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength} must lie in [0, 1]")
+        if not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r} must lie in [0, 1]")
         if image is None:
-            raise ValueError(f"{task} needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
+            raise ValueError(f"{task} needs an image (a PIL image, a [B, 3, H, W] tensor in [0, 1], or a list of "
+                             "them)")
         pixels = self.preprocess(image)
         self._check_size(*pixels.shape[-2:])
         cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -965,28 +983,49 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         return (posterior.sample(generators) * vae.config.scaling_factor).to(self.dtype)
 
     def preprocess(self, image) -> torch.Tensor:
-        if isinstance(image, torch.Tensor):
-            pixels = image if image.dim() == 4 else image[None]
-            if pixels.dim() != 4 or pixels.shape[1] != 3:
-                raise ValueError(f"an image tensor must be [B, 3, H, W] or [3, H, W] (RGB); got shape "
-                                 f"{tuple(image.shape)}")
-            low, high = pixels.aminmax()
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                raise ValueError("the image tensor contains NaN or infinite values")
-            if low < -1.001 or high > 1.001:
-                raise ValueError(f"image tensor values span [{low.item():.4g}, {high.item():.4g}]; expected [-1, 1] "
-                                 "(from 8-bit pixels: x / 127.5 - 1)")
-            return pixels
+        """Input images as one [B, 3, H, W] tensor in [-1, 1], from what diffusers' pipelines take: PIL images (one
+        or a list); tensors [B, 3, H, W] or [3, H, W] and numpy arrays [B, H, W, 3] or [H, W, 3] (one or a list)
+        in [0, 1], or in [-1, 1] where they hold a negative value (diffusers' rule); uint8 arrays as 8-bit pixels."""
         from PIL import Image
 
-        images = image if isinstance(image, (list, tuple)) else [image]
-        if not all(isinstance(im, Image.Image) for im in images):
-            raise TypeError("image must be a PIL image, a list of PIL images or a [B,3,H,W] tensor in [-1, 1]")
-        if len({im.size for im in images}) > 1:
-            raise ValueError(f"the images of one call must share one size; got {[im.size for im in images]} (width, "
-                             "height): resize them first")
-        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        kinds = {Image.Image: "PIL", np.ndarray: "array", torch.Tensor: "tensor"}
+        kind = next((name for cls, name in kinds.items() if images and all(isinstance(i, cls) for i in images)), None)
+        if kind is None:
+            raise TypeError(f"image must be a PIL image, a tensor [B, 3, H, W] or a numpy array [B, H, W, 3] in [0, 1] "
+                            f"(or a list of one of them); got {type(image).__name__}"
+                            f"{' (empty)' if isinstance(image, (list, tuple)) and not images else ''}")
+        sizes = [i.size if kind == "PIL" else tuple(i.shape[-2:] if kind == "tensor" else i.shape[-3:-1])
+                 for i in images]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"the images of one call must share one size; got {sizes} "
+                             f"({'width, height' if kind == 'PIL' else 'height, width'}): resize them first")
+        if kind == "PIL":
+            arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        batches = [i if i.ndim == 4 else i[None] for i in images]
+        if kind == "array":
+            if any(a.ndim != 4 or a.shape[-1] != 3 for a in batches):
+                raise ValueError(f"an image array must be [B, H, W, 3] or [H, W, 3] (RGB, channels last); got shape "
+                                 f"{images[0].shape}")
+            array = np.concatenate(batches)
+            if array.dtype == np.uint8:
+                array = array / 255.0
+            elif not np.issubdtype(array.dtype, np.floating):
+                raise TypeError(f"an image array must hold floats in [0, 1] or uint8 pixels; got {array.dtype}")
+            pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(0, 3, 1, 2)
+        else:
+            if any(t.dim() != 4 or t.shape[1] != 3 for t in batches):
+                raise ValueError(f"an image tensor must be [B, 3, H, W] or [3, H, W] (RGB); got shape "
+                                 f"{tuple(images[0].shape)}")
+            pixels = torch.cat(batches)
+        low, high = pixels.aminmax()
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise ValueError(f"the image {kind} contains NaN or infinite values")
+        if low < -1.001 or high > 1.001:
+            raise ValueError(f"image {kind} values span [{low.item():.4g}, {high.item():.4g}]; expected [0, 1] (8-bit "
+                             "pixels / 255), or [-1, 1]")
+        return pixels if low < 0 else pixels * 2 - 1  # (no negative value: [0, 1], as diffusers reads it)
 
 
 class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):

@@ -39,9 +39,9 @@ class LatentDiffusionInstructPix2PixPipeline(LatentDiffusionImg2ImgPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None, cross_attention_kwargs: dict | None = None,
         progress: bool = True,
     ):
-        """image: the image to edit (PIL, or [B, 3, H, W] in [-1, 1]; a multiple of 8 in size), one for all prompts
-        or one per prompt; image_guidance_scale: how closely the output keeps to it (>= 1; with guidance_scale
-        > 1 both guidances run, else the text and image pass alone)."""
+        """image: the image to edit (PIL, or a [B, 3, H, W] tensor in [0, 1]; a multiple of 8 in size), one for all
+        prompts or one per prompt; image_guidance_scale: how closely the output keeps to it (>= 1; with
+        guidance_scale > 1 both guidances run, else the text and image pass alone)."""
         self._check_call(output_type, guidance_scale, callback_on_step_end, callback_on_step_end_tensor_inputs,
                          cross_attention_kwargs)
         self._require_ip2p_unet()

@@ -24,7 +24,7 @@ UPSCALER_SCALING = 0.08333  # the x4 upscaler's latent scaling factor
 
 
 class LatentDiffusionUpscalePipeline(LatentDiffusionImg2ImgPipeline):  # (its image preprocessing)
-    """The x4 upscaler: `image` (PIL, a list of them, or [B, 3, h, w] in [-1, 1]; sides multiples of 4) and a
+    """The x4 upscaler: `image` (PIL, a list of them, or a [B, 3, h, w] tensor in [0, 1]; sides multiples of 4) and a
     prompt in, images of 4h x 4w out. `low_res_scheduler` (a DDPMScheduler) noises the image to `noise_level`
     (at most `max_noise_level`). The folder layout is diffusers' (model_index.json's low_res_scheduler and
     max_noise_level), so that either library loads the other's folders."""
@@ -64,7 +64,8 @@ class LatentDiffusionUpscalePipeline(LatentDiffusionImg2ImgPipeline):  # (its im
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
         if image is None:
-            raise ValueError("the upscaler needs an image (PIL image, list of them, or a [B,3,H,W] tensor in [-1, 1])")
+            raise ValueError("the upscaler needs an image (a PIL image, a [B, 3, H, W] tensor in [0, 1], or a list of "
+                             "them)")
         with self._lora_scaled(lora_call_scale(cross_attention_kwargs)):
             pixels = self.preprocess(image)
             height, width = pixels.shape[-2:]
