@@ -101,14 +101,32 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         with pytest.raises(ValueError, match="'leading' or 'trailing'"):
             S.DDIMInverseScheduler(timestep_spacing=spacing).set_timesteps(10)
         return
-    if (name, beta_schedule, spacing) == ("KDPM2AncestralDiscreteScheduler", "squaredcos_cap_v2", "trailing"):
-        sched = S.KDPM2AncestralDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing)
-        with pytest.raises(ValueError, match="its midpoint is undefined"):  # (diffusers' grid holds a NaN there)
-            sched.set_timesteps(10)
-        return
+    config = dict(beta_schedule=beta_schedule, beta_start=start, beta_end=end, prediction_type=prediction_type,
+                  timestep_spacing=spacing)
     for extra, n in itertools.product(variants(name), STEPS):
-        same_trajectory(name, n, extra, beta_schedule=beta_schedule, beta_start=start, beta_end=end,
-                        prediction_type=prediction_type, timestep_spacing=spacing)
+        if name == "KDPM2AncestralDiscreteScheduler" and undefined_midpoint(n, **config, **extra):
+            continue
+        same_trajectory(name, n, extra, **config)
+
+
+def undefined_midpoint(n: int, **config) -> bool:
+    """Whether diffusers' DPM2 ancestral grid of n steps holds a NaN midpoint (on a far-spaced first step the
+    deterministic part underflows; which grids do depends on the CPU's float rounding: cosine-schedule grids of 2 to
+    10 steps on the machines seen), in which case ours must refuse it, naming the cause."""
+    ours, ref = pair("KDPM2AncestralDiscreteScheduler", **config)
+    ref.set_timesteps(n)
+    if torch.isfinite(ref.sigmas_interpol).all():
+        return False
+    with pytest.raises(ValueError, match="its midpoint is undefined"):
+        ours.set_timesteps(n)
+    return True
+
+
+def test_dpm2_ancestral_refuses_exactly_the_grids_where_diffusers_has_no_midpoint():
+    config = dict(beta_schedule="squaredcos_cap_v2", beta_start=1e-4, beta_end=0.02)
+    refused = [(spacing, n) for spacing in ("leading", "trailing", "linspace") for n in range(1, 12)
+               if undefined_midpoint(n, timestep_spacing=spacing, **config)]
+    assert refused and ("leading", 10) not in refused  # (some grids are refused, not all)
 
 
 def same_trajectory(name: str, n: int, extra: dict, **config):
