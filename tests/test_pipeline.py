@@ -718,8 +718,8 @@ def test_img2img(pipe):
         img2img(PROMPTS[0], np.zeros((16, 16, 3), np.int64))
     with pytest.raises(ValueError, match="strength='0.5' must lie in"):
         img2img(PROMPTS[0], image, strength="0.5")
-    with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\] or \[3, H, W\] \(RGB\); got shape \(1, 4, 16, 16\)"):
-        img2img(PROMPTS[0], torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\] or \[3, H, W\] \(RGB\); got shape \(1, 5, 16, 16\)"):
+        img2img(PROMPTS[0], torch.zeros(1, 5, 16, 16))  # (4 channels: latents, test_img2img_takes_latents_...)
     with pytest.raises(ValueError, match="image tensor contains NaN"):
         img2img(PROMPTS[0], image.clone().fill_(float("nan")))
     from PIL import Image
@@ -764,6 +764,22 @@ def test_image_inputs_read_as_diffusers_reads_them(folders):
     for variant in (pixels, Image.fromarray(pixels)):
         eight_bit = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
         np.testing.assert_allclose(ours.preprocess(variant), eight_bit, atol=1e-6, rtol=0)
+
+
+def test_img2img_takes_latents_as_diffusers(folders, pipe):
+    """A tensor with the VAE's latent channels is taken as (scaled) latents, as diffusers' img2img takes it: the
+    same image from a text-to-image call's latents; the latents upscaled 2x ("hires fix") give an image twice as
+    large."""
+    latents = run(pipe, PROMPTS[0], output_type="latent", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(3))
+    got, expected = img2img_against_diffusers(folders, "DDIMScheduler", image=latents, strength=0.6)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(pipe)
+    big = torch.nn.functional.interpolate(latents, scale_factor=2, mode="nearest")
+    out = run(img2img, PROMPTS[0], image=big, strength=0.5, output_type="np")
+    assert out.shape == (1, 2 * got.shape[1], 2 * got.shape[2], 3)
+    with pytest.raises(ValueError, match="the image latents contain NaN"):
+        run(img2img, PROMPTS[0], image=torch.full_like(latents, float("nan")))
 
 
 def test_img2img_with_heun_as_diffusers(folders):

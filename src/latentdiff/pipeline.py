@@ -953,8 +953,18 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         if image is None:
             raise ValueError(f"{task} needs an image (a PIL image, a [B, 3, H, W] tensor in [0, 1], or a list of "
                              "them)")
-        pixels = self.preprocess(image)
-        self._check_size(*pixels.shape[-2:])
+        latent = self.vae.config.latent_channels
+        given = image if isinstance(image, torch.Tensor) and image.dim() == 4 else None
+        if task == "img2img" and given is not None and given.shape[1] == latent != 3:
+            # latents (scaled, as output_type="latent" gives them) instead of pixels, as diffusers' img2img takes
+            # them: e.g. a text-to-image call's latents, upscaled, refined at a larger size ("hires fix")
+            if not torch.isfinite(given).all():
+                raise ValueError("the image latents contain NaN or infinite values")
+            pixels = given
+            self._check_size(*(side * self.vae_scale_factor for side in given.shape[-2:]))
+        else:
+            pixels = self.preprocess(image)
+            self._check_size(*pixels.shape[-2:])
         cond, uncond = self._contexts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                       num_images_per_prompt, self._guided(guidance_scale), clip_skip)
         n = cond.shape[0]
@@ -967,9 +977,10 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         return pixels, cond, uncond, generators, self.scheduler.timesteps[start:]
 
     def _noised_latents(self, pixels: torch.Tensor, generators, timesteps: torch.Tensor) -> torch.Tensor:
-        """Where img2img starts: the pixels' latents noised to the first of `timesteps` with each image's generator
-        (the latents themselves where no step is left: strength 0)."""
-        z0 = self._encode_sample(pixels, generators)
+        """Where img2img starts: the pixels' latents (or the latents given instead of pixels) noised to the first of
+        `timesteps` with each image's generator (the latents themselves where no step is left: strength 0)."""
+        given = pixels.shape[1] != 3  # (latents: see _image_call)
+        z0 = pixels.to(self.device, self.dtype) if given else self._encode_sample(pixels, generators)
         if len(timesteps) == 0:
             return z0
         noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
