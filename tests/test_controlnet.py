@@ -433,6 +433,7 @@ def test_pipeline_from_a_single_file_with_a_controlnet(tiny_folders, controlnet_
 
 @pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
                     reason="inductor needs a C++ compiler")
+@pytest.mark.slow  # (two torch.compile graphs of ~30 s each on a 2-core CPU; make test-slow)
 def test_compile_covers_the_controlnets(tiny_folders, controlnet_folders):
     """pipe.compile(): the ControlNet runs through torch.compile too (same images as eager); one replaced since is
     compiled anew; optimize_for_inference() after compile() leaves the ControlNets to torch.compile."""

@@ -394,6 +394,7 @@ def test_lora_with_compile_cache_and_from_pipe(folders, tmp_path):
         close(pipe.unet(X, 500, CTX), plain_unet, 0)
 
 
+@pytest.mark.slow  # (two torch.compile graphs of ~30 s each on a 2-core CPU; make test-slow)
 def test_compiled_unet_follows_the_adapters(folders):
     """A compiled U-Net freezes its weights into the graph: a LoRA change compiles it again (dynamo's cache would
     otherwise hand back the old graph), and it gives the eager images with the LoRA."""
