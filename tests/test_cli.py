@@ -301,6 +301,8 @@ def test_image_variation(variation_folder, tmp_path, capsys):
         assert code == 2 and message in err, err
     code, _, err = run(args[:3] + args[5:], capsys)
     assert code == 2 and "give --image PATH" in err
+    code, out, _ = run(["info", variation_folder], capsys)
+    assert code == 0 and "CLIPVisionModelWithProjection" in out and "CLIPImageProcessor" in out
 
 
 def test_t2i_adapter(tiny_folders, tmp_path, capsys):

@@ -503,11 +503,11 @@ def cmd_info(args) -> None:
         if hasattr(component, "parameters"):
             params = list(component.parameters())
             dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-            print(f"  {name:13s} {type(component).__name__:24s} {sum(p.numel() for p in params):>13,d} params "
+            print(f"  {name:17s} {type(component).__name__:29s} {sum(p.numel() for p in params):>13,d} params "
                   f"{'/'.join(dtypes)}")
         else:
-            print(f"  {name:13s} {type(component).__name__}")
-    print(f"  default size  {pipe.unet.config.sample_size * pipe.vae_scale_factor}px")
+            print(f"  {name:17s} {type(component).__name__}")
+    print(f"  {'default size':17s} {pipe.unet.config.sample_size * pipe.vae_scale_factor}px")
 
 
 def cmd_train(args) -> int:
