@@ -115,3 +115,13 @@ def test_errors(variation_folder, tiny_folders):
         image_size=32, patch_size=8)).eval()
     with pytest.raises(ValueError, match="24-wide embeddings but the U-Net attends to 32-wide"):
         pipe(IMAGES[0], num_inference_steps=2)
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    from latentdiff.ip_adapter import clip_vision
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # (importing it then fails)
+    with pytest.raises(ImportError, match=r"transformers' CLIPImageProcessor.*pip install 'latentdiff\[vision\]'"):
+        clip_vision("CLIPImageProcessor")

@@ -421,10 +421,8 @@ class IPAdapterMixin:
                              "so ip_adapter_image cannot be encoded: pass ip_adapter_image_embeds= instead")
         weight = next(self.image_encoder.parameters())
         if self.feature_extractor is None:  # (as diffusers makes one for a pipeline that has none)
-            from transformers import CLIPImageProcessor
-
             size = self.image_encoder.config.image_size
-            self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
+            self.feature_extractor = clip_vision("CLIPImageProcessor")(size=size, crop_size=size)
         if not isinstance(image, torch.Tensor):
             image = self.feature_extractor(image, return_tensors="pt").pixel_values
         image = image.to(weight.device, weight.dtype)
@@ -473,10 +471,21 @@ class IPAdapterMixin:
         return out
 
 
+def clip_vision(name: str):
+    """transformers' class `name` (CLIPVisionModelWithProjection, CLIPImageProcessor): the CLIP image encoder of
+    IP-Adapters and image variation models is transformers' (an optional dependency: latentdiff[vision])."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"the CLIP image encoder (IP-Adapter, image variation) is transformers' {name}, and "
+                          "transformers is not installed: pip install 'latentdiff[vision]' (or transformers)") from None
+    return getattr(transformers, name)
+
+
 def load_image_encoder(folder: Path, variant: str | None = None):
     """transformers' CLIPVisionModelWithProjection from `folder` (safetensors only; `variant`: model.VARIANT.
     safetensors), in eval mode."""
-    from transformers import CLIPVisionModelWithProjection
+    CLIPVisionModelWithProjection = clip_vision("CLIPVisionModelWithProjection")
 
     if not any(folder.glob("*.safetensors")):
         raise CheckpointError(f"{folder}: no .safetensors weights (latentdiff never loads pickled .bin files); "

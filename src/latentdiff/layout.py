@@ -142,8 +142,9 @@ def _load_image_encoder(folder: Path, dtype: torch.dtype | None, variant: str | 
 
 def _load_feature_extractor(folder: Path):
     """transformers' CLIPImageProcessor of a feature_extractor/ folder (the image encoder's preprocessing)."""
-    from transformers import CLIPImageProcessor
+    from .ip_adapter import clip_vision
 
+    CLIPImageProcessor = clip_vision("CLIPImageProcessor")
     if not (require_path(folder, "feature extractor folder") / "preprocessor_config.json").is_file():
         raise FileNotFoundError(f"{folder} has no preprocessor_config.json (the image encoder's CLIPImageProcessor)")
     return CLIPImageProcessor.from_pretrained(folder)

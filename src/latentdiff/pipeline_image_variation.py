@@ -14,16 +14,15 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from .ip_adapter import clip_vision
 from .pipeline import Generators, LatentDiffusionPipeline, PipelineOutput, _per_image_generators
 
 
 def default_feature_extractor(image_encoder):
     """The CLIP image preprocessing for `image_encoder`'s input size (resize the short side, centre crop, CLIP's
     mean and std), as published image-variation folders configure it."""
-    from transformers import CLIPImageProcessor
-
     size = image_encoder.config.image_size
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return clip_vision("CLIPImageProcessor")(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 class LatentDiffusionImageVariationPipeline(LatentDiffusionPipeline):
