@@ -109,6 +109,30 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         same_trajectory(name, n, extra, **config)
 
 
+@pytest.mark.parametrize("name, extra", [
+    ("EulerDiscreteScheduler", {}), ("EulerDiscreteScheduler", {"sigma_min": 0.05, "sigma_max": 10.0}),
+    ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    ("DPMSolverSinglestepScheduler", {})])
+def test_exponential_sigmas_match_diffusers(name, extra):
+    """use_exponential_sigmas: noise levels evenly spaced in log sigma (from the spaced grid's ends for Euler and
+    Heun, or Euler's sigma_min / sigma_max; from the training table's for DPM-Solver, whose timesteps diffusers then
+    truncates rather than rounds), the same grid and trajectory as diffusers'."""
+    for beta_schedule, spacing, n in itertools.product(("scaled_linear", "squaredcos_cap_v2"),
+                                                       ("leading", "trailing", "linspace"), (10, 25)):
+        if name == "DPMSolverSinglestepScheduler" and spacing != "linspace":
+            continue  # (its grid is always linspace)
+        start, end = RANGES[beta_schedule]
+        ours = same_trajectory(name, n, {"use_exponential_sigmas": True, **extra}, beta_schedule=beta_schedule,
+                               beta_start=start, beta_end=end, timestep_spacing=spacing)
+        levels = ours.sigmas[:-1].double().log()
+        if name != "HeunDiscreteScheduler":  # (Heun lists its levels twice)
+            steps = levels[1:] - levels[:-1]
+            assert torch.allclose(steps, steps[:1].expand_as(steps), atol=1e-4)  # evenly spaced in log sigma
+    with pytest.raises(ValueError, match="use_karras_sigmas and use_exponential_sigmas are both set"):
+        getattr(S, name)(use_karras_sigmas=True, use_exponential_sigmas=True)
+
+
 def undefined_midpoint(n: int, **config) -> bool:
     """Whether diffusers' DPM2 ancestral grid of n steps holds a NaN midpoint (on a far-spaced first step the
     deterministic part underflows; which grids do depends on the CPU's float rounding: cosine-schedule grids of 2 to
@@ -570,7 +594,7 @@ BAD = [
     ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("HeunDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # (nor Heun, LMS)
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
@@ -585,7 +609,7 @@ BAD = [
     ("PNDMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' PNDM has no such key
     ("PNDMScheduler", {"skip_prk_steps": "yes"}, "skip_prk_steps"),
     ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
-    ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("HeunDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, "beta_schedule"),
     ("UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),

@@ -86,6 +86,11 @@ class SchedulerConfig(Mapping):
             if not any(_same(value, a) for a in allowed):
                 raise ValueError(f"{self.scheduler_name}: {key}={value!r} is not supported; supported values: "
                                  f"{', '.join(map(repr, allowed))}")
+        grids = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                 if getattr(self, key, False)]
+        if len(grids) > 1:
+            raise ValueError(f"{self.scheduler_name}: {' and '.join(grids)} are both set; only one noise-level grid "
+                             "can be used (as in diffusers)")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
         if self.steps_offset < 0:
@@ -230,7 +235,8 @@ class EulerConfig(_ZeroSNRKeyConfig):
     scheduler_name: ClassVar[str] = "EulerDiscreteScheduler"
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "interpolation_type": ("linear",), "use_karras_sigmas": (False, True, None),
-        "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "timestep_type": ("discrete",),
+        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, None),
+        "timestep_type": ("discrete",),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
@@ -311,7 +317,8 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
         **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
         "use_karras_sigmas": (False, True, None),
-        "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
+        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, None),
+        "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
         "use_dynamic_shifting": (False,),
@@ -447,3 +454,4 @@ class HeunConfig(_SigmaGridConfig):
     clip_sample_range: float = 1.0
 
     scheduler_name: ClassVar[str] = "HeunDiscreteScheduler"
+    supported: ClassVar[dict[str, tuple]] = {**_SigmaGridConfig.supported, "use_exponential_sigmas": (False, True)}

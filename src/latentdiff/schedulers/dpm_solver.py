@@ -11,7 +11,7 @@ from ..guidance import Denoiser
 from ..schedules import predict_x0_eps, randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import DPMSolverConfig
-from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
 def _log_snr(alpha: torch.Tensor, sigma_vp: torch.Tensor) -> torch.Tensor:
@@ -108,19 +108,21 @@ class LogSNRMultistepScheduler(Scheduler):
         c, n = self.config, num_inference_steps
         table = ve_sigmas(self.alphas_cumprod).numpy()
         if timesteps is not None:
-            if c.use_karras_sigmas:
-                raise ValueError("custom timesteps with use_karras_sigmas=True: Karras sigmas place the timesteps "
-                                 "themselves; turn use_karras_sigmas off")
+            for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+                if c[key]:
+                    raise ValueError(f"custom timesteps with {key}=True: that grid places the timesteps itself; "
+                                     f"turn {key} off")
             steps = timesteps.astype(np.int64)  # (as diffusers: whole training steps)
         elif c.timestep_spacing == "trailing":
             steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
         else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for these solvers
             steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
-        if c.use_karras_sigmas and timesteps is None:
-            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
+        if (c.use_karras_sigmas or c.use_exponential_sigmas) and timesteps is None:
+            spaced = karras_sigmas if c.use_karras_sigmas else exponential_sigmas
+            sigmas = spaced(table[0].item(), table[-1].item(), n)
             steps = sigma_to_t(sigmas, np.log(table))
-            if self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2":  # diffusers' choices
-                steps = steps.round()
+            if c.use_karras_sigmas and (self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"):
+                steps = steps.round()  # (diffusers' choices; its exponential timesteps are truncated, never rounded)
         else:
             sigmas = interp_sigmas(steps, table)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))

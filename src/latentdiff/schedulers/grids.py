@@ -65,6 +65,11 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma from sigma_max down to sigma_min (diffusers' use_exponential_sigmas)."""
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps))
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray, float32: bool = False) -> np.ndarray:
     """The fractional training timestep of each noise level: linear interpolation in log sigma between the two
     neighbouring training steps (the inverse of the table, clipped to its ends); `float32`: the last interpolation
