@@ -250,15 +250,15 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 
 @dataclass(frozen=True)
 class _SigmaGridConfig(SchedulerConfig):
-    """The noise-level grid keys of diffusers' samplers in sigma without zero-SNR rescaling (Heun, LMS): Karras
-    sigmas or not (exponential and beta grids not supported), "linspace" spacing by default."""
+    """The noise-level grid keys of diffusers' samplers in sigma without zero-SNR rescaling (Heun, LMS, DPM2, DPM
+    SDE): Karras or exponential sigmas or neither (beta grids not supported), "linspace" spacing by default."""
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
     timestep_spacing: str = "linspace"
 
     supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+        **SchedulerConfig.supported, "use_beta_sigmas": (False,),
     }
 
 
@@ -454,4 +454,3 @@ class HeunConfig(_SigmaGridConfig):
     clip_sample_range: float = 1.0
 
     scheduler_name: ClassVar[str] = "HeunDiscreteScheduler"
-    supported: ClassVar[dict[str, tuple]] = {**_SigmaGridConfig.supported, "use_exponential_sigmas": (False, True)}

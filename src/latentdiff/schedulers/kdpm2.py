@@ -15,7 +15,7 @@ from ..schedules import randn, ve_sigmas
 from .base import SchedulerOutput
 from .config import KDPM2AncestralConfig, KDPM2Config
 from .euler import _denoise, _SigmaScheduler, ancestral_sigmas, euler_step
-from .grids import interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
 
 
 def midpoint_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -69,6 +69,9 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
         if c.use_karras_sigmas:
             levels = karras_sigmas(levels[-1].item(), levels[0].item(), num_inference_steps)
             steps = sigma_to_t(levels, log_table).round()
+        elif c.use_exponential_sigmas:  # (diffusers leaves these timesteps fractional)
+            levels = exponential_sigmas(levels[-1].item(), levels[0].item(), num_inference_steps)
+            steps = sigma_to_t(levels, log_table)
         return steps, torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32)), log_table
 
     @staticmethod
