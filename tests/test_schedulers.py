@@ -114,7 +114,8 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
     ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     ("DPMSolverSinglestepScheduler", {}), ("LMSDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
-    ("KDPM2AncestralDiscreteScheduler", {}), ("DPMSolverSDEScheduler", {})])
+    ("KDPM2AncestralDiscreteScheduler", {}), ("DPMSolverSDEScheduler", {}), ("UniPCMultistepScheduler", {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}), ("DEISMultistepScheduler", {})])
 def test_exponential_sigmas_match_diffusers(name, extra):
     """use_exponential_sigmas: noise levels evenly spaced in log sigma (from the spaced grid's ends for Euler and
     Heun, or Euler's sigma_min / sigma_max; from the training table's for DPM-Solver, whose timesteps diffusers then
@@ -623,7 +624,7 @@ BAD = [
     ("DPMSolverSinglestepScheduler", {"solver_type": "heun"}, "solver_type"),
     ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
     ("DEISMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
-    ("DEISMultistepScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("DEISMultistepScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
 ]
 
 

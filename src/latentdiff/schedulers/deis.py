@@ -89,8 +89,11 @@ class DEISMultistepScheduler(LogSNRMultistepScheduler):
 
     def _make_grid(self, num_inference_steps: int, device, **custom) -> torch.Tensor:
         timesteps = super()._make_grid(num_inference_steps, device, **custom)
-        # diffusers' ends: Karras grids repeat their last level; the others end at the first training step's level
-        self.sigmas[-1] = self.sigmas[-2] if self.config.use_karras_sigmas else ve_sigmas(self.alphas_cumprod)[0]
+        # diffusers' ends: Karras and exponential grids repeat their last level; the others end at the first
+        # training step's level
+        c = self.config
+        self.sigmas[-1] = self.sigmas[-2] if c.use_karras_sigmas or c.use_exponential_sigmas else ve_sigmas(
+            self.alphas_cumprod)[0]
         self._levels = self.sigmas.double().tolist()  # (read once here, not in every step)
         return timesteps
 
