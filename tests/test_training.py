@@ -1200,6 +1200,14 @@ def reference_models(folder: Path):
             diffusers.DDPMScheduler.from_pretrained(folder / "scheduler"))
 
 
+def reference_inputs(vae, text, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, z0) of a training batch through diffusers' VAE and transformers' text encoder: the caption's
+    hidden states and the posterior sample made with the batch's own posterior noise, scaled."""
+    posterior = vae.encode(batch["pixel_values"]).latent_dist
+    z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+    return text(batch["input_ids"])[0], z0
+
+
 def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_diffusers_models_give_it(
         tmp_path, tiny_folders):
     """A batch holds the instance samples (instance_prompt) then as many class samples (class_prompt), pair i of
@@ -1227,9 +1235,7 @@ def test_dreambooth_loss_is_the_instance_loss_plus_the_weighted_prior_loss_as_di
         loss, extras = task.loss(batch)
 
         unet, vae, text, schedule = reference_models(diffusers_folder)
-        context = text(batch["input_ids"])[0]
-        posterior = vae.encode(batch["pixel_values"]).latent_dist
-        z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+        context, z0 = reference_inputs(vae, text, batch)
         noisy = schedule.add_noise(z0, batch["noise"], batch["timesteps"])
         prediction, prior_prediction = unet(noisy, batch["timesteps"], context).sample.chunk(2)
         target, prior_target = batch["noise"].chunk(2)
@@ -1266,12 +1272,11 @@ def test_input_perturbation_noises_the_input_with_its_own_draw_and_keeps_the_tar
     with torch.no_grad():
         loss, _ = task.loss(batch)
         unet, vae, text, schedule = reference_models(diffusers_folder)
-        posterior = vae.encode(batch["pixel_values"]).latent_dist
-        z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+        context, z0 = reference_inputs(vae, text, batch)
         noisy = schedule.add_noise(z0, batch["input_noise"], batch["timesteps"])
-        expected = F.mse_loss(unet(noisy, batch["timesteps"], text(batch["input_ids"])[0]).sample, batch["noise"])
+        expected = F.mse_loss(unet(noisy, batch["timesteps"], context).sample, batch["noise"])
         unperturbed = F.mse_loss(unet(schedule.add_noise(z0, batch["noise"], batch["timesteps"]), batch["timesteps"],
-                                      text(batch["input_ids"])[0]).sample, batch["noise"])
+                                      context).sample, batch["noise"])
     assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
     assert abs(loss.item() - unperturbed.item()) > 1e-4 * expected.item()  # (the perturbation mattered)
     for bad in (-0.1, float("inf")):
@@ -1302,9 +1307,7 @@ def test_dream_training_moves_input_and_target_by_the_models_own_error_as_diffus
         batch = collate([task.view[(0, i)] for i in range(2)])
         with torch.no_grad():
             loss, _ = task.loss(batch)
-            context = text(batch["input_ids"])[0]
-            posterior = vae.encode(batch["pixel_values"]).latent_dist
-            z0 = (posterior.mean + posterior.std * batch["posterior_noise"]) * vae.config.scaling_factor
+            context, z0 = reference_inputs(vae, text, batch)
             noisy = schedule.add_noise(z0, batch["noise"], batch["timesteps"])
             noisy, target = compute_dream_and_update_latents(unet, schedule, batch["timesteps"], batch["noise"], noisy,
                                                              batch["noise"], context, p)

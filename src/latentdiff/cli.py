@@ -81,7 +81,7 @@ def input_file(path: str, what: str) -> list[str]:
     return [str(path.resolve()), weights_hash(path)]
 
 
-def declared_class(model: str | None) -> str | None:
+def declared_class(model: str | os.PathLike | None) -> str | None:
     """The pipeline class a --model folder's model_index.json names (None for a file, or no index)."""
     from .checkpoints import read_json
 
@@ -238,10 +238,8 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     if path.is_file():
         pipe = LatentDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype)
     else:
-        from .checkpoints import read_json
-
         kind = LatentDiffusionPipeline
-        declared = (path / "model_index.json").is_file() and read_json(path / "model_index.json").get("_class_name")
+        declared = declared_class(path)
         if declared == "StableDiffusionUpscalePipeline":
             from .pipeline_upscale import LatentDiffusionUpscalePipeline as kind
         elif declared == "StableDiffusionImageVariationPipeline":

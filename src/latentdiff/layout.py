@@ -263,10 +263,9 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         index.update(_class_name="StableDiffusionImageVariationPipeline",
                      image_encoder=["transformers", "CLIPVisionModelWithProjection"],
                      feature_extractor=["transformers", "CLIPImageProcessor"])
-        write_json(index, folder / "model_index.json")
-        return
-    save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
-    components["tokenizer"].save_pretrained(folder / "tokenizer")
+    else:
+        save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
+        components["tokenizer"].save_pretrained(folder / "tokenizer")
     if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
         adapter.save_pretrained(folder / "adapter", variant=variant)
         index["adapter"] = ["diffusers", type(adapter).__name__]

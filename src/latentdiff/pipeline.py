@@ -70,17 +70,17 @@ def _as_list(prompt: str | list[str], what: str) -> list[str]:
 def _per_image_generators(generator: Generators, n: int) -> list[torch.Generator] | None:
     """One generator per image, so that an image depends only on its own seed, not on its batch. A single
     generator seeded with s serves the first image; image i gets a fresh generator seeded s + i."""
-    given = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    if generator is not None and not all(isinstance(g, torch.Generator) for g in given):
-        wrong = next(type(g).__name__ for g in given if not isinstance(g, torch.Generator))
-        raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), got {wrong}: e.g. "
-                        "generator=torch.Generator().manual_seed(42)")
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image, or a single one")
-        return list(generator)
     if generator is None:
         return None
+    given = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    wrong = [type(g).__name__ for g in given if not isinstance(g, torch.Generator)]
+    if wrong:
+        raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), got {wrong[0]}: "
+                        "e.g. generator=torch.Generator().manual_seed(42)")
+    if isinstance(generator, (list, tuple)):
+        if len(given) != n:
+            raise ValueError(f"got {len(given)} generators for {n} images: pass one per image, or a single one")
+        return given
     seed = generator.initial_seed()
     return [generator] + [torch.Generator(generator.device).manual_seed(seed + i) for i in range(1, n)]
 

@@ -97,7 +97,8 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.flatten().reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _abar_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def abar_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t of each sample's timestep, on `like`'s device and dtype, shaped to broadcast over `like`'s batch."""
     timesteps = torch.as_tensor(timesteps, device=like.device)
     if timesteps.is_floating_point():
         raise ValueError("timesteps must be integer training steps (0..T-1), got a floating-point tensor")
@@ -107,7 +108,7 @@ def _abar_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, one t per sample (Ho et al. 2020, eq. 4)."""
-    abar = _abar_at(alphas_cumprod, timesteps, x0)
+    abar = abar_at(alphas_cumprod, timesteps, x0)
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
@@ -121,7 +122,7 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
 def v_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Velocity v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, sec. 4 and app. D), one t per sample."""
-    abar = _abar_at(alphas_cumprod, timesteps, x0)
+    abar = abar_at(alphas_cumprod, timesteps, x0)
     return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
 
 

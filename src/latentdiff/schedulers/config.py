@@ -412,7 +412,8 @@ class UniPCConfig(_ZeroSNRKeyConfig):
     aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("midpoint", "heun", "logrho"), "bh2")}
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "predict_x0": (True,),
-        "solver_type": ("bh1", "bh2"), "solver_p": (None,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "final_sigmas_type": ("zero",),
+        "solver_type": ("bh1", "bh2"), "solver_p": (None,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+        "final_sigmas_type": ("zero",),
         "use_dynamic_shifting": (False,), "sigma_min": (None,), "sigma_max": (None,), "shift_terminal": (None,),
     }
 

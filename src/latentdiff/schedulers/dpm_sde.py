@@ -20,7 +20,7 @@ from ..schedules import ve_sigmas
 from .base import SchedulerOutput
 from .config import DPMSolverSDEConfig
 from .euler import _denoise, _SigmaScheduler, euler_step
-from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
 
 
 class BrownianNoise:
@@ -116,9 +116,9 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
         steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                  round_linspace=False)
         sigmas = interp_sigmas(steps, table)
-        if c.use_karras_sigmas or c.use_exponential_sigmas:
-            spaced = karras_sigmas if c.use_karras_sigmas else exponential_sigmas
-            sigmas = spaced(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
+        grid = sigma_grid(c)
+        if grid is not None:
+            sigmas = grid[1](sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
             steps = sigma_to_t(sigmas, log_table)
         log_levels = -np.log(sigmas)  # the midpoints' timesteps, from the float64 levels (as diffusers)
         mids = np.exp(-(log_levels[:-1] + np.diff(log_levels) * 0.5))

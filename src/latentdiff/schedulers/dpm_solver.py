@@ -11,7 +11,7 @@ from ..guidance import Denoiser
 from ..schedules import predict_x0_eps, randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import DPMSolverConfig
-from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
 
 
 def _log_snr(alpha: torch.Tensor, sigma_vp: torch.Tensor) -> torch.Tensor:
@@ -107,21 +107,22 @@ class LogSNRMultistepScheduler(Scheduler):
     def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         c, n = self.config, num_inference_steps
         table = ve_sigmas(self.alphas_cumprod).numpy()
+        grid = sigma_grid(c)
         if timesteps is not None:
-            for key in ("use_karras_sigmas", "use_exponential_sigmas"):
-                if c[key]:
-                    raise ValueError(f"custom timesteps with {key}=True: that grid places the timesteps itself; "
-                                     f"turn {key} off")
+            if grid is not None:
+                raise ValueError(f"custom timesteps with {grid[0]}=True: that grid places the timesteps itself; "
+                                 f"turn {grid[0]} off")
             steps = timesteps.astype(np.int64)  # (as diffusers: whole training steps)
         elif c.timestep_spacing == "trailing":
             steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
         else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for these solvers
             steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
-        if (c.use_karras_sigmas or c.use_exponential_sigmas) and timesteps is None:
-            spaced = karras_sigmas if c.use_karras_sigmas else exponential_sigmas
+        if grid is not None:  # (from the whole training table)
+            key, spaced = grid
             sigmas = spaced(table[0].item(), table[-1].item(), n)
             steps = sigma_to_t(sigmas, np.log(table))
-            if c.use_karras_sigmas and (self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"):
+            if key == "use_karras_sigmas" and (self.round_karras_timesteps_always
+                                               or c.beta_schedule != "squaredcos_cap_v2"):
                 steps = steps.round()  # (diffusers' choices; its exponential timesteps are truncated, never rounded)
         else:
             sigmas = interp_sigmas(steps, table)

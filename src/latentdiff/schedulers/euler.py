@@ -9,7 +9,7 @@ from ..guidance import Denoiser
 from ..schedules import randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import EulerAncestralConfig, EulerConfig, HeunConfig, LMSConfig
-from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
 
 
 def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -69,22 +69,20 @@ class _SigmaScheduler(Scheduler):
             self.sigmas = torch.from_numpy(sigmas.astype(np.float32))
             return torch.from_numpy(sigma_to_t(sigmas[:-1].astype(np.float32), np.log(table)).astype(np.float32)
                                     ).to(device)
-        spaced = karras_sigmas if c.get("use_karras_sigmas") else (
-            exponential_sigmas if c.get("use_exponential_sigmas") else None)
-        if timesteps is not None and spaced is not None:
-            key = "use_karras_sigmas" if c.get("use_karras_sigmas") else "use_exponential_sigmas"
-            raise ValueError(f"custom timesteps with {key}=True: that grid places the timesteps itself; pass "
-                             f"sigmas=, or turn {key} off")
+        grid = sigma_grid(c)
+        if timesteps is not None and grid is not None:
+            raise ValueError(f"custom timesteps with {grid[0]}=True: that grid places the timesteps itself; pass "
+                             f"sigmas=, or turn {grid[0]} off")
         if timesteps is not None:
             steps = timesteps.astype(np.float32)
         else:
             steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                      round_linspace=False).astype(np.float32)
         sigmas = interp_sigmas(steps, table)
-        if spaced is not None:  # Karras or exponential sigmas: Euler and Heun; Euler-ancestral has no such keys
+        if grid is not None:  # Karras or exponential sigmas: Euler, Heun, LMS; Euler-ancestral has no such keys
             low, high = c.get("sigma_min"), c.get("sigma_max")  # (Euler's keys; Heun has none)
-            sigmas = spaced(low if low is not None else sigmas[-1].item(),
-                            high if high is not None else sigmas[0].item(), num_inference_steps)
+            sigmas = grid[1](low if low is not None else sigmas[-1].item(),
+                             high if high is not None else sigmas[0].item(), num_inference_steps)
             steps = sigma_to_t(sigmas, np.log(table))
         last = table[0] if c.get("final_sigmas_type") == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))

@@ -5,6 +5,8 @@ and sigmas come out identical for the same config.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -68,6 +70,16 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
 def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
     """Noise levels evenly spaced in log sigma from sigma_max down to sigma_min (diffusers' use_exponential_sigmas)."""
     return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps))
+
+
+def sigma_grid(config) -> tuple[str, Callable[[float, float, int], np.ndarray]] | None:
+    """The noise-level grid a scheduler config asks for in place of its spaced timesteps' levels: the key that asks
+    for it and its function (use_karras_sigmas: karras_sigmas, use_exponential_sigmas: exponential_sigmas), or
+    None (the configs refuse both at once)."""
+    for key, grid in (("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas)):
+        if config.get(key):
+            return key, grid
+    return None
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray, float32: bool = False) -> np.ndarray:

@@ -15,7 +15,7 @@ from ..schedules import randn, ve_sigmas
 from .base import SchedulerOutput
 from .config import KDPM2AncestralConfig, KDPM2Config
 from .euler import _denoise, _SigmaScheduler, ancestral_sigmas, euler_step
-from .grids import exponential_sigmas, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps
+from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
 
 
 def midpoint_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -66,12 +66,13 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
         steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                  round_linspace=False).astype(np.float32)
         levels = interp_sigmas(steps, table)
-        if c.use_karras_sigmas:
-            levels = karras_sigmas(levels[-1].item(), levels[0].item(), num_inference_steps)
-            steps = sigma_to_t(levels, log_table).round()
-        elif c.use_exponential_sigmas:  # (diffusers leaves these timesteps fractional)
-            levels = exponential_sigmas(levels[-1].item(), levels[0].item(), num_inference_steps)
+        grid = sigma_grid(c)
+        if grid is not None:
+            key, spaced = grid
+            levels = spaced(levels[-1].item(), levels[0].item(), num_inference_steps)
             steps = sigma_to_t(levels, log_table)
+            if key == "use_karras_sigmas":  # (diffusers rounds these; it leaves exponential ones fractional)
+                steps = steps.round()
         return steps, torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32)), log_table
 
     @staticmethod

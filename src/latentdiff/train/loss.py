@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import predict_x0_eps, q_sample, snr, v_target
+from ..schedules import abar_at, predict_x0_eps, q_sample, snr, v_target
 
 
 @dataclass
@@ -148,7 +148,7 @@ def dream_rectified(unet, z_t: torch.Tensor, target: torch.Tensor, timesteps: to
     if prediction_type != "epsilon":
         raise ValueError(f"DREAM is defined for eps prediction; this model predicts {prediction_type!r}: turn "
                          "dream_training off")
-    sigma = (1.0 - alphas_cumprod.to(timesteps.device)[timesteps]).sqrt().view(-1, 1, 1, 1)
+    sigma = (1.0 - abar_at(alphas_cumprod, timesteps, z_t)).sqrt()
     with torch.no_grad():
         error = (noise - unet(z_t, timesteps, context)) * sigma ** detail_preservation
     return z_t + sigma * error, target + error
