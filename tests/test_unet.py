@@ -486,6 +486,41 @@ def test_channels_last_gives_the_same_result(small):
     torch.testing.assert_close(model_cl(cl, t, ctx), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_convs_as_matrix_products_equal_the_conv(bias):
+    """1x1 convs (ResNet shortcuts, SD 1.x's transformer projections, ControlNet zero convs) run on the CPU as
+    matrix products: the conv's values and gradients, the input's memory format kept; anything else is the conv."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from latentdiff.models.resnet import conv1x1, pointwise_weight
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1, bias=bias)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 24, 5, 7).contiguous(memory_format=layout).requires_grad_()
+        got = conv1x1(conv, x)
+        assert got.is_contiguous(memory_format=layout)
+        expected = F.conv2d(x, conv.weight, conv.bias)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        grads = torch.autograd.grad(got.square().sum(), [x, *conv.parameters()])
+        torch.testing.assert_close(grads, torch.autograd.grad(expected.square().sum(), [x, *conv.parameters()]),
+                                   rtol=0, atol=1e-4)
+    x = torch.randn(2, 24, 5, 7)
+    assert pointwise_weight(conv, x).shape == (40, 24)
+    big = torch.randn(1, 24, 32, 32)  # larger float32 maps keep oneDNN's conv (faster there); bfloat16 NCHW does not
+    assert pointwise_weight(conv, big) is None and pointwise_weight(conv, big.bfloat16()) is not None
+    assert pointwise_weight(conv, big.bfloat16().contiguous(memory_format=torch.channels_last)) is None
+    assert pointwise_weight(conv, x[:, :, :, ::2]) is not None  # (conv1x1 hands odd strides to the conv)
+    torch.testing.assert_close(conv1x1(conv, x[:, :, :, ::2]), conv(x[:, :, :, ::2]), rtol=0, atol=0)
+    others = [nn.Conv2d(24, 40, 3, padding=1), nn.Conv2d(24, 40, 1, stride=2), nn.Conv2d(24, 40, 1, padding=1),
+              nn.Conv2d(24, 40, 1, groups=4), nn.Linear(24, 40)]
+    assert all(pointwise_weight(layer, x) is None for layer in others)
+    hooked = nn.Conv2d(24, 40, 1)
+    hooked.register_forward_hook(lambda module, args, out: out * 0)  # a hook is still called
+    assert pointwise_weight(hooked, x) is None and not conv1x1(hooked, x).any()
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(small):
     config, _, ours = small
     sample, t, ctx = inputs(config)

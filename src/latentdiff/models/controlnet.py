@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import conv1x1
 from .unet import DownPath, DownPathConfig, UNet2DConditionModel, UNetConfig, _positive_int
 
 
@@ -199,8 +200,8 @@ class ControlNetModel(DownPath):
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         x, emb, skips = self._down_path(x, emb, ctx, ctx.shape[0] // sample.shape[0])
         x = self._run(self.mid_block, x, emb, ctx)
-        down = [conv(skip) for conv, skip in zip(self.controlnet_down_blocks, skips)]
-        mid = self.controlnet_mid_block(x)
+        down = [conv1x1(conv, skip) for conv, skip in zip(self.controlnet_down_blocks, skips)]
+        mid = conv1x1(self.controlnet_mid_block, x)
         if guess_mode and not config.global_pool_conditions:
             scales = torch.logspace(-1, 0, len(down) + 1, device=x.device) * conditioning_scale
             down = [d * s for d, s in zip(down, scales)]
