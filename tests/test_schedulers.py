@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,7 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         same_trajectory(name, n, extra, **config)
 
 
+@pytest.mark.parametrize("grid", ["use_exponential_sigmas", "use_beta_sigmas"])
 @pytest.mark.parametrize("name, extra", [
     ("EulerDiscreteScheduler", {}), ("EulerDiscreteScheduler", {"sigma_min": 0.05, "sigma_max": 10.0}),
     ("HeunDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
@@ -116,26 +118,47 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
     ("DPMSolverSinglestepScheduler", {}), ("LMSDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
     ("KDPM2AncestralDiscreteScheduler", {}), ("DPMSolverSDEScheduler", {}), ("UniPCMultistepScheduler", {}),
     ("UniPCMultistepScheduler", {"solver_order": 3}), ("DEISMultistepScheduler", {})])
-def test_exponential_sigmas_match_diffusers(name, extra):
-    """use_exponential_sigmas: noise levels evenly spaced in log sigma (from the spaced grid's ends for Euler and
-    Heun, or Euler's sigma_min / sigma_max; from the training table's for DPM-Solver, whose timesteps diffusers then
-    truncates rather than rounds), the same grid and trajectory as diffusers'."""
+def test_exponential_and_beta_sigmas_match_diffusers(name, extra, grid):
+    """use_exponential_sigmas: noise levels evenly spaced in log sigma; use_beta_sigmas: at the quantiles of
+    Beta(0.6, 0.6), crowded at both ends (from the spaced grid's ends for Euler and Heun, or Euler's sigma_min /
+    sigma_max; from the training table's for DPM-Solver, whose timesteps diffusers then truncates rather than
+    rounds): the same grid and trajectory as diffusers'."""
     for beta_schedule, spacing, n in itertools.product(("scaled_linear", "squaredcos_cap_v2"),
                                                        ("leading", "trailing", "linspace"), (10, 25)):
         if name == "DPMSolverSinglestepScheduler" and spacing != "linspace":
             continue  # (its grid is always linspace)
         start, end = RANGES[beta_schedule]
         config = dict(beta_schedule=beta_schedule, beta_start=start, beta_end=end, timestep_spacing=spacing)
-        options = {"use_exponential_sigmas": True, **extra}
+        options = {grid: True, **extra}
         if name == "KDPM2AncestralDiscreteScheduler" and undefined_midpoint(n, **config, **options):
             continue
         ours = same_trajectory(name, n, options, **config)
         levels = ours.sigmas[:-1].double().log()
         if not name.startswith(("Heun", "KDPM2", "DPMSolverSDE")):  # (these list their levels twice)
-            steps = levels[1:] - levels[:-1]
-            assert torch.allclose(steps, steps[:1].expand_as(steps), atol=1e-4)  # evenly spaced in log sigma
-    with pytest.raises(ValueError, match="use_karras_sigmas and use_exponential_sigmas are both set"):
-        getattr(S, name)(use_karras_sigmas=True, use_exponential_sigmas=True)
+            if grid == "use_exponential_sigmas":
+                steps = levels[1:] - levels[:-1]
+                assert torch.allclose(steps, steps[:1].expand_as(steps), atol=1e-4)  # evenly spaced in log sigma
+            else:  # the largest steps in sigma in the middle, the smallest at both ends
+                steps = (ours.sigmas[:n - 1] - ours.sigmas[1:n]).double()
+                assert steps[n // 2 - 1] > max(steps[0], steps[-1])
+    with pytest.raises(ValueError, match=f"use_karras_sigmas and {grid} are both set"):
+        getattr(S, name)(use_karras_sigmas=True, **{grid: True})
+
+
+def test_beta_quantiles_match_scipy():
+    """The Beta distribution's quantiles behind use_beta_sigmas (and its CDF), against scipy's, to float64
+    rounding, including the tails where the CDF is flat."""
+    import scipy.stats
+
+    from latentdiff.schedulers.grids import beta_quantile, incomplete_beta
+
+    for a, b in [(0.6, 0.6), (0.5, 0.5), (2.0, 5.0), (5.0, 2.0), (1.0, 1.0), (0.3, 3.0), (10.0, 10.0)]:
+        ps = np.concatenate([np.linspace(0, 1, 201), [1e-12, 1e-8, 1 - 1e-9]])
+        got = np.array([beta_quantile(float(p), a, b) for p in ps])
+        np.testing.assert_allclose(got, scipy.stats.beta.ppf(ps, a, b), rtol=0, atol=1e-14)
+        xs = np.linspace(0, 1, 101)
+        np.testing.assert_allclose([incomplete_beta(float(x), a, b) for x in xs], scipy.stats.beta.cdf(xs, a, b),
+                                   rtol=0, atol=1e-14)
 
 
 def undefined_midpoint(n: int, **config) -> bool:
@@ -160,7 +183,9 @@ def test_dpm2_ancestral_refuses_exactly_the_grids_where_diffusers_has_no_midpoin
 
 def same_trajectory(name: str, n: int, extra: dict, **config):
     """Ours and diffusers' scheduler of `config` and `extra` (whose "eta" goes to step) sample alike over n steps:
-    the same grid, noise levels and starting scale, and a trajectory of fake_model within 1e-5. Returns ours."""
+    the same grid, noise levels and starting scale, and a trajectory of fake_model within 1e-5. Returns ours. Beta
+    grids: fractional timesteps and noise levels equal to float rounding (their quantiles are ours, diffusers' are
+    scipy's: both within 1e-15 of the true ones, not always the same float)."""
     extra = dict(extra)
     step_kwargs = {"eta": extra.pop("eta")} if "eta" in extra else {}
     ours, ref = pair(name, **config, **extra)
@@ -169,8 +194,14 @@ def same_trajectory(name: str, n: int, extra: dict, **config):
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(0)  # diffusers' own lookup trips over the repeated timesteps of rounded grids
     what = f"{name} {extra} {step_kwargs} n={n}"
-    assert ours.timesteps.dtype == ref.timesteps.dtype and torch.equal(ours.timesteps, ref.timesteps), what
-    if hasattr(ours, "sigmas"):
+    assert ours.timesteps.dtype == ref.timesteps.dtype, what
+    if extra.get("use_beta_sigmas") and ours.timesteps.is_floating_point():
+        torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=1e-12, atol=1e-9, msg=what)
+    else:
+        assert torch.equal(ours.timesteps, ref.timesteps), what
+    if hasattr(ours, "sigmas") and extra.get("use_beta_sigmas"):
+        torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=2e-7, atol=0, msg=what)  # (1 float32 ulp)
+    elif hasattr(ours, "sigmas"):
         assert torch.equal(ours.sigmas, ref.sigmas), what
     assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma), what
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod), what
@@ -599,7 +630,6 @@ BAD = [
     ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("HeunDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # (nor Heun, LMS)
     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
@@ -614,17 +644,14 @@ BAD = [
     ("PNDMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' PNDM has no such key
     ("PNDMScheduler", {"skip_prk_steps": "yes"}, "skip_prk_steps"),
     ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
-    ("HeunDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("HeunDiscreteScheduler", {"beta_schedule": "exp"}, "beta_schedule"),
     ("UniPCMultistepScheduler", {"solver_order": 4}, "solver_order"),
-    ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("UniPCMultistepScheduler", {"disable_corrector": [1.5]}, "disable_corrector"),
     ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
     ("DPMSolverSinglestepScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
     ("DPMSolverSinglestepScheduler", {"solver_type": "heun"}, "solver_type"),
     ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
     ("DEISMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
-    ("DEISMultistepScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
 ]
 
 

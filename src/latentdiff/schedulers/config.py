@@ -235,7 +235,7 @@ class EulerConfig(_ZeroSNRKeyConfig):
     scheduler_name: ClassVar[str] = "EulerDiscreteScheduler"
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "interpolation_type": ("linear",), "use_karras_sigmas": (False, True, None),
-        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, None),
+        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, True, None),
         "timestep_type": ("discrete",),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
@@ -251,15 +251,11 @@ class EulerAncestralConfig(_ZeroSNRKeyConfig):
 @dataclass(frozen=True)
 class _SigmaGridConfig(SchedulerConfig):
     """The noise-level grid keys of diffusers' samplers in sigma without zero-SNR rescaling (Heun, LMS, DPM2, DPM
-    SDE): Karras or exponential sigmas or neither (beta grids not supported), "linspace" spacing by default."""
+    SDE): Karras, exponential or beta sigmas or none, "linspace" spacing by default."""
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
     timestep_spacing: str = "linspace"
-
-    supported: ClassVar[dict[str, tuple]] = {
-        **SchedulerConfig.supported, "use_beta_sigmas": (False,),
-    }
 
 
 @dataclass(frozen=True)
@@ -317,7 +313,7 @@ class DPMSolverConfig(_ZeroSNRKeyConfig):
         **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_type": ("midpoint",),
         "use_karras_sigmas": (False, True, None),
-        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, None),
+        "use_exponential_sigmas": (False, True, None), "use_beta_sigmas": (False, True, None),
         "use_lu_lambdas": (False, None),
         "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",), "lambda_min_clipped": (-math.inf,),
         "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
@@ -358,7 +354,7 @@ class DEISConfig(DPMSolverConfig):
     supported: ClassVar[dict[str, tuple]] = {
         **SchedulerConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "algorithm_type": ("deis",),
         "solver_type": ("logrho",), "use_karras_sigmas": (False, True), "use_exponential_sigmas": (False, True),
-        "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+        "use_beta_sigmas": (False, True), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
     }
 
 
@@ -412,7 +408,7 @@ class UniPCConfig(_ZeroSNRKeyConfig):
     aliases: ClassVar[dict[str, dict[Any, Any]]] = {"solver_type": dict.fromkeys(("midpoint", "heun", "logrho"), "bh2")}
     supported: ClassVar[dict[str, tuple]] = {
         **_ZeroSNRKeyConfig.supported, "solver_order": (1, 2, 3), "thresholding": (False,), "predict_x0": (True,),
-        "solver_type": ("bh1", "bh2"), "solver_p": (None,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+        "solver_type": ("bh1", "bh2"), "solver_p": (None,), "use_flow_sigmas": (False,),
         "final_sigmas_type": ("zero",),
         "use_dynamic_shifting": (False,), "sigma_min": (None,), "sigma_max": (None,), "shift_terminal": (None,),
     }

@@ -15,6 +15,7 @@ from ..schedules import predict_x0_eps, ve_sigmas, vp_coefficients
 from .base import SchedulerOutput
 from .config import DEISConfig
 from .dpm_solver import LogSNRMultistepScheduler
+from .grids import sigma_grid
 
 
 def deis_coefficients(rho_next: float, rhos: list[float]) -> list[float]:
@@ -89,10 +90,9 @@ class DEISMultistepScheduler(LogSNRMultistepScheduler):
 
     def _make_grid(self, num_inference_steps: int, device, **custom) -> torch.Tensor:
         timesteps = super()._make_grid(num_inference_steps, device, **custom)
-        # diffusers' ends: Karras and exponential grids repeat their last level; the others end at the first
+        # diffusers' ends: Karras, exponential and beta grids repeat their last level; the others end at the first
         # training step's level
-        c = self.config
-        self.sigmas[-1] = self.sigmas[-2] if c.use_karras_sigmas or c.use_exponential_sigmas else ve_sigmas(
+        self.sigmas[-1] = self.sigmas[-2] if sigma_grid(self.config) is not None else ve_sigmas(
             self.alphas_cumprod)[0]
         self._levels = self.sigmas.double().tolist()  # (read once here, not in every step)
         return timesteps

@@ -123,7 +123,7 @@ class LogSNRMultistepScheduler(Scheduler):
             steps = sigma_to_t(sigmas, np.log(table))
             if key == "use_karras_sigmas" and (self.round_karras_timesteps_always
                                                or c.beta_schedule != "squaredcos_cap_v2"):
-                steps = steps.round()  # (diffusers' choices; its exponential timesteps are truncated, never rounded)
+                steps = steps.round()  # (diffusers' choices: exponential and beta timesteps are truncated instead)
         else:
             sigmas = interp_sigmas(steps, table)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))

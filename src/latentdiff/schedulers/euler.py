@@ -79,7 +79,7 @@ class _SigmaScheduler(Scheduler):
             steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                      round_linspace=False).astype(np.float32)
         sigmas = interp_sigmas(steps, table)
-        if grid is not None:  # Karras or exponential sigmas: Euler, Heun, LMS; Euler-ancestral has no such keys
+        if grid is not None:  # Karras, exponential or beta sigmas: Euler, Heun, LMS; Euler-ancestral has no such keys
             low, high = c.get("sigma_min"), c.get("sigma_max")  # (Euler's keys; Heun has none)
             sigmas = grid[1](low if low is not None else sigmas[-1].item(),
                              high if high is not None else sigmas[0].item(), num_inference_steps)

@@ -5,6 +5,7 @@ and sigmas come out identical for the same config.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -72,11 +73,83 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np
     return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps))
 
 
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6,
+                beta: float = 0.6) -> np.ndarray:
+    """Noise levels at the quantiles of a Beta(alpha, beta) distribution (Lee et al. 2024, "Beta Sampling is All You
+    Need"; diffusers' use_beta_sigmas, alpha = beta = 0.6): sigma_min + q (sigma_max - sigma_min) for q the quantile
+    of 1 - i/(n-1), i = 0..n-1. With alpha, beta < 1 the density is highest at both ends, so the steps crowd at the
+    highest and the lowest noise levels and spread out in between."""
+    quantiles = [beta_quantile(1.0 - p, alpha, beta) for p in np.linspace(0, 1, num_steps)]
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """The x in [0, 1] where the regularized incomplete beta function I_x(a, b) (the CDF of Beta(a, b)) reaches p:
+    Newton's method on I_x - p, kept inside a shrinking bracket (bisection where a Newton step would leave it), to
+    float64 resolution. Above the median it solves for 1 - x (I_{1-x}(b, a) = 1 - p, exact in float64), where the
+    CDF's flat upper tail would otherwise turn its rounding into a large error in x."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    if p > 0.5:
+        return 1.0 - beta_quantile(1.0 - p, b, a)
+    log_norm = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # log B(a, b)
+    low, high, x = 0.0, 1.0, 0.5
+    for _ in range(200):
+        f = incomplete_beta(x, a, b) - p
+        if f == 0.0:
+            return x
+        if f > 0:
+            high = x
+        else:
+            low = x
+        density = math.exp((a - 1) * math.log(x) + (b - 1) * math.log1p(-x) - log_norm)
+        step = x - f / density
+        x_new = step if low < step < high else 0.5 * (low + high)
+        if x_new == x or high - low <= 4 * math.ulp(x):
+            return x_new
+        x = x_new
+    return x
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) = B(x; a, b) / B(a, b), for a, b > 0: its continued
+    fraction (Abramowitz & Stegun 26.5.8) evaluated by the modified Lentz method, on the side of the mean where it
+    converges fast (I_x(a, b) = 1 - I_{1-x}(b, a) on the other)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300
+
+    def nonzero(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    # 1 / (1 + d1 / (1 + d2 / (1 + ...))) with d_{2m+1} = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1)) and
+    # d_{2m} = m (b-m) x / ((a+2m-1)(a+2m))
+    c, d = 1.0, 1.0 / nonzero(1.0 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 1000):
+        for coefficient in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / nonzero(1.0 + coefficient * d)
+            c = nonzero(1.0 + coefficient / c)
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * fraction / a
+
+
 def sigma_grid(config) -> tuple[str, Callable[[float, float, int], np.ndarray]] | None:
     """The noise-level grid a scheduler config asks for in place of its spaced timesteps' levels: the key that asks
-    for it and its function (use_karras_sigmas: karras_sigmas, use_exponential_sigmas: exponential_sigmas), or
-    None (the configs refuse both at once)."""
-    for key, grid in (("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas)):
+    for it and its function (use_karras_sigmas: karras_sigmas, use_exponential_sigmas: exponential_sigmas,
+    use_beta_sigmas: beta_sigmas), or None (the configs refuse two at once)."""
+    for key, grid in (("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas),
+                      ("use_beta_sigmas", beta_sigmas)):
         if config.get(key):
             return key, grid
     return None

@@ -71,7 +71,7 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
             key, spaced = grid
             levels = spaced(levels[-1].item(), levels[0].item(), num_inference_steps)
             steps = sigma_to_t(levels, log_table)
-            if key == "use_karras_sigmas":  # (diffusers rounds these; it leaves exponential ones fractional)
+            if key == "use_karras_sigmas":  # (diffusers rounds these; it leaves exponential and beta ones fractional)
                 steps = steps.round()
         return steps, torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32)), log_table
 
