@@ -13,7 +13,7 @@ from torch import nn
 
 from .fused import add_layer_norm, adds_residual, geglu
 from .group_norm import group_norm
-from .resnet import pointwise_weight
+from .resnet import conv1x1
 
 
 def tensors_key(tensors) -> tuple | None:
@@ -321,25 +321,19 @@ class Transformer2DModel(nn.Module):
         # [B, C, H, W] -> [B, H*W, C] tokens, made contiguous once so that the blocks' norms, attention and residual
         # adds read them in order: a copy for NCHW activations, free (a view) for channels-last ones (the GroupNorm
         # kernels write channels-last, so on a GPU it is free whatever the U-Net's layout)
-        # (1x1 conv projections that pointwise_weight() takes run as products over the tokens, as linear ones do)
-        w_in, w_out = pointwise_weight(self.proj_in, x), pointwise_weight(self.proj_out, x)
         if self.linear_projection:
             x = self.proj_in(x.flatten(2).transpose(1, 2).contiguous())
-        elif w_in is not None:
-            x = F.linear(x.flatten(2).transpose(1, 2).contiguous(), w_in, self.proj_in.bias)
-        else:
-            x = self.proj_in(x).flatten(2).transpose(1, 2).contiguous()
+        else:  # (conv1x1: as a matrix product where that pays, the map's memory format kept)
+            x = conv1x1(self.proj_in, x).flatten(2).transpose(1, 2).contiguous()
         for block in self.transformer_blocks:
             x = block(x, context)
         fold = adds_residual(self.proj_out)  # (packed for the CPU: the projection adds the residual itself)
         if self.linear_projection:  # on the tokens
             x = self.proj_out(x, residual.flatten(2).transpose(1, 2)) if fold else self.proj_out(x)
             x = x.transpose(1, 2).unflatten(2, (h, w))
-        elif w_out is not None:
-            x = F.linear(x, w_out, self.proj_out.bias).transpose(1, 2).unflatten(2, (h, w))
-        else:  # a 1x1 conv on the map
+        else:  # a 1x1 conv on the map (channels-last: a view of the tokens)
             x = x.transpose(1, 2).unflatten(2, (h, w))
-            x = self.proj_out(x, residual) if fold else self.proj_out(x)
+            x = self.proj_out(x, residual) if fold else conv1x1(self.proj_out, x)
         return x if fold else residual + x  # (residual first: the sum keeps the input's memory layout)
 
 
