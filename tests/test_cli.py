@@ -213,6 +213,52 @@ def test_freeu(tiny_folders, tmp_path, capsys):
     assert code == 2 and "give four positive numbers" in err
 
 
+def test_sigmas(tiny_folders, tmp_path, capsys):
+    """--sigmas karras / exponential / beta: the sampler's noise levels on that grid, as the Python API's scheduler
+    option gives them (the grid's option on, the others off, whatever the model's config says), stored in the PNG
+    and reproduced from it; a sampler without such grids is a one-line error naming those that have them."""
+    from latentdiff.cli import SIGMA_GRIDS, build_parser, sigma_grid_options
+    from latentdiff.schedulers import SCHEDULERS, DPMSolverMultistepScheduler, scheduler_from_name
+
+    folder = tiny_folders[1]
+    args = ["generate", "a red circle", "--model", folder, "--steps", 3, "--out", tmp_path / "out"]
+    code, out, _ = run(args + ["--sigmas", "karras"], capsys)
+    assert code == 0 and json.loads(Image.open(out.strip()).text[PNG_KEY])["sigmas"] == "karras"
+    made = np.asarray(Image.open(out.strip())).astype(int)
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    expected = np.asarray(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, progress=False,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+    assert np.abs(made - expected).max() <= 1
+    code, plain, _ = run(args[:-1] + [tmp_path / "plain"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(plain.strip())).astype(int) - made).max() > 1  # (a new grid)
+    code, again, _ = run(["generate", "--from-png", out.strip(), "--out", tmp_path / "repro"], capsys)
+    assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
+    code, out, _ = run(args + ["--sigmas", "beta", "--scheduler", "euler"], capsys)
+    assert code == 0 and json.loads(Image.open(out.strip()).text[PNG_KEY])["sigmas"] == "beta"
+
+    karras_model = DPMSolverMultistepScheduler(use_karras_sigmas=True).config  # a model's config with a grid on
+    scheduler = scheduler_from_name("dpm++", karras_model, **sigma_grid_options("dpm++", "beta"))
+    assert scheduler.config.use_beta_sigmas and not scheduler.config.use_karras_sigmas
+    assert sigma_grid_options("dpm++", None) == {}
+    code, _, err = run(args + ["--sigmas", "karras", "--scheduler", "ddim"], capsys)
+    assert code == 2 and "--sigmas karras: the ddim sampler has no such noise-level grid" in err
+    assert "dpm++" in err and len(err.strip().splitlines()) == 1
+    # the samplers --sigmas' help names (by hand: the parser does not import torch) are those that take each grid
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                  if a.dest == "sigmas")
+    listed = action.help.rsplit("): ", 1)[1].split(", ")
+    for grid in SIGMA_GRIDS:
+        taking = []
+        for name in SCHEDULERS:
+            try:
+                sigma_grid_options(name, grid)
+                taking.append(name)
+            except ValueError:
+                pass
+        assert sorted(listed) == sorted(taking)
+
+
 def test_pag(tiny_folders, tmp_path, capsys):
     """--pag SCALE:LAYERS gives the PAG pipeline's image, is stored in the PNG and reproduced from it; malformed or
     combined with an input image, a one-line error."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 PNG_KEY = "latentdiff"  # the PNG text chunk holding the settings that reproduce an image
+SIGMA_GRIDS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
 
 
 def weights_hash(folder: Path) -> str:
@@ -255,6 +256,27 @@ def load_pipeline(model: str | None, dtype: str, device: str, optimize: bool = F
     return pipe, path
 
 
+def sigma_grid_options(scheduler: str, sigmas: str | None) -> dict:
+    """The scheduler options --sigmas asks for ({} without it: the model's scheduler config decides): its grid on,
+    the others off (a model's config may have turned one on). Refused, naming the samplers that take it, for a
+    sampler without that grid."""
+    if sigmas is None:
+        return {}
+    from .schedulers import SCHEDULERS
+
+    key = SIGMA_GRIDS[sigmas]
+
+    def takes(name: str) -> bool:
+        config = SCHEDULERS[name].config_class
+        return key in config().keys() and True in config.supported.get(key, (True,))
+
+    if not takes(scheduler):
+        names = ", ".join(name for name in SCHEDULERS if takes(name))
+        raise ValueError(f"--sigmas {sigmas}: the {scheduler} sampler has no such noise-level grid; choose one that "
+                         f"has ({names}) or leave --sigmas out")
+    return {option: option == key for option in SIGMA_GRIDS.values() if option in SCHEDULERS[scheduler].config_class()}
+
+
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str,
                         extras: dict | None = None) -> dict:
     """What reproduces an image, stored in its PNG: JSON values only (str, int, float, None), so the copy read back
@@ -265,6 +287,7 @@ def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_ha
         "guidance_rescale": args.guidance_rescale, "height": args.height, "width": args.width,
         "eta": args.eta, "dtype": args.dtype, "model": str(model_path), "model_hash": model_hash,
         **({"variant": args.variant} if args.variant else {}),  # (absent otherwise: as images made before it)
+        **({"sigmas": args.sigmas} if args.sigmas else {}),
         **({"freeu": freeu_factors(args.freeu)} if args.freeu else {}),
         **({"pag": pag_settings(args.pag)} if args.pag else {}),
         **(extras or {}),  # loras, embeddings: only where given (as images made before them)
@@ -287,7 +310,8 @@ def generate_one(pipe, settings: dict, out_path: Path) -> None:
 
     from .schedulers import scheduler_from_name
 
-    pipe.scheduler = scheduler_from_name(settings["scheduler"], pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_name(settings["scheduler"], pipe.scheduler.config,
+                                         **sigma_grid_options(settings["scheduler"], settings.get("sigmas")))
     if "freeu" in settings:
         pipe.enable_freeu(*settings["freeu"])
     else:
@@ -419,6 +443,7 @@ def cmd_generate(args) -> None:
         raise ValueError("give a prompt, --prompts-file FILE or --from-png IMAGE")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1; got {args.num_images}")
+    sigma_grid_options(args.scheduler, args.sigmas)  # (refused before the model loads)
     extras = {key: [parse_extra(spec, key) for spec in specs]
               for key, specs in (("vae", [args.vae] if args.vae else []), ("embeddings", args.embedding),
                                  ("loras", args.lora),
@@ -545,6 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "deis", "dpmsolver_sde", "pndm", "unipc", "lms", "lcm", "tcd", "dpm2", "dpm2_a"],
                    help="sampler (lcm: latent consistency, 2-8 steps, for LCM models and LCM-LoRA: --steps 4, "
                         "--guidance 1 to 2 with an LCM-LoRA; tcd: for TCD-LoRA, its gamma is --eta, e.g. 0.3)")
+    g.add_argument("--sigmas", default=None, choices=list(SIGMA_GRIDS),
+                   help="the sampler's noise levels on this grid instead of its spaced timesteps' (karras: Karras et "
+                        "al.'s, as in 'DPM++ 2M Karras'; exponential: even in log sigma; beta: Beta(0.6, 0.6) "
+                        "quantiles): dpm++, dpm++sde, dpm++3m, dpm++2s, deis, unipc, euler, heun, lms, dpm2, dpm2_a, "
+                        "dpmsolver_sde")
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     g.add_argument("--height", type=int, default=None)
