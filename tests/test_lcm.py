@@ -255,6 +255,24 @@ def test_optimized_lcm_pipeline_same_images(lcm_folder):
     np.testing.assert_allclose(generate(pipe, guidance_scale=8.5), expected, atol=2e-4, rtol=0)
 
 
+@pytest.mark.slow  # (a torch.compile graph of ~40 s on a 2-core CPU; make test-slow)
+def test_compiled_lcm_pipeline_same_images(lcm_folder):
+    """pipe.compile() with the guidance embedding as the U-Net's timestep_cond: the eager images; a new guidance
+    scale (another timestep_cond value, same shape) reuses the graph."""
+    from torch._dynamo.utils import counters
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_folder)
+    with torch.no_grad():  # (so that the guidance scale moves the images well beyond the tolerance)
+        pipe.unet.time_embedding.cond_proj.weight.mul_(100)
+    eager = [generate(pipe, guidance_scale=g) for g in (8.5, 3.0)]
+    pipe.compile(max_autotune=False)
+    np.testing.assert_allclose(generate(pipe, guidance_scale=8.5), eager[0], atol=2e-4, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(generate(pipe, guidance_scale=3.0), eager[1], atol=2e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert np.abs(eager[0] - eager[1]).max() > 1e-3  # (5x the tolerance)
+
+
 def test_controlnet_over_an_lcm_unet_matches_diffusers(lcm_folder):
     """A ControlNet made from the LCM U-Net (from_unet: the guidance projection is the U-Net's alone) guiding it, as
     diffusers' ControlNet pipeline runs it: the guidance embedding goes to the U-Net, not to the ControlNet."""

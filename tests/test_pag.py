@@ -37,6 +37,18 @@ def test_pag_matches_diffusers(tiny_folders, layers, kwargs):
     assert (np.abs(got - plain).max() > 1e-3) == (kwargs.get("pag_scale", 3.0) > 0)
 
 
+@pytest.mark.slow  # (torch.compile graphs of ~40 s each on a 2-core CPU; make test-slow)
+def test_compiled_pag_pipeline_same_images(tiny_folders):
+    """pipe.compile() under perturbed-attention guidance (three passes per step, the perturbed layers' attention
+    replaced): the eager images, with and without classifier-free guidance."""
+    pipe = LatentDiffusionPAGPipeline.from_pretrained(tiny_folders[0], pag_applied_layers=["mid"])
+    eager = [generate(pipe, guidance_scale=g) for g in (5.0, 1.0)]
+    pipe.compile(max_autotune=False)
+    for g, expected in zip((5.0, 1.0), eager):
+        np.testing.assert_allclose(generate(pipe, guidance_scale=g), expected, atol=2e-4, rtol=0)
+    assert np.abs(eager[0] - eager[1]).max() > 1e-3
+
+
 def test_perturbed_rows_attend_to_themselves_only():
     """Attention.perturbed = m: the last m samples get to_out(to_v(x)); the others are untouched."""
     from latentdiff.models.attention import Attention

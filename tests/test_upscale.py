@@ -144,6 +144,28 @@ def test_same_image_as_diffusers_and_folders_both_ways(upscaler, tmp_path):
     np.testing.assert_allclose(fast, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # (a torch.compile graph of ~40 s on a 2-core CPU; make test-slow)
+def test_compiled_upscaler_same_images(upscaler):
+    """pipe.compile() with the noise level as the U-Net's class labels: the eager images, for two noise levels (a
+    new class label value reuses the graph)."""
+    from torch._dynamo.utils import counters
+
+    _, folder = upscaler
+    pipe = LatentDiffusionUpscalePipeline.from_pretrained(folder)
+
+    def images(level):
+        return pipe("a red circle", image=low_res(), generator=torch.Generator().manual_seed(1), progress=False,
+                    **{**KWARGS, "noise_level": level}).images
+
+    eager = [images(level) for level in (20, 60)]
+    pipe.compile(max_autotune=False)
+    np.testing.assert_allclose(images(20), eager[0], atol=1e-4, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(images(60), eager[1], atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert np.abs(eager[0] - eager[1]).max() > 1e-3  # (10x the tolerance)
+
+
 def test_images_per_prompt_and_errors(upscaler, tiny_folders):
     """Several images per prompt: each from its own generator (augmentation noise, then latents), as if alone;
     bad noise levels, image sizes and components are named."""
