@@ -268,13 +268,14 @@ def sigma_grid_options(scheduler: str, sigmas: str | None) -> dict:
 
     def takes(name: str) -> bool:
         config = SCHEDULERS[name].config_class
-        return key in config().keys() and True in config.supported.get(key, (True,))
+        return key in config() and True in config.supported.get(key, (True,))
 
     if not takes(scheduler):
         names = ", ".join(name for name in SCHEDULERS if takes(name))
         raise ValueError(f"--sigmas {sigmas}: the {scheduler} sampler has no such noise-level grid; choose one that "
                          f"has ({names}) or leave --sigmas out")
-    return {option: option == key for option in SIGMA_GRIDS.values() if option in SCHEDULERS[scheduler].config_class()}
+    keys = SCHEDULERS[scheduler].config_class()
+    return {option: option == key for option in SIGMA_GRIDS.values() if option in keys}
 
 
 def _settings_from_args(args, prompt: str, seed: int, model_path: Path, model_hash: str,

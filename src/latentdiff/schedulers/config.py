@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..schedules import BETA_SCHEDULES, PREDICTION_TYPES
-from .grids import TIMESTEP_SPACINGS
+from .grids import SIGMA_GRIDS, TIMESTEP_SPACINGS
 
 # Options of other diffusers schedulers that only tune that scheduler's own algorithm (PNDM's skip_prk_steps,
 # DPM-Solver's solver_order, DDIM's set_alpha_to_one, ...): meaningless to the others, ignored at any value.
@@ -86,8 +86,7 @@ class SchedulerConfig(Mapping):
             if not any(_same(value, a) for a in allowed):
                 raise ValueError(f"{self.scheduler_name}: {key}={value!r} is not supported; supported values: "
                                  f"{', '.join(map(repr, allowed))}")
-        grids = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-                 if getattr(self, key, False)]
+        grids = [key for key in SIGMA_GRIDS if getattr(self, key, False)]
         if len(grids) > 1:
             raise ValueError(f"{self.scheduler_name}: {' and '.join(grids)} are both set; only one noise-level grid "
                              "can be used (as in diffusers)")

@@ -144,12 +144,16 @@ def incomplete_beta(x: float, a: float, b: float) -> float:
     return math.exp(log_front) * fraction / a
 
 
+# the config keys that ask for a noise-level grid, and its function (sigma_min, sigma_max, num_steps) -> levels
+SIGMA_GRIDS: dict[str, Callable[[float, float, int], np.ndarray]] = {
+    "use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas, "use_beta_sigmas": beta_sigmas,
+}
+
+
 def sigma_grid(config) -> tuple[str, Callable[[float, float, int], np.ndarray]] | None:
     """The noise-level grid a scheduler config asks for in place of its spaced timesteps' levels: the key that asks
-    for it and its function (use_karras_sigmas: karras_sigmas, use_exponential_sigmas: exponential_sigmas,
-    use_beta_sigmas: beta_sigmas), or None (the configs refuse two at once)."""
-    for key, grid in (("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas),
-                      ("use_beta_sigmas", beta_sigmas)):
+    for it and its function (SIGMA_GRIDS), or None (the configs refuse two at once)."""
+    for key, grid in SIGMA_GRIDS.items():
         if config.get(key):
             return key, grid
     return None
