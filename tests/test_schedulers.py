@@ -1,5 +1,6 @@
 """The scheduler classes against diffusers' classes of the same name (timesteps, sigmas, whole seeded trajectories,
 img2img starts, add_noise) and their config handling: round trips through diffusers, cross-loading, clear errors."""
+import copy
 import inspect
 import itertools
 import json
@@ -75,7 +76,20 @@ def pair(name, **config):
     if name == "DPMSolverSDEScheduler":  # (diffusers' takes no generator: the Brownian tree's seed is the config's)
         config = {"noise_sampler_seed": 7, **config}
     ours = cls(**{k: v for k, v in config.items() if k not in cls.config_class.absent})
-    return ours, getattr(diffusers, name)(**dict(ours.config))
+    return ours, reference_scheduler(getattr(diffusers, name), dict(ours.config))
+
+
+_REFERENCES = {}
+
+
+def reference_scheduler(cls, config: dict):
+    """A new diffusers `cls(**config)`: a copy of one built once per class and config. diffusers' DPM2 constructors
+    convert each of the 1000 training noise levels to a timestep through numpy one at a time (a quarter of a second
+    per scheduler), and the sweeps below build the same one for each step count."""
+    key = (cls, repr(sorted(config.items())))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = cls(**config)
+    return copy.deepcopy(_REFERENCES[key])
 
 
 def run(sched, x, generator, timesteps=None, **step_kwargs):
@@ -580,11 +594,12 @@ def test_from_config_across_schedulers_keeps_the_training_schedule():
     ddim = S.DDIMScheduler.from_config(euler.config)
     assert (ddim.config.beta_schedule, ddim.config.prediction_type) == ("scaled_linear", "v_prediction")
     assert ddim.config.timestep_spacing == "linspace"  # shared keys carry over, as in diffusers
-    for name in NAMES:  # every class takes every other class's config, ours and diffusers'
-        for source in NAMES:
-            src = getattr(S, source).from_config(ddim.config)
+    for source in NAMES:  # every class takes every other class's config, ours and diffusers'
+        src = getattr(S, source).from_config(ddim.config)
+        theirs = getattr(diffusers, source)(**dict(src.config)).config
+        for name in NAMES:
             getattr(S, name).from_config(src.config)
-            getattr(S, name).from_config(getattr(diffusers, source)(**dict(src.config)).config)
+            getattr(S, name).from_config(theirs)
     pndm = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
