@@ -878,17 +878,90 @@ def test_compile_gives_the_eager_images_and_follows_the_unet(folders, tmp_path):
     assert counters["stats"]["unique_graphs"] == graphs
     module, fn = pipe._compiled
     assert module is pipe.unet and fn is not pipe.unet and type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert pipe._unet_call().compiled is fn and pipe._seen_calls is None  # (outside a denoising loop)
     pipe.save_pretrained(tmp_path / "saved")  # pipe.unet is still the plain module
     assert LatentDiffusionPipeline.from_pretrained(tmp_path / "saved").unet.state_dict().keys() == \
         pipe.unet.state_dict().keys()
 
     # a replaced U-Net, or one moved by pipe.to(), is compiled anew (the old graph froze the old weights)
     pipe.unet = LatentDiffusionPipeline.from_pretrained(folders[1]).unet
-    assert pipe._unet_call()._orig_mod is pipe.unet and pipe._compiled[0] is pipe.unet
+    assert pipe._unet_call().compiled._orig_mod is pipe.unet and pipe._compiled[0] is pipe.unet
     pipe.to(dtype=torch.float32)
     assert pipe._compiled is None
     pipe.disable_compile()
     assert pipe._unet_call() is pipe.unet
+
+
+def test_call_layout_tells_apart_what_dynamo_guards_on():
+    from latentdiff.pipeline import call_layout
+
+    x, t = torch.zeros(2, 4, 8, 8), torch.tensor(3.0)
+    key = call_layout((x, t), {"scale": 1.0, "extra": [x[:1], None]})
+    assert key == call_layout((torch.ones(2, 4, 8, 8), torch.tensor(9.0)),
+                              {"scale": 1.0, "extra": [torch.ones(1, 4, 8, 8), None]})  # (values are not guarded)
+    for args, kwargs in [((x, t), {"scale": 2.0, "extra": [x[:1], None]}),  # a number's value
+                         ((x[:1], t), {"scale": 1.0, "extra": [x[:1], None]}),  # a shape
+                         ((x.to(memory_format=torch.channels_last), t), {"scale": 1.0, "extra": [x[:1], None]}),
+                         ((x.double(), t), {"scale": 1.0, "extra": [x[:1], None]}),  # a dtype
+                         ((x, t), {"scale": 1.0, "extra": (x[:1], None)}),  # the nesting
+                         ((x, t), {"scale": 1.0, "extra": [x[:1]]}),
+                         ((x, t), {"extra": [x[:1], None], "scale": 1.0}),  # the keywords' order
+                         ((x, t), {"scale": 1.0, "extra": [x[:1].clone().requires_grad_(), None]})]:
+        assert call_layout(args, kwargs) != key, (args, kwargs)
+    y = torch.zeros(2, 4, 8, 8)
+    assert call_layout((x, x), {}) != call_layout((x, y), {})  # the same tensor twice, or two
+    assert call_layout((x, object()), {}) is None  # (anything else: the guards run)
+    with torch.no_grad():
+        without_grad = call_layout((x, t), {})
+    assert without_grad != call_layout((x, t), {})  # (grad mode)
+
+
+def test_compiled_calls_skip_the_guards_only_for_a_layout_seen_in_the_loop():
+    """CompiledCall: within a denoising loop, a call laid out as an earlier one runs the graph that call ran
+    without checking the guards (shown here by a change the guards would catch, which a loop never makes); a new
+    layout, and any call outside a loop, checks them (and compiles anew where they fail)."""
+    from types import SimpleNamespace
+
+    from latentdiff.pipeline import CompiledCall
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 2.0
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = Scaled()
+    pipe = SimpleNamespace(_seen_calls=set())
+    call = CompiledCall(torch.compile(model, backend="eager"), pipe)
+    x = torch.ones(3)
+    assert call(x).tolist() == [2.0] * 3 and len(pipe._seen_calls) == 1
+    assert call.scale == 2.0 and call._orig_mod is model  # (the model's attributes, as torch.compile's wrapper)
+    model.scale = 3.0
+    assert call(torch.ones(3)).tolist() == [2.0] * 3  # seen: unchecked
+    assert call(torch.ones(4)).tolist() == [3.0] * 4  # new: checked, compiled anew
+    pipe._seen_calls = None
+    assert call(x).tolist() == [3.0] * 3  # outside a loop: checked
+    pipe._seen_calls = set()
+    with torch.compiler.set_stance("force_eager"):  # another stance is left alone
+        model.scale = 4.0
+        assert call(x).tolist() == [4.0] * 3 and not pipe._seen_calls
+
+
+def test_denoising_loops_forget_the_call_layouts_after_callbacks(folders):
+    """A callback may change anything the compiled calls' guards check: the loop's record of call layouts is
+    emptied after each, and exists only during the loop."""
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    seen = []
+
+    def callback(p, i, t, state):
+        seen.append(set(p._seen_calls))
+        p._seen_calls.add(("a layout", i))
+        return state
+
+    run(pipe, PROMPTS[0], num_inference_steps=3, latents=latents_for(1), callback_on_step_end=callback)
+    assert seen == [set()] * 3 and pipe._seen_calls is None
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
