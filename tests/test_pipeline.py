@@ -948,6 +948,19 @@ def test_compiled_calls_skip_the_guards_only_for_a_layout_seen_in_the_loop():
         model.scale = 4.0
         assert call(x).tolist() == [4.0] * 3 and not pipe._seen_calls
 
+    class Shifted(torch.nn.Module):  # (a class of its own: its forward's cache starts empty)
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, x):
+            return x + self.shift
+
+    # two models of one class share dynamo's cache, where only the guards tell their graphs apart: what one call of a
+    # model has seen does not skip the guards of another's
+    first, second = (CompiledCall(torch.compile(Shifted(s), backend="eager"), pipe) for s in (1.0, 5.0))
+    assert first(x).tolist() == [2.0] * 3 and second(x).tolist() == [6.0] * 3
+
 
 def test_denoising_loops_forget_the_call_layouts_after_callbacks(folders):
     """A callback may change anything the compiled calls' guards check: the loop's record of call layouts is

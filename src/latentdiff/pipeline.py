@@ -79,11 +79,11 @@ def call_layout(args: tuple, kwargs: dict) -> tuple | None:
 class CompiledCall:
     """A torch.compile'd model as a denoising loop calls it. dynamo checks its guards on every call (tiny-shapes'
     U-Net: ~5000 checks, mostly of module attributes, 0.9 ms of a 12 ms call on a 2-core CPU). Within a loop, a
-    call whose arguments are laid out as those of an earlier call of the same loop (call_layout) runs without
-    them, under torch.compiler.set_stance(skip_guard_eval_unsafe=True): nothing that the guards read beyond the
-    arguments can change between two calls of a loop, as long as no user code runs in between (denoise() forgets
-    the layouts seen after each callback). Outside a loop (`pipe._seen_calls` None), under another stance, and for
-    a new layout, the guards run as usual (and may compile)."""
+    call whose arguments are laid out as those of an earlier call of the same model in the same loop (call_layout)
+    runs without them, under torch.compiler.set_stance(skip_guard_eval_unsafe=True): nothing that the guards read
+    beyond the arguments can change between two calls of a loop, as long as no user code runs in between
+    (denoise() forgets the layouts seen after each callback). Outside a loop (`pipe._seen_calls` None), under
+    another stance, and for a new layout, the guards run as usual (and may compile)."""
 
     def __init__(self, compiled: Callable, pipe: LatentDiffusionPipeline):
         self.compiled, self.pipe = compiled, pipe
@@ -95,7 +95,9 @@ class CompiledCall:
 
     def __call__(self, *args, **kwargs):
         seen = self.pipe._seen_calls
-        key = None if seen is None or _stance() != ("default", False, None) else call_layout(args, kwargs)
+        layout = None if seen is None or _stance() != ("default", False, None) else call_layout(args, kwargs)
+        # (per compiled model: models of one class share dynamo's cache, where the guards tell their graphs apart)
+        key = None if layout is None else (id(self.compiled), layout)
         if key is None or key not in seen:
             out = self.compiled(*args, **kwargs)
             if key is not None:
