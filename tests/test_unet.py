@@ -582,3 +582,48 @@ def test_freeu_matches_diffusers():
     assert torch.equal(ours(sample, t, ctx), plain)
     with pytest.raises(ValueError, match="b2=0 must be a positive number"):
         ours.enable_freeu(0.9, 0.2, 1.5, 0)
+
+
+def test_vae_upsamplers_run_on_the_phases_of_their_filter():
+    """Upsample2D(phases=True) (the VAE decoder's) without autograd on CPU maps of 16x16 pixels or more: the conv of
+    the 2x nearest upsampling computed from the four 2x2 phase filters equals interpolate + conv (both memory
+    formats, kept), with the weight as it is at each call; autograd, 8x8 maps, other target sizes, hooked convs and
+    upsamplers without phases=True (the U-Net's) take the plain path."""
+    from latentdiff.models import resnet
+    from latentdiff.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    up = resnet.Upsample2D(16, phases=True)
+    calls = []
+    original = resnet.upsampled_conv
+    plain = lambda x: up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))  # noqa: E731
+    try:
+        resnet.upsampled_conv = lambda *args: calls.append(1) or original(*args)
+        with torch.no_grad():
+            for x in (torch.randn(2, 16, 16, 16), torch.randn(1, 16, 17, 20),
+                      torch.randn(2, 16, 16, 16).contiguous(memory_format=torch.channels_last)):
+                out, ref = up(x), plain(x)
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                assert out.is_contiguous(memory_format=torch.channels_last) == \
+                    ref.is_contiguous(memory_format=torch.channels_last) and out.shape == ref.shape
+            assert len(calls) == 3
+            x = torch.randn(2, 16, 16, 16)
+            up.conv.weight.mul_(2)  # changed in place: seen
+            torch.testing.assert_close(up(x), plain(x), atol=1e-5, rtol=1e-5)
+            assert len(calls) == 4
+            up(torch.randn(2, 16, 8, 8))  # too small to pay
+            up(x, size=(31, 32))  # another target size
+            handle = up.conv.register_forward_hook(lambda *args: None)
+            up(x)
+            handle.remove()
+            resnet.Upsample2D(16)(x)  # the U-Net's
+        x = torch.randn(2, 16, 16, 16, requires_grad=True)
+        up(x).sum().backward()  # autograd: the plain conv
+        assert len(calls) == 4 and x.grad is not None
+    finally:
+        resnet.upsampled_conv = original
+    vae = AutoencoderKL.from_config(dict(block_out_channels=[32, 32], norm_num_groups=8,
+                                         down_block_types=["DownEncoderBlock2D"] * 2,
+                                         up_block_types=["UpDecoderBlock2D"] * 2))
+    upsamplers = [m for m in vae.decoder.modules() if isinstance(m, resnet.Upsample2D)]
+    assert upsamplers and all(m.phases for m in upsamplers)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import amx
 from .attention import GEGLU, Attention
-from .resnet import Upsample2D
+from .resnet import Upsample2D, upsampling_phases
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, transforms, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
@@ -280,18 +280,6 @@ class PackedConv2d(_Packed):
         if residual is not None:
             return _ops._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
         return _ops._convolution_pointwise(x, *args, "none", [], "")
-
-
-def upsampling_phases(weight: torch.Tensor) -> torch.Tensor:
-    """The four 2x2 filters [4, N, C, 2, 2] (phases (a, b) in row-major order) that a 3x3 filter [N, C, 3, 3]
-    becomes on the nearest-neighbour 2x upsampling of its input (see PackedUpsampleConv), in weight's dtype (the
-    taps summed in float64)."""
-    w = weight.detach().double()
-    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-    return torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
-                        torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)
-                        for r in rows for b in (0, 1)]).to(weight.dtype)
 
 
 def filter_from_phases(phases: torch.Tensor) -> torch.Tensor:

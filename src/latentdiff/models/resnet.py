@@ -91,20 +91,66 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+def upsampling_phases(weight: torch.Tensor) -> torch.Tensor:
+    """The four 2x2 filters [4, N, C, 2, 2] (phases (a, b) in row-major order) that a 3x3 filter [N, C, 3, 3]
+    becomes on the nearest-neighbour 2x upsampling of its input (see PackedUpsampleConv), in weight's dtype (the
+    taps summed in float64)."""
+    w = weight.detach().double()
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+    return torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
+                        torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)
+                        for r in rows for b in (0, 1)]).to(weight.dtype)
+
+
+def upsampled_conv(x: torch.Tensor, phases: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv(nearest 2x upsampling of x) for a 3x3, padding-1 conv given as its upsampling_phases [4, N, C, 2, 2]:
+    the output's pixels (2i + a, 2j + b) are phase (a, b)'s 2x2 conv of the input padded by 1, at offset (a, b),
+    written into the output in place (x's memory format). 16 multiply-adds per input pixel and channel pair
+    instead of 36, and no upsampled copy: at most a quarter of the output alive beside it (see
+    packed.PackedUpsampleConv, which makes the four phases in one conv)."""
+    n, _, h, w = x.shape
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    out = torch.empty(n, phases.shape[1], 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=layout)
+    padded = F.pad(x, (1, 1, 1, 1))
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, a::2, b::2] = F.conv2d(padded[:, :, a:a + h + 1, b:b + w + 1], phases[2 * a + b], bias)
+    return out
+
+
 class Upsample2D(nn.Module):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv. `size` overrides the target (the U-Net passes
-    the skip connection's size so that odd latent sizes line up)."""
+    the skip connection's size so that odd latent sizes line up). `phases=True` (the VAE decoder's): without
+    autograd on the CPU, on inputs of 16x16 pixels or more, the conv runs on the phases of its filter
+    (upsampled_conv), made for each call (16/9 of the filter, for the call only). Float32, 2 threads, AMD EPYC,
+    interpolate + conv against the phases: the SD VAE decoder's upsampler at 64x64 (512 ch) 399 -> 171 ms, SD 1.5's
+    U-Net one at 32x32 (320 ch, batch 2) 79.9 -> 39.8 ms; 8x8 maps lose (96 ch, batch 2: 520 -> 639 us). Only the
+    VAE's use it: its upsampled maps are far larger than its filters, so the call holds less memory at its peak,
+    where the U-Net's 1280-channel filters (105 MB of phases) outweigh its small maps."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, phases: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.phases = phases
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
         upsampled = getattr(self.conv, "upsampled", None)  # packed.PackedUpsampleConv: no upsampled copy made
-        if upsampled is not None and (size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])):
+        if upsampled is not None and doubled:
             return upsampled(x)
+        if doubled and self.phases and self._phases_pay(x):
+            return upsampled_conv(x, upsampling_phases(self.conv.weight), self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
+
+    def _phases_pay(self, x: torch.Tensor) -> bool:
+        conv = self.conv
+        return (x.is_cpu and x.shape[-2] * x.shape[-1] >= 256 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and type(conv) is nn.Conv2d and conv.padding == (1, 1)
+                and conv.stride == (1, 1) and conv.groups == 1 and conv.kernel_size == (3, 3)
+                and not (conv._forward_hooks or conv._forward_pre_hooks))

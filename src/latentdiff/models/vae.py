@@ -149,7 +149,7 @@ class UpDecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
         self.resnets = _resnets(in_channels, out_channels, layers, groups)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, phases=True)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in (*self.resnets, *self.upsamplers):
