@@ -23,7 +23,7 @@ from torch import nn
 
 from . import amx
 from .attention import GEGLU, Attention
-from .resnet import Upsample2D, upsampling_phases
+from .resnet import Upsample2D, is_3x3_same, upsampling_phases
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, transforms, winograd_conv3x3
 
 _ops = torch.ops.mkldnn
@@ -55,11 +55,6 @@ def can_pack(layer: nn.Module) -> bool:
 def bfloat16_supported() -> bool:
     """Whether oneDNN can run (and lay out weights for) bfloat16 on this CPU."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def is_3x3_same(conv: nn.Conv2d) -> bool:
-    """3x3, stride 1, padding 1, no dilation: the output has the input's size."""
-    return conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
 
 
 def is_pointwise(conv: nn.Conv2d) -> bool:

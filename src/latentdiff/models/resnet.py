@@ -12,6 +12,18 @@ from .group_norm import group_norm
 TimeInput = torch.Tensor | dict[nn.Module, torch.Tensor]
 
 
+def is_plain_conv(layer: nn.Module) -> bool:
+    """A plain nn.Conv2d (not a packed or LoRA layer, whose types are their own), ungrouped, without hooks: one whose
+    weight may be computed with directly in place of calling it."""
+    return (type(layer) is nn.Conv2d and layer.groups == 1
+            and not (layer._forward_hooks or layer._forward_pre_hooks))
+
+
+def is_3x3_same(conv: nn.Conv2d) -> bool:
+    """3x3, stride 1, padding 1, no dilation: the output has the input's size."""
+    return conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+
+
 def pointwise_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The [out, in] matrix of `layer` where computing it on the CPU as a matrix product pays: a plain 1x1 conv (no
     stride, padding, groups or hooks; not re-laid out by optimize_for_inference, whose layers have their own types)
@@ -21,9 +33,8 @@ def pointwise_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     320 ch 16x16 1.00, 1280 ch 8x8 1.19; but 320 ch 32x32 0.83, 64 ch 64x64 0.95, 64 -> 32 ch 128x128 0.94;
     bfloat16 NCHW 1.03 (640 -> 320 ch 64x64) to 2.73 (256 -> 128 ch 256x256). None otherwise (GPUs keep the conv:
     not measured there)."""
-    if (type(layer) is nn.Conv2d and x.is_cpu and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
-            and layer.padding in ((0, 0), "valid") and layer.dilation == (1, 1) and layer.groups == 1
-            and not (layer._forward_hooks or layer._forward_pre_hooks)
+    if (is_plain_conv(layer) and x.is_cpu and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding in ((0, 0), "valid") and layer.dilation == (1, 1)
             and (x.shape[-2] * x.shape[-1] <= 256 or (x.dtype == torch.bfloat16 and x.is_contiguous()))):
         return layer.weight.flatten(1)
     return None
@@ -149,8 +160,5 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
     def _phases_pay(self, x: torch.Tensor) -> bool:
-        conv = self.conv
         return (x.is_cpu and x.shape[-2] * x.shape[-1] >= 256 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and type(conv) is nn.Conv2d and conv.padding == (1, 1)
-                and conv.stride == (1, 1) and conv.groups == 1 and conv.kernel_size == (3, 3)
-                and not (conv._forward_hooks or conv._forward_pre_hooks))
+                and not torch.compiler.is_compiling() and is_plain_conv(self.conv) and is_3x3_same(self.conv))
