@@ -161,12 +161,15 @@ def instrument(variant: str, pipe) -> Sections:
                   "prompt: tokenizer, batching")
     sections.wrap(pipe.text_encoder, "forward", "prompt: CLIP text model")
     # the compiled U-Net ours runs (made by the warm-up call): wrapping the plain module's forward would recompile
-    sections.wrap(pipe._unet_call() if variant.startswith("ours-compile") else pipe.unet, "forward", "U-Net")
+    # (its CompiledCall's compiled module: the wrapper is made anew for each loop)
+    unet = pipe._unet_call().compiled if variant.startswith("ours-compile") else pipe.unet
+    sections.wrap(unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
     if hasattr(pipe, "controlnet"):  # (compiled: the compiled ControlNet, as for the U-Net)
         compiled = variant.startswith("ours-compile")
-        sections.wrap(pipe._net_calls(pipe._nets)[0] if compiled else pipe.controlnet, "forward", "ControlNet")
+        net = pipe._net_calls(pipe._nets)[0].compiled if compiled else pipe.controlnet
+        sections.wrap(net, "forward", "ControlNet")
     sections.wrap(pipe.vae, "decode", "VAE decode")
     if variant.startswith("diffusers"):
         sections.wrap(pipe.image_processor, "postprocess", "post-processing (to PIL)")

@@ -962,6 +962,81 @@ def test_compiled_calls_skip_the_guards_only_for_a_layout_seen_in_the_loop():
     assert first(x).tolist() == [2.0] * 3 and second(x).tolist() == [6.0] * 3
 
 
+def test_compiled_calls_take_the_text_projected_outside_the_graph(folders):
+    """CompiledCall projects the text's keys and values for the cross-attentions outside the compiled graph
+    (attention.TextProjections): the graph reads them (stale ones show in its output) and gives the eager U-Net's
+    output; within a loop they are projected once per context, and anew for another tensor, for one changed in
+    place, and outside a loop at every call; the layers hold nothing between calls; with cross_attention_kwargs
+    (which may change what the text's projections are) the graph projects the text itself."""
+    from types import SimpleNamespace
+
+    from latentdiff.models.attention import TextProjections
+    from latentdiff.pipeline import CompiledCall
+
+    unet = LatentDiffusionPipeline.from_pretrained(folders[1]).unet.eval()
+    pipe = SimpleNamespace(_seen_calls=set())
+    call = CompiledCall(torch.compile(unet, backend="eager"), pipe)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor(10)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+
+    def spoiled():  # the projections made so far zeroed: a call that does not make them anew is wrong
+        for buffers in unet._text_projections._buffers.values():
+            for keys, values in buffers:
+                keys.zero_()
+                values.zero_()
+
+    with torch.no_grad():
+        want = unet(x, t, context)
+        torch.testing.assert_close(call(x, t, context), want)
+        layers = TextProjections.of(unet).layers
+        assert len(layers) == sum(1 for name, _ in unet.named_modules() if name.endswith(".attn2"))
+        assert all(layer.text_kv is None for layer in layers)
+        spoiled()
+        assert (call(x, t, context) - want).abs().max() > 1e-3  # the same context in the same loop: not made anew
+        torch.testing.assert_close(call(x, t, context.clone()), want)  # another tensor
+        spoiled()
+        context.mul_(1.0)  # (changed in place: its version moves on)
+        torch.testing.assert_close(call(x, t, context), want)
+        spoiled()
+        torch.testing.assert_close(call(x, t, encoder_hidden_states=context,  # the graph's own projections
+                                        cross_attention_kwargs={"scale": 1.0}), want)
+        pipe._seen_calls = None  # outside a loop
+        torch.testing.assert_close(call(x, t, context), want)
+        spoiled()
+        torch.testing.assert_close(call(x, t, context), want)
+    assert all(layer.text_kv is None for layer in layers)
+    assert TextProjections.of(unet) is None  # (with autograd: the graph projects the text itself)
+
+
+def test_small_attention_is_written_out_under_compile(monkeypatch):
+    """Under torch.compile on a CPU, attention over few query-key pairs runs as small_attention (its products
+    and softmax, for inductor to fuse), the same up to rounding; larger ones and eager calls run SDPA."""
+    from latentdiff.models import attention
+
+    calls = []
+
+    def counted(q, k, v):
+        calls.append(q.shape[-2] * k.shape[-2])
+        return attention.small_attention.__wrapped__(q, k, v)
+
+    counted.__wrapped__ = attention.small_attention
+    monkeypatch.setattr(attention, "small_attention", counted)
+    layer = attention.Attention(32, heads=2, dim_head=16, context_dim=24).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 64, 32, generator=gen), torch.randn(2, 77, 24, generator=gen)
+    long = torch.randn(2, 200, 24, generator=gen)
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, context), layer(x, context), atol=1e-6, rtol=1e-5)
+        assert calls == [64 * 77]
+        torch.testing.assert_close(compiled(x, long), layer(x, long), atol=1e-6, rtol=1e-5)
+        assert calls == [64 * 77]  # (64 x 200 pairs: SDPA)
+        q, k, v = torch.randn(3, 2, 4, 10, 8, generator=gen)
+        torch.testing.assert_close(counted.__wrapped__(q, k, v),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6, rtol=1e-5)
+
+
 def test_denoising_loops_forget_the_call_layouts_after_callbacks(folders):
     """A callback may change anything the compiled calls' guards check: the loop's record of call layouts is
     emptied after each, and exists only during the loop."""

@@ -24,7 +24,7 @@ from .cuda_graphs import CUDAGraphModel
 from .guidance import ClassifierFreeGuidance
 from .ip_adapter import IPAdapterMixin
 from .lora import LoRALoaderMixin, lora_call_scale, model_lora_scaled
-from .models.attention import cache_text_keys, tensors_key
+from .models.attention import TextProjections, cache_text_keys, tensors_key
 from .models.embeddings import guidance_embedding
 from .models.unet import cache_timesteps
 from .offload import ModelOffload
@@ -83,7 +83,8 @@ class CompiledCall:
     runs without them, under torch.compiler.set_stance(skip_guard_eval_unsafe=True): nothing that the guards read
     beyond the arguments can change between two calls of a loop, as long as no user code runs in between
     (denoise() forgets the layouts seen after each callback). Outside a loop (`pipe._seen_calls` None), under
-    another stance, and for a new layout, the guards run as usual (and may compile)."""
+    another stance, and for a new layout, the guards run as usual (and may compile). The text's keys and values
+    are projected outside the graph, once per loop (attention.TextProjections)."""
 
     def __init__(self, compiled: Callable, pipe: LatentDiffusionPipeline):
         self.compiled, self.pipe = compiled, pipe
@@ -95,6 +96,31 @@ class CompiledCall:
 
     def __call__(self, *args, **kwargs):
         seen = self.pipe._seen_calls
+        context, text = self._text(args, kwargs)
+        if text is None:
+            return self._call(seen, args, kwargs)
+        try:  # (the projections stay valid within a loop, as the layouts do; inference tensors keep no version)
+            made = ("text", id(self.compiled), context, context._version)
+        except RuntimeError:
+            made = None
+        with text.given(context, fresh=seen is not None and made in seen):
+            out = self._call(seen, args, kwargs)
+        if seen is not None and made is not None:
+            seen.add(made)
+        return out
+
+    def _text(self, args: tuple, kwargs: dict) -> tuple:
+        """(context, its TextProjections) for a call whose text the cross-attentions can get projected outside the
+        graph (attention.TextProjections: the U-Net's and the ControlNets' encoder_hidden_states, with no
+        cross_attention_kwargs or added_cond_kwargs, which change what they attend to); else (None, None)."""
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        model = getattr(self.compiled, "_orig_mod", None)
+        if (not isinstance(context, torch.Tensor) or model is None or kwargs.get("cross_attention_kwargs")
+                or kwargs.get("added_cond_kwargs") is not None):
+            return None, None
+        return context, TextProjections.of(model)
+
+    def _call(self, seen: set | None, args: tuple, kwargs: dict):
         layout = None if seen is None or _stance() != ("default", False, None) else call_layout(args, kwargs)
         # (per compiled model: models of one class share dynamo's cache, where the guards tell their graphs apart)
         key = None if layout is None else (id(self.compiled), layout)
