@@ -387,6 +387,27 @@ def test_stochastic_sampler_is_batch_invariant(pipe):
     torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=0)
 
 
+def test_prompts_and_negatives_are_encoded_in_one_batch(folders):
+    """A call's prompts and negative prompts that are not cached yet go through the text encoder as one batch
+    (repeats once), with each one's own embedding; cached ones are not encoded again."""
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    batches = []
+    pipe.text_encoder.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    cond, uncond = pipe.encode_prompt(["a red circle", "a blue star", "a red circle"], "cpu", 1, True,
+                                      negative_prompt="blurry")
+    assert batches == [3]  # two prompts and the negative
+    for prompt, got in [("a red circle", cond[0]), ("a blue star", cond[1]), ("a red circle", cond[2]),
+                        ("blurry", uncond[2])]:
+        torch.testing.assert_close(got, pipe.text_encoder(pipe.tokenizer([prompt])).last_hidden_state[0])
+    batches.clear()
+    pipe.encode_prompt(["a blue star", "a green square"], "cpu", 1, True)
+    assert batches == [2]  # the new prompt and the empty negative
+    pipe._embedding_cache.clear()
+    batches.clear()
+    pipe.encode_prompt("a red circle", "cpu", 1, False)  # (unguided: no negative)
+    assert batches == [1]
+
+
 def test_prompt_cache_follows_the_text_encoders_weights(folders):
     from latentdiff import LatentDiffusionPipeline
 

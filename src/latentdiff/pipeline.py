@@ -657,16 +657,17 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             self._embedding_cache.clear()
             self._embedding_weights = weights
         cache = {} if weights is None else self._embedding_cache  # (uncheckable weights: this call's prompts only)
-        out = []
-        for prompt in prompts:
-            key = (prompt, clip_skip)
-            if key not in cache:
-                ids = self.tokenizer(self.maybe_convert_prompt(prompt)).to(self.text_encoder.device)
-                cache[key] = encode_prompt_ids(self.text_encoder, ids, clip_skip)[0]
-                if len(cache) > 256:
-                    cache.pop(next(iter(cache)))
-            out.append(cache[key])
-        return torch.stack(out).to(self.dtype)
+        new = list(dict.fromkeys(prompt for prompt in prompts if (prompt, clip_skip) not in cache))
+        if new:  # one batch through the text encoder (a prompt and its negative: one call, not two)
+            ids = torch.cat([self.tokenizer(self.maybe_convert_prompt(prompt)) for prompt in new])
+            embedded = encode_prompt_ids(self.text_encoder, ids.to(self.text_encoder.device), clip_skip)
+            found = {prompt: cache[(prompt, clip_skip)] for prompt in prompts if (prompt, clip_skip) in cache}
+            for prompt, embedding in zip(new, embedded):
+                cache[(prompt, clip_skip)] = found[prompt] = embedding
+            while len(cache) > 256:
+                cache.pop(next(iter(cache)))
+            return torch.stack([found[prompt] for prompt in prompts]).to(self.dtype)
+        return torch.stack([cache[(prompt, clip_skip)] for prompt in prompts]).to(self.dtype)
 
     # ---- checks -----------------------------------------------------------------------------------------------
     def _inpainting_unet(self) -> bool:
@@ -710,13 +711,27 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         width = width or image_width - image_width % multiple
         return self._check_size(height, width)
 
+    @staticmethod
+    def _negatives(negative_prompt, batch: int) -> list[str]:
+        """The negative prompts of a batch of `batch` prompts: the empty one for each by default."""
+        negatives = [""] * batch if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and batch > 1:
+            negatives = negatives * batch
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}: "
+                             "give one negative prompt, or one per prompt")
+        return negatives
+
     def _contexts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per_prompt, guided,
                   clip_skip):
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("pass a prompt (or prompt_embeds)")
             prompts = _as_list(prompt, "prompt")
-            cond = self.embed_prompts(prompts, clip_skip)
+            negatives = (self._negatives(negative_prompt, len(prompts))
+                         if guided and negative_prompt_embeds is None else [])
+            both = self.embed_prompts(prompts + negatives, clip_skip)  # (one pass through the text encoder)
+            cond, uncond = both[:len(prompts)], (both[len(prompts):] if negatives else None)
         else:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -726,19 +741,13 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                  f"[batch, tokens, {width}] (the text encoder's hidden states, as encode_prompt "
                                  "gives them)")
             cond = prompt_embeds.to(self.device, self.dtype)
+            uncond = None
         batch = cond.shape[0]
-        uncond = None
         if guided:
             if negative_prompt_embeds is not None:
                 uncond = negative_prompt_embeds.to(self.device, self.dtype)
-            else:
-                negatives = [""] * batch if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-                if len(negatives) == 1 and batch > 1:
-                    negatives = negatives * batch
-                if len(negatives) != batch:
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}: "
-                                     "give one negative prompt, or one per prompt")
-                uncond = self.embed_prompts(negatives, clip_skip)
+            elif uncond is None:  # (prompt_embeds given)
+                uncond = self.embed_prompts(self._negatives(negative_prompt, batch), clip_skip)
             if uncond.shape != cond.shape:
                 raise ValueError(f"negative prompt embeddings {tuple(uncond.shape)} do not match the prompt "
                                  f"embeddings {tuple(cond.shape)}")
