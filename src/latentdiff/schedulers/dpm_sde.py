@@ -20,7 +20,7 @@ from ..schedules import ve_sigmas
 from .base import SchedulerOutput
 from .config import DPMSolverSDEConfig
 from .euler import _denoise, _SigmaScheduler, euler_step
-from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
+from .grids import sigma_to_t, spaced_levels, spaced_timesteps
 
 
 class BrownianNoise:
@@ -115,11 +115,7 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
         log_table = np.log(table)
         steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                  round_linspace=False)
-        sigmas = interp_sigmas(steps, table)
-        grid = sigma_grid(c)
-        if grid is not None:
-            sigmas = grid[1](sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
-            steps = sigma_to_t(sigmas, log_table)
+        steps, sigmas = spaced_levels(c, steps, table, num_inference_steps)
         log_levels = -np.log(sigmas)  # the midpoints' timesteps, from the float64 levels (as diffusers)
         mids = np.exp(-(log_levels[:-1] + np.diff(log_levels) * 0.5))
         mid_steps = sigma_to_t(mids, log_table)

@@ -11,7 +11,7 @@ from ..guidance import Denoiser
 from ..schedules import predict_x0_eps, randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import DPMSolverConfig
-from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
+from .grids import sigma_grid, spaced_levels, spaced_timesteps
 
 
 def _log_snr(alpha: torch.Tensor, sigma_vp: torch.Tensor) -> torch.Tensor:
@@ -117,15 +117,9 @@ class LogSNRMultistepScheduler(Scheduler):
             steps = spaced_timesteps(n, c.num_train_timesteps, "trailing")
         else:  # diffusers spaces n + 1 points and drops the last (t = 0 or steps_offset) for these solvers
             steps = spaced_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, drop_last=True)
-        if grid is not None:  # (from the whole training table)
-            key, spaced = grid
-            sigmas = spaced(table[0].item(), table[-1].item(), n)
-            steps = sigma_to_t(sigmas, np.log(table))
-            if key == "use_karras_sigmas" and (self.round_karras_timesteps_always
-                                               or c.beta_schedule != "squaredcos_cap_v2"):
-                steps = steps.round()  # (diffusers' choices: exponential and beta timesteps are truncated instead)
-        else:
-            sigmas = interp_sigmas(steps, table)
+        # (a sigma grid spans the whole training table here; diffusers truncates exponential and beta timesteps)
+        steps, sigmas = spaced_levels(c, steps, table, n, table[0].item(), table[-1].item(), round_karras=(
+            self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"))
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 

@@ -9,7 +9,7 @@ from ..guidance import Denoiser
 from ..schedules import randn, ve_sigmas, vp_coefficients
 from .base import Scheduler, SchedulerOutput
 from .config import EulerAncestralConfig, EulerConfig, HeunConfig, LMSConfig
-from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
+from .grids import sigma_grid, sigma_to_t, spaced_levels, spaced_timesteps
 
 
 def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -78,12 +78,9 @@ class _SigmaScheduler(Scheduler):
         else:
             steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                      round_linspace=False).astype(np.float32)
-        sigmas = interp_sigmas(steps, table)
-        if grid is not None:  # Karras, exponential or beta sigmas: Euler, Heun, LMS; Euler-ancestral has no such keys
-            low, high = c.get("sigma_min"), c.get("sigma_max")  # (Euler's keys; Heun has none)
-            sigmas = grid[1](low if low is not None else sigmas[-1].item(),
-                             high if high is not None else sigmas[0].item(), num_inference_steps)
-            steps = sigma_to_t(sigmas, np.log(table))
+        # (Karras, exponential or beta sigmas: Euler, Heun, LMS, Euler-ancestral having no such keys; sigma_min and
+        # sigma_max are Euler's keys, Heun has none)
+        steps, sigmas = spaced_levels(c, steps, table, num_inference_steps, c.get("sigma_min"), c.get("sigma_max"))
         last = table[0] if c.get("final_sigmas_type") == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
         return torch.from_numpy(steps.astype(np.float32)).to(device)

@@ -159,6 +159,23 @@ def sigma_grid(config) -> tuple[str, Callable[[float, float, int], np.ndarray]] 
     return None
 
 
+def spaced_levels(config, steps: np.ndarray, table: np.ndarray, n: int, low: float | None = None,
+                  high: float | None = None, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, noise levels) of a grid of n steps: the spaced `steps` with their levels in the training `table`
+    (interp_sigmas), or where the config asks for a sigma grid (sigma_grid: Karras, exponential, beta), that grid
+    from `low` to `high` (by default the spaced levels' ends) with the fractional timesteps that fall on it
+    (sigma_to_t); `round_karras`: a Karras grid's timesteps rounded to whole steps (diffusers rounds them for some
+    solvers and leaves exponential and beta ones fractional)."""
+    sigmas = interp_sigmas(steps, table)
+    grid = sigma_grid(config)
+    if grid is None:
+        return steps, sigmas
+    key, spaced = grid
+    sigmas = spaced(sigmas[-1].item() if low is None else low, sigmas[0].item() if high is None else high, n)
+    steps = sigma_to_t(sigmas, np.log(table))
+    return (steps.round() if round_karras and key == "use_karras_sigmas" else steps), sigmas
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray, float32: bool = False) -> np.ndarray:
     """The fractional training timestep of each noise level: linear interpolation in log sigma between the two
     neighbouring training steps (the inverse of the table, clipped to its ends); `float32`: the last interpolation

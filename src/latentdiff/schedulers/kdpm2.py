@@ -15,7 +15,7 @@ from ..schedules import randn, ve_sigmas
 from .base import SchedulerOutput
 from .config import KDPM2AncestralConfig, KDPM2Config
 from .euler import _denoise, _SigmaScheduler, ancestral_sigmas, euler_step
-from .grids import interp_sigmas, sigma_grid, sigma_to_t, spaced_timesteps
+from .grids import sigma_to_t, spaced_levels, spaced_timesteps
 
 
 def midpoint_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -65,14 +65,7 @@ class KDPM2DiscreteScheduler(_SigmaScheduler):
         log_table = np.log(table)
         steps = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
                                  round_linspace=False).astype(np.float32)
-        levels = interp_sigmas(steps, table)
-        grid = sigma_grid(c)
-        if grid is not None:
-            key, spaced = grid
-            levels = spaced(levels[-1].item(), levels[0].item(), num_inference_steps)
-            steps = sigma_to_t(levels, log_table)
-            if key == "use_karras_sigmas":  # (diffusers rounds these; it leaves exponential and beta ones fractional)
-                steps = steps.round()
+        steps, levels = spaced_levels(c, steps, table, num_inference_steps, round_karras=True)
         return steps, torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32)), log_table
 
     @staticmethod
