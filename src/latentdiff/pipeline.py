@@ -802,7 +802,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         # from the next step; <= 1 drops the unconditional pass), pipe._interrupt = True (stop, then decode)
         self._num_timesteps, self._guidance_scale, self._interrupt = len(timesteps), float(guidance_scale), False
         with self._compiling(), contextlib.ExitStack() as caches:
-            for network in self._denoisers():
+            # (compiled networks neither read nor fill these caches, and finding their layers walks every module)
+            for network in self._denoisers() if self._compile_options is None else ():
                 caches.enter_context(cache_text_keys(network))
                 caches.enter_context(cache_timesteps(network, timesteps))
             caches.enter_context(self._loop_calls())
@@ -1068,15 +1069,13 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         if image is None:
             raise ValueError(f"{task} needs an image (a PIL image, a [B, 3, H, W] tensor in [0, 1], or a list of "
                              "them)")
-        latent = self.vae.config.latent_channels
-        given = image if isinstance(image, torch.Tensor) and image.dim() == 4 else None
-        if task == "img2img" and given is not None and given.shape[1] == latent != 3:
+        if task == "img2img" and self._are_latents(image):
             # latents (scaled, as output_type="latent" gives them) instead of pixels, as diffusers' img2img takes
             # them: e.g. a text-to-image call's latents, upscaled, refined at a larger size ("hires fix")
-            if not torch.isfinite(given).all():
+            if not torch.isfinite(image).all():
                 raise ValueError("the image latents contain NaN or infinite values")
-            pixels = given
-            self._check_size(*(side * self.vae_scale_factor for side in given.shape[-2:]))
+            pixels = image
+            self._check_size(*(side * self.vae_scale_factor for side in image.shape[-2:]))
         else:
             pixels = self.preprocess(image)
             self._check_size(*pixels.shape[-2:])
@@ -1091,11 +1090,17 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         self.scheduler.set_begin_index(start)
         return pixels, cond, uncond, generators, self.scheduler.timesteps[start:]
 
+    def _are_latents(self, image) -> bool:
+        """Whether an img2img image is latents ([B, the VAE's latent channels, h, w]; never for a VAE with 3 latent
+        channels, where they could not be told from pixels) rather than pixels."""
+        latent = self.vae.config.latent_channels
+        return isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == latent != 3
+
     def _noised_latents(self, pixels: torch.Tensor, generators, timesteps: torch.Tensor) -> torch.Tensor:
         """Where img2img starts: the pixels' latents (or the latents given instead of pixels) noised to the first of
         `timesteps` with each image's generator (the latents themselves where no step is left: strength 0)."""
-        given = pixels.shape[1] != 3  # (latents: see _image_call)
-        z0 = pixels.to(self.device, self.dtype) if given else self._encode_sample(pixels, generators)
+        latents = self._are_latents(pixels)  # (given instead of pixels: see _image_call)
+        z0 = pixels.to(self.device, self.dtype) if latents else self._encode_sample(pixels, generators)
         if len(timesteps) == 0:
             return z0
         noise = randn(tuple(z0.shape), generators, self.device, self.dtype)
