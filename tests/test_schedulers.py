@@ -118,7 +118,9 @@ def test_trajectories_match_diffusers(name, beta_schedule, prediction_type, spac
         return
     config = dict(beta_schedule=beta_schedule, beta_start=start, beta_end=end, prediction_type=prediction_type,
                   timestep_spacing=spacing)
-    for extra, n in itertools.product(variants(name), STEPS):
+    # (DPM-SDE's Brownian tree, in ours and diffusers', costs the most per step: 50 steps on SD's schedule only)
+    steps = STEPS[:2] if name == "DPMSolverSDEScheduler" and beta_schedule != "scaled_linear" else STEPS
+    for extra, n in itertools.product(variants(name), steps):
         if name == "KDPM2AncestralDiscreteScheduler" and undefined_midpoint(n, **config, **extra):
             continue
         same_trajectory(name, n, extra, **config)
