@@ -657,17 +657,17 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             self._embedding_cache.clear()
             self._embedding_weights = weights
         cache = {} if weights is None else self._embedding_cache  # (uncheckable weights: this call's prompts only)
-        new = list(dict.fromkeys(prompt for prompt in prompts if (prompt, clip_skip) not in cache))
+        # (held here too: making room in the cache below may drop ones this call uses)
+        found = {prompt: cache[(prompt, clip_skip)] for prompt in prompts if (prompt, clip_skip) in cache}
+        new = list(dict.fromkeys(prompt for prompt in prompts if prompt not in found))
         if new:  # one batch through the text encoder (a prompt and its negative: one call, not two)
             ids = torch.cat([self.tokenizer(self.maybe_convert_prompt(prompt)) for prompt in new])
             embedded = encode_prompt_ids(self.text_encoder, ids.to(self.text_encoder.device), clip_skip)
-            found = {prompt: cache[(prompt, clip_skip)] for prompt in prompts if (prompt, clip_skip) in cache}
             for prompt, embedding in zip(new, embedded):
                 cache[(prompt, clip_skip)] = found[prompt] = embedding
             while len(cache) > 256:
                 cache.pop(next(iter(cache)))
-            return torch.stack([found[prompt] for prompt in prompts]).to(self.dtype)
-        return torch.stack([cache[(prompt, clip_skip)] for prompt in prompts]).to(self.dtype)
+        return torch.stack([found[prompt] for prompt in prompts]).to(self.dtype)
 
     # ---- checks -----------------------------------------------------------------------------------------------
     def _inpainting_unet(self) -> bool:
