@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# one pytest-xdist worker per core (one torch thread each, tests/conftest.py): half the wall time of one process on
+# 2 cores, since most tests are tiny models whose time is Python's. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -9,6 +9,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one torch thread each, or their OpenMP threads thrash
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
