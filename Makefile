@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# one pytest-xdist worker per core (one torch thread each, tests/conftest.py): half the wall time of one process on
-# 2 cores, since most tests are tiny models whose time is Python's. PYTEST_WORKERS=0 runs them in this process.
-PYTEST_WORKERS ?= auto
+# one pytest-xdist worker per core, at most 4 (each holds its own torch, diffusers and models: 1-4.6 GB), with the
+# cores shared out as torch threads (tests/conftest.py): half the wall time of one process on 2 cores, since most
+# tests are tiny models whose time is Python's. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
