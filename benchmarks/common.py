@@ -163,6 +163,11 @@ class Timing:
     def median_cpu(self) -> float:
         return statistics.median(self.cpu)
 
+    def paired_ratio(self, ref: Timing) -> float:
+        """The median over rounds of ref's call time / this one's in the same round (time_interleaved: the two calls
+        of a round ran back to back, under much the same load, so a slow minute of a shared machine slows both)."""
+        return statistics.median(a / b for a, b in zip(ref.wall, self.wall))
+
 
 def median_times(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each call, the calls interleaved over `repeats` rounds (after one untimed call each): the

@@ -412,6 +412,7 @@ def main() -> int:
             "variant": v, "s/image": f"{t.median / args.batch:.3f}", "best s/image": f"{t.best / args.batch:.3f}",
             "cpu s/image": f"{t.median_cpu / args.batch:.3f}", "runs (s/call)": " ".join(f"{w:.2f}" for w in t.wall),
             "vs diffusers": f"{ref.median / t.median:.2f}x ({ref.best / t.best:.2f}x)",
+            "paired": f"{t.paired_ratio(ref):.2f}x",
             "GFLOP/s": f"{flops / t.median / 1e9:.1f}", "max|pixel diff|": f"{errors[v]:.1e}",
             "peak RSS": gib(t.peak_rss), "+ during call": gib(t.rise),
             "first call s": f"{first_call[v]:.1f}",
@@ -421,8 +422,9 @@ def main() -> int:
           f"{type(pipes['diffusers'].scheduler).__name__}, guidance {args.guidance}; {flops / 1e9:.1f} GFLOP per "
           f"call (FlopCounterMode, attention not counted); prompt cache {'kept' if args.prompt_cache else 'cleared'}; "
           "first call: the untimed warm-up call, which for -compile variants includes compiling")
-    print("columns: median over the runs (in brackets: from the best run); peak RSS: the whole process (every "
-          "pipeline loaded), and how much it rose during one call")
+    print("columns: median over the runs (in brackets: from the best run); paired: the median over the rounds of "
+          "diffusers' call time / this variant's in the same round; peak RSS: the whole process (every pipeline "
+          "loaded), and how much it rose during one call")
     print_table(rows, list(rows[0]))
 
     print(f"\nwhere the time goes: mean ms per image over the {args.repeats} timed calls (share of the call, "
