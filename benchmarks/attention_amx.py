@@ -1,10 +1,12 @@
 """Our AMX attention kernel (latentdiff/models/amx.py, used by optimize_for_inference() on bf16 and fp32
-models where the CPU has AMX) against PyTorch's scaled_dot_product_attention (its CPU flash kernel) on the attention
-shapes of SD 1.5's U-Net, batch 2, and the VAE's, in bfloat16 and float32. Prints, per shape: the largest error of both
-against a float64 reference, their largest difference, the median times (calls interleaved), the ratio, and whether
-optimize_for_inference() would use the kernel there (amx.suits).
+models where the CPU has AMX), or on CPUs with AVX512-BF16 but no AMX its AVX-512 build (bf16 only), against
+PyTorch's scaled_dot_product_attention (its CPU flash kernel) on the attention shapes of SD 1.5's U-Net, batch 2, and
+the VAE's, in bfloat16 and float32. Prints, per shape: the largest error of both against a float64 reference, their
+largest difference, the median times (calls interleaved), the ratio, and whether optimize_for_inference() would use
+the kernel there (amx.suits).
 
     python benchmarks/attention_amx.py [--threads 2] [--repeats 5] [--dtypes bf16,fp32] [--scale 1]
+                                       [--kernel amx|avx512]
 
 --scale multiplies the queries and keys: 8 spreads each row's scores over hundreds (a sharply peaked softmax, whose
 exponentials mostly fall below float32's normal range).
@@ -23,21 +25,37 @@ import torch.nn.functional as F
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx
 
-# (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16
+# (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16, 8x8
 # latents, SD 2.x's 64-dim heads at 64x64, the VAE's single 512-dim head at 64x64
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
-          (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 5, 4096, 4096, 64), (1, 1, 4096, 4096, 512)]
+          (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160), (2, 8, 64, 77, 160),
+          (2, 5, 4096, 4096, 64), (1, 1, 4096, 4096, 512)]
+
+
+def kernel_unavailable() -> str | None:
+    """Why neither kernel runs here (with --kernel, why that one does not), or None."""
+    if "avx512" not in sys.argv and amx_unavailable() is None:
+        return None
+    if "amx" in sys.argv:
+        return amx_unavailable()
+    return None if amx.avx512_library() else amx.unavailable(amx.AVX512_CPU_FLAGS) or "its build failed"
 
 
 def main() -> None:
     def more_options(parser):
-        parser.add_argument("--dtypes", default="bf16,fp32")
+        parser.add_argument("--dtypes", default=None, help="default: bf16,fp32 (AMX), bf16 (AVX-512)")
         parser.add_argument("--scale", type=float, default=1.0, help="queries and keys times this")
+        parser.add_argument("--kernel", choices=["amx", "avx512"], default=None,
+                            help="default: amx where it runs, else avx512")
 
-    args = start_kernel_benchmark(__doc__, 5, amx_unavailable, more_options)
+    args = start_kernel_benchmark(__doc__, 5, kernel_unavailable, more_options)
     if args is None:
         return
-    lib = amx.library()
+    args.kernel = args.kernel or ("amx" if amx.available() else "avx512")
+    args.dtypes = args.dtypes or ("bf16,fp32" if args.kernel == "amx" else "bf16")
+    lib = amx.library() if args.kernel == "amx" else amx.avx512_library()
+    least = amx.MIN_QUERIES if args.kernel == "amx" else amx.AVX512_MIN_QUERIES
+    print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
     for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
         def tokens(count):  # [B, H, count, d] views of [B, count, H * d], as the U-Net's attention makes them
@@ -52,7 +70,7 @@ def main() -> None:
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
         print(f"{dtype:5} {str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
-              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v)}")
+              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v, least)}")
 
 
 if __name__ == "__main__":

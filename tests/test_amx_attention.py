@@ -1,8 +1,9 @@
 """The AMX attention kernel (models/amx.py, amx.cpp): in bfloat16 and in float32 as exact as
 PyTorch's attention in that dtype against a float64 reference on every shape it takes (ragged query and key counts, head
 dims 16-160, strided views), PyTorch's result exactly where it does not take the inputs, used by
-optimize_for_inference() on bf16 and fp32 models, and a build failure that warns and falls back. The kernel's own tests
-run only where this CPU has AMX and g++ is installed; the rest run everywhere."""
+optimize_for_inference() on bf16 and fp32 models, and a build failure that warns and falls back; the same for its
+AVX-512 build (bfloat16 only), which runs where the CPU has AVX512-BF16 but no AMX. The kernels' own tests run only
+where this CPU has what they need and g++ is installed (the `kernel` fixture); the rest run everywhere."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,37 @@ needs_amx = pytest.mark.skipif(not amx.available(),
                                reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
 
 
+@pytest.fixture(params=["amx", "avx512"])
+def kernel(request, monkeypatch) -> str:
+    """Which kernel amx.attention runs in the test: the AMX one, or the AVX-512 BF16 build (with amx.library()
+    reporting none, as on a CPU without AMX, so that attention and optimize_for_inference take it)."""
+    if request.param == "amx" and not amx.available():
+        pytest.skip(f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
+    if request.param == "avx512":
+        if amx.avx512_library() is None:
+            pytest.skip(f"no AVX-512 BF16 kernel here: {amx.unavailable(amx.AVX512_CPU_FLAGS) or 'build failed'}")
+        monkeypatch.setattr(amx, "library", lambda: None)
+    monkeypatch.setattr(amx, "F", NoFallback())  # (a test of a kernel that quietly left it all to PyTorch would pass)
+    return request.param
+
+
+class NoFallback:
+    """torch.nn.functional for amx.py, but with no scaled_dot_product_attention to fall back on."""
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(*args, **kwargs):
+        raise AssertionError("amx.attention left this attention to PyTorch's kernel")
+
+
+def runs(kernel: str, dtype: torch.dtype) -> None:
+    if kernel == "avx512" and dtype == torch.float32:
+        pytest.skip("float32 attention stays with PyTorch's kernel without AMX (test_avx512_build_leaves_float32_"
+                    "and_few_queries_to_pytorch)")
+
+
 def heads(batch: int, tokens: int, n_heads: int, d: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
     """[B, heads, tokens, d] view of [B, tokens, heads * d], as the U-Net's attention makes them."""
     g = torch.Generator().manual_seed(seed)
@@ -29,7 +61,6 @@ def heads(batch: int, tokens: int, n_heads: int, d: int, seed: int, dtype=torch.
 SLACK = {torch.bfloat16: 1e-4, torch.float32: 1e-7}
 
 
-@needs_amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,n_heads,queries,keys,d", [
     (2, 8, 1024, 77, 40),     # cross-attention to the text, 77 keys: a ragged last chunk of 32
@@ -38,7 +69,8 @@ SLACK = {torch.bfloat16: 1e-4, torch.float32: 1e-7}
     (1, 2, 1024, 33, 80),     # head dim not a multiple of 32 (padded depth), 16-wide tail of the width
     (1, 1, 1056, 256, 160),   # the largest head dim it takes
 ])
-def test_amx_attention_is_as_exact_as_pytorchs(batch, n_heads, queries, keys, d, dtype):
+def test_amx_attention_is_as_exact_as_pytorchs(kernel, batch, n_heads, queries, keys, d, dtype):
+    runs(kernel, dtype)
     q, k, v = (heads(batch, tokens, n_heads, d, seed, dtype) for tokens, seed in ((queries, 0), (keys, 1), (keys, 2)))
     assert amx.suits(q, k, v)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -52,13 +84,13 @@ def test_amx_attention_is_as_exact_as_pytorchs(batch, n_heads, queries, keys, d,
     assert merged.data_ptr() == ours.data_ptr() and merged.is_contiguous()
 
 
-@needs_amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d", [40, 64])  # the numerators summed by the value products (40) or apart (64)
-def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(d, dtype):
+def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(kernel, d, dtype):
     """Scores that rise chunk by chunk (1024 keys each): a little (the numerators are taken against the old
     maximum, up to 2^8), a lot (the chunk is redone against its own maximum and the sums so far rescaled), and from
     far below (the first chunk's numerators all but vanish)."""
+    runs(kernel, dtype)
     q, k, v = heads(1, 1024, 2, d, 0, dtype), heads(1, 3000, 2, d, 1, dtype), heads(1, 3000, 2, d, 2, dtype)
     for row, (key, gain) in enumerate([(1100, 0.4), (2500, 3.0), (2100, 6.0), (1030, 1.5)]):
         k[:, :, key] = (gain * q[:, :, row].float() * d ** 0.5 / q[:, :, row].float().norm(dim=-1, keepdim=True)
@@ -69,12 +101,12 @@ def test_amx_attention_follows_a_maximum_that_rises_in_later_key_chunks(d, dtype
     assert error <= 1.25 * their_error + SLACK[dtype], (error, their_error)
 
 
-@needs_amx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_amx_attention_of_peaked_scores_is_exact_and_leaves_subnormals_to_pytorch(dtype):
+def test_amx_attention_of_peaked_scores_is_exact_and_leaves_subnormals_to_pytorch(kernel, dtype):
     """Scores hundreds apart (a sharply peaked softmax): most exponentials fall below float32's normal range, which
     the kernel flushes to zero (a microcode assist each otherwise: 8-16x slower); after it, PyTorch's own threads
     keep subnormal numbers again."""
+    runs(kernel, dtype)
     q, k, v = (heads(2, 1024, 2, 40, seed, dtype) * 8 for seed in range(3))  # scores spread over hundreds
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     error, their_error = ((o.double() - exact).abs().max().item()
@@ -91,10 +123,10 @@ def keeps_subnormals() -> bool:
     return torch.equal((tiny * 2).view(torch.int32), torch.full_like(tiny, 1024, dtype=torch.int32))
 
 
-@needs_amx
 @pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 4e-3), (torch.float32, 1e-6)])
-def test_amx_attention_sees_every_key_once(dtype, rtol):
+def test_amx_attention_sees_every_key_once(kernel, dtype, rtol):
     """Identical keys and values except one: a kernel that dropped, repeated or mis-padded keys would miss it."""
+    runs(kernel, dtype)
     q = heads(1, 1024, 1, 40, 0, dtype)
     k = torch.zeros(1, 1, 100, 40, dtype=dtype)
     v = torch.zeros_like(k)
@@ -124,10 +156,11 @@ def test_float32_inputs_are_split_into_enough_bfloat16_parts():
 def test_what_the_kernel_does_not_take_goes_to_pytorch(monkeypatch):
     calls = []
     monkeypatch.setattr(amx, "library", lambda: calls.append(1))  # would fail if called with inputs
+    monkeypatch.setattr(amx, "avx512_library", lambda: calls.append(2))
     cases = {
         "float16": [heads(1, 1024, 2, 16, s, torch.float16) for s in range(3)],
         "float64": [heads(1, 1024, 2, 16, s, torch.float64) for s in range(3)],
-        "too few queries": [heads(1, amx.MIN_QUERIES - 1, 2, 16, s) for s in range(3)],
+        "too few queries": [heads(1, min(amx.MIN_QUERIES, amx.AVX512_MIN_QUERIES) - 1, 2, 16, s) for s in range(3)],
         "odd head dim": [heads(1, 1024, 2, 15, s) for s in range(3)],
         "head dim too large": [heads(1, 1024, 1, amx.MAX_HEAD_DIM + 2, s) for s in range(3)],
         "not unit stride": [heads(1, 1024, 2, 32, s)[..., ::2] for s in range(3)],
@@ -143,9 +176,10 @@ def test_what_the_kernel_does_not_take_goes_to_pytorch(monkeypatch):
     assert not calls
 
 
-@needs_amx
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.05), (torch.float32, 1e-5)])
-def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance):
+def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, kernel, dtype, tolerance):
+    runs(kernel, dtype)
+    monkeypatch.setattr(amx, "F", F)  # (the U-Net's few-query attention may go to PyTorch: the calls are counted)
     model = make(dtype=dtype)
     args = inputs(32, 32, dtype)  # 32x32 latents: 1024 tokens at the first level, 256 and 64 below
     with torch.no_grad():
@@ -153,7 +187,8 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance)
     pack_for_inference(model)
     layers = [m for m in model.modules() if isinstance(m, attention.Attention)]
     assert layers and all(layer.attend is amx.attention for layer in layers)
-    lib, calls = amx.library(), []
+    name = "library" if kernel == "amx" else "avx512_library"
+    lib, calls = getattr(amx, name)(), []
 
     class Counting:
         def amx_attention(self, *a):
@@ -167,18 +202,42 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, dtype, tolerance)
         def __getattr__(self, name):  # the library's other kernels (float32 linear layers), as they are
             return getattr(lib, name)
 
-    monkeypatch.setattr(amx, "library", lambda: Counting())
+    monkeypatch.setattr(amx, name, lambda: Counting())
     with torch.no_grad():
         fast = model(*args).float()
-    # the self- and cross-attention of the 1024-token level's 5 transformers (2 down, 3 up; 2 heads of 16)
-    assert sorted(calls) == [(2, 2, 1024, 7, 16)] * 5 + [(2, 2, 1024, 1024, 16)] * 5
+    # the self- and cross-attention of the 1024-token level's 5 transformers (2 down, 3 up; 2 heads of 16); the
+    # AVX-512 build takes those of the 256-token level too (2 heads of 32: 2 down, 3 up), and of the middle block's
+    # 64 tokens
+    expected = [(2, 2, 1024, 7, 16)] * 5 + [(2, 2, 1024, 1024, 16)] * 5
+    if kernel == "avx512":
+        expected += [(2, 2, 256, 7, 32)] * 5 + [(2, 2, 256, 256, 32)] * 5 + [(2, 2, 64, 7, 32), (2, 2, 64, 64, 32)]
+    assert sorted(calls) == sorted(expected)
     assert (fast - plain).abs().max() <= tolerance * plain.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpus_without_amx_keep_pytorchs_attention(monkeypatch, dtype):
     monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(amx, "avx512_library", lambda: None)  # (nor AVX512-BF16)
     model = pack_for_inference(make(dtype=dtype))
+    assert all("attend" not in m.__dict__ for m in model.modules())
+
+
+def test_avx512_build_leaves_float32_and_few_queries_to_pytorch(monkeypatch):
+    if amx.avx512_library() is None:
+        pytest.skip(f"no AVX-512 BF16 kernel here: {amx.unavailable(amx.AVX512_CPU_FLAGS) or 'build failed'}")
+    monkeypatch.setattr(amx, "library", lambda: None)
+    calls = []
+    real = amx.kernel
+    monkeypatch.setattr(amx, "kernel", lambda *a: calls.append(a[0]) or real(*a))
+    for q, k, v in ([heads(1, 1024, 2, 16, s, torch.float32) for s in range(3)],
+                    [heads(1, amx.AVX512_MIN_QUERIES - 1, 2, 16, s) for s in range(3)]):
+        assert torch.equal(amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert not calls
+    q, k, v = (heads(1, amx.AVX512_MIN_QUERIES, 2, 16, s) for s in range(3))
+    amx.attention(q, k, v)
+    assert calls == [amx.avx512_library()]
+    model = pack_for_inference(make(dtype=torch.float32))  # a float32 model keeps PyTorch's attention
     assert all("attend" not in m.__dict__ for m in model.modules())
 
 
@@ -196,8 +255,7 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         amx.library.cache_clear()
 
 
-@needs_amx
-def test_amx_attention_from_two_threads_at_once():
+def test_amx_attention_from_two_threads_at_once(kernel):
     """ctypes lets go of the GIL: two calls can run together, and only one of them may use the kept buffer of
     packed keys and values (the other makes its own)."""
     inputs_ = [[heads(1, 2048, 4, 40, 3 * i + s) for s in range(3)] for i in range(2)]

@@ -68,8 +68,8 @@ def test_sd15_pipeline_matches_diffusers(pipelines):
 @torch.no_grad()
 def test_sd15_unet_optimized_in_bf16_errs_no_more_than_diffusers_in_bf16(pipelines):
     """SD 1.5's U-Net at 512x512 (64x64 latents, a guided batch of 2) in bfloat16: ours after
-    optimize_for_inference() (packed layers, fused epilogues, phase-filter upsamplers and, on a CPU with AMX, our
-    attention kernel) is as close to the float32 result as diffusers' bf16 U-Net is."""
+    optimize_for_inference() (packed layers, fused epilogues, phase-filter upsamplers and, on a CPU with AMX or
+    AVX512-BF16, our attention kernel) is as close to the float32 result as diffusers' bf16 U-Net is."""
     ours, ref = pipelines
     g = torch.Generator().manual_seed(0)
     sample, context = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
@@ -77,7 +77,7 @@ def test_sd15_unet_optimized_in_bf16_errs_no_more_than_diffusers_in_bf16(pipelin
     exact = ref.unet(sample, t, context).sample
     theirs = copy.deepcopy(ref.unet).to(torch.bfloat16)(sample.bfloat16(), t, context.bfloat16()).sample.float()
     fast = copy.deepcopy(ours.unet).to(torch.bfloat16).optimize_for_inference()
-    if amx.available():
+    if amx.runs_attention(torch.bfloat16):
         assert all(m.attend is amx.attention for m in fast.modules() if isinstance(m, Attention))
     mine = fast(sample.bfloat16(), t, context.bfloat16()).float()
     errors = {name: ((y - exact).abs().mean().item(), (y - exact).abs().max().item())

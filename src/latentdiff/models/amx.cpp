@@ -13,6 +13,9 @@
 // take heads (packing), then groups of query blocks; loaded into a process that runs PyTorch, the OpenMP runtime is
 // PyTorch's (same soname), so its worker threads are reused rather than competing with ours. The end of the file holds
 // float32 linear layers on the same tiles and parts (amx_linear), and convolutions as such products (amx_conv).
+// Built with LATENTDIFF_AVX512_ATTENTION defined (for CPUs with AVX512-BF16 but no AMX), the file holds the bfloat16
+// attention alone, its q k^T and p v products taken from the same packed layouts with AVX-512's vdpbf16ps instead of
+// tile products (scores and values below); everything else is the same code.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -37,11 +40,17 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
+#ifdef LATENTDIFF_AVX512_ATTENTION
+void configure_tiles() {}
+inline void release_tiles() {}
+#else
 void configure_tiles() {
     TileConfig cfg;
     for (int i = 0; i < 8; ++i) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
     _tile_loadconfig(&cfg);
 }
+inline void release_tiles() { _tile_release(); }
+#endif
 
 // 2^x = 2^round(x) * 2^f, f in [-1/2, 1/2]; 2^f for bfloat16 numerators (PARTS 1) by a degree-4 polynomial fitted
 // to it (relative error < 3e-6), for float32 ones (PARTS 3) by a degree-6 one (< 2e-8)
@@ -133,6 +142,7 @@ struct Shapes {
     // the numerators (as the bf16 numbers they are multiplied as: the weights then sum to 1 exactly as rounded)
     bool ones;
     int64_t kp, vp;  // elements of one head's packed keys, values (all parts: [parts][nk32 / 2][dn][2])
+    int64_t depth_pairs;  // pairs of the q k^T depth that are not zero padding, (pairs * d + 1) / 2
 };
 
 // K of one head as B tiles of q k^T: [nk32 / 16][dk / 2][16 keys][2 depths], the depth being the keys' parts side
@@ -233,6 +243,39 @@ void load_queries(const Args<T>& a, const Shapes& s, const T* q, int64_t rows, u
     }
 }
 
+#ifdef LATENTDIFF_AVX512_ATTENTION
+// S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32) with vdpbf16ps: 8 queries x 32 keys of scores in 16
+// registers per pass, each step one pair of depths (a key tile row, 16 keys' pairs, is one register; a query's pair
+// is broadcast); the depth's zero padding is skipped
+inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int64_t k0, int64_t n, float* sbuf) {
+    constexpr int R = 8;
+    for (int64_t nb = k0 / 16; nb < (k0 + n) / 16; nb += 2) {
+        float* dst = sbuf + 16 * (nb - k0 / 16);
+        const uint16_t* ka = kp + nb * (s.dk / 2) * 32;
+        const uint16_t* kb = ka + (s.dk / 2) * 32;
+        for (int64_t r0 = 0; r0 < ROWS; r0 += R) {
+            __m512 acc[R][2];
+            for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            const uint16_t* qrow = qp + r0 * s.dk;
+            for (int64_t t = 0; t < s.depth_pairs; ++t) {
+                const __m512bh a = (__m512bh)_mm512_load_si512(ka + 32 * t);
+                const __m512bh b = (__m512bh)_mm512_load_si512(kb + 32 * t);
+                for (int r = 0; r < R; ++r) {
+                    int32_t pair;
+                    memcpy(&pair, qrow + r * s.dk + 2 * t, 4);
+                    const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, a);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b);
+                }
+            }
+            for (int r = 0; r < R; ++r) {
+                _mm512_storeu_ps(dst + (r0 + r) * SS, acc[r][0]);
+                _mm512_storeu_ps(dst + (r0 + r) * SS + 16, acc[r][1]);
+            }
+        }
+    }
+}
+#else
 // S[32][n] = Q K^T for keys [k0, k0 + n) (n a multiple of 32), from packed keys, 32 x 32 scores per pass (four
 // accumulator tiles). Measured on a 2-core Sapphire Rapids-class host: a tile product takes ~14 cycles, a tile
 // store ~50, so in bfloat16 with head dims of 64 or less the stores of the scores, not the products, bound this
@@ -260,6 +303,7 @@ inline void scores(const Shapes& s, const uint16_t* qp, const uint16_t* kp, int6
         _tile_stored(3, dst + 16 * SS + 16, SS * 4);
     }
 }
+#endif
 
 // Numerators may exceed 1 by up to 2^HEADROOM (bf16 and fp32 hold that easily): a chunk whose scores stay within
 // that of the running maximum is exponentiated against it in one pass, without a pass to find its own maximum.
@@ -383,6 +427,41 @@ inline float numerators(const float* srow, int64_t valid, int64_t n, float c, fl
     return alpha;
 }
 
+#ifdef LATENTDIFF_AVX512_ATTENTION
+// C[32][j0, j0 + 16 J) = P V for keys [k0, k0 + n) with vdpbf16ps: 8 queries x 16 J dims in 8 J registers per
+// pass, each step one pair of keys (a value tile row, 16 dims of the two keys, is one register; a query's two
+// numerators are broadcast)
+template <int J>
+inline void values_of(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, int64_t n, int64_t j0, float* cbuf) {
+    constexpr int R = 8;
+    for (int64_t r0 = 0; r0 < ROWS; r0 += R) {
+        __m512 acc[R][J];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n / 2; ++t) {
+            __m512bh v[J];
+            for (int j = 0; j < J; ++j) v[j] = (__m512bh)_mm512_loadu_si512(vp + (t * s.dn + j0 + 16 * j) * 2);
+            for (int r = 0; r < R; ++r) {
+                int32_t pair;
+                memcpy(&pair, pbuf + (r0 + r) * PS + 2 * t, 4);
+                const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+                for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, v[j]);
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < J; ++j) _mm512_storeu_ps(cbuf + (r0 + r) * s.dn + j0 + 16 * j, acc[r][j]);
+    }
+}
+
+// C[32][dn] = P V for keys [k0, k0 + n) (n a multiple of 32; bfloat16: one part), three registers of dims at a time
+inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, int64_t k0, int64_t n, float* cbuf) {
+    vp += k0 * s.dn;  // (key pair k0 / 2)
+    int64_t j0 = 0;
+    for (; j0 + 48 <= s.dn; j0 += 48) values_of<3>(s, pbuf, vp, n, j0, cbuf);
+    if (s.dn - j0 == 32) values_of<2>(s, pbuf, vp, n, j0, cbuf);
+    if (s.dn - j0 == 16) values_of<1>(s, pbuf, vp, n, j0, cbuf);
+}
+#else
 // C[32][dn] = P V for keys [k0, k0 + n) (n a multiple of 32), from the numerators' parts and the packed values'
 // (the products of parts in the order LEFT x RIGHT, summed in the same tiles)
 inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, int64_t k0, int64_t n, float* cbuf) {
@@ -418,6 +497,7 @@ inline void values(const Shapes& s, const uint16_t* pbuf, const uint16_t* vp, in
         }
     }
 }
+#endif
 
 // up to GROUP blocks of 32 query rows (`rows` in all) of one head
 template <typename T>
@@ -483,7 +563,7 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
     }
     const int64_t parts = parts_of<T>, pairs = parts == 1 ? 1 : 6, nk32 = padded(Nk, 32);
     const int64_t dk = padded(pairs * d, 32), dn = padded(d, 16);
-    const Shapes s{parts, pairs, nk32, dk, dn, d % 16 != 0, nk32 * dk, parts * nk32 * dn};
+    const Shapes s{parts, pairs, nk32, dk, dn, d % 16 != 0, nk32 * dk, parts * nk32 * dn, (pairs * d + 1) / 2};
     const int64_t heads = B * H, qgroups = (N + GROUP * ROWS - 1) / (GROUP * ROWS);
     std::unique_lock<std::mutex> hold(kept_lock, std::try_to_lock);
     std::unique_ptr<Aligned<uint16_t>> own;
@@ -520,17 +600,19 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
             group(a, s, q + b * a.qs[0] + hh * a.qs[1] + row0 * a.qs[2], kp + h * s.kp, vp + h * s.vp,
                   out + b * a.os[0] + hh * a.os[1] + row0 * a.os[2], std::min(GROUP * ROWS, N - row0), buf);
         }
-        _tile_release();
+        release_tiles();
     }
     return 0;
 }
 
 }  // namespace
 
+#ifndef LATENTDIFF_AVX512_ATTENTION
 // Linux hands out AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); 0: granted
 extern "C" int amx_request() {
     return (int)syscall(SYS_arch_prctl, 0x1023, 18);
 }
+#endif
 
 // out = softmax(scale * q k^T) v for q [B, H, N, d], k and v [B, H, Nk, d], out [B, H, N, d], all bfloat16
 // (amx_attention) or all float32 (amx_attention_fp32), with unit stride along d (even) and strides[12] = the batch,
@@ -542,6 +624,7 @@ extern "C" int amx_attention(const uint16_t* q, const uint16_t* k, const uint16_
     return attention(q, k, v, out, B, H, N, Nk, d, strides, scale, threads);
 }
 
+#ifndef LATENTDIFF_AVX512_ATTENTION  // (float32 as six products of parts: PyTorch's float32 kernel wins without AMX)
 extern "C" int amx_attention_fp32(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H,
                                   int64_t N, int64_t Nk, int64_t d, const int64_t* strides, float scale,
                                   int threads) {
@@ -936,3 +1019,5 @@ extern "C" int amx_conv(const float* x, const ConvShape* s, const uint16_t* wp, 
     const LinearOut o{y, bias, residual, nullptr, s->N, false};
     return linear<true>(r, 0, wp, 0, o, 0, 1, M, s->N, K, threads);
 }
+
+#endif  // LATENTDIFF_AVX512_ATTENTION

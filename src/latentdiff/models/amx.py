@@ -9,7 +9,10 @@ six tile products of parts per product, as exact as PyTorch's float32 kernels (e
 smaller): attention ~160 ms there against PyTorch's ~250, linear layers 1.2-1.8x oneDNN's float32 products,
 convolutions 1.2-2.0x its direct ones. The source is compiled with the system's g++ on first use (about 2 s;
 native.py) and loaded with ctypes; its OpenMP threads are PyTorch's own. Where the CPU lacks AMX or the compiler is
-missing, `available()` is False (with the reason from `unavailable()`) and everything stays with PyTorch."""
+missing, `available()` is False (with the reason from `unavailable()`) and everything stays with PyTorch, except
+bfloat16 attention on CPUs with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake): the same source built without its tile
+code (`avx512_library()`) takes the products with vdpbf16ps, where PyTorch's CPU flash kernel runs no faster in
+bfloat16 than in float32 (SD 1.5's 64x64 self-attention, 2 threads, AMD EPYC: 318-392 ms per call there)."""
 from __future__ import annotations
 
 import ctypes
@@ -27,24 +30,30 @@ SOURCE = Path(__file__).with_name("amx.cpp")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
+AVX512_FLAGS = [flag for flag in FLAGS if not flag.startswith("-mamx")] + ["-DLATENTDIFF_AVX512_ATTENTION"]
+AVX512_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512vl")
 # Below this many queries PyTorch's kernel is about as fast (benchmarks/attention_amx.py, 2 threads, SD 1.5's
 # self- and cross-attention: 16x16 latents' 256 queries 0.9x and 1.3x, 0.1 ms apart; 32x32's 1024, 1.4x and 1.9x;
 # 64x64's 4096, 1.7x and 2.4x).
 MIN_QUERIES = 1024
+# The AVX-512 kernel wins from fewer in bfloat16 (benchmarks/attention_amx.py's shapes, AMD EPYC, 2 threads: 1.8-1.9x
+# at SD 1.5's 8x8 level, 64 queries of head dim 160; 2.0-2.5x from 256 up; 1.2x at 64 queries of dim 24).
+AVX512_MIN_QUERIES = 64
 # Above this head dim it loses (the VAE's single 512-dim head at 64x64: 31 vs 22 ms); SD 2.x's 64 wins 1.5x.
 MAX_HEAD_DIM = 160
 
 
-def unavailable() -> str | None:
-    """Why the kernel cannot run on this machine, or None when it can (then `library()` builds it).
+def unavailable(cpu_flags: tuple[str, ...] = CPU_FLAGS) -> str | None:
+    """Why the kernel cannot run on this machine, or None when it can (then `library()` builds it); with
+    cpu_flags=AVX512_CPU_FLAGS, the same for the AVX-512 attention kernel (`avx512_library()`).
     LATENTDIFF_NO_AMX=1 (read at the first use) leaves what these kernels do to PyTorch and oneDNN, as on a CPU
-    without AMX; the portable kernels (native.py) stay."""
+    without AMX or AVX512-BF16; the portable kernels (native.py) stay."""
     why = native.unavailable()
     if why:
         return why
     if os.environ.get("LATENTDIFF_NO_AMX", "0") not in ("", "0"):
         return "LATENTDIFF_NO_AMX is set"
-    missing = [flag for flag in CPU_FLAGS if flag not in native.cpu_flags()]
+    missing = [flag for flag in cpu_flags if flag not in native.cpu_flags()]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
@@ -64,9 +73,7 @@ def library() -> ctypes.CDLL | None:
                       "PyTorch's kernels", RuntimeWarning, stacklevel=2)
         return None
     for function in (lib.amx_attention, lib.amx_attention_fp32):
-        function.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-                             + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
-        function.restype = ctypes.c_int
+        _attention_signature(function)
     lib.amx_packed_linear_size.argtypes = [ctypes.c_int64] * 2
     lib.amx_packed_linear_size.restype = ctypes.c_int64
     lib.amx_pack_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
@@ -85,6 +92,25 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def avx512_library() -> ctypes.CDLL | None:
+    """The bfloat16 attention kernel built for AVX512-BF16 (amx.cpp with LATENTDIFF_AVX512_ATTENTION: its
+    `amx_attention` alone), or None where it cannot run here. `attention` takes it where the AMX kernels do not run
+    (they are faster)."""
+    if unavailable(AVX512_CPU_FLAGS):
+        return None
+    lib = native.load(SOURCE, AVX512_FLAGS, "AVX-512 BF16 attention kernel", "a g++ that supports -mavx512bf16 (10 "
+                      "or newer)")
+    if lib is not None:
+        _attention_signature(lib.amx_attention)
+    return lib
+
+
+def _attention_signature(function) -> None:
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    function.restype = ctypes.c_int
+
+
 class ConvShape(ctypes.Structure):
     """amx.cpp's ConvShape: a convolution's geometry, in pixels and elements."""
     _fields_ = [(name, ctypes.c_int64) for name in
@@ -95,12 +121,12 @@ def available() -> bool:
     return library() is not None
 
 
-def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_queries: int = MIN_QUERIES) -> bool:
     """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: all bfloat16 or all float32
     on the CPU, unit stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not
     being traced by torch.compile."""
     return (q.is_cpu and q.dtype == k.dtype == v.dtype in (torch.bfloat16, torch.float32)
-            and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= MIN_QUERIES
+            and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= min_queries
             and k.shape == v.shape and k.dim() == 4 and k.shape[2] > 0
             and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
             and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -110,9 +136,16 @@ def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by the AMX kernel where
-    it suits (`suits`) and runs here, else by PyTorch."""
+    it suits (`suits`) and runs here, in bfloat16 by the AVX-512 one where that runs instead, else by PyTorch."""
     lib = library() if suits(q, k, v) else None
+    if lib is None and q.dtype == torch.bfloat16 and suits(q, k, v, AVX512_MIN_QUERIES):
+        lib = avx512_library()
     return F.scaled_dot_product_attention(q, k, v) if lib is None else kernel(lib, q, k, v)
+
+
+def runs_attention(dtype: torch.dtype) -> bool:
+    """Whether `attention` runs one of these kernels for this dtype here (else it is PyTorch's)."""
+    return available() or (dtype == torch.bfloat16 and avx512_library() is not None)
 
 
 def kernel(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

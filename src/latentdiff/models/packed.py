@@ -457,17 +457,19 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
 @torch.no_grad()
 def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
-    float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when `winograd`,
-    which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a PackedUpsampleConv,
-    which the upsampler runs on its input). Layers that cannot be packed (other dtypes or devices, no oneDNN, bfloat16
-    on a CPU without oneDNN bfloat16: see `can_pack`) are left as they are, so this is safe anywhere; returns `model`. A
-    float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has AMX and it
-    builds, and there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs
-    AmxConv2d and AmxUpsampleConv where they have the channels (suits_amx_conv). (Large activations still
-    get fresh pages from malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's
-    --optimize also sets.)"""
+    float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
+    `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
+    PackedUpsampleConv, which the upsampler runs on its input). Layers that cannot be packed (other dtypes or
+    devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as they are, so this is
+    safe anywhere; returns `model`. A float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where
+    this CPU has AMX and it builds (a bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and
+    there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and
+    AmxUpsampleConv where they have the channels (suits_amx_conv). (Large activations still get fresh pages from
+    malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also
+    sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    if any(p.dtype in PACKABLE_DTYPES and p.device.type == "cpu" for p in model.parameters()) and amx.available():
+    if any(p.dtype in PACKABLE_DTYPES and p.device.type == "cpu" and amx.runs_attention(p.dtype)
+           for p in model.parameters()):
         for layer in model.modules():
             if isinstance(layer, Attention):
                 layer.attend = amx.attention
