@@ -39,8 +39,10 @@ MIN_QUERIES = 1024
 # The AVX-512 kernel wins from fewer in bfloat16 (benchmarks/attention_amx.py's shapes, AMD EPYC, 2 threads: 1.8-1.9x
 # at SD 1.5's 8x8 level, 64 queries of head dim 160; 2.0-2.5x from 256 up; 1.2x at 64 queries of dim 24).
 AVX512_MIN_QUERIES = 64
-# Above this head dim it loses (the VAE's single 512-dim head at 64x64: 31 vs 22 ms); SD 2.x's 64 wins 1.5x.
+# Above this head dim it loses (the VAE's single 512-dim head at 64x64: 31 vs 22 ms); SD 2.x's 64 wins 1.5x. The
+# AVX-512 build wins there too (bf16, AMD EPYC, 2 threads: 183 vs 87 ms).
 MAX_HEAD_DIM = 160
+AVX512_MAX_HEAD_DIM = 512
 
 
 def unavailable(cpu_flags: tuple[str, ...] = CPU_FLAGS) -> str | None:
@@ -121,12 +123,13 @@ def available() -> bool:
     return library() is not None
 
 
-def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_queries: int = MIN_QUERIES) -> bool:
+def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_queries: int = MIN_QUERIES,
+          max_head_dim: int = MAX_HEAD_DIM) -> bool:
     """Whether the kernel takes these [B, heads, tokens, d] queries, keys and values: all bfloat16 or all float32
-    on the CPU, unit stride along an even d of at most MAX_HEAD_DIM, enough queries for it to pay, no autograd, not
-    being traced by torch.compile."""
+    on the CPU, unit stride along an even d of at most max_head_dim, at least min_queries queries (where it pays), no
+    autograd, not being traced by torch.compile."""
     return (q.is_cpu and q.dtype == k.dtype == v.dtype in (torch.bfloat16, torch.float32)
-            and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.shape[2] >= min_queries
+            and q.dim() == 4 and q.shape[-1] % 2 == 0 and q.shape[-1] <= max_head_dim and q.shape[2] >= min_queries
             and k.shape == v.shape and k.dim() == 4 and k.shape[2] > 0
             and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
             and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -138,7 +141,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by the AMX kernel where
     it suits (`suits`) and runs here, in bfloat16 by the AVX-512 one where that runs instead, else by PyTorch."""
     lib = library() if suits(q, k, v) else None
-    if lib is None and q.dtype == torch.bfloat16 and suits(q, k, v, AVX512_MIN_QUERIES):
+    if lib is None and q.dtype == torch.bfloat16 and suits(q, k, v, AVX512_MIN_QUERIES, AVX512_MAX_HEAD_DIM):
         lib = avx512_library()
     return F.scaled_dot_product_attention(q, k, v) if lib is None else kernel(lib, q, k, v)
 
