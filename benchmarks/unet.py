@@ -6,14 +6,15 @@ interleaved (A B A B ...). Default: Stable Diffusion 1.5, one guided step (batch
 
 Variants: diffusers (the reference, as shipped), diffusers-cl (the reference in channels-last), ours (eager, as
 constructed), ours-opt (after `optimize_for_inference()`: channels-last, oneDNN-packed weights, Winograd 3x3 convs,
-on AMX CPUs the AMX attention kernel and, in fp32, AMX linear layers), ours-opt-sdpa (the same with PyTorch's
-attention kernel), ours-packed (the same without Winograd, `optimize_for_inference(winograd=False)`), ours-compile
-(torch.compile of ours in channels-last with inductor's freezing, compile time reported; slow to compile). Prints
-per variant: median and best seconds per forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode,
-which has no formula for the CPU attention kernel: attention is reported apart), share of the 3x3-conv roofline
-measured in the same run (benchmarks/roofline.py), speed relative to diffusers, the bytes of the variant's weights
-and the process's peak RSS. On a machine shared with other jobs, OpenMP threads that lose their core stall every
-parallel region: compare with --threads 1 (and the CPU-seconds column) there.
+on AMX CPUs the AMX attention kernel and, in fp32, AMX linear layers; in bf16 on AVX512-BF16 CPUs without AMX the
+kernel's AVX-512 build), ours-opt-sdpa (the same with PyTorch's attention kernel), ours-packed (the same without
+Winograd, `optimize_for_inference(winograd=False)`), ours-compile (torch.compile of ours in channels-last with
+inductor's freezing, compile time reported; slow to compile). Prints per variant: median and best seconds per
+forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode, which has no formula for the CPU attention
+kernel: attention is reported apart), share of the 3x3-conv roofline measured in the same run
+(benchmarks/roofline.py), speed relative to diffusers, the bytes of the variant's weights and the process's peak RSS.
+On a machine shared with other jobs, OpenMP threads that lose their core stall every parallel region: compare with
+--threads 1 (and the CPU-seconds column) there.
 """
 from __future__ import annotations
 
