@@ -226,7 +226,8 @@ def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights: dict, errors: dict) -> list[dict]:
     """One table row per variant of a model benchmark (unet.py, vae.py): median and best seconds, CPU seconds,
-    GFLOP/s and share of the roofline, speed against the "diffusers" variant, weights, memory and max |diff|."""
+    GFLOP/s and share of the roofline, speed against the "diffusers" variant (also paired: Timing.paired_ratio),
+    weights, memory and max |diff|."""
     ref = timings["diffusers"]
     rows = []
     for v, timing in timings.items():
@@ -236,6 +237,7 @@ def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights
             "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
             "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
             "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
+            "paired": f"{timing.paired_ratio(ref):.2f}x",
             "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss), "+ during forward": gib(timing.rise),
             "max|diff|": f"{errors[v]:.1e}",
         })

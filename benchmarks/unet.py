@@ -123,7 +123,8 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
           f"4x{args.size}x{args.size}; + {attention / 1e9:.0f} GFLOP of attention it does not count on the CPU); "
           f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s
                                                    else ""), flush=True)
-    print("columns: median over the runs (in brackets: from the best run); weights: the variant's own (ours shares "
+    print("columns: median over the runs (in brackets: from the best run); paired: the median over the rounds of "
+          "diffusers' time / the variant's in the same round; weights: the variant's own (ours shares "
           "diffusers' tensors here); peak RSS: of the whole process (every model alive) during the variant's runs, "
           "and how much it rose above the resident memory before them")
     print_table(rows, list(rows[0]))
