@@ -37,7 +37,7 @@ def cpu_flags() -> set[str]:
 def unavailable() -> str | None:
     """Why no kernel can be built here, or None when g++ can build them. LATENTDIFF_NO_KERNELS=1 (read when a
     library is first wanted) turns all of them off: PyTorch's ops everywhere, to rule them out or to measure what they
-    bring; LATENTDIFF_NO_AMX=1 only the AMX ones (amx.py)."""
+    bring; LATENTDIFF_NO_AMX=1 only the AMX ones (amx.py, and its AVX-512 attention build)."""
     if os.environ.get("LATENTDIFF_NO_KERNELS", "0") not in ("", "0"):
         return "LATENTDIFF_NO_KERNELS is set"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
