@@ -254,18 +254,25 @@ def test_avx512_build_takes_the_vaes_512_wide_head(kernel):
     assert error <= 1.25 * their_error + SLACK[torch.bfloat16], (error, their_error)
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    if amx.unavailable():
-        pytest.skip(f"nothing to build here: {amx.unavailable()}")
+@pytest.mark.parametrize("build", ["amx", "avx512"])
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path, build):
+    flags, library, cpu = {"amx": ("FLAGS", amx.library, amx.CPU_FLAGS),
+                           "avx512": ("AVX512_FLAGS", amx.avx512_library, amx.AVX512_CPU_FLAGS)}[build]
+    if amx.unavailable(cpu):
+        pytest.skip(f"nothing to build here: {amx.unavailable(cpu)}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(amx, "FLAGS", [*amx.FLAGS, "-fno-such-flag"])
-    amx.library.cache_clear()
+    monkeypatch.setattr(amx, flags, [*getattr(amx, flags), "-fno-such-flag"])
+    library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="(?s)could not be built.*no-such-flag.*Fix: a g\\+\\+"):
-            assert amx.library() is None
+            assert library() is None
         assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+        if build == "avx512":  # bfloat16 attention stays with PyTorch
+            monkeypatch.setattr(amx, "library", lambda: None)
+            q, k, v = (heads(1, 1024, 2, 16, s) for s in range(3))
+            assert torch.equal(amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     finally:
-        amx.library.cache_clear()
+        library.cache_clear()
 
 
 def test_amx_attention_from_two_threads_at_once(kernel):
