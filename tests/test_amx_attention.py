@@ -177,6 +177,14 @@ def test_what_the_kernel_does_not_take_goes_to_pytorch(monkeypatch):
     assert not calls
 
 
+def test_amx_cpus_leave_to_pytorch_what_the_amx_kernel_does_not_take(monkeypatch):
+    """Where the AMX kernels run, the AVX-512 build does not take the smaller problems they leave to PyTorch."""
+    monkeypatch.setattr(amx, "library", lambda: object())  # (as if they ran here)
+    monkeypatch.setattr(amx, "avx512_library", lambda: pytest.fail("the AVX-512 build was asked for"))
+    q, k, v = (heads(1, 256, 2, 16, s) for s in range(3))
+    assert torch.equal(amx.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.05), (torch.float32, 1e-5)])
 def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, kernel, dtype, tolerance):
     runs(kernel, dtype)

@@ -141,7 +141,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by the AMX kernel where
     it suits (`suits`) and runs here, in bfloat16 by the AVX-512 one where that runs instead, else by PyTorch."""
     lib = library() if suits(q, k, v) else None
-    if lib is None and q.dtype == torch.bfloat16 and suits(q, k, v, AVX512_MIN_QUERIES, AVX512_MAX_HEAD_DIM):
+    if (lib is None and q.dtype == torch.bfloat16 and suits(q, k, v, AVX512_MIN_QUERIES, AVX512_MAX_HEAD_DIM)
+            and not available()):  # (not on AMX CPUs: their PyTorch kernel is faster and this one unmeasured there)
         lib = avx512_library()
     return F.scaled_dot_product_attention(q, k, v) if lib is None else kernel(lib, q, k, v)
 
