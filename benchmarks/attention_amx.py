@@ -32,15 +32,6 @@ SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), 
           (2, 5, 4096, 4096, 64), (1, 1, 4096, 4096, 512)]
 
 
-def kernel_unavailable() -> str | None:
-    """Why neither kernel runs here (with --kernel, why that one does not), or None."""
-    if "avx512" not in sys.argv and amx_unavailable() is None:
-        return None
-    if "amx" in sys.argv:
-        return amx_unavailable()
-    return None if amx.avx512_library() else amx.unavailable(amx.AVX512_CPU_FLAGS) or "its build failed"
-
-
 def main() -> None:
     def more_options(parser):
         parser.add_argument("--dtypes", default=None, help="default: bf16,fp32 (AMX), bf16 (AVX-512)")
@@ -48,13 +39,20 @@ def main() -> None:
         parser.add_argument("--kernel", choices=["amx", "avx512"], default=None,
                             help="default: amx where it runs, else avx512")
 
-    args = start_kernel_benchmark(__doc__, 5, kernel_unavailable, more_options)
+    # (which kernel, and so whether it runs, is known once the options are read)
+    args = start_kernel_benchmark(__doc__, 5, lambda: None, more_options)
     if args is None:
         return
     args.kernel = args.kernel or ("amx" if amx.available() else "avx512")
+    if args.kernel == "amx":
+        lib, why, bounds = amx.library(), amx_unavailable(), (amx.MIN_QUERIES, amx.MAX_HEAD_DIM)
+    else:
+        lib, bounds = amx.avx512_library(), (amx.AVX512_MIN_QUERIES, amx.AVX512_MAX_HEAD_DIM)
+        why = None if lib else amx.unavailable(amx.AVX512_CPU_FLAGS) or "its build failed (see the warning)"
+    if why:
+        print(f"skipped: {why}")
+        return
     args.dtypes = args.dtypes or ("bf16,fp32" if args.kernel == "amx" else "bf16")
-    lib = amx.library() if args.kernel == "amx" else amx.avx512_library()
-    least = amx.MIN_QUERIES if args.kernel == "amx" else amx.AVX512_MIN_QUERIES
     print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
     for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
@@ -70,7 +68,7 @@ def main() -> None:
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
         print(f"{dtype:5} {str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
-              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v, least)}")
+              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v, *bounds)}")
 
 
 if __name__ == "__main__":
