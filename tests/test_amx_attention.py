@@ -15,19 +15,22 @@ from latentdiff.models.packed import pack_for_inference
 
 from test_packed import inputs, make
 
-needs_amx = pytest.mark.skipif(not amx.available(),
-                               reason=f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
+# why each kernel cannot run here (None where it can)
+NO_AMX = None if amx.available() else f"no AMX kernels here: {amx.unavailable() or 'build failed'}"
+NO_AVX512 = None if amx.avx512_library() else (
+    f"no AVX-512 BF16 kernel here: {amx.unavailable(amx.AVX512_CPU_FLAGS) or 'build failed'}")
+needs_amx = pytest.mark.skipif(NO_AMX is not None, reason=str(NO_AMX))
+needs_avx512 = pytest.mark.skipif(NO_AVX512 is not None, reason=str(NO_AVX512))
 
 
 @pytest.fixture(params=["amx", "avx512"])
 def kernel(request, monkeypatch) -> str:
     """Which kernel amx.attention runs in the test: the AMX one, or the AVX-512 BF16 build (with amx.library()
     reporting none, as on a CPU without AMX, so that attention and optimize_for_inference take it)."""
-    if request.param == "amx" and not amx.available():
-        pytest.skip(f"no AMX kernels here: {amx.unavailable() or 'build failed'}")
+    why = NO_AMX if request.param == "amx" else NO_AVX512
+    if why:
+        pytest.skip(why)
     if request.param == "avx512":
-        if amx.avx512_library() is None:
-            pytest.skip(f"no AVX-512 BF16 kernel here: {amx.unavailable(amx.AVX512_CPU_FLAGS) or 'build failed'}")
         monkeypatch.setattr(amx, "library", lambda: None)
     monkeypatch.setattr(amx, "F", NoFallback())  # (a test of a kernel that quietly left it all to PyTorch would pass)
     return request.param
@@ -232,9 +235,8 @@ def test_cpus_without_amx_keep_pytorchs_attention(monkeypatch, dtype):
     assert all("attend" not in m.__dict__ for m in model.modules())
 
 
+@needs_avx512
 def test_avx512_build_leaves_float32_and_few_queries_to_pytorch(monkeypatch):
-    if amx.avx512_library() is None:
-        pytest.skip(f"no AVX-512 BF16 kernel here: {amx.unavailable(amx.AVX512_CPU_FLAGS) or 'build failed'}")
     monkeypatch.setattr(amx, "library", lambda: None)
     calls = []
     real = amx.kernel
