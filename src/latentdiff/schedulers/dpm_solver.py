@@ -4,6 +4,8 @@ third-order form, 3M, the last two); and its SDE form (algorithm_type "sde-dpmso
 solves the reverse SDE instead and adds fresh noise at every step."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -23,8 +25,9 @@ def dpmpp_2m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | Non
                   sigma_next, noise: torch.Tensor | None = None) -> torch.Tensor:
     """From VP sample x at VE level `sigma` to `sigma_next`, with h = lambda_next - lambda:
     x_next = (sigma_t,next / sigma_t) x - alpha_next (e^-h - 1) D, where D = x0 (first order: DDIM written in
-    data prediction, DPM-Solver++ sec. 4) or, given the previous estimate x0_prev at `sigma_prev`, D = x0 + (x0 - x0_prev) / (2 r) with
-    r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At sigma_next = 0 the first-order step returns x0.
+    data prediction, DPM-Solver++ sec. 4) or, given the previous estimate x0_prev at `sigma_prev`,
+    D = x0 + (x0 - x0_prev) / (2 r) with r = (lambda - lambda_prev) / h (the 2M update, Algorithm 2). At
+    sigma_next = 0 the first-order step returns x0.
     Given `noise` (standard normal, like x), the SDE form (Lu et al. 2022, sec. 5 / appendix): x_next =
     (sigma_t,next / sigma_t) e^-h x + alpha_next (1 - e^-2h) D + sigma_t,next sqrt(1 - e^-2h) noise."""
     history = [] if x0_prev is None else [(x0_prev, sigma_prev)]
@@ -37,33 +40,61 @@ def dpmpp_step(x: torch.Tensor, estimates: list, sigma_next, noise: torch.Tensor
     Order 2 is dpmpp_2m_step's; order 3 (DPM++ 3M) corrects D with the first and second divided differences of the
     last three estimates in log-SNR time, D1 and D2, weighted by the phi functions of h (phi_2, phi_3 terms;
     DPM-Solver++, appendix B). `noise`: the SDE form."""
-    (x0, sigma), *older = estimates
+    coefficients = dpmpp_coefficients([sigma for _, sigma in estimates], sigma_next, noise is not None)
+    return dpmpp_update(x, [x0 for x0, _ in estimates], coefficients, noise)
+
+
+def dpmpp_coefficients(levels: list, sigma_next, sde: bool = False) -> tuple[list, list]:
+    """The scalars of dpmpp_step from the noise levels of its estimates (newest first) to `sigma_next`: they depend
+    on the levels alone, so a scheduler works them out once per step of its grid (some forty operations on 0-dim
+    tensors, which cost host time, not arithmetic). (divisors, weights): the divided differences' factors (order 2:
+    D's weight of x0 - x0_prev; order 3: r0, r1, r0 / (r0 + r1), r0 + r1) and the weight of each term of the update,
+    [x, D] (orders 1, 2) or [x, x0, D1, D2] (order 3), then the noise's (`sde`); dpmpp_update adds them up."""
+    sigma, *older = levels
     alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
     alpha, sigma_vp = vp_coefficients(sigma)
-    log_snr = _log_snr(alpha, sigma_vp)  # (each noise level's coefficients computed once: scalar ops are host time)
+    log_snr = _log_snr(alpha, sigma_vp)
     h = _log_snr(alpha_next, sigma_vp_next) - log_snr
-    lambdas = [log_snr] + [_log_snr(*vp_coefficients(s)) for _, s in older]
+    lambdas = [log_snr] + [_log_snr(*vp_coefficients(s)) for s in older]
+    decay = torch.exp(-2.0 * h) if sde else None
+    noise = [sigma_vp_next * torch.sqrt(1.0 - decay)] if sde else []
+    # (a term subtracted in the paper's formula is added with its weight negated: the same bits)
     if len(older) < 2:
-        d = x0 if not older else x0 + (0.5 / ((log_snr - lambdas[1]) / h)) * (x0 - older[0][0])
-        if noise is None:
-            return (sigma_vp_next / sigma_vp) * x - (alpha_next * (torch.exp(-h) - 1.0)) * d
-        decay = torch.exp(-2.0 * h)
-        return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1 - decay)) * d
-                + (sigma_vp_next * torch.sqrt(1.0 - decay)) * noise)
-    (x0_1, _), (x0_2, _) = older[:2]
+        divisors = [0.5 / ((log_snr - lambdas[1]) / h)] if older else []
+        if not sde:
+            return divisors, [sigma_vp_next / sigma_vp, -(alpha_next * (torch.exp(-h) - 1.0))]
+        return divisors, [sigma_vp_next / sigma_vp * torch.exp(-h), alpha_next * (1 - decay), *noise]
     r0, r1 = (lambdas[0] - lambdas[1]) / h, (lambdas[1] - lambdas[2]) / h
-    d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    if noise is None:
+    divisors = [r0, r1, r0 / (r0 + r1), r0 + r1]
+    if not sde:
         phi = torch.exp(-h) - 1.0
-        return ((sigma_vp_next / sigma_vp) * x - (alpha_next * phi) * x0 + (alpha_next * (phi / h + 1.0)) * d1
-                - (alpha_next * ((phi + h) / h ** 2 - 0.5)) * d2)
-    decay = torch.exp(-2.0 * h)
-    return ((sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1.0 - decay)) * x0
-            + (alpha_next * ((1.0 - decay) / (-2.0 * h) + 1.0)) * d1
-            + (alpha_next * ((1.0 - decay - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
-            + (sigma_vp_next * torch.sqrt(1.0 - decay)) * noise)
+        return divisors, [sigma_vp_next / sigma_vp, -(alpha_next * phi), alpha_next * (phi / h + 1.0),
+                          -(alpha_next * ((phi + h) / h ** 2 - 0.5))]
+    return divisors, [sigma_vp_next / sigma_vp * torch.exp(-h), alpha_next * (1.0 - decay),
+                      alpha_next * ((1.0 - decay) / (-2.0 * h) + 1.0),
+                      alpha_next * ((1.0 - decay - 2.0 * h) / (2.0 * h) ** 2 - 0.5), *noise]
+
+
+def dpmpp_update(x: torch.Tensor, estimates: list[torch.Tensor], coefficients: tuple[list, list],
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    """dpmpp_step from the x0 estimates (newest first) and their dpmpp_coefficients: D = x0 + c (x0 - x0_prev) at
+    order 2; D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) and D2 = (D1_0 - D1_1) / (r0 + r1) from the divided
+    differences D1_0 = (x0 - x0_1) / r0 and D1_1 = (x0_1 - x0_2) / r1 at order 3; then the weighted sum."""
+    divisors, weights = coefficients
+    if len(estimates) < 3:
+        x0 = estimates[0]
+        terms = [x, x0 if len(estimates) == 1 else x0 + divisors[0] * (x0 - estimates[1])]
+    else:
+        (x0, x0_1, x0_2), (r0, r1, share, span) = estimates, divisors
+        d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+        change = d1_0 - d1_1
+        terms = [x, x0, d1_0 + share * change, change / span]
+    if noise is not None:
+        terms.append(noise)
+    out = weights[0] * terms[0]
+    for weight, term in zip(weights[1:], terms[1:]):
+        out = out + weight * term
+    return out
 
 
 def solver_order_at(i: int, steps: int, history: int, solver_order: int, lower_order_final: bool) -> int:
@@ -103,6 +134,7 @@ class LogSNRMultistepScheduler(Scheduler):
     def __init__(self, **config):
         super().__init__(**config)
         self.sigmas = ve_sigmas(self.alphas_cumprod)
+        self._scalars: tuple = (None, None, {})  # (of which sigmas, their version, key -> value): see _scalar
 
     def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         c, n = self.config, num_inference_steps
@@ -120,7 +152,10 @@ class LogSNRMultistepScheduler(Scheduler):
         # (a sigma grid spans the whole training table here; diffusers truncates exponential and beta timesteps)
         steps, sigmas = spaced_levels(c, steps, table, n, table[0].item(), table[-1].item(), round_karras=(
             self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"))
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        with torch.inference_mode(False):  # (a tensor that keeps a version counter: see _scalar)
+            sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        if sigmas.shape != self.sigmas.shape or not torch.equal(sigmas, self.sigmas):
+            self.sigmas = sigmas  # (else the same grid again, as in every call of a pipeline: its scalars stay)
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 
     def _estimate(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator=None,
@@ -131,9 +166,24 @@ class LogSNRMultistepScheduler(Scheduler):
         if self.config.algorithm_type == "sde-dpmsolver++":
             noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
                      randn(model_output.shape, generator, model_output.device, torch.float32))
-        alpha, sigma_vp = vp_coefficients(self.sigmas[i])
+        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]))
         x = sample.float()
         return x, predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0], noise
+
+    def _scalar(self, key: tuple, make: Callable[[], object]):
+        """make(), kept under `key` while self.sigmas is the same tensor, unchanged: the 0-dim tensors a step derives
+        from the grid's noise levels (some forty operations, host time), worked out once per grid rather than in
+        every step of every call (set_timesteps keeps the tensor for the same grid)."""
+        levels, version, values = self._scalars
+        now = None if self.sigmas.is_inference() else self.sigmas._version  # (an inference tensor: no cache)
+        if levels is not self.sigmas or version != now or now is None:
+            values = {}
+            self._scalars = (self.sigmas, now, values)
+        value = values.get(key)
+        if value is None:
+            with torch.inference_mode(False):  # (kept for later calls, which may run with autograd)
+                value = values[key] = make()
+        return value
 
     def _history(self, i: int, estimate: torch.Tensor, levels) -> list[tuple[torch.Tensor, object]]:
         """[(estimate, its noise level), ...] of step i and of the steps just before it, newest first (a step that
@@ -173,7 +223,10 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
         kept = self._history(i, x0, self.sigmas)
         order = solver_order_at(i, len(self._grid), len(kept) - 1, self.config.solver_order,
                                 self.config.lower_order_final)
-        prev = dpmpp_step(x, kept[:order], self.sigmas[i + 1], noise)
+        sde = noise is not None  # (the levels of kept[:order] are those of grid steps i, i - 1, ...)
+        coefficients = self._scalar(("dpmpp", i, order, sde), lambda: dpmpp_coefficients(
+            [sigma for _, sigma in kept[:order]], self.sigmas[i + 1], sde))
+        prev = dpmpp_update(x, [x0 for x0, _ in kept[:order]], coefficients, noise)
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
