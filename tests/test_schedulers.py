@@ -328,31 +328,37 @@ def test_steps_are_stateless_and_reruns_agree(name):
         sched.step(x, 0.5, x)
 
 
-@pytest.mark.parametrize("extra", [{}, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}])
-def test_dpm_solver_reuses_its_step_scalars_only_for_the_same_grid(extra):
-    """DPM-Solver++ works each step's scalars out once per grid and keeps them for later calls of the same grid: a
-    loop after other grids, or under inference mode, is bit-identical to a new scheduler's, and sigmas edited in
-    place after set_timesteps are seen."""
+@pytest.mark.parametrize("name, extra, levels, scale", [
+    ("DPMSolverMultistepScheduler", {}, "sigmas", 1.5),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "sigmas", 1.5),
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1}, "alphas_cumprod", 0.9),
+    ("PNDMScheduler", {"skip_prk_steps": False, "prediction_type": "v_prediction"}, "alphas_cumprod", 0.9),
+])
+def test_step_scalars_are_kept_only_for_the_same_levels(name, extra, levels, scale):
+    """DPM-Solver++ and PNDM work each step's scalars out once and keep them for later calls while the levels they
+    come from (the grid's sigmas, the training schedule) are the same tensor, unchanged: a loop after other grids,
+    or under inference mode, is bit-identical to a new scheduler's, and levels edited in place are seen."""
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def loop(sched, steps, scale=None):
         sched.set_timesteps(steps)
         if scale is not None:
-            sched.sigmas.mul_(scale)
+            getattr(sched, levels).mul_(scale)
         return run(sched, x * sched.init_noise_sigma, torch.Generator().manual_seed(3))
 
     def fresh(steps, scale=None):
-        return loop(S.DPMSolverMultistepScheduler(**extra), steps, scale)
+        return loop(getattr(S, name)(**extra), steps, scale)
 
-    sched = S.DPMSolverMultistepScheduler(**extra)
+    sched = getattr(S, name)(**extra)
     for steps in (12, 5, 12, 7, 12):
         assert torch.equal(loop(sched, steps), fresh(steps)), steps
     with torch.inference_mode():
         assert torch.equal(loop(sched, 12), fresh(12))
-    edited = loop(sched, 12, scale=1.5)  # (the same grid as the cached one, then its levels changed)
+    edited = loop(sched, 12, scale)  # (the same grid as the kept scalars', then its levels changed)
     assert not torch.equal(edited, fresh(12))
-    assert torch.equal(edited, fresh(12, scale=1.5))
-    assert torch.equal(loop(sched, 12), fresh(12))
+    assert torch.equal(edited, fresh(12, scale))
+    if levels == "sigmas":  # (set_timesteps makes them anew; the training schedule stays edited)
+        assert torch.equal(loop(sched, 12), fresh(12))
 
 
 @pytest.mark.parametrize("name, sampler", [

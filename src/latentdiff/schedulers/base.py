@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -93,6 +93,7 @@ class Scheduler:
         self._grid: np.ndarray | None = None  # float64 copy of the timesteps for lookups; None: not set yet
         self._begin_index: int | None = None
         self._next_index: int | None = None
+        self._scalars: tuple = (None, None, {})  # (made from which tensor, its version, key -> value): _scalar
         self._reset()
 
     # ---- config I/O -------------------------------------------------------------------------------------------
@@ -234,6 +235,22 @@ class Scheduler:
     def _reset(self) -> None:
         """Forget the steps taken (a new grid, or a step that does not follow the last): a multistep sampler's
         history. Called when the scheduler is built and by set_timesteps."""
+
+    def _scalar(self, key: tuple, make: Callable[[], Any], source: torch.Tensor):
+        """make(), kept under `key` while `source` (the tensor make() reads: the grid's noise levels, the training
+        schedule) is the same tensor, unchanged: the 0-dim tensors a step derives from it (some tens of operations,
+        host time) are worked out once rather than in every step of every call. Nothing is kept for an inference
+        tensor (it has no version counter)."""
+        made_from, version, values = self._scalars
+        now = None if source.is_inference() else source._version
+        if made_from is not source or version != now or now is None:
+            values = {}
+            self._scalars = (source, now, values)
+        value = values.get(key)
+        if value is None:
+            with torch.inference_mode(False):  # (kept for later calls, which may run with autograd)
+                value = values[key] = make()
+        return value
 
     def _finish_step(self, index: int) -> None:
         self._next_index = index + 1

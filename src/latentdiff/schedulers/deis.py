@@ -36,19 +36,20 @@ def deis_coefficients(rho_next: float, rhos: list[float]) -> list[float]:
     return weights
 
 
-def deis_step(x0: torch.Tensor, estimates: list, sigma_next: float) -> torch.Tensor:
+def deis_step(x0: torch.Tensor, estimates: list, sigma_next: float, weights: list[float] | None = None) -> torch.Tensor:
     """To `sigma_next` from the noise level of the newest estimate (VE levels, i.e. rho, as Python floats), given
     its x0 and the noise estimates [(eps, sigma), ...], newest first, 1 to 3 of them (the order). The exponential
     integrator's x_next = alpha_next (x / alpha + sum_k w_k eps_k), w = deis_coefficients, written with
     x / alpha = x0 + rho eps_0 and sum_k w_k = rho_next - rho:
     x_next = alpha_next (x0 + rho_next eps_0 + sum_(k>0) w_k (eps_k - eps_0)). At high noise x / alpha and the
     weights are large and of opposite signs; this form adds no such pair (in float32 the first form loses up to
-    three digits over a step from the noisiest level of the cosine schedule)."""
+    three digits over a step from the noisiest level of the cosine schedule). `weights`: deis_coefficients of
+    these levels, where the caller has them."""
     alpha_next = vp_coefficients(sigma_next)[0]
     (eps, _), older = estimates[0], estimates[1:]
     total = x0 + sigma_next * eps
     if older:
-        weights = deis_coefficients(sigma_next, [sigma for _, sigma in estimates])
+        weights = weights or deis_coefficients(sigma_next, [sigma for _, sigma in estimates])
         for w, (eps_k, _) in zip(weights[1:], older):
             total = total + w * (eps_k - eps)
     return alpha_next * total
@@ -88,12 +89,13 @@ class DEISMultistepScheduler(LogSNRMultistepScheduler):
     config_class = DEISConfig
     round_karras_timesteps_always = True
 
+    def _last_level(self, sigmas: np.ndarray) -> float:
+        """diffusers' ends: Karras, exponential and beta grids repeat their last level; the others end at the first
+        training step's level."""
+        return sigmas[-1] if sigma_grid(self.config) is not None else ve_sigmas(self.alphas_cumprod)[0].item()
+
     def _make_grid(self, num_inference_steps: int, device, **custom) -> torch.Tensor:
         timesteps = super()._make_grid(num_inference_steps, device, **custom)
-        # diffusers' ends: Karras, exponential and beta grids repeat their last level; the others end at the first
-        # training step's level
-        self.sigmas[-1] = self.sigmas[-2] if sigma_grid(self.config) is not None else ve_sigmas(
-            self.alphas_cumprod)[0]
         self._levels = self.sigmas.double().tolist()  # (read once here, not in every step)
         return timesteps
 
@@ -103,13 +105,15 @@ class DEISMultistepScheduler(LogSNRMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         i = self.index_for_timestep(timestep)
-        alpha, sigma_vp = vp_coefficients(self.sigmas[i])
+        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
         x = sample.float()
         x0, eps = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)
         kept = self._history(i, eps, self._levels)
         order = deis_order_at(i, len(self._grid), len(kept) - 1, self.config.solver_order,
                               self.config.lower_order_final)
-        prev = deis_step(x0, kept[:order], self._levels[i + 1])
+        levels = [sigma for _, sigma in kept[:order]]  # (those of grid steps i, i - 1, ...: kept per step)
+        weights = self._scalar(("deis", i, order), lambda: deis_coefficients(self._levels[i + 1], levels), self.sigmas)
+        prev = deis_step(x0, kept[:order], self._levels[i + 1], weights)
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()

@@ -4,8 +4,6 @@ third-order form, 3M, the last two); and its SDE form (algorithm_type "sde-dpmso
 solves the reverse SDE instead and adds fresh noise at every step."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -134,7 +132,6 @@ class LogSNRMultistepScheduler(Scheduler):
     def __init__(self, **config):
         super().__init__(**config)
         self.sigmas = ve_sigmas(self.alphas_cumprod)
-        self._scalars: tuple = (None, None, {})  # (of which sigmas, their version, key -> value): see _scalar
 
     def _make_grid(self, num_inference_steps: int, device, timesteps: np.ndarray | None = None) -> torch.Tensor:
         c, n = self.config, num_inference_steps
@@ -152,11 +149,15 @@ class LogSNRMultistepScheduler(Scheduler):
         # (a sigma grid spans the whole training table here; diffusers truncates exponential and beta timesteps)
         steps, sigmas = spaced_levels(c, steps, table, n, table[0].item(), table[-1].item(), round_karras=(
             self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"))
-        with torch.inference_mode(False):  # (a tensor that keeps a version counter: see _scalar)
-            sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        with torch.inference_mode(False):  # (a tensor that keeps a version counter: see Scheduler._scalar)
+            sigmas = torch.from_numpy(np.concatenate([sigmas, [self._last_level(sigmas)]]).astype(np.float32))
         if sigmas.shape != self.sigmas.shape or not torch.equal(sigmas, self.sigmas):
             self.sigmas = sigmas  # (else the same grid again, as in every call of a pipeline: its scalars stay)
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
+
+    def _last_level(self, sigmas: np.ndarray) -> float:
+        """The noise level sampling ends at, after the grid's `sigmas`: 0 (DEIS ends elsewhere)."""
+        return 0.0
 
     def _estimate(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator=None,
                   variance_noise: torch.Tensor | None = None):
@@ -166,24 +167,9 @@ class LogSNRMultistepScheduler(Scheduler):
         if self.config.algorithm_type == "sde-dpmsolver++":
             noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
                      randn(model_output.shape, generator, model_output.device, torch.float32))
-        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]))
+        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
         x = sample.float()
         return x, predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0], noise
-
-    def _scalar(self, key: tuple, make: Callable[[], object]):
-        """make(), kept under `key` while self.sigmas is the same tensor, unchanged: the 0-dim tensors a step derives
-        from the grid's noise levels (some forty operations, host time), worked out once per grid rather than in
-        every step of every call (set_timesteps keeps the tensor for the same grid)."""
-        levels, version, values = self._scalars
-        now = None if self.sigmas.is_inference() else self.sigmas._version  # (an inference tensor: no cache)
-        if levels is not self.sigmas or version != now or now is None:
-            values = {}
-            self._scalars = (self.sigmas, now, values)
-        value = values.get(key)
-        if value is None:
-            with torch.inference_mode(False):  # (kept for later calls, which may run with autograd)
-                value = values[key] = make()
-        return value
 
     def _history(self, i: int, estimate: torch.Tensor, levels) -> list[tuple[torch.Tensor, object]]:
         """[(estimate, its noise level), ...] of step i and of the steps just before it, newest first (a step that
@@ -225,7 +211,7 @@ class DPMSolverMultistepScheduler(LogSNRMultistepScheduler):
                                 self.config.lower_order_final)
         sde = noise is not None  # (the levels of kept[:order] are those of grid steps i, i - 1, ...)
         coefficients = self._scalar(("dpmpp", i, order, sde), lambda: dpmpp_coefficients(
-            [sigma for _, sigma in kept[:order]], self.sigmas[i + 1], sde))
+            [sigma for _, sigma in kept[:order]], self.sigmas[i + 1], sde), self.sigmas)
         prev = dpmpp_update(x, [x0 for x0, _ in kept[:order]], coefficients, noise)
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))

@@ -21,9 +21,21 @@ def pndm_transfer(x: torch.Tensor, eps: torch.Tensor, abar, abar_prev) -> torch.
     x' = sqrt(abar'/abar) x - (abar' - abar) eps / (abar sqrt(1 - abar') + sqrt(abar (1 - abar) abar')): DDIM's
     deterministic step with x0 eliminated. Evaluated in diffusers' order: near abar = 0 (the cosine schedule's
     last training steps) both terms are large and nearly cancel, so the order of the roundings shows."""
+    return pndm_update(x, eps, pndm_coefficients(abar, abar_prev))
+
+
+def pndm_coefficients(abar, abar_prev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scalars of pndm_transfer: sqrt(abar' / abar), abar' - abar and the denominator (a scheduler keeps them
+    per pair of levels)."""
     abar, abar_prev = torch.as_tensor(abar), torch.as_tensor(abar_prev)
     denominator = abar * (1 - abar_prev) ** 0.5 + (abar * (1 - abar) * abar_prev) ** 0.5
-    return (abar_prev / abar) ** 0.5 * x - (abar_prev - abar) * eps / denominator
+    return (abar_prev / abar) ** 0.5, abar_prev - abar, denominator
+
+
+def pndm_update(x: torch.Tensor, eps: torch.Tensor, coefficients: tuple) -> torch.Tensor:
+    """pndm_transfer from its pndm_coefficients."""
+    scale, change, denominator = coefficients
+    return scale * x - change * eps / denominator
 
 
 def multistep_eps(history: list[torch.Tensor]) -> torch.Tensor:
@@ -142,8 +154,14 @@ class PNDMScheduler(Scheduler):
         at (x, t). Like diffusers, a v-predicting model's outputs are combined as they come and turned into a noise
         estimate at the start of the move, not one by one where each was made."""
         a = self._abar(t)
-        eps = predict_x0_eps(output, x, a**0.5, (1 - a) ** 0.5, self.config.prediction_type)[1]
-        return pndm_transfer(x, eps, a, self._abar(t_prev))
+        eps = output if self.config.prediction_type == "epsilon" else predict_x0_eps(
+            output, x, a**0.5, (1 - a) ** 0.5, self.config.prediction_type)[1]
+        if t_prev < 0:  # (to final_alpha_cumprod: the last step, computed afresh)
+            return pndm_update(x, eps, pndm_coefficients(a, self.final_alpha_cumprod))
+        # (the scalars of the training schedule's levels, kept: see Scheduler._scalar)
+        coefficients = self._scalar(("transfer", t, t_prev), lambda: pndm_coefficients(a, self.alphas_cumprod[t_prev]),
+                                    self.alphas_cumprod)
+        return pndm_update(x, eps, coefficients)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
