@@ -27,38 +27,51 @@ def unipc_update(x: torch.Tensor, estimates: list[torch.Tensor], levels: list[to
     earlier estimates m_k and D_k = (m_k - m_0) / r_k:
     x_next = (sigma_next / sigma_0) x - alpha_next (e^-h - 1) m_0 - alpha_next B(h) sum_k rho_k D_k,
     where the weights rho solve sum_k rho_k r_k^(i-1) = i! phi_(i+1)(-h) (-h) / B(h), i = 1..(number of D_k)."""
+    coefficients = unipc_coefficients(levels, sigma_next, order, bh2, estimate_next is not None)
+    return unipc_apply(x, estimates, coefficients, estimate_next)
+
+
+def unipc_coefficients(levels: list[torch.Tensor], sigma_next, order: int, bh2: bool = True,
+                       corrector: bool = False) -> tuple:
+    """The scalars of unipc_update, which depend on the noise levels alone (a scheduler keeps them per step): the
+    ratios r_k, the weights rho_k and the factors of x, m_0 and the weighted sum."""
     alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
     alpha_0, sigma_vp_0 = vp_coefficients(levels[-1])
     lambda_0 = _log_snr(alpha_0, sigma_vp_0)
     h = _log_snr(alpha_next, sigma_vp_next) - lambda_0
-    m0 = estimates[-1]
-    ratios, differences = [], []
-    for k in range(1, order):
-        r = (_log_snr(*vp_coefficients(levels[-1 - k])) - lambda_0) / h
-        ratios.append(r)
-        differences.append((estimates[-1 - k] - m0) / r)
+    ratios = [(_log_snr(*vp_coefficients(levels[-1 - k])) - lambda_0) / h for k in range(1, order)]
     hh = -h
     h_phi_1 = torch.expm1(hh)  # (e^-h - 1): the first-order (DDIM) term
     b_h = torch.expm1(hh) if bh2 else hh
-    rows = order if estimate_next is not None else order - 1  # conditions on the weights
+    rows = order if corrector else order - 1  # conditions on the weights
     rhs, phi, factorial = [], h_phi_1 / hh - 1, 1
     for i in range(1, rows + 1):
         rhs.append(phi * factorial / b_h)
         factorial *= i + 1
         phi = phi / hh - 1 / factorial
-    if estimate_next is not None:
-        differences.append(estimate_next - m0)  # r = 1
-        ratios.append(torch.ones(()))
-    if not differences:
+    terms = len(ratios) + corrector  # (the corrector's difference has r = 1)
+    if not terms:
         weights = []
-    elif (estimate_next is None and order == 2) or (estimate_next is not None and order == 1):
+    elif (not corrector and order == 2) or (corrector and order == 1):
         weights = [torch.tensor(0.5)]  # the paper's choice for the lowest orders (as diffusers)
     else:
-        system = torch.stack([torch.stack([r ** (i - 1) for r in ratios]) for i in range(1, rows + 1)])
+        system = torch.stack([torch.stack([r ** (i - 1) for r in ratios + [torch.ones(())] * corrector])
+                              for i in range(1, rows + 1)])
         weights = list(torch.linalg.solve(system, torch.stack(rhs)))
-    x_next = (sigma_vp_next / sigma_vp_0) * x - (alpha_next * h_phi_1) * m0
+    return ratios, weights, sigma_vp_next / sigma_vp_0, alpha_next * h_phi_1, alpha_next * b_h
+
+
+def unipc_apply(x: torch.Tensor, estimates: list[torch.Tensor], coefficients: tuple,
+                estimate_next: torch.Tensor | None = None) -> torch.Tensor:
+    """unipc_update from its unipc_coefficients."""
+    ratios, weights, x_factor, m0_factor, sum_factor = coefficients
+    m0 = estimates[-1]
+    differences = [(estimates[-1 - k] - m0) / r for k, r in enumerate(ratios, 1)]
+    if estimate_next is not None:
+        differences.append(estimate_next - m0)  # r = 1
+    x_next = x_factor * x - m0_factor * m0
     if weights:  # (B(h) is -inf onto sigma = 0 for bh1: skipped when nothing is weighed, where diffusers' gives NaN)
-        x_next = x_next - (alpha_next * b_h) * sum(w * d for w, d in zip(weights, differences))
+        x_next = x_next - sum_factor * sum(w * d for w, d in zip(weights, differences))
     return x_next
 
 
@@ -100,24 +113,29 @@ class UniPCMultistepScheduler(LogSNRMultistepScheduler):
              return_dict: bool = True):
         c = self.config
         i = self.index_for_timestep(timestep)
-        alpha, sigma_vp = vp_coefficients(self.sigmas[i])
+        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
         x = sample.float()
         x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, c.prediction_type)[0]
         if self._last != i - 1:
             self._reset()
         elif i - 1 not in c.disable_corrector:  # correct the last prediction with this step's estimate
             start, used = self._start
-            x = unipc_update(start, self._estimates, self._levels(i - 1), self.sigmas[i], used,
-                             c.solver_type == "bh2", x0)
+            x = unipc_apply(start, self._estimates, self._coefficients(i - 1, used, True), x0)
         self._estimates = [*self._estimates, x0][-c.solver_order:]
         order = min(c.solver_order, len(self._grid) - i if c.lower_order_final else math.inf, len(self._estimates))
         if i == len(self._grid) - 1:  # onto sigma = 0: x0 (higher orders divide by h = inf: diffusers' NaN)
             order = 1
         self._start, self._last = (x, order), i
-        prev = unipc_update(x, self._estimates, self._levels(i), self.sigmas[i + 1], order, c.solver_type == "bh2")
+        prev = unipc_apply(x, self._estimates, self._coefficients(i, order, False))
         self._finish_step(i)
         out = SchedulerOutput(prev.to(model_output.dtype), x0.to(model_output.dtype))
         return out if return_dict else out.to_tuple()
+
+    def _coefficients(self, i: int, order: int, corrector: bool) -> tuple:
+        """unipc_coefficients of the kept estimates, the newest made at step i, onto the next step's level (kept per
+        step: Scheduler._scalar)."""
+        return self._scalar(("unipc", i, order, len(self._estimates), corrector), lambda: unipc_coefficients(
+            self._levels(i), self.sigmas[i + 1], order, self.config.solver_type == "bh2", corrector), self.sigmas)
 
     def _levels(self, i: int) -> list[torch.Tensor]:
         """The noise levels of the kept estimates, the newest made at step i."""
