@@ -146,6 +146,7 @@ class Scheduler:
         as in diffusers), the timesteps themselves (descending) or the noise levels (descending, the last one
         where sampling ends, usually 0)."""
         custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+        levels = getattr(self, "sigmas", None)
         if (num_inference_steps is not None) + len(custom) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas to set_timesteps")
         if custom:
@@ -160,11 +161,26 @@ class Scheduler:
         else:
             n = check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
             self.timesteps = self._make_grid(n, device)
+        self._keep_levels(levels)
         self.num_inference_steps = n
         self._reset()
         self._grid = self.timesteps.detach().cpu().double().numpy()
         self._begin_index = None
         self._next_index = None
+
+    def _keep_levels(self, before: torch.Tensor | None) -> None:
+        """After _make_grid: where its noise levels (`sigmas`) equal those before it (the same grid again, as in
+        every call of a pipeline), keep the earlier tensor, and with it the steps' scalars (_scalar); a tensor made
+        under inference mode is copied into a normal one (which keeps a version counter)."""
+        levels = getattr(self, "sigmas", None)
+        if not isinstance(levels, torch.Tensor) or levels is before:
+            return
+        if (isinstance(before, torch.Tensor) and not before.is_inference() and before.shape == levels.shape
+                and before.dtype == levels.dtype and before.device == levels.device and torch.equal(before, levels)):
+            self.sigmas = before
+        elif levels.is_inference():
+            with torch.inference_mode(False):
+                self.sigmas = levels.clone()
 
     def _checked_grid(self, name: str, values) -> np.ndarray:
         values = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)

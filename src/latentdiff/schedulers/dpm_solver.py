@@ -149,10 +149,7 @@ class LogSNRMultistepScheduler(Scheduler):
         # (a sigma grid spans the whole training table here; diffusers truncates exponential and beta timesteps)
         steps, sigmas = spaced_levels(c, steps, table, n, table[0].item(), table[-1].item(), round_karras=(
             self.round_karras_timesteps_always or c.beta_schedule != "squaredcos_cap_v2"))
-        with torch.inference_mode(False):  # (a tensor that keeps a version counter: see Scheduler._scalar)
-            sigmas = torch.from_numpy(np.concatenate([sigmas, [self._last_level(sigmas)]]).astype(np.float32))
-        if sigmas.shape != self.sigmas.shape or not torch.equal(sigmas, self.sigmas):
-            self.sigmas = sigmas  # (else the same grid again, as in every call of a pipeline: its scalars stay)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._last_level(sigmas)]]).astype(np.float32))
         return torch.from_numpy(steps).to(device=device, dtype=torch.int64)
 
     def _last_level(self, sigmas: np.ndarray) -> float:

@@ -95,8 +95,8 @@ class _SigmaScheduler(Scheduler):
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x / sqrt(1 + sigma^2): the variance-preserving sample the U-Net was trained on."""
-        sigma = self.sigmas[self.index_for_timestep(timestep)]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        i = self.index_for_timestep(timestep)
+        return sample / self._scalar(("scale", i), lambda: (self.sigmas[i] ** 2 + 1) ** 0.5, self.sigmas)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
