@@ -339,9 +339,9 @@ def test_steps_are_stateless_and_reruns_agree(name):
 ])
 def test_step_scalars_are_kept_only_for_the_same_levels(name, extra, levels, scale):
     """DPM-Solver++, UniPC, DEIS, PNDM and the Euler family (scale_model_input) work each step's scalars out once
-    and keep them for later calls while the levels they come from (the grid's sigmas, the training schedule) are the same tensor, unchanged: a loop after
-    other grids, or under inference mode, is bit-identical to a new scheduler's, and levels edited in place are
-    seen."""
+    and keep them for later calls while the levels they come from (the grid's sigmas, the training schedule) are
+    the same tensor, unchanged: a loop after other grids, or under inference mode, is bit-identical to a new
+    scheduler's, and levels edited in place are seen."""
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def loop(sched, steps, scale=None):
