@@ -105,7 +105,7 @@ class DEISMultistepScheduler(LogSNRMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         i = self.index_for_timestep(timestep)
-        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
+        alpha, sigma_vp = self._vp(i)
         x = sample.float()
         x0, eps = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)
         kept = self._history(i, eps, self._levels)

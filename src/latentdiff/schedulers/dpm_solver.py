@@ -156,6 +156,10 @@ class LogSNRMultistepScheduler(Scheduler):
         """The noise level sampling ends at, after the grid's `sigmas`: 0 (DEIS ends elsewhere)."""
         return 0.0
 
+    def _vp(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """vp_coefficients of grid step i's noise level, kept per step (Scheduler._scalar)."""
+        return self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
+
     def _estimate(self, model_output: torch.Tensor, sample: torch.Tensor, i: int, generator=None,
                   variance_noise: torch.Tensor | None = None):
         """(x, x0, noise) for a step at grid index i, in float32: the sample, its x0 estimate from the model's output,
@@ -164,7 +168,7 @@ class LogSNRMultistepScheduler(Scheduler):
         if self.config.algorithm_type == "sde-dpmsolver++":
             noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
                      randn(model_output.shape, generator, model_output.device, torch.float32))
-        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
+        alpha, sigma_vp = self._vp(i)
         x = sample.float()
         return x, predict_x0_eps(model_output.float(), x, alpha, sigma_vp, self.config.prediction_type)[0], noise
 

@@ -113,7 +113,7 @@ class UniPCMultistepScheduler(LogSNRMultistepScheduler):
              return_dict: bool = True):
         c = self.config
         i = self.index_for_timestep(timestep)
-        alpha, sigma_vp = self._scalar(("vp", i), lambda: vp_coefficients(self.sigmas[i]), self.sigmas)
+        alpha, sigma_vp = self._vp(i)
         x = sample.float()
         x0 = predict_x0_eps(model_output.float(), x, alpha, sigma_vp, c.prediction_type)[0]
         if self._last != i - 1:
