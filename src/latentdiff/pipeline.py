@@ -36,13 +36,23 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 def inductor_settings(device: torch.device | str, max_autotune: bool = True, freezing: bool = True):
     """A context in which torch.compile'd models compile as pipe.compile() has them: weights frozen (constant-
-    folded, pre-packed), max-autotune, and on a CPU the graph driven from C++. The settings are read when a graph
-    compiles, so the first calls must run inside it (torch.compile's `options` argument does not turn freezing on:
-    measured, the U-Net 1.39x its eager self with options=, 1.9-2.0x with this)."""
+    folded, pre-packed), max-autotune, and on a CPU the graph driven from C++ and float32 linear layers packed for
+    oneDNN rather than MKL (inductor_passes.OneDNNLinears: MKL's packed weights take at least 5.57 MiB each). The
+    settings are read when a graph compiles, so the first calls must run inside it (torch.compile's `options`
+    argument does not turn freezing on: measured, the U-Net 1.39x its eager self with options=, 1.9-2.0x with
+    this)."""
     import torch._inductor.config
 
-    return torch._inductor.config.patch(freezing=freezing, max_autotune=max_autotune,
-                                        cpp_wrapper=torch.device(device).type == "cpu")
+    cpu = torch.device(device).type == "cpu"
+    settings = {"freezing": freezing, "max_autotune": max_autotune, "cpp_wrapper": cpu}
+    if cpu:
+        from .inductor_passes import OneDNNLinears
+
+        given = torch._inductor.config.post_grad_custom_pre_pass
+        given = list(given) if isinstance(given, (list, tuple)) else [] if given is None else [given]
+        if not any(isinstance(p, OneDNNLinears) for p in given):
+            settings["post_grad_custom_pre_pass"] = [*given, OneDNNLinears()]
+    return torch._inductor.config.patch(**settings)
 
 
 class _Unlaid(Exception):
