@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
+from common import machine, peak_rss, rss, setup
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+MIB = 2**20
 
 
 def child(args) -> None:
@@ -35,8 +33,7 @@ def child(args) -> None:
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
     from latentdiff.pipeline import inductor_settings
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args.threads)
     if args.model == "tiny":
         unet = UNet2DConditionModel.from_pretrained(ROOT / "pipelines" / "tiny-shapes" / "unet")
     else:
@@ -48,19 +45,19 @@ def child(args) -> None:
     context = torch.randn(args.batch, 77, config.cross_attention_dim)
     if args.child == "mkl":
         inductor_passes.OneDNNLinears.__call__ = lambda self, graph: None
-    loaded = rss_mib()
+    loaded = rss() / MIB
     compiled = torch.compile(unet)
     start = time.perf_counter()
     with torch.no_grad(), inductor_settings("cpu"), inductor_config.patch(fx_graph_cache=False):
         compiled(x, t, context)
         compile_s = time.perf_counter() - start
-        after = rss_mib()
+        after = rss() / MIB
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             compiled(x, t, context)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"variant": args.child, "loaded": loaded, "growth": after - loaded, "peak": rss_mib("VmHWM"),
+    print(json.dumps({"variant": args.child, "loaded": loaded, "growth": after - loaded, "peak": peak_rss() / MIB,
                       "compile_s": compile_s, "median": statistics.median(times), "best": min(times)}))
 
 
@@ -80,8 +77,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", variant] + sys.argv[1:]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
-    print(f"{args.model} U-Net, batch {args.batch}, {args.side}x{args.side} latents, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    setup(args.threads)
+    print(f"{args.model} U-Net, batch {args.batch}, {args.side}x{args.side} latents; {machine()}")
     print(f"{'linears':8s} {'loaded MiB':>10s} {'+compile MiB':>12s} {'peak MiB':>9s} {'compile s':>9s} "
           f"{'median s':>9s} {'best s':>8s}")
     for variant, r in rows.items():

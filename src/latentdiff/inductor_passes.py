@@ -39,12 +39,12 @@ class OneDNNLinears(CustomGraphPass):
             if weight.op != "get_attr" or not isinstance(batch_size, int):
                 continue
             key = (weight.target, batch_size)
-            if key not in packed:
-                name = _free_name(gm, "_onednn_linear_weight")
-                gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(_attr(gm, weight.target), batch_size))
-                with graph.inserting_before(node):
-                    packed[key] = graph.get_attr(name)
             with graph.inserting_before(node):
+                if key not in packed:
+                    name = _free_name(gm, "_onednn_linear_weight")
+                    gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(_attr(gm, weight.target),
+                                                                                     batch_size))
+                    packed[key] = graph.get_attr(name)
                 linear = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
                                              (x, packed[key], bias, "none", [], ""))
             linear.meta.update(node.meta)
