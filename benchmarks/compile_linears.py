@@ -14,6 +14,8 @@ rounds, with the paired ratio (the median over rounds of MKL's call / oneDNN's):
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import statistics
 import subprocess
@@ -22,8 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
-from common import machine, peak_rss, rss, setup
+from common import machine, peak_rss, rss, setup, time_interleaved
+from latentdiff import inductor_passes
+from latentdiff.pipeline import inductor_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -40,12 +45,11 @@ def load_unet(args):
     return unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
+def skip_pass(self, graph) -> None:
+    """OneDNNLinears.__call__ while the MKL variant compiles: inductor's own MKL packing is left as it is."""
+
+
 def child(args) -> None:
-    import torch._inductor.config as inductor_config
-
-    from latentdiff import inductor_passes
-    from latentdiff.pipeline import inductor_settings
-
     setup(args.threads)
     unet = load_unet(args)
     config = unet.config
@@ -55,7 +59,7 @@ def child(args) -> None:
     if args.child == "both":
         return speed(args, unet, (x, t, context))
     if args.child == "mkl":
-        inductor_passes.OneDNNLinears.__call__ = lambda self, graph: None
+        inductor_passes.OneDNNLinears.__call__ = skip_pass
     loaded = rss() / MIB
     compiled = torch.compile(unet)
     start = time.perf_counter()
@@ -75,13 +79,6 @@ def child(args) -> None:
 def speed(args, unet, inputs) -> None:
     """Both variants compiled in this process (the oneDNN pass off while the MKL one compiles), then timed in
     interleaved rounds."""
-    import copy
-
-    import torch._inductor.config as inductor_config
-
-    from latentdiff import inductor_passes
-    from latentdiff.pipeline import inductor_settings
-
     run_pass, ran = inductor_passes.OneDNNLinears.__call__, []
 
     def counted(self, graph):
@@ -91,21 +88,16 @@ def speed(args, unet, inputs) -> None:
     compiled = {}
     with torch.no_grad(), inductor_settings("cpu"), inductor_config.patch(fx_graph_cache=False):
         for variant in ("mkl", "onednn"):
-            inductor_passes.OneDNNLinears.__call__ = (lambda self, graph: None) if variant == "mkl" else counted
+            inductor_passes.OneDNNLinears.__call__ = skip_pass if variant == "mkl" else counted
             compiled[variant] = torch.compile(copy.deepcopy(unet) if variant == "mkl" else unet)
             compiled[variant](*inputs)  # (compiles, under the pass as it is now)
         inductor_passes.OneDNNLinears.__call__ = run_pass
         if not ran:
             raise RuntimeError("the oneDNN variant compiled no graph of its own (dynamo reused the MKL one's)")
-        times = {variant: [] for variant in compiled}
-        for _ in range(args.repeats):
-            for variant, fn in compiled.items():
-                start = time.perf_counter()
-                fn(*inputs)
-                times[variant].append(time.perf_counter() - start)
-    paired = statistics.median(m / o for m, o in zip(times["mkl"], times["onednn"]))
-    print(json.dumps({"mkl": statistics.median(times["mkl"]), "onednn": statistics.median(times["onednn"]),
-                      "paired": paired}))
+        timings = time_interleaved({variant: functools.partial(fn, *inputs) for variant, fn in compiled.items()},
+                                   args.repeats, warmup=0, progress=False, memory=False)
+    mkl, onednn = timings["mkl"], timings["onednn"]
+    print(json.dumps({"mkl": mkl.median, "onednn": onednn.median, "paired": onednn.paired_ratio(mkl)}))
 
 
 def main() -> None:
