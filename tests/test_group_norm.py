@@ -16,7 +16,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 # (batch, channels, height, width, groups): one group of several slices, channels that do not fill a power of two,
 # a 1x1 map, sizes no block divides
-SHAPES = [(2, 64, 8, 8, 32), (3, 40, 5, 7, 8), (2, 32, 1, 1, 8), (2, 128, 33, 9, 32)]
+SHAPES = [(2, 64, 8, 8, 32), (3, 40, 5, 7, 8), (2, 32, 1, 1, 8), (2, 128, 33, 9, 32), (2, 6, 5, 3, 3)]  # (C = 6: partial vectors)
 
 
 def reference(x, norm, silu, shift):

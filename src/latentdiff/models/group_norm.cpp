@@ -70,7 +70,7 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                           int silu, float* out, double* stats, int threads) {
     const int64_t per_group = C / G;
     const Spans spans(N, P, threads);
-    std::vector<double> sums, squares, partial;  // partial: channels-last, per span [C][2]: sum, sum of squares
+    std::vector<double> sums, squares, partial;  // partial: channels-last, per span [2][C]: sums, sums of squares
     std::vector<float> a, b;  // out = act(a x + b), per sample and channel
     try {
         sums.resize(N * C);
@@ -88,13 +88,27 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
         if (channels_last) {
 #pragma omp for schedule(static)
             for (int64_t span = 0; span < N * spans.per_sample; ++span) {
-                double* sq = partial.data() + span * C * 2;
+                double* sum = partial.data() + span * C * 2;  // C sums, then C sums of squares
+                double* square = sum + C;
                 for (int64_t row = spans.first(span, P); row < spans.last(span, P); ++row) {
                     const float* v = x + row * C;  // C channels side by side
-                    for (int64_t c = 0; c < C; ++c) {
+                    int64_t c = 0;
+                    for (; c + LANES / 2 <= C; c += LANES / 2) {
+                        HalfVec half;
+                        memcpy(&half, v + c, sizeof half);
+                        const VecD value = __builtin_convertvector(half, VecD);
+                        VecD s, q;
+                        memcpy(&s, sum + c, sizeof s);
+                        memcpy(&q, square + c, sizeof q);
+                        s += value;
+                        q += value * value;
+                        memcpy(sum + c, &s, sizeof s);
+                        memcpy(square + c, &q, sizeof q);
+                    }
+                    for (; c < C; ++c) {
                         const double value = v[c];
-                        sq[2 * c] += value;
-                        sq[2 * c + 1] += value * value;
+                        sum[c] += value;
+                        square[c] += value * value;
                     }
                 }
             }
@@ -103,8 +117,8 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
                 for (int64_t c = 0; c < C; ++c) {
                     double sum = 0, square = 0;
                     for (int64_t j = 0; j < spans.per_sample; ++j) {
-                        sum += partial[((n * spans.per_sample + j) * C + c) * 2];
-                        square += partial[((n * spans.per_sample + j) * C + c) * 2 + 1];
+                        sum += partial[(n * spans.per_sample + j) * C * 2 + c];
+                        square += partial[(n * spans.per_sample + j) * C * 2 + C + c];
                     }
                     sums[n * C + c] = sum;
                     squares[n * C + c] = square;
