@@ -17,9 +17,11 @@ from common import median_times, start_kernel_benchmark
 from latentdiff.models import group_norm as gn
 from latentdiff.models import native
 
-# (batch, channels, height, width): U-Net 64x64 and 32x32 levels, the VAE decoder from 64x64 to 512x512
+# (batch, channels, height, width): U-Net 64x64 and 32x32 levels, the VAE decoder from 64x64 to 512x512, and
+# pipelines/tiny-shapes' VAE decoder (small maps, where per-call costs and the kernel's vector code show)
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64), (1, 512, 128, 128),
-          (1, 512, 256, 256), (1, 256, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512)]
+          (1, 512, 256, 256), (1, 256, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512), (1, 64, 16, 16),
+          (1, 64, 32, 32), (1, 32, 64, 64), (1, 32, 128, 128)]
 # training: SD 1.5's U-Net at batch 2, 64x64 latents; the tiny-shapes U-Net at batch 32, 16x16 latents
 TRAIN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (32, 64, 16, 16),
                 (32, 160, 16, 16), (32, 96, 8, 8), (32, 128, 4, 4)]
