@@ -1,10 +1,10 @@
 """Our compiled CPU GroupNorm (latentdiff/models/group_norm.py's group_norm() on float32 CPU tensors: group_norm.cpp)
 against torch's GroupNorm + SiLU (and the bias add before it), NCHW and channels-last: median milliseconds (calls
 interleaved) and each one's largest error against float64. Inference (no autograd): per activation shape of SD 1.5's
-U-Net (batch 2) and VAE decoder (batch 1). Training (--train, or --only-train): forward and backward with gradients
-for x, the bias and the norm's weights, at SD 1.5's U-Net shapes at batch 2 and pipelines/tiny-shapes' U-Net at the
-training benchmark's batch 32 (benchmarks/train_step.py); the error is the largest of the output's and the
-gradients', each relative to its largest float64 value.
+U-Net (batch 2), its VAE decoder and pipelines/tiny-shapes' VAE decoder (batch 1). Training (--train, or --only-train):
+forward and backward with gradients for x, the bias and the norm's weights, at SD 1.5's U-Net shapes at batch 2 and
+pipelines/tiny-shapes' U-Net at the training benchmark's batch 32 (benchmarks/train_step.py); the error is the largest
+of the output's and the gradients', each relative to its largest float64 value.
 
     python benchmarks/group_norm_cpu.py [--threads 2] [--repeats 9] [--train | --only-train]
 """
