@@ -3,6 +3,8 @@ chunked feed-forward: the fast paths must compute what the plain model computes,
 (gradients, casting, saving or loading after packing) with an error that says what to do."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,8 +13,8 @@ import torch.nn.functional as F
 from latentdiff.models import allocator, amx, attention, native, packed, winograd
 from latentdiff.models.fused import adds_residual
 from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv
-from latentdiff.models.packed import (PackedConv2d, PackedGEGLU, PackedLinear, PackedUpsampleConv, WinogradConv2d,
-                                      WinogradUpsampleConv, pack_for_inference)
+from latentdiff.models.packed import (Float32Compute, Float32ComputeUpsample, PackedConv2d, PackedGEGLU, PackedLinear,
+                                      PackedUpsampleConv, WinogradConv2d, WinogradUpsampleConv, pack_for_inference)
 from latentdiff.models.resnet import Upsample2D
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -234,20 +236,53 @@ def test_optimized_bfloat16_agrees_with_fp32():
     fast = optimized_copy(model.to(torch.bfloat16))
     assert fast.dtype == torch.bfloat16
     kinds, supported = {type(m) for m in fast.modules()}, packed.bfloat16_supported()
-    assert (PackedLinear in kinds) == supported and (torch.nn.Linear in kinds) != supported
+    assert torch.nn.Linear not in kinds and (Float32Compute in kinds) != supported  # (AVX2: computed in float32)
     got = fast(sample.bfloat16(), t, ctx.bfloat16())
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).norm() / expected.norm() < 3e-2
 
 
-def test_bfloat16_layers_stay_plain_where_onednn_has_no_bfloat16(monkeypatch):
+@torch.no_grad()
+def test_bfloat16_layers_compute_in_float32_where_onednn_has_no_bfloat16(monkeypatch):
+    """On AVX2-only CPUs (forced here) a bfloat16 linear, conv or GEGLU runs as the packed layer of its float32 copy:
+    bfloat16 in and out, rounded once (so no further from float64 than the plain bfloat16 layer), the residual
+    added before the rounding, an upsampler's conv on the low-resolution map; the layers keep telling bfloat16,
+    and refuse what the other packed layers refuse."""
     monkeypatch.setattr(packed, "bfloat16_supported", lambda: False)
-    model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(32, 32, 3, padding=1),
-                                                   torch.nn.Linear(4, 4).bfloat16(),
-                                                   torch.nn.Conv2d(32, 32, 3, padding=1).bfloat16()))
-    assert [type(m) for m in model] == [FLOAT32_LINEAR, WinogradConv2d, torch.nn.Linear, torch.nn.Conv2d]
+    torch.manual_seed(0)
+    plain = [torch.nn.Linear(40, 24), torch.nn.Conv2d(32, 48, 3, padding=1), attention.GEGLU(40, 64),
+             torch.nn.Conv2d(32, 32, 1)]
+    plain = torch.nn.Sequential(*plain, Upsample2D(32)).bfloat16()
+    exact = copy.deepcopy(plain).double()
+    model = pack_for_inference(copy.deepcopy(plain))
+    assert [type(m) for m in model[:4]] == [Float32Compute] * 4 and type(model[4].conv) is Float32ComputeUpsample
+    assert [type(m.inner) for m in model[:3]] == [FLOAT32_LINEAR, WinogradConv2d, AmxGEGLU if amx.available()
+                                                  else PackedGEGLU]
+    assert all(next(m.parameters()).dtype == m.weight.dtype == torch.bfloat16 for m in model[:4])  # (model.dtype)
+    assert adds_residual(model[0], model[1]) and not adds_residual(model[2])
+    tokens, image = torch.randn(2, 5, 40).bfloat16(), torch.randn(2, 32, 9, 11).bfloat16()
+    residual = torch.randn(2, 48, 9, 11).bfloat16()
+    cases = [(0, (tokens,), lambda m, x: m(x)), (1, (image,), lambda m, x: m(x)), (2, (tokens,), lambda m, x: m(x)),
+             (3, (image,), lambda m, x: m(x)), (4, (image,), lambda m, x: m(x)),
+             (1, (image, residual), lambda m, x, r: m(x) + r)]
+    for i, args, reference in cases:
+        got = model[i](*args)
+        assert got.dtype == torch.bfloat16, i
+        want = reference(exact[i], *(a.double() for a in args))
+        theirs = reference(plain[i], *args) if len(args) == 1 else plain[i](args[0]) + args[1]
+        error, their_error = ((y.double() - want).abs().max().item() for y in (got, theirs))
+        assert error <= their_error + 1e-6 and error <= 2 ** -8 * want.abs().max().item(), (i, error, their_error)
+    model.to(torch.bfloat16)  # (nothing to do)
+    with pytest.raises(RuntimeError, match="cannot be moved to cpu torch.float32"):
+        model.float()
+    with pytest.raises(RuntimeError, match="no longer match the checkpoint"):
+        model.state_dict()
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="cannot compute gradients"):
+        model[0](tokens.requires_grad_())
     with pytest.raises(ValueError, match="bfloat16 only where oneDNN runs it"):
         PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16())
+    with pytest.raises(ValueError, match="oneDNN cannot run on this CPU"):
+        Float32Compute(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
 
 
 @torch.no_grad()

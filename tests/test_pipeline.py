@@ -707,6 +707,40 @@ def test_torch_dtype_on_load_and_bf16(folders):
     assert torch.isfinite(img).all() and (img - ref).abs().mean() < 0.05
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_bf16_on_a_cpu_without_onednn_bf16_warns_until_optimized(folders, monkeypatch):
+    """Where oneDNN has no bfloat16 (AVX2-only CPUs; forced here) a bf16 U-Net runs PyTorch's slow fallbacks: the
+    call says so and names the fix; optimize_for_inference() computes its layers in float32 (same image up to
+    bf16 rounding) and the warning stops. With oneDNN's bfloat16 there is nothing to say."""
+    import warnings
+
+    from latentdiff.models import packed
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.bfloat16)
+    said = {}
+    for supported in (False, True):
+        monkeypatch.setattr(packed, "bfloat16_supported", lambda: supported)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+        said[supported] = [str(w.message) for w in caught if "without oneDNN kernels" in str(w.message)]
+    assert said[True] == [] and len(said[False]) == 1, said
+    assert "torch.bfloat16" in said[False][0] and "pipe.optimize_for_inference()" in said[False][0]
+    monkeypatch.setattr(packed, "bfloat16_supported", lambda: False)
+    pipe.optimize_for_inference()
+    assert pipe.unet.dtype == torch.bfloat16 and packed.is_packed(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without oneDNN kernels")
+        optimized = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+    reference = run(LatentDiffusionPipeline.from_pretrained(folders[1]), PROMPTS[0], latents=latents_for(1),
+                    num_inference_steps=2)
+    errors = [(image - reference).abs().mean().item() for image in (plain, optimized)]
+    assert (optimized - plain).abs().mean() < 0.02 and errors[1] < 0.02, errors
+    with pytest.warns(UserWarning, match="float16 on a CPU without oneDNN.*torch_dtype=torch.float32"):
+        run(LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.float16), PROMPTS[0],
+            latents=latents_for(1), num_inference_steps=1)
+
+
 def test_fp16_decode_is_upcast(folders):
     pipe = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.float16)
     img = run(pipe, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)

@@ -10,13 +10,16 @@ the convs after a 2x nearest upsampling skip making the upsampled map (PackedUps
 linears over channels-last pixels: a packed 1x1 conv's speed depends erratically on the shape hint it was packed
 for (20-107 GFLOP/s), the linear is steady (~105). On CPUs with AMX, float32 layers run our kernels instead
 (amx.py; the layers in amx_layers.py): linear and 1x1 layers, GEGLUs, Winograd's products, and the direct convs of
-at least 32 channels in and out.
+at least 32 channels in and out. On CPUs where oneDNN has no bfloat16 (AVX2-only), bfloat16 layers are computed by
+packed float32 copies (Float32Compute): PyTorch's own bfloat16 kernels are 10-200x slower there.
 
 Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
 ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
 weights are no longer in the checkpoint's layout): cast, load and save before packing.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -41,15 +44,26 @@ WINOGRAD_UPSAMPLE_MIN_CHANNELS = 256
 def can_pack(layer: nn.Module) -> bool:
     """Plain nn.Linear and zero-padded, ungrouped nn.Conv2d layers on the CPU, with a PyTorch built with oneDNN, in
     float32, or in bfloat16 where oneDNN runs bfloat16 on this CPU (it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
-    an AVX2-only CPU is refused: bfloat16 layers stay plain there)."""
+    on an AVX2-only CPU a bfloat16 layer is refused: pack_for_inference computes it in float32, Float32Compute)."""
+    dtype = layer.weight.dtype if _packable_kind(layer) else None
+    return dtype in PACKABLE_DTYPES and (dtype != torch.bfloat16 or bfloat16_supported())
+
+
+def _packable_kind(layer: nn.Module) -> bool:
+    """A plain nn.Linear or zero-padded, ungrouped nn.Conv2d on the CPU, and a PyTorch built with oneDNN."""
     if type(layer) is nn.Conv2d:
         if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return False
     elif type(layer) is not nn.Linear:
         return False
-    dtype = layer.weight.dtype
-    return (torch.backends.mkldnn.is_available() and layer.weight.device.type == "cpu" and dtype in PACKABLE_DTYPES
-            and (dtype != torch.bfloat16 or bfloat16_supported()))
+    return torch.backends.mkldnn.is_available() and layer.weight.device.type == "cpu"
+
+
+def needs_float32(layer: nn.Module) -> bool:
+    """A bfloat16 nn.Linear, nn.Conv2d or GEGLU that oneDNN cannot run on this CPU but would pack in float32
+    (pack_for_inference makes it a Float32Compute)."""
+    inner = layer.proj if type(layer) is GEGLU and layer.proj.bias is not None else layer
+    return (_packable_kind(inner) and inner.weight.dtype == torch.bfloat16 and not bfloat16_supported())
 
 
 def bfloat16_supported() -> bool:
@@ -216,6 +230,56 @@ class PackedGEGLU(nn.Module):
         self.value._check(x)
         gate = _ops._linear_pointwise(x, self.gate.weight, self.gate.bias, "gelu", [], "none")
         return _ops._linear_pointwise.binary(x, gate, self.value.weight, self.value.bias, "mul")
+
+
+class Float32Compute(_Packed):
+    """A bfloat16 nn.Linear, nn.Conv2d or GEGLU computed by the packed layer of its float32 copy (`inner`: what
+    `packed` makes of it, Winograd's and the upsamplers' fast paths included), for CPUs where oneDNN has no bfloat16
+    (AVX2-only CPUs, e.g. AMD EPYC before Zen 4). There PyTorch's own bfloat16 kernels are slow fallbacks: on a
+    2-core AMD EPYC with AVX2, 2 threads, a 320-channel 3x3 conv at 32x32 ran at 0.6 GFLOP/s (14 in channels-last),
+    a [2048, 320] x [320, 1280] product at 8.8 and torch.bmm at 2.0, against 110-130 in float32, so diffusers'
+    bfloat16 SD 1.5 U-Net forward (batch 2, 64x64 latents) took 91-103 s in channels-last (more in NCHW), ours with
+    these layers 12 s (10.8-11.1 s in float32). Inputs are widened to float32 and the output (with the residual,
+    where the block hands one over) is rounded to bfloat16 once: closer to the exact result than bfloat16 kernels,
+    which round their products' inputs too. The float32 weights take twice the layer's bfloat16 memory. The layer's
+    own bfloat16 bias stays its parameter, so the model's dtype still reads bfloat16; `.to()` the same dtype and
+    device is a no-op, any other is refused like the other packed layers'."""
+
+    def __init__(self, layer: nn.Module, inner: nn.Module):
+        """inner: the packed layer of `layer`'s float32 copy (float32_compute makes both)."""
+        if not needs_float32(layer):
+            raise ValueError(f"Float32Compute takes a bfloat16 CPU nn.Linear, nn.Conv2d or GEGLU that oneDNN cannot "
+                             f"run on this CPU (see needs_float32); got {layer}: pack it with `packed`")
+        source = layer.proj if type(layer) is GEGLU else layer
+        # `weight`: an empty stand-in that tells the layer's dtype and device, as a packed layer's weight does
+        super().__init__(source, torch.empty(0, dtype=source.weight.dtype))
+        self.inner = inner
+        self.adds_residual = getattr(inner, "adds_residual", False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x)
+        if residual is None:
+            return self.inner(x.float()).to(self.layer_dtype)
+        return self.inner(x.float(), residual.float()).to(self.layer_dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse=False)  # (refuses another dtype or device; the float32 layer is not cast)
+        return self
+
+
+class Float32ComputeUpsample(Float32Compute):
+    """Float32Compute of an upsampler's conv (Upsample2D), whose float32 layer runs on the low-resolution map
+    (`upsampled`, see PackedUpsampleConv)."""
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self.inner.upsampled(x.float()).to(self.layer_dtype)
+
+
+def float32_compute(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> Float32Compute:
+    """The Float32Compute of a bfloat16 layer (see needs_float32), its float32 copy packed as `packed` would."""
+    inner = packed(copy.deepcopy(layer).float(), winograd, after_upsampling)
+    return (Float32ComputeUpsample if hasattr(inner, "upsampled") else Float32Compute)(layer, inner)
 
 
 def _conv3x3(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Conv2d:
@@ -435,6 +499,8 @@ def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = Fal
     from .amx_layers import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, suits_amx_conv,
                              suits_amx_geglu)  # (they build on this module's classes)
 
+    if needs_float32(layer):
+        return float32_compute(layer, winograd, after_upsampling)
     if type(layer) is GEGLU and suits_amx_geglu(layer):
         return AmxGEGLU(layer)
     if type(layer) is GEGLU and can_pack(layer.proj) and layer.proj.bias is not None:
@@ -459,11 +525,13 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     """Switch `model` to eval mode, channels-last and frozen parameters, and replace (in place) every CPU
     float32/bfloat16 nn.Conv2d and nn.Linear by its packed version (3x3 stride-1 convs by Winograd ones when
     `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
-    PackedUpsampleConv, which the upsampler runs on its input). Layers that cannot be packed (other dtypes or
-    devices, no oneDNN, bfloat16 on a CPU without oneDNN bfloat16: see `can_pack`) are left as they are, so this is
-    safe anywhere; returns `model`. A float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where
-    this CPU has AMX and it builds (a bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and
-    there a float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and
+    PackedUpsampleConv, which the upsampler runs on its input). On a CPU without oneDNN bfloat16 (AVX2-only), a
+    bfloat16 layer becomes a Float32Compute (its packed float32 copy between bfloat16 inputs and outputs: twice its
+    weight memory; SD 1.5's U-Net forward 12 s there, diffusers' in channels-last 91-103 s). Layers that cannot be
+    packed (other dtypes or devices, no oneDNN: see `can_pack`) are left as they are, so this is safe anywhere;
+    returns `model`. A float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has
+    AMX and it builds (a bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and there a
+    float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and
     AmxUpsampleConv where they have the channels (suits_amx_conv). (Large activations still get fresh pages from
     malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also
     sets.)"""
