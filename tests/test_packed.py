@@ -243,36 +243,39 @@ def test_optimized_bfloat16_agrees_with_fp32():
 
 
 @torch.no_grad()
-def test_bfloat16_layers_compute_in_float32_where_onednn_has_no_bfloat16(monkeypatch):
-    """On AVX2-only CPUs (forced here) a bfloat16 linear, conv or GEGLU runs as the packed layer of its float32 copy:
-    bfloat16 in and out, rounded once (so no further from float64 than the plain bfloat16 layer), the residual
-    added before the rounding, an upsampler's conv on the low-resolution map; the layers keep telling bfloat16,
-    and refuse what the other packed layers refuse."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_layers_compute_in_float32_where_onednn_has_no_kernels_for_them(dtype, monkeypatch):
+    """On AVX2-only CPUs (forced here for bfloat16; float16 on all CPUs but AVX512-FP16 ones) a half-precision
+    linear, conv or GEGLU runs as the packed layer of its float32 copy: its dtype in and out, rounded once (so no
+    further from float64 than the plain layer), the residual added before the rounding, an upsampler's conv on the
+    low-resolution map; the layers keep telling their dtype, and refuse what the other packed layers refuse."""
     monkeypatch.setattr(packed, "bfloat16_supported", lambda: False)
+    if packed.half_supported(dtype):
+        pytest.skip("oneDNN has float16 kernels on this CPU (AVX512-FP16): float16 layers stay plain")
     torch.manual_seed(0)
     plain = [torch.nn.Linear(40, 24), torch.nn.Conv2d(32, 48, 3, padding=1), attention.GEGLU(40, 64),
              torch.nn.Conv2d(32, 32, 1)]
-    plain = torch.nn.Sequential(*plain, Upsample2D(32)).bfloat16()
+    plain = torch.nn.Sequential(*plain, Upsample2D(32)).to(dtype)
     exact = copy.deepcopy(plain).double()
     model = pack_for_inference(copy.deepcopy(plain))
     assert [type(m) for m in model[:4]] == [Float32Compute] * 4 and type(model[4].conv) is Float32ComputeUpsample
     assert [type(m.inner) for m in model[:3]] == [FLOAT32_LINEAR, WinogradConv2d, AmxGEGLU if amx.available()
                                                   else PackedGEGLU]
-    assert all(next(m.parameters()).dtype == m.weight.dtype == torch.bfloat16 for m in model[:4])  # (model.dtype)
+    assert all(next(m.parameters()).dtype == m.weight.dtype == dtype for m in model[:4])  # (model.dtype)
     assert adds_residual(model[0], model[1]) and not adds_residual(model[2])
-    tokens, image = torch.randn(2, 5, 40).bfloat16(), torch.randn(2, 32, 9, 11).bfloat16()
-    residual = torch.randn(2, 48, 9, 11).bfloat16()
+    tokens, image = torch.randn(2, 5, 40).to(dtype), torch.randn(2, 32, 9, 11).to(dtype)
+    residual = torch.randn(2, 48, 9, 11).to(dtype)
     cases = [(0, (tokens,), lambda m, x: m(x)), (1, (image,), lambda m, x: m(x)), (2, (tokens,), lambda m, x: m(x)),
              (3, (image,), lambda m, x: m(x)), (4, (image,), lambda m, x: m(x)),
              (1, (image, residual), lambda m, x, r: m(x) + r)]
     for i, args, reference in cases:
         got = model[i](*args)
-        assert got.dtype == torch.bfloat16, i
+        assert got.dtype == dtype, i
         want = reference(exact[i], *(a.double() for a in args))
         theirs = reference(plain[i], *args) if len(args) == 1 else plain[i](args[0]) + args[1]
         error, their_error = ((y.double() - want).abs().max().item() for y in (got, theirs))
         assert error <= their_error + 1e-6 and error <= 2 ** -8 * want.abs().max().item(), (i, error, their_error)
-    model.to(torch.bfloat16)  # (nothing to do)
+    model.to(dtype)  # (nothing to do)
     with pytest.raises(RuntimeError, match="cannot be moved to cpu torch.float32"):
         model.float()
     with pytest.raises(RuntimeError, match="no longer match the checkpoint"):
@@ -280,7 +283,7 @@ def test_bfloat16_layers_compute_in_float32_where_onednn_has_no_bfloat16(monkeyp
     with torch.enable_grad(), pytest.raises(RuntimeError, match="cannot compute gradients"):
         model[0](tokens.requires_grad_())
     with pytest.raises(ValueError, match="bfloat16 only where oneDNN runs it"):
-        PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).bfloat16())
+        PackedConv2d(torch.nn.Conv2d(4, 4, 3, padding=1).to(dtype))
     with pytest.raises(ValueError, match="oneDNN cannot run on this CPU"):
         Float32Compute(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
 
@@ -352,7 +355,7 @@ def test_packed_conv_is_repacked_for_each_new_input_shape():
 
 
 def test_pack_leaves_what_it_cannot_pack():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), torch.nn.Conv2d(4, 4, 3, padding=1),
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).double(), torch.nn.Conv2d(4, 4, 3, padding=1),
                                 torch.nn.Conv2d(4, 4, 3, padding="same"), torch.nn.Conv2d(32, 32, 3, padding=1))
     pack_for_inference(model)
     assert [type(m) for m in model] == [torch.nn.Linear, PackedConv2d, torch.nn.Conv2d, WinogradConv2d]

@@ -711,7 +711,8 @@ def test_torch_dtype_on_load_and_bf16(folders):
 def test_bf16_on_a_cpu_without_onednn_bf16_warns_until_optimized(folders, monkeypatch):
     """Where oneDNN has no bfloat16 (AVX2-only CPUs; forced here) a bf16 U-Net runs PyTorch's slow fallbacks: the
     call says so and names the fix; optimize_for_inference() computes its layers in float32 (same image up to
-    bf16 rounding) and the warning stops. With oneDNN's bfloat16 there is nothing to say."""
+    bf16 rounding) and the warning stops. With oneDNN's bfloat16 there is nothing to say. float16 alike, where
+    oneDNN has no float16 (all CPUs but AVX512-FP16 ones)."""
     import warnings
 
     from latentdiff.models import packed
@@ -736,9 +737,16 @@ def test_bf16_on_a_cpu_without_onednn_bf16_warns_until_optimized(folders, monkey
                     num_inference_steps=2)
     errors = [(image - reference).abs().mean().item() for image in (plain, optimized)]
     assert (optimized - plain).abs().mean() < 0.02 and errors[1] < 0.02, errors
-    with pytest.warns(UserWarning, match="float16 on a CPU without oneDNN.*torch_dtype=torch.float32"):
-        run(LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.float16), PROMPTS[0],
-            latents=latents_for(1), num_inference_steps=1)
+    if not packed.half_supported(torch.float16):  # (most CPUs): float16 alike
+        half = LatentDiffusionPipeline.from_pretrained(folders[1], torch_dtype=torch.float16)
+        with pytest.warns(UserWarning, match="torch.float16 on a CPU without oneDNN.*optimize_for_inference"):
+            run(half, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+        half.optimize_for_inference()
+        assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32  # (the VAE decodes in fp32)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*without oneDNN kernels")
+            image = run(half, PROMPTS[0], latents=latents_for(1), num_inference_steps=2)
+        assert (image - reference).abs().mean() < 0.02
 
 
 def test_fp16_decode_is_upcast(folders):

@@ -1402,3 +1402,26 @@ def test_two_processes_train_dreambooth_with_ddp(tmp_path, tiny_folders):
     assert generated == [f"class-{n:05d}.png" for n in range(5)]
     for name in generated:
         assert np.abs(pixels(out / "class" / name) - pixels(tmp_path / "single-class" / name)).max() <= 1
+
+
+def test_half_mixed_precision_on_a_cpu_without_its_kernels_warns(monkeypatch):
+    """bf16/fp16 autocast on a CPU without oneDNN's kernels for it (AVX2-only; forced here) runs PyTorch's slow
+    fallbacks: make_accelerator says so and names the fix; with the kernels, on a GPU, or in fp32 it says nothing."""
+    import warnings
+    from types import SimpleNamespace
+
+    from latentdiff.train.loop import warn_if_mixed_precision_is_slow
+
+    def said(precision, device="cpu", supported=False):
+        for name in ("_is_mkldnn_bf16_supported", "_is_mkldnn_fp16_supported"):
+            monkeypatch.setattr(torch.ops.mkldnn, name, lambda: supported)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_mixed_precision_is_slow(SimpleNamespace(mixed_precision=precision, device=torch.device(device)))
+        return [str(w.message) for w in caught]
+
+    for precision in ("bf16", "fp16"):
+        (message,) = said(precision)
+        assert f"mixed_precision {precision} on a CPU without oneDNN" in message and "mixed_precision: no" in message
+        assert said(precision, supported=True) == [] and said(precision, device="cuda") == []
+    assert said("no") == []

@@ -145,23 +145,19 @@ class CompiledCall:
 
 def _warn_if_slow_on_this_cpu(unet: torch.nn.Module) -> None:
     """Warn where a bfloat16 or float16 U-Net on the CPU would run PyTorch's slow fallback kernels: oneDNN has no
-    such kernels on CPUs without AVX-512 (or AVX-NE-CONVERT / AVX512-FP16), where its convolutions and matrix
+    such kernels on CPUs without AVX-512 (bfloat16) or AVX512-FP16 (float16), where its convolutions and matrix
     products run 10-200x slower than in float32 (a 2-core AVX2 AMD EPYC: 0.6-14 GFLOP/s against ~120), unless
-    optimize_for_inference() made a bfloat16 U-Net compute them in float32 (packed.Float32Compute)."""
+    optimize_for_inference() made it compute them in float32 (packed.Float32Compute)."""
     from .models import packed
 
     dtype = getattr(unet, "dtype", None)
     if dtype not in (torch.bfloat16, torch.float16) or getattr(unet, "device", None) != torch.device("cpu"):
         return
-    if dtype == torch.bfloat16 and (packed.bfloat16_supported() or packed.is_packed(unet)):
+    if packed.half_supported(dtype) or packed.is_packed(unet):
         return
-    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return
-    fix = ("call pipe.optimize_for_inference() first (it computes them in float32) or load the pipeline in float32"
-           if dtype == torch.bfloat16 else "load the pipeline in float32 (torch_dtype=torch.float32)")
-    warnings.warn(f"the U-Net is {dtype} on a CPU without oneDNN kernels for it (they need AVX-512): PyTorch's "
-                  f"fallback convolutions and matrix products run 10-200x slower than in float32 here; {fix}",
-                  stacklevel=3)
+    warnings.warn(f"the U-Net is {dtype} on a CPU without oneDNN kernels for it: PyTorch's fallback convolutions "
+                  f"and matrix products run 10-200x slower than in float32 here; call pipe.optimize_for_inference() "
+                  f"first (it computes them in float32) or load the pipeline in float32", stacklevel=3)
 
 
 def _stance() -> tuple | None:
@@ -503,8 +499,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         our kernels (models/amx.py). Same images up to float rounding. Afterwards the
         pipeline cannot compute gradients (train), be saved, cast or moved (each refuses with the fix): load it
         again for that. On CPUs where oneDNN has no bfloat16 (AVX2-only), bfloat16 layers are computed in float32
-        (packed.Float32Compute: twice their weight memory; SD 1.5's U-Net ~8x diffusers' bfloat16 forward there).
-        Layers not on the CPU, or in other dtypes oneDNN cannot run here (float16), stay as they are. After
+        (packed.Float32Compute: twice their weight memory; SD 1.5's U-Net ~8x diffusers' bfloat16 forward there);
+        float16 ones too where it has no float16 (all CPUs but AVX512-FP16 ones), and a float16 VAE that decodes
+        in float32 (config.force_upcast) becomes float32. Layers not on the CPU, or in other dtypes, stay as they
+        are. After
         compile(), the U-Net is left to torch.compile (which packs its weights itself; a packed U-Net does not
         trace) and only the VAE and the text encoder are packed: tiny-shapes on a 2-core AMX CPU, 0.221 s per
         image compiled, 0.217 with both (the VAE decode 22 -> 17 ms). Returns self."""
@@ -512,6 +510,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
 
         if self._compile_options is None:
             self.unet.optimize_for_inference(winograd)
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True):
+            self.vae.float()  # (it decodes in float32 anyway, see _decode; a packed VAE cannot be cast per call)
         for model in (self.vae, self.text_encoder):
             if model is not None:  # (the image variation pipeline has no text encoder)
                 pack_for_inference(model, winograd)

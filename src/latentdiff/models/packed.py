@@ -11,7 +11,8 @@ linears over channels-last pixels: a packed 1x1 conv's speed depends erratically
 for (20-107 GFLOP/s), the linear is steady (~105). On CPUs with AMX, float32 layers run our kernels instead
 (amx.py; the layers in amx_layers.py): linear and 1x1 layers, GEGLUs, Winograd's products, and the direct convs of
 at least 32 channels in and out. On CPUs where oneDNN has no bfloat16 (AVX2-only), bfloat16 layers are computed by
-packed float32 copies (Float32Compute): PyTorch's own bfloat16 kernels are 10-200x slower there.
+packed float32 copies (Float32Compute): PyTorch's own bfloat16 kernels are 10-200x slower there (float16 layers
+alike, on CPUs without AVX512-FP16).
 
 Packed layers are for inference only, and say so: their forward refuses inputs that require gradients (the oneDNN
 ops have no backward); `.to()` to another dtype or device, `state_dict()` and `load_state_dict()` are refused (the
@@ -44,7 +45,8 @@ WINOGRAD_UPSAMPLE_MIN_CHANNELS = 256
 def can_pack(layer: nn.Module) -> bool:
     """Plain nn.Linear and zero-padded, ungrouped nn.Conv2d layers on the CPU, with a PyTorch built with oneDNN, in
     float32, or in bfloat16 where oneDNN runs bfloat16 on this CPU (it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
-    on an AVX2-only CPU a bfloat16 layer is refused: pack_for_inference computes it in float32, Float32Compute)."""
+    on an AVX2-only CPU a bfloat16 layer is refused, as float16 ones everywhere: pack_for_inference computes them in
+    float32 where oneDNN has no kernels for them, Float32Compute)."""
     dtype = layer.weight.dtype if _packable_kind(layer) else None
     return dtype in PACKABLE_DTYPES and (dtype != torch.bfloat16 or bfloat16_supported())
 
@@ -60,15 +62,27 @@ def _packable_kind(layer: nn.Module) -> bool:
 
 
 def needs_float32(layer: nn.Module) -> bool:
-    """A bfloat16 nn.Linear, nn.Conv2d or GEGLU that oneDNN cannot run on this CPU but would pack in float32
-    (pack_for_inference makes it a Float32Compute)."""
+    """A bfloat16 or float16 nn.Linear, nn.Conv2d or GEGLU that oneDNN cannot run on this CPU but would pack in
+    float32 (pack_for_inference makes it a Float32Compute). Where oneDNN has float16 kernels (AVX512-FP16) float16
+    layers stay plain: this module packs no float16 layers."""
     inner = layer.proj if type(layer) is GEGLU and layer.proj.bias is not None else layer
-    return (_packable_kind(inner) and inner.weight.dtype == torch.bfloat16 and not bfloat16_supported())
+    if not _packable_kind(inner):
+        return False
+    dtype = inner.weight.dtype
+    return dtype in (torch.bfloat16, torch.float16) and not half_supported(dtype)
 
 
 def bfloat16_supported() -> bool:
     """Whether oneDNN can run (and lay out weights for) bfloat16 on this CPU."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def half_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has kernels for this half-precision dtype (bfloat16 or float16) on this CPU: without them
+    PyTorch's convolutions and matrix products in it are slow fallbacks (see Float32Compute)."""
+    if dtype == torch.bfloat16:
+        return bfloat16_supported()
+    return dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def is_pointwise(conv: nn.Conv2d) -> bool:
@@ -233,23 +247,24 @@ class PackedGEGLU(nn.Module):
 
 
 class Float32Compute(_Packed):
-    """A bfloat16 nn.Linear, nn.Conv2d or GEGLU computed by the packed layer of its float32 copy (`inner`: what
-    `packed` makes of it, Winograd's and the upsamplers' fast paths included), for CPUs where oneDNN has no bfloat16
-    (AVX2-only CPUs, e.g. AMD EPYC before Zen 4). There PyTorch's own bfloat16 kernels are slow fallbacks: on a
-    2-core AMD EPYC with AVX2, 2 threads, a 320-channel 3x3 conv at 32x32 ran at 0.6 GFLOP/s (14 in channels-last),
-    a [2048, 320] x [320, 1280] product at 8.8 and torch.bmm at 2.0, against 110-130 in float32, so diffusers'
-    bfloat16 SD 1.5 U-Net forward (batch 2, 64x64 latents) took 91-103 s in channels-last (more in NCHW), ours with
-    these layers 12 s (10.8-11.1 s in float32). Inputs are widened to float32 and the output (with the residual,
-    where the block hands one over) is rounded to bfloat16 once: closer to the exact result than bfloat16 kernels,
-    which round their products' inputs too. The float32 weights take twice the layer's bfloat16 memory. The layer's
-    own bfloat16 bias stays its parameter, so the model's dtype still reads bfloat16; `.to()` the same dtype and
+    """A bfloat16 (or float16) nn.Linear, nn.Conv2d or GEGLU computed by the packed layer of its float32 copy
+    (`inner`: what `packed` makes of it, Winograd's and the upsamplers' fast paths included), for CPUs where oneDNN
+    has no kernels in its dtype (bfloat16: AVX2-only CPUs, e.g. AMD EPYC before Zen 4; float16: all but those with
+    AVX512-FP16). There PyTorch's own bfloat16 kernels are slow fallbacks: on a 2-core AMD EPYC with AVX2, 2
+    threads, a 320-channel 3x3 conv at 32x32 ran at 0.6 GFLOP/s (14 in channels-last), a [2048, 320] x [320, 1280]
+    product at 8.8 and torch.bmm at 2.0 (float16: 6-9), against 110-130 in float32, so diffusers' bfloat16 SD 1.5
+    U-Net forward (batch 2, 64x64 latents) took 91-103 s in channels-last (more in NCHW), ours with these layers
+    12 s (10.8-11.1 s in float32). Inputs are widened to float32 and the output (with the residual, where the block
+    hands one over) is rounded to the layer's dtype once: closer to the exact result than half-precision kernels,
+    which round their products' inputs too. The float32 weights take twice the layer's memory. The layer's own
+    half-precision bias stays its parameter, so the model's dtype still reads as before; `.to()` the same dtype and
     device is a no-op, any other is refused like the other packed layers'."""
 
     def __init__(self, layer: nn.Module, inner: nn.Module):
         """inner: the packed layer of `layer`'s float32 copy (float32_compute makes both)."""
         if not needs_float32(layer):
-            raise ValueError(f"Float32Compute takes a bfloat16 CPU nn.Linear, nn.Conv2d or GEGLU that oneDNN cannot "
-                             f"run on this CPU (see needs_float32); got {layer}: pack it with `packed`")
+            raise ValueError(f"Float32Compute takes a bfloat16 or float16 CPU nn.Linear, nn.Conv2d or GEGLU that "
+                             f"oneDNN cannot run on this CPU (see needs_float32); got {layer}: pack it with `packed`")
         source = layer.proj if type(layer) is GEGLU else layer
         # `weight`: an empty stand-in that tells the layer's dtype and device, as a packed layer's weight does
         super().__init__(source, torch.empty(0, dtype=source.weight.dtype))
@@ -277,7 +292,8 @@ class Float32ComputeUpsample(Float32Compute):
 
 
 def float32_compute(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> Float32Compute:
-    """The Float32Compute of a bfloat16 layer (see needs_float32), its float32 copy packed as `packed` would."""
+    """The Float32Compute of a half-precision layer (see needs_float32), its float32 copy packed as `packed`
+    would."""
     inner = packed(copy.deepcopy(layer).float(), winograd, after_upsampling)
     return (Float32ComputeUpsample if hasattr(inner, "upsampled") else Float32Compute)(layer, inner)
 
@@ -527,14 +543,14 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     `winograd`, which run a direct conv on inputs too small for Winograd to pay; the conv of an Upsample2D by a
     PackedUpsampleConv, which the upsampler runs on its input). On a CPU without oneDNN bfloat16 (AVX2-only), a
     bfloat16 layer becomes a Float32Compute (its packed float32 copy between bfloat16 inputs and outputs: twice its
-    weight memory; SD 1.5's U-Net forward 12 s there, diffusers' in channels-last 91-103 s). Layers that cannot be
-    packed (other dtypes or devices, no oneDNN: see `can_pack`) are left as they are, so this is safe anywhere;
-    returns `model`. A float32 or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has
-    AMX and it builds (a bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and there a
-    float32 model's linear layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and
-    AmxUpsampleConv where they have the channels (suits_amx_conv). (Large activations still get fresh pages from
-    malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's --optimize also
-    sets.)"""
+    weight memory; SD 1.5's U-Net forward 12 s there, diffusers' in channels-last 91-103 s), and so does a float16
+    layer on a CPU without oneDNN float16 (all but AVX512-FP16 ones). Layers that cannot be packed (other dtypes or
+    devices, no oneDNN: see `can_pack`) are left as they are, so this is safe anywhere; returns `model`. A float32
+    or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has AMX and it builds (a
+    bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and there a float32 model's linear
+    layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and AmxUpsampleConv where they have
+    the channels (suits_amx_conv). (Large activations still get fresh pages from malloc on every call: see
+    allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     if any(p.dtype in PACKABLE_DTYPES and p.device.type == "cpu" and amx.runs_attention(p.dtype)
            for p in model.parameters()):
