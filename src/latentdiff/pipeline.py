@@ -495,23 +495,23 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         """Make CPU inference fast (models/packed.py): the U-Net (UNet2DConditionModel.optimize_for_inference), the
         VAE and the text encoder in eval mode and channels-last, with their linear and conv weights re-laid out once
         for oneDNN, Winograd 3x3 convs where they pay (`winograd=False` saves their extra memory) and the
-        upsamplers' convs run on the low-resolution maps; attention, and fp32 linear layers, on CPUs with AMX by
-        our kernels (models/amx.py). Same images up to float rounding. Afterwards the
-        pipeline cannot compute gradients (train), be saved, cast or moved (each refuses with the fix): load it
-        again for that. On CPUs where oneDNN has no bfloat16 (AVX2-only), bfloat16 layers are computed in float32
-        (packed.Float32Compute: twice their weight memory; SD 1.5's U-Net ~8x diffusers' bfloat16 forward there);
-        float16 ones too where it has no float16 (all CPUs but AVX512-FP16 ones), and a float16 VAE that decodes
-        in float32 (config.force_upcast) becomes float32. Layers not on the CPU, or in other dtypes, stay as they
-        are. After
+        upsamplers' convs run on the low-resolution maps; attention, and fp32 linear layers, on CPUs with AMX by our
+        kernels (models/amx.py). Same images up to float rounding. Afterwards the pipeline cannot compute gradients
+        (train), be saved, cast or moved (each refuses with the fix): load it again for that. On CPUs where oneDNN
+        has no bfloat16 (AVX2-only), bfloat16 layers are computed in float32 (packed.Float32Compute: twice their
+        weight memory; SD 1.5's U-Net ~8x diffusers' bfloat16 forward there); float16 ones too where it has no
+        float16 (all CPUs but AVX512-FP16 ones), and a float16 VAE on the CPU that decodes in float32
+        (config.force_upcast) becomes float32. Layers not on the CPU, or in other dtypes, stay as they are. After
         compile(), the U-Net is left to torch.compile (which packs its weights itself; a packed U-Net does not
-        trace) and only the VAE and the text encoder are packed: tiny-shapes on a 2-core AMX CPU, 0.221 s per
-        image compiled, 0.217 with both (the VAE decode 22 -> 17 ms). Returns self."""
+        trace) and only the VAE and the text encoder are packed: tiny-shapes on a 2-core AMX CPU, 0.221 s per image
+        compiled, 0.217 with both (the VAE decode 22 -> 17 ms). Returns self."""
         from .models.packed import pack_for_inference
 
         if self._compile_options is None:
             self.unet.optimize_for_inference(winograd)
-        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True):
-            self.vae.float()  # (it decodes in float32 anyway, see _decode; a packed VAE cannot be cast per call)
+        vae = self.vae
+        if vae.device.type == "cpu" and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+            vae.float()  # (it decodes in float32 anyway, see _decode; a packed VAE cannot be cast per call)
         for model in (self.vae, self.text_encoder):
             if model is not None:  # (the image variation pipeline has no text encoder)
                 pack_for_inference(model, winograd)
