@@ -810,6 +810,8 @@ def test_lora_config_errors(tmp_path):
         smoke_config(tmp_path, pretrained="x", unet=None, text_encoder=None, vae=None, lora_rank=0)
 
 
+@pytest.mark.slow  # (~31 s of two processes on a 2-core CPU; the single-process runs of this mode and the other
+# DDP tests stay in the default run; make test-slow)
 def test_two_processes_train_lora_adapters_with_ddp(tmp_path, tiny_folders):
     """LoRA under DDP (two processes over gloo): both end with the same weights and averages,
     and the main process alone exports the LoRA file, which latentdiff loads."""
@@ -901,6 +903,8 @@ def test_lcm_distillation_config_errors(tmp_path, tiny_folders):
         lcm_config(tmp_path, tiny_folders[1], lcm_huber_c=0.0)
 
 
+@pytest.mark.slow  # (~38 s of two processes on a 2-core CPU; the single-process runs of this mode and the other
+# DDP tests stay in the default run; make test-slow)
 def test_two_processes_distil_lcm_adapters_with_ddp(tmp_path, tiny_folders):
     """Consistency distillation under DDP: the same adapters and losses on both processes."""
     out = tmp_path / "ddp-lcm"
@@ -1080,6 +1084,8 @@ def test_textual_inversion_resumes_exactly(tmp_path, tiny_folders):
                     "learned_embeds.safetensors")
 
 
+@pytest.mark.slow  # (~18 s of two processes on a 2-core CPU; the single-process runs of this mode and the other
+# DDP tests stay in the default run; make test-slow)
 def test_two_processes_learn_a_word_with_ddp(tmp_path, tiny_folders):
     """Textual inversion under DDP (two processes over gloo): the same token table and losses on both ranks, the
     main process alone exports the word."""

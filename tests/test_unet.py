@@ -548,9 +548,11 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(small):
         assert len(calls) == 1
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_full_sd15_matches_diffusers():
-    """The real architecture (3.4 GB of fp32 weights, shared by both models) at a small latent size."""
+    """The real architecture (3.4 GB of fp32 weights, shared by both models) at a small latent size (full-size, so
+    `slow`: 22 s of the default run on a 2-core AVX2 host; the small configs cover every block type)."""
     config = UNetConfig.sd15()
     ref, ours = make_pair(config, quick_init=True)
     sample, t, ctx = inputs(config, 16, 16, batch=1)
