@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import count_flops, machine, print_table, setup
-from latentdiff.models.packed import bfloat16_supported
+from latentdiff.models.packed import half_supported
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,9 +68,13 @@ def conv_roofline(dtype: torch.dtype, channels: int = 320, size: int = 64, repea
     """The ceiling the U-Net benchmark reports against: the best of a channels-last 3x3 conv at SD 1.5's first
     level (320 channels, 64x64 latents, batch 2), plain or packed (where oneDNN can pack this dtype: not bfloat16
     on an AVX2-only CPU, whose plain bfloat16 conv is PyTorch's slow fallback)."""
-    packs = dtype != torch.bfloat16 or bfloat16_supported()
-    return max(conv3x3(dtype, channels, size, layout=layout, repeats=repeats)
-               for layout in ("channels_last", "packed")[:2 if packs else 1])
+    layouts = ("channels_last", "packed") if onednn_packs(dtype) else ("channels_last",)
+    return max(conv3x3(dtype, channels, size, layout=layout, repeats=repeats) for layout in layouts)
+
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of this dtype here (bfloat16 not on AVX2-only CPUs)."""
+    return dtype == torch.float32 or half_supported(dtype)
 
 
 def main() -> None:
@@ -84,11 +88,11 @@ def main() -> None:
     n, rows, channels, size = (1024, 2048, 160, 32) if args.quick else (4096, 8192, 320, 64)
     table = []
     for name, dtype in DTYPES.items():
-        packs = dtype != torch.bfloat16 or bfloat16_supported()  # (oneDNN has no bfloat16 on AVX2-only CPUs)
+        packs = onednn_packs(dtype)
         results = {f"matmul {n}^3": matmul(dtype, n, args.repeats)}
         if packs:
             results[f"linear {rows}x{n}x{n}, packed"] = packed_linear(dtype, rows, n, args.repeats)
-        for layout in ("nchw", "channels_last", "packed")[:3 if packs else 2]:
+        for layout in ("nchw", "channels_last", "packed") if packs else ("nchw", "channels_last"):
             results[f"conv3x3 {channels}ch {size}x{size} b2, {layout}"] = conv3x3(dtype, channels, size,
                                                                                   layout=layout,
                                                                                   repeats=args.repeats)

@@ -48,7 +48,7 @@ def can_pack(layer: nn.Module) -> bool:
     on an AVX2-only CPU a bfloat16 layer is refused, as float16 ones everywhere: pack_for_inference computes them in
     float32 where oneDNN has no kernels for them, Float32Compute)."""
     dtype = layer.weight.dtype if _packable_kind(layer) else None
-    return dtype in PACKABLE_DTYPES and (dtype != torch.bfloat16 or bfloat16_supported())
+    return dtype in PACKABLE_DTYPES and (dtype == torch.float32 or half_supported(dtype))
 
 
 def _packable_kind(layer: nn.Module) -> bool:

@@ -55,6 +55,16 @@ MIN_TILES = 256
 _SLICE_NUMBERS = 1 << 17
 
 
+def _both_sides(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """m X m^T for each column of x, [r, r, cols] -> [m rows, m rows, cols] (float64): two matrix products."""
+    rows = (m @ x.reshape(x.shape[0], -1)).view(m.shape[0], x.shape[1], -1)  # [p, j, cols]: m X
+    return torch.matmul(m, rows)  # [p, q, cols]: (m X) m^T
+
+
+def _output_channel_step(points: int, in_channels: int) -> int:
+    return max(1, _SLICE_NUMBERS // (points * in_channels))
+
+
 def transform_filters(weight: torch.Tensor, algorithm: Winograd = F2x2) -> torch.Tensor:
     """U = G g G^T for every filter: [K, C, 3, 3] -> [(m+2)^2, C, K] (in float64, stored in weight's dtype)."""
     if weight.dim() != 4 or weight.shape[-2:] != (3, 3):
@@ -62,11 +72,10 @@ def transform_filters(weight: torch.Tensor, algorithm: Winograd = F2x2) -> torch
     g = torch.tensor(algorithm.G, dtype=torch.float64, device=weight.device)  # [a, 3]
     (k, c), a = weight.shape[:2], g.shape[0]
     out = torch.empty(a * a, c, k, dtype=weight.dtype, device=weight.device)
-    step = max(1, _SLICE_NUMBERS // (a * a * c))
+    step = _output_channel_step(a * a, c)
     for k0 in range(0, k, step):
-        w = weight[k0:k0 + step].permute(2, 3, 1, 0).double().reshape(3, -1)  # [i, (j, c, k)]
-        rows = (g @ w).view(a, 3, -1)  # [p, j, (c, k)]: G g
-        out[:, :, k0:k0 + step] = torch.matmul(g, rows).view(a * a, c, -1)  # [p, q, (c, k)]: (G g) G^T
+        w = weight[k0:k0 + step].permute(2, 3, 1, 0).double()  # [i, j, c, k]
+        out[:, :, k0:k0 + step] = _both_sides(g, w).view(a * a, c, -1)
     return out
 
 
@@ -78,12 +87,10 @@ def recover_filters(filters: torch.Tensor) -> torch.Tensor:
     left_inverse = torch.linalg.pinv(torch.tensor(alg.G, dtype=torch.float64, device=filters.device))  # [3, a]
     _, c, k = filters.shape
     out = torch.empty(k, c, 3, 3, dtype=filters.dtype, device=filters.device)
-    step = max(1, _SLICE_NUMBERS // (a * a * c))
+    step = _output_channel_step(a * a, c)
     for k0 in range(0, k, step):
-        u = filters[:, :, k0:k0 + step].double().reshape(a, -1)  # [p, (q, c, k)]
-        rows = (left_inverse @ u).view(3, a, -1)  # [i, q, (c, k)]: G+ U
-        g = torch.matmul(left_inverse, rows)  # [i, j, (c, k)]: (G+ U) G+^T
-        out[k0:k0 + step] = g.view(3, 3, c, -1).permute(3, 2, 0, 1)
+        u = filters[:, :, k0:k0 + step].double().reshape(a, a, -1)  # [p, q, (c, k)]
+        out[k0:k0 + step] = _both_sides(left_inverse, u).view(3, 3, c, -1).permute(3, 2, 0, 1)
     return out
 
 
