@@ -112,6 +112,35 @@ def count_flops(fn: Callable[[], object], attention_only: bool = False) -> int:
     return counter.get_total_flops()
 
 
+def reference_flops(reference_cls, config, call: Callable[[torch.nn.Module], object], drop: tuple[str, ...] = ()
+                    ) -> tuple[int, int]:
+    """FLOPs of `call(model)` for the reference model built from our config's keys less `drop` (as twins builds it),
+    all of them and attention's alone (see count_flops), counted on fake tensors: shapes only, no arithmetic, so a
+    few seconds even where the real call takes minutes (diffusers in bfloat16 on a CPU without oneDNN bfloat16
+    kernels). FLOPs do not depend on the dtype: counted in float32. `call` makes its inputs (fake too)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in drop}
+    with FakeTensorMode():
+        model = reference_cls(**kwargs).eval().requires_grad_(False)
+        return count_flops(lambda: call(model)), count_flops(lambda: call(model), attention_only=True)
+
+
+SLOW_HALF_NOTE = ("\n{name}: this CPU has no oneDNN kernels for {name}, so diffusers and ours (eager) run in "
+                  "channels-last, where PyTorch's fallback convolutions are least slow (NCHW: ~20x slower still), "
+                  "and the roofline is that of those fallbacks; ours-opt computes the {name} layers by packed "
+                  "float32 copies (packed.Float32Compute)")
+
+
+def half_is_slow(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is bfloat16 or float16 and oneDNN has no kernels for it on this CPU (AVX2-only CPUs): there
+    PyTorch's own convolutions and matrix products in it are slow fallbacks, NCHW 3x3 convolutions slowest of all
+    (~0.6 GFLOP/s for bfloat16, ~14 in channels-last, against 110-130 in float32 on a 2-core AVX2 host)."""
+    from latentdiff.models.packed import half_supported
+
+    return dtype in (torch.bfloat16, torch.float16) and not half_supported(dtype)
+
+
 def reset_peak_rss() -> None:
     """Hand freed heap memory back to the OS (glibc), then reset the kernel's resident-set high-water mark of this
     process (Linux; elsewhere the peak is since start), so that the next peak counts only memory in use."""

@@ -10,11 +10,14 @@ on AMX CPUs the AMX attention kernel and, in fp32, AMX linear layers; in bf16 on
 kernel's AVX-512 build), ours-opt-sdpa (the same with PyTorch's attention kernel), ours-packed (the same without
 Winograd, `optimize_for_inference(winograd=False)`), ours-compile (torch.compile of ours in channels-last with
 inductor's freezing, compile time reported; slow to compile). Prints per variant: median and best seconds per
-forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode, which has no formula for the CPU attention
-kernel: attention is reported apart), share of the 3x3-conv roofline measured in the same run
-(benchmarks/roofline.py), speed relative to diffusers, the bytes of the variant's weights and the process's peak RSS.
-On a machine shared with other jobs, OpenMP threads that lose their core stall every parallel region: compare with
---threads 1 (and the CPU-seconds column) there.
+forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode on fake tensors, shapes only; it has no
+formula for the CPU attention kernel: attention is reported apart), share of the 3x3-conv roofline measured in the
+same run (benchmarks/roofline.py), speed relative to diffusers, the bytes of the variant's weights and the process's
+peak RSS. On a CPU without oneDNN kernels for bf16 (AVX2-only) diffusers and ours (eager) run in bf16 in
+channels-last (in NCHW one forward takes about half an hour there; channels-last about 1.5 minutes), and the bf16
+roofline is that of PyTorch's fallback convolution: `--dtypes bf16 --variants diffusers,ours-opt --repeats 2
+--warmup 0` takes about 8 minutes there. On a machine shared with other jobs, OpenMP threads that lose their core
+stall every parallel region: compare with --threads 1 (and the CPU-seconds column) there.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import time
 
 import torch
 
-from common import (count_flops, parse_model_benchmark_args, print_table, time_interleaved, timing_rows, twins,
-                    weight_bytes)
+from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
+                    time_interleaved, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-opt-sdpa", "ours-packed", "ours-compile")
@@ -58,7 +61,21 @@ def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]
             models[name] = ours().optimize_for_inference(winograd=False)
         elif name == "ours-compile":
             models[name] = ours().to(memory_format=torch.channels_last)
+    if half_is_slow(dtype):  # the eager models in the layout where PyTorch's fallback convs are least slow
+        for name in ("diffusers", "ours"):
+            if name in models:
+                models[name].to(memory_format=torch.channels_last)
     return models
+
+
+def count_flops(batch: int, size: int) -> tuple[int, int]:
+    """FLOPs of diffusers' forward at this batch and latent size, all and attention's (on fake tensors)."""
+    import diffusers
+
+    from latentdiff.models.unet import UNetConfig
+
+    return reference_flops(diffusers.UNet2DConditionModel, UNetConfig.sd15(), lambda m: m(
+        torch.randn(batch, 4, size, size), torch.full((batch,), 500), torch.randn(batch, 77, 768)).sample)
 
 
 def compile_model(model: torch.nn.Module, args: tuple) -> tuple[object, float]:
@@ -105,11 +122,10 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
             calls[v] = (lambda m: lambda: m(*inputs))(model)
     calls = {v: calls[v] for v in ["diffusers", *variants]}
 
+    flops, attention = count_flops(args.batch, args.size)
     with torch.no_grad():
-        flops = count_flops(calls["diffusers"])
-        attention = count_flops(calls["diffusers"], attention_only=True)
         reference = calls["diffusers"]().float()
-        errors = {v: (fn().float() - reference).abs().max().item() for v, fn in calls.items()}
+        errors = {"diffusers": 0.0, **{v: (calls[v]().float() - reference).abs().max().item() for v in variants}}
     if args.profile:
         for v in args.profile:
             profile(calls[v], f"{v} ({name})")
@@ -119,6 +135,8 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
     roof = max(roof_before, conv_roofline(dtype, repeats=3))
 
     rows = timing_rows(name, timings, flops, roof, weights, errors)
+    if half_is_slow(dtype):
+        print(SLOW_HALF_NOTE.format(name=name))
     print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward as FlopCounterMode counts them (batch {args.batch}, "
           f"4x{args.size}x{args.size}; + {attention / 1e9:.0f} GFLOP of attention it does not count on the CPU); "
           f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s

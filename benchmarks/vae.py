@@ -5,7 +5,8 @@ interleaved. Default: the Stable Diffusion 1.x VAE decoding one 4x64x64 latent t
                              [--variants diffusers,ours,ours-opt]
 
 Variants: diffusers (the reference), ours (eager), ours-opt (`pack_for_inference(vae)`: channels-last, packed
-weights, Winograd 3x3 convs), ours-packed (the same without Winograd). Columns as in benchmarks/unet.py.
+weights, Winograd 3x3 convs), ours-packed (the same without Winograd). Columns, and the bf16 runs on a CPU without
+oneDNN kernels for it (eager models in channels-last), as in benchmarks/unet.py.
 `--model tiny` times TAESD instead (AutoencoderTiny, ours against diffusers', its default SD 1.x config).
 """
 from __future__ import annotations
@@ -15,11 +16,12 @@ import gc
 
 import torch
 
-from common import (count_flops, parse_model_benchmark_args, print_table, time_interleaved, timing_rows, twins,
-                    weight_bytes)
+from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
+                    time_interleaved, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
+TINY_DROP = ("block_out_channels",)  # diffusers' AutoencoderTiny takes neither it nor our other written-only keys
 
 
 def build(dtype: torch.dtype, variants: list[str], model: str = "kl") -> dict[str, torch.nn.Module]:
@@ -29,9 +31,9 @@ def build(dtype: torch.dtype, variants: list[str], model: str = "kl") -> dict[st
     from latentdiff.models.vae import AutoencoderKL, VAEConfig
     from latentdiff.models.vae_tiny import AutoencoderTiny, TinyVAEConfig
 
-    if model == "tiny":  # (diffusers' class takes neither block_out_channels nor our other written-only keys)
+    if model == "tiny":
         ref, ours = twins(diffusers.AutoencoderTiny, AutoencoderTiny, TinyVAEConfig(), dtype, "diffusers TAESD",
-                          drop=("block_out_channels",))
+                          drop=TINY_DROP)
     else:
         ref, ours = twins(diffusers.AutoencoderKL, AutoencoderKL, VAEConfig.sd15(), dtype, "diffusers VAE")
     models = {"diffusers": ref}
@@ -40,7 +42,23 @@ def build(dtype: torch.dtype, variants: list[str], model: str = "kl") -> dict[st
             models[name] = ours()
         elif name in ("ours-opt", "ours-packed"):
             models[name] = pack_for_inference(ours(), winograd=name == "ours-opt")
+    if half_is_slow(dtype):  # the eager models in the layout where PyTorch's fallback convs are least slow
+        for name in ("diffusers", "ours"):
+            if name in models:
+                models[name].to(memory_format=torch.channels_last)
     return models
+
+
+def count_flops(model: str, batch: int, size: int) -> int:
+    """FLOPs of diffusers' decode of `batch` latents of this size (on fake tensors; attention not counted)."""
+    import diffusers
+
+    from latentdiff.models.vae import VAEConfig
+    from latentdiff.models.vae_tiny import TinyVAEConfig
+
+    cls, config, drop = ((diffusers.AutoencoderTiny, TinyVAEConfig(), TINY_DROP) if model == "tiny" else
+                         (diffusers.AutoencoderKL, VAEConfig.sd15(), ()))
+    return reference_flops(cls, config, lambda m: m.decode(torch.randn(batch, 4, size, size)).sample, drop)[0]
 
 
 def run_dtype(name: str, dtype: torch.dtype, args) -> None:
@@ -51,14 +69,16 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> None:
     calls = {v: (lambda m: lambda: m.decode(latents).sample)(m) if v == "diffusers"
              else (lambda m: lambda: m.decode(latents))(m) for v, m in models.items()}
     calls = {v: calls[v] for v in ["diffusers", *variants]}
+    flops = count_flops(args.model, args.batch, args.size)
     with torch.no_grad():
-        flops = count_flops(calls["diffusers"])
         reference = calls["diffusers"]().float()
-        errors = {v: (fn().float() - reference).abs().max().item() for v, fn in calls.items()}
+        errors = {"diffusers": 0.0, **{v: (calls[v]().float() - reference).abs().max().item() for v in variants}}
     roof = conv_roofline(dtype, repeats=3)
     timings = time_interleaved(calls, args.repeats, args.warmup)
     roof = max(roof, conv_roofline(dtype, repeats=3))
     rows = timing_rows(name, timings, flops, roof, weights, errors)
+    if half_is_slow(dtype):
+        print(SLOW_HALF_NOTE.format(name=name))
     print(f"\n{name}: decode {args.batch}x4x{args.size}x{args.size} -> {args.size * 8}px, {flops / 1e9:.0f} GFLOP "
           f"(FlopCounterMode, attention not counted); 3x3-conv roofline {roof:.0f} GFLOP/s", flush=True)
     print_table(rows, list(rows[0]))
