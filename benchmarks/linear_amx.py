@@ -3,7 +3,10 @@ optimize_for_inference() uses on float32 models where the CPU has AMX) against o
 what it uses elsewhere) on the linear layers of SD 1.5's U-Net, batch 2. Prints, per layer: the largest error of
 both against a float64 reference, the median times (calls interleaved) and the ratio.
 
-    python benchmarks/linear_amx.py [--threads 2] [--repeats 7]
+    python benchmarks/linear_amx.py [--threads 2] [--repeats 7] [--kernels fma]
+
+`--kernels fma`: the GEGLUs alone, against our AVX2 kernel (fma.py, amx_layers.FmaGEGLU), which
+optimize_for_inference() uses on CPUs with AVX2 and FMA but no AVX-512.
 
 Why: oneDNN's float32 products run at the AVX-512 FMA peak at best (about 220-310 GFLOP/s on these layers on a
 2-core AMX host); AMX tiles multiply bfloat16 several times faster, and three bfloat16 parts per number with six
@@ -17,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
-from latentdiff.models import amx
+from latentdiff.models import amx, fma
 from latentdiff.models.attention import GEGLU
-from latentdiff.models.amx_layers import AmxGEGLU, AmxLinear
+from latentdiff.models.amx_layers import AmxGEGLU, AmxLinear, FmaGEGLU
 from latentdiff.models.packed import PackedGEGLU, PackedLinear
 
 # (name, tokens (batch 2), in, out): per resolution of SD 1.5's 512x512 U-Net, the attention projections, the
@@ -36,11 +39,19 @@ POINTS = [(36, 256, 320, 320), (36, 128, 640, 640), (16, 128, 1280, 1280), (16, 
 
 @torch.no_grad()
 def main() -> None:
-    args = start_kernel_benchmark(__doc__, 7, amx_unavailable)
-    if args is None:
+    args = start_kernel_benchmark(__doc__, 7, lambda: None, lambda parser: parser.add_argument(
+        "--kernels", choices=("amx", "fma"), default="amx"))
+    on_fma = args.kernels == "fma"
+    why = fma.unavailable() if on_fma else amx_unavailable()
+    if why:
+        print(f"skipped: {why}")
         return
-    print("layer               tokens  in    out   GFLOP  err oneDNN  err AMX   oneDNN ms  AMX ms  AMX vs oneDNN")
+    geglu, label = (FmaGEGLU, "FMA") if on_fma else (AmxGEGLU, "AMX")
+    print(f"layer               tokens  in    out   GFLOP  err oneDNN  err {label}   oneDNN ms  {label} ms  "
+          f"{label} vs oneDNN")
     for name, tokens, k, n in LAYERS:
+        if on_fma and n:  # (the AVX2 kernel makes GEGLUs alone)
+            continue
         x = torch.randn(tokens, k)
         if n:  # a plain linear layer
             layer = torch.nn.Linear(k, n).eval()
@@ -53,13 +64,15 @@ def main() -> None:
             exact = reference(x.double())
             flops, n = 2 * tokens * k * 8 * k, 4 * k
         onednn, ours = (PackedLinear(layer), AmxLinear(layer)) if isinstance(layer, torch.nn.Linear) else \
-            (PackedGEGLU(layer), AmxGEGLU(layer))
+            (PackedGEGLU(layer), geglu(layer))
         errors = [(f(x).double() - exact).abs().max().item() for f in (onednn, ours)]
         timings = time_interleaved({"onednn": lambda: onednn(x), "amx": lambda: ours(x)}, args.repeats,
                                    progress=False, memory=False)
         t_onednn, t_amx = (timings[key].median * 1e3 for key in ("onednn", "amx"))
         print(f"{name:19} {tokens:6}  {k:4}  {n:4}  {flops / 1e9:5.2f}  {errors[0]:.2e}    {errors[1]:.2e}  "
               f"{t_onednn:9.3f}  {t_amx:6.3f}  {t_onednn / t_amx:.2f}x")
+    if on_fma:
+        return
     print("\nWinograd's products (one per transform point), torch.bmm against amx.points")
     print("points x (tiles, in) x out        err bmm   err AMX   bmm ms  AMX ms  AMX vs bmm")
     for points, tiles, k, n in POINTS:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import amx, winograd
+from latentdiff.models import amx, fma, winograd
 from latentdiff.models import packed as packed_module
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv
@@ -102,6 +102,7 @@ def test_float32_models_pack_their_linear_layers_for_amx_and_refuse_other_dtypes
 
 def test_without_amx_float32_layers_go_to_onednn(monkeypatch):
     monkeypatch.setattr(amx, "available", lambda: False)
+    monkeypatch.setattr(fma, "library", lambda: None)  # (nor our AVX2 GEGLU kernel: tests/test_fma.py)
     model = pack_for_inference(torch.nn.Sequential(torch.nn.Linear(8, 32), GEGLU(32, 64)))
     assert [type(m) for m in model] == [PackedLinear, PackedGEGLU]
     with pytest.raises(ValueError, match="use PackedLinear"):

@@ -10,9 +10,9 @@ import torch
 
 import torch.nn.functional as F
 
-from latentdiff.models import allocator, amx, attention, native, packed, winograd
+from latentdiff.models import allocator, amx, attention, fma, native, packed, winograd
 from latentdiff.models.fused import adds_residual
-from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv
+from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, FmaGEGLU
 from latentdiff.models.packed import (Float32Compute, Float32ComputeUpsample, PackedConv2d, PackedGEGLU, PackedLinear,
                                       PackedUpsampleConv, WinogradConv2d, WinogradUpsampleConv, pack_for_inference)
 from latentdiff.models.resnet import Upsample2D
@@ -29,9 +29,10 @@ CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBl
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=2,
              down_block_types=(CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP))
 
-# what pack_for_inference() makes of a float32 nn.Linear, a conv (not Winograd's) and an upsampler's conv: our AMX
-# kernels on CPUs with AMX, else oneDNN's
+# what pack_for_inference() makes of a float32 nn.Linear, a conv (not Winograd's), an upsampler's conv and a GEGLU: our
+# AMX kernels on CPUs with AMX, else oneDNN's (GEGLUs: our AVX2 kernel on CPUs with AVX2 but no AVX-512)
 FLOAT32_LINEAR = AmxLinear if amx.available() else PackedLinear
+FLOAT32_GEGLU = AmxGEGLU if amx.available() else FmaGEGLU if fma.available() else PackedGEGLU
 FLOAT32_CONV = AmxConv2d if amx.available() else PackedConv2d
 FLOAT32_UPSAMPLE_CONV = AmxUpsampleConv if amx.available() else PackedUpsampleConv
 
@@ -259,8 +260,7 @@ def test_half_layers_compute_in_float32_where_onednn_has_no_kernels_for_them(dty
     exact = copy.deepcopy(plain).double()
     model = pack_for_inference(copy.deepcopy(plain))
     assert [type(m) for m in model[:4]] == [Float32Compute] * 4 and type(model[4].conv) is Float32ComputeUpsample
-    assert [type(m.inner) for m in model[:3]] == [FLOAT32_LINEAR, WinogradConv2d, AmxGEGLU if amx.available()
-                                                  else PackedGEGLU]
+    assert [type(m.inner) for m in model[:3]] == [FLOAT32_LINEAR, WinogradConv2d, FLOAT32_GEGLU]
     assert all(next(m.parameters()).dtype == m.weight.dtype == dtype for m in model[:4])  # (model.dtype)
     assert adds_residual(model[0], model[1]) and not adds_residual(model[2])
     tokens, image = torch.randn(2, 5, 40).to(dtype), torch.randn(2, 32, 9, 11).to(dtype)
@@ -293,7 +293,9 @@ def test_half_layers_compute_in_float32_where_onednn_has_no_kernels_for_them(dty
                                                                                    marks=needs_bf16)])
 def test_packed_geglu_computes_the_gated_unit(dtype, tolerance, monkeypatch):
     """PackedGEGLU (value * gelu(gate) from two packed products with fused epilogues) against the plain GEGLU in
-    float64; pack_for_inference puts it in the feed-forward, which then runs its tokens whole (no slices)."""
+    float64; pack_for_inference puts it in the feed-forward, which then runs its tokens whole (no slices). (Our AVX2
+    kernel, FmaGEGLU, kept out of it: tests/test_fma.py.)"""
+    monkeypatch.setattr(fma, "library", lambda: None)
     torch.manual_seed(0)
     ff = attention.FeedForward(16).to(dtype)
     x = torch.randn(2, 37, 16).to(dtype)

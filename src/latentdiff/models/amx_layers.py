@@ -2,16 +2,17 @@
 float32 model's linear layers (AmxLinear, AmxPointwiseConv for 1x1 convs), its feed-forwards' GEGLUs (AmxGEGLU), its
 direct convs (AmxConv2d) and its upsamplers' convs (AmxUpsampleConv) there. Packed layers as packed.py's (the same
 _Packed contract: inference only, weights re-laid out, no casting, saving or loading), their products as exact as
-PyTorch's float32 ones and faster than oneDNN's."""
+PyTorch's float32 ones and faster than oneDNN's. FmaGEGLU: AmxGEGLU on our AVX2 kernel (fma.py), for CPUs with AVX2
+but no AVX-512."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import amx
+from . import amx, fma
 from .attention import GEGLU
 from .packed import (AMX_MIN_CHANNELS, _conv3x3, _linear, _Packed, can_pack, filter_from_phases, is_3x3_same,
-                     is_pointwise, runs_on_amx, upsampling_phases)
+                     is_pointwise, runs_on_amx, runs_on_fma, upsampling_phases)
 
 
 class AmxLinear(_Packed):
@@ -20,18 +21,22 @@ class AmxLinear(_Packed):
     `weight` holds the packed parts (int16, as _Packed's re-laid-out weights: not the layer's dtype; the model's
     parameters, its biases, stay float32); `layer(x, residual)` adds the residual as it writes the output."""
 
+    kernels = amx  # the module of the kernels (FmaGEGLU: fma, the same API)
+    needs = "a CPU with AMX"
+    runs = staticmethod(runs_on_amx)  # whether the kernels take a (packable) layer
+
     def __init__(self, linear: nn.Linear):
         self._require_packable(linear)
-        if not runs_on_amx(linear):
-            why = amx.unavailable() or "the AMX kernels did not build"
-            raise ValueError(f"AmxLinear needs a float32 nn.Linear and a CPU with AMX ({why}); got {linear} in "
-                             f"{linear.weight.dtype}: use PackedLinear")
-        super().__init__(linear, amx.pack_linear(linear.weight))
+        if not self.runs(linear):
+            why = self.kernels.unavailable() or "the kernels did not build"
+            raise ValueError(f"{type(self).__name__} needs a float32 nn.Linear and {self.needs} ({why}); got "
+                             f"{linear} in {linear.weight.dtype}: use PackedLinear")
+        super().__init__(linear, self.kernels.pack_linear(linear.weight))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        return amx.linear(x, self.weight, self.out_features, self.bias, residual)
+        return self.kernels.linear(x, self.weight, self.out_features, self.bias, residual)
 
 
 class AmxPointwiseConv(AmxLinear):
@@ -57,24 +62,36 @@ class AmxGEGLU(AmxLinear):
     2 x 1280, 2 threads, AMX host): ~40 against ~70 ms for PackedGEGLU (oneDNN, float32)."""
 
     adds_residual = False
+    group = 16  # the kernel's tiles: so many values, then their gates
 
     def __init__(self, geglu: GEGLU):
         proj = geglu.proj
-        if not suits_amx_geglu(geglu):
-            raise ValueError(f"AmxGEGLU needs a float32 GEGLU with a bias and a width (half the projection) that is a "
-                             f"multiple of 16, and a CPU with AMX; got {proj}: use PackedGEGLU")
-        order = torch.arange(proj.out_features).view(2, -1, 16).transpose(0, 1).reshape(-1)
+        if not self.suits(geglu):
+            raise ValueError(f"{type(self).__name__} needs a float32 GEGLU with a bias and a width (half the "
+                             f"projection) that is a multiple of 16, and {self.needs}; got {proj}: use PackedGEGLU")
+        order = torch.arange(proj.out_features).view(2, -1, self.group).transpose(0, 1).reshape(-1)
         super().__init__(_linear(proj.weight.detach()[order], proj.bias.detach()[order]))
         self.out_features = proj.out_features // 2
 
+    @classmethod
+    def suits(cls, geglu: GEGLU) -> bool:
+        proj = geglu.proj
+        return can_pack(proj) and cls.runs(proj) and proj.bias is not None and proj.out_features % 32 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        return amx.linear(x, self.weight, 2 * self.out_features, self.bias, geglu=True)
+        return self.kernels.linear(x, self.weight, 2 * self.out_features, self.bias, geglu=True)
 
 
-def suits_amx_geglu(geglu: GEGLU) -> bool:
-    proj = geglu.proj
-    return can_pack(proj) and runs_on_amx(proj) and proj.bias is not None and proj.out_features % 32 == 0
+class FmaGEGLU(AmxGEGLU):
+    """AmxGEGLU on fma.py's AVX2 kernel, for CPUs with AVX2 and FMA but no AVX-512 (`weight`: the float32 projection
+    in 16-column panels, 8 values and their 8 gates each). SD 1.5's U-Net forward (batch 2, 64x64, float32, 2
+    threads, AVX2 AMD EPYC, in-process A/B): 1.05x with these for PackedGEGLU's oneDNN products."""
+
+    kernels = fma
+    needs = "a CPU with AVX2 and FMA but no AVX-512"
+    runs = staticmethod(runs_on_fma)
+    group = fma.GEGLU_GROUP
 
 
 def suits_amx_conv(conv: nn.Conv2d) -> bool:

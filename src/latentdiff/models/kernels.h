@@ -1,4 +1,4 @@
-// Shared by latentdiff's C++ kernels (amx.cpp, winograd.cpp, group_norm.cpp).
+// Shared by latentdiff's C++ kernels (amx.cpp, fma.cpp, winograd.cpp, group_norm.cpp).
 #pragma once
 #include <string.h>
 

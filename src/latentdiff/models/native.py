@@ -1,6 +1,6 @@
-"""Building our C++ kernels (amx.cpp, winograd.cpp, group_norm.cpp): compiled with the system's g++ on first use (a
-second or two) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then latentdiff/), keyed by the source,
-the headers beside it, the flags and, for -march=native builds, the CPU, and loaded with ctypes. Libraries no
+"""Building our C++ kernels (amx.cpp, fma.cpp, winograd.cpp, group_norm.cpp): compiled with the system's g++ on first
+use (a second or two) into latentdiff's cache folder ($XDG_CACHE_HOME or ~/.cache, then latentdiff/), keyed by the
+source, the headers beside it, the flags and, for -march=native builds, the CPU, and loaded with ctypes. Libraries no
 process has loaded for a month are removed when another one is built."""
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from . import amx
+from . import amx, fma
 from .attention import GEGLU, Attention
 from .resnet import Upsample2D, is_3x3_same, upsampling_phases
 from .winograd import F2x2, F4x4, recover_filters, transform_filters, transforms, winograd_conv3x3
@@ -98,6 +98,12 @@ def is_packed(model: nn.Module) -> bool:
 def runs_on_amx(layer: nn.Module) -> bool:
     """Whether a packable float32 layer gets our AMX kernels (amx.py) rather than oneDNN: on CPUs where they run."""
     return layer.weight.dtype == torch.float32 and amx.available()
+
+
+def runs_on_fma(layer: nn.Module) -> bool:
+    """Whether a packable float32 layer's products can go to our AVX2 kernel (fma.py) rather than oneDNN: on CPUs with
+    AVX2 and FMA but no AVX-512, where it builds, for a multiple of 16 outputs (it makes GEGLUs alone: FmaGEGLU)."""
+    return layer.weight.dtype == torch.float32 and layer.out_features % 16 == 0 and fma.available()
 
 
 def suits_winograd(conv: nn.Conv2d) -> bool:
@@ -512,13 +518,14 @@ def suits_winograd_upsampling(conv: nn.Conv2d) -> bool:
 def packed(layer: nn.Module, winograd: bool = True, after_upsampling: bool = False) -> nn.Module:
     """The packed stand-in for `layer` (`after_upsampling`: the conv of an Upsample2D), or `layer` itself when it
     cannot be packed."""
-    from .amx_layers import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, suits_amx_conv,
-                             suits_amx_geglu)  # (they build on this module's classes)
+    from .amx_layers import (AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, FmaGEGLU,
+                             suits_amx_conv)  # (they build on this module's classes)
 
     if needs_float32(layer):
         return float32_compute(layer, winograd, after_upsampling)
-    if type(layer) is GEGLU and suits_amx_geglu(layer):
-        return AmxGEGLU(layer)
+    for geglu in (AmxGEGLU, FmaGEGLU):
+        if type(layer) is GEGLU and geglu.suits(layer):
+            return geglu(layer)
     if type(layer) is GEGLU and can_pack(layer.proj) and layer.proj.bias is not None:
         return PackedGEGLU(layer)
     if not can_pack(layer):
@@ -549,8 +556,9 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     or bfloat16 model's attention layers run the AMX kernel (amx.py) where this CPU has AMX and it builds (a
     bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and there a float32 model's linear
     layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and AmxUpsampleConv where they have
-    the channels (suits_amx_conv). (Large activations still get fresh pages from malloc on every call: see
-    allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
+    the channels (suits_amx_conv); on a CPU with AVX2 but no AVX-512 its GEGLUs become FmaGEGLU (fma.py). (Large
+    activations still get fresh pages from malloc on every call: see allocator.keep_freed_buffers, process-wide,
+    which the command line's --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     if any(p.dtype in PACKABLE_DTYPES and p.device.type == "cpu" and amx.runs_attention(p.dtype)
            for p in model.parameters()):
