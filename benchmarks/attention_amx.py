@@ -6,7 +6,9 @@ largest difference, the median times (calls interleaved), the ratio, and whether
 the kernel there (amx.suits).
 
     python benchmarks/attention_amx.py [--threads 2] [--repeats 5] [--dtypes bf16,fp32] [--scale 1]
-                                       [--kernel amx|avx512]
+                                       [--kernel amx|avx512|fma]
+
+--kernel fma: our float32 AVX2 kernel (fma.attention, for CPUs with AVX2 but no AVX-512) instead.
 
 --scale multiplies the queries and keys: 8 spreads each row's scores over hundreds (a sharply peaked softmax, whose
 exponentials mostly fall below float32's normal range).
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
-from latentdiff.models import amx
+from latentdiff.models import amx, fma
 
 # (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16, 8x8
 # latents, SD 2.x's 64-dim heads at 64x64, the VAE's single 512-dim head at 64x64
@@ -36,7 +38,7 @@ def main() -> None:
     def more_options(parser):
         parser.add_argument("--dtypes", default=None, help="default: bf16,fp32 (AMX), bf16 (AVX-512)")
         parser.add_argument("--scale", type=float, default=1.0, help="queries and keys times this")
-        parser.add_argument("--kernel", choices=["amx", "avx512"], default=None,
+        parser.add_argument("--kernel", choices=["amx", "avx512", "fma"], default=None,
                             help="default: amx where it runs, else avx512")
 
     # (which kernel, and so whether it runs, is known once the options are read)
@@ -46,13 +48,17 @@ def main() -> None:
     args.kernel = args.kernel or ("amx" if amx.available() else "avx512")
     if args.kernel == "amx":
         lib, why, bounds = amx.library(), amx_unavailable(), (amx.MIN_QUERIES, amx.MAX_HEAD_DIM)
+    elif args.kernel == "fma":
+        lib, why, bounds = None, fma.unavailable(), None
     else:
         lib, bounds = amx.avx512_library(), (amx.AVX512_MIN_QUERIES, amx.AVX512_MAX_HEAD_DIM)
         why = None if lib else amx.unavailable(amx.AVX512_CPU_FLAGS) or "its build failed (see the warning)"
     if why:
         print(f"skipped: {why}")
         return
-    args.dtypes = args.dtypes or ("bf16,fp32" if args.kernel == "amx" else "bf16")
+    args.dtypes = args.dtypes or {"amx": "bf16,fp32", "avx512": "bf16", "fma": "fp32"}[args.kernel]
+    run = fma.kernel if args.kernel == "fma" else lambda q, k, v: amx.kernel(lib, q, k, v)
+    used = fma.suits if args.kernel == "fma" else lambda q, k, v: amx.suits(q, k, v, *bounds)
     print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
     for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
@@ -61,14 +67,13 @@ def main() -> None:
             return x.unflatten(-1, (h, d)).transpose(1, 2)
         q, k, v = tokens(n) * args.scale, tokens(nk) * args.scale, tokens(nk)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        ours, sdpa = amx.kernel(lib, q, k, v), F.scaled_dot_product_attention(q, k, v)
+        ours, sdpa = run(q, k, v), F.scaled_dot_product_attention(q, k, v)
         timings = time_interleaved({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                                    "amx": lambda: amx.kernel(lib, q, k, v)}, args.repeats, progress=False,
-                                   memory=False)
+                                    "amx": lambda: run(q, k, v)}, args.repeats, progress=False, memory=False)
         t_sdpa, t_amx = (timings[name].median * 1e3 for name in ("sdpa", "amx"))
         print(f"{dtype:5} {str((b, h, n, nk, d)):27} {(sdpa.double() - exact).abs().max():.2e}  "
               f"{(ours.double() - exact).abs().max():.2e}  {(sdpa.double() - ours.double()).abs().max():.2e}  "
-              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {amx.suits(q, k, v, *bounds)}")
+              f"{t_sdpa:7.2f}  {t_amx:6.2f}  {t_sdpa / t_amx:.2f}x        {used(q, k, v)}")
 
 
 if __name__ == "__main__":

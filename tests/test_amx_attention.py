@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import amx, attention
+from latentdiff.models import amx, attention, fma
 from latentdiff.models.packed import pack_for_inference
 
 from test_packed import inputs, make
@@ -231,6 +231,7 @@ def test_optimized_unet_runs_its_attention_on_amx(monkeypatch, kernel, dtype, to
 def test_cpus_without_amx_keep_pytorchs_attention(monkeypatch, dtype):
     monkeypatch.setattr(amx, "available", lambda: False)
     monkeypatch.setattr(amx, "avx512_library", lambda: None)  # (nor AVX512-BF16)
+    monkeypatch.setattr(fma, "library", lambda: None)  # (nor our AVX2 kernels: tests/test_fma.py)
     model = pack_for_inference(make(dtype=dtype))
     assert all("attend" not in m.__dict__ for m in model.modules())
 

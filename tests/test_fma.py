@@ -1,13 +1,15 @@
-"""Our AVX2 GEGLU kernel (fma.py, amx_layers.FmaGEGLU), which optimize_for_inference() uses for float32 GEGLUs on CPUs
-with AVX2 and FMA but no AVX-512: as exact as oneDNN's (PackedGEGLU) against float64 on ragged shapes (rows not
-whole tiles or blocks, depths of several blocks, strided and batched inputs), the same bits on any number of
-threads, large gates, empty inputs, torch.compile, and what pack_for_inference() makes of GEGLUs with and without it.
-The kernel is forced on here wherever AVX2 and g++ are (on AVX-512 CPUs, where optimize_for_inference leaves GEGLUs
-to oneDNN, too)."""
+"""Our AVX2 kernels (fma.py), which optimize_for_inference() uses for float32 GEGLUs (amx_layers.FmaGEGLU) and
+attention (fma.attention) on CPUs with AVX2 and FMA but no AVX-512. GEGLU: as exact as oneDNN's (PackedGEGLU) against
+float64 on ragged shapes (rows not whole tiles or blocks, depths of several blocks, strided and batched inputs), the
+same bits on any number of threads, large gates, empty inputs, torch.compile. Attention: as exact as PyTorch's
+against float64 on ragged shapes (key counts not whole panels, head dims not whole tiles, strided views), where it
+hands over to PyTorch, and an optimized U-Net that runs it. The kernels are forced on here wherever AVX2 and g++ are
+(on AVX-512 CPUs, where optimize_for_inference leaves this work to oneDNN and PyTorch, too)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latentdiff.models import attention, fma, native
 from latentdiff.models.amx_layers import FmaGEGLU
@@ -159,3 +161,88 @@ def test_where_the_kernel_does_not_run(monkeypatch):
     monkeypatch.delenv("LATENTDIFF_NO_FMA")
     monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert "AVX-512" in (fma.unavailable() or native.unavailable())
+
+
+def heads(batch: int, count: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """[batch, heads, tokens, dim] as the attention layers hand them over: a view of [batch, tokens, heads, dim]."""
+    torch.manual_seed(seed)
+    return torch.randn(batch, tokens, count, dim).transpose(1, 2)
+
+
+@pytest.mark.parametrize("queries,keys,dim", [
+    (300, 300, 40),     # blocks of 24 queries and tiles of 6 with remainders, keys not whole 16-key panels
+    (256, 77, 80),      # a cross-attention's 77 text tokens, five value panels
+    (260, 50, 24),      # a head dim not a whole 16-column panel
+    (256, 600, 160),    # several passes of 256 keys over P V, SD 2.x-wide heads
+])
+@torch.no_grad()
+def test_fma_attention_is_as_exact_as_pytorchs(kernel, queries, keys, dim):
+    q, k, v = heads(2, 3, queries, dim, 0), heads(2, 3, keys, dim, 1), heads(2, 3, keys, dim, 2)
+    ours = fma.attention(q, k, v)
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
+    assert ours.shape == theirs.shape and ours.transpose(1, 2).is_contiguous()  # heads merge without a copy
+    # (the scores' depth summed in one run: up to ~2x PyTorch's error at head dim 160)
+    assert error <= 2 * their_error + 2e-7, (error, their_error)
+
+
+@torch.no_grad()
+def test_fma_attention_gives_the_same_bits_on_any_number_of_threads(kernel):
+    q, k, v = heads(1, 2, 270, 40, 3), heads(1, 2, 90, 40, 4), heads(1, 2, 90, 40, 5)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(fma.attention(q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+@torch.no_grad()
+def test_fma_attention_from_two_threads_at_once(kernel):
+    """ctypes lets go of the GIL: two calls can run together, each with its own OpenMP team and buffers (kept per
+    thread between calls)."""
+    from test_amx_attention import together
+
+    inputs = [[heads(1, 2, 300, 40, seed + i) for i in range(3)] for seed in (20, 30)]
+    calls = [lambda qkv=qkv: fma.attention(*qkv) for qkv in inputs]
+    alone = [call() for call in calls]
+    results = together(calls, 4)
+    assert all(torch.equal(result, alone[i]) for i in range(2) for result in results[i])
+
+
+def test_fma_attention_leaves_to_pytorch_what_it_does_not_take(kernel):
+    """Fewer than MIN_QUERIES queries, bfloat16, autograd, keys that do not match: PyTorch's SDPA, bit for bit."""
+    q, k = heads(1, 2, 64, 40, 6), heads(1, 2, 64, 40, 7)
+    cases = [(q, k, k), (q.bfloat16(), k.bfloat16(), k.bfloat16()),
+             (heads(1, 2, 300, 40, 8).requires_grad_(), heads(1, 2, 30, 40, 9), heads(1, 2, 30, 40, 10))]
+    for q_, k_, v_ in cases:
+        assert not fma.suits(q_, k_, v_)
+        torch.testing.assert_close(fma.attention(q_, k_, v_), F.scaled_dot_product_attention(q_, k_, v_),
+                                   rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_optimized_unet_runs_the_attention_kernel(kernel):
+    """pack_for_inference on a float32 U-Net points its attention layers at fma.attention; its output stays within
+    float32 rounding of the eager model's."""
+    from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    torch.manual_seed(11)
+    config = UNetConfig(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=32)
+    unet = UNet2DConditionModel(config).eval()
+    x, ctx = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 24)
+    expected = unet(x, 500, ctx)
+    pack_for_inference(unet)
+    layers = [m for m in unet.modules() if isinstance(m, attention.Attention)]
+    assert layers and all(layer.attend is fma.attention for layer in layers)
+    with torch.profiler.profile() as prof:  # (the kernels' calls carry labels while a profiler runs)
+        got = unet(x, 500, ctx)
+    names = {event.name for event in prof.events()}
+    assert {"latentdiff::fma_attention", "latentdiff::fma_geglu"} <= names  # (the 32x32 map: 1024 queries)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

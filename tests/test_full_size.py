@@ -13,7 +13,7 @@ from test_unet import gaussian_weights
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.layout import SD15_CONFIG
-from latentdiff.models import amx
+from latentdiff.models import amx, fma
 from latentdiff.models.attention import Attention
 from latentdiff.models.text import CLIPTextModel, CLIPTokenizer, text_config_sd15
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
@@ -90,7 +90,7 @@ def test_sd15_unet_optimized_in_bf16_errs_no_more_than_diffusers_in_bf16(pipelin
 @torch.no_grad()
 def test_sd15_unet_optimized_in_fp32_errs_no_more_with_the_amx_attention(pipelines):
     """SD 1.5's U-Net at 512x512 in float32 after optimize_for_inference(): with our AMX attention kernel (on a CPU
-    with AMX; elsewhere both runs are PyTorch's) it is as close to diffusers' float32 U-Net as with PyTorch's
+    with AMX; the AVX2 one on a CPU with AVX2 but no AVX-512; elsewhere both runs are PyTorch's) it is as close to diffusers' float32 U-Net as with PyTorch's
     attention kernel, and both within float32 rounding."""
     ours, ref = pipelines
     g = torch.Generator().manual_seed(1)
@@ -101,6 +101,8 @@ def test_sd15_unet_optimized_in_fp32_errs_no_more_with_the_amx_attention(pipelin
     layers = [m for m in fast.modules() if isinstance(m, Attention)]
     if amx.available():
         assert all(m.attend is amx.attention for m in layers)
+    elif fma.available():  # (a CPU with AVX2 but no AVX-512: our AVX2 kernel)
+        assert all(m.attend is fma.attention for m in layers)
     mine = fast(sample, t, context)
     for layer in layers:
         layer.__dict__.pop("attend", None)  # back to F.scaled_dot_product_attention

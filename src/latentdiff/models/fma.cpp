@@ -11,6 +11,9 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cmath>
+#include <new>
+#include <vector>
 
 #include "kernels.h"
 
@@ -102,6 +105,75 @@ void tiles(const Product& p, int64_t m, int64_t rows, int64_t j) {
     }
 }
 
+// Attention's products: one R-row x 16-column tile of sum over `depth` of x[r][k] w[k][0..16] (x rows ldx apart, w
+// a panel of 16 columns), handed to epi(r, c0, c1) row by row.
+template <int R, class Epi>
+inline void product_tile(const float* x, int64_t ldx, const float* w, int64_t depth, Epi&& epi) {
+    const float *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx, *x4 = x3 + ldx, *x5 = x4 + ldx;
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    LATENTDIFF_ROWS(LATENTDIFF_ZERO)
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < depth; ++k) {
+        const __m256 w0 = _mm256_loadu_ps(w + 16 * k), w1 = _mm256_loadu_ps(w + 16 * k + 8);
+        LATENTDIFF_ROWS(LATENTDIFF_FMA)
+    }
+#define LATENTDIFF_EPI(r) if constexpr (R > r) epi(r, c##r##0, c##r##1);
+    LATENTDIFF_ROWS(LATENTDIFF_EPI)
+}
+
+template <class Epi>
+void product_tiles(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t depth, Epi&& epi) {
+    int64_t m = 0;
+    for (; m + 6 <= rows; m += 6)
+        product_tile<6>(x + m * ldx, ldx, w, depth, [&](int r, __m256 a, __m256 b) { epi(m + r, a, b); });
+    switch (rows - m) {
+#define LATENTDIFF_CASE(n) case n: product_tile<n>(x + m * ldx, ldx, w, depth, \
+        [&](int r, __m256 a, __m256 b) { epi(m + r, a, b); }); break;
+        LATENTDIFF_CASE(5) LATENTDIFF_CASE(4) LATENTDIFF_CASE(3) LATENTDIFF_CASE(2) LATENTDIFF_CASE(1)
+    }
+}
+
+constexpr int QUERIES = 24;   // queries per block: their scores, 24 x (keys + 16), stay in L2
+constexpr int KEY_BLOCK = 256;  // keys per pass of P V
+
+inline float horizontal_max(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// One row of scores (n of them) made its softmax's numerators exp(s - max) in place; returns their sum.
+inline float exponentials(float* s, int64_t n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n % 8)), lanes);
+    const int64_t whole = n - n % 8;
+    __m256 most = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < whole; i += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + i));
+    if (whole < n)
+        most = _mm256_max_ps(most, _mm256_blendv_ps(most, _mm256_maskload_ps(s + whole, tail),
+                                                     _mm256_castsi256_ps(tail)));
+    const __m256 top = _mm256_set1_ps(horizontal_max(most));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), top));
+        _mm256_storeu_ps(s + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (whole < n) {
+        const __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(_mm256_maskload_ps(s + whole, tail), top)),
+                                       _mm256_castsi256_ps(tail));
+        _mm256_maskstore_ps(s + whole, tail, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return horizontal_sum(sum);
+}
+
 }  // namespace
 
 extern "C" {
@@ -123,6 +195,88 @@ void fma_geglu(const float* x, int64_t ldx, const float* w, const float* bias, f
             for (int64_t j = g * group; j < std::min(panels, (g + 1) * group); ++j) tiles<6>(p, m0, rows, j);
         }
     }
+}
+
+// softmax(q k^T scale) v for float32 queries [B][H][Nq][D] and keys and values [B][H][Nk][D], each with strides (in
+// floats: batch, head, token; unit along D) in `strides` (q's three, k's, v's, then out's), written to out. Keys are
+// packed per head into 16-key panels ([ceil(Nk / 16)][D][16], zeros past Nk) and values into 16-column panels
+// ([ceil(D / 16)][Nk][16], zeros past D); each block of QUERIES queries makes its scores S = q K^T by product tiles,
+// each row's exp(s - max) and sum in place, then P V over KEY_BLOCK keys at a time into an accumulator, divided by the
+// sums as it is written. Returns 1 where the buffers cannot be allocated, else 0.
+int fma_attention(const float* q, const float* k, const float* v, float* out, const int64_t* strides, int64_t B,
+                  int64_t H, int64_t Nq, int64_t Nk, int64_t D, float scale, int threads) {
+    const int64_t key_panels = (Nk + 15) / 16, value_panels = (D + 15) / 16, heads = B * H;
+    const int64_t ls = 16 * key_panels + 16;  // the scores' row stride (rows 16 KiB apart would share an L1 set)
+    thread_local std::vector<float> keys, values;  // kept between a thread's calls: no fresh pages every call
+    try {
+        keys.assign(heads * key_panels * D * 16, 0.f);
+        values.assign(heads * value_panels * Nk * 16, 0.f);
+    } catch (const std::bad_alloc&) {
+        return 1;
+    }
+    float* const packed_keys = keys.data();  // (the workers below see other thread_local instances of the vectors)
+    float* const packed_values = values.data();
+    const int64_t* qs = strides; const int64_t* ks = strides + 3; const int64_t* vs = strides + 6;
+    const int64_t* os = strides + 9;
+#pragma omp parallel for num_threads(threads)
+    for (int64_t h = 0; h < heads; ++h) {
+        const float* kh = k + (h / H) * ks[0] + (h % H) * ks[1];
+        const float* vh = v + (h / H) * vs[0] + (h % H) * vs[1];
+        float* kp = packed_keys + h * key_panels * D * 16;
+        float* vp = packed_values + h * value_panels * Nk * 16;
+        for (int64_t n = 0; n < Nk; ++n)
+            for (int64_t d = 0; d < D; ++d) {
+                kp[((n / 16) * D + d) * 16 + n % 16] = kh[n * ks[2] + d] * scale;
+                vp[((d / 16) * Nk + n) * 16 + d % 16] = vh[n * vs[2] + d];
+            }
+    }
+    const int64_t blocks = (Nq + QUERIES - 1) / QUERIES;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        thread_local std::vector<float> scores, sums;
+        try {
+            scores.resize(QUERIES * ls);
+            sums.resize(QUERIES * value_panels * 16);
+        } catch (const std::bad_alloc&) {
+            failed = 1;
+        }
+        float total[QUERIES];
+#pragma omp for collapse(2) schedule(dynamic, 4)  // (dynamic: a thread that loses its core holds up no other)
+        for (int64_t h = 0; h < heads; ++h) {
+            for (int64_t b = 0; b < blocks; ++b) {
+                if (failed) continue;
+                FlushSubnormals flush;
+                const int64_t m0 = b * QUERIES, rows = std::min<int64_t>(QUERIES, Nq - m0);
+                const float* qb = q + (h / H) * qs[0] + (h % H) * qs[1] + m0 * qs[2];
+                float* S = scores.data();
+                for (int64_t j = 0; j < key_panels; ++j)
+                    product_tiles(qb, qs[2], rows, packed_keys + (h * key_panels + j) * D * 16, D,
+                                  [&](int64_t r, __m256 a, __m256 c) {
+                                      _mm256_storeu_ps(S + r * ls + 16 * j, a);
+                                      _mm256_storeu_ps(S + r * ls + 16 * j + 8, c);
+                                  });
+                for (int64_t r = 0; r < rows; ++r) total[r] = exponentials(S + r * ls, Nk);
+                std::fill(sums.begin(), sums.end(), 0.f);
+                for (int64_t k0 = 0; k0 < Nk; k0 += KEY_BLOCK) {
+                    const int64_t depth = std::min<int64_t>(KEY_BLOCK, Nk - k0);
+                    for (int64_t c = 0; c < value_panels; ++c)
+                        product_tiles(S + k0, ls, rows, packed_values + ((h * value_panels + c) * Nk + k0) * 16,
+                                      depth, [&](int64_t r, __m256 a, __m256 e) {
+                                          float* o = sums.data() + (r * value_panels + c) * 16;
+                                          _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a));
+                                          _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), e));
+                                      });
+                }
+                float* ob = out + (h / H) * os[0] + (h % H) * os[1] + m0 * os[2];
+                for (int64_t r = 0; r < rows; ++r) {
+                    const float inverse = 1.f / total[r];
+                    for (int64_t d = 0; d < D; ++d) ob[r * os[2] + d] = sums[r * value_panels * 16 + d] * inverse;
+                }
+            }
+        }
+    }
+    return failed;
 }
 
 }  // extern "C"

@@ -1,13 +1,15 @@
-"""Our GEGLU kernel for CPUs with AVX2 and FMA but no AVX-512 (fma.cpp), used by optimize_for_inference() there
-(amx_layers.FmaGEGLU): the feed-forward's projection and its gate, value * gelu(gate), in one pass. On such a CPU
-(a 2-core AMD EPYC, 2 threads) oneDNN's float32 products with GELU and multiply epilogues (packed.PackedGEGLU) ran
-SD 1.5's 64x64 and 32x32 GEGLUs at ~70-100 GFLOP/s, below its plain products (110-140); this kernel, 6 x 16 output
-tiles in registers and the gate applied as they are written, 1.2-1.9x faster there (`benchmarks/linear_amx.py
---kernels fma`), SD 1.5's U-Net forward 1.05x. Its plain products (linear layers, Winograd's) measured no faster than
-oneDNN's and torch.bmm there, so it makes GEGLUs alone. The same API as amx.py's products (pack_linear, linear), so
-AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on CPUs with AVX-512
-(oneDNN's kernels there are twice as wide: not measured against), without g++, or with LATENTDIFF_NO_FMA=1 (or
-LATENTDIFF_NO_KERNELS=1) in the environment, and then oneDNN runs."""
+"""Our float32 kernels for CPUs with AVX2 and FMA but no AVX-512 (fma.cpp), used by optimize_for_inference() there:
+GEGLUs (amx_layers.FmaGEGLU: the feed-forward's projection and its gate, value * gelu(gate), in one pass) and
+attention (`attention`). Both are products of 6 x 16 output tiles held in registers. On such a CPU (a 2-core AMD
+EPYC, 2 threads) oneDNN's float32 products with GELU and multiply epilogues (packed.PackedGEGLU) ran SD 1.5's 64x64
+and 32x32 GEGLUs at ~70-100 GFLOP/s, below its plain products (110-140); this kernel 1.2-1.6x faster there
+(`benchmarks/linear_amx.py --kernels fma`). PyTorch's float32 flash attention ran SD 1.5's 64x64 self-attention
+(16 heads x 4096 queries of dim 40) in ~400-540 ms; `attention` ~340-460 (the scores of 24 queries at a time made
+whole, their softmax, then P V: `benchmarks/attention_amx.py --kernel fma`). Their plain products (linear layers,
+Winograd's) measured no faster than oneDNN's and torch.bmm there, so those stay. The GEGLU has amx.py's product API
+(pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on
+CPUs with AVX-512 (oneDNN's and PyTorch's kernels there are twice as wide: not measured against), without g++, or
+with LATENTDIFF_NO_FMA=1 (or LATENTDIFF_NO_KERNELS=1) in the environment, and then oneDNN and PyTorch run."""
 from __future__ import annotations
 
 import ctypes
@@ -45,12 +47,14 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels (built once and cached on disk), or None where they do not run (a failed build warns)."""
     if unavailable():
         return None
-    lib = native.load(SOURCE, FLAGS, "AVX2 GEGLU kernel")
+    lib = native.load(SOURCE, FLAGS, "AVX2 kernels (GEGLU, attention)")
     if lib is None:
         return None
     lib.fma_geglu.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
                               + [ctypes.c_int])
     lib.fma_geglu.restype = None
+    lib.fma_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+    lib.fma_attention.restype = ctypes.c_int
     return lib
 
 
@@ -107,3 +111,46 @@ def _geglu(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
         library().fma_geglu(rows.data_ptr(), rows.stride(0), packed.data_ptr(), bias.data_ptr(), out.data_ptr(),
                             out.shape[-1], rows.shape[0], out_features, k, torch.get_num_threads())
     return out
+
+
+# From this many queries (benchmarks/attention_amx.py --kernel fma, 2 threads, AVX2 AMD EPYC: SD 1.5's 16x16 level,
+# 256 queries of head dim 160, 0.96-1.02x PyTorch's self-attention and 1.19-1.31x its cross-attention; 64 queries
+# 1.00-1.06x, left to PyTorch; its 64x64 self-attention 1.17-1.19x). The VAE's 512-dim head ran 0.79x: MAX_HEAD_DIM.
+MIN_QUERIES = 256
+MAX_HEAD_DIM = 160
+
+
+def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention`'s kernel takes these [B, heads, tokens, d] queries, keys and values: float32 on the CPU,
+    unit stride along d (at most MAX_HEAD_DIM), at least MIN_QUERIES queries, no autograd, not traced by
+    torch.compile, and the kernel runs here."""
+    return (q.is_cpu and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4 and k.dim() == 4
+            and k.shape == v.shape and k.shape[2] > 0 and q.shape[2] >= MIN_QUERIES and q.shape[3] <= MAX_HEAD_DIM
+            and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
+            and all(t.stride(-1) == 1 for t in (q, k, v))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            and not torch.compiler.is_compiling() and available())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by our kernel where it
+    suits (`suits`: its result is then a [B, heads, N, d] view of a [B, N, heads, d] tensor, so merging the heads
+    afterwards copies nothing), else by PyTorch."""
+    return kernel(q, k, v) if suits(q, k, v) else F.scaled_dot_product_attention(q, k, v)
+
+
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel on float32 [B, heads, N, d] queries and [B, heads, Nk, d] keys and values with unit stride
+    along d (where `available()`): the result is a [B, heads, N, d] view of a [B, N, heads, d] tensor."""
+    b, heads, n, d = q.shape
+    out = torch.empty(b, n, heads, d).transpose(1, 2)
+    strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
+    with native.labelled("latentdiff::fma_attention"):
+        failed = library().fma_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                         strides.data_ptr(), b, heads, n, k.shape[2], d, d ** -0.5,
+                                         torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the AVX2 attention kernel could not allocate its buffers (keys and values of {b * heads} "
+                          f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
+    return out
+
