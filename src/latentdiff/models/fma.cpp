@@ -1,12 +1,13 @@
-// GEGLU's feed-forward projection for CPUs with AVX2 and FMA but no AVX-512 (latentdiff.models.fma compiles this file
-// with the system's g++ on first use and calls it through ctypes): y = value * gelu(gate), [value | gate] = x W^T + b.
-// On such CPUs oneDNN's float32 products with its GELU and multiply epilogues (packed.PackedGEGLU) ran SD 1.5's
-// 64x64 feed-forward at ~70-100 GFLOP/s on 2 cores, where its plain products reach 110-140. Here the product is a
-// grid of 6-row x 16-column output tiles, each held in 12 registers while a panel of the packed weight (8 value
-// columns and their 8 gate columns, every depth's 16 numbers side by side) meets 6 rows of the input (read in place,
-// broadcast one number at a time); a block of MC input rows (in L2) meets every panel in turn, and the tile applies
-// the gate as it writes (the exact GELU; erf to 1.5e-7). The depth is summed in blocks of KC, each from zero, the
-// blocks' sums added (errors against float64 as oneDNN's or below). OpenMP threads take blocks of rows and panels.
+// Float32 kernels for CPUs with AVX2 and FMA but no AVX-512 (latentdiff.models.fma compiles this file with the
+// system's g++ on first use and calls it through ctypes): GEGLU's feed-forward projection, y = value * gelu(gate) with
+// [value | gate] = x W^T + b, and attention. Both are grids of 6-row x 16-column output tiles held in 12 registers
+// while a 16-column panel of packed weights (or keys, or values; every depth's 16 numbers side by side) meets 6 rows
+// of the input (read in place, broadcast one number at a time). GEGLU: on such CPUs oneDNN's float32 products with
+// its GELU and multiply epilogues (packed.PackedGEGLU) ran SD 1.5's 64x64 feed-forward at ~70-100 GFLOP/s on 2
+// cores, where its plain products reach 110-140; here a block of MC input rows (in L2) meets every panel in turn
+// (8 value columns and their 8 gate columns each), the tile applies the gate as it writes (the exact GELU; erf to
+// 1.5e-7), and the depth is summed in blocks of KC, each from zero, the blocks' sums added (errors against float64
+// as oneDNN's or below). Attention: see fma_attention. OpenMP threads take blocks of rows and panels, or of queries.
 #include <immintrin.h>
 #include <stdint.h>
 
