@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -98,11 +99,12 @@ inline void tile(const Product& p, int64_t m, int64_t j) {
     LATENTDIFF_ROWS(LATENTDIFF_GATE)
 }
 
-template <int R>
-void tiles(const Product& p, int64_t m, int64_t rows, int64_t j) {
-    for (; rows >= R; rows -= R, m += R) tile<R>(p, m, j);
+// f(std::integral_constant<int, R>{}, m) for the tiles covering rows [m, m + rows): of 6 rows, the last fewer.
+template <int R = 6, class F>
+inline void row_tiles(int64_t m, int64_t rows, F&& f) {
+    for (; rows >= R; rows -= R, m += R) f(std::integral_constant<int, R>{}, m);
     if constexpr (R > 1) {
-        if (rows > 0) tiles<R - 1>(p, m, rows, j);
+        if (rows > 0) row_tiles<R - 1>(m, rows, f);
     }
 }
 
@@ -124,14 +126,10 @@ inline void product_tile(const float* x, int64_t ldx, const float* w, int64_t de
 
 template <class Epi>
 void product_tiles(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t depth, Epi&& epi) {
-    int64_t m = 0;
-    for (; m + 6 <= rows; m += 6)
-        product_tile<6>(x + m * ldx, ldx, w, depth, [&](int r, __m256 a, __m256 b) { epi(m + r, a, b); });
-    switch (rows - m) {
-#define LATENTDIFF_CASE(n) case n: product_tile<n>(x + m * ldx, ldx, w, depth, \
-        [&](int r, __m256 a, __m256 b) { epi(m + r, a, b); }); break;
-        LATENTDIFF_CASE(5) LATENTDIFF_CASE(4) LATENTDIFF_CASE(3) LATENTDIFF_CASE(2) LATENTDIFF_CASE(1)
-    }
+    row_tiles(0, rows, [&](auto R, int64_t m) {
+        product_tile<decltype(R)::value>(x + m * ldx, ldx, w, depth,
+                                         [&](int r, __m256 a, __m256 c) { epi(m + r, a, c); });
+    });
 }
 
 constexpr int QUERIES = 24;   // queries per block: their scores, 24 x (keys + 16), stay in L2
@@ -193,7 +191,8 @@ void fma_geglu(const float* x, int64_t ldx, const float* w, const float* bias, f
         for (int64_t g = 0; g < groups; ++g) {
             FlushSubnormals flush;
             const int64_t m0 = b * MC, rows = std::min<int64_t>(MC, M - m0);
-            for (int64_t j = g * group; j < std::min(panels, (g + 1) * group); ++j) tiles<6>(p, m0, rows, j);
+            for (int64_t j = g * group; j < std::min(panels, (g + 1) * group); ++j)
+                row_tiles(m0, rows, [&](auto R, int64_t m) { tile<decltype(R)::value>(p, m, j); });
         }
     }
 }
