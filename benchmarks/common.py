@@ -141,6 +141,15 @@ def half_is_slow(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and not half_supported(dtype)
 
 
+def slow_half_in_channels_last(models: dict, dtype: torch.dtype) -> None:
+    """Where `dtype` is slow here (half_is_slow), the eager models ("diffusers", "ours", where present) to
+    channels-last, the layout where PyTorch's fallback convolutions are least slow."""
+    if half_is_slow(dtype):
+        for name in ("diffusers", "ours"):
+            if name in models:
+                models[name].to(memory_format=torch.channels_last)
+
+
 def reset_peak_rss() -> None:
     """Hand freed heap memory back to the OS (glibc), then reset the kernel's resident-set high-water mark of this
     process (Linux; elsewhere the peak is since start), so that the next peak counts only memory in use."""

@@ -28,7 +28,7 @@ import time
 import torch
 
 from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
-                    time_interleaved, timing_rows, twins, weight_bytes)
+                    slow_half_in_channels_last, time_interleaved, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-opt-sdpa", "ours-packed", "ours-compile")
@@ -61,10 +61,7 @@ def build(dtype: torch.dtype, variants: list[str]) -> dict[str, torch.nn.Module]
             models[name] = ours().optimize_for_inference(winograd=False)
         elif name == "ours-compile":
             models[name] = ours().to(memory_format=torch.channels_last)
-    if half_is_slow(dtype):  # the eager models in the layout where PyTorch's fallback convs are least slow
-        for name in ("diffusers", "ours"):
-            if name in models:
-                models[name].to(memory_format=torch.channels_last)
+    slow_half_in_channels_last(models, dtype)
     return models
 
 

@@ -17,7 +17,7 @@ import gc
 import torch
 
 from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
-                    time_interleaved, timing_rows, twins, weight_bytes)
+                    slow_half_in_channels_last, time_interleaved, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
@@ -42,10 +42,7 @@ def build(dtype: torch.dtype, variants: list[str], model: str = "kl") -> dict[st
             models[name] = ours()
         elif name in ("ours-opt", "ours-packed"):
             models[name] = pack_for_inference(ours(), winograd=name == "ours-opt")
-    if half_is_slow(dtype):  # the eager models in the layout where PyTorch's fallback convs are least slow
-        for name in ("diffusers", "ours"):
-            if name in models:
-                models[name].to(memory_format=torch.channels_last)
+    slow_half_in_channels_last(models, dtype)
     return models
 
 
