@@ -102,8 +102,8 @@ def runs_on_amx(layer: nn.Module) -> bool:
 
 def runs_on_fma(layer: nn.Module) -> bool:
     """Whether a packable float32 layer's products can go to our AVX2 kernel (fma.py) rather than oneDNN: on CPUs with
-    AVX2 and FMA but no AVX-512, where it builds, for a multiple of 16 outputs (it makes GEGLUs alone: FmaGEGLU)."""
-    return layer.weight.dtype == torch.float32 and layer.out_features % 16 == 0 and fma.available()
+    AVX2 and FMA but no AVX-512, where it builds (it makes GEGLUs alone: FmaGEGLU, which checks their width)."""
+    return layer.weight.dtype == torch.float32 and fma.available()
 
 
 def suits_winograd(conv: nn.Conv2d) -> bool:
