@@ -169,15 +169,16 @@ def heads(batch: int, count: int, tokens: int, dim: int, seed: int) -> torch.Ten
     return torch.randn(batch, tokens, count, dim).transpose(1, 2)
 
 
-@pytest.mark.parametrize("queries,keys,dim", [
-    (300, 300, 40),     # blocks of 24 queries and tiles of 6 with remainders, keys not whole 16-key panels
-    (256, 77, 80),      # a cross-attention's 77 text tokens, five value panels
-    (260, 50, 24),      # a head dim not a whole 16-column panel
-    (256, 600, 160),    # several passes of 256 keys over P V, SD 2.x-wide heads
+@pytest.mark.parametrize("queries,keys,dim,spread", [
+    (300, 300, 40, 1),  # blocks of 32 queries, the last of 12 (8 transposed, 4 one by one); 3 chunks of keys
+    (256, 77, 80, 1),   # a cross-attention's 77 text tokens: one chunk
+    (260, 50, 20, 1),   # a head dim neither whole 6-row tiles nor whole 8 x 8 transposes
+    (40, 600, 160, 1),  # MIN_QUERIES-sized problems; 5 chunks of keys; SD 2.x-wide heads
+    (300, 700, 40, 6),  # peaked scores (most exponentials below float32's range), maxima growing across chunks
 ])
 @torch.no_grad()
-def test_fma_attention_is_as_exact_as_pytorchs(kernel, queries, keys, dim):
-    q, k, v = heads(2, 3, queries, dim, 0), heads(2, 3, keys, dim, 1), heads(2, 3, keys, dim, 2)
+def test_fma_attention_is_as_exact_as_pytorchs(kernel, queries, keys, dim, spread):
+    q, k, v = heads(2, 3, queries, dim, 0) * spread, heads(2, 3, keys, dim, 1) * spread, heads(2, 3, keys, dim, 2)
     ours = fma.attention(q, k, v)
     theirs = F.scaled_dot_product_attention(q, k, v)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -216,13 +217,30 @@ def test_fma_attention_from_two_threads_at_once(kernel):
 
 def test_fma_attention_leaves_to_pytorch_what_it_does_not_take(kernel):
     """Fewer than MIN_QUERIES queries, bfloat16, autograd, keys that do not match: PyTorch's SDPA, bit for bit."""
-    q, k = heads(1, 2, 64, 40, 6), heads(1, 2, 64, 40, 7)
-    cases = [(q, k, k), (q.bfloat16(), k.bfloat16(), k.bfloat16()),
+    q, k = heads(1, 2, fma.MIN_QUERIES - 1, 40, 6), heads(1, 2, 64, 40, 7)
+    cases = [(q, k, k), (q.bfloat16(), k.bfloat16(), k.bfloat16()), (*[heads(1, 1, 64, 168, s) for s in range(3)],),
              (heads(1, 2, 300, 40, 8).requires_grad_(), heads(1, 2, 30, 40, 9), heads(1, 2, 30, 40, 10))]
     for q_, k_, v_ in cases:
         assert not fma.suits(q_, k_, v_)
         torch.testing.assert_close(fma.attention(q_, k_, v_), F.scaled_dot_product_attention(q_, k_, v_),
                                    rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_fma_attention_keeps_a_nan_to_its_query(kernel):
+    """A NaN in one query makes that query's output NaN and no other (the kernel's maxima and exponentials keep it)."""
+    q, k, v = heads(1, 2, 100, 40, 12), heads(1, 2, 300, 40, 13), heads(1, 2, 300, 40, 14)
+    q[0, 1, 37, 5] = float("nan")
+    ours, theirs = fma.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert ours[0, 1, 37].isnan().all() and theirs[0, 1, 37].isnan().all()
+    ours[0, 1, 37] = theirs[0, 1, 37] = 0
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_fma_kernel_refuses_wider_heads(kernel):
+    q = heads(1, 1, 64, fma.MAX_HEAD_DIM + 8, 15)
+    with pytest.raises(ValueError, match="head dims up to 160"):
+        fma.kernel(q, q, q)
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ attention (`attention`). Both are products of 6 x 16 output tiles held in regist
 EPYC, 2 threads) oneDNN's float32 products with GELU and multiply epilogues (packed.PackedGEGLU) ran SD 1.5's 64x64
 and 32x32 GEGLUs at ~70-100 GFLOP/s, below its plain products (110-140); this kernel 1.2-1.6x faster there
 (`benchmarks/linear_amx.py --kernels fma`). PyTorch's float32 flash attention ran SD 1.5's 64x64 self-attention
-(16 heads x 4096 queries of dim 40) in ~400-540 ms; `attention` ~340-460 (the scores of 24 queries at a time made
-whole, their softmax, then P V: `benchmarks/attention_amx.py --kernel fma`). Their plain products (linear layers,
+(16 heads x 4096 queries of dim 40) in ~540-640 ms; `attention` ~330-390 (transposed, 32 queries along the
+vectors' lanes, an online softmax over 132 keys at a time: `benchmarks/attention_amx.py --kernel fma`). Their plain products (linear layers,
 Winograd's) measured no faster than oneDNN's and torch.bmm there, so those stay. The GEGLU has amx.py's product API
 (pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on
 CPUs with AVX-512 (oneDNN's and PyTorch's kernels there are twice as wide: not measured against), without g++, or
@@ -113,10 +113,11 @@ def _geglu(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     return out
 
 
-# From this many queries (benchmarks/attention_amx.py --kernel fma, 2 threads, AVX2 AMD EPYC: SD 1.5's 16x16 level,
-# 256 queries of head dim 160, 0.96-1.02x PyTorch's self-attention and 1.19-1.31x its cross-attention; 64 queries
-# 1.00-1.06x, left to PyTorch; its 64x64 self-attention 1.17-1.19x). The VAE's 512-dim head ran 0.79x: MAX_HEAD_DIM.
-MIN_QUERIES = 256
+# From this many queries (a block of the kernel; /tmp timing on the AVX2 AMD EPYC host, 2 threads: 32 queries of head
+# dim 160 1.17x PyTorch's self-attention and 1.20x its cross-attention, 64 queries 1.29-1.30x, SD 1.5's 16x16 level
+# (256 queries) 1.09x / 1.37x; 16 queries 0.80-1.00x). The VAE's 512-dim head (0.79x with the first version of the
+# kernel) stays with PyTorch: MAX_HEAD_DIM (the kernel's per-block buffers are sized for it).
+MIN_QUERIES = 32
 MAX_HEAD_DIM = 160
 
 
@@ -149,8 +150,11 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         failed = library().fma_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                          strides.data_ptr(), b, heads, n, k.shape[2], d, d ** -0.5,
                                          torch.get_num_threads())
+    if failed == 2:
+        raise ValueError(f"the AVX2 attention kernel takes head dims up to {MAX_HEAD_DIM}; got {d}: call "
+                         "`attention`, which leaves such heads to PyTorch")
     if failed:
-        raise MemoryError(f"the AVX2 attention kernel could not allocate its buffers (keys and values of {b * heads} "
-                          f"heads x {k.shape[2]} tokens, re-laid out): free memory, or run with fewer heads at once")
+        raise MemoryError(f"the AVX2 attention kernel could not allocate its copies of the keys and values "
+                          f"({b * heads} heads x {k.shape[2]} tokens): free memory, or run with fewer heads at once")
     return out
 
