@@ -223,15 +223,19 @@ def median_times(calls: dict[str, Callable[[], object]], repeats: int) -> dict[s
 
 @torch.no_grad()
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     progress: bool = True, memory: bool = True) -> dict[str, Timing]:
+                     progress: bool = True, memory: bool = True,
+                     each_round: Callable[[], object] | None = None) -> dict[str, Timing]:
     """Call every candidate `warmup` times, then `repeats` rounds of one call each, in turn (A B C A B C ...).
     `memory`: measure each call's peak RSS too (reset_peak_rss before it hands freed memory back to the OS, so the
-    call's buffers page-fault afresh: a cost that dominates calls of a few milliseconds)."""
+    call's buffers page-fault afresh: a cost that dominates calls of a few milliseconds). `each_round`: called
+    (untimed) before each round's calls: a measurement to pair with them, such as the roofline."""
     timings = {name: Timing() for name in candidates}
     for name, fn in candidates.items():
         for _ in range(warmup):
             fn()
     for r in range(repeats):
+        if each_round is not None:
+            each_round()
         for name, fn in candidates.items():
             if memory:
                 reset_peak_rss()
@@ -262,18 +266,34 @@ def gaussian_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights: dict, errors: dict) -> list[dict]:
+def time_with_roofline(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                       roofline: Callable[[], float]) -> tuple[dict[str, Timing], float, list[float]]:
+    """time_interleaved with `roofline()` (GFLOP/s) measured before the runs and before each round: the timings, the
+    best roofline seen (the shares' denominator: the fastest minute's) and each round's (for timing_rows' paired
+    share)."""
+    first, roofs = roofline(), []
+    timings = time_interleaved(calls, repeats, warmup, each_round=lambda: roofs.append(roofline()))
+    return timings, max(first, *roofs), roofs
+
+
+def timing_rows(dtype_name: str, timings: dict, flops: int, roof: float, weights: dict, errors: dict,
+                roofs: list[float] = ()) -> list[dict]:
     """One table row per variant of a model benchmark (unet.py, vae.py): median and best seconds, CPU seconds,
-    GFLOP/s and share of the roofline, speed against the "diffusers" variant (also paired: Timing.paired_ratio),
-    weights, memory and max |diff|."""
+    GFLOP/s and share of the roofline `roof`, and where `roofs` has the roofline measured in each round
+    (time_interleaved's each_round), the median over rounds of the share against its own round's roofline (a busy
+    minute slows the conv and the forwards alike); speed against the "diffusers" variant (also paired:
+    Timing.paired_ratio), weights, memory and max |diff|."""
     ref = timings["diffusers"]
     rows = []
     for v, timing in timings.items():
         gflops, best = flops / timing.median / 1e9, flops / timing.best / 1e9
+        shares = [flops / wall / 1e9 / r for wall, r in zip(timing.wall, roofs)]
+        paired_share = {"paired of roofline": f"{statistics.median(shares):.0%}"} if shares else {}
         rows.append({
             "dtype": dtype_name, "variant": v, "median s": f"{timing.median:.3f}", "best s": f"{timing.best:.3f}",
             "cpu s": f"{timing.median_cpu:.2f}", "runs": " ".join(f"{w:.2f}" for w in timing.wall),
             "GFLOP/s": f"{gflops:.0f} ({best:.0f})", "of roofline": f"{gflops / roof:.0%} ({best / roof:.0%})",
+            **paired_share,
             "vs diffusers": f"{ref.median / timing.median:.2f}x ({ref.best / timing.best:.2f}x)",
             "paired": f"{timing.paired_ratio(ref):.2f}x",
             "weights": gib(weights[v]), "peak RSS": gib(timing.peak_rss), "+ during forward": gib(timing.rise),

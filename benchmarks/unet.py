@@ -12,8 +12,10 @@ Winograd, `optimize_for_inference(winograd=False)`), ours-compile (torch.compile
 inductor's freezing, compile time reported; slow to compile). Prints per variant: median and best seconds per
 forward, process CPU seconds, GFLOP/s (FLOPs counted by FlopCounterMode on fake tensors, shapes only; it has no
 formula for the CPU attention kernel: attention is reported apart), share of the 3x3-conv roofline measured in the
-same run (benchmarks/roofline.py), speed relative to diffusers, the bytes of the variant's weights and the process's
-peak RSS. On a CPU without oneDNN kernels for bf16 (AVX2-only) diffusers and ours (eager) run in bf16 in
+same run (benchmarks/roofline.py: the best of its measurements before the runs and before each round) and, paired,
+the median over rounds of the share against the roofline of the same round (on a host whose speed moves within
+seconds a short sample, so noisy too), speed relative to diffusers, the bytes of the variant's weights and the
+process's peak RSS. On a CPU without oneDNN kernels for bf16 (AVX2-only) diffusers and ours (eager) run in bf16 in
 channels-last (in NCHW one forward takes about half an hour there; channels-last about 1.5 minutes), and the bf16
 roofline is that of PyTorch's fallback convolution: `--dtypes bf16 --variants diffusers,ours-opt --repeats 2
 --warmup 0` takes about 8 minutes there. On a machine shared with other jobs, OpenMP threads that lose their core
@@ -28,7 +30,7 @@ import time
 import torch
 
 from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
-                    slow_half_in_channels_last, time_interleaved, timing_rows, twins, weight_bytes)
+                    slow_half_in_channels_last, time_with_roofline, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "diffusers-cl", "ours", "ours-opt", "ours-opt-sdpa", "ours-packed", "ours-compile")
@@ -127,17 +129,14 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> list[dict]:
         for v in args.profile:
             profile(calls[v], f"{v} ({name})")
 
-    roof_before = conv_roofline(dtype, repeats=3)
-    timings = time_interleaved(calls, args.repeats, args.warmup)
-    roof = max(roof_before, conv_roofline(dtype, repeats=3))
-
-    rows = timing_rows(name, timings, flops, roof, weights, errors)
+    timings, roof, roofs = time_with_roofline(calls, args.repeats, args.warmup, lambda: conv_roofline(dtype, repeats=3))
+    rows = timing_rows(name, timings, flops, roof, weights, errors, roofs)
     if half_is_slow(dtype):
         print(SLOW_HALF_NOTE.format(name=name))
     print(f"\n{name}: {flops / 1e9:.0f} GFLOP per forward as FlopCounterMode counts them (batch {args.batch}, "
           f"4x{args.size}x{args.size}; + {attention / 1e9:.0f} GFLOP of attention it does not count on the CPU); "
-          f"3x3-conv roofline {roof:.0f} GFLOP/s" + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s
-                                                   else ""), flush=True)
+          f"3x3-conv roofline {roof:.0f} GFLOP/s (per round: {' '.join(f'{r:.0f}' for r in roofs)})"
+          + (f"; ours-compile compiled in {compile_s:.0f} s" if compile_s else ""), flush=True)
     print("columns: median over the runs (in brackets: from the best run); paired: the median over the rounds of "
           "diffusers' time / the variant's in the same round; weights: the variant's own (ours shares "
           "diffusers' tensors here); peak RSS: of the whole process (every model alive) during the variant's runs, "

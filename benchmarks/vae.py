@@ -17,7 +17,7 @@ import gc
 import torch
 
 from common import (SLOW_HALF_NOTE, half_is_slow, parse_model_benchmark_args, print_table, reference_flops,
-                    slow_half_in_channels_last, time_interleaved, timing_rows, twins, weight_bytes)
+                    slow_half_in_channels_last, time_with_roofline, timing_rows, twins, weight_bytes)
 from roofline import DTYPES, conv_roofline
 
 VARIANTS = ("diffusers", "ours", "ours-opt", "ours-packed")
@@ -70,14 +70,13 @@ def run_dtype(name: str, dtype: torch.dtype, args) -> None:
     with torch.no_grad():
         reference = calls["diffusers"]().float()
         errors = {"diffusers": 0.0, **{v: (calls[v]().float() - reference).abs().max().item() for v in variants}}
-    roof = conv_roofline(dtype, repeats=3)
-    timings = time_interleaved(calls, args.repeats, args.warmup)
-    roof = max(roof, conv_roofline(dtype, repeats=3))
-    rows = timing_rows(name, timings, flops, roof, weights, errors)
+    timings, roof, roofs = time_with_roofline(calls, args.repeats, args.warmup, lambda: conv_roofline(dtype, repeats=3))
+    rows = timing_rows(name, timings, flops, roof, weights, errors, roofs)
     if half_is_slow(dtype):
         print(SLOW_HALF_NOTE.format(name=name))
     print(f"\n{name}: decode {args.batch}x4x{args.size}x{args.size} -> {args.size * 8}px, {flops / 1e9:.0f} GFLOP "
-          f"(FlopCounterMode, attention not counted); 3x3-conv roofline {roof:.0f} GFLOP/s", flush=True)
+          f"(FlopCounterMode, attention not counted); 3x3-conv roofline {roof:.0f} GFLOP/s "
+          f"(per round: {' '.join(f'{r:.0f}' for r in roofs)})", flush=True)
     print_table(rows, list(rows[0]))
     del models, calls, timings
     gc.collect()
