@@ -115,8 +115,8 @@ def _geglu(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
 
 # From this many queries (a block of the kernel; /tmp timing on the AVX2 AMD EPYC host, 2 threads: 32 queries of head
 # dim 160 1.17x PyTorch's self-attention and 1.20x its cross-attention, 64 queries 1.29-1.30x, SD 1.5's 16x16 level
-# (256 queries) 1.09x / 1.37x; 16 queries 0.80-1.00x). The VAE's 512-dim head (0.79x with the first version of the
-# kernel) stays with PyTorch: MAX_HEAD_DIM (the kernel's per-block buffers are sized for it).
+# (256 queries) 1.09x / 1.37x; 16 queries 0.80-1.00x). The VAE's 512-dim head (0.83x with buffers sized for it)
+# stays with PyTorch: MAX_HEAD_DIM (the kernel's per-block buffers on the stack are sized for it).
 MIN_QUERIES = 32
 MAX_HEAD_DIM = 160
 
