@@ -195,9 +195,9 @@ int fma_attention(const float* q, const float* k, const float* v, float* out, co
     const float scale2 = scale * 1.44269504088896341f;
     const int64_t* qs = strides; const int64_t* ks = strides + 3; const int64_t* vs = strides + 6;
     const int64_t* os = strides + 9;
-    thread_local std::vector<float> copies;  // kept between a thread's calls: no fresh pages every call
+    thread_local std::vector<float> copies;  // kept (never shrunk) between a thread's calls: no fresh pages or zeros
     try {
-        copies.resize(2 * heads * Nk * D);
+        if (copies.size() < (size_t)(2 * heads * Nk * D)) copies.resize(2 * heads * Nk * D);
     } catch (const std::bad_alloc&) {
         return 1;
     }
