@@ -62,6 +62,10 @@ def main() -> None:
     print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
     for dtype, (b, h, n, nk, d) in ((dtype, shape) for dtype in args.dtypes.split(",") for shape in SHAPES):
+        if args.kernel == "fma" and d > fma.MAX_HEAD_DIM:
+            print(f"{dtype:5} {str((b, h, n, nk, d)):27} the kernel takes head dims up to {fma.MAX_HEAD_DIM}: "
+                  "PyTorch's alone")
+            continue
         def tokens(count):  # [B, H, count, d] views of [B, count, H * d], as the U-Net's attention makes them
             x = torch.randn(b, count, h * d).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
             return x.unflatten(-1, (h, d)).transpose(1, 2)
