@@ -173,7 +173,7 @@ def heads(batch: int, count: int, tokens: int, dim: int, seed: int) -> torch.Ten
     (300, 300, 40, 1),  # blocks of 32 queries, the last of 12 (8 transposed, 4 one by one); 3 chunks of keys
     (256, 77, 80, 1),   # a cross-attention's 77 text tokens: one chunk
     (260, 50, 20, 1),   # a head dim neither whole 6-row tiles nor whole 8 x 8 transposes
-    (40, 600, 160, 1),  # MIN_QUERIES-sized problems; 5 chunks of keys; SD 2.x-wide heads
+    (40, 600, 160, 1),  # a block of queries and 8 more; 5 chunks of keys; SD 2.x-wide heads
     (300, 700, 40, 6),  # peaked scores (most exponentials below float32's range), maxima growing across chunks
 ])
 @torch.no_grad()
@@ -216,7 +216,8 @@ def test_fma_attention_from_two_threads_at_once(kernel):
 
 
 def test_fma_attention_leaves_to_pytorch_what_it_does_not_take(kernel):
-    """Fewer than MIN_QUERIES queries, bfloat16, autograd, keys that do not match: PyTorch's SDPA, bit for bit."""
+    """Fewer than MIN_QUERIES queries, bfloat16, heads wider than MAX_HEAD_DIM, autograd, keys that do not match:
+    PyTorch's SDPA, bit for bit."""
     q, k = heads(1, 2, fma.MIN_QUERIES - 1, 40, 6), heads(1, 2, 64, 40, 7)
     cases = [(q, k, k), (q.bfloat16(), k.bfloat16(), k.bfloat16()), (*[heads(1, 1, 64, 168, s) for s in range(3)],),
              (heads(1, 2, 300, 40, 8).requires_grad_(), heads(1, 2, 30, 40, 9), heads(1, 2, 30, 40, 10))]

@@ -4,10 +4,10 @@ attention (`attention`). Both are products of 6 x 16 output tiles held in regist
 EPYC, 2 threads) oneDNN's float32 products with GELU and multiply epilogues (packed.PackedGEGLU) ran SD 1.5's 64x64
 and 32x32 GEGLUs at ~70-100 GFLOP/s, below its plain products (110-140); this kernel 1.2-1.6x faster there
 (`benchmarks/linear_amx.py --kernels fma`). PyTorch's float32 flash attention ran SD 1.5's 64x64 self-attention
-(16 heads x 4096 queries of dim 40) in ~540-640 ms; `attention` ~330-390 (transposed, 32 queries along the
-vectors' lanes, an online softmax over 132 keys at a time: `benchmarks/attention_amx.py --kernel fma`). Their plain products (linear layers,
-Winograd's) measured no faster than oneDNN's and torch.bmm there, so those stay. The GEGLU has amx.py's product API
-(pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on
+(16 heads x 4096 queries of dim 40) in ~540-670 ms; `attention` 1.2-1.6x faster (transposed: 32 queries along
+the vectors' lanes, an online softmax over 132 keys at a time; `benchmarks/attention_amx.py --kernel fma`). Their
+plain products (linear layers, Winograd's) measured no faster than oneDNN's and torch.bmm there, so those stay.
+The GEGLU has amx.py's product API (pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on
 CPUs with AVX-512 (oneDNN's and PyTorch's kernels there are twice as wide: not measured against), without g++, or
 with LATENTDIFF_NO_FMA=1 (or LATENTDIFF_NO_KERNELS=1) in the environment, and then oneDNN and PyTorch run."""
 from __future__ import annotations
@@ -115,8 +115,9 @@ def _geglu(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
 
 # From this many queries (a block of the kernel; /tmp timing on the AVX2 AMD EPYC host, 2 threads: 32 queries of head
 # dim 160 1.17x PyTorch's self-attention and 1.20x its cross-attention, 64 queries 1.29-1.30x, SD 1.5's 16x16 level
-# (256 queries) 1.09x / 1.37x; 16 queries 0.80-1.00x). The VAE's 512-dim head (0.83x with buffers sized for it)
-# stays with PyTorch: MAX_HEAD_DIM (the kernel's per-block buffers on the stack are sized for it).
+# (256 queries) 1.09x / 1.37x; 16 queries 0.80-1.00x). The VAE's 512-dim head ran 0.83x (its keys and values, 8 MiB
+# each, stream from memory once per 32 queries): left to PyTorch by MAX_HEAD_DIM, which sizes the kernel's per-block
+# buffers (on the stack).
 MIN_QUERIES = 32
 MAX_HEAD_DIM = 160
 
