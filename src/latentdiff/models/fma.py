@@ -7,9 +7,10 @@ and 32x32 GEGLUs at ~70-100 GFLOP/s, below its plain products (110-140); this ke
 (16 heads x 4096 queries of dim 40) in ~540-670 ms; `attention` 1.2-1.6x faster (transposed: 32 queries along
 the vectors' lanes, an online softmax over 132 keys at a time; `benchmarks/attention_amx.py --kernel fma`). Their
 plain products (linear layers, Winograd's) measured no faster than oneDNN's and torch.bmm there, so those stay.
-The GEGLU has amx.py's product API (pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use (native.py); `available()` is False on
-CPUs with AVX-512 (oneDNN's and PyTorch's kernels there are twice as wide: not measured against), without g++, or
-with LATENTDIFF_NO_FMA=1 (or LATENTDIFF_NO_KERNELS=1) in the environment, and then oneDNN and PyTorch run."""
+The GEGLU has amx.py's product API (pack_linear, linear), so AmxGEGLU's code runs it. Built with g++ on first use
+(native.py); `available()` is False on CPUs with AVX-512 (oneDNN's and PyTorch's kernels there are twice as wide: not
+measured against), without g++, or with LATENTDIFF_NO_FMA=1 (or LATENTDIFF_NO_KERNELS=1) in the environment, and
+then oneDNN and PyTorch run."""
 from __future__ import annotations
 
 import ctypes
