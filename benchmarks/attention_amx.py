@@ -8,7 +8,8 @@ the kernel there (amx.suits).
     python benchmarks/attention_amx.py [--threads 2] [--repeats 5] [--dtypes bf16,fp32] [--scale 1]
                                        [--kernel amx|avx512|fma]
 
---kernel fma: our float32 AVX2 kernel (fma.attention, for CPUs with AVX2 but no AVX-512) instead.
+--kernel fma: our float32 AVX2 kernel (fma.attention, for CPUs with AVX2 but no AVX-512) instead; bfloat16 and
+float16 inputs widened to float32 for it, as fma.attention does.
 
 --scale multiplies the queries and keys: 8 spreads each row's scores over hundreds (a sharply peaked softmax, whose
 exponentials mostly fall below float32's normal range).
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from common import amx_unavailable, start_kernel_benchmark, time_interleaved
 from latentdiff.models import amx, fma
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (batch, heads, queries, keys, head dim): SD 1.5 U-Net's self- and cross-attention at 64x64, 32x32, 16x16, 8x8
 # latents, SD 2.x's 64-dim heads at 64x64, the VAE's single 512-dim head at 64x64
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
@@ -36,7 +38,8 @@ SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), 
 
 def main() -> None:
     def more_options(parser):
-        parser.add_argument("--dtypes", default=None, help="default: bf16,fp32 (AMX), bf16 (AVX-512)")
+        parser.add_argument("--dtypes", default=None,
+                            help="default: bf16,fp32 (AMX), bf16 (AVX-512), fp32,bf16,fp16 (fma)")
         parser.add_argument("--scale", type=float, default=1.0, help="queries and keys times this")
         parser.add_argument("--kernel", choices=["amx", "avx512", "fma"], default=None,
                             help="default: amx where it runs, else avx512")
@@ -56,8 +59,11 @@ def main() -> None:
     if why:
         print(f"skipped: {why}")
         return
-    args.dtypes = args.dtypes or {"amx": "bf16,fp32", "avx512": "bf16", "fma": "fp32"}[args.kernel]
-    run = fma.kernel if args.kernel == "fma" else lambda q, k, v: amx.kernel(lib, q, k, v)
+    args.dtypes = args.dtypes or {"amx": "bf16,fp32", "avx512": "bf16", "fma": "fp32,bf16,fp16"}[args.kernel]
+    if args.kernel == "fma":  # (half precision widened to float32 and the result rounded back, as fma.attention)
+        run = lambda q, k, v: fma.kernel(q.float(), k.float(), v.float()).to(q.dtype)  # noqa: E731
+    else:
+        run = lambda q, k, v: amx.kernel(lib, q, k, v)  # noqa: E731
     used = fma.suits if args.kernel == "fma" else lambda q, k, v: amx.suits(q, k, v, *bounds)
     print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")
@@ -67,7 +73,7 @@ def main() -> None:
                   "PyTorch's alone")
             continue
         def tokens(count):  # [B, H, count, d] views of [B, count, H * d], as the U-Net's attention makes them
-            x = torch.randn(b, count, h * d).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+            x = torch.randn(b, count, h * d).to(DTYPES[dtype])
             return x.unflatten(-1, (h, d)).transpose(1, 2)
         q, k, v = tokens(n) * args.scale, tokens(nk) * args.scale, tokens(nk)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.models import attention, fma, native
+from latentdiff.models import amx, attention, fma, native
 from latentdiff.models.amx_layers import FmaGEGLU
 from latentdiff.models.attention import GEGLU
 from latentdiff.models.packed import PackedGEGLU, PackedLinear, pack_for_inference
@@ -21,9 +21,12 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.fixture
 def kernel(monkeypatch):
-    """The kernel built and used, on any CPU with AVX2 and FMA where g++ builds it."""
+    """The kernel built and used, on any CPU with AVX2 and FMA where g++ builds it (and the AMX kernels, which
+    optimize_for_inference prefers where they run, off)."""
     if native.unavailable() or not {"avx2", "fma"} <= native.cpu_flags():
         pytest.skip(f"the AVX2 kernel cannot run here: {native.unavailable() or 'no AVX2 and FMA'}")
+    monkeypatch.setattr(amx, "library", lambda: None)
+    monkeypatch.setattr(amx, "avx512_library", lambda: None)
     monkeypatch.setattr(fma, "unavailable", lambda: None)
     fma.library.cache_clear()
     if fma.library() is None:
@@ -216,15 +219,33 @@ def test_fma_attention_from_two_threads_at_once(kernel):
 
 
 def test_fma_attention_leaves_to_pytorch_what_it_does_not_take(kernel):
-    """Fewer than MIN_QUERIES queries, bfloat16, heads wider than MAX_HEAD_DIM, autograd, keys that do not match:
-    PyTorch's SDPA, bit for bit."""
+    """Fewer than MIN_QUERIES queries, float64, heads wider than MAX_HEAD_DIM, autograd, keys that do not match:
+    PyTorch's SDPA, bit for bit (and mixed dtypes its error)."""
     q, k = heads(1, 2, fma.MIN_QUERIES - 1, 40, 6), heads(1, 2, 64, 40, 7)
-    cases = [(q, k, k), (q.bfloat16(), k.bfloat16(), k.bfloat16()), (*[heads(1, 1, 64, 168, s) for s in range(3)],),
+    cases = [(q, k, k), (k.double(), k.double(), k.double()), (*[heads(1, 1, 64, 168, s) for s in range(3)],),
              (heads(1, 2, 300, 40, 8).requires_grad_(), heads(1, 2, 30, 40, 9), heads(1, 2, 30, 40, 10))]
     for q_, k_, v_ in cases:
         assert not fma.suits(q_, k_, v_)
         torch.testing.assert_close(fma.attention(q_, k_, v_), F.scaled_dot_product_attention(q_, k_, v_),
                                    rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        fma.attention(k.bfloat16(), k, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_fma_attention_computes_half_precision_in_float32(kernel, dtype):
+    """bfloat16 and float16 inputs widened to float32 for the kernel, the result rounded to their dtype once: closer to
+    float64 than PyTorch's half-precision SDPA, in their layout (heads merge without a copy)."""
+    q, k, v = (heads(2, 3, n, 40, seed).to(dtype) for n, seed in ((300, 16), (200, 17), (200, 18)))
+    assert fma.suits(q, k, v)
+    ours = fma.attention(q, k, v)
+    assert ours.dtype == dtype and ours.transpose(1, 2).is_contiguous()
+    assert torch.equal(ours, fma.kernel(q.float(), k.float(), v.float()).to(dtype))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    error, their_error = ((y.double() - exact).abs().max().item() for y in (ours, theirs))
+    assert error <= their_error, (error, their_error)
 
 
 @torch.no_grad()
@@ -244,10 +265,12 @@ def test_fma_kernel_refuses_wider_heads(kernel):
         fma.kernel(q, q, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_optimized_unet_runs_the_attention_kernel(kernel):
-    """pack_for_inference on a float32 U-Net points its attention layers at fma.attention; its output stays within
-    float32 rounding of the eager model's."""
+def test_optimized_unet_runs_the_attention_kernel(kernel, dtype):
+    """pack_for_inference on a float32 or bfloat16 U-Net points its attention layers at fma.attention; in float32
+    its output stays within float32 rounding of the eager model's, in bfloat16 as close to the float32 model's as the
+    eager bfloat16 model's is."""
     from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
     torch.manual_seed(11)
@@ -257,11 +280,19 @@ def test_optimized_unet_runs_the_attention_kernel(kernel):
     unet = UNet2DConditionModel(config).eval()
     x, ctx = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 24)
     expected = unet(x, 500, ctx)
+    unet.to(dtype)
+    eager = unet(x.to(dtype), 500, ctx.to(dtype)).float()
     pack_for_inference(unet)
     layers = [m for m in unet.modules() if isinstance(m, attention.Attention)]
     assert layers and all(layer.attend is fma.attention for layer in layers)
     with torch.profiler.profile() as prof:  # (the kernels' calls carry labels while a profiler runs)
-        got = unet(x, 500, ctx)
+        got = unet(x.to(dtype), 500, ctx.to(dtype))
     names = {event.name for event in prof.events()}
-    assert {"latentdiff::fma_attention", "latentdiff::fma_geglu"} <= names  # (the 32x32 map: 1024 queries)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert "latentdiff::fma_attention" in names  # (the 32x32 map: 1024 queries)
+    if dtype == torch.float32:
+        assert "latentdiff::fma_geglu" in names
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    else:
+        assert got.dtype == dtype
+        error, eager_error = ((y.float() - expected).abs().max().item() for y in (got, eager))
+        assert error <= 1.2 * eager_error, (error, eager_error)

@@ -121,13 +121,14 @@ def _geglu(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
 # buffers (on the stack).
 MIN_QUERIES = 32
 MAX_HEAD_DIM = 160
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (half precision computed in float32)
 
 
 def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention`'s kernel takes these [B, heads, tokens, d] queries, keys and values: float32 on the CPU,
-    unit stride along d (at most MAX_HEAD_DIM), at least MIN_QUERIES queries, no autograd, not traced by
-    torch.compile, and the kernel runs here."""
-    return (q.is_cpu and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4 and k.dim() == 4
+    """Whether `attention`'s kernel takes these [B, heads, tokens, d] queries, keys and values: float32, bfloat16 or
+    float16 (all one) on the CPU, unit stride along d (at most MAX_HEAD_DIM), at least MIN_QUERIES queries, no
+    autograd, not traced by torch.compile, and the kernel runs here."""
+    return (q.is_cpu and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and q.dim() == 4 and k.dim() == 4
             and k.shape == v.shape and k.shape[2] > 0 and q.shape[2] >= MIN_QUERIES and q.shape[3] <= MAX_HEAD_DIM
             and (k.shape[0], k.shape[1], k.shape[3]) == (q.shape[0], q.shape[1], q.shape[3])
             and all(t.stride(-1) == 1 for t in (q, k, v))
@@ -138,8 +139,16 @@ def suits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v (no mask), as F.scaled_dot_product_attention(q, k, v): by our kernel where it
     suits (`suits`: its result is then a [B, heads, N, d] view of a [B, N, heads, d] tensor, so merging the heads
-    afterwards copies nothing), else by PyTorch."""
-    return kernel(q, k, v) if suits(q, k, v) else F.scaled_dot_product_attention(q, k, v)
+    afterwards copies nothing), else by PyTorch. Half-precision inputs are widened to float32 and the result rounded
+    to their dtype once: on these CPUs, which have no half-precision arithmetic, PyTorch's bfloat16 flash attention
+    took up to 1.7x as long (SD 1.5's 64x64 self-attention; alike at 64 queries) and its float16 one 2-3.4x (SD
+    1.5's attention shapes, 2 threads, AVX2 AMD EPYC; `benchmarks/attention_amx.py --kernel fma --dtypes
+    bf16,fp16`), with errors as large or larger."""
+    if not suits(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.dtype == torch.float32:
+        return kernel(q, k, v)
+    return kernel(q.float(), k.float(), v.float()).to(q.dtype)  # (.to keeps the layout: heads still merge freely)
 
 
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

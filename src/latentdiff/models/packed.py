@@ -557,14 +557,15 @@ def pack_for_inference(model: nn.Module, winograd: bool = True) -> nn.Module:
     bfloat16 model's its AVX-512 build where the CPU has AVX512-BF16 instead), and there a float32 model's linear
     layers and GEGLUs become AmxLinear and AmxGEGLU, its direct convs AmxConv2d and AmxUpsampleConv where they have
     the channels (suits_amx_conv); on a CPU with AVX2 but no AVX-512 its GEGLUs become FmaGEGLU and its attention
-    layers (float32) run fma.attention. (Large activations still get fresh pages from malloc on every call: see
-    allocator.keep_freed_buffers, process-wide, which the command line's --optimize also sets.)"""
+    layers run fma.attention (half precision computed in float32 there too). (Large activations still get fresh
+    pages from malloc on every call: see allocator.keep_freed_buffers, process-wide, which the command line's
+    --optimize also sets.)"""
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     on_cpu = [p.dtype for p in model.parameters() if p.device.type == "cpu"]
     attend = None
     if any(dtype in PACKABLE_DTYPES and amx.runs_attention(dtype) for dtype in on_cpu):
         attend = amx.attention
-    elif torch.float32 in on_cpu and fma.available():
+    elif any(dtype in fma.DTYPES for dtype in on_cpu) and fma.available():
         attend = fma.attention
     for layer in model.modules() if attend else ():
         if isinstance(layer, Attention):
