@@ -9,7 +9,7 @@ the kernel there (amx.suits).
                                        [--kernel amx|avx512|fma]
 
 --kernel fma: our float32 AVX2 kernel (fma.attention, for CPUs with AVX2 but no AVX-512) instead; bfloat16 and
-float16 inputs widened to float32 for it, as fma.attention does.
+float16 inputs widened to float32 for it (fma.kernel).
 
 --scale multiplies the queries and keys: 8 spreads each row's scores over hundreds (a sharply peaked softmax, whose
 exponentials mostly fall below float32's normal range).
@@ -60,10 +60,7 @@ def main() -> None:
         print(f"skipped: {why}")
         return
     args.dtypes = args.dtypes or {"amx": "bf16,fp32", "avx512": "bf16", "fma": "fp32,bf16,fp16"}[args.kernel]
-    if args.kernel == "fma":  # (half precision widened to float32 and the result rounded back, as fma.attention)
-        run = lambda q, k, v: fma.kernel(q.float(), k.float(), v.float()).to(q.dtype)  # noqa: E731
-    else:
-        run = lambda q, k, v: amx.kernel(lib, q, k, v)  # noqa: E731
+    run = fma.kernel if args.kernel == "fma" else lambda q, k, v: amx.kernel(lib, q, k, v)
     used = fma.suits if args.kernel == "fma" else lambda q, k, v: amx.suits(q, k, v, *bounds)
     print(f"kernel: {args.kernel}")
     print("dtype shape (B, H, N, Nk, d)      err sdpa  err amx   sdpa-amx  sdpa ms  amx ms  amx vs sdpa  used")

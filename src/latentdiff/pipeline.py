@@ -496,9 +496,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         VAE and the text encoder in eval mode and channels-last, with their linear and conv weights re-laid out once
         for oneDNN, Winograd 3x3 convs where they pay (`winograd=False` saves their extra memory) and the
         upsamplers' convs run on the low-resolution maps; attention, and fp32 linear layers, on CPUs with AMX by our
-        kernels (models/amx.py), fp32 attention and GEGLUs on AVX2-only CPUs by others (models/fma.py). Same images
-        up to float rounding. Afterwards the pipeline cannot compute gradients (train), be saved, cast or moved (each
-        refuses with the fix): load it again for that. On CPUs where oneDNN
+        kernels (models/amx.py), attention (half precision computed in fp32) and fp32 GEGLUs on AVX2-only CPUs by
+        others (models/fma.py). Same images up to float rounding. Afterwards the pipeline cannot compute gradients
+        (train), be saved, cast or moved (each refuses with the fix): load it again for that. On CPUs where oneDNN
         has no bfloat16 (AVX2-only), bfloat16 layers are computed in float32 (packed.Float32Compute: twice their
         weight memory; SD 1.5's U-Net ~8x diffusers' bfloat16 forward there); float16 ones too where it has no
         float16 (all CPUs but AVX512-FP16 ones), and a float16 VAE on the CPU that decodes in float32

@@ -82,8 +82,10 @@ inline void tile(const Product& p, int64_t m, int64_t j) {
         const int64_t k1 = std::min<int64_t>(p.K, k0 + KC);
 #define LATENTDIFF_ZERO(r) if constexpr (R > r) { c##r##0 = _mm256_setzero_ps(); c##r##1 = _mm256_setzero_ps(); }
         LATENTDIFF_ROWS(LATENTDIFF_ZERO)
-#define LATENTDIFF_FMA(r) if constexpr (R > r) { const __m256 v = _mm256_broadcast_ss(x##r + k); \
+// (row r's number at depth k: x_r[k * step]; attention's products step along the values' rows)
+#define LATENTDIFF_FMA(r) if constexpr (R > r) { const __m256 v = _mm256_broadcast_ss(x##r + k * step); \
         c##r##0 = _mm256_fmadd_ps(v, w0, c##r##0); c##r##1 = _mm256_fmadd_ps(v, w1, c##r##1); }
+        constexpr int64_t step = 1;
 #pragma GCC unroll 4
         for (int64_t k = k0; k < k1; ++k) {
             const __m256 w0 = _mm256_loadu_ps(w + 16 * k), w1 = _mm256_loadu_ps(w + 16 * k + 8);
@@ -116,12 +118,10 @@ inline void product_tile(const float* x, int64_t ldx, const float* w, int64_t de
     const float *x0 = x, *x1 = x0 + row, *x2 = x1 + row, *x3 = x2 + row, *x4 = x3 + row, *x5 = x4 + row;
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     LATENTDIFF_ROWS(LATENTDIFF_ZERO)
-#define LATENTDIFF_FMA_AT(r) if constexpr (R > r) { const __m256 v = _mm256_broadcast_ss(x##r + k * step); \
-        c##r##0 = _mm256_fmadd_ps(v, w0, c##r##0); c##r##1 = _mm256_fmadd_ps(v, w1, c##r##1); }
 #pragma GCC unroll 4
     for (int64_t k = 0; k < depth; ++k) {
         const __m256 w0 = _mm256_loadu_ps(w + 16 * k), w1 = _mm256_loadu_ps(w + 16 * k + 8);
-        LATENTDIFF_ROWS(LATENTDIFF_FMA_AT)
+        LATENTDIFF_ROWS(LATENTDIFF_FMA)
     }
 #define LATENTDIFF_EPI(r) if constexpr (R > r) epi(r, c##r##0, c##r##1);
     LATENTDIFF_ROWS(LATENTDIFF_EPI)

@@ -144,16 +144,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     took up to 1.7x as long (SD 1.5's 64x64 self-attention; alike at 64 queries) and its float16 one 2-3.4x (SD
     1.5's attention shapes, 2 threads, AVX2 AMD EPYC; `benchmarks/attention_amx.py --kernel fma --dtypes
     bf16,fp16`), with errors as large or larger."""
-    if not suits(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-    if q.dtype == torch.float32:
-        return kernel(q, k, v)
-    return kernel(q.float(), k.float(), v.float()).to(q.dtype)  # (.to keeps the layout: heads still merge freely)
+    return kernel(q, k, v) if suits(q, k, v) else F.scaled_dot_product_attention(q, k, v)
 
 
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The compiled kernel on float32 [B, heads, N, d] queries and [B, heads, Nk, d] keys and values with unit stride
-    along d (where `available()`): the result is a [B, heads, N, d] view of a [B, N, heads, d] tensor."""
+    """The compiled kernel on [B, heads, N, d] queries and [B, heads, Nk, d] keys and values with unit stride along d
+    (where `available()`): the result is a [B, heads, N, d] view of a [B, N, heads, d] tensor. bfloat16 or float16
+    inputs are widened to float32 for it and the result rounded to their dtype (.to keeps that layout)."""
+    if q.dtype != torch.float32:
+        return kernel(q.float(), k.float(), v.float()).to(q.dtype)
     b, heads, n, d = q.shape
     out = torch.empty(b, n, heads, d).transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, out) for s in t.stride()[:3]], dtype=torch.int64)
