@@ -14,8 +14,7 @@
 # the rest; run it in a call of its own). Logs go to $OUT (the device tool's folder; ./gpu-logs elsewhere). Each
 # step has its own time limit, so one that hangs costs the others nothing. EAGER / HOST override the variant lists
 # of steps 3 and 2.
-# diffusers is not installed there; on this machine, once:
-#   echo /.whl/ >> .git/info/exclude
+# diffusers is not installed there; on this machine, once (.whl/ is in .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 # then run `bash benchmarks/gpu_session.sh` through the device tool with carry [".whl"].
