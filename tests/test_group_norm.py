@@ -145,6 +145,50 @@ def test_cpu_kernel_silu_of_extreme_values():
     assert torch.isfinite(out).all()
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_kernel_writes_over_x_where_told_and_without_autograd(channels_last):
+    """reuse=True (the caller has no further use for x): the CPU kernel writes the output over x, the same numbers
+    as into a new tensor; with autograd, or without reuse, x stays as it was."""
+    norm, x, shift = random_case((2, 64, 8, 8, 32), torch.float32, "cpu", channels_last)
+    with torch.no_grad():
+        expected = gn.group_norm(norm, x, silu=True, shift=shift)
+        assert expected.data_ptr() != x.data_ptr()
+        given = x.clone()
+        out = gn.group_norm(norm, given, silu=True, shift=shift, reuse=True)
+    assert out.data_ptr() == given.data_ptr() and out.stride() == x.stride()
+    assert torch.equal(out, expected)
+    given = x.clone().requires_grad_()
+    out = gn.group_norm(norm, given, silu=True, shift=shift, reuse=True)
+    assert out.data_ptr() != given.data_ptr() and torch.equal(given.detach(), x)
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-6)
+
+
+@needs_cpu_kernel
+@torch.no_grad()
+def test_resnet_blocks_write_over_the_first_conv_output_unless_a_hook_saw_it(monkeypatch):
+    """A ResNet block's second norm writes over its first conv's output (no one else holds it), but not where a
+    forward hook on that conv may have kept it."""
+    from latentdiff.models.resnet import ResnetBlock2D
+
+    block = ResnetBlock2D(32, 32, 16, groups=8).eval()
+    x, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    kernel, over_input = gn._compiled_group_norm, []
+    monkeypatch.setattr(gn, "_compiled_group_norm",
+                        lambda *args: over_input.append(args[-1] is args[0]) or kernel(*args))
+    expected = block(x, temb)
+    assert over_input == [False, True]  # norm1 (x is the residual too), norm2
+    kept = []
+    handle = block.conv1.register_forward_hook(lambda module, inputs, out: kept.append((out, out.clone())))
+    try:
+        assert torch.equal(block(x, temb), expected)
+    finally:
+        handle.remove()
+    assert over_input[2:] == [False, False]
+    (seen, copy), = kept
+    assert torch.equal(seen, copy)
+
+
 def gradients(fn, tensors, grad):
     """d(sum(fn(*tensors) * grad)) / d tensors, from copies of them."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]

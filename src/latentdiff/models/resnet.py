@@ -56,6 +56,12 @@ def conv1x1(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def _unseen(layer: nn.Module) -> bool:
+    """Whether no forward hook (the layer's own, or a global one) can have kept the layer's last output, so that
+    its caller may write over it."""
+    return not (layer._forward_hooks or nn.modules.module._global_forward_hooks)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the (optional) timestep embedding, twice, with a residual connection
     (the residual block of Ho et al. 2020 / Rombach et al. 2022)."""
@@ -79,7 +85,7 @@ class ResnetBlock2D(nn.Module):
             shift = None
         else:  # added to every pixel
             shift = temb[self] if isinstance(temb, dict) else self.time_emb_proj(temb)
-        h = group_norm(self.norm2, h, silu=True, shift=shift)
+        h = group_norm(self.norm2, h, silu=True, shift=shift, reuse=_unseen(self.conv1))  # (over conv1's output)
         h = self.dropout(h) if self.training else h  # (eval: dropout is the identity; skip its call)
         skip = x if self.conv_shortcut is None else conv1x1(self.conv_shortcut, x)
         if adds_residual(self.conv2):  # packed for the CPU: the conv adds the skip as it writes its output
