@@ -118,6 +118,10 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     th, tw = -(-h // m), -(-w // m)  # output tiles down and across
     out = x.new_empty(n, th, m, tw, m, filters.shape[-1] if out_channels is None else out_channels)
     rows = max(-(-MIN_TILES // (n * tw)), CHUNK_BYTES // (a * a * n * tw * c * x.element_size()))
+    # torch.bmm takes the transformed tiles laid out tile by tile (each tile's points side by side), which the compiled
+    # input transform writes as one stream, not one per point, with the same bits (not its products: laid out so,
+    # torch.bmm's bits would depend on the thread count); a multiply of the caller's gets them point by point
+    tile_major = multiply is None
     multiply = multiply or (lambda v: torch.bmm(v, filters))
     if lib is not None:  # the compiled input transform reads x itself, its padding as zeros
         pixels = _unit_channels(x.permute(0, 2, 3, 1))  # [N, H, W, C]
@@ -126,7 +130,7 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         extra = _unit_channels(residual.permute(0, 2, 3, 1)) if fuse else None
         for t0 in range(0, th, rows):
             t1 = min(th, t0 + rows)
-            products = multiply(_input_transform(lib, pixels, m, t0, t1, tw, upsample))
+            products = multiply(_input_transform(lib, pixels, m, t0, t1, tw, upsample, tile_major))
             _fused_output_transform(lib, products, bias, out[:, t0:t1], extra, t0)
         y = _crop(out, h, w)
         return y if residual is None or fuse else y.add_(residual)
@@ -164,8 +168,8 @@ def transforms() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.winograd_input.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 7 + [ctypes.c_int] + [ctypes.c_int64] * 3
-                                   + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
-    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+                                   + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int])
+    lib.winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int] + [ctypes.c_void_p] * 2
                                     + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int])
     return lib
 
@@ -184,16 +188,22 @@ def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
     return lib
 
 
+def _tile_major(tiles: int, points: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """A new [points, tiles, channels] tensor stored tile by tile ([tiles, points, channels] in memory)."""
+    return like.new_empty(tiles, points, channels).transpose(0, 1)
+
+
 def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1: int, tw: int,
-                     upsample: bool = False) -> torch.Tensor:
+                     upsample: bool = False, tile_major: bool = False) -> torch.Tensor:
     """B^T d B of every tile in tile rows t0 .. t1 of the float32 map `pixels` [N, H, W, C] (unit stride along C;
     `upsample`: of its nearest 2x upsampling, without making it), padded by 1 and up to whole tiles, in one pass:
-    [(m+2)^2, N (t1 - t0) tw, C]."""
+    [(m+2)^2, N (t1 - t0) tw, C], contiguous or (`tile_major`) stored tile by tile."""
     n, h, w, c = pixels.shape
-    v = pixels.new_empty((m + 2) ** 2, n * (t1 - t0) * tw, c)
+    points, tiles = (m + 2) ** 2, n * (t1 - t0) * tw
+    v = _tile_major(tiles, points, c, pixels) if tile_major else pixels.new_empty(points, tiles, c)
     with native.labelled("latentdiff::winograd_input"):
         lib.winograd_input(pixels.data_ptr(), *pixels.stride()[:3], n, h, w, c, int(upsample), t0, t1 - t0, tw, m,
-                           v.data_ptr(), torch.get_num_threads())
+                           v.data_ptr(), *v.stride()[:2], torch.get_num_threads())
     return v
 
 
@@ -203,12 +213,13 @@ def _fused_output_transform(lib: ctypes.CDLL, products: torch.Tensor, bias: torc
     (a slice along t of a contiguous tensor, from tile row t0), in one pass, adding `residual` [N, H, W, K] (unit
     stride along K) to the outputs it covers."""
     n, t, m, tw, _, k = out.shape
-    products = products.contiguous()  # (a `multiply` of the caller's may return a view)
+    products = products if products.stride(-1) == 1 else products.contiguous()  # (a caller's `multiply`: any view)
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     rn, rh, rw = (0, 0, 0) if residual is None else residual.stride()[:3]
     h, w = (0, 0) if residual is None else residual.shape[1:3]
     with native.labelled("latentdiff::winograd_output"):
-        lib.winograd_output(products.data_ptr(), n, t, tw, k, m, None if bias is None else bias.data_ptr(),
+        lib.winograd_output(products.data_ptr(), *products.stride()[:2], n, t, tw, k, m,
+                            None if bias is None else bias.data_ptr(),
                             out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
                             rn, rh, rw, h, w, m * t0, torch.get_num_threads())
 
