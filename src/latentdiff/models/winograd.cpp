@@ -17,10 +17,6 @@
 
 namespace {
 
-// Lavin & Gray 2016, sec. 4.1 and 4.2 (the matrices of winograd.py's F2x2 and F4x4): F(m x m, 3 x 3)'s B^T (a x a,
-// a = m + 2) and A^T (m x a) as products of a vectors `in`, B^T in (a of them) and A^T in (m), lane by lane, written
-// out with their common terms: the compiler does not reassociate floating-point sums to find them, and F(4x4)'s B^T
-// as a matrix took 22 operations where these take 13, its A^T 17 where these take 10.
 // Lavin & Gray 2016, sec. 4.1 and 4.2 (the same matrices as winograd.py's F2x2 and F4x4): F(m x m, 3 x 3)'s B^T
 // (a x a, a = m + 2) and A^T (m x a). Known at compile time, so that the products by 0 and 1 compile away.
 template <int m> struct Algorithm;
@@ -64,6 +60,16 @@ inline void sandwich(const float (&T)[R][A], const Vec (&in)[A][A], Vec (&out)[R
     }
 }
 
+// chunk(c, full) for the vectors' worth of channels c.. of `channels`: std::true_type for LANES of them, a constant,
+// so that each load and store is one whole vector (with the lane count checked per load, GCC moved every loaded
+// vector through the stack), std::false_type for the last, partial one
+template <class Chunk>
+inline void by_vectors(int64_t channels, Chunk&& chunk) {
+    int64_t c = 0;
+    for (; c + LANES <= channels; c += LANES) chunk(c, std::true_type{});
+    if (c < channels) chunk(c, std::false_type{});
+}
+
 // V [a * a][N][t][tw][C] (points and tiles vp and vt elements apart, C unit-stride: with vp = C, vt = a * a * C, each
 // tile's numbers side by side, written as one stream, not one per point) = B^T d B for every (a x a) tile d of the
 // map x [N][H][W][C] (unit stride along C; samples, rows and columns sn, sh and sw elements apart) padded by 1 on
@@ -91,26 +97,22 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
                 pixel[r][s] = inside ? x + n * sn + (y >> up) * sh + (xx >> up) * sw : nullptr;
                 interior = interior && inside;
             }
-        // the transform of channels c.. (`full`: LANES of them; `interior_tile`: no pixel in the padding), both
-        // known at compile time in the common case, so that each load is one vector load (with the checks made per
-        // load, GCC moved every loaded vector through the stack)
-        const auto chunk = [&](int64_t c, auto full, auto interior_tile) {
-            const int lanes = decltype(full)::value ? LANES : int(C - c);
-            Vec in[a][a], out[a][a];
-            for (int r = 0; r < a; ++r)
-                for (int s = 0; s < a; ++s)
-                    in[s][r] = decltype(interior_tile)::value || pixel[r][s] ? load(pixel[r][s] + c, lanes) : Vec{};
-            sandwich(F::BT, in, out);
-            for (int i = 0; i < a; ++i)
-                for (int j = 0; j < a; ++j) store(out[i][j], lanes, V + (i * a + j) * vp + tile * vt + c);
+        // `interior_tile` (no pixel in the padding) known at compile time too, so that the loads are unconditional
+        const auto transform = [&](auto interior_tile) {
+            by_vectors(C, [&](int64_t c, auto full) {
+                const int lanes = decltype(full)::value ? LANES : int(C - c);
+                Vec in[a][a], out[a][a];
+                for (int r = 0; r < a; ++r)
+                    for (int s = 0; s < a; ++s)
+                        in[s][r] = decltype(interior_tile)::value || pixel[r][s] ? load(pixel[r][s] + c, lanes)
+                                                                                 : Vec{};
+                sandwich(F::BT, in, out);
+                for (int i = 0; i < a; ++i)
+                    for (int j = 0; j < a; ++j) store(out[i][j], lanes, V + (i * a + j) * vp + tile * vt + c);
+            });
         };
-        const auto channels = [&](auto interior_tile) {
-            int64_t c = 0;
-            for (; c + LANES <= C; c += LANES) chunk(c, std::true_type{}, interior_tile);
-            if (c < C) chunk(c, std::false_type{}, interior_tile);
-        };
-        if (interior) channels(std::true_type{});
-        else channels(std::false_type{});
+        if (interior) transform(std::true_type{});
+        else transform(std::false_type{});
     }
 }
 
@@ -120,9 +122,8 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
 // y0 + r is added to the tiles' output row r (out's rows past H and columns past W, the tiles' overhang, get none).
 template <int m>
 void output(const float* M, int64_t mp, int64_t mt, int64_t N, int64_t t, int64_t tw, int64_t K, const float* bias,
-            float* out, int64_t ns,
-            const float* residual, int64_t rn, int64_t rh, int64_t rw, int64_t H, int64_t W, int64_t y0,
-            int threads) {
+            float* out, int64_t ns, const float* residual, int64_t rn, int64_t rh, int64_t rw, int64_t H, int64_t W,
+            int64_t y0, int threads) {
     using F = Algorithm<m>;
     constexpr int a = F::a;
     const int64_t tiles = N * t * tw;
@@ -137,7 +138,7 @@ void output(const float* M, int64_t mp, int64_t mt, int64_t N, int64_t t, int64_
                 const int64_t row = y0 + m * ti + i, column = m * tj + j;
                 extra[i][j] = residual && row < H && column < W ? residual + n * rn + row * rh + column * rw : nullptr;
             }
-        const auto chunk = [&](int64_t k, auto full) {  // output channels k.. (`full`: LANES of them; see input)
+        by_vectors(K, [&](int64_t k, auto full) {
             const int lanes = decltype(full)::value ? LANES : int(K - k);
             const Vec b = bias ? load(bias + k, lanes) : Vec{};
             Vec in[a][a], result[m][m];
@@ -149,10 +150,7 @@ void output(const float* M, int64_t mp, int64_t mt, int64_t N, int64_t t, int64_
                     const Vec v = result[i][j] + b;
                     store(extra[i][j] ? v + load(extra[i][j] + k, lanes) : v, lanes, y + (i * tw * m + j) * K + k);
                 }
-        };
-        int64_t k = 0;
-        for (; k + LANES <= K; k += LANES) chunk(k, std::true_type{});
-        if (k < K) chunk(k, std::false_type{});
+        });
     }
 }
 

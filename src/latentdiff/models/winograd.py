@@ -188,11 +188,6 @@ def _fused_library(x: torch.Tensor, fused: bool | None) -> ctypes.CDLL | None:
     return lib
 
 
-def _tile_major(tiles: int, points: int, channels: int, like: torch.Tensor) -> torch.Tensor:
-    """A new [points, tiles, channels] tensor stored tile by tile ([tiles, points, channels] in memory)."""
-    return like.new_empty(tiles, points, channels).transpose(0, 1)
-
-
 def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1: int, tw: int,
                      upsample: bool = False, tile_major: bool = False) -> torch.Tensor:
     """B^T d B of every tile in tile rows t0 .. t1 of the float32 map `pixels` [N, H, W, C] (unit stride along C;
@@ -200,7 +195,7 @@ def _input_transform(lib: ctypes.CDLL, pixels: torch.Tensor, m: int, t0: int, t1
     [(m+2)^2, N (t1 - t0) tw, C], contiguous or (`tile_major`) stored tile by tile."""
     n, h, w, c = pixels.shape
     points, tiles = (m + 2) ** 2, n * (t1 - t0) * tw
-    v = _tile_major(tiles, points, c, pixels) if tile_major else pixels.new_empty(points, tiles, c)
+    v = pixels.new_empty(tiles, points, c).transpose(0, 1) if tile_major else pixels.new_empty(points, tiles, c)
     with native.labelled("latentdiff::winograd_input"):
         lib.winograd_input(pixels.data_ptr(), *pixels.stride()[:3], n, h, w, c, int(upsample), t0, t1 - t0, tw, m,
                            v.data_ptr(), *v.stride()[:2], torch.get_num_threads())
