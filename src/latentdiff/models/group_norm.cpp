@@ -183,23 +183,23 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
             for (int64_t n = 0; n < N; ++n) {
                 for (int64_t pixel = 0; pixel < P; ++pixel) {
                     const int64_t row = n * P + pixel;
-                    for (int64_t c = 0; c < C; c += LANES) {
-                        const int lanes = C - c < LANES ? int(C - c) : LANES;
+                    by_vectors(C, [&](int64_t c, auto full) {
+                        const int lanes = decltype(full)::value ? LANES : int(C - c);
                         const Vec y = load(x + row * C + c, lanes) * load(a.data() + n * C + c, lanes)
                                       + load(b.data() + n * C + c, lanes);
                         store(activate(y, silu), lanes, out + row * C + c);
-                    }
+                    });
                 }
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * C; ++row) {
                 const float scale = a[row], offset = b[row];
-                for (int64_t p = 0; p < P; p += LANES) {
-                    const int lanes = P - p < LANES ? int(P - p) : LANES;
+                by_vectors(P, [&](int64_t p, auto full) {
+                    const int lanes = decltype(full)::value ? LANES : int(P - p);
                     const Vec y = load(x + row * P + p, lanes) * scale + offset;
                     store(activate(y, silu), lanes, out + row * P + p);
-                }
+                });
             }
         }
     }
@@ -288,8 +288,8 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                 for (int64_t first = spans.first(span, P); first < end; first += FLUSH) {
                     std::fill(block, block + 3 * C, 0.f);
                     for (int64_t row = first; row < std::min(first + FLUSH, end); ++row) {
-                        for (int64_t c = 0; c < C; c += LANES) {
-                            const int lanes = C - c < LANES ? int(C - c) : LANES;
+                        by_vectors(C, [&](int64_t c, auto full) {
+                            const int lanes = decltype(full)::value ? LANES : int(C - c);
                             const Vec value = load(x + row * C + c, lanes);
                             const Vec xhat = value * load(r + n * C + c, lanes) + load(v + n * C + c, lanes);
                             const Vec gz = activation_grad(load(g + row * C + c, lanes), xhat,
@@ -298,7 +298,7 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                             store(load(block + c, lanes) + gz * xhat, lanes, block + c);
                             store(load(block + C + c, lanes) + gz, lanes, block + C + c);
                             store(load(block + 2 * C + c, lanes) + value, lanes, block + 2 * C + c);
-                        }
+                        });
                     }
                     for (int64_t c = 0; c < C; ++c) {
                         for (int k = 0; k < 3; ++k) mine[c * 3 + k] += block[k * C + c];
@@ -325,8 +325,9 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                 for (int64_t start = 0; start < P; start += FLUSH * LANES) {
                     Vec a = {}, b = {}, total = {};
                     const int64_t end = std::min(P, start + FLUSH * LANES);
-                    for (int64_t i = start; i < end; i += LANES) {
-                        const int lanes = end - i < LANES ? int(end - i) : LANES;
+                    by_vectors(end - start, [&](int64_t j, auto full) {
+                        const int64_t i = start + j;
+                        const int lanes = decltype(full)::value ? LANES : int(end - i);
                         const Vec value = load(x + row * P + i, lanes);
                         const Vec xhat = value * rr + vv;  // (past the end, g reads as 0, so dL/dz is 0)
                         const Vec gz = activation_grad(load(g + row * P + i, lanes), xhat, gg, bb, silu);
@@ -334,7 +335,7 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                         a += gz * xhat;
                         b += gz;
                         total += value;
-                    }
+                    });
                     sums[row * 3] += sum_lanes(a);
                     sums[row * 3 + 1] += sum_lanes(b);
                     sums[row * 3 + 2] += sum_lanes(total);
@@ -382,24 +383,24 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * P; ++row) {
                 const int64_t nc = row / P * C;
-                for (int64_t c = 0; c < C; c += LANES) {
-                    const int lanes = C - c < LANES ? int(C - c) : LANES;
+                by_vectors(C, [&](int64_t c, auto full) {
+                    const int lanes = decltype(full)::value ? LANES : int(C - c);
                     const Vec xhat = load(x + row * C + c, lanes) * load(r + nc + c, lanes) + load(v + nc + c, lanes);
                     const Vec gz = load(gx + row * C + c, lanes);
                     store(load(p + nc + c, lanes) * gz + load(q + nc + c, lanes) * xhat + load(o + nc + c, lanes),
                           lanes, gx + row * C + c);
-                }
+                });
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < NC; ++row) {
                 const Vec rr = Vec{} + r[row], vv = Vec{} + v[row];
-                for (int64_t i = 0; i < P; i += LANES) {
-                    const int lanes = P - i < LANES ? int(P - i) : LANES;
+                by_vectors(P, [&](int64_t i, auto full) {
+                    const int lanes = decltype(full)::value ? LANES : int(P - i);
                     const Vec xhat = load(x + row * P + i, lanes) * rr + vv;
                     const Vec gz = load(gx + row * P + i, lanes);
                     store(p[row] * gz + q[row] * xhat + o[row], lanes, gx + row * P + i);
-                }
+                });
             }
         }
     }

@@ -1,6 +1,9 @@
 // Shared by latentdiff's C++ kernels (amx.cpp, fma.cpp, winograd.cpp, group_norm.cpp).
 #pragma once
+#include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <xmmintrin.h>
@@ -42,4 +45,14 @@ inline Vec load(const float* p, int lanes) {
 inline void store(Vec v, int lanes, float* p) {
     if (lanes == LANES) memcpy(p, &v, sizeof v);
     else memcpy(p, &v, lanes * sizeof(float));
+}
+
+// chunk(c, full) for the vectors' worth of elements c.. of `count`: std::true_type for LANES of them, a constant,
+// so that each load and store is one whole vector (with the lane count checked per load, GCC moved every loaded
+// vector through the stack), std::false_type for the last, partial one
+template <class Chunk>
+inline void by_vectors(int64_t count, Chunk&& chunk) {
+    int64_t c = 0;
+    for (; c + LANES <= count; c += LANES) chunk(c, std::true_type{});
+    if (c < count) chunk(c, std::false_type{});
 }

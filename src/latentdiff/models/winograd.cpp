@@ -60,16 +60,6 @@ inline void sandwich(const float (&T)[R][A], const Vec (&in)[A][A], Vec (&out)[R
     }
 }
 
-// chunk(c, full) for the vectors' worth of channels c.. of `channels`: std::true_type for LANES of them, a constant,
-// so that each load and store is one whole vector (with the lane count checked per load, GCC moved every loaded
-// vector through the stack), std::false_type for the last, partial one
-template <class Chunk>
-inline void by_vectors(int64_t channels, Chunk&& chunk) {
-    int64_t c = 0;
-    for (; c + LANES <= channels; c += LANES) chunk(c, std::true_type{});
-    if (c < channels) chunk(c, std::false_type{});
-}
-
 // V [a * a][N][t][tw][C] (points and tiles vp and vt elements apart, C unit-stride: with vp = C, vt = a * a * C, each
 // tile's numbers side by side, written as one stream, not one per point) = B^T d B for every (a x a) tile d of the
 // map x [N][H][W][C] (unit stride along C; samples, rows and columns sn, sh and sw elements apart) padded by 1 on
