@@ -497,11 +497,41 @@ def test_packed_layers_add_a_residual_in_their_epilogue(dtype, tolerance, always
 
 
 @torch.no_grad()
-def test_optimized_model_adds_its_residuals_inside_the_layers():
+def test_small_linear_products_run_on_the_layers_own_weight(monkeypatch):
+    """A small float32 PackedLinear keeps its weight as it was and makes small products with F.linear (bit for bit
+    nn.Linear's; oneDNN's per-call cost is the whole of such a product), larger ones with oneDNN's packed weight
+    (also tested here: the other tests' layers are small); large and bfloat16 layers keep no copy."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    fast = PackedLinear(linear)
+    calls = []
+    dense_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *args: calls.append(args) or dense_linear(*args))
+    x, residual = torch.randn(2, 7, 24), torch.randn(2, 7, 40)
+    assert torch.equal(fast(x), dense_linear(x, linear.weight, linear.bias)) and len(calls) == 1
+    assert torch.equal(fast(x, residual), dense_linear(x, linear.weight, linear.bias) + residual)
+    big = torch.randn(2, PackedLinear.DENSE_PRODUCT // (24 * 40) // 2 + 1, 24)  # (a product just past the limit)
+    w, b = linear.weight.double(), linear.bias.double()
+    calls.clear()
+    assert (fast(big).double() - (big.double() @ w.T + b)).abs().max() < 1e-5 and not calls
+    monkeypatch.setattr(PackedLinear, "DENSE_PRODUCT", 0)  # every product by oneDNN
+    want = x.double() @ w.T + b
+    assert (fast(x).double() - want).abs().max() < 1e-5 and not calls
+    assert (fast(x, residual).double() - (want + residual)).abs().max() < 1e-5 and not calls
+    assert PackedLinear(torch.nn.Linear(512, 512)).dense is None
+    if packed.bfloat16_supported():
+        assert PackedLinear(torch.nn.Linear(24, 40).to(torch.bfloat16)).dense is None
+
+
+@torch.no_grad()
+def test_optimized_model_adds_its_residuals_inside_the_layers(monkeypatch):
     """After optimize_for_inference, no separate residual add runs in the transformer blocks (3 each), after the
     spatial transformers' output projections or after the residual blocks' second convs: the packed layers add
-    them. Counted as aten.add calls against the plain model's."""
+    them. Counted as aten.add calls against the plain model's. (With every product by oneDNN: a product as small as
+    this model's runs with F.linear and adds apart, see test_small_linear_products_run_on_the_layers_own_weight.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(PackedLinear, "DENSE_PRODUCT", 0)
 
     class CountAdds(TorchDispatchMode):
         def __init__(self):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import amx, fma
@@ -216,15 +217,29 @@ class _Packed(nn.Module):
 
 
 class PackedLinear(_Packed):
-    """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension."""
+    """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension. A small layer also keeps its
+    weight as it was (`dense`, at most DENSE_WEIGHTS numbers), for calls whose product is small (fewer than
+    DENSE_PRODUCT multiply-adds), which F.linear makes faster than oneDNN: its per-call cost (primitive lookup and
+    checks, ~40 us on a 2-core AMD EPYC) is the whole time of such a product. F.linear / packed time, float32, 2
+    threads, that host, [tokens, in] x [in, out]: [154, 64] x [64, 64] 0.46, [154, 64] x [64, 256] 0.68, [512, 96] x
+    [96, 96] 0.79, [512, 128] x [128, 128] 0.82, [512, 384] x [384, 96] 0.92; [512, 96] x [96, 768] 1.01, [2048, 320]
+    x [320, 320] 1.02 (pipelines/tiny-shapes' text encoder and U-Net are made of such layers)."""
 
-    def __init__(self, linear: nn.Linear):
+    DENSE_WEIGHTS = 1 << 17
+    DENSE_PRODUCT = 1 << 25
+
+    def __init__(self, linear: nn.Linear, dense: bool = True):
         self._require_packable(linear)
         super().__init__(linear, _ops._reorder_linear_weight(linear.weight.detach(), None))
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        small = dense and linear.weight.dtype == torch.float32 and linear.weight.numel() <= self.DENSE_WEIGHTS
+        self.dense = linear.weight.detach().clone() if small else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
+        if self.dense is not None and x.numel() * self.out_features < self.DENSE_PRODUCT:
+            y = F.linear(x, self.dense, self.bias)
+            return y if residual is None else y.add_(residual)
         if residual is not None:
             return _ops._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -243,8 +258,8 @@ class PackedGEGLU(nn.Module):
         proj = geglu.proj
         value, gate = proj.weight.detach().chunk(2)
         value_bias, gate_bias = proj.bias.detach().chunk(2)
-        self.value = PackedLinear(_linear(value, value_bias))
-        self.gate = PackedLinear(_linear(gate, gate_bias))
+        self.value = PackedLinear(_linear(value, value_bias), dense=False)  # (their products: oneDNN's alone)
+        self.gate = PackedLinear(_linear(gate, gate_bias), dense=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.value._check(x)
