@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from latentdiff.models import allocator, amx, attention, fma, native, packed, winograd
 from latentdiff.models.fused import adds_residual
 from latentdiff.models.amx_layers import AmxConv2d, AmxGEGLU, AmxLinear, AmxPointwiseConv, AmxUpsampleConv, FmaGEGLU
-from latentdiff.models.packed import (Float32Compute, Float32ComputeUpsample, PackedConv2d, PackedGEGLU, PackedLinear,
-                                      PackedUpsampleConv, WinogradConv2d, WinogradUpsampleConv, pack_for_inference)
+from latentdiff.models.packed import (_Packed, Float32Compute, Float32ComputeUpsample, PackedConv2d, PackedGEGLU,
+                                      PackedLinear, PackedUpsampleConv, WinogradConv2d, WinogradUpsampleConv,
+                                      pack_for_inference)
 from latentdiff.models.resnet import Upsample2D
 from latentdiff.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -498,27 +499,34 @@ def test_packed_layers_add_a_residual_in_their_epilogue(dtype, tolerance, always
 
 @torch.no_grad()
 def test_small_linear_products_run_on_the_layers_own_weight(monkeypatch):
-    """A small float32 PackedLinear keeps its weight as it was and makes small products with F.linear (bit for bit
-    nn.Linear's; oneDNN's per-call cost is the whole of such a product), larger ones with oneDNN's packed weight
-    (also tested here: the other tests' layers are small); large and bfloat16 layers keep no copy."""
+    """A small float32 PackedLinear or pointwise PackedConv2d keeps its weight as it was and makes small products
+    with F.linear (bit for bit nn.Linear's; oneDNN's per-call cost is the whole of such a product), larger ones with
+    oneDNN's packed weight (also tested here: the other tests' layers are small); large, bfloat16 and 3x3 layers keep
+    no copy."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(24, 40)
-    fast = PackedLinear(linear)
+    linear, pointwise = torch.nn.Linear(24, 40), torch.nn.Conv2d(24, 40, 1)
     calls = []
     dense_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda *args: calls.append(args) or dense_linear(*args))
-    x, residual = torch.randn(2, 7, 24), torch.randn(2, 7, 40)
-    assert torch.equal(fast(x), dense_linear(x, linear.weight, linear.bias)) and len(calls) == 1
-    assert torch.equal(fast(x, residual), dense_linear(x, linear.weight, linear.bias) + residual)
-    big = torch.randn(2, PackedLinear.DENSE_PRODUCT // (24 * 40) // 2 + 1, 24)  # (a product just past the limit)
-    w, b = linear.weight.double(), linear.bias.double()
-    calls.clear()
-    assert (fast(big).double() - (big.double() @ w.T + b)).abs().max() < 1e-5 and not calls
-    monkeypatch.setattr(PackedLinear, "DENSE_PRODUCT", 0)  # every product by oneDNN
-    want = x.double() @ w.T + b
-    assert (fast(x).double() - want).abs().max() < 1e-5 and not calls
-    assert (fast(x, residual).double() - (want + residual)).abs().max() < 1e-5 and not calls
+    tokens, residual = torch.randn(2, 7, 24), torch.randn(2, 7, 40)
+    as_map = lambda t: t.unsqueeze(1).permute(0, 3, 1, 2)  # [B, L, C] tokens -> a channels-last [B, C, 1, L] map
+    for layer, fast, x, r, out in ((linear, PackedLinear(linear), tokens, residual, lambda t: t),
+                                   (pointwise, PackedConv2d(pointwise), as_map(tokens), as_map(residual), as_map)):
+        w, b = layer.weight.flatten(1), layer.bias
+        calls.clear()
+        assert torch.equal(fast(x), out(dense_linear(tokens, w, b))) and len(calls) == 1
+        assert torch.equal(fast(x, r), out(dense_linear(tokens, w, b) + residual))
+        big = torch.randn(2, _Packed.DENSE_PRODUCT // (24 * 40) // 2 + 1, 24)  # (a product just past the limit)
+        want = big.double() @ w.double().T + b.double()
+        calls.clear()
+        assert (fast(big if x is tokens else as_map(big)).double() - out(want)).abs().max() < 1e-5 and not calls
+        with monkeypatch.context() as patch:
+            patch.setattr(_Packed, "DENSE_PRODUCT", 0)  # every product by oneDNN
+            want = tokens.double() @ w.double().T + b.double()
+            assert (fast(x).double() - out(want)).abs().max() < 1e-5 and not calls
+            assert (fast(x, r).double() - out(want + residual)).abs().max() < 1e-5 and not calls
     assert PackedLinear(torch.nn.Linear(512, 512)).dense is None
+    assert PackedConv2d(torch.nn.Conv2d(24, 40, 3)).dense is None
     if packed.bfloat16_supported():
         assert PackedLinear(torch.nn.Linear(24, 40).to(torch.bfloat16)).dense is None
 
@@ -531,7 +539,7 @@ def test_optimized_model_adds_its_residuals_inside_the_layers(monkeypatch):
     this model's runs with F.linear and adds apart, see test_small_linear_products_run_on_the_layers_own_weight.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(PackedLinear, "DENSE_PRODUCT", 0)
+    monkeypatch.setattr(packed._Packed, "DENSE_PRODUCT", 0)
 
     class CountAdds(TorchDispatchMode):
         def __init__(self):

@@ -180,11 +180,31 @@ class _Packed(nn.Module):
 
     adds_residual = True
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, packed: torch.Tensor):
+    # a small float32 layer keeps its weight as it was too (`dense`, at most DENSE_WEIGHTS numbers, as a [out, in]
+    # matrix), for calls whose product is small (fewer than DENSE_PRODUCT multiply-adds), which F.linear makes
+    # faster than oneDNN: oneDNN's per-call cost (primitive lookup and checks, ~40 us on a 2-core AMD EPYC) is the
+    # whole time of such a product. F.linear / packed time, float32, 2 threads, that host, [tokens, in] x [in, out]:
+    # [154, 64] x [64, 64] 0.46, [154, 64] x [64, 256] 0.68, [512, 96] x [96, 96] 0.79, [512, 128] x [128, 128]
+    # 0.82, [512, 384] x [384, 96] 0.92; [512, 96] x [96, 768] 1.01, [2048, 320] x [320, 320] 1.02 (pipelines/
+    # tiny-shapes' text encoder and U-Net are made of such layers). Linear layers and 1x1 convs.
+    DENSE_WEIGHTS = 1 << 17
+    DENSE_PRODUCT = 1 << 25
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, packed: torch.Tensor, matrix: torch.Tensor | None = None):
         super().__init__()
         self.weight = packed
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
         self.layer_dtype = layer.weight.dtype  # (the packed weight's may differ: the AMX layers' parts are int16)
+        small = matrix is not None and matrix.dtype == torch.float32 and matrix.numel() <= self.DENSE_WEIGHTS
+        self.dense = matrix.detach().clone() if small else None
+
+    def _dense_product(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """F.linear(x, dense, bias) (+ residual) where this layer keeps `dense` and the product is small; else
+        None (then oneDNN's packed product runs)."""
+        if self.dense is None or x.numel() * self.dense.shape[0] >= self.DENSE_PRODUCT:
+            return None
+        y = F.linear(x, self.dense, self.bias)
+        return y if residual is None else y.add_(residual)
 
     @classmethod
     def _require_packable(cls, layer: nn.Module) -> None:
@@ -217,29 +237,20 @@ class _Packed(nn.Module):
 
 
 class PackedLinear(_Packed):
-    """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension. A small layer also keeps its
-    weight as it was (`dense`, at most DENSE_WEIGHTS numbers), for calls whose product is small (fewer than
-    DENSE_PRODUCT multiply-adds), which F.linear makes faster than oneDNN: its per-call cost (primitive lookup and
-    checks, ~40 us on a 2-core AMD EPYC) is the whole time of such a product. F.linear / packed time, float32, 2
-    threads, that host, [tokens, in] x [in, out]: [154, 64] x [64, 64] 0.46, [154, 64] x [64, 256] 0.68, [512, 96] x
-    [96, 96] 0.79, [512, 128] x [128, 128] 0.82, [512, 384] x [384, 96] 0.92; [512, 96] x [96, 768] 1.01, [2048, 320]
-    x [320, 320] 1.02 (pipelines/tiny-shapes' text encoder and U-Net are made of such layers)."""
-
-    DENSE_WEIGHTS = 1 << 17
-    DENSE_PRODUCT = 1 << 25
+    """nn.Linear with a oneDNN-packed weight: y = x W^T + b over the last dimension (small products: F.linear with
+    the weight as it was, see _Packed.DENSE_PRODUCT; `dense=False`: none kept)."""
 
     def __init__(self, linear: nn.Linear, dense: bool = True):
         self._require_packable(linear)
-        super().__init__(linear, _ops._reorder_linear_weight(linear.weight.detach(), None))
+        super().__init__(linear, _ops._reorder_linear_weight(linear.weight.detach(), None),
+                         linear.weight if dense else None)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        small = dense and linear.weight.dtype == torch.float32 and linear.weight.numel() <= self.DENSE_WEIGHTS
-        self.dense = linear.weight.detach().clone() if small else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if self.dense is not None and x.numel() * self.out_features < self.DENSE_PRODUCT:
-            y = F.linear(x, self.dense, self.bias)
-            return y if residual is None else y.add_(residual)
+        y = self._dense_product(x, residual)
+        if y is not None:
+            return y
         if residual is not None:
             return _ops._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         return _ops._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -354,7 +365,7 @@ class PackedConv2d(_Packed):
         else:
             packed = _ops._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
                                                       list(conv.dilation), 1, None)
-        super().__init__(conv, packed)
+        super().__init__(conv, packed, weight.flatten(1) if pointwise else None)
         self.pointwise = pointwise
         self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
         self.packed_for: torch.Size | None = None  # the input shape the weight is laid out for
@@ -363,10 +374,11 @@ class PackedConv2d(_Packed):
         self._check(x)
         if self.pointwise:  # [B, C, H, W] channels-last is [B, H, W, C] in memory: a free view
             tokens = x.permute(0, 2, 3, 1)
-            if residual is None:
-                y = _ops._linear_pointwise(tokens, self.weight, self.bias, "none", [], "")
-            else:
-                y = _ops._linear_pointwise.binary(tokens, residual.permute(0, 2, 3, 1), self.weight, self.bias, "add")
+            extra = None if residual is None else residual.permute(0, 2, 3, 1)
+            y = self._dense_product(tokens, extra)
+            if y is None:
+                y = (_ops._linear_pointwise(tokens, self.weight, self.bias, "none", [], "") if extra is None
+                     else _ops._linear_pointwise.binary(tokens, extra, self.weight, self.bias, "add"))
             return y.permute(0, 3, 1, 2)
         if x.shape != self.packed_for:
             self.weight = _ops._reorder_convolution_weight(self.weight.to_dense(), self.padding, self.stride,
