@@ -183,8 +183,7 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
             for (int64_t n = 0; n < N; ++n) {
                 for (int64_t pixel = 0; pixel < P; ++pixel) {
                     const int64_t row = n * P + pixel;
-                    by_vectors(C, [&](int64_t c, auto full) {
-                        const int lanes = decltype(full)::value ? LANES : int(C - c);
+                    by_vectors(C, [&](int64_t c, auto lanes) {
                         const Vec y = load(x + row * C + c, lanes) * load(a.data() + n * C + c, lanes)
                                       + load(b.data() + n * C + c, lanes);
                         store(activate(y, silu), lanes, out + row * C + c);
@@ -195,8 +194,7 @@ extern "C" int group_norm(const float* x, int64_t N, int64_t C, int64_t P, int c
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * C; ++row) {
                 const float scale = a[row], offset = b[row];
-                by_vectors(P, [&](int64_t p, auto full) {
-                    const int lanes = decltype(full)::value ? LANES : int(P - p);
+                by_vectors(P, [&](int64_t p, auto lanes) {
                     const Vec y = load(x + row * P + p, lanes) * scale + offset;
                     store(activate(y, silu), lanes, out + row * P + p);
                 });
@@ -288,8 +286,7 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                 for (int64_t first = spans.first(span, P); first < end; first += FLUSH) {
                     std::fill(block, block + 3 * C, 0.f);
                     for (int64_t row = first; row < std::min(first + FLUSH, end); ++row) {
-                        by_vectors(C, [&](int64_t c, auto full) {
-                            const int lanes = decltype(full)::value ? LANES : int(C - c);
+                        by_vectors(C, [&](int64_t c, auto lanes) {
                             const Vec value = load(x + row * C + c, lanes);
                             const Vec xhat = value * load(r + n * C + c, lanes) + load(v + n * C + c, lanes);
                             const Vec gz = activation_grad(load(g + row * C + c, lanes), xhat,
@@ -325,9 +322,8 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
                 for (int64_t start = 0; start < P; start += FLUSH * LANES) {
                     Vec a = {}, b = {}, total = {};
                     const int64_t end = std::min(P, start + FLUSH * LANES);
-                    by_vectors(end - start, [&](int64_t j, auto full) {
+                    by_vectors(end - start, [&](int64_t j, auto lanes) {
                         const int64_t i = start + j;
-                        const int lanes = decltype(full)::value ? LANES : int(end - i);
                         const Vec value = load(x + row * P + i, lanes);
                         const Vec xhat = value * rr + vv;  // (past the end, g reads as 0, so dL/dz is 0)
                         const Vec gz = activation_grad(load(g + row * P + i, lanes), xhat, gg, bb, silu);
@@ -383,8 +379,7 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * P; ++row) {
                 const int64_t nc = row / P * C;
-                by_vectors(C, [&](int64_t c, auto full) {
-                    const int lanes = decltype(full)::value ? LANES : int(C - c);
+                by_vectors(C, [&](int64_t c, auto lanes) {
                     const Vec xhat = load(x + row * C + c, lanes) * load(r + nc + c, lanes) + load(v + nc + c, lanes);
                     const Vec gz = load(gx + row * C + c, lanes);
                     store(load(p + nc + c, lanes) * gz + load(q + nc + c, lanes) * xhat + load(o + nc + c, lanes),
@@ -395,8 +390,7 @@ extern "C" int group_norm_backward(const float* x, const float* g, int64_t N, in
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < NC; ++row) {
                 const Vec rr = Vec{} + r[row], vv = Vec{} + v[row];
-                by_vectors(P, [&](int64_t i, auto full) {
-                    const int lanes = decltype(full)::value ? LANES : int(P - i);
+                by_vectors(P, [&](int64_t i, auto lanes) {
                     const Vec xhat = load(x + row * P + i, lanes) * rr + vv;
                     const Vec gz = load(gx + row * P + i, lanes);
                     store(p[row] * gz + q[row] * xhat + o[row], lanes, gx + row * P + i);

@@ -47,12 +47,13 @@ inline void store(Vec v, int lanes, float* p) {
     else memcpy(p, &v, lanes * sizeof(float));
 }
 
-// chunk(c, full) for the vectors' worth of elements c.. of `count`: std::true_type for LANES of them, a constant,
-// so that each load and store is one whole vector (with the lane count checked per load, GCC moved every loaded
-// vector through the stack), std::false_type for the last, partial one
+// chunk(c, lanes) for each vector's worth of elements c.. of `count`: lanes is LANES as a compile-time constant
+// (std::integral_constant) for whole vectors, so that each load and store is one vector load or store (with the
+// lane count checked per load, GCC moved every loaded vector through the stack), then an int for the last, partial
+// one
 template <class Chunk>
 inline void by_vectors(int64_t count, Chunk&& chunk) {
     int64_t c = 0;
-    for (; c + LANES <= count; c += LANES) chunk(c, std::true_type{});
-    if (c < count) chunk(c, std::false_type{});
+    for (; c + LANES <= count; c += LANES) chunk(c, std::integral_constant<int, LANES>{});
+    if (c < count) chunk(c, int(count - c));
 }

@@ -89,8 +89,7 @@ void input(const float* x, int64_t sn, int64_t sh, int64_t sw, int64_t N, int64_
             }
         // `interior_tile` (no pixel in the padding) known at compile time too, so that the loads are unconditional
         const auto transform = [&](auto interior_tile) {
-            by_vectors(C, [&](int64_t c, auto full) {
-                const int lanes = decltype(full)::value ? LANES : int(C - c);
+            by_vectors(C, [&](int64_t c, auto lanes) {
                 Vec in[a][a], out[a][a];
                 for (int r = 0; r < a; ++r)
                     for (int s = 0; s < a; ++s)
@@ -128,8 +127,7 @@ void output(const float* M, int64_t mp, int64_t mt, int64_t N, int64_t t, int64_
                 const int64_t row = y0 + m * ti + i, column = m * tj + j;
                 extra[i][j] = residual && row < H && column < W ? residual + n * rn + row * rh + column * rw : nullptr;
             }
-        by_vectors(K, [&](int64_t k, auto full) {
-            const int lanes = decltype(full)::value ? LANES : int(K - k);
+        by_vectors(K, [&](int64_t k, auto lanes) {
             const Vec b = bias ? load(bias + k, lanes) : Vec{};
             Vec in[a][a], result[m][m];
             for (int r = 0; r < a; ++r)
