@@ -688,13 +688,21 @@ def test_smoke_config_end_to_end_through_accelerate_launch(tmp_path, trained_vae
         json.loads((trained_vae[0] / "vae" / "config.json").read_text())["scaling_factor"])
 
 
-def test_two_processes_train_with_ddp_over_gloo(tmp_path):
-    """`accelerate launch` with two processes (training/accelerate/multi_cpu.yaml: torchrun, gloo on the CPU)
-    training the U-Net and the text encoder with gradient accumulation, on latents the two processes cached
-    together."""
+def test_two_processes_train_with_ddp_over_gloo(tmp_path, tiny_folders):
+    """`accelerate launch` with two processes (training/accelerate/multi_cpu.yaml: torchrun, gloo on the CPU),
+    training in turn a new model, a ControlNet for a pipeline and a DreamBooth fine-tune of it (one launch: each
+    costs ~12 s of start-up and shutdown here; the other modes' DDP tests are `slow`)."""
     out = tmp_path / "ddp"
     launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
-            "tests/_ddp_worker.py", str(out)])
+            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "scratch,controlnet,dreambooth"])
+    check_ddp_from_scratch(tmp_path, out / "scratch")
+    check_ddp_controlnet(out / "controlnet")
+    check_ddp_dreambooth(tmp_path, tiny_folders[1], out / "dreambooth")
+
+
+def check_ddp_from_scratch(tmp_path, out):
+    """The U-Net and the text encoder trained with gradient accumulation, on latents the two processes cached
+    together."""
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
@@ -1000,14 +1008,11 @@ def test_control_images_follow_the_images_crops_and_flips(tmp_path):
         build_source(config)
 
 
-def test_two_processes_train_a_controlnet_with_ddp(tmp_path, tiny_folders):
-    """ControlNet training under DDP (two processes over gloo): both end with the same ControlNet, averages and
-    losses, the U-Net untouched, and the main process alone exports the ControlNet."""
+def check_ddp_controlnet(out):
+    """ControlNet training under DDP (test_two_processes_train_with_ddp_over_gloo): both processes end with the same
+    ControlNet, averages and losses, the U-Net untouched, and the main process alone exports the ControlNet."""
     from latentdiff import ControlNetModel
 
-    out = tmp_path / "ddp-controlnet"
-    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
-            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "controlnet"])
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for key in ("trained", "unet", "ema", "losses"):
         assert ranks[0][key] == ranks[1][key]
@@ -1390,19 +1395,17 @@ def test_dreambooth_config_errors(tmp_path, tiny_folders):
         train_text_to_image(dreambooth_config(tmp_path, folder, class_data_dir=str(tmp_path / "file.png")))
 
 
-def test_two_processes_train_dreambooth_with_ddp(tmp_path, tiny_folders):
-    """DreamBooth with prior preservation under DDP (two processes over gloo): the processes share the class images'
-    generation (the same images one process makes), then train to the same weights and losses."""
+def check_ddp_dreambooth(tmp_path, pretrained, out):
+    """DreamBooth with prior preservation under DDP (test_two_processes_train_with_ddp_over_gloo): the processes
+    share the class images' generation (the same images one process makes), then train to the same weights and
+    losses."""
     from latentdiff.train.dreambooth import ensure_class_images
     from latentdiff.train.loop import make_accelerator
 
-    out = tmp_path / "ddp-dreambooth"
-    launch(["--config_file", "training/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
-            "tests/_ddp_worker.py", str(out), str(tiny_folders[1]), "dreambooth"])
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for key in ("unet", "ema", "losses"):
         assert ranks[0][key] == ranks[1][key]
-    config = dreambooth_config(tmp_path, tiny_folders[1], "single", class_data_dir=str(tmp_path / "single-class"))
+    config = dreambooth_config(tmp_path, pretrained, "single", class_data_dir=str(tmp_path / "single-class"))
     ensure_class_images(config, load_components(config), make_accelerator(config))
     generated = sorted(p.name for p in (out / "class").iterdir())
     assert generated == [f"class-{n:05d}.png" for n in range(5)]
