@@ -304,6 +304,9 @@ def test_folders_both_ways(tiny_folders, controlnet_folders, tmp_path):
     ref.save_pretrained(tmp_path / "theirs", safe_serialization=True)
     loaded = LatentDiffusionControlNetPipeline.from_pretrained(tmp_path / "theirs")
     assert isinstance(loaded.controlnet, MultiControlNetModel)
+    # pipe.config (diffusers' generic DiffusionPipeline.from_pretrained keeps the file's two version keys too)
+    assert dict(loaded.config) == {k: v for k, v in ref.config.items() if k not in ("_class_name", "_diffusers_version")
+                                   } | {"_name_or_path": tmp_path / "theirs"}
     kwargs = dict(image=[CONTROL, CONTROL], controlnet_conditioning_scale=[0.5, 0.5])
     np.testing.assert_allclose(generate(loaded, **kwargs), generate(ours, **kwargs), atol=1e-6)
     # the plain pipeline loads such a folder without its ControlNet

@@ -198,6 +198,31 @@ def test_saved_folder_layout(folders):
                        "vae/diffusion_pytorch_model.safetensors"]
 
 
+def test_config_as_diffusers(folders):
+    """pipe.config: diffusers' for the same folder (each component's (library, class), the settings, the folder),
+    read-only, attributes too; it follows a swapped component and from_pipe."""
+    import diffusers
+
+    from latentdiff import LatentDiffusionImg2ImgPipeline, schedulers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    pipe = LatentDiffusionPipeline.from_pretrained(folders[1])
+    assert dict(pipe.config) == dict(ref.config) and pipe.name_or_path == ref.name_or_path == folders[1]
+    assert pipe.config.unet == ("diffusers", "UNet2DConditionModel") and pipe.config.requires_safety_checker is False
+    for change in (lambda c: c.__setitem__("unet", None), lambda c: setattr(c, "unet", None), lambda c: c.clear(),
+                   lambda c: c.update(unet=None), lambda c: c.pop("unet")):
+        with pytest.raises(TypeError, match="pipe.config is read-only"):
+            change(pipe.config)
+    with pytest.raises(AttributeError, match="pipe.config has no 'controlnet'"):
+        pipe.config.controlnet
+    pipe.scheduler = schedulers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    assert pipe.config.scheduler == ref.config.scheduler == ("diffusers", "EulerDiscreteScheduler")
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert dict(img2img.config) == dict(diffusers.StableDiffusionImg2ImgPipeline.from_pipe(ref).config)
+    assert LatentDiffusionPipeline(**{k: v for k, v in pipe.components.items()}).config._name_or_path is None
+
+
 def test_folder_scheduler_classes(folders, tmp_path):
     """A folder's scheduler loads as the class it names: SD 1.5's PNDMScheduler (PLMS) as ours; one we do not
     implement as DPM-Solver++ over the same noise schedule, with a warning that names it."""

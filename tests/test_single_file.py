@@ -34,6 +34,8 @@ def test_same_image_as_the_folder(single_file):
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     from_file = LatentDiffusionPipeline.from_single_file(path, config=folder)
     from_folder = LatentDiffusionPipeline.from_pretrained(folder)
+    assert (from_file.name_or_path, from_folder.name_or_path) == (path, folder)
+    assert {**from_file.config, "_name_or_path": folder} == from_folder.config
     for name in ("unet", "vae", "text_encoder"):  # the very same weights
         ours, theirs = getattr(from_file, name).state_dict(), getattr(from_folder, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name

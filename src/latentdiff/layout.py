@@ -219,12 +219,10 @@ def _what_it_is(folder: Path) -> str:
     return ""
 
 
-def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: str | None = None) -> None:
-    """Write a folder that both latentdiff and diffusers' StableDiffusionPipeline.from_pretrained load (with
-    `variant`: its weights files under diffusers' names for that variant, which from_pretrained(variant=) reads)."""
-    from .models.text import save_text_encoder
-
-    folder = Path(folder)
+def pipeline_index(components: dict) -> dict:
+    """The model_index.json of a pipeline of these components, as diffusers' DiffusionPipeline.from_pretrained
+    reads it: the diffusers pipeline class that loads the folder (an inpainting U-Net needs its pipeline, a
+    ControlNet its own) and (library, class) for each component."""
     scheduler = components["scheduler"]
     inpainting = components["unet"].config.in_channels == 2 * components["vae"].config.latent_channels + 1
     controlnet = components.get("controlnet")
@@ -242,7 +240,7 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         pipeline = "StableDiffusionUpscalePipeline"
     elif components["unet"].config.time_cond_proj_dim is not None and pipeline == "StableDiffusionPipeline":
         pipeline = "LatentConsistencyModelPipeline"  # (an LCM-distilled U-Net, as its published folders say)
-    index = {  # (what diffusers' DiffusionPipeline.from_pretrained builds: an inpainting U-Net needs its pipeline)
+    index = {
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         **MODEL_INDEX,
@@ -253,35 +251,48 @@ def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: s
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
-    components["unet"].save_pretrained(folder / "unet", variant=variant)
-    components["vae"].save_pretrained(folder / "vae", variant=variant)
-    scheduler.save_config(folder / "scheduler")
     if components.get("text_encoder") is None:  # (the image variation pipeline: an image encoder instead)
-        components["image_encoder"].save_pretrained(folder / "image_encoder", variant=variant)
-        components["feature_extractor"].save_pretrained(folder / "feature_extractor")
         del index["text_encoder"], index["tokenizer"]
         index.update(_class_name="StableDiffusionImageVariationPipeline",
                      image_encoder=["transformers", "CLIPVisionModelWithProjection"],
                      feature_extractor=["transformers", "CLIPImageProcessor"])
-    else:
-        save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
-        components["tokenizer"].save_pretrained(folder / "tokenizer")
-    if adapter is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
-        adapter.save_pretrained(folder / "adapter", variant=variant)
+    if adapter is not None:
         index["adapter"] = ["diffusers", type(adapter).__name__]
     if depth:
         index.update(depth_estimator=[None, None])
         del index["safety_checker"], index["image_encoder"], index["requires_safety_checker"]
     if low_res_scheduler is not None:  # (diffusers' upscale pipeline takes neither of the last two keys)
-        low_res_scheduler.save_config(folder / "low_res_scheduler")
         index.update(low_res_scheduler=["diffusers", type(low_res_scheduler).__name__], watermarker=[None, None],
                      max_noise_level=int(components.get("max_noise_level", 350)))
         del index["image_encoder"], index["requires_safety_checker"]
-    if controlnet is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ... (diffusers' layout)
-        nets = list(getattr(controlnet, "nets", [controlnet]))
-        for i, net in enumerate(nets):
-            net.save_pretrained(folder / ("controlnet" if i == 0 else f"controlnet_{i}"), variant=variant)
+    if controlnet is not None:
         index["controlnet"] = ["diffusers", type(controlnet).__name__]
+    return index
+
+
+def save_pipeline_folder(components: dict, folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Write a folder that both latentdiff and diffusers' StableDiffusionPipeline.from_pretrained load (with
+    `variant`: its weights files under diffusers' names for that variant, which from_pretrained(variant=) reads)."""
+    from .models.text import save_text_encoder
+
+    folder = Path(folder)
+    index = pipeline_index(components)
+    components["unet"].save_pretrained(folder / "unet", variant=variant)
+    components["vae"].save_pretrained(folder / "vae", variant=variant)
+    components["scheduler"].save_config(folder / "scheduler")
+    if components.get("text_encoder") is None:
+        components["image_encoder"].save_pretrained(folder / "image_encoder", variant=variant)
+        components["feature_extractor"].save_pretrained(folder / "feature_extractor")
+    else:
+        save_text_encoder(components["text_encoder"], folder / "text_encoder", variant=variant)
+        components["tokenizer"].save_pretrained(folder / "tokenizer")
+    if components.get("adapter") is not None:  # (several: adapter/, adapter_1/, ..., diffusers' MultiAdapter layout)
+        components["adapter"].save_pretrained(folder / "adapter", variant=variant)
+    if components.get("low_res_scheduler") is not None:
+        components["low_res_scheduler"].save_config(folder / "low_res_scheduler")
+    if components.get("controlnet") is not None:  # one: controlnet/; several: controlnet/, controlnet_1/, ...
+        for i, net in enumerate(getattr(components["controlnet"], "nets", [components["controlnet"]])):
+            net.save_pretrained(folder / ("controlnet" if i == 0 else f"controlnet_{i}"), variant=variant)
     write_json(index, folder / "model_index.json")  # last: a folder with model_index.json is complete
 
 

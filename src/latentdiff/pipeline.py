@@ -275,6 +275,23 @@ def _stable_diffusion_settings(scheduler) -> None:
         scheduler.config = config.replace(**fixes)
 
 
+class PipelineConfig(dict):
+    """`pipe.config`, as diffusers' FrozenDict: a read-only dict whose keys read as attributes too."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"pipe.config has no {name!r}; it holds {list(self)}") from None
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("pipe.config is read-only: it describes the pipeline's components; change a component "
+                        "instead (pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), ...)")
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = __ior__ = _read_only
+    update = setdefault = pop = popitem = clear = _read_only
+
+
 class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin):
     """`pipe = LatentDiffusionPipeline.from_pretrained(folder); pipe(prompt).images[0]`."""
 
@@ -286,6 +303,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         _stable_diffusion_settings(scheduler)
         self.tokenizer, self.text_encoder, self.unet, self.vae, self.scheduler = (
             tokenizer, text_encoder, unet, vae, scheduler)
+        self.name_or_path: str | os.PathLike | None = None  # the folder or file it was loaded from, as given
         self._embedding_cache: dict[tuple, torch.Tensor] = {}
         self._embedding_weights: tuple = ()
         self._graphed: CUDAGraphModel | None = None
@@ -302,6 +320,18 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     @property
     def components(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*self.component_names, *self.config_names)}
+
+    @property
+    def config(self) -> PipelineConfig:
+        """As diffusers' `pipe.config`: (library, class) of each component as diffusers names it, (None, None) for
+        one it lacks, the settings (requires_safety_checker: False) and `_name_or_path`, the folder or file the
+        pipeline was loaded from: model_index.json as save_pretrained would write it now, less the two keys diffusers
+        adds only in the file (_class_name, _diffusers_version)."""
+        from .layout import pipeline_index
+
+        entries = {name: tuple(value) if isinstance(value, list) else value
+                   for name, value in pipeline_index(self.components).items() if not name.startswith("_")}
+        return PipelineConfig({**entries, "_name_or_path": self.name_or_path})
 
     def _models(self) -> list[torch.nn.Module]:
         """The pipeline's neural networks (with an IP-Adapter's image encoder where one is loaded)."""
@@ -585,7 +615,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         loaded = load_pipeline_folder(folder, torch_dtype=torch_dtype, variant=variant, skip=components,
                                       extras=[n for n in extras if n in cls.component_names],
                                       text="text_encoder" in cls.component_names)
-        return cls(**loaded, **components)._with(optional)
+        return cls(**loaded, **components)._with({**optional, "name_or_path": folder})
 
     @classmethod
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
@@ -597,7 +627,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         shared = {name: c for name, c in pipe.components.items() if name in (*cls.component_names, *cls.config_names)}
         optional = {name: getattr(pipe, name) for name in ("image_encoder", "feature_extractor")
                     if name not in cls.component_names}
-        optional.update(cls._optional(components))
+        optional.update(cls._optional(components), name_or_path=pipe.name_or_path)
         return cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
 
     @classmethod
@@ -647,7 +677,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                        }.get(missing[0], "ControlNetModel.from_pretrained(folder)")
             raise ValueError(f"{cls.__name__}.from_single_file: a single file holds no {', '.join(missing)}: pass it, "
                              f"e.g. {missing[0]}={example}")
-        return cls(**parts)._with(optional)
+        return cls(**parts)._with({**optional, "name_or_path": path})
 
     def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None,
                         safe_serialization: bool = True) -> None:
