@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 # cores shared out as torch threads (tests/conftest.py): half the wall time of one process on 2 cores, since most
 # tests are tiny models whose time is Python's. PYTEST_WORKERS=0 runs them in this process. Work stealing (xdist
 # >= 3.2): an idle worker takes queued tests from a busy one, so a long test late in a worker's queue (the compile
-# test: ~110 s) leaves no core idle at the end: 10:03 against 11:55 for the default split, back to back on 2 cores.
+# test: 55-80 s) leaves no core idle at the end: 10:03 against 11:55 for the default split, back to back on 2 cores.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 test: setup
