@@ -223,6 +223,32 @@ def test_config_as_diffusers(folders):
     assert LatentDiffusionPipeline(**{k: v for k, v in pipe.components.items()}).config._name_or_path is None
 
 
+def test_custom_loop_helpers_as_diffusers(pipe):
+    """numpy_to_pil and progress_bar, which diffusers' custom denoising loops call on the pipeline."""
+    import diffusers
+
+    g = np.random.default_rng(0)
+    for images in (g.random((2, 8, 6, 3)), g.random((8, 6, 3)), g.random((2, 8, 6, 1))):
+        ours, theirs = pipe.numpy_to_pil(images), diffusers.DiffusionPipeline.numpy_to_pil(images)
+        assert len(ours) == len(theirs) and [im.mode for im in ours] == [im.mode for im in theirs]
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+    import io
+
+    shown = io.StringIO()
+    pipe.set_progress_bar_config(file=shown, desc="mine")
+    try:
+        assert list(pipe.progress_bar(range(3))) == [0, 1, 2] and "mine: 100%" in shown.getvalue()
+        with pipe.progress_bar(total=4) as bar:
+            bar.update(4)
+        assert bar.total == 4 and "4/4" in shown.getvalue()
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.progress_bar(range(3)).disable
+        with pytest.raises(ValueError, match="progress_bar needs an iterable or a total"):
+            pipe.progress_bar()
+    finally:
+        pipe.set_progress_bar_config()
+
+
 def test_folder_scheduler_classes(folders, tmp_path):
     """A folder's scheduler loads as the class it names: SD 1.5's PNDMScheduler (PLMS) as ours; one we do not
     implement as DPM-Solver++ over the same noise schedule, with a warning that names it."""

@@ -235,11 +235,15 @@ def to_images(x: torch.Tensor, output_type: str):
     if output_type == "pt":
         return x
     array = x.permute(0, 2, 3, 1).cpu().numpy()
-    if output_type == "np":
-        return array
+    return array if output_type == "np" else numpy_to_pil(array)
+
+
+def numpy_to_pil(images: np.ndarray) -> list:
+    """Images in [0, 1] as a numpy array ([N, H, W, C] or one [H, W, C]) -> PIL images, one channel as grayscale."""
     from PIL import Image
 
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    images = ((images[None] if images.ndim == 3 else images) * 255).round().astype(np.uint8)
+    return [Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]
 
 
 class ImageProcessor:
@@ -454,6 +458,17 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         """tqdm's options for the denoising progress bar of later calls (diffusers' method: `disable=True` silences
         it, as a call's `progress=False` does)."""
         self._progress_bar = dict(kwargs)
+
+    def progress_bar(self, iterable=None, total: int | None = None):
+        """A tqdm bar with set_progress_bar_config's options, over `iterable` or of `total` steps (diffusers'
+        method, for custom denoising loops)."""
+        if iterable is None and total is None:
+            raise ValueError("progress_bar needs an iterable or a total: pipe.progress_bar(timesteps) or "
+                             "pipe.progress_bar(total=num_inference_steps)")
+        return tqdm(iterable, **self._progress_bar) if iterable is not None else tqdm(total=total,
+                                                                                      **self._progress_bar)
+
+    numpy_to_pil = staticmethod(numpy_to_pil)  # (diffusers' static method)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move and/or cast the models: to(device), to(dtype), to(device, dtype), as diffusers' pipelines take it."""
