@@ -52,7 +52,14 @@ def test_each_stage_is_loaded_while_it_runs_and_the_images_stay_the_same(monkeyp
     pipe("a blue star", output_type="latent", num_inference_steps=2, progress=False)
     assert [name for name, _ in moves] == ["text_encoder", "text_encoder", "unet", "unet"]
 
+    moves.clear()  # a custom loop's decode, then diffusers' last call in such loops
+    pipe.vae.decode(torch.zeros(1, 4, 16, 16))
+    assert moves == [("vae", "cpu")] and pipe._offload.loaded is not None
+    pipe.maybe_free_model_hooks()
+    assert moves == [("vae", "cpu")] * 2 and pipe._offload.loaded is None
+
     pipe.remove_all_hooks()
+    pipe.maybe_free_model_hooks()  # (nothing to do)
     assert pipe._offload is None and not {"forward", "encode", "decode"} & set(pipe.vae.__dict__)
     assert "forward" not in pipe.unet.__dict__
     moves.clear()

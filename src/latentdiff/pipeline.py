@@ -385,6 +385,12 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                                   "pipe.enable_model_cpu_offload(), which keeps one stage's models on the GPU at a "
                                   "time (SD 1.5 in fp16: the U-Net's 1.7 GB), or enable_vae_tiling() for large images")
 
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' method, which its custom loops call last: with model CPU offload, the stage that ran last (the
+        VAE after a decode) goes back to CPU memory, as a call of the pipeline ends; without offload, nothing."""
+        if self._offload is not None:
+            self._offload.unload()
+
     def remove_all_hooks(self) -> None:
         """End model CPU offload (diffusers' name): the models stay in CPU memory; `.to()` moves them again."""
         if self._offload is not None:
