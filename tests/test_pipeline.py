@@ -223,9 +223,25 @@ def test_config_as_diffusers(folders):
     assert LatentDiffusionPipeline(**{k: v for k, v in pipe.components.items()}).config._name_or_path is None
 
 
-def test_custom_loop_helpers_as_diffusers(pipe):
-    """numpy_to_pil and progress_bar, which diffusers' custom denoising loops call on the pipeline."""
+def test_custom_loop_helpers_as_diffusers(folders, pipe):
+    """numpy_to_pil, progress_bar and prepare_latents, which diffusers' custom denoising loops call on the
+    pipeline."""
     import diffusers
+
+    from latentdiff import schedulers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folders[1], safety_checker=None)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)  # (a starting scale of 14.6)
+    euler = LatentDiffusionPipeline.from_pipe(
+        pipe, scheduler=schedulers.EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+    args = (2, 4, 32, 24, torch.float32, torch.device("cpu"))  # (this VAE downsamples by 2)
+    for generator in (lambda: torch.Generator().manual_seed(3),
+                      lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]):
+        ours, theirs = euler.prepare_latents(*args, generator()), ref.prepare_latents(*args, generator())
+        assert ours.shape == (2, 4, 16, 12) and torch.equal(ours, theirs) and ours.std() > 10
+    given = torch.randn(2, 4, 16, 12, dtype=torch.float64)
+    torch.testing.assert_close(euler.prepare_latents(*args, None, given), ref.prepare_latents(*args, None, given),
+                               rtol=0, atol=0)
 
     g = np.random.default_rng(0)
     for images in (g.random((2, 8, 6, 3)), g.random((8, 6, 3)), g.random((2, 8, 6, 1))):

@@ -851,6 +851,16 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             self.scheduler.set_timesteps(device=self.device, timesteps=timesteps, sigmas=sigmas, **options)
         return self.scheduler.num_inference_steps
 
+    def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
+                        dtype: torch.dtype, device: torch.device | str, generator: Generators,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """diffusers' method, for custom loops: starting latents for batch_size images of height x width pixels,
+        drawn as diffusers draws them (one row per generator of a list) or the given ones, on `device` in `dtype`
+        (given ones keep theirs, as in diffusers), times the scheduler's starting scale."""
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn(shape, generator, device, dtype) if latents is None else latents.to(device)
+        return latents * self.scheduler.init_noise_sigma
+
     def _starting_noise(self, latents: torch.Tensor | None, channels: int, n: int, height: int, width: int,
                         generators) -> torch.Tensor:
         """A text-to-image call's starting latents for n images: the given ones (checked) or drawn from each image's
