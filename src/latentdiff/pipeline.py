@@ -866,15 +866,15 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         """A text-to-image call's starting latents for n images: the given ones (checked) or drawn from each image's
         generator, at the scheduler's starting scale."""
         shape = (n, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn(shape, generators, self.device, self.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
-                             f"{height}x{width}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave latents "
-                             "None to draw it from the generator)")
-        return latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} images of "
+                                 f"{height}x{width}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values: pass finite starting noise (or leave "
+                                 "latents None to draw it from the generator)")
+            latents = latents.to(self.device, self.dtype)
+        return self.prepare_latents(n, channels, height, width, self.dtype, self.device, generators, latents)
 
     def denoise(self, latents, timesteps, cond, uncond, guidance_scale, generators, eta, callback, progress,
                 guidance_rescale: float = 0.0, conditioning: torch.Tensor | None = None,
