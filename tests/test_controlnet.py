@@ -436,6 +436,32 @@ def test_pipeline_from_a_single_file_with_a_controlnet(tiny_folders, controlnet_
 
 @pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
                     reason="inductor needs a C++ compiler")
+@pytest.mark.slow  # (two AOTInductor compiles, U-Net and ControlNet, of ~40 s each on a 2-core CPU)
+def test_compile_cache_keeps_the_controlnets_too(tiny_folders, controlnet_folders, tmp_path):
+    """compile(cache_dir=) with a ControlNet: both models compiled ahead of time into the folder (same images as
+    eager); a new pipeline of the same weights loads both packages and compiles nothing."""
+    from latentdiff.compile_cache import CachedCompiledModel
+
+    ours, _ = pair(tiny_folders, controlnet_folders)
+    kwargs = dict(image=CONTROL, num_inference_steps=2, controlnet_conditioning_scale=0.8)
+    eager = generate(ours, **kwargs)
+    ours.compile(max_autotune=False, cache_dir=tmp_path)
+    compiled = generate(ours, **kwargs)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4, rtol=0)
+    (net, call), = ours._compiled_nets.values()
+    assert net is ours.controlnet and isinstance(call, CachedCompiledModel) and len(call.compiled_packages) == 1
+    unet = ours._unet_call()
+    assert len(unet.compiled_packages) == 1 and call._fallback is None and unet._fallback is None
+    again, _ = pair(tiny_folders, controlnet_folders)
+    again.compile(max_autotune=False, cache_dir=tmp_path)
+    np.testing.assert_array_equal(generate(again, **kwargs), compiled)
+    (_, call), = again._compiled_nets.values()
+    assert (call.compiled_packages, again._unet_call().compiled_packages) == ([], [])
+    assert len(call.loaded_packages) == len(again._unet_call().loaded_packages) == 1
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("c++") or __import__("shutil").which("g++")),
+                    reason="inductor needs a C++ compiler")
 @pytest.mark.slow  # (two torch.compile graphs of ~30 s each on a 2-core CPU; make test-slow)
 def test_compile_covers_the_controlnets(tiny_folders, controlnet_folders):
     """pipe.compile(): the ControlNet runs through torch.compile too (same images as eager); one replaced since is

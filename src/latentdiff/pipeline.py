@@ -166,6 +166,28 @@ def _stance() -> tuple | None:
     return None if stance is None else (stance.stance, stance.skip_guard_eval_unsafe, stance.backend)
 
 
+def _cache_folder(folder: str | os.PathLike, device: torch.device) -> str:
+    """compile(cache_dir=)'s folder, made if missing, checked writable, for a pipeline on `device`."""
+    if device.type != "cpu":
+        raise ValueError(f"compile(cache_dir=...) keeps compiled models for the CPU, and this pipeline is on {device}:"
+                         " there torch.compile's own caches (TORCHINDUCTOR_CACHE_DIR) keep compiled graphs between "
+                         "processes; leave cache_dir out")
+    path = os.fspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"compile(cache_dir={path!r}): that is a file, not a folder; give a folder (it is made if "
+                         "missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-check-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"compile(cache_dir={path!r}): cannot write there ({error.strerror}); give a folder this "
+                         "process may write to") from error
+    return path
+
+
 def _require_traceable(model: torch.nn.Module, what: str = "the U-Net") -> None:
     from .models.packed import is_packed
 
@@ -314,6 +336,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         self._graph_channels_last: torch.nn.Module | None = None
         self._compile_options: dict | None = None  # set by compile()
         self._compiled: tuple[torch.nn.Module, Callable] | None = None  # (the U-Net it was made from, compiled)
+        self._compile_cache: str | os.PathLike | None = None  # compile(cache_dir=)
         self._seen_calls: set | None = None  # within a denoising loop: the layouts of its compiled calls so far
         self._progress_bar: dict[str, Any] = {}  # set_progress_bar_config()
         self._offload: ModelOffload | None = None  # enable_model_cpu_offload()
@@ -569,7 +592,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
                 pack_for_inference(model, winograd)
         return self
 
-    def compile(self, max_autotune: bool = True) -> None:
+    def compile(self, max_autotune: bool = True, cache_dir: str | os.PathLike | None = None) -> None:
         """Run the U-Net through torch.compile (inductor) for inference: its weights are frozen into the graph
         (constant-folded, convolution and linear weights pre-packed), on the CPU the graph is driven by C++ rather
         than Python, and with `max_autotune` matrix products use kernels picked by timing candidates. The first call
@@ -579,13 +602,21 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         compile again too); LoRA changes, replacing `pipe.unet` and `pipe.to()` recompile by themselves. `pipe.unet`
         stays the plain module (save_pretrained, state_dict unchanged). Turns CUDA graphs off. A U-Net already
         optimized for inference is refused (its re-laid-out layers do not trace): compile() first, then
-        optimize_for_inference() packs the rest."""
+        optimize_for_inference() packs the rest.
+
+        `cache_dir` (on a CPU): keep the compiled U-Net (and ControlNets) in this folder, as AOTInductor packages
+        that later processes load in seconds instead of compiling again (compile_cache: one package per batch and
+        image size, keyed by the weights, settings, code, torch version and CPU; SD 1.5's U-Net in float32 takes
+        ~3.4 GB a package). The folder can be emptied at any time."""
         _require_traceable(self.unet)
         if self._offload is not None:
             raise ValueError("compile() freezes the U-Net's weights where they are, and model CPU offload moves them "
                              "at every call: call pipe.remove_all_hooks() first")
+        if cache_dir is not None:
+            cache_dir = _cache_folder(cache_dir, self.device)
         self.disable_cuda_graphs()
         self._compile_options = {"max_autotune": max_autotune}
+        self._compile_cache = cache_dir
         self._forget_compiled()
 
     def _forget_compiled(self) -> None:
@@ -597,15 +628,25 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         self._compiled = None
 
     def disable_compile(self) -> None:
-        self._compile_options = self._compiled = None
+        self._compile_options = self._compiled = self._compile_cache = None
+
+    def _compiled_call(self, model: torch.nn.Module) -> Callable:
+        """`model` as compile() has it run: through torch.compile, or, with a cache_dir, from the packages kept
+        there (compile_cache.CachedCompiledModel, which falls back on torch.compile for calls it cannot keep)."""
+        if self._compile_cache is None:
+            return torch.compile(model)
+        from .compile_cache import CachedCompiledModel
+
+        return CachedCompiledModel(model, self._compile_cache, self._compiling,
+                                   lambda: CompiledCall(torch.compile(model), self), self, self._compile_options)
 
     def _unet_call(self):
         """The U-Net as denoising calls it: compiled, or replayed from CUDA graphs, when that is enabled."""
         if self._compile_options is not None:
             if self._compiled is None or self._compiled[0] is not self.unet:  # new, or the U-Net was replaced
                 _require_traceable(self.unet)
-                self._compiled = (self.unet, torch.compile(self.unet))
-            return CompiledCall(self._compiled[1], self)
+                self._compiled = (self.unet, self._compiled_call(self.unet))
+            return self._compiled[1] if self._compile_cache is not None else CompiledCall(self._compiled[1], self)
         if self._graphed is None:
             return self.unet
         if self._graphed.model is not self.unet:  # the U-Net was replaced since: capture anew
@@ -641,7 +682,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
     @classmethod
     def from_pipe(cls, pipe: LatentDiffusionPipeline, **components) -> LatentDiffusionPipeline:
         """This class of pipeline over `pipe`'s components (the same modules, no copy), as diffusers' from_pipe:
-        `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s."""
+        `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)`; components given by name replace `pipe`'s. A compiled
+        pipeline's compile() settings come along (as a torch.compile'd component would in diffusers): the new
+        pipeline compiles its U-Net on its first call (dynamo finds the graphs of the same module again; with a
+        cache_dir, the packages are loaded from it)."""
         if pipe._offload is not None:
             raise ValueError("from_pipe: the pipeline has model CPU offload on, whose hooks belong to it: call "
                              "pipe.remove_all_hooks() first, then enable_model_cpu_offload() on the new pipeline")
@@ -649,7 +693,10 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         optional = {name: getattr(pipe, name) for name in ("image_encoder", "feature_extractor")
                     if name not in cls.component_names}
         optional.update(cls._optional(components), name_or_path=pipe.name_or_path)
-        return cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
+        made = cls(**{**shared, **cls._given(components, "from_pipe")})._with(optional)
+        if pipe._compile_options is not None:
+            made._compile_options, made._compile_cache = dict(pipe._compile_options), pipe._compile_cache
+        return made
 
     @classmethod
     def _optional(cls, components: dict) -> dict:

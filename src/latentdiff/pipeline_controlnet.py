@@ -133,8 +133,8 @@ class ControlNetMixin:
             entry = cache.get(id(net))
             if entry is None or entry[0] is not net:
                 _require_traceable(net, "a ControlNet")
-                entry = cache[id(net)] = (net, torch.compile(net))
-            calls.append(CompiledCall(entry[1], self))
+                entry = cache[id(net)] = (net, self._compiled_call(net))
+            calls.append(entry[1] if self._compile_cache is not None else CompiledCall(entry[1], self))
         return calls
 
     def _controlled(self, control_image, height: int | None, width: int | None, scale, start, end,

@@ -1,0 +1,302 @@
+"""Compiled models kept on disk between processes: `pipe.compile(cache_dir=folder)`.
+
+On a CPU, inductor's own caches never find a compiled U-Net of an earlier process: freezing packs the weights into
+oneDNN's opaque tensors, which its FX graph cache cannot pickle, and the generated C++ names constants by address,
+so its code cache misses too; every process compiles again (the tiny-shapes U-Net: 1-2 minutes on 2 cores).
+AOTInductor instead compiles an exported graph ahead of time into a package (a .pt2 file: the shared library and
+its frozen, packed weights) that a later process loads in seconds. A package is made for one call layout (the
+shapes, strides, dtypes and devices of the tensors, the values of everything else) and is found again by a key of
+everything its code depends on: that layout; the model's weights and its modules' settings (a LoRA scale, FreeU,
+attention options); latentdiff's source; torch's version; the CPU and the vector instructions inductor compiled
+for; the compile options. A change to any of them makes a new package; stale ones are never used, and the folder
+can be emptied at any time."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+FORMAT = 1  # what a package holds and how it is keyed: a new value leaves the old packages unused
+_SIMPLE = (bool, int, float, str, type(None))
+_MISSING = object()
+log = logging.getLogger(__name__)
+
+
+class _Unkeyed(Exception):
+    """A value whose effect on the compiled code a key cannot describe."""
+
+
+def call_key(args: tuple, kwargs: dict) -> str | None:
+    """What an exported graph is specialised to in a call's arguments, as text: the nesting of tuples, lists and
+    dicts; each tensor's shape, strides, dtype and device; the values of None, bools, numbers and strings (export
+    bakes them in). Unlike pipeline.call_layout (dynamo's guards, within one process) it names nothing that differs
+    between processes. None for other values, or where two arguments are the same tensor."""
+    seen: set[int] = set()
+
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            if id(value) in seen:
+                raise _Unkeyed
+            seen.add(id(value))
+            return ["tensor", list(value.shape), list(value.stride()), str(value.dtype), str(value.device)]
+        if isinstance(value, (tuple, list)):
+            return [type(value).__name__, [key(v) for v in value]]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return ["dict", [[k, key(v)] for k, v in value.items()]]
+        if isinstance(value, _SIMPLE):
+            return [type(value).__name__, repr(value)]
+        raise _Unkeyed
+
+    try:
+        return json.dumps(key((args, kwargs)))
+    except _Unkeyed:
+        return None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer: name, dtype, shape and bytes (SD 1.5's U-Net in float32: ~2 s)."""
+    digest = hashlib.sha256()
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        tensor = tensor.detach()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        data = tensor.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _setting(value):
+    """A module attribute as it can change what forward() computes: its value where it is plain data, else its
+    type (a callable's, a processor object's) and, for objects with plain attributes, those."""
+    if isinstance(value, _SIMPLE):
+        return repr(value)
+    if isinstance(value, torch.dtype | torch.device | torch.memory_format):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_setting(v) for v in value]
+    if isinstance(value, dict):
+        return [[str(k), _setting(v)] for k, v in value.items()]
+    if isinstance(value, torch.Tensor):  # (a tensor attribute that is neither parameter nor buffer)
+        return ["tensor", list(value.shape), str(value.dtype), hashlib.sha256(
+            memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()]
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(value, torch.nn.Module) or not attributes:
+        return kind
+    return [kind, [[k, _setting(v) if isinstance(v, (*_SIMPLE, tuple, list, dict)) else type(v).__qualname__]
+                   for k, v in sorted(attributes.items())]]
+
+
+# what forward() does not read (the weights are keyed apart; the rest concerns saving, loading and gradients)
+_MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
+                 "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+                 "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook"}
+
+
+def settings_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of what a module tree computes beyond its weights: each module's class, training flag and other
+    attributes (LoRA scales, FreeU's factors, attention settings, hooks) as _setting describes them."""
+    described = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        state = [[k, v if type(v) is bool else _setting(v)] for k, v in vars(module).items()
+                 if k not in _MODULE_STATE and not (type(v) is OrderedDict and not v)]
+        described.append([name, type(module).__module__, type(module).__qualname__, sorted(state)])
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+
+
+@lru_cache(maxsize=None)
+def source_digest() -> str:
+    """SHA-256 of latentdiff's own source files (the code a package was compiled from)."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".h") and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\n" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def machine() -> dict:
+    """What compiled code depends on besides the model: torch's version and the CPU it was compiled for (model
+    name and the vector instructions inductor picked)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    name = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return {"torch": torch.__version__, "arch": platform.machine(), "cpu": name, "isa": str(pick_vec_isa())}
+
+
+class CachedCompiledModel:
+    """`model`'s calls run from AOTInductor packages kept in `folder` (see the module's docstring): a call whose
+    layout has a package there loads it (once per process); one that has none exports the model, compiles it ahead
+    of time under `settings()` (inductor_settings: frozen weights, max-autotune as asked) and writes the package
+    (written whole under a temporary name, then renamed: a package is never seen half written). Calls it cannot
+    key (arguments other than tensors and plain values, gradients enabled, tensors off the CPU), and layouts whose
+    export or compile failed (warned once), run `fallback()` (torch.compile's call) instead.
+
+    The weights are read once, at the first call (they are frozen into the packages: weights changed in place later
+    are not seen, as with compile()); the modules' settings at the first call of each denoising loop (`pipe`'s
+    _seen_calls, as CompiledCall) or of each call outside one."""
+
+    def __init__(self, model: torch.nn.Module, folder: str | os.PathLike, settings: Callable,
+                 fallback: Callable[[], Callable], pipe=None, options: dict | None = None):
+        self.model, self.folder, self.settings = model, Path(folder), settings
+        self.fallback, self.pipe, self.options = fallback, pipe, dict(options or {})
+        self._weights: str | None = None
+        self._settings: str | None = None
+        self._runs: dict[str, Callable | None] = {}  # key -> the loaded package (None: run the fallback)
+        self._fallback: Callable | None = None
+        self.compiled_packages: list[Path] = []  # the packages this object compiled
+        self.loaded_packages: list[Path] = []  # those it found compiled and loaded
+
+    def __getattr__(self, name: str):  # the model's attributes (its config, dtype, ...), as torch.compile's has
+        if name in ("model", "fallback", "pipe"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        layout = None if torch.is_grad_enabled() else call_key(args, kwargs)
+        cpu = layout is not None and all(t.device.type == "cpu" for t in _tensors((args, kwargs)))
+        if not cpu:
+            return self._run_fallback(args, kwargs)
+        key = self.key(layout)
+        if key is None:
+            return self._run_fallback(args, kwargs)
+        run = self._runs.get(key, _MISSING)
+        if run is _MISSING:
+            run = self._runs[key] = self._package(key, layout, args, kwargs)
+        return self._run_fallback(args, kwargs) if run is None else run(*args, **kwargs)
+
+    def key(self, layout: str) -> str | None:
+        """The package's name for a call of this layout: SHA-256 of all that its compiled code depends on (None
+        where a weight cannot be read, as oneDNN's opaque packed tensors)."""
+        seen = getattr(self.pipe, "_seen_calls", None)
+        marker = ("settings", id(self))
+        try:
+            if self._weights is None:
+                self._weights = weights_digest(self.model)
+            if self._settings is None or seen is None or marker not in seen:
+                self._settings = settings_digest(self.model)
+        except (NotImplementedError, RuntimeError):
+            return None
+        if seen is not None:
+            seen.add(marker)
+        described = {"format": FORMAT, "machine": machine(), "source": source_digest(), "weights": self._weights,
+                     "settings": self._settings, "options": self.options, "call": layout}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
+
+    def _run_fallback(self, args, kwargs):
+        if self._fallback is None:
+            self._fallback = self.fallback()
+        return self._fallback(*args, **kwargs)
+
+    def _package(self, key: str, layout: str, args: tuple, kwargs: dict) -> Callable | None:
+        from torch._inductor import aoti_load_package
+
+        _name_outputs()
+        path = self.folder / f"{type(self.model).__name__}-{key}.pt2"
+        if path.is_file():
+            try:
+                run = aoti_load_package(str(path))
+                self.loaded_packages.append(path)
+                return run
+            except Exception as error:  # (a truncated or foreign file: compile it again over it)
+                warnings.warn(f"the compiled model {path} could not be loaded ({type(error).__name__}: "
+                              f"{_first_line(error)}); compiling it again", stacklevel=3)
+        log.info("compiling %s ahead of time for the call %s into %s", type(self.model).__name__, layout, path)
+        try:
+            seconds = self._compile(path, args, kwargs)
+        except Exception as error:
+            warnings.warn(f"{type(self.model).__name__} could not be compiled ahead of time for the call {layout} "
+                          f"({type(error).__name__}: {_first_line(error)}); these calls run through torch.compile "
+                          "instead, compiled again in every process", stacklevel=3)
+            return None
+        self.compiled_packages.append(path)
+        log.info("compiled %s in %.1f s", path.name, seconds)
+        _describe(path, self.model, layout, seconds)
+        return aoti_load_package(str(path))
+
+    def _compile(self, path: Path, args: tuple, kwargs: dict) -> float:
+        from torch._inductor import aoti_compile_and_package
+
+        start = time.perf_counter()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(self.model, *_plain((args, kwargs)))
+                with self.settings():
+                    aoti_compile_and_package(exported, package_path=str(partial))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return time.perf_counter() - start
+
+
+def _name_outputs() -> None:
+    """Our models' NamedTuple outputs named for torch's pytree serialisation: a package stores how to rebuild its
+    output (export refuses an unnamed NamedTuple, and loading needs the name registered)."""
+    from torch.utils import _pytree
+
+    from .models.controlnet import ControlNetOutput
+    from .models.unet import UNetOutput
+
+    for kind in (ControlNetOutput, UNetOutput):
+        if kind not in _pytree.SUPPORTED_SERIALIZED_TYPES:
+            _pytree._register_namedtuple(kind, serialized_type_name=f"{kind.__module__}.{kind.__qualname__}")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in _tensors(v)]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    return []
+
+
+def _plain(value):
+    """`value` with its inference tensors (torch.inference_mode's, which export cannot trace) copied to plain ones of
+    the same layout."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        with torch.inference_mode(False):
+            copy = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+            return copy.copy_(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(path: Path, model: torch.nn.Module, layout: str, seconds: float) -> None:
+    """A readable note beside a package: what it was compiled for, when, and how long it took."""
+    note = {"model": f"{type(model).__module__}.{type(model).__qualname__}", "call": json.loads(layout),
+            "machine": machine(), "compile_seconds": round(seconds, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with contextlib.suppress(OSError):
+        path.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")

@@ -1,0 +1,208 @@
+"""compile(cache_dir=): models compiled ahead of time (AOTInductor) into packages kept on disk, found again by a key
+of everything their code depends on, loaded by later models and processes instead of compiling again."""
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff.compile_cache import CachedCompiledModel, call_key, settings_digest, weights_digest
+from latentdiff.pipeline import inductor_settings
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                    reason="inductor needs a C++ compiler")
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5)).eval()
+
+
+def cached(model, folder, fallback=None):
+    return CachedCompiledModel(model, folder, lambda: inductor_settings("cpu", max_autotune=False),
+                               fallback or (lambda: model))
+
+
+X = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def test_call_key_names_the_layout_and_the_plain_values():
+    x, t = torch.zeros(2, 4, 8, 8), torch.tensor(3.0)
+    key = call_key((x, t), {"scale": 1.0, "extra": [x[:1], None]})
+    assert key == call_key((torch.ones(2, 4, 8, 8), torch.tensor(9.0)),
+                           {"scale": 1.0, "extra": [torch.ones(1, 4, 8, 8), None]})  # (tensors' values: inputs)
+    for args, kwargs in [((x, t), {"scale": 2.0, "extra": [x[:1], None]}),  # a number's value (baked in)
+                         ((x[:1], t), {"scale": 1.0, "extra": [x[:1], None]}),  # a shape
+                         ((x.to(memory_format=torch.channels_last), t), {"scale": 1.0, "extra": [x[:1], None]}),
+                         ((x.double(), t), {"scale": 1.0, "extra": [x[:1], None]}),  # a dtype
+                         ((x, t), {"scale": 1.0, "extra": (x[:1], None)}),  # the nesting
+                         ((x, t), {"scale": 1.0, "extra": [x[:1]]})]:
+        assert call_key(args, kwargs) != key, (args, kwargs)
+    assert call_key((x, x), {}) is None  # (one tensor twice: a package takes distinct inputs)
+    assert call_key((x, object()), {}) is None
+    assert "0x" not in key and json.loads(key)  # (nothing of this process: an address, an id)
+
+
+def test_digests_follow_the_weights_and_the_modules_settings():
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.models.unet import UNetConfig
+    from tiny import TINY_UNET, randomized
+
+    unet = randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).eval()
+    weights, settings = weights_digest(unet), settings_digest(unet)
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
+    assert (weights_digest(unet), settings_digest(unet)) == (weights, settings)  # (a call changes neither)
+    unet.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    assert settings_digest(unet) != settings
+    unet.disable_freeu()
+    assert settings_digest(unet) == settings
+    unet.train()
+    assert settings_digest(unet) != settings
+    unet.eval()
+    handle = unet.conv_in.register_forward_hook(lambda module, args, out: out * 2)
+    assert settings_digest(unet) != settings
+    handle.remove()
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] += 1e-6
+    assert weights_digest(unet) != weights and settings_digest(unet) == settings
+
+
+def test_digests_are_the_same_in_another_process(tmp_path):
+    """A key that named anything of its process (an address, an id, a counter) would never be found again."""
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.models.unet import UNetConfig
+    from tiny import TINY_UNET, randomized
+
+    randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).save_pretrained(tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
+    script = ("import sys; from latentdiff import UNet2DConditionModel; "
+              "from latentdiff.compile_cache import settings_digest, weights_digest; "
+              "unet = UNet2DConditionModel.from_pretrained(sys.argv[1]).eval(); "
+              "print(weights_digest(unet), settings_digest(unet))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "unet")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [weights_digest(unet), settings_digest(unet)]
+
+
+@needs_compiler
+def test_a_package_is_compiled_once_then_loaded(tmp_path, monkeypatch):
+    model = small_model()
+    first = cached(model, tmp_path)
+    with torch.no_grad():
+        out = first(X)
+        torch.testing.assert_close(out, model(X), atol=1e-5, rtol=0)
+        path, = first.compiled_packages
+        assert first.loaded_packages == [] and path.parent == tmp_path and path.name.startswith("Sequential-")
+        assert json.loads(path.with_suffix(".json").read_text())["call"] == json.loads(call_key((X,), {}))
+        assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+        torch.testing.assert_close(first(X + 1), model(X + 1), atol=1e-5, rtol=0)  # (the loaded package, kept)
+        assert first.compiled_packages == [path]
+
+        second = cached(small_model(), tmp_path)  # the same weights, in a new model: loaded, not compiled
+        assert torch.equal(second(X), out) and second.compiled_packages == [] and second.loaded_packages == [path]
+
+        # a file that cannot be loaded (cut short) is compiled again over, with a warning
+        good = path.read_bytes()
+        path.write_bytes(good[:len(good) // 2])
+        rebuilt = []
+
+        def compile_again(self, target, args, kwargs):  # (the same compile as above, kept short here)
+            rebuilt.append(target)
+            target.write_bytes(good)
+            return 0.0
+
+        monkeypatch.setattr(CachedCompiledModel, "_compile", compile_again)
+        third = cached(small_model(), tmp_path)
+        with pytest.warns(UserWarning, match=rf"{path.name} could not be loaded .*compiling it again"):
+            assert torch.equal(third(X), out)
+        assert rebuilt == [path] and third.compiled_packages == [path]
+
+        other = small_model(seed=1)  # other weights: another package
+        assert cached(other, tmp_path).key(call_key((X,), {})) != first.key(call_key((X,), {}))
+        assert first.key(call_key((X[:2],), {})) != first.key(call_key((X,), {}))  # another shape
+
+
+def test_calls_it_cannot_keep_run_the_fallback(tmp_path):
+    class Add(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    made = []
+
+    def fallback():
+        made.append("torch.compile")
+        return lambda *args: ("fallback", args)
+
+    model_call = cached(Add(), tmp_path, fallback)
+    assert model_call(X, X + 1)[0] == "fallback"  # gradients enabled
+    with torch.no_grad():
+        assert model_call(X, X)[0] == "fallback"  # one tensor twice
+        assert model_call(X, 1.5j)[0] == "fallback"  # a value no key describes
+    assert made == ["torch.compile"] and list(tmp_path.iterdir()) == []  # (made once, kept)
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    branching = cached(DataDependent(), tmp_path, lambda: lambda x: ("fallback", x))
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"DataDependent could not be compiled ahead of time "
+                                                          r"for the call .*run through torch.compile instead"):
+        assert branching(X)[0] == "fallback"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (warned once a layout)
+        assert branching(X)[0] == "fallback"
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".pt2"]
+
+
+def test_compile_cache_dir_must_be_a_writable_folder(tmp_path):
+    from latentdiff import LatentDiffusionImg2ImgPipeline, LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained("pipelines/tiny-shapes")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"that is a file, not a folder"):
+        pipe.compile(cache_dir=tmp_path / "file")
+    with pytest.raises(ValueError, match=r"cannot write there"):
+        pipe.compile(cache_dir=tmp_path / "file" / "below")
+    assert pipe._compile_options is None
+    pipe.compile(cache_dir=tmp_path / "new" / "folder")
+    assert (tmp_path / "new" / "folder").is_dir() and list((tmp_path / "new" / "folder").iterdir()) == []
+    assert isinstance(pipe._unet_call(), CachedCompiledModel)
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(pipe)  # (compile()'s settings come along)
+    assert (img2img._compile_options, img2img._compile_cache) == (pipe._compile_options, pipe._compile_cache)
+    assert isinstance(img2img._unet_call(), CachedCompiledModel)
+    pipe.disable_compile()
+    assert pipe._unet_call() is pipe.unet
+
+
+@needs_compiler
+@pytest.mark.slow  # (one AOTInductor compile of the tiny-shapes U-Net: ~75 s on 2 cores; make test-slow)
+def test_compiled_pipeline_is_kept_and_loaded_by_a_new_process(tmp_path):
+    """pipe.compile(cache_dir=) end to end: the first process compiles the U-Net (its images as eager ones), a
+    second finds the package, loads it in seconds and makes the same images bit for bit."""
+    script = ("import sys, time, numpy as np, torch; from latentdiff import LatentDiffusionPipeline; "
+              "pipe = LatentDiffusionPipeline.from_pretrained('pipelines/tiny-shapes'); "
+              "run = lambda: pipe('a red circle', num_inference_steps=3, generator=torch.Generator().manual_seed(0), "
+              "output_type='np', progress=False).images; eager = run(); "
+              "pipe.compile(max_autotune=False, cache_dir=sys.argv[1]); start = time.perf_counter(); out = run(); "
+              "seconds = time.perf_counter() - start; call = pipe._unet_call(); "
+              "np.save(sys.argv[2], out); print(len(call.compiled_packages), len(call.loaded_packages), seconds, "
+              "float(np.abs(out - eager).max()))")
+    results = []
+    for name in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache"), str(tmp_path / f"{name}.npy")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        compiled, loaded, seconds, error = done.stdout.split()[-4:]
+        results.append((int(compiled), int(loaded), float(seconds), float(error)))
+    (compiled, loaded, _, error), (compiled2, loaded2, seconds2, error2) = results
+    assert (compiled, loaded, compiled2, loaded2) == (1, 0, 0, 1)
+    assert error < 1e-4 and error2 < 1e-4 and seconds2 < 30
+    np.testing.assert_array_equal(np.load(tmp_path / "second.npy"), np.load(tmp_path / "first.npy"))
