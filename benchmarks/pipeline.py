@@ -5,6 +5,7 @@ guidance; calls interleaved (A B A B ...). Then show where the time goes, and op
     python benchmarks/pipeline.py [--model FOLDER] [--steps 25] [--guidance 5] [--batch 1] [--repeats 5]
                                   [--threads N] [--prompt TEXT] [--variants diffusers,ours,ours-opt,ours-compile]
                                   [--prompt-cache] [--profile ours] [--cli] [--cli-runs 3] [--controlnet FOLDER]
+                                  [--compile-cache FOLDER]
 
 Variants: diffusers (the reference, as shipped, progress bars off), ours (as loaded), ours-opt (after
 `pipe.optimize_for_inference()`: U-Net, VAE and text encoder channels-last, packed weights, Winograd convs).
@@ -12,6 +13,9 @@ ours-compile: `pipe.compile()`, the U-Net under torch.compile (inductor: frozen 
 ours-compile-opt: `pipe.compile()`, then `pipe.optimize_for_inference()` (which then packs the VAE and the text
 encoder only). diffusers-compile: diffusers' U-Net under torch.compile with the same options. Their warm-up call
 compiles (reported as "first call s"). ours-qkv: ours after `pipe.fuse_qkv_projections()`.
+ours-compile-cache: as ours-compile-opt, with `pipe.compile(cache_dir=--compile-cache)`: the U-Net compiled ahead of
+time (AOTInductor) into a package kept in that folder (default: a new temporary one), which a later run loads
+instead of compiling (compare the runs' "first call s").
 Every variant's images are compared with diffusers' first: a variant that differs by more than --tolerance (in
 [0, 1] pixel units) is reported and the script exits with status 1.
 
@@ -52,17 +56,20 @@ import torch
 
 from common import count_flops, gib, machine, print_table, setup, time_interleaved
 
-VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "ours-compile-opt", "diffusers-compile", "ours-qkv")
+VARIANTS = ("diffusers", "ours", "ours-opt", "ours-compile", "ours-compile-opt", "ours-compile-cache",
+            "diffusers-compile", "ours-qkv")
 PROMPT = "a small red circle in the center on a white background"
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-def load(variant: str, folder: Path, controlnet: Path | None = None):
+def load(variant: str, folder: Path, controlnet: Path | None = None, compile_cache: Path | None = None):
     """The variant's pipeline of `folder`; with `controlnet` (a ControlNet folder), its ControlNet pipeline."""
-    if variant in ("ours-compile", "ours-compile-opt"):
+    if variant in ("ours-compile", "ours-compile-opt", "ours-compile-cache"):
         pipe = load("ours", folder, controlnet)
-        pipe.compile()
-        if variant == "ours-compile-opt":
+        if variant == "ours-compile-cache":
+            compile_cache = compile_cache or tempfile.mkdtemp(prefix="latentdiff-compiled-")
+        pipe.compile(cache_dir=compile_cache if variant == "ours-compile-cache" else None)
+        if variant != "ours-compile":
             pipe.optimize_for_inference()  # (after compile(): the VAE, the text encoder and the ControlNets)
         return pipe
     if variant == "diffusers-compile":  # compiled with ours' inductor settings (generate() applies them)
@@ -154,6 +161,12 @@ class Sections:
                         sum(c[name][1] for c in calls if name in c) / len(calls)) for name in names}
 
 
+def compiled_model(call):
+    from latentdiff.pipeline import CompiledCall
+
+    return call.compiled if isinstance(call, CompiledCall) else call
+
+
 def instrument(variant: str, pipe) -> Sections:
     sections = Sections()
     # diffusers' encode_prompt; ours embeds through embed_prompts (its own encode_prompt is diffusers' API over it)
@@ -162,13 +175,14 @@ def instrument(variant: str, pipe) -> Sections:
     sections.wrap(pipe.text_encoder, "forward", "prompt: CLIP text model")
     # the compiled U-Net ours runs (made by the warm-up call): wrapping the plain module's forward would recompile
     # (its CompiledCall's compiled module: the wrapper is made anew for each loop)
-    unet = pipe._unet_call().compiled if variant.startswith("ours-compile") else pipe.unet
+    # (with --compile-cache, the CachedCompiledModel itself)
+    unet = compiled_model(pipe._unet_call()) if variant.startswith("ours-compile") else pipe.unet
     sections.wrap(unet, "forward", "U-Net")
     for method in ("set_timesteps", "scale_model_input", "step"):
         sections.wrap(pipe.scheduler, method, "scheduler")
     if hasattr(pipe, "controlnet"):  # (compiled: the compiled ControlNet, as for the U-Net)
         compiled = variant.startswith("ours-compile")
-        net = pipe._net_calls(pipe._nets)[0].compiled if compiled else pipe.controlnet
+        net = compiled_model(pipe._net_calls(pipe._nets)[0]) if compiled else pipe.controlnet
         sections.wrap(net, "forward", "ControlNet")
     sections.wrap(pipe.vae, "decode", "VAE decode")
     if variant.startswith("diffusers"):
@@ -350,6 +364,8 @@ def main() -> int:
     parser.add_argument("--variants", default="diffusers,ours,ours-opt,ours-compile",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |pixel difference| from diffusers")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="ours-compile-cache's folder (default: a new temporary one)")
     parser.add_argument("--prompt-cache", action="store_true", help="keep our prompt-embedding cache between calls")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile (one call each)")
     parser.add_argument("--cli", action="store_true", help="also time the whole `latentdiff generate` command")
@@ -381,7 +397,7 @@ def main() -> int:
 
         side = json.loads((args.model / "unet" / "config.json").read_text())["sample_size"] * 8
         args.control_image = ShapesSource(side, {"num_samples": 1, "seed": 1234}).load_conditioning(0)
-    pipes = {v: load(v, args.model, args.controlnet) for v in variants}
+    pipes = {v: load(v, args.model, args.controlnet, args.compile_cache) for v in variants}
     guided = args.guidance > 1.0
     with torch.no_grad():  # one call each: the parity check, and the warm-up
         reference = generate("diffusers", pipes["diffusers"], args, "np")

@@ -550,3 +550,19 @@ def test_vae(tiny_folders, tmp_path, capsys):
     assert code == 0 and np.abs(np.asarray(Image.open(again.strip())).astype(int) - made).max() <= 1
     code, _, err = run(args + ["--vae", tmp_path / "nowhere"], capsys)
     assert code == 2 and "--vae folder not found" in err
+
+
+def test_compile_flags(tiny_folders, tmp_path, capsys, monkeypatch):
+    """--compile calls pipe.compile() with its cache folder: --compile-cache, else latentdiff's cache folder's
+    compiled/ (compiling itself is tested in test_compile_cache); --compile-cache alone is refused."""
+    asked = []
+    monkeypatch.setattr(LatentDiffusionPipeline, "compile", lambda self, cache_dir=None: asked.append(cache_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    base = ["generate", "a small red circle", "--model", tiny_folders[1], "--steps", 1, "--out", tmp_path / "out",
+            "--force"]
+    assert run([*base, "--compile"], capsys)[0] == 0
+    assert run([*base, "--compile", "--compile-cache", tmp_path / "kept"], capsys)[0] == 0
+    assert asked == [str(tmp_path / "xdg" / "latentdiff" / "compiled"), str(tmp_path / "kept")]
+    code, _, err = run([*base, "--compile-cache", tmp_path / "kept"], capsys)
+    assert code == 2 and "--compile-cache is where --compile keeps compiled models: add --compile" in err
+    assert len(asked) == 2
