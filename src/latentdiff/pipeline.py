@@ -607,7 +607,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         `cache_dir` (on a CPU): keep the compiled U-Net (and ControlNets) in this folder, as AOTInductor packages
         that later processes load in seconds instead of compiling again (compile_cache: one package per batch and
         image size, keyed by the weights, settings, code, torch version and CPU; SD 1.5's U-Net in float32 takes
-        ~3.4 GB a package). The folder can be emptied at any time."""
+        3.45 GB a package, unpacked into the temporary folder while loaded). The folder can be emptied at any time."""
         _require_traceable(self.unet)
         if self._offload is not None:
             raise ValueError("compile() freezes the U-Net's weights where they are, and model CPU offload moves them "
