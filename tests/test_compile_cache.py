@@ -50,6 +50,7 @@ def test_call_key_names_the_layout_and_the_plain_values():
 
 def test_digests_follow_the_weights_and_the_modules_settings():
     from latentdiff import UNet2DConditionModel
+    from latentdiff.models.attention import TextProjections
     from latentdiff.models.unet import UNetConfig
     from tiny import TINY_UNET, randomized
 
@@ -58,6 +59,9 @@ def test_digests_follow_the_weights_and_the_modules_settings():
     with torch.no_grad():
         unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
     assert (weights_digest(unet), settings_digest(unet)) == (weights, settings)  # (a call changes neither)
+    with torch.no_grad(), TextProjections.of(unet).given(torch.randn(2, 77, 32)):
+        pass  # (nor a torch.compile'd call's cache of the text's projections, kept on the U-Net)
+    assert settings_digest(unet) == settings and "_text_projections" in vars(unet)
     unet.enable_freeu(0.9, 0.2, 1.5, 1.6)
     assert settings_digest(unet) != settings
     unet.disable_freeu()

@@ -101,10 +101,11 @@ def _setting(value):
                    for k, v in sorted(attributes.items())]]
 
 
-# what forward() does not read (the weights are keyed apart; the rest concerns saving, loading and gradients)
+# what forward() does not read (the weights are keyed apart; the rest concerns saving, loading and gradients), and
+# caches of what it computed (a torch.compile'd call's projections of the text, attention.TextProjections)
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
                  "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-                 "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook"}
+                 "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook", "_text_projections"}
 
 
 def settings_digest(model: torch.nn.Module) -> str:
