@@ -96,6 +96,28 @@ def test_digests_are_the_same_in_another_process(tmp_path):
     assert out == [weights_digest(unet), settings_digest(unet)]
 
 
+def test_exported_unet_reads_the_text_projected_outside():
+    """A U-Net call's package takes its cross-attentions' keys and values of the text as inputs (projected once a
+    denoising loop, as torch.compile'd calls have them): the exported graph reads them, not the context."""
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.compile_cache import _WithText
+    from latentdiff.models.attention import TextProjections
+    from latentdiff.models.unet import UNetConfig
+    from tiny import TINY_UNET, randomized
+
+    unet = randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).eval()
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        text = TextProjections.of(unet)
+        pairs = text.projected(context)
+        graph = torch.export.export(_WithText(unet, text.layers), ((x, t, context), {}, pairs)).module()
+        torch.testing.assert_close(graph((x, t, context), {}, pairs), unet(x, t, context), atol=1e-5, rtol=0)
+        other = text.projected(context * 2)
+        assert (graph((x, t, context), {}, other) - unet(x, t, context)).abs().max() > 1e-3
+        torch.testing.assert_close(graph((x, t, context), {}, other), unet(x, t, context * 2), atol=1e-5, rtol=0)
+    assert all(layer.text_kv is None for layer in text.layers)  # (given for the call only)
+
+
 @needs_compiler
 def test_a_package_is_compiled_once_then_loaded(tmp_path, monkeypatch):
     model = small_model()
@@ -118,7 +140,7 @@ def test_a_package_is_compiled_once_then_loaded(tmp_path, monkeypatch):
         path.write_bytes(good[:len(good) // 2])
         rebuilt = []
 
-        def compile_again(self, target, args, kwargs):  # (the same compile as above, kept short here)
+        def compile_again(self, target, model, inputs):  # (the same compile as above, kept short here)
             rebuilt.append(target)
             target.write_bytes(good)
             return 0.0
@@ -208,5 +230,7 @@ def test_compiled_pipeline_is_kept_and_loaded_by_a_new_process(tmp_path):
         results.append((int(compiled), int(loaded), float(seconds), float(error)))
     (compiled, loaded, _, error), (compiled2, loaded2, seconds2, error2) = results
     assert (compiled, loaded, compiled2, loaded2) == (1, 0, 0, 1)
+    note, = (tmp_path / "cache").glob("*.json")  # (the text's keys and values projected outside, once a loop)
+    assert "text_projected_outside" in note.read_text()
     assert error < 1e-4 and error2 < 1e-4 and seconds2 < 30
     np.testing.assert_array_equal(np.load(tmp_path / "second.npy"), np.load(tmp_path / "first.npy"))

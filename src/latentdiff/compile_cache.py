@@ -176,17 +176,34 @@ class CachedCompiledModel:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        layout = None if torch.is_grad_enabled() else call_key(args, kwargs)
-        cpu = layout is not None and all(t.device.type == "cpu" for t in _tensors((args, kwargs)))
-        if not cpu:
+        if torch.is_grad_enabled() or not all(t.device.type == "cpu" for t in _tensors((args, kwargs))):
             return self._run_fallback(args, kwargs)
-        key = self.key(layout)
+        from .models.attention import TextProjections
+
+        seen = getattr(self.pipe, "_seen_calls", None)
+        context, text = TextProjections.for_call(self.model, args, kwargs)
+        made = None
+        if text is None:  # the package runs model(*args, **kwargs)
+            inputs, layout = (args, kwargs), call_key(args, kwargs)
+        else:  # the package runs _WithText: the text's keys and values projected here, once a loop (as CompiledCall)
+            with contextlib.suppress(RuntimeError):  # (inference tensors keep no version: projected every call)
+                made = ("text", id(self), context, context._version)
+            pairs = text.projected(context, fresh=seen is not None and made in seen)
+            inputs = ((args, kwargs, pairs), {})
+            layout = call_key(inputs[0], {"text_projected_outside": True})
+        key = None if layout is None else self.key(layout)
         if key is None:
             return self._run_fallback(args, kwargs)
         run = self._runs.get(key, _MISSING)
         if run is _MISSING:
-            run = self._runs[key] = self._package(key, layout, args, kwargs)
-        return self._run_fallback(args, kwargs) if run is None else run(*args, **kwargs)
+            model = self.model if text is None else _WithText(self.model, text.layers)
+            run = self._runs[key] = self._package(key, layout, model, inputs)
+        if run is None:
+            return self._run_fallback(args, kwargs)
+        out = run(*inputs[0], **inputs[1])
+        if seen is not None and made is not None:
+            seen.add(made)
+        return out
 
     def key(self, layout: str) -> str | None:
         """The package's name for a call of this layout: SHA-256 of all that its compiled code depends on (None
@@ -211,7 +228,9 @@ class CachedCompiledModel:
             self._fallback = self.fallback()
         return self._fallback(*args, **kwargs)
 
-    def _package(self, key: str, layout: str, args: tuple, kwargs: dict) -> Callable | None:
+    def _package(self, key: str, layout: str, model: torch.nn.Module, inputs: tuple) -> Callable | None:
+        """The loaded package of `key`; compiled first from `model(*inputs[0], **inputs[1])` where the folder has
+        none."""
         from torch._inductor import aoti_load_package
 
         _name_outputs()
@@ -226,7 +245,7 @@ class CachedCompiledModel:
                               f"{_first_line(error)}); compiling it again", stacklevel=3)
         log.info("compiling %s ahead of time for the call %s into %s", type(self.model).__name__, layout, path)
         try:
-            seconds = self._compile(path, args, kwargs)
+            seconds = self._compile(path, model, inputs)
         except Exception as error:
             warnings.warn(f"{type(self.model).__name__} could not be compiled ahead of time for the call {layout} "
                           f"({type(error).__name__}: {_first_line(error)}); these calls run through torch.compile "
@@ -237,7 +256,7 @@ class CachedCompiledModel:
         _describe(path, self.model, layout, seconds)
         return aoti_load_package(str(path))
 
-    def _compile(self, path: Path, args: tuple, kwargs: dict) -> float:
+    def _compile(self, path: Path, model: torch.nn.Module, inputs: tuple) -> float:
         """Export and compile into `path`; inductor's files of this compile go to a build folder beside it, removed
         after (its shared library holds a copy of the weights: SD 1.5's 3.4 GB, left in inductor's cache folder
         at every compile otherwise)."""
@@ -250,7 +269,7 @@ class CachedCompiledModel:
         build = tempfile.mkdtemp(prefix=".build-", dir=self.folder)
         try:
             with torch.no_grad():
-                exported = torch.export.export(self.model, *_plain((args, kwargs)))
+                exported = torch.export.export(model, *_plain(inputs))
                 with self.settings(), temporary_cache_dir(build):
                     aoti_compile_and_package(exported, package_path=str(partial))
             os.replace(partial, path)
@@ -258,6 +277,21 @@ class CachedCompiledModel:
             partial.unlink(missing_ok=True)
             shutil.rmtree(build, ignore_errors=True)
         return time.perf_counter() - start
+
+
+class _WithText(torch.nn.Module):
+    """`model(*args, **kwargs)` with its cross-attentions' keys and values of the text given as inputs (`pairs`,
+    one per layer of TextProjections), which they read from `text_kv` when traced (attention.Attention)."""
+
+    def __init__(self, model: torch.nn.Module, layers: list):
+        super().__init__()
+        self.model, self.layers = model, list(layers)
+
+    def forward(self, args: tuple, kwargs: dict, pairs: list):
+        from .models.attention import TextProjections
+
+        with TextProjections.put(self.layers, pairs):
+            return self.model(*args, **kwargs)
 
 
 def _name_outputs() -> None:

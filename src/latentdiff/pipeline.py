@@ -121,14 +121,9 @@ class CompiledCall:
 
     def _text(self, args: tuple, kwargs: dict) -> tuple:
         """(context, its TextProjections) for a call whose text the cross-attentions can get projected outside the
-        graph (attention.TextProjections: the U-Net's and the ControlNets' encoder_hidden_states, with no
-        cross_attention_kwargs or added_cond_kwargs, which change what they attend to); else (None, None)."""
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        graph (TextProjections.for_call); else (None, None)."""
         model = getattr(self.compiled, "_orig_mod", None)
-        if (not isinstance(context, torch.Tensor) or model is None or kwargs.get("cross_attention_kwargs")
-                or kwargs.get("added_cond_kwargs") is not None):
-            return None, None
-        return context, TextProjections.of(model)
+        return (None, None) if model is None else TextProjections.for_call(model, args, kwargs)
 
     def _call(self, seen: set | None, args: tuple, kwargs: dict):
         layout = None if seen is None or _stance() != ("default", False, None) else call_layout(args, kwargs)

@@ -347,8 +347,20 @@ class TextProjections:
             return None
         return projections
 
-    @contextlib.contextmanager
-    def given(self, context: torch.Tensor, fresh: bool = False):
+    @classmethod
+    def for_call(cls, model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """(context, the model's TextProjections) for a call `model(x, t, context, ...)` whose text can be projected
+        outside a compiled graph: a U-Net's or ControlNet's encoder_hidden_states, with no cross_attention_kwargs
+        or added_cond_kwargs (which change what the cross-attentions attend to); else (None, None)."""
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if (not isinstance(context, torch.Tensor) or kwargs.get("cross_attention_kwargs")
+                or kwargs.get("added_cond_kwargs") is not None):
+            return None, None
+        return context, cls.of(model)
+
+    def projected(self, context: torch.Tensor, fresh: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) of `context`, in buffers kept per shape: projected anew unless `fresh`
+        says the buffers hold this context's already."""
         shape = (context.shape, context.dtype, context.device)
         buffers = self._buffers.get(shape)
         if buffers is None or not fresh or self._holds.get(shape) is not context:
@@ -361,14 +373,25 @@ class TextProjections:
                     keys.copy_(new_keys)
                     values.copy_(new_values)
             self._holds[shape] = context
+        return buffers
+
+    @contextlib.contextmanager
+    def given(self, context: torch.Tensor, fresh: bool = False):
+        with self.put(self.layers, self.projected(context, fresh)):
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def put(layers: list, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Each layer's `text_kv` set to its pair for the block (the layers read them when compiled or exported)."""
         # (straight into the layers' __dict__: nn.Module.__setattr__, which looks for parameters, buffers and
         # submodules first, costs microseconds a call, 28 per U-Net call here)
-        for layer, pair in zip(self.layers, buffers):
+        for layer, pair in zip(layers, pairs):
             vars(layer)["text_kv"] = pair
         try:
             yield
         finally:
-            for layer in self.layers:
+            for layer in layers:
                 vars(layer)["text_kv"] = None
 
 
