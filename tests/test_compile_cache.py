@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +130,14 @@ def test_a_package_is_compiled_once_then_loaded(tmp_path, monkeypatch):
         path, = first.compiled_packages
         assert first.loaded_packages == [] and path.parent == tmp_path and path.name.startswith("Sequential-")
         assert json.loads(path.with_suffix(".json").read_text())["call"] == json.loads(call_key((X,), {}))
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # (no partial package, no build)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # (no partial package)
+        # nor the packaged files in inductor's cache folder (its shared library holds a copy of the weights)
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        with zipfile.ZipFile(path) as archive:
+            packaged = {Path(n).name for n in archive.namelist() if "/aotinductor/" in n}
+        assert any(n.endswith(".so") for n in packaged)
+        assert [p for p in Path(cache_dir()).rglob("*") if p.name in packaged] == []
         torch.testing.assert_close(first(X + 1), model(X + 1), atol=1e-5, rtol=0)  # (the loaded package, kept)
         assert first.compiled_packages == [path]
 

@@ -18,10 +18,9 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
@@ -131,17 +130,47 @@ def source_digest() -> str:
 
 @lru_cache(maxsize=None)
 def machine() -> dict:
-    """What compiled code depends on besides the model: torch's version and the CPU it was compiled for (model
-    name and the vector instructions inductor picked)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    name = platform.processor()
+    """What compiled code depends on besides the model: torch's version and the CPU it was compiled for (its model
+    name, its feature flags as Linux lists them, ATen's vector capability). Reads no part of inductor (importing it
+    and dynamo takes ~2 s, which a process that only loads packages saves)."""
+    name, flags = platform.processor(), ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and name == platform.processor():
                 name = line.split(":", 1)[1].strip()
-                break
-    return {"torch": torch.__version__, "arch": platform.machine(), "cpu": name, "isa": str(pick_vec_isa())}
+            elif key in ("flags", "Features") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    return {"torch": torch.__version__, "arch": platform.machine(), "cpu": name,
+            "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+class _Package:
+    """A loaded AOTInductor package, called as the model it was exported from. Made from torch's loader directly:
+    torch._inductor.aoti_load_package would import inductor and dynamo first (~2 s a process)."""
+
+    def __init__(self, path: Path):
+        from torch.utils import _pytree
+
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        self._pytree = _pytree
+        inputs, outputs = self.loader.get_call_spec()
+        self.inputs, self.outputs = _pytree.treespec_loads(inputs), _pytree.treespec_loads(outputs)
+        self.keywords = list(self.inputs.child(1).context)  # (the order export flattened them in)
+
+    def __call__(self, *args, **kwargs):
+        flat, _ = self._pytree.tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))
+        return self._pytree.tree_unflatten(self.loader.boxed_run([x for x in flat if isinstance(x, torch.Tensor)]),
+                                           self.outputs)
+
+
+def _load(path: Path) -> Callable:
+    if hasattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader"):
+        return _Package(path)
+    from torch._inductor import aoti_load_package  # (a torch without the loader where we look for it)
+
+    return aoti_load_package(str(path))
 
 
 class CachedCompiledModel:
@@ -226,18 +255,17 @@ class CachedCompiledModel:
     def _run_fallback(self, args, kwargs):
         if self._fallback is None:
             self._fallback = self.fallback()
-        return self._fallback(*args, **kwargs)
+        with self.settings():  # (its first calls compile)
+            return self._fallback(*args, **kwargs)
 
     def _package(self, key: str, layout: str, model: torch.nn.Module, inputs: tuple) -> Callable | None:
         """The loaded package of `key`; compiled first from `model(*inputs[0], **inputs[1])` where the folder has
         none."""
-        from torch._inductor import aoti_load_package
-
         _name_outputs()
         path = self.folder / f"{type(self.model).__name__}-{key}.pt2"
         if path.is_file():
             try:
-                run = aoti_load_package(str(path))
+                run = _load(path)
                 self.loaded_packages.append(path)
                 return run
             except Exception as error:  # (a truncated or foreign file: compile it again over it)
@@ -254,29 +282,42 @@ class CachedCompiledModel:
         self.compiled_packages.append(path)
         log.info("compiled %s in %.1f s", path.name, seconds)
         _describe(path, self.model, layout, seconds)
-        return aoti_load_package(str(path))
+        return _load(path)
 
     def _compile(self, path: Path, model: torch.nn.Module, inputs: tuple) -> float:
-        """Export and compile into `path`; inductor's files of this compile go to a build folder beside it, removed
-        after (its shared library holds a copy of the weights: SD 1.5's 3.4 GB, left in inductor's cache folder
-        at every compile otherwise)."""
+        """Export and compile into `path` (written under a temporary name, then renamed)."""
         from torch._inductor import aoti_compile_and_package
-        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
         start = time.perf_counter()
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")
-        build = tempfile.mkdtemp(prefix=".build-", dir=self.folder)
+        began = time.time() - 1.0
         try:
             with torch.no_grad():
                 exported = torch.export.export(model, *_plain(inputs))
-                with self.settings(), temporary_cache_dir(build):
+                with self.settings():
                     aoti_compile_and_package(exported, package_path=str(partial))
+            _drop_packaged_files(partial, began)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
-            shutil.rmtree(build, ignore_errors=True)
         return time.perf_counter() - start
+
+
+def _drop_packaged_files(package: Path, since: float) -> None:
+    """Remove from inductor's cache folder the files AOTInductor built for `package` and left there: its shared
+    library holds a copy of the weights (SD 1.5's U-Net: 3.4 GB at every compile). Found by name (they carry hashes
+    of their code) among the files written since `since`; inductor's cached kernels stay for later compiles (a
+    build folder of its own, removed after, made tiny-shapes' max-autotune compile take twice as long)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    with zipfile.ZipFile(package) as archive:
+        names = {Path(name).name for name in archive.namelist() if "/aotinductor/" in name}
+    root = Path(cache_dir())
+    for folder in (f for f in root.iterdir() if f.is_dir() and f.stat().st_mtime >= since):
+        for file in folder.rglob("*"):
+            if file.name in names and file.is_file() and file.stat().st_mtime >= since:
+                file.unlink(missing_ok=True)
 
 
 class _WithText(torch.nn.Module):

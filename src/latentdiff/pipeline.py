@@ -9,6 +9,7 @@ import functools
 import math
 import numbers
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -619,7 +620,8 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         module would find the old graph in dynamo's cache (kept with the forward's code, guarded on shapes and
         dtypes, not on values) and run its frozen weights: the caches go too (torch.compiler.reset(); any other
         compiled model of this process compiles again on its next call)."""
-        torch.compiler.reset()
+        if "torch._dynamo" in sys.modules:  # (else nothing was compiled, and importing it costs ~2 s)
+            torch.compiler.reset()
         self._compiled = None
 
     def disable_compile(self) -> None:
@@ -632,8 +634,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
             return torch.compile(model)
         from .compile_cache import CachedCompiledModel
 
-        return CachedCompiledModel(model, self._compile_cache, self._compiling,
-                                   lambda: CompiledCall(torch.compile(model), self), self, self._compile_options)
+        options = dict(self._compile_options)
+        return CachedCompiledModel(model, self._compile_cache, lambda: inductor_settings(self.device, **options),
+                                   lambda: CompiledCall(torch.compile(model), self), self, options)
 
     def _unet_call(self):
         """The U-Net as denoising calls it: compiled, or replayed from CUDA graphs, when that is enabled."""
@@ -1043,8 +1046,9 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         return self._interrupt
 
     def _compiling(self):
-        """compile()'s inductor settings, for the calls that may compile."""
-        if self._compile_options is None:
+        """compile()'s inductor settings, for the calls that may compile (with a cache_dir, CachedCompiledModel
+        enters them itself where it compiles: a process that only loads packages never imports inductor)."""
+        if self._compile_options is None or self._compile_cache is not None:
             return contextlib.nullcontext()
         return inductor_settings(self.device, **self._compile_options)
 
