@@ -27,6 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree
+
+from .models.attention import TextProjections
 
 FORMAT = 1  # what a package holds and how it is keyed: a new value leaves the old packages unused
 _SIMPLE = (bool, int, float, str, type(None))
@@ -65,16 +68,18 @@ def call_key(args: tuple, kwargs: dict) -> str | None:
         return None
 
 
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's values as bytes (a host copy where it lives elsewhere)."""
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer: name, dtype, shape and bytes (SD 1.5's U-Net in float32: ~2 s)."""
     digest = hashlib.sha256()
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
-        tensor = tensor.detach()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        data = tensor.to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            digest.update(memoryview(data.view(torch.uint8).numpy()))
+        digest.update(_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -90,8 +95,7 @@ def _setting(value):
     if isinstance(value, dict):
         return [[str(k), _setting(v)] for k, v in value.items()]
     if isinstance(value, torch.Tensor):  # (a tensor attribute that is neither parameter nor buffer)
-        return ["tensor", list(value.shape), str(value.dtype), hashlib.sha256(
-            memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()]
+        return ["tensor", list(value.shape), str(value.dtype), hashlib.sha256(_bytes(value)).hexdigest()]
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     attributes = getattr(value, "__dict__", None)
     if isinstance(value, torch.nn.Module) or not attributes:
@@ -151,17 +155,14 @@ class _Package:
     torch._inductor.aoti_load_package would import inductor and dynamo first (~2 s a process)."""
 
     def __init__(self, path: Path):
-        from torch.utils import _pytree
-
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        self._pytree = _pytree
         inputs, outputs = self.loader.get_call_spec()
         self.inputs, self.outputs = _pytree.treespec_loads(inputs), _pytree.treespec_loads(outputs)
         self.keywords = list(self.inputs.child(1).context)  # (the order export flattened them in)
 
     def __call__(self, *args, **kwargs):
-        flat, _ = self._pytree.tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))
-        return self._pytree.tree_unflatten(self.loader.boxed_run([x for x in flat if isinstance(x, torch.Tensor)]),
+        flat, _ = _pytree.tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))
+        return _pytree.tree_unflatten(self.loader.boxed_run([x for x in flat if isinstance(x, torch.Tensor)]),
                                            self.outputs)
 
 
@@ -205,10 +206,9 @@ class CachedCompiledModel:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        if torch.is_grad_enabled() or not all(t.device.type == "cpu" for t in _tensors((args, kwargs))):
+        if torch.is_grad_enabled() or not all(t.device.type == "cpu" for t in _pytree.tree_leaves((args, kwargs))
+                                              if isinstance(t, torch.Tensor)):
             return self._run_fallback(args, kwargs)
-        from .models.attention import TextProjections
-
         seen = getattr(self.pipe, "_seen_calls", None)
         context, text = TextProjections.for_call(self.model, args, kwargs)
         made = None
@@ -329,8 +329,6 @@ class _WithText(torch.nn.Module):
         self.model, self.layers = model, list(layers)
 
     def forward(self, args: tuple, kwargs: dict, pairs: list):
-        from .models.attention import TextProjections
-
         with TextProjections.put(self.layers, pairs):
             return self.model(*args, **kwargs)
 
@@ -338,8 +336,6 @@ class _WithText(torch.nn.Module):
 def _name_outputs() -> None:
     """Our models' NamedTuple outputs named for torch's pytree serialisation: a package stores how to rebuild its
     output (export refuses an unnamed NamedTuple, and loading needs the name registered)."""
-    from torch.utils import _pytree
-
     from .models.controlnet import ControlNetOutput
     from .models.unet import UNetOutput
 
@@ -351,16 +347,6 @@ def _name_outputs() -> None:
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return lines[0][:300] if lines else ""
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, (tuple, list)):
-        return [t for v in tree for t in _tensors(v)]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    return []
 
 
 def _plain(value):

@@ -638,13 +638,18 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         return CachedCompiledModel(model, self._compile_cache, lambda: inductor_settings(self.device, **options),
                                    lambda: CompiledCall(torch.compile(model), self), self, options)
 
+    def _looped(self, compiled: Callable) -> Callable:
+        """A compiled model as a denoising loop calls it: torch.compile's wrapped in CompiledCall (which projects
+        the text outside its graph and skips guards within the loop); a CachedCompiledModel does both itself."""
+        return compiled if self._compile_cache is not None else CompiledCall(compiled, self)
+
     def _unet_call(self):
         """The U-Net as denoising calls it: compiled, or replayed from CUDA graphs, when that is enabled."""
         if self._compile_options is not None:
             if self._compiled is None or self._compiled[0] is not self.unet:  # new, or the U-Net was replaced
                 _require_traceable(self.unet)
                 self._compiled = (self.unet, self._compiled_call(self.unet))
-            return self._compiled[1] if self._compile_cache is not None else CompiledCall(self._compiled[1], self)
+            return self._looped(self._compiled[1])
         if self._graphed is None:
             return self.unet
         if self._graphed.model is not self.unet:  # the U-Net was replaced since: capture anew

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.controlnet import ControlNetModel, MultiControlNetModel
-from .pipeline import (CompiledCall, Generators, LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline,
+from .pipeline import (Generators, LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline,
                        LatentDiffusionPipeline, _require_traceable)
 
 
@@ -134,7 +134,7 @@ class ControlNetMixin:
             if entry is None or entry[0] is not net:
                 _require_traceable(net, "a ControlNet")
                 entry = cache[id(net)] = (net, self._compiled_call(net))
-            calls.append(entry[1] if self._compile_cache is not None else CompiledCall(entry[1], self))
+            calls.append(self._looped(entry[1]))
         return calls
 
     def _controlled(self, control_image, height: int | None, width: int | None, scale, start, end,
