@@ -79,6 +79,49 @@ def test_digests_follow_the_weights_and_the_modules_settings():
     assert weights_digest(unet) != weights and settings_digest(unet) == settings
 
 
+def test_the_settings_watch_sees_every_change_the_digest_would():
+    """The settings are digested again only where a SettingsWatch saw a change (its check costs a small part of a
+    digest): every change below must show in both; calls and settings set to their own values in neither."""
+    import types
+
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.compile_cache import SettingsWatch
+    from latentdiff.models.unet import UNetConfig
+    from tiny import TINY_UNET, randomized
+
+    unet = randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).eval()
+    unet.conv_in.extra = types.SimpleNamespace(scale=1.0, per_layer=[1.0, 0.5], table={"a": [1]})
+    unet.conv_in.mask = torch.ones(3)
+
+    class Conv(torch.nn.Conv2d):
+        pass
+
+    changes = [lambda: unet.enable_freeu(0.9, 0.2, 1.5, 1.6), unet.train, unet.eval,
+               lambda: unet.conv_in.register_forward_hook(lambda module, args, out: out * 2),
+               lambda: setattr(unet.conv_in.extra, "scale", 0.5),
+               lambda: unet.conv_in.extra.per_layer.__setitem__(1, 0.25),
+               lambda: unet.conv_in.extra.table["a"].append(2),
+               lambda: setattr(unet.conv_in.extra, "added", "x"),
+               lambda: unet.conv_in.mask.mul_(2),
+               lambda: setattr(unet, "conv_out", torch.nn.Conv2d(unet.conv_out.in_channels, 4, 1)),
+               lambda: setattr(unet.conv_out, "__class__", Conv),
+               lambda: unet.conv_out.padding_mode.__class__]  # (the last changes nothing)
+    digest, watch = settings_digest(unet), SettingsWatch(unet)
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
+    unet.conv_in.extra.scale = 1.0
+    unet.training = False
+    assert watch.unchanged() and settings_digest(unet) == digest
+    for i, change in enumerate(changes):
+        change()
+        if i == len(changes) - 1:
+            assert watch.unchanged() and settings_digest(unet) == digest
+        else:
+            assert not watch.unchanged() and settings_digest(unet) != digest, i
+        digest, watch = settings_digest(unet), SettingsWatch(unet)
+        assert watch.unchanged()
+
+
 def test_digests_are_the_same_in_another_process(tmp_path):
     """A key that named anything of its process (an address, an id, a counter) would never be found again."""
     from latentdiff import UNet2DConditionModel

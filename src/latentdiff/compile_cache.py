@@ -122,6 +122,60 @@ def settings_digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
+class SettingsWatch:
+    """Says whether anything settings_digest read may have changed since the watch was made, in a small part of
+    the digest's time (tiny-shapes' U-Net: see docs/benchmarks.md), so that the digest is made again only then:
+    it keeps a copy of every table the digest reads (each module's attribute dict and its submodules, hook dicts,
+    lists and dicts among the attributes, the attribute dicts of other objects there), compared with the live
+    ones in C (entries by identity first, so an unchanged entry costs a pointer compare, then by ==: a value
+    rebound to an equal one, 1 to 1.0, counts as unchanged), the class of each of those objects, and a copy of
+    each tensor the digest hashed. A change it cannot compare (a tensor rebound in a table) counts as one."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.tables: list = []  # the live dicts and lists
+        self.copies: list = []  # their contents when the watch was made
+        self.objects: list = []
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for module in model.modules():
+            self._object(module)
+            self._table(module._modules)
+            for key, value in vars(module).items():
+                if key not in _MODULE_STATE:
+                    self._value(value)
+        self.types = [type(o) for o in self.objects]
+
+    def unchanged(self) -> bool:
+        try:
+            return (self.copies == self.tables and [type(o) for o in self.objects] == self.types
+                    and all(torch.equal(live, kept) for live, kept in self.tensors))
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):  # (a rebound tensor compared by value)
+            return False
+
+    def _table(self, table) -> None:
+        self.tables.append(table)
+        self.copies.append(table.copy())
+
+    def _object(self, value) -> None:
+        self.objects.append(value)
+        self._table(value.__dict__)
+
+    def _value(self, value) -> None:  # what _setting reads of `value`
+        if isinstance(value, _SIMPLE + (torch.dtype, torch.device, torch.memory_format, torch.nn.Module)):
+            return
+        if isinstance(value, torch.Tensor):
+            self.tensors.append((value, value.detach().clone()))
+        elif isinstance(value, (tuple, list, dict)):
+            if not isinstance(value, tuple):
+                self._table(value)
+            for item in (value.values() if isinstance(value, dict) else value):
+                self._value(item)
+        elif isinstance(getattr(value, "__dict__", None), dict):
+            self._object(value)
+            for item in vars(value).values():
+                if isinstance(item, (tuple, list, dict)):
+                    self._value(item)
+
+
 @lru_cache(maxsize=None)
 def source_digest() -> str:
     """SHA-256 of latentdiff's own source files (the code a package was compiled from)."""
@@ -183,8 +237,9 @@ class CachedCompiledModel:
     export or compile failed (warned once), run `fallback()` (torch.compile's call) instead.
 
     The weights are read once, at the first call (they are frozen into the packages: weights changed in place later
-    are not seen, as with compile()); the modules' settings at the first call of each denoising loop (`pipe`'s
-    _seen_calls, as CompiledCall) or of each call outside one."""
+    are not seen, as with compile()); the modules' settings are checked at the first call of each denoising loop
+    (`pipe`'s _seen_calls, as CompiledCall), after each step callback, and at each call outside a loop: through a
+    SettingsWatch, digested again only where it saw a change."""
 
     def __init__(self, model: torch.nn.Module, folder: str | os.PathLike, settings: Callable,
                  fallback: Callable[[], Callable], pipe=None, options: dict | None = None):
@@ -192,6 +247,8 @@ class CachedCompiledModel:
         self.fallback, self.pipe, self.options = fallback, pipe, dict(options or {})
         self._weights: str | None = None
         self._settings: str | None = None
+        self._watch: SettingsWatch | None = None  # (says when the settings must be digested again)
+        self._keys: dict[tuple[str, str], str] = {}  # (layout, settings digest) -> key
         self._runs: dict[str, Callable | None] = {}  # key -> the loaded package (None: run the fallback)
         self._fallback: Callable | None = None
         self.compiled_packages: list[Path] = []  # the packages this object compiled
@@ -242,15 +299,19 @@ class CachedCompiledModel:
         try:
             if self._weights is None:
                 self._weights = weights_digest(self.model)
-            if self._settings is None or seen is None or marker not in seen:
-                self._settings = settings_digest(self.model)
+            if self._settings is None or (seen is None or marker not in seen) and not self._watch.unchanged():
+                self._settings, self._watch = settings_digest(self.model), SettingsWatch(self.model)
         except (NotImplementedError, RuntimeError):
             return None
         if seen is not None:
             seen.add(marker)
-        described = {"format": FORMAT, "machine": machine(), "source": source_digest(), "weights": self._weights,
-                     "settings": self._settings, "options": self.options, "call": layout}
-        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
+        key = self._keys.get((layout, self._settings))
+        if key is None:
+            described = {"format": FORMAT, "machine": machine(), "source": source_digest(), "options": self.options,
+                         "weights": self._weights, "settings": self._settings, "call": layout}
+            key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
+            self._keys[(layout, self._settings)] = key
+        return key
 
     def _run_fallback(self, args, kwargs):
         if self._fallback is None:
