@@ -80,12 +80,12 @@ def test_digests_follow_the_weights_and_the_modules_settings():
 
 
 def test_the_settings_watch_sees_every_change_the_digest_would():
-    """The settings are digested again only where a SettingsWatch saw a change (its check costs a small part of a
-    digest): every change below must show in both; calls and settings set to their own values in neither."""
+    """The settings are digested again only where Settings.unchanged() saw a change (its check costs a small part
+    of a digest): every change below must show in both; calls and settings set to their own values in neither."""
     import types
 
     from latentdiff import UNet2DConditionModel
-    from latentdiff.compile_cache import SettingsWatch
+    from latentdiff.compile_cache import Settings
     from latentdiff.models.unet import UNetConfig
     from tiny import TINY_UNET, randomized
 
@@ -105,8 +105,12 @@ def test_the_settings_watch_sees_every_change_the_digest_would():
                lambda: unet.conv_in.mask.mul_(2),
                lambda: setattr(unet, "conv_out", torch.nn.Conv2d(unet.conv_out.in_channels, 4, 1)),
                lambda: setattr(unet.conv_out, "__class__", Conv),
+               # (a module held as a plain attribute, outside the tree, as an IP-Adapter's layers: its weights too)
+               lambda: object.__setattr__(unet.conv_in, "side", torch.nn.Linear(3, 3)),
+               lambda: object.__setattr__(unet.conv_in, "side", torch.nn.Linear(3, 3)),
                lambda: unet.conv_out.padding_mode.__class__]  # (the last changes nothing)
-    digest, watch = settings_digest(unet), SettingsWatch(unet)
+    watch = Settings(unet)
+    digest = watch.digest
     with torch.no_grad():
         unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
     unet.conv_in.extra.scale = 1.0
@@ -118,27 +122,72 @@ def test_the_settings_watch_sees_every_change_the_digest_would():
             assert watch.unchanged() and settings_digest(unet) == digest
         else:
             assert not watch.unchanged() and settings_digest(unet) != digest, i
-        digest, watch = settings_digest(unet), SettingsWatch(unet)
+        watch = Settings(unet)
+        digest = watch.digest
         assert watch.unchanged()
 
+    class Calls:  # (an object whose class names what its calls leave in it, as the IP-Adapters' do)
+        _per_call = ("memo",)
 
-def test_digests_are_the_same_in_another_process(tmp_path):
-    """A key that named anything of its process (an address, an id, a counter) would never be found again."""
+        def __init__(self):
+            self.scale, self.memo = 1.0, None
+
+    object.__setattr__(unet.conv_in, "calls", Calls())
+    assert settings_digest(unet) != digest
+    digest = settings_digest(unet)
+    unet.conv_in.calls.memo = torch.randn(3)
+    assert settings_digest(unet) == digest
+
+
+def loaded(folder, lora, ip):
+    """The pipeline with a LoRA and an IP-Adapter (this function's source runs in the other process too)."""
+    from latentdiff import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(lora)
+    pipe.load_ip_adapter(ip, weight_name="ip.safetensors")
+    pipe.set_ip_adapter_scale(0.7)
+    return pipe
+
+
+def test_digests_are_the_same_in_another_process(tiny_folders, ip_folder, tmp_path):
+    """A key that named anything of its process (an address, an id, a counter) would never be found again: the
+    U-Net with a LoRA and an IP-Adapter loaded, after a call (which leaves state in the IP-Adapters), against the
+    same loaded in a new process. Loading another IP-Adapter of the same shapes changes the settings (its layers
+    are plain attributes of the U-Net, outside its weights); a LoRA scale set back gives the same settings."""
+    import inspect
+
+    from safetensors.torch import load_file, save_file
+
     from latentdiff import UNet2DConditionModel
-    from latentdiff.models.unet import UNetConfig
-    from tiny import TINY_UNET, randomized
+    from latentdiff.compile_cache import Settings
+    from test_ip_adapter import IMAGE
+    from tiny import generate
 
-    randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).save_pretrained(tmp_path / "unet")
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-    with torch.no_grad():
-        unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 32))
-    script = ("import sys; from latentdiff import UNet2DConditionModel; "
-              "from latentdiff.compile_cache import settings_digest, weights_digest; "
-              "unet = UNet2DConditionModel.from_pretrained(sys.argv[1]).eval(); "
-              "print(weights_digest(unet), settings_digest(unet))")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "unet")], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == [weights_digest(unet), settings_digest(unet)]
+    g = torch.Generator().manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_folders[0] / "unet")
+    lora = {f"unet.{path}.lora_{ab}.weight": torch.randn(*shape, generator=g)
+            for path, layer in unet.named_modules() if path.endswith("attn2.to_k")
+            for ab, shape in (("A", (2, layer.in_features)), ("B", (layer.out_features, 2)))}
+    save_file(lora, tmp_path / "lora.safetensors")
+    args = [str(tiny_folders[0]), str(tmp_path / "lora.safetensors"), str(ip_folder)]
+    script = (f"import sys\n{inspect.getsource(loaded)}\npipe = loaded(*sys.argv[1:])\n"
+              "from latentdiff.compile_cache import settings_digest, weights_digest\n"
+              "print(weights_digest(pipe.unet), settings_digest(pipe.unet))")
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    pipe = loaded(*args)
+    generate(pipe, ip_adapter_image=IMAGE)
+    settings = Settings(pipe.unet)
+    assert out.stdout.split() == [weights_digest(pipe.unet), settings.digest]
+    pipe.set_adapters("default_0", 0.5)
+    pipe.set_adapters("default_0", 1.0)
+    assert settings_digest(pipe.unet) == settings.digest
+    state = load_file(ip_folder / "ip.safetensors")
+    shutil.copytree(ip_folder / "image_encoder", tmp_path / "other" / "image_encoder")
+    save_file({k: v * 1.01 if "to_k_ip" in k else v for k, v in state.items()}, tmp_path / "other" / "ip.safetensors")
+    pipe.load_ip_adapter(tmp_path / "other", weight_name="ip.safetensors")
+    pipe.set_ip_adapter_scale(0.7)
+    assert not settings.unchanged() and settings_digest(pipe.unet) != settings.digest
 
 
 def test_exported_unet_reads_the_text_projected_outside():

@@ -321,3 +321,23 @@ def test_masks_match_diffusers(tiny_folders, ip_folder, tmp_path):
     with pytest.raises(ValueError, match="2 masks for an adapter given 1 images"):
         generate(ours, ip_adapter_image=[IMAGE, other],
                  cross_attention_kwargs={"ip_adapter_masks": [None, masks.reshape(1, 2, 16, 16)]})
+
+
+@pytest.mark.slow  # (an AOTInductor compile of ~2 minutes on a 2-core CPU; make test-slow)
+def test_compile_cache_runs_the_ip_adapter(tiny_folders, ip_folder, tmp_path):
+    """compile(cache_dir=): the U-Net's calls with image tokens run from a package, with the eager images; a
+    pipeline loaded anew, that has made no call yet (as in a new process), loads that package."""
+    def loaded():
+        pipe = LatentDiffusionPipeline.from_pretrained(tiny_folders[0])
+        pipe.load_ip_adapter(ip_folder, weight_name="ip.safetensors")
+        pipe.set_ip_adapter_scale(0.7)
+        return pipe
+
+    pipe = loaded()
+    eager = generate(pipe, ip_adapter_image=IMAGE)
+    for compiled, loads in [(1, 0), (0, 1)]:
+        pipe.compile(max_autotune=False, cache_dir=tmp_path)
+        np.testing.assert_allclose(generate(pipe, ip_adapter_image=IMAGE), eager, atol=1e-4, rtol=0)
+        model = pipe._compiled[1]
+        assert (len(model.compiled_packages), len(model.loaded_packages)) == (compiled, loads)
+        pipe = loaded()

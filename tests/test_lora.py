@@ -394,34 +394,60 @@ def test_lora_with_compile_cache_and_from_pipe(folders, tmp_path):
         close(pipe.unet(X, 500, CTX), plain_unet, 0)
 
 
-@pytest.mark.slow  # (two torch.compile graphs of ~30 s each on a 2-core CPU; make test-slow)
-def test_compiled_unet_follows_the_adapters(folders):
-    """A compiled U-Net freezes its weights into the graph: a LoRA change compiles it again (dynamo's cache would
-    otherwise hand back the old graph), and it gives the eager images with the LoRA."""
-    folder, _ = folders
-    pipe = ours(folder)
+def attention_lora(pipe) -> dict[str, torch.Tensor]:
+    """A random rank-2 LoRA of some of the U-Net's attention projections, as a state dict."""
     g = torch.Generator().manual_seed(0)
     state = {}
     for path, layer in pipe.unet.named_modules():
         if path.endswith(("attn2.to_k", "attn2.to_v", "attn1.to_q")):
             state[f"unet.{path}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g)
             state[f"unet.{path}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g)
+    return state
 
-    def images():
-        return pipe("a red circle", num_inference_steps=2, output_type="pt", progress=False,
-                    generator=torch.Generator().manual_seed(0)).images
 
-    pipe.load_lora_weights(state)
+def two_steps(pipe) -> torch.Tensor:
+    return pipe("a red circle", num_inference_steps=2, output_type="pt", progress=False,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.slow  # (two torch.compile graphs of ~30 s each on a 2-core CPU; make test-slow)
+def test_compiled_unet_follows_the_adapters(folders):
+    """A compiled U-Net freezes its weights into the graph: a LoRA change compiles it again (dynamo's cache would
+    otherwise hand back the old graph), and it gives the eager images with the LoRA."""
+    folder, _ = folders
+    pipe = ours(folder)
+    pipe.load_lora_weights(attention_lora(pipe))
     pipe.set_adapters("default_0", 0.0)
-    plain = images()
+    plain = two_steps(pipe)
     pipe.compile(max_autotune=False)
-    close(images(), plain, 1e-4)
+    close(two_steps(pipe), plain, 1e-4)
     pipe.set_adapters("default_0", 0.5)
-    compiled = images()
+    compiled = two_steps(pipe)
     pipe.disable_compile()
-    eager = images()
+    eager = two_steps(pipe)
     assert (eager - plain).abs().max() > 1e-2
     close(compiled, eager, 1e-4)
+
+
+@pytest.mark.slow  # (two AOTInductor compiles of ~100 s each on a 2-core CPU; make test-slow)
+def test_compile_cache_keeps_a_package_per_adapter_setting(folders, tmp_path):
+    """compile(cache_dir=): a LoRA scale gets a package of its own, with the eager images of that scale; back to an
+    earlier scale, its package is loaded again, not compiled."""
+    folder, _ = folders
+    pipe = ours(folder)
+    pipe.load_lora_weights(attention_lora(pipe))
+    eager = {}
+    for scale in (0.0, 0.5):
+        pipe.set_adapters("default_0", scale)
+        eager[scale] = two_steps(pipe)
+    assert (eager[0.5] - eager[0.0]).abs().max() > 1e-2
+    pipe.compile(max_autotune=False, cache_dir=tmp_path / "compiled")
+    for scale, compiled, loaded in [(0.0, 1, 0), (0.5, 1, 0), (0.0, 0, 1), (0.5, 0, 1)]:
+        pipe.set_adapters("default_0", scale)
+        close(two_steps(pipe), eager[scale], 1e-4)
+        model = pipe._compiled[1]
+        assert (len(model.compiled_packages), len(model.loaded_packages)) == (compiled, loaded), scale
+    assert len(list((tmp_path / "compiled").glob("*.pt2"))) == 2
 
 
 def test_errors(folders, tmp_path):

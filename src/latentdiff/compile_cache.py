@@ -83,66 +83,40 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _setting(value):
-    """A module attribute as it can change what forward() computes: its value where it is plain data, else its
-    type (a callable's, a processor object's) and, for objects with plain attributes, those."""
-    if isinstance(value, _SIMPLE):
-        return repr(value)
-    if isinstance(value, torch.dtype | torch.device | torch.memory_format):
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return [_setting(v) for v in value]
-    if isinstance(value, dict):
-        return [[str(k), _setting(v)] for k, v in value.items()]
-    if isinstance(value, torch.Tensor):  # (a tensor attribute that is neither parameter nor buffer)
-        return ["tensor", list(value.shape), str(value.dtype), hashlib.sha256(_bytes(value)).hexdigest()]
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
-    attributes = getattr(value, "__dict__", None)
-    if isinstance(value, torch.nn.Module) or not attributes:
-        return kind
-    return [kind, [[k, _setting(v) if isinstance(v, (*_SIMPLE, tuple, list, dict)) else type(v).__qualname__]
-                   for k, v in sorted(attributes.items())]]
-
-
-# what forward() does not read (the weights are keyed apart; the rest concerns saving, loading and gradients), and
-# caches of what it computed (a torch.compile'd call's projections of the text, attention.TextProjections)
+# what forward() does not read (the weights are keyed apart; the rest concerns saving, loading and gradients), caches
+# of what it computed (a torch.compile'd call's projections of the text, attention.TextProjections), and the LoRA
+# adapters' bookkeeping (lora.ModelAdapters: they are merged into the weights, which are keyed; it names weights by
+# address and version, which would make every process's key, and every scale set again, a new one)
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
                  "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-                 "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook", "_text_projections"}
+                 "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook", "_text_projections", "_lora"}
 
 
-def settings_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of what a module tree computes beyond its weights: each module's class, training flag and other
-    attributes (LoRA scales, FreeU's factors, attention settings, hooks) as _setting describes them."""
-    described = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        state = [[k, v if type(v) is bool else _setting(v)] for k, v in vars(module).items()
-                 if k not in _MODULE_STATE and not (type(v) is OrderedDict and not v)]
-        described.append([name, type(module).__module__, type(module).__qualname__, sorted(state)])
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
+class Settings:
+    """What a module tree computes beyond its weights: `digest`, a SHA-256 of each module's class and attributes
+    (training flag, FreeU's factors, attention options, hooks, an IP-Adapter's scales and masks) described as
+    plain data: plain values as they are; tensors by their bytes; lists, tuples and dicts item by item; modules
+    outside the tree (an IP-Adapter's layers, held as plain attributes) by their own settings and weights; other
+    objects by class, with their plain attributes (but not those their class lists in `_per_call`: what a call
+    leaves there); callables by class.
 
-
-class SettingsWatch:
-    """Says whether anything settings_digest read may have changed since the watch was made, in a small part of
-    the digest's time (tiny-shapes' U-Net: see docs/benchmarks.md), so that the digest is made again only then:
-    it keeps a copy of every table the digest reads (each module's attribute dict and its submodules, hook dicts,
-    lists and dicts among the attributes, the attribute dicts of other objects there), compared with the live
-    ones in C (entries by identity first, so an unchanged entry costs a pointer compare, then by ==: a value
-    rebound to an equal one, 1 to 1.0, counts as unchanged), the class of each of those objects, and a copy of
-    each tensor the digest hashed. A change it cannot compare (a tensor rebound in a table) counts as one."""
+    `unchanged()` says whether anything the digest read may have changed since, in a small part of the digest's
+    time (tiny-shapes' U-Net: 0.2-1.1 ms against 7 ms; docs/benchmarks.md): the walk kept a copy of every table it
+    read (attribute dicts of modules and objects, submodule and hook tables, lists and dicts), compared with the
+    live ones in C (entries by identity first, so an unchanged entry costs a pointer compare, then by ==: a value
+    rebound to an equal one, 1 to 1.0, counts as unchanged), the classes of those objects, and copies of the
+    tensors it hashed. A change it cannot compare (a tensor rebound in a table) counts as one."""
 
     def __init__(self, model: torch.nn.Module):
         self.tables: list = []  # the live dicts and lists
-        self.copies: list = []  # their contents when the watch was made
+        self.copies: list = []  # their contents when the walk read them
         self.objects: list = []
         self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for module in model.modules():
-            self._object(module)
-            self._table(module._modules)
-            for key, value in vars(module).items():
-                if key not in _MODULE_STATE:
-                    self._value(value)
+        self._tree = {id(m) for m in model.modules()}
+        self._described: dict[int, object] = {}  # id -> description of an object read before in this walk
+        described = self._modules(model)
         self.types = [type(o) for o in self.objects]
+        self.digest = hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
     def unchanged(self) -> bool:
         try:
@@ -150,6 +124,20 @@ class SettingsWatch:
                     and all(torch.equal(live, kept) for live, kept in self.tensors))
         except (RuntimeError, ValueError, TypeError, NotImplementedError):  # (a rebound tensor compared by value)
             return False
+
+    def _modules(self, root: torch.nn.Module) -> list:
+        modules = []
+        for name, module in root.named_modules(remove_duplicate=False):
+            self._object(module)
+            self._table(module._modules)
+            state = []
+            for key, value in vars(module).items():
+                if key not in _MODULE_STATE:
+                    setting = value if type(value) is bool else self._value(value)
+                    if not (type(value) is OrderedDict and not value):  # (an empty hook table: watched only)
+                        state.append([key, setting])
+            modules.append([name, type(module).__module__, type(module).__qualname__, sorted(state)])
+        return modules
 
     def _table(self, table) -> None:
         self.tables.append(table)
@@ -159,21 +147,43 @@ class SettingsWatch:
         self.objects.append(value)
         self._table(value.__dict__)
 
-    def _value(self, value) -> None:  # what _setting reads of `value`
-        if isinstance(value, _SIMPLE + (torch.dtype, torch.device, torch.memory_format, torch.nn.Module)):
-            return
+    def _value(self, value):
+        if type(value) in _SIMPLE or isinstance(value, _SIMPLE):  # (the first test is the fast one)
+            return repr(value)
+        if isinstance(value, torch.dtype | torch.device | torch.memory_format):
+            return str(value)
         if isinstance(value, torch.Tensor):
             self.tensors.append((value, value.detach().clone()))
-        elif isinstance(value, (tuple, list, dict)):
+            return ["tensor", list(value.shape), str(value.dtype), hashlib.sha256(_bytes(value)).hexdigest()]
+        if isinstance(value, (tuple, list, dict)):
             if not isinstance(value, tuple):
                 self._table(value)
-            for item in (value.values() if isinstance(value, dict) else value):
-                self._value(item)
-        elif isinstance(getattr(value, "__dict__", None), dict):
-            self._object(value)
-            for item in vars(value).values():
-                if isinstance(item, (tuple, list, dict)):
-                    self._value(item)
+            if isinstance(value, dict):
+                return [[str(k), self._value(v)] for k, v in value.items()]
+            return [self._value(v) for v in value]
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        if id(value) in self._described:
+            return self._described[id(value)]
+        if isinstance(value, torch.nn.Module):
+            if id(value) in self._tree:
+                return kind
+            self._tree |= {id(m) for m in value.modules()}
+            described = self._described[id(value)] = [kind, self._modules(value), weights_digest(value)]
+            return described
+        if not isinstance(getattr(value, "__dict__", None), dict):
+            return kind
+        self._object(value)
+        skip = getattr(type(value), "_per_call", ())
+        described = self._described[id(value)] = [kind, [
+            [k, self._value(v) if isinstance(v, (*_SIMPLE, tuple, list, dict, torch.Tensor, torch.nn.Module))
+             else f"{type(v).__module__}.{type(v).__qualname__}"]
+            for k, v in sorted(vars(value).items()) if k not in skip]] if vars(value) else kind
+        return described
+
+
+def settings_digest(model: torch.nn.Module) -> str:
+    """Settings(model).digest."""
+    return Settings(model).digest
 
 
 @lru_cache(maxsize=None)
@@ -238,16 +248,15 @@ class CachedCompiledModel:
 
     The weights are read once, at the first call (they are frozen into the packages: weights changed in place later
     are not seen, as with compile()); the modules' settings are checked at the first call of each denoising loop
-    (`pipe`'s _seen_calls, as CompiledCall), after each step callback, and at each call outside a loop: through a
-    SettingsWatch, digested again only where it saw a change."""
+    (`pipe`'s _seen_calls, as CompiledCall), after each step callback, and at each call outside a loop (by
+    Settings.unchanged(); digested again only where that saw a change)."""
 
     def __init__(self, model: torch.nn.Module, folder: str | os.PathLike, settings: Callable,
                  fallback: Callable[[], Callable], pipe=None, options: dict | None = None):
         self.model, self.folder, self.settings = model, Path(folder), settings
         self.fallback, self.pipe, self.options = fallback, pipe, dict(options or {})
         self._weights: str | None = None
-        self._settings: str | None = None
-        self._watch: SettingsWatch | None = None  # (says when the settings must be digested again)
+        self._settings: Settings | None = None
         self._keys: dict[tuple[str, str], str] = {}  # (layout, settings digest) -> key
         self._runs: dict[str, Callable | None] = {}  # key -> the loaded package (None: run the fallback)
         self._fallback: Callable | None = None
@@ -299,18 +308,18 @@ class CachedCompiledModel:
         try:
             if self._weights is None:
                 self._weights = weights_digest(self.model)
-            if self._settings is None or (seen is None or marker not in seen) and not self._watch.unchanged():
-                self._settings, self._watch = settings_digest(self.model), SettingsWatch(self.model)
+            if self._settings is None or (seen is None or marker not in seen) and not self._settings.unchanged():
+                self._settings = Settings(self.model)
         except (NotImplementedError, RuntimeError):
             return None
         if seen is not None:
             seen.add(marker)
-        key = self._keys.get((layout, self._settings))
+        key = self._keys.get((layout, self._settings.digest))
         if key is None:
             described = {"format": FORMAT, "machine": machine(), "source": source_digest(), "options": self.options,
-                         "weights": self._weights, "settings": self._settings, "call": layout}
-            key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
-            self._keys[(layout, self._settings)] = key
+                         "weights": self._weights, "settings": self._settings.digest, "call": layout}
+            key = self._keys[(layout, self._settings.digest)] = hashlib.sha256(
+                json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
         return key
 
     def _run_fallback(self, args, kwargs):

@@ -130,6 +130,8 @@ class IPAdapters:
     """What a U-Net holds of its loaded IP-Adapters (`unet._ip`): one IPAdapterState each, and the last context it
     extended with their image tokens (see context)."""
 
+    _per_call = ("counts", "memo")  # what a call leaves here: not a setting of the U-Net (compile_cache.Settings)
+
     def __init__(self, adapters: list[IPAdapterState]):
         self.adapters = adapters
         self.counts: tuple[int, ...] = ()  # tokens each adapter appended to the contexts of the current call
