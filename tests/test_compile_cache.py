@@ -126,8 +126,8 @@ def test_the_settings_watch_sees_every_change_the_digest_would():
         digest = watch.digest
         assert watch.unchanged()
 
-    class Calls:  # (an object whose class names what its calls leave in it, as the IP-Adapters' do)
-        _per_call = ("memo",)
+    class Calls:  # (an object whose class names what its calls computed, as the IP-Adapters' do)
+        _caches = ("memo",)
 
         def __init__(self):
             self.scale, self.memo = 1.0, None
@@ -140,10 +140,12 @@ def test_the_settings_watch_sees_every_change_the_digest_would():
 
 
 def loaded(folder, lora, ip):
-    """The pipeline with a LoRA and an IP-Adapter (this function's source runs in the other process too)."""
+    """The pipeline with a LoRA, an IP-Adapter and fused attention projections (this function's source runs in
+    the other process too)."""
     from latentdiff import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.fuse_qkv_projections()
     pipe.load_lora_weights(lora)
     pipe.load_ip_adapter(ip, weight_name="ip.safetensors")
     pipe.set_ip_adapter_scale(0.7)
@@ -152,8 +154,8 @@ def loaded(folder, lora, ip):
 
 def test_digests_are_the_same_in_another_process(tiny_folders, ip_folder, tmp_path):
     """A key that named anything of its process (an address, an id, a counter) would never be found again: the
-    U-Net with a LoRA and an IP-Adapter loaded, after a call (which leaves state in the IP-Adapters), against the
-    same loaded in a new process. Loading another IP-Adapter of the same shapes changes the settings (its layers
+    U-Net with a LoRA and an IP-Adapter loaded, after a call (which leaves caches in the IP-Adapters and the
+    attention layers), against the same loaded in a new process. Loading another IP-Adapter of the same shapes changes the settings (its layers
     are plain attributes of the U-Net, outside its weights); a LoRA scale set back gives the same settings."""
     import inspect
 

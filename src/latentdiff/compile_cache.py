@@ -97,8 +97,9 @@ class Settings:
     (training flag, FreeU's factors, attention options, hooks, an IP-Adapter's scales and masks) described as
     plain data: plain values as they are; tensors by their bytes; lists, tuples and dicts item by item; modules
     outside the tree (an IP-Adapter's layers, held as plain attributes) by their own settings and weights; other
-    objects by class, with their plain attributes (but not those their class lists in `_per_call`: what a call
-    leaves there); callables by class.
+    objects by class, with their plain attributes; callables by class. A class may name attributes that hold what
+    its calls computed (`_caches`: the attention layers' concatenated projections, the IP-Adapters' last context),
+    which are left out: they differ between processes (they name tensors by address) and from call to call.
 
     `unchanged()` says whether anything the digest read may have changed since, in a small part of the digest's
     time (tiny-shapes' U-Net: 0.2-1.1 ms against 7 ms; docs/benchmarks.md): the walk kept a copy of every table it
@@ -130,9 +131,9 @@ class Settings:
         for name, module in root.named_modules(remove_duplicate=False):
             self._object(module)
             self._table(module._modules)
-            state = []
+            state, caches = [], getattr(type(module), "_caches", ())
             for key, value in vars(module).items():
-                if key not in _MODULE_STATE:
+                if key not in _MODULE_STATE and key not in caches:
                     setting = value if type(value) is bool else self._value(value)
                     if not (type(value) is OrderedDict and not value):  # (an empty hook table: watched only)
                         state.append([key, setting])
@@ -173,7 +174,7 @@ class Settings:
         if not isinstance(getattr(value, "__dict__", None), dict):
             return kind
         self._object(value)
-        skip = getattr(type(value), "_per_call", ())
+        skip = getattr(type(value), "_caches", ())
         described = self._described[id(value)] = [kind, [
             [k, self._value(v) if isinstance(v, (*_SIMPLE, tuple, list, dict, torch.Tensor, torch.nn.Module))
              else f"{type(v).__module__}.{type(v).__qualname__}"]

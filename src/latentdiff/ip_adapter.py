@@ -130,7 +130,7 @@ class IPAdapters:
     """What a U-Net holds of its loaded IP-Adapters (`unet._ip`): one IPAdapterState each, and the last context it
     extended with their image tokens (see context)."""
 
-    _per_call = ("counts", "memo")  # what a call leaves here: not a setting of the U-Net (compile_cache.Settings)
+    _caches = ("counts", "memo")  # what calls computed, not settings (compile_cache.Settings leaves them out)
 
     def __init__(self, adapters: list[IPAdapterState]):
         self.adapters = adapters

@@ -66,6 +66,9 @@ class Attention(nn.Module):
     # softmax(q k^T / sqrt(d)) v of [B, heads, N, d] tensors; optimize_for_inference() sets amx.attention
     # on a layer where the CPU has AMX (it falls back to this one for what it does not take)
     attend = staticmethod(F.scaled_dot_product_attention)
+    # what eager calls computed and kept (never read under torch.compile or export): not settings, which
+    # compile_cache.Settings leaves out of its key
+    _caches = ("context_cache", "fused")
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
                  bias: bool = False, upcast: bool = False):
