@@ -1,6 +1,7 @@
 """compile(cache_dir=): models compiled ahead of time (AOTInductor) into packages kept on disk, found again by a key
 of everything their code depends on, loaded by later models and processes instead of compiling again."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,8 +156,9 @@ def loaded(folder, lora, ip):
 def test_digests_are_the_same_in_another_process(tiny_folders, ip_folder, tmp_path):
     """A key that named anything of its process (an address, an id, a counter) would never be found again: the
     U-Net with a LoRA and an IP-Adapter loaded, after a call (which leaves caches in the IP-Adapters and the
-    attention layers), against the same loaded in a new process. Loading another IP-Adapter of the same shapes changes the settings (its layers
-    are plain attributes of the U-Net, outside its weights); a LoRA scale set back gives the same settings."""
+    attention layers), against the same loaded in a new process. Loading another IP-Adapter of the same shapes
+    changes the settings (its layers are plain attributes of the U-Net, outside its weights); a LoRA scale set
+    back gives the same settings."""
     import inspect
 
     from safetensors.torch import load_file, save_file
@@ -337,3 +339,48 @@ def test_compiled_pipeline_is_kept_and_loaded_by_a_new_process(tmp_path):
     assert "text_projected_outside" in note.read_text()
     assert error < 1e-4 and error2 < 1e-4 and seconds2 < 30
     np.testing.assert_array_equal(np.load(tmp_path / "second.npy"), np.load(tmp_path / "first.npy"))
+
+
+def test_packages_are_listed_and_those_never_usable_pruned(tmp_path, capsys):
+    """packages() tells each package's note and whether this installation can use it; prune() (and `latentdiff
+    compiled --prune`) deletes the stale ones, notes without a package and partial files of ended compiles."""
+    from latentdiff.cli import main
+    from latentdiff.compile_cache import _describe, packages, prune
+
+    layout = call_key((torch.zeros(2, 4, 16, 16), torch.tensor(1.0)), {})
+    for name, change in [("usable", None), ("source", ("source", "0" * 64)), ("torch", ("torch", "0.0")),
+                         ("noted", None)]:
+        path = tmp_path / f"Model-{name}.pt2"
+        path.write_bytes(b"x" * 1000)
+        if name != "noted":
+            _describe(path, small_model(), layout, 12.5)
+        if change is not None:
+            note = json.loads(path.with_suffix(".json").read_text())
+            if change[0] == "torch":
+                note["machine"]["torch"] = change[1]
+            else:
+                note[change[0]] = change[1]
+            path.with_suffix(".json").write_text(json.dumps(note))
+    (tmp_path / "Model-orphan.json").write_text("{}")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead, alive = (tmp_path / f".Model-x.{pid}.partial.pt2" for pid in (ended.pid, os.getpid()))
+    for partial in (dead, alive):
+        partial.write_bytes(b"")
+    found = {entry["path"].stem.split("-")[1]: entry for entry in packages(tmp_path)}
+    assert sorted(found) == ["noted", "source", "torch", "usable"]
+    assert found["usable"]["stale"] is None and found["usable"]["compile_seconds"] == 12.5
+    assert found["usable"]["bytes"] == 1000 and found["noted"]["stale"] is None  # (no note: it cannot tell)
+    assert found["source"]["stale"] == "made by other latentdiff source code"
+    assert found["torch"]["stale"].startswith("made by torch 0.0")
+    assert main(["compiled", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "4 compiled models" in out and "Model-usable.pt2  Sequential" in out and "2x4x16x16 float32" in out
+    assert "usable here" in out and "made by other latentdiff source code" in out
+    assert main(["compiled", str(tmp_path), "--prune"]) == 0
+    assert "removed 6 files" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".Model-x.%d.partial.pt2" % os.getpid(), "Model-noted.pt2", "Model-usable.json", "Model-usable.pt2"])
+    assert prune(tmp_path) == []
+    assert main(["compiled", str(tmp_path / "missing")]) == 2
+    assert "compiled-model folder not found" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`latentdiff generate | convert | info | train | eval`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
+"""`latentdiff generate | convert | info | compiled | train | eval`. Errors print one line, not a traceback (LATENTDIFF_DEBUG=1 shows it)."""
 from __future__ import annotations
 
 import argparse
@@ -266,11 +266,43 @@ def compile_folder(args) -> str | None:
         raise ValueError("--compile-cache is where --compile keeps compiled models: add --compile, or leave it out")
     if not args.compile:
         return None
-    if args.compile_cache is not None:
-        return args.compile_cache
+    return args.compile_cache if args.compile_cache is not None else default_compile_folder()
+
+
+def default_compile_folder() -> str:
     from .models.native import cache_folder
 
     return str(cache_folder() / "compiled")
+
+
+def cmd_compiled(args) -> None:
+    """The compiled models kept by --compile (or compile(cache_dir=)): one line each; --prune deletes those this
+    installation can never use."""
+    from .compile_cache import packages, prune
+
+    folder = Path(args.folder or default_compile_folder())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"compiled-model folder not found: {folder} (--compile makes it at its first run)")
+    if args.prune:
+        removed = prune(folder)
+        print(f"removed {len(removed)} files from {folder}" + "".join(f"\n  {p.name}" for p in removed))
+        return
+    found = packages(folder)
+    total = sum(entry["bytes"] for entry in found)
+    print(f"{folder}: {len(found)} compiled models, {total / 2**20:.1f} MiB")
+    for entry in found:
+        tensors = _tensor_shapes(entry.get("call"))
+        model = entry.get("model", "?").rsplit(".", 1)[-1]
+        print(f"  {entry['path'].name}  {model}, {entry['bytes'] / 2**20:.1f} MiB, "
+              f"compiled {entry.get('created', '?')} in {entry.get('compile_seconds', '?')} s; first input "
+              f"{tensors[0] if tensors else '?'}: {entry['stale'] or 'usable here'}")
+
+
+def _tensor_shapes(layout) -> list[str]:
+    """'2x4x16x16 float32' for each tensor of a package's call layout (its note's "call"), in order."""
+    if isinstance(layout, list) and layout[:1] == ["tensor"] and len(layout) == 5:
+        return [f"{'x'.join(map(str, layout[1]))} {layout[3].replace('torch.', '')}"]
+    return [shape for item in layout for shape in _tensor_shapes(item)] if isinstance(layout, list) else []
 
 
 def sigma_grid_options(scheduler: str, sigmas: str | None) -> dict:
@@ -697,6 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="a pipeline's components, parameter counts and dtypes")
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("compiled", help="the compiled models that --compile keeps (list, or --prune)")
+    k.add_argument("folder", nargs="?", default=None,
+                   help="the folder (default: the one --compile uses, latentdiff/compiled in $XDG_CACHE_HOME or "
+                        "~/.cache)")
+    k.add_argument("--prune", action="store_true",
+                   help="delete the compiled models this installation can never use (made by other latentdiff "
+                        "code, another torch or CPU) and the leftovers of interrupted compiles")
+    k.set_defaults(func=cmd_compiled)
     return parser
 
 

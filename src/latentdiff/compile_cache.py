@@ -435,9 +435,73 @@ def _plain(value):
 
 
 def _describe(path: Path, model: torch.nn.Module, layout: str, seconds: float) -> None:
-    """A readable note beside a package: what it was compiled for, when, and how long it took."""
+    """A readable note beside a package: what it was compiled for, by which code, when, and how long it took."""
     note = {"model": f"{type(model).__module__}.{type(model).__qualname__}", "call": json.loads(layout),
-            "machine": machine(), "compile_seconds": round(seconds, 1),
+            "machine": machine(), "format": FORMAT, "source": source_digest(), "compile_seconds": round(seconds, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with contextlib.suppress(OSError):
         path.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
+
+
+def packages(folder: str | os.PathLike) -> list[dict]:
+    """The packages in a cache folder, oldest first: each one's note (model, call layout, machine, compile seconds,
+    when it was made; {} where it has none) with `path`, `bytes`, and `stale`: why this installation can never
+    use it (made by another package format, latentdiff source, torch version or CPU), or None where it can or
+    where its note cannot tell."""
+    found = []
+    for path in sorted(Path(folder).glob("*.pt2"), key=lambda p: p.stat().st_mtime):
+        if path.name.startswith("."):
+            continue
+        try:
+            note = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            note = {}
+        found.append({**note, "path": path, "bytes": path.stat().st_size, "stale": _stale(note)})
+    return found
+
+
+def _stale(note: dict) -> str | None:
+    if not note:
+        return None
+    if "format" not in note or "source" not in note:
+        return "made by an older latentdiff"
+    if note["format"] != FORMAT:
+        return f"made in package format {note['format']} (this latentdiff's is {FORMAT})"
+    if note.get("source") != source_digest():
+        return "made by other latentdiff source code"
+    made, here = note.get("machine", {}), machine()
+    if made.get("torch") != here["torch"]:
+        return f"made by torch {made.get('torch')} (this is {here['torch']})"
+    if made != here:
+        return f"made for another CPU ({made.get('cpu')}, {made.get('capability')})"
+    return None
+
+
+def prune(folder: str | os.PathLike) -> list[Path]:
+    """Delete from a cache folder what this installation can never use: stale packages (see packages()) and their
+    notes, notes whose package is gone, and the partial files of compiles whose process has ended. Returns what
+    was deleted."""
+    folder = Path(folder)
+    doomed = [path for entry in packages(folder) if entry["stale"]
+              for path in (entry["path"], entry["path"].with_suffix(".json"))]
+    doomed += [note for note in folder.glob("*.json") if not note.with_suffix(".pt2").exists()]
+    for partial in folder.glob(".*.partial.pt2"):
+        pid = partial.name.split(".")[-3]
+        if pid.isdigit() and not _running(int(pid)):
+            doomed.append(partial)
+    removed = []
+    for path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
