@@ -175,3 +175,22 @@ def test_several_adapters_match_diffusers(tiny_folders, adapter_folder, tmp_path
     with pytest.raises(ValueError, match="makes feature maps of other sizes"):
         MultiAdapter([ours.adapter.adapters[0], T2IAdapter(T2IAdapterConfig(in_channels=3, channels=(32, 64, 64),
                                                                            num_res_blocks=1, downscale_factor=2))])
+
+
+@pytest.mark.slow  # (an AOTInductor compile of ~2 minutes on a 2-core CPU; make test-slow)
+def test_compile_cache_takes_the_adapter_residuals(tiny_folders, adapter_folder, tmp_path):
+    """compile(cache_dir=): the U-Net's calls with the adapter's residuals (down_intrablock_additional_residuals,
+    inputs of the package) run from a package, with the eager images; a pipeline loaded anew loads it."""
+    def loaded():
+        return LatentDiffusionAdapterPipeline.from_pretrained(tiny_folders[0],
+                                                              adapter=T2IAdapter.from_pretrained(adapter_folder))
+
+    kwargs = dict(image=CONTROL, height=16, width=16, adapter_conditioning_scale=0.6)
+    pipe = loaded()
+    eager = generate(pipe, **kwargs)
+    for compiled, loads in [(1, 0), (0, 1)]:
+        pipe.compile(max_autotune=False, cache_dir=tmp_path)
+        np.testing.assert_allclose(generate(pipe, **kwargs), eager, atol=1e-4, rtol=0)
+        model = pipe._compiled[1]
+        assert (len(model.compiled_packages), len(model.loaded_packages)) == (compiled, loads)
+        pipe = loaded()
