@@ -92,6 +92,9 @@ _MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers
                  "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook", "_text_projections", "_lora"}
 
 
+_DESCRIBED = (*_SIMPLE, tuple, list, dict, torch.Tensor, torch.nn.Module)  # an object's attributes described by value
+
+
 class Settings:
     """What a module tree computes beyond its weights: `digest`, a SHA-256 of each module's class and attributes
     (training flag, FreeU's factors, attention options, hooks, an IP-Adapter's scales and masks) described as
@@ -162,7 +165,7 @@ class Settings:
             if isinstance(value, dict):
                 return [[str(k), self._value(v)] for k, v in value.items()]
             return [self._value(v) for v in value]
-        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        kind = _kind(value)
         if id(value) in self._described:
             return self._described[id(value)]
         if isinstance(value, torch.nn.Module):
@@ -175,11 +178,15 @@ class Settings:
             return kind
         self._object(value)
         skip = getattr(type(value), "_caches", ())
-        described = self._described[id(value)] = [kind, [
-            [k, self._value(v) if isinstance(v, (*_SIMPLE, tuple, list, dict, torch.Tensor, torch.nn.Module))
-             else f"{type(v).__module__}.{type(v).__qualname__}"]
-            for k, v in sorted(vars(value).items()) if k not in skip]] if vars(value) else kind
+        attributes = [[k, self._value(v) if isinstance(v, _DESCRIBED) else _kind(v)]
+                      for k, v in sorted(vars(value).items()) if k not in skip]
+        described = self._described[id(value)] = [kind, attributes] if vars(value) else kind
         return described
+
+
+def _kind(value) -> str:
+    """A value's class, named so that it reads the same in every process: module.qualname."""
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def settings_digest(model: torch.nn.Module) -> str:
@@ -436,7 +443,7 @@ def _plain(value):
 
 def _describe(path: Path, model: torch.nn.Module, layout: str, seconds: float) -> None:
     """A readable note beside a package: what it was compiled for, by which code, when, and how long it took."""
-    note = {"model": f"{type(model).__module__}.{type(model).__qualname__}", "call": json.loads(layout),
+    note = {"model": _kind(model), "call": json.loads(layout),
             "machine": machine(), "format": FORMAT, "source": source_digest(), "compile_seconds": round(seconds, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with contextlib.suppress(OSError):
@@ -467,7 +474,7 @@ def _stale(note: dict) -> str | None:
         return "made by an older latentdiff"
     if note["format"] != FORMAT:
         return f"made in package format {note['format']} (this latentdiff's is {FORMAT})"
-    if note.get("source") != source_digest():
+    if note["source"] != source_digest():
         return "made by other latentdiff source code"
     made, here = note.get("machine", {}), machine()
     if made.get("torch") != here["torch"]:
