@@ -152,7 +152,9 @@ def test_optimized_feed_forward_runs_the_kernel(kernel):
 
 
 def test_where_the_kernel_does_not_run(monkeypatch):
-    """Without it (an AVX-512 CPU, LATENTDIFF_NO_FMA=1, no g++) GEGLUs go to oneDNN, and why is said."""
+    """Without it (an AVX-512 CPU, LATENTDIFF_NO_FMA=1, no g++) GEGLUs go to oneDNN, and why is said (the AMX
+    kernels, which optimize_for_inference would take first on an AMX CPU, off)."""
+    monkeypatch.setattr(amx, "library", lambda: None)
     monkeypatch.setenv("LATENTDIFF_NO_FMA", "1")
     fma.library.cache_clear()
     try:
@@ -294,5 +296,8 @@ def test_optimized_unet_runs_the_attention_kernel(kernel, dtype):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     else:
         assert got.dtype == dtype
+        # (the mean error, steady across seeds and thread counts; the largest, one element's bf16 rounding, moves
+        # 0.8-1.2x eager's between seeds and with the thread count on an AMX CPU, so it is held more loosely)
+        mean, eager_mean = ((y.float() - expected).abs().mean().item() for y in (got, eager))
         error, eager_error = ((y.float() - expected).abs().max().item() for y in (got, eager))
-        assert error <= 1.2 * eager_error, (error, eager_error)
+        assert mean <= 1.05 * eager_mean and error <= 1.5 * eager_error, (mean, eager_mean, error, eager_error)
