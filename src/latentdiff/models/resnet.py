@@ -111,13 +111,17 @@ class Downsample2D(nn.Module):
 def upsampling_phases(weight: torch.Tensor) -> torch.Tensor:
     """The four 2x2 filters [4, N, C, 2, 2] (phases (a, b) in row-major order) that a 3x3 filter [N, C, 3, 3]
     becomes on the nearest-neighbour 2x upsampling of its input (see PackedUpsampleConv), in weight's dtype (the
-    taps summed in float64)."""
-    w = weight.detach().double()
-    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-    return torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
-                        torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)
-                        for r in rows for b in (0, 1)]).to(weight.dtype)
+    taps summed in float64, 64 filters at a time: the float64 temporaries of a whole 512-channel filter came to
+    ~90 MiB, more than the tiled VAE decode's working memory could spare)."""
+    phases = weight.new_empty(4, *weight.shape[:2], 2, 2, requires_grad=False)
+    for start in range(0, weight.shape[0], 64):
+        w = weight[start:start + 64].detach().double()
+        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+        for i, (r, b) in enumerate((r, b) for r in rows for b in (0, 1)):
+            phases[i, start:start + 64] = (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
+                                           torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3))
+    return phases
 
 
 def upsampled_conv(x: torch.Tensor, phases: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -286,7 +286,8 @@ class AutoencoderKL(ModelMixin):
         resolution. Measured (benchmarks/vae_tiled.py --threads 1 --encode, 2026-12-03), SD 1.x VAE, fp32, 512x512,
         working memory of the call (peak RSS above the weights and input), tiled / untiled, and time:
         - tile_size 64 (the default): decode 280-290 MiB of 1021-1029 (0.28x) in 2.3x the time; encode 208 MiB of
-          663 (0.31x) in 1.6x the time;
+          663 (0.31x) in 1.6x the time; on an Intel AMX host (2026-12-07) decode 299-308 MiB of 965-975 (0.32x)
+          in 2.7x the time, ~70 MiB of it the first call's one-off set-up (a second call in the process: 233);
         - tile_size 128: decode 345-392 MiB (0.34-0.38x) in 2.0x the time; encode 240 MiB (0.36x) in 1.3x.
         Smaller tiles need less memory and more time (their halos overlap more): a larger tile_size trades one for
         the other. Freed tile memory is handed back to the OS after every tile (see `_return_freed_memory`)."""
@@ -434,21 +435,31 @@ def run_tiled(unit: Unit, x: torch.Tensor, tile_size: int, overwrite: bool = Fal
                     pass
                 _return_freed_memory(x)
             norms.finish(norm)
-        norms.target, out, pending = None, None, []
+        norms.target, out, held = None, None, []
+
+        def put(r, c, y):
+            out[..., r[0] * s_out:r[1] * s_out, c[0] * s_out:c[1] * s_out] = y
+
         for row in tiles:
-            pending.append([])
+            done = []
             for r, c in row:
-                pending[-1].append((r, c, run(r, c)))
+                y = run(r, c)
+                if out is None:
+                    in_place = (overwrite and unit.scale == (1, 1) and y.shape[1] == x.shape[1]
+                                and y.dtype == x.dtype and not torch.is_grad_enabled())
+                    out = x if in_place else y.new_empty(*y.shape[:2], x.shape[-2] // s_in * s_out,
+                                                         x.shape[-1] // s_in * s_out)
+                if in_place:
+                    done.append((r, c, y))
+                else:  # into a new tensor: at once (a row of tiles held: 14 MiB more at the SD decode's peak)
+                    put(r, c, y)
+                del y
                 _return_freed_memory(x)
-            if out is None:
-                y = pending[0][0][2]
-                in_place = (overwrite and unit.scale == (1, 1) and y.shape[1] == x.shape[1]
-                            and y.dtype == x.dtype and not torch.is_grad_enabled())
-                out = x if in_place else y.new_empty(*y.shape[:2], x.shape[-2] // s_in * s_out,
-                                                     x.shape[-1] // s_in * s_out)
-            while len(pending) > (1 if in_place and row is not tiles[-1] else 0):
-                for r, c, y in pending.pop(0):
-                    out[..., r[0] * s_out:r[1] * s_out, c[0] * s_out:c[1] * s_out] = y
+            for tile in held:  # into x: a row late, once the last tiles that read its rows (halos) have run
+                put(*tile)
+            held = done
+        for tile in held:
+            put(*tile)
     return out
 
 
