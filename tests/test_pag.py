@@ -49,6 +49,22 @@ def test_compiled_pag_pipeline_same_images(tiny_folders):
     assert np.abs(eager[0] - eager[1]).max() > 1e-3
 
 
+@pytest.mark.slow  # (two AOTInductor compiles of ~30-60 s each on a 2-core CPU; make test-slow)
+def test_compile_cache_keys_the_perturbed_layers(tiny_folders, tmp_path):
+    """compile(cache_dir=) under PAG: without classifier-free guidance its batch [cond, cond] is laid out as a plain
+    guided call's [uncond, cond], so only the perturbed layers' setting (Attention.perturbed, set for the call)
+    tells their packages apart: each pipeline gets its own package and its eager images."""
+    pipe = LatentDiffusionPAGPipeline.from_pretrained(tiny_folders[0], pag_applied_layers=["mid"])
+    plain = LatentDiffusionPipeline.from_pipe(pipe)
+    eager, eager_plain = generate(pipe, guidance_scale=1.0), generate(plain)
+    assert np.abs(eager - eager_plain).max() > 1e-3
+    for each in (pipe, plain):
+        each.compile(max_autotune=False, cache_dir=tmp_path)
+    np.testing.assert_allclose(generate(pipe, guidance_scale=1.0), eager, atol=2e-4, rtol=0)
+    np.testing.assert_allclose(generate(plain), eager_plain, atol=2e-4, rtol=0)
+    assert len(list(tmp_path.glob("*.pt2"))) == 2
+
+
 def test_perturbed_rows_attend_to_themselves_only():
     """Attention.perturbed = m: the last m samples get to_out(to_v(x)); the others are untouched."""
     from latentdiff.models.attention import Attention
