@@ -629,3 +629,36 @@ def test_vae_upsamplers_run_on_the_phases_of_their_filter():
                                          up_block_types=["UpDecoderBlock2D"] * 2))
     upsamplers = [m for m in vae.decoder.modules() if isinstance(m, resnet.Upsample2D)]
     assert upsamplers and all(m.phases for m in upsamplers)
+
+
+@torch.no_grad()
+def test_kept_phases_are_made_once_per_upsampler_and_weight():
+    """Within resnet.kept_phases() (tiled VAE passes) an upsampler's phase filters are made at its first call and
+    reused while its weight is the same, unchanged tensor; another upsampler, a weight changed in place or replaced
+    has them made anew; outside it every call makes its own."""
+    from latentdiff.models import resnet
+
+    torch.manual_seed(0)
+    ups = [resnet.Upsample2D(16, phases=True) for _ in range(2)]
+    x = torch.randn(1, 16, 16, 16)
+    plain = lambda up: up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))  # noqa: E731
+    made = []
+    original = resnet.upsampling_phases
+    try:
+        resnet.upsampling_phases = lambda w: made.append(1) or original(w)
+        with resnet.kept_phases():
+            for up in (ups[0], ups[0], ups[1], ups[1], ups[0]):
+                torch.testing.assert_close(up(x), plain(up), atol=1e-5, rtol=1e-5)
+            assert len(made) == 3
+            other = torch.randn_like(ups[0].conv.weight)
+            while other._version < ups[0].conv.weight._version:  # (a new weight of the same version)
+                other.add_(0)
+            ups[0].conv.weight = torch.nn.Parameter(other)
+            torch.testing.assert_close(ups[0](x), plain(ups[0]), atol=1e-5, rtol=1e-5)
+            ups[0].conv.weight.mul_(-1)
+            torch.testing.assert_close(ups[0](x), plain(ups[0]), atol=1e-5, rtol=1e-5)
+            assert len(made) == 5
+        ups[0](x), ups[0](x)
+        assert len(made) == 7
+    finally:
+        resnet.upsampling_phases = original

@@ -18,7 +18,7 @@ from ..schedules import randn
 from .allocator import malloc_trim
 from .attention import SpatialSelfAttention, fuse_qkv_projections
 from .group_norm import group_norm
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, kept_phases
 
 DEFAULT_TILE_SIZE = 64  # SD 1.x at 512x512: peak working memory 0.28x the untiled decode's (see enable_tiling)
 _HALO = 3  # context per side, in coarse pixels: covers 2 (two 3x3 convs) + 1 (a resampling conv or an extra conv)
@@ -286,8 +286,8 @@ class AutoencoderKL(ModelMixin):
         resolution. Measured (benchmarks/vae_tiled.py --threads 1 --encode, 2026-12-03), SD 1.x VAE, fp32, 512x512,
         working memory of the call (peak RSS above the weights and input), tiled / untiled, and time:
         - tile_size 64 (the default): decode 280-290 MiB of 1021-1029 (0.28x) in 2.3x the time; encode 208 MiB of
-          663 (0.31x) in 1.6x the time; on an Intel AMX host (2026-12-07) decode 299-308 MiB of 965-975 (0.32x)
-          in 2.7x the time, ~70 MiB of it the first call's one-off set-up (a second call in the process: 233);
+          663 (0.31x) in 1.6x the time; on an Intel AMX host (2026-12-07) decode 284-297 MiB of 955-960 (0.31x)
+          in 2.4x the time, ~70 MiB of it the first call's one-off set-up (a second call in the process: 233);
         - tile_size 128: decode 345-392 MiB (0.34-0.38x) in 2.0x the time; encode 240 MiB (0.36x) in 1.3x.
         Smaller tiles need less memory and more time (their halos overlap more): a larger tile_size trades one for
         the other. Freed tile memory is handed back to the OS after every tile (see `_return_freed_memory`)."""
@@ -425,7 +425,7 @@ def run_tiled(unit: Unit, x: torch.Tensor, tile_size: int, overwrite: bool = Fal
         y = unit(x[..., r[2] * s_in:r[3] * s_in, c[2] * s_in:c[3] * s_in])
         return y[..., (r[0] - r[2]) * s_out:(r[1] - r[2]) * s_out, (c[0] - c[2]) * s_out:(c[1] - c[2]) * s_out]
 
-    with norms:
+    with norms, kept_phases():
         for norm in norms.norms:
             norms.target = norm
             for r, c in (tile for row in tiles for tile in row):
