@@ -165,9 +165,9 @@ class Settings:
             if isinstance(value, dict):
                 return [[str(k), self._value(v)] for k, v in value.items()]
             return [self._value(v) for v in value]
-        kind = _kind(value)
         if id(value) in self._described:
             return self._described[id(value)]
+        kind = _kind(value)
         if isinstance(value, torch.nn.Module):
             if id(value) in self._tree:
                 return kind
@@ -456,14 +456,13 @@ def packages(folder: str | os.PathLike) -> list[dict]:
     use it (made by another package format, latentdiff source, torch version or CPU), or None where it can or
     where its note cannot tell."""
     found = []
-    for path in sorted(Path(folder).glob("*.pt2"), key=lambda p: p.stat().st_mtime):
-        if path.name.startswith("."):
-            continue
+    stats = [(path, path.stat()) for path in Path(folder).glob("*.pt2") if not path.name.startswith(".")]
+    for path, stat in sorted(stats, key=lambda item: item[1].st_mtime):
         try:
             note = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError):
             note = {}
-        found.append({**note, "path": path, "bytes": path.stat().st_size, "stale": _stale(note)})
+        found.append({**note, "path": path, "bytes": stat.st_size, "stale": _stale(note)})
     return found
 
 

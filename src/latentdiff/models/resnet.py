@@ -119,12 +119,18 @@ def upsampling_phases(weight: torch.Tensor) -> torch.Tensor:
     phases = weight.new_empty(4, *weight.shape[:2], 2, 2, requires_grad=False)
     for start in range(0, weight.shape[0], 64):
         w = weight[start:start + 64].detach().double()
-        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-        for i, (r, b) in enumerate((r, b) for r in rows for b in (0, 1)):
-            phases[i, start:start + 64] = (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
-                                           torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3))
+        for a in (0, 1):
+            rows = _phase_taps(w, 2, a)
+            for b in (0, 1):
+                phases[2 * a + b, start:start + 64] = _phase_taps(rows, 3, b)
     return phases
+
+
+def _phase_taps(w: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """A 3x3 filter's 3 taps along `dim` as the 2 that phase 0 or 1 of a nearest 2x upsampling sees: (t0, t1 + t2)
+    or (t0 + t1, t2)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), dim)
 
 
 def upsampled_conv(x: torch.Tensor, phases: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

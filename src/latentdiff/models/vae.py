@@ -451,7 +451,7 @@ def run_tiled(unit: Unit, x: torch.Tensor, tile_size: int, overwrite: bool = Fal
                                                          x.shape[-1] // s_in * s_out)
                 if in_place:
                     done.append((r, c, y))
-                else:  # into a new tensor: at once (a row of tiles held: 14 MiB more at the SD decode's peak)
+                else:  # into a new tensor: at once (a row of tiles held: 16 MiB at the SD decode's peak)
                     put(r, c, y)
                 del y
                 _return_freed_memory(x)
