@@ -190,6 +190,35 @@ def test_learning_rate_schedules_follow_diffusers_get_scheduler(kind):
     assert len({round(f, 6) for f in ours[warmup:]}) > (1 if kind == "constant_with_warmup" else 30) - 1
 
 
+def test_the_optimizer_is_torchs_fused_adamw_with_the_configs_settings(tmp_path):
+    """make_optimizer takes torch's fused AdamW for floating-point CPU parameters (one kernel for all of them: 5x the
+    default's tensor-by-tensor loop on the CPU, benchmarks/optimizer.py), with the config's learning rate, betas,
+    weight decay and eps: its steps are the reference AdamW's to float rounding. Parameters it cannot take
+    (complex ones) get the default AdamW."""
+    from latentdiff.train.loop import make_optimizer
+
+    config = smoke_config(tmp_path, learning_rate=3e-3, adam_beta1=0.8, adam_beta2=0.99, adam_weight_decay=0.1,
+                          adam_epsilon=1e-3, lr_warmup_steps=0)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    start = params[0].detach().clone()
+    optimizer, _ = make_optimizer([{"params": params}], config)
+    assert optimizer.defaults["fused"] is True
+    reference = torch.optim.AdamW(copies, lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-3, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, c, grad in zip(params, copies, grads):
+            p.grad, c.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=0, atol=1e-6)
+    assert (params[0] - start).abs().min() > 1e-3  # (every entry moved: the comparison is not of unchanged weights)
+    complex_param = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    assert not make_optimizer([{"params": [complex_param]}], config)[0].defaults["fused"]
+
+
 def test_a_checkpoint_from_before_a_key_existed_differs_only_where_the_key_is_not_at_its_default(tmp_path):
     from latentdiff.train.checkpointing import MARKER, identity_defaults, identity_differences, run_identity
 

@@ -87,10 +87,21 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, num
     raise ValueError(f"lr_scheduler={kind!r} is not a schedule latentdiff knows")
 
 
+# the devices where torch has a fused AdamW: one kernel updates every parameter, where the default runs ~10 operations
+# per parameter tensor (on the CPU one tensor at a time, on a GPU as foreach kernels): on a 2-core Xeon, 6.9 vs 34.6
+# ms a step for tiny-shapes' U-Net (5.5M parameters), 0.86 vs 4.94 s for SD 1.5's (860M; benchmarks/optimizer.py);
+# the same update to float rounding
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(param_groups: list[dict], config):
-    """AdamW (Loshchilov & Hutter 2019) and its learning-rate schedule, a pure function of the step."""
+    """AdamW (Loshchilov & Hutter 2019), torch's fused kernel where every parameter can take it (FUSED_ADAMW_DEVICES,
+    floating point), and its learning-rate schedule, a pure function of the step."""
+    param_groups = [{**group, "params": list(group["params"])} for group in param_groups]  # (iterators read once)
+    params = [p for group in param_groups for p in group["params"]]
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     optimizer = torch.optim.AdamW(param_groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None)
     schedule = partial(lr_multiplier, warmup_steps=config.lr_warmup_steps, total_steps=config.max_train_steps,
                        kind=config.lr_scheduler, num_cycles=config.lr_num_cycles, power=config.lr_power,
                        base_lr=config.learning_rate)
