@@ -219,6 +219,28 @@ def test_the_optimizer_is_torchs_fused_adamw_with_the_configs_settings(tmp_path)
     assert not make_optimizer([{"params": [complex_param]}], config)[0].defaults["fused"]
 
 
+def test_a_frozen_vae_encodes_by_a_packed_copy_of_its_encoding_half_on_the_cpu():
+    """inference_encoder: on the CPU a copy of the VAE without its decoder, packed for inference (faster, the same
+    posteriors to float rounding); the VAE itself stays as it was (validation decodes with it, the export saves
+    it). On another device: the VAE itself."""
+    from latentdiff.models.packed import is_packed
+    from latentdiff.models.vae import AutoencoderKL, VAEConfig
+    from latentdiff.train.data import inference_encoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    encoder = inference_encoder(vae)
+    assert is_packed(encoder) and encoder.decoder is None and not is_packed(vae) and vae.decoder is not None
+    assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected, got = vae.encode(images), encoder.encode(images)
+    torch.testing.assert_close(got.mean, expected.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.std, expected.std, rtol=1e-5, atol=1e-5)
+    assert inference_encoder(vae.to("meta")) is vae
+
+
 def test_a_checkpoint_from_before_a_key_existed_differs_only_where_the_key_is_not_at_its_default(tmp_path):
     from latentdiff.train.checkpointing import MARKER, identity_defaults, identity_differences, run_identity
 

@@ -231,11 +231,26 @@ def fingerprint(config, vae) -> str:
     return digest.hexdigest()
 
 
+def inference_encoder(vae: torch.nn.Module) -> torch.nn.Module:
+    """What encodes a frozen VAE's images during training: on the CPU, a copy of its encoding half packed for
+    inference (models/packed.py: oneDNN weight layouts, our AMX and Winograd kernels where they pay; the decoder is
+    not copied), the same posteriors up to float rounding: tiny-shapes' VAE encodes 64 images of 128 px in 1.05
+    instead of 1.48 s (2-core Xeon with AMX); elsewhere the VAE itself."""
+    if vae.device.type != "cpu":
+        return vae
+    from ..models.packed import pack_for_inference
+
+    decoder = getattr(vae, "decoder", None)
+    return pack_for_inference(copy.deepcopy(vae, {} if decoder is None else {id(decoder): None}))
+
+
 @torch.no_grad()
-def build_latent_cache(source, vae, config, accelerator, batch_size: int = 64) -> dict:
+def build_latent_cache(source, vae, config, accelerator, encoder=None, batch_size: int = 64) -> dict:
     """Encode every (centre-cropped) image once; keep the posterior's mean and std, not a sample, so that each epoch
     still draws a fresh latent. Processes encode interleaved shares, the main one merges them into one file,
-    `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are unchanged."""
+    `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are unchanged. `encoder`: what encodes
+    (inference_encoder(vae)); default the VAE."""
+    encoder = vae if encoder is None else encoder
     from ..checkpoints import load_safetensors, save_safetensors
 
     path = Path(config.output_dir) / "latent_cache.safetensors"
@@ -249,7 +264,7 @@ def build_latent_cache(source, vae, config, accelerator, batch_size: int = 64) -
         loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=config.dataloader_num_workers,
                                              collate_fn=_stack_prepared)
         for pixels, batch_texts in loader:
-            posterior = vae.encode(pixels.to(vae.device, vae.dtype))
+            posterior = encoder.encode(pixels.to(vae.device, vae.dtype))
             means.append(posterior.mean.float().cpu())
             stds.append(posterior.std.float().cpu())
             texts += batch_texts
