@@ -6,9 +6,10 @@ tiny-shapes pipeline's U-Net (pipelines/tiny-shapes/unet: 5.5M parameters, 4x16x
                                     [--variants diffusers,ours,ours-cl]
 
 A step is what the training loop does per batch: latentdiff.train.loss.diffusion_loss (eps target, min-SNR-5
-weighting) on fixed random z0, context, timesteps and noise, backward, clip_grad_norm_(1.0), AdamW (the training
-config's defaults), zero_grad. diffusers' model goes through the identical loss behind a small adapter that returns
-its `.sample`. Variants: diffusers (the reference, as shipped), ours (as constructed), ours-cl (ours with weights and
+weighting) on fixed random z0, context, timesteps and noise, backward, clip_grad_norm_(1.0), AdamW as the training
+loop makes it (train.loop.make_optimizer: torch's fused AdamW, the config's defaults; before 2026-12-07 torch's
+default AdamW), zero_grad. diffusers' model goes through the identical loss behind a small adapter that returns its
+`.sample`. Variants: diffusers (the reference, as shipped), ours (as constructed), ours-cl (ours with weights and
 latents in channels-last). Before timing, every variant takes one step from the same weights and is compared with
 diffusers: the loss, the gradients and the updated weights must agree to float32 rounding (the comparison is printed;
 the timings of a variant that disagrees are meaningless). That step is also the warm-up. Each timed call runs
@@ -88,9 +89,13 @@ class Trainer:
 
     def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], channels_last: bool = False):
         self.model = model
+        from latentdiff.train.config import TextToImageConfig
+        from latentdiff.train.loop import make_optimizer
+
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # the training config's defaults (latentdiff.train.config): lr 1e-4, betas (0.9, 0.999), weight decay 1e-2
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        # the training loop's AdamW (torch's fused one on the CPU) with the training config's defaults: lr 1e-4,
+        # betas (0.9, 0.999), weight decay 1e-2, eps 1e-8
+        self.optimizer = make_optimizer([{"params": self.params}], TextToImageConfig())[0]
         self.inputs = dict(inputs)
         if channels_last:
             for key in ("z0", "noise"):
