@@ -119,6 +119,7 @@ class Settings:
         self._tree = {id(m) for m in model.modules()}
         self._described: dict[int, object] = {}  # id -> description of an object read before in this walk
         described = self._modules(model)
+        del self._tree, self._described  # (the walk's own: kept, they would hold every description till the end)
         self.types = [type(o) for o in self.objects]
         self.digest = hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
