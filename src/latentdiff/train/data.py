@@ -245,12 +245,11 @@ def inference_encoder(vae: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def build_latent_cache(source, vae, config, accelerator, encoder=None, batch_size: int = 64) -> dict:
-    """Encode every (centre-cropped) image once; keep the posterior's mean and std, not a sample, so that each epoch
-    still draws a fresh latent. Processes encode interleaved shares, the main one merges them into one file,
-    `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are unchanged. `encoder`: what encodes
-    (inference_encoder(vae)); default the VAE."""
-    encoder = vae if encoder is None else encoder
+def build_latent_cache(source, vae, config, accelerator, batch_size: int = 64) -> dict:
+    """Encode every (centre-cropped) image once (by inference_encoder(vae)); keep the posterior's mean and std, not
+    a sample, so that each epoch still draws a fresh latent. Processes encode interleaved shares, the main one
+    merges them into one file, `<output_dir>/latent_cache.safetensors`, reused while the data and VAE are
+    unchanged."""
     from ..checkpoints import load_safetensors, save_safetensors
 
     path = Path(config.output_dir) / "latent_cache.safetensors"
@@ -258,6 +257,7 @@ def build_latent_cache(source, vae, config, accelerator, encoder=None, batch_siz
     meta_path = path.with_suffix(".json")
     if not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key):
         rank, world = accelerator.process_index, accelerator.num_processes
+        encoder = inference_encoder(vae)
         mine = _Prepared(source, list(range(rank, len(source), world)), config.resolution)
         means, stds, texts = [], [], []
         # images are loaded and prepared by the DataLoader's workers while the VAE encodes the previous batch

@@ -153,7 +153,7 @@ class TextToImageTask:
         if config.latent_scale != 1.0:  # training, validation and the exported VAE config all use the product
             self.vae.config = self.vae.config.replace(
                 scaling_factor=self.vae.config.scaling_factor * config.latent_scale)
-        self.encoder = inference_encoder(self.vae)  # (on the CPU a packed copy of the encoding half)
+        self.encoder: torch.nn.Module | None = None  # what encodes each step's images (made on first use)
         text_encoder.requires_grad_(config.train_text_encoder)
         trained = controlnet if config.controlnet else text_encoder if self.inversion else unet
         if self.inversion:
@@ -199,8 +199,7 @@ class TextToImageTask:
         latent_shape = (self.vae.config.latent_channels, config.resolution // f, config.resolution // f)
         bias = (*config.timestep_bias_range, config.timestep_bias_portion) if config.timestep_bias_range else None
         spec = DrawSpec(latent_shape, len(self.alphas_cumprod), config.noise_offset, bias, config.input_perturbation)
-        cache = (build_latent_cache(source, self.vae, config, accelerator, self.encoder) if config.cache_latents
-                 else None)
+        cache = build_latent_cache(source, self.vae, config, accelerator) if config.cache_latents else None
         view = dict(resolution=config.resolution, seed=config.seed, random_crop=not config.center_crop,
                     random_flip=config.random_flip, caption_dropout=config.caption_dropout, draw_spec=spec,
                     tokenizer=components.tokenizer)
@@ -231,6 +230,8 @@ class TextToImageTask:
             if "mean" in batch:  # cached posterior
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
             else:
+                if self.encoder is None:  # (on the CPU a packed copy of the VAE's encoding half)
+                    self.encoder = inference_encoder(self.vae)
                 posterior = self.encoder.encode(batch["pixel_values"].to(device, self.weight_dtype))
                 mean, std = posterior.mean.float(), posterior.std.float()
             z0 = (mean + std * draws.posterior_noise) * self.vae.config.scaling_factor
