@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latentdiff.compile_cache import CachedCompiledModel, call_key, settings_digest, weights_digest
 from latentdiff.pipeline import inductor_settings
@@ -195,8 +196,8 @@ def test_digests_are_the_same_in_another_process(tiny_folders, ip_folder, tmp_pa
 
 
 def test_exported_unet_reads_the_text_projected_outside():
-    """A U-Net call's package takes its cross-attentions' keys and values of the text as inputs (projected once a
-    denoising loop, as torch.compile'd calls have them): the exported graph reads them, not the context."""
+    """A U-Net call's package takes its cross-attentions' keys and values of the text as inputs (projected once per
+    context and weights, as torch.compile'd calls have them): the exported graph reads them, not the context."""
     from latentdiff import UNet2DConditionModel
     from latentdiff.compile_cache import _WithText
     from latentdiff.models.attention import TextProjections
@@ -214,6 +215,52 @@ def test_exported_unet_reads_the_text_projected_outside():
         assert (graph((x, t, context), {}, other) - unet(x, t, context)).abs().max() > 1e-3
         torch.testing.assert_close(graph((x, t, context), {}, other), unet(x, t, context * 2), atol=1e-5, rtol=0)
     assert all(layer.text_kv is None for layer in text.layers)  # (given for the call only)
+
+
+def test_the_text_is_projected_again_only_when_the_context_or_a_projection_weight_changed():
+    """TextProjections.projected reuses its buffers for the same context tensor through the same projection weights
+    (a compiled loop's steps, also after a step callback), and projects again for another context, one changed in
+    place, a weight changed in place (as a LoRA change writes them) or replaced, and for inference tensors (which
+    keep no version to check)."""
+    from latentdiff import UNet2DConditionModel
+    from latentdiff.models.attention import TextProjections
+    from latentdiff.models.unet import UNetConfig
+    from tiny import TINY_UNET, randomized
+
+    unet = randomized(UNet2DConditionModel(UNetConfig(**TINY_UNET)), 3).eval().requires_grad_(False)
+    with torch.no_grad():
+        text = TextProjections.of(unet)
+    layer = text.layers[0]
+    calls = []
+    layer.to_k.register_forward_hook(lambda *_: calls.append(1))
+
+    def check(context, projects: bool):
+        before = len(calls)
+        pairs = text.projected(context)
+        assert len(calls) - before == int(projects)
+        for l, (keys, values) in zip(text.layers, pairs):
+            torch.testing.assert_close(keys, F.linear(context, l.to_k.weight, l.to_k.bias), atol=0, rtol=0)
+            torch.testing.assert_close(values, F.linear(context, l.to_v.weight, l.to_v.bias), atol=0, rtol=0)
+
+    context = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        check(context, True)
+        calls.clear()
+        check(context, False)  # (the same tensor, unchanged: the buffers hold its projections)
+        check(context.clone(), True)  # another tensor
+        check(context, True)
+        context.mul_(2)  # changed in place
+        check(context, True)
+        layer.to_v.weight.mul_(1.5)  # a weight changed in place
+        check(context, True)
+        check(context, False)
+        layer.to_k.weight = torch.nn.Parameter(layer.to_k.weight * 0.5)  # a weight replaced
+        check(context, True)
+        check(context, False)
+    with torch.inference_mode():
+        frozen = torch.randn(2, 77, 32)
+        check(frozen, True)
+        check(frozen, True)
 
 
 @needs_compiler

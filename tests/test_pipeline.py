@@ -1103,15 +1103,17 @@ def test_compiled_calls_skip_the_guards_only_for_a_layout_seen_in_the_loop():
 def test_compiled_calls_take_the_text_projected_outside_the_graph(folders):
     """CompiledCall projects the text's keys and values for the cross-attentions outside the compiled graph
     (attention.TextProjections): the graph reads them (stale ones show in its output) and gives the eager U-Net's
-    output; within a loop they are projected once per context, and anew for another tensor, for one changed in
-    place, and outside a loop at every call; the layers hold nothing between calls; with cross_attention_kwargs
-    (which may change what the text's projections are) the graph projects the text itself."""
+    output; they are projected once per context and projection weights, within a loop (after a step callback too)
+    and outside one, and anew for another tensor, for one changed in place, for a weight changed in place and after
+    compile() again; the layers hold nothing between calls; with cross_attention_kwargs (which may change what the
+    text's projections are) the graph projects the text itself."""
     from types import SimpleNamespace
 
     from latentdiff.models.attention import TextProjections
     from latentdiff.pipeline import CompiledCall
 
-    unet = LatentDiffusionPipeline.from_pretrained(folders[1]).unet.eval()
+    loaded = LatentDiffusionPipeline.from_pretrained(folders[1])
+    unet = loaded.unet.eval()
     pipe = SimpleNamespace(_seen_calls=set())
     call = CompiledCall(torch.compile(unet, backend="eager"), pipe)
     gen = torch.Generator().manual_seed(0)
@@ -1139,9 +1141,13 @@ def test_compiled_calls_take_the_text_projected_outside_the_graph(folders):
         spoiled()
         torch.testing.assert_close(call(x, t, encoder_hidden_states=context,  # the graph's own projections
                                         cross_attention_kwargs={"scale": 1.0}), want)
-        pipe._seen_calls = None  # outside a loop
+        pipe._seen_calls = None  # outside a loop: the same
+        spoiled()
+        assert (call(x, t, context) - want).abs().max() > 1e-3
+        layers[0].to_v.weight.mul_(1.0)  # a projection weight changed in place (as a LoRA change writes them)
         torch.testing.assert_close(call(x, t, context), want)
         spoiled()
+        loaded._forget_compiled()  # (what compile() does again)
         torch.testing.assert_close(call(x, t, context), want)
     assert all(layer.text_kv is None for layer in layers)
     assert TextProjections.of(unet) is None  # (with autograd: the graph projects the text itself)

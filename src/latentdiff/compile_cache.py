@@ -284,16 +284,11 @@ class CachedCompiledModel:
         if torch.is_grad_enabled() or not all(t.device.type == "cpu" for t in _pytree.tree_leaves((args, kwargs))
                                               if isinstance(t, torch.Tensor)):
             return self._run_fallback(args, kwargs)
-        seen = getattr(self.pipe, "_seen_calls", None)
         context, text = TextProjections.for_call(self.model, args, kwargs)
-        made = None
         if text is None:  # the package runs model(*args, **kwargs)
             inputs, layout = (args, kwargs), call_key(args, kwargs)
-        else:  # the package runs _WithText: the text's keys and values projected here, once a loop (as CompiledCall)
-            with contextlib.suppress(RuntimeError):  # (inference tensors keep no version: projected every call)
-                made = ("text", id(self), context, context._version)
-            pairs = text.projected(context, fresh=seen is not None and made in seen)
-            inputs = ((args, kwargs, pairs), {})
+        else:  # the package runs _WithText: the text's keys and values projected here (as CompiledCall does)
+            inputs = ((args, kwargs, text.projected(context)), {})
             layout = call_key(inputs[0], {"text_projected_outside": True})
         key = None if layout is None else self.key(layout)
         if key is None:
@@ -304,10 +299,7 @@ class CachedCompiledModel:
             run = self._runs[key] = self._package(key, layout, model, inputs)
         if run is None:
             return self._run_fallback(args, kwargs)
-        out = run(*inputs[0], **inputs[1])
-        if seen is not None and made is not None:
-            seen.add(made)
-        return out
+        return run(*inputs[0], **inputs[1])
 
     def key(self, layout: str) -> str | None:
         """The package's name for a call of this layout: SHA-256 of all that its compiled code depends on (None

@@ -95,7 +95,7 @@ class CompiledCall:
     beyond the arguments can change between two calls of a loop, as long as no user code runs in between
     (denoise() forgets the layouts seen after each callback). Outside a loop (`pipe._seen_calls` None), under
     another stance, and for a new layout, the guards run as usual (and may compile). The text's keys and values
-    are projected outside the graph, once per loop (attention.TextProjections)."""
+    are projected outside the graph, once per context and weights (attention.TextProjections)."""
 
     def __init__(self, compiled: Callable, pipe: LatentDiffusionPipeline):
         self.compiled, self.pipe = compiled, pipe
@@ -106,19 +106,11 @@ class CompiledCall:
         return getattr(self.compiled, name)
 
     def __call__(self, *args, **kwargs):
-        seen = self.pipe._seen_calls
         context, text = self._text(args, kwargs)
         if text is None:
-            return self._call(seen, args, kwargs)
-        try:  # (the projections stay valid within a loop, as the layouts do; inference tensors keep no version)
-            made = ("text", id(self.compiled), context, context._version)
-        except RuntimeError:
-            made = None
-        with text.given(context, fresh=seen is not None and made in seen):
-            out = self._call(seen, args, kwargs)
-        if seen is not None and made is not None:
-            seen.add(made)
-        return out
+            return self._call(self.pipe._seen_calls, args, kwargs)
+        with text.given(context):
+            return self._call(self.pipe._seen_calls, args, kwargs)
 
     def _text(self, args: tuple, kwargs: dict) -> tuple:
         """(context, its TextProjections) for a call whose text the cross-attentions can get projected outside the
@@ -619,10 +611,16 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         """Compile the U-Net anew on the next call, for weights changed in place. A new torch.compile of the same
         module would find the old graph in dynamo's cache (kept with the forward's code, guarded on shapes and
         dtypes, not on values) and run its frozen weights: the caches go too (torch.compiler.reset(); any other
-        compiled model of this process compiles again on its next call)."""
+        compiled model of this process compiles again on its next call). So do the text's projections kept for
+        the compiled calls (attention.TextProjections: kept while the context and weights look unchanged, which a
+        weight written through `.data` does not show)."""
         if "torch._dynamo" in sys.modules:  # (else nothing was compiled, and importing it costs ~2 s)
             torch.compiler.reset()
         self._compiled = None
+        for component in list(vars(self).values()):
+            if isinstance(component, torch.nn.Module):
+                for module in component.modules():
+                    vars(module).pop("_text_projections", None)
 
     def disable_compile(self) -> None:
         self._compile_options = self._compiled = self._compile_cache = None

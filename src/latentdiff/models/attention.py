@@ -327,17 +327,20 @@ class TextProjections:
     """The keys and values of the text of every cross-attention of a model that runs compiled, projected outside
     its graph: the text does not change during denoising, yet a compiled graph (which caches nothing between calls)
     would project it again at every step (pipelines/tiny-shapes' U-Net: 14 of its 75 matrix products; 6% of a call
-    on a 2-core CPU). pipeline.CompiledCall calls the compiled model inside `given(context, fresh)`, which puts the
+    on a 2-core CPU). pipeline.CompiledCall calls the compiled model inside `given(context)`, which puts the
     projections of `context` in each layer's `text_kv` for the call (the graph reads them as inputs) and takes them
-    away after it. They are made anew unless `fresh` says that the buffers' last projections are still those of
-    this context (same tensor, unchanged, with the same weights). The buffers are kept per shape, dtype and device
-    of the context and reused: dynamo's guards check that the graph gets the same tensor objects."""
+    away after it. They are made anew unless the buffers' last projections are still those of this context: the
+    same tensor, unchanged in place, through the same projection weights, unchanged (held, with their versions, so
+    that no other tensor can take their place; a LoRA change rewrites them) - so they also outlive a step's
+    callback, which may change anything. The buffers are kept per shape, dtype and device of the context and
+    reused: dynamo's guards check that the graph gets the same tensor objects."""
 
     def __init__(self, model: nn.Module):
         self.layers = [layer for block in model.modules() if isinstance(block, BasicTransformerBlock)
                        for layer in ((block.attn1, block.attn2) if block.only_cross else (block.attn2,))]
         self._buffers: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._holds: dict[tuple, torch.Tensor] = {}  # shape key -> the context its buffers were projected from
+        # shape key -> (the context and the weights its buffers were projected from, tensors_key of them)
+        self._holds: dict[tuple, tuple[list[torch.Tensor], tuple]] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> TextProjections | None:
@@ -361,12 +364,18 @@ class TextProjections:
             return None, None
         return context, cls.of(model)
 
-    def projected(self, context: torch.Tensor, fresh: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (keys, values) of `context`, in buffers kept per shape: projected anew unless `fresh`
-        says the buffers hold this context's already."""
+    def projected(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) of `context`, in buffers kept per shape: projected anew unless the buffers
+        hold those of this context and these weights already."""
         shape = (context.shape, context.dtype, context.device)
         buffers = self._buffers.get(shape)
-        if buffers is None or not fresh or self._holds.get(shape) is not context:
+        # (read from the modules' own tables: nn.Module's attribute lookup would cost more than the rest of this)
+        sources = [context] + [p for layer in self.layers for name in ("to_k", "to_v")
+                               for p in layer._modules[name]._parameters.values() if p is not None]
+        key = tensors_key(sources)  # (None for inference tensors: then projected every call)
+        held = self._holds.get(shape)
+        if (buffers is None or key is None or held is None or held[1] != key
+                or any(a is not b for a, b in zip(held[0], sources))):
             self._holds.pop(shape, None)  # (until they are all made: an error midway leaves them unclaimed)
             made = [(layer.to_k(context), layer.to_v(context)) for layer in self.layers]
             if buffers is None:
@@ -375,12 +384,13 @@ class TextProjections:
                 for (keys, values), (new_keys, new_values) in zip(buffers, made):
                     keys.copy_(new_keys)
                     values.copy_(new_values)
-            self._holds[shape] = context
+            if key is not None:
+                self._holds[shape] = (sources, key)
         return buffers
 
     @contextlib.contextmanager
-    def given(self, context: torch.Tensor, fresh: bool = False):
-        with self.put(self.layers, self.projected(context, fresh)):
+    def given(self, context: torch.Tensor):
+        with self.put(self.layers, self.projected(context)):
             yield
 
     @staticmethod
