@@ -619,8 +619,7 @@ class LatentDiffusionPipeline(LoRALoaderMixin, TextualInversionLoaderMixin, IPAd
         self._compiled = None
         for component in list(vars(self).values()):
             if isinstance(component, torch.nn.Module):
-                for module in component.modules():
-                    vars(module).pop("_text_projections", None)
+                TextProjections.forget(component)
 
     def disable_compile(self) -> None:
         self._compile_options = self._compiled = self._compile_cache = None

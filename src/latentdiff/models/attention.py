@@ -353,6 +353,13 @@ class TextProjections:
             return None
         return projections
 
+    @staticmethod
+    def forget(model: nn.Module) -> None:
+        """Drop the projections kept for `model` and its submodules (compile() again: a weight written through
+        `.data` shows no version, so they could look fresh)."""
+        for module in model.modules():
+            vars(module).pop("_text_projections", None)
+
     @classmethod
     def for_call(cls, model: nn.Module, args: tuple, kwargs: dict) -> tuple:
         """(context, the model's TextProjections) for a call `model(x, t, context, ...)` whose text can be projected
